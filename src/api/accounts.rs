@@ -1,0 +1,287 @@
+//! Accounts and sessions: sign-up, login, token refresh and the caller's own
+//! profile.
+
+use axum::extract::{FromRequest, Request, State};
+use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::routing::{get, post};
+use axum::{Form, Json, Router};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::ApiJson;
+use super::keys::parse_public_key;
+use crate::auth::AuthUser;
+use crate::auth::token::{Tokens, hash_refresh};
+use crate::error::{Error, Result};
+use crate::state::AppState;
+use crate::store::{self, RefreshToken, Rotation, User};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/register", post(register))
+        .route("/v1/login", post(login))
+        .route("/v1/token/refresh", post(refresh))
+        .route("/v1/me", get(me))
+}
+
+const USERNAME_LEN: std::ops::RangeInclusive<usize> = 3..=32;
+/// At least what NIST SP 800-63B asks; at most enough for any passphrase,
+/// and a bound on what one hash has to chew.
+const PASSWORD_LEN: std::ops::RangeInclusive<usize> = 8..=1024;
+
+fn validate_username(username: &str) -> Result<()> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+    if !USERNAME_LEN.contains(&username.len()) || !username.chars().all(allowed) {
+        return Err(Error::field(
+            "username",
+            "must be 3-32 characters of A-Z, a-z, 0-9, '_', '.' and '-'",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_password(password: &str) -> Result<()> {
+    if !PASSWORD_LEN.contains(&password.chars().count()) {
+        return Err(Error::field("password", "must be 8-1024 characters"));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct Register {
+    username: String,
+    password: String,
+    public_key: String,
+}
+
+/// The caller's own account.
+#[derive(Serialize)]
+struct Profile {
+    id: Uuid,
+    username: String,
+    public_key: String,
+    created_at: DateTime<Utc>,
+}
+
+impl From<User> for Profile {
+    fn from(user: User) -> Self {
+        Self {
+            id: user.id,
+            public_key: STANDARD.encode(&user.public_key),
+            username: user.username,
+            created_at: user.created_at,
+        }
+    }
+}
+
+async fn register(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<Register>,
+) -> Result<(StatusCode, Json<Profile>)> {
+    validate_username(&request.username)?;
+    validate_password(&request.password)?;
+    let public_key = parse_public_key(&request.public_key)?;
+    // Cheap check first so a taken name does not cost a hash; the unique
+    // index still decides a race.
+    if state.store.user_by_name(&request.username).await?.is_some() {
+        return Err(Error::Conflict("username is taken"));
+    }
+    let password_hash = state.passwords.hash(request.password).await?;
+    let now = store::now();
+    let user = User {
+        id: Uuid::new_v4(),
+        username: request.username,
+        public_key,
+        key_updated_at: now,
+        created_at: now,
+    };
+    state.store.create_user(&user, &password_hash).await?;
+    tracing::info!(user.id = %user.id, "registered");
+    Ok((StatusCode::CREATED, Json(Profile::from(user))))
+}
+
+#[derive(Deserialize)]
+struct Login {
+    username: String,
+    password: String,
+}
+
+/// The OAuth2 resource-owner password form (RFC 6749 §4.3.2).
+#[derive(Deserialize)]
+struct PasswordGrant {
+    grant_type: String,
+    username: String,
+    password: String,
+}
+
+/// A login request as JSON or as the OAuth2 password form.
+struct LoginRequest(Login);
+
+impl FromRequest<AppState> for LoginRequest {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self> {
+        let is_form = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+        if is_form {
+            let Form(grant) = Form::<PasswordGrant>::from_request(req, state).await?;
+            if grant.grant_type != "password" {
+                return Err(Error::field("grant_type", "must be \"password\""));
+            }
+            Ok(Self(Login {
+                username: grant.username,
+                password: grant.password,
+            }))
+        } else {
+            let ApiJson(login) = ApiJson::<Login>::from_request(req, state).await?;
+            Ok(Self(login))
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct TokenPair {
+    access_token: String,
+    token_type: &'static str,
+    /// Seconds until the access token expires.
+    expires_in: u64,
+    refresh_token: String,
+}
+
+/// One generic answer for an unknown user and a wrong password.
+const BAD_LOGIN: Error = Error::Unauthorized("invalid username or password");
+
+async fn login(
+    State(state): State<AppState>,
+    LoginRequest(login): LoginRequest,
+) -> Result<Json<TokenPair>> {
+    // Over-long input cannot match; refuse it before it costs a hash.
+    if login.password.len() > 4 * *PASSWORD_LEN.end() || login.username.len() > *USERNAME_LEN.end()
+    {
+        return Err(BAD_LOGIN);
+    }
+    let credentials = state.store.credentials(&login.username).await?;
+    let user_id = credentials.as_ref().map(|c| c.user_id);
+    let verified = state
+        .passwords
+        .verify(login.password, credentials.map(|c| c.password_hash))
+        .await?;
+    let Some(user_id) = user_id.filter(|_| verified) else {
+        tracing::info!("login refused");
+        return Err(BAD_LOGIN);
+    };
+    let pair = start_session(&state, user_id).await?;
+    tracing::info!(user.id = %user_id, "logged in");
+    Ok(Json(pair))
+}
+
+/// Opens a new session (refresh-token family) for `user_id`.
+async fn start_session(state: &AppState, user_id: Uuid) -> Result<TokenPair> {
+    let now = store::now();
+    let refresh = Tokens::new_refresh();
+    let family_id = Uuid::new_v4();
+    state
+        .store
+        .insert_refresh_token(&RefreshToken {
+            hash: refresh.hash,
+            user_id,
+            family_id,
+            expires_at: store::add(now, state.tokens.refresh_ttl),
+        })
+        .await?;
+    token_pair(state, user_id, family_id, refresh.token)
+}
+
+fn token_pair(
+    state: &AppState,
+    user_id: Uuid,
+    session: Uuid,
+    refresh_token: String,
+) -> Result<TokenPair> {
+    Ok(TokenPair {
+        access_token: state.tokens.issue_access(user_id, session, Utc::now())?,
+        token_type: "bearer",
+        expires_in: state.tokens.access_ttl.as_secs(),
+        refresh_token,
+    })
+}
+
+#[derive(Deserialize)]
+struct Refresh {
+    refresh_token: String,
+}
+
+async fn refresh(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<Refresh>,
+) -> Result<Json<TokenPair>> {
+    let now = store::now();
+    let next = Tokens::new_refresh();
+    let rotation = state
+        .store
+        .rotate_refresh_token(
+            &hash_refresh(&request.refresh_token),
+            &next.hash,
+            store::add(now, state.tokens.refresh_ttl),
+            now,
+        )
+        .await?;
+    match rotation {
+        Rotation::Rotated { user_id, family_id } => {
+            Ok(Json(token_pair(&state, user_id, family_id, next.token)?))
+        }
+        Rotation::Reused { user_id } => {
+            tracing::warn!(user.id = %user_id, "refresh token reused: revoked every session of the user");
+            Err(Error::Unauthorized("invalid refresh token"))
+        }
+        Rotation::Invalid => Err(Error::Unauthorized("invalid refresh token")),
+    }
+}
+
+async fn me(caller: AuthUser, State(state): State<AppState>) -> Result<Json<Profile>> {
+    let user = state
+        .store
+        .user(caller.id)
+        .await?
+        .ok_or(Error::Unauthorized("account no longer exists"))?;
+    Ok(Json(Profile::from(user)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames() {
+        for ok in ["abc", "Alice_01", "a.b-c", &"x".repeat(32)] {
+            assert!(validate_username(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "ab",
+            "",
+            "has space",
+            "ünï",
+            "a;DROP",
+            &"x".repeat(33),
+            "tab\t",
+        ] {
+            assert!(validate_username(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn passwords_count_characters() {
+        assert!(validate_password("12345678").is_ok());
+        assert!(validate_password("1234567").is_err());
+        // 8 characters, 16 bytes.
+        assert!(validate_password("éééééééé").is_ok());
+        assert!(validate_password(&"x".repeat(1025)).is_err());
+    }
+}

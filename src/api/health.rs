@@ -1,0 +1,29 @@
+//! Liveness and readiness probes.
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+}
+
+/// The process is up and serving.
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// The database answers; 503 otherwise, so a load balancer stops sending.
+async fn readyz(State(state): State<AppState>) -> Result<Json<Value>> {
+    state.store.ping().await.map_err(|err| {
+        tracing::warn!(error = %err, "readiness check failed");
+        Error::Unavailable
+    })?;
+    Ok(Json(json!({ "status": "ready" })))
+}

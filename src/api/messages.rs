@@ -1,0 +1,154 @@
+//! The message queue over REST: send, poll, acknowledge. The fallback for
+//! clients that cannot hold a WebSocket, over the same delivery core.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{post, put};
+use axum::{Json, Router};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{ApiJson, ApiPath, ApiQuery, parse_id};
+use crate::auth::AuthUser;
+use crate::delivery::MAX_PAGE;
+use crate::error::{Error, Result};
+use crate::state::AppState;
+use crate::store::Message;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/messages", post(send).get(list))
+        .route("/v1/messages/ack", post(ack))
+        .route("/v1/messages/{id}/delivered", put(delivered))
+}
+
+const DEFAULT_PAGE: u32 = 100;
+
+#[derive(Deserialize)]
+struct Send {
+    to: String,
+    body: String,
+}
+
+#[derive(Serialize)]
+struct Sent {
+    id: Uuid,
+    to: Uuid,
+    sent_at: DateTime<Utc>,
+}
+
+async fn send(
+    caller: AuthUser,
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<Send>,
+) -> Result<(StatusCode, Json<Sent>)> {
+    let to = parse_id("to", &request.to)?;
+    let body = state.delivery.decode_body("body", &request.body)?;
+    let committed = state.delivery.send(caller.id, to, body).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Sent {
+            id: committed.id,
+            to,
+            sent_at: committed.sent_at,
+        }),
+    ))
+}
+
+/// A queued message as clients see it.
+#[derive(Serialize)]
+pub struct MessageView {
+    pub id: Uuid,
+    pub from: Uuid,
+    pub body: String,
+    pub sent_at: DateTime<Utc>,
+}
+
+impl From<Message> for MessageView {
+    fn from(m: Message) -> Self {
+        Self {
+            id: m.id,
+            from: m.sender,
+            body: STANDARD.encode(&m.body),
+            sent_at: m.sent_at,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct Listing {
+    messages: Vec<MessageView>,
+    next: Option<Uuid>,
+}
+
+async fn list(
+    caller: AuthUser,
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> Result<Json<Listing>> {
+    let after = query
+        .after
+        .as_deref()
+        .map(|a| parse_id("after", a))
+        .transpose()?;
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(Error::field("limit", format!("must be 1-{MAX_PAGE}")));
+    }
+    let page = state.delivery.fetch(caller.id, after, limit).await?;
+    Ok(Json(Listing {
+        messages: page.messages.into_iter().map(MessageView::from).collect(),
+        next: page.next,
+    }))
+}
+
+async fn delivered(
+    caller: AuthUser,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode> {
+    let id = parse_id("id", &id)?;
+    match state.delivery.ack(caller.id, vec![id]).await? {
+        0 => Err(Error::NotFound("message")),
+        _ => Ok(StatusCode::NO_CONTENT),
+    }
+}
+
+#[derive(Deserialize)]
+struct AckRequest {
+    ids: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Acked {
+    acked: u64,
+}
+
+async fn ack(
+    caller: AuthUser,
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<AckRequest>,
+) -> Result<Json<Acked>> {
+    if request.ids.len() > MAX_PAGE as usize {
+        return Err(Error::field(
+            "ids",
+            format!("at most {MAX_PAGE} ids per request"),
+        ));
+    }
+    let ids = request
+        .ids
+        .iter()
+        .map(|id| parse_id("ids", id))
+        .collect::<Result<Vec<_>>>()?;
+    let acked = state.delivery.ack(caller.id, ids).await?;
+    Ok(Json(Acked { acked }))
+}

@@ -1,0 +1,63 @@
+//! The REST API: one file per resource, each with its own `router()`.
+//!
+//! Handlers are thin: they parse and validate the wire format, call the core
+//! (store, delivery, auth), and map the result. The extractors here turn
+//! every malformed request into an [`Error`] with the JSON error body, never
+//! axum's plain-text rejections.
+
+mod accounts;
+mod health;
+mod keys;
+mod messages;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use tower_http::trace::TraceLayer;
+use uuid::Uuid;
+
+use crate::error::Error;
+use crate::state::AppState;
+
+/// All routes, with the layers every request passes through.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.max_request_bytes();
+    Router::new()
+        .merge(accounts::router())
+        .merge(keys::router())
+        .merge(messages::router())
+        .merge(health::router())
+        .fallback(|| async { Error::NotFound("route") })
+        .method_not_allowed_fallback(|| async { method_not_allowed() })
+        .layer(DefaultBodyLimit::max(body_limit))
+        // Spans carry method and path only: never headers, which hold tokens.
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+fn method_not_allowed() -> Response {
+    let mut response = Error::malformed("method not allowed on this path").into_response();
+    *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    response
+}
+
+/// `axum::Json` with our error body on rejection.
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(Error))]
+pub struct ApiJson<T>(pub T);
+
+/// `axum::extract::Query` with our error body on rejection.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(Error))]
+pub struct ApiQuery<T>(pub T);
+
+/// `axum::extract::Path` with our error body on rejection.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(Error))]
+pub struct ApiPath<T>(pub T);
+
+/// Parses an id field, naming the field on failure.
+pub fn parse_id(field: &'static str, value: &str) -> Result<Uuid, Error> {
+    Uuid::parse_str(value).map_err(|_| Error::field(field, "must be a UUID"))
+}

@@ -1,0 +1,49 @@
+//! Authentication: password hashing, tokens, the signing secret, and the
+//! [`AuthUser`] extractor that every authenticated handler takes, so that none
+//! can forget to check a token.
+
+pub mod password;
+pub mod secret;
+pub mod token;
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use uuid::Uuid;
+
+use crate::error::Error;
+use crate::state::AppState;
+
+/// The caller, proven by a valid `Authorization: Bearer` access token.
+#[derive(Debug, Clone, Copy)]
+pub struct AuthUser {
+    pub id: Uuid,
+    pub session: Uuid,
+    /// Unix seconds at which the presented token expires.
+    pub expires_at: i64,
+}
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        let token = bearer_token(parts).ok_or(Error::Unauthorized("missing bearer token"))?;
+        let claims = state.tokens.verify_access(token)?;
+        Ok(AuthUser {
+            id: claims.sub,
+            session: claims.sid,
+            expires_at: claims.exp,
+        })
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header (scheme matched
+/// without regard to case, as RFC 7235 asks).
+pub fn bearer_token(parts: &Parts) -> Option<&str> {
+    let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}

@@ -1,0 +1,93 @@
+//! Password hashing with argon2id, off the async runtime and bounded.
+//!
+//! Each hash takes a core for tens of milliseconds and 19 MiB of memory
+//! (OWASP's argon2id parameters, the `argon2` crate's defaults). Hashes run on
+//! tokio's blocking pool behind a semaphore of about the core count, so a
+//! login flood waits its turn instead of starving message delivery or
+//! exhausting memory.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use argon2::Argon2;
+use argon2::password_hash::phc::PasswordHash;
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use tokio::sync::Semaphore;
+
+pub struct Passwords {
+    permits: Semaphore,
+    /// A hash of a random password with the live parameters: unknown
+    /// usernames are verified against it so that they take as long to reject
+    /// as a wrong password and do not reveal which accounts exist.
+    dummy_hash: Arc<str>,
+}
+
+impl Passwords {
+    /// Computes the dummy hash, so call it once at start-up.
+    pub fn new(concurrency: usize) -> anyhow::Result<Self> {
+        let random: [u8; 32] = rand::random();
+        let dummy_hash = hash(&random)?.into();
+        Ok(Self {
+            permits: Semaphore::new(concurrency.max(1)),
+            dummy_hash,
+        })
+    }
+
+    /// Hashes `password` into a PHC string with a fresh random salt.
+    pub async fn hash(&self, password: String) -> anyhow::Result<String> {
+        let _permit = self.permits.acquire().await.context("hasher closed")?;
+        tokio::task::spawn_blocking(move || hash(password.as_bytes()))
+            .await
+            .context("hash task failed")?
+    }
+
+    /// Whether `password` matches `stored`. With no stored hash (unknown
+    /// user) it burns the same time against the dummy hash and says no.
+    pub async fn verify(&self, password: String, stored: Option<String>) -> anyhow::Result<bool> {
+        let _permit = self.permits.acquire().await.context("hasher closed")?;
+        let known = stored.is_some();
+        let phc: Arc<str> = stored.map_or_else(|| self.dummy_hash.clone(), Into::into);
+        let matches = tokio::task::spawn_blocking(move || verify(password.as_bytes(), &phc))
+            .await
+            .context("verify task failed")??;
+        Ok(known && matches)
+    }
+}
+
+fn hash(password: &[u8]) -> anyhow::Result<String> {
+    let phc = Argon2::default()
+        .hash_password(password)
+        .map_err(|e| anyhow::anyhow!("argon2 hash failed: {e}"))?;
+    Ok(phc.to_string())
+}
+
+fn verify(password: &[u8], phc: &str) -> anyhow::Result<bool> {
+    let parsed =
+        PasswordHash::new(phc).map_err(|e| anyhow::anyhow!("stored hash unreadable: {e}"))?;
+    Ok(Argon2::default().verify_password(password, &parsed).is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn hashes_verify_and_unknown_users_fail() {
+        let passwords = Passwords::new(2).unwrap();
+        let phc = passwords.hash("correct horse".into()).await.unwrap();
+        assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
+        assert!(
+            passwords
+                .verify("correct horse".into(), Some(phc.clone()))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !passwords
+                .verify("wrong horse".into(), Some(phc))
+                .await
+                .unwrap()
+        );
+        assert!(!passwords.verify("anything".into(), None).await.unwrap());
+    }
+}

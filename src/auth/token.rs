@@ -1,0 +1,143 @@
+//! Access tokens (HS256 JWTs) and refresh tokens (random, stored hashed).
+//!
+//! An access token carries the user id (`sub`) and the session id (`sid`, the
+//! refresh-token family it was issued from), so that a later revocation of a
+//! session can find its tokens and sockets. Refresh tokens are 256 random bits
+//! shown to the client once; the store keeps only their SHA-256, which is
+//! enough for a secret with that much entropy.
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::config::Secret;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user.
+    pub sub: Uuid,
+    /// The session: the refresh-token family this token belongs to.
+    pub sid: Uuid,
+    pub iat: i64,
+    pub exp: i64,
+}
+
+pub struct Tokens {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    pub access_ttl: Duration,
+    pub refresh_ttl: Duration,
+}
+
+/// A newly minted refresh token: `token` goes to the client, `hash` to the
+/// store.
+pub struct NewRefreshToken {
+    pub token: String,
+    pub hash: [u8; 32],
+}
+
+impl Tokens {
+    pub fn new(secret: &Secret, access_ttl: Duration, refresh_ttl: Duration) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        // We are the only issuer and verifier, on one clock: an expired token
+        // is expired, with no grace period.
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Self {
+            encoding: EncodingKey::from_secret(secret.expose()),
+            decoding: DecodingKey::from_secret(secret.expose()),
+            validation,
+            access_ttl,
+            refresh_ttl,
+        }
+    }
+
+    /// Signs an access token for `user` in session `session`.
+    pub fn issue_access(&self, user: Uuid, session: Uuid, now: DateTime<Utc>) -> Result<String> {
+        let claims = Claims {
+            sub: user,
+            sid: session,
+            iat: now.timestamp(),
+            exp: crate::store::add(now, self.access_ttl).timestamp(),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|e| Error::Internal(anyhow::anyhow!("signing access token: {e}")))
+    }
+
+    /// Checks signature, algorithm and expiry.
+    pub fn verify_access(&self, token: &str) -> Result<Claims> {
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map(|data| data.claims)
+            .map_err(|_| Error::Unauthorized("invalid or expired access token"))
+    }
+
+    pub fn new_refresh() -> NewRefreshToken {
+        let bytes: [u8; 32] = rand::random();
+        let token = URL_SAFE_NO_PAD.encode(bytes);
+        let hash = hash_refresh(&token);
+        NewRefreshToken { token, hash }
+    }
+}
+
+pub fn hash_refresh(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens(ttl: Duration) -> Tokens {
+        Tokens::new(&Secret::new("k".repeat(32)), ttl, Duration::from_secs(60))
+    }
+
+    #[test]
+    fn access_tokens_round_trip() {
+        let tokens = tokens(Duration::from_secs(60));
+        let (user, session) = (Uuid::new_v4(), Uuid::new_v4());
+        let jwt = tokens.issue_access(user, session, Utc::now()).unwrap();
+        let claims = tokens.verify_access(&jwt).unwrap();
+        assert_eq!((claims.sub, claims.sid), (user, session));
+    }
+
+    #[test]
+    fn expired_tampered_and_foreign_tokens_fail() {
+        let tokens = tokens(Duration::from_secs(60));
+        let past = Utc::now() - chrono::TimeDelta::seconds(120);
+        let expired = tokens
+            .issue_access(Uuid::new_v4(), Uuid::new_v4(), past)
+            .unwrap();
+        assert!(tokens.verify_access(&expired).is_err());
+
+        let jwt = tokens
+            .issue_access(Uuid::new_v4(), Uuid::new_v4(), Utc::now())
+            .unwrap();
+        let mut tampered = jwt.clone();
+        tampered.pop();
+        tampered.push(if jwt.ends_with('A') { 'B' } else { 'A' });
+        assert!(tokens.verify_access(&tampered).is_err());
+
+        let other = Tokens::new(
+            &Secret::new("o".repeat(32)),
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        );
+        assert!(other.verify_access(&jwt).is_err());
+    }
+
+    #[test]
+    fn refresh_tokens_are_random_and_hashed() {
+        let (a, b) = (Tokens::new_refresh(), Tokens::new_refresh());
+        assert_ne!(a.token, b.token);
+        assert_eq!(hash_refresh(&a.token), a.hash);
+        assert_eq!(a.token.len(), 43);
+    }
+}

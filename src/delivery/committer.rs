@@ -1,0 +1,210 @@
+//! The committer: one task that owns the queue's write side.
+//!
+//! Every insert and ack, from every connection, goes through one bounded
+//! channel to this task, which writes whatever has gathered as one
+//! transaction ([`Store::write_batch`]) and then answers each caller. A batch
+//! closes when it is full or when the channel is momentarily empty, so an idle
+//! server commits each message at once and a busy one amortises a commit (and
+//! its fsync) over hundreds of messages.
+//!
+//! Ids are assigned in channel order: the id is taken and the insert enqueued
+//! under one short lock, so batches commit in id order and a reader paging
+//! through a recipient's queue by id never sees a later id before an earlier
+//! one is visible.
+//!
+//! An ack that meets its own message's insert in the same batch cancels it:
+//! the row is never written, and the message counts as durable because it is
+//! already delivered.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::store::{self, Ack, Message, Store, StoreError};
+
+/// Operations waiting for the committer. When it is full (the database is
+/// slower than the arrival rate) senders wait for room: backpressure on the
+/// producers instead of unbounded memory. 4096 is a few batches' worth, enough
+/// to keep the next batch ready while one commits.
+const CHANNEL_BOUND: usize = 4096;
+
+/// Operations in one transaction. Large enough to amortise a commit over many
+/// messages, small enough that one transaction stays short (an ack op carries
+/// at most 500 ids, so a batch touches at most ~128k rows).
+const MAX_BATCH: usize = 256;
+
+enum Op {
+    Insert {
+        message: Message,
+        done: oneshot::Sender<Result<(), CommitFailed>>,
+    },
+    Ack {
+        recipient: Uuid,
+        ids: Vec<Uuid>,
+        done: oneshot::Sender<Result<u64, CommitFailed>>,
+    },
+}
+
+/// A batch that could not be written. The cause was logged by the committer.
+#[derive(Debug, Clone, Copy)]
+struct CommitFailed {
+    unavailable: bool,
+}
+
+impl From<CommitFailed> for Error {
+    fn from(failed: CommitFailed) -> Self {
+        if failed.unavailable {
+            Error::Unavailable
+        } else {
+            Error::Internal(anyhow::anyhow!("commit failed"))
+        }
+    }
+}
+
+/// A message the committer has made durable.
+#[derive(Debug, Clone, Copy)]
+pub struct Committed {
+    pub id: Uuid,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// The handle through which callers reach the committer task.
+pub struct Committer {
+    tx: mpsc::Sender<Op>,
+    /// Held while an id is taken and its insert enqueued, so that channel
+    /// order is id order. Never held across an await.
+    order: Mutex<()>,
+}
+
+impl Committer {
+    /// Starts the committer task. It ends once every handle is dropped and
+    /// the channel is drained, so nothing enqueued is abandoned on shutdown.
+    pub fn spawn(store: Arc<dyn Store>) -> (Self, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(CHANNEL_BOUND);
+        let task = tokio::spawn(run(store, rx));
+        let committer = Self {
+            tx,
+            order: Mutex::new(()),
+        };
+        (committer, task)
+    }
+
+    /// Assigns the message its id and returns once it is durable.
+    pub async fn insert(&self, recipient: Uuid, sender: Uuid, body: Vec<u8>) -> Result<Committed> {
+        let permit = self.tx.reserve().await.map_err(|_| Error::Unavailable)?;
+        let (done, result) = oneshot::channel();
+        let committed = {
+            let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
+            let id = Uuid::now_v7();
+            let sent_at = store::id_time(id);
+            let message = Message {
+                id,
+                recipient,
+                sender,
+                body,
+                sent_at,
+            };
+            permit.send(Op::Insert { message, done });
+            Committed { id, sent_at }
+        };
+        result.await.map_err(|_| Error::Unavailable)??;
+        Ok(committed)
+    }
+
+    /// Deletes those of `ids` that are queued for `recipient`; returns how
+    /// many were.
+    pub async fn ack(&self, recipient: Uuid, ids: Vec<Uuid>) -> Result<u64> {
+        let (done, result) = oneshot::channel();
+        self.tx
+            .send(Op::Ack {
+                recipient,
+                ids,
+                done,
+            })
+            .await
+            .map_err(|_| Error::Unavailable)?;
+        Ok(result.await.map_err(|_| Error::Unavailable)??)
+    }
+}
+
+async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Op>) {
+    let mut ops = Vec::with_capacity(MAX_BATCH);
+    // `recv_many` waits for one op, then takes whatever else is ready.
+    while rx.recv_many(&mut ops, MAX_BATCH).await > 0 {
+        commit(store.as_ref(), std::mem::take(&mut ops)).await;
+    }
+    tracing::debug!("committer drained and stopped");
+}
+
+async fn commit(store: &dyn Store, ops: Vec<Op>) {
+    let mut messages = Vec::new();
+    let mut inserted = Vec::new();
+    let mut ack_ops = Vec::new();
+    for op in ops {
+        match op {
+            Op::Insert { message, done } => {
+                messages.push(message);
+                inserted.push(done);
+            }
+            Op::Ack {
+                recipient,
+                ids,
+                done,
+            } => ack_ops.push((recipient, ids, done)),
+        }
+    }
+
+    // An ack for a message inserted in this same batch cancels the insert.
+    let pending: HashMap<Uuid, Uuid> = messages.iter().map(|m| (m.id, m.recipient)).collect();
+    let mut cancelled = HashSet::new();
+    let mut acks = Vec::new();
+    for (recipient, ids, _) in &ack_ops {
+        for &id in ids {
+            if pending.get(&id) == Some(recipient) {
+                cancelled.insert(id);
+            } else {
+                acks.push(Ack {
+                    recipient: *recipient,
+                    id,
+                });
+            }
+        }
+    }
+    messages.retain(|m| !cancelled.contains(&m.id));
+
+    match store.write_batch(&messages, &acks).await {
+        Ok(deleted) => {
+            for done in inserted {
+                let _ = done.send(Ok(()));
+            }
+            // Count each settled id once, for the first ack that named it.
+            let mut settled: HashSet<Uuid> = deleted.into_iter().chain(cancelled).collect();
+            for (_, ids, done) in ack_ops {
+                let count = ids.iter().filter(|id| settled.remove(id)).count();
+                let _ = done.send(Ok(count as u64));
+            }
+        }
+        Err(err) => {
+            let failed = CommitFailed {
+                unavailable: matches!(err, StoreError::Unavailable(_)),
+            };
+            tracing::error!(
+                error = %err,
+                messages = messages.len(),
+                acks = acks.len(),
+                "write batch failed; its callers are told and nothing in it was accepted"
+            );
+            for done in inserted {
+                let _ = done.send(Err(failed));
+            }
+            for (_, _, done) in ack_ops {
+                let _ = done.send(Err(failed));
+            }
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! The one error type of the service and its mapping to wire codes.
+//!
+//! Every failure a client can see is an [`Error`]; its [`Error::code`] is the
+//! stable `code` of `protocol.md` and its status the HTTP status. Internal
+//! errors are logged here with their cause and reach the client only as
+//! `internal` with a generic message: no SQL, stack or secret leaves the
+//! process.
+
+use std::borrow::Cow;
+
+use axum::extract::rejection::{FormRejection, JsonRejection, PathRejection, QueryRejection};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::store::StoreError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed (400), or a named field fails validation (422).
+    #[error("{message}")]
+    Invalid {
+        field: Option<Cow<'static, str>>,
+        message: Cow<'static, str>,
+    },
+    /// The body is not in a media type the endpoint takes.
+    #[error("{0}")]
+    UnsupportedMediaType(Cow<'static, str>),
+    /// Missing, malformed, expired or revoked credentials.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// The named thing does not exist, or is not the caller's to see.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Conflict(&'static str),
+    #[error("{0}")]
+    TooLarge(Cow<'static, str>),
+    /// A dependency (the database) is not reachable right now.
+    #[error("service unavailable")]
+    Unavailable,
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl Error {
+    /// A validation failure of one request field (422).
+    pub fn field(field: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Error::Invalid {
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+
+    /// A request that cannot be parsed at all (400).
+    pub fn malformed(message: impl Into<Cow<'static, str>>) -> Self {
+        Error::Invalid {
+            field: None,
+            message: message.into(),
+        }
+    }
+
+    /// The stable machine-readable code of `protocol.md`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Invalid { .. } | Error::UnsupportedMediaType(_) => "invalid",
+            Error::Unauthorized(_) => "unauthorized",
+            Error::NotFound(_) => "not_found",
+            Error::Conflict(_) => "conflict",
+            Error::TooLarge(_) => "too_large",
+            Error::Unavailable => "unavailable",
+            Error::Internal(_) => "internal",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::Invalid { field: Some(_), .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::Invalid { field: None, .. } => StatusCode::BAD_REQUEST,
+            Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The message a client may see. Internal causes stay in the log.
+    pub fn public_message(&self) -> Cow<'static, str> {
+        match self {
+            Error::Internal(_) => "internal server error".into(),
+            other => other.to_string().into(),
+        }
+    }
+
+    fn field_name(&self) -> Option<Cow<'static, str>> {
+        match self {
+            Error::Invalid { field, .. } => field.clone(),
+            _ => None,
+        }
+    }
+}
+
+/// The JSON body of every error: `{"error": {"code", "message", "field"?}}`.
+#[derive(Serialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize)]
+pub struct ErrorDetail {
+    pub code: &'static str,
+    pub message: Cow<'static, str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<Cow<'static, str>>,
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        if let Error::Internal(cause) = &self {
+            // `{:#}` prints the whole context chain on one line.
+            tracing::error!(error = format!("{cause:#}"), "internal error");
+        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.public_message(),
+                field: self.field_name(),
+            },
+        };
+        let mut response = (self.status(), axum::Json(body)).into_response();
+        if matches!(self, Error::Unauthorized(_)) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::UsernameTaken => Error::Conflict("username is taken"),
+            StoreError::Unavailable(_) => Error::Unavailable,
+            other => Error::Internal(other.into()),
+        }
+    }
+}
+
+impl From<JsonRejection> for Error {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection {
+            JsonRejection::JsonDataError(e) => json_data_error(&e),
+            JsonRejection::JsonSyntaxError(_) => Error::malformed("request body is not valid JSON"),
+            JsonRejection::MissingJsonContentType(_) => {
+                Error::UnsupportedMediaType("expected Content-Type: application/json".into())
+            }
+            other => body_rejection(other.status(), other.body_text()),
+        }
+    }
+}
+
+impl From<FormRejection> for Error {
+    fn from(rejection: FormRejection) -> Self {
+        match rejection {
+            FormRejection::FailedToDeserializeForm(_)
+            | FormRejection::FailedToDeserializeFormBody(_) => {
+                Error::field("body", rejection.body_text())
+            }
+            other => body_rejection(other.status(), other.body_text()),
+        }
+    }
+}
+
+/// A body that is JSON but not of the expected shape: 422 naming the field.
+fn json_data_error(e: &axum::extract::rejection::JsonDataError) -> Error {
+    type PathError = serde_path_to_error::Error<serde_json::Error>;
+    let Some(inner) = std::error::Error::source(e).and_then(|s| s.downcast_ref::<PathError>())
+    else {
+        return Error::field("body", e.body_text());
+    };
+    let message = inner.inner().to_string();
+    let path = inner.path().to_string();
+    // serde reports a missing field at its parent's path, naming it in the
+    // message: "missing field `username` at line 1 column 20".
+    let field = match message
+        .strip_prefix("missing field `")
+        .and_then(|m| m.split_once('`'))
+    {
+        Some((name, _)) if path == "." => name.to_owned(),
+        Some((name, _)) => format!("{path}.{name}"),
+        None if path == "." => "body".to_owned(),
+        None => path.clone(),
+    };
+    let message = if path == "." {
+        message
+    } else {
+        format!("{path}: {message}")
+    };
+    Error::Invalid {
+        field: Some(field.into()),
+        message: message.into(),
+    }
+}
+
+/// Rejections while reading the body: too large, unreadable, wrong type.
+fn body_rejection(status: StatusCode, text: String) -> Error {
+    match status {
+        StatusCode::PAYLOAD_TOO_LARGE => Error::TooLarge("request body is too large".into()),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => Error::UnsupportedMediaType(text.into()),
+        _ => Error::malformed(text),
+    }
+}
+
+impl From<QueryRejection> for Error {
+    fn from(rejection: QueryRejection) -> Self {
+        Error::malformed(rejection.body_text())
+    }
+}
+
+impl From<PathRejection> for Error {
+    fn from(rejection: PathRejection) -> Self {
+        Error::malformed(rejection.body_text())
+    }
+}

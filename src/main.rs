@@ -1,0 +1,63 @@
+//! The `sealpost` command: `serve` (the default) and `migrate`.
+
+use std::io::IsTerminal;
+
+use clap::{Parser, Subcommand};
+use sealpost::{Config, Server, server};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "sealpost",
+    version,
+    about = "Real-time push relay for end-to-end encrypted messengers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API (the default when no command is given).
+    Serve(Config),
+    /// Apply pending database migrations and exit.
+    Migrate(Config),
+}
+
+/// With no subcommand, `sealpost` serves with settings from the environment.
+fn default_config() -> Config {
+    #[derive(Parser)]
+    struct Serve {
+        #[command(flatten)]
+        config: Config,
+    }
+    Serve::parse_from(["sealpost"]).config
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+
+    match cli
+        .command
+        .unwrap_or_else(|| Command::Serve(default_config()))
+    {
+        Command::Serve(config) => {
+            let server = Server::bind(config).await?;
+            server.run(server::shutdown_signal()).await
+        }
+        Command::Migrate(config) => {
+            server::open_store(&config).await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+    }
+}

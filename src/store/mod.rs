@@ -1,0 +1,251 @@
+//! Durable storage behind one interface: accounts, refresh tokens and the
+//! message queue.
+//!
+//! [`Store`] has two implementations, [`postgres::PgStore`] for production and
+//! [`sqlite::SqliteStore`] as the embedded default, picked by the scheme of
+//! `DATABASE_URL` in [`connect`]. Each backend owns its migrations
+//! (`migrations/postgres`, `migrations/sqlite`). Every query is
+//! parameterised. Timestamps are kept at millisecond precision on both
+//! backends so that a value reads back exactly as it was written.
+//!
+//! The queue's write side is [`Store::write_batch`]: inserts and acks from
+//! many callers in one transaction, as the committer gathers them.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeDelta, Utc};
+use uuid::Uuid;
+
+/// The current time at the precision the stores keep.
+pub fn now() -> DateTime<Utc> {
+    truncate_to_millis(Utc::now())
+}
+
+fn truncate_to_millis(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
+}
+
+/// The acceptance time encoded in a UUIDv7 message id: its top 48 bits are
+/// Unix milliseconds (RFC 9562 §5.7).
+pub fn id_time(id: Uuid) -> DateTime<Utc> {
+    let millis = (id.as_u128() >> 80) as i64;
+    DateTime::from_timestamp_millis(millis).unwrap_or_default()
+}
+
+/// The smallest UUIDv7 of the given millisecond: every message accepted
+/// before `t` has a smaller id. Message ids are time-ordered, so the sweeper
+/// expires messages by primary-key range and needs no index on `sent_at`.
+pub fn first_id_at(t: DateTime<Utc>) -> Uuid {
+    let millis = u128::from(t.timestamp_millis().max(0) as u64);
+    Uuid::from_u128(millis << 80)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub id: Uuid,
+    pub username: String,
+    pub public_key: Vec<u8>,
+    pub key_updated_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What login needs: the account id and its PHC-encoded argon2id hash.
+#[derive(Clone)]
+pub struct Credentials {
+    pub user_id: Uuid,
+    pub password_hash: String,
+}
+
+/// A refresh token as stored: only its SHA-256 hash, never the token.
+#[derive(Debug, Clone)]
+pub struct RefreshToken {
+    pub hash: [u8; 32],
+    pub user_id: Uuid,
+    /// All tokens rotated from one login share a family; it is the session id
+    /// carried in the access tokens of that session.
+    pub family_id: Uuid,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// The outcome of presenting a refresh token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rotation {
+    /// The token was live; it is now spent and its successor stored.
+    Rotated { user_id: Uuid, family_id: Uuid },
+    /// The token had been spent before: a sign of theft. Every refresh token
+    /// of the user has been revoked.
+    Reused { user_id: Uuid },
+    /// Unknown or expired.
+    Invalid,
+}
+
+/// A sealed envelope in the queue. The body is opaque ciphertext.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub id: Uuid,
+    pub recipient: Uuid,
+    pub sender: Uuid,
+    pub body: Vec<u8>,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// One acknowledgement: delete `id` if it is addressed to `recipient`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ack {
+    pub recipient: Uuid,
+    pub id: Uuid,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("username is taken")]
+    UsernameTaken,
+    #[error("database unreachable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported DATABASE_URL scheme (expected sqlite:// or postgres://)")]
+    UnsupportedUrl,
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        match err {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                StoreError::Unavailable(err)
+            }
+            other => StoreError::Database(other),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies pending migrations of this backend.
+    async fn migrate(&self) -> StoreResult<()>;
+
+    /// A round trip to the database, for readiness checks.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Creates an account; [`StoreError::UsernameTaken`] if the name is in
+    /// use in any letter case.
+    async fn create_user(&self, user: &User, password_hash: &str) -> StoreResult<()>;
+
+    async fn user(&self, id: Uuid) -> StoreResult<Option<User>>;
+
+    /// Looks a user up by name, ignoring letter case.
+    async fn user_by_name(&self, username: &str) -> StoreResult<Option<User>>;
+
+    async fn user_exists(&self, id: Uuid) -> StoreResult<bool>;
+
+    async fn credentials(&self, username: &str) -> StoreResult<Option<Credentials>>;
+
+    /// Replaces a user's public key; `None` if the user does not exist.
+    async fn set_public_key(
+        &self,
+        id: Uuid,
+        key: &[u8],
+        at: DateTime<Utc>,
+    ) -> StoreResult<Option<User>>;
+
+    async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<()>;
+
+    /// Spends the token with hash `presented` and stores `next` (whose
+    /// `user_id` and `family_id` are taken from the spent one) in the same
+    /// transaction. Presenting a spent token revokes all of the user's tokens.
+    async fn rotate_refresh_token(
+        &self,
+        presented: &[u8; 32],
+        next_hash: &[u8; 32],
+        next_expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Rotation>;
+
+    /// Deletes refresh tokens past their expiry; returns how many.
+    async fn purge_refresh_tokens(&self, now: DateTime<Utc>) -> StoreResult<u64>;
+
+    /// Inserts `messages` and applies `acks` in one transaction. Returns the
+    /// ids the acks deleted; an ack for an id that is unknown or addressed to
+    /// someone else deletes nothing.
+    async fn write_batch(&self, messages: &[Message], acks: &[Ack]) -> StoreResult<Vec<Uuid>>;
+
+    /// Up to `limit` of `recipient`'s queued messages with ids after `after`,
+    /// oldest first.
+    async fn fetch(&self, recipient: Uuid, after: Uuid, limit: u32) -> StoreResult<Vec<Message>>;
+
+    /// Deletes up to `limit` messages with ids below `before`; returns how
+    /// many. The sweeper calls this until it returns less than `limit`, so no
+    /// single statement holds locks for long.
+    async fn delete_before(&self, before: Uuid, limit: u32) -> StoreResult<u64>;
+}
+
+/// How to open the store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub url: String,
+    pub pool_size: u32,
+}
+
+/// Opens the store `url` names, without migrating it.
+pub async fn connect(options: &StoreOptions) -> StoreResult<Arc<dyn Store>> {
+    let url = options.url.as_str();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(
+            postgres::PgStore::connect(url, options.pool_size).await?,
+        ))
+    } else if url.starts_with("sqlite:") {
+        Ok(Arc::new(
+            sqlite::SqliteStore::connect(url, options.pool_size).await?,
+        ))
+    } else {
+        Err(StoreError::UnsupportedUrl)
+    }
+}
+
+/// Whether `url` names a PostgreSQL database.
+pub fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// Time arithmetic that cannot overflow on absurd configuration values.
+pub fn add(t: DateTime<Utc>, d: std::time::Duration) -> DateTime<Utc> {
+    TimeDelta::from_std(d)
+        .ok()
+        .and_then(|d| t.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+pub fn sub(t: DateTime<Utc>, d: std::time::Duration) -> DateTime<Utc> {
+    TimeDelta::from_std(d)
+        .ok()
+        .and_then(|d| t.checked_sub_signed(d))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_time_round_trips_through_first_id() {
+        let id = Uuid::now_v7();
+        let t = id_time(id);
+        assert!(first_id_at(t) <= id);
+        assert!(first_id_at(t + TimeDelta::milliseconds(1)) > id);
+        assert_eq!(id_time(first_id_at(t)), t);
+    }
+
+    #[test]
+    fn truncation_keeps_milliseconds() {
+        let t = now();
+        assert_eq!(t.timestamp_subsec_nanos() % 1_000_000, 0);
+    }
+}

@@ -1,0 +1,295 @@
+//! The PostgreSQL store, for production.
+//!
+//! One pool, sized to the machine. The queue's write side arrives in batches
+//! from the committer and goes out as one multi-row statement per kind:
+//! `INSERT ... SELECT FROM UNNEST(...)` for new messages and
+//! `DELETE ... USING UNNEST(...) RETURNING id` for acks, in one transaction.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use uuid::Uuid;
+
+use super::{
+    Ack, Credentials, Message, RefreshToken, Rotation, Store, StoreError, StoreResult, User,
+};
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// How long a request waits for a pooled connection before it fails with 503
+/// rather than queueing without bound behind a dead database.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct PgStore {
+    pool: PgPool,
+}
+
+type UserRow = (Uuid, String, Vec<u8>, DateTime<Utc>, DateTime<Utc>);
+
+fn user_from_row((id, username, public_key, key_updated_at, created_at): UserRow) -> User {
+    User {
+        id,
+        username,
+        public_key,
+        key_updated_at,
+        created_at,
+    }
+}
+
+type MessageRow = (Uuid, Uuid, Uuid, Vec<u8>, DateTime<Utc>);
+
+fn message_from_row((id, recipient, sender, body, sent_at): MessageRow) -> Message {
+    Message {
+        id,
+        recipient,
+        sender,
+        body,
+        sent_at,
+    }
+}
+
+impl PgStore {
+    pub async fn connect(url: &str, pool_size: u32) -> StoreResult<Self> {
+        let options: PgConnectOptions = url.parse().map_err(StoreError::Database)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(pool_size)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options.application_name("sealpost"))
+            .await?;
+        Ok(Self { pool })
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn migrate(&self) -> StoreResult<()> {
+        // sqlx takes an advisory lock, so several servers starting at once
+        // migrate one after another.
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn create_user(&self, user: &User, password_hash: &str) -> StoreResult<()> {
+        let result = sqlx::query(
+            "INSERT INTO users (id, username, password_hash, public_key, key_updated_at, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(user.id)
+        .bind(user.username.clone())
+        .bind(password_hash.to_owned())
+        .bind(user.public_key.clone())
+        .bind(user.key_updated_at)
+        .bind(user.created_at)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.constraint() == Some("users_username_lower") => {
+                Err(StoreError::UsernameTaken)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn user(&self, id: Uuid) -> StoreResult<Option<User>> {
+        let row: Option<UserRow> = sqlx::query_as(
+            "SELECT id, username, public_key, key_updated_at, created_at FROM users WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(user_from_row))
+    }
+
+    async fn user_by_name(&self, username: &str) -> StoreResult<Option<User>> {
+        let row: Option<UserRow> = sqlx::query_as(
+            "SELECT id, username, public_key, key_updated_at, created_at FROM users
+             WHERE lower(username) = lower($1)",
+        )
+        .bind(username.to_owned())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(user_from_row))
+    }
+
+    async fn user_exists(&self, id: Uuid) -> StoreResult<bool> {
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(exists)
+    }
+
+    async fn credentials(&self, username: &str) -> StoreResult<Option<Credentials>> {
+        let row: Option<(Uuid, String)> =
+            sqlx::query_as("SELECT id, password_hash FROM users WHERE lower(username) = lower($1)")
+                .bind(username.to_owned())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(user_id, password_hash)| Credentials {
+            user_id,
+            password_hash,
+        }))
+    }
+
+    async fn set_public_key(
+        &self,
+        id: Uuid,
+        key: &[u8],
+        at: DateTime<Utc>,
+    ) -> StoreResult<Option<User>> {
+        let row: Option<UserRow> = sqlx::query_as(
+            "UPDATE users SET public_key = $2, key_updated_at = $3 WHERE id = $1
+             RETURNING id, username, public_key, key_updated_at, created_at",
+        )
+        .bind(id)
+        .bind(key.to_vec())
+        .bind(at)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(user_from_row))
+    }
+
+    async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at, created_at)
+             VALUES ($1, $2, $3, $4, now())",
+        )
+        .bind(token.hash.to_vec())
+        .bind(token.user_id)
+        .bind(token.family_id)
+        .bind(token.expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn rotate_refresh_token(
+        &self,
+        presented: &[u8; 32],
+        next_hash: &[u8; 32],
+        next_expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Rotation> {
+        let mut tx = self.pool.begin().await?;
+        // Spending is one conditional UPDATE: of two concurrent presentations
+        // of the same token, exactly one sees `used_at IS NULL`.
+        let spent: Option<(Uuid, Uuid)> = sqlx::query_as(
+            "UPDATE refresh_tokens SET used_at = $2
+             WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2
+             RETURNING user_id, family_id",
+        )
+        .bind(presented.to_vec())
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let rotation = match spent {
+            Some((user_id, family_id)) => {
+                sqlx::query(
+                    "INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at, created_at)
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(next_hash.to_vec())
+                .bind(user_id)
+                .bind(family_id)
+                .bind(next_expires_at)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                Rotation::Rotated { user_id, family_id }
+            }
+            None => {
+                let previous: Option<(Uuid, bool)> = sqlx::query_as(
+                    "SELECT user_id, used_at IS NOT NULL FROM refresh_tokens WHERE token_hash = $1",
+                )
+                .bind(presented.to_vec())
+                .fetch_optional(&mut *tx)
+                .await?;
+                match previous {
+                    Some((user_id, true)) => {
+                        sqlx::query("DELETE FROM refresh_tokens WHERE user_id = $1")
+                            .bind(user_id)
+                            .execute(&mut *tx)
+                            .await?;
+                        Rotation::Reused { user_id }
+                    }
+                    _ => Rotation::Invalid,
+                }
+            }
+        };
+        tx.commit().await?;
+        Ok(rotation)
+    }
+
+    async fn purge_refresh_tokens(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM refresh_tokens WHERE expires_at <= $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn write_batch(&self, messages: &[Message], acks: &[Ack]) -> StoreResult<Vec<Uuid>> {
+        let mut tx = self.pool.begin().await?;
+        if !messages.is_empty() {
+            sqlx::query(
+                "INSERT INTO messages (id, recipient, sender, body, sent_at)
+                 SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::bytea[], $5::timestamptz[])",
+            )
+            .bind(messages.iter().map(|m| m.id).collect::<Vec<_>>())
+            .bind(messages.iter().map(|m| m.recipient).collect::<Vec<_>>())
+            .bind(messages.iter().map(|m| m.sender).collect::<Vec<_>>())
+            .bind(messages.iter().map(|m| m.body.clone()).collect::<Vec<_>>())
+            .bind(messages.iter().map(|m| m.sent_at).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        let deleted = if acks.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query_scalar(
+                "DELETE FROM messages m USING UNNEST($1::uuid[], $2::uuid[]) AS a (id, recipient)
+                 WHERE m.id = a.id AND m.recipient = a.recipient
+                 RETURNING m.id",
+            )
+            .bind(acks.iter().map(|a| a.id).collect::<Vec<_>>())
+            .bind(acks.iter().map(|a| a.recipient).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
+            .await?
+        };
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    async fn fetch(&self, recipient: Uuid, after: Uuid, limit: u32) -> StoreResult<Vec<Message>> {
+        let rows: Vec<MessageRow> = sqlx::query_as(
+            "SELECT id, recipient, sender, body, sent_at FROM messages
+             WHERE recipient = $1 AND id > $2 ORDER BY id LIMIT $3",
+        )
+        .bind(recipient)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(message_from_row).collect())
+    }
+
+    async fn delete_before(&self, before: Uuid, limit: u32) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE id < $1 LIMIT $2)",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}

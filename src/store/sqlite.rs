@@ -1,0 +1,350 @@
+//! The SQLite store, the embedded default.
+//!
+//! SQLite admits one writer at a time, so the store keeps one write
+//! connection (the committer's batches, sign-ups, token rotation and the
+//! sweeper take turns on it, never fighting over the file lock) and a small
+//! pool of readers that WAL mode lets run beside it.
+//!
+//! Durability: WAL with `synchronous=FULL`, so a committed transaction
+//! survives both `kill -9` of the process and a power loss. Group commit
+//! amortises the extra fsync over every message in the batch.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use uuid::Uuid;
+
+use super::{
+    Ack, Credentials, Message, RefreshToken, Rotation, Store, StoreError, StoreResult, User,
+};
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// How long a statement waits on SQLite's file lock (held only by another
+/// process, such as a backup) before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct SqliteStore {
+    /// The single write connection.
+    writer: SqlitePool,
+    /// Readers; the same pool as `writer` for an in-memory database, whose
+    /// contents exist only on its one connection.
+    reader: SqlitePool,
+}
+
+/// The file behind a `sqlite:` URL, or `None` for an in-memory database.
+pub fn database_path(url: &str) -> Option<PathBuf> {
+    let options = SqliteConnectOptions::from_str(url).ok()?;
+    let path = options.get_filename();
+    let name = path.to_string_lossy();
+    if name.is_empty() || name == ":memory:" || url.contains("mode=memory") {
+        None
+    } else {
+        Some(path.to_path_buf())
+    }
+}
+
+fn millis(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn time(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+type UserRow = (Uuid, String, Vec<u8>, i64, i64);
+
+fn user_from_row((id, username, public_key, key_updated_at, created_at): UserRow) -> User {
+    User {
+        id,
+        username,
+        public_key,
+        key_updated_at: time(key_updated_at),
+        created_at: time(created_at),
+    }
+}
+
+type MessageRow = (Uuid, Uuid, Uuid, Vec<u8>, i64);
+
+fn message_from_row((id, recipient, sender, body, sent_at): MessageRow) -> Message {
+    Message {
+        id,
+        recipient,
+        sender,
+        body,
+        sent_at: time(sent_at),
+    }
+}
+
+impl SqliteStore {
+    pub async fn connect(url: &str, pool_size: u32) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(StoreError::Database)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true);
+        let single = |min| {
+            SqlitePoolOptions::new()
+                .max_connections(1)
+                .min_connections(min)
+                .acquire_timeout(Duration::from_secs(30))
+        };
+        if database_path(url).is_none() {
+            // Keep the one connection forever: closing it drops the database.
+            let pool = single(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect_with(options)
+                .await?;
+            return Ok(Self {
+                writer: pool.clone(),
+                reader: pool,
+            });
+        }
+        let writer = single(0).connect_with(options.clone()).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(pool_size.max(1))
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        Ok(Self { writer, reader })
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> StoreResult<()> {
+        MIGRATOR.run(&self.writer).await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    async fn create_user(&self, user: &User, password_hash: &str) -> StoreResult<()> {
+        let result = sqlx::query(
+            "INSERT INTO users (id, username, password_hash, public_key, key_updated_at, created_at)
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(user.id)
+        .bind(user.username.clone())
+        .bind(password_hash.to_owned())
+        .bind(user.public_key.clone())
+        .bind(millis(user.key_updated_at))
+        .bind(millis(user.created_at))
+        .execute(&self.writer)
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            // The only unique key besides the random primary key.
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(StoreError::UsernameTaken)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn user(&self, id: Uuid) -> StoreResult<Option<User>> {
+        let row: Option<UserRow> = sqlx::query_as(
+            "SELECT id, username, public_key, key_updated_at, created_at FROM users WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(row.map(user_from_row))
+    }
+
+    async fn user_by_name(&self, username: &str) -> StoreResult<Option<User>> {
+        let row: Option<UserRow> = sqlx::query_as(
+            "SELECT id, username, public_key, key_updated_at, created_at FROM users WHERE username = ?",
+        )
+        .bind(username.to_owned())
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(row.map(user_from_row))
+    }
+
+    async fn user_exists(&self, id: Uuid) -> StoreResult<bool> {
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE id = ?)")
+            .bind(id)
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(exists)
+    }
+
+    async fn credentials(&self, username: &str) -> StoreResult<Option<Credentials>> {
+        let row: Option<(Uuid, String)> =
+            sqlx::query_as("SELECT id, password_hash FROM users WHERE username = ?")
+                .bind(username.to_owned())
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(row.map(|(user_id, password_hash)| Credentials {
+            user_id,
+            password_hash,
+        }))
+    }
+
+    async fn set_public_key(
+        &self,
+        id: Uuid,
+        key: &[u8],
+        at: DateTime<Utc>,
+    ) -> StoreResult<Option<User>> {
+        let row: Option<UserRow> = sqlx::query_as(
+            "UPDATE users SET public_key = ?, key_updated_at = ? WHERE id = ?
+             RETURNING id, username, public_key, key_updated_at, created_at",
+        )
+        .bind(key.to_vec())
+        .bind(millis(at))
+        .bind(id)
+        .fetch_optional(&self.writer)
+        .await?;
+        Ok(row.map(user_from_row))
+    }
+
+    async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at, created_at)
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(token.hash.to_vec())
+        .bind(token.user_id)
+        .bind(token.family_id)
+        .bind(millis(token.expires_at))
+        .bind(millis(super::now()))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn rotate_refresh_token(
+        &self,
+        presented: &[u8; 32],
+        next_hash: &[u8; 32],
+        next_expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Rotation> {
+        // The single write connection serialises rotations, so the spend and
+        // the reuse check cannot interleave with another presentation.
+        let mut tx = self.writer.begin().await?;
+        let spent: Option<(Uuid, Uuid)> = sqlx::query_as(
+            "UPDATE refresh_tokens SET used_at = ?2
+             WHERE token_hash = ?1 AND used_at IS NULL AND expires_at > ?2
+             RETURNING user_id, family_id",
+        )
+        .bind(presented.to_vec())
+        .bind(millis(now))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let rotation = match spent {
+            Some((user_id, family_id)) => {
+                sqlx::query(
+                    "INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at, created_at)
+                     VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(next_hash.to_vec())
+                .bind(user_id)
+                .bind(family_id)
+                .bind(millis(next_expires_at))
+                .bind(millis(now))
+                .execute(&mut *tx)
+                .await?;
+                Rotation::Rotated { user_id, family_id }
+            }
+            None => {
+                let previous: Option<(Uuid, bool)> = sqlx::query_as(
+                    "SELECT user_id, used_at IS NOT NULL FROM refresh_tokens WHERE token_hash = ?",
+                )
+                .bind(presented.to_vec())
+                .fetch_optional(&mut *tx)
+                .await?;
+                match previous {
+                    Some((user_id, true)) => {
+                        sqlx::query("DELETE FROM refresh_tokens WHERE user_id = ?")
+                            .bind(user_id)
+                            .execute(&mut *tx)
+                            .await?;
+                        Rotation::Reused { user_id }
+                    }
+                    _ => Rotation::Invalid,
+                }
+            }
+        };
+        tx.commit().await?;
+        Ok(rotation)
+    }
+
+    async fn purge_refresh_tokens(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM refresh_tokens WHERE expires_at <= ?")
+            .bind(millis(now))
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn write_batch(&self, messages: &[Message], acks: &[Ack]) -> StoreResult<Vec<Uuid>> {
+        // One transaction, one fsync, for the whole batch. Each statement is
+        // prepared once per connection and reused from sqlx's cache.
+        let mut tx = self.writer.begin().await?;
+        for m in messages {
+            sqlx::query(
+                "INSERT INTO messages (id, recipient, sender, body, sent_at) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(m.id)
+            .bind(m.recipient)
+            .bind(m.sender)
+            .bind(m.body.clone())
+            .bind(millis(m.sent_at))
+            .execute(&mut *tx)
+            .await?;
+        }
+        let mut deleted = Vec::new();
+        for ack in acks {
+            let done = sqlx::query("DELETE FROM messages WHERE id = ? AND recipient = ?")
+                .bind(ack.id)
+                .bind(ack.recipient)
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() > 0 {
+                deleted.push(ack.id);
+            }
+        }
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    async fn fetch(&self, recipient: Uuid, after: Uuid, limit: u32) -> StoreResult<Vec<Message>> {
+        let rows: Vec<MessageRow> = sqlx::query_as(
+            "SELECT id, recipient, sender, body, sent_at FROM messages
+             WHERE recipient = ? AND id > ? ORDER BY id LIMIT ?",
+        )
+        .bind(recipient)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(message_from_row).collect())
+    }
+
+    async fn delete_before(&self, before: Uuid, limit: u32) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE id < ? LIMIT ?)",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}
