@@ -63,6 +63,24 @@ pub struct Config {
 }
 
 impl Config {
+    /// Parses settings from flags, falling back to the environment and then
+    /// the defaults, as `sealpost serve` does. `args` excludes the program
+    /// name.
+    pub fn parse_from<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(clap::Parser)]
+        #[command(name = "sealpost serve")]
+        struct Serve {
+            #[command(flatten)]
+            config: Config,
+        }
+        let args = std::iter::once("sealpost".into()).chain(args.into_iter().map(Into::into));
+        <Serve as clap::Parser>::try_parse_from(args).map(|s| s.config)
+    }
+
     /// The effective pool size: explicit, or derived from the core count.
     pub fn db_pool_size(&self) -> u32 {
         match self.db_pool_size {
@@ -137,17 +155,9 @@ fn parse_ttl(value: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Wrapper {
-        #[command(flatten)]
-        config: Config,
-    }
 
     fn parse(args: &[&str]) -> Result<Config, clap::Error> {
-        Wrapper::try_parse_from(std::iter::once("sealpost").chain(args.iter().copied()))
-            .map(|w| w.config)
+        Config::parse_from(args)
     }
 
     #[test]

@@ -180,8 +180,17 @@ impl From<FormRejection> for Error {
 /// A body that is JSON but not of the expected shape: 422 naming the field.
 fn json_data_error(e: &axum::extract::rejection::JsonDataError) -> Error {
     type PathError = serde_path_to_error::Error<serde_json::Error>;
-    let Some(inner) = std::error::Error::source(e).and_then(|s| s.downcast_ref::<PathError>())
-    else {
+    // The path error sits a level or two down the rejection's source chain.
+    let mut source = std::error::Error::source(e);
+    let mut found = None;
+    while let Some(err) = source {
+        if let Some(path_error) = err.downcast_ref::<PathError>() {
+            found = Some(path_error);
+            break;
+        }
+        source = err.source();
+    }
+    let Some(inner) = found else {
         return Error::field("body", e.body_text());
     };
     let message = inner.inner().to_string();

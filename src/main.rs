@@ -27,12 +27,7 @@ enum Command {
 
 /// With no subcommand, `sealpost` serves with settings from the environment.
 fn default_config() -> Config {
-    #[derive(Parser)]
-    struct Serve {
-        #[command(flatten)]
-        config: Config,
-    }
-    Serve::parse_from(["sealpost"]).config
+    Config::parse_from(std::iter::empty::<String>()).unwrap_or_else(|e| e.exit())
 }
 
 #[tokio::main]

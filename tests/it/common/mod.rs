@@ -1,0 +1,498 @@
+//! The test harness: real servers on ephemeral ports, each on a fresh
+//! database, and a small HTTP client that speaks the API as a client would.
+//!
+//! - [`Backend`]: SQLite (a file in a temporary directory) or PostgreSQL (a
+//!   fresh database created on `SEALPOST_TEST_DATABASE_URL` and dropped after
+//!   the test).
+//! - [`TestServer`]: the server in this process, stopped gracefully.
+//! - [`ServerProcess`]: the `sealpost` binary as a child process, for tests
+//!   that kill it with SIGKILL.
+//! - [`Api`]: HTTP helpers; [`Account`]: a registered, logged-in user.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use reqwest::StatusCode;
+use sealpost::{Config, Server};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+/// Fixed so that a restarted [`ServerProcess`] accepts earlier tokens.
+pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123";
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// Generates one `#[tokio::test]` per backend for each named async test
+/// function taking a [`Backend`]. The PostgreSQL tests exist only when
+/// `SEALPOST_TEST_DATABASE_URL` was set at build time (see `build.rs`).
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Sqlite).await
+                }
+            )*
+        }
+        #[cfg(sealpost_pg_tests)]
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh, empty database for one test.
+pub struct TestDb {
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+    /// (admin URL, database name) to drop when the test ends.
+    pg: Option<(String, String)>,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}", dir.path().join("sealpost.db").display());
+                Self {
+                    url,
+                    _dir: Some(dir),
+                    pg: None,
+                }
+            }
+            Backend::Postgres => {
+                let admin = std::env::var("SEALPOST_TEST_DATABASE_URL").expect(
+                    "the PostgreSQL tests were compiled in, so SEALPOST_TEST_DATABASE_URL must be set",
+                );
+                let name = format!("sealpost_test_{}", Uuid::new_v4().simple());
+                let mut conn = connect_pg(&admin).await;
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut conn)
+                    .await
+                    .expect("CREATE DATABASE");
+                let url = with_database(&admin, &name);
+                Self {
+                    url,
+                    _dir: None,
+                    pg: Some((admin, name)),
+                }
+            }
+        }
+    }
+}
+
+async fn connect_pg(url: &str) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    sqlx::PgConnection::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at SEALPOST_TEST_DATABASE_URL: {e}"))
+}
+
+/// `url` with its database name replaced by `name`.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    let mut out = format!("{}/{name}", &base[..host_end]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some((admin, name)) = self.pg.take() else {
+            return;
+        };
+        // Drop runs outside any runtime we may block, so use a thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let mut conn = connect_pg(&admin).await;
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut conn)
+                .await;
+            });
+        })
+        .join();
+    }
+}
+
+/// Settings for a test server on `db`: ephemeral port, fixed secret.
+pub fn config(db: &TestDb, extra: &[&str]) -> Config {
+    let mut args = vec![
+        "--addr",
+        "127.0.0.1:0",
+        "--database-url",
+        &db.url,
+        "--jwt-secret",
+        JWT_SECRET,
+        "--hash-concurrency",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    Config::parse_from(args).expect("test config")
+}
+
+/// The server running inside the test process.
+pub struct TestServer {
+    pub api: Api,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    pub db: TestDb,
+}
+
+impl TestServer {
+    pub async fn start(backend: Backend) -> Self {
+        Self::start_with(backend, &[]).await
+    }
+
+    /// Starts with extra `sealpost serve` flags, e.g. `["--message-ttl", "1s"]`.
+    pub async fn start_with(backend: Backend, extra: &[&str]) -> Self {
+        let db = TestDb::new(backend).await;
+        Self::start_on(db, extra).await
+    }
+
+    pub async fn start_on(db: TestDb, extra: &[&str]) -> Self {
+        let server = Server::bind(config(&db, extra))
+            .await
+            .expect("server starts");
+        let addr = server.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            api: Api::new(format!("http://{addr}")),
+            stop: Some(stop),
+            task: Some(task),
+            db,
+        }
+    }
+
+    /// Graceful shutdown; returns the database for a restart.
+    pub async fn stop(mut self) -> TestDb {
+        self.stop.take().unwrap().send(()).ok();
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("server stops within 30 s")
+            .expect("server task")
+            .expect("server ran cleanly");
+        let TestServer { db, .. } = self;
+        db
+    }
+}
+
+impl std::ops::Deref for TestServer {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
+
+/// The `sealpost` binary as a child process.
+pub struct ServerProcess {
+    child: Child,
+    pub api: Api,
+}
+
+impl ServerProcess {
+    pub fn spawn(db_url: &str, extra_env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sealpost"));
+        command
+            .arg("serve")
+            .env_clear()
+            .env("SEALPOST_ADDR", "127.0.0.1:0")
+            .env("DATABASE_URL", db_url)
+            .env("SEALPOST_JWT_SECRET", JWT_SECRET)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in extra_env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn sealpost");
+        let stderr = child.stderr.take().unwrap();
+        let (addr_tx, addr_rx) = mpsc::channel();
+        // Keep draining stderr so the child never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut addr_tx = Some(addr_tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening addr=").nth(1) {
+                    if let Some(tx) = addr_tx.take() {
+                        let _ = tx.send(addr.trim().to_owned());
+                    }
+                }
+                eprintln!("[sealpost] {line}");
+            }
+        });
+        let addr = addr_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("sealpost logs its address within 60 s");
+        Self {
+            child,
+            api: Api::new(format!("http://{addr}")),
+        }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reap");
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl std::ops::Deref for ServerProcess {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
+
+/// A registered and logged-in user.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub id: Uuid,
+    pub username: String,
+    pub access: String,
+    pub refresh: String,
+}
+
+/// A JSON response: status and parsed body (`Null` when empty).
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl Reply {
+    /// The stable error code of an error reply.
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+
+    #[track_caller]
+    pub fn expect(self, status: u16) -> Value {
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "unexpected reply: {:?}",
+            self.body
+        );
+        self.body
+    }
+
+    /// Asserts an error reply with `status` and `code`.
+    #[track_caller]
+    pub fn expect_error(&self, status: u16, code: &str) {
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "unexpected reply: {:?}",
+            self.body
+        );
+        assert_eq!(self.code(), code, "unexpected error: {:?}", self.body);
+        assert!(
+            self.body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "error without a message: {:?}",
+            self.body
+        );
+    }
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    STANDARD.encode(bytes)
+}
+
+pub fn unb64(text: &str) -> Vec<u8> {
+    STANDARD.decode(text).expect("base64")
+}
+
+/// A plausible 32-byte public key.
+pub fn public_key() -> String {
+    b64(Uuid::new_v4().as_bytes().repeat(2).as_slice())
+}
+
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(base: String) -> Self {
+        Self {
+            base,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn call(&self, request: reqwest::RequestBuilder) -> Reply {
+        let response = request.send().await.expect("request reaches the server");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.expect("response body");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                panic!(
+                    "non-JSON reply {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                )
+            })
+        };
+        Reply {
+            status,
+            body,
+            headers,
+        }
+    }
+
+    fn authed(request: reqwest::RequestBuilder, token: Option<&str>) -> reqwest::RequestBuilder {
+        match token {
+            Some(t) => request.bearer_auth(t),
+            None => request,
+        }
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Reply {
+        self.call(Self::authed(self.http.get(self.url(path)), token))
+            .await
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> Reply {
+        self.call(Self::authed(self.http.post(self.url(path)), token).json(&body))
+            .await
+    }
+
+    pub async fn put(&self, path: &str, token: Option<&str>, body: Value) -> Reply {
+        self.call(Self::authed(self.http.put(self.url(path)), token).json(&body))
+            .await
+    }
+
+    /// A request with a raw body and content type, for hostile-input tests.
+    pub async fn raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> Reply {
+        let request = self
+            .http
+            .request(method, self.url(path))
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body);
+        self.call(Self::authed(request, token)).await
+    }
+
+    pub async fn register(&self, username: &str) -> Uuid {
+        let body = self
+            .post(
+                "/v1/register",
+                None,
+                json!({ "username": username, "password": PASSWORD, "public_key": public_key() }),
+            )
+            .await
+            .expect(201);
+        body["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    pub async fn login(&self, username: &str) -> Value {
+        self.post(
+            "/v1/login",
+            None,
+            json!({ "username": username, "password": PASSWORD }),
+        )
+        .await
+        .expect(200)
+    }
+
+    /// Registers and logs in.
+    pub async fn account(&self, username: &str) -> Account {
+        let id = self.register(username).await;
+        let tokens = self.login(username).await;
+        Account {
+            id,
+            username: username.to_owned(),
+            access: tokens["access_token"].as_str().unwrap().to_owned(),
+            refresh: tokens["refresh_token"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    /// Sends `body` from `from` to `to`; returns the 201 reply body.
+    pub async fn send(&self, from: &Account, to: Uuid, body: &[u8]) -> Value {
+        self.post(
+            "/v1/messages",
+            Some(&from.access),
+            json!({ "to": to, "body": b64(body) }),
+        )
+        .await
+        .expect(201)
+    }
+
+    /// Every queued message of `who`, following `next` cursors.
+    pub async fn inbox(&self, who: &Account) -> Vec<Value> {
+        let mut all = Vec::new();
+        let mut path = "/v1/messages?limit=500".to_owned();
+        loop {
+            let page = self.get(&path, Some(&who.access)).await.expect(200);
+            all.extend(page["messages"].as_array().unwrap().iter().cloned());
+            match page["next"].as_str() {
+                Some(next) => path = format!("/v1/messages?limit=500&after={next}"),
+                None => return all,
+            }
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! Integration tests: the real server on an ephemeral port, spoken to over
+//! HTTP as clients do, on SQLite always and on PostgreSQL when
+//! `SEALPOST_TEST_DATABASE_URL` is set. One test binary, so the suite links
+//! once.
+
+mod common;
+
+mod accounts;
