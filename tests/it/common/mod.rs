@@ -13,7 +13,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use base64::Engine;
@@ -228,6 +228,8 @@ impl std::ops::Deref for TestServer {
 pub struct ServerProcess {
     child: Child,
     pub api: Api,
+    /// Every line the server has logged so far.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl ServerProcess {
@@ -249,10 +251,13 @@ impl ServerProcess {
         let mut child = command.spawn().expect("spawn sealpost");
         let stderr = child.stderr.take().unwrap();
         let (addr_tx, addr_rx) = mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = log.clone();
         // Keep draining stderr so the child never blocks on a full pipe.
         std::thread::spawn(move || {
             let mut addr_tx = Some(addr_tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line.clone());
                 if let Some(addr) = line.split("listening addr=").nth(1) {
                     if let Some(tx) = addr_tx.take() {
                         let _ = tx.send(addr.trim().to_owned());
@@ -267,7 +272,19 @@ impl ServerProcess {
         Self {
             child,
             api: Api::new(format!("http://{addr}")),
+            log,
         }
+    }
+
+    /// The logged lines that contain `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
     }
 
     /// SIGKILL: no shutdown code runs.
