@@ -6,3 +6,6 @@
 mod common;
 
 mod accounts;
+mod durability;
+mod health;
+mod sweeper;

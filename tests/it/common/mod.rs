@@ -258,10 +258,10 @@ impl ServerProcess {
             let mut addr_tx = Some(addr_tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 lines.lock().unwrap().push(line.clone());
-                if let Some(addr) = line.split("listening addr=").nth(1) {
-                    if let Some(tx) = addr_tx.take() {
-                        let _ = tx.send(addr.trim().to_owned());
-                    }
+                if let Some(addr) = line.split("listening addr=").nth(1)
+                    && let Some(tx) = addr_tx.take()
+                {
+                    let _ = tx.send(addr.trim().to_owned());
                 }
                 eprintln!("[sealpost] {line}");
             }

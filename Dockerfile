@@ -1,0 +1,27 @@
+# syntax=docker/dockerfile:1
+# sealpost: build in the Rust image, run as a non-root user in a distroless
+# image with no shell.
+
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+# Dependencies first, in their own layer, so that a source change does not
+# rebuild them.
+COPY Cargo.toml Cargo.lock build.rs ./
+RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && cargo build --release --locked \
+    && rm -rf src
+COPY src ./src
+COPY migrations ./migrations
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked \
+    && mkdir /data
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/sealpost /usr/local/bin/sealpost
+COPY --from=build --chown=nonroot:nonroot /data /data
+ENV SEALPOST_ADDR=0.0.0.0:8080 \
+    DATABASE_URL=sqlite:///data/sealpost.db
+VOLUME /data
+EXPOSE 8080
+USER nonroot
+ENTRYPOINT ["/usr/local/bin/sealpost"]
+CMD ["serve"]
