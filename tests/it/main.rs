@@ -6,6 +6,10 @@
 mod common;
 
 mod accounts;
+mod cli;
 mod durability;
 mod health;
+mod hostile;
+mod keys;
+mod messages;
 mod sweeper;
