@@ -33,6 +33,14 @@ const USERNAME_LEN: std::ops::RangeInclusive<usize> = 3..=32;
 /// and a bound on what one hash has to chew.
 const PASSWORD_LEN: std::ops::RangeInclusive<usize> = 8..=1024;
 
+/// Whether `username` could name an account. Only such names ever reach a
+/// query: databases disagree on what else letter case means (PostgreSQL's
+/// `lower()` folds the Kelvin sign 'K' to 'k'; SQLite's NOCASE does not) and
+/// PostgreSQL refuses NUL bytes outright.
+pub fn is_username(username: &str) -> bool {
+    validate_username(username).is_ok()
+}
+
 fn validate_username(username: &str) -> Result<()> {
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
     if !USERNAME_LEN.contains(&username.len()) || !username.chars().all(allowed) {
@@ -162,9 +170,9 @@ async fn login(
     State(state): State<AppState>,
     LoginRequest(login): LoginRequest,
 ) -> Result<Json<TokenPair>> {
-    // Over-long input cannot match; refuse it before it costs a hash.
-    if login.password.len() > 4 * *PASSWORD_LEN.end() || login.username.len() > *USERNAME_LEN.end()
-    {
+    // A name no account can have, or a password too long to be one, cannot
+    // match: refuse before it costs a query or a hash.
+    if !is_username(&login.username) || login.password.len() > 4 * *PASSWORD_LEN.end() {
         return Err(BAD_LOGIN);
     }
     let credentials = state.store.credentials(&login.username).await?;

@@ -61,6 +61,9 @@ async fn user_by_name(
     State(state): State<AppState>,
     ApiPath(username): ApiPath<String>,
 ) -> Result<Json<DirectoryEntry>> {
+    if !super::accounts::is_username(&username) {
+        return Err(Error::NotFound("user"));
+    }
     let user = state
         .store
         .user_by_name(&username)

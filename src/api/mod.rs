@@ -5,7 +5,7 @@
 //! every malformed request into an [`Error`] with the JSON error body, never
 //! axum's plain-text rejections.
 
-mod accounts;
+pub mod accounts;
 mod health;
 mod keys;
 mod messages;

@@ -17,6 +17,7 @@ backend_tests!(
     deeply_nested_json_is_refused,
     unknown_routes_and_wrong_methods,
     hostile_headers_and_queries,
+    non_ascii_and_nul_usernames_match_nothing,
 );
 
 /// Fragments that must never reach a client.
@@ -780,4 +781,41 @@ async fn hostile_headers_and_queries(backend: Backend) {
         assert_eq!(page["messages"].as_array().unwrap().len(), 1, "{query}");
     }
     assert_alive(&server, &alice).await;
+}
+
+/// Usernames are ASCII, so nothing else may match one: not a NUL byte (which
+/// PostgreSQL refuses) and not a character whose case folding lands in ASCII,
+/// such as the Kelvin sign 'K' (U+212A), which PostgreSQL's `lower()` folds
+/// to 'k'.
+async fn non_ascii_and_nul_usernames_match_nothing(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let kevin = server.account("kevin").await;
+    for name in ["kev\u{0}in", "\u{212A}evin", "kevın", "ｋevin"] {
+        let path = format!("/v1/users/{}", encode(name));
+        let reply = server.get(&path, Some(&kevin.access)).await;
+        assert_clean_error(&reply, &[404], "not_found", &path);
+
+        let reply = server
+            .post(
+                "/v1/login",
+                None,
+                json!({ "username": name, "password": crate::common::PASSWORD }),
+            )
+            .await;
+        assert_clean_error(&reply, &[401], "unauthorized", name);
+        let form = server
+            .call(server.http.post(server.url("/v1/login")).form(&[
+                ("grant_type", "password"),
+                ("username", name),
+                ("password", crate::common::PASSWORD),
+            ]))
+            .await;
+        assert_clean_error(&form, &[401], "unauthorized", name);
+
+        let reply = server
+            .post("/v1/register", None, json!({ "username": name, "password": crate::common::PASSWORD, "public_key": crate::common::public_key() }))
+            .await;
+        assert_clean_error(&reply, &[422], "invalid", name);
+    }
+    assert_alive(&server, &kevin).await;
 }
