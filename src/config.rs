@@ -49,6 +49,23 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=16 * 1024 * 1024))]
     pub max_body_bytes: u32,
 
+    /// How often the server pings each WebSocket; a peer that has not
+    /// answered by the next ping is dropped.
+    #[arg(long, env = "SEALPOST_WS_PING_INTERVAL", default_value = "30s", value_parser = parse_ttl)]
+    pub ws_ping_interval: Duration,
+
+    /// How long a WebSocket without an `Authorization` header has to send its
+    /// `auth` frame.
+    #[arg(long, env = "SEALPOST_WS_AUTH_TIMEOUT", default_value = "10s", value_parser = parse_ttl)]
+    pub ws_auth_timeout: Duration,
+
+    /// Messages waiting to be written to one WebSocket. A connection whose
+    /// queue overflows (a stalled reader) is closed; its messages stay queued
+    /// in the database for its next connection.
+    #[arg(long, env = "SEALPOST_WS_QUEUE", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub ws_queue: u32,
+
     /// Database connections in the pool; 0 picks twice the number of cores.
     /// The pool is sized to the machine, not to the number of clients: the
     /// write path is batched through one committer.

@@ -28,10 +28,12 @@ pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod error;
+pub mod hub;
 pub mod server;
 pub mod state;
 pub mod store;
 pub mod sweeper;
+pub mod ws;
 
 pub use config::Config;
 pub use server::Server;

@@ -15,6 +15,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api;
 use crate::auth::password::Passwords;
@@ -23,6 +24,7 @@ use crate::auth::token::Tokens;
 use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::delivery::committer::Committer;
+use crate::hub::Hub;
 use crate::state::AppState;
 use crate::store::{self, Store, StoreOptions};
 use crate::sweeper;
@@ -62,7 +64,13 @@ impl Server {
             config.refresh_token_ttl,
         );
         let (committer, committer_task) = Committer::spawn(store.clone());
-        let delivery = Delivery::new(store.clone(), committer, config.max_body_bytes as usize);
+        let hub = Hub::new(config.ws_queue as usize);
+        let delivery = Delivery::new(
+            store.clone(),
+            committer,
+            hub.clone(),
+            config.max_body_bytes as usize,
+        );
         let listener = TcpListener::bind(config.addr)
             .await
             .with_context(|| format!("binding {} (SEALPOST_ADDR)", config.addr))?;
@@ -72,6 +80,9 @@ impl Server {
             tokens: Arc::new(tokens),
             passwords: Arc::new(passwords),
             delivery: Arc::new(delivery),
+            hub,
+            shutdown: CancellationToken::new(),
+            sockets: TaskTracker::new(),
         };
         Ok(Self {
             listener,
@@ -102,17 +113,31 @@ impl Server {
             state.config.sweep_interval,
             background.clone(),
         ));
+        let (sockets, closing) = (state.sockets.clone(), state.shutdown.clone());
         let app = api::router(state);
         tracing::info!(%addr, "listening");
         axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: closing sockets, finishing in-flight work");
+            closing.cancel();
+        })
         .await
         .context("serving")?;
 
-        tracing::info!("shutting down: draining the committer");
+        // Upgraded sockets outlive axum's graceful shutdown: wait for them to
+        // confirm what is in flight and close with 1001.
+        sockets.close();
+        if tokio::time::timeout(DRAIN_TIMEOUT, sockets.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(open = sockets.len(), "sockets did not close in time");
+        }
+        tracing::info!("draining the committer");
         background.cancel();
         let _ = sweeper.await;
         // The router, and with it the last handle to the committer, is gone:

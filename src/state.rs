@@ -2,10 +2,14 @@
 
 use std::sync::Arc;
 
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
 use crate::auth::password::Passwords;
 use crate::auth::token::Tokens;
 use crate::config::Config;
 use crate::delivery::Delivery;
+use crate::hub::Hub;
 use crate::store::Store;
 
 /// Cheap to clone: every field is an `Arc`. There is no global state.
@@ -16,4 +20,11 @@ pub struct AppState {
     pub tokens: Arc<Tokens>,
     pub passwords: Arc<Passwords>,
     pub delivery: Arc<Delivery>,
+    pub hub: Arc<Hub>,
+    /// Cancelled when the server begins to shut down: every WebSocket task
+    /// finishes its in-flight work and closes with 1001.
+    pub shutdown: CancellationToken,
+    /// The WebSocket tasks, which axum's graceful shutdown does not track
+    /// once a connection is upgraded.
+    pub sockets: TaskTracker,
 }

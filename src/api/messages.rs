@@ -47,13 +47,13 @@ async fn send(
 ) -> Result<(StatusCode, Json<Sent>)> {
     let to = parse_id("to", &request.to)?;
     let body = state.delivery.decode_body("body", &request.body)?;
-    let committed = state.delivery.send(caller.id, to, body).await?;
+    let accepted = state.delivery.send(caller.id, to, body).await?;
     Ok((
         StatusCode::CREATED,
         Json(Sent {
-            id: committed.id,
+            id: accepted.id,
             to,
-            sent_at: committed.sent_at,
+            sent_at: accepted.sent_at,
         }),
     ))
 }
@@ -67,8 +67,8 @@ pub struct MessageView {
     pub sent_at: DateTime<Utc>,
 }
 
-impl From<Message> for MessageView {
-    fn from(m: Message) -> Self {
+impl From<&Message> for MessageView {
+    fn from(m: &Message) -> Self {
         Self {
             id: m.id,
             from: m.sender,
@@ -106,7 +106,7 @@ async fn list(
     }
     let page = state.delivery.fetch(caller.id, after, limit).await?;
     Ok(Json(Listing {
-        messages: page.messages.into_iter().map(MessageView::from).collect(),
+        messages: page.messages.iter().map(MessageView::from).collect(),
         next: page.next,
     }))
 }

@@ -8,7 +8,7 @@
 pub mod accounts;
 mod health;
 mod keys;
-mod messages;
+pub mod messages;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts};
@@ -28,6 +28,7 @@ pub fn router(state: AppState) -> Router {
         .merge(keys::router())
         .merge(messages::router())
         .merge(health::router())
+        .merge(crate::ws::router())
         .fallback(|| async { Error::NotFound("route") })
         .method_not_allowed_fallback(|| async { method_not_allowed() })
         .layer(DefaultBodyLimit::max(body_limit))

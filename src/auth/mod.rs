@@ -7,6 +7,7 @@ pub mod secret;
 pub mod token;
 
 use axum::extract::FromRequestParts;
+use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use uuid::Uuid;
@@ -27,7 +28,8 @@ impl FromRequestParts<AppState> for AuthUser {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
-        let token = bearer_token(parts).ok_or(Error::Unauthorized("missing bearer token"))?;
+        let token =
+            bearer_token(&parts.headers).ok_or(Error::Unauthorized("missing bearer token"))?;
         let claims = state.tokens.verify_access(token)?;
         Ok(AuthUser {
             id: claims.sub,
@@ -39,8 +41,8 @@ impl FromRequestParts<AppState> for AuthUser {
 
 /// The token of an `Authorization: Bearer <token>` header (scheme matched
 /// without regard to case, as RFC 7235 asks).
-pub fn bearer_token(parts: &Parts) -> Option<&str> {
-    let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")

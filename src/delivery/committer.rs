@@ -7,25 +7,25 @@
 //! server commits each message at once and a busy one amortises a commit (and
 //! its fsync) over hundreds of messages.
 //!
-//! Ids are assigned in channel order: the id is taken and the insert enqueued
-//! under one short lock, so batches commit in id order and a reader paging
-//! through a recipient's queue by id never sees a later id before an earlier
-//! one is visible.
+//! Callers enqueue inserts in id order (the delivery core takes the id and
+//! enqueues under one lock), so batches commit in id order and a reader
+//! paging through a recipient's queue by id never sees a later id before an
+//! earlier one is visible.
 //!
 //! An ack that meets its own message's insert in the same batch cancels it:
 //! the row is never written, and the message counts as durable because it is
 //! already delivered.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::future::Future;
+use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::store::{self, Ack, Message, Store, StoreError};
+use crate::store::{Ack, Message, Store, StoreError};
 
 /// Operations waiting for the committer. When it is full (the database is
 /// slower than the arrival rate) senders wait for room: backpressure on the
@@ -40,7 +40,7 @@ const MAX_BATCH: usize = 256;
 
 enum Op {
     Insert {
-        message: Message,
+        message: Arc<Message>,
         done: oneshot::Sender<Result<(), CommitFailed>>,
     },
     Ack {
@@ -66,19 +66,26 @@ impl From<CommitFailed> for Error {
     }
 }
 
-/// A message the committer has made durable.
-#[derive(Debug, Clone, Copy)]
-pub struct Committed {
-    pub id: Uuid,
-    pub sent_at: DateTime<Utc>,
-}
-
 /// The handle through which callers reach the committer task.
 pub struct Committer {
     tx: mpsc::Sender<Op>,
-    /// Held while an id is taken and its insert enqueued, so that channel
-    /// order is id order. Never held across an await.
-    order: Mutex<()>,
+}
+
+/// Room reserved in the committer's channel: enqueuing through it cannot
+/// wait, so it can happen under a lock.
+pub struct Slot<'a>(mpsc::Permit<'a, Op>);
+
+impl Slot<'_> {
+    /// Enqueues the insert. The returned future completes once the message
+    /// is durable: committed, or acked before its insert was written.
+    pub fn insert(
+        self,
+        message: Arc<Message>,
+    ) -> impl Future<Output = Result<()>> + Send + 'static {
+        let (done, result) = oneshot::channel();
+        self.0.send(Op::Insert { message, done });
+        async move { Ok(result.await.map_err(|_| Error::Unavailable)??) }
+    }
 }
 
 impl Committer {
@@ -87,33 +94,16 @@ impl Committer {
     pub fn spawn(store: Arc<dyn Store>) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(CHANNEL_BOUND);
         let task = tokio::spawn(run(store, rx));
-        let committer = Self {
-            tx,
-            order: Mutex::new(()),
-        };
-        (committer, task)
+        (Self { tx }, task)
     }
 
-    /// Assigns the message its id and returns once it is durable.
-    pub async fn insert(&self, recipient: Uuid, sender: Uuid, body: Vec<u8>) -> Result<Committed> {
-        let permit = self.tx.reserve().await.map_err(|_| Error::Unavailable)?;
-        let (done, result) = oneshot::channel();
-        let committed = {
-            let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
-            let id = Uuid::now_v7();
-            let sent_at = store::id_time(id);
-            let message = Message {
-                id,
-                recipient,
-                sender,
-                body,
-                sent_at,
-            };
-            permit.send(Op::Insert { message, done });
-            Committed { id, sent_at }
-        };
-        result.await.map_err(|_| Error::Unavailable)??;
-        Ok(committed)
+    /// Waits for room in the channel (backpressure when the database lags).
+    pub async fn reserve(&self) -> Result<Slot<'_>> {
+        self.tx
+            .reserve()
+            .await
+            .map(Slot)
+            .map_err(|_| Error::Unavailable)
     }
 
     /// Deletes those of `ids` that are queued for `recipient`; returns how

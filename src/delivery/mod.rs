@@ -1,21 +1,31 @@
-//! The delivery core: accepting, listing and acknowledging sealed envelopes.
+//! The delivery core: accepting, pushing, listing and acknowledging sealed
+//! envelopes.
 //!
-//! REST handlers (and the WebSocket protocol) only translate their wire
-//! formats into calls here; validation, id assignment, durability and acks
-//! live in this one place. Writes go through the [`committer`], reads straight
-//! to the store.
+//! REST handlers and the WebSocket protocol only translate their wire
+//! formats into calls here; validation, id assignment, push, durability and
+//! acks live in this one place.
+//!
+//! Accepting a message takes its id, enqueues its insert with the
+//! [`committer`] and pushes it to the recipient's online connections, all
+//! under one short lock: a recipient's connections see pushes in id order,
+//! and the insert is always ahead of any ack the recipient can send for it.
+//! The push does not wait for the commit; the sender's confirmation does.
 
 pub mod committer;
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::store::{Message, Store};
-use committer::{Committed, Committer};
+use crate::hub::{Hub, Outbound};
+use crate::store::{self, Message, Store};
+use committer::Committer;
 
 /// The most messages one page or one ack may carry.
 pub const MAX_PAGE: u32 = 500;
@@ -23,7 +33,11 @@ pub const MAX_PAGE: u32 = 500;
 pub struct Delivery {
     store: Arc<dyn Store>,
     committer: Committer,
+    hub: Arc<Hub>,
     max_body_bytes: usize,
+    /// Held while a message gets its id, is enqueued and is pushed, so that
+    /// id order, commit order and push order agree. Nothing under it waits.
+    order: Mutex<()>,
 }
 
 /// One page of a recipient's queue.
@@ -33,12 +47,35 @@ pub struct Page {
     pub next: Option<Uuid>,
 }
 
+/// A message that has its id and has been pushed, on its way to durability.
+pub struct Accepted {
+    pub id: Uuid,
+    pub sent_at: DateTime<Utc>,
+    /// Completes once the message is durable.
+    pub durable: Pin<Box<dyn Future<Output = Result<()>> + Send>>,
+}
+
+/// An ephemeral message: pushed to whoever is online now, never stored.
+pub struct Ephemeral {
+    pub id: Uuid,
+    pub sent_at: DateTime<Utc>,
+    /// Whether at least one connection of the recipient took it.
+    pub delivered: bool,
+}
+
 impl Delivery {
-    pub fn new(store: Arc<dyn Store>, committer: Committer, max_body_bytes: usize) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        committer: Committer,
+        hub: Arc<Hub>,
+        max_body_bytes: usize,
+    ) -> Self {
         Self {
             store,
             committer,
+            hub,
             max_body_bytes,
+            order: Mutex::new(()),
         }
     }
 
@@ -65,15 +102,69 @@ impl Delivery {
         Error::TooLarge(format!("body exceeds {} bytes", self.max_body_bytes).into())
     }
 
-    /// Accepts a message from `from` to `to`. Returns once it is durable.
-    pub async fn send(&self, from: Uuid, to: Uuid, body: Vec<u8>) -> Result<Committed> {
+    /// Checks size and recipient before anything is assigned. A recipient
+    /// with a connection on this node exists, so an online recipient costs
+    /// no query.
+    async fn admit(&self, to: Uuid, body: &[u8]) -> Result<()> {
         if body.len() > self.max_body_bytes {
             return Err(self.too_large());
         }
-        if !self.store.user_exists(to).await? {
+        if !self.hub.is_online(to) && !self.store.user_exists(to).await? {
             return Err(Error::NotFound("recipient"));
         }
-        self.committer.insert(to, from, body).await
+        Ok(())
+    }
+
+    /// Accepts a message and returns once it is durable.
+    pub async fn send(&self, from: Uuid, to: Uuid, body: Vec<u8>) -> Result<Accepted> {
+        let mut accepted = self.accept(from, to, body).await?;
+        (&mut accepted.durable).await?;
+        Ok(accepted)
+    }
+
+    /// Accepts a message: assigns its id, enqueues it for the store and
+    /// pushes it to the recipient's online connections. Returns without
+    /// waiting for durability; await [`Accepted::durable`] for that.
+    pub async fn accept(&self, from: Uuid, to: Uuid, body: Vec<u8>) -> Result<Accepted> {
+        self.admit(to, &body).await?;
+        let slot = self.committer.reserve().await?;
+        let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
+        let message = Arc::new(new_message(from, to, body));
+        let (id, sent_at) = (message.id, message.sent_at);
+        let durable = Box::pin(slot.insert(message.clone()));
+        self.hub.push(
+            to,
+            &Outbound {
+                message,
+                ephemeral: false,
+            },
+        );
+        Ok(Accepted {
+            id,
+            sent_at,
+            durable,
+        })
+    }
+
+    /// Pushes a message to the recipient's connections that are online now,
+    /// without storing it.
+    pub async fn send_ephemeral(&self, from: Uuid, to: Uuid, body: Vec<u8>) -> Result<Ephemeral> {
+        self.admit(to, &body).await?;
+        let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
+        let message = Arc::new(new_message(from, to, body));
+        let (id, sent_at) = (message.id, message.sent_at);
+        let delivered = self.hub.push(
+            to,
+            &Outbound {
+                message,
+                ephemeral: true,
+            },
+        ) > 0;
+        Ok(Ephemeral {
+            id,
+            sent_at,
+            delivered,
+        })
     }
 
     /// `user`'s queued messages after the cursor, oldest first.
@@ -101,5 +192,17 @@ impl Delivery {
             return Ok(0);
         }
         self.committer.ack(user, ids).await
+    }
+}
+
+/// A message with a fresh time-ordered id. Call under the order lock.
+fn new_message(sender: Uuid, recipient: Uuid, body: Vec<u8>) -> Message {
+    let id = Uuid::now_v7();
+    Message {
+        id,
+        recipient,
+        sender,
+        body,
+        sent_at: store::id_time(id),
     }
 }

@@ -175,7 +175,7 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts `messages` and applies `acks` in one transaction. Returns the
     /// ids the acks deleted; an ack for an id that is unknown or addressed to
     /// someone else deletes nothing.
-    async fn write_batch(&self, messages: &[Message], acks: &[Ack]) -> StoreResult<Vec<Uuid>>;
+    async fn write_batch(&self, messages: &[Arc<Message>], acks: &[Ack]) -> StoreResult<Vec<Uuid>>;
 
     /// Up to `limit` of `recipient`'s queued messages with ids after `after`,
     /// oldest first.

@@ -5,6 +5,7 @@
 //! `INSERT ... SELECT FROM UNNEST(...)` for new messages and
 //! `DELETE ... USING UNNEST(...) RETURNING id` for acks, in one transaction.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -237,7 +238,7 @@ impl Store for PgStore {
         Ok(done.rows_affected())
     }
 
-    async fn write_batch(&self, messages: &[Message], acks: &[Ack]) -> StoreResult<Vec<Uuid>> {
+    async fn write_batch(&self, messages: &[Arc<Message>], acks: &[Ack]) -> StoreResult<Vec<Uuid>> {
         let mut tx = self.pool.begin().await?;
         if !messages.is_empty() {
             sqlx::query(

@@ -11,6 +11,7 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -293,7 +294,7 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
-    async fn write_batch(&self, messages: &[Message], acks: &[Ack]) -> StoreResult<Vec<Uuid>> {
+    async fn write_batch(&self, messages: &[Arc<Message>], acks: &[Ack]) -> StoreResult<Vec<Uuid>> {
         // One transaction, one fsync, for the whole batch. Each statement is
         // prepared once per connection and reused from sqlx's cache.
         let mut tx = self.writer.begin().await?;

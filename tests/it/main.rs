@@ -13,3 +13,4 @@ mod hostile;
 mod keys;
 mod messages;
 mod sweeper;
+mod ws;

@@ -1,0 +1,242 @@
+//! The connection hub: which connections are online for which user, and the
+//! routing of a pushed message to each of them.
+//!
+//! The hub only routes: it owns no durability and never touches the
+//! database. A message pushed here is also on its way to the store, so a
+//! connection that misses it (offline, overflowed, dropped) finds it in its
+//! queue on the next drain.
+//!
+//! Each connection has a bounded outbound queue. The hub never waits on one:
+//! it uses `try_send`, and a connection whose queue is full (a reader that
+//! has stalled) is kicked: removed from the hub and told to close. Its
+//! messages stay queued in the store for its next connection, so a slow
+//! reader costs at most its queue and never delays anyone else.
+//!
+//! A cross-node broker would sit behind [`Hub::push`]: the same call, routing
+//! to users connected to other processes as well.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use smallvec::SmallVec;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::store::Message;
+
+/// What a connection is sent through its queue. The message is shared, not
+/// copied: one message pushed to five devices is one allocation.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub message: Arc<Message>,
+    /// Pushed only to connections online now and never stored: the client
+    /// need not ack it, and it is never redelivered.
+    pub ephemeral: bool,
+}
+
+/// One connection as the hub sees it.
+#[derive(Clone)]
+struct ConnHandle {
+    id: u64,
+    /// The session (refresh-token family) the connection authenticated with,
+    /// so that revoking a session can find its sockets.
+    session: Uuid,
+    tx: mpsc::Sender<Outbound>,
+    kick: CancellationToken,
+}
+
+/// Most users hold one or two connections (phone, laptop): keep those inline.
+type Handles = SmallVec<[ConnHandle; 2]>;
+
+pub struct Hub {
+    conns: DashMap<Uuid, Handles>,
+    next_id: AtomicU64,
+    /// Capacity of each connection's outbound queue.
+    queue_bound: usize,
+}
+
+/// A connection's membership in the hub. Dropping it unregisters the
+/// connection, so no exit path of a connection task can leak an entry.
+pub struct Registration {
+    hub: Arc<Hub>,
+    user: Uuid,
+    id: u64,
+    /// Messages pushed to this connection.
+    pub rx: mpsc::Receiver<Outbound>,
+    /// Cancelled when the hub gives up on this connection (queue overflow).
+    pub kicked: CancellationToken,
+}
+
+impl Hub {
+    pub fn new(queue_bound: usize) -> Arc<Self> {
+        Arc::new(Self {
+            conns: DashMap::new(),
+            next_id: AtomicU64::new(1),
+            queue_bound: queue_bound.max(1),
+        })
+    }
+
+    /// Adds a connection of `user`. Messages pushed from now on reach its
+    /// `rx`, which buffers them while the connection drains its backlog.
+    pub fn register(self: &Arc<Self>, user: Uuid, session: Uuid) -> Registration {
+        let (tx, rx) = mpsc::channel(self.queue_bound);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let kick = CancellationToken::new();
+        self.conns.entry(user).or_default().push(ConnHandle {
+            id,
+            session,
+            tx,
+            kick: kick.clone(),
+        });
+        Registration {
+            hub: self.clone(),
+            user,
+            id,
+            rx,
+            kicked: kick,
+        }
+    }
+
+    fn unregister(&self, user: Uuid, id: u64) {
+        // `remove_if` takes the shard's write lock once; nothing awaits here.
+        if let Some(mut handles) = self.conns.get_mut(&user) {
+            handles.retain(|h| h.id != id);
+        }
+        self.conns.remove_if(&user, |_, handles| handles.is_empty());
+    }
+
+    /// Whether `user` has a connection on this node.
+    pub fn is_online(&self, user: Uuid) -> bool {
+        self.conns.contains_key(&user)
+    }
+
+    /// Live connections on this node.
+    pub fn connections(&self) -> usize {
+        self.conns.iter().map(|entry| entry.value().len()).sum()
+    }
+
+    /// Queues `message` for every connection of `user`; returns how many
+    /// took it. Never blocks: a full queue kicks its connection.
+    pub fn push(&self, user: Uuid, message: &Outbound) -> usize {
+        let mut delivered = 0;
+        let mut dropped: SmallVec<[u64; 2]> = SmallVec::new();
+        if let Some(handles) = self.conns.get(&user) {
+            for handle in handles.iter() {
+                match handle.tx.try_send(message.clone()) {
+                    Ok(()) => delivered += 1,
+                    Err(TrySendError::Full(_)) => {
+                        tracing::info!(user.id = %user, conn = handle.id, "outbound queue full: closing the connection");
+                        handle.kick.cancel();
+                        dropped.push(handle.id);
+                    }
+                    Err(TrySendError::Closed(_)) => dropped.push(handle.id),
+                }
+            }
+        } // The shard lock is released here, before `unregister` takes it.
+        for id in dropped {
+            self.unregister(user, id);
+        }
+        delivered
+    }
+
+    /// Closes every connection of `user` in `session`, or all of the user's
+    /// connections with `None`. Returns how many were closed.
+    pub fn kick(&self, user: Uuid, session: Option<Uuid>) -> usize {
+        let mut kicked = 0;
+        if let Some(handles) = self.conns.get(&user) {
+            for handle in handles
+                .iter()
+                .filter(|h| session.is_none_or(|s| s == h.session))
+            {
+                handle.kick.cancel();
+                kicked += 1;
+            }
+        }
+        kicked
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.hub.unregister(self.user, self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(recipient: Uuid) -> Outbound {
+        let id = Uuid::now_v7();
+        Outbound {
+            message: Arc::new(Message {
+                id,
+                recipient,
+                sender: Uuid::new_v4(),
+                body: vec![1, 2, 3],
+                sent_at: crate::store::id_time(id),
+            }),
+            ephemeral: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn pushes_reach_every_connection_of_the_user_only() {
+        let hub = Hub::new(8);
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut phone = hub.register(alice, Uuid::new_v4());
+        let mut laptop = hub.register(alice, Uuid::new_v4());
+        let mut other = hub.register(bob, Uuid::new_v4());
+        let m = message(alice);
+        assert_eq!(hub.push(alice, &m), 2);
+        assert_eq!(phone.rx.recv().await.unwrap().message.id, m.message.id);
+        assert_eq!(laptop.rx.recv().await.unwrap().message.id, m.message.id);
+        assert!(other.rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_registration_unregisters() {
+        let hub = Hub::new(8);
+        let user = Uuid::new_v4();
+        let first = hub.register(user, Uuid::new_v4());
+        let second = hub.register(user, Uuid::new_v4());
+        assert_eq!(hub.connections(), 2);
+        drop(first);
+        assert!(hub.is_online(user));
+        drop(second);
+        assert!(!hub.is_online(user));
+        assert_eq!(hub.push(user, &message(user)), 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_kicks_only_its_connection() {
+        let hub = Hub::new(2);
+        let user = Uuid::new_v4();
+        let stalled = hub.register(user, Uuid::new_v4());
+        let mut healthy = hub.register(user, Uuid::new_v4());
+        for _ in 0..2 {
+            assert_eq!(hub.push(user, &message(user)), 2);
+            healthy.rx.recv().await.unwrap();
+        }
+        // The stalled queue is full: the third push kicks it.
+        assert_eq!(hub.push(user, &message(user)), 1);
+        assert!(stalled.kicked.is_cancelled());
+        assert!(!healthy.kicked.is_cancelled());
+        assert_eq!(hub.connections(), 1);
+        assert_eq!(hub.push(user, &message(user)), 1);
+    }
+
+    #[tokio::test]
+    async fn kick_by_session() {
+        let hub = Hub::new(2);
+        let (user, session) = (Uuid::new_v4(), Uuid::new_v4());
+        let a = hub.register(user, session);
+        let b = hub.register(user, Uuid::new_v4());
+        assert_eq!(hub.kick(user, Some(session)), 1);
+        assert!(a.kicked.is_cancelled() && !b.kicked.is_cancelled());
+        assert_eq!(hub.kick(user, None), 2);
+    }
+}

@@ -1,0 +1,469 @@
+//! One WebSocket connection, from authentication to close, in one task.
+//!
+//! After authentication the connection registers in the hub *before* it
+//! reads its backlog: pushes that arrive meanwhile wait in its queue. It then
+//! sends the backlog page by page, says `drained`, and flushes the queued
+//! pushes, skipping any whose id the backlog already carried. Ids are
+//! committed in id order, so a push that is not in the backlog has a larger
+//! id than everything that is: nothing is missed, nothing is sent twice, and
+//! the order is the order of acceptance.
+//!
+//! A `send` is accepted (id, enqueue, push) before the next frame is read,
+//! so one connection's messages keep their order; its `sent` reply waits
+//! for durability without holding up the socket, up to [`MAX_IN_FLIGHT`]
+//! at once.
+
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
+use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{SinkExt, StreamExt};
+use tokio::time::{MissedTickBehavior, Sleep};
+use uuid::Uuid;
+
+use super::frame::{self, ClientFrame, ServerFrame, close};
+use crate::api::parse_id;
+use crate::auth::token::Claims;
+use crate::delivery::{MAX_PAGE, Page};
+use crate::error::{Error, Result};
+use crate::hub::{Outbound, Registration};
+use crate::state::AppState;
+
+/// Sends awaiting durability (and acks awaiting commit) per connection.
+/// Past this the connection stops reading until some complete: a client
+/// cannot queue unbounded work. Signal-Server allows 256 in flight too.
+const MAX_IN_FLIGHT: usize = 256;
+
+/// Backlog messages per database read while draining.
+const DRAIN_PAGE: u32 = 200;
+
+/// A write that takes longer than this means the peer stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time allowed for a close frame, and for confirming in-flight sends at
+/// shutdown.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Malformed frames tolerated per window before the connection is closed
+/// with 1008: a buggy client gets error frames, a hostile one gets cut off.
+const MAX_STRIKES: u32 = 10;
+const STRIKE_WINDOW: Duration = Duration::from_secs(10);
+
+/// The socket went away or must be dropped; nothing more can be written.
+struct Gone;
+
+pub async fn run(mut socket: WebSocket, state: AppState, header: Option<Result<Claims>>) {
+    let Some(claims) = authenticate(&mut socket, &state, header).await else {
+        send_close(
+            &mut socket,
+            close::UNAUTHORIZED,
+            "missing, invalid or expired access token",
+        )
+        .await;
+        return;
+    };
+    let registration = state.hub.register(claims.sub, claims.sid);
+    let mut conn = Connection {
+        fetch: Some(fetch_page(&state, claims.sub, None)),
+        socket,
+        user: claims.sub,
+        expires_at: expiry_time(claims.exp),
+        expiry: Box::pin(tokio::time::sleep_until(until(claims.exp))),
+        registration,
+        pending: FuturesUnordered::new(),
+        backlog_last: None,
+        awaiting_pong: false,
+        strikes: 0,
+        strike_window: Instant::now(),
+        state,
+    };
+    tracing::debug!(user.id = %conn.user, "socket ready");
+    let ready = ServerFrame::Ready {
+        user_id: conn.user,
+        expires_at: conn.expires_at,
+    };
+    if conn.send(&ready).await.is_ok() {
+        conn.serve().await;
+    }
+}
+
+/// The token from the upgrade header, or else from an `auth` frame that must
+/// arrive within the configured timeout.
+async fn authenticate(
+    socket: &mut WebSocket,
+    state: &AppState,
+    header: Option<Result<Claims>>,
+) -> Option<Claims> {
+    if let Some(claims) = header {
+        return claims.ok();
+    }
+    let first_auth = async {
+        loop {
+            match socket.recv().await?.ok()? {
+                WsMessage::Text(text) => {
+                    return match frame::parse(&text).frame {
+                        Ok(ClientFrame::Auth { token }) => state.tokens.verify_access(&token).ok(),
+                        _ => None,
+                    };
+                }
+                WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
+                _ => return None,
+            }
+        }
+    };
+    tokio::time::timeout(state.config.ws_auth_timeout, first_auth)
+        .await
+        .ok()
+        .flatten()
+}
+
+fn expiry_time(exp: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(exp, 0).unwrap_or_default()
+}
+
+/// The instant at which a token with `exp` (Unix seconds) expires.
+fn until(exp: i64) -> tokio::time::Instant {
+    let left = (exp - Utc::now().timestamp()).max(0) as u64;
+    tokio::time::Instant::now() + Duration::from_secs(left)
+}
+
+fn fetch_page(
+    state: &AppState,
+    user: Uuid,
+    after: Option<Uuid>,
+) -> BoxFuture<'static, Result<Page>> {
+    let delivery = state.delivery.clone();
+    Box::pin(async move { delivery.fetch(user, after, DRAIN_PAGE.min(MAX_PAGE)).await })
+}
+
+async fn send_close(socket: &mut WebSocket, code: u16, reason: &'static str) {
+    let frame = WsMessage::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }));
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(frame)).await;
+}
+
+struct Connection {
+    socket: WebSocket,
+    state: AppState,
+    user: Uuid,
+    expires_at: DateTime<Utc>,
+    /// Fires when the access token in force expires.
+    expiry: Pin<Box<Sleep>>,
+    registration: Registration,
+    /// Replies that wait on the committer: `sent` for sends, errors for acks.
+    pending: FuturesUnordered<BoxFuture<'static, Option<ServerFrame>>>,
+    /// The backlog read in progress; `None` once drained.
+    fetch: Option<BoxFuture<'static, Result<Page>>>,
+    /// The last id the backlog carried: queued pushes up to it are repeats.
+    backlog_last: Option<Uuid>,
+    awaiting_pong: bool,
+    strikes: u32,
+    strike_window: Instant,
+}
+
+/// What the connection does after a frame.
+enum Flow {
+    Continue,
+    Close(u16, &'static str),
+}
+
+impl Connection {
+    async fn serve(&mut self) {
+        let period = self.state.config.ws_ping_interval;
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let shutdown = self.state.shutdown.clone();
+        let kicked = self.registration.kicked.clone();
+        loop {
+            let flow = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    self.finish_in_flight().await;
+                    Flow::Close(close::GOING_AWAY, "server shutting down")
+                }
+                () = kicked.cancelled() => {
+                    Flow::Close(close::TRY_AGAIN_LATER, "connection fell behind; reconnect to resume")
+                }
+                () = &mut self.expiry => Flow::Close(close::UNAUTHORIZED, "access token expired"),
+                _ = ping.tick() => {
+                    if self.awaiting_pong {
+                        tracing::debug!(user.id = %self.user, "peer stopped answering pings");
+                        return;
+                    }
+                    self.awaiting_pong = true;
+                    if self.write(WsMessage::Ping(Default::default())).await.is_err() {
+                        return;
+                    }
+                    Flow::Continue
+                }
+                Some(reply) = self.pending.next(), if !self.pending.is_empty() => {
+                    match reply {
+                        Some(frame) => flow(self.send(&frame).await),
+                        None => Flow::Continue,
+                    }
+                }
+                page = async { self.fetch.as_mut().expect("guarded").await }, if self.fetch.is_some() => {
+                    match page {
+                        Ok(page) => self.backlog(page).await,
+                        Err(err) => {
+                            tracing::warn!(user.id = %self.user, error = %err, "backlog read failed");
+                            Flow::Close(close::INTERNAL, "backlog unavailable; reconnect")
+                        }
+                    }
+                }
+                pushed = self.registration.rx.recv(), if self.fetch.is_none() => match pushed {
+                    Some(outbound) => self.push(&outbound).await,
+                    None => Flow::Close(close::TRY_AGAIN_LATER, "connection fell behind; reconnect to resume"),
+                },
+                inbound = self.socket.recv(), if self.pending.len() < MAX_IN_FLIGHT => match inbound {
+                    Some(Ok(message)) => {
+                        self.awaiting_pong = false;
+                        self.inbound(message).await
+                    }
+                    Some(Err(err)) => read_error(err),
+                    None => return,
+                },
+            };
+            if let Flow::Close(code, reason) = flow {
+                send_close(&mut self.socket, code, reason).await;
+                return;
+            }
+        }
+    }
+
+    /// Writes one frame, giving up on a peer that stopped reading or that the
+    /// hub has kicked.
+    async fn write(&mut self, message: WsMessage) -> Result<(), Gone> {
+        tokio::select! {
+            written = tokio::time::timeout(WRITE_TIMEOUT, self.socket.send(message)) => match written {
+                Ok(Ok(())) => Ok(()),
+                _ => Err(Gone),
+            },
+            () = self.registration.kicked.cancelled() => Err(Gone),
+        }
+    }
+
+    async fn send(&mut self, frame: &ServerFrame) -> Result<(), Gone> {
+        self.write(frame.to_ws()).await
+    }
+
+    async fn backlog(&mut self, page: Page) -> Flow {
+        for message in &page.messages {
+            let frame = ServerFrame::message(&Outbound {
+                message: message.clone().into(),
+                ephemeral: false,
+            });
+            if self.send(&frame).await.is_err() {
+                return Flow::Close(close::GOING_AWAY, "");
+            }
+            self.backlog_last = Some(message.id);
+        }
+        match page.next {
+            Some(next) => {
+                self.fetch = Some(fetch_page(&self.state, self.user, Some(next)));
+                Flow::Continue
+            }
+            None => {
+                self.fetch = None;
+                let drained = self.send(&ServerFrame::Drained).await;
+                flow(drained)
+            }
+        }
+    }
+
+    async fn push(&mut self, outbound: &Outbound) -> Flow {
+        let repeat = !outbound.ephemeral
+            && self
+                .backlog_last
+                .is_some_and(|last| outbound.message.id <= last);
+        if repeat {
+            return Flow::Continue;
+        }
+        let sent = self.send(&ServerFrame::message(outbound)).await;
+        flow(sent)
+    }
+
+    async fn inbound(&mut self, message: WsMessage) -> Flow {
+        match message {
+            WsMessage::Text(text) => {
+                let inbound = frame::parse(&text);
+                match inbound.frame {
+                    Ok(client_frame) => self.handle(inbound.reference, client_frame).await,
+                    Err(err) => self.strike(inbound.reference, &err).await,
+                }
+            }
+            WsMessage::Binary(_) => {
+                let err =
+                    Error::malformed("binary frames are not supported: send JSON in text frames");
+                self.strike(None, &err).await
+            }
+            // tungstenite queues the pong; flush so an idle socket answers now.
+            WsMessage::Ping(_) => {
+                let flushed = tokio::time::timeout(WRITE_TIMEOUT, self.socket.flush()).await;
+                flow(if matches!(flushed, Ok(Ok(()))) {
+                    Ok(())
+                } else {
+                    Err(Gone)
+                })
+            }
+            WsMessage::Pong(_) => Flow::Continue,
+            WsMessage::Close(_) => Flow::Close(1000, ""),
+        }
+    }
+
+    /// Answers a malformed frame, closing with 1008 when they come too fast.
+    async fn strike(&mut self, reference: Option<String>, err: &Error) -> Flow {
+        if self.strike_window.elapsed() > STRIKE_WINDOW {
+            self.strikes = 0;
+            self.strike_window = Instant::now();
+        }
+        self.strikes += 1;
+        if self.strikes > MAX_STRIKES {
+            return Flow::Close(close::POLICY, "too many malformed frames");
+        }
+        let sent = self.send(&ServerFrame::error(reference, err)).await;
+        flow(sent)
+    }
+
+    async fn handle(&mut self, reference: Option<String>, frame: ClientFrame) -> Flow {
+        let reply = match frame {
+            ClientFrame::Auth { token } => self.renew(&token),
+            ClientFrame::Send {
+                to,
+                body,
+                ephemeral,
+            } => match self.accept(&reference, &to, &body, ephemeral).await {
+                Ok(reply) => reply,
+                Err(err) => Some(ServerFrame::error(reference, &err)),
+            },
+            ClientFrame::Ack { ids } => match self.ack(&reference, &ids) {
+                Ok(()) => None,
+                Err(err) => Some(ServerFrame::error(reference, &err)),
+            },
+        };
+        match reply {
+            Some(frame) => {
+                let sent = self.send(&frame).await;
+                flow(sent)
+            }
+            None => Flow::Continue,
+        }
+    }
+
+    /// Replaces the token in force with a fresh one of the same user.
+    fn renew(&mut self, token: &str) -> Option<ServerFrame> {
+        let claims = match self.state.tokens.verify_access(token) {
+            Ok(claims) if claims.sub == self.user => claims,
+            Ok(_) => {
+                return Some(ServerFrame::error(
+                    None,
+                    &Error::Unauthorized("token is for another user"),
+                ));
+            }
+            Err(err) => return Some(ServerFrame::error(None, &err)),
+        };
+        self.expires_at = expiry_time(claims.exp);
+        self.expiry.as_mut().reset(until(claims.exp));
+        Some(ServerFrame::Authed {
+            expires_at: self.expires_at,
+        })
+    }
+
+    /// Accepts a send now; a stored message's `sent` follows once durable.
+    async fn accept(
+        &mut self,
+        reference: &Option<String>,
+        to: &str,
+        body: &str,
+        ephemeral: bool,
+    ) -> Result<Option<ServerFrame>> {
+        let delivery = &self.state.delivery;
+        let to = parse_id("to", to)?;
+        let body = delivery.decode_body("body", body)?;
+        if ephemeral {
+            let sent = delivery.send_ephemeral(self.user, to, body).await?;
+            return Ok(Some(ServerFrame::Sent {
+                reference: reference.clone(),
+                id: sent.id,
+                sent_at: sent.sent_at,
+                delivered: Some(sent.delivered),
+            }));
+        }
+        let accepted = delivery.accept(self.user, to, body).await?;
+        let reference = reference.clone();
+        self.pending.push(Box::pin(async move {
+            Some(match accepted.durable.await {
+                Ok(()) => ServerFrame::Sent {
+                    reference,
+                    id: accepted.id,
+                    sent_at: accepted.sent_at,
+                    delivered: None,
+                },
+                Err(err) => ServerFrame::error(reference, &err),
+            })
+        }));
+        Ok(None)
+    }
+
+    /// Settles ids; only a failure is answered.
+    fn ack(&mut self, reference: &Option<String>, ids: &[String]) -> Result<()> {
+        if ids.len() > MAX_PAGE as usize {
+            return Err(Error::field(
+                "ids",
+                format!("at most {MAX_PAGE} ids per ack"),
+            ));
+        }
+        let ids = ids
+            .iter()
+            .map(|id| parse_id("ids", id))
+            .collect::<Result<Vec<_>>>()?;
+        let (delivery, user, reference) =
+            (self.state.delivery.clone(), self.user, reference.clone());
+        self.pending.push(Box::pin(async move {
+            match delivery.ack(user, ids).await {
+                Ok(_) => None,
+                Err(err) => Some(ServerFrame::error(reference, &err)),
+            }
+        }));
+        Ok(())
+    }
+
+    /// At shutdown: confirm every send already accepted before closing.
+    async fn finish_in_flight(&mut self) {
+        let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
+        while let Ok(Some(reply)) = tokio::time::timeout_at(deadline, self.pending.next()).await {
+            if let Some(frame) = reply
+                && self.send(&frame).await.is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+fn flow(written: Result<(), Gone>) -> Flow {
+    match written {
+        Ok(()) => Flow::Continue,
+        // Nothing can be written: closing politely is moot.
+        Err(Gone) => Flow::Close(close::GOING_AWAY, ""),
+    }
+}
+
+/// A read error: an oversized frame is answered with 1009, anything else
+/// means the peer is gone.
+fn read_error(err: axum::Error) -> Flow {
+    let too_big = std::error::Error::source(&err)
+        .and_then(|source| source.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)));
+    if too_big {
+        Flow::Close(close::TOO_BIG, "frame too large")
+    } else {
+        tracing::debug!(error = %err, "socket read failed");
+        Flow::Close(close::GOING_AWAY, "")
+    }
+}

@@ -1,0 +1,208 @@
+//! The frames of the WebSocket protocol: JSON text frames with a `type`,
+//! and the close codes.
+
+use std::borrow::Cow;
+
+use axum::extract::ws::Message as WsMessage;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::api::messages::MessageView;
+use crate::error::Error;
+use crate::hub::Outbound;
+
+/// Close codes, beside RFC 6455's.
+pub mod close {
+    /// The server is shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+    /// Too many malformed frames.
+    pub const POLICY: u16 = 1008;
+    /// A frame over the size limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// The server failed; reconnect.
+    pub const INTERNAL: u16 = 1011;
+    /// The connection fell behind and its outbound queue overflowed;
+    /// reconnect (the messages are queued).
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// Missing, invalid or expired credentials.
+    pub const UNAUTHORIZED: u16 = 4401;
+}
+
+/// The longest `ref` echoed back: refs are for matching replies, not for
+/// storing data in the server's answers.
+pub const MAX_REF_BYTES: usize = 128;
+
+/// A frame from the client.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    Auth {
+        token: String,
+    },
+    Send {
+        to: String,
+        body: String,
+        #[serde(default)]
+        ephemeral: bool,
+    },
+    Ack {
+        ids: Vec<String>,
+    },
+}
+
+/// A parsed client frame with the `ref` it carried, if any. The ref is
+/// taken even from a frame that fails to parse, so that its error can name
+/// it.
+pub struct Inbound {
+    pub reference: Option<String>,
+    pub frame: Result<ClientFrame, Error>,
+}
+
+pub fn parse(text: &str) -> Inbound {
+    let value: Value = match serde_json::from_str(text) {
+        Ok(value) => value,
+        Err(_) => {
+            return Inbound {
+                reference: None,
+                frame: Err(Error::malformed("frame is not valid JSON")),
+            };
+        }
+    };
+    let reference = value.get("ref").and_then(Value::as_str).map(str::to_owned);
+    let frame = match &reference {
+        Some(r) if r.len() > MAX_REF_BYTES => Err(Error::field(
+            "ref",
+            format!("must be at most {MAX_REF_BYTES} bytes"),
+        )),
+        _ => ClientFrame::deserialize(value).map_err(|e| Error::malformed(e.to_string())),
+    };
+    Inbound {
+        reference: reference.filter(|r| r.len() <= MAX_REF_BYTES),
+        frame,
+    }
+}
+
+/// A frame from the server. Not `Debug`: it can carry a message body, and
+/// bodies never reach a log.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// Authenticated; the queued backlog follows.
+    Ready {
+        user_id: Uuid,
+        expires_at: DateTime<Utc>,
+    },
+    /// The backlog has been sent; what follows is live.
+    Drained,
+    Message {
+        #[serde(flatten)]
+        message: MessageView,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        ephemeral: bool,
+    },
+    Sent {
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        id: Uuid,
+        sent_at: DateTime<Utc>,
+        /// For ephemeral sends only: whether a connection took it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        delivered: Option<bool>,
+    },
+    Authed {
+        expires_at: DateTime<Utc>,
+    },
+    Error {
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        code: &'static str,
+        message: Cow<'static, str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        field: Option<Cow<'static, str>>,
+    },
+}
+
+impl ServerFrame {
+    pub fn error(reference: Option<String>, error: &Error) -> Self {
+        if let Error::Internal(cause) = error {
+            tracing::error!(error = format!("{cause:#}"), "internal error on a socket");
+        }
+        let field = match error {
+            Error::Invalid { field, .. } => field.clone(),
+            _ => None,
+        };
+        ServerFrame::Error {
+            reference,
+            code: error.code(),
+            message: error.public_message(),
+            field,
+        }
+    }
+
+    pub fn message(outbound: &Outbound) -> Self {
+        ServerFrame::Message {
+            message: MessageView::from(outbound.message.as_ref()),
+            ephemeral: outbound.ephemeral,
+        }
+    }
+
+    pub fn to_ws(&self) -> WsMessage {
+        // Serialising these types cannot fail: no maps with non-string keys.
+        let text = serde_json::to_string(self).unwrap_or_default();
+        WsMessage::Text(text.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_frames_and_keeps_the_ref() {
+        let inbound = parse(r#"{"type":"send","ref":"r1","to":"x","body":"aGk="}"#);
+        assert_eq!(inbound.reference.as_deref(), Some("r1"));
+        assert!(matches!(
+            inbound.frame,
+            Ok(ClientFrame::Send {
+                ephemeral: false,
+                ..
+            })
+        ));
+
+        let inbound = parse(r#"{"type":"launch","ref":"r2"}"#);
+        assert_eq!(inbound.reference.as_deref(), Some("r2"));
+        assert_eq!(inbound.frame.unwrap_err().code(), "invalid");
+
+        for bad in [
+            "",
+            "{",
+            "[]",
+            "42",
+            r#"{"ref":"x"}"#,
+            r#"{"type":"ack","ids":"no"}"#,
+        ] {
+            assert!(parse(bad).frame.is_err(), "{bad}");
+        }
+        let long = format!(r#"{{"type":"ack","ids":[],"ref":"{}"}}"#, "r".repeat(200));
+        let inbound = parse(&long);
+        assert!(inbound.reference.is_none() && inbound.frame.is_err());
+    }
+
+    #[test]
+    fn server_frames_serialise_flat() {
+        let frame = ServerFrame::Sent {
+            reference: Some("a".into()),
+            id: Uuid::nil(),
+            sent_at: DateTime::UNIX_EPOCH,
+            delivered: None,
+        };
+        let json: Value = serde_json::to_value(&frame).unwrap();
+        assert_eq!(json["type"], "sent");
+        assert_eq!(json["ref"], "a");
+        assert!(json.get("delivered").is_none());
+        let drained = serde_json::to_value(ServerFrame::Drained).unwrap();
+        assert_eq!(drained, serde_json::json!({ "type": "drained" }));
+    }
+}

@@ -1,0 +1,62 @@
+//! The WebSocket endpoint, `GET /v1/ws`: authentication at upgrade, socket
+//! sizing, and the hand-off to one [`connection`] task per socket.
+//!
+//! Buffers are sized for tens of thousands of mostly idle sockets: a 4 KiB
+//! read buffer (tungstenite's default is 128 KiB, allocated at open), eager
+//! writes with no write buffer held between messages, and frame limits that
+//! fit one maximal message. Larger frames grow the read buffer only while
+//! they are being read.
+
+mod connection;
+pub mod frame;
+
+use axum::Router;
+use axum::extract::State;
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::auth::bearer_token;
+use crate::error::Error;
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/ws", get(upgrade))
+}
+
+/// Bytes read from the socket at a time; the buffer a connection holds while
+/// idle.
+const READ_BUFFER: usize = 4 * 1024;
+
+async fn upgrade(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => {
+            let mut response = Error::malformed(rejection.body_text()).into_response();
+            *response.status_mut() = rejection.status();
+            return response;
+        }
+    };
+    if state.shutdown.is_cancelled() {
+        return Error::Unavailable.into_response();
+    }
+    // A header token is checked now, but a bad one is answered on the socket
+    // with close code 4401, as the protocol promises, not with an HTTP 401.
+    let header_claims = bearer_token(&headers).map(|token| state.tokens.verify_access(token));
+    let max_frame = state.config.max_request_bytes();
+    let sockets = state.sockets.clone();
+    upgrade
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(2 * max_frame + READ_BUFFER)
+        .max_message_size(max_frame)
+        .max_frame_size(max_frame)
+        .on_upgrade(move |socket| {
+            sockets.track_future(connection::run(socket, state, header_claims))
+        })
+}

@@ -1,0 +1,166 @@
+//! A WebSocket client for tests, over tokio-tungstenite, as real clients
+//! and the load tester use it.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::{Account, Api};
+
+/// How long a test waits for a frame before it fails.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What the server sent next.
+#[derive(Debug)]
+pub enum Event {
+    Json(Value),
+    /// A close frame: its code and reason.
+    Closed(u16, String),
+    /// The connection ended without a close frame.
+    Ended,
+}
+
+pub struct WsClient {
+    stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl WsClient {
+    /// Opens `/v1/ws`, with `Authorization: Bearer <token>` when given.
+    pub async fn connect(api: &Api, token: Option<&str>) -> Self {
+        let url = format!("{}/v1/ws", api.base.replacen("http", "ws", 1));
+        let mut request = url.into_client_request().unwrap();
+        if let Some(token) = token {
+            request
+                .headers_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        let (stream, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("WebSocket upgrade");
+        Self { stream }
+    }
+
+    /// Connects with header auth and reads `ready` and the backlog up to
+    /// `drained`; returns the backlog.
+    pub async fn ready(api: &Api, who: &Account) -> (Self, Vec<Value>) {
+        let mut client = Self::connect(api, Some(&who.access)).await;
+        let ready = client.json().await;
+        assert_eq!(ready["type"], "ready", "{ready}");
+        assert_eq!(ready["user_id"], who.id.to_string());
+        let backlog = client.until_drained().await;
+        (client, backlog)
+    }
+
+    pub async fn send_json(&mut self, value: Value) {
+        self.stream
+            .send(Message::Text(value.to_string().into()))
+            .await
+            .expect("send frame");
+    }
+
+    pub async fn send_raw(&mut self, message: Message) {
+        self.stream.send(message).await.expect("send frame");
+    }
+
+    /// Sends a `send` frame with `ref`.
+    pub async fn send_message(&mut self, reference: &str, to: uuid::Uuid, body: &[u8]) {
+        self.send_json(
+            json!({ "type": "send", "ref": reference, "to": to, "body": super::b64(body) }),
+        )
+        .await;
+    }
+
+    pub async fn ack(&mut self, ids: &[&str]) {
+        self.send_json(json!({ "type": "ack", "ids": ids })).await;
+    }
+
+    /// The next event, skipping pings and pongs.
+    pub async fn event(&mut self) -> Event {
+        self.event_within(FRAME_TIMEOUT)
+            .await
+            .expect("a frame within the timeout")
+    }
+
+    /// The next event, or `None` if nothing came within `wait`.
+    pub async fn event_within(&mut self, wait: Duration) -> Option<Event> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.stream.next())
+                .await
+                .ok()?;
+            return Some(match next {
+                Some(Ok(Message::Text(text))) => {
+                    Event::Json(serde_json::from_str(&text).expect("JSON frame"))
+                }
+                Some(Ok(Message::Close(frame))) => match frame {
+                    Some(f) => Event::Closed(u16::from(f.code), f.reason.to_string()),
+                    None => Event::Closed(u16::from(CloseCode::Status), String::new()),
+                },
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                Some(Ok(Message::Binary(_))) => panic!("the server sent a binary frame"),
+                Some(Err(_)) | None => Event::Ended,
+            });
+        }
+    }
+
+    /// The next JSON frame; panics on anything else.
+    pub async fn json(&mut self) -> Value {
+        match self.event().await {
+            Event::Json(value) => value,
+            other => panic!("expected a JSON frame, got {other:?}"),
+        }
+    }
+
+    /// The next JSON frame of `kind`, panicking on any other.
+    pub async fn expect(&mut self, kind: &str) -> Value {
+        let frame = self.json().await;
+        assert_eq!(frame["type"], kind, "expected {kind}, got {frame}");
+        frame
+    }
+
+    /// `message` frames up to and excluding `drained`.
+    pub async fn until_drained(&mut self) -> Vec<Value> {
+        let mut messages = Vec::new();
+        loop {
+            let frame = self.json().await;
+            match frame["type"].as_str() {
+                Some("message") => messages.push(frame),
+                Some("drained") => return messages,
+                _ => panic!("unexpected frame while draining: {frame}"),
+            }
+        }
+    }
+
+    /// The close code the server ends with, skipping any frames before it.
+    pub async fn close_code(&mut self) -> u16 {
+        loop {
+            match self.event().await {
+                Event::Json(_) => continue,
+                Event::Closed(code, _) => return code,
+                Event::Ended => panic!("connection ended without a close frame"),
+            }
+        }
+    }
+
+    /// Asserts that nothing but pings arrives within `wait`.
+    pub async fn expect_silence(&mut self, wait: Duration) {
+        if let Some(event) = self.event_within(wait).await {
+            panic!("expected silence, got {event:?}");
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.stream.close(None).await;
+    }
+
+    /// Drops the TCP connection without a close handshake.
+    pub fn abandon(self) {
+        drop(self);
+    }
+}
