@@ -139,12 +139,26 @@ fn fetch_page(
     Box::pin(async move { delivery.fetch(user, after, DRAIN_PAGE.min(MAX_PAGE)).await })
 }
 
+/// The closing handshake: send a close frame, then read (and discard) until
+/// the peer's close or EOF. Dropping a socket with unread input makes the
+/// kernel answer with RST, which can destroy the close frame before the peer
+/// reads it; draining first gets a clean FIN. Frames discarded here were not
+/// accepted: no `sent` was written for them.
 async fn send_close(socket: &mut WebSocket, code: u16, reason: &'static str) {
     let frame = WsMessage::Close(Some(CloseFrame {
         code,
         reason: reason.into(),
     }));
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(frame)).await;
+    let handshake = async {
+        socket.send(frame).await.ok()?;
+        while let Some(Ok(message)) = socket.recv().await {
+            if matches!(message, WsMessage::Close(_)) {
+                break;
+            }
+        }
+        Some(())
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
 }
 
 struct Connection {

@@ -98,10 +98,15 @@ impl WsClient {
                 Some(Ok(Message::Text(text))) => {
                     Event::Json(serde_json::from_str(&text).expect("JSON frame"))
                 }
-                Some(Ok(Message::Close(frame))) => match frame {
-                    Some(f) => Event::Closed(u16::from(f.code), f.reason.to_string()),
-                    None => Event::Closed(u16::from(CloseCode::Status), String::new()),
-                },
+                Some(Ok(Message::Close(frame))) => {
+                    // Send the close reply tungstenite has queued, completing
+                    // the handshake as a live client does.
+                    let _ = self.stream.flush().await;
+                    match frame {
+                        Some(f) => Event::Closed(u16::from(f.code), f.reason.to_string()),
+                        None => Event::Closed(u16::from(CloseCode::Status), String::new()),
+                    }
+                }
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                 Some(Ok(Message::Binary(_))) => panic!("the server sent a binary frame"),
                 Some(Err(_)) | None => Event::Ended,
