@@ -15,13 +15,20 @@
 //! - [`delivery`]: the core that accepts, lists and acknowledges messages,
 //!   and its [`delivery::committer`], which batches every write to the queue
 //!   into group commits.
+//! - [`hub`]: the connection hub: which connections are online, and the
+//!   push to them. Routing only; it owns no durability.
+//! - [`ws`]: the WebSocket endpoint and one task per connection (auth,
+//!   backlog drain, push, sends, acks, renewal, close).
 //! - [`store`]: the `Store` trait and its PostgreSQL and SQLite backends.
 //! - [`sweeper`]: expiry of old messages and refresh tokens.
 //!
-//! The path of a message: `POST /v1/messages` → [`delivery::Delivery::send`]
-//! (validation, recipient check) → committer (id, batched insert) → `201`.
-//! A recipient polls with `GET /v1/messages` and settles with an ack, which
-//! travels the same committer as a batched delete.
+//! The path of a message: a `send` frame or `POST /v1/messages` →
+//! [`delivery::Delivery::accept`] (validation, recipient check; then, under
+//! one lock, its id, its insert into the committer's queue and its push to
+//! the recipient's connections) → the committer's batched insert → `sent` or
+//! `201`. The recipient gets the push at once, or its backlog on connect, or
+//! polls `GET /v1/messages`; its ack travels the same committer as a batched
+//! delete.
 
 pub mod api;
 pub mod auth;

@@ -54,6 +54,9 @@ fn serve_help_lists_every_setting_with_its_variable() {
         "SEALPOST_MAX_BODY_BYTES",
         "SEALPOST_DB_POOL_SIZE",
         "SEALPOST_HASH_CONCURRENCY",
+        "SEALPOST_WS_PING_INTERVAL",
+        "SEALPOST_WS_AUTH_TIMEOUT",
+        "SEALPOST_WS_QUEUE",
     ] {
         assert!(help.contains(var), "{var} missing from --help:\n{help}");
     }
