@@ -13,6 +13,7 @@
 //! for durability without holding up the socket, up to [`MAX_IN_FLIGHT`]
 //! at once.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
@@ -49,21 +50,22 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Malformed frames tolerated per window before the connection is closed
 /// with 1008: a buggy client gets error frames, a hostile one gets cut off.
-const MAX_STRIKES: u32 = 10;
+const MAX_STRIKES: usize = 10;
 const STRIKE_WINDOW: Duration = Duration::from_secs(10);
 
-/// The socket went away or must be dropped; nothing more can be written.
-struct Gone;
+/// Why a write failed.
+enum Stop {
+    /// The peer is gone or stopped reading: nothing more can be written.
+    Gone,
+    /// The hub gave up on this connection: its queue overflowed.
+    Kicked,
+}
 
 pub async fn run(mut socket: WebSocket, state: AppState, header: Option<Result<Claims>>) {
-    let Some(claims) = authenticate(&mut socket, &state, header).await else {
-        send_close(
-            &mut socket,
-            close::UNAUTHORIZED,
-            "missing, invalid or expired access token",
-        )
-        .await;
-        return;
+    let claims = match authenticate(&mut socket, &state, header).await {
+        Ok(claims) => claims,
+        Err(Flow::Close(code, reason)) => return send_close(&mut socket, code, reason).await,
+        Err(_) => return,
     };
     let registration = state.hub.register(claims.sub, claims.sid);
     let mut conn = Connection {
@@ -76,8 +78,7 @@ pub async fn run(mut socket: WebSocket, state: AppState, header: Option<Result<C
         pending: FuturesUnordered::new(),
         backlog_last: None,
         awaiting_pong: false,
-        strikes: 0,
-        strike_window: Instant::now(),
+        strikes: VecDeque::new(),
         state,
     };
     tracing::debug!(user.id = %conn.user, "socket ready");
@@ -91,33 +92,40 @@ pub async fn run(mut socket: WebSocket, state: AppState, header: Option<Result<C
 }
 
 /// The token from the upgrade header, or else from an `auth` frame that must
-/// arrive within the configured timeout.
+/// arrive within the configured timeout. Fails with how to close.
 async fn authenticate(
     socket: &mut WebSocket,
     state: &AppState,
     header: Option<Result<Claims>>,
-) -> Option<Claims> {
+) -> Result<Claims, Flow> {
+    const REFUSED: Flow = Flow::Close(
+        close::UNAUTHORIZED,
+        "missing, invalid or expired access token",
+    );
     if let Some(claims) = header {
-        return claims.ok();
+        return claims.map_err(|_| REFUSED);
     }
     let first_auth = async {
         loop {
-            match socket.recv().await?.ok()? {
-                WsMessage::Text(text) => {
+            match socket.recv().await {
+                Some(Ok(WsMessage::Text(text))) => {
                     return match frame::parse(&text).frame {
-                        Ok(ClientFrame::Auth { token }) => state.tokens.verify_access(&token).ok(),
-                        _ => None,
+                        Ok(ClientFrame::Auth { token }) => {
+                            state.tokens.verify_access(&token).map_err(|_| REFUSED)
+                        }
+                        _ => Err(REFUSED),
                     };
                 }
-                WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
-                _ => return None,
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+                Some(Err(err)) => return Err(read_error(err)),
+                Some(Ok(_)) => return Err(REFUSED),
+                None => return Err(Flow::Drop),
             }
         }
     };
     tokio::time::timeout(state.config.ws_auth_timeout, first_auth)
         .await
-        .ok()
-        .flatten()
+        .unwrap_or(Err(REFUSED))
 }
 
 fn expiry_time(exp: i64) -> DateTime<Utc> {
@@ -126,8 +134,8 @@ fn expiry_time(exp: i64) -> DateTime<Utc> {
 
 /// The instant at which a token with `exp` (Unix seconds) expires.
 fn until(exp: i64) -> tokio::time::Instant {
-    let left = (exp - Utc::now().timestamp()).max(0) as u64;
-    tokio::time::Instant::now() + Duration::from_secs(left)
+    let left = exp.saturating_mul(1000) - Utc::now().timestamp_millis();
+    tokio::time::Instant::now() + Duration::from_millis(left.max(0) as u64)
 }
 
 fn fetch_page(
@@ -176,14 +184,17 @@ struct Connection {
     /// The last id the backlog carried: queued pushes up to it are repeats.
     backlog_last: Option<Uuid>,
     awaiting_pong: bool,
-    strikes: u32,
-    strike_window: Instant,
+    /// When recent malformed frames arrived, within the strike window.
+    strikes: VecDeque<Instant>,
 }
 
 /// What the connection does after a frame.
 enum Flow {
     Continue,
+    /// Close with a close frame and handshake.
     Close(u16, &'static str),
+    /// Drop the socket: the peer is gone, a close frame would not arrive.
+    Drop,
 }
 
 impl Connection {
@@ -200,9 +211,7 @@ impl Connection {
                     self.finish_in_flight().await;
                     Flow::Close(close::GOING_AWAY, "server shutting down")
                 }
-                () = kicked.cancelled() => {
-                    Flow::Close(close::TRY_AGAIN_LATER, "connection fell behind; reconnect to resume")
-                }
+                () = kicked.cancelled() => FELL_BEHIND,
                 () = &mut self.expiry => Flow::Close(close::UNAUTHORIZED, "access token expired"),
                 _ = ping.tick() => {
                     if self.awaiting_pong {
@@ -210,10 +219,7 @@ impl Connection {
                         return;
                     }
                     self.awaiting_pong = true;
-                    if self.write(WsMessage::Ping(Default::default())).await.is_err() {
-                        return;
-                    }
-                    Flow::Continue
+                    flow(self.write(WsMessage::Ping(Default::default())).await)
                 }
                 Some(reply) = self.pending.next(), if !self.pending.is_empty() => {
                     match reply {
@@ -232,7 +238,7 @@ impl Connection {
                 }
                 pushed = self.registration.rx.recv(), if self.fetch.is_none() => match pushed {
                     Some(outbound) => self.push(&outbound).await,
-                    None => Flow::Close(close::TRY_AGAIN_LATER, "connection fell behind; reconnect to resume"),
+                    None => FELL_BEHIND,
                 },
                 inbound = self.socket.recv(), if self.pending.len() < MAX_IN_FLIGHT => match inbound {
                     Some(Ok(message)) => {
@@ -243,26 +249,30 @@ impl Connection {
                     None => return,
                 },
             };
-            if let Flow::Close(code, reason) = flow {
-                send_close(&mut self.socket, code, reason).await;
-                return;
+            match flow {
+                Flow::Continue => {}
+                Flow::Close(code, reason) => {
+                    send_close(&mut self.socket, code, reason).await;
+                    return;
+                }
+                Flow::Drop => return,
             }
         }
     }
 
     /// Writes one frame, giving up on a peer that stopped reading or that the
     /// hub has kicked.
-    async fn write(&mut self, message: WsMessage) -> Result<(), Gone> {
+    async fn write(&mut self, message: WsMessage) -> Result<(), Stop> {
         tokio::select! {
             written = tokio::time::timeout(WRITE_TIMEOUT, self.socket.send(message)) => match written {
                 Ok(Ok(())) => Ok(()),
-                _ => Err(Gone),
+                _ => Err(Stop::Gone),
             },
-            () = self.registration.kicked.cancelled() => Err(Gone),
+            () = self.registration.kicked.cancelled() => Err(Stop::Kicked),
         }
     }
 
-    async fn send(&mut self, frame: &ServerFrame) -> Result<(), Gone> {
+    async fn send(&mut self, frame: &ServerFrame) -> Result<(), Stop> {
         self.write(frame.to_ws()).await
     }
 
@@ -272,8 +282,8 @@ impl Connection {
                 message: message.clone().into(),
                 ephemeral: false,
             });
-            if self.send(&frame).await.is_err() {
-                return Flow::Close(close::GOING_AWAY, "");
+            if let Err(stop) = self.send(&frame).await {
+                return flow(Err(stop));
             }
             self.backlog_last = Some(message.id);
         }
@@ -322,7 +332,7 @@ impl Connection {
                 flow(if matches!(flushed, Ok(Ok(()))) {
                     Ok(())
                 } else {
-                    Err(Gone)
+                    Err(Stop::Gone)
                 })
             }
             WsMessage::Pong(_) => Flow::Continue,
@@ -332,12 +342,17 @@ impl Connection {
 
     /// Answers a malformed frame, closing with 1008 when they come too fast.
     async fn strike(&mut self, reference: Option<String>, err: &Error) -> Flow {
-        if self.strike_window.elapsed() > STRIKE_WINDOW {
-            self.strikes = 0;
-            self.strike_window = Instant::now();
+        // A sliding window: the times of the last MAX_STRIKES + 1 strikes.
+        let now = Instant::now();
+        while self
+            .strikes
+            .front()
+            .is_some_and(|t| now - *t > STRIKE_WINDOW)
+        {
+            self.strikes.pop_front();
         }
-        self.strikes += 1;
-        if self.strikes > MAX_STRIKES {
+        self.strikes.push_back(now);
+        if self.strikes.len() > MAX_STRIKES {
             return Flow::Close(close::POLICY, "too many malformed frames");
         }
         let sent = self.send(&ServerFrame::error(reference, err)).await;
@@ -346,7 +361,13 @@ impl Connection {
 
     async fn handle(&mut self, reference: Option<String>, frame: ClientFrame) -> Flow {
         let reply = match frame {
-            ClientFrame::Auth { token } => self.renew(&token),
+            ClientFrame::Auth { token } => Some(match self.renew(&token) {
+                Ok(expires_at) => ServerFrame::Authed {
+                    reference,
+                    expires_at,
+                },
+                Err(err) => ServerFrame::error(reference, &err),
+            }),
             ClientFrame::Send {
                 to,
                 body,
@@ -369,23 +390,16 @@ impl Connection {
         }
     }
 
-    /// Replaces the token in force with a fresh one of the same user.
-    fn renew(&mut self, token: &str) -> Option<ServerFrame> {
-        let claims = match self.state.tokens.verify_access(token) {
-            Ok(claims) if claims.sub == self.user => claims,
-            Ok(_) => {
-                return Some(ServerFrame::error(
-                    None,
-                    &Error::Unauthorized("token is for another user"),
-                ));
-            }
-            Err(err) => return Some(ServerFrame::error(None, &err)),
-        };
+    /// Replaces the token in force with a fresh one of the same user;
+    /// returns its expiry.
+    fn renew(&mut self, token: &str) -> Result<DateTime<Utc>> {
+        let claims = self.state.tokens.verify_access(token)?;
+        if claims.sub != self.user {
+            return Err(Error::Unauthorized("token is for another user"));
+        }
         self.expires_at = expiry_time(claims.exp);
         self.expiry.as_mut().reset(until(claims.exp));
-        Some(ServerFrame::Authed {
-            expires_at: self.expires_at,
-        })
+        Ok(self.expires_at)
     }
 
     /// Accepts a send now; a stored message's `sent` follows once durable.
@@ -460,13 +474,19 @@ impl Connection {
     }
 }
 
-fn flow(written: Result<(), Gone>) -> Flow {
+fn flow(written: Result<(), Stop>) -> Flow {
     match written {
         Ok(()) => Flow::Continue,
-        // Nothing can be written: closing politely is moot.
-        Err(Gone) => Flow::Close(close::GOING_AWAY, ""),
+        Err(Stop::Kicked) => FELL_BEHIND,
+        Err(Stop::Gone) => Flow::Drop,
     }
 }
+
+/// The close for a connection whose outbound queue overflowed.
+const FELL_BEHIND: Flow = Flow::Close(
+    close::TRY_AGAIN_LATER,
+    "connection fell behind; reconnect to resume",
+);
 
 /// A read error: an oversized frame is answered with 1009, anything else
 /// means the peer is gone.

@@ -112,6 +112,8 @@ pub enum ServerFrame {
         delivered: Option<bool>,
     },
     Authed {
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
         expires_at: DateTime<Utc>,
     },
     Error {

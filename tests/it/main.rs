@@ -14,3 +14,4 @@ mod keys;
 mod messages;
 mod sweeper;
 mod ws;
+mod ws_edges;

@@ -1,0 +1,825 @@
+//! The WebSocket protocol at its edges: refused and expiring credentials,
+//! renewal, malformed and oversized frames, send errors, ephemeral sends,
+//! several sockets of one user, a stalled reader, and redelivery after a
+//! disconnect.
+
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+use crate::backend_tests;
+use crate::common::ws::{Event, WsClient};
+use crate::common::{Account, Api, Backend, TestServer, b64, unb64};
+
+backend_tests!(
+    bad_header_tokens_are_closed_with_4401,
+    frame_auth_must_come_first_and_in_time,
+    expired_tokens_are_closed_with_4401,
+    a_live_socket_closes_when_its_token_expires,
+    renewal_keeps_a_live_socket_open_until_the_fresh_token_expires,
+    renewal_with_a_foreign_or_bad_token_is_refused_and_the_socket_stays,
+    malformed_frames_get_errors_and_the_socket_stays_usable,
+    too_many_malformed_frames_close_with_1008,
+    an_oversized_frame_closes_with_1009,
+    send_and_ack_errors_echo_the_ref_and_the_socket_stays_open,
+    ephemeral_sends_reach_only_online_sockets_and_are_never_stored,
+    every_socket_of_a_user_gets_the_push_and_one_ack_settles_it,
+    a_stalled_reader_is_cut_off_without_slowing_others_or_losing_messages,
+    an_unacked_push_is_redelivered_after_a_disconnect,
+);
+
+/// Close codes of the protocol.
+const UNAUTHORIZED: u16 = 4401;
+const POLICY: u16 = 1008;
+const TOO_BIG: u16 = 1009;
+const TRY_AGAIN_LATER: u16 = 1013;
+
+/// The longest a test waits for the server to notice something (an ack
+/// committed, a socket gone), polling every [`POLL`].
+const SETTLE: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(50);
+
+fn id(value: &Value) -> Uuid {
+    value
+        .as_str()
+        .unwrap_or_else(|| panic!("not an id: {value}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("not an id: {value}: {e}"))
+}
+
+fn ids(messages: &[Value]) -> Vec<Uuid> {
+    messages.iter().map(|m| id(&m["id"])).collect()
+}
+
+fn time(value: &Value) -> DateTime<Utc> {
+    value
+        .as_str()
+        .unwrap_or_else(|| panic!("not a timestamp: {value}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("not a timestamp: {value}: {e}"))
+}
+
+/// Sleeps until the wall-clock time `at`, which must be near; returns at
+/// once if it has passed.
+async fn sleep_until(at: DateTime<Utc>) {
+    let left = (at - Utc::now()).to_std().unwrap_or_default();
+    assert!(left <= Duration::from_secs(10), "a wait of {left:?}");
+    tokio::time::sleep(left).await;
+}
+
+/// The next whole second of the wall clock, plus `offset_ms`.
+fn next_second(offset_ms: i64) -> DateTime<Utc> {
+    let next = DateTime::from_timestamp(Utc::now().timestamp() + 1, 0).unwrap();
+    next + TimeDelta::milliseconds(offset_ms)
+}
+
+/// An access token for `user` that is well formed and unexpired but signed
+/// with a secret other than the server's.
+fn foreign_token(user: Uuid) -> String {
+    let secret = sealpost::config::Secret::new("another-secret-another-secret-0123456".into());
+    let tokens = sealpost::auth::token::Tokens::new(
+        &secret,
+        Duration::from_secs(600),
+        Duration::from_secs(600),
+    );
+    tokens
+        .issue_access(user, Uuid::new_v4(), Utc::now())
+        .unwrap()
+}
+
+/// Asserts that the server ends the socket with `code`, after at most a few
+/// frames.
+async fn expect_close(ws: &mut WsClient, code: u16) {
+    for _ in 0..20 {
+        match ws.event().await {
+            Event::Json(frame) => assert_ne!(frame["type"], "ready", "accepted: {frame}"),
+            Event::Closed(got, reason) => {
+                assert_eq!(got, code, "closed with {got} ({reason:?})");
+                return;
+            }
+            Event::Ended => panic!("the connection ended without a close frame (wanted {code})"),
+        }
+    }
+    panic!("no close (wanted {code}) after 20 frames");
+}
+
+/// Asserts the next frame is an `error` with `code` and `reference`.
+async fn expect_error(ws: &mut WsClient, reference: Option<&str>, code: &str) -> Value {
+    let error = ws.expect("error").await;
+    assert_eq!(error["code"], code, "{error}");
+    assert_eq!(error["ref"].as_str(), reference, "{error}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "an error without a message: {error}"
+    );
+    error
+}
+
+/// The server is up and `who` can still open a socket.
+async fn assert_alive(api: &Api, who: &Account) {
+    assert_eq!(api.get("/healthz", None).await.expect(200)["status"], "ok");
+    let (ws, _) = WsClient::ready(api, who).await;
+    ws.close().await;
+}
+
+/// Polls `who`'s REST inbox until it is empty.
+async fn until_inbox_empty(api: &Api, who: &Account) {
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let inbox = api.inbox(who).await;
+        if inbox.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} still has {} queued after {SETTLE:?}",
+            who.username,
+            inbox.len()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Authentication
+
+async fn bad_header_tokens_are_closed_with_4401(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let alice = server.account("alice").await;
+
+    let tampered = {
+        let mut parts: Vec<&str> = alice.access.split('.').collect();
+        parts[2] = "c2lnbmF0dXJl";
+        parts.join(".")
+    };
+    for (what, token) in [
+        ("garbage", "not.a.jwt".to_owned()),
+        ("tampered signature", tampered),
+        ("another secret", foreign_token(alice.id)),
+        ("the refresh token", alice.refresh.clone()),
+    ] {
+        // The upgrade succeeds; the refusal comes on the socket.
+        let mut ws = WsClient::connect(&server.api, Some(&token)).await;
+        match ws.event().await {
+            Event::Closed(code, _) => assert_eq!(code, UNAUTHORIZED, "{what}"),
+            other => panic!("{what}: expected a 4401 close, got {other:?}"),
+        }
+    }
+    assert_alive(&server.api, &alice).await;
+}
+
+async fn frame_auth_must_come_first_and_in_time(backend: Backend) {
+    let server = TestServer::start_with(backend, &["--ws-auth-timeout", "1s"]).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+
+    // Nothing at all: closed once the (1 s) auth timeout passes. The default
+    // timeout is 10 s, so a close within 8 s is the flag at work.
+    let mut ws = WsClient::connect(&server.api, None).await;
+    match ws.event_within(Duration::from_secs(8)).await {
+        Some(Event::Closed(code, _)) => assert_eq!(code, UNAUTHORIZED),
+        other => panic!("expected a 4401 close after the auth timeout, got {other:?}"),
+    }
+
+    // A first frame that is not `auth`.
+    let not_auth: [(&str, Message); 5] = [
+        (
+            "a send",
+            Message::Text(
+                json!({ "type": "send", "ref": "r", "to": alice.id, "body": b64(b"hi") })
+                    .to_string()
+                    .into(),
+            ),
+        ),
+        (
+            "an ack",
+            Message::Text(json!({ "type": "ack", "ids": [] }).to_string().into()),
+        ),
+        ("invalid JSON", Message::Text("{\"type\":\"auth\"".into())),
+        (
+            "auth without a token",
+            Message::Text(json!({ "type": "auth" }).to_string().into()),
+        ),
+        (
+            "a binary frame",
+            Message::Binary(
+                json!({ "type": "auth", "token": bob.access })
+                    .to_string()
+                    .into_bytes()
+                    .into(),
+            ),
+        ),
+    ];
+    for (what, frame) in not_auth {
+        let mut ws = WsClient::connect(&server.api, None).await;
+        ws.send_raw(frame).await;
+        match ws.event().await {
+            Event::Closed(code, _) => assert_eq!(code, UNAUTHORIZED, "{what}"),
+            other => panic!("{what}: expected a 4401 close, got {other:?}"),
+        }
+    }
+
+    // An `auth` frame with a token that does not verify.
+    for token in ["not.a.jwt".to_owned(), foreign_token(bob.id)] {
+        let mut ws = WsClient::connect(&server.api, None).await;
+        ws.send_json(json!({ "type": "auth", "token": token }))
+            .await;
+        match ws.event().await {
+            Event::Closed(code, _) => assert_eq!(code, UNAUTHORIZED),
+            other => panic!("expected a 4401 close, got {other:?}"),
+        }
+    }
+
+    // A valid `auth` frame (after a ping, which does not count as a frame):
+    // ready for the token's user, then the backlog, then drained.
+    let queued = server.send(&alice, bob.id, b"waiting for bob").await;
+    let mut ws = WsClient::connect(&server.api, None).await;
+    ws.send_raw(Message::Ping(b"hello".to_vec().into())).await;
+    ws.send_json(json!({ "type": "auth", "token": bob.access }))
+        .await;
+    let ready = ws.expect("ready").await;
+    assert_eq!(ready["user_id"], bob.id.to_string());
+    assert!(time(&ready["expires_at"]) > Utc::now(), "{ready}");
+    let backlog = ws.until_drained().await;
+    assert_eq!(ids(&backlog), [id(&queued["id"])]);
+    assert_eq!(
+        unb64(backlog[0]["body"].as_str().unwrap()),
+        b"waiting for bob"
+    );
+
+    // Once authenticated, the auth timeout no longer applies.
+    ws.expect_silence(Duration::from_millis(1500)).await;
+    let sent = server.send(&alice, bob.id, b"live").await;
+    assert_eq!(ws.expect("message").await["id"], sent["id"]);
+}
+
+async fn expired_tokens_are_closed_with_4401(backend: Backend) {
+    let server = TestServer::start_with(backend, &["--access-token-ttl", "1s"]).await;
+    let bob = server.account("bob").await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    // The token has expired for REST too.
+    server
+        .get("/v1/me", Some(&bob.access))
+        .await
+        .expect_error(401, "unauthorized");
+
+    let mut ws = WsClient::connect(&server.api, Some(&bob.access)).await;
+    expect_close(&mut ws, UNAUTHORIZED).await;
+
+    let mut ws = WsClient::connect(&server.api, None).await;
+    ws.send_json(json!({ "type": "auth", "token": bob.access }))
+        .await;
+    expect_close(&mut ws, UNAUTHORIZED).await;
+
+    assert_eq!(
+        server.get("/healthz", None).await.expect(200)["status"],
+        "ok"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Expiry and renewal on a live socket
+
+async fn a_live_socket_closes_when_its_token_expires(backend: Backend) {
+    let server = TestServer::start_with(backend, &["--access-token-ttl", "2s"]).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    let mut ws = WsClient::connect(&server.api, Some(&bob.access)).await;
+    let ready = ws.expect("ready").await;
+    let expires_at = time(&ready["expires_at"]);
+    assert!(
+        expires_at <= Utc::now() + TimeDelta::seconds(2),
+        "a 2 s token expires at {expires_at}"
+    );
+    assert!(ws.until_drained().await.is_empty());
+    let sent = server.send(&alice, bob.id, b"before expiry").await;
+    assert_eq!(ws.expect("message").await["id"], sent["id"]);
+
+    // Closed once the token expires, and not before.
+    match ws.event_within(Duration::from_secs(10)).await {
+        Some(Event::Closed(code, _)) => assert_eq!(code, UNAUTHORIZED),
+        other => panic!("expected a 4401 close at expiry, got {other:?}"),
+    }
+    assert!(
+        Utc::now() >= expires_at,
+        "closed before the token's expiry {expires_at}"
+    );
+}
+
+async fn renewal_keeps_a_live_socket_open_until_the_fresh_token_expires(backend: Backend) {
+    let server = TestServer::start_with(backend, &["--access-token-ttl", "2s"]).await;
+    server.register("alice").await;
+    server.register("bob").await;
+
+    // Expiry is in whole seconds, and a socket's expiry timer fires at
+    // `expires_at` plus the sub-second phase at which it was armed. So:
+    // log in and connect just after a second boundary (the first timer fires
+    // early in the second after `first_expiry`, at about +0.1 s), renew in
+    // the middle of the second before it (the fresh timer fires at about
+    // `first_expiry` + 1.5 s), and check the socket at `first_expiry` +
+    // 0.85 s, well clear of both.
+    sleep_until(next_second(50)).await;
+    let token = server.login("bob").await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut ws = WsClient::connect(&server.api, Some(&token)).await;
+    let ready = ws.expect("ready").await;
+    let armed = Utc::now();
+    let first_expiry = time(&ready["expires_at"]);
+    assert!(ws.until_drained().await.is_empty());
+    // The first timer fires no later than this (unless the connect
+    // straddled a second boundary).
+    let first_fires =
+        first_expiry + TimeDelta::nanoseconds(i64::from(armed.timestamp_subsec_nanos()));
+
+    // A token issued in the second before `first_expiry` expires one second
+    // after it.
+    sleep_until(first_expiry - TimeDelta::milliseconds(600)).await;
+    let fresh = server.login("bob").await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ws.send_json(json!({ "type": "auth", "token": fresh }))
+        .await;
+    let authed = ws.expect("authed").await;
+    let fresh_expiry = time(&authed["expires_at"]);
+    assert!(
+        fresh_expiry > first_expiry,
+        "renewal moved expiry from {first_expiry} to {fresh_expiry}"
+    );
+
+    // alice's first token has expired by now too.
+    let alice_token = server.login("alice").await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Past the moment the first token closed the socket, it still works.
+    sleep_until(first_fires.max(first_expiry + TimeDelta::milliseconds(850))).await;
+    let sent = server
+        .post(
+            "/v1/messages",
+            Some(&alice_token),
+            json!({ "to": ready["user_id"], "body": b64(b"after the first expiry") }),
+        )
+        .await
+        .expect(201);
+    let pushed = ws.expect("message").await;
+    assert_eq!(pushed["id"], sent["id"]);
+
+    // And it closes once the fresh token expires.
+    expect_close(&mut ws, UNAUTHORIZED).await;
+    assert!(
+        Utc::now() >= fresh_expiry,
+        "closed before the fresh token's expiry {fresh_expiry}"
+    );
+}
+
+async fn renewal_with_a_foreign_or_bad_token_is_refused_and_the_socket_stays(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    let (mut ws, _) = WsClient::ready(&server.api, &bob).await;
+
+    // Another user's valid token, a token signed with another secret, and
+    // garbage: each refused with `unauthorized`, and the socket stays open.
+    for token in [alice.access.clone(), foreign_token(bob.id), "x".to_owned()] {
+        ws.send_json(json!({ "type": "auth", "token": token }))
+            .await;
+        expect_error(&mut ws, None, "unauthorized").await;
+    }
+
+    // Still bob's socket: a message to alice does not reach it, one to bob
+    // does.
+    server.send(&bob, alice.id, b"for alice").await;
+    let sent = server.send(&alice, bob.id, b"for bob").await;
+    let pushed = ws.expect("message").await;
+    assert_eq!(pushed["id"], sent["id"]);
+    assert_eq!(unb64(pushed["body"].as_str().unwrap()), b"for bob");
+
+    // A valid renewal of bob's own still works after the refusals.
+    let fresh = server.login("bob").await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ws.send_json(json!({ "type": "auth", "token": fresh }))
+        .await;
+    let authed = ws.expect("authed").await;
+    assert!(time(&authed["expires_at"]) > Utc::now());
+}
+
+// ---------------------------------------------------------------------------
+// Malformed and oversized frames
+
+async fn malformed_frames_get_errors_and_the_socket_stays_usable(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    let (mut ws, _) = WsClient::ready(&server.api, &alice).await;
+
+    ws.send_raw(Message::Text("{\"type\":\"send\",".into()))
+        .await;
+    expect_error(&mut ws, None, "invalid").await;
+    ws.send_message("after-garbage", bob.id, b"one").await;
+    let first = ws.expect("sent").await;
+    assert_eq!(first["ref"], "after-garbage");
+
+    ws.send_json(json!({ "type": "launch", "ref": "r-unknown" }))
+        .await;
+    expect_error(&mut ws, Some("r-unknown"), "invalid").await;
+
+    ws.send_raw(Message::Binary(b"\x00\x01binary".to_vec().into()))
+        .await;
+    expect_error(&mut ws, None, "invalid").await;
+
+    // A known type with a missing field, and JSON that is not an object.
+    ws.send_json(json!({ "type": "send", "ref": "r-missing", "to": bob.id }))
+        .await;
+    expect_error(&mut ws, Some("r-missing"), "invalid").await;
+    ws.send_raw(Message::Text("[1,2,3]".into())).await;
+    expect_error(&mut ws, None, "invalid").await;
+
+    ws.send_message("after-all", bob.id, b"two").await;
+    let second = ws.expect("sent").await;
+    assert_eq!(second["ref"], "after-all");
+    ws.expect_silence(Duration::from_millis(200)).await;
+
+    // Only the two good sends reached bob.
+    assert_eq!(
+        ids(&server.inbox(&bob).await),
+        [id(&first["id"]), id(&second["id"])]
+    );
+    assert_alive(&server.api, &alice).await;
+}
+
+async fn too_many_malformed_frames_close_with_1008(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let alice = server.account("alice").await;
+    let (mut ws, _) = WsClient::ready(&server.api, &alice).await;
+
+    for i in 0..11 {
+        ws.send_raw(Message::Text(format!("garbage {i}").into()))
+            .await;
+    }
+    // Ten are answered; the eleventh closes the socket.
+    let mut errors = 0;
+    let code = loop {
+        match ws.event().await {
+            Event::Json(frame) => {
+                assert_eq!(frame["type"], "error", "{frame}");
+                assert_eq!(frame["code"], "invalid", "{frame}");
+                errors += 1;
+                assert!(errors <= 10, "more than 10 errors and no close");
+            }
+            Event::Closed(code, _) => break code,
+            Event::Ended => panic!("the connection ended without a close frame"),
+        }
+    };
+    assert_eq!(code, POLICY);
+    assert_eq!(errors, 10);
+
+    // The count belongs to that socket: a new one starts afresh.
+    assert_alive(&server.api, &alice).await;
+    let (mut ws, _) = WsClient::ready(&server.api, &alice).await;
+    ws.send_raw(Message::Text("garbage".into())).await;
+    expect_error(&mut ws, None, "invalid").await;
+    ws.expect_silence(Duration::from_millis(200)).await;
+}
+
+async fn an_oversized_frame_closes_with_1009(backend: Backend) {
+    let server = TestServer::start_with(backend, &["--max-body-bytes", "1024"]).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    let (mut ws, _) = WsClient::ready(&server.api, &alice).await;
+
+    // A frame that carries a maximal body fits.
+    ws.send_message("max", bob.id, &[7; 1024]).await;
+    assert_eq!(ws.expect("sent").await["ref"], "max");
+
+    // The frame limit here is 16 KiB; send 64 KiB.
+    let body = b64(&vec![1; 48 * 1024]);
+    let frame = json!({ "type": "send", "ref": "huge", "to": bob.id, "body": body }).to_string();
+    assert!(frame.len() > 64 * 1024);
+    ws.send_raw(Message::Text(frame.into())).await;
+    expect_close(&mut ws, TOO_BIG).await;
+
+    assert_eq!(server.inbox(&bob).await.len(), 1);
+    assert_alive(&server.api, &alice).await;
+}
+
+// ---------------------------------------------------------------------------
+// Send and ack errors
+
+async fn send_and_ack_errors_echo_the_ref_and_the_socket_stays_open(backend: Backend) {
+    // Default limits: 64 KiB bodies, so a 500-id ack fits in a frame.
+    let server = TestServer::start(backend).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    let (mut ws, _) = WsClient::ready(&server.api, &alice).await;
+    let (mut bob_ws, _) = WsClient::ready(&server.api, &bob).await;
+
+    let send = |reference: &str, to: Value, body: Value| json!({ "type": "send", "ref": reference, "to": to, "body": body });
+    let too_many: Vec<String> = (0..501).map(|_| Uuid::new_v4().to_string()).collect();
+    let cases = [
+        (
+            send("r-nobody", json!(Uuid::new_v4()), json!(b64(b"x"))),
+            "not_found",
+            None,
+        ),
+        (
+            json!({ "type": "send", "ref": "r-nobody-ephemeral", "to": Uuid::new_v4(),
+                    "body": b64(b"x"), "ephemeral": true }),
+            "not_found",
+            None,
+        ),
+        (
+            send("r-to", json!("bob"), json!(b64(b"x"))),
+            "invalid",
+            Some("to"),
+        ),
+        (
+            send("r-base64", json!(bob.id), json!("not base64!")),
+            "invalid",
+            Some("body"),
+        ),
+        (
+            send("r-empty", json!(bob.id), json!("")),
+            "invalid",
+            Some("body"),
+        ),
+        (
+            send("r-big", json!(bob.id), json!(b64(&vec![0; 65537]))),
+            "too_large",
+            None,
+        ),
+        (
+            json!({ "type": "ack", "ref": "r-ids", "ids": too_many }),
+            "invalid",
+            Some("ids"),
+        ),
+        (
+            json!({ "type": "ack", "ref": "r-id", "ids": [Uuid::new_v4().to_string(), "nope"] }),
+            "invalid",
+            Some("ids"),
+        ),
+    ];
+    for (frame, code, field) in cases {
+        let reference = frame["ref"].as_str().unwrap().to_owned();
+        ws.send_json(frame).await;
+        let error = expect_error(&mut ws, Some(&reference), code).await;
+        assert_eq!(error["field"].as_str(), field, "{error}");
+    }
+
+    // 500 ids are fine and, like every good ack, unanswered; a body of
+    // exactly the limit is accepted.
+    let five_hundred: Vec<String> = (0..500).map(|_| Uuid::new_v4().to_string()).collect();
+    ws.send_json(json!({ "type": "ack", "ref": "r-500", "ids": five_hundred }))
+        .await;
+    ws.send_message("r-ok", bob.id, &vec![9; 65536]).await;
+    let sent = ws.expect("sent").await;
+    assert_eq!(sent["ref"], "r-ok");
+    ws.expect_silence(Duration::from_millis(300)).await;
+
+    // Nothing but the good send reached bob.
+    let pushed = bob_ws.expect("message").await;
+    assert_eq!(pushed["id"], sent["id"]);
+    bob_ws.expect_silence(Duration::from_millis(200)).await;
+    assert_eq!(ids(&server.inbox(&bob).await), [id(&sent["id"])]);
+}
+
+// ---------------------------------------------------------------------------
+// Ephemeral sends
+
+async fn ephemeral_sends_reach_only_online_sockets_and_are_never_stored(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    // carol never connects.
+    let carol = server.account("carol").await;
+    let (mut ws, _) = WsClient::ready(&server.api, &alice).await;
+    let (mut bob_ws, _) = WsClient::ready(&server.api, &bob).await;
+
+    let ephemeral = |reference: &str, to: Uuid, body: &[u8]| json!({ "type": "send", "ref": reference, "to": to, "body": b64(body), "ephemeral": true });
+
+    // Online: delivered, and pushed marked ephemeral.
+    ws.send_json(ephemeral("e1", bob.id, b"typing")).await;
+    let sent = ws.expect("sent").await;
+    assert_eq!(sent["ref"], "e1");
+    assert_eq!(sent["delivered"], true, "{sent}");
+    let pushed = bob_ws.expect("message").await;
+    assert_eq!(pushed["id"], sent["id"]);
+    assert_eq!(pushed["ephemeral"], true, "{pushed}");
+    assert_eq!(pushed["from"], alice.id.to_string());
+    assert_eq!(unb64(pushed["body"].as_str().unwrap()), b"typing");
+
+    // Offline: not delivered.
+    ws.send_json(ephemeral("e2", carol.id, b"typing")).await;
+    let sent = ws.expect("sent").await;
+    assert_eq!(sent["ref"], "e2");
+    assert_eq!(sent["delivered"], false, "{sent}");
+
+    // A stored message, for contrast: no `delivered`, no `ephemeral`.
+    ws.send_message("s1", bob.id, b"stored").await;
+    let stored = ws.expect("sent").await;
+    assert!(stored.get("delivered").is_none(), "{stored}");
+    let pushed = bob_ws.expect("message").await;
+    assert_eq!(pushed["id"], stored["id"]);
+    assert!(pushed.get("ephemeral").is_none(), "{pushed}");
+
+    // bob goes away without acking. Once the server has noticed, ephemeral
+    // sends to him are not delivered.
+    bob_ws.abandon();
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    for attempt in 0.. {
+        ws.send_json(ephemeral(&format!("e3-{attempt}"), bob.id, b"still there?"))
+            .await;
+        let sent = ws.expect("sent").await;
+        if sent["delivered"] == false {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bob's abandoned socket still takes ephemeral messages after {SETTLE:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+
+    // Neither inbox nor a later drain holds an ephemeral message.
+    assert_eq!(ids(&server.inbox(&bob).await), [id(&stored["id"])]);
+    assert!(server.inbox(&carol).await.is_empty());
+    let (_bob_ws, backlog) = WsClient::ready(&server.api, &bob).await;
+    assert_eq!(ids(&backlog), [id(&stored["id"])]);
+    let (_carol_ws, backlog) = WsClient::ready(&server.api, &carol).await;
+    assert!(backlog.is_empty(), "{backlog:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Several sockets of one user
+
+async fn every_socket_of_a_user_gets_the_push_and_one_ack_settles_it(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    let carol = server.account("carol").await;
+    let (mut phone, _) = WsClient::ready(&server.api, &bob).await;
+    let (mut laptop, _) = WsClient::ready(&server.api, &bob).await;
+
+    let sent = server.send(&alice, bob.id, b"to every device").await;
+    let message_id = sent["id"].as_str().unwrap().to_owned();
+    for ws in [&mut phone, &mut laptop] {
+        let pushed = ws.expect("message").await;
+        assert_eq!(pushed["id"], sent["id"]);
+        assert_eq!(unb64(pushed["body"].as_str().unwrap()), b"to every device");
+    }
+
+    // The sender cannot settle it: her ack is ignored. Her next send is
+    // committed after her ack, so once it is `sent` the ack has been applied.
+    let (mut alice_ws, _) = WsClient::ready(&server.api, &alice).await;
+    alice_ws.ack(&[&message_id]).await;
+    alice_ws.send_message("barrier", carol.id, b"x").await;
+    alice_ws.expect("sent").await;
+    alice_ws.expect_silence(Duration::from_millis(200)).await;
+    assert_eq!(ids(&server.inbox(&bob).await), [id(&sent["id"])]);
+
+    // One of bob's sockets acks it: settled for all of them.
+    phone.ack(&[&message_id]).await;
+    until_inbox_empty(&server.api, &bob).await;
+    let (_third, backlog) = WsClient::ready(&server.api, &bob).await;
+    assert!(backlog.is_empty(), "{backlog:?}");
+    phone.expect_silence(Duration::from_millis(200)).await;
+    laptop.expect_silence(Duration::from_millis(200)).await;
+
+    // Both are still live.
+    let next = server.send(&alice, bob.id, b"again").await;
+    assert_eq!(phone.expect("message").await["id"], next["id"]);
+    assert_eq!(laptop.expect("message").await["id"], next["id"]);
+}
+
+// ---------------------------------------------------------------------------
+// A stalled reader
+
+async fn a_stalled_reader_is_cut_off_without_slowing_others_or_losing_messages(backend: Backend) {
+    // Once bob reads again he sees the close the server sent him (1013), or,
+    // if his receive buffer was too full for even that frame, the end.
+    match stalled_reader(backend).await {
+        Event::Closed(TRY_AGAIN_LATER, _) | Event::Ended => {}
+        other => panic!("the stalled socket ended with {other:?}, not 1013"),
+    }
+}
+
+/// With `--ws-queue 4`, bob stops reading his socket while alice sends him
+/// 150 large messages, interleaved with 150 small ones to carol, who keeps
+/// reading. Checks that carol gets hers, that the server cut bob's socket
+/// off, and that nothing of bob's was lost; returns how bob's socket ended.
+async fn stalled_reader(backend: Backend) -> Event {
+    const EACH: usize = 150;
+    let server = TestServer::start_with(backend, &["--ws-queue", "4"]).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    let carol = server.account("carol").await;
+
+    // bob reaches `drained`, then stops reading.
+    let (mut bob_ws, backlog) = WsClient::ready(&server.api, &bob).await;
+    assert!(backlog.is_empty());
+    // carol keeps reading, in her own task.
+    let (mut carol_ws, _) = WsClient::ready(&server.api, &carol).await;
+    let carol_reader = tokio::spawn(async move {
+        let mut got = Vec::with_capacity(EACH);
+        for _ in 0..EACH {
+            let frame = carol_ws.expect("message").await;
+            got.push(id(&frame["id"]));
+        }
+        (carol_ws, got)
+    });
+
+    let big = |i: usize| {
+        let mut body = vec![0x5a; 60 * 1024];
+        body[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        body
+    };
+    let (mut to_bob, mut to_carol) = (Vec::new(), Vec::new());
+    for i in 0..EACH {
+        to_bob.push(id(&server.send(&alice, bob.id, &big(i)).await["id"]));
+        let small = format!("small {i}");
+        to_carol.push(id(
+            &server.send(&alice, carol.id, small.as_bytes()).await["id"],
+        ));
+    }
+
+    // carol got all of hers, in order, on a socket that stayed open.
+    let (mut carol_ws, got) = tokio::time::timeout(Duration::from_secs(60), carol_reader)
+        .await
+        .expect("carol receives her messages within 60 s")
+        .expect("carol's reader");
+    assert_eq!(got, to_carol);
+    let last = server.send(&alice, carol.id, b"one more").await;
+    assert_eq!(carol_ws.expect("message").await["id"], last["id"]);
+
+    // bob's socket holds what was written before the server gave up on it,
+    // then ends.
+    let mut got = Vec::new();
+    let mut end = None;
+    for _ in 0..=EACH {
+        match bob_ws.event().await {
+            Event::Json(frame) => {
+                assert_eq!(frame["type"], "message", "{frame}");
+                got.push(id(&frame["id"]));
+            }
+            other => {
+                end = Some(other);
+                break;
+            }
+        }
+    }
+    let end = end.expect("bob's stalled socket did not end");
+    assert!(
+        got.len() < EACH,
+        "the stalled socket was never cut off: it carried all {EACH}"
+    );
+    assert_eq!(got, to_bob[..got.len()], "pushed out of order");
+
+    // Nothing was lost: everything is queued, in order, for bob's next
+    // connection.
+    let inbox = server.inbox(&bob).await;
+    assert_eq!(ids(&inbox), to_bob);
+    assert_eq!(
+        unb64(inbox[EACH - 1]["body"].as_str().unwrap()),
+        big(EACH - 1)
+    );
+    let (_bob_ws, backlog) = WsClient::ready(&server.api, &bob).await;
+    assert_eq!(ids(&backlog), to_bob);
+    end
+}
+
+// ---------------------------------------------------------------------------
+// At-least-once delivery
+
+async fn an_unacked_push_is_redelivered_after_a_disconnect(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+
+    let (mut ws, _) = WsClient::ready(&server.api, &bob).await;
+    let sent = server.send(&alice, bob.id, b"ack me").await;
+    let pushed = ws.expect("message").await;
+    assert_eq!(pushed["id"], sent["id"]);
+    ws.abandon();
+
+    // Not acked: it comes again on the next socket, and over REST.
+    let (mut ws, backlog) = WsClient::ready(&server.api, &bob).await;
+    assert_eq!(ids(&backlog), [id(&sent["id"])]);
+    assert_eq!(unb64(backlog[0]["body"].as_str().unwrap()), b"ack me");
+    assert_eq!(backlog[0]["sent_at"], sent["sent_at"]);
+    assert_eq!(ids(&server.inbox(&bob).await), [id(&sent["id"])]);
+
+    // Acked on the socket: gone from REST and from the next drain.
+    ws.ack(&[sent["id"].as_str().unwrap()]).await;
+    until_inbox_empty(&server.api, &bob).await;
+    ws.expect_silence(Duration::from_millis(200)).await;
+    let (_ws, backlog) = WsClient::ready(&server.api, &bob).await;
+    assert!(backlog.is_empty(), "{backlog:?}");
+}
