@@ -7,15 +7,25 @@
 //! exhausting memory.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use argon2::Argon2;
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::Error;
+
+/// How long a request waits for a hashing slot before it is refused with
+/// 503: under a login flood, queueing longer only piles up requests.
+const QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Passwords {
-    permits: Semaphore,
+    /// One permit per hash allowed to run. The permit moves into the
+    /// blocking task, so it is held while the hash runs even if the client
+    /// hangs up and its request is dropped.
+    permits: Arc<Semaphore>,
     /// A hash of a random password with the live parameters: unknown
     /// usernames are verified against it so that they take as long to reject
     /// as a wrong password and do not reveal which accounts exist.
@@ -28,28 +38,46 @@ impl Passwords {
         let random: [u8; 32] = rand::random();
         let dummy_hash = hash(&random)?.into();
         Ok(Self {
-            permits: Semaphore::new(concurrency.max(1)),
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
             dummy_hash,
         })
     }
 
+    async fn permit(&self) -> Result<OwnedSemaphorePermit, Error> {
+        match tokio::time::timeout(QUEUE_TIMEOUT, self.permits.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(Error::Internal(anyhow::anyhow!("hasher closed"))),
+            Err(_) => {
+                tracing::warn!("password hashing queue full: refusing a request");
+                Err(Error::Unavailable)
+            }
+        }
+    }
+
     /// Hashes `password` into a PHC string with a fresh random salt.
-    pub async fn hash(&self, password: String) -> anyhow::Result<String> {
-        let _permit = self.permits.acquire().await.context("hasher closed")?;
-        tokio::task::spawn_blocking(move || hash(password.as_bytes()))
-            .await
-            .context("hash task failed")?
+    pub async fn hash(&self, password: String) -> Result<String, Error> {
+        let permit = self.permit().await?;
+        let hashed = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            hash(password.as_bytes())
+        })
+        .await
+        .context("hash task failed")??;
+        Ok(hashed)
     }
 
     /// Whether `password` matches `stored`. With no stored hash (unknown
     /// user) it burns the same time against the dummy hash and says no.
-    pub async fn verify(&self, password: String, stored: Option<String>) -> anyhow::Result<bool> {
-        let _permit = self.permits.acquire().await.context("hasher closed")?;
+    pub async fn verify(&self, password: String, stored: Option<String>) -> Result<bool, Error> {
+        let permit = self.permit().await?;
         let known = stored.is_some();
         let phc: Arc<str> = stored.map_or_else(|| self.dummy_hash.clone(), Into::into);
-        let matches = tokio::task::spawn_blocking(move || verify(password.as_bytes(), &phc))
-            .await
-            .context("verify task failed")??;
+        let matches = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            verify(password.as_bytes(), &phc)
+        })
+        .await
+        .context("verify task failed")??;
         Ok(known && matches)
     }
 }

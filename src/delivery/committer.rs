@@ -48,6 +48,8 @@ enum Op {
         ids: Vec<Uuid>,
         done: oneshot::Sender<Result<u64, CommitFailed>>,
     },
+    /// Completes once everything enqueued before it has been written.
+    Barrier { done: oneshot::Sender<()> },
 }
 
 /// A batch that could not be written. The cause was logged by the committer.
@@ -85,6 +87,14 @@ impl Slot<'_> {
         let (done, result) = oneshot::channel();
         self.0.send(Op::Insert { message, done });
         async move { Ok(result.await.map_err(|_| Error::Unavailable)??) }
+    }
+
+    /// Enqueues a barrier: the returned future completes once every op
+    /// enqueued before it has been written (or has failed).
+    pub fn barrier(self) -> impl Future<Output = Result<()>> + Send + 'static {
+        let (done, result) = oneshot::channel();
+        self.0.send(Op::Barrier { done });
+        async move { result.await.map_err(|_| Error::Unavailable) }
     }
 }
 
@@ -135,6 +145,7 @@ async fn commit(store: &dyn Store, ops: Vec<Op>) {
     let mut messages = Vec::new();
     let mut inserted = Vec::new();
     let mut ack_ops = Vec::new();
+    let mut barriers = Vec::new();
     for op in ops {
         match op {
             Op::Insert { message, done } => {
@@ -146,6 +157,7 @@ async fn commit(store: &dyn Store, ops: Vec<Op>) {
                 ids,
                 done,
             } => ack_ops.push((recipient, ids, done)),
+            Op::Barrier { done } => barriers.push(done),
         }
     }
 
@@ -167,7 +179,12 @@ async fn commit(store: &dyn Store, ops: Vec<Op>) {
     }
     messages.retain(|m| !cancelled.contains(&m.id));
 
-    match store.write_batch(&messages, &acks).await {
+    let written = store.write_batch(&messages, &acks).await;
+    // Everything before a barrier is in this batch or an earlier one.
+    for done in barriers {
+        let _ = done.send(());
+    }
+    match written {
         Ok(deleted) => {
             for done in inserted {
                 let _ = done.send(Ok(()));

@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::hub::{Hub, Outbound};
+use crate::hub::{Hub, Outbound, Registration};
 use crate::store::{self, Message, Store};
 use committer::Committer;
 
@@ -167,6 +167,29 @@ impl Delivery {
         })
     }
 
+    /// Registers a connection of `user` in the hub, to be followed by a
+    /// backlog read. Await the returned future before reading the backlog.
+    ///
+    /// A message accepted just before registering was pushed to no one, and
+    /// its insert may still be in the committer's queue. Registering under
+    /// the order lock and then waiting for a committer barrier closes that
+    /// gap: every message accepted before registration is committed by the
+    /// time the barrier passes (and is in the backlog), and every one
+    /// accepted after it is pushed to the new connection.
+    pub async fn subscribe(
+        &self,
+        user: Uuid,
+        session: Uuid,
+    ) -> Result<(
+        Registration,
+        impl Future<Output = Result<()>> + Send + 'static,
+    )> {
+        let slot = self.committer.reserve().await?;
+        let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
+        let registration = self.hub.register(user, session);
+        Ok((registration, slot.barrier()))
+    }
+
     /// `user`'s queued messages after the cursor, oldest first.
     pub async fn fetch(&self, user: Uuid, after: Option<Uuid>, limit: u32) -> Result<Page> {
         let limit = limit.clamp(1, MAX_PAGE);
@@ -204,5 +227,139 @@ fn new_message(sender: Uuid, recipient: Uuid, body: Vec<u8>) -> Message {
         sender,
         body,
         sent_at: store::id_time(id),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use chrono::{DateTime, Utc};
+
+    use super::*;
+    use crate::store::{Ack, Credentials, RefreshToken, Rotation, StoreResult, User};
+
+    /// A queue in memory whose commits take a while, so that a message can
+    /// be accepted and still uncommitted when a connection subscribes.
+    #[derive(Default)]
+    struct SlowStore {
+        messages: Mutex<Vec<Message>>,
+    }
+
+    const COMMIT_DELAY: Duration = Duration::from_millis(200);
+
+    #[async_trait]
+    impl Store for SlowStore {
+        async fn write_batch(
+            &self,
+            messages: &[Arc<Message>],
+            acks: &[Ack],
+        ) -> StoreResult<Vec<Uuid>> {
+            tokio::time::sleep(COMMIT_DELAY).await;
+            let mut stored = self.messages.lock().unwrap();
+            stored.extend(messages.iter().map(|m| Message::clone(m)));
+            stored.retain(|m| !acks.iter().any(|a| a.id == m.id));
+            Ok(acks.iter().map(|a| a.id).collect())
+        }
+        async fn fetch(
+            &self,
+            recipient: Uuid,
+            after: Uuid,
+            limit: u32,
+        ) -> StoreResult<Vec<Message>> {
+            let stored = self.messages.lock().unwrap();
+            let mut page: Vec<Message> = stored
+                .iter()
+                .filter(|m| m.recipient == recipient && m.id > after)
+                .cloned()
+                .collect();
+            page.sort_by_key(|m| m.id);
+            page.truncate(limit as usize);
+            Ok(page)
+        }
+        async fn user_exists(&self, _: Uuid) -> StoreResult<bool> {
+            Ok(true)
+        }
+        async fn migrate(&self) -> StoreResult<()> {
+            unreachable!()
+        }
+        async fn ping(&self) -> StoreResult<()> {
+            unreachable!()
+        }
+        async fn create_user(&self, _: &User, _: &str) -> StoreResult<()> {
+            unreachable!()
+        }
+        async fn user(&self, _: Uuid) -> StoreResult<Option<User>> {
+            unreachable!()
+        }
+        async fn user_by_name(&self, _: &str) -> StoreResult<Option<User>> {
+            unreachable!()
+        }
+        async fn credentials(&self, _: &str) -> StoreResult<Option<Credentials>> {
+            unreachable!()
+        }
+        async fn set_public_key(
+            &self,
+            _: Uuid,
+            _: &[u8],
+            _: DateTime<Utc>,
+        ) -> StoreResult<Option<User>> {
+            unreachable!()
+        }
+        async fn insert_refresh_token(&self, _: &RefreshToken) -> StoreResult<()> {
+            unreachable!()
+        }
+        async fn rotate_refresh_token(
+            &self,
+            _: &[u8; 32],
+            _: &[u8; 32],
+            _: DateTime<Utc>,
+            _: DateTime<Utc>,
+        ) -> StoreResult<Rotation> {
+            unreachable!()
+        }
+        async fn purge_refresh_tokens(&self, _: DateTime<Utc>) -> StoreResult<u64> {
+            unreachable!()
+        }
+        async fn delete_before(&self, _: Uuid, _: u32) -> StoreResult<u64> {
+            unreachable!()
+        }
+    }
+
+    fn delivery() -> Delivery {
+        let store: Arc<dyn Store> = Arc::new(SlowStore::default());
+        let (committer, _task) = Committer::spawn(store.clone());
+        Delivery::new(store, committer, Hub::new(16), 1024)
+    }
+
+    /// A message accepted before a connection subscribes, and still being
+    /// committed when it does, reaches that connection through its backlog.
+    #[tokio::test]
+    async fn a_message_in_commit_while_subscribing_is_in_the_backlog() {
+        let delivery = delivery();
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let accepted = delivery
+            .accept(alice, bob, b"early".to_vec())
+            .await
+            .unwrap();
+
+        let (mut registration, barrier) = delivery.subscribe(bob, Uuid::new_v4()).await.unwrap();
+        // Not pushed: bob was not registered when it was accepted.
+        assert!(registration.rx.try_recv().is_err());
+        barrier.await.unwrap();
+        let backlog = delivery.fetch(bob, None, 10).await.unwrap();
+        assert_eq!(
+            backlog.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+            [accepted.id]
+        );
+
+        // And one accepted after subscribing is pushed.
+        let later = delivery
+            .accept(alice, bob, b"later".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(registration.rx.recv().await.unwrap().message.id, later.id);
     }
 }

@@ -116,13 +116,34 @@ pub enum StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(err: sqlx::Error) -> Self {
-        match err {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                StoreError::Unavailable(err)
-            }
-            other => StoreError::Database(other),
+        let unavailable = match &err {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => true,
+            sqlx::Error::Database(db) => is_outage(db.as_ref()),
+            _ => false,
+        };
+        if unavailable {
+            StoreError::Unavailable(err)
+        } else {
+            StoreError::Database(err)
         }
     }
+}
+
+/// Whether a database error means "not now" rather than "never": the client
+/// should get 503 and retry, not 500.
+fn is_outage(db: &dyn sqlx::error::DatabaseError) -> bool {
+    if let Some(sqlite) = db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
+        // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes.
+        let primary = sqlx::error::DatabaseError::code(sqlite)
+            .and_then(|c| c.parse::<i32>().ok())
+            .map(|c| c & 0xff);
+        return matches!(primary, Some(5 | 6));
+    }
+    // PostgreSQL: connection exceptions (class 08), shutdown and recovery
+    // (57P01-57P03), too many connections (53300).
+    db.code().is_some_and(|code| {
+        code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+    })
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

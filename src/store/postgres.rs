@@ -181,8 +181,22 @@ impl Store for PgStore {
         now: DateTime<Utc>,
     ) -> StoreResult<Rotation> {
         let mut tx = self.pool.begin().await?;
-        // Spending is one conditional UPDATE: of two concurrent presentations
-        // of the same token, exactly one sees `used_at IS NULL`.
+        // Serialise every rotation and revocation of one user on the user's
+        // row. Without it, under READ COMMITTED, a revoking DELETE whose
+        // snapshot predates a concurrent rotation would miss the token that
+        // rotation inserts, and a thief refreshing in a loop would keep one.
+        let owner: Option<Uuid> = sqlx::query_scalar(
+            "SELECT u.id FROM refresh_tokens t JOIN users u ON u.id = t.user_id
+             WHERE t.token_hash = $1 FOR UPDATE OF u",
+        )
+        .bind(presented.to_vec())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if owner.is_none() {
+            return Ok(Rotation::Invalid);
+        }
+        // Spending is one conditional UPDATE: of two presentations of the
+        // same token, exactly one sees `used_at IS NULL`.
         let spent: Option<(Uuid, Uuid)> = sqlx::query_as(
             "UPDATE refresh_tokens SET used_at = $2
              WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2

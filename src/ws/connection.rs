@@ -1,12 +1,15 @@
 //! One WebSocket connection, from authentication to close, in one task.
 //!
-//! After authentication the connection registers in the hub *before* it
-//! reads its backlog: pushes that arrive meanwhile wait in its queue. It then
-//! sends the backlog page by page, says `drained`, and flushes the queued
-//! pushes, skipping any whose id the backlog already carried. Ids are
-//! committed in id order, so a push that is not in the backlog has a larger
-//! id than everything that is: nothing is missed, nothing is sent twice, and
-//! the order is the order of acceptance.
+//! After authentication the connection subscribes (see
+//! [`Delivery::subscribe`](crate::delivery::Delivery::subscribe)): it
+//! registers in the hub *before* it reads its backlog, so pushes that arrive
+//! meanwhile wait in its queue, and its first read waits until every message
+//! accepted before it registered is committed. It then sends the backlog
+//! page by page, says `drained`, and flushes the queued pushes, skipping any
+//! whose id the backlog already carried. Ids are committed in id order, so a
+//! push that is not in the backlog has a larger id than everything that is:
+//! nothing is missed, nothing is sent twice, and the order is the order of
+//! acceptance.
 //!
 //! A `send` is accepted (id, enqueue, push) before the next frame is read,
 //! so one connection's messages keep their order; its `sent` reply waits
@@ -38,7 +41,7 @@ use crate::state::AppState;
 /// cannot queue unbounded work. Signal-Server allows 256 in flight too.
 const MAX_IN_FLIGHT: usize = 256;
 
-/// Backlog messages per database read while draining.
+/// Backlog messages per database read while draining (at most `MAX_PAGE`).
 const DRAIN_PAGE: u32 = 200;
 
 /// A write that takes longer than this means the peer stopped reading.
@@ -67,9 +70,27 @@ pub async fn run(mut socket: WebSocket, state: AppState, header: Option<Result<C
         Err(Flow::Close(code, reason)) => return send_close(&mut socket, code, reason).await,
         Err(_) => return,
     };
-    let registration = state.hub.register(claims.sub, claims.sid);
+    let (registration, barrier) = match state.delivery.subscribe(claims.sub, claims.sid).await {
+        Ok(subscribed) => subscribed,
+        Err(_) => {
+            return send_close(
+                &mut socket,
+                close::INTERNAL,
+                "server unavailable; reconnect",
+            )
+            .await;
+        }
+    };
+    let first_page = {
+        let delivery = state.delivery.clone();
+        let user = claims.sub;
+        Box::pin(async move {
+            barrier.await?;
+            delivery.fetch(user, None, DRAIN_PAGE).await
+        })
+    };
     let mut conn = Connection {
-        fetch: Some(fetch_page(&state, claims.sub, None)),
+        fetch: Some(first_page),
         socket,
         user: claims.sub,
         expires_at: expiry_time(claims.exp),
@@ -144,7 +165,7 @@ fn fetch_page(
     after: Option<Uuid>,
 ) -> BoxFuture<'static, Result<Page>> {
     let delivery = state.delivery.clone();
-    Box::pin(async move { delivery.fetch(user, after, DRAIN_PAGE.min(MAX_PAGE)).await })
+    Box::pin(async move { delivery.fetch(user, after, DRAIN_PAGE).await })
 }
 
 /// The closing handshake: send a close frame, then read (and discard) until

@@ -15,6 +15,8 @@ backend_tests!(
     me_requires_a_valid_token,
     refresh_rotates_and_detects_reuse,
     refresh_rejects_unknown_tokens,
+    concurrent_reuse_leaves_no_refresh_token_alive,
+    reuse_racing_a_rotation_revokes_the_rotated_token,
 );
 
 async fn register_returns_the_profile(backend: Backend) {
@@ -311,4 +313,83 @@ async fn refresh_rejects_unknown_tokens(backend: Backend) {
         )
         .await
         .expect(200);
+}
+
+/// Ten presentations of one refresh token at once: exactly one rotates it,
+/// the others are reuse, and the reuse revokes everything, including the
+/// token the winner just received.
+async fn concurrent_reuse_leaves_no_refresh_token_alive(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let alice = server.account("alice").await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let (api, token) = (server.api.clone(), alice.refresh.clone());
+        tasks.spawn(async move {
+            api.post("/v1/token/refresh", None, json!({ "refresh_token": token }))
+                .await
+        });
+    }
+    let mut winners = Vec::new();
+    while let Some(reply) = tasks.join_next().await {
+        let reply = reply.unwrap();
+        match reply.status.as_u16() {
+            200 => winners.push(reply.body["refresh_token"].as_str().unwrap().to_owned()),
+            _ => reply.expect_error(401, "unauthorized"),
+        }
+    }
+    assert_eq!(
+        winners.len(),
+        1,
+        "exactly one presentation rotates the token"
+    );
+    server
+        .post(
+            "/v1/token/refresh",
+            None,
+            json!({ "refresh_token": winners[0] }),
+        )
+        .await
+        .expect_error(401, "unauthorized");
+}
+
+/// A thief rotates the current token while the victim replays an older,
+/// spent one. Whichever way they interleave, the reuse must revoke the
+/// token the rotation produced: none may survive. Repeated to hit the
+/// overlap.
+async fn reuse_racing_a_rotation_revokes_the_rotated_token(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    server.account("alice").await;
+    for _ in 0..25 {
+        let spent = server.login("alice").await["refresh_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let current = server
+            .post("/v1/token/refresh", None, json!({ "refresh_token": spent }))
+            .await
+            .expect(200)["refresh_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let (thief, victim) = tokio::join!(
+            server.post(
+                "/v1/token/refresh",
+                None,
+                json!({ "refresh_token": current })
+            ),
+            server.post("/v1/token/refresh", None, json!({ "refresh_token": spent })),
+        );
+        victim.expect_error(401, "unauthorized");
+        if thief.status == 200 {
+            let rotated = thief.body["refresh_token"].as_str().unwrap();
+            server
+                .post(
+                    "/v1/token/refresh",
+                    None,
+                    json!({ "refresh_token": rotated }),
+                )
+                .await
+                .expect_error(401, "unauthorized");
+        }
+    }
 }
