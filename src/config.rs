@@ -20,7 +20,13 @@ pub struct Config {
     pub addr: SocketAddr,
 
     /// Database: `sqlite://path` (created if missing) or `postgres://...`.
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://sealpost.db")]
+    /// (The value may hold a password, so `--help` does not print it.)
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://sealpost.db",
+        hide_env_values = true
+    )]
     pub database_url: String,
 
     /// Secret that signs access tokens, at least 32 bytes. With SQLite and no
@@ -44,9 +50,11 @@ pub struct Config {
     #[arg(long, env = "SEALPOST_SWEEP_INTERVAL", default_value = "1m", value_parser = parse_ttl)]
     pub sweep_interval: Duration,
 
-    /// Largest message body accepted, in bytes after base64 decoding.
+    /// Largest message body accepted, in bytes after base64 decoding, at most
+    /// 1 MiB: sealpost carries chat envelopes; attachments belong in blob
+    /// storage, with their key in an envelope.
     #[arg(long, env = "SEALPOST_MAX_BODY_BYTES", default_value_t = 65536,
-          value_parser = clap::value_parser!(u32).range(1..=16 * 1024 * 1024))]
+          value_parser = clap::value_parser!(u32).range(1..=1024 * 1024))]
     pub max_body_bytes: u32,
 
     /// How often the server pings each WebSocket; a peer that has not

@@ -36,6 +36,23 @@ pub async fn run(
     }
 }
 
+/// Runs `delete` until it deletes less than a batch (or shutdown); returns
+/// the total.
+async fn in_batches<F, Fut>(shutdown: &CancellationToken, mut delete: F) -> StoreResult<u64>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = StoreResult<u64>>,
+{
+    let mut total = 0;
+    loop {
+        let deleted = delete().await?;
+        total += deleted;
+        if deleted < u64::from(BATCH) || shutdown.is_cancelled() {
+            return Ok(total);
+        }
+    }
+}
+
 /// One sweep. Returns the number of messages deleted.
 pub async fn sweep(
     store: &dyn Store,
@@ -44,15 +61,8 @@ pub async fn sweep(
 ) -> StoreResult<u64> {
     let now = store::now();
     let before = store::first_id_at(store::sub(now, ttl));
-    let mut messages = 0;
-    loop {
-        let deleted = store.delete_before(before, BATCH).await?;
-        messages += deleted;
-        if deleted < u64::from(BATCH) || shutdown.is_cancelled() {
-            break;
-        }
-    }
-    let tokens = store.purge_refresh_tokens(now).await?;
+    let messages = in_batches(shutdown, || store.delete_before(before, BATCH)).await?;
+    let tokens = in_batches(shutdown, || store.purge_refresh_tokens(now, BATCH)).await?;
     if messages > 0 || tokens > 0 {
         tracing::info!(messages, refresh_tokens = tokens, "swept expired rows");
     } else {

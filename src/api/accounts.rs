@@ -72,6 +72,7 @@ struct Profile {
     id: Uuid,
     username: String,
     public_key: String,
+    #[serde(serialize_with = "crate::api::timestamp")]
     created_at: DateTime<Utc>,
 }
 
@@ -137,7 +138,10 @@ impl FromRequest<AppState> for LoginRequest {
             .headers()
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+            .is_some_and(|v| {
+                v.get(..33)
+                    .is_some_and(|t| t.eq_ignore_ascii_case("application/x-www-form-urlencoded"))
+            });
         if is_form {
             let Form(grant) = Form::<PasswordGrant>::from_request(req, state).await?;
             if grant.grant_type != "password" {

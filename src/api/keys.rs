@@ -80,6 +80,7 @@ async fn user_by_name(
 struct KeyView {
     user_id: Uuid,
     public_key: String,
+    #[serde(serialize_with = "crate::api::timestamp")]
     updated_at: DateTime<Utc>,
 }
 

@@ -37,6 +37,7 @@ struct Send {
 struct Sent {
     id: Uuid,
     to: Uuid,
+    #[serde(serialize_with = "crate::api::timestamp")]
     sent_at: DateTime<Utc>,
 }
 
@@ -64,6 +65,7 @@ pub struct MessageView {
     pub id: Uuid,
     pub from: Uuid,
     pub body: String,
+    #[serde(serialize_with = "crate::api::timestamp")]
     pub sent_at: DateTime<Utc>,
 }
 
@@ -81,7 +83,9 @@ impl From<&Message> for MessageView {
 #[derive(Deserialize)]
 struct ListQuery {
     after: Option<String>,
-    limit: Option<u32>,
+    /// Wide enough that any number parses and an out-of-range one gets a
+    /// 422 naming `limit`, not a parse error.
+    limit: Option<i64>,
 }
 
 #[derive(Serialize)]
@@ -100,10 +104,13 @@ async fn list(
         .as_deref()
         .map(|a| parse_id("after", a))
         .transpose()?;
-    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
+    let limit = query.limit.unwrap_or(i64::from(DEFAULT_PAGE));
+    let Some(limit) = u32::try_from(limit)
+        .ok()
+        .filter(|l| (1..=MAX_PAGE).contains(l))
+    else {
         return Err(Error::field("limit", format!("must be 1-{MAX_PAGE}")));
-    }
+    };
     let page = state.delivery.fetch(caller.id, after, limit).await?;
     Ok(Json(Listing {
         messages: page.messages.iter().map(MessageView::from).collect(),
@@ -138,12 +145,6 @@ async fn ack(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<AckRequest>,
 ) -> Result<Json<Acked>> {
-    if request.ids.len() > MAX_PAGE as usize {
-        return Err(Error::field(
-            "ids",
-            format!("at most {MAX_PAGE} ids per request"),
-        ));
-    }
     let ids = request
         .ids
         .iter()

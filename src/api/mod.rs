@@ -58,6 +58,16 @@ pub struct ApiQuery<T>(pub T);
 #[from_request(via(axum::extract::Path), rejection(Error))]
 pub struct ApiPath<T>(pub T);
 
+/// Serialises a timestamp as RFC 3339 in UTC with exactly three fraction
+/// digits, as `protocol.md` promises (chrono's default drops the fraction on
+/// whole seconds).
+pub fn timestamp<S: serde::Serializer>(
+    t: &chrono::DateTime<chrono::Utc>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
 /// Parses an id field, naming the field on failure.
 pub fn parse_id(field: &'static str, value: &str) -> Result<Uuid, Error> {
     Uuid::parse_str(value).map_err(|_| Error::field(field, "must be a UUID"))

@@ -20,7 +20,9 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
@@ -33,6 +35,16 @@ use crate::store::{Ack, Message, Store, StoreError};
 /// to keep the next batch ready while one commits.
 const CHANNEL_BOUND: usize = 4096;
 
+/// Message bytes admitted but not yet written. Counting ops alone would let
+/// 4096 maximal bodies (4 GiB) wait in memory; past this budget senders wait
+/// like they do for a channel slot. 64 MiB is hundreds of batches of typical
+/// chat envelopes.
+const BYTE_BUDGET: usize = 64 * 1024 * 1024;
+
+/// How long a sender waits for admission before it is told 503: a database
+/// that has stopped answering should not hold requests forever.
+const ADMISSION_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Operations in one transaction. Large enough to amortise a commit over many
 /// messages, small enough that one transaction stays short (an ack op carries
 /// at most 500 ids, so a batch touches at most ~128k rows).
@@ -42,6 +54,8 @@ enum Op {
     Insert {
         message: Arc<Message>,
         done: oneshot::Sender<Result<(), CommitFailed>>,
+        /// Its share of the byte budget, returned when the op is dropped.
+        _bytes: OwnedSemaphorePermit,
     },
     Ack {
         recipient: Uuid,
@@ -71,11 +85,15 @@ impl From<CommitFailed> for Error {
 /// The handle through which callers reach the committer task.
 pub struct Committer {
     tx: mpsc::Sender<Op>,
+    bytes: Arc<Semaphore>,
 }
 
-/// Room reserved in the committer's channel: enqueuing through it cannot
-/// wait, so it can happen under a lock.
-pub struct Slot<'a>(mpsc::Permit<'a, Op>);
+/// Room reserved in the committer's channel and byte budget: enqueuing
+/// through it cannot wait, so it can happen under a lock.
+pub struct Slot<'a> {
+    permit: mpsc::Permit<'a, Op>,
+    bytes: OwnedSemaphorePermit,
+}
 
 impl Slot<'_> {
     /// Enqueues the insert. The returned future completes once the message
@@ -85,7 +103,11 @@ impl Slot<'_> {
         message: Arc<Message>,
     ) -> impl Future<Output = Result<()>> + Send + 'static {
         let (done, result) = oneshot::channel();
-        self.0.send(Op::Insert { message, done });
+        self.permit.send(Op::Insert {
+            message,
+            done,
+            _bytes: self.bytes,
+        });
         async move { Ok(result.await.map_err(|_| Error::Unavailable)??) }
     }
 
@@ -93,7 +115,7 @@ impl Slot<'_> {
     /// enqueued before it has been written (or has failed).
     pub fn barrier(self) -> impl Future<Output = Result<()>> + Send + 'static {
         let (done, result) = oneshot::channel();
-        self.0.send(Op::Barrier { done });
+        self.permit.send(Op::Barrier { done });
         async move { result.await.map_err(|_| Error::Unavailable) }
     }
 }
@@ -104,31 +126,38 @@ impl Committer {
     pub fn spawn(store: Arc<dyn Store>) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(CHANNEL_BOUND);
         let task = tokio::spawn(run(store, rx));
-        (Self { tx }, task)
+        let bytes = Arc::new(Semaphore::new(BYTE_BUDGET));
+        (Self { tx, bytes }, task)
     }
 
-    /// Waits for room in the channel (backpressure when the database lags).
-    pub async fn reserve(&self) -> Result<Slot<'_>> {
-        self.tx
-            .reserve()
-            .await
-            .map(Slot)
-            .map_err(|_| Error::Unavailable)
+    /// Waits for room for an op carrying `bytes` of message body:
+    /// backpressure when the database lags, 503 when it has stopped.
+    pub async fn reserve(&self, bytes: usize) -> Result<Slot<'_>> {
+        let admit = async {
+            let weight = u32::try_from(bytes.min(BYTE_BUDGET)).unwrap_or(u32::MAX);
+            let bytes = self.bytes.clone().acquire_many_owned(weight).await.ok()?;
+            let permit = self.tx.reserve().await.ok()?;
+            Some(Slot { permit, bytes })
+        };
+        match tokio::time::timeout(ADMISSION_TIMEOUT, admit).await {
+            Ok(Some(slot)) => Ok(slot),
+            _ => Err(Error::Unavailable),
+        }
     }
 
     /// Deletes those of `ids` that are queued for `recipient`; returns how
     /// many were.
     pub async fn ack(&self, recipient: Uuid, ids: Vec<Uuid>) -> Result<u64> {
         let (done, result) = oneshot::channel();
-        self.tx
-            .send(Op::Ack {
-                recipient,
-                ids,
-                done,
-            })
-            .await
-            .map_err(|_| Error::Unavailable)?;
-        Ok(result.await.map_err(|_| Error::Unavailable)??)
+        let op = Op::Ack {
+            recipient,
+            ids,
+            done,
+        };
+        match tokio::time::timeout(ADMISSION_TIMEOUT, self.tx.send(op)).await {
+            Ok(Ok(())) => Ok(result.await.map_err(|_| Error::Unavailable)??),
+            _ => Err(Error::Unavailable),
+        }
     }
 }
 
@@ -146,9 +175,16 @@ async fn commit(store: &dyn Store, ops: Vec<Op>) {
     let mut inserted = Vec::new();
     let mut ack_ops = Vec::new();
     let mut barriers = Vec::new();
+    // Byte-budget permits, returned once the batch is written.
+    let mut held = Vec::new();
     for op in ops {
         match op {
-            Op::Insert { message, done } => {
+            Op::Insert {
+                message,
+                done,
+                _bytes,
+            } => {
+                held.push(_bytes);
                 messages.push(message);
                 inserted.push(done);
             }

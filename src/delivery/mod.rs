@@ -30,6 +30,11 @@ use committer::Committer;
 /// The most messages one page or one ack may carry.
 pub const MAX_PAGE: u32 = 500;
 
+/// The most body bytes one page carries: 500 maximal messages would be
+/// hundreds of megabytes in one reply. A page always has at least one
+/// message, and `next` says where to go on.
+pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
+
 pub struct Delivery {
     store: Arc<dyn Store>,
     committer: Committer,
@@ -127,7 +132,7 @@ impl Delivery {
     /// waiting for durability; await [`Accepted::durable`] for that.
     pub async fn accept(&self, from: Uuid, to: Uuid, body: Vec<u8>) -> Result<Accepted> {
         self.admit(to, &body).await?;
-        let slot = self.committer.reserve().await?;
+        let slot = self.committer.reserve(body.len()).await?;
         let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
         let message = Arc::new(new_message(from, to, body));
         let (id, sent_at) = (message.id, message.sent_at);
@@ -184,7 +189,7 @@ impl Delivery {
         Registration,
         impl Future<Output = Result<()>> + Send + 'static,
     )> {
-        let slot = self.committer.reserve().await?;
+        let slot = self.committer.reserve(0).await?;
         let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
         let registration = self.hub.register(user, session);
         Ok((registration, slot.barrier()))
@@ -198,8 +203,18 @@ impl Delivery {
             .store
             .fetch(user, after.unwrap_or(Uuid::nil()), limit + 1)
             .await?;
-        let next = if messages.len() > limit as usize {
-            messages.truncate(limit as usize);
+        let mut bytes = 0;
+        let within_budget = messages
+            .iter()
+            .take(limit as usize)
+            .take_while(|m| {
+                bytes += m.body.len();
+                bytes <= MAX_PAGE_BYTES
+            })
+            .count()
+            .max(1);
+        let next = if messages.len() > within_budget {
+            messages.truncate(within_budget);
             messages.last().map(|m| m.id)
         } else {
             None
@@ -211,6 +226,12 @@ impl Delivery {
     /// that are unknown or addressed to someone else are left alone and not
     /// counted.
     pub async fn ack(&self, user: Uuid, ids: Vec<Uuid>) -> Result<u64> {
+        if ids.len() > MAX_PAGE as usize {
+            return Err(Error::field(
+                "ids",
+                format!("at most {MAX_PAGE} ids per ack"),
+            ));
+        }
         if ids.is_empty() {
             return Ok(0);
         }
@@ -320,7 +341,7 @@ mod tests {
         ) -> StoreResult<Rotation> {
             unreachable!()
         }
-        async fn purge_refresh_tokens(&self, _: DateTime<Utc>) -> StoreResult<u64> {
+        async fn purge_refresh_tokens(&self, _: DateTime<Utc>, _: u32) -> StoreResult<u64> {
             unreachable!()
         }
         async fn delete_before(&self, _: Uuid, _: u32) -> StoreResult<u64> {

@@ -190,8 +190,9 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> StoreResult<Rotation>;
 
-    /// Deletes refresh tokens past their expiry; returns how many.
-    async fn purge_refresh_tokens(&self, now: DateTime<Utc>) -> StoreResult<u64>;
+    /// Deletes up to `limit` refresh tokens past their expiry; returns how
+    /// many.
+    async fn purge_refresh_tokens(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<u64>;
 
     /// Inserts `messages` and applies `acks` in one transaction. Returns the
     /// ids the acks deleted; an ack for an id that is unknown or addressed to

@@ -25,8 +25,16 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct PgStore {
+    /// Requests, the sweeper and account writes.
     pool: PgPool,
+    /// The committer's own connections, so that a burst of reads can never
+    /// make a write batch wait for a connection (and fail every send in it).
+    writer: PgPool,
 }
+
+/// The committer runs one batch at a time; the second connection covers a
+/// reconnect without waiting for the first to be reaped.
+const WRITER_CONNECTIONS: u32 = 2;
 
 type UserRow = (Uuid, String, Vec<u8>, DateTime<Utc>, DateTime<Utc>);
 
@@ -55,12 +63,18 @@ fn message_from_row((id, recipient, sender, body, sent_at): MessageRow) -> Messa
 impl PgStore {
     pub async fn connect(url: &str, pool_size: u32) -> StoreResult<Self> {
         let options: PgConnectOptions = url.parse().map_err(StoreError::Database)?;
+        let options = options.application_name("sealpost");
         let pool = PgPoolOptions::new()
             .max_connections(pool_size)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options.application_name("sealpost"))
+            .connect_with(options.clone())
             .await?;
-        Ok(Self { pool })
+        let writer = PgPoolOptions::new()
+            .max_connections(WRITER_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool, writer })
     }
 }
 
@@ -244,16 +258,20 @@ impl Store for PgStore {
         Ok(rotation)
     }
 
-    async fn purge_refresh_tokens(&self, now: DateTime<Utc>) -> StoreResult<u64> {
-        let done = sqlx::query("DELETE FROM refresh_tokens WHERE expires_at <= $1")
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
+    async fn purge_refresh_tokens(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM refresh_tokens WHERE token_hash IN
+             (SELECT token_hash FROM refresh_tokens WHERE expires_at <= $1 LIMIT $2)",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
         Ok(done.rows_affected())
     }
 
     async fn write_batch(&self, messages: &[Arc<Message>], acks: &[Ack]) -> StoreResult<Vec<Uuid>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         if !messages.is_empty() {
             sqlx::query(
                 "INSERT INTO messages (id, recipient, sender, body, sent_at)

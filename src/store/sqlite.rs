@@ -148,8 +148,9 @@ impl Store for SqliteStore {
         .await;
         match result {
             Ok(_) => Ok(()),
-            // The only unique key besides the random primary key.
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            Err(sqlx::Error::Database(e))
+                if e.is_unique_violation() && e.message().contains("users.username") =>
+            {
                 Err(StoreError::UsernameTaken)
             }
             Err(e) => Err(e.into()),
@@ -286,11 +287,15 @@ impl Store for SqliteStore {
         Ok(rotation)
     }
 
-    async fn purge_refresh_tokens(&self, now: DateTime<Utc>) -> StoreResult<u64> {
-        let done = sqlx::query("DELETE FROM refresh_tokens WHERE expires_at <= ?")
-            .bind(millis(now))
-            .execute(&self.writer)
-            .await?;
+    async fn purge_refresh_tokens(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM refresh_tokens WHERE token_hash IN
+             (SELECT token_hash FROM refresh_tokens WHERE expires_at <= ? LIMIT ?)",
+        )
+        .bind(millis(now))
+        .bind(i64::from(limit))
+        .execute(&self.writer)
+        .await?;
         Ok(done.rows_affected())
     }
 

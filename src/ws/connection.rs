@@ -31,7 +31,7 @@ use uuid::Uuid;
 use super::frame::{self, ClientFrame, ServerFrame, close};
 use crate::api::parse_id;
 use crate::auth::token::Claims;
-use crate::delivery::{MAX_PAGE, Page};
+use crate::delivery::Page;
 use crate::error::{Error, Result};
 use crate::hub::{Outbound, Registration};
 use crate::state::AppState;
@@ -41,7 +41,8 @@ use crate::state::AppState;
 /// cannot queue unbounded work. Signal-Server allows 256 in flight too.
 const MAX_IN_FLIGHT: usize = 256;
 
-/// Backlog messages per database read while draining (at most `MAX_PAGE`).
+/// Backlog messages per database read while draining (at most
+/// [`MAX_PAGE`](crate::delivery::MAX_PAGE)).
 const DRAIN_PAGE: u32 = 200;
 
 /// A write that takes longer than this means the peer stopped reading.
@@ -461,12 +462,6 @@ impl Connection {
 
     /// Settles ids; only a failure is answered.
     fn ack(&mut self, reference: &Option<String>, ids: &[String]) -> Result<()> {
-        if ids.len() > MAX_PAGE as usize {
-            return Err(Error::field(
-                "ids",
-                format!("at most {MAX_PAGE} ids per ack"),
-            ));
-        }
         let ids = ids
             .iter()
             .map(|id| parse_id("ids", id))

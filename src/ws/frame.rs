@@ -92,6 +92,7 @@ pub enum ServerFrame {
     /// Authenticated; the queued backlog follows.
     Ready {
         user_id: Uuid,
+        #[serde(serialize_with = "crate::api::timestamp")]
         expires_at: DateTime<Utc>,
     },
     /// The backlog has been sent; what follows is live.
@@ -106,6 +107,7 @@ pub enum ServerFrame {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<String>,
         id: Uuid,
+        #[serde(serialize_with = "crate::api::timestamp")]
         sent_at: DateTime<Utc>,
         /// For ephemeral sends only: whether a connection took it.
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -114,6 +116,7 @@ pub enum ServerFrame {
     Authed {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<String>,
+        #[serde(serialize_with = "crate::api::timestamp")]
         expires_at: DateTime<Utc>,
     },
     Error {
@@ -203,6 +206,8 @@ mod tests {
         let json: Value = serde_json::to_value(&frame).unwrap();
         assert_eq!(json["type"], "sent");
         assert_eq!(json["ref"], "a");
+        // Whole seconds still carry milliseconds.
+        assert_eq!(json["sent_at"], "1970-01-01T00:00:00.000Z");
         assert!(json.get("delivered").is_none());
         let drained = serde_json::to_value(ServerFrame::Drained).unwrap();
         assert_eq!(drained, serde_json::json!({ "type": "drained" }));

@@ -11,6 +11,7 @@ use crate::backend_tests;
 use crate::common::{Account, Backend, TestServer, b64, unb64};
 
 backend_tests!(
+    pages_stop_at_four_mebibytes_of_bodies,
     send_then_poll_round_trips,
     send_rejects_bad_requests,
     send_requires_a_token,
@@ -353,14 +354,16 @@ async fn paging_parameters_are_validated(backend: Backend) {
         reply.expect_error(422, "invalid");
         assert_eq!(reply.body["error"]["field"], field, "{query}");
     }
-    // Not a number at all: a malformed query.
-    for query in [
-        "limit=abc",
-        "limit=-1",
-        "limit=1.5",
-        "limit=",
-        "limit=4294967296",
-    ] {
+    // Numbers out of range, however large: 422 naming `limit`.
+    for query in ["limit=-1", "limit=4294967296"] {
+        let reply = server
+            .get(&format!("/v1/messages?{query}"), Some(&bob.access))
+            .await;
+        reply.expect_error(422, "invalid");
+        assert_eq!(reply.body["error"]["field"], "limit", "{query}");
+    }
+    // Not a whole number at all: a malformed query.
+    for query in ["limit=abc", "limit=1.5", "limit="] {
         server
             .get(&format!("/v1/messages?{query}"), Some(&bob.access))
             .await
@@ -681,4 +684,31 @@ async fn concurrent_sends_get_distinct_ordered_ids(backend: Backend) {
         assert_eq!(unb64(got["body"].as_str().unwrap()), *body);
         assert_eq!(time(&got["sent_at"]), time(sent_at));
     }
+}
+
+/// 70 maximal bodies (64 KiB) are 4.4 MiB: one page of 500 stops at 4 MiB,
+/// with a `next`, and the second page has the rest.
+async fn pages_stop_at_four_mebibytes_of_bodies(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    for n in 0..70u8 {
+        server.send(&alice, bob.id, &vec![n; 65536]).await;
+    }
+    let first = server
+        .get("/v1/messages?limit=500", Some(&bob.access))
+        .await
+        .expect(200);
+    let count = first["messages"].as_array().unwrap().len();
+    assert_eq!(count, 64, "4 MiB of 64 KiB bodies");
+    let next = first["next"].as_str().expect("a next page");
+    let second = server
+        .get(
+            &format!("/v1/messages?limit=500&after={next}"),
+            Some(&bob.access),
+        )
+        .await
+        .expect(200);
+    assert_eq!(second["messages"].as_array().unwrap().len(), 6);
+    assert!(second["next"].is_null());
 }
