@@ -1,12 +1,12 @@
 //! The user directory and public keys: lookup by name, by id, and key
 //! rotation.
 
-use chrono::{DateTime, Utc};
-use serde_json::{Value, json};
+use chrono::Utc;
+use serde_json::json;
 use uuid::Uuid;
 
 use crate::backend_tests;
-use crate::common::{Account, Backend, PASSWORD, TestServer, b64, public_key, unb64};
+use crate::common::{Account, Backend, PASSWORD, TestServer, b64, public_key, time, unb64};
 
 backend_tests!(
     directory_lookup_by_name,
@@ -20,14 +20,6 @@ backend_tests!(
     update_key_rejects_invalid_keys,
     update_key_requires_a_token,
 );
-
-fn time(value: &Value) -> DateTime<Utc> {
-    value
-        .as_str()
-        .unwrap_or_else(|| panic!("not a timestamp: {value}"))
-        .parse()
-        .unwrap_or_else(|e| panic!("not a timestamp: {value}: {e}"))
-}
 
 /// The public key `who` registered with, as `/v1/me` reports it.
 async fn own_key(server: &TestServer, who: &Account) -> String {

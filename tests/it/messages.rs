@@ -2,13 +2,13 @@
 
 use std::collections::HashSet;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{TimeDelta, Utc};
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use crate::backend_tests;
-use crate::common::{Account, Backend, TestServer, b64, unb64};
+use crate::common::{Account, Backend, TestServer, b64, id, ids, time, unb64};
 
 backend_tests!(
     pages_stop_at_four_mebibytes_of_bodies,
@@ -26,26 +26,6 @@ backend_tests!(
     batch_ack_limits_and_validation,
     concurrent_sends_get_distinct_ordered_ids,
 );
-
-fn id(value: &Value) -> Uuid {
-    value
-        .as_str()
-        .unwrap_or_else(|| panic!("not an id: {value}"))
-        .parse()
-        .unwrap_or_else(|e| panic!("not an id: {value}: {e}"))
-}
-
-fn time(value: &Value) -> DateTime<Utc> {
-    value
-        .as_str()
-        .unwrap_or_else(|| panic!("not a timestamp: {value}"))
-        .parse()
-        .unwrap_or_else(|e| panic!("not a timestamp: {value}: {e}"))
-}
-
-fn ids(messages: &[Value]) -> Vec<Uuid> {
-    messages.iter().map(|m| id(&m["id"])).collect()
-}
 
 fn keys(object: &Value) -> Vec<&str> {
     let mut keys: Vec<&str> = object

@@ -8,7 +8,9 @@ use uuid::Uuid;
 
 use crate::backend_tests;
 use crate::common::ws::{Event, WsClient};
-use crate::common::{Account, Api, Backend, ServerProcess, TestDb, TestServer, b64, unb64};
+use crate::common::{
+    Account, Api, Backend, ServerProcess, TestDb, TestServer, b64, id, ids, unb64,
+};
 
 backend_tests!(
     header_auth_then_ready_and_an_empty_drain,
@@ -18,10 +20,6 @@ backend_tests!(
     sent_means_durable_across_kill9_for_offline_and_online_recipients,
     graceful_shutdown_confirms_in_flight_sends_and_closes_with_1001,
 );
-
-fn id_of(frame: &Value) -> Uuid {
-    frame["id"].as_str().expect("id").parse().expect("uuid")
-}
 
 /// The sequence number each test message carries in its body.
 fn seq(frame: &Value) -> u32 {
@@ -127,7 +125,7 @@ async fn live_messages_during_the_drain_keep_order_without_repeats(backend: Back
         (0..QUEUED + LIVE).collect::<Vec<_>>(),
         "out of order, missing or repeated"
     );
-    let ids: Vec<Uuid> = received.iter().map(id_of).collect();
+    let ids = ids(&received);
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
     ws.expect_silence(Duration::from_millis(300)).await;
 }
@@ -141,14 +139,14 @@ async fn send_over_socket(ws: &mut WsClient, to: Uuid, count: u32) -> Vec<Uuid> 
     let mut confirmed = Vec::new();
     while confirmed.len() < count as usize {
         let frame = ws.expect("sent").await;
-        confirmed.push(id_of(&frame));
+        confirmed.push(id(&frame["id"]));
     }
     confirmed
 }
 
-async fn assert_queued(api: &Api, who: &Account, ids: &[Uuid]) {
-    let queued: HashSet<Uuid> = api.inbox(who).await.iter().map(id_of).collect();
-    let lost: Vec<&Uuid> = ids.iter().filter(|id| !queued.contains(id)).collect();
+async fn assert_queued(api: &Api, who: &Account, confirmed: &[Uuid]) {
+    let queued: HashSet<Uuid> = ids(&api.inbox(who).await).into_iter().collect();
+    let lost: Vec<&Uuid> = confirmed.iter().filter(|id| !queued.contains(id)).collect();
     assert!(
         lost.is_empty(),
         "{} confirmed messages lost: {lost:?}",
@@ -180,7 +178,7 @@ async fn sent_means_durable_across_kill9_for_offline_and_online_recipients(backe
     assert_queued(&restarted.api, &online, &to_online).await;
     // The unacked pushes come back on the next connection, in order.
     let (_, backlog) = WsClient::ready(&restarted.api, &online).await;
-    assert_eq!(backlog.iter().map(id_of).collect::<Vec<_>>(), to_online);
+    assert_eq!(ids(&backlog), to_online);
 }
 
 async fn graceful_shutdown_confirms_in_flight_sends_and_closes_with_1001(backend: Backend) {
@@ -196,7 +194,7 @@ async fn graceful_shutdown_confirms_in_flight_sends_and_closes_with_1001(backend
             .await;
     }
     // Shut down while the sends are in flight: after the first is confirmed.
-    let mut confirmed = vec![id_of(&alice_ws.expect("sent").await)];
+    let mut confirmed = vec![id(&alice_ws.expect("sent").await["id"])];
     // Stop in the background: the server waits for clients to answer its
     // close frames, as live clients do.
     let stopping = tokio::spawn(server.stop());
@@ -204,7 +202,7 @@ async fn graceful_shutdown_confirms_in_flight_sends_and_closes_with_1001(backend
     // Alice sees `sent` for what the server took, then 1001.
     let code = loop {
         match alice_ws.event().await {
-            Event::Json(frame) if frame["type"] == "sent" => confirmed.push(id_of(&frame)),
+            Event::Json(frame) if frame["type"] == "sent" => confirmed.push(id(&frame["id"])),
             Event::Json(frame) => panic!("unexpected frame {frame}"),
             Event::Closed(code, _) => break code,
             Event::Ended => panic!("alice's socket ended without a close frame"),

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::backend_tests;
 use crate::common::ws::{Event, WsClient};
-use crate::common::{Account, Api, Backend, TestServer, b64, unb64};
+use crate::common::{Account, Api, Backend, TestServer, b64, id, ids, time, unb64};
 
 backend_tests!(
     bad_header_tokens_are_closed_with_4401,
@@ -41,26 +41,6 @@ const TRY_AGAIN_LATER: u16 = 1013;
 /// committed, a socket gone), polling every [`POLL`].
 const SETTLE: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(50);
-
-fn id(value: &Value) -> Uuid {
-    value
-        .as_str()
-        .unwrap_or_else(|| panic!("not an id: {value}"))
-        .parse()
-        .unwrap_or_else(|e| panic!("not an id: {value}: {e}"))
-}
-
-fn ids(messages: &[Value]) -> Vec<Uuid> {
-    messages.iter().map(|m| id(&m["id"])).collect()
-}
-
-fn time(value: &Value) -> DateTime<Utc> {
-    value
-        .as_str()
-        .unwrap_or_else(|| panic!("not a timestamp: {value}"))
-        .parse()
-        .unwrap_or_else(|e| panic!("not a timestamp: {value}: {e}"))
-}
 
 /// Sleeps until the wall-clock time `at`, which must be near; returns at
 /// once if it has passed.

@@ -364,6 +364,29 @@ impl Reply {
     }
 }
 
+/// A JSON string that must be a UUID.
+pub fn id(value: &Value) -> Uuid {
+    value
+        .as_str()
+        .unwrap_or_else(|| panic!("not an id: {value}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("not an id: {value}: {e}"))
+}
+
+/// The ids of message objects, in order.
+pub fn ids(messages: &[Value]) -> Vec<Uuid> {
+    messages.iter().map(|m| id(&m["id"])).collect()
+}
+
+/// A JSON string that must be an RFC 3339 timestamp.
+pub fn time(value: &Value) -> chrono::DateTime<chrono::Utc> {
+    value
+        .as_str()
+        .unwrap_or_else(|| panic!("not a timestamp: {value}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("not a timestamp: {value}: {e}"))
+}
+
 pub fn b64(bytes: &[u8]) -> String {
     STANDARD.encode(bytes)
 }
