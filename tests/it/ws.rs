@@ -19,6 +19,7 @@ backend_tests!(
     live_messages_during_the_drain_keep_order_without_repeats,
     sent_means_durable_across_kill9_for_offline_and_online_recipients,
     graceful_shutdown_confirms_in_flight_sends_and_closes_with_1001,
+    silent_peers_are_dropped_and_answering_ones_kept,
 );
 
 /// The sequence number each test message carries in its body.
@@ -214,4 +215,31 @@ async fn graceful_shutdown_confirms_in_flight_sends_and_closes_with_1001(backend
 
     let restarted = TestServer::start_on(db, &[]).await;
     assert_queued(&restarted.api, &bob, &confirmed).await;
+}
+
+/// With a 1 s ping interval: a client that keeps reading (so its library
+/// answers pings) stays connected across several intervals; one that stops
+/// reading sends no pongs and is dropped by the next ping after.
+async fn silent_peers_are_dropped_and_answering_ones_kept(backend: Backend) {
+    let server = TestServer::start_with(backend, &["--ws-ping-interval", "1s"]).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    let (mut answering, _) = WsClient::ready(&server.api, &alice).await;
+    let (mut silent, _) = WsClient::ready(&server.api, &bob).await;
+
+    // Reading answers the server's pings; nothing else arrives meanwhile.
+    answering.expect_silence(Duration::from_millis(3500)).await;
+    // bob read nothing for 3.5 s: by now the server has given up on him.
+    loop {
+        match silent.event().await {
+            Event::Json(frame) => panic!("unexpected frame {frame}"),
+            Event::Closed(..) | Event::Ended => break,
+        }
+    }
+    // alice is still connected and served.
+    server.send(&bob, alice.id, b"still here").await;
+    assert_eq!(
+        unb64(answering.expect("message").await["body"].as_str().unwrap()),
+        b"still here"
+    );
 }
