@@ -6,6 +6,12 @@ use clap::{Parser, Subcommand};
 use sealpost::{Config, Server, server};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc returns freed memory to the OS promptly. With glibc's malloc,
+/// the 19 MiB argon2 blocks stayed resident after their hashes (598 MB
+/// after 60 sign-ups, measured).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "sealpost",
