@@ -1,0 +1,258 @@
+//! sealpost-loadtest: drives a running sealpost through its public API only,
+//! as real clients do, and measures it.
+//!
+//! # Layout
+//!
+//! - [`client`]: REST (with backoff and a token cache) and WebSocket clients.
+//! - [`stats`]: latency histograms and counters that merge across processes.
+//! - [`scenario`]: `connect`, `pairs`, `drain`, `poll`, `storm`.
+//! - This file: the run itself. A run signs up its accounts, writes a
+//!   [`Plan`], and executes it in `--workers` shards: in this process for one
+//!   worker, else in child processes of the same binary, each holding its
+//!   share of the sockets (one process holds at most ~19,900 sockets under a
+//!   20,000 open-file limit). Shards meet at a [`Gate`] between their setup
+//!   and their measured phase, where the parent acts (measures memory,
+//!   restarts the server, starts the clock), then report; the parent merges
+//!   the reports into one JSON result on stdout.
+
+pub mod client;
+pub mod scenario;
+pub mod stats;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use client::{Account, Target};
+use stats::Report;
+
+/// What to run, with its parameters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Spec {
+    Connect {
+        conns: usize,
+        hold: Duration,
+    },
+    Pairs {
+        pairs: usize,
+        rate: u64,
+        duration: Duration,
+        size: usize,
+    },
+    Drain {
+        users: usize,
+        per_user: usize,
+    },
+    Poll {
+        pairs: usize,
+        rate: u64,
+        duration: Duration,
+        size: usize,
+    },
+    Storm {
+        conns: usize,
+        restart_cmd: Option<String>,
+        timeout: Duration,
+    },
+}
+
+/// Everything a shard needs, written once by the parent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    pub spec: Spec,
+    pub targets: Vec<Target>,
+    pub sources: Vec<Option<IpAddr>>,
+    pub accounts: Vec<Account>,
+    /// For `drain`: the user that queued the messages (not a receiver).
+    pub extra: Value,
+}
+
+/// Which part of the plan a shard runs: every `count`-th item from `index`.
+#[derive(Debug, Clone, Copy)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    pub fn take<T: Clone>(&self, items: &[T]) -> Vec<T> {
+        items
+            .iter()
+            .skip(self.index)
+            .step_by(self.count.max(1))
+            .cloned()
+            .collect()
+    }
+}
+
+/// The meeting point between a shard's setup and its measured phase.
+pub enum Gate {
+    /// In-process: run the parent's action right here, keeping the setup
+    /// report to merge with the measured one.
+    Local {
+        action: Option<BoxFuture<'static, ()>>,
+        setup: Report,
+    },
+    /// In a child: tell the parent, and wait until it says go.
+    Child,
+}
+
+impl Gate {
+    pub async fn pass(&mut self, setup: &Report) {
+        match self {
+            Gate::Local {
+                action,
+                setup: kept,
+            } => {
+                kept.merge(setup);
+                if let Some(action) = action.take() {
+                    action.await;
+                }
+            }
+            Gate::Child => {
+                let line = serde_json::json!({ "ready": setup });
+                println!("{line}");
+                let _ = std::io::stdout().flush();
+                // Wait for the parent's go (a line, or EOF if it died).
+                let _ = tokio::task::spawn_blocking(|| {
+                    let mut go = String::new();
+                    std::io::stdin().read_line(&mut go)
+                })
+                .await;
+            }
+        }
+    }
+}
+
+/// Runs `plan` in `workers` shards and returns the merged report: each
+/// shard's setup (reported at the gate) and its measurements. `between`
+/// runs once every shard has finished its setup.
+pub async fn execute(
+    plan: &Plan,
+    workers: usize,
+    between: BoxFuture<'static, ()>,
+) -> anyhow::Result<Report> {
+    if workers <= 1 {
+        let mut gate = Gate::Local {
+            action: Some(between),
+            setup: Report::default(),
+        };
+        let measured = scenario::run(plan, Shard { index: 0, count: 1 }, &mut gate).await?;
+        let Gate::Local {
+            setup: mut report, ..
+        } = gate
+        else {
+            unreachable!("a local gate stays local")
+        };
+        report.merge(&measured);
+        return Ok(report);
+    }
+    let path = std::env::temp_dir().join(format!("sealpost-loadtest-{}.json", std::process::id()));
+    std::fs::write(&path, serde_json::to_vec(plan)?).context("writing the plan")?;
+    let result = spawn_workers(&path, workers, between).await;
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+async fn spawn_workers(
+    plan: &PathBuf,
+    workers: usize,
+    between: BoxFuture<'static, ()>,
+) -> anyhow::Result<Report> {
+    let exe = std::env::current_exe().context("locating the loadtest binary")?;
+    let mut children = Vec::new();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Value)>();
+    for index in 0..workers {
+        let mut child = Command::new(&exe)
+            .arg("worker")
+            .arg("--plan")
+            .arg(plan)
+            .arg("--shard")
+            .arg(index.to_string())
+            .arg("--of")
+            .arg(workers.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning a worker")?;
+        let stdout = child.stdout.take().expect("piped");
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(value) = serde_json::from_str::<Value>(&line) {
+                    let _ = tx.send((index, value));
+                }
+            }
+            let _ = tx.send((index, Value::Null));
+        });
+        children.push(child);
+    }
+    drop(tx);
+
+    let mut report = Report::default();
+    let (mut ready, mut done, mut between) = (0, 0, Some(between));
+    while done < workers {
+        let Some((index, event)) = rx.recv().await else {
+            break;
+        };
+        if let Some(setup) = event.get("ready") {
+            let setup: Report = serde_json::from_value(setup.clone())?;
+            report.merge(&setup);
+            ready += 1;
+            if ready == workers {
+                if let Some(action) = between.take() {
+                    action.await;
+                }
+                for child in &mut children {
+                    if let Some(stdin) = child.stdin.as_mut() {
+                        let _ = writeln!(stdin, "go");
+                        let _ = stdin.flush();
+                    }
+                }
+            }
+        } else if let Some(result) = event.get("report") {
+            report.merge(&serde_json::from_value(result.clone())?);
+        } else if event.is_null() {
+            done += 1;
+        } else {
+            tracing_note(index, &event);
+        }
+    }
+    for mut child in children {
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("a worker failed: {status}");
+        }
+    }
+    Ok(report)
+}
+
+fn tracing_note(index: usize, event: &Value) {
+    eprintln!("worker {index}: {event}");
+}
+
+/// The child side: run one shard of the plan at `path`, reporting on stdout.
+pub async fn worker(path: PathBuf, index: usize, count: usize) -> anyhow::Result<()> {
+    let plan: Plan = serde_json::from_slice(&std::fs::read(&path)?).context("reading the plan")?;
+    // The setup was reported at the gate; this is what came after.
+    let measured = scenario::run(&plan, Shard { index, count }, &mut Gate::Child).await?;
+    println!("{}", serde_json::json!({ "report": measured }));
+    Ok(())
+}
+
+/// VmRSS of `pid` in KiB, from /proc.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}

@@ -1,0 +1,393 @@
+//! The `sealpost-loadtest` command: parse a scenario, sign up its accounts,
+//! run it across workers, print one JSON result on stdout. Progress goes to
+//! stderr.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use sealpost_loadtest::client::{self, Account, Api, Target};
+use sealpost_loadtest::scenario::drain;
+use sealpost_loadtest::stats::Report;
+use sealpost_loadtest::{Plan, Spec, execute, rss_kib, worker};
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(
+    name = "sealpost-loadtest",
+    version,
+    about = "Load generator for sealpost"
+)]
+struct Cli {
+    /// Server to drive (repeat for several nodes; sockets are spread over
+    /// them). Loopback addresses only.
+    #[arg(long = "url", global = true, default_value = "http://127.0.0.1:8080")]
+    urls: Vec<String>,
+    /// Worker processes to spread the sockets over (each holds at most what
+    /// its open-file limit allows, about 19,900).
+    #[arg(long, global = true, default_value_t = 1)]
+    workers: usize,
+    /// Spread sockets over this many source addresses, 127.0.0.2 and up
+    /// (each gives ~28,000 ephemeral ports); 0 lets the OS choose.
+    #[arg(long, global = true, default_value_t = 0)]
+    sources: u8,
+    /// Keep accounts here between runs: reruns refresh their tokens instead
+    /// of signing up again (which costs the server two argon2 hashes each).
+    #[arg(long, global = true)]
+    token_cache: Option<PathBuf>,
+    /// Sign-ups and logins at once.
+    #[arg(long, global = true, default_value_t = 8)]
+    signup_concurrency: usize,
+    /// The server's pid, to report its memory (VmRSS) before and after.
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
+    /// Account name prefix, so runs against one server can keep apart.
+    #[arg(long, global = true, default_value = "lt")]
+    prefix: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Open N authenticated sockets and hold them.
+    Connect {
+        #[arg(long)]
+        conns: usize,
+        /// Seconds to hold them once all are ready.
+        #[arg(long, default_value_t = 10)]
+        hold: u64,
+        /// Distinct accounts the sockets use (default: one per socket).
+        #[arg(long)]
+        users: Option<usize>,
+    },
+    /// Sender/receiver pairs over WebSockets at a total rate.
+    Pairs {
+        #[arg(long)]
+        pairs: usize,
+        /// Total messages per second; 0 sends as fast as it goes.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        #[arg(long, default_value_t = 30)]
+        duration: u64,
+        /// Body size in bytes (at least 16: time and sequence).
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+    },
+    /// Queue users × per-user messages for offline users, then time the drain.
+    Drain {
+        #[arg(long)]
+        users: usize,
+        #[arg(long)]
+        per_user: usize,
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+    },
+    /// The pairs traffic over the REST fallback.
+    Poll {
+        #[arg(long)]
+        pairs: usize,
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        #[arg(long, default_value_t = 30)]
+        duration: u64,
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+    },
+    /// N clients connected; the server restarts; time until all are back.
+    Storm {
+        #[arg(long)]
+        conns: usize,
+        #[arg(long)]
+        users: Option<usize>,
+        /// Shell command that restarts the server, run once all are ready.
+        /// Without it, restart the server by hand.
+        #[arg(long)]
+        restart_cmd: Option<String>,
+        /// How long clients keep trying to come back.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        /// Messages pushed before the restart (to distinct users), which must
+        /// come back after it.
+        #[arg(long, default_value_t = 200)]
+        markers: usize,
+    },
+    /// (internal) Run one shard of a plan written by the parent.
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        plan: PathBuf,
+        #[arg(long)]
+        shard: usize,
+        #[arg(long)]
+        of: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Command::Worker { plan, shard, of } = &cli.command {
+        return worker(plan.clone(), *shard, *of).await;
+    }
+    let targets = cli
+        .urls
+        .iter()
+        .map(|u| Target::parse(u))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let api = Api::new(targets[0].clone());
+    let accounts = |prefix: String, count: usize| {
+        let (api, cache, concurrency) =
+            (api.clone(), cli.token_cache.clone(), cli.signup_concurrency);
+        async move { client::accounts(&api, &prefix, count, concurrency, cache.as_deref()).await }
+    };
+    let mut plan = Plan {
+        spec: Spec::Connect {
+            conns: 0,
+            hold: Duration::ZERO,
+        },
+        targets: targets.clone(),
+        sources: client::sources(cli.sources),
+        accounts: Vec::new(),
+        extra: Value::Null,
+    };
+    let p = &cli.prefix;
+    let mut params = json!({});
+    let mut between: BoxFuture<'static, ()> = async {}.boxed();
+    let mut after_setup_rss = None::<std::sync::Arc<std::sync::Mutex<Option<u64>>>>;
+    match &cli.command {
+        Command::Connect { conns, hold, users } => {
+            plan.spec = Spec::Connect {
+                conns: *conns,
+                hold: Duration::from_secs(*hold),
+            };
+            plan.accounts = accounts(format!("{p}-c-"), users.unwrap_or(*conns).max(1)).await?;
+            params = json!({ "conns": conns, "hold_s": hold, "users": plan.accounts.len() });
+            let (pid, hold) = (cli.server_pid, Duration::from_secs(*hold));
+            let measured = std::sync::Arc::new(std::sync::Mutex::new(None));
+            after_setup_rss = Some(measured.clone());
+            between = async move {
+                // Let the server settle (idle tasks, allocator) before reading.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                *measured.lock().unwrap() = pid.and_then(rss_kib);
+                tokio::time::sleep(hold.saturating_sub(Duration::from_secs(1))).await;
+            }
+            .boxed();
+        }
+        Command::Pairs {
+            pairs,
+            rate,
+            duration,
+            size,
+        } => {
+            plan.spec = Spec::Pairs {
+                pairs: *pairs,
+                rate: *rate,
+                duration: Duration::from_secs(*duration),
+                size: (*size).max(16),
+            };
+            plan.accounts = accounts(format!("{p}-p-"), 2 * pairs).await?;
+            params = json!({ "pairs": pairs, "rate": rate, "duration_s": duration, "size": size });
+        }
+        Command::Poll {
+            pairs,
+            rate,
+            duration,
+            size,
+        } => {
+            plan.spec = Spec::Poll {
+                pairs: *pairs,
+                rate: *rate,
+                duration: Duration::from_secs(*duration),
+                size: (*size).max(16),
+            };
+            plan.accounts = accounts(format!("{p}-r-"), 2 * pairs).await?;
+            params = json!({ "pairs": pairs, "rate": rate, "duration_s": duration, "size": size });
+        }
+        Command::Drain {
+            users,
+            per_user,
+            size,
+        } => {
+            plan.spec = Spec::Drain {
+                users: *users,
+                per_user: *per_user,
+            };
+            plan.accounts = accounts(format!("{p}-d-"), *users).await?;
+            let sender = accounts(format!("{p}-dsend-"), 1).await?.remove(0);
+            let queue_started = std::time::Instant::now();
+            let queued = drain::fill(
+                &targets[0],
+                &sender,
+                &plan.accounts,
+                *per_user,
+                (*size).max(16),
+            )
+            .await?;
+            let queue_secs = queue_started.elapsed().as_secs_f64();
+            params = json!({ "users": users, "per_user": per_user, "size": size,
+                             "queued": queued, "queue_s": queue_secs, "queue_rate": queued as f64 / queue_secs });
+        }
+        Command::Storm {
+            conns,
+            users,
+            restart_cmd,
+            timeout,
+            markers,
+        } => {
+            plan.spec = Spec::Storm {
+                conns: *conns,
+                restart_cmd: restart_cmd.clone(),
+                timeout: Duration::from_secs(*timeout),
+            };
+            plan.accounts = accounts(format!("{p}-s-"), users.unwrap_or(*conns).max(1)).await?;
+            let marker_sender = accounts(format!("{p}-ssend-"), 1).await?.remove(0);
+            params = json!({ "conns": conns, "users": plan.accounts.len(), "restart_cmd": restart_cmd, "markers": markers });
+            between = storm_action(
+                api.clone(),
+                marker_sender,
+                plan.accounts.clone(),
+                *markers,
+                restart_cmd.clone(),
+            )
+            .boxed();
+        }
+        Command::Worker { .. } => unreachable!("handled above"),
+    }
+
+    // The baseline is taken with the accounts ready and no socket open yet.
+    let rss_start = cli.server_pid.and_then(rss_kib);
+    let report = execute(&plan, cli.workers, between).await?;
+    let rss_end = after_setup_rss.and_then(|m| *m.lock().unwrap());
+    let result = summarise(
+        &cli.command,
+        &report,
+        params,
+        rss_start,
+        rss_end,
+        cli.workers,
+    );
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(())
+}
+
+/// At the storm's gate: push one marker to each of `markers` users (they are
+/// online and will not ack), then restart the server.
+async fn storm_action(
+    api: Api,
+    sender: Account,
+    users: Vec<Account>,
+    markers: usize,
+    restart_cmd: Option<String>,
+) {
+    for user in users.iter().take(markers) {
+        if let Err(e) = api.send(&sender, user.user_id, b"storm-marker-0123").await {
+            eprintln!("marker not sent: {e}");
+        }
+    }
+    // Let the pushes reach the clients before the server goes away.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    match restart_cmd {
+        Some(cmd) => {
+            eprintln!("restarting the server: {cmd}");
+            let status = tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(&cmd)
+                .status()
+                .await;
+            if !matches!(status, Ok(s) if s.success()) {
+                eprintln!("restart command failed: {status:?}");
+            }
+        }
+        None => eprintln!("all clients ready: restart the server now"),
+    }
+}
+
+fn summarise(
+    command: &Command,
+    report: &Report,
+    params: Value,
+    rss_start: Option<u64>,
+    rss_end: Option<u64>,
+    workers: usize,
+) -> Value {
+    let rate = |count: u64, secs: f64| {
+        if secs > 0.0 {
+            (count as f64 / secs).round()
+        } else {
+            0.0
+        }
+    };
+    let scenario = match command {
+        Command::Connect { .. } => "connect",
+        Command::Pairs { .. } => "pairs",
+        Command::Drain { .. } => "drain",
+        Command::Poll { .. } => "poll",
+        Command::Storm { .. } => "storm",
+        Command::Worker { .. } => "worker",
+    };
+    let mut result = json!({
+        "scenario": scenario,
+        "params": params,
+        "workers": workers,
+        "counters": report.counters,
+    });
+    let derived = match command {
+        Command::Connect { conns, .. } => {
+            let ready = report.count("ready");
+            let per_conn = match (rss_start, rss_end) {
+                (Some(a), Some(b)) if ready > 0 => {
+                    json!((b.saturating_sub(a)) as f64 / ready as f64)
+                }
+                _ => Value::Null,
+            };
+            json!({
+                "ready": ready,
+                "failed": *conns as u64 - ready.min(*conns as u64),
+                "all_ready_s": report.seconds("all_ready"),
+                "ready_per_s": rate(ready, report.seconds("all_ready")),
+                "connect_ready_latency": report.latency("connect_ready").summary(),
+                "dropped_while_held": report.count("dropped_while_held"),
+                "server_rss_before_kib": rss_start,
+                "server_rss_with_conns_kib": rss_end,
+                "server_kib_per_conn": per_conn,
+            })
+        }
+        Command::Pairs { .. } | Command::Poll { .. } => json!({
+            "sent": report.count("sent"),
+            "confirmed": report.count("confirmed"),
+            "achieved_msgs_per_s": rate(report.count("confirmed"), report.seconds("sending")),
+            "received": report.count("received"),
+            "lost": report.count("lost"),
+            "duplicated": report.count("duplicated"),
+            "out_of_order": report.count("out_of_order"),
+            "push_latency": report.latency("push").summary(),
+            "durable_latency": if report.latencies.contains_key("send_to_sent") {
+                report.latency("send_to_sent").summary()
+            } else {
+                report.latency("send_to_201").summary()
+            },
+        }),
+        Command::Drain { .. } => json!({
+            "acked": report.count("acked"),
+            "drained_users": report.count("drained_users"),
+            "incomplete_users": report.count("incomplete_users"),
+            "drain_s": report.seconds("drain"),
+            "drain_msgs_per_s": rate(report.count("acked"), report.seconds("drain")),
+        }),
+        Command::Storm { .. } => json!({
+            "ready_before": report.count("ready"),
+            "back": report.count("back"),
+            "not_back": report.count("not_back"),
+            "first_drop_to_all_back_s": report.seconds("first_drop_to_all_back"),
+            "reconnect_latency": report.latency("reconnect").summary(),
+            "lost": report.count("lost"),
+            "redelivered": report.count("redelivered"),
+        }),
+        Command::Worker { .. } => Value::Null,
+    };
+    result["results"] = derived;
+    result
+}

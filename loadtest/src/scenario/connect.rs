@@ -1,0 +1,72 @@
+//! `connect`: open N authenticated sockets, hold them, and report how fast
+//! they became ready and why any failed. The parent measures the server's
+//! memory at the gate, with every socket open.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{StreamExt, stream};
+
+use super::{CONNECT_CONCURRENCY, slot};
+use crate::client::{self, Ws};
+use crate::stats::{Latency, Report};
+use crate::{Gate, Plan, Shard};
+
+pub async fn run(
+    plan: &Plan,
+    shard: Shard,
+    gate: &mut Gate,
+    conns: usize,
+    _hold: Duration,
+) -> anyhow::Result<Report> {
+    let mine: Vec<usize> = shard.take(&(0..conns).collect::<Vec<_>>());
+    let started = Instant::now();
+    let opened: Vec<(Result<Ws, &'static str>, Duration)> = stream::iter(mine)
+        .map(|n| async move {
+            let (account, target, source) = slot(plan, n);
+            let begin = Instant::now();
+            let ws = match client::connect(target, source, &account.access).await {
+                Ok(mut ws) => match client::until_drained(&mut ws).await {
+                    Ok(_) => Ok(ws),
+                    Err(_) => Err("fail_not_ready"),
+                },
+                Err(e) => Err(e.cause()),
+            };
+            (ws, begin.elapsed())
+        })
+        .buffer_unordered(CONNECT_CONCURRENCY)
+        .collect()
+        .await;
+
+    let mut setup = Report::default();
+    let mut latency = Latency::default();
+    let mut sockets = Vec::new();
+    for (ws, took) in opened {
+        match ws {
+            Ok(ws) => {
+                latency.record(took);
+                sockets.push(ws);
+            }
+            Err(cause) => setup.add(cause, 1),
+        }
+    }
+    setup.add("ready", sockets.len() as u64);
+    setup.set_latency("connect_ready", &latency);
+    setup.set_seconds("all_ready", started.elapsed());
+
+    // Keep reading while held, so the sockets answer the server's pings.
+    let readers: Vec<_> = sockets
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move { while client::next_json(&mut ws).await.is_some() {} })
+        })
+        .collect();
+    gate.pass(&setup).await;
+
+    let mut measured = Report::default();
+    let dropped = readers.iter().filter(|r| r.is_finished()).count();
+    measured.add("dropped_while_held", dropped as u64);
+    for reader in readers {
+        reader.abort();
+    }
+    Ok(measured)
+}

@@ -1,0 +1,253 @@
+//! `pairs`: P sender/receiver pairs over WebSockets at a total target rate
+//! (0: as fast as each sender's window allows). Each body carries its send
+//! time and sequence number; receivers ack what they get and check, against
+//! what the sender had confirmed (`sent`), for losses, duplicates and
+//! reordering. Latency is send-to-push: the time in the body to the moment
+//! the receiver reads the frame.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt, stream};
+use serde_json::json;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+use super::{CONNECT_CONCURRENCY, Sequence, slot, stamp, unstamp};
+use crate::client::{self, Ws, b64, unb64};
+use crate::stats::{Latency, Report, now_nanos};
+use crate::{Gate, Plan, Shard};
+
+/// Unconfirmed sends per sender when unthrottled: deep enough to keep the
+/// committer's batches full, shallow enough to stay under the server's
+/// per-connection limit of 256.
+const WINDOW: usize = 128;
+/// After the sending stops: time for the last confirmations and pushes.
+const GRACE: Duration = Duration::from_secs(10);
+/// Receivers ack in batches: every this often, or every `ACK_BATCH` ids.
+const ACK_EVERY: Duration = Duration::from_millis(20);
+const ACK_BATCH: usize = 200;
+
+pub async fn run(
+    plan: &Plan,
+    shard: Shard,
+    gate: &mut Gate,
+    pairs: usize,
+    rate: u64,
+    duration: Duration,
+    size: usize,
+) -> anyhow::Result<Report> {
+    let mine: Vec<usize> = shard.take(&(0..pairs).collect::<Vec<_>>());
+    let opened: Vec<anyhow::Result<(Ws, Ws, Uuid)>> = stream::iter(mine)
+        .map(|pair| async move { open_pair(plan, pair).await })
+        .buffer_unordered(CONNECT_CONCURRENCY / 2)
+        .collect()
+        .await;
+    let mut setup = Report::default();
+    let mut ready = Vec::new();
+    for pair in opened {
+        match pair {
+            Ok(pair) => ready.push(pair),
+            Err(_) => setup.add("fail_pair_setup", 1),
+        }
+    }
+    setup.add("pairs_ready", ready.len() as u64);
+    gate.pass(&setup).await;
+
+    // Every sender paces itself to its share of the total rate.
+    let interval = (rate > 0).then(|| Duration::from_secs_f64(pairs as f64 / rate as f64));
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + duration;
+    let tasks: Vec<_> = ready
+        .into_iter()
+        .map(|(sender, receiver, to)| {
+            let (confirmed_tx, confirmed_rx) = oneshot::channel();
+            let send = tokio::spawn(send_loop(
+                sender,
+                to,
+                interval,
+                deadline,
+                size,
+                confirmed_tx,
+            ));
+            let receive = tokio::spawn(receive_loop(receiver, confirmed_rx, deadline + GRACE));
+            (send, receive)
+        })
+        .collect();
+    let mut measured = Report::default();
+    for (send, receive) in tasks {
+        measured.merge(&send.await?);
+        measured.merge(&receive.await?);
+    }
+    measured.set_seconds("sending", duration);
+    measured.set_seconds("elapsed", started.elapsed());
+    Ok(measured)
+}
+
+/// Sender of pair n is account 2n, its receiver account 2n + 1. Both drain
+/// and ack any backlog left by an earlier run.
+async fn open_pair(plan: &Plan, pair: usize) -> anyhow::Result<(Ws, Ws, Uuid)> {
+    let (sender, target, source) = slot(plan, 2 * pair);
+    let (receiver, _, _) = slot(plan, 2 * pair + 1);
+    let mut sender_ws = client::connect(target, source, &sender.access)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let mut receiver_ws = client::connect(target, source, &receiver.access)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    client::until_drained(&mut sender_ws).await?;
+    let stale = client::until_drained(&mut receiver_ws).await?;
+    for chunk in stale.chunks(500) {
+        let ids: Vec<&str> = chunk.iter().filter_map(|m| m["id"].as_str()).collect();
+        client::send_text(&mut receiver_ws, &json!({ "type": "ack", "ids": ids })).await?;
+    }
+    Ok((sender_ws, receiver_ws, receiver.user_id))
+}
+
+async fn send_loop(
+    ws: Ws,
+    to: Uuid,
+    interval: Option<Duration>,
+    deadline: tokio::time::Instant,
+    size: usize,
+    confirmed_tx: oneshot::Sender<Vec<u64>>,
+) -> Report {
+    let (mut sink, mut stream) = ws.split();
+    let mut ticker = tokio::time::interval(interval.unwrap_or(Duration::from_secs(3600)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let give_up = deadline + GRACE;
+    let mut report = Report::default();
+    let mut sent_latency = Latency::default();
+    let mut in_flight: HashMap<u64, Instant> = HashMap::new();
+    let mut confirmed = Vec::new();
+    let mut seq = 0u64;
+    loop {
+        let sending = tokio::time::Instant::now() < deadline;
+        if !sending && in_flight.is_empty() {
+            break;
+        }
+        let can_send = sending && in_flight.len() < WINDOW;
+        tokio::select! {
+            _ = ticker.tick(), if can_send && interval.is_some() => {}
+            () = std::future::ready(()), if can_send && interval.is_none() => {}
+            frame = stream.next() => {
+                match frame {
+                    Some(Ok(Message::Text(text))) => {
+                        let frame: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                        let Some(n) = frame["ref"].as_str().and_then(|r| r.parse::<u64>().ok()) else { continue };
+                        let Some(at) = in_flight.remove(&n) else { continue };
+                        match frame["type"].as_str() {
+                            Some("sent") => {
+                                sent_latency.record(at.elapsed());
+                                confirmed.push(n);
+                            }
+                            _ => report.add(&format!("send_error_{}", frame["code"].as_str().unwrap_or("unknown")), 1),
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    _ => {
+                        report.add("sender_socket_lost", 1);
+                        break;
+                    }
+                }
+                continue;
+            }
+            () = tokio::time::sleep_until(give_up) => break,
+        }
+        let frame = json!({ "type": "send", "ref": seq.to_string(), "to": to, "body": b64(&stamp(seq, size)) });
+        if sink
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .is_err()
+        {
+            report.add("sender_socket_lost", 1);
+            break;
+        }
+        in_flight.insert(seq, Instant::now());
+        seq += 1;
+    }
+    report.add("sent", seq);
+    report.add("confirmed", confirmed.len() as u64);
+    report.add("unconfirmed", in_flight.len() as u64);
+    report.set_latency("send_to_sent", &sent_latency);
+    let _ = confirmed_tx.send(confirmed);
+    let _ = sink.close().await;
+    report
+}
+
+async fn receive_loop(
+    ws: Ws,
+    confirmed_rx: oneshot::Receiver<Vec<u64>>,
+    give_up: tokio::time::Instant,
+) -> Report {
+    let (mut sink, mut stream) = ws.split();
+    let mut push = Latency::default();
+    let mut sequence = Sequence::default();
+    let mut pending: Vec<String> = Vec::new();
+    let mut ack_ticker = tokio::time::interval(ACK_EVERY);
+    let mut confirmed_rx = Some(confirmed_rx);
+    let mut confirmed: Option<Vec<u64>> = None;
+    let mut report = Report::default();
+    let mut received = 0u64;
+    loop {
+        if let Some(confirmed) = &confirmed
+            && sequence.unique() >= confirmed.len() as u64
+        {
+            break;
+        }
+        tokio::select! {
+            frame = stream.next() => match frame {
+                Some(Ok(Message::Text(text))) => {
+                    let at = now_nanos();
+                    let frame: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                    if frame["type"] != "message" {
+                        continue;
+                    }
+                    let Some((sent_at, seq)) = frame["body"].as_str().and_then(unb64).as_deref().and_then(unstamp) else {
+                        report.add("foreign_message", 1);
+                        continue;
+                    };
+                    received += 1;
+                    push.record(Duration::from_nanos(at.saturating_sub(sent_at)));
+                    sequence.observe(seq);
+                    if let Some(id) = frame["id"].as_str() {
+                        pending.push(id.to_owned());
+                    }
+                    if pending.len() >= ACK_BATCH {
+                        flush(&mut sink, &mut pending).await;
+                    }
+                }
+                Some(Ok(_)) => {}
+                _ => {
+                    report.add("receiver_socket_lost", 1);
+                    break;
+                }
+            },
+            _ = ack_ticker.tick() => flush(&mut sink, &mut pending).await,
+            list = async { confirmed_rx.as_mut().expect("guarded").await }, if confirmed_rx.is_some() => {
+                confirmed_rx = None;
+                confirmed = Some(list.unwrap_or_default());
+            }
+            () = tokio::time::sleep_until(give_up) => break,
+        }
+    }
+    flush(&mut sink, &mut pending).await;
+    let confirmed = confirmed.unwrap_or_default();
+    report.add("received", received);
+    report.add("lost", sequence.lost(&confirmed));
+    report.add("duplicated", sequence.duplicates);
+    report.add("out_of_order", sequence.out_of_order);
+    report.set_latency("push", &push);
+    let _ = sink.close().await;
+    report
+}
+
+async fn flush(sink: &mut futures_util::stream::SplitSink<Ws, Message>, pending: &mut Vec<String>) {
+    if pending.is_empty() {
+        return;
+    }
+    let frame = json!({ "type": "ack", "ids": pending });
+    pending.clear();
+    let _ = sink.send(Message::Text(frame.to_string().into())).await;
+}

@@ -1,0 +1,255 @@
+//! A tiny run of every scenario against a real sealpost in this process,
+//! through the built `sealpost-loadtest` binary, checking the JSON it
+//! prints. Benchmarks are not asserted here: only that the harness measures
+//! what it claims (nothing lost, everything counted).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use sealpost::{Config, Server};
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+struct Running {
+    addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start(db: &Path, addr: &str) -> Running {
+    let url = format!("sqlite://{}", db.display());
+    let config = Config::parse_from([
+        "--addr",
+        addr,
+        "--database-url",
+        &url,
+        "--jwt-secret",
+        "loadtest-secret-loadtest-secret-0123456789",
+    ])
+    .expect("config");
+    let server = Server::bind(config).await.expect("server starts");
+    let addr = server.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    Running { addr, stop, task }
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.task).await;
+    }
+}
+
+/// Runs the load tester against `addr` and returns its JSON result.
+async fn loadtest(addr: SocketAddr, args: &[&str]) -> Value {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sealpost-loadtest"));
+    command
+        .arg("--url")
+        .arg(format!("http://{addr}"))
+        .args(args);
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .expect("run sealpost-loadtest");
+    assert!(
+        output.status.success(),
+        "loadtest failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("one JSON result on stdout")
+}
+
+fn n(value: &Value) -> u64 {
+    value
+        .as_u64()
+        .unwrap_or_else(|| panic!("not a count: {value}"))
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn db(&self) -> PathBuf {
+        self.dir.path().join("sealpost.db")
+    }
+    fn file(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_across_workers_and_sources() {
+    let fixture = Fixture::new();
+    let server = start(&fixture.db(), "127.0.0.1:0").await;
+    let pid = std::process::id().to_string();
+    let cache = fixture.file("cache.json");
+    let result = loadtest(
+        server.addr,
+        &[
+            "--workers",
+            "2",
+            "--sources",
+            "2",
+            "--server-pid",
+            &pid,
+            "--token-cache",
+            &cache,
+            "connect",
+            "--conns",
+            "40",
+            "--users",
+            "8",
+            "--hold",
+            "1",
+        ],
+    )
+    .await;
+    let results = &result["results"];
+    assert_eq!(n(&results["ready"]), 40, "{result}");
+    assert_eq!(n(&results["failed"]), 0);
+    assert_eq!(n(&results["dropped_while_held"]), 0);
+    assert_eq!(n(&results["connect_ready_latency"]["count"]), 40);
+    assert!(results["server_kib_per_conn"].is_number(), "{result}");
+    assert_eq!(result["workers"], 2);
+
+    // A rerun reuses the cached accounts: it refreshes, it does not sign up.
+    let cached: Value = serde_json::from_slice(&std::fs::read(&cache).unwrap()).unwrap();
+    assert_eq!(cached.as_object().unwrap().len(), 8);
+    let again = loadtest(
+        server.addr,
+        &[
+            "--token-cache",
+            &cache,
+            "connect",
+            "--conns",
+            "8",
+            "--users",
+            "8",
+            "--hold",
+            "0",
+        ],
+    )
+    .await;
+    assert_eq!(n(&again["results"]["ready"]), 8);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pairs_count_every_message() {
+    let fixture = Fixture::new();
+    let server = start(&fixture.db(), "127.0.0.1:0").await;
+    let result = loadtest(
+        server.addr,
+        &[
+            "pairs",
+            "--pairs",
+            "4",
+            "--rate",
+            "400",
+            "--duration",
+            "2",
+            "--size",
+            "64",
+        ],
+    )
+    .await;
+    let r = &result["results"];
+    assert!(n(&r["confirmed"]) > 100, "{result}");
+    assert_eq!(n(&r["received"]), n(&r["confirmed"]), "{result}");
+    assert_eq!(n(&r["lost"]), 0);
+    assert_eq!(n(&r["duplicated"]), 0);
+    assert_eq!(n(&r["out_of_order"]), 0);
+    assert_eq!(n(&r["push_latency"]["count"]), n(&r["received"]));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_acks_every_queued_message() {
+    let fixture = Fixture::new();
+    let server = start(&fixture.db(), "127.0.0.1:0").await;
+    let result = loadtest(server.addr, &["drain", "--users", "5", "--per-user", "40"]).await;
+    let r = &result["results"];
+    assert_eq!(n(&result["params"]["queued"]), 200, "{result}");
+    assert_eq!(n(&r["acked"]), 200, "{result}");
+    assert_eq!(n(&r["drained_users"]), 5);
+    assert_eq!(n(&r["incomplete_users"]), 0);
+    assert!(r["drain_msgs_per_s"].as_f64().unwrap() > 0.0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_counts_every_message() {
+    let fixture = Fixture::new();
+    let server = start(&fixture.db(), "127.0.0.1:0").await;
+    let result = loadtest(
+        server.addr,
+        &["poll", "--pairs", "2", "--rate", "100", "--duration", "2"],
+    )
+    .await;
+    let r = &result["results"];
+    assert!(n(&r["confirmed"]) > 50, "{result}");
+    assert_eq!(n(&r["received"]), n(&r["confirmed"]), "{result}");
+    assert_eq!(n(&r["lost"]), 0);
+    assert_eq!(n(&r["duplicated"]), 0);
+    assert_eq!(n(&r["out_of_order"]), 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_brings_everyone_back_with_nothing_lost() {
+    let fixture = Fixture::new();
+    let server = start(&fixture.db(), "127.0.0.1:0").await;
+    let addr = server.addr;
+    // The load tester's restart command only drops a file; the test sees it
+    // and restarts the server on the same port.
+    let signal = fixture.file("restart-now");
+    let restart_cmd = format!("touch {signal}");
+    let run = tokio::spawn(async move {
+        loadtest(
+            addr,
+            &[
+                "storm",
+                "--conns",
+                "12",
+                "--users",
+                "6",
+                "--markers",
+                "4",
+                "--timeout",
+                "60",
+                "--restart-cmd",
+                &restart_cmd,
+            ],
+        )
+        .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !Path::new(&signal).exists() {
+        assert!(Instant::now() < deadline, "the restart command never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+    let restarted = start(&fixture.db(), &addr.to_string()).await;
+
+    let result = run.await.unwrap();
+    let r = &result["results"];
+    assert_eq!(n(&r["ready_before"]), 12, "{result}");
+    assert_eq!(n(&r["back"]), 12, "{result}");
+    assert_eq!(n(&r["not_back"]), 0);
+    assert_eq!(n(&r["lost"]), 0);
+    // Each marker went to a user with two sockets; all came back.
+    assert!(n(&r["redelivered"]) >= 8, "{result}");
+    restarted.stop().await;
+}
