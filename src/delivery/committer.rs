@@ -215,7 +215,13 @@ async fn commit(store: &dyn Store, ops: Vec<Op>) {
     }
     messages.retain(|m| !cancelled.contains(&m.id));
 
-    let written = store.write_batch(&messages, &acks).await;
+    // A batch of barriers (every connecting socket queues one) writes
+    // nothing: skip the empty transaction.
+    let written = if messages.is_empty() && acks.is_empty() {
+        Ok(Vec::new())
+    } else {
+        store.write_batch(&messages, &acks).await
+    };
     // Everything before a barrier is in this batch or an earlier one.
     for done in barriers {
         let _ = done.send(());

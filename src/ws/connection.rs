@@ -42,8 +42,9 @@ use crate::state::AppState;
 const MAX_IN_FLIGHT: usize = 256;
 
 /// Backlog messages per database read while draining (at most
-/// [`MAX_PAGE`](crate::delivery::MAX_PAGE)).
-const DRAIN_PAGE: u32 = 200;
+/// [`MAX_PAGE`](crate::delivery::MAX_PAGE)): fewer, larger reads drain
+/// faster, and a page is bounded in bytes too.
+const DRAIN_PAGE: u32 = 500;
 
 /// A write that takes longer than this means the peer stopped reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
