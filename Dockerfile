@@ -6,13 +6,17 @@ FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 # Dependencies first, in their own layer, so that a source change does not
 # rebuild them.
+# The load tester is a workspace member: its manifest (with stub sources)
+# lets cargo resolve the workspace, but only the server is built.
 COPY Cargo.toml Cargo.lock build.rs ./
-RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && cargo build --release --locked \
+COPY loadtest/Cargo.toml loadtest/
+RUN mkdir -p src loadtest/src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && echo 'fn main() {}' > loadtest/src/main.rs && touch loadtest/src/lib.rs \
+    && cargo build --release --locked -p sealpost \
     && rm -rf src
 COPY src ./src
 COPY migrations ./migrations
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked \
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked -p sealpost \
     && mkdir /data
 
 FROM gcr.io/distroless/cc-debian12:nonroot

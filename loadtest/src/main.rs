@@ -163,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
                 conns: *conns,
                 hold: Duration::from_secs(*hold),
             };
-            plan.accounts = accounts(format!("{p}-c-"), users.unwrap_or(*conns).max(1)).await?;
+            plan.accounts = accounts(format!("{p}-u-"), users.unwrap_or(*conns).max(1)).await?;
             params = json!({ "conns": conns, "hold_s": hold, "users": plan.accounts.len() });
             let (pid, hold) = (cli.server_pid, Duration::from_secs(*hold));
             let measured = std::sync::Arc::new(std::sync::Mutex::new(None));
@@ -203,7 +203,7 @@ async fn main() -> anyhow::Result<()> {
                 duration: Duration::from_secs(*duration),
                 size: (*size).max(16),
             };
-            plan.accounts = accounts(format!("{p}-r-"), 2 * pairs).await?;
+            plan.accounts = accounts(format!("{p}-p-"), 2 * pairs).await?;
             params = json!({ "pairs": pairs, "rate": rate, "duration_s": duration, "size": size });
         }
         Command::Drain {
@@ -242,7 +242,7 @@ async fn main() -> anyhow::Result<()> {
                 restart_cmd: restart_cmd.clone(),
                 timeout: Duration::from_secs(*timeout),
             };
-            plan.accounts = accounts(format!("{p}-s-"), users.unwrap_or(*conns).max(1)).await?;
+            plan.accounts = accounts(format!("{p}-u-"), users.unwrap_or(*conns).max(1)).await?;
             let marker_sender = accounts(format!("{p}-ssend-"), 1).await?.remove(0);
             params = json!({ "conns": conns, "users": plan.accounts.len(), "restart_cmd": restart_cmd, "markers": markers });
             between = storm_action(

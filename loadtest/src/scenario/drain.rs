@@ -116,6 +116,14 @@ pub async fn run(
     Ok(report)
 }
 
+#[derive(serde::Deserialize)]
+struct Frame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    #[serde(borrow)]
+    id: Option<&'a str>,
+}
+
 /// Connects, reads `expect` messages, acking in batches of 500. Returns
 /// (received, acked, time of the last ack) — `None` if it fell short.
 async fn drain_one(
@@ -130,14 +138,23 @@ async fn drain_one(
     let (mut received, mut acked) = (0u64, 0u64);
     let mut pending: Vec<String> = Vec::new();
     let mut drained = false;
-    while let Some(frame) = client::next_json(&mut ws).await {
-        match frame["type"].as_str() {
-            Some("message") => {
+    while let Some(Ok(message)) = ws.next().await {
+        let Message::Text(text) = message else {
+            continue;
+        };
+        // Only the type and id matter here: a borrowed, typed parse keeps
+        // the load generator's cost per message small.
+        let Ok(frame) = serde_json::from_str::<Frame<'_>>(&text) else {
+            continue;
+        };
+        match frame.kind {
+            "message" => {
                 received += 1;
-                pending.extend(frame["id"].as_str().map(str::to_owned));
+                pending.extend(frame.id.map(str::to_owned));
             }
-            Some("drained") => drained = true,
-            _ => continue,
+            "drained" => drained = true,
+            "ready" => continue,
+            _ => return (received, acked, None),
         }
         let done = received as usize >= expect;
         if pending.len() >= 500 || (done && !pending.is_empty()) || (drained && !pending.is_empty())

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Regenerates BENCHMARKS.md: builds the release binaries, then runs every
+# load-test scenario against a fresh sealpost on SQLite and on PostgreSQL,
+# keeping each JSON result under target/bench/.
+#
+#   loadtest/run-benchmarks.sh            # both backends
+#   BACKENDS=sqlite loadtest/run-benchmarks.sh
+#
+# Everything targets 127.0.0.1 only, and every run is bounded in time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BACKENDS=${BACKENDS:-"sqlite postgres"}
+PG_ADMIN=${SEALPOST_BENCH_PG:-postgres://postgres@127.0.0.1:5432/postgres}
+PG_DB=sealpost_bench
+CONNS=${CONNS:-19000}
+OUT=target/bench
+SERVER=$PWD/target/release/sealpost
+LT=$PWD/target/release/sealpost-loadtest
+ADDR=127.0.0.1:8090
+URL=http://$ADDR
+SECRET=bench-secret-bench-secret-bench-secret-01
+
+mkdir -p "$OUT"
+cargo build --release --workspace
+
+database_url() {
+    case $1 in
+        sqlite) echo "sqlite://$PWD/$OUT/bench.db" ;;
+        postgres) echo "${PG_ADMIN%/*}/$PG_DB" ;;
+    esac
+}
+
+fresh_database() {
+    case $1 in
+        sqlite) rm -f "$OUT"/bench.db* ;;
+        postgres)
+            psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" >/dev/null
+            psql "$PG_ADMIN" -qc "CREATE DATABASE $PG_DB" >/dev/null ;;
+    esac
+}
+
+# The restart script storm runs: kill -9 the server, start it again.
+write_restart() {
+    cat > "$OUT/restart.sh" <<SCRIPT
+#!/bin/sh
+# kill -9 the server and wait until it is gone: tearing down 19,000
+# sockets takes the kernel a moment, and until then the port is taken.
+if [ -f "$PWD/$OUT/server.pid" ]; then
+    old=\$(cat "$PWD/$OUT/server.pid")
+    kill -9 "\$old" 2>/dev/null
+    for i in \$(seq 1 200); do kill -0 "\$old" 2>/dev/null || break; sleep 0.05; done
+fi
+for attempt in 1 2 3 4 5 6 7 8 9 10; do
+    SEALPOST_ADDR=$ADDR DATABASE_URL='$(database_url "$1")' SEALPOST_JWT_SECRET=$SECRET RUST_LOG=warn \
+        "$SERVER" serve >> "$PWD/$OUT/server-$1.log" 2>&1 < /dev/null &
+    echo \$! > "$PWD/$OUT/server.pid"
+    for i in \$(seq 1 50); do
+        curl -sf -m 1 $URL/healthz >/dev/null && exit 0
+        kill -0 \$(cat "$PWD/$OUT/server.pid") 2>/dev/null || break
+        sleep 0.1
+    done
+    sleep 0.2
+done
+exit 1
+SCRIPT
+    chmod +x "$OUT/restart.sh"
+}
+
+start_server() {
+    write_restart "$1"
+    "$OUT/restart.sh"
+}
+
+stop_server() {
+    kill "$(cat "$OUT/server.pid")" 2>/dev/null || true
+    sleep 1
+}
+
+# A queue table is all inserts and deletes: without vacuum its dead rows
+# and indexes grow run after run. Production PostgreSQL runs autovacuum
+# (the migration tunes it for this table); where it is off, as on some
+# development installs, vacuum between scenarios in its place.
+vacuum() {
+    [ "$1" = postgres ] || return 0
+    if [ "$(psql "$PG_ADMIN" -Atc 'SHOW autovacuum')" = off ]; then
+        echo "autovacuum is off on this PostgreSQL: vacuuming between scenarios" >&2
+        psql "$(database_url postgres)" -qc "VACUUM (ANALYZE) messages" >/dev/null
+    fi
+}
+
+run() { # backend name args...
+    local backend=$1 name=$2
+    shift 2
+    echo "== $backend: $name: $*" >&2
+    vacuum "$backend"
+    timeout 900 "$LT" --url "$URL" --token-cache "$OUT/tokens-$backend.json" "$@" > "$OUT/$backend-$name.json"
+}
+
+trap stop_server EXIT
+for backend in $BACKENDS; do
+    fresh_database "$backend"
+    rm -f "$OUT/tokens-$backend.json"
+    start_server "$backend"
+    pid=$(cat "$OUT/server.pid")
+    # Sign up the connection accounts first, so the measured run's baseline
+    # does not carry the hashing.
+    run "$backend" warmup --workers 1 connect --conns 2000 --users 2000 --hold 0
+    run "$backend" connect --workers 2 --sources 8 --server-pid "$pid" connect --conns "$CONNS" --users 2000 --hold 10
+    run "$backend" pairs pairs --pairs 1000 --rate 10000 --duration 30 --size 256
+    run "$backend" pairs-max pairs --pairs 200 --rate 0 --duration 20 --size 256
+    run "$backend" drain drain --users 1000 --per-user 100 --size 256
+    run "$backend" poll poll --pairs 100 --rate 1000 --duration 20 --size 256
+    run "$backend" storm --workers 2 --sources 8 storm --conns "$CONNS" --users 2000 --markers 500 \
+        --timeout 120 --restart-cmd "$OUT/restart.sh"
+    stop_server
+done
+
+python3 loadtest/benchmarks.py "$OUT" > BENCHMARKS.md
+echo "wrote BENCHMARKS.md" >&2
