@@ -408,10 +408,15 @@ pub struct Api {
 
 impl Api {
     pub fn new(base: String) -> Self {
-        Self {
-            base,
-            http: reqwest::Client::new(),
-        }
+        // No idle connections are reused: a server that refuses an oversized
+        // body answers 413 and closes without reading the rest, and a pooled
+        // connection reused in that instant fails with IncompleteMessage.
+        // Real clients retry that; tests should not depend on its timing.
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("HTTP client");
+        Self { base, http }
     }
 
     pub fn url(&self, path: &str) -> String {
