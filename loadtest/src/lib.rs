@@ -40,27 +40,50 @@ pub enum Spec {
         conns: usize,
         hold: Duration,
     },
-    Pairs {
-        pairs: usize,
-        rate: u64,
-        duration: Duration,
-        size: usize,
-    },
+    Pairs(Traffic),
     Drain {
         users: usize,
         per_user: usize,
     },
-    Poll {
-        pairs: usize,
-        rate: u64,
-        duration: Duration,
-        size: usize,
-    },
+    Poll(Traffic),
     Storm {
         conns: usize,
         restart_cmd: Option<String>,
         timeout: Duration,
     },
+}
+
+/// The traffic of `pairs` (over WebSockets) and `poll` (over REST).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, clap::Args)]
+pub struct Traffic {
+    /// Sender/receiver pairs.
+    #[arg(long)]
+    pub pairs: usize,
+    /// Total messages per second; 0 sends as fast as it goes.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Seconds of sending.
+    #[arg(long = "duration", default_value_t = 30)]
+    pub duration_s: u64,
+    /// Body size in bytes (at least 16: time and sequence).
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+}
+
+impl Traffic {
+    pub fn duration(&self) -> Duration {
+        Duration::from_secs(self.duration_s)
+    }
+
+    pub fn body_size(&self) -> usize {
+        self.size.max(16)
+    }
+
+    /// Each sender's share of the total rate, or `None` for as fast as it
+    /// goes.
+    pub fn interval(&self) -> Option<Duration> {
+        (self.rate > 0).then(|| Duration::from_secs_f64(self.pairs as f64 / self.rate as f64))
+    }
 }
 
 /// Everything a shard needs, written once by the parent.

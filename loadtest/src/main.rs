@@ -11,7 +11,7 @@ use futures_util::future::BoxFuture;
 use sealpost_loadtest::client::{self, Account, Api, Target};
 use sealpost_loadtest::scenario::drain;
 use sealpost_loadtest::stats::Report;
-use sealpost_loadtest::{Plan, Spec, execute, rss_kib, worker};
+use sealpost_loadtest::{Plan, Spec, Traffic, execute, rss_kib, worker};
 use serde_json::{Value, json};
 
 #[derive(Parser)]
@@ -64,18 +64,7 @@ enum Command {
         users: Option<usize>,
     },
     /// Sender/receiver pairs over WebSockets at a total rate.
-    Pairs {
-        #[arg(long)]
-        pairs: usize,
-        /// Total messages per second; 0 sends as fast as it goes.
-        #[arg(long, default_value_t = 0)]
-        rate: u64,
-        #[arg(long, default_value_t = 30)]
-        duration: u64,
-        /// Body size in bytes (at least 16: time and sequence).
-        #[arg(long, default_value_t = 256)]
-        size: usize,
-    },
+    Pairs(Traffic),
     /// Queue users × per-user messages for offline users, then time the drain.
     Drain {
         #[arg(long)]
@@ -86,16 +75,7 @@ enum Command {
         size: usize,
     },
     /// The pairs traffic over the REST fallback.
-    Poll {
-        #[arg(long)]
-        pairs: usize,
-        #[arg(long, default_value_t = 0)]
-        rate: u64,
-        #[arg(long, default_value_t = 30)]
-        duration: u64,
-        #[arg(long, default_value_t = 256)]
-        size: usize,
-    },
+    Poll(Traffic),
     /// N clients connected; the server restarts; time until all are back.
     Storm {
         #[arg(long)]
@@ -176,35 +156,13 @@ async fn main() -> anyhow::Result<()> {
             }
             .boxed();
         }
-        Command::Pairs {
-            pairs,
-            rate,
-            duration,
-            size,
-        } => {
-            plan.spec = Spec::Pairs {
-                pairs: *pairs,
-                rate: *rate,
-                duration: Duration::from_secs(*duration),
-                size: (*size).max(16),
+        Command::Pairs(traffic) | Command::Poll(traffic) => {
+            plan.spec = match &cli.command {
+                Command::Pairs(_) => Spec::Pairs(*traffic),
+                _ => Spec::Poll(*traffic),
             };
-            plan.accounts = accounts(format!("{p}-p-"), 2 * pairs).await?;
-            params = json!({ "pairs": pairs, "rate": rate, "duration_s": duration, "size": size });
-        }
-        Command::Poll {
-            pairs,
-            rate,
-            duration,
-            size,
-        } => {
-            plan.spec = Spec::Poll {
-                pairs: *pairs,
-                rate: *rate,
-                duration: Duration::from_secs(*duration),
-                size: (*size).max(16),
-            };
-            plan.accounts = accounts(format!("{p}-p-"), 2 * pairs).await?;
-            params = json!({ "pairs": pairs, "rate": rate, "duration_s": duration, "size": size });
+            plan.accounts = accounts(format!("{p}-p-"), 2 * traffic.pairs).await?;
+            params = serde_json::to_value(traffic)?;
         }
         Command::Drain {
             users,
@@ -322,9 +280,9 @@ fn summarise(
     };
     let scenario = match command {
         Command::Connect { .. } => "connect",
-        Command::Pairs { .. } => "pairs",
+        Command::Pairs(_) => "pairs",
         Command::Drain { .. } => "drain",
-        Command::Poll { .. } => "poll",
+        Command::Poll(_) => "poll",
         Command::Storm { .. } => "storm",
         Command::Worker { .. } => "worker",
     };
@@ -355,7 +313,7 @@ fn summarise(
                 "server_kib_per_conn": per_conn,
             })
         }
-        Command::Pairs { .. } | Command::Poll { .. } => json!({
+        Command::Pairs(_) | Command::Poll(_) => json!({
             "sent": report.count("sent"),
             "confirmed": report.count("confirmed"),
             "achieved_msgs_per_s": rate(report.count("confirmed"), report.seconds("sending")),

@@ -14,19 +14,9 @@ use crate::{Gate, Plan, Shard, Spec};
 pub async fn run(plan: &Plan, shard: Shard, gate: &mut Gate) -> anyhow::Result<Report> {
     match &plan.spec {
         Spec::Connect { conns, hold } => connect::run(plan, shard, gate, *conns, *hold).await,
-        Spec::Pairs {
-            pairs,
-            rate,
-            duration,
-            size,
-        } => pairs::run(plan, shard, gate, *pairs, *rate, *duration, *size).await,
+        Spec::Pairs(traffic) => pairs::run(plan, shard, gate, traffic).await,
         Spec::Drain { users, per_user } => drain::run(plan, shard, gate, *users, *per_user).await,
-        Spec::Poll {
-            pairs,
-            rate,
-            duration,
-            size,
-        } => poll::run(plan, shard, gate, *pairs, *rate, *duration, *size).await,
+        Spec::Poll(traffic) => poll::run(plan, shard, gate, traffic).await,
         Spec::Storm { conns, timeout, .. } => storm::run(plan, shard, gate, *conns, *timeout).await,
     }
 }

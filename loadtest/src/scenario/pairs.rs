@@ -17,7 +17,7 @@ use uuid::Uuid;
 use super::{CONNECT_CONCURRENCY, Sequence, slot, stamp, unstamp};
 use crate::client::{self, Ws, b64, unb64};
 use crate::stats::{Latency, Report, now_nanos};
-use crate::{Gate, Plan, Shard};
+use crate::{Gate, Plan, Shard, Traffic};
 
 /// Unconfirmed sends per sender when unthrottled: deep enough to keep the
 /// committer's batches full, shallow enough to stay under the server's
@@ -33,12 +33,10 @@ pub async fn run(
     plan: &Plan,
     shard: Shard,
     gate: &mut Gate,
-    pairs: usize,
-    rate: u64,
-    duration: Duration,
-    size: usize,
+    traffic: &Traffic,
 ) -> anyhow::Result<Report> {
-    let mine: Vec<usize> = shard.take(&(0..pairs).collect::<Vec<_>>());
+    let (duration, size) = (traffic.duration(), traffic.body_size());
+    let mine: Vec<usize> = shard.take(&(0..traffic.pairs).collect::<Vec<_>>());
     let opened: Vec<anyhow::Result<(Ws, Ws, Uuid)>> = stream::iter(mine)
         .map(|pair| async move { open_pair(plan, pair).await })
         .buffer_unordered(CONNECT_CONCURRENCY / 2)
@@ -56,7 +54,7 @@ pub async fn run(
     gate.pass(&setup).await;
 
     // Every sender paces itself to its share of the total rate.
-    let interval = (rate > 0).then(|| Duration::from_secs_f64(pairs as f64 / rate as f64));
+    let interval = traffic.interval();
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + duration;
     let tasks: Vec<_> = ready

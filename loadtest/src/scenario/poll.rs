@@ -9,7 +9,7 @@ use futures_util::{StreamExt, stream};
 use super::{Sequence, slot, stamp, unstamp};
 use crate::client::{Account, Api};
 use crate::stats::{Latency, Report, now_nanos};
-use crate::{Gate, Plan, Shard};
+use crate::{Gate, Plan, Shard, Traffic};
 
 /// How long a receiver waits after an empty poll.
 const POLL_PAUSE: Duration = Duration::from_millis(50);
@@ -19,12 +19,10 @@ pub async fn run(
     plan: &Plan,
     shard: Shard,
     gate: &mut Gate,
-    pairs: usize,
-    rate: u64,
-    duration: Duration,
-    size: usize,
+    traffic: &Traffic,
 ) -> anyhow::Result<Report> {
-    let mine: Vec<usize> = shard.take(&(0..pairs).collect::<Vec<_>>());
+    let (duration, size) = (traffic.duration(), traffic.body_size());
+    let mine: Vec<usize> = shard.take(&(0..traffic.pairs).collect::<Vec<_>>());
     let api_for = |n: usize| Api::new(slot(plan, n).1.clone());
     // Empty the receivers' queues of anything an earlier run left.
     let _: Vec<()> = stream::iter(mine.iter().copied())
@@ -45,7 +43,7 @@ pub async fn run(
         .await;
     gate.pass(&Report::default()).await;
 
-    let interval = (rate > 0).then(|| Duration::from_secs_f64(pairs as f64 / rate as f64));
+    let interval = traffic.interval();
     let deadline = tokio::time::Instant::now() + duration;
     let started = Instant::now();
     let tasks: Vec<_> = mine
