@@ -93,8 +93,6 @@ pub struct Plan {
     pub targets: Vec<Target>,
     pub sources: Vec<Option<IpAddr>>,
     pub accounts: Vec<Account>,
-    /// For `drain`: the user that queued the messages (not a receiver).
-    pub extra: Value,
 }
 
 /// Which part of the plan a shard runs: every `count`-th item from `index`.
@@ -246,7 +244,7 @@ async fn spawn_workers(
         } else if event.is_null() {
             done += 1;
         } else {
-            tracing_note(index, &event);
+            eprintln!("worker {index}: {event}");
         }
     }
     for mut child in children {
@@ -256,10 +254,6 @@ async fn spawn_workers(
         }
     }
     Ok(report)
-}
-
-fn tracing_note(index: usize, event: &Value) {
-    eprintln!("worker {index}: {event}");
 }
 
 /// The child side: run one shard of the plan at `path`, reporting on stdout.

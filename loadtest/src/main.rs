@@ -131,7 +131,6 @@ async fn main() -> anyhow::Result<()> {
         targets: targets.clone(),
         sources: client::sources(cli.sources),
         accounts: Vec::new(),
-        extra: Value::Null,
     };
     let p = &cli.prefix;
     let mut params = json!({});

@@ -11,12 +11,13 @@ use crate::client::{self, Ws};
 use crate::stats::{Latency, Report};
 use crate::{Gate, Plan, Shard};
 
+/// Opens this shard's share of `conns` sockets; the parent holds them at
+/// the gate (and reads the server's memory there).
 pub async fn run(
     plan: &Plan,
     shard: Shard,
     gate: &mut Gate,
     conns: usize,
-    _hold: Duration,
 ) -> anyhow::Result<Report> {
     let mine: Vec<usize> = shard.take(&(0..conns).collect::<Vec<_>>());
     let started = Instant::now();

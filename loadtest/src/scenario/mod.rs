@@ -13,7 +13,7 @@ use crate::{Gate, Plan, Shard, Spec};
 
 pub async fn run(plan: &Plan, shard: Shard, gate: &mut Gate) -> anyhow::Result<Report> {
     match &plan.spec {
-        Spec::Connect { conns, hold } => connect::run(plan, shard, gate, *conns, *hold).await,
+        Spec::Connect { conns, .. } => connect::run(plan, shard, gate, *conns).await,
         Spec::Pairs(traffic) => pairs::run(plan, shard, gate, traffic).await,
         Spec::Drain { users, per_user } => drain::run(plan, shard, gate, *users, *per_user).await,
         Spec::Poll(traffic) => poll::run(plan, shard, gate, traffic).await,
