@@ -103,13 +103,9 @@ pub struct Shard {
 }
 
 impl Shard {
-    pub fn take<T: Clone>(&self, items: &[T]) -> Vec<T> {
-        items
-            .iter()
-            .skip(self.index)
-            .step_by(self.count.max(1))
-            .cloned()
-            .collect()
+    /// This shard's share of the indices `0..n`.
+    pub fn indices(&self, n: usize) -> Vec<usize> {
+        (self.index..n).step_by(self.count.max(1)).collect()
     }
 }
 

@@ -84,11 +84,10 @@ pub async fn run(mut socket: WebSocket, state: AppState, header: Option<Result<C
         }
     };
     let first_page = {
-        let delivery = state.delivery.clone();
-        let user = claims.sub;
+        let page = fetch_page(&state, claims.sub, None);
         Box::pin(async move {
             barrier.await?;
-            delivery.fetch(user, None, DRAIN_PAGE).await
+            page.await
         })
     };
     let mut conn = Connection {

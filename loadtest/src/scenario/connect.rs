@@ -19,7 +19,7 @@ pub async fn run(
     gate: &mut Gate,
     conns: usize,
 ) -> anyhow::Result<Report> {
-    let mine: Vec<usize> = shard.take(&(0..conns).collect::<Vec<_>>());
+    let mine: Vec<usize> = shard.indices(conns);
     let started = Instant::now();
     let opened: Vec<(Result<Ws, &'static str>, Duration)> = stream::iter(mine)
         .map(|n| async move {

@@ -84,7 +84,7 @@ pub async fn run(
     gate.pass(&Report::default()).await;
     let started = Instant::now();
     let start_nanos = now_nanos();
-    let mine: Vec<usize> = shard.take(&(0..users).collect::<Vec<_>>());
+    let mine: Vec<usize> = shard.indices(users);
     let results: Vec<(u64, u64, Option<u64>)> = stream::iter(mine)
         .map(|n| async move {
             let (account, target, source) = slot(plan, n);

@@ -36,7 +36,7 @@ pub async fn run(
     traffic: &Traffic,
 ) -> anyhow::Result<Report> {
     let (duration, size) = (traffic.duration(), traffic.body_size());
-    let mine: Vec<usize> = shard.take(&(0..traffic.pairs).collect::<Vec<_>>());
+    let mine: Vec<usize> = shard.indices(traffic.pairs);
     let opened: Vec<anyhow::Result<(Ws, Ws, Uuid)>> = stream::iter(mine)
         .map(|pair| async move { open_pair(plan, pair).await })
         .buffer_unordered(CONNECT_CONCURRENCY / 2)

@@ -22,7 +22,7 @@ pub async fn run(
     traffic: &Traffic,
 ) -> anyhow::Result<Report> {
     let (duration, size) = (traffic.duration(), traffic.body_size());
-    let mine: Vec<usize> = shard.take(&(0..traffic.pairs).collect::<Vec<_>>());
+    let mine: Vec<usize> = shard.indices(traffic.pairs);
     let api_for = |n: usize| Api::new(slot(plan, n).1.clone());
     // Empty the receivers' queues of anything an earlier run left.
     let _: Vec<()> = stream::iter(mine.iter().copied())

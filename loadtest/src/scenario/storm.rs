@@ -43,7 +43,7 @@ pub async fn run(
     conns: usize,
     timeout: Duration,
 ) -> anyhow::Result<Report> {
-    let mine: Vec<usize> = shard.take(&(0..conns).collect::<Vec<_>>());
+    let mine: Vec<usize> = shard.indices(conns);
     let total = mine.len();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut clients = Vec::with_capacity(total);
