@@ -210,12 +210,19 @@ add("- **PostgreSQL needs vacuum**: the queue table is all inserts and deletes. 
     "off, and without it the table held a million dead rows after a few runs and latency went to seconds; "
     "the script vacuums between scenarios when autovacuum is off. Run production PostgreSQL with autovacuum "
     "on (the migration tunes it for this table).")
-add("- **PostgreSQL `pairs` at 10k: the tail is checkpoints.** In the sequence above, a checkpoint triggered by "
-    "WAL volume starts during the run (the queue writes about 1.7 KB of WAL per message: two btrees per row plus "
-    "full-page writes after each checkpoint starts), and 1-2% of messages wait about a second. The same scenario "
-    "run alone for 30 s after `VACUUM` and `CHECKPOINT` measured push p50 0.9 ms, p99 6.9 ms, nothing lost. "
-    "The fix to pursue is less WAL per message (one btree on (recipient, id), a BRIN index on id for the "
-    "sweeper), not a forced checkpoint in the benchmark.")
+add("- **One backend at a time.** The script used to stop the SQLite server with SIGTERM and start the "
+    "PostgreSQL one a second later, while the first was still closing the storm's 19,000 sockets; PostgreSQL's "
+    "`pairs` then measured push p99 882 ms. Waiting for the old process to exit brought it to single-digit "
+    "milliseconds. Checkpoints were suspected first and ruled out: a `CHECKPOINT` forced in the middle of a "
+    "30 s run at 10k msgs/s left push p99 at 5.7 ms.")
+add("- **`drain` sits at the bar and varies between runs.** It is a one-to-three-second measurement "
+    "(connecting 1,000 sockets, reading and acking 100,000 messages) on two cores shared with the load "
+    "generator, which parses every message and sends every ack. Run on a quiet machine against a fresh "
+    "server, SQLite drained at 51-56k msgs/s in three runs and PostgreSQL at 95.7k; inside the full "
+    "sequence both come out lower, PostgreSQL most (after `pairs-max` has churned ~850k rows through the "
+    "queue table; this machine runs PostgreSQL with autovacuum off and 128 MB of shared buffers). Not yet "
+    "profiled to the end: the next steps are a server-side profile of the drain inside the sequence and "
+    "a look at the per-row cost of sqlx's SQLite reads.")
 add("- Both backends were measured with the server, its database and the load generator sharing two cores; "
     "about 1% of connects in the 19,000-socket runs took one SYN retransmission (about 1 s) while the cores "
     "were saturated.")

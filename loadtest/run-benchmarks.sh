@@ -72,9 +72,16 @@ start_server() {
     "$OUT/restart.sh"
 }
 
+# Graceful stop, waiting until the process is gone: a server closing
+# 19,000 sockets keeps both cores busy for a while, and the next backend's
+# numbers must not pay for it. Bounded: SIGKILL after 60 s.
 stop_server() {
-    kill "$(cat "$OUT/server.pid")" 2>/dev/null || true
-    sleep 1
+    local pid
+    pid=$(cat "$OUT/server.pid" 2>/dev/null) || return 0
+    kill "$pid" 2>/dev/null || return 0
+    for _ in $(seq 1 600); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+    echo "server $pid still running 60 s after SIGTERM: killing it" >&2
+    kill -9 "$pid" 2>/dev/null || true
 }
 
 # A queue table is all inserts and deletes: without vacuum its dead rows
