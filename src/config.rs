@@ -85,6 +85,57 @@ pub struct Config {
     /// login flood queues here instead of starving message delivery.
     #[arg(long, env = "SEALPOST_HASH_CONCURRENCY", default_value_t = 0)]
     pub hash_concurrency: usize,
+
+    /// Proxies whose `X-Forwarded-For` is believed (comma-separated
+    /// addresses or CIDR ranges, e.g. `10.0.0.0/8,::1`). From anyone else
+    /// the header is ignored and the peer address is the client.
+    #[arg(long, env = "SEALPOST_TRUSTED_PROXIES", value_delimiter = ',',
+          value_parser = parse_ip_net)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
+    /// Sign-ups, logins and token refreshes per client IP per minute; 0
+    /// turns the limit off. A password guesser gets this many tries.
+    #[arg(long, env = "SEALPOST_AUTH_RATE_PER_MINUTE", default_value_t = 10)]
+    pub auth_rate_per_minute: u32,
+
+    /// Auth requests one client IP may make at once before the per-minute
+    /// rate applies.
+    #[arg(long, env = "SEALPOST_AUTH_RATE_BURST", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub auth_rate_burst: u32,
+
+    /// Messages one user may send per second, REST and WebSocket together;
+    /// 0 turns the limit off.
+    #[arg(long, env = "SEALPOST_SEND_RATE_PER_SECOND", default_value_t = 50)]
+    pub send_rate_per_second: u32,
+
+    /// Messages one user may send at once before the per-second rate applies.
+    #[arg(long, env = "SEALPOST_SEND_RATE_BURST", default_value_t = 200,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub send_rate_burst: u32,
+
+    /// Open WebSockets per user (all devices and sessions); 0 = no limit.
+    #[arg(long, env = "SEALPOST_MAX_CONNECTIONS_PER_USER", default_value_t = 10)]
+    pub max_connections_per_user: u32,
+
+    /// Open WebSockets per client IP; 0 = no limit. Mind carrier-grade NAT:
+    /// many users may share one address.
+    #[arg(long, env = "SEALPOST_MAX_CONNECTIONS_PER_IP", default_value_t = 1000)]
+    pub max_connections_per_ip: u32,
+
+    /// WebSockets that have not authenticated yet, server-wide; 0 = no
+    /// limit. Bounds what a flood of idle sockets can hold.
+    #[arg(
+        long,
+        env = "SEALPOST_MAX_UNAUTHENTICATED_SOCKETS",
+        default_value_t = 1000
+    )]
+    pub max_unauthenticated_sockets: u32,
+
+    /// Messages queued for one recipient; further sends to them are refused
+    /// with `queue_full` until they drain. 0 = no limit.
+    #[arg(long, env = "SEALPOST_MAX_QUEUED_PER_USER", default_value_t = 10_000)]
+    pub max_queued_per_user: u32,
 }
 
 impl Config {
@@ -166,6 +217,14 @@ fn parse_secret(value: &str) -> Result<Secret, String> {
         ));
     }
     Ok(Secret(value.to_owned()))
+}
+
+fn parse_ip_net(value: &str) -> Result<ipnet::IpNet, String> {
+    let value = value.trim();
+    value
+        .parse::<ipnet::IpNet>()
+        .or_else(|_| value.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("`{value}` is not an IP address or CIDR range"))
 }
 
 fn parse_ttl(value: &str) -> Result<Duration, String> {

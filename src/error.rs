@@ -7,6 +7,7 @@
 //! process.
 
 use std::borrow::Cow;
+use std::time::Duration;
 
 use axum::extract::rejection::{FormRejection, JsonRejection, PathRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -34,10 +35,23 @@ pub enum Error {
     /// The named thing does not exist, or is not the caller's to see.
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// Authenticated, but not allowed: e.g. a wrong current password, or a
+    /// browser origin not on the allowlist.
+    #[error("{0}")]
+    Forbidden(&'static str),
     #[error("{0}")]
     Conflict(&'static str),
     #[error("{0}")]
     TooLarge(Cow<'static, str>),
+    /// Over a rate limit; retry after the given time.
+    #[error("rate limit exceeded; retry in {} ms", retry_after.as_millis())]
+    RateLimited { retry_after: Duration },
+    /// The recipient's queue holds as many messages as it may.
+    #[error("the recipient's queue is full; retry later")]
+    QueueFull,
+    /// A connection cap (per user, per IP, unauthenticated sockets).
+    #[error("{0}")]
+    TooManyConnections(&'static str),
     /// A dependency (the database) is not reachable right now.
     #[error("service unavailable")]
     Unavailable,
@@ -68,7 +82,11 @@ impl Error {
             Error::Invalid { .. } | Error::UnsupportedMediaType(_) => "invalid",
             Error::Unauthorized(_) => "unauthorized",
             Error::NotFound(_) => "not_found",
+            Error::Forbidden(_) => "forbidden",
             Error::Conflict(_) => "conflict",
+            Error::RateLimited { .. } => "rate_limited",
+            Error::QueueFull => "queue_full",
+            Error::TooManyConnections(_) => "too_many_connections",
             Error::TooLarge(_) => "too_large",
             Error::Unavailable => "unavailable",
             Error::Internal(_) => "internal",
@@ -82,7 +100,11 @@ impl Error {
             Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::RateLimited { .. } | Error::QueueFull | Error::TooManyConnections(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -133,13 +155,28 @@ impl IntoResponse for Error {
             },
         };
         let mut response = (self.status(), axum::Json(body)).into_response();
-        if matches!(self, Error::Unauthorized(_)) {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        match self {
+            Error::Unauthorized(_) => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Error::RateLimited { retry_after } => {
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(retry_after)),
+                );
+            }
+            _ => {}
         }
         response
     }
+}
+
+/// `Retry-After` counts whole seconds: round up, so that a client that
+/// waits as told is not refused again.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
 }
 
 impl From<StoreError> for Error {

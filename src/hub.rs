@@ -15,8 +15,8 @@
 //! A cross-node broker would sit behind [`Hub::push`]: the same call, routing
 //! to users connected to other processes as well.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 use smallvec::SmallVec;
@@ -25,7 +25,31 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::error::Error;
 use crate::store::Message;
+
+/// Why the hub closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kick {
+    /// Its outbound queue overflowed: a reader that stalled.
+    Overflow,
+    /// Its session was revoked.
+    Revoked,
+}
+
+/// Tells a connection to close, and why. The first reason given sticks.
+#[derive(Default)]
+struct KickSignal {
+    token: CancellationToken,
+    reason: OnceLock<Kick>,
+}
+
+impl KickSignal {
+    fn kick(&self, reason: Kick) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+}
 
 /// What a connection is sent through its queue. The message is shared, not
 /// copied: one message pushed to five devices is one allocation.
@@ -45,7 +69,7 @@ struct ConnHandle {
     /// so that revoking a session can find its sockets.
     session: Uuid,
     tx: mpsc::Sender<Outbound>,
-    kick: CancellationToken,
+    kick: Arc<KickSignal>,
 }
 
 /// Most users hold one or two connections (phone, laptop): keep those inline.
@@ -56,6 +80,8 @@ pub struct Hub {
     next_id: AtomicU64,
     /// Capacity of each connection's outbound queue.
     queue_bound: usize,
+    /// Connections one user may hold on this node; 0 for no limit.
+    max_per_user: usize,
 }
 
 /// A connection's membership in the hub. Dropping it unregisters the
@@ -66,38 +92,58 @@ pub struct Registration {
     id: u64,
     /// Messages pushed to this connection.
     pub rx: mpsc::Receiver<Outbound>,
-    /// Cancelled when the hub gives up on this connection (queue overflow).
+    /// Cancelled when the hub gives up on this connection; then
+    /// [`Registration::kick_reason`] says why.
     pub kicked: CancellationToken,
+    signal: Arc<KickSignal>,
+}
+
+impl Registration {
+    /// Why the connection was kicked, if it was.
+    pub fn kick_reason(&self) -> Option<Kick> {
+        self.signal.reason.get().copied()
+    }
 }
 
 impl Hub {
-    pub fn new(queue_bound: usize) -> Arc<Self> {
+    pub fn new(queue_bound: usize, max_per_user: usize) -> Arc<Self> {
         Arc::new(Self {
             conns: DashMap::new(),
             next_id: AtomicU64::new(1),
             queue_bound: queue_bound.max(1),
+            max_per_user,
         })
     }
 
-    /// Adds a connection of `user`. Messages pushed from now on reach its
+    /// Adds a connection of `user`, unless the user holds as many as they
+    /// may (counted under the same shard lock that adds it, so concurrent
+    /// connects cannot overshoot). Messages pushed from now on reach its
     /// `rx`, which buffers them while the connection drains its backlog.
-    pub fn register(self: &Arc<Self>, user: Uuid, session: Uuid) -> Registration {
+    pub fn register(self: &Arc<Self>, user: Uuid, session: Uuid) -> Result<Registration, Error> {
+        let mut handles = self.conns.entry(user).or_default();
+        if self.max_per_user != 0 && handles.len() >= self.max_per_user {
+            return Err(Error::TooManyConnections(
+                "too many connections for this user",
+            ));
+        }
         let (tx, rx) = mpsc::channel(self.queue_bound);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let kick = CancellationToken::new();
-        self.conns.entry(user).or_default().push(ConnHandle {
+        let signal = Arc::new(KickSignal::default());
+        handles.push(ConnHandle {
             id,
             session,
             tx,
-            kick: kick.clone(),
+            kick: signal.clone(),
         });
-        Registration {
+        drop(handles);
+        Ok(Registration {
             hub: self.clone(),
             user,
             id,
             rx,
-            kicked: kick,
-        }
+            kicked: signal.token.clone(),
+            signal,
+        })
     }
 
     fn unregister(&self, user: Uuid, id: u64) {
@@ -129,7 +175,7 @@ impl Hub {
                     Ok(()) => delivered += 1,
                     Err(TrySendError::Full(_)) => {
                         tracing::info!(user.id = %user, conn = handle.id, "outbound queue full: closing the connection");
-                        handle.kick.cancel();
+                        handle.kick.kick(Kick::Overflow);
                         dropped.push(handle.id);
                     }
                     Err(TrySendError::Closed(_)) => dropped.push(handle.id),
@@ -142,16 +188,26 @@ impl Hub {
         delivered
     }
 
+    /// Moves a connection to another session of its user (renewal with a
+    /// token from a new login), so that revoking that session finds it.
+    pub fn rebind(&self, registration: &Registration, session: Uuid) {
+        if let Some(mut handles) = self.conns.get_mut(&registration.user) {
+            for handle in handles.iter_mut().filter(|h| h.id == registration.id) {
+                handle.session = session;
+            }
+        }
+    }
+
     /// Closes every connection of `user` in `session`, or all of the user's
     /// connections with `None`. Returns how many were closed.
-    pub fn kick(&self, user: Uuid, session: Option<Uuid>) -> usize {
+    pub fn kick(&self, user: Uuid, session: Option<Uuid>, reason: Kick) -> usize {
         let mut kicked = 0;
         if let Some(handles) = self.conns.get(&user) {
             for handle in handles
                 .iter()
                 .filter(|h| session.is_none_or(|s| s == h.session))
             {
-                handle.kick.cancel();
+                handle.kick.kick(reason);
                 kicked += 1;
             }
         }
@@ -185,11 +241,11 @@ mod tests {
 
     #[tokio::test]
     async fn pushes_reach_every_connection_of_the_user_only() {
-        let hub = Hub::new(8);
+        let hub = Hub::new(8, 0);
         let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
-        let mut phone = hub.register(alice, Uuid::new_v4());
-        let mut laptop = hub.register(alice, Uuid::new_v4());
-        let mut other = hub.register(bob, Uuid::new_v4());
+        let mut phone = hub.register(alice, Uuid::new_v4()).unwrap();
+        let mut laptop = hub.register(alice, Uuid::new_v4()).unwrap();
+        let mut other = hub.register(bob, Uuid::new_v4()).unwrap();
         let m = message(alice);
         assert_eq!(hub.push(alice, &m), 2);
         assert_eq!(phone.rx.recv().await.unwrap().message.id, m.message.id);
@@ -199,10 +255,10 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_the_registration_unregisters() {
-        let hub = Hub::new(8);
+        let hub = Hub::new(8, 0);
         let user = Uuid::new_v4();
-        let first = hub.register(user, Uuid::new_v4());
-        let second = hub.register(user, Uuid::new_v4());
+        let first = hub.register(user, Uuid::new_v4()).unwrap();
+        let second = hub.register(user, Uuid::new_v4()).unwrap();
         assert_eq!(hub.connections(), 2);
         drop(first);
         assert!(hub.is_online(user));
@@ -213,10 +269,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_kicks_only_its_connection() {
-        let hub = Hub::new(2);
+        let hub = Hub::new(2, 0);
         let user = Uuid::new_v4();
-        let stalled = hub.register(user, Uuid::new_v4());
-        let mut healthy = hub.register(user, Uuid::new_v4());
+        let stalled = hub.register(user, Uuid::new_v4()).unwrap();
+        let mut healthy = hub.register(user, Uuid::new_v4()).unwrap();
         for _ in 0..2 {
             assert_eq!(hub.push(user, &message(user)), 2);
             healthy.rx.recv().await.unwrap();
@@ -231,12 +287,41 @@ mod tests {
 
     #[tokio::test]
     async fn kick_by_session() {
-        let hub = Hub::new(2);
+        let hub = Hub::new(2, 0);
         let (user, session) = (Uuid::new_v4(), Uuid::new_v4());
-        let a = hub.register(user, session);
-        let b = hub.register(user, Uuid::new_v4());
-        assert_eq!(hub.kick(user, Some(session)), 1);
+        let a = hub.register(user, session).unwrap();
+        let b = hub.register(user, Uuid::new_v4()).unwrap();
+        assert_eq!(hub.kick(user, Some(session), Kick::Revoked), 1);
         assert!(a.kicked.is_cancelled() && !b.kicked.is_cancelled());
-        assert_eq!(hub.kick(user, None), 2);
+        assert_eq!(hub.kick(user, None, Kick::Revoked), 2);
+    }
+
+    #[tokio::test]
+    async fn kicks_say_why() {
+        let hub = Hub::new(1, 0);
+        let user = Uuid::new_v4();
+        let revoked = hub.register(user, Uuid::new_v4()).unwrap();
+        hub.kick(user, None, Kick::Revoked);
+        assert_eq!(revoked.kick_reason(), Some(Kick::Revoked));
+        drop(revoked);
+        let stalled = hub.register(user, Uuid::new_v4()).unwrap();
+        hub.push(user, &message(user));
+        hub.push(user, &message(user));
+        assert_eq!(stalled.kick_reason(), Some(Kick::Overflow));
+    }
+
+    #[tokio::test]
+    async fn the_per_user_cap_refuses_the_next_connection_until_one_leaves() {
+        let hub = Hub::new(1, 2);
+        let user = Uuid::new_v4();
+        let first = hub.register(user, Uuid::new_v4()).unwrap();
+        let _second = hub.register(user, Uuid::new_v4()).unwrap();
+        assert!(matches!(
+            hub.register(user, Uuid::new_v4()),
+            Err(Error::TooManyConnections(_))
+        ));
+        assert!(hub.register(Uuid::new_v4(), Uuid::new_v4()).is_ok());
+        drop(first);
+        assert!(hub.register(user, Uuid::new_v4()).is_ok());
     }
 }

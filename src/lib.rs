@@ -10,7 +10,9 @@
 //! - [`state`]: [`state::AppState`], the only state shared by handlers.
 //! - [`error`]: the one error type and its mapping to the wire codes.
 //! - [`auth`]: argon2id passwords, access and refresh tokens, the signing
-//!   secret, and the `AuthUser` extractor.
+//!   secret, session revocation, and the `AuthUser` extractor.
+//! - [`limits`]: rate limits (auth per IP, sends per user) and resource caps
+//!   (sockets per IP and user, unauthenticated sockets, queue per user).
 //! - [`api`]: the REST endpoints, one file per resource; thin handlers.
 //! - [`delivery`]: the core that accepts, lists and acknowledges messages,
 //!   and its [`delivery::committer`], which batches every write to the queue
@@ -20,7 +22,7 @@
 //! - [`ws`]: the WebSocket endpoint and one task per connection (auth,
 //!   backlog drain, push, sends, acks, renewal, close).
 //! - [`store`]: the `Store` trait and its PostgreSQL and SQLite backends.
-//! - [`sweeper`]: expiry of old messages and refresh tokens.
+//! - [`sweeper`]: expiry of old messages, refresh tokens and revocations.
 //!
 //! The path of a message: a `send` frame or `POST /v1/messages` →
 //! [`delivery::Delivery::accept`] (validation, recipient check; then, under
@@ -36,6 +38,7 @@ pub mod config;
 pub mod delivery;
 pub mod error;
 pub mod hub;
+pub mod limits;
 pub mod server;
 pub mod state;
 pub mod store;

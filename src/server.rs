@@ -21,11 +21,15 @@ use tokio_util::task::TaskTracker;
 use crate::api;
 use crate::auth::password::Passwords;
 use crate::auth::secret;
+use crate::auth::sessions::Revocations;
 use crate::auth::token::Tokens;
 use crate::config::Config;
-use crate::delivery::Delivery;
 use crate::delivery::committer::Committer;
+use crate::delivery::{self, Delivery};
 use crate::hub::Hub;
+use crate::limits::client_ip::TrustedProxies;
+use crate::limits::rate::AuthLimit;
+use crate::limits::sockets::SocketCaps;
 use crate::state::AppState;
 use crate::store::{self, Store, StoreOptions};
 use crate::sweeper;
@@ -65,12 +69,29 @@ impl Server {
             config.refresh_token_ttl,
         );
         let (committer, committer_task) = Committer::spawn(store.clone());
-        let hub = Hub::new(config.ws_queue as usize);
-        let delivery = Delivery::new(
-            store.clone(),
-            committer,
-            hub.clone(),
-            config.max_body_bytes as usize,
+        let hub = Hub::new(
+            config.ws_queue as usize,
+            config.max_connections_per_user as usize,
+        );
+        let limits = delivery::Limits {
+            max_body_bytes: config.max_body_bytes as usize,
+            send_rate_per_second: config.send_rate_per_second,
+            send_rate_burst: config.send_rate_burst,
+            max_queued_per_user: config.max_queued_per_user,
+        };
+        let delivery = Delivery::new(store.clone(), committer, hub.clone(), limits);
+        let revocations = Revocations::load(store.as_ref(), config.access_token_ttl)
+            .await
+            .context("loading session revocations")?;
+        let proxies = TrustedProxies::new(&config.trusted_proxies);
+        let auth_limit = AuthLimit::new(
+            config.auth_rate_per_minute,
+            config.auth_rate_burst,
+            proxies.clone(),
+        );
+        let socket_caps = SocketCaps::new(
+            config.max_connections_per_ip,
+            config.max_unauthenticated_sockets,
         );
         let listener = TcpListener::bind(config.addr)
             .await
@@ -82,6 +103,10 @@ impl Server {
             passwords: Arc::new(passwords),
             delivery: Arc::new(delivery),
             hub,
+            revocations: Arc::new(revocations),
+            socket_caps,
+            proxies,
+            auth_limit,
             shutdown: CancellationToken::new(),
             sockets: TaskTracker::new(),
         };
@@ -108,12 +133,7 @@ impl Server {
         } = self;
         let addr = listener.local_addr()?;
         let background = CancellationToken::new();
-        let sweeper = tokio::spawn(sweeper::run(
-            state.store.clone(),
-            state.config.message_ttl,
-            state.config.sweep_interval,
-            background.clone(),
-        ));
+        let sweeper = tokio::spawn(sweeper::run(state.clone(), background.clone()));
         let (sockets, closing) = (state.sockets.clone(), state.shutdown.clone());
         let app = api::router(state);
         tracing::info!(%addr, "listening");

@@ -6,10 +6,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::password::Passwords;
+use crate::auth::sessions::Revocations;
 use crate::auth::token::Tokens;
 use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::hub::Hub;
+use crate::limits::client_ip::TrustedProxies;
+use crate::limits::rate::AuthLimit;
+use crate::limits::sockets::SocketCaps;
 use crate::store::Store;
 
 /// Cheap to clone: every field is an `Arc`. There is no global state.
@@ -21,6 +25,14 @@ pub struct AppState {
     pub passwords: Arc<Passwords>,
     pub delivery: Arc<Delivery>,
     pub hub: Arc<Hub>,
+    pub revocations: Arc<Revocations>,
+    /// Caps on sockets per IP and on unauthenticated sockets.
+    pub socket_caps: Arc<SocketCaps>,
+    /// Whose `X-Forwarded-For` to believe when telling clients apart.
+    pub proxies: TrustedProxies,
+    /// The per-IP limit of the auth routes (`None` when off): the router
+    /// applies its layer, the sweeper prunes its state.
+    pub auth_limit: Option<AuthLimit>,
     /// Cancelled when the server begins to shut down: every WebSocket task
     /// finishes its in-flight work and closes with 1001.
     pub shutdown: CancellationToken,

@@ -28,6 +28,18 @@ async fn start(db: &Path, addr: &str) -> Running {
         &url,
         "--jwt-secret",
         "loadtest-secret-loadtest-secret-0123456789",
+        // A load generator is one client doing the work of thousands: the
+        // per-IP and per-user limits are off, as in run-benchmarks.sh.
+        "--auth-rate-per-minute",
+        "0",
+        "--send-rate-per-second",
+        "0",
+        "--max-connections-per-ip",
+        "0",
+        "--max-unauthenticated-sockets",
+        "0",
+        "--max-queued-per-user",
+        "0",
     ])
     .expect("config");
     let server = Server::bind(config).await.expect("server starts");

@@ -1,10 +1,12 @@
-//! Accounts and sessions: sign-up, login, token refresh and the caller's own
-//! profile.
+//! Accounts and sessions: sign-up, login, token refresh, logout, password
+//! change, account deletion and the caller's own profile.
+//!
+//! Sign-up, login and refresh sit behind the per-IP auth rate limit.
 
 use axum::extract::{FromRequest, Request, State};
 use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Form, Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -15,17 +17,27 @@ use uuid::Uuid;
 use super::ApiJson;
 use super::keys::parse_public_key;
 use crate::auth::AuthUser;
+use crate::auth::sessions::Scope;
 use crate::auth::token::{Tokens, hash_refresh};
 use crate::error::{Error, Result};
+use crate::limits::rate::AuthLimit;
 use crate::state::AppState;
 use crate::store::{self, RefreshToken, Rotation, User};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
+pub fn router(auth_limit: Option<AuthLimit>) -> Router<AppState> {
+    let mut sign_in = Router::new()
         .route("/v1/register", post(register))
         .route("/v1/login", post(login))
-        .route("/v1/token/refresh", post(refresh))
-        .route("/v1/me", get(me))
+        .route("/v1/token/refresh", post(refresh));
+    if let Some(limit) = auth_limit {
+        sign_in = sign_in.layer(limit.layer);
+    }
+    Router::new()
+        .merge(sign_in)
+        .route("/v1/me", get(me).delete(delete_me))
+        .route("/v1/logout", post(logout))
+        .route("/v1/logout-all", post(logout_all))
+        .route("/v1/password", put(change_password))
 }
 
 const USERNAME_LEN: std::ops::RangeInclusive<usize> = 3..=32;
@@ -249,8 +261,11 @@ async fn refresh(
         Rotation::Rotated { user_id, family_id } => {
             Ok(Json(token_pair(&state, user_id, family_id, next.token)?))
         }
-        Rotation::Reused { user_id } => {
-            tracing::warn!(user.id = %user_id, "refresh token reused: revoked every session of the user");
+        Rotation::Reused { user_id, revoked } => {
+            tracing::warn!(user.id = %user_id, "refresh token reused: revoking every session of the user");
+            state
+                .revocations
+                .revoked_elsewhere(&state.hub, user_id, Scope::All, &revoked);
             Err(Error::Unauthorized("invalid refresh token"))
         }
         Rotation::Invalid => Err(Error::Unauthorized("invalid refresh token")),
@@ -264,6 +279,103 @@ async fn me(caller: AuthUser, State(state): State<AppState>) -> Result<Json<Prof
         .await?
         .ok_or(Error::Unauthorized("account no longer exists"))?;
     Ok(Json(Profile::from(user)))
+}
+
+/// Ends the caller's session: its access tokens are refused from now on,
+/// its refresh token is void and its sockets close with 4401.
+async fn logout(caller: AuthUser, State(state): State<AppState>) -> Result<StatusCode> {
+    state
+        .revocations
+        .revoke(
+            state.store.as_ref(),
+            &state.hub,
+            caller.id,
+            Scope::One(caller.session),
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Ends every session of the caller, this one included.
+async fn logout_all(caller: AuthUser, State(state): State<AppState>) -> Result<StatusCode> {
+    state
+        .revocations
+        .revoke(state.store.as_ref(), &state.hub, caller.id, Scope::All)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Checks the caller's current password: a stolen access token alone must
+/// not be enough to take the account over or delete it.
+async fn confirm_password(state: &AppState, user: Uuid, password: String) -> Result<()> {
+    if password.len() > 4 * *PASSWORD_LEN.end() {
+        return Err(WRONG_PASSWORD);
+    }
+    let hash = state.store.password_hash(user).await?;
+    let exists = hash.is_some();
+    if !state.passwords.verify(password, hash).await? {
+        return Err(WRONG_PASSWORD);
+    }
+    if !exists {
+        return Err(Error::Unauthorized("account no longer exists"));
+    }
+    Ok(())
+}
+
+const WRONG_PASSWORD: Error = Error::Forbidden("current password is wrong");
+
+#[derive(Deserialize)]
+struct ChangePassword {
+    current_password: String,
+    new_password: String,
+}
+
+/// Sets a new password and ends every session, then opens a fresh one for
+/// the caller so that the device that changed it stays signed in.
+async fn change_password(
+    caller: AuthUser,
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<ChangePassword>,
+) -> Result<Json<TokenPair>> {
+    validate_password(&request.new_password)
+        .map_err(|_| Error::field("new_password", "must be 8-1024 characters"))?;
+    confirm_password(&state, caller.id, request.current_password).await?;
+    let hash = state.passwords.hash(request.new_password).await?;
+    let revoked = state
+        .store
+        .set_password(caller.id, &hash, store::now())
+        .await?;
+    state
+        .revocations
+        .revoked_elsewhere(&state.hub, caller.id, Scope::All, &revoked);
+    tracing::info!(user.id = %caller.id, "password changed");
+    Ok(Json(start_session(&state, caller.id).await?))
+}
+
+#[derive(Deserialize)]
+struct DeleteAccount {
+    password: String,
+}
+
+/// Deletes the caller's account with its key and queued messages, and
+/// closes its sockets. Messages it sent to others stay theirs.
+async fn delete_me(
+    caller: AuthUser,
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<DeleteAccount>,
+) -> Result<StatusCode> {
+    confirm_password(&state, caller.id, request.password).await?;
+    let revoked = state
+        .store
+        .delete_user(caller.id, store::now())
+        .await?
+        .ok_or(Error::Unauthorized("account no longer exists"))?;
+    state
+        .revocations
+        .revoked_elsewhere(&state.hub, caller.id, Scope::All, &revoked);
+    state.delivery.forget_queue(caller.id);
+    tracing::info!(user.id = %caller.id, "account deleted");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[cfg(test)]

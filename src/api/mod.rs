@@ -24,7 +24,7 @@ use crate::state::AppState;
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.max_request_bytes();
     Router::new()
-        .merge(accounts::router())
+        .merge(accounts::router(state.auth_limit.clone()))
         .merge(keys::router())
         .merge(messages::router())
         .merge(health::router())

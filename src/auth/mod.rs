@@ -1,9 +1,11 @@
-//! Authentication: password hashing, tokens, the signing secret, and the
+//! Authentication: password hashing, tokens, the signing secret, session
+//! revocation, and the
 //! [`AuthUser`] extractor that every authenticated handler takes, so that none
 //! can forget to check a token.
 
 pub mod password;
 pub mod secret;
+pub mod sessions;
 pub mod token;
 
 use axum::extract::FromRequestParts;
@@ -14,6 +16,7 @@ use uuid::Uuid;
 
 use crate::error::Error;
 use crate::state::AppState;
+use token::Claims;
 
 /// The caller, proven by a valid `Authorization: Bearer` access token.
 #[derive(Debug, Clone, Copy)]
@@ -30,13 +33,24 @@ impl FromRequestParts<AppState> for AuthUser {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
         let token =
             bearer_token(&parts.headers).ok_or(Error::Unauthorized("missing bearer token"))?;
-        let claims = state.tokens.verify_access(token)?;
+        let claims = verify(state, token)?;
         Ok(AuthUser {
             id: claims.sub,
             session: claims.sid,
             expires_at: claims.exp,
         })
     }
+}
+
+/// Checks an access token: signature, expiry, and that its session has not
+/// been revoked. Every way in (REST, socket upgrade, `auth` frames) goes
+/// through here.
+pub fn verify(state: &AppState, token: &str) -> Result<Claims, Error> {
+    let claims = state.tokens.verify_access(token)?;
+    if state.revocations.is_revoked(claims.sid) {
+        return Err(Error::Unauthorized("session has been revoked"));
+    }
+    Ok(claims)
 }
 
 /// The token of an `Authorization: Bearer <token>` header (scheme matched

@@ -24,6 +24,8 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::hub::{Hub, Outbound, Registration};
+use crate::limits::queue::QueueCaps;
+use crate::limits::rate::SendBudget;
 use crate::store::{self, Message, Store};
 use committer::Committer;
 
@@ -40,6 +42,10 @@ pub struct Delivery {
     committer: Committer,
     hub: Arc<Hub>,
     max_body_bytes: usize,
+    /// Sends per user, REST and WebSocket together.
+    budget: SendBudget,
+    /// Messages queued per recipient.
+    queues: Arc<QueueCaps>,
     /// Held while a message gets its id, is enqueued and is pushed, so that
     /// id order, commit order and push order agree. Nothing under it waits.
     order: Mutex<()>,
@@ -68,18 +74,24 @@ pub struct Ephemeral {
     pub delivered: bool,
 }
 
+/// The limits the delivery core enforces; 0 turns one off.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub send_rate_per_second: u32,
+    pub send_rate_burst: u32,
+    pub max_queued_per_user: u32,
+}
+
 impl Delivery {
-    pub fn new(
-        store: Arc<dyn Store>,
-        committer: Committer,
-        hub: Arc<Hub>,
-        max_body_bytes: usize,
-    ) -> Self {
+    pub fn new(store: Arc<dyn Store>, committer: Committer, hub: Arc<Hub>, limits: Limits) -> Self {
         Self {
             store,
             committer,
             hub,
-            max_body_bytes,
+            max_body_bytes: limits.max_body_bytes,
+            budget: SendBudget::new(limits.send_rate_per_second, limits.send_rate_burst),
+            queues: Arc::new(QueueCaps::new(limits.max_queued_per_user)),
             order: Mutex::new(()),
         }
     }
@@ -107,13 +119,14 @@ impl Delivery {
         Error::TooLarge(format!("body exceeds {} bytes", self.max_body_bytes).into())
     }
 
-    /// Checks size and recipient before anything is assigned. A recipient
-    /// with a connection on this node exists, so an online recipient costs
-    /// no query.
-    async fn admit(&self, to: Uuid, body: &[u8]) -> Result<()> {
+    /// Checks the sender's budget, size and recipient before anything is
+    /// assigned. A recipient with a connection on this node exists, so an
+    /// online recipient costs no query.
+    async fn admit(&self, from: Uuid, to: Uuid, body: &[u8]) -> Result<()> {
         if body.len() > self.max_body_bytes {
             return Err(self.too_large());
         }
+        self.budget.check(from)?;
         if !self.hub.is_online(to) && !self.store.user_exists(to).await? {
             return Err(Error::NotFound("recipient"));
         }
@@ -131,12 +144,28 @@ impl Delivery {
     /// pushes it to the recipient's online connections. Returns without
     /// waiting for durability; await [`Accepted::durable`] for that.
     pub async fn accept(&self, from: Uuid, to: Uuid, body: Vec<u8>) -> Result<Accepted> {
-        self.admit(to, &body).await?;
-        let slot = self.committer.reserve(body.len()).await?;
+        self.admit(from, to, &body).await?;
+        self.queues.reserve(self.store.as_ref(), to).await?;
+        let slot = match self.committer.reserve(body.len()).await {
+            Ok(slot) => slot,
+            Err(err) => {
+                self.queues.release(to, 1);
+                return Err(err);
+            }
+        };
         let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
         let message = Arc::new(new_message(from, to, body));
         let (id, sent_at) = (message.id, message.sent_at);
-        let durable = Box::pin(slot.insert(message.clone()));
+        let insert = slot.insert(message.clone());
+        let queues = self.queues.clone();
+        let durable = Box::pin(async move {
+            let stored = insert.await;
+            if stored.is_err() {
+                // Not stored: it takes no room in the recipient's queue.
+                queues.release(to, 1);
+            }
+            stored
+        });
         self.hub.push(
             to,
             &Outbound {
@@ -154,7 +183,7 @@ impl Delivery {
     /// Pushes a message to the recipient's connections that are online now,
     /// without storing it.
     pub async fn send_ephemeral(&self, from: Uuid, to: Uuid, body: Vec<u8>) -> Result<Ephemeral> {
-        self.admit(to, &body).await?;
+        self.admit(from, to, &body).await?;
         let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
         let message = Arc::new(new_message(from, to, body));
         let (id, sent_at) = (message.id, message.sent_at);
@@ -191,7 +220,7 @@ impl Delivery {
     )> {
         let slot = self.committer.reserve(0).await?;
         let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
-        let registration = self.hub.register(user, session);
+        let registration = self.hub.register(user, session)?;
         Ok((registration, slot.barrier()))
     }
 
@@ -235,7 +264,25 @@ impl Delivery {
         if ids.is_empty() {
             return Ok(0);
         }
-        self.committer.ack(user, ids).await
+        let acked = self.committer.ack(user, ids).await?;
+        self.queues.release(user, acked);
+        Ok(acked)
+    }
+
+    /// The account's queue was deleted: forget its count.
+    pub fn forget_queue(&self, user: Uuid) {
+        self.queues.forget(user);
+    }
+
+    /// Rows were deleted behind the queue counters (expiry): recount them
+    /// from the store as recipients are next sent to.
+    pub fn recount_queues(&self) {
+        self.queues.reset();
+    }
+
+    /// Forgets senders whose send budget is full again.
+    pub fn prune_send_budgets(&self) {
+        self.budget.prune();
     }
 }
 
@@ -347,12 +394,44 @@ mod tests {
         async fn delete_before(&self, _: Uuid, _: u32) -> StoreResult<u64> {
             unreachable!()
         }
+        async fn password_hash(&self, _: Uuid) -> StoreResult<Option<String>> {
+            unreachable!()
+        }
+        async fn revoke_sessions(
+            &self,
+            _: Uuid,
+            _: Option<Uuid>,
+            _: DateTime<Utc>,
+        ) -> StoreResult<Vec<Uuid>> {
+            unreachable!()
+        }
+        async fn revoked_sessions(&self, _: DateTime<Utc>) -> StoreResult<Vec<Uuid>> {
+            unreachable!()
+        }
+        async fn purge_revoked_sessions(&self, _: DateTime<Utc>, _: u32) -> StoreResult<u64> {
+            unreachable!()
+        }
+        async fn set_password(&self, _: Uuid, _: &str, _: DateTime<Utc>) -> StoreResult<Vec<Uuid>> {
+            unreachable!()
+        }
+        async fn delete_user(&self, _: Uuid, _: DateTime<Utc>) -> StoreResult<Option<Vec<Uuid>>> {
+            unreachable!()
+        }
+        async fn queued_count(&self, _: Uuid) -> StoreResult<u64> {
+            Ok(0)
+        }
     }
 
     fn delivery() -> Delivery {
         let store: Arc<dyn Store> = Arc::new(SlowStore::default());
         let (committer, _task) = Committer::spawn(store.clone());
-        Delivery::new(store, committer, Hub::new(16), 1024)
+        let limits = Limits {
+            max_body_bytes: 1024,
+            send_rate_per_second: 0,
+            send_rate_burst: 1,
+            max_queued_per_user: 0,
+        };
+        Delivery::new(store, committer, Hub::new(16, 0), limits)
     }
 
     /// A message accepted before a connection subscribes, and still being

@@ -76,9 +76,9 @@ pub struct RefreshToken {
 pub enum Rotation {
     /// The token was live; it is now spent and its successor stored.
     Rotated { user_id: Uuid, family_id: Uuid },
-    /// The token had been spent before: a sign of theft. Every refresh token
-    /// of the user has been revoked.
-    Reused { user_id: Uuid },
+    /// The token had been spent before: a sign of theft. Every session of
+    /// the user has been revoked; these are their ids.
+    Reused { user_id: Uuid, revoked: Vec<Uuid> },
     /// Unknown or expired.
     Invalid,
 }
@@ -169,6 +169,9 @@ pub trait Store: Send + Sync + 'static {
 
     async fn credentials(&self, username: &str) -> StoreResult<Option<Credentials>>;
 
+    /// The password hash of the account `id`.
+    async fn password_hash(&self, id: Uuid) -> StoreResult<Option<String>>;
+
     /// Replaces a user's public key; `None` if the user does not exist.
     async fn set_public_key(
         &self,
@@ -189,6 +192,45 @@ pub trait Store: Send + Sync + 'static {
         next_expires_at: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> StoreResult<Rotation>;
+
+    /// Revokes the user's session `only`, or every session of the user:
+    /// records them in `revoked_sessions` and deletes their refresh tokens,
+    /// in one transaction. Returns the revoked session ids.
+    async fn revoke_sessions(
+        &self,
+        user_id: Uuid,
+        only: Option<Uuid>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<Uuid>>;
+
+    /// Sessions revoked at or after `since`: the ones whose access tokens
+    /// may still be unexpired.
+    async fn revoked_sessions(&self, since: DateTime<Utc>) -> StoreResult<Vec<Uuid>>;
+
+    /// Forgets up to `limit` revocations made before `before`; returns how
+    /// many.
+    async fn purge_revoked_sessions(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64>;
+
+    /// Replaces the user's password hash and revokes every session, in one
+    /// transaction. Returns the revoked session ids.
+    async fn set_password(
+        &self,
+        user_id: Uuid,
+        password_hash: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<Uuid>>;
+
+    /// Deletes the account with its key, refresh tokens and queued messages,
+    /// revoking every session, in one transaction. Returns the revoked
+    /// session ids, or `None` if there was no such user.
+    async fn delete_user(
+        &self,
+        user_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Vec<Uuid>>>;
+
+    /// How many messages wait for `recipient`.
+    async fn queued_count(&self, recipient: Uuid) -> StoreResult<u64>;
 
     /// Deletes up to `limit` refresh tokens past their expiry; returns how
     /// many.

@@ -143,6 +143,15 @@ impl Store for PgStore {
         Ok(exists)
     }
 
+    async fn password_hash(&self, id: Uuid) -> StoreResult<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT password_hash FROM users WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
     async fn credentials(&self, username: &str) -> StoreResult<Option<Credentials>> {
         let row: Option<(Uuid, String)> =
             sqlx::query_as("SELECT id, password_hash FROM users WHERE lower(username) = lower($1)")
@@ -244,11 +253,8 @@ impl Store for PgStore {
                 .await?;
                 match previous {
                     Some((user_id, true)) => {
-                        sqlx::query("DELETE FROM refresh_tokens WHERE user_id = $1")
-                            .bind(user_id)
-                            .execute(&mut *tx)
-                            .await?;
-                        Rotation::Reused { user_id }
+                        let revoked = revoke_in(&mut tx, user_id, None, now).await?;
+                        Rotation::Reused { user_id, revoked }
                     }
                     _ => Rotation::Invalid,
                 }
@@ -256,6 +262,88 @@ impl Store for PgStore {
         };
         tx.commit().await?;
         Ok(rotation)
+    }
+
+    async fn revoke_sessions(
+        &self,
+        user_id: Uuid,
+        only: Option<Uuid>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<Uuid>> {
+        let mut tx = self.pool.begin().await?;
+        lock_user(&mut tx, user_id).await?;
+        let revoked = revoke_in(&mut tx, user_id, only, now).await?;
+        tx.commit().await?;
+        Ok(revoked)
+    }
+
+    async fn revoked_sessions(&self, since: DateTime<Utc>) -> StoreResult<Vec<Uuid>> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM revoked_sessions WHERE revoked_at >= $1")
+                .bind(since)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn purge_revoked_sessions(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM revoked_sessions WHERE id IN
+             (SELECT id FROM revoked_sessions WHERE revoked_at < $1 LIMIT $2)",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn set_password(
+        &self,
+        user_id: Uuid,
+        password_hash: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<Uuid>> {
+        let mut tx = self.pool.begin().await?;
+        lock_user(&mut tx, user_id).await?;
+        sqlx::query("UPDATE users SET password_hash = $2 WHERE id = $1")
+            .bind(user_id)
+            .bind(password_hash)
+            .execute(&mut *tx)
+            .await?;
+        let revoked = revoke_in(&mut tx, user_id, None, now).await?;
+        tx.commit().await?;
+        Ok(revoked)
+    }
+
+    async fn delete_user(
+        &self,
+        user_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Vec<Uuid>>> {
+        let mut tx = self.pool.begin().await?;
+        if !lock_user(&mut tx, user_id).await? {
+            return Ok(None);
+        }
+        let revoked = revoke_in(&mut tx, user_id, None, now).await?;
+        sqlx::query("DELETE FROM messages WHERE recipient = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM users WHERE id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(revoked))
+    }
+
+    async fn queued_count(&self, recipient: Uuid) -> StoreResult<u64> {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM messages WHERE recipient = $1")
+            .bind(recipient)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(count as u64)
     }
 
     async fn purge_refresh_tokens(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
@@ -325,4 +413,49 @@ impl Store for PgStore {
         .await?;
         Ok(done.rows_affected())
     }
+}
+
+/// Locks the user's row for the rest of the transaction, serialising every
+/// rotation and revocation of one user (see `rotate_refresh_token`). Returns
+/// whether the user exists.
+async fn lock_user(tx: &mut sqlx::PgConnection, user_id: Uuid) -> StoreResult<bool> {
+    let found: Option<Uuid> = sqlx::query_scalar("SELECT id FROM users WHERE id = $1 FOR UPDATE")
+        .bind(user_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    Ok(found.is_some())
+}
+
+/// Records the user's sessions (or just `only`) as revoked and deletes
+/// their refresh tokens. Every session with a live access token still has
+/// its refresh tokens (spent ones are kept until they expire), so the
+/// families found there are every session that needs revoking.
+async fn revoke_in(
+    tx: &mut sqlx::PgConnection,
+    user_id: Uuid,
+    only: Option<Uuid>,
+    now: DateTime<Utc>,
+) -> StoreResult<Vec<Uuid>> {
+    let mut sessions: Vec<Uuid> = sqlx::query_scalar(
+        "DELETE FROM refresh_tokens WHERE user_id = $1 AND ($2::uuid IS NULL OR family_id = $2)
+         RETURNING family_id",
+    )
+    .bind(user_id)
+    .bind(only)
+    .fetch_all(&mut *tx)
+    .await?;
+    sessions.extend(only);
+    sessions.sort_unstable();
+    sessions.dedup();
+    sqlx::query(
+        "INSERT INTO revoked_sessions (id, user_id, revoked_at)
+         SELECT id, $2, $3 FROM UNNEST($1::uuid[]) AS s (id)
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&sessions)
+    .bind(user_id)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    Ok(sessions)
 }

@@ -209,6 +209,15 @@ impl Store for SqliteStore {
         Ok(exists)
     }
 
+    async fn password_hash(&self, id: Uuid) -> StoreResult<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT password_hash FROM users WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.reader)
+                .await?,
+        )
+    }
+
     async fn credentials(&self, username: &str) -> StoreResult<Option<Credentials>> {
         let row: Option<(Uuid, String)> =
             sqlx::query_as("SELECT id, password_hash FROM users WHERE username = ?")
@@ -297,11 +306,8 @@ impl Store for SqliteStore {
                 .await?;
                 match previous {
                     Some((user_id, true)) => {
-                        sqlx::query("DELETE FROM refresh_tokens WHERE user_id = ?")
-                            .bind(user_id)
-                            .execute(&mut *tx)
-                            .await?;
-                        Rotation::Reused { user_id }
+                        let revoked = revoke_in(&mut tx, user_id, None, now).await?;
+                        Rotation::Reused { user_id, revoked }
                     }
                     _ => Rotation::Invalid,
                 }
@@ -309,6 +315,86 @@ impl Store for SqliteStore {
         };
         tx.commit().await?;
         Ok(rotation)
+    }
+
+    async fn revoke_sessions(
+        &self,
+        user_id: Uuid,
+        only: Option<Uuid>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<Uuid>> {
+        let mut tx = self.writer.begin().await?;
+        let revoked = revoke_in(&mut tx, user_id, only, now).await?;
+        tx.commit().await?;
+        Ok(revoked)
+    }
+
+    async fn revoked_sessions(&self, since: DateTime<Utc>) -> StoreResult<Vec<Uuid>> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM revoked_sessions WHERE revoked_at >= ?")
+                .bind(millis(since))
+                .fetch_all(&self.reader)
+                .await?,
+        )
+    }
+
+    async fn purge_revoked_sessions(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM revoked_sessions WHERE id IN
+             (SELECT id FROM revoked_sessions WHERE revoked_at < ? LIMIT ?)",
+        )
+        .bind(millis(before))
+        .bind(i64::from(limit))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn set_password(
+        &self,
+        user_id: Uuid,
+        password_hash: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<Uuid>> {
+        let mut tx = self.writer.begin().await?;
+        sqlx::query("UPDATE users SET password_hash = ? WHERE id = ?")
+            .bind(password_hash)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        let revoked = revoke_in(&mut tx, user_id, None, now).await?;
+        tx.commit().await?;
+        Ok(revoked)
+    }
+
+    async fn delete_user(
+        &self,
+        user_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Vec<Uuid>>> {
+        let mut tx = self.writer.begin().await?;
+        let deleted = sqlx::query("DELETE FROM users WHERE id = ?")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        if deleted.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let revoked = revoke_in(&mut tx, user_id, None, now).await?;
+        sqlx::query("DELETE FROM messages WHERE recipient = ?")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(revoked))
+    }
+
+    async fn queued_count(&self, recipient: Uuid) -> StoreResult<u64> {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM messages WHERE recipient = ?")
+            .bind(recipient)
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(count as u64)
     }
 
     async fn purge_refresh_tokens(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
@@ -384,4 +470,40 @@ impl Store for SqliteStore {
         .await?;
         Ok(done.rows_affected())
     }
+}
+
+/// Records the user's sessions (or just `only`) as revoked and deletes
+/// their refresh tokens. Every session with a live access token still has
+/// its refresh tokens (spent ones are kept until they expire), so the
+/// families found there are every session that needs revoking. The single
+/// write connection serialises this with rotations.
+async fn revoke_in(
+    tx: &mut sqlx::SqliteConnection,
+    user_id: Uuid,
+    only: Option<Uuid>,
+    now: DateTime<Utc>,
+) -> StoreResult<Vec<Uuid>> {
+    let mut sessions: Vec<Uuid> = sqlx::query_scalar(
+        "DELETE FROM refresh_tokens WHERE user_id = ?1 AND (?2 IS NULL OR family_id = ?2)
+         RETURNING family_id",
+    )
+    .bind(user_id)
+    .bind(only)
+    .fetch_all(&mut *tx)
+    .await?;
+    sessions.extend(only);
+    sessions.sort_unstable();
+    sessions.dedup();
+    for session in &sessions {
+        sqlx::query(
+            "INSERT INTO revoked_sessions (id, user_id, revoked_at) VALUES (?, ?, ?)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(session)
+        .bind(user_id)
+        .bind(millis(now))
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(sessions)
 }

@@ -30,10 +30,11 @@ use uuid::Uuid;
 
 use super::frame::{self, ClientFrame, ServerFrame, close};
 use crate::api::parse_id;
-use crate::auth::token::Claims;
+use crate::auth::{self, token::Claims};
 use crate::delivery::Page;
 use crate::error::{Error, Result};
-use crate::hub::{Outbound, Registration};
+use crate::hub::{Kick, Outbound, Registration};
+use crate::limits::sockets::SocketPermit;
 use crate::state::AppState;
 
 /// Sends awaiting durability (and acks awaiting commit) per connection.
@@ -66,14 +67,24 @@ enum Stop {
     Kicked,
 }
 
-pub async fn run(mut socket: WebSocket, state: AppState, header: Option<Result<Claims>>) {
+pub async fn run(
+    mut socket: WebSocket,
+    state: AppState,
+    header: Option<Result<Claims>>,
+    // Held for the connection's life: its place in the per-IP count.
+    mut permit: SocketPermit,
+) {
     let claims = match authenticate(&mut socket, &state, header).await {
         Ok(claims) => claims,
         Err(Flow::Close(code, reason)) => return send_close(&mut socket, code, reason).await,
         Err(_) => return,
     };
+    permit.authenticated();
     let (registration, barrier) = match state.delivery.subscribe(claims.sub, claims.sid).await {
         Ok(subscribed) => subscribed,
+        Err(Error::TooManyConnections(reason)) => {
+            return send_close(&mut socket, close::TOO_MANY_CONNECTIONS, reason).await;
+        }
         Err(_) => {
             return send_close(
                 &mut socket,
@@ -83,6 +94,11 @@ pub async fn run(mut socket: WebSocket, state: AppState, header: Option<Result<C
             .await;
         }
     };
+    // A revocation between the token check and the registration kicked no
+    // one: it is in the revoked set by now, so look again.
+    if state.revocations.is_revoked(claims.sid) {
+        return send_close(&mut socket, close::UNAUTHORIZED, "session has been revoked").await;
+    }
     let first_page = {
         let page = fetch_page(&state, claims.sub, None);
         Box::pin(async move {
@@ -96,6 +112,7 @@ pub async fn run(mut socket: WebSocket, state: AppState, header: Option<Result<C
         user: claims.sub,
         expires_at: expiry_time(claims.exp),
         expiry: Box::pin(tokio::time::sleep_until(until(claims.exp))),
+        session: claims.sid,
         registration,
         pending: FuturesUnordered::new(),
         backlog_last: None,
@@ -133,7 +150,7 @@ async fn authenticate(
                 Some(Ok(WsMessage::Text(text))) => {
                     return match frame::parse(&text).frame {
                         Ok(ClientFrame::Auth { token }) => {
-                            state.tokens.verify_access(&token).map_err(|_| REFUSED)
+                            auth::verify(state, &token).map_err(|_| REFUSED)
                         }
                         _ => Err(REFUSED),
                     };
@@ -195,6 +212,8 @@ struct Connection {
     socket: WebSocket,
     state: AppState,
     user: Uuid,
+    /// The session of the token in force; renewals must keep it.
+    session: Uuid,
     expires_at: DateTime<Utc>,
     /// Fires when the access token in force expires.
     expiry: Pin<Box<Sleep>>,
@@ -217,6 +236,8 @@ enum Flow {
     Close(u16, &'static str),
     /// Drop the socket: the peer is gone, a close frame would not arrive.
     Drop,
+    /// The hub gave up on this connection; close as its reason says.
+    Kicked,
 }
 
 impl Connection {
@@ -233,7 +254,7 @@ impl Connection {
                     self.finish_in_flight().await;
                     Flow::Close(close::GOING_AWAY, "server shutting down")
                 }
-                () = kicked.cancelled() => FELL_BEHIND,
+                () = kicked.cancelled() => Flow::Kicked,
                 () = &mut self.expiry => Flow::Close(close::UNAUTHORIZED, "access token expired"),
                 _ = ping.tick() => {
                     if self.awaiting_pong {
@@ -260,7 +281,7 @@ impl Connection {
                 }
                 pushed = self.registration.rx.recv(), if self.fetch.is_none() => match pushed {
                     Some(outbound) => self.push(&outbound).await,
-                    None => FELL_BEHIND,
+                    None => Flow::Kicked,
                 },
                 inbound = self.socket.recv(), if self.pending.len() < MAX_IN_FLIGHT => match inbound {
                     Some(Ok(message)) => {
@@ -274,6 +295,18 @@ impl Connection {
             match flow {
                 Flow::Continue => {}
                 Flow::Close(code, reason) => {
+                    send_close(&mut self.socket, code, reason).await;
+                    return;
+                }
+                Flow::Kicked => {
+                    let (code, reason) = match self.registration.kick_reason() {
+                        Some(Kick::Revoked) => (close::UNAUTHORIZED, "session has been revoked"),
+                        // Overflow, or unregistered after one.
+                        _ => (
+                            close::TRY_AGAIN_LATER,
+                            "connection fell behind; reconnect to resume",
+                        ),
+                    };
                     send_close(&mut self.socket, code, reason).await;
                     return;
                 }
@@ -415,9 +448,22 @@ impl Connection {
     /// Replaces the token in force with a fresh one of the same user;
     /// returns its expiry.
     fn renew(&mut self, token: &str) -> Result<DateTime<Utc>> {
-        let claims = self.state.tokens.verify_access(token)?;
+        let claims = auth::verify(&self.state, token)?;
         if claims.sub != self.user {
             return Err(Error::Unauthorized("token is for another user"));
+        }
+        if claims.sid != self.session {
+            // A token of a newer login: revoking that session must find
+            // this socket from now on. A revocation that slipped in between
+            // the check above and the move kicked no one: look again.
+            self.state.hub.rebind(&self.registration, claims.sid);
+            self.session = claims.sid;
+            if self.state.revocations.is_revoked(claims.sid) {
+                self.state
+                    .hub
+                    .kick(self.user, Some(claims.sid), Kick::Revoked);
+                return Err(Error::Unauthorized("session has been revoked"));
+            }
         }
         self.expires_at = expiry_time(claims.exp);
         self.expiry.as_mut().reset(until(claims.exp));
@@ -493,16 +539,10 @@ impl Connection {
 fn flow(written: Result<(), Stop>) -> Flow {
     match written {
         Ok(()) => Flow::Continue,
-        Err(Stop::Kicked) => FELL_BEHIND,
+        Err(Stop::Kicked) => Flow::Kicked,
         Err(Stop::Gone) => Flow::Drop,
     }
 }
-
-/// The close for a connection whose outbound queue overflowed.
-const FELL_BEHIND: Flow = Flow::Close(
-    close::TRY_AGAIN_LATER,
-    "connection fell behind; reconnect to resume",
-);
 
 /// A read error: an oversized frame is answered with 1009, anything else
 /// means the peer is gone.

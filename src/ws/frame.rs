@@ -28,6 +28,10 @@ pub mod close {
     pub const TRY_AGAIN_LATER: u16 = 1013;
     /// Missing, invalid or expired credentials.
     pub const UNAUTHORIZED: u16 = 4401;
+    /// The user holds as many sockets as they may
+    /// (`SEALPOST_MAX_CONNECTIONS_PER_USER`): close one before opening
+    /// another.
+    pub const TOO_MANY_CONNECTIONS: u16 = 4429;
 }
 
 /// The longest `ref` echoed back: refs are for matching replies, not for

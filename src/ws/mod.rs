@@ -11,13 +11,15 @@ mod connection;
 pub mod frame;
 
 use axum::Router;
-use axum::extract::State;
+use std::net::SocketAddr;
+
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::auth::bearer_token;
+use crate::auth::{self, bearer_token};
 use crate::error::Error;
 use crate::state::AppState;
 
@@ -31,6 +33,7 @@ const READ_BUFFER: usize = 4 * 1024;
 
 async fn upgrade(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
@@ -45,9 +48,15 @@ async fn upgrade(
     if state.shutdown.is_cancelled() {
         return Error::Unavailable.into_response();
     }
+    // Counted before the upgrade, so a refused client costs no socket task.
+    let client = state.proxies.client_ip(peer.ip(), &headers);
+    let permit = match state.socket_caps.open(client) {
+        Ok(permit) => permit,
+        Err(err) => return err.into_response(),
+    };
     // A header token is checked now, but a bad one is answered on the socket
     // with close code 4401, as the protocol promises, not with an HTTP 401.
-    let header_claims = bearer_token(&headers).map(|token| state.tokens.verify_access(token));
+    let header_claims = bearer_token(&headers).map(|token| auth::verify(&state, token));
     let max_frame = state.config.max_request_bytes();
     let sockets = state.sockets.clone();
     upgrade
@@ -57,6 +66,6 @@ async fn upgrade(
         .max_message_size(max_frame)
         .max_frame_size(max_frame)
         .on_upgrade(move |socket| {
-            sockets.track_future(connection::run(socket, state, header_claims))
+            sockets.track_future(connection::run(socket, state, header_claims, permit))
         })
 }

@@ -682,7 +682,7 @@ async fn unknown_routes_and_wrong_methods(backend: Backend) {
     assert_clean_error(&reply, &[404], "not_found", "POST /v1/nope");
 
     for (verb, path) in [
-        ("DELETE", "/v1/me"),
+        ("PUT", "/v1/me"),
         ("POST", "/v1/me"),
         ("GET", "/v1/register"),
         ("GET", "/v1/login"),
@@ -703,7 +703,26 @@ async fn unknown_routes_and_wrong_methods(backend: Backend) {
             assert_clean_error(&reply, &[405], "invalid", &format!("{verb} {path}"));
         }
     }
-    // The account survived DELETE /v1/me.
+    // DELETE /v1/me without the password is refused and the account
+    // survives it.
+    for body in [
+        None,
+        Some(json!({})),
+        Some(json!({ "password": "wrong password" })),
+    ] {
+        let mut request = server
+            .http
+            .delete(server.url("/v1/me"))
+            .bearer_auth(&alice.access);
+        if let Some(body) = &body {
+            request = request.json(body);
+        }
+        let reply = server.call(request).await;
+        assert!(
+            matches!(reply.status.as_u16(), 403 | 415 | 422),
+            "DELETE /v1/me with {body:?}: {reply:?}"
+        );
+    }
     assert_alive(&server, &alice).await;
     server.login("alice").await;
 }

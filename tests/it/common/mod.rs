@@ -153,6 +153,14 @@ impl Drop for TestDb {
     }
 }
 
+/// Rate limits and caps the tests turn off by default, as flag and value.
+pub const UNLIMITED: &[(&str, &str)] = &[
+    ("--auth-rate-per-minute", "0"),
+    ("--send-rate-per-second", "0"),
+    ("--max-connections-per-ip", "0"),
+    ("--max-unauthenticated-sockets", "0"),
+];
+
 /// Settings for a test server on `db`: ephemeral port, fixed secret.
 pub fn config(db: &TestDb, extra: &[&str]) -> Config {
     let mut args = vec![
@@ -165,6 +173,13 @@ pub fn config(db: &TestDb, extra: &[&str]) -> Config {
         "--hash-concurrency",
         "2",
     ];
+    // Tests sign up and send faster than any client should: the limits are
+    // off unless a test sets them.
+    for (flag, value) in UNLIMITED {
+        if !extra.contains(flag) {
+            args.extend([*flag, *value]);
+        }
+    }
     args.extend_from_slice(extra);
     Config::parse_from(args).expect("test config")
 }
@@ -244,6 +259,8 @@ impl ServerProcess {
             .env("DATABASE_URL", db_url)
             .env("SEALPOST_JWT_SECRET", JWT_SECRET)
             .env("RUST_LOG", "info")
+            .env("SEALPOST_AUTH_RATE_PER_MINUTE", "0")
+            .env("SEALPOST_SEND_RATE_PER_SECOND", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -1,0 +1,19 @@
+//! Rate limits and resource caps: what one client, one user or one address
+//! may take from the server.
+//!
+//! - [`client_ip`]: who the client is, believing `X-Forwarded-For` only
+//!   from trusted proxies.
+//! - [`rate`]: per-IP limits on the auth endpoints (tower-governor) and the
+//!   per-user send budget shared by REST and WebSocket.
+//! - [`queue`]: the cap on messages queued for one recipient.
+//! - [`sockets`]: caps on WebSockets per IP and on unauthenticated sockets.
+//!   (The per-user cap lives in the hub, which counts a user's sockets.)
+//!
+//! Every limit answers with an [`Error`](crate::error::Error) whose code
+//! names it (`rate_limited`, `queue_full`, `too_many_connections`); none
+//! drops or loses anything already accepted.
+
+pub mod client_ip;
+pub mod queue;
+pub mod rate;
+pub mod sockets;

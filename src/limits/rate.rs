@@ -1,0 +1,137 @@
+//! Rate limits, both token buckets from `governor` (GCRA, a few bytes of
+//! state per key):
+//!
+//! - [`AuthLimit`]: sign-up, login and refresh per client IP (tower-governor
+//!   in front of those routes). A password guesser gets
+//!   `SEALPOST_AUTH_RATE_PER_MINUTE` tries a minute per address.
+//! - [`SendBudget`]: messages per sending user, checked by the delivery core
+//!   so that REST and WebSocket sends draw on one budget.
+//!
+//! Over a limit the caller gets [`Error::RateLimited`] with the time to
+//! wait; nothing is queued, so nothing is lost.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::IntoResponse;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tower_governor::governor::GovernorConfigBuilder;
+use tower_governor::{GovernorError, GovernorLayer};
+use uuid::Uuid;
+
+use super::client_ip::{ClientIpKey, TrustedProxies};
+use crate::error::Error;
+
+pub type AuthLayer = GovernorLayer<ClientIpKey, NoOpMiddleware, Body>;
+
+/// The per-IP limit of the auth routes: the layer for the router, and a
+/// handle to its state for pruning.
+#[derive(Clone)]
+pub struct AuthLimit {
+    pub layer: AuthLayer,
+    limiter: Arc<DefaultKeyedRateLimiter<IpAddr>>,
+}
+
+impl AuthLimit {
+    /// `None` when `per_minute` is 0 (limit off).
+    pub fn new(per_minute: u32, burst: u32, proxies: TrustedProxies) -> Option<Self> {
+        if per_minute == 0 {
+            return None;
+        }
+        let config = GovernorConfigBuilder::default()
+            .period(Duration::from_secs(60) / per_minute)
+            .burst_size(burst.max(1))
+            .key_extractor(ClientIpKey(proxies))
+            .finish()?;
+        let limiter = config.limiter().clone();
+        let layer = GovernorLayer::new(config).error_handler(|error| match error {
+            GovernorError::TooManyRequests { wait_time, .. } => Error::RateLimited {
+                retry_after: Duration::from_secs(wait_time.max(1)),
+            }
+            .into_response(),
+            // No peer address: only possible if the server were run without
+            // connect info, which `Server::run` always provides.
+            _ => Error::Internal(anyhow::anyhow!("rate limiter could not tell the client"))
+                .into_response(),
+        });
+        Some(Self { layer, limiter })
+    }
+
+    /// Forgets addresses whose buckets are full again.
+    pub fn prune(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+}
+
+/// Messages per sending user, shared by REST and WebSocket sends.
+pub struct SendBudget {
+    limiter: Option<DefaultKeyedRateLimiter<Uuid>>,
+}
+
+impl SendBudget {
+    /// `per_second` 0 turns the budget off.
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        let limiter = NonZeroU32::new(per_second).map(|rate| {
+            let burst = NonZeroU32::new(burst).unwrap_or(rate);
+            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+        });
+        Self { limiter }
+    }
+
+    /// Takes one send from `user`'s budget.
+    pub fn check(&self, user: Uuid) -> Result<(), Error> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        limiter
+            .check_key(&user)
+            .map_err(|not_until| Error::RateLimited {
+                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+            })
+    }
+
+    /// Forgets users whose buckets are full again.
+    pub fn prune(&self) {
+        if let Some(limiter) = &self.limiter {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_burst_passes_then_the_budget_refuses_with_a_wait() {
+        let budget = SendBudget::new(1, 3);
+        let user = Uuid::new_v4();
+        for _ in 0..3 {
+            budget.check(user).unwrap();
+        }
+        match budget.check(user) {
+            Err(Error::RateLimited { retry_after }) => {
+                assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(1));
+            }
+            other => panic!("expected rate_limited, got {other:?}"),
+        }
+        // Budgets are per user.
+        budget.check(Uuid::new_v4()).unwrap();
+    }
+
+    #[test]
+    fn zero_turns_the_budget_off() {
+        let budget = SendBudget::new(0, 1);
+        let user = Uuid::new_v4();
+        for _ in 0..1000 {
+            budget.check(user).unwrap();
+        }
+    }
+}
