@@ -373,6 +373,9 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
     ) -> StoreResult<Option<Vec<Uuid>>> {
         let mut tx = self.writer.begin().await?;
+        // Revoke before deleting the user: the delete cascades to the
+        // refresh tokens, which are how the user's sessions are found.
+        let revoked = revoke_in(&mut tx, user_id, None, now).await?;
         let deleted = sqlx::query("DELETE FROM users WHERE id = ?")
             .bind(user_id)
             .execute(&mut *tx)
@@ -380,7 +383,6 @@ impl Store for SqliteStore {
         if deleted.rows_affected() == 0 {
             return Ok(None);
         }
-        let revoked = revoke_in(&mut tx, user_id, None, now).await?;
         sqlx::query("DELETE FROM messages WHERE recipient = ?")
             .bind(user_id)
             .execute(&mut *tx)
