@@ -8,8 +8,10 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use axum::http::{HeaderValue, Uri};
 use clap::Args;
 
 /// Settings for `sealpost serve`.
@@ -85,6 +87,23 @@ pub struct Config {
     /// login flood queues here instead of starving message delivery.
     #[arg(long, env = "SEALPOST_HASH_CONCURRENCY", default_value_t = 0)]
     pub hash_concurrency: usize,
+
+    /// Browser origins allowed to call the API and open WebSockets, comma
+    /// separated and exact (`https://chat.example.com`). None by default:
+    /// native clients need no entry, and a browser page of another origin
+    /// is refused.
+    #[arg(long, env = "SEALPOST_CORS_ORIGINS", value_delimiter = ',', value_parser = parse_origin)]
+    pub cors_origins: Vec<HeaderValue>,
+
+    /// PEM file with the TLS certificate chain, leaf first. With
+    /// `--tls-key`, sealpost serves HTTPS and WSS itself; without both it
+    /// serves plain HTTP (for a TLS-terminating proxy in front).
+    #[arg(long, env = "SEALPOST_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM file with the private key of `--tls-cert` (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "SEALPOST_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Config {
@@ -120,6 +139,16 @@ impl Config {
             0 => cores(),
             n => n,
         }
+    }
+
+    /// Whether a request with this `Origin` header may use the API.
+    pub fn origin_allowed(&self, origin: &HeaderValue) -> bool {
+        self.cors_origins.contains(origin)
+    }
+
+    /// Whether sealpost terminates TLS itself.
+    pub fn serves_tls(&self) -> bool {
+        self.tls_cert.is_some()
     }
 
     /// The largest request body the HTTP layer buffers: a maximal message
@@ -168,6 +197,32 @@ fn parse_secret(value: &str) -> Result<Secret, String> {
     Ok(Secret(value.to_owned()))
 }
 
+/// An origin as a browser sends it: `scheme://host[:port]`, no path. Kept in
+/// lower case, as browsers serialise it, so it compares byte for byte with
+/// the `Origin` header.
+fn parse_origin(value: &str) -> Result<HeaderValue, String> {
+    let value = value.trim().to_ascii_lowercase();
+    if value == "*" || value == "null" {
+        return Err(format!(
+            "`{value}` is not allowed: list exact origins such as https://chat.example.com"
+        ));
+    }
+    let expected = || format!("`{value}` is not an origin like https://chat.example.com");
+    let uri: Uri = value.parse().map_err(|_| expected())?;
+    // Exactly `scheme://authority`: no path (not even `/`), query, fragment
+    // or credentials, none of which an `Origin` header carries.
+    let exact = match (uri.scheme_str(), uri.authority()) {
+        (Some(scheme @ ("http" | "https")), Some(authority)) => {
+            !authority.as_str().contains('@') && value == format!("{scheme}://{authority}")
+        }
+        _ => false,
+    };
+    if !exact {
+        return Err(expected());
+    }
+    HeaderValue::from_str(&value).map_err(|_| expected())
+}
+
 fn parse_ttl(value: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(value)
         .map_err(|e| format!("{e} (use human units such as 2s, 30m, 7d)"))?;
@@ -203,6 +258,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--access-token-ttl"), "{err}");
+    }
+
+    #[test]
+    fn cors_origins_are_exact_origins() {
+        let config = parse(&[
+            "--cors-origins",
+            "https://chat.example.com, http://LOCALHOST:3000",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.cors_origins,
+            ["https://chat.example.com", "http://localhost:3000"]
+        );
+        assert!(config.origin_allowed(&HeaderValue::from_static("http://localhost:3000")));
+        assert!(!config.origin_allowed(&HeaderValue::from_static("https://evil.example")));
+        assert!(parse(&[]).unwrap().cors_origins.is_empty());
+        for bad in [
+            "*",
+            "null",
+            "chat.example.com",
+            "https://chat.example.com/",
+            "https://chat.example.com/app",
+            "ftp://chat.example.com",
+            "https://",
+            "https://user@chat.example.com",
+            "https://chat.example.com?x",
+        ] {
+            let err = parse(&["--cors-origins", bad]).unwrap_err().to_string();
+            assert!(err.contains("--cors-origins"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn tls_needs_both_cert_and_key() {
+        let err = parse(&["--tls-cert", "cert.pem"]).unwrap_err().to_string();
+        assert!(err.contains("--tls-key"), "{err}");
+        let err = parse(&["--tls-key", "key.pem"]).unwrap_err().to_string();
+        assert!(err.contains("--tls-cert"), "{err}");
+        let config = parse(&["--tls-cert", "cert.pem", "--tls-key", "key.pem"]).unwrap();
+        assert!(config.serves_tls());
+        assert!(!parse(&[]).unwrap().serves_tls());
     }
 
     #[test]

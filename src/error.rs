@@ -31,6 +31,10 @@ pub enum Error {
     /// Missing, malformed, expired or revoked credentials.
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// Understood and authenticated or not, but refused by policy: a browser
+    /// page whose origin is not allowed.
+    #[error("{0}")]
+    Forbidden(&'static str),
     /// The named thing does not exist, or is not the caller's to see.
     #[error("{0} not found")]
     NotFound(&'static str),
@@ -67,6 +71,7 @@ impl Error {
         match self {
             Error::Invalid { .. } | Error::UnsupportedMediaType(_) => "invalid",
             Error::Unauthorized(_) => "unauthorized",
+            Error::Forbidden(_) => "forbidden",
             Error::NotFound(_) => "not_found",
             Error::Conflict(_) => "conflict",
             Error::TooLarge(_) => "too_large",
@@ -81,6 +86,7 @@ impl Error {
             Error::Invalid { field: None, .. } => StatusCode::BAD_REQUEST,
             Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,

@@ -7,11 +7,14 @@
 //!
 //! - [`config`]: every setting, from flags or the environment.
 //! - [`server`]: start-up, serving and orderly shutdown.
+//! - [`tls`]: TLS termination: certificate loading and a listener that
+//!   handshakes off the accept loop.
 //! - [`state`]: [`state::AppState`], the only state shared by handlers.
 //! - [`error`]: the one error type and its mapping to the wire codes.
 //! - [`auth`]: argon2id passwords, access and refresh tokens, the signing
 //!   secret, and the `AuthUser` extractor.
-//! - [`api`]: the REST endpoints, one file per resource; thin handlers.
+//! - [`api`]: the REST endpoints, one file per resource; thin handlers; and
+//!   the security headers and CORS policy on every response.
 //! - [`delivery`]: the core that accepts, lists and acknowledges messages,
 //!   and its [`delivery::committer`], which batches every write to the queue
 //!   into group commits.
@@ -40,6 +43,7 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod sweeper;
+pub mod tls;
 pub mod ws;
 
 pub use config::Config;

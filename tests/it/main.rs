@@ -13,5 +13,6 @@ mod hostile;
 mod keys;
 mod messages;
 mod sweeper;
+mod web;
 mod ws;
 mod ws_edges;
