@@ -92,8 +92,9 @@ pub struct Config {
     /// separated and exact (`https://chat.example.com`). None by default:
     /// native clients need no entry, and a browser page of another origin
     /// is refused.
-    #[arg(long, env = "SEALPOST_CORS_ORIGINS", value_delimiter = ',', value_parser = parse_origin)]
-    pub cors_origins: Vec<HeaderValue>,
+    #[arg(long, env = "SEALPOST_CORS_ORIGINS", default_value = "", hide_default_value = true,
+          value_parser = parse_origins)]
+    pub cors_origins: Origins,
 
     /// PEM file with the TLS certificate chain, leaf first. With
     /// `--tls-key`, sealpost serves HTTPS and WSS itself; without both it
@@ -143,7 +144,7 @@ impl Config {
 
     /// Whether a request with this `Origin` header may use the API.
     pub fn origin_allowed(&self, origin: &HeaderValue) -> bool {
-        self.cors_origins.contains(origin)
+        self.cors_origins.0.contains(origin)
     }
 
     /// Whether sealpost terminates TLS itself.
@@ -195,6 +196,26 @@ fn parse_secret(value: &str) -> Result<Secret, String> {
         ));
     }
     Ok(Secret(value.to_owned()))
+}
+
+/// The browser origins allowed by `SEALPOST_CORS_ORIGINS`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Origins(Vec<HeaderValue>);
+
+impl Origins {
+    pub fn iter(&self) -> impl Iterator<Item = &HeaderValue> {
+        self.0.iter()
+    }
+}
+
+/// A comma-separated list; empty (or an empty variable) allows none.
+fn parse_origins(value: &str) -> Result<Origins, String> {
+    value
+        .split(',')
+        .filter(|origin| !origin.trim().is_empty())
+        .map(parse_origin)
+        .collect::<Result<_, _>>()
+        .map(Origins)
 }
 
 /// An origin as a browser sends it: `scheme://host[:port]`, no path. Kept in
@@ -268,12 +289,16 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            config.cors_origins,
+            config.cors_origins.iter().collect::<Vec<_>>(),
             ["https://chat.example.com", "http://localhost:3000"]
         );
         assert!(config.origin_allowed(&HeaderValue::from_static("http://localhost:3000")));
         assert!(!config.origin_allowed(&HeaderValue::from_static("https://evil.example")));
-        assert!(parse(&[]).unwrap().cors_origins.is_empty());
+        assert_eq!(parse(&[]).unwrap().cors_origins, Origins::default());
+        assert_eq!(
+            parse(&["--cors-origins", ""]).unwrap().cors_origins,
+            Origins::default()
+        );
         for bad in [
             "*",
             "null",
