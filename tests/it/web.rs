@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
@@ -14,6 +15,7 @@ use reqwest::Method;
 use reqwest::header::HeaderMap;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -357,7 +359,23 @@ async fn tls_serves_https_and_wss(backend: Backend) {
     let server = TestServer::start_with(backend, &["--tls-cert", &cert, "--tls-key", &key]).await;
     let https = Https::new(server.addr, trusted);
 
-    let (status, headers, body) = https.request(Method::GET, "/healthz", None, None).await;
+    // Clients stuck mid-handshake (a partial ClientHello, then silence) do
+    // not hold up others: handshakes run off the accept loop.
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+        tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
+            .await
+            .unwrap();
+        stalled.push(tcp);
+    }
+    let (status, headers, body) = tokio::time::timeout(
+        Duration::from_secs(5),
+        https.request(Method::GET, "/healthz", None, None),
+    )
+    .await
+    .expect("served while other handshakes stall");
+    drop(stalled);
     assert_eq!((status, body), (200, json!({ "status": "ok" })));
     assert_security_headers(&headers, "a success over TLS");
     assert_eq!(
