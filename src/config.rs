@@ -8,8 +8,10 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use axum::http::{HeaderValue, Uri};
 use clap::Args;
 
 /// Settings for `sealpost serve`.
@@ -136,6 +138,24 @@ pub struct Config {
     /// with `queue_full` until they drain. 0 = no limit.
     #[arg(long, env = "SEALPOST_MAX_QUEUED_PER_USER", default_value_t = 10_000)]
     pub max_queued_per_user: u32,
+
+    /// Browser origins allowed to call the API and open WebSockets, comma
+    /// separated and exact (`https://chat.example.com`). None by default:
+    /// native clients need no entry, and a browser page of another origin
+    /// is refused.
+    #[arg(long, env = "SEALPOST_CORS_ORIGINS", default_value = "", hide_default_value = true,
+          value_parser = parse_origins)]
+    pub cors_origins: Origins,
+
+    /// PEM file with the TLS certificate chain, leaf first. With
+    /// `--tls-key`, sealpost serves HTTPS and WSS itself; without both it
+    /// serves plain HTTP (for a TLS-terminating proxy in front).
+    #[arg(long, env = "SEALPOST_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM file with the private key of `--tls-cert` (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "SEALPOST_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Config {
@@ -171,6 +191,16 @@ impl Config {
             0 => cores(),
             n => n,
         }
+    }
+
+    /// Whether a request with this `Origin` header may use the API.
+    pub fn origin_allowed(&self, origin: &HeaderValue) -> bool {
+        self.cors_origins.0.contains(origin)
+    }
+
+    /// Whether sealpost terminates TLS itself.
+    pub fn serves_tls(&self) -> bool {
+        self.tls_cert.is_some()
     }
 
     /// The largest request body the HTTP layer buffers: a maximal message
@@ -227,6 +257,52 @@ fn parse_ip_net(value: &str) -> Result<ipnet::IpNet, String> {
         .map_err(|_| format!("`{value}` is not an IP address or CIDR range"))
 }
 
+/// The browser origins allowed by `SEALPOST_CORS_ORIGINS`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Origins(Vec<HeaderValue>);
+
+impl Origins {
+    pub fn iter(&self) -> impl Iterator<Item = &HeaderValue> {
+        self.0.iter()
+    }
+}
+
+/// A comma-separated list; empty (or an empty variable) allows none.
+fn parse_origins(value: &str) -> Result<Origins, String> {
+    value
+        .split(',')
+        .filter(|origin| !origin.trim().is_empty())
+        .map(parse_origin)
+        .collect::<Result<_, _>>()
+        .map(Origins)
+}
+
+/// An origin as a browser sends it: `scheme://host[:port]`, no path. Kept in
+/// lower case, as browsers serialise it, so it compares byte for byte with
+/// the `Origin` header.
+fn parse_origin(value: &str) -> Result<HeaderValue, String> {
+    let value = value.trim().to_ascii_lowercase();
+    if value == "*" || value == "null" {
+        return Err(format!(
+            "`{value}` is not allowed: list exact origins such as https://chat.example.com"
+        ));
+    }
+    let expected = || format!("`{value}` is not an origin like https://chat.example.com");
+    let uri: Uri = value.parse().map_err(|_| expected())?;
+    // Exactly `scheme://authority`: no path (not even `/`), query, fragment
+    // or credentials, none of which an `Origin` header carries.
+    let exact = match (uri.scheme_str(), uri.authority()) {
+        (Some(scheme @ ("http" | "https")), Some(authority)) => {
+            !authority.as_str().contains('@') && value == format!("{scheme}://{authority}")
+        }
+        _ => false,
+    };
+    if !exact {
+        return Err(expected());
+    }
+    HeaderValue::from_str(&value).map_err(|_| expected())
+}
+
 fn parse_ttl(value: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(value)
         .map_err(|e| format!("{e} (use human units such as 2s, 30m, 7d)"))?;
@@ -262,6 +338,51 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--access-token-ttl"), "{err}");
+    }
+
+    #[test]
+    fn cors_origins_are_exact_origins() {
+        let config = parse(&[
+            "--cors-origins",
+            "https://chat.example.com, http://LOCALHOST:3000",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.cors_origins.iter().collect::<Vec<_>>(),
+            ["https://chat.example.com", "http://localhost:3000"]
+        );
+        assert!(config.origin_allowed(&HeaderValue::from_static("http://localhost:3000")));
+        assert!(!config.origin_allowed(&HeaderValue::from_static("https://evil.example")));
+        assert_eq!(parse(&[]).unwrap().cors_origins, Origins::default());
+        assert_eq!(
+            parse(&["--cors-origins", ""]).unwrap().cors_origins,
+            Origins::default()
+        );
+        for bad in [
+            "*",
+            "null",
+            "chat.example.com",
+            "https://chat.example.com/",
+            "https://chat.example.com/app",
+            "ftp://chat.example.com",
+            "https://",
+            "https://user@chat.example.com",
+            "https://chat.example.com?x",
+        ] {
+            let err = parse(&["--cors-origins", bad]).unwrap_err().to_string();
+            assert!(err.contains("--cors-origins"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn tls_needs_both_cert_and_key() {
+        let err = parse(&["--tls-cert", "cert.pem"]).unwrap_err().to_string();
+        assert!(err.contains("--tls-key"), "{err}");
+        let err = parse(&["--tls-key", "key.pem"]).unwrap_err().to_string();
+        assert!(err.contains("--tls-cert"), "{err}");
+        let config = parse(&["--tls-cert", "cert.pem", "--tls-key", "key.pem"]).unwrap();
+        assert!(config.serves_tls());
+        assert!(!parse(&[]).unwrap().serves_tls());
     }
 
     #[test]

@@ -7,13 +7,16 @@
 //!
 //! - [`config`]: every setting, from flags or the environment.
 //! - [`server`]: start-up, serving and orderly shutdown.
+//! - [`tls`]: TLS termination: certificate loading and a listener that
+//!   handshakes off the accept loop.
 //! - [`state`]: [`state::AppState`], the only state shared by handlers.
 //! - [`error`]: the one error type and its mapping to the wire codes.
 //! - [`auth`]: argon2id passwords, access and refresh tokens, the signing
 //!   secret, session revocation, and the `AuthUser` extractor.
 //! - [`limits`]: rate limits (auth per IP, sends per user) and resource caps
 //!   (sockets per IP and user, unauthenticated sockets, queue per user).
-//! - [`api`]: the REST endpoints, one file per resource; thin handlers.
+//! - [`api`]: the REST endpoints, one file per resource; thin handlers; and
+//!   the security headers and CORS policy on every response.
 //! - [`delivery`]: the core that accepts, lists and acknowledges messages,
 //!   and its [`delivery::committer`], which batches every write to the queue
 //!   into group commits.
@@ -43,6 +46,7 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod sweeper;
+pub mod tls;
 pub mod ws;
 
 pub use config::Config;

@@ -6,6 +6,7 @@
 //! axum's plain-text rejections.
 
 pub mod accounts;
+mod headers;
 mod health;
 mod keys;
 pub mod messages;
@@ -23,7 +24,8 @@ use crate::state::AppState;
 /// All routes, with the layers every request passes through.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.max_request_bytes();
-    Router::new()
+    let config = state.config.clone();
+    let routes = Router::new()
         .merge(accounts::router(state.auth_limit.clone()))
         .merge(keys::router())
         .merge(messages::router())
@@ -31,8 +33,10 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::ws::router())
         .fallback(|| async { Error::NotFound("route") })
         .method_not_allowed_fallback(|| async { method_not_allowed() })
-        .layer(DefaultBodyLimit::max(body_limit))
-        // Spans carry method and path only: never headers, which hold tokens.
+        .layer(DefaultBodyLimit::max(body_limit));
+    headers::apply(routes, &config)
+        // Outermost, so CORS preflights are traced too. Spans carry method
+        // and path only: never headers, which hold tokens.
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

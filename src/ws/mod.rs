@@ -1,5 +1,6 @@
-//! The WebSocket endpoint, `GET /v1/ws`: authentication at upgrade, socket
-//! sizing, and the hand-off to one [`connection`] task per socket.
+//! The WebSocket endpoint, `GET /v1/ws`: the origin check and
+//! authentication at upgrade, socket sizing, and the hand-off to one
+//! [`connection`] task per socket.
 //!
 //! Buffers are sized for tens of thousands of mostly idle sockets: a 4 KiB
 //! read buffer (tungstenite's default is 128 KiB, allocated at open), eager
@@ -15,7 +16,7 @@ use std::net::SocketAddr;
 
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{ConnectInfo, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
@@ -37,6 +38,14 @@ async fn upgrade(
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    // Browsers do not apply CORS to WebSockets: any page can open one to any
+    // host. They do send the page's `Origin`, so refuse the origins not on
+    // the allowlist. Native clients send none and are not affected.
+    if let Some(origin) = headers.get(header::ORIGIN)
+        && !state.config.origin_allowed(origin)
+    {
+        return Error::Forbidden("this origin may not open a WebSocket").into_response();
+    }
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
         Err(rejection) => {

@@ -14,5 +14,6 @@ mod keys;
 mod messages;
 mod security;
 mod sweeper;
+mod web;
 mod ws;
 mod ws_edges;

@@ -187,6 +187,8 @@ pub fn config(db: &TestDb, extra: &[&str]) -> Config {
 /// The server running inside the test process.
 pub struct TestServer {
     pub api: Api,
+    /// Where it listens; for clients other than [`Api`] (TLS).
+    pub addr: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     pub db: TestDb,
@@ -214,6 +216,7 @@ impl TestServer {
         }));
         Self {
             api: Api::new(format!("http://{addr}")),
+            addr,
             stop: Some(stop),
             task: Some(task),
             db,
@@ -277,7 +280,7 @@ impl ServerProcess {
             let mut addr_tx = Some(addr_tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 lines.lock().unwrap().push(line.clone());
-                if let Some(addr) = line.split("listening addr=").nth(1)
+                if let Some(addr) = line.split("listening on http://").nth(1)
                     && let Some(tx) = addr_tx.take()
                 {
                     let _ = tx.send(addr.trim().to_owned());
