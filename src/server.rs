@@ -26,6 +26,7 @@ use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::delivery::committer::Committer;
 use crate::hub::Hub;
+use crate::seal::{self, KeyRing};
 use crate::state::AppState;
 use crate::store::{self, Store, StoreOptions};
 use crate::sweeper;
@@ -37,6 +38,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Server {
     listener: TcpListener,
     state: AppState,
+    /// For the sweeper, which seals old rows again.
+    keys: Arc<KeyRing>,
     committer: JoinHandle<()>,
 }
 
@@ -52,11 +55,42 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     Ok(store)
 }
 
+/// Refuses to start when queued rows are sealed under a key the ring does not
+/// hold: every read of their recipients would fail. Nothing is deleted; the
+/// operator adds the key back, or deletes those rows knowingly.
+async fn check_keys(store: &dyn Store, keys: &KeyRing) -> anyhow::Result<()> {
+    let in_use = store
+        .key_ids_in_use()
+        .await
+        .context("listing the storage keys of queued messages")?;
+    let missing: Vec<_> = in_use
+        .iter()
+        .filter(|id| !keys.ids().any(|k| k == **id))
+        .collect();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "queued messages are sealed with storage key id(s) {missing:?}, which \
+             SEALPOST_STORAGE_KEYS does not hold: add them back after the current key \
+             (e.g. `{}:<new>,{}:<old>`) and the sweeper will seal those rows again; nothing \
+             was changed",
+            keys.current(),
+            missing[0]
+        );
+    }
+    tracing::debug!(?in_use, current = keys.current(), "storage keys");
+    Ok(())
+}
+
 impl Server {
     /// Everything up to and including binding the listener.
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
         let jwt_secret = secret::resolve(config.jwt_secret.as_ref(), &config.database_url)?;
+        let keys = Arc::new(seal::resolve(
+            config.storage_keys.as_ref(),
+            &config.database_url,
+        )?);
         let store = open_store(&config).await?;
+        check_keys(store.as_ref(), &keys).await?;
         let concurrency = config.hash_concurrency();
         let passwords = tokio::task::spawn_blocking(move || Passwords::new(concurrency)).await??;
         let tokens = Tokens::new(
@@ -64,12 +98,13 @@ impl Server {
             config.access_token_ttl,
             config.refresh_token_ttl,
         );
-        let (committer, committer_task) = Committer::spawn(store.clone());
+        let (committer, committer_task) = Committer::spawn(store.clone(), keys.clone());
         let hub = Hub::new(config.ws_queue as usize);
         let delivery = Delivery::new(
             store.clone(),
             committer,
             hub.clone(),
+            keys.clone(),
             config.max_body_bytes as usize,
         );
         let listener = TcpListener::bind(config.addr)
@@ -88,6 +123,7 @@ impl Server {
         Ok(Self {
             listener,
             state,
+            keys,
             committer: committer_task,
         })
     }
@@ -104,12 +140,14 @@ impl Server {
         let Self {
             listener,
             state,
+            keys,
             committer,
         } = self;
         let addr = listener.local_addr()?;
         let background = CancellationToken::new();
         let sweeper = tokio::spawn(sweeper::run(
             state.store.clone(),
+            keys,
             state.config.message_ttl,
             state.config.sweep_interval,
             background.clone(),
