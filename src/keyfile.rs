@@ -42,6 +42,10 @@ pub fn resolve<T>(
             kind.hint
         );
     }
+    if !database_url.starts_with("sqlite:") {
+        // Not ours to judge here: opening the store names the bad URL.
+        bail!("{}", store::StoreError::UnsupportedUrl);
+    }
     let Some(db) = store::sqlite::database_path(database_url) else {
         tracing::warn!(
             "{setting} is not set: using a random one for this in-memory database; {}",

@@ -85,12 +85,10 @@ impl KeyRing {
                 .trim()
                 .split_once(':')
                 .ok_or_else(|| format!("entry {n} is not `id:base64-key`"))?;
-            let id: KeyId = id
-                .trim()
-                .parse()
-                .ok()
-                .filter(|id| *id > 0)
-                .ok_or_else(|| format!("entry {n}: the key id must be an integer 1 to 32767"))?;
+            let id: KeyId =
+                id.trim().parse().ok().filter(|id| *id > 0).ok_or_else(|| {
+                    format!("entry {n}: the key id must be an integer 1 to 32767")
+                })?;
             let bytes = STANDARD
                 .decode(key.trim())
                 .map_err(|_| format!("key {id} is not standard base64"))?;
@@ -134,9 +132,7 @@ impl KeyRing {
         Ok(messages
             .iter()
             .zip(nonces.chunks_exact(NONCE_BYTES))
-            .map(|(message, nonce)| {
-                self.seal_with(message, nonce.try_into().expect("NONCE_BYTES"))
-            })
+            .map(|(message, nonce)| self.seal_with(message, nonce.try_into().expect("NONCE_BYTES")))
             .collect())
     }
 
@@ -185,7 +181,9 @@ impl KeyRing {
             key_id,
             mut sealed,
         } = row;
-        let key = self.key(key_id).ok_or(SealError::UnknownKey { id, key_id })?;
+        let key = self
+            .key(key_id)
+            .ok_or(SealError::UnknownKey { id, key_id })?;
         let forged = SealError::Forged { id, key_id };
         if sealed.len() < NONCE_BYTES + SENDER_BYTES + TAG_BYTES {
             return Err(forged);
@@ -321,8 +319,10 @@ mod tests {
         let keys = ring(OLD);
         let batch: Vec<_> = (0..3).map(|_| Arc::new(message(b"same"))).collect();
         let rows = keys.seal_all(&batch).unwrap();
-        let nonces: std::collections::HashSet<_> =
-            rows.iter().map(|r| r.sealed[..NONCE_BYTES].to_vec()).collect();
+        let nonces: std::collections::HashSet<_> = rows
+            .iter()
+            .map(|r| r.sealed[..NONCE_BYTES].to_vec())
+            .collect();
         assert_eq!(nonces.len(), 3);
         for (row, original) in rows.into_iter().zip(&batch) {
             assert_eq!(&keys.open(sealed(row)).unwrap(), original.as_ref());
@@ -333,7 +333,12 @@ mod tests {
     fn a_tampered_blob_does_not_open() {
         let keys = ring(OLD);
         let row = keys.seal(&message(b"attack at dawn")).unwrap();
-        for at in [0, NONCE_BYTES, NONCE_BYTES + SENDER_BYTES, row.sealed.len() - 1] {
+        for at in [
+            0,
+            NONCE_BYTES,
+            NONCE_BYTES + SENDER_BYTES,
+            row.sealed.len() - 1,
+        ] {
             let mut bad = row.clone();
             bad.sealed[at] ^= 1;
             assert!(matches!(
@@ -440,7 +445,10 @@ mod tests {
     #[test]
     fn keys_do_not_print() {
         let printed = format!("{:?}", ring(&format!("{NEW},{OLD}")));
-        assert!(!printed.contains("ICEi") && !printed.contains("AAEC"), "{printed}");
+        assert!(
+            !printed.contains("ICEi") && !printed.contains("AAEC"),
+            "{printed}"
+        );
         assert!(printed.contains("[2, 1]"), "{printed}");
     }
 

@@ -276,8 +276,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Up to `limit` of `recipient`'s queued messages with ids after `after`,
     /// oldest first.
-    async fn fetch(&self, recipient: Uuid, after: Uuid, limit: u32)
-    -> StoreResult<Vec<StoredRow>>;
+    async fn fetch(&self, recipient: Uuid, after: Uuid, limit: u32) -> StoreResult<Vec<StoredRow>>;
 
     /// Up to `limit` queued messages with ids after `after`, in id order, that
     /// are not sealed under `current`: legacy plaintext rows and rows of older

@@ -330,12 +330,7 @@ impl Store for PgStore {
         Ok(deleted)
     }
 
-    async fn fetch(
-        &self,
-        recipient: Uuid,
-        after: Uuid,
-        limit: u32,
-    ) -> StoreResult<Vec<StoredRow>> {
+    async fn fetch(&self, recipient: Uuid, after: Uuid, limit: u32) -> StoreResult<Vec<StoredRow>> {
         let rows: Vec<QueueRow> = sqlx::query_as(
             "SELECT id, recipient, sent_at, key_id, sealed, sender, body FROM messages
              WHERE recipient = $1 AND id > $2 ORDER BY id LIMIT $3",

@@ -380,12 +380,7 @@ impl Store for SqliteStore {
         Ok(deleted)
     }
 
-    async fn fetch(
-        &self,
-        recipient: Uuid,
-        after: Uuid,
-        limit: u32,
-    ) -> StoreResult<Vec<StoredRow>> {
+    async fn fetch(&self, recipient: Uuid, after: Uuid, limit: u32) -> StoreResult<Vec<StoredRow>> {
         let rows: Vec<QueueRow> = sqlx::query_as(
             "SELECT id, recipient, sent_at, key_id, sealed, sender, body FROM messages
              WHERE recipient = ? AND id > ? ORDER BY id LIMIT ?",

@@ -6,8 +6,8 @@
 //! test database's URL, as someone holding a dump would.
 
 use std::path::Path;
-use std::str::FromStr;
 use std::process::Command;
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -52,11 +52,7 @@ impl Raw {
                 .unwrap()
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal);
-            Raw::Sqlite(
-                SqlitePool::connect_with(options)
-                    .await
-                    .expect("raw SQLite"),
-            )
+            Raw::Sqlite(SqlitePool::connect_with(options).await.expect("raw SQLite"))
         }
     }
 
@@ -174,8 +170,8 @@ async fn a_dump_reveals_no_sender_and_no_body(backend: Backend) {
     assert_hidden(&dump, alice.id, &sent);
     // The dump does show rows: the recipient is in the clear, by design.
     assert!(
-        dump.iter().all(|row| row.contains(&bob.id.to_string())
-            || row.contains(&hex(bob.id.as_bytes()))),
+        dump.iter()
+            .all(|row| row.contains(&bob.id.to_string()) || row.contains(&hex(bob.id.as_bytes()))),
         "{dump:?}"
     );
     assert_inbox(&server, &bob, alice.id, &sent).await;
