@@ -13,6 +13,10 @@ use std::time::Duration;
 
 use axum::http::{HeaderValue, Uri};
 use clap::Args;
+use clap::builder::TypedValueParser;
+use clap::error::ErrorKind;
+
+use crate::seal::KeyRing;
 
 /// Settings for `sealpost serve`.
 #[derive(Args, Clone, Debug)]
@@ -35,6 +39,13 @@ pub struct Config {
     /// secret, one is generated and kept beside the database file.
     #[arg(long, env = "SEALPOST_JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
     pub jwt_secret: Option<Secret>,
+
+    /// Keys that seal queued messages at rest: `id:base64-of-32-bytes`,
+    /// comma-separated; the first seals new rows, all open. With SQLite and
+    /// no keys, one is generated and kept beside the database file.
+    #[arg(long, env = "SEALPOST_STORAGE_KEYS", hide_env_values = true,
+          value_parser = KeyRingParser)]
+    pub storage_keys: Option<KeyRing>,
 
     /// Lifetime of an access token (human units: `90s`, `30m`, `2h`).
     #[arg(long, env = "SEALPOST_ACCESS_TOKEN_TTL", default_value = "30m", value_parser = parse_ttl)]
@@ -303,6 +314,35 @@ fn parse_origin(value: &str) -> Result<HeaderValue, String> {
     HeaderValue::from_str(&value).map_err(|_| expected())
 }
 
+/// Parses `--storage-keys`. Unlike a plain `value_parser` function, whose
+/// errors quote the rejected value, its errors never print key material.
+#[derive(Clone)]
+struct KeyRingParser;
+
+impl TypedValueParser for KeyRingParser {
+    type Value = KeyRing;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<KeyRing, clap::Error> {
+        let name = arg.map_or_else(|| "--storage-keys".to_owned(), ToString::to_string);
+        let invalid = |reason: String| {
+            clap::Error::raw(
+                ErrorKind::ValueValidation,
+                format!("invalid value for '{name}': {reason}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let text = value
+            .to_str()
+            .ok_or_else(|| invalid("not valid UTF-8".into()))?;
+        KeyRing::parse(text).map_err(invalid)
+    }
+}
+
 fn parse_ttl(value: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(value)
         .map_err(|e| format!("{e} (use human units such as 2s, 30m, 7d)"))?;
@@ -383,6 +423,19 @@ mod tests {
         let config = parse(&["--tls-cert", "cert.pem", "--tls-key", "key.pem"]).unwrap();
         assert!(config.serves_tls());
         assert!(!parse(&[]).unwrap().serves_tls());
+    }
+
+    #[test]
+    fn bad_storage_keys_name_the_setting_and_hide_the_value() {
+        let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let err = parse(&["--storage-keys", &format!("0:{key}")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--storage-keys"), "{err}");
+        assert!(!err.contains("AAEC"), "{err}");
+        let config = parse(&["--storage-keys", &format!("2:{key}")]).unwrap();
+        assert_eq!(config.storage_keys.as_ref().unwrap().current(), 2);
+        assert!(!format!("{config:?}").contains("AAEC"));
     }
 
     #[test]

@@ -25,13 +25,18 @@
 //! - [`ws`]: the WebSocket endpoint and one task per connection (auth,
 //!   backlog drain, push, sends, acks, renewal, close).
 //! - [`store`]: the `Store` trait and its PostgreSQL and SQLite backends.
-//! - [`sweeper`]: expiry of old messages, refresh tokens and revocations.
+//! - [`seal`]: the storage keys, and the sealing of each queued message's
+//!   sender and body at rest.
+//! - [`keyfile`]: secrets generated beside an SQLite database when none is
+//!   configured (the JWT secret, the storage key).
+//! - [`sweeper`]: expiry of old messages, refresh tokens and revocations,
+//!   and sealing again of legacy and old-key rows.
 //!
 //! The path of a message: a `send` frame or `POST /v1/messages` →
 //! [`delivery::Delivery::accept`] (validation, recipient check; then, under
 //! one lock, its id, its insert into the committer's queue and its push to
-//! the recipient's connections) → the committer's batched insert → `sent` or
-//! `201`. The recipient gets the push at once, or its backlog on connect, or
+//! the recipient's connections) → the committer seals the batch and inserts
+//! it → `sent` or `201`. The recipient gets the push at once, or its backlog on connect, or
 //! polls `GET /v1/messages`; its ack travels the same committer as a batched
 //! delete.
 
@@ -41,7 +46,9 @@ pub mod config;
 pub mod delivery;
 pub mod error;
 pub mod hub;
+pub mod keyfile;
 pub mod limits;
+pub mod seal;
 pub mod server;
 pub mod state;
 pub mod store;

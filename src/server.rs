@@ -33,6 +33,7 @@ use crate::hub::Hub;
 use crate::limits::client_ip::TrustedProxies;
 use crate::limits::rate::AuthLimit;
 use crate::limits::sockets::SocketCaps;
+use crate::seal::{self, KeyRing};
 use crate::state::AppState;
 use crate::store::{self, Store, StoreOptions};
 use crate::sweeper;
@@ -47,6 +48,8 @@ pub struct Server {
     /// Set when sealpost terminates TLS itself.
     tls: Option<tokio_rustls::TlsAcceptor>,
     state: AppState,
+    /// For the sweeper, which seals old rows again.
+    keys: Arc<KeyRing>,
     committer: JoinHandle<()>,
 }
 
@@ -62,6 +65,32 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     Ok(store)
 }
 
+/// Refuses to start when queued rows are sealed under a key the ring does not
+/// hold: every read of their recipients would fail. Nothing is deleted; the
+/// operator adds the key back, or deletes those rows knowingly.
+async fn check_keys(store: &dyn Store, keys: &KeyRing) -> anyhow::Result<()> {
+    let in_use = store
+        .key_ids_in_use()
+        .await
+        .context("listing the storage keys of queued messages")?;
+    let missing: Vec<_> = in_use
+        .iter()
+        .filter(|id| !keys.ids().any(|k| k == **id))
+        .collect();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "queued messages are sealed with storage key id(s) {missing:?}, which \
+             SEALPOST_STORAGE_KEYS does not hold: add them back after the current key \
+             (e.g. `{}:<new>,{}:<old>`) and the sweeper will seal those rows again; nothing \
+             was changed",
+            keys.current(),
+            missing[0]
+        );
+    }
+    tracing::debug!(?in_use, current = keys.current(), "storage keys");
+    Ok(())
+}
+
 impl Server {
     /// Everything up to and including binding the listener.
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
@@ -73,7 +102,12 @@ impl Server {
             _ => None,
         };
         let jwt_secret = secret::resolve(config.jwt_secret.as_ref(), &config.database_url)?;
+        let keys = Arc::new(seal::resolve(
+            config.storage_keys.as_ref(),
+            &config.database_url,
+        )?);
         let store = open_store(&config).await?;
+        check_keys(store.as_ref(), &keys).await?;
         let concurrency = config.hash_concurrency();
         let passwords = tokio::task::spawn_blocking(move || Passwords::new(concurrency)).await??;
         let tokens = Tokens::new(
@@ -81,7 +115,7 @@ impl Server {
             config.access_token_ttl,
             config.refresh_token_ttl,
         );
-        let (committer, committer_task) = Committer::spawn(store.clone());
+        let (committer, committer_task) = Committer::spawn(store.clone(), keys.clone());
         let hub = Hub::new(
             config.ws_queue as usize,
             config.max_connections_per_user as usize,
@@ -92,7 +126,7 @@ impl Server {
             send_rate_burst: config.send_rate_burst,
             max_queued_per_user: config.max_queued_per_user,
         };
-        let delivery = Delivery::new(store.clone(), committer, hub.clone(), limits);
+        let delivery = Delivery::new(store.clone(), committer, hub.clone(), keys.clone(), limits);
         let revocations = Revocations::load(store.as_ref(), config.access_token_ttl)
             .await
             .context("loading session revocations")?;
@@ -127,6 +161,7 @@ impl Server {
             listener,
             tls,
             state,
+            keys,
             committer: committer_task,
         })
     }
@@ -144,11 +179,12 @@ impl Server {
             listener,
             tls,
             state,
+            keys,
             committer,
         } = self;
         let addr = listener.local_addr()?;
         let background = CancellationToken::new();
-        let sweeper = tokio::spawn(sweeper::run(state.clone(), background.clone()));
+        let sweeper = tokio::spawn(sweeper::run(state.clone(), keys, background.clone()));
         let (sockets, closing) = (state.sockets.clone(), state.shutdown.clone());
         let app = api::router(state);
         let scheme = if tls.is_some() { "https" } else { "http" };

@@ -1,23 +1,33 @@
 //! The sweeper: deletes messages older than the message TTL, delivered or
 //! not, refresh tokens past their expiry and revocations no token can match
-//! any more, and prunes the in-memory limiter state.
+//! any more; prunes the in-memory limiter state; and seals again, under the
+//! current storage key, every queued row that is not yet sealed under it
+//! (plaintext rows of an earlier release, rows of a retired key).
 //!
-//! It runs every `SEALPOST_SWEEP_INTERVAL` and deletes in bounded batches, so
-//! no statement holds locks long enough to stall the committer, and it stops
-//! between batches when the server shuts down.
+//! It runs every `SEALPOST_SWEEP_INTERVAL`, first at start-up, and works in
+//! bounded batches, so no statement holds locks long enough to stall the
+//! committer, and it stops between batches when the server shuts down.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
+use uuid::Uuid;
+
+use crate::seal::KeyRing;
 use crate::state::AppState;
 use crate::store::{self, Store, StoreResult};
 
 /// Rows per delete statement.
 const BATCH: u32 = 1000;
 
-pub async fn run(state: AppState, shutdown: CancellationToken) {
+/// Rows read and sealed again per round: each row is held in memory with its
+/// body (up to `SEALPOST_MAX_BODY_BYTES`), so fewer than a delete batch.
+const RESEAL_BATCH: u32 = 256;
+
+pub async fn run(state: AppState, keys: Arc<KeyRing>, shutdown: CancellationToken) {
     let config = state.config.clone();
     let mut ticker = tokio::time::interval(config.sweep_interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -37,6 +47,9 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
                     Ok(messages) if messages > 0 => state.delivery.recount_queues(),
                     Ok(_) => {}
                     Err(err) => tracing::warn!(error = %err, "sweep failed; retrying next interval"),
+                }
+                if let Err(err) = reseal(state.store.as_ref(), &keys, &shutdown).await {
+                    tracing::warn!(error = %err, "sealing rows again failed; retrying next interval");
                 }
                 forget_idle(&state);
             }
@@ -99,4 +112,56 @@ pub async fn sweep(
         tracing::debug!("sweep found nothing expired");
     }
     Ok(messages)
+}
+
+/// Seals every row not sealed under the current key again, in id order and
+/// bounded batches. A row that does not open (its key is not configured, or
+/// it was altered) is left as it is and counted; it is retried next time.
+/// Returns how many rows were sealed again.
+pub async fn reseal(
+    store: &dyn Store,
+    keys: &KeyRing,
+    shutdown: &CancellationToken,
+) -> StoreResult<u64> {
+    let (mut resealed, mut unopenable) = (0, 0);
+    let mut after = Uuid::nil();
+    loop {
+        let rows = store
+            .stale_rows(keys.current(), after, RESEAL_BATCH)
+            .await?;
+        let Some(last) = rows.last().map(|row| row.id()) else {
+            break;
+        };
+        let full = rows.len() == RESEAL_BATCH as usize;
+        after = last;
+        let mut sealed = Vec::with_capacity(rows.len());
+        for row in rows {
+            match keys.reseal(row) {
+                Ok(row) => sealed.push(row),
+                Err(err) => {
+                    unopenable += 1;
+                    tracing::debug!(error = %err, "row left as it is");
+                }
+            }
+        }
+        resealed += store.reseal(sealed).await?;
+        if !full || shutdown.is_cancelled() {
+            break;
+        }
+    }
+    if resealed > 0 {
+        tracing::info!(
+            rows = resealed,
+            key_id = keys.current(),
+            "sealed queued rows again under the current storage key"
+        );
+    }
+    if unopenable > 0 {
+        tracing::error!(
+            rows = unopenable,
+            "queued rows do not open with SEALPOST_STORAGE_KEYS; they are kept, and their \
+             recipients' reads fail until the key that sealed them is configured again"
+        );
+    }
+    Ok(resealed)
 }

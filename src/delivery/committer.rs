@@ -15,6 +15,10 @@
 //! An ack that meets its own message's insert in the same batch cancels it:
 //! the row is never written, and the message counts as durable because it is
 //! already delivered.
+//!
+//! The committer seals each batch ([`KeyRing::seal_all`]) just before writing
+//! it: about a microsecond per message, spent here rather than under the
+//! delivery core's lock, and never on a message whose insert was cancelled.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -27,6 +31,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::seal::KeyRing;
 use crate::store::{Ack, Message, Store, StoreError};
 
 /// Operations waiting for the committer. When it is full (the database is
@@ -64,6 +69,15 @@ enum Op {
     },
     /// Completes once everything enqueued before it has been written.
     Barrier { done: oneshot::Sender<()> },
+}
+
+/// Why a batch was not written.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    Store(StoreError),
+    #[error(transparent)]
+    Seal(crate::seal::SealError),
 }
 
 /// A batch that could not be written. The cause was logged by the committer.
@@ -123,9 +137,9 @@ impl Slot<'_> {
 impl Committer {
     /// Starts the committer task. It ends once every handle is dropped and
     /// the channel is drained, so nothing enqueued is abandoned on shutdown.
-    pub fn spawn(store: Arc<dyn Store>) -> (Self, JoinHandle<()>) {
+    pub fn spawn(store: Arc<dyn Store>, keys: Arc<KeyRing>) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(CHANNEL_BOUND);
-        let task = tokio::spawn(run(store, rx));
+        let task = tokio::spawn(run(store, keys, rx));
         let bytes = Arc::new(Semaphore::new(BYTE_BUDGET));
         (Self { tx, bytes }, task)
     }
@@ -161,16 +175,16 @@ impl Committer {
     }
 }
 
-async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Op>) {
+async fn run(store: Arc<dyn Store>, keys: Arc<KeyRing>, mut rx: mpsc::Receiver<Op>) {
     let mut ops = Vec::with_capacity(MAX_BATCH);
     // `recv_many` waits for one op, then takes whatever else is ready.
     while rx.recv_many(&mut ops, MAX_BATCH).await > 0 {
-        commit(store.as_ref(), std::mem::take(&mut ops)).await;
+        commit(store.as_ref(), &keys, std::mem::take(&mut ops)).await;
     }
     tracing::debug!("committer drained and stopped");
 }
 
-async fn commit(store: &dyn Store, ops: Vec<Op>) {
+async fn commit(store: &dyn Store, keys: &KeyRing, ops: Vec<Op>) {
     let mut messages = Vec::new();
     let mut inserted = Vec::new();
     let mut ack_ops = Vec::new();
@@ -220,7 +234,10 @@ async fn commit(store: &dyn Store, ops: Vec<Op>) {
     let written = if messages.is_empty() && acks.is_empty() {
         Ok(Vec::new())
     } else {
-        store.write_batch(&messages, &acks).await
+        match keys.seal_all(&messages) {
+            Ok(rows) => store.write_batch(rows, &acks).await.map_err(Failure::Store),
+            Err(err) => Err(Failure::Seal(err)),
+        }
     };
     // Everything before a barrier is in this batch or an earlier one.
     for done in barriers {
@@ -240,7 +257,7 @@ async fn commit(store: &dyn Store, ops: Vec<Op>) {
         }
         Err(err) => {
             let failed = CommitFailed {
-                unavailable: matches!(err, StoreError::Unavailable(_)),
+                unavailable: matches!(err, Failure::Store(StoreError::Unavailable(_))),
             };
             tracing::error!(
                 error = %err,

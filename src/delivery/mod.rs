@@ -10,6 +10,14 @@
 //! under one short lock: a recipient's connections see pushes in id order,
 //! and the insert is always ahead of any ack the recipient can send for it.
 //! The push does not wait for the commit; the sender's confirmation does.
+//!
+//! Rows are sealed at rest ([`crate::seal`]): the committer seals what it
+//! writes and [`Delivery::fetch`] opens what it reads. A row that does not
+//! open (its key is missing from `SEALPOST_STORAGE_KEYS`, or it was altered)
+//! stays in the store untouched; the read fails with `unavailable` (503, or
+//! a WebSocket close asking to reconnect) and the cause is logged with the
+//! message id, so a recipient's queue waits, complete and in order, until an
+//! operator restores the key.
 
 pub mod committer;
 
@@ -26,6 +34,7 @@ use crate::error::{Error, Result};
 use crate::hub::{Hub, Outbound, Registration};
 use crate::limits::queue::QueueCaps;
 use crate::limits::rate::SendBudget;
+use crate::seal::KeyRing;
 use crate::store::{self, Message, Store};
 use committer::Committer;
 
@@ -41,6 +50,8 @@ pub struct Delivery {
     store: Arc<dyn Store>,
     committer: Committer,
     hub: Arc<Hub>,
+    /// Opens the rows that `fetch` reads.
+    keys: Arc<KeyRing>,
     max_body_bytes: usize,
     /// Sends per user, REST and WebSocket together.
     budget: SendBudget,
@@ -84,11 +95,18 @@ pub struct Limits {
 }
 
 impl Delivery {
-    pub fn new(store: Arc<dyn Store>, committer: Committer, hub: Arc<Hub>, limits: Limits) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        committer: Committer,
+        hub: Arc<Hub>,
+        keys: Arc<KeyRing>,
+        limits: Limits,
+    ) -> Self {
         Self {
             store,
             committer,
             hub,
+            keys,
             max_body_bytes: limits.max_body_bytes,
             budget: SendBudget::new(limits.send_rate_per_second, limits.send_rate_burst),
             queues: Arc::new(QueueCaps::new(limits.max_queued_per_user)),
@@ -228,10 +246,14 @@ impl Delivery {
     pub async fn fetch(&self, user: Uuid, after: Option<Uuid>, limit: u32) -> Result<Page> {
         let limit = limit.clamp(1, MAX_PAGE);
         // One row more than asked tells whether another page follows.
-        let mut messages = self
+        let rows = self
             .store
             .fetch(user, after.unwrap_or(Uuid::nil()), limit + 1)
             .await?;
+        let mut messages = self.keys.open_all(rows).map_err(|err| {
+            tracing::error!(user.id = %user, error = %err, "a queued message does not open; it is kept");
+            Error::Unavailable
+        })?;
         let mut bytes = 0;
         let within_budget = messages
             .iter()
@@ -307,13 +329,15 @@ mod tests {
     use chrono::{DateTime, Utc};
 
     use super::*;
-    use crate::store::{Ack, Credentials, RefreshToken, Rotation, StoreResult, User};
+    use crate::store::{
+        Ack, Credentials, KeyId, RefreshToken, Rotation, SealedRow, StoreResult, StoredRow, User,
+    };
 
     /// A queue in memory whose commits take a while, so that a message can
     /// be accepted and still uncommitted when a connection subscribes.
     #[derive(Default)]
     struct SlowStore {
-        messages: Mutex<Vec<Message>>,
+        messages: Mutex<Vec<SealedRow>>,
     }
 
     const COMMIT_DELAY: Duration = Duration::from_millis(200);
@@ -322,12 +346,12 @@ mod tests {
     impl Store for SlowStore {
         async fn write_batch(
             &self,
-            messages: &[Arc<Message>],
+            messages: Vec<SealedRow>,
             acks: &[Ack],
         ) -> StoreResult<Vec<Uuid>> {
             tokio::time::sleep(COMMIT_DELAY).await;
             let mut stored = self.messages.lock().unwrap();
-            stored.extend(messages.iter().map(|m| Message::clone(m)));
+            stored.extend(messages);
             stored.retain(|m| !acks.iter().any(|a| a.id == m.id));
             Ok(acks.iter().map(|a| a.id).collect())
         }
@@ -336,16 +360,25 @@ mod tests {
             recipient: Uuid,
             after: Uuid,
             limit: u32,
-        ) -> StoreResult<Vec<Message>> {
+        ) -> StoreResult<Vec<StoredRow>> {
             let stored = self.messages.lock().unwrap();
-            let mut page: Vec<Message> = stored
+            let mut page: Vec<SealedRow> = stored
                 .iter()
                 .filter(|m| m.recipient == recipient && m.id > after)
                 .cloned()
                 .collect();
             page.sort_by_key(|m| m.id);
             page.truncate(limit as usize);
-            Ok(page)
+            Ok(page.into_iter().map(StoredRow::Sealed).collect())
+        }
+        async fn stale_rows(&self, _: KeyId, _: Uuid, _: u32) -> StoreResult<Vec<StoredRow>> {
+            unreachable!()
+        }
+        async fn reseal(&self, _: Vec<SealedRow>) -> StoreResult<u64> {
+            unreachable!()
+        }
+        async fn key_ids_in_use(&self) -> StoreResult<Vec<KeyId>> {
+            unreachable!()
         }
         async fn user_exists(&self, _: Uuid) -> StoreResult<bool> {
             Ok(true)
@@ -424,14 +457,15 @@ mod tests {
 
     fn delivery() -> Delivery {
         let store: Arc<dyn Store> = Arc::new(SlowStore::default());
-        let (committer, _task) = Committer::spawn(store.clone());
+        let keys = Arc::new(KeyRing::generate().unwrap());
+        let (committer, _task) = Committer::spawn(store.clone(), keys.clone());
         let limits = Limits {
             max_body_bytes: 1024,
             send_rate_per_second: 0,
             send_rate_burst: 1,
             max_queued_per_user: 0,
         };
-        Delivery::new(store, committer, Hub::new(16, 0), limits)
+        Delivery::new(store, committer, Hub::new(16, 0), keys, limits)
     }
 
     /// A message accepted before a connection subscribes, and still being

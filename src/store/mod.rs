@@ -10,6 +10,12 @@
 //!
 //! The queue's write side is [`Store::write_batch`]: inserts and acks from
 //! many callers in one transaction, as the committer gathers them.
+//!
+//! The queue holds [`SealedRow`]s: routing columns in the clear, sender and
+//! body sealed by [`crate::seal`] above this layer, so each backend only binds
+//! and reads columns. Rows written before sealed storage ([`StoredRow::Legacy`])
+//! stay readable until the sweeper has sealed them; a later release drops
+//! their plaintext `sender` and `body` columns.
 
 pub mod postgres;
 pub mod sqlite;
@@ -93,6 +99,73 @@ pub struct Message {
     pub sent_at: DateTime<Utc>,
 }
 
+/// The id of a storage key (`SEALPOST_STORAGE_KEYS`): a small positive
+/// integer, kept beside every sealed row.
+pub type KeyId = i16;
+
+/// A queued message as stored: routing columns in the clear, its sender and
+/// body in `sealed` under storage key `key_id` (format in [`crate::seal`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedRow {
+    pub id: Uuid,
+    pub recipient: Uuid,
+    pub sent_at: DateTime<Utc>,
+    pub key_id: KeyId,
+    pub sealed: Vec<u8>,
+}
+
+/// A queued message as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredRow {
+    Sealed(SealedRow),
+    /// Written in plaintext by a release before sealed storage.
+    Legacy(Message),
+}
+
+impl StoredRow {
+    /// Builds a row from the queue's columns, in the order both backends
+    /// select them: `id, recipient, sent_at, key_id, sealed, sender, body`
+    /// (`sent_at` already converted from the backend's representation).
+    #[allow(clippy::type_complexity)]
+    fn from_columns(
+        (id, recipient, sent_at, key_id, sealed, sender, body): (
+            Uuid,
+            Uuid,
+            DateTime<Utc>,
+            Option<KeyId>,
+            Option<Vec<u8>>,
+            Option<Uuid>,
+            Option<Vec<u8>>,
+        ),
+    ) -> StoreResult<Self> {
+        match (key_id, sealed, sender, body) {
+            (Some(key_id), Some(sealed), _, _) => Ok(StoredRow::Sealed(SealedRow {
+                id,
+                recipient,
+                sent_at,
+                key_id,
+                sealed,
+            })),
+            (None, None, Some(sender), Some(body)) => Ok(StoredRow::Legacy(Message {
+                id,
+                recipient,
+                sender,
+                body,
+                sent_at,
+            })),
+            // The schema's CHECK constraint rules this out.
+            _ => Err(StoreError::Malformed(id)),
+        }
+    }
+
+    pub fn id(&self) -> Uuid {
+        match self {
+            StoredRow::Sealed(row) => row.id,
+            StoredRow::Legacy(message) => message.id,
+        }
+    }
+}
+
 /// One acknowledgement: delete `id` if it is addressed to `recipient`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Ack {
@@ -110,6 +183,8 @@ pub enum StoreError {
     Database(#[source] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("message {0} is neither sealed nor a legacy plaintext row")]
+    Malformed(Uuid),
     #[error("unsupported DATABASE_URL scheme (expected sqlite:// or postgres://)")]
     UnsupportedUrl,
 }
@@ -239,11 +314,30 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts `messages` and applies `acks` in one transaction. Returns the
     /// ids the acks deleted; an ack for an id that is unknown or addressed to
     /// someone else deletes nothing.
-    async fn write_batch(&self, messages: &[Arc<Message>], acks: &[Ack]) -> StoreResult<Vec<Uuid>>;
+    async fn write_batch(&self, messages: Vec<SealedRow>, acks: &[Ack]) -> StoreResult<Vec<Uuid>>;
 
     /// Up to `limit` of `recipient`'s queued messages with ids after `after`,
     /// oldest first.
-    async fn fetch(&self, recipient: Uuid, after: Uuid, limit: u32) -> StoreResult<Vec<Message>>;
+    async fn fetch(&self, recipient: Uuid, after: Uuid, limit: u32) -> StoreResult<Vec<StoredRow>>;
+
+    /// Up to `limit` queued messages with ids after `after`, in id order, that
+    /// are not sealed under `current`: legacy plaintext rows and rows of older
+    /// keys, for the sweeper to seal again.
+    async fn stale_rows(
+        &self,
+        current: KeyId,
+        after: Uuid,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredRow>>;
+
+    /// Replaces the content of each row by its new sealing, dropping any
+    /// plaintext; rows deleted meanwhile are skipped. Returns how many were
+    /// updated.
+    async fn reseal(&self, rows: Vec<SealedRow>) -> StoreResult<u64>;
+
+    /// The distinct key ids of the sealed rows in the queue, so that start-up
+    /// can refuse a key list that could not open them.
+    async fn key_ids_in_use(&self) -> StoreResult<Vec<KeyId>>;
 
     /// Deletes up to `limit` messages with ids below `before`; returns how
     /// many. The sweeper calls this until it returns less than `limit`, so no

@@ -5,7 +5,6 @@
 //! `INSERT ... SELECT FROM UNNEST(...)` for new messages and
 //! `DELETE ... USING UNNEST(...) RETURNING id` for acks, in one transaction.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,7 +14,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use uuid::Uuid;
 
 use super::{
-    Ack, Credentials, Message, RefreshToken, Rotation, Store, StoreError, StoreResult, User,
+    Ack, Credentials, KeyId, RefreshToken, Rotation, SealedRow, Store, StoreError, StoreResult,
+    StoredRow, User,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -48,15 +48,42 @@ fn user_from_row((id, username, public_key, key_updated_at, created_at): UserRow
     }
 }
 
-type MessageRow = (Uuid, Uuid, Uuid, Vec<u8>, DateTime<Utc>);
+/// `id, recipient, sent_at, key_id, sealed, sender, body`.
+type QueueRow = (
+    Uuid,
+    Uuid,
+    DateTime<Utc>,
+    Option<KeyId>,
+    Option<Vec<u8>>,
+    Option<Uuid>,
+    Option<Vec<u8>>,
+);
 
-fn message_from_row((id, recipient, sender, body, sent_at): MessageRow) -> Message {
-    Message {
-        id,
-        recipient,
-        sender,
-        body,
-        sent_at,
+fn stored_rows(rows: Vec<QueueRow>) -> StoreResult<Vec<StoredRow>> {
+    rows.into_iter().map(StoredRow::from_columns).collect()
+}
+
+/// Splits sealed rows into the column arrays that `UNNEST` binds.
+#[derive(Default)]
+struct Columns {
+    ids: Vec<Uuid>,
+    recipients: Vec<Uuid>,
+    sent_at: Vec<DateTime<Utc>>,
+    key_ids: Vec<KeyId>,
+    sealed: Vec<Vec<u8>>,
+}
+
+impl Columns {
+    fn of(rows: Vec<SealedRow>) -> Self {
+        let mut columns = Columns::default();
+        for row in rows {
+            columns.ids.push(row.id);
+            columns.recipients.push(row.recipient);
+            columns.sent_at.push(row.sent_at);
+            columns.key_ids.push(row.key_id);
+            columns.sealed.push(row.sealed);
+        }
+        columns
     }
 }
 
@@ -358,18 +385,19 @@ impl Store for PgStore {
         Ok(done.rows_affected())
     }
 
-    async fn write_batch(&self, messages: &[Arc<Message>], acks: &[Ack]) -> StoreResult<Vec<Uuid>> {
+    async fn write_batch(&self, messages: Vec<SealedRow>, acks: &[Ack]) -> StoreResult<Vec<Uuid>> {
         let mut tx = self.writer.begin().await?;
         if !messages.is_empty() {
+            let columns = Columns::of(messages);
             sqlx::query(
-                "INSERT INTO messages (id, recipient, sender, body, sent_at)
-                 SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::bytea[], $5::timestamptz[])",
+                "INSERT INTO messages (id, recipient, sent_at, key_id, sealed)
+                 SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::int2[], $5::bytea[])",
             )
-            .bind(messages.iter().map(|m| m.id).collect::<Vec<_>>())
-            .bind(messages.iter().map(|m| m.recipient).collect::<Vec<_>>())
-            .bind(messages.iter().map(|m| m.sender).collect::<Vec<_>>())
-            .bind(messages.iter().map(|m| m.body.clone()).collect::<Vec<_>>())
-            .bind(messages.iter().map(|m| m.sent_at).collect::<Vec<_>>())
+            .bind(columns.ids)
+            .bind(columns.recipients)
+            .bind(columns.sent_at)
+            .bind(columns.key_ids)
+            .bind(columns.sealed)
             .execute(&mut *tx)
             .await?;
         }
@@ -390,9 +418,9 @@ impl Store for PgStore {
         Ok(deleted)
     }
 
-    async fn fetch(&self, recipient: Uuid, after: Uuid, limit: u32) -> StoreResult<Vec<Message>> {
-        let rows: Vec<MessageRow> = sqlx::query_as(
-            "SELECT id, recipient, sender, body, sent_at FROM messages
+    async fn fetch(&self, recipient: Uuid, after: Uuid, limit: u32) -> StoreResult<Vec<StoredRow>> {
+        let rows: Vec<QueueRow> = sqlx::query_as(
+            "SELECT id, recipient, sent_at, key_id, sealed, sender, body FROM messages
              WHERE recipient = $1 AND id > $2 ORDER BY id LIMIT $3",
         )
         .bind(recipient)
@@ -400,7 +428,51 @@ impl Store for PgStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(message_from_row).collect())
+        stored_rows(rows)
+    }
+
+    async fn stale_rows(
+        &self,
+        current: KeyId,
+        after: Uuid,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredRow>> {
+        let rows: Vec<QueueRow> = sqlx::query_as(
+            "SELECT id, recipient, sent_at, key_id, sealed, sender, body FROM messages
+             WHERE id > $1 AND (key_id IS NULL OR key_id <> $2) ORDER BY id LIMIT $3",
+        )
+        .bind(after)
+        .bind(current)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        stored_rows(rows)
+    }
+
+    async fn reseal(&self, rows: Vec<SealedRow>) -> StoreResult<u64> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let columns = Columns::of(rows);
+        let done = sqlx::query(
+            "UPDATE messages m SET key_id = u.key_id, sealed = u.sealed, sender = NULL, body = NULL
+             FROM UNNEST($1::uuid[], $2::int2[], $3::bytea[]) AS u (id, key_id, sealed)
+             WHERE m.id = u.id",
+        )
+        .bind(columns.ids)
+        .bind(columns.key_ids)
+        .bind(columns.sealed)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn key_ids_in_use(&self) -> StoreResult<Vec<KeyId>> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT key_id FROM messages WHERE key_id IS NOT NULL ORDER BY key_id",
+        )
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     async fn delete_before(&self, before: Uuid, limit: u32) -> StoreResult<u64> {

@@ -12,7 +12,6 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,7 +24,8 @@ use sqlx::sqlite::{
 use uuid::Uuid;
 
 use super::{
-    Ack, Credentials, Message, RefreshToken, Rotation, Store, StoreError, StoreResult, User,
+    Ack, Credentials, KeyId, RefreshToken, Rotation, SealedRow, Store, StoreError, StoreResult,
+    StoredRow, User,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -38,9 +38,19 @@ const ROWS_PER_STATEMENT: usize = 100;
 /// constant fragments only; every value is bound.
 fn insert_sql(rows: usize) -> String {
     let mut sql =
-        String::from("INSERT INTO messages (id, recipient, sender, body, sent_at) VALUES ");
+        String::from("INSERT INTO messages (id, recipient, sent_at, key_id, sealed) VALUES ");
     sql.push_str(&vec!["(?, ?, ?, ?, ?)"; rows].join(", "));
     sql
+}
+
+/// Seals `rows` rows again: `VALUES` columns are id, key id, sealed. Built
+/// from constant fragments only; every value is bound.
+fn reseal_sql(rows: usize) -> String {
+    format!(
+        "UPDATE messages SET key_id = u.column2, sealed = u.column3, sender = NULL, body = NULL
+         FROM (VALUES {}) AS u WHERE messages.id = u.column1",
+        vec!["(?, ?, ?)"; rows].join(", ")
+    )
 }
 
 /// Deletes up to `ids` of one recipient's messages, returning those deleted.
@@ -96,16 +106,23 @@ fn user_from_row((id, username, public_key, key_updated_at, created_at): UserRow
     }
 }
 
-type MessageRow = (Uuid, Uuid, Uuid, Vec<u8>, i64);
+/// `id, recipient, sent_at, key_id, sealed, sender, body`.
+type QueueRow = (
+    Uuid,
+    Uuid,
+    i64,
+    Option<KeyId>,
+    Option<Vec<u8>>,
+    Option<Uuid>,
+    Option<Vec<u8>>,
+);
 
-fn message_from_row((id, recipient, sender, body, sent_at): MessageRow) -> Message {
-    Message {
-        id,
-        recipient,
-        sender,
-        body,
-        sent_at: time(sent_at),
-    }
+fn stored_rows(rows: Vec<QueueRow>) -> StoreResult<Vec<StoredRow>> {
+    rows.into_iter()
+        .map(|(id, recipient, sent_at, key_id, sealed, sender, body)| {
+            StoredRow::from_columns((id, recipient, time(sent_at), key_id, sealed, sender, body))
+        })
+        .collect()
 }
 
 impl SqliteStore {
@@ -411,21 +428,23 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
-    async fn write_batch(&self, messages: &[Arc<Message>], acks: &[Ack]) -> StoreResult<Vec<Uuid>> {
+    async fn write_batch(&self, messages: Vec<SealedRow>, acks: &[Ack]) -> StoreResult<Vec<Uuid>> {
         // One transaction, one fsync, for the whole batch. sqlx runs each
         // SQLite statement on the connection's worker thread, a cross-thread
         // round trip apiece, so rows go many to a statement: a statement per
         // row cost more CPU in thread hand-offs than SQLite spent working.
         let mut tx = self.writer.begin().await?;
-        for chunk in messages.chunks(ROWS_PER_STATEMENT) {
+        let mut messages = messages.into_iter().peekable();
+        while messages.peek().is_some() {
+            let chunk: Vec<SealedRow> = messages.by_ref().take(ROWS_PER_STATEMENT).collect();
             let mut insert = sqlx::query(AssertSqlSafe(insert_sql(chunk.len())));
-            for m in chunk {
+            for row in chunk {
                 insert = insert
-                    .bind(m.id)
-                    .bind(m.recipient)
-                    .bind(m.sender)
-                    .bind(m.body.clone())
-                    .bind(millis(m.sent_at));
+                    .bind(row.id)
+                    .bind(row.recipient)
+                    .bind(millis(row.sent_at))
+                    .bind(row.key_id)
+                    .bind(row.sealed);
             }
             insert.execute(&mut *tx).await?;
         }
@@ -449,9 +468,9 @@ impl Store for SqliteStore {
         Ok(deleted)
     }
 
-    async fn fetch(&self, recipient: Uuid, after: Uuid, limit: u32) -> StoreResult<Vec<Message>> {
-        let rows: Vec<MessageRow> = sqlx::query_as(
-            "SELECT id, recipient, sender, body, sent_at FROM messages
+    async fn fetch(&self, recipient: Uuid, after: Uuid, limit: u32) -> StoreResult<Vec<StoredRow>> {
+        let rows: Vec<QueueRow> = sqlx::query_as(
+            "SELECT id, recipient, sent_at, key_id, sealed, sender, body FROM messages
              WHERE recipient = ? AND id > ? ORDER BY id LIMIT ?",
         )
         .bind(recipient)
@@ -459,7 +478,49 @@ impl Store for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
-        Ok(rows.into_iter().map(message_from_row).collect())
+        stored_rows(rows)
+    }
+
+    async fn stale_rows(
+        &self,
+        current: KeyId,
+        after: Uuid,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredRow>> {
+        let rows: Vec<QueueRow> = sqlx::query_as(
+            "SELECT id, recipient, sent_at, key_id, sealed, sender, body FROM messages
+             WHERE id > ? AND (key_id IS NULL OR key_id <> ?) ORDER BY id LIMIT ?",
+        )
+        .bind(after)
+        .bind(current)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        stored_rows(rows)
+    }
+
+    async fn reseal(&self, rows: Vec<SealedRow>) -> StoreResult<u64> {
+        let mut tx = self.writer.begin().await?;
+        let mut updated = 0;
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            let chunk: Vec<SealedRow> = rows.by_ref().take(ROWS_PER_STATEMENT).collect();
+            let mut update = sqlx::query(AssertSqlSafe(reseal_sql(chunk.len())));
+            for row in chunk {
+                update = update.bind(row.id).bind(row.key_id).bind(row.sealed);
+            }
+            updated += update.execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(updated)
+    }
+
+    async fn key_ids_in_use(&self) -> StoreResult<Vec<KeyId>> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT key_id FROM messages WHERE key_id IS NOT NULL ORDER BY key_id",
+        )
+        .fetch_all(&self.reader)
+        .await?)
     }
 
     async fn delete_before(&self, before: Uuid, limit: u32) -> StoreResult<u64> {

@@ -47,6 +47,7 @@ fn serve_help_lists_every_setting_with_its_variable() {
         "SEALPOST_ADDR",
         "DATABASE_URL",
         "SEALPOST_JWT_SECRET",
+        "SEALPOST_STORAGE_KEYS",
         "SEALPOST_ACCESS_TOKEN_TTL",
         "SEALPOST_REFRESH_TOKEN_TTL",
         "SEALPOST_MESSAGE_TTL",

@@ -30,6 +30,10 @@ use uuid::Uuid;
 /// Fixed so that a restarted [`ServerProcess`] accepts earlier tokens.
 pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123";
 pub const PASSWORD: &str = "correct horse battery staple";
+/// Passed to PostgreSQL servers, which require storage keys, as they require
+/// a JWT secret. SQLite servers generate theirs beside the database, so the
+/// suite also runs the default path.
+pub const STORAGE_KEYS: &str = "1:c2VhbHBvc3QtdGVzdC1zdG9yYWdlLWtleS0wMTIzNDU=";
 
 /// Generates one `#[tokio::test]` per backend for each named async test
 /// function taking a [`Backend`]. The PostgreSQL tests exist only when
@@ -173,6 +177,9 @@ pub fn config(db: &TestDb, extra: &[&str]) -> Config {
         "--hash-concurrency",
         "2",
     ];
+    if db.pg.is_some() && !extra.contains(&"--storage-keys") {
+        args.extend_from_slice(&["--storage-keys", STORAGE_KEYS]);
+    }
     // Tests sign up and send faster than any client should: the limits are
     // off unless a test sets them.
     for (flag, value) in UNLIMITED {
@@ -267,6 +274,9 @@ impl ServerProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        if db_url.starts_with("postgres") {
+            command.env("SEALPOST_STORAGE_KEYS", STORAGE_KEYS);
+        }
         for (k, v) in extra_env {
             command.env(k, v);
         }

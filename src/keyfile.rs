@@ -1,0 +1,91 @@
+//! Secrets that sealpost makes for itself when none is configured: the JWT
+//! signing secret and the storage key.
+//!
+//! With SQLite the secret is generated once and kept in a file beside the
+//! database (mode 0600), so that `cargo run` works with no set-up and what it
+//! protects survives restarts. With an in-memory database it is random and
+//! lives as long as the process. With PostgreSQL it is refused: a production
+//! deployment, possibly of several nodes, must share one secret that an
+//! operator manages.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow, bail};
+
+use crate::store;
+
+/// One kind of generated secret, for file names and messages.
+pub struct Kind {
+    /// The setting that replaces it, e.g. `SEALPOST_JWT_SECRET`.
+    pub setting: &'static str,
+    /// What is appended to the database's file name, e.g. `.jwt-secret`.
+    pub suffix: &'static str,
+    /// How to make one, for the refusal with PostgreSQL.
+    pub hint: &'static str,
+    /// What a random one means for an in-memory database.
+    pub ephemeral: &'static str,
+}
+
+/// The secret of `kind` for `database_url` when its setting is unset:
+/// read from its file, or generated (and stored), then `parse`d.
+pub fn resolve<T>(
+    kind: &Kind,
+    database_url: &str,
+    generate: impl FnOnce() -> String,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> anyhow::Result<T> {
+    let setting = kind.setting;
+    if store::is_postgres(database_url) {
+        bail!(
+            "{setting} is not set: with a PostgreSQL database it is required ({})",
+            kind.hint
+        );
+    }
+    if !database_url.starts_with("sqlite:") {
+        // Not ours to judge here: opening the store names the bad URL.
+        bail!("{}", store::StoreError::UnsupportedUrl);
+    }
+    let Some(db) = store::sqlite::database_path(database_url) else {
+        tracing::warn!(
+            "{setting} is not set: using a random one for this in-memory database; {}",
+            kind.ephemeral
+        );
+        return parse(&generate()).map_err(|e| anyhow!("generated {setting}: {e}"));
+    };
+    let path = path_beside(&db, kind.suffix);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => parse(text.trim()).map_err(|e| anyhow!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let text = generate();
+            let value = parse(&text).map_err(|e| anyhow!("generated {setting}: {e}"))?;
+            write_private(&path, text.as_bytes())
+                .with_context(|| format!("writing generated {setting} to {}", path.display()))?;
+            tracing::warn!(
+                path = %path.display(),
+                "{setting} is not set: generated one and stored it beside the database"
+            );
+            Ok(value)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {setting} from {}", path.display())),
+    }
+}
+
+/// `sealpost.db` keeps its secrets in `sealpost.db<suffix>`.
+fn path_beside(db: &Path, suffix: &str) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Creates `path` readable by its owner only; fails if it already exists, so
+/// two processes racing to create it cannot end up with different secrets.
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}

@@ -1,0 +1,481 @@
+//! Sealed storage: the storage keys, and the sealing of a queued message's
+//! sender and body so that a dump of the database alone reveals neither.
+//!
+//! A row's `sealed` column is `nonce (24) || ciphertext || tag (16)`: the
+//! XChaCha20-Poly1305 encryption of `sender id (16) || body` under the key
+//! its `key_id` column names. The associated data is [`AD_LABEL`], the
+//! message id and the recipient id, so a blob copied onto another row or
+//! recipient fails to open; `sent_at` is derived from the id and bound with
+//! it. Nonces are drawn from the OS RNG: 192 random bits cannot collide in
+//! any number of rows one key will ever seal, so no counter has to survive
+//! restarts or be shared between nodes.
+//!
+//! The [`KeyRing`] (`SEALPOST_STORAGE_KEYS`, `id:base64,...`) seals with its
+//! first key and opens with any of them, which is how a key is rotated: put
+//! the new key first, keep the old one after it until the sweeper has sealed
+//! every old row again, then drop it.
+//!
+//! Sealing happens off the delivery lock: the committer seals each batch just
+//! before writing it, [`crate::delivery::Delivery::fetch`] opens what it
+//! reads, and the sweeper re-seals legacy and old-key rows. The [`Message`]
+//! the rest of the code handles stays plaintext in memory.
+
+use std::fmt;
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use chacha20poly1305::aead::AeadInPlace;
+use chacha20poly1305::{Key, KeyInit, Tag, XChaCha20Poly1305, XNonce};
+use rand::TryRngCore;
+use rand::rngs::OsRng;
+use uuid::Uuid;
+
+use crate::keyfile::{self, Kind};
+use crate::store::{KeyId, Message, SealedRow, StoredRow};
+
+/// Names the format and its version in every row's associated data, so a
+/// later format can never be confused with this one.
+const AD_LABEL: &[u8] = b"sealpost/queue/v1";
+const NONCE_BYTES: usize = 24;
+const TAG_BYTES: usize = 16;
+const SENDER_BYTES: usize = 16;
+const KEY_BYTES: usize = 32;
+
+/// Why a row could not be sealed or opened. The row itself is never touched.
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    #[error(
+        "message {id} is sealed with storage key {key_id}, which SEALPOST_STORAGE_KEYS does not hold"
+    )]
+    UnknownKey { id: Uuid, key_id: KeyId },
+    #[error(
+        "message {id} does not open under storage key {key_id}: altered, moved to another row, \
+         or a different key configured under that id"
+    )]
+    Forged { id: Uuid, key_id: KeyId },
+    #[error("the OS random number generator failed: {0}")]
+    Rng(String),
+}
+
+/// The storage keys: the first seals, all open.
+#[derive(Clone)]
+pub struct KeyRing {
+    /// Never empty; ids are distinct.
+    keys: Vec<(KeyId, XChaCha20Poly1305)>,
+}
+
+impl fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRing")
+            .field("ids", &self.ids().collect::<Vec<_>>())
+            .field("keys", &"***")
+            .finish()
+    }
+}
+
+impl KeyRing {
+    /// Parses `id:base64-of-32-bytes[,id:base64...]`. Errors never quote a
+    /// key.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut keys: Vec<(KeyId, XChaCha20Poly1305)> = Vec::new();
+        for (n, entry) in text.split(',').enumerate() {
+            let n = n + 1;
+            let (id, key) = entry
+                .trim()
+                .split_once(':')
+                .ok_or_else(|| format!("entry {n} is not `id:base64-key`"))?;
+            let id: KeyId =
+                id.trim().parse().ok().filter(|id| *id > 0).ok_or_else(|| {
+                    format!("entry {n}: the key id must be an integer 1 to 32767")
+                })?;
+            let bytes = STANDARD
+                .decode(key.trim())
+                .map_err(|_| format!("key {id} is not standard base64"))?;
+            let bytes: [u8; KEY_BYTES] = bytes.try_into().map_err(|bytes: Vec<u8>| {
+                format!(
+                    "key {id} must be {KEY_BYTES} bytes (e.g. `openssl rand -base64 32`), got {}",
+                    bytes.len()
+                )
+            })?;
+            if keys.iter().any(|(known, _)| *known == id) {
+                return Err(format!("key id {id} appears twice"));
+            }
+            keys.push((id, XChaCha20Poly1305::new(&Key::from(bytes))));
+        }
+        Ok(Self { keys })
+    }
+
+    /// A fresh ring holding one random key with id 1.
+    pub fn generate() -> Result<Self, SealError> {
+        Ok(Self::parse(&generate_text()?).expect("a generated key list parses"))
+    }
+
+    /// The id of the key that seals.
+    pub fn current(&self) -> KeyId {
+        self.keys[0].0
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = KeyId> + '_ {
+        self.keys.iter().map(|(id, _)| *id)
+    }
+
+    fn key(&self, id: KeyId) -> Option<&XChaCha20Poly1305> {
+        self.keys.iter().find(|(k, _)| *k == id).map(|(_, key)| key)
+    }
+
+    /// Seals a batch with the current key, drawing every nonce from one read
+    /// of the OS RNG.
+    pub fn seal_all(&self, messages: &[Arc<Message>]) -> Result<Vec<SealedRow>, SealError> {
+        let mut nonces = vec![0u8; NONCE_BYTES * messages.len()];
+        fill_random(&mut nonces)?;
+        Ok(messages
+            .iter()
+            .zip(nonces.chunks_exact(NONCE_BYTES))
+            .map(|(message, nonce)| self.seal_with(message, nonce.try_into().expect("NONCE_BYTES")))
+            .collect())
+    }
+
+    /// Seals one message with the current key.
+    pub fn seal(&self, message: &Message) -> Result<SealedRow, SealError> {
+        let mut nonce = [0u8; NONCE_BYTES];
+        fill_random(&mut nonce)?;
+        Ok(self.seal_with(message, &nonce))
+    }
+
+    fn seal_with(&self, message: &Message, nonce: &[u8; NONCE_BYTES]) -> SealedRow {
+        let (key_id, key) = &self.keys[0];
+        let mut sealed =
+            Vec::with_capacity(NONCE_BYTES + SENDER_BYTES + message.body.len() + TAG_BYTES);
+        sealed.extend_from_slice(nonce);
+        sealed.extend_from_slice(message.sender.as_bytes());
+        sealed.extend_from_slice(&message.body);
+        let tag = key
+            .encrypt_in_place_detached(
+                &XNonce::from(*nonce),
+                &associated_data(message.id, message.recipient),
+                &mut sealed[NONCE_BYTES..],
+            )
+            // Only a plaintext beyond 256 GiB fails; bodies are at most 1 MiB.
+            .expect("a message body fits XChaCha20-Poly1305");
+        sealed.extend_from_slice(&tag);
+        SealedRow {
+            id: message.id,
+            recipient: message.recipient,
+            sent_at: message.sent_at,
+            key_id: *key_id,
+            sealed,
+        }
+    }
+
+    /// Opens a row as read back; a legacy plaintext row is already open.
+    pub fn open(&self, row: StoredRow) -> Result<Message, SealError> {
+        let row = match row {
+            StoredRow::Legacy(message) => return Ok(message),
+            StoredRow::Sealed(row) => row,
+        };
+        let SealedRow {
+            id,
+            recipient,
+            sent_at,
+            key_id,
+            mut sealed,
+        } = row;
+        let key = self
+            .key(key_id)
+            .ok_or(SealError::UnknownKey { id, key_id })?;
+        let forged = SealError::Forged { id, key_id };
+        if sealed.len() < NONCE_BYTES + SENDER_BYTES + TAG_BYTES {
+            return Err(forged);
+        }
+        // Opened in place: the body ends up in the row's own buffer.
+        let tag: [u8; TAG_BYTES] = sealed[sealed.len() - TAG_BYTES..]
+            .try_into()
+            .expect("TAG_BYTES");
+        let nonce: [u8; NONCE_BYTES] = sealed[..NONCE_BYTES].try_into().expect("NONCE_BYTES");
+        sealed.truncate(sealed.len() - TAG_BYTES);
+        let text = &mut sealed[NONCE_BYTES..];
+        key.decrypt_in_place_detached(
+            &XNonce::from(nonce),
+            &associated_data(id, recipient),
+            text,
+            &Tag::from(tag),
+        )
+        .map_err(|_| forged)?;
+        let sender = Uuid::from_slice(&text[..SENDER_BYTES]).expect("16 bytes");
+        sealed.drain(..NONCE_BYTES + SENDER_BYTES);
+        Ok(Message {
+            id,
+            recipient,
+            sender,
+            body: sealed,
+            sent_at,
+        })
+    }
+
+    /// Opens every row, or reports the first that does not open.
+    pub fn open_all(&self, rows: Vec<StoredRow>) -> Result<Vec<Message>, SealError> {
+        rows.into_iter().map(|row| self.open(row)).collect()
+    }
+
+    /// Seals a legacy or old-key row again under the current key.
+    pub fn reseal(&self, row: StoredRow) -> Result<SealedRow, SealError> {
+        self.seal(&self.open(row)?)
+    }
+}
+
+fn associated_data(id: Uuid, recipient: Uuid) -> [u8; AD_LABEL.len() + 32] {
+    let mut ad = [0u8; AD_LABEL.len() + 32];
+    ad[..AD_LABEL.len()].copy_from_slice(AD_LABEL);
+    ad[AD_LABEL.len()..AD_LABEL.len() + 16].copy_from_slice(id.as_bytes());
+    ad[AD_LABEL.len() + 16..].copy_from_slice(recipient.as_bytes());
+    ad
+}
+
+fn fill_random(bytes: &mut [u8]) -> Result<(), SealError> {
+    OsRng
+        .try_fill_bytes(bytes)
+        .map_err(|e| SealError::Rng(e.to_string()))
+}
+
+/// A new key list of one random key, id 1, in `SEALPOST_STORAGE_KEYS` form.
+fn generate_text() -> Result<String, SealError> {
+    let mut key = [0u8; KEY_BYTES];
+    fill_random(&mut key)?;
+    Ok(format!("1:{}", STANDARD.encode(key)))
+}
+
+const KIND: Kind = Kind {
+    setting: "SEALPOST_STORAGE_KEYS",
+    suffix: ".storage-key",
+    hint: "`id:base64-of-32-bytes`, the same on every node; e.g. `1:$(openssl rand -base64 32)`",
+    ephemeral: "queued messages do not outlive the process anyway",
+};
+
+/// The storage keys for `database_url`: configured, or (SQLite only) read
+/// from or generated into `sealpost.db.storage-key`, as [`crate::keyfile`]
+/// describes. Losing that file loses every queued message, so it is kept
+/// and backed up with the database.
+pub fn resolve(configured: Option<&KeyRing>, database_url: &str) -> anyhow::Result<KeyRing> {
+    if let Some(keys) = configured {
+        return Ok(keys.clone());
+    }
+    let mut failure = None;
+    let generate = || {
+        generate_text().unwrap_or_else(|e| {
+            failure = Some(e);
+            String::new()
+        })
+    };
+    let keys = keyfile::resolve(&KIND, database_url, generate, KeyRing::parse);
+    match failure {
+        Some(err) => Err(err.into()),
+        None => keys,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store;
+
+    const OLD: &str = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    const NEW: &str = "2:ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+
+    fn ring(text: &str) -> KeyRing {
+        KeyRing::parse(text).unwrap()
+    }
+
+    fn message(body: &[u8]) -> Message {
+        let id = Uuid::now_v7();
+        Message {
+            id,
+            recipient: Uuid::new_v4(),
+            sender: Uuid::new_v4(),
+            body: body.to_vec(),
+            sent_at: store::id_time(id),
+        }
+    }
+
+    fn sealed(row: SealedRow) -> StoredRow {
+        StoredRow::Sealed(row)
+    }
+
+    #[test]
+    fn round_trip() {
+        let keys = ring(OLD);
+        let original = message(b"attack at dawn");
+        let row = keys.seal(&original).unwrap();
+        assert_eq!(row.key_id, 1);
+        assert_eq!(
+            row.sealed.len(),
+            NONCE_BYTES + SENDER_BYTES + original.body.len() + TAG_BYTES
+        );
+        assert_eq!(keys.open(sealed(row)).unwrap(), original);
+    }
+
+    #[test]
+    fn a_batch_gets_distinct_nonces() {
+        let keys = ring(OLD);
+        let batch: Vec<_> = (0..3).map(|_| Arc::new(message(b"same"))).collect();
+        let rows = keys.seal_all(&batch).unwrap();
+        let nonces: std::collections::HashSet<_> = rows
+            .iter()
+            .map(|r| r.sealed[..NONCE_BYTES].to_vec())
+            .collect();
+        assert_eq!(nonces.len(), 3);
+        for (row, original) in rows.into_iter().zip(&batch) {
+            assert_eq!(&keys.open(sealed(row)).unwrap(), original.as_ref());
+        }
+    }
+
+    #[test]
+    fn a_tampered_blob_does_not_open() {
+        let keys = ring(OLD);
+        let row = keys.seal(&message(b"attack at dawn")).unwrap();
+        for at in [
+            0,
+            NONCE_BYTES,
+            NONCE_BYTES + SENDER_BYTES,
+            row.sealed.len() - 1,
+        ] {
+            let mut bad = row.clone();
+            bad.sealed[at] ^= 1;
+            assert!(matches!(
+                keys.open(sealed(bad)),
+                Err(SealError::Forged { key_id: 1, .. })
+            ));
+        }
+        let mut short = row.clone();
+        short.sealed.truncate(NONCE_BYTES + TAG_BYTES);
+        assert!(matches!(
+            keys.open(sealed(short)),
+            Err(SealError::Forged { .. })
+        ));
+    }
+
+    #[test]
+    fn a_blob_moved_to_another_row_or_recipient_does_not_open() {
+        let keys = ring(OLD);
+        let row = keys.seal(&message(b"attack at dawn")).unwrap();
+        let other_recipient = SealedRow {
+            recipient: Uuid::new_v4(),
+            ..row.clone()
+        };
+        assert!(matches!(
+            keys.open(sealed(other_recipient)),
+            Err(SealError::Forged { .. })
+        ));
+        let other_id = SealedRow {
+            id: Uuid::now_v7(),
+            ..row
+        };
+        assert!(matches!(
+            keys.open(sealed(other_id)),
+            Err(SealError::Forged { .. })
+        ));
+    }
+
+    #[test]
+    fn an_unknown_key_id_is_reported_and_a_wrong_key_does_not_open() {
+        let row = ring(OLD).seal(&message(b"x")).unwrap();
+        let id = row.id;
+        match ring(NEW).open(sealed(row.clone())) {
+            Err(SealError::UnknownKey { id: at, key_id: 1 }) => assert_eq!(at, id),
+            other => panic!("{other:?}"),
+        }
+        // Another key configured under the same id.
+        let impostor = ring("1:ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=");
+        assert!(matches!(
+            impostor.open(sealed(row)),
+            Err(SealError::Forged { .. })
+        ));
+    }
+
+    #[test]
+    fn rotation_seals_with_the_first_key_and_opens_with_all() {
+        let old = ring(OLD);
+        let rotated = ring(&format!("{NEW},{OLD}"));
+        assert_eq!(rotated.current(), 2);
+        let original = message(b"kept");
+        let old_row = old.seal(&original).unwrap();
+        assert_eq!(rotated.open(sealed(old_row.clone())).unwrap(), original);
+        let resealed = rotated.reseal(sealed(old_row)).unwrap();
+        assert_eq!(resealed.key_id, 2);
+        assert_eq!(ring(NEW).open(sealed(resealed)).unwrap(), original);
+    }
+
+    #[test]
+    fn a_legacy_row_opens_as_it_is() {
+        let original = message(b"plain");
+        let keys = ring(NEW);
+        assert_eq!(
+            keys.open(StoredRow::Legacy(original.clone())).unwrap(),
+            original
+        );
+        assert_eq!(
+            keys.reseal(StoredRow::Legacy(original.clone()))
+                .unwrap()
+                .key_id,
+            2
+        );
+    }
+
+    #[test]
+    fn bad_key_lists_are_refused_without_quoting_a_key() {
+        let secret = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        for bad in [
+            "",
+            secret,
+            &format!("0:{secret}"),
+            &format!("x:{secret}"),
+            &format!("40000:{secret}"),
+            "1:AAECAwQ=",
+            "1:not base64!",
+            &format!("1:{secret},1:{secret}"),
+            &format!("1:{secret},"),
+        ] {
+            let err = KeyRing::parse(bad).unwrap_err();
+            assert!(!err.contains("AAECAwQ"), "{bad:?} quoted: {err}");
+        }
+        let keys = ring(&format!(" 2:{secret} , 1:{secret} "));
+        assert_eq!(keys.ids().collect::<Vec<_>>(), [2, 1]);
+    }
+
+    #[test]
+    fn keys_do_not_print() {
+        let printed = format!("{:?}", ring(&format!("{NEW},{OLD}")));
+        assert!(
+            !printed.contains("ICEi") && !printed.contains("AAEC"),
+            "{printed}"
+        );
+        assert!(printed.contains("[2, 1]"), "{printed}");
+    }
+
+    #[test]
+    fn a_generated_key_is_kept_private_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("x.db").display());
+        let original = message(b"survives a restart");
+        let row = resolve(None, &url).unwrap().seal(&original).unwrap();
+        let again = resolve(None, &url).unwrap();
+        assert_eq!(again.open(sealed(row)).unwrap(), original);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("x.db.storage-key"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn postgres_without_keys_is_refused() {
+        let err = resolve(None, "postgres://localhost/x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SEALPOST_STORAGE_KEYS is not set"), "{err}");
+    }
+}
