@@ -11,6 +11,8 @@
 //! - [`error`]: the one error type and its mapping to the wire codes.
 //! - [`auth`]: argon2id passwords, access and refresh tokens, the signing
 //!   secret, and the `AuthUser` extractor.
+//! - [`nesting`]: the cap on JSON nesting depth, checked on every request
+//!   body and WebSocket frame before it is parsed.
 //! - [`api`]: the REST endpoints, one file per resource; thin handlers.
 //! - [`delivery`]: the core that accepts, lists and acknowledges messages,
 //!   and its [`delivery::committer`], which batches every write to the queue
@@ -36,6 +38,7 @@ pub mod config;
 pub mod delivery;
 pub mod error;
 pub mod hub;
+pub mod nesting;
 pub mod server;
 pub mod state;
 pub mod store;
