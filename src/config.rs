@@ -93,6 +93,13 @@ pub struct Config {
     #[arg(long, env = "SEALPOST_DB_POOL_SIZE", default_value_t = 0)]
     pub db_pool_size: u32,
 
+    /// Deepest nesting of arrays and objects accepted in a JSON request body
+    /// or WebSocket frame, checked before parsing (see [`crate::nesting`]).
+    /// The protocol itself nests two levels deep.
+    #[arg(long, env = "SEALPOST_MAX_JSON_DEPTH", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_JSON_DEPTH as i64))]
+    pub max_json_depth: u32,
+
     /// Password hashes computed at once; 0 picks the number of cores. Each
     /// argon2id hash takes 19 MiB and a core for tens of milliseconds, so a
     /// login flood queues here instead of starving message delivery.
@@ -246,6 +253,10 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// The largest `--max-json-depth`: serde_json refuses anything deeper than
+/// this on its own (its recursion limit), so a larger cap would be a lie.
+pub const MAX_JSON_DEPTH: u32 = 127;
+
 /// JWT secrets shorter than this are brute-forceable offline from a single
 /// captured token (RFC 7518 §3.2 asks for at least the hash size, 256 bits).
 pub const MIN_SECRET_BYTES: usize = 32;
@@ -378,6 +389,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--access-token-ttl"), "{err}");
+    }
+
+    #[test]
+    fn json_depth_is_bounded() {
+        assert_eq!(parse(&[]).unwrap().max_json_depth, 32);
+        assert_eq!(
+            parse(&["--max-json-depth", "127"]).unwrap().max_json_depth,
+            127
+        );
+        for bad in ["0", "128", "deep"] {
+            let err = parse(&["--max-json-depth", bad]).unwrap_err().to_string();
+            assert!(err.contains("--max-json-depth"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -9,7 +9,9 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use axum::extract::rejection::{FormRejection, JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{
+    BytesRejection, FormRejection, JsonRejection, PathRejection, QueryRejection,
+};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -199,6 +201,12 @@ impl From<JsonRejection> for Error {
             }
             other => body_rejection(other.status(), other.body_text()),
         }
+    }
+}
+
+impl From<BytesRejection> for Error {
+    fn from(rejection: BytesRejection) -> Self {
+        body_rejection(rejection.status(), rejection.body_text())
     }
 }
 

@@ -15,6 +15,8 @@
 //!   secret, session revocation, and the `AuthUser` extractor.
 //! - [`limits`]: rate limits (auth per IP, sends per user) and resource caps
 //!   (sockets per IP and user, unauthenticated sockets, queue per user).
+//! - [`nesting`]: the cap on JSON nesting depth, checked on every request
+//!   body and WebSocket frame before it is parsed.
 //! - [`api`]: the REST endpoints, one file per resource; thin handlers; and
 //!   the security headers and CORS policy on every response.
 //! - [`delivery`]: the core that accepts, lists and acknowledges messages,
@@ -48,6 +50,7 @@ pub mod error;
 pub mod hub;
 pub mod keyfile;
 pub mod limits;
+pub mod nesting;
 pub mod seal;
 pub mod server;
 pub mod state;

@@ -170,6 +170,13 @@ impl Server {
         self.listener.local_addr()
     }
 
+    /// The routes this server would serve, as a tower service to call
+    /// in-process without a socket: the fuzz target drives it with
+    /// `tower::ServiceExt::oneshot`. The sweeper does not run.
+    pub fn router(&self) -> axum::Router {
+        api::router(self.state.clone())
+    }
+
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(
         self,

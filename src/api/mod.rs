@@ -12,9 +12,12 @@ mod keys;
 pub mod messages;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts};
-use axum::http::StatusCode;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
 use tower_http::trace::TraceLayer;
 use uuid::Uuid;
 
@@ -47,10 +50,45 @@ fn method_not_allowed() -> Response {
     response
 }
 
-/// `axum::Json` with our error body on rejection.
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(Error))]
+/// `axum::Json` with our error body on rejection, and the nesting cap
+/// checked before the body is parsed.
 pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Error> {
+        // The media type first, as `axum::Json` does: a body of the wrong
+        // type is refused without being read.
+        if !is_json(req.headers()) {
+            return Err(Error::UnsupportedMediaType(
+                "expected Content-Type: application/json".into(),
+            ));
+        }
+        let bytes = Bytes::from_request(req, state).await?;
+        crate::nesting::check(&bytes, state.config.max_json_depth as usize)?;
+        let axum::Json(value) = axum::Json::<T>::from_bytes(&bytes)?;
+        Ok(Self(value))
+    }
+}
+
+/// `application/json` or an `application/*+json` type, with any parameters:
+/// what `axum::Json` accepts.
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    kind.eq_ignore_ascii_case("application")
+        && (subtype.eq_ignore_ascii_case("json")
+            || subtype.len() > 5
+                && subtype
+                    .get(subtype.len() - 5..)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("+json")))
+}
 
 /// `axum::extract::Query` with our error body on rejection.
 #[derive(FromRequestParts)]
@@ -75,4 +113,41 @@ pub fn timestamp<S: serde::Serializer>(
 /// Parses an id field, naming the field on failure.
 pub fn parse_id(field: &'static str, value: &str) -> Result<Uuid, Error> {
     Uuid::parse_str(value).map_err(|_| Error::field(field, "must be a UUID"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_media_types() {
+        let typed = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(CONTENT_TYPE, value.parse().unwrap());
+            is_json(&headers)
+        };
+        for yes in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            "application/problem+json",
+            " application/json ;x=y",
+        ] {
+            assert!(typed(yes), "{yes}");
+        }
+        for no in [
+            "",
+            "application",
+            "application/",
+            "application/jsonx",
+            "application/+json",
+            "text/json",
+            "application/xml",
+            "multipart/form-data; boundary=x",
+            "application/x-www-form-urlencoded",
+        ] {
+            assert!(!typed(no), "{no}");
+        }
+        assert!(!is_json(&HeaderMap::new()));
+    }
 }

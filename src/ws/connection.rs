@@ -148,7 +148,8 @@ async fn authenticate(
         loop {
             match socket.recv().await {
                 Some(Ok(WsMessage::Text(text))) => {
-                    return match frame::parse(&text).frame {
+                    let max_depth = state.config.max_json_depth as usize;
+                    return match frame::parse(&text, max_depth).frame {
                         Ok(ClientFrame::Auth { token }) => {
                             auth::verify(state, &token).map_err(|_| REFUSED)
                         }
@@ -370,7 +371,7 @@ impl Connection {
     async fn inbound(&mut self, message: WsMessage) -> Flow {
         match message {
             WsMessage::Text(text) => {
-                let inbound = frame::parse(&text);
+                let inbound = frame::parse(&text, self.state.config.max_json_depth as usize);
                 match inbound.frame {
                     Ok(client_frame) => self.handle(inbound.reference, client_frame).await,
                     Err(err) => self.strike(inbound.reference, &err).await,

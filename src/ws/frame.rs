@@ -64,7 +64,15 @@ pub struct Inbound {
     pub frame: Result<ClientFrame, Error>,
 }
 
-pub fn parse(text: &str) -> Inbound {
+/// Parses a text frame. Nesting deeper than `max_depth` is refused before
+/// the JSON is parsed (see [`crate::nesting`]); such a frame has no ref.
+pub fn parse(text: &str, max_depth: usize) -> Inbound {
+    if let Err(too_deep) = crate::nesting::check(text.as_bytes(), max_depth) {
+        return Inbound {
+            reference: None,
+            frame: Err(too_deep.into()),
+        };
+    }
     let value: Value = match serde_json::from_str(text) {
         Ok(value) => value,
         Err(_) => {
@@ -170,7 +178,7 @@ mod tests {
 
     #[test]
     fn parses_frames_and_keeps_the_ref() {
-        let inbound = parse(r#"{"type":"send","ref":"r1","to":"x","body":"aGk="}"#);
+        let inbound = parse(r#"{"type":"send","ref":"r1","to":"x","body":"aGk="}"#, 32);
         assert_eq!(inbound.reference.as_deref(), Some("r1"));
         assert!(matches!(
             inbound.frame,
@@ -180,7 +188,7 @@ mod tests {
             })
         ));
 
-        let inbound = parse(r#"{"type":"launch","ref":"r2"}"#);
+        let inbound = parse(r#"{"type":"launch","ref":"r2"}"#, 32);
         assert_eq!(inbound.reference.as_deref(), Some("r2"));
         assert_eq!(inbound.frame.unwrap_err().code(), "invalid");
 
@@ -192,11 +200,26 @@ mod tests {
             r#"{"ref":"x"}"#,
             r#"{"type":"ack","ids":"no"}"#,
         ] {
-            assert!(parse(bad).frame.is_err(), "{bad}");
+            assert!(parse(bad, 32).frame.is_err(), "{bad}");
         }
         let long = format!(r#"{{"type":"ack","ids":[],"ref":"{}"}}"#, "r".repeat(200));
-        let inbound = parse(&long);
+        let inbound = parse(&long, 32);
         assert!(inbound.reference.is_none() && inbound.frame.is_err());
+    }
+
+    #[test]
+    fn deep_frames_are_refused_before_parsing() {
+        let at_limit = r#"{"type":"ack","ids":[],"ref":"r","x":[[]]}"#;
+        assert!(parse(at_limit, 3).frame.is_ok());
+        let inbound = parse(at_limit, 2);
+        let err = inbound.frame.unwrap_err();
+        assert_eq!(err.code(), "invalid");
+        assert!(err.to_string().contains("2 levels"), "{err}");
+        assert!(inbound.reference.is_none());
+        // Brackets inside the ref are text, not depth.
+        let inbound = parse(r#"{"type":"ack","ids":[],"ref":"[[[[[["}"#, 2);
+        assert_eq!(inbound.reference.as_deref(), Some("[[[[[["));
+        assert!(inbound.frame.is_ok());
     }
 
     #[test]

@@ -5,6 +5,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::backend_tests;
+use crate::common::ws::WsClient;
 use crate::common::{Account, Backend, PASSWORD, Reply, TestServer, b64, public_key};
 
 backend_tests!(
@@ -15,6 +16,7 @@ backend_tests!(
     sql_metacharacters_in_directory_lookup,
     like_wildcards_match_nothing,
     deeply_nested_json_is_refused,
+    json_depth_cap_is_enforced_at_its_limit,
     unknown_routes_and_wrong_methods,
     hostile_headers_and_queries,
     non_ascii_and_nul_usernames_match_nothing,
@@ -648,6 +650,78 @@ async fn deeply_nested_json_is_refused(backend: Backend) {
         )
         .await;
     assert_clean_error(&reply, &[400], "invalid", "nested in an unknown field");
+    assert_alive(&server, &alice).await;
+}
+
+/// An ack nested `depth` levels deep (at least 2): the object, and
+/// `depth - 1` arrays in a field the endpoint ignores.
+fn ack_nested(depth: usize) -> String {
+    let arrays = depth - 1;
+    format!(
+        r#"{{"ids": [], "x": {}{}}}"#,
+        "[".repeat(arrays),
+        "]".repeat(arrays)
+    )
+}
+
+async fn json_depth_cap_is_enforced_at_its_limit(backend: Backend) {
+    let server = TestServer::start_with(backend, &["--max-json-depth", "4"]).await;
+    let alice = server.account("alice").await;
+
+    // REST: exactly at the cap is parsed and served; one deeper is 400.
+    let ack = |body: String| {
+        server.raw(
+            Method::POST,
+            "/v1/messages/ack",
+            Some(&alice.access),
+            "application/json",
+            body,
+        )
+    };
+    let reply = ack(ack_nested(4)).await;
+    assert_eq!(reply.expect(200), json!({ "acked": 0 }));
+    let reply = ack(ack_nested(5)).await;
+    assert_clean_error(&reply, &[400], "invalid", "one level over the cap");
+    let message = reply.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("nested more than 4 levels"), "{message}");
+    assert!(
+        reply.body["error"].get("field").is_none(),
+        "{:?}",
+        reply.body
+    );
+    // Brackets inside strings are not nesting.
+    let reply = ack(r#"{"ids": [], "x": "[[[[[[[[{{{{{{"}"#.to_owned()).await;
+    reply.expect(200);
+
+    // WebSocket: one frame over the cap gets an error frame and the socket
+    // stays; a frame at the cap is served on the same socket.
+    let (mut ws, _) = WsClient::ready(&server, &alice).await;
+    let mut deep: Value = serde_json::from_str(&ack_nested(5)).unwrap();
+    deep["ref"] = json!("deep");
+    ws.send_json(deep).await;
+    let error = ws.expect("error").await;
+    assert_eq!(error["code"], "invalid", "{error}");
+    assert!(error.get("field").is_none(), "{error}");
+    assert!(
+        error["message"].as_str().unwrap().contains("4 levels"),
+        "{error}"
+    );
+    let mut at_cap: Value = serde_json::from_str(&ack_nested(4)).unwrap();
+    at_cap["type"] = json!("auth");
+    at_cap["token"] = json!(alice.access);
+    at_cap["ref"] = json!("at-cap");
+    ws.send_json(at_cap).await;
+    let authed = ws.expect("authed").await;
+    assert_eq!(authed["ref"], "at-cap");
+    // Each deep frame is a strike: with the first, ten more close the
+    // socket (more than 10 within 10 seconds).
+    for _ in 0..10 {
+        ws.send_raw(tokio_tungstenite::tungstenite::Message::Text(
+            ack_nested(5).into(),
+        ))
+        .await;
+    }
+    assert_eq!(ws.close_code().await, 1008);
     assert_alive(&server, &alice).await;
 }
 
