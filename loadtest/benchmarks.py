@@ -217,14 +217,19 @@ add("- **One backend at a time.** The script used to stop the SQLite server with
     "`pairs` then measured push p99 882 ms. Waiting for the old process to exit brought it to single-digit "
     "milliseconds. Checkpoints were suspected first and ruled out: a `CHECKPOINT` forced in the middle of a "
     "30 s run at 10k msgs/s left push p99 at 5.7 ms.")
-add("- **`drain` sits at the bar and varies between runs.** It is a one-to-three-second measurement "
+add("- **`drain` is below the bar and varies between runs.** It is a two-to-three-second measurement "
     "(connecting 1,000 sockets, reading and acking 100,000 messages) on two cores shared with the load "
-    "generator, which parses every message and sends every ack. Run on a quiet machine against a fresh "
-    "server, SQLite drained at 51-56k msgs/s in three runs and PostgreSQL at 95.7k; inside the full "
-    "sequence both come out lower, PostgreSQL most (after `pairs-max` has churned ~850k rows through the "
-    "queue table; this machine runs PostgreSQL with autovacuum off and 128 MB of shared buffers). Not yet "
-    "profiled to the end: the next steps are a server-side profile of the drain inside the sequence and "
-    "a look at the per-row cost of sqlx's SQLite reads.")
+    "generator, which parses every message and sends every ack. Against a fresh server on a quiet machine, "
+    "the code before sealed storage and the limits drained SQLite at 51-56k msgs/s and PostgreSQL at 95.7k; "
+    "the current code drains SQLite at 40-46k (three runs), so opening sealed rows and the per-recipient queue "
+    "counters cost about a fifth. Writing a backlog page in 4 KiB writes instead of one write per message "
+    "gained about 5%, within the noise, and was not kept (it would leave each drained socket holding a larger "
+    "write buffer). Not yet profiled to the end: the next step is a server-side profile of the drain alone.")
+add("- **PostgreSQL varies most in the sequence.** This machine runs PostgreSQL with autovacuum off and 128 MB "
+    "of shared buffers, and the scenarios churn close to a million rows through the queue table; the script "
+    "vacuums between scenarios, but not during them. In the sequence above the unthrottled run reached "
+    "17.1k msgs/s; the same run repeated alone right after, on the same database after a `VACUUM`, reached "
+    "39.3k (earlier sequences: 32.6k and 42.3k). Run PostgreSQL with autovacuum on, as production should.")
 add("- Both backends were measured with the server, its database and the load generator sharing two cores; "
     "about 1% of connects in the 19,000-socket runs took one SYN retransmission (about 1 s) while the cores "
     "were saturated.")
