@@ -131,22 +131,6 @@ async fn assert_healthy(api: &Api) {
     assert_eq!(health["status"], "ok");
 }
 
-/// Asserts that the server ends the socket with `code` and never said
-/// `ready` on it after the point of the call.
-async fn expect_close(ws: &mut WsClient, code: u16) {
-    for _ in 0..20 {
-        match ws.event().await {
-            Event::Json(frame) => assert_ne!(frame["type"], "ready", "accepted: {frame}"),
-            Event::Closed(got, reason) => {
-                assert_eq!(got, code, "closed with {got} ({reason:?})");
-                return;
-            }
-            Event::Ended => panic!("the connection ended without a close frame (wanted {code})"),
-        }
-    }
-    panic!("no close (wanted {code}) after 20 frames");
-}
-
 /// Pushes one message from `from` to `to` and asserts that `ws` (a socket
 /// of `to`) receives it: the socket is open and live.
 async fn assert_live(api: &Api, ws: &mut WsClient, from: &Account, to: Uuid) {
@@ -400,12 +384,12 @@ async fn logout_ends_only_its_own_session(backend: Backend) {
 
     // The session's access token, refresh token and socket are all done.
     assert_refused(&server, &alice).await;
-    expect_close(&mut laptop_ws, UNAUTHORIZED).await;
+    laptop_ws.expect_close(UNAUTHORIZED).await;
     refresh(&server, &alice.refresh)
         .await
         .expect_error(401, "unauthorized");
     let mut again = WsClient::connect(&server, Some(&alice.access)).await;
-    expect_close(&mut again, UNAUTHORIZED).await;
+    again.expect_close(UNAUTHORIZED).await;
     server
         .post("/v1/logout", Some(&alice.access), json!({}))
         .await
@@ -445,8 +429,8 @@ async fn logout_all_ends_every_session(backend: Backend) {
             .await
             .expect_error(401, "unauthorized");
     }
-    expect_close(&mut laptop_ws, UNAUTHORIZED).await;
-    expect_close(&mut phone_ws, UNAUTHORIZED).await;
+    laptop_ws.expect_close(UNAUTHORIZED).await;
+    phone_ws.expect_close(UNAUTHORIZED).await;
 
     // Other users are not affected.
     assert_accepted(&server, &bob).await;
@@ -508,8 +492,8 @@ async fn password_change_needs_the_current_password_and_ends_every_session(backe
             .await
             .expect_error(401, "unauthorized");
     }
-    expect_close(&mut laptop_ws, UNAUTHORIZED).await;
-    expect_close(&mut phone_ws, UNAUTHORIZED).await;
+    laptop_ws.expect_close(UNAUTHORIZED).await;
+    phone_ws.expect_close(UNAUTHORIZED).await;
 
     // The new pair works: access, socket and refresh.
     assert_accepted(&server, &current).await;
@@ -554,7 +538,7 @@ async fn account_deletion_needs_the_password_and_removes_the_account(backend: Ba
 
     let deleted = delete_me(&server, &alice.access, PASSWORD).await;
     assert_eq!(deleted.status.as_u16(), 204, "{:?}", deleted.body);
-    expect_close(&mut ws, UNAUTHORIZED).await;
+    ws.expect_close(UNAUTHORIZED).await;
     assert_refused(&server, &alice).await;
     refresh(&server, &alice.refresh)
         .await
@@ -600,7 +584,7 @@ async fn account_deletion_needs_the_password_and_removes_the_account(backend: Ba
         .await
         .expect_error(401, "unauthorized");
     let mut again = WsClient::connect(&server, Some(&alice.access)).await;
-    expect_close(&mut again, UNAUTHORIZED).await;
+    again.expect_close(UNAUTHORIZED).await;
     assert_eq!(server.inbox(&bob).await.len(), 1);
     server.stop().await;
 }
@@ -613,7 +597,7 @@ async fn a_users_third_socket_is_closed_with_4429(backend: Backend) {
     let (mut second, _) = WsClient::ready(&server, &alice).await;
 
     let mut third = WsClient::connect(&server, Some(&alice.access)).await;
-    expect_close(&mut third, TOO_MANY_CONNECTIONS).await;
+    third.expect_close(TOO_MANY_CONNECTIONS).await;
     // Another user is not affected by Alice's count.
     let (mut bobs, _) = WsClient::ready(&server, &bob).await;
 

@@ -70,22 +70,6 @@ fn foreign_token(user: Uuid) -> String {
         .unwrap()
 }
 
-/// Asserts that the server ends the socket with `code`, after at most a few
-/// frames.
-async fn expect_close(ws: &mut WsClient, code: u16) {
-    for _ in 0..20 {
-        match ws.event().await {
-            Event::Json(frame) => assert_ne!(frame["type"], "ready", "accepted: {frame}"),
-            Event::Closed(got, reason) => {
-                assert_eq!(got, code, "closed with {got} ({reason:?})");
-                return;
-            }
-            Event::Ended => panic!("the connection ended without a close frame (wanted {code})"),
-        }
-    }
-    panic!("no close (wanted {code}) after 20 frames");
-}
-
 /// Asserts the next frame is an `error` with `code` and `reference`.
 async fn expect_error(ws: &mut WsClient, reference: Option<&str>, code: &str) -> Value {
     let error = ws.expect("error").await;
@@ -247,12 +231,12 @@ async fn expired_tokens_are_closed_with_4401(backend: Backend) {
         .expect_error(401, "unauthorized");
 
     let mut ws = WsClient::connect(&server.api, Some(&bob.access)).await;
-    expect_close(&mut ws, UNAUTHORIZED).await;
+    ws.expect_close(UNAUTHORIZED).await;
 
     let mut ws = WsClient::connect(&server.api, None).await;
     ws.send_json(json!({ "type": "auth", "token": bob.access }))
         .await;
-    expect_close(&mut ws, UNAUTHORIZED).await;
+    ws.expect_close(UNAUTHORIZED).await;
 
     assert_eq!(
         server.get("/healthz", None).await.expect(200)["status"],
@@ -352,7 +336,7 @@ async fn renewal_keeps_a_live_socket_open_until_the_fresh_token_expires(backend:
     assert_eq!(pushed["id"], sent["id"]);
 
     // And it closes once the fresh token expires.
-    expect_close(&mut ws, UNAUTHORIZED).await;
+    ws.expect_close(UNAUTHORIZED).await;
     assert!(
         Utc::now() >= fresh_expiry,
         "closed before the fresh token's expiry {fresh_expiry}"
@@ -485,7 +469,7 @@ async fn an_oversized_frame_closes_with_1009(backend: Backend) {
     let frame = json!({ "type": "send", "ref": "huge", "to": bob.id, "body": body }).to_string();
     assert!(frame.len() > 64 * 1024);
     ws.send_raw(Message::Text(frame.into())).await;
-    expect_close(&mut ws, TOO_BIG).await;
+    ws.expect_close(TOO_BIG).await;
 
     assert_eq!(server.inbox(&bob).await.len(), 1);
     assert_alive(&server.api, &alice).await;

@@ -153,6 +153,24 @@ impl WsClient {
         }
     }
 
+    /// Asserts that the server ends the socket with `code` within a few
+    /// frames, and never says `ready` on the way.
+    pub async fn expect_close(&mut self, code: u16) {
+        for _ in 0..20 {
+            match self.event().await {
+                Event::Json(frame) => assert_ne!(frame["type"], "ready", "accepted: {frame}"),
+                Event::Closed(got, reason) => {
+                    assert_eq!(got, code, "closed with {got} ({reason:?})");
+                    return;
+                }
+                Event::Ended => {
+                    panic!("the connection ended without a close frame (wanted {code})")
+                }
+            }
+        }
+        panic!("no close (wanted {code}) after 20 frames");
+    }
+
     /// Asserts that nothing but pings arrives within `wait`.
     pub async fn expect_silence(&mut self, wait: Duration) {
         if let Some(event) = self.event_within(wait).await {
