@@ -311,13 +311,11 @@ async fn confirm_password(state: &AppState, user: Uuid, password: String) -> Res
     if password.len() > 4 * *PASSWORD_LEN.end() {
         return Err(WRONG_PASSWORD);
     }
-    let hash = state.store.password_hash(user).await?;
-    let exists = hash.is_some();
-    if !state.passwords.verify(password, hash).await? {
-        return Err(WRONG_PASSWORD);
-    }
-    if !exists {
+    let Some(hash) = state.store.password_hash(user).await? else {
         return Err(Error::Unauthorized("account no longer exists"));
+    };
+    if !state.passwords.verify(password, Some(hash)).await? {
+        return Err(WRONG_PASSWORD);
     }
     Ok(())
 }
