@@ -225,7 +225,9 @@ add("- **`drain` is below the bar in the sequence and at it alone.** It is a two
     "drained at 95.7k alone. A profile of the SQLite server during the drain puts 38% of its samples in the "
     "scheduler and 21% in futex waits of sqlx's SQLite worker threads: sqlx runs each SQLite connection on "
     "its own thread and hands every row across a channel, so a 100-row page costs 100 thread hand-offs. "
-    "That, not SQLite, is the limit; the fix to try is fewer, fatter rows per page read. Writing a backlog "
+    "Giving sqlx room to buffer a whole page (`row_buffer_size` 501 instead of 50) did not change the "
+    "rate (47.9-53.1k in four runs), so the hand-offs per query, not per row, are what to cut next: one "
+    "statement reading several users' pages, or a read connection that skips the worker thread. Writing a backlog "
     "page in 4 KiB writes instead of one write per message gained about 5%, within the noise, and was not "
     "kept (it would leave each drained socket holding a larger write buffer).")
 add("- **PostgreSQL varies most in the sequence.** This machine runs PostgreSQL with autovacuum off and 128 MB "
