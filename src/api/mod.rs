@@ -18,6 +18,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use uuid::Uuid;
 
@@ -38,10 +39,32 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async { method_not_allowed() })
         .layer(DefaultBodyLimit::max(body_limit));
     headers::apply(routes, &config)
-        // Outermost, so CORS preflights are traced too. Spans carry method
-        // and path only: never headers, which hold tokens.
-        .layer(TraceLayer::new_for_http())
+        // Outermost, so CORS preflights are traced too. Spans carry method,
+        // path and request id only: never other headers, which hold tokens.
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        // A proxy's id is kept, so one id follows a request through both
+        // logs; otherwise each request gets a fresh UUID.
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
+}
+
+/// The span of one request: method, path and the request id that the
+/// `X-Request-Id` response header carries, so a client's report of a failed
+/// request finds its log lines. A WebSocket's task keeps this span for the
+/// connection's life.
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        request_id = %id,
+    )
 }
 
 fn method_not_allowed() -> Response {

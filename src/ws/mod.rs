@@ -20,6 +20,8 @@ use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
+use tracing::Instrument;
+
 use crate::auth::{self, bearer_token};
 use crate::error::Error;
 use crate::state::AppState;
@@ -68,6 +70,8 @@ async fn upgrade(
     let header_claims = bearer_token(&headers).map(|token| auth::verify(&state, token));
     let max_frame = state.config.max_request_bytes();
     let sockets = state.sockets.clone();
+    // The request's span, with its request id, follows the socket's task.
+    let span = tracing::Span::current();
     upgrade
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
@@ -75,6 +79,8 @@ async fn upgrade(
         .max_message_size(max_frame)
         .max_frame_size(max_frame)
         .on_upgrade(move |socket| {
-            sockets.track_future(connection::run(socket, state, header_claims, permit))
+            sockets.track_future(
+                connection::run(socket, state, header_claims, permit).instrument(span),
+            )
         })
 }

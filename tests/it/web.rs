@@ -25,7 +25,9 @@ use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::backend_tests;
 use crate::common::ws::{FRAME_TIMEOUT, WsClient};
-use crate::common::{Backend, PASSWORD, TestDb, TestServer, b64, config, public_key};
+use crate::common::{
+    Backend, PASSWORD, ServerProcess, TestDb, TestServer, b64, config, public_key,
+};
 
 backend_tests!(
     security_headers_on_every_response,
@@ -33,6 +35,7 @@ backend_tests!(
     websocket_refuses_other_origins,
     tls_serves_https_and_wss,
     bad_tls_files_stop_start_up,
+    requests_carry_an_id_into_the_reply_and_the_log,
 );
 
 const ORIGIN: &str = "https://chat.example.com";
@@ -501,4 +504,53 @@ async fn bad_tls_files_stop_start_up(backend: Backend) {
     // The good pair starts.
     let server = TestServer::start_on(db, &["--tls-cert", &cert, "--tls-key", &key]).await;
     server.stop().await;
+}
+
+/// Every reply carries an `X-Request-Id` (a fresh UUID, or the one a proxy
+/// sent), and the server's log lines for that request carry the same id.
+async fn requests_carry_an_id_into_the_reply_and_the_log(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = ServerProcess::spawn(&db.url, &[]);
+    let api = &server.api;
+    let ids: Vec<String> = [
+        api.get("/healthz", None).await,
+        api.get("/v1/me", None).await,
+        api.get("/no/such/route", None).await,
+    ]
+    .iter()
+    .map(|reply| {
+        let id = reply.headers["x-request-id"].to_str().unwrap().to_owned();
+        uuid::Uuid::parse_str(&id).unwrap_or_else(|_| panic!("not a UUID: {id}"));
+        id
+    })
+    .collect();
+    assert!(ids[0] != ids[1] && ids[1] != ids[2], "ids repeat: {ids:?}");
+
+    let given = "edge-7f3a9c";
+    let request = api
+        .http
+        .post(api.url("/v1/register"))
+        .header("x-request-id", given)
+        .json(&json!({
+            "username": "traced",
+            "password": PASSWORD,
+            "public_key": public_key(),
+        }));
+    let reply = api.call(request).await;
+    assert_eq!(reply.status, 201, "{reply:?}");
+    assert_eq!(reply.headers["x-request-id"], given);
+    // The handler's "registered" line is logged inside the request's span.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let lines = server.log_lines(given);
+        if lines.iter().any(|l| l.contains("registered")) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no log line with the request id: {:?}",
+            server.log_lines("registered")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
