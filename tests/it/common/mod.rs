@@ -290,10 +290,18 @@ impl ServerProcess {
             let mut addr_tx = Some(addr_tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 lines.lock().unwrap().push(line.clone());
-                if let Some(addr) = line.split("listening on http://").nth(1)
+                // Text or JSON logs: the address is what follows the
+                // scheme, up to the first character no address has.
+                if let Some(rest) = line.split("listening on http://").nth(1)
                     && let Some(tx) = addr_tx.take()
                 {
-                    let _ = tx.send(addr.trim().to_owned());
+                    let addr: String = rest
+                        .chars()
+                        .take_while(|c| {
+                            c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']')
+                        })
+                        .collect();
+                    let _ = tx.send(addr);
                 }
                 eprintln!("[sealpost] {line}");
             }
