@@ -122,21 +122,25 @@ pub enum StoredRow {
     Legacy(Message),
 }
 
+/// A queue row as both backends select it: `id, recipient, sent_at, key_id,
+/// sealed, sender, body`, with `sent_at` in the backend's own representation
+/// `T`.
+type QueueColumns<T> = (
+    Uuid,
+    Uuid,
+    T,
+    Option<KeyId>,
+    Option<Vec<u8>>,
+    Option<Uuid>,
+    Option<Vec<u8>>,
+);
+
 impl StoredRow {
     /// Builds a row from the queue's columns, in the order both backends
     /// select them: `id, recipient, sent_at, key_id, sealed, sender, body`
     /// (`sent_at` already converted from the backend's representation).
-    #[allow(clippy::type_complexity)]
     fn from_columns(
-        (id, recipient, sent_at, key_id, sealed, sender, body): (
-            Uuid,
-            Uuid,
-            DateTime<Utc>,
-            Option<KeyId>,
-            Option<Vec<u8>>,
-            Option<Uuid>,
-            Option<Vec<u8>>,
-        ),
+        (id, recipient, sent_at, key_id, sealed, sender, body): QueueColumns<DateTime<Utc>>,
     ) -> StoreResult<Self> {
         match (key_id, sealed, sender, body) {
             (Some(key_id), Some(sealed), _, _) => Ok(StoredRow::Sealed(SealedRow {

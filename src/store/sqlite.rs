@@ -106,16 +106,7 @@ fn user_from_row((id, username, public_key, key_updated_at, created_at): UserRow
     }
 }
 
-/// `id, recipient, sent_at, key_id, sealed, sender, body`.
-type QueueRow = (
-    Uuid,
-    Uuid,
-    i64,
-    Option<KeyId>,
-    Option<Vec<u8>>,
-    Option<Uuid>,
-    Option<Vec<u8>>,
-);
+type QueueRow = super::QueueColumns<i64>;
 
 fn stored_rows(rows: Vec<QueueRow>) -> StoreResult<Vec<StoredRow>> {
     rows.into_iter()
