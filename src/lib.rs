@@ -6,6 +6,8 @@
 //! # Layout
 //!
 //! - [`config`]: every setting, from flags or the environment.
+//! - [`logging`]: log format and level, and the payload loggers no level
+//!   lets through.
 //! - [`server`]: start-up, serving and orderly shutdown.
 //! - [`tls`]: TLS termination: certificate loading and a listener that
 //!   handshakes off the accept loop.
@@ -50,6 +52,7 @@ pub mod error;
 pub mod hub;
 pub mod keyfile;
 pub mod limits;
+pub mod logging;
 pub mod nesting;
 pub mod seal;
 pub mod server;

@@ -1,10 +1,8 @@
 //! The `sealpost` command: `serve` (the default) and `migrate`.
 
-use std::io::IsTerminal;
-
 use clap::{Parser, Subcommand};
+use sealpost::logging::{self, LogFormat};
 use sealpost::{Config, Server, server};
-use tracing_subscriber::EnvFilter;
 
 /// mimalloc returns freed memory to the OS promptly. With glibc's malloc,
 /// the 19 MiB argon2 blocks stayed resident after their hashes (598 MB
@@ -28,12 +26,6 @@ struct Cli {
     log_format: LogFormat,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Serve the API (the default when no command is given).
@@ -50,21 +42,7 @@ fn default_config() -> Config {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
-        // The current span's fields (method, path, request id) go with
-        // every line, so each line stands on its own in a collector.
-        LogFormat::Json => logs
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
-    }
+    logging::init(cli.log_format);
 
     match cli
         .command

@@ -11,6 +11,7 @@ mod durability;
 mod health;
 mod hostile;
 mod keys;
+mod logs;
 mod messages;
 mod props;
 mod sealed;
