@@ -12,6 +12,7 @@ mod health;
 mod hostile;
 mod keys;
 mod messages;
+mod metrics;
 mod props;
 mod sealed;
 mod security;
