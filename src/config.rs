@@ -174,6 +174,12 @@ pub struct Config {
     /// PEM file with the private key of `--tls-cert` (PKCS#8, PKCS#1 or SEC1).
     #[arg(long, env = "SEALPOST_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+
+    /// Address of a second listener serving Prometheus metrics at
+    /// `GET /metrics` (plain HTTP, e.g. `127.0.0.1:9090`). Off when unset.
+    /// Keep it off the public network: it tells how busy the server is.
+    #[arg(long, env = "SEALPOST_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Config {
@@ -460,6 +466,15 @@ mod tests {
         let config = parse(&["--storage-keys", &format!("2:{key}")]).unwrap();
         assert_eq!(config.storage_keys.as_ref().unwrap().current(), 2);
         assert!(!format!("{config:?}").contains("AAEC"));
+    }
+
+    #[test]
+    fn metrics_are_off_unless_an_address_is_given() {
+        assert_eq!(parse(&[]).unwrap().metrics_addr, None);
+        let config = parse(&["--metrics-addr", "127.0.0.1:9090"]).unwrap();
+        assert_eq!(config.metrics_addr, Some("127.0.0.1:9090".parse().unwrap()));
+        let err = parse(&["--metrics-addr", "9090"]).unwrap_err().to_string();
+        assert!(err.contains("--metrics-addr"), "{err}");
     }
 
     #[test]

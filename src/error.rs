@@ -20,6 +20,22 @@ use crate::store::StoreError;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Every code [`Error::code`] can return: the finite set a metric may use
+/// as label values.
+pub const CODES: [&str; 11] = [
+    "invalid",
+    "unauthorized",
+    "not_found",
+    "forbidden",
+    "conflict",
+    "rate_limited",
+    "queue_full",
+    "too_many_connections",
+    "too_large",
+    "unavailable",
+    "internal",
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The request is malformed (400), or a named field fails validation (422).
@@ -78,7 +94,7 @@ impl Error {
         }
     }
 
-    /// The stable machine-readable code of `protocol.md`.
+    /// The stable machine-readable code of `protocol.md`, one of [`CODES`].
     pub fn code(&self) -> &'static str {
         match self {
             Error::Invalid { .. } | Error::UnsupportedMediaType(_) => "invalid",
@@ -280,5 +296,39 @@ impl From<QueryRejection> for Error {
 impl From<PathRejection> for Error {
     fn from(rejection: PathRejection) -> Self {
         Error::malformed(rejection.body_text())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_is_listed() {
+        let errors = [
+            Error::malformed("x"),
+            Error::UnsupportedMediaType("x".into()),
+            Error::Unauthorized("x"),
+            Error::NotFound("x"),
+            Error::Forbidden("x"),
+            Error::Conflict("x"),
+            Error::TooLarge("x".into()),
+            Error::RateLimited {
+                retry_after: Duration::ZERO,
+            },
+            Error::QueueFull,
+            Error::TooManyConnections("x"),
+            Error::Unavailable,
+            Error::Internal(anyhow::anyhow!("x")),
+        ];
+        for err in &errors {
+            assert!(
+                CODES.contains(&err.code()),
+                "{} is not in CODES",
+                err.code()
+            );
+        }
+        let used: std::collections::HashSet<_> = errors.iter().map(Error::code).collect();
+        assert_eq!(used.len(), CODES.len(), "CODES lists a code no error has");
     }
 }

@@ -17,6 +17,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use dashmap::DashMap;
 use smallvec::SmallVec;
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::store::Message;
 
 /// Why the hub closed a connection.
@@ -59,6 +61,8 @@ pub struct Outbound {
     /// Pushed only to connections online now and never stored: the client
     /// need not ack it, and it is never redelivered.
     pub ephemeral: bool,
+    /// When the delivery core accepted it: the start of its push latency.
+    pub accepted: Instant,
 }
 
 /// One connection as the hub sees it.
@@ -82,6 +86,9 @@ pub struct Hub {
     queue_bound: usize,
     /// Connections one user may hold on this node; 0 for no limit.
     max_per_user: usize,
+    /// Its gauges of connections and users online, moved under the same
+    /// shard lock that adds or removes a connection.
+    metrics: Arc<Metrics>,
 }
 
 /// A connection's membership in the hub. Dropping it unregisters the
@@ -106,12 +113,13 @@ impl Registration {
 }
 
 impl Hub {
-    pub fn new(queue_bound: usize, max_per_user: usize) -> Arc<Self> {
+    pub fn new(queue_bound: usize, max_per_user: usize, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             conns: DashMap::new(),
             next_id: AtomicU64::new(1),
             queue_bound: queue_bound.max(1),
             max_per_user,
+            metrics,
         })
     }
 
@@ -129,6 +137,12 @@ impl Hub {
         let (tx, rx) = mpsc::channel(self.queue_bound);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let signal = Arc::new(KickSignal::default());
+        // An entry can be present and empty for a moment (see `unregister`):
+        // a user comes online when their list stops being empty.
+        if handles.is_empty() {
+            self.metrics.users_online.increment(1);
+        }
+        self.metrics.ws_connections.increment(1);
         handles.push(ConnHandle {
             id,
             session,
@@ -149,7 +163,16 @@ impl Hub {
     fn unregister(&self, user: Uuid, id: u64) {
         // `remove_if` takes the shard's write lock once; nothing awaits here.
         if let Some(mut handles) = self.conns.get_mut(&user) {
+            // Called twice for a connection the hub dropped (on the kick and
+            // when its registration drops): only the first removes it.
+            let before = handles.len();
             handles.retain(|h| h.id != id);
+            if handles.len() < before {
+                self.metrics.ws_connections.decrement(1);
+                if handles.is_empty() {
+                    self.metrics.users_online.decrement(1);
+                }
+            }
         }
         self.conns.remove_if(&user, |_, handles| handles.is_empty());
     }
@@ -236,12 +259,17 @@ mod tests {
                 sent_at: crate::store::id_time(id),
             }),
             ephemeral: false,
+            accepted: Instant::now(),
         }
+    }
+
+    fn hub(queue_bound: usize, max_per_user: usize) -> Arc<Hub> {
+        Hub::new(queue_bound, max_per_user, Arc::new(Metrics::disabled()))
     }
 
     #[tokio::test]
     async fn pushes_reach_every_connection_of_the_user_only() {
-        let hub = Hub::new(8, 0);
+        let hub = hub(8, 0);
         let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
         let mut phone = hub.register(alice, Uuid::new_v4()).unwrap();
         let mut laptop = hub.register(alice, Uuid::new_v4()).unwrap();
@@ -255,7 +283,7 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_the_registration_unregisters() {
-        let hub = Hub::new(8, 0);
+        let hub = hub(8, 0);
         let user = Uuid::new_v4();
         let first = hub.register(user, Uuid::new_v4()).unwrap();
         let second = hub.register(user, Uuid::new_v4()).unwrap();
@@ -269,7 +297,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_kicks_only_its_connection() {
-        let hub = Hub::new(2, 0);
+        let hub = hub(2, 0);
         let user = Uuid::new_v4();
         let stalled = hub.register(user, Uuid::new_v4()).unwrap();
         let mut healthy = hub.register(user, Uuid::new_v4()).unwrap();
@@ -287,7 +315,7 @@ mod tests {
 
     #[tokio::test]
     async fn kick_by_session() {
-        let hub = Hub::new(2, 0);
+        let hub = hub(2, 0);
         let (user, session) = (Uuid::new_v4(), Uuid::new_v4());
         let a = hub.register(user, session).unwrap();
         let b = hub.register(user, Uuid::new_v4()).unwrap();
@@ -298,7 +326,7 @@ mod tests {
 
     #[tokio::test]
     async fn kicks_say_why() {
-        let hub = Hub::new(1, 0);
+        let hub = hub(1, 0);
         let user = Uuid::new_v4();
         let revoked = hub.register(user, Uuid::new_v4()).unwrap();
         hub.kick(user, None, Kick::Revoked);
@@ -311,8 +339,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_gauges_count_connections_and_users_once_each() {
+        let metrics = Arc::new(Metrics::new(true));
+        let hub = Hub::new(1, 0, metrics.clone());
+        let gauges = || {
+            let text = metrics.render();
+            let value = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                    .map(|v| v.parse::<f64>().unwrap())
+            };
+            (
+                value("sealpost_ws_connections"),
+                value("sealpost_users_online"),
+            )
+        };
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let phone = hub.register(alice, Uuid::new_v4()).unwrap();
+        let laptop = hub.register(alice, Uuid::new_v4()).unwrap();
+        let stalled = hub.register(bob, Uuid::new_v4()).unwrap();
+        assert_eq!(gauges(), (Some(3.0), Some(2.0)));
+        drop(phone);
+        assert_eq!(gauges(), (Some(2.0), Some(2.0)));
+        // Overflow: the hub drops bob's connection, and its registration
+        // dropping later removes nothing more.
+        hub.push(bob, &message(bob));
+        hub.push(bob, &message(bob));
+        assert_eq!(gauges(), (Some(1.0), Some(1.0)));
+        drop(stalled);
+        assert_eq!(gauges(), (Some(1.0), Some(1.0)));
+        drop(laptop);
+        assert_eq!(gauges(), (Some(0.0), Some(0.0)));
+    }
+
+    #[tokio::test]
     async fn the_per_user_cap_refuses_the_next_connection_until_one_leaves() {
-        let hub = Hub::new(1, 2);
+        let hub = hub(1, 2);
         let user = Uuid::new_v4();
         let first = hub.register(user, Uuid::new_v4()).unwrap();
         let _second = hub.register(user, Uuid::new_v4()).unwrap();

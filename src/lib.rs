@@ -35,6 +35,8 @@
 //!   configured (the JWT secret, the storage key).
 //! - [`sweeper`]: expiry of old messages, refresh tokens and revocations,
 //!   and sealing again of legacy and old-key rows.
+//! - [`metrics`]: the Prometheus metrics every part records into, and their
+//!   own listener (`SEALPOST_METRICS_ADDR`).
 //!
 //! The path of a message: a `send` frame or `POST /v1/messages` →
 //! [`delivery::Delivery::accept`] (validation, recipient check; then, under
@@ -53,6 +55,7 @@ pub mod hub;
 pub mod keyfile;
 pub mod limits;
 pub mod logging;
+pub mod metrics;
 pub mod nesting;
 pub mod seal;
 pub mod server;

@@ -1,6 +1,7 @@
 //! Start-up and shutdown: opens the store, migrates it, starts the committer
-//! and the sweeper, binds the listener, and serves (HTTP, or HTTPS through
-//! [`crate::tls`]) until told to stop.
+//! and the sweeper, binds the listener (and the metrics listener, when
+//! configured), and serves (HTTP, or HTTPS through [`crate::tls`]) until
+//! told to stop.
 //!
 //! Shutdown order matters for durability: stop accepting, let in-flight
 //! requests finish (their messages are already in the committer's channel or
@@ -33,6 +34,7 @@ use crate::hub::Hub;
 use crate::limits::client_ip::TrustedProxies;
 use crate::limits::rate::AuthLimit;
 use crate::limits::sockets::SocketCaps;
+use crate::metrics::{self, Metrics};
 use crate::seal::{self, KeyRing};
 use crate::state::AppState;
 use crate::store::{self, Store, StoreOptions};
@@ -47,6 +49,8 @@ pub struct Server {
     listener: TcpListener,
     /// Set when sealpost terminates TLS itself.
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// `SEALPOST_METRICS_ADDR`'s listener, when metrics are on.
+    metrics_listener: Option<TcpListener>,
     state: AppState,
     /// For the sweeper, which seals old rows again.
     keys: Arc<KeyRing>,
@@ -108,17 +112,23 @@ impl Server {
         )?);
         let store = open_store(&config).await?;
         check_keys(store.as_ref(), &keys).await?;
+        let metrics = Arc::new(Metrics::new(config.metrics_addr.is_some()));
         let concurrency = config.hash_concurrency();
-        let passwords = tokio::task::spawn_blocking(move || Passwords::new(concurrency)).await??;
+        let passwords = {
+            let metrics = metrics.clone();
+            tokio::task::spawn_blocking(move || Passwords::new(concurrency, metrics)).await??
+        };
         let tokens = Tokens::new(
             &jwt_secret,
             config.access_token_ttl,
             config.refresh_token_ttl,
         );
-        let (committer, committer_task) = Committer::spawn(store.clone(), keys.clone());
+        let (committer, committer_task) =
+            Committer::spawn(store.clone(), keys.clone(), metrics.clone());
         let hub = Hub::new(
             config.ws_queue as usize,
             config.max_connections_per_user as usize,
+            metrics.clone(),
         );
         let limits = delivery::Limits {
             max_body_bytes: config.max_body_bytes as usize,
@@ -126,7 +136,14 @@ impl Server {
             send_rate_burst: config.send_rate_burst,
             max_queued_per_user: config.max_queued_per_user,
         };
-        let delivery = Delivery::new(store.clone(), committer, hub.clone(), keys.clone(), limits);
+        let delivery = Delivery::new(
+            store.clone(),
+            committer,
+            hub.clone(),
+            keys.clone(),
+            limits,
+            metrics.clone(),
+        );
         let revocations = Revocations::load(store.as_ref(), config.access_token_ttl)
             .await
             .context("loading session revocations")?;
@@ -135,6 +152,7 @@ impl Server {
             config.auth_rate_per_minute,
             config.auth_rate_burst,
             proxies.clone(),
+            metrics.clone(),
         );
         let socket_caps = SocketCaps::new(
             config.max_connections_per_ip,
@@ -143,6 +161,14 @@ impl Server {
         let listener = TcpListener::bind(config.addr)
             .await
             .with_context(|| format!("binding {} (SEALPOST_ADDR)", config.addr))?;
+        let metrics_listener = match config.metrics_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding {addr} (SEALPOST_METRICS_ADDR)"))?,
+            ),
+            None => None,
+        };
         let state = AppState {
             config: Arc::new(config),
             store,
@@ -154,12 +180,14 @@ impl Server {
             socket_caps,
             proxies,
             auth_limit,
+            metrics,
             shutdown: CancellationToken::new(),
             sockets: TaskTracker::new(),
         };
         Ok(Self {
             listener,
             tls,
+            metrics_listener,
             state,
             keys,
             committer: committer_task,
@@ -168,6 +196,13 @@ impl Server {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Where metrics are served, when they are on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// The routes this server would serve, as a tower service to call
@@ -185,6 +220,7 @@ impl Server {
         let Self {
             listener,
             tls,
+            metrics_listener,
             state,
             keys,
             committer,
@@ -192,6 +228,18 @@ impl Server {
         let addr = listener.local_addr()?;
         let background = CancellationToken::new();
         let sweeper = tokio::spawn(sweeper::run(state.clone(), keys, background.clone()));
+        // Metrics are served until everything else has stopped, so the last
+        // scrapes see the drain; the guard stops them on an early return too.
+        let metrics_stop = CancellationToken::new();
+        let metrics_stopped = metrics_stop.clone().drop_guard();
+        let metrics_task = match metrics_listener {
+            Some(listener) => {
+                tracing::info!("metrics at http://{}/metrics", listener.local_addr()?);
+                let serving = metrics::serve(listener, state.metrics.clone(), metrics_stop);
+                Some(tokio::spawn(serving))
+            }
+            None => None,
+        };
         let (sockets, closing) = (state.sockets.clone(), state.shutdown.clone());
         let app = api::router(state);
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -237,6 +285,10 @@ impl Server {
         match tokio::time::timeout(DRAIN_TIMEOUT, committer).await {
             Ok(_) => tracing::info!("stopped"),
             Err(_) => tracing::error!("committer did not drain in time"),
+        }
+        drop(metrics_stopped);
+        if let Some(task) = metrics_task {
+            let _ = task.await;
         }
         Ok(())
     }

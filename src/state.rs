@@ -14,6 +14,7 @@ use crate::hub::Hub;
 use crate::limits::client_ip::TrustedProxies;
 use crate::limits::rate::AuthLimit;
 use crate::limits::sockets::SocketCaps;
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// Cheap to clone: every field is an `Arc`. There is no global state.
@@ -33,6 +34,8 @@ pub struct AppState {
     /// The per-IP limit of the auth routes (`None` when off): the router
     /// applies its layer, the sweeper prunes its state.
     pub auth_limit: Option<AuthLimit>,
+    /// What the server counts about itself; no-ops when metrics are off.
+    pub metrics: Arc<Metrics>,
     /// Cancelled when the server begins to shut down: every WebSocket task
     /// finishes its in-flight work and closes with 1001.
     pub shutdown: CancellationToken,

@@ -7,6 +7,8 @@
 //! It runs every `SEALPOST_SWEEP_INTERVAL`, first at start-up, and works in
 //! bounded batches, so no statement holds locks long enough to stall the
 //! committer, and it stops between batches when the server shuts down.
+//!
+//! With metrics on, each round also samples the queue's depth for them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,7 +46,10 @@ pub async fn run(state: AppState, keys: Arc<KeyRing>, shutdown: CancellationToke
                 .await;
                 match swept {
                     // Expiry deleted rows behind the queue caps' counters.
-                    Ok(messages) if messages > 0 => state.delivery.recount_queues(),
+                    Ok(messages) if messages > 0 => {
+                        state.metrics.expired.increment(messages);
+                        state.delivery.recount_queues();
+                    }
                     Ok(_) => {}
                     Err(err) => tracing::warn!(error = %err, "sweep failed; retrying next interval"),
                 }
@@ -52,6 +57,7 @@ pub async fn run(state: AppState, keys: Arc<KeyRing>, shutdown: CancellationToke
                     tracing::warn!(error = %err, "sealing rows again failed; retrying next interval");
                 }
                 forget_idle(&state);
+                sample_queue_depth(&state).await;
             }
         }
     }
@@ -64,6 +70,24 @@ fn forget_idle(state: &AppState) {
     state.delivery.prune_send_budgets();
     if let Some(limit) = &state.auth_limit {
         limit.prune();
+    }
+}
+
+/// Sets the queue-depth gauges from the store, when metrics are on. A
+/// failure leaves them at their last sample.
+async fn sample_queue_depth(state: &AppState) {
+    if !state.metrics.enabled() {
+        return;
+    }
+    match state.store.queue_depth().await {
+        Ok(depth) => {
+            state.metrics.queued_messages.set(depth.total as f64);
+            state
+                .metrics
+                .queued_max_per_user
+                .set(depth.max_per_recipient as f64);
+        }
+        Err(err) => tracing::warn!(error = %err, "sampling the queue depth failed"),
     }
 }
 

@@ -21,6 +21,7 @@ use crate::auth::sessions::Scope;
 use crate::auth::token::{Tokens, hash_refresh};
 use crate::error::{Error, Result};
 use crate::limits::rate::AuthLimit;
+use crate::metrics::AuthFailure;
 use crate::state::AppState;
 use crate::store::{self, RefreshToken, Rotation, User};
 
@@ -189,6 +190,7 @@ async fn login(
     // A name no account can have, or a password too long to be one, cannot
     // match: refuse before it costs a query or a hash.
     if !is_username(&login.username) || login.password.len() > 4 * *PASSWORD_LEN.end() {
+        state.metrics.auth_failed(AuthFailure::Credentials);
         return Err(BAD_LOGIN);
     }
     let credentials = state.store.credentials(&login.username).await?;
@@ -199,6 +201,7 @@ async fn login(
         .await?;
     let Some(user_id) = user_id.filter(|_| verified) else {
         tracing::info!("login refused");
+        state.metrics.auth_failed(AuthFailure::Credentials);
         return Err(BAD_LOGIN);
     };
     let pair = start_session(&state, user_id).await?;
@@ -263,12 +266,16 @@ async fn refresh(
         }
         Rotation::Reused { user_id, revoked } => {
             tracing::warn!(user.id = %user_id, "refresh token reused: revoking every session of the user");
+            state.metrics.auth_failed(AuthFailure::RefreshReuse);
             state
                 .revocations
                 .revoked_elsewhere(&state.hub, user_id, Scope::All, &revoked);
             Err(Error::Unauthorized("invalid refresh token"))
         }
-        Rotation::Invalid => Err(Error::Unauthorized("invalid refresh token")),
+        Rotation::Invalid => {
+            state.metrics.auth_failed(AuthFailure::RefreshToken);
+            Err(Error::Unauthorized("invalid refresh token"))
+        }
     }
 }
 
@@ -308,14 +315,18 @@ async fn logout_all(caller: AuthUser, State(state): State<AppState>) -> Result<S
 /// Checks the caller's current password: a stolen access token alone must
 /// not be enough to take the account over or delete it.
 async fn confirm_password(state: &AppState, user: Uuid, password: String) -> Result<()> {
+    let wrong = || {
+        state.metrics.auth_failed(AuthFailure::CurrentPassword);
+        Err(WRONG_PASSWORD)
+    };
     if password.len() > 4 * *PASSWORD_LEN.end() {
-        return Err(WRONG_PASSWORD);
+        return wrong();
     }
     let Some(hash) = state.store.password_hash(user).await? else {
         return Err(Error::Unauthorized("account no longer exists"));
     };
     if !state.passwords.verify(password, Some(hash)).await? {
-        return Err(WRONG_PASSWORD);
+        return wrong();
     }
     Ok(())
 }

@@ -46,17 +46,19 @@ async fn send(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<Send>,
 ) -> Result<(StatusCode, Json<Sent>)> {
-    let to = parse_id("to", &request.to)?;
-    let body = state.delivery.decode_body("body", &request.body)?;
-    let accepted = state.delivery.send(caller.id, to, body).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(Sent {
+    let sent = async {
+        let to = parse_id("to", &request.to)?;
+        let body = state.delivery.decode_body("body", &request.body)?;
+        let accepted = state.delivery.send(caller.id, to, body).await?;
+        Ok(Sent {
             id: accepted.id,
             to,
             sent_at: accepted.sent_at,
-        }),
-    ))
+        })
+    }
+    .await
+    .inspect_err(|err| state.metrics.rejected(err))?;
+    Ok((StatusCode::CREATED, Json(sent)))
 }
 
 /// A queued message as clients see it.

@@ -13,9 +13,10 @@ pub mod messages;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -23,12 +24,14 @@ use tower_http::trace::TraceLayer;
 use uuid::Uuid;
 
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::state::AppState;
 
 /// All routes, with the layers every request passes through.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.max_request_bytes();
     let config = state.config.clone();
+    let metrics = state.metrics.clone();
     let routes = Router::new()
         .merge(accounts::router(state.auth_limit.clone()))
         .merge(keys::router())
@@ -46,7 +49,21 @@ pub fn router(state: AppState) -> Router {
         // A proxy's id is kept, so one id follows a request through both
         // logs; otherwise each request gets a fresh UUID.
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        // Outermost of all: every response is counted, the rate limiter's
+        // and the fallbacks' too.
+        .layer(middleware::from_fn_with_state(metrics, count_response))
         .with_state(state)
+}
+
+/// Counts each response by its status class.
+async fn count_response(
+    State(metrics): State<std::sync::Arc<Metrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let response = next.run(request).await;
+    metrics.http_response(response.status());
+    response
 }
 
 /// The span of one request: method, path and the request id that the

@@ -15,6 +15,7 @@ use axum::http::request::Parts;
 use uuid::Uuid;
 
 use crate::error::Error;
+use crate::metrics::AuthFailure;
 use crate::state::AppState;
 use token::Claims;
 
@@ -31,8 +32,10 @@ impl FromRequestParts<AppState> for AuthUser {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
-        let token =
-            bearer_token(&parts.headers).ok_or(Error::Unauthorized("missing bearer token"))?;
+        let Some(token) = bearer_token(&parts.headers) else {
+            state.metrics.auth_failed(AuthFailure::MissingToken);
+            return Err(Error::Unauthorized("missing bearer token"));
+        };
         let claims = verify(state, token)?;
         Ok(AuthUser {
             id: claims.sub,
@@ -46,8 +49,12 @@ impl FromRequestParts<AppState> for AuthUser {
 /// been revoked. Every way in (REST, socket upgrade, `auth` frames) goes
 /// through here.
 pub fn verify(state: &AppState, token: &str) -> Result<Claims, Error> {
-    let claims = state.tokens.verify_access(token)?;
+    let claims = state
+        .tokens
+        .verify_access(token)
+        .inspect_err(|_| state.metrics.auth_failed(AuthFailure::AccessToken))?;
     if state.revocations.is_revoked(claims.sid) {
+        state.metrics.auth_failed(AuthFailure::RevokedSession);
         return Err(Error::Unauthorized("session has been revoked"));
     }
     Ok(claims)

@@ -7,7 +7,7 @@
 //! exhausting memory.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use argon2::Argon2;
@@ -16,6 +16,7 @@ use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::Error;
+use crate::metrics::Metrics;
 
 /// How long a request waits for a hashing slot before it is refused with
 /// 503: under a login flood, queueing longer only piles up requests.
@@ -30,21 +31,29 @@ pub struct Passwords {
     /// usernames are verified against it so that they take as long to reject
     /// as a wrong password and do not reveal which accounts exist.
     dummy_hash: Arc<str>,
+    /// Records how long each caller waited for a permit.
+    metrics: Arc<Metrics>,
 }
 
 impl Passwords {
     /// Computes the dummy hash, so call it once at start-up.
-    pub fn new(concurrency: usize) -> anyhow::Result<Self> {
+    pub fn new(concurrency: usize, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let random: [u8; 32] = rand::random();
         let dummy_hash = hash(&random)?.into();
         Ok(Self {
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             dummy_hash,
+            metrics,
         })
     }
 
     async fn permit(&self) -> Result<OwnedSemaphorePermit, Error> {
-        match tokio::time::timeout(QUEUE_TIMEOUT, self.permits.clone().acquire_owned()).await {
+        let queued = Instant::now();
+        let permit =
+            tokio::time::timeout(QUEUE_TIMEOUT, self.permits.clone().acquire_owned()).await;
+        // A refused caller waited too: it lands in the last bucket.
+        self.metrics.hash_wait.record(queued.elapsed());
+        match permit {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) => Err(Error::Internal(anyhow::anyhow!("hasher closed"))),
             Err(_) => {
@@ -101,7 +110,7 @@ mod tests {
 
     #[tokio::test]
     async fn hashes_verify_and_unknown_users_fail() {
-        let passwords = Passwords::new(2).unwrap();
+        let passwords = Passwords::new(2, Arc::new(Metrics::disabled())).unwrap();
         let phc = passwords.hash("correct horse".into()).await.unwrap();
         assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
         assert!(

@@ -23,14 +23,14 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::seal::KeyRing;
 use crate::store::{Ack, Message, Store, StoreError};
 
@@ -137,9 +137,13 @@ impl Slot<'_> {
 impl Committer {
     /// Starts the committer task. It ends once every handle is dropped and
     /// the channel is drained, so nothing enqueued is abandoned on shutdown.
-    pub fn spawn(store: Arc<dyn Store>, keys: Arc<KeyRing>) -> (Self, JoinHandle<()>) {
+    pub fn spawn(
+        store: Arc<dyn Store>,
+        keys: Arc<KeyRing>,
+        metrics: Arc<Metrics>,
+    ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(CHANNEL_BOUND);
-        let task = tokio::spawn(run(store, keys, rx));
+        let task = tokio::spawn(run(store, keys, metrics, rx));
         let bytes = Arc::new(Semaphore::new(BYTE_BUDGET));
         (Self { tx, bytes }, task)
     }
@@ -175,16 +179,21 @@ impl Committer {
     }
 }
 
-async fn run(store: Arc<dyn Store>, keys: Arc<KeyRing>, mut rx: mpsc::Receiver<Op>) {
+async fn run(
+    store: Arc<dyn Store>,
+    keys: Arc<KeyRing>,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::Receiver<Op>,
+) {
     let mut ops = Vec::with_capacity(MAX_BATCH);
     // `recv_many` waits for one op, then takes whatever else is ready.
     while rx.recv_many(&mut ops, MAX_BATCH).await > 0 {
-        commit(store.as_ref(), &keys, std::mem::take(&mut ops)).await;
+        commit(store.as_ref(), &keys, &metrics, std::mem::take(&mut ops)).await;
     }
     tracing::debug!("committer drained and stopped");
 }
 
-async fn commit(store: &dyn Store, keys: &KeyRing, ops: Vec<Op>) {
+async fn commit(store: &dyn Store, keys: &KeyRing, metrics: &Metrics, ops: Vec<Op>) {
     let mut messages = Vec::new();
     let mut inserted = Vec::new();
     let mut ack_ops = Vec::new();
@@ -234,10 +243,22 @@ async fn commit(store: &dyn Store, keys: &KeyRing, ops: Vec<Op>) {
     let written = if messages.is_empty() && acks.is_empty() {
         Ok(Vec::new())
     } else {
-        match keys.seal_all(&messages) {
-            Ok(rows) => store.write_batch(rows, &acks).await.map_err(Failure::Store),
+        metrics
+            .db_write_batch
+            .record((inserted.len() + ack_ops.len()) as f64);
+        let written = match keys.seal_all(&messages) {
+            Ok(rows) => {
+                let started = Instant::now();
+                let written = store.write_batch(rows, &acks).await;
+                metrics.db_write.record(started.elapsed());
+                written.map_err(Failure::Store)
+            }
             Err(err) => Err(Failure::Seal(err)),
+        };
+        if written.is_err() {
+            metrics.db_write_errors.increment(1);
         }
+        written
     };
     // Everything before a barrier is in this batch or an earlier one.
     for done in barriers {

@@ -24,6 +24,7 @@ pub mod committer;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -34,6 +35,7 @@ use crate::error::{Error, Result};
 use crate::hub::{Hub, Outbound, Registration};
 use crate::limits::queue::QueueCaps;
 use crate::limits::rate::SendBudget;
+use crate::metrics::{Kind, Limited, Metrics};
 use crate::seal::KeyRing;
 use crate::store::{self, Message, Store};
 use committer::Committer;
@@ -57,6 +59,7 @@ pub struct Delivery {
     budget: SendBudget,
     /// Messages queued per recipient.
     queues: Arc<QueueCaps>,
+    metrics: Arc<Metrics>,
     /// Held while a message gets its id, is enqueued and is pushed, so that
     /// id order, commit order and push order agree. Nothing under it waits.
     order: Mutex<()>,
@@ -101,6 +104,7 @@ impl Delivery {
         hub: Arc<Hub>,
         keys: Arc<KeyRing>,
         limits: Limits,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             store,
@@ -110,6 +114,7 @@ impl Delivery {
             max_body_bytes: limits.max_body_bytes,
             budget: SendBudget::new(limits.send_rate_per_second, limits.send_rate_burst),
             queues: Arc::new(QueueCaps::new(limits.max_queued_per_user)),
+            metrics,
             order: Mutex::new(()),
         }
     }
@@ -144,7 +149,9 @@ impl Delivery {
         if body.len() > self.max_body_bytes {
             return Err(self.too_large());
         }
-        self.budget.check(from)?;
+        self.budget
+            .check(from)
+            .inspect_err(|_| self.metrics.rate_limited(Limited::Send))?;
         if !self.hub.is_online(to) && !self.store.user_exists(to).await? {
             return Err(Error::NotFound("recipient"));
         }
@@ -175,12 +182,13 @@ impl Delivery {
         let message = Arc::new(new_message(from, to, body));
         let (id, sent_at) = (message.id, message.sent_at);
         let insert = slot.insert(message.clone());
-        let queues = self.queues.clone();
+        let (queues, metrics) = (self.queues.clone(), self.metrics.clone());
         let durable = Box::pin(async move {
             let stored = insert.await;
-            if stored.is_err() {
+            match stored {
+                Ok(()) => metrics.accepted(Kind::Stored),
                 // Not stored: it takes no room in the recipient's queue.
-                queues.release(to, 1);
+                Err(_) => queues.release(to, 1),
             }
             stored
         });
@@ -189,6 +197,7 @@ impl Delivery {
             &Outbound {
                 message,
                 ephemeral: false,
+                accepted: Instant::now(),
             },
         );
         Ok(Accepted {
@@ -210,8 +219,10 @@ impl Delivery {
             &Outbound {
                 message,
                 ephemeral: true,
+                accepted: Instant::now(),
             },
         ) > 0;
+        self.metrics.accepted(Kind::Ephemeral);
         Ok(Ephemeral {
             id,
             sent_at,
@@ -288,6 +299,7 @@ impl Delivery {
         }
         let acked = self.committer.ack(user, ids).await?;
         self.queues.release(user, acked);
+        self.metrics.acked.increment(acked);
         Ok(acked)
     }
 
@@ -453,19 +465,24 @@ mod tests {
         async fn queued_count(&self, _: Uuid) -> StoreResult<u64> {
             Ok(0)
         }
+        async fn queue_depth(&self) -> StoreResult<crate::store::QueueDepth> {
+            unreachable!()
+        }
     }
 
     fn delivery() -> Delivery {
         let store: Arc<dyn Store> = Arc::new(SlowStore::default());
         let keys = Arc::new(KeyRing::generate().unwrap());
-        let (committer, _task) = Committer::spawn(store.clone(), keys.clone());
+        let metrics = Arc::new(Metrics::disabled());
+        let (committer, _task) = Committer::spawn(store.clone(), keys.clone(), metrics.clone());
         let limits = Limits {
             max_body_bytes: 1024,
             send_rate_per_second: 0,
             send_rate_burst: 1,
             max_queued_per_user: 0,
         };
-        Delivery::new(store, committer, Hub::new(16, 0), keys, limits)
+        let hub = Hub::new(16, 0, metrics.clone());
+        Delivery::new(store, committer, hub, keys, limits, metrics)
     }
 
     /// A message accepted before a connection subscribes, and still being

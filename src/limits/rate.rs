@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use super::client_ip::{ClientIpKey, TrustedProxies};
 use crate::error::Error;
+use crate::metrics::{Limited, Metrics};
 
 pub type AuthLayer = GovernorLayer<ClientIpKey, NoOpMiddleware, Body>;
 
@@ -39,7 +40,12 @@ pub struct AuthLimit {
 
 impl AuthLimit {
     /// `None` when `per_minute` is 0 (limit off).
-    pub fn new(per_minute: u32, burst: u32, proxies: TrustedProxies) -> Option<Self> {
+    pub fn new(
+        per_minute: u32,
+        burst: u32,
+        proxies: TrustedProxies,
+        metrics: Arc<Metrics>,
+    ) -> Option<Self> {
         if per_minute == 0 {
             return None;
         }
@@ -49,11 +55,14 @@ impl AuthLimit {
             .key_extractor(ClientIpKey(proxies))
             .finish()?;
         let limiter = config.limiter().clone();
-        let layer = GovernorLayer::new(config).error_handler(|error| match error {
-            GovernorError::TooManyRequests { wait_time, .. } => Error::RateLimited {
-                retry_after: Duration::from_secs(wait_time.max(1)),
+        let layer = GovernorLayer::new(config).error_handler(move |error| match error {
+            GovernorError::TooManyRequests { wait_time, .. } => {
+                metrics.rate_limited(Limited::Auth);
+                Error::RateLimited {
+                    retry_after: Duration::from_secs(wait_time.max(1)),
+                }
+                .into_response()
             }
-            .into_response(),
             // No peer address: only possible if the server were run without
             // connect info, which `Server::run` always provides.
             _ => Error::Internal(anyhow::anyhow!("rate limiter could not tell the client"))

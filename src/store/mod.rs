@@ -170,6 +170,15 @@ impl StoredRow {
     }
 }
 
+/// The size of the queue, as [`Store::queue_depth`] samples it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Messages queued for all recipients.
+    pub total: u64,
+    /// Messages queued for the recipient with the most.
+    pub max_per_recipient: u64,
+}
+
 /// One acknowledgement: delete `id` if it is addressed to `recipient`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Ack {
@@ -310,6 +319,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many messages wait for `recipient`.
     async fn queued_count(&self, recipient: Uuid) -> StoreResult<u64>;
+
+    /// How many messages are queued in all, and for the busiest recipient,
+    /// in one aggregate query: the sweeper samples it for the metrics. It
+    /// reads the whole `(recipient, id)` index, so it runs once per sweep
+    /// and only with metrics on.
+    async fn queue_depth(&self) -> StoreResult<QueueDepth>;
 
     /// Deletes up to `limit` refresh tokens past their expiry; returns how
     /// many.

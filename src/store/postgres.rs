@@ -14,8 +14,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use uuid::Uuid;
 
 use super::{
-    Ack, Credentials, KeyId, RefreshToken, Rotation, SealedRow, Store, StoreError, StoreResult,
-    StoredRow, User,
+    Ack, Credentials, KeyId, QueueDepth, RefreshToken, Rotation, SealedRow, Store, StoreError,
+    StoreResult, StoredRow, User,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -362,6 +362,19 @@ impl Store for PgStore {
             .fetch_one(&self.pool)
             .await?;
         Ok(count as u64)
+    }
+
+    async fn queue_depth(&self) -> StoreResult<QueueDepth> {
+        let (total, max): (i64, i64) = sqlx::query_as(
+            "SELECT COALESCE(SUM(n), 0)::int8, COALESCE(MAX(n), 0)::int8
+             FROM (SELECT count(*) AS n FROM messages GROUP BY recipient) AS queues",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(QueueDepth {
+            total: total as u64,
+            max_per_recipient: max as u64,
+        })
     }
 
     async fn purge_refresh_tokens(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<u64> {

@@ -24,8 +24,8 @@ use sqlx::sqlite::{
 use uuid::Uuid;
 
 use super::{
-    Ack, Credentials, KeyId, RefreshToken, Rotation, SealedRow, Store, StoreError, StoreResult,
-    StoredRow, User,
+    Ack, Credentials, KeyId, QueueDepth, RefreshToken, Rotation, SealedRow, Store, StoreError,
+    StoreResult, StoredRow, User,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -405,6 +405,19 @@ impl Store for SqliteStore {
             .fetch_one(&self.reader)
             .await?;
         Ok(count as u64)
+    }
+
+    async fn queue_depth(&self) -> StoreResult<QueueDepth> {
+        let (total, max): (i64, i64) = sqlx::query_as(
+            "SELECT COALESCE(SUM(n), 0), COALESCE(MAX(n), 0)
+             FROM (SELECT count(*) AS n FROM messages GROUP BY recipient) AS queues",
+        )
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(QueueDepth {
+            total: total as u64,
+            max_per_recipient: max as u64,
+        })
     }
 
     async fn purge_refresh_tokens(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<u64> {

@@ -35,6 +35,7 @@ use crate::delivery::Page;
 use crate::error::{Error, Result};
 use crate::hub::{Kick, Outbound, Registration};
 use crate::limits::sockets::SocketPermit;
+use crate::metrics::{AuthFailure, Closed, Source};
 use crate::state::AppState;
 
 /// Sends awaiting durability (and acks awaiting commit) per connection.
@@ -68,36 +69,55 @@ enum Stop {
 }
 
 pub async fn run(
+    socket: WebSocket,
+    state: AppState,
+    header: Option<Result<Claims>>,
+    permit: SocketPermit,
+) {
+    let metrics = state.metrics.clone();
+    let closed = session(socket, state, header, permit).await;
+    metrics.ws_closed(closed);
+}
+
+/// The connection's whole life; returns why it ended.
+async fn session(
     mut socket: WebSocket,
     state: AppState,
     header: Option<Result<Claims>>,
     // Held for the connection's life: its place in the per-IP count.
     mut permit: SocketPermit,
-) {
+) -> Closed {
     let claims = match authenticate(&mut socket, &state, header).await {
         Ok(claims) => claims,
-        Err(Flow::Close(code, reason)) => return send_close(&mut socket, code, reason).await,
-        Err(_) => return,
+        Err(Flow::Close(closed, code, reason)) => {
+            send_close(&mut socket, code, reason).await;
+            return closed;
+        }
+        Err(_) => return Closed::Gone,
     };
     permit.authenticated();
     let (registration, barrier) = match state.delivery.subscribe(claims.sub, claims.sid).await {
         Ok(subscribed) => subscribed,
         Err(Error::TooManyConnections(reason)) => {
-            return send_close(&mut socket, close::TOO_MANY_CONNECTIONS, reason).await;
+            send_close(&mut socket, close::TOO_MANY_CONNECTIONS, reason).await;
+            return Closed::TooManyConnections;
         }
         Err(_) => {
-            return send_close(
+            send_close(
                 &mut socket,
                 close::INTERNAL,
                 "server unavailable; reconnect",
             )
             .await;
+            return Closed::Error;
         }
     };
     // A revocation between the token check and the registration kicked no
     // one: it is in the revoked set by now, so look again.
     if state.revocations.is_revoked(claims.sid) {
-        return send_close(&mut socket, close::UNAUTHORIZED, "session has been revoked").await;
+        state.metrics.auth_failed(AuthFailure::RevokedSession);
+        send_close(&mut socket, close::UNAUTHORIZED, "session has been revoked").await;
+        return Closed::Revoked;
     }
     let first_page = {
         let page = fetch_page(&state, claims.sub, None);
@@ -125,8 +145,9 @@ pub async fn run(
         user_id: conn.user,
         expires_at: conn.expires_at,
     };
-    if conn.send(&ready).await.is_ok() {
-        conn.serve().await;
+    match conn.send(&ready).await {
+        Ok(()) => conn.serve().await,
+        Err(_) => Closed::Gone,
     }
 }
 
@@ -138,9 +159,15 @@ async fn authenticate(
     header: Option<Result<Claims>>,
 ) -> Result<Claims, Flow> {
     const REFUSED: Flow = Flow::Close(
+        Closed::Unauthenticated,
         close::UNAUTHORIZED,
         "missing, invalid or expired access token",
     );
+    // `auth::verify` counts a bad token; this counts a missing one.
+    let no_token = || {
+        state.metrics.auth_failed(AuthFailure::MissingToken);
+        REFUSED
+    };
     if let Some(claims) = header {
         return claims.map_err(|_| REFUSED);
     }
@@ -153,19 +180,19 @@ async fn authenticate(
                         Ok(ClientFrame::Auth { token }) => {
                             auth::verify(state, &token).map_err(|_| REFUSED)
                         }
-                        _ => Err(REFUSED),
+                        _ => Err(no_token()),
                     };
                 }
                 Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
                 Some(Err(err)) => return Err(read_error(err)),
-                Some(Ok(_)) => return Err(REFUSED),
+                Some(Ok(_)) => return Err(no_token()),
                 None => return Err(Flow::Drop),
             }
         }
     };
     tokio::time::timeout(state.config.ws_auth_timeout, first_auth)
         .await
-        .unwrap_or(Err(REFUSED))
+        .unwrap_or_else(|_| Err(no_token()))
 }
 
 fn expiry_time(exp: i64) -> DateTime<Utc> {
@@ -233,8 +260,8 @@ struct Connection {
 /// What the connection does after a frame.
 enum Flow {
     Continue,
-    /// Close with a close frame and handshake.
-    Close(u16, &'static str),
+    /// Close with a close frame (code and reason) and handshake.
+    Close(Closed, u16, &'static str),
     /// Drop the socket: the peer is gone, a close frame would not arrive.
     Drop,
     /// The hub gave up on this connection; close as its reason says.
@@ -242,7 +269,8 @@ enum Flow {
 }
 
 impl Connection {
-    async fn serve(&mut self) {
+    /// Serves until the connection ends; returns why it did.
+    async fn serve(&mut self) -> Closed {
         let period = self.state.config.ws_ping_interval;
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -253,14 +281,16 @@ impl Connection {
                 biased;
                 () = shutdown.cancelled() => {
                     self.finish_in_flight().await;
-                    Flow::Close(close::GOING_AWAY, "server shutting down")
+                    Flow::Close(Closed::Shutdown, close::GOING_AWAY, "server shutting down")
                 }
                 () = kicked.cancelled() => Flow::Kicked,
-                () = &mut self.expiry => Flow::Close(close::UNAUTHORIZED, "access token expired"),
+                () = &mut self.expiry => {
+                    Flow::Close(Closed::TokenExpired, close::UNAUTHORIZED, "access token expired")
+                }
                 _ = ping.tick() => {
                     if self.awaiting_pong {
                         tracing::debug!(user.id = %self.user, "peer stopped answering pings");
-                        return;
+                        return Closed::Gone;
                     }
                     self.awaiting_pong = true;
                     flow(self.write(WsMessage::Ping(Default::default())).await)
@@ -276,7 +306,7 @@ impl Connection {
                         Ok(page) => self.backlog(page).await,
                         Err(err) => {
                             tracing::warn!(user.id = %self.user, error = %err, "backlog read failed");
-                            Flow::Close(close::INTERNAL, "backlog unavailable; reconnect")
+                            Flow::Close(Closed::Error, close::INTERNAL, "backlog unavailable; reconnect")
                         }
                     }
                 }
@@ -290,28 +320,33 @@ impl Connection {
                         self.inbound(message).await
                     }
                     Some(Err(err)) => read_error(err),
-                    None => return,
+                    None => return Closed::Gone,
                 },
             };
             match flow {
                 Flow::Continue => {}
-                Flow::Close(code, reason) => {
+                Flow::Close(closed, code, reason) => {
                     send_close(&mut self.socket, code, reason).await;
-                    return;
+                    return closed;
                 }
                 Flow::Kicked => {
-                    let (code, reason) = match self.registration.kick_reason() {
-                        Some(Kick::Revoked) => (close::UNAUTHORIZED, "session has been revoked"),
+                    let (closed, code, reason) = match self.registration.kick_reason() {
+                        Some(Kick::Revoked) => (
+                            Closed::Revoked,
+                            close::UNAUTHORIZED,
+                            "session has been revoked",
+                        ),
                         // Overflow, or unregistered after one.
                         _ => (
+                            Closed::Overflow,
                             close::TRY_AGAIN_LATER,
                             "connection fell behind; reconnect to resume",
                         ),
                     };
                     send_close(&mut self.socket, code, reason).await;
-                    return;
+                    return closed;
                 }
-                Flow::Drop => return,
+                Flow::Drop => return Closed::Gone,
             }
         }
     }
@@ -334,13 +369,11 @@ impl Connection {
 
     async fn backlog(&mut self, page: Page) -> Flow {
         for message in &page.messages {
-            let frame = ServerFrame::message(&Outbound {
-                message: message.clone().into(),
-                ephemeral: false,
-            });
+            let frame = ServerFrame::message(message, false);
             if let Err(stop) = self.send(&frame).await {
                 return flow(Err(stop));
             }
+            self.state.metrics.pushed(Source::Backlog);
             self.backlog_last = Some(message.id);
         }
         match page.next {
@@ -364,7 +397,14 @@ impl Connection {
         if repeat {
             return Flow::Continue;
         }
-        let sent = self.send(&ServerFrame::message(outbound)).await;
+        let sent = self
+            .send(&ServerFrame::message(&outbound.message, outbound.ephemeral))
+            .await;
+        if sent.is_ok() {
+            let metrics = &self.state.metrics;
+            metrics.pushed(Source::Live);
+            metrics.push_latency.record(outbound.accepted.elapsed());
+        }
         flow(sent)
     }
 
@@ -392,7 +432,7 @@ impl Connection {
                 })
             }
             WsMessage::Pong(_) => Flow::Continue,
-            WsMessage::Close(_) => Flow::Close(1000, ""),
+            WsMessage::Close(_) => Flow::Close(Closed::Client, 1000, ""),
         }
     }
 
@@ -409,7 +449,11 @@ impl Connection {
         }
         self.strikes.push_back(now);
         if self.strikes.len() > MAX_STRIKES {
-            return Flow::Close(close::POLICY, "too many malformed frames");
+            return Flow::Close(
+                Closed::Malformed,
+                close::POLICY,
+                "too many malformed frames",
+            );
         }
         let sent = self.send(&ServerFrame::error(reference, err)).await;
         flow(sent)
@@ -430,7 +474,10 @@ impl Connection {
                 ephemeral,
             } => match self.accept(&reference, &to, &body, ephemeral).await {
                 Ok(reply) => reply,
-                Err(err) => Some(ServerFrame::error(reference, &err)),
+                Err(err) => {
+                    self.state.metrics.rejected(&err);
+                    Some(ServerFrame::error(reference, &err))
+                }
             },
             ClientFrame::Ack { ids } => match self.ack(&reference, &ids) {
                 Ok(()) => None,
@@ -460,6 +507,7 @@ impl Connection {
             self.state.hub.rebind(&self.registration, claims.sid);
             self.session = claims.sid;
             if self.state.revocations.is_revoked(claims.sid) {
+                self.state.metrics.auth_failed(AuthFailure::RevokedSession);
                 self.state
                     .hub
                     .kick(self.user, Some(claims.sid), Kick::Revoked);
@@ -492,7 +540,7 @@ impl Connection {
             }));
         }
         let accepted = delivery.accept(self.user, to, body).await?;
-        let reference = reference.clone();
+        let (reference, metrics) = (reference.clone(), self.state.metrics.clone());
         self.pending.push(Box::pin(async move {
             Some(match accepted.durable.await {
                 Ok(()) => ServerFrame::Sent {
@@ -501,7 +549,10 @@ impl Connection {
                     sent_at: accepted.sent_at,
                     delivered: None,
                 },
-                Err(err) => ServerFrame::error(reference, &err),
+                Err(err) => {
+                    metrics.rejected(&err);
+                    ServerFrame::error(reference, &err)
+                }
             })
         }));
         Ok(None)
@@ -552,9 +603,9 @@ fn read_error(err: axum::Error) -> Flow {
         .and_then(|source| source.downcast_ref::<tungstenite::Error>())
         .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)));
     if too_big {
-        Flow::Close(close::TOO_BIG, "frame too large")
+        Flow::Close(Closed::TooBig, close::TOO_BIG, "frame too large")
     } else {
         tracing::debug!(error = %err, "socket read failed");
-        Flow::Close(close::GOING_AWAY, "")
+        Flow::Close(Closed::Gone, close::GOING_AWAY, "")
     }
 }

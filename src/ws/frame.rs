@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::api::messages::MessageView;
 use crate::error::Error;
-use crate::hub::Outbound;
+use crate::store::Message;
 
 /// Close codes, beside RFC 6455's.
 pub mod close {
@@ -158,10 +158,10 @@ impl ServerFrame {
         }
     }
 
-    pub fn message(outbound: &Outbound) -> Self {
+    pub fn message(message: &Message, ephemeral: bool) -> Self {
         ServerFrame::Message {
-            message: MessageView::from(outbound.message.as_ref()),
-            ephemeral: outbound.ephemeral,
+            message: MessageView::from(message),
+            ephemeral,
         }
     }
 

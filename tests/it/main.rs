@@ -13,6 +13,7 @@ mod hostile;
 mod keys;
 mod logs;
 mod messages;
+mod metrics;
 mod props;
 mod sealed;
 mod security;

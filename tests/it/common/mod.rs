@@ -196,6 +196,8 @@ pub struct TestServer {
     pub api: Api,
     /// Where it listens; for clients other than [`Api`] (TLS).
     pub addr: std::net::SocketAddr,
+    /// Where it serves metrics, if `--metrics-addr` was given.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     pub db: TestDb,
@@ -217,6 +219,7 @@ impl TestServer {
             .await
             .expect("server starts");
         let addr = server.local_addr().unwrap();
+        let metrics_addr = server.metrics_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async {
             let _ = stopped.await;
@@ -224,6 +227,7 @@ impl TestServer {
         Self {
             api: Api::new(format!("http://{addr}")),
             addr,
+            metrics_addr,
             stop: Some(stop),
             task: Some(task),
             db,

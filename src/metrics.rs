@@ -1,0 +1,587 @@
+//! Prometheus metrics: what the server counts about itself, and the listener
+//! that shows them (`SEALPOST_METRICS_ADDR`, `GET /metrics` in the text
+//! format).
+//!
+//! [`Metrics`] owns every metric as a handle of the `metrics` crate,
+//! registered once at start-up with this server's own Prometheus recorder.
+//! No process-global recorder is installed: each server (and each test
+//! server in one process) counts on its own, and recording is an atomic
+//! operation on a handle held here, with no lookup by name or label.
+//!
+//! Labels take their values from small fixed sets (a wire error code, a
+//! close reason, an HTTP status class), one handle per value, so no user id
+//! or other unbounded value can ever become a series.
+//!
+//! With metrics off every handle is a no-op: nothing is recorded, nothing
+//! is served, and the sweeper skips its queue-depth query.
+//!
+//! The metric names, types and labels are listed for operators in README.md
+//! ("Metrics"); keep that list in step with this file.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use tokio::net::TcpListener;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{self, Error};
+
+/// Upper bounds of the buckets of every `_seconds` histogram: from 100 µs
+/// (a push or a commit on an idle server) to 10 s (the committer's
+/// admission and the hashing queue time out there).
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Operations per committer batch: powers of two up to its cap of 256.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// How often histogram samples are folded into their buckets between
+/// scrapes. The recorder keeps each sample (16 bytes) until then, so this
+/// bounds its memory when nobody scrapes: a few seconds of pushes.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long the metrics listener may take to finish a scrape at shutdown.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The Prometheus text format's media type.
+const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+const DB_WRITE_BATCH: &str = "sealpost_db_write_batch_ops";
+
+/// A label whose values are a fixed set; a value's index is its position.
+pub trait LabelValue: Copy {
+    const KEY: &'static str;
+    const VALUES: &'static [&'static str];
+    fn index(self) -> usize;
+}
+
+/// Declares an enum of label values; each variant's value is the string
+/// beside it, and its discriminant indexes [`LabelValue::VALUES`].
+macro_rules! label_values {
+    ($(#[$meta:meta])* $name:ident ($key:literal) {
+        $($(#[$vmeta:meta])* $variant:ident = $value:literal,)+
+    }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+        impl LabelValue for $name {
+            const KEY: &'static str = $key;
+            const VALUES: &'static [&'static str] = &[$($value,)+];
+            fn index(self) -> usize {
+                self as usize
+            }
+        }
+    };
+}
+
+label_values! {
+    /// How an accepted message travels.
+    Kind ("kind") {
+        /// Stored until acked; counted once durable (`sent` or 201).
+        Stored = "stored",
+        /// Pushed to whoever is online now, never stored.
+        Ephemeral = "ephemeral",
+    }
+}
+
+label_values! {
+    /// Where a message written to a socket came from.
+    Source ("source") {
+        /// Pushed as it was accepted.
+        Live = "live",
+        /// Read from the queue while the connection drained its backlog.
+        Backlog = "backlog",
+    }
+}
+
+label_values! {
+    /// Which rate limit refused a request.
+    Limited ("scope") {
+        /// Sign-up, login and refresh per client IP.
+        Auth = "auth",
+        /// Sends per user, REST and WebSocket together.
+        Send = "send",
+    }
+}
+
+label_values! {
+    /// Why authentication failed.
+    AuthFailure ("reason") {
+        /// A login with an unknown username or a wrong password.
+        Credentials = "credentials",
+        /// A wrong current password on a password change or account deletion.
+        CurrentPassword = "current_password",
+        /// No bearer token, or a socket that sent no `auth` frame in time.
+        MissingToken = "missing_token",
+        /// An access token that is malformed, forged or expired.
+        AccessToken = "access_token",
+        /// An access token of a revoked session.
+        RevokedSession = "revoked_session",
+        /// An unknown or expired refresh token.
+        RefreshToken = "refresh_token",
+        /// A refresh token presented again after it was spent: a sign of
+        /// theft, on which every session of the user is revoked.
+        RefreshReuse = "refresh_reuse",
+    }
+}
+
+label_values! {
+    /// Why a WebSocket ended.
+    Closed ("reason") {
+        /// The client closed it.
+        Client = "client",
+        /// The peer vanished: EOF or a read error without a close, a write
+        /// that failed or timed out, or pings left unanswered.
+        Gone = "gone",
+        /// The server is shutting down.
+        Shutdown = "shutdown",
+        /// The access token in force expired.
+        TokenExpired = "token_expired",
+        /// Its session was revoked.
+        Revoked = "revoked",
+        /// Its outbound queue overflowed: a reader that fell behind.
+        Overflow = "overflow",
+        /// It did not authenticate (bad token, or no `auth` frame in time).
+        Unauthenticated = "unauthenticated",
+        /// The user already held as many sockets as they may.
+        TooManyConnections = "too_many_connections",
+        /// Too many malformed frames.
+        Malformed = "malformed",
+        /// A frame over the size limit.
+        TooBig = "too_big",
+        /// The server could not serve it (backlog or registration failed).
+        Error = "error",
+    }
+}
+
+/// A counter with one label: one handle per value of `L`.
+struct Labelled<L> {
+    handles: Box<[Counter]>,
+    _label: PhantomData<L>,
+}
+
+impl<L: LabelValue> Labelled<L> {
+    fn get(&self, value: L) -> &Counter {
+        &self.handles[value.index()]
+    }
+}
+
+/// The HTTP status classes, the values of `class` on the response counter.
+const STATUS_CLASSES: &[&str] = &["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Every metric of one server. Shared as an `Arc` through
+/// [`AppState`](crate::state::AppState) and by the components that record.
+pub struct Metrics {
+    /// Renders the text format; `None` when metrics are off.
+    handle: Option<PrometheusHandle>,
+    /// Authenticated WebSockets registered in the hub (kept by the hub).
+    pub ws_connections: Gauge,
+    /// Users with at least one such socket (kept by the hub).
+    pub users_online: Gauge,
+    accepted: Labelled<Kind>,
+    /// Indexed like [`error::CODES`].
+    rejected: Box<[Counter]>,
+    pushed: Labelled<Source>,
+    /// Queued messages settled by acks (deleted, or never written).
+    pub acked: Counter,
+    /// Queued messages the sweeper deleted past the message TTL.
+    pub expired: Counter,
+    /// From acceptance to the `message` frame written to a recipient's
+    /// socket, for live pushes.
+    pub push_latency: Histogram,
+    /// One committer batch's transaction.
+    pub db_write: Histogram,
+    /// Operations (inserts and acks) in one committer batch.
+    pub db_write_batch: Histogram,
+    /// Committer batches that failed; their callers were told.
+    pub db_write_errors: Counter,
+    /// Messages queued in the store, sampled by the sweeper.
+    pub queued_messages: Gauge,
+    /// The longest one recipient's queue, sampled by the sweeper.
+    pub queued_max_per_user: Gauge,
+    rate_limited: Labelled<Limited>,
+    auth_failures: Labelled<AuthFailure>,
+    /// Time a password hash or check waited for a hashing slot.
+    pub hash_wait: Histogram,
+    /// Indexed like [`STATUS_CLASSES`].
+    http_responses: Box<[Counter]>,
+    ws_closed: Labelled<Closed>,
+}
+
+impl Metrics {
+    /// Metrics recorded by a recorder of their own, when `enabled`; no-ops
+    /// otherwise.
+    pub fn new(enabled: bool) -> Self {
+        if !enabled {
+            return Self::disabled();
+        }
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(DB_WRITE_BATCH.into()), BATCH_BUCKETS)
+            })
+            // Only an empty bucket list is refused, and these are constants.
+            .expect("non-empty buckets")
+            .build_recorder();
+        let mut metrics = Self::register(&Registrar(Some(&recorder)));
+        metrics.handle = Some(recorder.handle());
+        metrics
+    }
+
+    /// Every handle a no-op: for servers with metrics off, and unit tests.
+    pub fn disabled() -> Self {
+        Self::register(&Registrar(None))
+    }
+
+    fn register(r: &Registrar<'_>) -> Self {
+        Self {
+            handle: None,
+            ws_connections: r.gauge(
+                "sealpost_ws_connections",
+                "Authenticated WebSocket connections open on this node.",
+            ),
+            users_online: r.gauge(
+                "sealpost_users_online",
+                "Users with at least one authenticated WebSocket on this node.",
+            ),
+            accepted: r.labelled(
+                "sealpost_messages_accepted_total",
+                "Messages accepted: stored ones once durable, ephemeral ones once pushed.",
+            ),
+            rejected: r.counters(
+                "sealpost_messages_rejected_total",
+                "Sends refused, by wire error code (a failed commit included).",
+                "code",
+                &error::CODES,
+            ),
+            pushed: r.labelled(
+                "sealpost_messages_pushed_total",
+                "Message frames written to a recipient's WebSocket.",
+            ),
+            acked: r.counter(
+                "sealpost_messages_acked_total",
+                "Queued messages settled by an acknowledgement.",
+            ),
+            expired: r.counter(
+                "sealpost_messages_expired_total",
+                "Queued messages deleted by the sweeper past the message TTL.",
+            ),
+            push_latency: r.histogram(
+                "sealpost_push_latency_seconds",
+                "From a message's acceptance to its frame written to a recipient's socket (live pushes).",
+            ),
+            db_write: r.histogram(
+                "sealpost_db_write_seconds",
+                "Duration of one committer batch's database transaction.",
+            ),
+            db_write_batch: r.histogram(
+                DB_WRITE_BATCH,
+                "Operations (message inserts and acks) written in one committer batch.",
+            ),
+            db_write_errors: r.counter(
+                "sealpost_db_write_errors_total",
+                "Committer batches that failed to be written.",
+            ),
+            queued_messages: r.gauge(
+                "sealpost_queued_messages",
+                "Messages queued in the store, sampled every sweep interval.",
+            ),
+            queued_max_per_user: r.gauge(
+                "sealpost_queued_messages_max_per_user",
+                "The longest single recipient's queue, sampled every sweep interval.",
+            ),
+            rate_limited: r.labelled(
+                "sealpost_rate_limited_total",
+                "Requests refused by a rate limit.",
+            ),
+            auth_failures: r.labelled(
+                "sealpost_auth_failures_total",
+                "Failed authentications, by reason.",
+            ),
+            hash_wait: r.histogram(
+                "sealpost_password_hash_wait_seconds",
+                "Time a password hash or check waited for a hashing slot.",
+            ),
+            http_responses: r.counters(
+                "sealpost_http_responses_total",
+                "HTTP responses on the API listener, by status class.",
+                "class",
+                STATUS_CLASSES,
+            ),
+            ws_closed: r.labelled(
+                "sealpost_ws_closed_total",
+                "WebSockets ended, by reason.",
+            ),
+        }
+    }
+
+    /// Whether metrics are on: work done only to feed them (a query) is
+    /// skipped when not.
+    pub fn enabled(&self) -> bool {
+        self.handle.is_some()
+    }
+
+    /// The current values in the Prometheus text format (empty when off).
+    pub fn render(&self) -> String {
+        self.handle
+            .as_ref()
+            .map(PrometheusHandle::render)
+            .unwrap_or_default()
+    }
+
+    pub fn accepted(&self, kind: Kind) {
+        self.accepted.get(kind).increment(1);
+    }
+
+    /// A send refused with `err`.
+    pub fn rejected(&self, err: &Error) {
+        let code = err.code();
+        if let Some(i) = error::CODES.iter().position(|c| *c == code) {
+            self.rejected[i].increment(1);
+        }
+    }
+
+    pub fn pushed(&self, source: Source) {
+        self.pushed.get(source).increment(1);
+    }
+
+    pub fn rate_limited(&self, scope: Limited) {
+        self.rate_limited.get(scope).increment(1);
+    }
+
+    pub fn auth_failed(&self, reason: AuthFailure) {
+        self.auth_failures.get(reason).increment(1);
+    }
+
+    pub fn ws_closed(&self, reason: Closed) {
+        self.ws_closed.get(reason).increment(1);
+    }
+
+    pub fn http_response(&self, status: StatusCode) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, STATUS_CLASSES.len());
+        self.http_responses[class - 1].increment(1);
+    }
+}
+
+/// Registers handles with a recorder, or makes no-ops without one.
+struct Registrar<'a>(Option<&'a PrometheusRecorder>);
+
+/// What the `metrics` crate passes to a recorder about a call site; the
+/// Prometheus recorder ignores it.
+const METADATA: Metadata<'static> = Metadata::new("sealpost", Level::INFO, None);
+
+impl Registrar<'_> {
+    fn counter(&self, name: &'static str, help: &'static str) -> Counter {
+        self.labelled_counter(name, help, None)
+    }
+
+    fn labelled_counter(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        label: Option<(&'static str, &'static str)>,
+    ) -> Counter {
+        let Some(recorder) = self.0 else {
+            return Counter::noop();
+        };
+        recorder.describe_counter(KeyName::from_const_str(name), None, help.into());
+        recorder.register_counter(&key(name, label), &METADATA)
+    }
+
+    /// One counter per value of a label.
+    fn counters(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        label: &'static str,
+        values: &[&'static str],
+    ) -> Box<[Counter]> {
+        values
+            .iter()
+            .map(|value| self.labelled_counter(name, help, Some((label, value))))
+            .collect()
+    }
+
+    fn labelled<L: LabelValue>(&self, name: &'static str, help: &'static str) -> Labelled<L> {
+        Labelled {
+            handles: self.counters(name, help, L::KEY, L::VALUES),
+            _label: PhantomData,
+        }
+    }
+
+    fn gauge(&self, name: &'static str, help: &'static str) -> Gauge {
+        let Some(recorder) = self.0 else {
+            return Gauge::noop();
+        };
+        recorder.describe_gauge(KeyName::from_const_str(name), None, help.into());
+        recorder.register_gauge(&key(name, None), &METADATA)
+    }
+
+    fn histogram(&self, name: &'static str, help: &'static str) -> Histogram {
+        let Some(recorder) = self.0 else {
+            return Histogram::noop();
+        };
+        let unit = name.ends_with("_seconds").then_some(Unit::Seconds);
+        recorder.describe_histogram(KeyName::from_const_str(name), unit, help.into());
+        recorder.register_histogram(&key(name, None), &METADATA)
+    }
+}
+
+fn key(name: &'static str, label: Option<(&'static str, &'static str)>) -> Key {
+    match label {
+        Some((k, v)) => Key::from_parts(name, vec![Label::from_static_parts(k, v)]),
+        None => Key::from_static_name(name),
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `stop`, and meanwhile folds
+/// histogram samples into their buckets every [`UPKEEP_INTERVAL`]. Plain
+/// HTTP, and nothing else on this listener: it is for a scraper on a
+/// private network, not for clients.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
+    let Some(handle) = metrics.handle.clone() else {
+        return;
+    };
+    let upkeep = {
+        let (handle, stop) = (handle.clone(), stop.clone());
+        async move {
+            let mut ticker = tokio::time::interval(UPKEEP_INTERVAL);
+            ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    _ = ticker.tick() => handle.run_upkeep(),
+                }
+            }
+        }
+    };
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let text = handle.render();
+            async move {
+                (
+                    [(CONTENT_TYPE, HeaderValue::from_static(TEXT_FORMAT))],
+                    text,
+                )
+                    .into_response()
+            }
+        }),
+    );
+    let serving = async {
+        let graceful =
+            axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
+        // A scraper that holds its connection open must not hold up the
+        // rest of shutdown.
+        let finished = async {
+            stop.cancelled().await;
+            tokio::time::sleep(STOP_TIMEOUT).await;
+        };
+        tokio::select! {
+            served = graceful => {
+                if let Err(err) = served {
+                    tracing::error!(error = %err, "the metrics listener failed");
+                }
+            }
+            () = finished => tracing::warn!("the metrics listener did not stop in time"),
+        }
+    };
+    tokio::join!(serving, upkeep);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_rendered_before_anything_is_recorded() {
+        let metrics = Metrics::new(true);
+        let text = metrics.render();
+        for name in [
+            "sealpost_ws_connections",
+            "sealpost_users_online",
+            "sealpost_messages_accepted_total{kind=\"ephemeral\"} 0",
+            "sealpost_messages_rejected_total{code=\"queue_full\"} 0",
+            "sealpost_messages_pushed_total{source=\"backlog\"} 0",
+            "sealpost_messages_acked_total 0",
+            "sealpost_messages_expired_total 0",
+            "sealpost_push_latency_seconds_bucket{le=\"0.0001\"} 0",
+            "sealpost_db_write_seconds_count 0",
+            "sealpost_db_write_batch_ops_bucket{le=\"256\"} 0",
+            "sealpost_db_write_errors_total 0",
+            "sealpost_queued_messages 0",
+            "sealpost_queued_messages_max_per_user 0",
+            "sealpost_rate_limited_total{scope=\"send\"} 0",
+            "sealpost_auth_failures_total{reason=\"refresh_reuse\"} 0",
+            "sealpost_password_hash_wait_seconds_sum 0",
+            "sealpost_http_responses_total{class=\"5xx\"} 0",
+            "sealpost_ws_closed_total{reason=\"too_big\"} 0",
+            "# TYPE sealpost_push_latency_seconds histogram",
+            "# HELP sealpost_ws_closed_total WebSockets ended, by reason.",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn recording_moves_only_its_own_series() {
+        let metrics = Metrics::new(true);
+        metrics.rejected(&Error::QueueFull);
+        metrics.rejected(&Error::NotFound("recipient"));
+        metrics.http_response(StatusCode::SWITCHING_PROTOCOLS);
+        metrics.http_response(StatusCode::TOO_MANY_REQUESTS);
+        metrics.ws_closed(Closed::Overflow);
+        metrics.push_latency.record(Duration::from_micros(300));
+        let text = metrics.render();
+        for line in [
+            "sealpost_messages_rejected_total{code=\"queue_full\"} 1",
+            "sealpost_messages_rejected_total{code=\"not_found\"} 1",
+            "sealpost_messages_rejected_total{code=\"invalid\"} 0",
+            "sealpost_http_responses_total{class=\"1xx\"} 1",
+            "sealpost_http_responses_total{class=\"4xx\"} 1",
+            "sealpost_ws_closed_total{reason=\"overflow\"} 1",
+            "sealpost_push_latency_seconds_bucket{le=\"0.00025\"} 0",
+            "sealpost_push_latency_seconds_bucket{le=\"0.0005\"} 1",
+            "sealpost_push_latency_seconds_count 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn two_servers_count_apart_and_off_renders_nothing() {
+        let (a, b) = (Metrics::new(true), Metrics::new(true));
+        a.acked.increment(3);
+        assert!(a.render().contains("sealpost_messages_acked_total 3"));
+        assert!(b.render().contains("sealpost_messages_acked_total 0"));
+        let off = Metrics::disabled();
+        off.acked.increment(3);
+        assert!(!off.enabled());
+        assert_eq!(off.render(), "");
+    }
+
+    #[test]
+    fn label_values_follow_their_variants() {
+        assert_eq!(Closed::VALUES[Closed::Error.index()], "error");
+        assert_eq!(Closed::VALUES.len(), Closed::Error.index() + 1);
+        assert_eq!(
+            AuthFailure::VALUES[AuthFailure::RefreshReuse.index()],
+            "refresh_reuse"
+        );
+    }
+}
