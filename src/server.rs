@@ -56,7 +56,7 @@ pub struct Server {
 /// Opens and migrates the store `config` names.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let store = store::connect(&StoreOptions {
-        url: config.database_url.clone(),
+        url: config.database_url().to_owned(),
         pool_size: config.db_pool_size(),
     })
     .await
@@ -101,11 +101,8 @@ impl Server {
             // Config parsing requires both or neither.
             _ => None,
         };
-        let jwt_secret = secret::resolve(config.jwt_secret.as_ref(), &config.database_url)?;
-        let keys = Arc::new(seal::resolve(
-            config.storage_keys.as_ref(),
-            &config.database_url,
-        )?);
+        let jwt_secret = secret::resolve(config.jwt_secret(), config.database_url())?;
+        let keys = Arc::new(seal::resolve(config.storage_keys(), config.database_url())?);
         let store = open_store(&config).await?;
         check_keys(store.as_ref(), &keys).await?;
         let concurrency = config.hash_concurrency();
@@ -192,6 +189,12 @@ impl Server {
         let addr = listener.local_addr()?;
         let background = CancellationToken::new();
         let sweeper = tokio::spawn(sweeper::run(state.clone(), keys, background.clone()));
+        let revocations = tokio::spawn(state.revocations.clone().follow(
+            state.store.clone(),
+            state.hub.clone(),
+            state.config.revocation_poll_interval,
+            background.clone(),
+        ));
         let (sockets, closing) = (state.sockets.clone(), state.shutdown.clone());
         let app = api::router(state);
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -232,6 +235,7 @@ impl Server {
         tracing::info!("draining the committer");
         background.cancel();
         let _ = sweeper.await;
+        let _ = revocations.await;
         // The router, and with it the last handle to the committer, is gone:
         // the committer writes what it holds and stops.
         match tokio::time::timeout(DRAIN_TIMEOUT, committer).await {
