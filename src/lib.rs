@@ -33,6 +33,8 @@
 //!   configured (the JWT secret, the storage key).
 //! - [`sweeper`]: expiry of old messages, refresh tokens and revocations,
 //!   and sealing again of legacy and old-key rows.
+//! - [`admin`]: the operator commands beside `serve` and `migrate`:
+//!   `check-config`, `user`, `stats`, `healthcheck`.
 //!
 //! The path of a message: a `send` frame or `POST /v1/messages` →
 //! [`delivery::Delivery::accept`] (validation, recipient check; then, under
@@ -42,6 +44,7 @@
 //! polls `GET /v1/messages`; its ack travels the same committer as a batched
 //! delete.
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod config;

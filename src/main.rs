@@ -1,9 +1,10 @@
-//! The `sealpost` command: `serve` (the default) and `migrate`.
+//! The `sealpost` command: `serve` (the default), `migrate`, and the
+//! operator commands of [`sealpost::admin`].
 
 use std::io::IsTerminal;
 
-use clap::{Parser, Subcommand};
-use sealpost::{Config, Server, server};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use sealpost::{Config, Server, admin, server};
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc returns freed memory to the OS promptly. With glibc's malloc,
@@ -40,6 +41,8 @@ enum Command {
     Serve(Config),
     /// Apply pending database migrations and exit.
     Migrate(Config),
+    #[command(flatten)]
+    Operator(admin::Command),
 }
 
 /// With no subcommand, `sealpost` serves with settings from the environment.
@@ -49,7 +52,11 @@ fn default_config() -> Config {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    // Parsed in two steps, as `Cli::parse` would, keeping the matches:
+    // `check-config` reports where each value came from.
+    let mut command = Cli::command();
+    let matches = command.get_matches_mut();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -78,6 +85,13 @@ async fn main() -> anyhow::Result<()> {
             server::open_store(&config).await?;
             tracing::info!("migrations applied");
             Ok(())
+        }
+        Command::Operator(operator) => {
+            let invocation = admin::Invocation {
+                command: &command,
+                matches: &matches,
+            };
+            admin::run(operator, &invocation).await
         }
     }
 }
