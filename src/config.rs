@@ -588,6 +588,38 @@ mod tests {
     }
 
     #[test]
+    fn secrets_come_from_files_without_their_line_break() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, content: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, content).unwrap();
+            path.display().to_string()
+        };
+        let secret = "s".repeat(40);
+        let jwt = file("jwt", &format!("{secret}\r\n\n"));
+        let url = file("url", "postgres://u:p@db/x\n");
+        let config = parse(&["--jwt-secret-file", &jwt, "--database-url-file", &url]).unwrap();
+        assert_eq!(config.jwt_secret().unwrap().expose(), secret.as_bytes());
+        assert_eq!(config.database_url(), "postgres://u:p@db/x");
+        assert!(!format!("{config:?}").contains("u:p@db"));
+        assert_eq!(parse(&[]).unwrap().database_url(), "sqlite://sealpost.db");
+
+        let err = parse(&["--jwt-secret", &secret, "--jwt-secret-file", &jwt])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--jwt-secret-file"), "{err}");
+        let short = file("short", "hunter2\n");
+        let err = parse(&["--jwt-secret-file", &short])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--jwt-secret-file") && err.contains("short"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
     fn secrets_do_not_print() {
         let secret = Secret::new("x".repeat(40));
         assert_eq!(format!("{secret:?}"), "Secret(***)");
