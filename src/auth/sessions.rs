@@ -38,7 +38,9 @@ use crate::store::{self, Revoked, Store};
 /// committed after it, or stamped by a clock running behind, would be
 /// missed by a read from the last look on. A minute covers a slow commit
 /// (the pool's acquire timeout is 5 s) and any sane clock skew; rows read
-/// twice are recognised and skipped.
+/// twice are recognised and skipped. Each read returns every revocation of
+/// its window: at 100 logouts a second cluster-wide, some 6,500 ids per
+/// look, read through the `revoked_at` index.
 const LOOKBACK: Duration = Duration::from_secs(60);
 
 pub struct Revocations {
