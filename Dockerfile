@@ -27,5 +27,9 @@ ENV SEALPOST_ADDR=0.0.0.0:8080 \
 VOLUME /data
 EXPOSE 8080
 USER nonroot
+# No shell or curl here: the binary probes itself, on SEALPOST_ADDR (a
+# wildcard address on loopback; HTTPS when SEALPOST_TLS_CERT is set).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=10s --retries=3 \
+    CMD ["/usr/local/bin/sealpost", "healthcheck"]
 ENTRYPOINT ["/usr/local/bin/sealpost"]
 CMD ["serve"]

@@ -27,6 +27,7 @@ pub struct Config {
 
     /// Database: `sqlite://path` (created if missing) or `postgres://...`.
     /// (The value may hold a password, so `--help` does not print it.)
+    // Read it through `Config::database_url`, which honours the file.
     #[arg(
         long,
         env = "DATABASE_URL",
@@ -35,17 +36,38 @@ pub struct Config {
     )]
     pub database_url: String,
 
+    /// File holding the database URL, in place of `DATABASE_URL` (for
+    /// container secrets: the URL holds the password). Trailing line breaks
+    /// are dropped.
+    #[arg(long, env = "DATABASE_URL_FILE", value_name = "PATH", conflicts_with = "database_url",
+          value_parser = FromFile(parse_database_url))]
+    pub database_url_file: Option<Secret>,
+
     /// Secret that signs access tokens, at least 32 bytes. With SQLite and no
     /// secret, one is generated and kept beside the database file.
+    // Read it through `Config::jwt_secret`, which honours the file.
     #[arg(long, env = "SEALPOST_JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
     pub jwt_secret: Option<Secret>,
+
+    /// File holding the JWT secret, in place of `SEALPOST_JWT_SECRET`.
+    /// Trailing line breaks are dropped.
+    #[arg(long, env = "SEALPOST_JWT_SECRET_FILE", value_name = "PATH", conflicts_with = "jwt_secret",
+          value_parser = FromFile(parse_secret))]
+    pub jwt_secret_file: Option<Secret>,
 
     /// Keys that seal queued messages at rest: `id:base64-of-32-bytes`,
     /// comma-separated; the first seals new rows, all open. With SQLite and
     /// no keys, one is generated and kept beside the database file.
+    // Read them through `Config::storage_keys`, which honours the file.
     #[arg(long, env = "SEALPOST_STORAGE_KEYS", hide_env_values = true,
           value_parser = KeyRingParser)]
     pub storage_keys: Option<KeyRing>,
+
+    /// File holding the storage keys, in place of `SEALPOST_STORAGE_KEYS`.
+    /// Trailing line breaks are dropped.
+    #[arg(long, env = "SEALPOST_STORAGE_KEYS_FILE", value_name = "PATH",
+          conflicts_with = "storage_keys", value_parser = FromFile(KeyRing::parse))]
+    pub storage_keys_file: Option<KeyRing>,
 
     /// Lifetime of an access token (human units: `90s`, `30m`, `2h`).
     #[arg(long, env = "SEALPOST_ACCESS_TOKEN_TTL", default_value = "30m", value_parser = parse_ttl)]
@@ -62,6 +84,14 @@ pub struct Config {
     /// How often the sweeper looks for expired messages and refresh tokens.
     #[arg(long, env = "SEALPOST_SWEEP_INTERVAL", default_value = "1m", value_parser = parse_ttl)]
     pub sweep_interval: Duration,
+
+    /// How often the server reads the session revocations that other
+    /// processes recorded (other nodes; `sealpost user disable` and
+    /// `delete`), to refuse their access tokens and close their sockets.
+    /// Each look is one indexed query.
+    #[arg(long, env = "SEALPOST_REVOCATION_POLL_INTERVAL", default_value = "5s",
+          value_parser = parse_ttl)]
+    pub revocation_poll_interval: Duration,
 
     /// Largest message body accepted, in bytes after base64 decoding, at most
     /// 1 MiB: sealpost carries chat envelopes; attachments belong in blob
@@ -201,6 +231,28 @@ impl Config {
         <Serve as clap::Parser>::try_parse_from(args).map(|s| s.config)
     }
 
+    /// The database URL: `DATABASE_URL`, or the content of
+    /// `DATABASE_URL_FILE`.
+    pub fn database_url(&self) -> &str {
+        self.database_url_file
+            .as_ref()
+            .map_or(&self.database_url, Secret::as_str)
+    }
+
+    /// The JWT secret, directly or from its file; `None` when neither is
+    /// set.
+    pub fn jwt_secret(&self) -> Option<&Secret> {
+        self.jwt_secret.as_ref().or(self.jwt_secret_file.as_ref())
+    }
+
+    /// The storage keys, directly or from their file; `None` when neither
+    /// is set.
+    pub fn storage_keys(&self) -> Option<&KeyRing> {
+        self.storage_keys
+            .as_ref()
+            .or(self.storage_keys_file.as_ref())
+    }
+
     /// The effective pool size: explicit, or derived from the core count.
     pub fn db_pool_size(&self) -> u32 {
         match self.db_pool_size {
@@ -250,6 +302,10 @@ impl Secret {
 
     pub fn expose(&self) -> &[u8] {
         self.0.as_bytes()
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
@@ -358,6 +414,75 @@ impl TypedValueParser for KeyRingParser {
             .ok_or_else(|| invalid("not valid UTF-8".into()))?;
         KeyRing::parse(text).map_err(invalid)
     }
+}
+
+/// The largest `*_FILE` secret read: a URL, a secret or a key list is far
+/// smaller, and a path to something endless (`/dev/zero`) must not be read
+/// to the end.
+const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
+/// Parses a `*_FILE` setting: reads the file it names and parses the content,
+/// without its trailing line break, as the direct setting would. Errors name
+/// the setting and the file; like [`KeyRingParser`]'s, they never quote the
+/// content.
+#[derive(Clone)]
+struct FromFile<T>(fn(&str) -> Result<T, String>);
+
+impl<T: Clone + Send + Sync + 'static> TypedValueParser for FromFile<T> {
+    type Value = T;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<T, clap::Error> {
+        let flag = arg.map_or_else(|| "--*-file".to_owned(), ToString::to_string);
+        let env = arg
+            .and_then(clap::Arg::get_env)
+            .map(|env| format!(" ({})", env.to_string_lossy()))
+            .unwrap_or_default();
+        let path = std::path::Path::new(value);
+        let invalid = |reason: String| {
+            clap::Error::raw(
+                ErrorKind::ValueValidation,
+                format!(
+                    "invalid value for '{flag}'{env}: {}: {reason}\n",
+                    path.display()
+                ),
+            )
+            .with_cmd(cmd)
+        };
+        let text = read_secret_file(path).map_err(invalid)?;
+        (self.0)(&text).map_err(invalid)
+    }
+}
+
+/// The content of a secret file, without the line break(s) an editor or
+/// `echo` leaves at its end.
+fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SECRET_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > MAX_SECRET_FILE_BYTES {
+        return Err(format!("larger than {MAX_SECRET_FILE_BYTES} bytes"));
+    }
+    let mut text = String::from_utf8(bytes).map_err(|_| "not valid UTF-8".to_owned())?;
+    let kept = text.trim_end_matches(['\r', '\n']).len();
+    text.truncate(kept);
+    if text.is_empty() {
+        return Err("the file is empty".into());
+    }
+    Ok(text)
+}
+
+/// A database URL read from a file; the scheme is checked where the store
+/// is opened, as for `DATABASE_URL`.
+fn parse_database_url(value: &str) -> Result<Secret, String> {
+    Ok(Secret(value.trim().to_owned()))
 }
 
 fn parse_ttl(value: &str) -> Result<Duration, String> {
@@ -475,6 +600,38 @@ mod tests {
         assert_eq!(config.metrics_addr, Some("127.0.0.1:9090".parse().unwrap()));
         let err = parse(&["--metrics-addr", "9090"]).unwrap_err().to_string();
         assert!(err.contains("--metrics-addr"), "{err}");
+    }
+
+    #[test]
+    fn secrets_come_from_files_without_their_line_break() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, content: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, content).unwrap();
+            path.display().to_string()
+        };
+        let secret = "s".repeat(40);
+        let jwt = file("jwt", &format!("{secret}\r\n\n"));
+        let url = file("url", "postgres://u:p@db/x\n");
+        let config = parse(&["--jwt-secret-file", &jwt, "--database-url-file", &url]).unwrap();
+        assert_eq!(config.jwt_secret().unwrap().expose(), secret.as_bytes());
+        assert_eq!(config.database_url(), "postgres://u:p@db/x");
+        assert!(!format!("{config:?}").contains("u:p@db"));
+        assert_eq!(parse(&[]).unwrap().database_url(), "sqlite://sealpost.db");
+
+        let err = parse(&["--jwt-secret", &secret, "--jwt-secret-file", &jwt])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--jwt-secret-file"), "{err}");
+        let short = file("short", "hunter2\n");
+        let err = parse(&["--jwt-secret-file", &short])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--jwt-secret-file") && err.contains("short"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]

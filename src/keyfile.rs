@@ -27,6 +27,65 @@ pub struct Kind {
     pub ephemeral: &'static str,
 }
 
+/// Where the secret of `kind` lives when its setting is unset.
+enum Home {
+    /// Random, for the life of the process: the database is in memory.
+    Memory,
+    /// In this file beside the SQLite database.
+    File(PathBuf),
+}
+
+/// Where the secret of `kind` for `database_url` lives, or why there can be
+/// none (PostgreSQL, or a URL of no known database).
+fn home(kind: &Kind, database_url: &str) -> anyhow::Result<Home> {
+    if store::is_postgres(database_url) {
+        bail!(
+            "{} is not set: with a PostgreSQL database it is required ({})",
+            kind.setting,
+            kind.hint
+        );
+    }
+    if !database_url.starts_with("sqlite:") {
+        // Not ours to judge here: opening the store names the bad URL.
+        bail!("{}", store::StoreError::UnsupportedUrl);
+    }
+    Ok(match store::sqlite::database_path(database_url) {
+        None => Home::Memory,
+        Some(db) => Home::File(path_beside(&db, kind.suffix)),
+    })
+}
+
+/// What [`resolve`] would do, found out without creating anything: for
+/// `sealpost check-config`. `Ok` says where the secret comes from; `Err`
+/// why start-up would fail. Never shows the secret.
+pub fn check<T>(
+    kind: &Kind,
+    database_url: &str,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<String, String> {
+    if store::is_postgres(database_url) {
+        return Err(format!(
+            "not set, and a PostgreSQL database requires it ({})",
+            kind.hint
+        ));
+    }
+    match home(kind, database_url).map_err(|e| e.to_string())? {
+        Home::Memory => {
+            Ok("not set: a random one per process, as the database is in memory".into())
+        }
+        Home::File(path) => match std::fs::read_to_string(&path) {
+            Ok(text) => parse(text.trim())
+                .map(|_| format!("not set: using the one kept in {}", path.display()))
+                .map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(format!(
+                "not set: the first start generates one into {}",
+                path.display()
+            )),
+            Err(e) => Err(format!("reading {}: {e}", path.display())),
+        },
+    }
+}
+
 /// The secret of `kind` for `database_url` when its setting is unset:
 /// read from its file, or generated (and stored), then `parse`d.
 pub fn resolve<T>(
@@ -36,24 +95,16 @@ pub fn resolve<T>(
     parse: impl Fn(&str) -> Result<T, String>,
 ) -> anyhow::Result<T> {
     let setting = kind.setting;
-    if store::is_postgres(database_url) {
-        bail!(
-            "{setting} is not set: with a PostgreSQL database it is required ({})",
-            kind.hint
-        );
-    }
-    if !database_url.starts_with("sqlite:") {
-        // Not ours to judge here: opening the store names the bad URL.
-        bail!("{}", store::StoreError::UnsupportedUrl);
-    }
-    let Some(db) = store::sqlite::database_path(database_url) else {
-        tracing::warn!(
-            "{setting} is not set: using a random one for this in-memory database; {}",
-            kind.ephemeral
-        );
-        return parse(&generate()).map_err(|e| anyhow!("generated {setting}: {e}"));
+    let path = match home(kind, database_url)? {
+        Home::File(path) => path,
+        Home::Memory => {
+            tracing::warn!(
+                "{setting} is not set: using a random one for this in-memory database; {}",
+                kind.ephemeral
+            );
+            return parse(&generate()).map_err(|e| anyhow!("generated {setting}: {e}"));
+        }
     };
-    let path = path_beside(&db, kind.suffix);
     match std::fs::read_to_string(&path) {
         Ok(text) => parse(text.trim()).map_err(|e| anyhow!("{}: {e}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

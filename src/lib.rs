@@ -37,6 +37,8 @@
 //!   and sealing again of legacy and old-key rows.
 //! - [`metrics`]: the Prometheus metrics every part records into, and their
 //!   own listener (`SEALPOST_METRICS_ADDR`).
+//! - [`admin`]: the operator commands beside `serve` and `migrate`:
+//!   `check-config`, `user`, `stats`, `healthcheck`.
 //!
 //! The path of a message: a `send` frame or `POST /v1/messages` →
 //! [`delivery::Delivery::accept`] (validation, recipient check; then, under
@@ -46,6 +48,7 @@
 //! polls `GET /v1/messages`; its ack travels the same committer as a batched
 //! delete.
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod config;

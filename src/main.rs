@@ -1,8 +1,9 @@
-//! The `sealpost` command: `serve` (the default) and `migrate`.
+//! The `sealpost` command: `serve` (the default), `migrate`, and the
+//! operator commands of [`sealpost::admin`].
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use sealpost::logging::{self, LogFormat};
-use sealpost::{Config, Server, server};
+use sealpost::{Config, Server, admin, server};
 
 /// mimalloc returns freed memory to the OS promptly. With glibc's malloc,
 /// the 19 MiB argon2 blocks stayed resident after their hashes (598 MB
@@ -32,6 +33,8 @@ enum Command {
     Serve(Config),
     /// Apply pending database migrations and exit.
     Migrate(Config),
+    #[command(flatten)]
+    Operator(admin::Command),
 }
 
 /// With no subcommand, `sealpost` serves with settings from the environment.
@@ -41,7 +44,11 @@ fn default_config() -> Config {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    // Parsed in two steps, as `Cli::parse` would, keeping the matches:
+    // `check-config` reports where each value came from.
+    let mut command = Cli::command();
+    let matches = command.get_matches_mut();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     logging::init(cli.log_format);
 
     match cli
@@ -56,6 +63,13 @@ async fn main() -> anyhow::Result<()> {
             server::open_store(&config).await?;
             tracing::info!("migrations applied");
             Ok(())
+        }
+        Command::Operator(operator) => {
+            let invocation = admin::Invocation {
+                command: &command,
+                matches: &matches,
+            };
+            admin::run(operator, &invocation).await
         }
     }
 }

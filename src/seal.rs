@@ -274,6 +274,20 @@ pub fn resolve(configured: Option<&KeyRing>, database_url: &str) -> anyhow::Resu
     }
 }
 
+/// Where the storage keys for `database_url` come from, found out without
+/// creating anything (`sealpost check-config`); `Err` says why start-up
+/// would fail. Names key ids, never keys.
+pub fn check(configured: Option<&KeyRing>, database_url: &str) -> Result<String, String> {
+    match configured {
+        Some(keys) => Ok(format!(
+            "key id(s) {:?}; key {} seals new messages",
+            keys.ids().collect::<Vec<_>>(),
+            keys.current()
+        )),
+        None => keyfile::check(&KIND, database_url, KeyRing::parse),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

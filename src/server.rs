@@ -60,7 +60,7 @@ pub struct Server {
 /// Opens and migrates the store `config` names.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let store = store::connect(&StoreOptions {
-        url: config.database_url.clone(),
+        url: config.database_url().to_owned(),
         pool_size: config.db_pool_size(),
     })
     .await
@@ -105,11 +105,8 @@ impl Server {
             // Config parsing requires both or neither.
             _ => None,
         };
-        let jwt_secret = secret::resolve(config.jwt_secret.as_ref(), &config.database_url)?;
-        let keys = Arc::new(seal::resolve(
-            config.storage_keys.as_ref(),
-            &config.database_url,
-        )?);
+        let jwt_secret = secret::resolve(config.jwt_secret(), config.database_url())?;
+        let keys = Arc::new(seal::resolve(config.storage_keys(), config.database_url())?);
         let store = open_store(&config).await?;
         check_keys(store.as_ref(), &keys).await?;
         let metrics = Arc::new(Metrics::new(config.metrics_addr.is_some()));
@@ -240,6 +237,12 @@ impl Server {
             }
             None => None,
         };
+        let revocations = tokio::spawn(state.revocations.clone().follow(
+            state.store.clone(),
+            state.hub.clone(),
+            state.config.revocation_poll_interval,
+            background.clone(),
+        ));
         let (sockets, closing) = (state.sockets.clone(), state.shutdown.clone());
         let app = api::router(state);
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -280,6 +283,7 @@ impl Server {
         tracing::info!("draining the committer");
         background.cancel();
         let _ = sweeper.await;
+        let _ = revocations.await;
         // The router, and with it the last handle to the committer, is gone:
         // the committer writes what it holds and stops.
         match tokio::time::timeout(DRAIN_TIMEOUT, committer).await {

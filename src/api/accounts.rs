@@ -194,27 +194,37 @@ async fn login(
         return Err(BAD_LOGIN);
     }
     let credentials = state.store.credentials(&login.username).await?;
-    let user_id = credentials.as_ref().map(|c| c.user_id);
+    let account = credentials.as_ref().map(|c| (c.user_id, c.disabled));
     let verified = state
         .passwords
         .verify(login.password, credentials.map(|c| c.password_hash))
         .await?;
-    let Some(user_id) = user_id.filter(|_| verified) else {
+    let Some((user_id, disabled)) = account.filter(|_| verified) else {
         tracing::info!("login refused");
         state.metrics.auth_failed(AuthFailure::Credentials);
         return Err(BAD_LOGIN);
     };
+    // Said only to the holder of the right password, so that a guesser
+    // cannot tell which accounts are disabled.
+    if disabled {
+        tracing::info!(user.id = %user_id, "login refused: the account is disabled");
+        return Err(DISABLED);
+    }
     let pair = start_session(&state, user_id).await?;
     tracing::info!(user.id = %user_id, "logged in");
     Ok(Json(pair))
 }
 
-/// Opens a new session (refresh-token family) for `user_id`.
+/// The answer to a correct password for an account an operator disabled.
+const DISABLED: Error = Error::Forbidden("this account has been disabled");
+
+/// Opens a new session (refresh-token family) for `user_id`, unless the
+/// account was disabled or deleted since its password was checked.
 async fn start_session(state: &AppState, user_id: Uuid) -> Result<TokenPair> {
     let now = store::now();
     let refresh = Tokens::new_refresh();
     let family_id = Uuid::new_v4();
-    state
+    let started = state
         .store
         .insert_refresh_token(&RefreshToken {
             hash: refresh.hash,
@@ -223,6 +233,13 @@ async fn start_session(state: &AppState, user_id: Uuid) -> Result<TokenPair> {
             expires_at: store::add(now, state.tokens.refresh_ttl),
         })
         .await?;
+    if !started {
+        return Err(if state.store.user_exists(user_id).await? {
+            DISABLED
+        } else {
+            Error::Unauthorized("account no longer exists")
+        });
+    }
     token_pair(state, user_id, family_id, refresh.token)
 }
 

@@ -22,14 +22,27 @@ pub fn resolve(configured: Option<&Secret>, database_url: &str) -> anyhow::Resul
     if let Some(secret) = configured {
         return Ok(secret.clone());
     }
-    keyfile::resolve(&KIND, database_url, generate, |text| {
-        if text.len() < MIN_SECRET_BYTES {
-            return Err(format!(
-                "holds fewer than {MIN_SECRET_BYTES} bytes; delete it to generate a new one"
-            ));
-        }
-        Ok(Secret::new(text.to_owned()))
-    })
+    keyfile::resolve(&KIND, database_url, generate, parse_kept)
+}
+
+/// Where the secret for `database_url` comes from, found out without
+/// creating anything (`sealpost check-config`); `Err` says why start-up
+/// would fail.
+pub fn check(configured: Option<&Secret>, database_url: &str) -> Result<String, String> {
+    match configured {
+        Some(_) => Ok("set".into()),
+        None => keyfile::check(&KIND, database_url, parse_kept),
+    }
+}
+
+/// A secret read from the file beside the database.
+fn parse_kept(text: &str) -> Result<Secret, String> {
+    if text.len() < MIN_SECRET_BYTES {
+        return Err(format!(
+            "holds fewer than {MIN_SECRET_BYTES} bytes; delete it to generate a new one"
+        ));
+    }
+    Ok(Secret::new(text.to_owned()))
 }
 
 fn generate() -> String {

@@ -2,32 +2,53 @@
 //! whose id every access token of the session carries as `sid`.
 //!
 //! Revoking a session (logout, logout-all, password change, account
-//! deletion, refresh-token reuse) records it in the store, deletes its
-//! refresh tokens, refuses its access tokens from then on, and closes its
-//! live sockets on this node with 4401. Access tokens are checked against
-//! an in-memory set, so authentication costs no query; the set is loaded at
-//! start-up from the revocations younger than one access-token lifetime
-//! (older ones cannot match an unexpired token) and pruned by the sweeper.
+//! deletion, refresh-token reuse, an operator disabling or deleting the
+//! account) records it in the store, deletes its refresh tokens, refuses its
+//! access tokens from then on, and closes its live sockets with 4401. Access
+//! tokens are checked against an in-memory set, so authentication costs no
+//! query; the set is loaded at start-up from the revocations younger than
+//! one access-token lifetime (older ones cannot match an unexpired token)
+//! and pruned by the sweeper.
 //!
-//! Other nodes of a cluster learn of a revocation only at their next start;
-//! until a broker carries revocations, a deployment of several nodes keeps
-//! the access-token lifetime short. (Refresh tokens are revoked everywhere
-//! at once: they live in the shared database.)
+//! A revocation made by this process applies here at once. One made by
+//! another process (another node of a cluster, or `sealpost user disable`
+//! and `delete`, which write to the database directly) is learnt by
+//! [`Revocations::follow`], which reads the store's new revocations every
+//! `SEALPOST_REVOCATION_POLL_INTERVAL` and applies them in the same way.
+//! (Refresh tokens are revoked everywhere at once: they live in the shared
+//! database.)
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::Result;
 use crate::hub::{Hub, Kick};
-use crate::store::{self, Store};
+use crate::store::{self, Revoked, Store};
+
+/// How far before its last look [`Revocations::follow`] reads again. A
+/// revocation is stamped before its transaction commits, and by the clock of
+/// whichever process made it; a row stamped before the last look but
+/// committed after it, or stamped by a clock running behind, would be
+/// missed by a read from the last look on. A minute covers a slow commit
+/// (the pool's acquire timeout is 5 s) and any sane clock skew; rows read
+/// twice are recognised and skipped. Each read returns every revocation of
+/// its window: at 100 logouts a second cluster-wide, some 6,500 ids per
+/// look, read through the `revoked_at` index.
+const LOOKBACK: Duration = Duration::from_secs(60);
 
 pub struct Revocations {
     /// Revoked session → when it was revoked.
     revoked: DashMap<Uuid, DateTime<Utc>>,
     access_ttl: Duration,
+    /// When `load` read the store: where `follow` reads on from.
+    loaded_at: DateTime<Utc>,
 }
 
 /// Which sessions of a user to revoke.
@@ -46,11 +67,12 @@ impl Revocations {
             .revoked_sessions(since)
             .await?
             .into_iter()
-            .map(|id| (id, now))
+            .map(|r| (r.session, now))
             .collect();
         Ok(Self {
             revoked,
             access_ttl,
+            loaded_at: now,
         })
     }
 
@@ -95,10 +117,107 @@ impl Revocations {
         tracing::info!(user.id = %user, sessions = sessions.len(), sockets = closed, "sessions revoked");
     }
 
+    /// Applies revocations read from the store that this process does not
+    /// know yet (made by another process): remembers them and closes their
+    /// sockets, as [`Revocations::revoked_elsewhere`] does for its own.
+    /// Returns how many were new.
+    pub fn learn(&self, hub: &Hub, revoked: &[Revoked]) -> usize {
+        let now = store::now();
+        let (mut learnt, mut closed) = (0, 0);
+        for r in revoked {
+            // Memory first, sockets second, as in `revoked_elsewhere`. A
+            // known session was revoked here, or learnt before: skip it.
+            let new = match self.revoked.entry(r.session) {
+                Entry::Vacant(entry) => {
+                    entry.insert(now);
+                    true
+                }
+                Entry::Occupied(_) => false,
+            };
+            if new {
+                learnt += 1;
+                closed += hub.kick(r.user_id, Some(r.session), Kick::Revoked);
+            }
+        }
+        if learnt > 0 {
+            tracing::info!(
+                sessions = learnt,
+                sockets = closed,
+                "sessions revoked by another process"
+            );
+        }
+        learnt
+    }
+
+    /// Reads the revocations other processes record, every `interval` until
+    /// `shutdown`, and [`learn`](Revocations::learn)s them. Each read starts
+    /// [`LOOKBACK`] before the previous one (and never earlier than an
+    /// access-token lifetime ago, beyond which no token is left to refuse);
+    /// a failed read is retried at the next tick from the same point.
+    pub async fn follow(
+        self: Arc<Self>,
+        store: Arc<dyn Store>,
+        hub: Arc<Hub>,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // The first tick completes at once, and `load` read everything.
+        ticker.tick().await;
+        let mut last_look = self.loaded_at;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = ticker.tick() => {}
+            }
+            let now = store::now();
+            let since = store::sub(last_look, LOOKBACK).max(store::sub(now, self.access_ttl));
+            match store.revoked_sessions(since).await {
+                Ok(revoked) => {
+                    self.learn(&hub, &revoked);
+                    last_look = now;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "reading revocations failed; retrying next interval");
+                }
+            }
+        }
+    }
+
     /// Forgets revocations older than one access-token lifetime: every token
     /// they could refuse has expired.
     pub fn prune(&self) {
         let cutoff = store::sub(store::now(), self.access_ttl);
         self.revoked.retain(|_, at| *at >= cutoff);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learnt_revocations_close_their_sockets_once() {
+        let hub = Hub::new(4, 0, Arc::new(crate::metrics::Metrics::disabled()));
+        let revocations = Revocations {
+            revoked: DashMap::new(),
+            access_ttl: Duration::from_secs(60),
+            loaded_at: store::now(),
+        };
+        let (user, session, other) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let revoked_socket = hub.register(user, session).unwrap();
+        let other_socket = hub.register(user, other).unwrap();
+        let read = [Revoked {
+            session,
+            user_id: user,
+        }];
+        assert_eq!(revocations.learn(&hub, &read), 1);
+        assert!(revocations.is_revoked(session));
+        assert!(!revocations.is_revoked(other));
+        assert_eq!(revoked_socket.kick_reason(), Some(Kick::Revoked));
+        assert!(!other_socket.kicked.is_cancelled());
+        // Read again by the next look: already known, nothing to do.
+        assert_eq!(revocations.learn(&hub, &read), 0);
     }
 }

@@ -342,7 +342,8 @@ mod tests {
 
     use super::*;
     use crate::store::{
-        Ack, Credentials, KeyId, RefreshToken, Rotation, SealedRow, StoreResult, StoredRow, User,
+        AccountDetails, AccountSummary, Ack, Credentials, KeyId, RefreshToken, Revoked, Rotation,
+        SealedRow, Stats, StoreResult, StoredRow, User,
     };
 
     /// A queue in memory whose commits take a while, so that a message can
@@ -421,7 +422,7 @@ mod tests {
         ) -> StoreResult<Option<User>> {
             unreachable!()
         }
-        async fn insert_refresh_token(&self, _: &RefreshToken) -> StoreResult<()> {
+        async fn insert_refresh_token(&self, _: &RefreshToken) -> StoreResult<bool> {
             unreachable!()
         }
         async fn rotate_refresh_token(
@@ -450,7 +451,29 @@ mod tests {
         ) -> StoreResult<Vec<Uuid>> {
             unreachable!()
         }
-        async fn revoked_sessions(&self, _: DateTime<Utc>) -> StoreResult<Vec<Uuid>> {
+        async fn revoked_sessions(&self, _: DateTime<Utc>) -> StoreResult<Vec<Revoked>> {
+            unreachable!()
+        }
+        async fn disable_user(&self, _: Uuid, _: DateTime<Utc>) -> StoreResult<Option<Vec<Uuid>>> {
+            unreachable!()
+        }
+        async fn enable_user(&self, _: Uuid) -> StoreResult<bool> {
+            unreachable!()
+        }
+        async fn list_accounts(&self, _: Option<&str>, _: u32) -> StoreResult<Vec<AccountSummary>> {
+            unreachable!()
+        }
+        async fn account_details(
+            &self,
+            _: Uuid,
+            _: DateTime<Utc>,
+        ) -> StoreResult<Option<AccountDetails>> {
+            unreachable!()
+        }
+        async fn stats(&self, _: DateTime<Utc>) -> StoreResult<Stats> {
+            unreachable!()
+        }
+        async fn pending_migrations(&self) -> StoreResult<Vec<i64>> {
             unreachable!()
         }
         async fn purge_revoked_sessions(&self, _: DateTime<Utc>, _: u32) -> StoreResult<u64> {

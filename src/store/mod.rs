@@ -59,11 +59,63 @@ pub struct User {
     pub created_at: DateTime<Utc>,
 }
 
-/// What login needs: the account id and its PHC-encoded argon2id hash.
+/// What login needs: the account id, its PHC-encoded argon2id hash, and
+/// whether an operator disabled it.
 #[derive(Clone)]
 pub struct Credentials {
     pub user_id: Uuid,
     pub password_hash: String,
+    pub disabled: bool,
+}
+
+/// A revoked session as recorded in `revoked_sessions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revoked {
+    pub session: Uuid,
+    pub user_id: Uuid,
+}
+
+/// An account as operators see it in a listing (`sealpost user list`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountSummary {
+    pub id: Uuid,
+    pub username: String,
+    pub created_at: DateTime<Utc>,
+    /// When an operator disabled it; `None` while it is active.
+    pub disabled_at: Option<DateTime<Utc>>,
+    /// Messages waiting for it.
+    pub queued: u64,
+}
+
+/// One account in detail (`sealpost user show`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountDetails {
+    pub summary: AccountSummary,
+    pub public_key_bytes: u64,
+    pub key_updated_at: DateTime<Utc>,
+    /// Sessions that can still refresh: one live refresh token each.
+    pub live_sessions: u64,
+    /// The id of its oldest queued message, whose time it encodes.
+    pub oldest_queued: Option<Uuid>,
+}
+
+/// Counts over the whole database (`sealpost stats`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    pub users: u64,
+    pub disabled_users: u64,
+    /// Sessions that can still refresh.
+    pub live_sessions: u64,
+    /// Revocations kept until every access token they refuse has expired.
+    pub revocations: u64,
+    pub queued: u64,
+    /// Accounts with at least one queued message.
+    pub recipients: u64,
+    /// The oldest queued message's id, whose time it encodes.
+    pub oldest_queued: Option<Uuid>,
+    /// Queued messages per storage key id; `None` counts legacy plaintext
+    /// rows. In key id order, legacy first.
+    pub by_key: Vec<(Option<KeyId>, u64)>,
 }
 
 /// A refresh token as stored: only its SHA-256 hash, never the token.
@@ -257,6 +309,43 @@ pub trait Store: Send + Sync + 'static {
 
     async fn credentials(&self, username: &str) -> StoreResult<Option<Credentials>>;
 
+    /// Disables the account and revokes every session, in one transaction
+    /// (an account disabled already keeps its first `disabled_at`). Returns
+    /// the revoked session ids, or `None` if there was no such user.
+    async fn disable_user(
+        &self,
+        user_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Vec<Uuid>>>;
+
+    /// Lets a disabled account log in again; `false` if there was no such
+    /// user.
+    async fn enable_user(&self, user_id: Uuid) -> StoreResult<bool>;
+
+    /// Up to `limit` accounts, in username order (ignoring letter case),
+    /// after the username `after`.
+    async fn list_accounts(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<AccountSummary>>;
+
+    /// One account in detail; sessions count as live until `now`.
+    async fn account_details(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<AccountDetails>>;
+
+    /// Counts over the whole database. Counting the queue reads all of it:
+    /// an operator's command, not something to poll.
+    async fn stats(&self, now: DateTime<Utc>) -> StoreResult<Stats>;
+
+    /// The versions of this release's migrations that the database has not
+    /// applied, so that operator commands can refuse an outdated schema
+    /// rather than migrate it behind the operator's back.
+    async fn pending_migrations(&self) -> StoreResult<Vec<i64>>;
+
     /// The password hash of the account `id`.
     async fn password_hash(&self, id: Uuid) -> StoreResult<Option<String>>;
 
@@ -268,7 +357,11 @@ pub trait Store: Send + Sync + 'static {
         at: DateTime<Utc>,
     ) -> StoreResult<Option<User>>;
 
-    async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<()>;
+    /// Stores the first refresh token of a new session, unless the user is
+    /// disabled or gone by now (checked in the same statement, so a login
+    /// racing `disable_user` cannot slip a session past it). Returns whether
+    /// it was stored.
+    async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<bool>;
 
     /// Spends the token with hash `presented` and stores `next` (whose
     /// `user_id` and `family_id` are taken from the spent one) in the same
@@ -291,9 +384,10 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<Uuid>>;
 
-    /// Sessions revoked at or after `since`: the ones whose access tokens
-    /// may still be unexpired.
-    async fn revoked_sessions(&self, since: DateTime<Utc>) -> StoreResult<Vec<Uuid>>;
+    /// Sessions revoked at or after `since`, by any process: at start-up,
+    /// the ones whose access tokens may still be unexpired; then, polled,
+    /// the ones other processes revoked since the last look.
+    async fn revoked_sessions(&self, since: DateTime<Utc>) -> StoreResult<Vec<Revoked>>;
 
     /// Forgets up to `limit` revocations made before `before`; returns how
     /// many.
@@ -385,6 +479,15 @@ pub async fn connect(options: &StoreOptions) -> StoreResult<Arc<dyn Store>> {
     } else {
         Err(StoreError::UnsupportedUrl)
     }
+}
+
+/// The versions of `migrator`'s migrations missing from `applied`.
+fn pending(migrator: &sqlx::migrate::Migrator, applied: &[i64]) -> Vec<i64> {
+    migrator
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration() && !applied.contains(&m.version))
+        .map(|m| m.version)
+        .collect()
 }
 
 /// Whether `url` names a PostgreSQL database.

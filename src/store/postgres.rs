@@ -14,8 +14,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use uuid::Uuid;
 
 use super::{
-    Ack, Credentials, KeyId, QueueDepth, RefreshToken, Rotation, SealedRow, Store, StoreError,
-    StoreResult, StoredRow, User,
+    AccountDetails, AccountSummary, Ack, Credentials, KeyId, QueueDepth, RefreshToken, Revoked,
+    Rotation, SealedRow, Stats, Store, StoreError, StoreResult, StoredRow, User,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -49,6 +49,20 @@ fn user_from_row((id, username, public_key, key_updated_at, created_at): UserRow
 }
 
 type QueueRow = super::QueueColumns<DateTime<Utc>>;
+
+/// `id, username, created_at, disabled_at, queued`, as the account queries
+/// select them.
+type SummaryRow = (Uuid, String, DateTime<Utc>, Option<DateTime<Utc>>, i64);
+
+fn summary_from_row((id, username, created_at, disabled_at, queued): SummaryRow) -> AccountSummary {
+    AccountSummary {
+        id,
+        username,
+        created_at,
+        disabled_at,
+        queued: queued as u64,
+    }
+}
 
 fn stored_rows(rows: Vec<QueueRow>) -> StoreResult<Vec<StoredRow>> {
     rows.into_iter().map(StoredRow::from_columns).collect()
@@ -171,15 +185,159 @@ impl Store for PgStore {
     }
 
     async fn credentials(&self, username: &str) -> StoreResult<Option<Credentials>> {
-        let row: Option<(Uuid, String)> =
-            sqlx::query_as("SELECT id, password_hash FROM users WHERE lower(username) = lower($1)")
-                .bind(username.to_owned())
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row.map(|(user_id, password_hash)| Credentials {
+        let row: Option<(Uuid, String, bool)> = sqlx::query_as(
+            "SELECT id, password_hash, disabled_at IS NOT NULL FROM users
+             WHERE lower(username) = lower($1)",
+        )
+        .bind(username.to_owned())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(user_id, password_hash, disabled)| Credentials {
             user_id,
             password_hash,
+            disabled,
         }))
+    }
+
+    async fn disable_user(
+        &self,
+        user_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Vec<Uuid>>> {
+        let mut tx = self.pool.begin().await?;
+        // The row lock orders this against logins inserting a session (see
+        // `insert_refresh_token`) and against rotations.
+        if !lock_user(&mut tx, user_id).await? {
+            return Ok(None);
+        }
+        sqlx::query("UPDATE users SET disabled_at = COALESCE(disabled_at, $2) WHERE id = $1")
+            .bind(user_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        let revoked = revoke_in(&mut tx, user_id, None, now).await?;
+        tx.commit().await?;
+        Ok(Some(revoked))
+    }
+
+    async fn enable_user(&self, user_id: Uuid) -> StoreResult<bool> {
+        let done = sqlx::query("UPDATE users SET disabled_at = NULL WHERE id = $1")
+            .bind(user_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn list_accounts(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<AccountSummary>> {
+        let rows: Vec<SummaryRow> = sqlx::query_as(
+            "SELECT u.id, u.username, u.created_at, u.disabled_at,
+                    (SELECT count(*) FROM messages m WHERE m.recipient = u.id)
+             FROM users u
+             WHERE $1::text IS NULL OR lower(u.username) > lower($1)
+             ORDER BY lower(u.username) LIMIT $2",
+        )
+        .bind(after.map(str::to_owned))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(summary_from_row).collect())
+    }
+
+    async fn account_details(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<AccountDetails>> {
+        type Row = (
+            Uuid,
+            String,
+            DateTime<Utc>,
+            Option<DateTime<Utc>>,
+            i64,
+            i64,
+            DateTime<Utc>,
+            i64,
+            Option<Uuid>,
+        );
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT u.id, u.username, u.created_at, u.disabled_at,
+                    (SELECT count(*) FROM messages m WHERE m.recipient = u.id),
+                    octet_length(u.public_key)::int8, u.key_updated_at,
+                    (SELECT count(*) FROM refresh_tokens t
+                     WHERE t.user_id = u.id AND t.used_at IS NULL AND t.expires_at > $2),
+                    (SELECT m.id FROM messages m WHERE m.recipient = u.id ORDER BY m.id LIMIT 1)
+             FROM users u WHERE u.id = $1",
+        )
+        .bind(id)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(
+            |(id, username, created, disabled, queued, key_bytes, key_at, sessions, oldest)| {
+                AccountDetails {
+                    summary: summary_from_row((id, username, created, disabled, queued)),
+                    public_key_bytes: key_bytes as u64,
+                    key_updated_at: key_at,
+                    live_sessions: sessions as u64,
+                    oldest_queued: oldest,
+                }
+            },
+        ))
+    }
+
+    async fn stats(&self, now: DateTime<Utc>) -> StoreResult<Stats> {
+        let (users, disabled_users, live_sessions, revocations, recipients, oldest_queued): (
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            Option<Uuid>,
+        ) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM users),
+                    (SELECT count(*) FROM users WHERE disabled_at IS NOT NULL),
+                    (SELECT count(*) FROM refresh_tokens WHERE used_at IS NULL AND expires_at > $1),
+                    (SELECT count(*) FROM revoked_sessions),
+                    (SELECT count(DISTINCT recipient) FROM messages),
+                    (SELECT id FROM messages ORDER BY id LIMIT 1)",
+        )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        let by_key: Vec<(Option<KeyId>, i64)> = sqlx::query_as(
+            "SELECT key_id, count(*) FROM messages GROUP BY key_id ORDER BY key_id NULLS FIRST",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Stats {
+            users: users as u64,
+            disabled_users: disabled_users as u64,
+            live_sessions: live_sessions as u64,
+            revocations: revocations as u64,
+            queued: by_key.iter().map(|(_, n)| *n as u64).sum(),
+            recipients: recipients as u64,
+            oldest_queued,
+            by_key: by_key.into_iter().map(|(k, n)| (k, n as u64)).collect(),
+        })
+    }
+
+    async fn pending_migrations(&self) -> StoreResult<Vec<i64>> {
+        let migrated: bool =
+            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+                .fetch_one(&self.pool)
+                .await?;
+        let applied: Vec<i64> = if migrated {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await?
+        } else {
+            Vec::new()
+        };
+        Ok(super::pending(&MIGRATOR, &applied))
     }
 
     async fn set_public_key(
@@ -200,10 +358,15 @@ impl Store for PgStore {
         Ok(row.map(user_from_row))
     }
 
-    async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<()> {
-        sqlx::query(
+    async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<bool> {
+        // FOR SHARE waits for a `disable_user` or `delete_user` holding the
+        // user's row, then sees its outcome: no token for a user who is
+        // disabled or gone by the time it commits. Without it the insert
+        // could land just after their revocation deleted the user's tokens.
+        let done = sqlx::query(
             "INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at, created_at)
-             VALUES ($1, $2, $3, $4, now())",
+             SELECT $1, id, $3, $4, now() FROM users
+             WHERE id = $2 AND disabled_at IS NULL FOR SHARE",
         )
         .bind(token.hash.to_vec())
         .bind(token.user_id)
@@ -211,7 +374,7 @@ impl Store for PgStore {
         .bind(token.expires_at)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     async fn rotate_refresh_token(
@@ -295,13 +458,16 @@ impl Store for PgStore {
         Ok(revoked)
     }
 
-    async fn revoked_sessions(&self, since: DateTime<Utc>) -> StoreResult<Vec<Uuid>> {
-        Ok(
-            sqlx::query_scalar("SELECT id FROM revoked_sessions WHERE revoked_at >= $1")
+    async fn revoked_sessions(&self, since: DateTime<Utc>) -> StoreResult<Vec<Revoked>> {
+        let rows: Vec<(Uuid, Uuid)> =
+            sqlx::query_as("SELECT id, user_id FROM revoked_sessions WHERE revoked_at >= $1")
                 .bind(since)
                 .fetch_all(&self.pool)
-                .await?,
-        )
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(session, user_id)| Revoked { session, user_id })
+            .collect())
     }
 
     async fn purge_revoked_sessions(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {

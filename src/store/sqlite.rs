@@ -24,8 +24,8 @@ use sqlx::sqlite::{
 use uuid::Uuid;
 
 use super::{
-    Ack, Credentials, KeyId, QueueDepth, RefreshToken, Rotation, SealedRow, Store, StoreError,
-    StoreResult, StoredRow, User,
+    AccountDetails, AccountSummary, Ack, Credentials, KeyId, QueueDepth, RefreshToken, Revoked,
+    Rotation, SealedRow, Stats, Store, StoreError, StoreResult, StoredRow, User,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -107,6 +107,20 @@ fn user_from_row((id, username, public_key, key_updated_at, created_at): UserRow
 }
 
 type QueueRow = super::QueueColumns<i64>;
+
+/// `id, username, created_at, disabled_at, queued`, as the account queries
+/// select them.
+type SummaryRow = (Uuid, String, i64, Option<i64>, i64);
+
+fn summary_from_row((id, username, created_at, disabled_at, queued): SummaryRow) -> AccountSummary {
+    AccountSummary {
+        id,
+        username,
+        created_at: time(created_at),
+        disabled_at: disabled_at.map(time),
+        queued: queued as u64,
+    }
+}
 
 fn stored_rows(rows: Vec<QueueRow>) -> StoreResult<Vec<StoredRow>> {
     rows.into_iter()
@@ -227,15 +241,163 @@ impl Store for SqliteStore {
     }
 
     async fn credentials(&self, username: &str) -> StoreResult<Option<Credentials>> {
-        let row: Option<(Uuid, String)> =
-            sqlx::query_as("SELECT id, password_hash FROM users WHERE username = ?")
-                .bind(username.to_owned())
-                .fetch_optional(&self.reader)
-                .await?;
-        Ok(row.map(|(user_id, password_hash)| Credentials {
+        let row: Option<(Uuid, String, bool)> = sqlx::query_as(
+            "SELECT id, password_hash, disabled_at IS NOT NULL FROM users WHERE username = ?",
+        )
+        .bind(username.to_owned())
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(row.map(|(user_id, password_hash, disabled)| Credentials {
             user_id,
             password_hash,
+            disabled,
         }))
+    }
+
+    async fn disable_user(
+        &self,
+        user_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Vec<Uuid>>> {
+        // The single write connection orders this against logins inserting
+        // a session and against rotations.
+        let mut tx = self.writer.begin().await?;
+        let updated =
+            sqlx::query("UPDATE users SET disabled_at = COALESCE(disabled_at, ?) WHERE id = ?")
+                .bind(millis(now))
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+        if updated.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let revoked = revoke_in(&mut tx, user_id, None, now).await?;
+        tx.commit().await?;
+        Ok(Some(revoked))
+    }
+
+    async fn enable_user(&self, user_id: Uuid) -> StoreResult<bool> {
+        let done = sqlx::query("UPDATE users SET disabled_at = NULL WHERE id = ?")
+            .bind(user_id)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn list_accounts(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<AccountSummary>> {
+        // `username` is COLLATE NOCASE: the comparison and the order ignore
+        // ASCII letter case, as PostgreSQL's `lower()` does here.
+        let rows: Vec<SummaryRow> = sqlx::query_as(
+            "SELECT u.id, u.username, u.created_at, u.disabled_at,
+                    (SELECT count(*) FROM messages m WHERE m.recipient = u.id)
+             FROM users u
+             WHERE ?1 IS NULL OR u.username > ?1
+             ORDER BY u.username LIMIT ?2",
+        )
+        .bind(after.map(str::to_owned))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(summary_from_row).collect())
+    }
+
+    async fn account_details(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<AccountDetails>> {
+        type Row = (
+            Uuid,
+            String,
+            i64,
+            Option<i64>,
+            i64,
+            i64,
+            i64,
+            i64,
+            Option<Uuid>,
+        );
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT u.id, u.username, u.created_at, u.disabled_at,
+                    (SELECT count(*) FROM messages m WHERE m.recipient = u.id),
+                    length(u.public_key), u.key_updated_at,
+                    (SELECT count(*) FROM refresh_tokens t
+                     WHERE t.user_id = u.id AND t.used_at IS NULL AND t.expires_at > ?2),
+                    (SELECT m.id FROM messages m WHERE m.recipient = u.id ORDER BY m.id LIMIT 1)
+             FROM users u WHERE u.id = ?1",
+        )
+        .bind(id)
+        .bind(millis(now))
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(row.map(
+            |(id, username, created, disabled, queued, key_bytes, key_at, sessions, oldest)| {
+                AccountDetails {
+                    summary: summary_from_row((id, username, created, disabled, queued)),
+                    public_key_bytes: key_bytes as u64,
+                    key_updated_at: time(key_at),
+                    live_sessions: sessions as u64,
+                    oldest_queued: oldest,
+                }
+            },
+        ))
+    }
+
+    async fn stats(&self, now: DateTime<Utc>) -> StoreResult<Stats> {
+        let (users, disabled_users, live_sessions, revocations, recipients, oldest_queued): (
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            Option<Uuid>,
+        ) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM users),
+                    (SELECT count(*) FROM users WHERE disabled_at IS NOT NULL),
+                    (SELECT count(*) FROM refresh_tokens WHERE used_at IS NULL AND expires_at > ?),
+                    (SELECT count(*) FROM revoked_sessions),
+                    (SELECT count(DISTINCT recipient) FROM messages),
+                    (SELECT id FROM messages ORDER BY id LIMIT 1)",
+        )
+        .bind(millis(now))
+        .fetch_one(&self.reader)
+        .await?;
+        // NULL (legacy plaintext) sorts first.
+        let by_key: Vec<(Option<KeyId>, i64)> =
+            sqlx::query_as("SELECT key_id, count(*) FROM messages GROUP BY key_id ORDER BY key_id")
+                .fetch_all(&self.reader)
+                .await?;
+        Ok(Stats {
+            users: users as u64,
+            disabled_users: disabled_users as u64,
+            live_sessions: live_sessions as u64,
+            revocations: revocations as u64,
+            queued: by_key.iter().map(|(_, n)| *n as u64).sum(),
+            recipients: recipients as u64,
+            oldest_queued,
+            by_key: by_key.into_iter().map(|(k, n)| (k, n as u64)).collect(),
+        })
+    }
+
+    async fn pending_migrations(&self) -> StoreResult<Vec<i64>> {
+        let migrated: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master
+                            WHERE type = 'table' AND name = '_sqlx_migrations')",
+        )
+        .fetch_one(&self.reader)
+        .await?;
+        let applied: Vec<i64> = if migrated {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.reader)
+                .await?
+        } else {
+            Vec::new()
+        };
+        Ok(super::pending(&MIGRATOR, &applied))
     }
 
     async fn set_public_key(
@@ -256,19 +418,21 @@ impl Store for SqliteStore {
         Ok(row.map(user_from_row))
     }
 
-    async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<()> {
-        sqlx::query(
+    async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<bool> {
+        // On the single write connection, after or before any
+        // `disable_user`, never between its statements.
+        let done = sqlx::query(
             "INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at, created_at)
-             VALUES (?, ?, ?, ?, ?)",
+             SELECT ?, id, ?, ?, ? FROM users WHERE id = ? AND disabled_at IS NULL",
         )
         .bind(token.hash.to_vec())
-        .bind(token.user_id)
         .bind(token.family_id)
         .bind(millis(token.expires_at))
         .bind(millis(super::now()))
+        .bind(token.user_id)
         .execute(&self.writer)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     async fn rotate_refresh_token(
@@ -337,13 +501,16 @@ impl Store for SqliteStore {
         Ok(revoked)
     }
 
-    async fn revoked_sessions(&self, since: DateTime<Utc>) -> StoreResult<Vec<Uuid>> {
-        Ok(
-            sqlx::query_scalar("SELECT id FROM revoked_sessions WHERE revoked_at >= ?")
+    async fn revoked_sessions(&self, since: DateTime<Utc>) -> StoreResult<Vec<Revoked>> {
+        let rows: Vec<(Uuid, Uuid)> =
+            sqlx::query_as("SELECT id, user_id FROM revoked_sessions WHERE revoked_at >= ?")
                 .bind(millis(since))
                 .fetch_all(&self.reader)
-                .await?,
-        )
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(session, user_id)| Revoked { session, user_id })
+            .collect())
     }
 
     async fn purge_revoked_sessions(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {

@@ -6,6 +6,7 @@
 mod common;
 
 mod accounts;
+mod admin;
 mod cli;
 mod durability;
 mod health;

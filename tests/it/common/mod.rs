@@ -108,6 +108,22 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// The same database for a second server, without the cleanup: the
+    /// original drops it. Stop the second server first.
+    pub fn shared(&self) -> TestDb {
+        TestDb {
+            url: self.url.clone(),
+            _dir: None,
+            pg: None,
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.url.starts_with("postgres")
+    }
+}
+
 async fn connect_pg(url: &str) -> sqlx::PgConnection {
     use sqlx::Connection;
     sqlx::PgConnection::connect(url)
@@ -177,7 +193,7 @@ pub fn config(db: &TestDb, extra: &[&str]) -> Config {
         "--hash-concurrency",
         "2",
     ];
-    if db.pg.is_some() && !extra.contains(&"--storage-keys") {
+    if db.is_postgres() && !extra.contains(&"--storage-keys") {
         args.extend_from_slice(&["--storage-keys", STORAGE_KEYS]);
     }
     // Tests sign up and send faster than any client should: the limits are
@@ -265,6 +281,13 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub fn spawn(db_url: &str, extra_env: &[(&str, &str)]) -> Self {
+        Self::spawn_with(db_url, extra_env, &[])
+    }
+
+    /// As [`ServerProcess::spawn`], without the variables `unset` among its
+    /// defaults (`DATABASE_URL`, `SEALPOST_JWT_SECRET`, ...), for a test that
+    /// sets them another way.
+    pub fn spawn_with(db_url: &str, extra_env: &[(&str, &str)], unset: &[&str]) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_sealpost"));
         command
             .arg("serve")
@@ -283,6 +306,9 @@ impl ServerProcess {
         }
         for (k, v) in extra_env {
             command.env(k, v);
+        }
+        for k in unset {
+            command.env_remove(k);
         }
         let mut child = command.spawn().expect("spawn sealpost");
         let stderr = child.stderr.take().unwrap();

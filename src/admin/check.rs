@@ -1,0 +1,404 @@
+//! `sealpost check-config`: every setting with its effective value and where
+//! it came from, secrets masked; then the checks start-up makes across
+//! settings (a PostgreSQL database needs a JWT secret and storage keys, TLS
+//! files must load, ...), made without side effects: nothing is created,
+//! generated or connected to.
+//!
+//! The settings are listed from the command-line definition itself, so a
+//! setting added to [`Config`] appears here without further work, and is
+//! masked if it hides its value from `--help` (`hide_env_values`).
+
+use std::fmt;
+
+use clap::ArgMatches;
+use clap::parser::ValueSource;
+use serde::Serialize;
+
+use super::Invocation;
+use crate::config::Config;
+use crate::store::{self, sqlite};
+use crate::{auth, seal, tls};
+
+/// What `check-config` prints.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub settings: Vec<Setting>,
+    pub checks: Vec<Check>,
+    /// Whether start-up would get past the configuration.
+    pub ok: bool,
+}
+
+/// One setting: its variable, its flag, its value (masked if secret, `None`
+/// when unset) and where the value came from.
+#[derive(Debug, Serialize)]
+pub struct Setting {
+    pub env: String,
+    pub flag: String,
+    pub value: Option<String>,
+    /// `default`, `environment`, `flag`, `unset`, or the `*_FILE` setting
+    /// the value was read from.
+    pub source: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub level: Level,
+    /// The setting (or settings) concerned.
+    pub setting: &'static str,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    Note,
+    Warning,
+    /// Start-up would fail.
+    Error,
+}
+
+impl Report {
+    /// Exit status: an error if start-up would fail.
+    pub fn verdict(&self) -> anyhow::Result<()> {
+        let errors = self
+            .checks
+            .iter()
+            .filter(|c| c.level == Level::Error)
+            .count();
+        if errors > 0 {
+            anyhow::bail!("{errors} problem(s) in the configuration: start-up would fail");
+        }
+        Ok(())
+    }
+}
+
+/// Lists the settings of `config` as parsed in `invocation`, and checks them.
+pub fn report(config: &Config, invocation: &Invocation<'_>) -> Report {
+    let checks = checks(config);
+    Report {
+        settings: settings(config, invocation),
+        ok: checks.iter().all(|c| c.level != Level::Error),
+        checks,
+    }
+}
+
+/// Every argument with an environment variable: the global ones of the
+/// `sealpost` command (`SEALPOST_LOG_FORMAT`) and those of `check-config`,
+/// which are the server's.
+fn settings(config: &Config, invocation: &Invocation<'_>) -> Vec<Setting> {
+    let mut settings = Vec::new();
+    let globals = invocation
+        .command
+        .get_arguments()
+        .filter(|arg| arg.is_global_set());
+    for arg in globals {
+        settings.extend(setting(config, arg, invocation.matches));
+    }
+    let leaf = invocation
+        .command
+        .find_subcommand("check-config")
+        .zip(invocation.matches.subcommand_matches("check-config"));
+    if let Some((command, matches)) = leaf {
+        for arg in command.get_arguments().filter(|arg| !arg.is_global_set()) {
+            settings.extend(setting(config, arg, matches));
+        }
+    }
+    settings
+}
+
+fn setting(config: &Config, arg: &clap::Arg, matches: &ArgMatches) -> Option<Setting> {
+    let env = arg.get_env()?.to_string_lossy().into_owned();
+    let id = arg.get_id().as_str();
+    let flag = arg
+        .get_long()
+        .map_or_else(String::new, |long| format!("--{long}"));
+    let raw = matches.get_raw(id).map(|values| {
+        values
+            .map(|v| v.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(",")
+    });
+    let mut source = match matches.value_source(id) {
+        None => "unset",
+        Some(ValueSource::DefaultValue) => "default",
+        Some(ValueSource::EnvVariable) => "environment",
+        Some(ValueSource::CommandLine) => "flag",
+        Some(_) => "other",
+    }
+    .to_owned();
+    let from_file = |file: bool, setting: &str| file.then(|| format!("file ({setting})"));
+    let value = match id {
+        "database_url" => {
+            if let Some(file) = from_file(config.database_url_file.is_some(), "DATABASE_URL_FILE") {
+                source = file;
+            }
+            Some(mask_url(config.database_url()))
+        }
+        "jwt_secret" => {
+            if let Some(file) =
+                from_file(config.jwt_secret_file.is_some(), "SEALPOST_JWT_SECRET_FILE")
+            {
+                source = file;
+            }
+            config.jwt_secret().map(|_| "***".to_owned())
+        }
+        "storage_keys" => {
+            if let Some(file) = from_file(
+                config.storage_keys_file.is_some(),
+                "SEALPOST_STORAGE_KEYS_FILE",
+            ) {
+                source = file;
+            }
+            config.storage_keys().map(|keys| {
+                let ids: Vec<String> = keys.ids().map(|id| id.to_string()).collect();
+                format!("key ids {} (*** keys hidden)", ids.join(","))
+            })
+        }
+        "db_pool_size" => raw.map(|v| format!("{v} (in effect: {})", config.db_pool_size())),
+        "hash_concurrency" => {
+            raw.map(|v| format!("{v} (in effect: {})", config.hash_concurrency()))
+        }
+        // Any other secret setting, including ones added later.
+        _ if arg.is_hide_env_values_set() => raw.map(|_| "***".to_owned()),
+        _ => raw,
+    };
+    Some(Setting {
+        env,
+        flag,
+        value,
+        source,
+    })
+}
+
+/// The checks start-up makes across settings, made without side effects.
+fn checks(config: &Config) -> Vec<Check> {
+    let url = config.database_url();
+    let mut checks = vec![database(url)];
+    // With a URL of no known database, the secrets cannot be judged: the
+    // database check has said what is wrong.
+    if url.starts_with("sqlite:") || store::is_postgres(url) {
+        checks.push(outcome(
+            "SEALPOST_JWT_SECRET",
+            auth::secret::check(config.jwt_secret(), url),
+        ));
+        checks.push(outcome(
+            "SEALPOST_STORAGE_KEYS",
+            seal::check(config.storage_keys(), url),
+        ));
+    }
+    checks.push(match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => match tls::acceptor(cert, key) {
+            Ok(_) => check(
+                Level::Ok,
+                TLS,
+                format!("serves HTTPS and WSS with {}", cert.display()),
+            ),
+            Err(err) => check(Level::Error, TLS, format!("{err:#}")),
+        },
+        // Clap requires both or neither.
+        _ => check(
+            Level::Note,
+            TLS,
+            "not set: serves plain HTTP, for a TLS-terminating proxy in front".into(),
+        ),
+    });
+    if config.refresh_token_ttl <= config.access_token_ttl {
+        checks.push(check(
+            Level::Warning,
+            "SEALPOST_REFRESH_TOKEN_TTL",
+            "is not longer than SEALPOST_ACCESS_TOKEN_TTL: clients must log in again each time \
+             their access token expires"
+                .into(),
+        ));
+    }
+    checks
+}
+
+const TLS: &str = "SEALPOST_TLS_CERT, SEALPOST_TLS_KEY";
+
+fn check(level: Level, setting: &'static str, message: String) -> Check {
+    Check {
+        level,
+        setting,
+        message,
+    }
+}
+
+fn outcome(setting: &'static str, result: Result<String, String>) -> Check {
+    match result {
+        Ok(message) => check(Level::Ok, setting, message),
+        Err(message) => check(Level::Error, setting, message),
+    }
+}
+
+fn database(url: &str) -> Check {
+    const SETTING: &str = "DATABASE_URL";
+    if store::is_postgres(url) {
+        return check(
+            Level::Ok,
+            SETTING,
+            "PostgreSQL (not contacted: check-config does not connect)".into(),
+        );
+    }
+    if !url.starts_with("sqlite:") {
+        return check(
+            Level::Error,
+            SETTING,
+            "unsupported scheme (expected sqlite:// or postgres://)".into(),
+        );
+    }
+    let Some(path) = sqlite::database_path(url) else {
+        return check(
+            Level::Warning,
+            SETTING,
+            "an in-memory SQLite database: nothing survives a restart".into(),
+        );
+    };
+    if path.exists() {
+        return check(
+            Level::Ok,
+            SETTING,
+            format!("SQLite database {}", path.display()),
+        );
+    }
+    let dir = path
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if dir.is_dir() {
+        check(
+            Level::Note,
+            SETTING,
+            format!(
+                "SQLite database {} does not exist yet: `serve` or `migrate` creates it",
+                path.display()
+            ),
+        )
+    } else {
+        check(
+            Level::Error,
+            SETTING,
+            format!(
+                "the directory of SQLite database {} does not exist",
+                path.display()
+            ),
+        )
+    }
+}
+
+/// `url` with the password in its user info, and any query parameter named
+/// like a password, replaced by `***`.
+pub fn mask_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let mut masked = url[..scheme_end].to_owned();
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            match userinfo.split_once(':') {
+                Some((user, _password)) => masked.push_str(&format!("{user}:***")),
+                None => masked.push_str(userinfo),
+            }
+            masked.push('@');
+            masked.push_str(host);
+        }
+        None => masked.push_str(authority),
+    }
+    let Some((path, query)) = tail.split_once('?') else {
+        masked.push_str(tail);
+        return masked;
+    };
+    let (query, fragment) = match query.split_once('#') {
+        Some((query, fragment)) => (query, Some(fragment)),
+        None => (query, None),
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.to_ascii_lowercase().contains("password") => {
+                format!("{key}=***")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect();
+    masked.push_str(path);
+    masked.push('?');
+    masked.push_str(&query.join("&"));
+    if let Some(fragment) = fragment {
+        masked.push('#');
+        masked.push_str(fragment);
+    }
+    masked
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = self.settings.iter().map(|s| s.env.len()).max().unwrap_or(0);
+        let value = |s: &Setting| match s.value.as_deref() {
+            None => "-".to_owned(),
+            Some("") => "\"\"".to_owned(),
+            Some(value) => value.to_owned(),
+        };
+        let width = self
+            .settings
+            .iter()
+            .map(|s| value(s).len())
+            .max()
+            .unwrap_or(0);
+        writeln!(f, "settings (secrets masked):")?;
+        for setting in &self.settings {
+            writeln!(
+                f,
+                "  {:name$}  {:width$}  {}",
+                setting.env,
+                value(setting),
+                setting.source
+            )?;
+        }
+        writeln!(f, "checks:")?;
+        for check in &self.checks {
+            let level = match check.level {
+                Level::Ok => "ok",
+                Level::Note => "note",
+                Level::Warning => "warning",
+                Level::Error => "error",
+            };
+            writeln!(f, "  {level:7}  {}: {}", check.setting, check.message)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_in_urls_are_masked() {
+        for (url, masked) in [
+            (
+                "postgres://sealpost:hunter2@db.example:5432/sealpost",
+                "postgres://sealpost:***@db.example:5432/sealpost",
+            ),
+            (
+                "postgresql://u:p%40ss@db/x?sslmode=require&password=hunter2",
+                "postgresql://u:***@db/x?sslmode=require&password=***",
+            ),
+            (
+                "postgres://db/x?sslpassword=a#frag",
+                "postgres://db/x?sslpassword=***#frag",
+            ),
+            ("postgres://only-user@db/x", "postgres://only-user@db/x"),
+            ("postgres://db", "postgres://db"),
+            ("sqlite://sealpost.db", "sqlite://sealpost.db"),
+            ("sqlite:///data/a@b.db", "sqlite:///data/a@b.db"),
+            ("sqlite::memory:", "sqlite::memory:"),
+        ] {
+            assert_eq!(mask_url(url), masked, "{url}");
+        }
+    }
+}
