@@ -13,7 +13,7 @@
 use std::io::IsTerminal;
 
 use tracing::Level;
-use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
+use tracing_subscriber::filter::{EnvFilter, filter_fn};
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::registry;
 
@@ -47,26 +47,21 @@ fn level_filter() -> EnvFilter {
 
 /// Installs the process's log subscriber, writing to stderr.
 pub fn init(format: LogFormat) {
-    let filter = level_filter().and(filter_fn(|meta| {
+    // Both filters are global (they gate every layer), not per-layer: an
+    // `EnvFilter` combined per layer with another filter dropped events it
+    // should have passed (sealpost's own `info` lines, on PostgreSQL).
+    let filters = registry().with(level_filter()).with(filter_fn(|meta| {
         !carries_payload(meta.level(), meta.target())
     }));
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => registry()
-            .with(
-                logs.with_ansi(std::io::stderr().is_terminal())
-                    .with_filter(filter),
-            )
+        LogFormat::Text => filters
+            .with(logs.with_ansi(std::io::stderr().is_terminal()))
             .init(),
         // The current span's fields (method, path, request id) go with
         // every line, so each line stands on its own in a collector.
-        LogFormat::Json => registry()
-            .with(
-                logs.json()
-                    .with_current_span(true)
-                    .with_span_list(false)
-                    .with_filter(filter),
-            )
+        LogFormat::Json => filters
+            .with(logs.json().with_current_span(true).with_span_list(false))
             .init(),
     }
 }
