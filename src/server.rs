@@ -69,9 +69,14 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     Ok(store)
 }
 
+/// Queued rows per key id that start-up tries to open.
+const KEY_SAMPLES: u32 = 3;
+
 /// Refuses to start when queued rows are sealed under a key the ring does not
-/// hold: every read of their recipients would fail. Nothing is deleted; the
-/// operator adds the key back, or deletes those rows knowingly.
+/// hold, or under a different key than the ring holds under that id (a key
+/// file regenerated after a restore, a mistyped key): every read of their
+/// recipients would fail. Nothing is deleted; the operator restores the key,
+/// or deletes those rows knowingly.
 async fn check_keys(store: &dyn Store, keys: &KeyRing) -> anyhow::Result<()> {
     let in_use = store
         .key_ids_in_use()
@@ -90,6 +95,30 @@ async fn check_keys(store: &dyn Store, keys: &KeyRing) -> anyhow::Result<()> {
             keys.current(),
             missing[0]
         );
+    }
+    for &key in &in_use {
+        let samples = store
+            .sealed_with(key, KEY_SAMPLES)
+            .await
+            .context("reading queued messages to check the storage keys")?;
+        let tried = samples.len();
+        let failures: Vec<_> = samples
+            .into_iter()
+            .filter_map(|row| keys.open(row).err())
+            .collect();
+        match failures.first() {
+            None => {}
+            // Not one opens: the key under that id is not the one they were
+            // sealed with.
+            Some(_) if failures.len() == tried => anyhow::bail!(
+                "storage key {key} does not open the queued messages sealed under it: a \
+                 different key is configured under that id (a key file generated anew after \
+                 a restore, or a mistyped key). Configure the key they were sealed with; \
+                 nothing was changed"
+            ),
+            // Some open: the others were altered, and are reported when read.
+            Some(err) => tracing::warn!(key, error = %err, "a queued message does not open"),
+        }
     }
     tracing::debug!(?in_use, current = keys.current(), "storage keys");
     Ok(())

@@ -393,6 +393,9 @@ mod tests {
         async fn key_ids_in_use(&self) -> StoreResult<Vec<KeyId>> {
             unreachable!()
         }
+        async fn sealed_with(&self, _: KeyId, _: u32) -> StoreResult<Vec<StoredRow>> {
+            unreachable!()
+        }
         async fn user_exists(&self, _: Uuid) -> StoreResult<bool> {
             Ok(true)
         }

@@ -452,6 +452,10 @@ pub trait Store: Send + Sync + 'static {
     /// can refuse a key list that could not open them.
     async fn key_ids_in_use(&self) -> StoreResult<Vec<KeyId>>;
 
+    /// Up to `limit` of the oldest queued rows sealed under `key`, so that
+    /// start-up can check that the key configured under that id opens them.
+    async fn sealed_with(&self, key: KeyId, limit: u32) -> StoreResult<Vec<StoredRow>>;
+
     /// Deletes up to `limit` messages with ids below `before`; returns how
     /// many. The sweeper calls this until it returns less than `limit`, so no
     /// single statement holds locks for long.

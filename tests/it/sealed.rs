@@ -1,6 +1,7 @@
 //! Sealed storage: a dump of the queue reveals no sender and no body; keys
 //! rotate without losing a row; rows of an earlier release are kept and
-//! sealed; a key list that cannot open the queue stops start-up.
+//! sealed; a key list that cannot open the queue (a key missing, or another
+//! key under its id) stops start-up.
 //!
 //! These tests read the database behind the server's back, with sqlx on the
 //! test database's URL, as someone holding a dump would.
@@ -25,6 +26,7 @@ backend_tests!(
     a_dump_reveals_no_sender_and_no_body,
     rotated_keys_keep_old_rows_and_seal_them_again,
     a_key_list_missing_a_key_in_use_refuses_to_start_and_keeps_the_rows,
+    another_key_under_the_same_id_refuses_to_start_and_keeps_the_rows,
     plaintext_rows_of_an_earlier_release_are_delivered_and_sealed,
 );
 
@@ -227,6 +229,32 @@ async fn a_key_list_missing_a_key_in_use_refuses_to_start_and_keeps_the_rows(bac
 
     // With the old key back, after the new one, everything is delivered.
     let server = TestServer::start_on(db, &["--storage-keys", &rotated()]).await;
+    assert_inbox(&server, &bob, alice.id, &sent).await;
+}
+
+/// A key file generated anew after a restore (or a mistyped key) has the id
+/// of the key the queue was sealed with, but not its bytes.
+async fn another_key_under_the_same_id_refuses_to_start_and_keeps_the_rows(backend: Backend) {
+    let server = TestServer::start_with(backend, &["--storage-keys", OLD]).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    let sent = bodies("same-id", 2);
+    send_all(&server, &alice, bob.id, &sent).await;
+    let db = server.stop().await;
+
+    let impostor = format!("1:{}", NEW.split_once(':').unwrap().1);
+    let refused = match Server::bind(common::config(&db, &["--storage-keys", &impostor])).await {
+        Ok(_) => panic!("started with a key that does not open its queued rows"),
+        Err(err) => format!("{err:#}"),
+    };
+    assert!(
+        refused.contains("storage key 1 does not open the queued messages"),
+        "{refused}"
+    );
+    let raw = Raw::open(&db).await;
+    assert_eq!(raw.key_ids().await.len(), 2, "a row was lost");
+
+    let server = TestServer::start_on(db, &["--storage-keys", OLD]).await;
     assert_inbox(&server, &bob, alice.id, &sent).await;
 }
 
