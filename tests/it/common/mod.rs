@@ -336,9 +336,15 @@ impl ServerProcess {
                 eprintln!("[sealpost] {line}");
             }
         });
-        let addr = addr_rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("sealpost logs its address within 60 s");
+        let addr = match addr_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                // Not left running after the test: nothing else owns it yet.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("sealpost did not log its address within 60 s");
+            }
+        };
         Self {
             child,
             api: Api::new(format!("http://{addr}")),
