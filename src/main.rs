@@ -42,6 +42,23 @@ fn default_config() -> Config {
     Config::parse_from(std::iter::empty::<String>()).unwrap_or_else(|e| e.exit())
 }
 
+/// Raises the soft open-file limit to the hard one. Each WebSocket holds a
+/// descriptor, and the usual soft default of 1024 would cap the server near
+/// 1,000 connections where the hard limit allows far more.
+fn raise_open_file_limit() {
+    /// Below this, the limit, not the machine, decides how many sockets fit.
+    const LOW: u64 = 4096;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < LOW => tracing::warn!(
+            limit,
+            "the open-file limit caps WebSockets near this number: raise its hard limit \
+             (ulimit -Hn, LimitNOFILE= in systemd, ulimits in compose)"
+        ),
+        Ok(limit) => tracing::info!(limit, "open-file limit"),
+        Err(err) => tracing::warn!(error = %err, "could not raise the open-file limit"),
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // Parsed in two steps, as `Cli::parse` would, keeping the matches:
@@ -56,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| Command::Serve(default_config()))
     {
         Command::Serve(config) => {
+            raise_open_file_limit();
             let server = Server::bind(config).await?;
             server.run(server::shutdown_signal()).await
         }
