@@ -79,6 +79,7 @@ add("```sh")
 add("sealpost serve   # SEALPOST_ADDR=127.0.0.1:8090, DATABASE_URL=sqlite://… or postgres://…, limits off:")
 add("                 # SEALPOST_AUTH_RATE_PER_MINUTE=0 SEALPOST_SEND_RATE_PER_SECOND=0 SEALPOST_MAX_CONNECTIONS_PER_IP=0")
 add("                 # SEALPOST_MAX_UNAUTHENTICATED_SOCKETS=0 SEALPOST_MAX_QUEUED_PER_USER=0")
+add("                 # metrics on, as in production: SEALPOST_METRICS_ADDR=127.0.0.1:8091")
 add("sealpost-loadtest --token-cache T --workers 2 --sources 8 --server-pid PID connect --conns 19000 --users 2000 --hold 10")
 add("sealpost-loadtest --token-cache T pairs --pairs 1000 --rate 10000 --duration 30 --size 256")
 add("sealpost-loadtest --token-cache T pairs --pairs 200 --rate 0 --duration 20 --size 256")
@@ -217,25 +218,28 @@ add("- **One backend at a time.** The script used to stop the SQLite server with
     "`pairs` then measured push p99 882 ms. Waiting for the old process to exit brought it to single-digit "
     "milliseconds. Checkpoints were suspected first and ruled out: a `CHECKPOINT` forced in the middle of a "
     "30 s run at 10k msgs/s left push p99 at 5.7 ms.")
-add("- **`drain` is below the bar in the sequence and at it alone.** It is a two-to-three-second measurement "
-    "(connecting 1,000 sockets, reading and acking 100,000 messages) on two cores shared with the load "
-    "generator, which parses every message and sends every ack, so it swings with whatever else the machine "
-    "did just before. Against a fresh SQLite server on a quiet machine the current code drained at 51.4k and "
-    "55.3k msgs/s (another set of three runs, taken while other work had just finished: 40-46k); PostgreSQL "
-    "drained at 95.7k alone. A profile of the SQLite server during the drain puts 38% of its samples in the "
-    "scheduler and 21% in futex waits of sqlx's SQLite worker threads: sqlx runs each SQLite connection on "
-    "its own thread and hands each statement and its rows across channels, so every page read, ack and "
-    "commit costs thread hand-offs. "
-    "Giving sqlx room to buffer a whole page (`row_buffer_size` 501 instead of 50) did not change the "
-    "rate (47.9-53.1k in four runs), so the hand-offs per query, not per row, are what to cut next: one "
-    "statement reading several users' pages, or a read connection that skips the worker thread. Writing a backlog "
-    "page in 4 KiB writes instead of one write per message gained about 5%, within the noise, and was not "
-    "kept (it would leave each drained socket holding a larger write buffer).")
-add("- **PostgreSQL varies most in the sequence.** This machine runs PostgreSQL with autovacuum off and 128 MB "
-    "of shared buffers, and the scenarios churn close to a million rows through the queue table; the script "
-    "vacuums between scenarios, but not during them. In the sequence above the unthrottled run reached "
-    "17.1k msgs/s; the same run repeated alone right after, on the same database after a `VACUUM`, reached "
-    "39.3k (earlier sequences: 32.6k and 42.3k). Run PostgreSQL with autovacuum on, as production should.")
+add("- **PostgreSQL plans for a queue that swings between empty and full.** Two plans were wrong (found "
+    "with `auto_explain`): the backlog read's generic plan, cached per connection, was made while the queue "
+    "was empty (the script's `VACUUM (ANALYZE)` between scenarios leaves its statistics saying so, as "
+    "autovacuum would on a quiet server) and stayed a sequential scan when the queue held 100,000 rows; and "
+    "one delete for a whole batch of acks (thousands of ids) was planned as a hash of the entire table, "
+    "45-117 ms per commit. Plans made per execution (`plan_cache_mode = force_custom_plan`) and 500 acks "
+    "per delete took the drain in the sequence from 24.5k to 117.9k msgs/s, the unthrottled run from 17.1k "
+    "(earlier sequences: 32.6-42.3k) to 36.3k, and the durable p99 at 10k msgs/s from 125 ms to 12 ms. The "
+    "large swings between PostgreSQL runs noted before (17.1k to 42.3k unthrottled) were most likely this.")
+add("- **SQLite's `drain` sits at the bar.** In the sequence above it drained at 49.3k msgs/s (the run "
+    "before it, same code less the PostgreSQL fixes: 49.5k); alone on this machine, 23 runs of the same "
+    "drain against a fresh server (some after a 20 s unthrottled `pairs`) gave 45-65k (median about 55k): a two-second measurement on two cores "
+    "shared with the load generator, which parses every message and sends every ack. Where the server's "
+    "time goes (perf, drain window): more than half in sqlx's SQLite worker threads, whose biggest costs "
+    "are the scheduler and futex waits (sqlx hands each statement and each row across threads), then "
+    "index seeks of the ack deletes, page reads, and glibc's allocator (SQLite does not use mimalloc). "
+    "Mapping the database file (`mmap_size` 256 MiB) removed the `pread` copies, about a tenth of the "
+    "server's CPU, and cut its drain CPU by 10-20%. Tried and not kept: a larger sqlx row buffer (no "
+    "change), 4 KiB backlog writes (about 5%, within the noise), fewer reader connections (no clear "
+    "change), and a clustered `WITHOUT ROWID` queue table (5-15% of SQLite's own share in an offline "
+    "replay, not worth a table rebuild). What is left to cut is the thread hand-offs per statement: one "
+    "statement reading several users' pages, or a read path that skips sqlx's worker thread.")
 add("- Both backends were measured with the server, its database and the load generator sharing two cores; "
     "about 1% of connects in the 19,000-socket runs took one SYN retransmission (about 1 s) while the cores "
     "were saturated.")

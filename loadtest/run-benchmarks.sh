@@ -21,6 +21,8 @@ SERVER=$PWD/target/release/sealpost
 LT=$PWD/target/release/sealpost-loadtest
 ADDR=127.0.0.1:8090
 URL=http://$ADDR
+# Metrics on, as in production: their cost is in every figure.
+METRICS_ADDR=127.0.0.1:8091
 SECRET=bench-secret-bench-secret-bench-secret-01
 # Required with PostgreSQL; a fixed key keeps queued rows readable across restarts.
 STORAGE_KEYS=1:YmVuY2gtc3RvcmFnZS1rZXktYmVuY2gtc3RvcmFnZSE=
@@ -59,7 +61,7 @@ for attempt in 1 2 3 4 5 6 7 8 9 10; do
     SEALPOST_ADDR=$ADDR DATABASE_URL='$(database_url "$1")' SEALPOST_JWT_SECRET=$SECRET SEALPOST_STORAGE_KEYS=$STORAGE_KEYS RUST_LOG=warn \
         SEALPOST_AUTH_RATE_PER_MINUTE=0 SEALPOST_SEND_RATE_PER_SECOND=0 SEALPOST_MAX_CONNECTIONS_PER_IP=0 \
         SEALPOST_MAX_UNAUTHENTICATED_SOCKETS=0 SEALPOST_MAX_QUEUED_PER_USER=0 \
-        "$SERVER" serve >> "$PWD/$OUT/server-$1.log" 2>&1 < /dev/null &
+        SEALPOST_METRICS_ADDR=$METRICS_ADDR "$SERVER" serve >> "$PWD/$OUT/server-$1.log" 2>&1 < /dev/null &
     echo \$! > "$PWD/$OUT/server.pid"
     for i in \$(seq 1 50); do
         curl -sf -m 1 $URL/healthz >/dev/null && exit 0
