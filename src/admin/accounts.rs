@@ -293,13 +293,18 @@ impl fmt::Display for StatusChange {
             (false, false) => return writeln!(f, "enabled {who}: it may log in again"),
             (false, true) => return writeln!(f, "{who} was not disabled"),
         }
-        writeln!(
-            f,
-            "{} session(s) revoked; running servers refuse their access tokens and close their \
-             sockets at their next revocation poll (SEALPOST_REVOCATION_POLL_INTERVAL)",
-            self.sessions_revoked
-        )
+        write_revoked(f, self.sessions_revoked)
     }
+}
+
+/// What a disable or a delete did to the account's sessions, and when
+/// running servers notice.
+fn write_revoked(f: &mut fmt::Formatter<'_>, sessions: u64) -> fmt::Result {
+    writeln!(
+        f,
+        "{sessions} session(s) revoked; running servers refuse their access tokens and close \
+         their sockets at their next revocation poll (SEALPOST_REVOCATION_POLL_INTERVAL)"
+    )
 }
 
 /// `user delete`.
@@ -342,12 +347,7 @@ impl fmt::Display for Deleted {
             "deleted {} ({}) with its key and {} queued message(s)",
             self.username, self.id, self.queued_deleted
         )?;
-        writeln!(
-            f,
-            "{} session(s) revoked; running servers refuse their access tokens and close their \
-             sockets at their next revocation poll (SEALPOST_REVOCATION_POLL_INTERVAL)",
-            self.sessions_revoked
-        )
+        write_revoked(f, self.sessions_revoked)
     }
 }
 
