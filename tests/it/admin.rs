@@ -253,6 +253,21 @@ async fn stats_count_accounts_sessions_and_the_queue(backend: Backend) {
     server.stop().await;
 }
 
+/// A running server learnt of a revocation made elsewhere within the
+/// deadline: it closed the session's socket with 4401 and refuses its token.
+async fn cut_off(server: &TestServer, socket: &mut WsClient, access: &str, started: Instant) {
+    socket.expect_close(UNAUTHORIZED).await;
+    assert!(
+        started.elapsed() < REVOCATION_DEADLINE,
+        "closed after {:?}",
+        started.elapsed()
+    );
+    server
+        .get("/v1/me", Some(access))
+        .await
+        .expect_error(401, "unauthorized");
+}
+
 /// `sealpost user disable` writes to the database only; the running server
 /// learns of it at its next revocation poll.
 async fn a_disabled_account_is_cut_off_from_a_running_server(backend: Backend) {
@@ -264,16 +279,7 @@ async fn a_disabled_account_is_cut_off_from_a_running_server(backend: Backend) {
 
     let started = Instant::now();
     run_ok(&server.db.url, &["user", "disable", "alice"]).await;
-    socket.expect_close(UNAUTHORIZED).await;
-    assert!(
-        started.elapsed() < REVOCATION_DEADLINE,
-        "{:?}",
-        started.elapsed()
-    );
-    server
-        .get("/v1/me", Some(&alice.access))
-        .await
-        .expect_error(401, "unauthorized");
+    cut_off(&server, &mut socket, &alice.access, started).await;
     WsClient::connect(&server.api, Some(&alice.access))
         .await
         .expect_close(UNAUTHORIZED)
@@ -302,16 +308,7 @@ async fn a_deleted_account_is_cut_off_from_a_running_server(backend: Backend) {
 
     let started = Instant::now();
     run_ok(&server.db.url, &["user", "delete", "alice", "--yes"]).await;
-    socket.expect_close(UNAUTHORIZED).await;
-    assert!(
-        started.elapsed() < REVOCATION_DEADLINE,
-        "{:?}",
-        started.elapsed()
-    );
-    server
-        .get("/v1/me", Some(&alice.access))
-        .await
-        .expect_error(401, "unauthorized");
+    cut_off(&server, &mut socket, &alice.access, started).await;
     login_reply(&server.api, "alice", PASSWORD)
         .await
         .expect_error(401, "unauthorized");
@@ -345,16 +342,7 @@ async fn revocations_reach_every_server_of_the_database(backend: Backend) {
         .post("/v1/logout", Some(&alice.access), json!({}))
         .await
         .expect(204);
-    socket.expect_close(UNAUTHORIZED).await;
-    assert!(
-        started.elapsed() < REVOCATION_DEADLINE,
-        "{:?}",
-        started.elapsed()
-    );
-    second
-        .get("/v1/me", Some(&alice.access))
-        .await
-        .expect_error(401, "unauthorized");
+    cut_off(&second, &mut socket, &alice.access, started).await;
     // Her other session lives on, on both.
     second.get("/v1/me", Some(&other)).await.expect(200);
     first.get("/v1/me", Some(&other)).await.expect(200);
