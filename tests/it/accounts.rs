@@ -226,14 +226,7 @@ async fn refresh_rotates_and_detects_reuse(backend: Backend) {
     // A second session of the same user.
     let other_session = server.login("alice").await;
 
-    let first = server
-        .post(
-            "/v1/token/refresh",
-            None,
-            json!({ "refresh_token": alice.refresh }),
-        )
-        .await
-        .expect(200);
+    let first = server.refresh(&alice.refresh).await.expect(200);
     let rotated = first["refresh_token"].as_str().unwrap().to_owned();
     assert_ne!(rotated, alice.refresh);
     server
@@ -242,51 +235,28 @@ async fn refresh_rotates_and_detects_reuse(backend: Backend) {
         .expect(200);
 
     // The rotated token works once.
-    let second = server
-        .post(
-            "/v1/token/refresh",
-            None,
-            json!({ "refresh_token": rotated }),
-        )
-        .await
-        .expect(200);
+    let second = server.refresh(&rotated).await.expect(200);
     let latest = second["refresh_token"].as_str().unwrap().to_owned();
 
     // Replaying a spent token is theft: 401, and every refresh token of the
     // user is revoked, including the latest and the other session's.
     server
-        .post(
-            "/v1/token/refresh",
-            None,
-            json!({ "refresh_token": alice.refresh }),
-        )
+        .refresh(&alice.refresh)
         .await
         .expect_error(401, "unauthorized");
     server
-        .post(
-            "/v1/token/refresh",
-            None,
-            json!({ "refresh_token": latest }),
-        )
+        .refresh(&latest)
         .await
         .expect_error(401, "unauthorized");
     server
-        .post(
-            "/v1/token/refresh",
-            None,
-            json!({ "refresh_token": other_session["refresh_token"] }),
-        )
+        .refresh(other_session["refresh_token"].as_str().unwrap())
         .await
         .expect_error(401, "unauthorized");
 
     // Logging in again starts a fresh family.
     let fresh = server.login("alice").await;
     server
-        .post(
-            "/v1/token/refresh",
-            None,
-            json!({ "refresh_token": fresh["refresh_token"] }),
-        )
+        .refresh(fresh["refresh_token"].as_str().unwrap())
         .await
         .expect(200);
 }
@@ -296,7 +266,7 @@ async fn refresh_rejects_unknown_tokens(backend: Backend) {
     let alice = server.account("alice").await;
     for token in ["", "nonsense", &alice.access, &"A".repeat(43)] {
         server
-            .post("/v1/token/refresh", None, json!({ "refresh_token": token }))
+            .refresh(token)
             .await
             .expect_error(401, "unauthorized");
     }
@@ -305,14 +275,7 @@ async fn refresh_rejects_unknown_tokens(backend: Backend) {
         .await
         .expect_error(422, "invalid");
     // The unknown tokens revoked nothing.
-    server
-        .post(
-            "/v1/token/refresh",
-            None,
-            json!({ "refresh_token": alice.refresh }),
-        )
-        .await
-        .expect(200);
+    server.refresh(&alice.refresh).await.expect(200);
 }
 
 /// Ten presentations of one refresh token at once: exactly one rotates it,
@@ -324,10 +287,7 @@ async fn concurrent_reuse_leaves_no_refresh_token_alive(backend: Backend) {
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..10 {
         let (api, token) = (server.api.clone(), alice.refresh.clone());
-        tasks.spawn(async move {
-            api.post("/v1/token/refresh", None, json!({ "refresh_token": token }))
-                .await
-        });
+        tasks.spawn(async move { api.refresh(&token).await });
     }
     let mut winners = Vec::new();
     while let Some(reply) = tasks.join_next().await {
@@ -343,11 +303,7 @@ async fn concurrent_reuse_leaves_no_refresh_token_alive(backend: Backend) {
         "exactly one presentation rotates the token"
     );
     server
-        .post(
-            "/v1/token/refresh",
-            None,
-            json!({ "refresh_token": winners[0] }),
-        )
+        .refresh(&winners[0])
         .await
         .expect_error(401, "unauthorized");
 }
@@ -364,30 +320,16 @@ async fn reuse_racing_a_rotation_revokes_the_rotated_token(backend: Backend) {
             .as_str()
             .unwrap()
             .to_owned();
-        let current = server
-            .post("/v1/token/refresh", None, json!({ "refresh_token": spent }))
-            .await
-            .expect(200)["refresh_token"]
+        let current = server.refresh(&spent).await.expect(200)["refresh_token"]
             .as_str()
             .unwrap()
             .to_owned();
-        let (thief, victim) = tokio::join!(
-            server.post(
-                "/v1/token/refresh",
-                None,
-                json!({ "refresh_token": current })
-            ),
-            server.post("/v1/token/refresh", None, json!({ "refresh_token": spent })),
-        );
+        let (thief, victim) = tokio::join!(server.refresh(&current), server.refresh(&spent),);
         victim.expect_error(401, "unauthorized");
         if thief.status == 200 {
             let rotated = thief.body["refresh_token"].as_str().unwrap();
             server
-                .post(
-                    "/v1/token/refresh",
-                    None,
-                    json!({ "refresh_token": rotated }),
-                )
+                .refresh(rotated)
                 .await
                 .expect_error(401, "unauthorized");
         }

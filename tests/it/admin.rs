@@ -167,11 +167,7 @@ async fn user_commands_list_show_disable_enable_and_delete(backend: Backend) {
         .await
         .expect_error(401, "unauthorized");
     server
-        .post(
-            "/v1/token/refresh",
-            None,
-            json!({ "refresh_token": bob.refresh }),
-        )
+        .refresh(&bob.refresh)
         .await
         .expect_error(401, "unauthorized");
     // Others may still write to a disabled account: it keeps its queue.
@@ -285,11 +281,7 @@ async fn a_disabled_account_is_cut_off_from_a_running_server(backend: Backend) {
         .expect_close(UNAUTHORIZED)
         .await;
     server
-        .post(
-            "/v1/token/refresh",
-            None,
-            json!({ "refresh_token": alice.refresh }),
-        )
+        .refresh(&alice.refresh)
         .await
         .expect_error(401, "unauthorized");
     login_reply(&server.api, "alice", PASSWORD)

@@ -250,14 +250,7 @@ async fn wrong_content_types_are_refused(backend: Backend) {
         .await
         .expect_error(404, "not_found");
     assert!(server.inbox(&bob).await.is_empty());
-    server
-        .post(
-            "/v1/token/refresh",
-            None,
-            json!({ "refresh_token": alice.refresh }),
-        )
-        .await
-        .expect(200);
+    server.refresh(&alice.refresh).await.expect(200);
     // A JSON media type with parameters is still JSON.
     let reply = server
         .raw(

@@ -138,21 +138,10 @@ async fn a_whole_session_logs_no_secret(backend: Backend) {
         .send_json(json!({ "type": "auth", "token": renewed }))
         .await;
     alice_ws.expect("authed").await;
-    let refreshed = api
-        .post(
-            "/v1/token/refresh",
-            None,
-            json!({ "refresh_token": bob_refresh }),
-        )
+    let refreshed = api.refresh(&bob_refresh).await.expect(200);
+    api.refresh(&bob_refresh)
         .await
-        .expect(200);
-    api.post(
-        "/v1/token/refresh",
-        None,
-        json!({ "refresh_token": bob_refresh }),
-    )
-    .await
-    .expect_error(401, "unauthorized");
+        .expect_error(401, "unauthorized");
     let new_password = "pw-new-of-alice-Vb62Gs";
     let changed = api
         .put(

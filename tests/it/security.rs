@@ -69,12 +69,7 @@ fn session_from(who: &Account, tokens: &Value) -> Account {
 }
 
 async fn refresh(api: &Api, refresh_token: &str) -> Reply {
-    api.post(
-        "/v1/token/refresh",
-        None,
-        json!({ "refresh_token": refresh_token }),
-    )
-    .await
+    api.refresh(refresh_token).await
 }
 
 async fn delete_me(api: &Api, token: &str, password: &str) -> Reply {

@@ -541,6 +541,12 @@ impl Api {
             .await
     }
 
+    /// `POST /v1/token/refresh` with `token`.
+    pub async fn refresh(&self, token: &str) -> Reply {
+        self.post("/v1/token/refresh", None, json!({ "refresh_token": token }))
+            .await
+    }
+
     /// A request with a raw body and content type, for hostile-input tests.
     pub async fn raw(
         &self,
