@@ -164,9 +164,22 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub send_rate_burst: u32,
 
-    /// Open WebSockets per user (all devices and sessions); 0 = no limit.
+    /// Open WebSockets per device (all its sessions: tabs, an app
+    /// restarting); 0 = no limit. The name is from before devices.
     #[arg(long, env = "SEALPOST_MAX_CONNECTIONS_PER_USER", default_value_t = 10)]
     pub max_connections_per_user: u32,
+
+    /// Devices one account may hold (1 or more). Each has its own key,
+    /// queue and sessions, and a send carries one envelope per device.
+    #[arg(long, env = "SEALPOST_MAX_DEVICES_PER_USER", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_devices_per_user: u32,
+
+    /// Tell the sender's sockets when a recipient device acknowledges a
+    /// message (`receipt` frames). Best effort, never stored.
+    #[arg(long, env = "SEALPOST_DELIVERY_RECEIPTS", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub delivery_receipts: bool,
 
     /// Open WebSockets per client IP; 0 = no limit. Mind carrier-grade NAT:
     /// many users may share one address.
@@ -182,8 +195,9 @@ pub struct Config {
     )]
     pub max_unauthenticated_sockets: u32,
 
-    /// Messages queued for one recipient; further sends to them are refused
-    /// with `queue_full` until they drain. 0 = no limit.
+    /// Messages queued for one device of a recipient; further sends to the
+    /// account are refused with `queue_full` until that device's queue
+    /// drains. 0 = no limit. The name is from before devices.
     #[arg(long, env = "SEALPOST_MAX_QUEUED_PER_USER", default_value_t = 10_000)]
     pub max_queued_per_user: u32,
 
@@ -282,8 +296,12 @@ impl Config {
     /// The largest request body the HTTP layer buffers: a maximal message
     /// body in base64 plus room for the JSON around it.
     pub fn max_request_bytes(&self) -> usize {
+        // Room for one maximal envelope per device: the size limit applies
+        // per envelope. Each envelope adds its device id and JSON around
+        // the base64.
         let body = self.max_body_bytes as usize;
-        (body.div_ceil(3) * 4 + 4096).max(16 * 1024)
+        let envelopes = self.max_devices_per_user.max(1) as usize;
+        (envelopes * (body.div_ceil(3) * 4 + 64) + 4096).max(16 * 1024)
     }
 }
 

@@ -22,12 +22,14 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Every code [`Error::code`] can return: the finite set a metric may use
 /// as label values.
-pub const CODES: [&str; 11] = [
+pub const CODES: [&str; 13] = [
     "invalid",
     "unauthorized",
     "not_found",
     "forbidden",
     "conflict",
+    "too_many_devices",
+    "devices_changed",
     "rate_limited",
     "queue_full",
     "too_many_connections",
@@ -59,6 +61,18 @@ pub enum Error {
     Forbidden(&'static str),
     #[error("{0}")]
     Conflict(&'static str),
+    /// The account holds as many devices as it may.
+    #[error("this account has as many devices as it may; remove one first")]
+    TooManyDevices,
+    /// A send's envelopes do not match the recipient's current devices:
+    /// nothing was stored. The sender refreshes its directory and retries.
+    #[error("the recipient's devices have changed; fetch them and send again")]
+    DevicesChanged {
+        /// Devices with no envelope, in ascending order.
+        missing: Vec<u32>,
+        /// Envelopes for devices that are not (or no longer) there.
+        extra: Vec<u32>,
+    },
     #[error("{0}")]
     TooLarge(Cow<'static, str>),
     /// Over a rate limit; retry after the given time.
@@ -102,6 +116,8 @@ impl Error {
             Error::NotFound(_) => "not_found",
             Error::Forbidden(_) => "forbidden",
             Error::Conflict(_) => "conflict",
+            Error::TooManyDevices => "too_many_devices",
+            Error::DevicesChanged { .. } => "devices_changed",
             Error::RateLimited { .. } => "rate_limited",
             Error::QueueFull => "queue_full",
             Error::TooManyConnections(_) => "too_many_connections",
@@ -119,7 +135,9 @@ impl Error {
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
-            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::Conflict(_) | Error::TooManyDevices | Error::DevicesChanged { .. } => {
+                StatusCode::CONFLICT
+            }
             Error::RateLimited { .. } | Error::QueueFull | Error::TooManyConnections(_) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -143,6 +161,24 @@ impl Error {
             _ => None,
         }
     }
+
+    /// What the error body carries beside its code and message, on REST and
+    /// on the socket alike.
+    pub fn detail(&self) -> ErrorDetail {
+        let (missing, extra) = match self {
+            Error::DevicesChanged { missing, extra } => {
+                (Some(missing.clone()), Some(extra.clone()))
+            }
+            _ => (None, None),
+        };
+        ErrorDetail {
+            code: self.code(),
+            message: self.public_message(),
+            field: self.field_name(),
+            missing,
+            extra,
+        }
+    }
 }
 
 /// The JSON body of every error: `{"error": {"code", "message", "field"?}}`.
@@ -157,6 +193,12 @@ pub struct ErrorDetail {
     pub message: Cow<'static, str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<Cow<'static, str>>,
+    /// With `devices_changed`: the recipient's devices the send missed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missing: Option<Vec<u32>>,
+    /// With `devices_changed`: envelopes for devices that are not there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extra: Option<Vec<u32>>,
 }
 
 impl IntoResponse for Error {
@@ -166,11 +208,7 @@ impl IntoResponse for Error {
             tracing::error!(error = format!("{cause:#}"), "internal error");
         }
         let body = ErrorBody {
-            error: ErrorDetail {
-                code: self.code(),
-                message: self.public_message(),
-                field: self.field_name(),
-            },
+            error: self.detail(),
         };
         let mut response = (self.status(), axum::Json(body)).into_response();
         match self {
@@ -312,6 +350,11 @@ mod tests {
             Error::NotFound("x"),
             Error::Forbidden("x"),
             Error::Conflict("x"),
+            Error::TooManyDevices,
+            Error::DevicesChanged {
+                missing: vec![1],
+                extra: vec![],
+            },
             Error::TooLarge("x".into()),
             Error::RateLimited {
                 retry_after: Duration::ZERO,

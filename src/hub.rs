@@ -1,5 +1,13 @@
-//! The connection hub: which connections are online for which user, and the
-//! routing of a pushed message to each of them.
+//! The connection hub: which connections are online for which device of
+//! which account, and the routing of a pushed message to each of them.
+//!
+//! Connections are kept per account, each handle naming its device: a
+//! message goes to the sockets of one device (each device has its own
+//! queue), a notice (a delivery receipt, a change of the account's devices)
+//! to every socket of the account. A device may hold several sockets
+//! (browser tabs, an app restarting); one opened as exclusive displaces the
+//! older ones of its device (kicked with [`Kick::Displaced`] as it
+//! registers).
 //!
 //! The hub only routes: it owns no durability and never touches the
 //! database. A message pushed here is also on its way to the store, so a
@@ -12,8 +20,10 @@
 //! messages stay queued in the store for its next connection, so a slow
 //! reader costs at most its queue and never delays anyone else.
 //!
-//! A cross-node broker would sit behind [`Hub::push`]: the same call, routing
-//! to users connected to other processes as well.
+//! The hub knows only this process's connections. Push order (a device's
+//! connections see messages in id order) rests on the delivery core calling
+//! [`Hub::push`] under its order lock, not on anything here; a cross-node
+//! broker must carry that order itself.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -28,15 +38,17 @@ use uuid::Uuid;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::store::Message;
+use crate::store::{DeviceId, Message};
 
 /// Why the hub closed a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kick {
     /// Its outbound queue overflowed: a reader that stalled.
     Overflow,
-    /// Its session was revoked.
+    /// Its session was revoked, or its device removed.
     Revoked,
+    /// A newer exclusive socket of its device took over.
+    Displaced,
 }
 
 /// Tells a connection to close, and why. The first reason given sticks.
@@ -65,14 +77,33 @@ pub struct Outbound {
     pub accepted: Instant,
 }
 
+/// A delivery receipt: `to`'s device `device` acknowledged message `id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    pub id: Uuid,
+    pub to: Uuid,
+    pub device: DeviceId,
+}
+
+/// What a connection is sent through its queue.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Message(Outbound),
+    /// Sent to every socket of the sender's account; never stored.
+    Receipt(Receipt),
+    /// The account's device numbers after a device was added or removed.
+    DevicesChanged(Arc<[DeviceId]>),
+}
+
 /// One connection as the hub sees it.
 #[derive(Clone)]
 struct ConnHandle {
     id: u64,
+    device: DeviceId,
     /// The session (refresh-token family) the connection authenticated with,
     /// so that revoking a session can find its sockets.
     session: Uuid,
-    tx: mpsc::Sender<Outbound>,
+    tx: mpsc::Sender<Event>,
     kick: Arc<KickSignal>,
 }
 
@@ -84,8 +115,8 @@ pub struct Hub {
     next_id: AtomicU64,
     /// Capacity of each connection's outbound queue.
     queue_bound: usize,
-    /// Connections one user may hold on this node; 0 for no limit.
-    max_per_user: usize,
+    /// Connections one device may hold on this node; 0 for no limit.
+    max_per_device: usize,
     /// Its gauges of connections and users online, moved under the same
     /// shard lock that adds or removes a connection.
     metrics: Arc<Metrics>,
@@ -97,8 +128,8 @@ pub struct Registration {
     hub: Arc<Hub>,
     user: Uuid,
     id: u64,
-    /// Messages pushed to this connection.
-    pub rx: mpsc::Receiver<Outbound>,
+    /// Messages and notices pushed to this connection.
+    pub rx: mpsc::Receiver<Event>,
     /// Cancelled when the hub gives up on this connection; then
     /// [`Registration::kick_reason`] says why.
     pub kicked: CancellationToken,
@@ -113,25 +144,37 @@ impl Registration {
 }
 
 impl Hub {
-    pub fn new(queue_bound: usize, max_per_user: usize, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(queue_bound: usize, max_per_device: usize, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             conns: DashMap::new(),
             next_id: AtomicU64::new(1),
             queue_bound: queue_bound.max(1),
-            max_per_user,
+            max_per_device,
             metrics,
         })
     }
 
-    /// Adds a connection of `user`, unless the user holds as many as they
-    /// may (counted under the same shard lock that adds it, so concurrent
-    /// connects cannot overshoot). Messages pushed from now on reach its
-    /// `rx`, which buffers them while the connection drains its backlog.
-    pub fn register(self: &Arc<Self>, user: Uuid, session: Uuid) -> Result<Registration, Error> {
+    /// Adds a connection of `user`'s `device`, unless the device holds as
+    /// many as it may (counted under the same shard lock that adds it, so
+    /// concurrent connects cannot overshoot). Messages pushed from now on
+    /// reach its `rx`, which buffers them while the connection drains its
+    /// backlog.
+    pub fn register(
+        self: &Arc<Self>,
+        user: Uuid,
+        device: DeviceId,
+        session: Uuid,
+    ) -> Result<Registration, Error> {
         let mut handles = self.conns.entry(user).or_default();
-        if self.max_per_user != 0 && handles.len() >= self.max_per_user {
+        // Sockets already told to close (displaced by this one, say) are
+        // on their way out and do not count.
+        let held = handles
+            .iter()
+            .filter(|h| h.device == device && !h.kick.token.is_cancelled())
+            .count();
+        if self.max_per_device != 0 && held >= self.max_per_device {
             return Err(Error::TooManyConnections(
-                "too many connections for this user",
+                "too many connections for this device",
             ));
         }
         let (tx, rx) = mpsc::channel(self.queue_bound);
@@ -145,6 +188,7 @@ impl Hub {
         self.metrics.ws_connections.increment(1);
         handles.push(ConnHandle {
             id,
+            device,
             session,
             tx,
             kick: signal.clone(),
@@ -187,14 +231,33 @@ impl Hub {
         self.conns.iter().map(|entry| entry.value().len()).sum()
     }
 
-    /// Queues `message` for every connection of `user`; returns how many
-    /// took it. Never blocks: a full queue kicks its connection.
-    pub fn push(&self, user: Uuid, message: &Outbound) -> usize {
+    /// Queues `message` for every connection of `user`'s `device`; returns
+    /// how many took it. Never blocks: a full queue kicks its connection.
+    pub fn push(&self, user: Uuid, device: DeviceId, message: &Outbound) -> usize {
+        self.send(
+            user,
+            |h| h.device == device,
+            || Event::Message(message.clone()),
+        )
+    }
+
+    /// Queues a notice for every connection of `user`, whatever its device;
+    /// returns how many took it.
+    pub fn notify(&self, user: Uuid, event: Event) -> usize {
+        self.send(user, |_| true, || event.clone())
+    }
+
+    fn send(
+        &self,
+        user: Uuid,
+        to: impl Fn(&ConnHandle) -> bool,
+        event: impl Fn() -> Event,
+    ) -> usize {
         let mut delivered = 0;
         let mut dropped: SmallVec<[u64; 2]> = SmallVec::new();
         if let Some(handles) = self.conns.get(&user) {
-            for handle in handles.iter() {
-                match handle.tx.try_send(message.clone()) {
+            for handle in handles.iter().filter(|h| to(h)) {
+                match handle.tx.try_send(event()) {
                     Ok(()) => delivered += 1,
                     Err(TrySendError::Full(_)) => {
                         tracing::info!(user.id = %user, conn = handle.id, "outbound queue full: closing the connection");
@@ -224,12 +287,18 @@ impl Hub {
     /// Closes every connection of `user` in `session`, or all of the user's
     /// connections with `None`. Returns how many were closed.
     pub fn kick(&self, user: Uuid, session: Option<Uuid>, reason: Kick) -> usize {
+        self.kick_where(user, reason, |h| session.is_none_or(|s| s == h.session))
+    }
+
+    /// Closes every connection of `user`'s `device`.
+    pub fn kick_device(&self, user: Uuid, device: DeviceId, reason: Kick) -> usize {
+        self.kick_where(user, reason, |h| h.device == device)
+    }
+
+    fn kick_where(&self, user: Uuid, reason: Kick, which: impl Fn(&ConnHandle) -> bool) -> usize {
         let mut kicked = 0;
         if let Some(handles) = self.conns.get(&user) {
-            for handle in handles
-                .iter()
-                .filter(|h| session.is_none_or(|s| s == h.session))
-            {
+            for handle in handles.iter().filter(|h| which(h)) {
                 handle.kick.kick(reason);
                 kicked += 1;
             }
@@ -254,13 +323,54 @@ mod tests {
             message: Arc::new(Message {
                 id,
                 recipient,
+                device: 1,
                 sender: Uuid::new_v4(),
+                sender_device: 1,
                 body: vec![1, 2, 3],
                 sent_at: crate::store::id_time(id),
             }),
             ephemeral: false,
             accepted: Instant::now(),
         }
+    }
+
+    impl Event {
+        fn message_id(&self) -> Uuid {
+            match self {
+                Event::Message(outbound) => outbound.message.id,
+                _ => panic!("expected a message"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_go_to_one_device_and_notices_to_all() {
+        let hub = hub(8, 0);
+        let alice = Uuid::new_v4();
+        let mut phone = hub.register(alice, 1, Uuid::new_v4()).unwrap();
+        let mut laptop = hub.register(alice, 2, Uuid::new_v4()).unwrap();
+        let m = message(alice);
+        assert_eq!(hub.push(alice, 2, &m), 1);
+        assert_eq!(laptop.rx.recv().await.unwrap().message_id(), m.message.id);
+        assert!(phone.rx.try_recv().is_err());
+        let devices: Arc<[DeviceId]> = Arc::from(vec![1, 2]);
+        assert_eq!(hub.notify(alice, Event::DevicesChanged(devices)), 2);
+        for rx in [&mut phone.rx, &mut laptop.rx] {
+            assert!(matches!(rx.recv().await, Some(Event::DevicesChanged(d)) if *d == [1, 2]));
+        }
+    }
+
+    #[tokio::test]
+    async fn kicking_a_device_leaves_the_others() {
+        let hub = hub(8, 0);
+        let alice = Uuid::new_v4();
+        let old = hub.register(alice, 1, Uuid::new_v4()).unwrap();
+        let other_device = hub.register(alice, 2, Uuid::new_v4()).unwrap();
+        assert_eq!(hub.kick_device(alice, 1, Kick::Displaced), 1);
+        assert_eq!(old.kick_reason(), Some(Kick::Displaced));
+        assert!(!other_device.kicked.is_cancelled());
+        assert_eq!(hub.kick_device(alice, 2, Kick::Revoked), 1);
+        assert_eq!(other_device.kick_reason(), Some(Kick::Revoked));
     }
 
     fn hub(queue_bound: usize, max_per_user: usize) -> Arc<Hub> {
@@ -271,13 +381,13 @@ mod tests {
     async fn pushes_reach_every_connection_of_the_user_only() {
         let hub = hub(8, 0);
         let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
-        let mut phone = hub.register(alice, Uuid::new_v4()).unwrap();
-        let mut laptop = hub.register(alice, Uuid::new_v4()).unwrap();
-        let mut other = hub.register(bob, Uuid::new_v4()).unwrap();
+        let mut phone = hub.register(alice, 1, Uuid::new_v4()).unwrap();
+        let mut laptop = hub.register(alice, 1, Uuid::new_v4()).unwrap();
+        let mut other = hub.register(bob, 1, Uuid::new_v4()).unwrap();
         let m = message(alice);
-        assert_eq!(hub.push(alice, &m), 2);
-        assert_eq!(phone.rx.recv().await.unwrap().message.id, m.message.id);
-        assert_eq!(laptop.rx.recv().await.unwrap().message.id, m.message.id);
+        assert_eq!(hub.push(alice, 1, &m), 2);
+        assert_eq!(phone.rx.recv().await.unwrap().message_id(), m.message.id);
+        assert_eq!(laptop.rx.recv().await.unwrap().message_id(), m.message.id);
         assert!(other.rx.try_recv().is_err());
     }
 
@@ -285,40 +395,40 @@ mod tests {
     async fn dropping_the_registration_unregisters() {
         let hub = hub(8, 0);
         let user = Uuid::new_v4();
-        let first = hub.register(user, Uuid::new_v4()).unwrap();
-        let second = hub.register(user, Uuid::new_v4()).unwrap();
+        let first = hub.register(user, 1, Uuid::new_v4()).unwrap();
+        let second = hub.register(user, 1, Uuid::new_v4()).unwrap();
         assert_eq!(hub.connections(), 2);
         drop(first);
         assert!(hub.is_online(user));
         drop(second);
         assert!(!hub.is_online(user));
-        assert_eq!(hub.push(user, &message(user)), 0);
+        assert_eq!(hub.push(user, 1, &message(user)), 0);
     }
 
     #[tokio::test]
     async fn a_full_queue_kicks_only_its_connection() {
         let hub = hub(2, 0);
         let user = Uuid::new_v4();
-        let stalled = hub.register(user, Uuid::new_v4()).unwrap();
-        let mut healthy = hub.register(user, Uuid::new_v4()).unwrap();
+        let stalled = hub.register(user, 1, Uuid::new_v4()).unwrap();
+        let mut healthy = hub.register(user, 1, Uuid::new_v4()).unwrap();
         for _ in 0..2 {
-            assert_eq!(hub.push(user, &message(user)), 2);
+            assert_eq!(hub.push(user, 1, &message(user)), 2);
             healthy.rx.recv().await.unwrap();
         }
         // The stalled queue is full: the third push kicks it.
-        assert_eq!(hub.push(user, &message(user)), 1);
+        assert_eq!(hub.push(user, 1, &message(user)), 1);
         assert!(stalled.kicked.is_cancelled());
         assert!(!healthy.kicked.is_cancelled());
         assert_eq!(hub.connections(), 1);
-        assert_eq!(hub.push(user, &message(user)), 1);
+        assert_eq!(hub.push(user, 1, &message(user)), 1);
     }
 
     #[tokio::test]
     async fn kick_by_session() {
         let hub = hub(2, 0);
         let (user, session) = (Uuid::new_v4(), Uuid::new_v4());
-        let a = hub.register(user, session).unwrap();
-        let b = hub.register(user, Uuid::new_v4()).unwrap();
+        let a = hub.register(user, 1, session).unwrap();
+        let b = hub.register(user, 1, Uuid::new_v4()).unwrap();
         assert_eq!(hub.kick(user, Some(session), Kick::Revoked), 1);
         assert!(a.kicked.is_cancelled() && !b.kicked.is_cancelled());
         assert_eq!(hub.kick(user, None, Kick::Revoked), 2);
@@ -328,13 +438,13 @@ mod tests {
     async fn kicks_say_why() {
         let hub = hub(1, 0);
         let user = Uuid::new_v4();
-        let revoked = hub.register(user, Uuid::new_v4()).unwrap();
+        let revoked = hub.register(user, 1, Uuid::new_v4()).unwrap();
         hub.kick(user, None, Kick::Revoked);
         assert_eq!(revoked.kick_reason(), Some(Kick::Revoked));
         drop(revoked);
-        let stalled = hub.register(user, Uuid::new_v4()).unwrap();
-        hub.push(user, &message(user));
-        hub.push(user, &message(user));
+        let stalled = hub.register(user, 1, Uuid::new_v4()).unwrap();
+        hub.push(user, 1, &message(user));
+        hub.push(user, 1, &message(user));
         assert_eq!(stalled.kick_reason(), Some(Kick::Overflow));
     }
 
@@ -355,16 +465,16 @@ mod tests {
             )
         };
         let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
-        let phone = hub.register(alice, Uuid::new_v4()).unwrap();
-        let laptop = hub.register(alice, Uuid::new_v4()).unwrap();
-        let stalled = hub.register(bob, Uuid::new_v4()).unwrap();
+        let phone = hub.register(alice, 1, Uuid::new_v4()).unwrap();
+        let laptop = hub.register(alice, 1, Uuid::new_v4()).unwrap();
+        let stalled = hub.register(bob, 1, Uuid::new_v4()).unwrap();
         assert_eq!(gauges(), (Some(3.0), Some(2.0)));
         drop(phone);
         assert_eq!(gauges(), (Some(2.0), Some(2.0)));
         // Overflow: the hub drops bob's connection, and its registration
         // dropping later removes nothing more.
-        hub.push(bob, &message(bob));
-        hub.push(bob, &message(bob));
+        hub.push(bob, 1, &message(bob));
+        hub.push(bob, 1, &message(bob));
         assert_eq!(gauges(), (Some(1.0), Some(1.0)));
         drop(stalled);
         assert_eq!(gauges(), (Some(1.0), Some(1.0)));
@@ -373,17 +483,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_per_user_cap_refuses_the_next_connection_until_one_leaves() {
+    async fn the_per_device_cap_refuses_the_next_connection_until_one_leaves() {
         let hub = hub(1, 2);
         let user = Uuid::new_v4();
-        let first = hub.register(user, Uuid::new_v4()).unwrap();
-        let _second = hub.register(user, Uuid::new_v4()).unwrap();
+        // Another device of the same account counts on its own.
+        let _laptop = hub.register(user, 2, Uuid::new_v4()).unwrap();
+        let first = hub.register(user, 1, Uuid::new_v4()).unwrap();
+        let _second = hub.register(user, 1, Uuid::new_v4()).unwrap();
         assert!(matches!(
-            hub.register(user, Uuid::new_v4()),
+            hub.register(user, 1, Uuid::new_v4()),
             Err(Error::TooManyConnections(_))
         ));
-        assert!(hub.register(Uuid::new_v4(), Uuid::new_v4()).is_ok());
+        assert!(hub.register(Uuid::new_v4(), 1, Uuid::new_v4()).is_ok());
         drop(first);
-        assert!(hub.register(user, Uuid::new_v4()).is_ok());
+        assert!(hub.register(user, 1, Uuid::new_v4()).is_ok());
     }
 }

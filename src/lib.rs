@@ -19,16 +19,22 @@
 //!   (sockets per IP and user, unauthenticated sockets, queue per user).
 //! - [`nesting`]: the cap on JSON nesting depth, checked on every request
 //!   body and WebSocket frame before it is parsed.
+//! - [`wire`]: the wire types REST and WebSocket share (ids, timestamps,
+//!   the message view, a send's envelopes).
 //! - [`api`]: the REST endpoints, one file per resource; thin handlers; and
 //!   the security headers and CORS policy on every response.
 //! - [`delivery`]: the core that accepts, lists and acknowledges messages,
 //!   and its [`delivery::committer`], which batches every write to the queue
 //!   into group commits.
-//! - [`hub`]: the connection hub: which connections are online, and the
-//!   push to them. Routing only; it owns no durability.
+//! - [`devices`]: the devices of an account: the directory of device
+//!   numbers every send is checked against, and the rules for names.
+//! - [`hub`]: the connection hub: which connections of which device are
+//!   online, and the push to them. Routing only; it owns no durability.
 //! - [`ws`]: the WebSocket endpoint and one task per connection (auth,
 //!   backlog drain, push, sends, acks, renewal, close).
-//! - [`store`]: the `Store` trait and its PostgreSQL and SQLite backends.
+//! - [`store`]: durable storage, one trait per concern (the queue; accounts
+//!   and devices; sessions; operator queries), and its PostgreSQL and SQLite
+//!   backends.
 //! - [`seal`]: the storage keys, and the sealing of each queued message's
 //!   sender and body at rest.
 //! - [`keyfile`]: secrets generated beside an SQLite database when none is
@@ -41,18 +47,21 @@
 //!   `check-config`, `user`, `stats`, `healthcheck`.
 //!
 //! The path of a message: a `send` frame or `POST /v1/messages` →
-//! [`delivery::Delivery::accept`] (validation, recipient check; then, under
-//! one lock, its id, its insert into the committer's queue and its push to
-//! the recipient's connections) → the committer seals the batch and inserts
-//! it → `sent` or `201`. The recipient gets the push at once, or its backlog on connect, or
-//! polls `GET /v1/messages`; its ack travels the same committer as a batched
-//! delete.
+//! [`delivery::Delivery::accept`] (validation, the envelopes checked against
+//! the recipient's devices; then, under one lock, its id, the insert of one
+//! copy per device into the committer's queue and the push of each copy to
+//! its device's connections) → the committer seals the batch and inserts it
+//! → `sent` or `201`. Each recipient device gets the push at once, or its
+//! backlog on connect, or polls `GET /v1/messages`; its ack travels the same
+//! committer as a batched delete of its own copy, and the sender hears of it
+//! (a receipt).
 
 pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod config;
 pub mod delivery;
+pub mod devices;
 pub mod error;
 pub mod hub;
 pub mod keyfile;
@@ -66,6 +75,7 @@ pub mod state;
 pub mod store;
 pub mod sweeper;
 pub mod tls;
+pub mod wire;
 pub mod ws;
 
 pub use config::Config;

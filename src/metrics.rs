@@ -152,13 +152,15 @@ label_values! {
         Shutdown = "shutdown",
         /// The access token in force expired.
         TokenExpired = "token_expired",
-        /// Its session was revoked.
+        /// Its session was revoked, or its device removed.
         Revoked = "revoked",
+        /// A newer exclusive socket of its device took over (4409).
+        Displaced = "displaced",
         /// Its outbound queue overflowed: a reader that fell behind.
         Overflow = "overflow",
         /// It did not authenticate (bad token, or no `auth` frame in time).
         Unauthenticated = "unauthenticated",
-        /// The user already held as many sockets as they may.
+        /// The device already held as many sockets as it may.
         TooManyConnections = "too_many_connections",
         /// Too many malformed frames.
         Malformed = "malformed",
@@ -212,8 +214,11 @@ pub struct Metrics {
     pub db_write_errors: Counter,
     /// Messages queued in the store, sampled by the sweeper.
     pub queued_messages: Gauge,
-    /// The longest one recipient's queue, sampled by the sweeper.
+    /// The longest one device's queue, sampled by the sweeper. The name is
+    /// from before devices, kept so that dashboards and alerts hold.
     pub queued_max_per_user: Gauge,
+    /// Devices in the database, sampled by the sweeper.
+    pub devices: Gauge,
     rate_limited: Labelled<Limited>,
     auth_failures: Labelled<AuthFailure>,
     /// Time a password hash or check waited for a hashing slot.
@@ -303,7 +308,11 @@ impl Metrics {
             ),
             queued_max_per_user: r.gauge(
                 "sealpost_queued_messages_max_per_user",
-                "The longest single recipient's queue, sampled every sweep interval.",
+                "The longest single device's queue, sampled every sweep interval.",
+            ),
+            devices: r.gauge(
+                "sealpost_devices",
+                "Devices of all accounts, sampled every sweep interval.",
             ),
             rate_limited: r.labelled(
                 "sealpost_rate_limited_total",

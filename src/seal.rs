@@ -2,11 +2,16 @@
 //! sender and body so that a dump of the database alone reveals neither.
 //!
 //! A row's `sealed` column is `nonce (24) || ciphertext || tag (16)`: the
-//! XChaCha20-Poly1305 encryption of `sender id (16) || body` under the key
-//! its `key_id` column names. The associated data is [`AD_LABEL`], the
-//! message id and the recipient id, so a blob copied onto another row or
-//! recipient fails to open; `sent_at` is derived from the id and bound with
-//! it. Nonces are drawn from the OS RNG: 192 random bits cannot collide in
+//! XChaCha20-Poly1305 encryption of `sender id (16) || sender device (4,
+//! big-endian) || body` under the key its `key_id` column names. The
+//! associated data is [`AD_LABEL`], the message id, the recipient id and the
+//! recipient device, so a blob copied onto another row, recipient or device
+//! fails to open; `sent_at` is derived from the id and bound with it.
+//!
+//! Rows sealed before devices existed ([`AD_LABEL_V1`]: `sender || body`,
+//! without either device) were all moved to device 1 and still open there,
+//! with sender device 1; the label keeps the two formats apart, so a row of
+//! one never opens as the other. Nonces are drawn from the OS RNG: 192 random bits cannot collide in
 //! any number of rows one key will ever seal, so no counter has to survive
 //! restarts or be shared between nodes.
 //!
@@ -32,14 +37,18 @@ use rand::rngs::OsRng;
 use uuid::Uuid;
 
 use crate::keyfile::{self, Kind};
-use crate::store::{KeyId, Message, SealedRow, StoredRow};
+use crate::store::{DeviceId, KeyId, Message, SealedRow, StoredRow};
 
 /// Names the format and its version in every row's associated data, so a
 /// later format can never be confused with this one.
-const AD_LABEL: &[u8] = b"sealpost/queue/v1";
+const AD_LABEL: &[u8] = b"sealpost/queue/v2";
+/// The format before devices: no device in the associated data nor in the
+/// plaintext. Opened, never written.
+const AD_LABEL_V1: &[u8] = b"sealpost/queue/v1";
 const NONCE_BYTES: usize = 24;
 const TAG_BYTES: usize = 16;
 const SENDER_BYTES: usize = 16;
+const DEVICE_BYTES: usize = 4;
 const KEY_BYTES: usize = 32;
 
 /// Why a row could not be sealed or opened. The row itself is never touched.
@@ -145,15 +154,17 @@ impl KeyRing {
 
     fn seal_with(&self, message: &Message, nonce: &[u8; NONCE_BYTES]) -> SealedRow {
         let (key_id, key) = &self.keys[0];
-        let mut sealed =
-            Vec::with_capacity(NONCE_BYTES + SENDER_BYTES + message.body.len() + TAG_BYTES);
+        let mut sealed = Vec::with_capacity(
+            NONCE_BYTES + SENDER_BYTES + DEVICE_BYTES + message.body.len() + TAG_BYTES,
+        );
         sealed.extend_from_slice(nonce);
         sealed.extend_from_slice(message.sender.as_bytes());
+        sealed.extend_from_slice(&message.sender_device.to_be_bytes());
         sealed.extend_from_slice(&message.body);
         let tag = key
             .encrypt_in_place_detached(
                 &XNonce::from(*nonce),
-                &associated_data(message.id, message.recipient),
+                &associated_data(message.id, message.recipient, message.device),
                 &mut sealed[NONCE_BYTES..],
             )
             // Only a plaintext beyond 256 GiB fails; bodies are at most 1 MiB.
@@ -162,6 +173,7 @@ impl KeyRing {
         SealedRow {
             id: message.id,
             recipient: message.recipient,
+            device: message.device,
             sent_at: message.sent_at,
             key_id: *key_id,
             sealed,
@@ -177,6 +189,7 @@ impl KeyRing {
         let SealedRow {
             id,
             recipient,
+            device,
             sent_at,
             key_id,
             mut sealed,
@@ -194,20 +207,48 @@ impl KeyRing {
             .expect("TAG_BYTES");
         let nonce: [u8; NONCE_BYTES] = sealed[..NONCE_BYTES].try_into().expect("NONCE_BYTES");
         sealed.truncate(sealed.len() - TAG_BYTES);
-        let text = &mut sealed[NONCE_BYTES..];
-        key.decrypt_in_place_detached(
-            &XNonce::from(nonce),
-            &associated_data(id, recipient),
-            text,
-            &Tag::from(tag),
-        )
-        .map_err(|_| forged)?;
-        let sender = Uuid::from_slice(&text[..SENDER_BYTES]).expect("16 bytes");
+        let (nonce, tag) = (XNonce::from(nonce), Tag::from(tag));
+        // A failed decryption leaves the buffer as it was, so the older
+        // format can be tried on the same bytes. Only device 1 holds rows of
+        // that format.
+        let opened = key
+            .decrypt_in_place_detached(
+                &nonce,
+                &associated_data(id, recipient, device),
+                &mut sealed[NONCE_BYTES..],
+                &tag,
+            )
+            .is_ok();
+        let sender_device = if opened && sealed.len() >= NONCE_BYTES + SENDER_BYTES + DEVICE_BYTES {
+            let at = NONCE_BYTES + SENDER_BYTES;
+            let device_bytes: [u8; DEVICE_BYTES] =
+                sealed[at..at + DEVICE_BYTES].try_into().expect("4 bytes");
+            sealed.drain(at..at + DEVICE_BYTES);
+            u32::from_be_bytes(device_bytes)
+        } else if !opened
+            && device == 1
+            && key
+                .decrypt_in_place_detached(
+                    &nonce,
+                    &associated_data_v1(id, recipient),
+                    &mut sealed[NONCE_BYTES..],
+                    &tag,
+                )
+                .is_ok()
+        {
+            1
+        } else {
+            return Err(forged);
+        };
+        let sender =
+            Uuid::from_slice(&sealed[NONCE_BYTES..NONCE_BYTES + SENDER_BYTES]).expect("16 bytes");
         sealed.drain(..NONCE_BYTES + SENDER_BYTES);
         Ok(Message {
             id,
             recipient,
+            device,
             sender,
+            sender_device,
             body: sealed,
             sent_at,
         })
@@ -224,11 +265,26 @@ impl KeyRing {
     }
 }
 
-fn associated_data(id: Uuid, recipient: Uuid) -> [u8; AD_LABEL.len() + 32] {
-    let mut ad = [0u8; AD_LABEL.len() + 32];
-    ad[..AD_LABEL.len()].copy_from_slice(AD_LABEL);
-    ad[AD_LABEL.len()..AD_LABEL.len() + 16].copy_from_slice(id.as_bytes());
-    ad[AD_LABEL.len() + 16..].copy_from_slice(recipient.as_bytes());
+fn associated_data(
+    id: Uuid,
+    recipient: Uuid,
+    device: DeviceId,
+) -> [u8; AD_LABEL.len() + 32 + DEVICE_BYTES] {
+    let mut ad = [0u8; AD_LABEL.len() + 32 + DEVICE_BYTES];
+    let at = AD_LABEL.len();
+    ad[..at].copy_from_slice(AD_LABEL);
+    ad[at..at + 16].copy_from_slice(id.as_bytes());
+    ad[at + 16..at + 32].copy_from_slice(recipient.as_bytes());
+    ad[at + 32..].copy_from_slice(&device.to_be_bytes());
+    ad
+}
+
+/// The associated data of the format before devices.
+fn associated_data_v1(id: Uuid, recipient: Uuid) -> [u8; AD_LABEL_V1.len() + 32] {
+    let mut ad = [0u8; AD_LABEL_V1.len() + 32];
+    ad[..AD_LABEL_V1.len()].copy_from_slice(AD_LABEL_V1);
+    ad[AD_LABEL_V1.len()..AD_LABEL_V1.len() + 16].copy_from_slice(id.as_bytes());
+    ad[AD_LABEL_V1.len() + 16..].copy_from_slice(recipient.as_bytes());
     ad
 }
 
@@ -305,7 +361,9 @@ mod tests {
         Message {
             id,
             recipient: Uuid::new_v4(),
+            device: 2,
             sender: Uuid::new_v4(),
+            sender_device: 3,
             body: body.to_vec(),
             sent_at: store::id_time(id),
         }
@@ -323,7 +381,7 @@ mod tests {
         assert_eq!(row.key_id, 1);
         assert_eq!(
             row.sealed.len(),
-            NONCE_BYTES + SENDER_BYTES + original.body.len() + TAG_BYTES
+            NONCE_BYTES + SENDER_BYTES + DEVICE_BYTES + original.body.len() + TAG_BYTES
         );
         assert_eq!(keys.open(sealed(row)).unwrap(), original);
     }
@@ -380,6 +438,14 @@ mod tests {
             keys.open(sealed(other_recipient)),
             Err(SealError::Forged { .. })
         ));
+        let other_device = SealedRow {
+            device: 1,
+            ..row.clone()
+        };
+        assert!(matches!(
+            keys.open(sealed(other_device)),
+            Err(SealError::Forged { .. })
+        ));
         let other_id = SealedRow {
             id: Uuid::now_v7(),
             ..row
@@ -402,6 +468,51 @@ mod tests {
         let impostor = ring("1:ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=");
         assert!(matches!(
             impostor.open(sealed(row)),
+            Err(SealError::Forged { .. })
+        ));
+    }
+
+    /// A row sealed before devices (`sender || body` under the v1 label),
+    /// as the migration left it on device 1.
+    fn sealed_v1(keys: &KeyRing, message: &Message) -> SealedRow {
+        let (key_id, key) = &keys.keys[0];
+        let nonce = [7u8; NONCE_BYTES];
+        let mut text = message.sender.as_bytes().to_vec();
+        text.extend_from_slice(&message.body);
+        let tag = key
+            .encrypt_in_place_detached(
+                &XNonce::from(nonce),
+                &associated_data_v1(message.id, message.recipient),
+                &mut text,
+            )
+            .unwrap();
+        let mut sealed = nonce.to_vec();
+        sealed.extend_from_slice(&text);
+        sealed.extend_from_slice(&tag);
+        SealedRow {
+            id: message.id,
+            recipient: message.recipient,
+            device: 1,
+            sent_at: message.sent_at,
+            key_id: *key_id,
+            sealed,
+        }
+    }
+
+    #[test]
+    fn rows_sealed_before_devices_open_on_device_1_only() {
+        let keys = ring(OLD);
+        let original = message(b"queued before the upgrade");
+        let row = sealed_v1(&keys, &original);
+        let opened = keys.open(sealed(row.clone())).unwrap();
+        assert_eq!(
+            (opened.device, opened.sender_device, opened.sender),
+            (1, 1, original.sender)
+        );
+        assert_eq!(opened.body, original.body);
+        let elsewhere = SealedRow { device: 2, ..row };
+        assert!(matches!(
+            keys.open(sealed(elsewhere)),
             Err(SealError::Forged { .. })
         ));
     }

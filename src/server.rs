@@ -30,6 +30,7 @@ use crate::auth::token::Tokens;
 use crate::config::Config;
 use crate::delivery::committer::Committer;
 use crate::delivery::{self, Delivery};
+use crate::devices::Directory;
 use crate::hub::Hub;
 use crate::limits::client_ip::TrustedProxies;
 use crate::limits::rate::AuthLimit;
@@ -149,8 +150,12 @@ impl Server {
             config.access_token_ttl,
             config.refresh_token_ttl,
         );
-        let (committer, committer_task) =
-            Committer::spawn(store.clone(), keys.clone(), metrics.clone());
+        let (committer, committer_task) = Committer::spawn(
+            store.clone(),
+            keys.clone(),
+            metrics.clone(),
+            config.delivery_receipts,
+        );
         let hub = Hub::new(
             config.ws_queue as usize,
             config.max_connections_per_user as usize,
@@ -158,16 +163,20 @@ impl Server {
         );
         let limits = delivery::Limits {
             max_body_bytes: config.max_body_bytes as usize,
+            max_devices_per_user: config.max_devices_per_user,
             send_rate_per_second: config.send_rate_per_second,
             send_rate_burst: config.send_rate_burst,
             max_queued_per_user: config.max_queued_per_user,
         };
+        let directory = Arc::new(Directory::new(store.clone()));
         let delivery = Delivery::new(
             store.clone(),
+            directory,
             committer,
             hub.clone(),
             keys.clone(),
             limits,
+            config.delivery_receipts,
             metrics.clone(),
         );
         let revocations = Revocations::load(store.as_ref(), config.access_token_ttl)
@@ -266,9 +275,11 @@ impl Server {
             }
             None => None,
         };
+        let delivery = state.delivery.clone();
         let revocations = tokio::spawn(state.revocations.clone().follow(
             state.store.clone(),
             state.hub.clone(),
+            move |user| delivery.devices_may_have_changed(user),
             state.config.revocation_poll_interval,
             background.clone(),
         ));

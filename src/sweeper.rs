@@ -85,7 +85,8 @@ async fn sample_queue_depth(state: &AppState) {
             state
                 .metrics
                 .queued_max_per_user
-                .set(depth.max_per_recipient as f64);
+                .set(depth.max_per_device as f64);
+            state.metrics.devices.set(depth.devices as f64);
         }
         Err(err) => tracing::warn!(error = %err, "sampling the queue depth failed"),
     }

@@ -174,12 +174,27 @@ pub struct UserDetails {
     pub username: String,
     pub created_at: String,
     pub disabled_at: Option<String>,
+    /// The lowest-numbered device's key, as before devices.
     pub public_key_bytes: u64,
     pub key_updated_at: String,
+    /// In number order.
+    pub devices: Vec<DeviceDetails>,
     /// Sessions that can still refresh.
     pub live_sessions: u64,
     pub queued: u64,
     pub oldest_queued_at: Option<String>,
+}
+
+/// One device in `user show`: no key and no name (names are the account's
+/// own), only their sizes and times.
+#[derive(Debug, Serialize)]
+pub struct DeviceDetails {
+    pub device_id: store::DeviceId,
+    pub public_key_bytes: u64,
+    pub key_updated_at: String,
+    pub created_at: String,
+    pub last_seen_at: String,
+    pub queued: u64,
 }
 
 impl From<AccountDetails> for UserDetails {
@@ -190,8 +205,24 @@ impl From<AccountDetails> for UserDetails {
             username: account.username,
             created_at: timestamp(account.created_at),
             disabled_at: account.disabled_at.map(timestamp),
-            public_key_bytes: details.public_key_bytes,
-            key_updated_at: timestamp(details.key_updated_at),
+            public_key_bytes: details.devices.first().map_or(0, |d| d.public_key_bytes),
+            key_updated_at: details
+                .devices
+                .first()
+                .map(|d| timestamp(d.key_updated_at))
+                .unwrap_or_default(),
+            devices: details
+                .devices
+                .into_iter()
+                .map(|d| DeviceDetails {
+                    device_id: d.id,
+                    public_key_bytes: d.public_key_bytes,
+                    key_updated_at: timestamp(d.key_updated_at),
+                    created_at: timestamp(d.created_at),
+                    last_seen_at: timestamp(d.last_seen_at),
+                    queued: d.queued,
+                })
+                .collect(),
             live_sessions: details.live_sessions,
             queued: account.queued,
             oldest_queued_at: details
@@ -220,6 +251,19 @@ impl fmt::Display for UserDetails {
             "public key     {} bytes, set {}",
             self.public_key_bytes, self.key_updated_at
         )?;
+        writeln!(f, "devices        {}", self.devices.len())?;
+        for d in &self.devices {
+            writeln!(
+                f,
+                "  device {:<6} key {} bytes set {}, added {}, last seen {}, {} queued",
+                d.device_id,
+                d.public_key_bytes,
+                d.key_updated_at,
+                d.created_at,
+                d.last_seen_at,
+                d.queued
+            )?;
+        }
         writeln!(f, "live sessions  {}", self.live_sessions)?;
         match &self.oldest_queued_at {
             Some(oldest) => writeln!(
@@ -356,9 +400,11 @@ impl fmt::Display for Deleted {
 pub struct StatsReport {
     pub users: u64,
     pub disabled_users: u64,
+    pub devices: u64,
     pub live_sessions: u64,
     /// Revocations kept until every access token they refuse has expired.
     pub revocations: u64,
+    /// Queued copies: a message to three devices counts three.
     pub queued: u64,
     /// Accounts with at least one queued message.
     pub recipients: u64,
@@ -382,6 +428,7 @@ pub async fn stats(store: &dyn Store) -> anyhow::Result<StatsReport> {
     Ok(StatsReport {
         users: stats.users,
         disabled_users: stats.disabled_users,
+        devices: stats.devices,
         live_sessions: stats.live_sessions,
         revocations: stats.revocations,
         queued: stats.queued,
@@ -403,6 +450,7 @@ impl fmt::Display for StatsReport {
             "users             {} ({} disabled)",
             self.users, self.disabled_users
         )?;
+        writeln!(f, "devices           {}", self.devices)?;
         writeln!(f, "live sessions     {}", self.live_sessions)?;
         writeln!(f, "revocations kept  {}", self.revocations)?;
         writeln!(

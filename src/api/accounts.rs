@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::limits::rate::AuthLimit;
 use crate::metrics::AuthFailure;
 use crate::state::AppState;
-use crate::store::{self, RefreshToken, Rotation, User};
+use crate::store::{self, Device, DeviceId, RefreshToken, Rotation, User};
 
 pub fn router(auth_limit: Option<AuthLimit>) -> Router<AppState> {
     let mut sign_in = Router::new()
@@ -79,23 +79,26 @@ struct Register {
     public_key: String,
 }
 
-/// The caller's own account.
+/// The caller's own account, as seen from one of its devices.
 #[derive(Serialize)]
 struct Profile {
     id: Uuid,
     username: String,
+    /// The key of the device this profile is seen from.
     public_key: String,
-    #[serde(serialize_with = "crate::api::timestamp")]
+    #[serde(serialize_with = "crate::wire::timestamp")]
     created_at: DateTime<Utc>,
+    device_id: DeviceId,
 }
 
-impl From<User> for Profile {
-    fn from(user: User) -> Self {
+impl Profile {
+    fn of(user: User, device: &Device) -> Self {
         Self {
             id: user.id,
-            public_key: STANDARD.encode(&user.public_key),
+            public_key: STANDARD.encode(&device.public_key),
             username: user.username,
             created_at: user.created_at,
+            device_id: device.id,
         }
     }
 }
@@ -117,19 +120,32 @@ async fn register(
     let user = User {
         id: Uuid::new_v4(),
         username: request.username,
-        public_key,
-        key_updated_at: now,
         created_at: now,
     };
-    state.store.create_user(&user, &password_hash).await?;
+    let device = Device {
+        id: 1,
+        public_key,
+        key_updated_at: now,
+        name: None,
+        created_at: now,
+        last_seen_at: now,
+    };
+    state
+        .store
+        .create_user(&user, &password_hash, &device)
+        .await?;
     tracing::info!(user.id = %user.id, "registered");
-    Ok((StatusCode::CREATED, Json(Profile::from(user))))
+    Ok((StatusCode::CREATED, Json(Profile::of(user, &device))))
 }
 
 #[derive(Deserialize)]
 struct Login {
     username: String,
     password: String,
+    /// The device to sign in as; device 1 when absent, as before devices.
+    /// Wide enough that any number parses and a bad one gets a 422 naming
+    /// the field.
+    device_id: Option<i64>,
 }
 
 /// The OAuth2 resource-owner password form (RFC 6749 §4.3.2).
@@ -138,6 +154,15 @@ struct PasswordGrant {
     grant_type: String,
     username: String,
     password: String,
+    device_id: Option<i64>,
+}
+
+/// A `device_id` field: 1 to the largest id a device can have.
+pub(super) fn device_field(value: i64) -> Result<DeviceId> {
+    u32::try_from(value)
+        .ok()
+        .filter(|id| (1..=store::MAX_DEVICE_ID).contains(id))
+        .ok_or_else(|| Error::field("device_id", "must be a device number, 1 or more"))
 }
 
 /// A login request as JSON or as the OAuth2 password form.
@@ -163,6 +188,7 @@ impl FromRequest<AppState> for LoginRequest {
             Ok(Self(Login {
                 username: grant.username,
                 password: grant.password,
+                device_id: grant.device_id,
             }))
         } else {
             let ApiJson(login) = ApiJson::<Login>::from_request(req, state).await?;
@@ -172,12 +198,14 @@ impl FromRequest<AppState> for LoginRequest {
 }
 
 #[derive(Serialize)]
-struct TokenPair {
+pub(super) struct TokenPair {
     access_token: String,
     token_type: &'static str,
     /// Seconds until the access token expires.
     expires_in: u64,
     refresh_token: String,
+    /// The device the session belongs to.
+    device_id: DeviceId,
 }
 
 /// One generic answer for an unknown user and a wrong password.
@@ -187,17 +215,32 @@ async fn login(
     State(state): State<AppState>,
     LoginRequest(login): LoginRequest,
 ) -> Result<Json<TokenPair>> {
+    let device = login.device_id.map(device_field).transpose()?.unwrap_or(1);
+    let user_id = check_credentials(&state, &login.username, login.password).await?;
+    let pair = start_session(&state, user_id, device).await?;
+    tracing::info!(user.id = %user_id, device, "logged in");
+    Ok(Json(pair))
+}
+
+/// The account a username and password open, refused alike for an unknown
+/// name and a wrong password; for a disabled account, refused only once the
+/// password is right.
+pub(super) async fn check_credentials(
+    state: &AppState,
+    username: &str,
+    password: String,
+) -> Result<Uuid> {
     // A name no account can have, or a password too long to be one, cannot
     // match: refuse before it costs a query or a hash.
-    if !is_username(&login.username) || login.password.len() > 4 * *PASSWORD_LEN.end() {
+    if !is_username(username) || password.len() > 4 * *PASSWORD_LEN.end() {
         state.metrics.auth_failed(AuthFailure::Credentials);
         return Err(BAD_LOGIN);
     }
-    let credentials = state.store.credentials(&login.username).await?;
+    let credentials = state.store.credentials(username).await?;
     let account = credentials.as_ref().map(|c| (c.user_id, c.disabled));
     let verified = state
         .passwords
-        .verify(login.password, credentials.map(|c| c.password_hash))
+        .verify(password, credentials.map(|c| c.password_hash))
         .await?;
     let Some((user_id, disabled)) = account.filter(|_| verified) else {
         tracing::info!("login refused");
@@ -210,17 +253,20 @@ async fn login(
         tracing::info!(user.id = %user_id, "login refused: the account is disabled");
         return Err(DISABLED);
     }
-    let pair = start_session(&state, user_id).await?;
-    tracing::info!(user.id = %user_id, "logged in");
-    Ok(Json(pair))
+    Ok(user_id)
 }
 
 /// The answer to a correct password for an account an operator disabled.
-const DISABLED: Error = Error::Forbidden("this account has been disabled");
+pub(super) const DISABLED: Error = Error::Forbidden("this account has been disabled");
 
-/// Opens a new session (refresh-token family) for `user_id`, unless the
-/// account was disabled or deleted since its password was checked.
-async fn start_session(state: &AppState, user_id: Uuid) -> Result<TokenPair> {
+/// Opens a new session (refresh-token family) for `user_id`'s `device`,
+/// unless the account was disabled or deleted, or the device removed (or
+/// never added), since its password was checked.
+pub(super) async fn start_session(
+    state: &AppState,
+    user_id: Uuid,
+    device: DeviceId,
+) -> Result<TokenPair> {
     let now = store::now();
     let refresh = Tokens::new_refresh();
     let family_id = Uuid::new_v4();
@@ -229,31 +275,38 @@ async fn start_session(state: &AppState, user_id: Uuid) -> Result<TokenPair> {
         .insert_refresh_token(&RefreshToken {
             hash: refresh.hash,
             user_id,
+            device,
             family_id,
             expires_at: store::add(now, state.tokens.refresh_ttl),
         })
         .await?;
     if !started {
-        return Err(if state.store.user_exists(user_id).await? {
-            DISABLED
-        } else {
+        return Err(if state.store.user(user_id).await?.is_none() {
             Error::Unauthorized("account no longer exists")
+        } else if !state.store.device_ids(user_id).await?.contains(&device) {
+            Error::NotFound("device")
+        } else {
+            DISABLED
         });
     }
-    token_pair(state, user_id, family_id, refresh.token)
+    token_pair(state, user_id, device, family_id, refresh.token)
 }
 
 fn token_pair(
     state: &AppState,
     user_id: Uuid,
+    device: DeviceId,
     session: Uuid,
     refresh_token: String,
 ) -> Result<TokenPair> {
     Ok(TokenPair {
-        access_token: state.tokens.issue_access(user_id, session, Utc::now())?,
+        access_token: state
+            .tokens
+            .issue_access(user_id, device, session, Utc::now())?,
         token_type: "bearer",
         expires_in: state.tokens.access_ttl.as_secs(),
         refresh_token,
+        device_id: device,
     })
 }
 
@@ -278,9 +331,13 @@ async fn refresh(
         )
         .await?;
     match rotation {
-        Rotation::Rotated { user_id, family_id } => {
-            Ok(Json(token_pair(&state, user_id, family_id, next.token)?))
-        }
+        Rotation::Rotated {
+            user_id,
+            device,
+            family_id,
+        } => Ok(Json(token_pair(
+            &state, user_id, device, family_id, next.token,
+        )?)),
         Rotation::Reused { user_id, revoked } => {
             tracing::warn!(user.id = %user_id, "refresh token reused: revoking every session of the user");
             state.metrics.auth_failed(AuthFailure::RefreshReuse);
@@ -297,12 +354,14 @@ async fn refresh(
 }
 
 async fn me(caller: AuthUser, State(state): State<AppState>) -> Result<Json<Profile>> {
-    let user = state
-        .store
-        .user(caller.id)
-        .await?
-        .ok_or(Error::Unauthorized("account no longer exists"))?;
-    Ok(Json(Profile::from(user)))
+    let gone = || Error::Unauthorized("account no longer exists");
+    let user = state.store.user(caller.id).await?.ok_or_else(gone)?;
+    let devices = state.store.devices(caller.id).await?;
+    let device = devices
+        .iter()
+        .find(|d| d.id == caller.device)
+        .ok_or(Error::Unauthorized("device no longer exists"))?;
+    Ok(Json(Profile::of(user, device)))
 }
 
 /// Ends the caller's session: its access tokens are refused from now on,
@@ -331,7 +390,7 @@ async fn logout_all(caller: AuthUser, State(state): State<AppState>) -> Result<S
 
 /// Checks the caller's current password: a stolen access token alone must
 /// not be enough to take the account over or delete it.
-async fn confirm_password(state: &AppState, user: Uuid, password: String) -> Result<()> {
+pub(super) async fn confirm_password(state: &AppState, user: Uuid, password: String) -> Result<()> {
     let wrong = || {
         state.metrics.auth_failed(AuthFailure::CurrentPassword);
         Err(WRONG_PASSWORD)
@@ -375,7 +434,7 @@ async fn change_password(
         .revocations
         .revoked_elsewhere(&state.hub, caller.id, Scope::All, &revoked);
     tracing::info!(user.id = %caller.id, "password changed");
-    Ok(Json(start_session(&state, caller.id).await?))
+    Ok(Json(start_session(&state, caller.id, caller.device).await?))
 }
 
 #[derive(Deserialize)]

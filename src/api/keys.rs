@@ -1,6 +1,11 @@
 //! Public keys and the user directory: how peers find each other and the key
 //! to encrypt to. Lookups require authentication, so the directory cannot be
 //! enumerated anonymously.
+//!
+//! Each device has its own key (the device directory is in
+//! [`super::devices`]). The single-key answers here, which clients from
+//! before devices read, give the account's lowest-numbered device's key and
+//! name that device.
 
 use axum::extract::State;
 use axum::routing::{get, put};
@@ -11,15 +16,18 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{ApiJson, ApiPath, parse_id};
+use super::{ApiJson, ApiPath};
 use crate::auth::AuthUser;
 use crate::error::{Error, Result};
 use crate::state::AppState;
-use crate::store::{self, User};
+use crate::store::{self, Device, DeviceId};
+use crate::wire::parse_id;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/v1/users/{username}", get(user_by_name))
+        // `{user}`: a username here, an id under `/devices`; one name for
+        // the segment, as the router asks.
+        .route("/v1/users/{user}", get(user_by_name))
         .route("/v1/public-key/{user_id}", get(public_key))
         .route("/v1/update-key", put(update_key))
 }
@@ -49,11 +57,24 @@ pub fn parse_public_key(value: &str) -> Result<Vec<u8>> {
     Ok(key)
 }
 
+/// As before devices, field for field: the lowest-numbered device's key.
 #[derive(Serialize)]
 struct DirectoryEntry {
     id: Uuid,
     username: String,
     public_key: String,
+}
+
+/// The account's lowest-numbered device, whose key the single-key answers
+/// give; every account has at least one.
+async fn first_device(state: &AppState, user: Uuid) -> Result<Device> {
+    state
+        .store
+        .devices(user)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or(Error::NotFound("user"))
 }
 
 async fn user_by_name(
@@ -69,27 +90,41 @@ async fn user_by_name(
         .user_by_name(&username)
         .await?
         .ok_or(Error::NotFound("user"))?;
+    let device = first_device(&state, user.id).await?;
     Ok(Json(DirectoryEntry {
         id: user.id,
-        public_key: STANDARD.encode(&user.public_key),
+        public_key: STANDARD.encode(&device.public_key),
         username: user.username,
     }))
 }
 
+/// One device's key. The single-key endpoints of before devices leave
+/// `device_id` out, so that their replies stay field for field as they
+/// were; `PUT /v1/devices/{id}/key` names it.
 #[derive(Serialize)]
-struct KeyView {
+pub(super) struct KeyView {
     user_id: Uuid,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_id: Option<DeviceId>,
     public_key: String,
-    #[serde(serialize_with = "crate::api::timestamp")]
+    #[serde(serialize_with = "crate::wire::timestamp")]
     updated_at: DateTime<Utc>,
 }
 
-impl From<&User> for KeyView {
-    fn from(user: &User) -> Self {
+impl KeyView {
+    pub(super) fn of(user: Uuid, device: &Device) -> Self {
         Self {
-            user_id: user.id,
-            public_key: STANDARD.encode(&user.public_key),
-            updated_at: user.key_updated_at,
+            user_id: user,
+            device_id: None,
+            public_key: STANDARD.encode(&device.public_key),
+            updated_at: device.key_updated_at,
+        }
+    }
+
+    pub(super) fn naming_device(self, device: DeviceId) -> Self {
+        Self {
+            device_id: Some(device),
+            ..self
         }
     }
 }
@@ -100,25 +135,37 @@ async fn public_key(
     ApiPath(user_id): ApiPath<String>,
 ) -> Result<Json<KeyView>> {
     let id = parse_id("user_id", &user_id)?;
-    let user = state.store.user(id).await?.ok_or(Error::NotFound("user"))?;
-    Ok(Json(KeyView::from(&user)))
+    let device = first_device(&state, id).await?;
+    Ok(Json(KeyView::of(id, &device)))
 }
 
 #[derive(Deserialize)]
-struct UpdateKey {
-    public_key: String,
+pub(super) struct UpdateKey {
+    pub(super) public_key: String,
 }
 
+/// Replaces the calling device's key.
 async fn update_key(
     caller: AuthUser,
     State(state): State<AppState>,
     ApiJson(request): ApiJson<UpdateKey>,
 ) -> Result<Json<KeyView>> {
-    let key = parse_public_key(&request.public_key)?;
-    let user = state
+    set_own_key(&state, &caller, &request.public_key).await
+}
+
+/// Replaces the calling device's key: only a device itself may change its
+/// key, so that a stolen token of one device cannot redirect what peers
+/// encrypt to another.
+pub(super) async fn set_own_key(
+    state: &AppState,
+    caller: &AuthUser,
+    public_key: &str,
+) -> Result<Json<KeyView>> {
+    let key = parse_public_key(public_key)?;
+    let device = state
         .store
-        .set_public_key(caller.id, &key, store::now())
+        .set_device_key(caller.id, caller.device, &key, store::now())
         .await?
-        .ok_or(Error::Unauthorized("account no longer exists"))?;
-    Ok(Json(KeyView::from(&user)))
+        .ok_or(Error::Unauthorized("device no longer exists"))?;
+    Ok(Json(KeyView::of(caller.id, &device)))
 }

@@ -1,22 +1,22 @@
 //! The message queue over REST: send, poll, acknowledge. The fallback for
-//! clients that cannot hold a WebSocket, over the same delivery core.
+//! clients that cannot hold a WebSocket, over the same delivery core. A
+//! device polls and acknowledges its own queue: the caller's token names
+//! the device.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{post, put};
 use axum::{Json, Router};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{ApiJson, ApiPath, ApiQuery, parse_id};
+use super::{ApiJson, ApiPath, ApiQuery};
 use crate::auth::AuthUser;
 use crate::delivery::MAX_PAGE;
 use crate::error::{Error, Result};
 use crate::state::AppState;
-use crate::store::Message;
+use crate::wire::{self, MessageView, parse_id};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -27,17 +27,20 @@ pub fn router() -> Router<AppState> {
 
 const DEFAULT_PAGE: u32 = 100;
 
+/// A send: one `body` for every device of the recipient, or one envelope
+/// per device.
 #[derive(Deserialize)]
 struct Send {
     to: String,
-    body: String,
+    body: Option<String>,
+    envelopes: Option<Vec<wire::Envelope>>,
 }
 
 #[derive(Serialize)]
 struct Sent {
     id: Uuid,
     to: Uuid,
-    #[serde(serialize_with = "crate::api::timestamp")]
+    #[serde(serialize_with = "crate::wire::timestamp")]
     sent_at: DateTime<Utc>,
 }
 
@@ -48,8 +51,11 @@ async fn send(
 ) -> Result<(StatusCode, Json<Sent>)> {
     let sent = async {
         let to = parse_id("to", &request.to)?;
-        let body = state.delivery.decode_body("body", &request.body)?;
-        let accepted = state.delivery.send(caller.id, to, body).await?;
+        let content = state.delivery.decode_content(
+            request.body.as_deref(),
+            wire::envelopes(request.envelopes.as_deref()),
+        )?;
+        let accepted = state.delivery.send(caller.address(), to, content).await?;
         Ok(Sent {
             id: accepted.id,
             to,
@@ -59,27 +65,6 @@ async fn send(
     .await
     .inspect_err(|err| state.metrics.rejected(err))?;
     Ok((StatusCode::CREATED, Json(sent)))
-}
-
-/// A queued message as clients see it.
-#[derive(Serialize)]
-pub struct MessageView {
-    pub id: Uuid,
-    pub from: Uuid,
-    pub body: String,
-    #[serde(serialize_with = "crate::api::timestamp")]
-    pub sent_at: DateTime<Utc>,
-}
-
-impl From<&Message> for MessageView {
-    fn from(m: &Message) -> Self {
-        Self {
-            id: m.id,
-            from: m.sender,
-            body: STANDARD.encode(&m.body),
-            sent_at: m.sent_at,
-        }
-    }
 }
 
 #[derive(Deserialize)]
@@ -113,7 +98,7 @@ async fn list(
     else {
         return Err(Error::field("limit", format!("must be 1-{MAX_PAGE}")));
     };
-    let page = state.delivery.fetch(caller.id, after, limit).await?;
+    let page = state.delivery.fetch(caller.address(), after, limit).await?;
     Ok(Json(Listing {
         messages: page.messages.iter().map(MessageView::from).collect(),
         next: page.next,
@@ -126,7 +111,7 @@ async fn delivered(
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode> {
     let id = parse_id("id", &id)?;
-    match state.delivery.ack(caller.id, vec![id]).await? {
+    match state.delivery.ack(caller.address(), vec![id]).await? {
         0 => Err(Error::NotFound("message")),
         _ => Ok(StatusCode::NO_CONTENT),
     }
@@ -152,6 +137,6 @@ async fn ack(
         .iter()
         .map(|id| parse_id("ids", id))
         .collect::<Result<Vec<_>>>()?;
-    let acked = state.delivery.ack(caller.id, ids).await?;
+    let acked = state.delivery.ack(caller.address(), ids).await?;
     Ok(Json(Acked { acked }))
 }

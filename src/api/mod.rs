@@ -6,6 +6,7 @@
 //! axum's plain-text rejections.
 
 pub mod accounts;
+mod devices;
 mod headers;
 mod health;
 mod keys;
@@ -21,7 +22,6 @@ use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
-use uuid::Uuid;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -35,6 +35,7 @@ pub fn router(state: AppState) -> Router {
     let routes = Router::new()
         .merge(accounts::router(state.auth_limit.clone()))
         .merge(keys::router())
+        .merge(devices::router(state.auth_limit.clone()))
         .merge(messages::router())
         .merge(health::router())
         .merge(crate::ws::router())
@@ -139,21 +140,6 @@ pub struct ApiQuery<T>(pub T);
 #[derive(FromRequestParts)]
 #[from_request(via(axum::extract::Path), rejection(Error))]
 pub struct ApiPath<T>(pub T);
-
-/// Serialises a timestamp as RFC 3339 in UTC with exactly three fraction
-/// digits, as `protocol.md` promises (chrono's default drops the fraction on
-/// whole seconds).
-pub fn timestamp<S: serde::Serializer>(
-    t: &chrono::DateTime<chrono::Utc>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-}
-
-/// Parses an id field, naming the field on failure.
-pub fn parse_id(field: &'static str, value: &str) -> Result<Uuid, Error> {
-    Uuid::parse_str(value).map_err(|_| Error::field(field, "must be a UUID"))
-}
 
 #[cfg(test)]
 mod tests {

@@ -14,18 +14,32 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use uuid::Uuid;
 
+use crate::delivery::Address;
 use crate::error::Error;
 use crate::metrics::AuthFailure;
 use crate::state::AppState;
+use crate::store::DeviceId;
 use token::Claims;
 
 /// The caller, proven by a valid `Authorization: Bearer` access token.
 #[derive(Debug, Clone, Copy)]
 pub struct AuthUser {
     pub id: Uuid,
+    /// The caller's device: the one its token was issued to.
+    pub device: DeviceId,
     pub session: Uuid,
     /// Unix seconds at which the presented token expires.
     pub expires_at: i64,
+}
+
+impl AuthUser {
+    /// The caller's device as the delivery core addresses it.
+    pub fn address(&self) -> Address {
+        Address {
+            user: self.id,
+            device: self.device,
+        }
+    }
 }
 
 impl FromRequestParts<AppState> for AuthUser {
@@ -39,6 +53,7 @@ impl FromRequestParts<AppState> for AuthUser {
         let claims = verify(state, token)?;
         Ok(AuthUser {
             id: claims.sub,
+            device: claims.dev,
             session: claims.sid,
             expires_at: claims.exp,
         })

@@ -154,10 +154,15 @@ impl Revocations {
     /// [`LOOKBACK`] before the previous one (and never earlier than an
     /// access-token lifetime ago, beyond which no token is left to refuse);
     /// a failed read is retried at the next tick from the same point.
+    ///
+    /// An account another process revoked sessions of may have lost devices
+    /// or been deleted there (`sealpost user delete`): `changed` is told of
+    /// each, so that this process reads its device list afresh.
     pub async fn follow(
         self: Arc<Self>,
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
+        changed: impl Fn(Uuid) + Send + 'static,
         interval: Duration,
         shutdown: CancellationToken,
     ) {
@@ -175,7 +180,12 @@ impl Revocations {
             let since = store::sub(last_look, LOOKBACK).max(store::sub(now, self.access_ttl));
             match store.revoked_sessions(since).await {
                 Ok(revoked) => {
-                    self.learn(&hub, &revoked);
+                    if self.learn(&hub, &revoked) > 0 {
+                        let mut users: Vec<Uuid> = revoked.iter().map(|r| r.user_id).collect();
+                        users.sort_unstable();
+                        users.dedup();
+                        users.into_iter().for_each(&changed);
+                    }
                     last_look = now;
                 }
                 Err(err) => {
@@ -206,8 +216,8 @@ mod tests {
             loaded_at: store::now(),
         };
         let (user, session, other) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-        let revoked_socket = hub.register(user, session).unwrap();
-        let other_socket = hub.register(user, other).unwrap();
+        let revoked_socket = hub.register(user, 1, session).unwrap();
+        let other_socket = hub.register(user, 1, other).unwrap();
         let read = [Revoked {
             session,
             user_id: user,

@@ -1,8 +1,10 @@
 //! Access tokens (HS256 JWTs) and refresh tokens (random, stored hashed).
 //!
-//! An access token carries the user id (`sub`) and the session id (`sid`, the
-//! refresh-token family it was issued from), so that a later revocation of a
-//! session can find its tokens and sockets. Refresh tokens are 256 random bits
+//! An access token carries the user id (`sub`), the device (`dev`) and the
+//! session id (`sid`, the refresh-token family it was issued from), so that
+//! a later revocation of a session can find its tokens and sockets. A token
+//! without `dev` was issued before devices existed and belongs to device 1,
+//! where the upgrade moved every session. Refresh tokens are 256 random bits
 //! shown to the client once; the store keeps only their SHA-256, which is
 //! enough for a secret with that much entropy.
 
@@ -18,15 +20,23 @@ use uuid::Uuid;
 
 use crate::config::Secret;
 use crate::error::{Error, Result};
+use crate::store::DeviceId;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
     /// The user.
     pub sub: Uuid,
+    /// The user's device the session belongs to.
+    #[serde(default = "first_device")]
+    pub dev: DeviceId,
     /// The session: the refresh-token family this token belongs to.
     pub sid: Uuid,
     pub iat: i64,
     pub exp: i64,
+}
+
+fn first_device() -> DeviceId {
+    1
 }
 
 pub struct Tokens {
@@ -60,10 +70,17 @@ impl Tokens {
         }
     }
 
-    /// Signs an access token for `user` in session `session`.
-    pub fn issue_access(&self, user: Uuid, session: Uuid, now: DateTime<Utc>) -> Result<String> {
+    /// Signs an access token for `user`'s `device` in session `session`.
+    pub fn issue_access(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        session: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<String> {
         let claims = Claims {
             sub: user,
+            dev: device,
             sid: session,
             iat: now.timestamp(),
             exp: crate::store::add(now, self.access_ttl).timestamp(),
@@ -103,9 +120,37 @@ mod tests {
     fn access_tokens_round_trip() {
         let tokens = tokens(Duration::from_secs(60));
         let (user, session) = (Uuid::new_v4(), Uuid::new_v4());
-        let jwt = tokens.issue_access(user, session, Utc::now()).unwrap();
+        let jwt = tokens.issue_access(user, 3, session, Utc::now()).unwrap();
         let claims = tokens.verify_access(&jwt).unwrap();
-        assert_eq!((claims.sub, claims.sid), (user, session));
+        assert_eq!((claims.sub, claims.dev, claims.sid), (user, 3, session));
+    }
+
+    /// Tokens minted before devices carry no `dev`: they are device 1's.
+    #[test]
+    fn a_token_without_a_device_is_device_1s() {
+        #[derive(Serialize)]
+        struct Old {
+            sub: Uuid,
+            sid: Uuid,
+            iat: i64,
+            exp: i64,
+        }
+        let secret = Secret::new("k".repeat(32));
+        let now = Utc::now().timestamp();
+        let old = Old {
+            sub: Uuid::new_v4(),
+            sid: Uuid::new_v4(),
+            iat: now,
+            exp: now + 60,
+        };
+        let jwt = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &old,
+            &EncodingKey::from_secret(secret.expose()),
+        )
+        .unwrap();
+        let claims = tokens(Duration::from_secs(60)).verify_access(&jwt).unwrap();
+        assert_eq!((claims.sub, claims.dev), (old.sub, 1));
     }
 
     #[test]
@@ -113,12 +158,12 @@ mod tests {
         let tokens = tokens(Duration::from_secs(60));
         let past = Utc::now() - chrono::TimeDelta::seconds(120);
         let expired = tokens
-            .issue_access(Uuid::new_v4(), Uuid::new_v4(), past)
+            .issue_access(Uuid::new_v4(), 1, Uuid::new_v4(), past)
             .unwrap();
         assert!(tokens.verify_access(&expired).is_err());
 
         let jwt = tokens
-            .issue_access(Uuid::new_v4(), Uuid::new_v4(), Utc::now())
+            .issue_access(Uuid::new_v4(), 1, Uuid::new_v4(), Utc::now())
             .unwrap();
         let mut tampered = jwt.clone();
         tampered.pop();

@@ -12,15 +12,22 @@
 //! paging through a recipient's queue by id never sees a later id before an
 //! earlier one is visible.
 //!
-//! An ack that meets its own message's insert in the same batch cancels it:
-//! the row is never written, and the message counts as durable because it is
-//! already delivered.
+//! One insert op carries every copy of one message (one row per recipient
+//! device), so a message's copies commit together or not at all. An ack
+//! names one device's copies; one that meets its own copy's insert in the
+//! same batch cancels that copy: the row is never written, and it counts as
+//! durable because it is already delivered. The device's other copies are
+//! written as usual.
+//!
+//! Each ack learns, for every copy it settled, who sent it (read back from
+//! the deleted row, or from the cancelled insert), so that the delivery
+//! core can send the sender a receipt.
 //!
 //! The committer seals each batch ([`KeyRing::seal_all`]) just before writing
 //! it: about a microsecond per message, spent here rather than under the
 //! delivery core's lock, and never on a message whose insert was cancelled.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,7 +39,7 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::seal::KeyRing;
-use crate::store::{Ack, Message, Store, StoreError};
+use crate::store::{Ack, DeviceId, Message, Queue, StoreError};
 
 /// Operations waiting for the committer. When it is full (the database is
 /// slower than the arrival rate) senders wait for room: backpressure on the
@@ -57,18 +64,30 @@ const MAX_BATCH: usize = 256;
 
 enum Op {
     Insert {
-        message: Arc<Message>,
+        /// Every copy of one message, one per recipient device.
+        messages: Vec<Arc<Message>>,
         done: oneshot::Sender<Result<(), CommitFailed>>,
         /// Its share of the byte budget, returned when the op is dropped.
         _bytes: OwnedSemaphorePermit,
     },
     Ack {
         recipient: Uuid,
+        device: DeviceId,
         ids: Vec<Uuid>,
-        done: oneshot::Sender<Result<u64, CommitFailed>>,
+        done: oneshot::Sender<Result<Vec<Settled>, CommitFailed>>,
     },
     /// Completes once everything enqueued before it has been written.
     Barrier { done: oneshot::Sender<()> },
+}
+
+/// One copy an ack settled: deleted from its device's queue, or its insert
+/// cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    pub id: Uuid,
+    /// Who sent it, when known: a deleted row that does not open (a storage
+    /// key gone) is settled all the same, but its sender cannot be told.
+    pub sender: Option<(Uuid, DeviceId)>,
 }
 
 /// Why a batch was not written.
@@ -110,15 +129,16 @@ pub struct Slot<'a> {
 }
 
 impl Slot<'_> {
-    /// Enqueues the insert. The returned future completes once the message
-    /// is durable: committed, or acked before its insert was written.
+    /// Enqueues the copies of one message. The returned future completes
+    /// once all of them are durable: committed, or acked before their
+    /// insert was written.
     pub fn insert(
         self,
-        message: Arc<Message>,
+        messages: Vec<Arc<Message>>,
     ) -> impl Future<Output = Result<()>> + Send + 'static {
         let (done, result) = oneshot::channel();
         self.permit.send(Op::Insert {
-            message,
+            messages,
             done,
             _bytes: self.bytes,
         });
@@ -137,13 +157,22 @@ impl Slot<'_> {
 impl Committer {
     /// Starts the committer task. It ends once every handle is dropped and
     /// the channel is drained, so nothing enqueued is abandoned on shutdown.
+    /// With `senders` off, acks do not open the rows they delete to learn
+    /// their senders (delivery receipts are off).
     pub fn spawn(
-        store: Arc<dyn Store>,
+        queue: Arc<dyn Queue>,
         keys: Arc<KeyRing>,
         metrics: Arc<Metrics>,
+        senders: bool,
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(CHANNEL_BOUND);
-        let task = tokio::spawn(run(store, keys, metrics, rx));
+        let writer = Writer {
+            queue,
+            keys,
+            metrics,
+            senders,
+        };
+        let task = tokio::spawn(run(writer, rx));
         let bytes = Arc::new(Semaphore::new(BYTE_BUDGET));
         (Self { tx, bytes }, task)
     }
@@ -163,12 +192,18 @@ impl Committer {
         }
     }
 
-    /// Deletes those of `ids` that are queued for `recipient`; returns how
-    /// many were.
-    pub async fn ack(&self, recipient: Uuid, ids: Vec<Uuid>) -> Result<u64> {
+    /// Deletes those of `ids` that are queued for `recipient`'s `device`;
+    /// returns the copies it settled, each id once.
+    pub async fn ack(
+        &self,
+        recipient: Uuid,
+        device: DeviceId,
+        ids: Vec<Uuid>,
+    ) -> Result<Vec<Settled>> {
         let (done, result) = oneshot::channel();
         let op = Op::Ack {
             recipient,
+            device,
             ids,
             done,
         };
@@ -179,119 +214,158 @@ impl Committer {
     }
 }
 
-async fn run(
-    store: Arc<dyn Store>,
+/// What the committer task writes with.
+struct Writer {
+    queue: Arc<dyn Queue>,
     keys: Arc<KeyRing>,
     metrics: Arc<Metrics>,
-    mut rx: mpsc::Receiver<Op>,
-) {
+    /// Whether acks learn the senders of what they delete.
+    senders: bool,
+}
+
+async fn run(writer: Writer, mut rx: mpsc::Receiver<Op>) {
     let mut ops = Vec::with_capacity(MAX_BATCH);
     // `recv_many` waits for one op, then takes whatever else is ready.
     while rx.recv_many(&mut ops, MAX_BATCH).await > 0 {
-        commit(store.as_ref(), &keys, &metrics, std::mem::take(&mut ops)).await;
+        writer.commit(std::mem::take(&mut ops)).await;
     }
     tracing::debug!("committer drained and stopped");
 }
 
-async fn commit(store: &dyn Store, keys: &KeyRing, metrics: &Metrics, ops: Vec<Op>) {
-    let mut messages = Vec::new();
-    let mut inserted = Vec::new();
-    let mut ack_ops = Vec::new();
-    let mut barriers = Vec::new();
-    // Byte-budget permits, returned once the batch is written.
-    let mut held = Vec::new();
-    for op in ops {
-        match op {
-            Op::Insert {
-                message,
-                done,
-                _bytes,
-            } => {
-                held.push(_bytes);
-                messages.push(message);
-                inserted.push(done);
-            }
-            Op::Ack {
-                recipient,
-                ids,
-                done,
-            } => ack_ops.push((recipient, ids, done)),
-            Op::Barrier { done } => barriers.push(done),
-        }
-    }
+/// A copy's place: which device of which account, which message.
+type CopyKey = (Uuid, DeviceId, Uuid);
 
-    // An ack for a message inserted in this same batch cancels the insert.
-    let pending: HashMap<Uuid, Uuid> = messages.iter().map(|m| (m.id, m.recipient)).collect();
-    let mut cancelled = HashSet::new();
-    let mut acks = Vec::new();
-    for (recipient, ids, _) in &ack_ops {
-        for &id in ids {
-            if pending.get(&id) == Some(recipient) {
-                cancelled.insert(id);
-            } else {
-                acks.push(Ack {
-                    recipient: *recipient,
-                    id,
-                });
+impl Writer {
+    async fn commit(&self, ops: Vec<Op>) {
+        let mut messages = Vec::new();
+        let mut inserted = Vec::new();
+        let mut ack_ops = Vec::new();
+        let mut barriers = Vec::new();
+        // Byte-budget permits, returned once the batch is written.
+        let mut held = Vec::new();
+        for op in ops {
+            match op {
+                Op::Insert {
+                    messages: copies,
+                    done,
+                    _bytes,
+                } => {
+                    held.push(_bytes);
+                    messages.extend(copies);
+                    inserted.push(done);
+                }
+                Op::Ack {
+                    recipient,
+                    device,
+                    ids,
+                    done,
+                } => ack_ops.push((recipient, device, ids, done)),
+                Op::Barrier { done } => barriers.push(done),
             }
         }
-    }
-    messages.retain(|m| !cancelled.contains(&m.id));
 
-    // A batch of barriers (every connecting socket queues one) writes
-    // nothing: skip the empty transaction.
-    let written = if messages.is_empty() && acks.is_empty() {
-        Ok(Vec::new())
-    } else {
-        metrics
-            .db_write_batch
-            .record((inserted.len() + ack_ops.len()) as f64);
-        let written = match keys.seal_all(&messages) {
-            Ok(rows) => {
-                let started = Instant::now();
-                let written = store.write_batch(rows, &acks).await;
-                metrics.db_write.record(started.elapsed());
-                written.map_err(Failure::Store)
-            }
-            Err(err) => Err(Failure::Seal(err)),
-        };
-        if written.is_err() {
-            metrics.db_write_errors.increment(1);
-        }
-        written
-    };
-    // Everything before a barrier is in this batch or an earlier one.
-    for done in barriers {
-        let _ = done.send(());
-    }
-    match written {
-        Ok(deleted) => {
-            for done in inserted {
-                let _ = done.send(Ok(()));
-            }
-            // Count each settled id once, for the first ack that named it.
-            let mut settled: HashSet<Uuid> = deleted.into_iter().chain(cancelled).collect();
-            for (_, ids, done) in ack_ops {
-                let count = ids.iter().filter(|id| settled.remove(id)).count();
-                let _ = done.send(Ok(count as u64));
+        // An ack for a copy inserted in this same batch cancels the insert.
+        let pending: HashMap<CopyKey, (Uuid, DeviceId)> = messages
+            .iter()
+            .map(|m| ((m.recipient, m.device, m.id), (m.sender, m.sender_device)))
+            .collect();
+        let mut cancelled = HashMap::new();
+        let mut acks = Vec::new();
+        for (recipient, device, ids, _) in &ack_ops {
+            for &id in ids {
+                let key = (*recipient, *device, id);
+                match pending.get(&key) {
+                    Some(sender) => {
+                        cancelled.insert(key, Some(*sender));
+                    }
+                    None => acks.push(Ack {
+                        recipient: *recipient,
+                        device: *device,
+                        id,
+                    }),
+                }
             }
         }
-        Err(err) => {
-            let failed = CommitFailed {
-                unavailable: matches!(err, Failure::Store(StoreError::Unavailable(_))),
+        messages.retain(|m| !cancelled.contains_key(&(m.recipient, m.device, m.id)));
+
+        // A batch of barriers (every connecting socket queues one) writes
+        // nothing: skip the empty transaction.
+        let written = if messages.is_empty() && acks.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.metrics
+                .db_write_batch
+                .record((inserted.len() + ack_ops.len()) as f64);
+            let written = match self.keys.seal_all(&messages) {
+                Ok(rows) => {
+                    let started = Instant::now();
+                    let written = self.queue.write_batch(rows, &acks).await;
+                    self.metrics.db_write.record(started.elapsed());
+                    written.map_err(Failure::Store)
+                }
+                Err(err) => Err(Failure::Seal(err)),
             };
-            tracing::error!(
-                error = %err,
-                messages = messages.len(),
-                acks = acks.len(),
-                "write batch failed; its callers are told and nothing in it was accepted"
-            );
-            for done in inserted {
-                let _ = done.send(Err(failed));
+            if written.is_err() {
+                self.metrics.db_write_errors.increment(1);
             }
-            for (_, _, done) in ack_ops {
-                let _ = done.send(Err(failed));
+            written
+        };
+        // Everything before a barrier is in this batch or an earlier one.
+        for done in barriers {
+            let _ = done.send(());
+        }
+        match written {
+            Ok(deleted) => {
+                for done in inserted {
+                    let _ = done.send(Ok(()));
+                }
+                // Each settled copy is counted once, for the first ack that
+                // named it.
+                let mut settled = cancelled;
+                for row in deleted {
+                    let key = match &row {
+                        crate::store::StoredRow::Sealed(r) => (r.recipient, r.device, r.id),
+                        crate::store::StoredRow::Legacy(m) => (m.recipient, m.device, m.id),
+                    };
+                    let sender = if self.senders {
+                        self.keys
+                            .open(row)
+                            .ok()
+                            .map(|m| (m.sender, m.sender_device))
+                    } else {
+                        None
+                    };
+                    settled.insert(key, sender);
+                }
+                for (recipient, device, ids, done) in ack_ops {
+                    let mine = ids
+                        .iter()
+                        .filter_map(|&id| {
+                            let sender = settled.remove(&(recipient, device, id))?;
+                            Some(Settled { id, sender })
+                        })
+                        .collect();
+                    let _ = done.send(Ok(mine));
+                }
+            }
+            Err(err) => {
+                let failed = CommitFailed {
+                    unavailable: matches!(err, Failure::Store(StoreError::Unavailable(_))),
+                };
+                tracing::error!(
+                    error = %err,
+                    messages = messages.len(),
+                    acks = acks.len(),
+                    "write batch failed; its callers are told and nothing in it was accepted"
+                );
+                for done in inserted {
+                    let _ = done.send(Err(failed));
+                }
+                for (_, _, _, done) in ack_ops {
+                    let _ = done.send(Err(failed));
+                }
             }
         }
+        drop(held);
     }
 }

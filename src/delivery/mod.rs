@@ -5,11 +5,24 @@
 //! formats into calls here; validation, id assignment, push, durability and
 //! acks live in this one place.
 //!
-//! Accepting a message takes its id, enqueues its insert with the
-//! [`committer`] and pushes it to the recipient's online connections, all
-//! under one short lock: a recipient's connections see pushes in id order,
-//! and the insert is always ahead of any ack the recipient can send for it.
-//! The push does not wait for the commit; the sender's confirmation does.
+//! A message is addressed to an account and delivered to its devices: one
+//! copy per device, each in its own queue, acknowledged on its own. A send
+//! carries one envelope per current device of the recipient (or one body
+//! for all of them); [`Delivery::accept`] checks the envelopes against the
+//! [`Directory`] and refuses with `devices_changed` if they differ, so a
+//! sender can never skip a device without knowing it. Envelopes to your own
+//! account leave your sending device out: that is how a device keeps the
+//! account's others in sync. A plain body goes to every device, the sender's
+//! own included, as it did before devices.
+//!
+//! Accepting a message takes its id, enqueues the insert of all its copies
+//! with the [`committer`] and pushes each copy to its device's online
+//! connections, all under one short lock: a device's connections see pushes
+//! in id order, and the insert is always ahead of any ack the device can
+//! send for it. The push does not wait for the commit; the sender's
+//! confirmation does. That order is this process's: the lock is
+//! `Delivery::order`, and the rule "a push not in the backlog has a larger
+//! id than everything in it" holds only for messages accepted here.
 //!
 //! Rows are sealed at rest ([`crate::seal`]): the committer seals what it
 //! writes and [`Delivery::fetch`] opens what it reads. A row that does not
@@ -31,13 +44,14 @@ use base64::engine::general_purpose::STANDARD;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::devices::{self, Directory};
 use crate::error::{Error, Result};
-use crate::hub::{Hub, Outbound, Registration};
+use crate::hub::{Event, Hub, Kick, Outbound, Receipt, Registration};
 use crate::limits::queue::QueueCaps;
 use crate::limits::rate::SendBudget;
 use crate::metrics::{Kind, Limited, Metrics};
 use crate::seal::KeyRing;
-use crate::store::{self, Message, Store};
+use crate::store::{self, DeviceId, Message, Queue};
 use committer::Committer;
 
 /// The most messages one page or one ack may carry.
@@ -48,24 +62,45 @@ pub const MAX_PAGE: u32 = 500;
 /// message, and `next` says where to go on.
 pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
 
+/// One device of one account: who sends, who reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Address {
+    pub user: Uuid,
+    pub device: DeviceId,
+}
+
+/// What a send carries.
+pub enum Content {
+    /// One body for every device of the recipient.
+    Same(Vec<u8>),
+    /// One envelope per device, in ascending device order, no device twice.
+    PerDevice(Vec<(DeviceId, Vec<u8>)>),
+}
+
 pub struct Delivery {
-    store: Arc<dyn Store>,
+    queue: Arc<dyn Queue>,
+    /// Each account's device numbers, that sends are checked against.
+    directory: Arc<Directory>,
     committer: Committer,
     hub: Arc<Hub>,
     /// Opens the rows that `fetch` reads.
     keys: Arc<KeyRing>,
     max_body_bytes: usize,
+    /// Envelopes one send may carry: the device cap.
+    max_envelopes: usize,
     /// Sends per user, REST and WebSocket together.
     budget: SendBudget,
-    /// Messages queued per recipient.
+    /// Messages queued per device.
     queues: Arc<QueueCaps>,
     metrics: Arc<Metrics>,
+    /// Whether an ack sends the sender a receipt.
+    receipts: bool,
     /// Held while a message gets its id, is enqueued and is pushed, so that
     /// id order, commit order and push order agree. Nothing under it waits.
     order: Mutex<()>,
 }
 
-/// One page of a recipient's queue.
+/// One page of a device's queue.
 pub struct Page {
     pub messages: Vec<Message>,
     /// The cursor for the next page, if there is one.
@@ -76,7 +111,7 @@ pub struct Page {
 pub struct Accepted {
     pub id: Uuid,
     pub sent_at: DateTime<Utc>,
-    /// Completes once the message is durable.
+    /// Completes once every copy is durable.
     pub durable: Pin<Box<dyn Future<Output = Result<()>> + Send>>,
 }
 
@@ -84,7 +119,7 @@ pub struct Accepted {
 pub struct Ephemeral {
     pub id: Uuid,
     pub sent_at: DateTime<Utc>,
-    /// Whether at least one connection of the recipient took it.
+    /// Whether at least one connection of a recipient device took it.
     pub delivered: bool,
 }
 
@@ -92,29 +127,36 @@ pub struct Ephemeral {
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_body_bytes: usize,
+    pub max_devices_per_user: u32,
     pub send_rate_per_second: u32,
     pub send_rate_burst: u32,
     pub max_queued_per_user: u32,
 }
 
 impl Delivery {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        store: Arc<dyn Store>,
+        queue: Arc<dyn Queue>,
+        directory: Arc<Directory>,
         committer: Committer,
         hub: Arc<Hub>,
         keys: Arc<KeyRing>,
         limits: Limits,
+        receipts: bool,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            store,
+            queue,
+            directory,
             committer,
             hub,
             keys,
             max_body_bytes: limits.max_body_bytes,
+            max_envelopes: limits.max_devices_per_user.max(1) as usize,
             budget: SendBudget::new(limits.send_rate_per_second, limits.send_rate_burst),
             queues: Arc::new(QueueCaps::new(limits.max_queued_per_user)),
             metrics,
+            receipts,
             order: Mutex::new(()),
         }
     }
@@ -138,68 +180,144 @@ impl Delivery {
         Ok(body)
     }
 
+    /// Decodes what a send carries: exactly one of a `body` and a list of
+    /// `envelopes` (device id, base64 body), each within the size limit.
+    pub fn decode_content<'a>(
+        &self,
+        body: Option<&str>,
+        envelopes: Option<impl ExactSizeIterator<Item = (DeviceId, &'a str)>>,
+    ) -> Result<Content> {
+        match (body, envelopes) {
+            (Some(body), None) => Ok(Content::Same(self.decode_body("body", body)?)),
+            (None, Some(envelopes)) => {
+                if envelopes.len() > self.max_envelopes {
+                    return Err(Error::field(
+                        "envelopes",
+                        format!("at most {} envelopes, one per device", self.max_envelopes),
+                    ));
+                }
+                let mut decoded = envelopes
+                    .map(|(device, body)| Ok((device, self.decode_body("envelopes", body)?)))
+                    .collect::<Result<Vec<_>>>()?;
+                decoded.sort_unstable_by_key(|(device, _)| *device);
+                if decoded.windows(2).any(|pair| pair[0].0 == pair[1].0) {
+                    return Err(Error::field("envelopes", "names a device more than once"));
+                }
+                Ok(Content::PerDevice(decoded))
+            }
+            _ => Err(Error::field(
+                "body",
+                "give either `body` or `envelopes`, not both or neither",
+            )),
+        }
+    }
+
     fn too_large(&self) -> Error {
         Error::TooLarge(format!("body exceeds {} bytes", self.max_body_bytes).into())
     }
 
-    /// Checks the sender's budget, size and recipient before anything is
-    /// assigned. A recipient with a connection on this node exists, so an
-    /// online recipient costs no query.
-    async fn admit(&self, from: Uuid, to: Uuid, body: &[u8]) -> Result<()> {
-        if body.len() > self.max_body_bytes {
-            return Err(self.too_large());
-        }
+    /// Checks the sender's budget and the envelopes against the recipient's
+    /// devices before anything is assigned; returns one body per device the
+    /// message goes to (none for envelopes to yourself from your only
+    /// device).
+    async fn admit(
+        &self,
+        from: Address,
+        to: Uuid,
+        content: Content,
+    ) -> Result<Vec<(DeviceId, Vec<u8>)>> {
         self.budget
-            .check(from)
+            .check(from.user)
             .inspect_err(|_| self.metrics.rate_limited(Limited::Send))?;
-        if !self.hub.is_online(to) && !self.store.user_exists(to).await? {
+        let devices = self.directory.devices(to).await?;
+        if devices.is_empty() {
             return Err(Error::NotFound("recipient"));
         }
-        Ok(())
+        match content {
+            // Every device, as before devices: a note to yourself from a
+            // client that knows nothing of devices reaches its own queue.
+            Content::Same(body) => Ok(devices.iter().map(|&d| (d, body.clone())).collect()),
+            Content::PerDevice(envelopes) => {
+                // Envelopes to your own account sync your other devices:
+                // the sending device already has what it sent.
+                let targets: Vec<DeviceId> = devices
+                    .iter()
+                    .copied()
+                    .filter(|&d| to != from.user || d != from.device)
+                    .collect();
+                let given: Vec<DeviceId> = envelopes.iter().map(|(d, _)| *d).collect();
+                match devices::mismatch(&targets, &given) {
+                    None => Ok(envelopes),
+                    Some((missing, extra)) => Err(Error::DevicesChanged { missing, extra }),
+                }
+            }
+        }
     }
 
     /// Accepts a message and returns once it is durable.
-    pub async fn send(&self, from: Uuid, to: Uuid, body: Vec<u8>) -> Result<Accepted> {
-        let mut accepted = self.accept(from, to, body).await?;
+    pub async fn send(&self, from: Address, to: Uuid, content: Content) -> Result<Accepted> {
+        let mut accepted = self.accept(from, to, content).await?;
         (&mut accepted.durable).await?;
         Ok(accepted)
     }
 
-    /// Accepts a message: assigns its id, enqueues it for the store and
-    /// pushes it to the recipient's online connections. Returns without
+    /// Accepts a message: assigns its id, enqueues its copies for the store
+    /// and pushes each to its device's online connections. Returns without
     /// waiting for durability; await [`Accepted::durable`] for that.
-    pub async fn accept(&self, from: Uuid, to: Uuid, body: Vec<u8>) -> Result<Accepted> {
-        self.admit(from, to, &body).await?;
-        self.queues.reserve(self.store.as_ref(), to).await?;
-        let slot = match self.committer.reserve(body.len()).await {
+    pub async fn accept(&self, from: Address, to: Uuid, content: Content) -> Result<Accepted> {
+        let copies = self.admit(from, to, content).await?;
+        let devices: Vec<DeviceId> = copies.iter().map(|(d, _)| *d).collect();
+        self.queues
+            .reserve(self.queue.as_ref(), to, &devices)
+            .await?;
+        let bytes = copies.iter().map(|(_, body)| body.len()).sum();
+        let slot = match self.committer.reserve(bytes).await {
             Ok(slot) => slot,
             Err(err) => {
-                self.queues.release(to, 1);
+                self.queues.release(to, &devices, 1);
                 return Err(err);
             }
         };
         let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
-        let message = Arc::new(new_message(from, to, body));
-        let (id, sent_at) = (message.id, message.sent_at);
-        let insert = slot.insert(message.clone());
+        let id = Uuid::now_v7();
+        let sent_at = store::id_time(id);
+        let messages: Vec<Arc<Message>> = copies
+            .into_iter()
+            .map(|(device, body)| {
+                Arc::new(Message {
+                    id,
+                    recipient: to,
+                    device,
+                    sender: from.user,
+                    sender_device: from.device,
+                    body,
+                    sent_at,
+                })
+            })
+            .collect();
+        // Enqueued before it is pushed: an ack of a pushed copy can only
+        // reach the committer behind its insert.
+        let insert = slot.insert(messages.clone());
+        let accepted = Instant::now();
+        for message in messages {
+            let device = message.device;
+            let outbound = Outbound {
+                message,
+                ephemeral: false,
+                accepted,
+            };
+            self.hub.push(to, device, &outbound);
+        }
         let (queues, metrics) = (self.queues.clone(), self.metrics.clone());
         let durable = Box::pin(async move {
             let stored = insert.await;
             match stored {
                 Ok(()) => metrics.accepted(Kind::Stored),
-                // Not stored: it takes no room in the recipient's queue.
-                Err(_) => queues.release(to, 1),
+                // Not stored: it takes no room in the devices' queues.
+                Err(_) => queues.release(to, &devices, 1),
             }
             stored
         });
-        self.hub.push(
-            to,
-            &Outbound {
-                message,
-                ephemeral: false,
-                accepted: Instant::now(),
-            },
-        );
         Ok(Accepted {
             id,
             sent_at,
@@ -207,30 +325,45 @@ impl Delivery {
         })
     }
 
-    /// Pushes a message to the recipient's connections that are online now,
-    /// without storing it.
-    pub async fn send_ephemeral(&self, from: Uuid, to: Uuid, body: Vec<u8>) -> Result<Ephemeral> {
-        self.admit(from, to, &body).await?;
+    /// Pushes a message to the recipient devices' connections that are
+    /// online now, without storing it.
+    pub async fn send_ephemeral(
+        &self,
+        from: Address,
+        to: Uuid,
+        content: Content,
+    ) -> Result<Ephemeral> {
+        let copies = self.admit(from, to, content).await?;
         let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
-        let message = Arc::new(new_message(from, to, body));
-        let (id, sent_at) = (message.id, message.sent_at);
-        let delivered = self.hub.push(
-            to,
-            &Outbound {
-                message,
+        let id = Uuid::now_v7();
+        let sent_at = store::id_time(id);
+        let accepted = Instant::now();
+        let mut delivered = 0;
+        for (device, body) in copies {
+            let outbound = Outbound {
+                message: Arc::new(Message {
+                    id,
+                    recipient: to,
+                    device,
+                    sender: from.user,
+                    sender_device: from.device,
+                    body,
+                    sent_at,
+                }),
                 ephemeral: true,
-                accepted: Instant::now(),
-            },
-        ) > 0;
+                accepted,
+            };
+            delivered += self.hub.push(to, device, &outbound);
+        }
         self.metrics.accepted(Kind::Ephemeral);
         Ok(Ephemeral {
             id,
             sent_at,
-            delivered,
+            delivered: delivered > 0,
         })
     }
 
-    /// Registers a connection of `user` in the hub, to be followed by a
+    /// Registers a connection of `device` in the hub, to be followed by a
     /// backlog read. Await the returned future before reading the backlog.
     ///
     /// A message accepted just before registering was pushed to no one, and
@@ -238,31 +371,49 @@ impl Delivery {
     /// the order lock and then waiting for a committer barrier closes that
     /// gap: every message accepted before registration is committed by the
     /// time the barrier passes (and is in the backlog), and every one
-    /// accepted after it is pushed to the new connection.
+    /// accepted after it is pushed to the new connection. Both halves rest
+    /// on this process's order lock and committer: they cover messages
+    /// accepted by this process.
+    ///
+    /// An `exclusive` connection first closes every socket its device holds
+    /// (all older than it) with [`Kick::Displaced`], so it takes over even
+    /// from a device at its socket cap.
     pub async fn subscribe(
         &self,
-        user: Uuid,
+        device: Address,
         session: Uuid,
+        exclusive: bool,
     ) -> Result<(
         Registration,
         impl Future<Output = Result<()>> + Send + 'static,
     )> {
         let slot = self.committer.reserve(0).await?;
         let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
-        let registration = self.hub.register(user, session)?;
+        if exclusive {
+            let displaced = self
+                .hub
+                .kick_device(device.user, device.device, Kick::Displaced);
+            tracing::debug!(user.id = %device.user, device = device.device, displaced, "exclusive socket");
+        }
+        let registration = self.hub.register(device.user, device.device, session)?;
         Ok((registration, slot.barrier()))
     }
 
-    /// `user`'s queued messages after the cursor, oldest first.
-    pub async fn fetch(&self, user: Uuid, after: Option<Uuid>, limit: u32) -> Result<Page> {
+    /// The device's queued messages after the cursor, oldest first.
+    pub async fn fetch(&self, device: Address, after: Option<Uuid>, limit: u32) -> Result<Page> {
         let limit = limit.clamp(1, MAX_PAGE);
         // One row more than asked tells whether another page follows.
         let rows = self
-            .store
-            .fetch(user, after.unwrap_or(Uuid::nil()), limit + 1)
+            .queue
+            .fetch(
+                device.user,
+                device.device,
+                after.unwrap_or(Uuid::nil()),
+                limit + 1,
+            )
             .await?;
         let mut messages = self.keys.open_all(rows).map_err(|err| {
-            tracing::error!(user.id = %user, error = %err, "a queued message does not open; it is kept");
+            tracing::error!(user.id = %device.user, device = device.device, error = %err, "a queued message does not open; it is kept");
             Error::Unavailable
         })?;
         let mut bytes = 0;
@@ -284,10 +435,11 @@ impl Delivery {
         Ok(Page { messages, next })
     }
 
-    /// Settles `ids` for `user`: they are deleted and never sent again. Ids
-    /// that are unknown or addressed to someone else are left alone and not
-    /// counted.
-    pub async fn ack(&self, user: Uuid, ids: Vec<Uuid>) -> Result<u64> {
+    /// Settles `ids` for `device`: its copies are deleted and never sent to
+    /// it again; the account's other devices keep theirs. Ids that are
+    /// unknown or not queued for this device are left alone and not
+    /// counted. Each sender still online hears of its delivery (a receipt).
+    pub async fn ack(&self, device: Address, ids: Vec<Uuid>) -> Result<u64> {
         if ids.len() > MAX_PAGE as usize {
             return Err(Error::field(
                 "ids",
@@ -297,15 +449,44 @@ impl Delivery {
         if ids.is_empty() {
             return Ok(0);
         }
-        let acked = self.committer.ack(user, ids).await?;
-        self.queues.release(user, acked);
+        let settled = self.committer.ack(device.user, device.device, ids).await?;
+        let acked = settled.len() as u64;
+        self.queues.release(device.user, &[device.device], acked);
         self.metrics.acked.increment(acked);
+        if self.receipts {
+            for copy in &settled {
+                if let Some((sender, _)) = copy.sender {
+                    let receipt = Receipt {
+                        id: copy.id,
+                        to: device.user,
+                        device: device.device,
+                    };
+                    self.hub.notify(sender, Event::Receipt(receipt));
+                }
+            }
+        }
         Ok(acked)
     }
 
-    /// The account's queue was deleted: forget its count.
+    /// The account's devices changed (a device added or removed, committed):
+    /// sends are checked against the new list from now on, and every socket
+    /// of the account is told which devices it has.
+    pub fn devices_changed(&self, user: Uuid, devices: Arc<[DeviceId]>) {
+        self.directory.changed(user);
+        self.hub.notify(user, Event::DevicesChanged(devices));
+    }
+
+    /// Another process may have changed the account's devices: read them
+    /// afresh on its next send.
+    pub fn devices_may_have_changed(&self, user: Uuid) {
+        self.directory.changed(user);
+    }
+
+    /// The account's queues (all of them, or one device's) were deleted:
+    /// forget their counts, and its device list.
     pub fn forget_queue(&self, user: Uuid) {
         self.queues.forget(user);
+        self.directory.changed(user);
     }
 
     /// Rows were deleted behind the queue counters (expiry): recount them
@@ -320,213 +501,164 @@ impl Delivery {
     }
 }
 
-/// A message with a fresh time-ordered id. Call under the order lock.
-fn new_message(sender: Uuid, recipient: Uuid, body: Vec<u8>) -> Message {
-    let id = Uuid::now_v7();
-    Message {
-        id,
-        recipient,
-        sender,
-        body,
-        sent_at: store::id_time(id),
+/// An in-memory queue for the unit tests of the delivery core and the
+/// committer: the [`Queue`] and [`crate::store::DeviceIds`] parts only, as
+/// those are all they use.
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use uuid::Uuid;
+
+    use crate::store::{
+        Ack, DeviceId, DeviceIds, Queue, SealedRow, StoreError, StoreResult, StoredRow,
+    };
+
+    #[derive(Default)]
+    pub struct MemQueue {
+        pub rows: Mutex<Vec<SealedRow>>,
+        /// Every batch written: (rows inserted, acks applied).
+        pub batches: Mutex<Vec<(usize, usize)>>,
+        /// How long each write takes.
+        pub delay: Duration,
+        /// When set, every write fails as an unreachable database would.
+        pub failing: std::sync::atomic::AtomicBool,
+        /// Every account's devices, for the directory.
+        pub devices: Mutex<Vec<(Uuid, Vec<DeviceId>)>>,
+    }
+
+    #[async_trait]
+    impl Queue for MemQueue {
+        async fn write_batch(
+            &self,
+            messages: Vec<SealedRow>,
+            acks: &[Ack],
+        ) -> StoreResult<Vec<StoredRow>> {
+            tokio::time::sleep(self.delay).await;
+            if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut));
+            }
+            self.batches
+                .lock()
+                .unwrap()
+                .push((messages.len(), acks.len()));
+            let mut rows = self.rows.lock().unwrap();
+            rows.extend(messages);
+            let mut deleted = Vec::new();
+            rows.retain(|r| {
+                let acked = acks
+                    .iter()
+                    .any(|a| (a.recipient, a.device, a.id) == (r.recipient, r.device, r.id));
+                if acked {
+                    deleted.push(StoredRow::Sealed(r.clone()));
+                }
+                !acked
+            });
+            Ok(deleted)
+        }
+
+        async fn fetch(
+            &self,
+            recipient: Uuid,
+            device: DeviceId,
+            after: Uuid,
+            limit: u32,
+        ) -> StoreResult<Vec<StoredRow>> {
+            let rows = self.rows.lock().unwrap();
+            let mut page: Vec<SealedRow> = rows
+                .iter()
+                .filter(|r| r.recipient == recipient && r.device == device && r.id > after)
+                .cloned()
+                .collect();
+            page.sort_by_key(|r| r.id);
+            page.truncate(limit as usize);
+            Ok(page.into_iter().map(StoredRow::Sealed).collect())
+        }
+
+        async fn queued_count(&self, recipient: Uuid, device: DeviceId) -> StoreResult<u64> {
+            let rows = self.rows.lock().unwrap();
+            Ok(rows
+                .iter()
+                .filter(|r| r.recipient == recipient && r.device == device)
+                .count() as u64)
+        }
+    }
+
+    #[async_trait]
+    impl DeviceIds for MemQueue {
+        async fn device_ids(&self, user: Uuid) -> StoreResult<Vec<DeviceId>> {
+            let devices = self.devices.lock().unwrap();
+            Ok(devices
+                .iter()
+                .find(|(u, _)| *u == user)
+                .map(|(_, d)| d.clone())
+                .unwrap_or_default())
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
     use std::time::Duration;
 
-    use async_trait::async_trait;
-    use chrono::{DateTime, Utc};
-
+    use super::fake::MemQueue;
     use super::*;
-    use crate::store::{
-        AccountDetails, AccountSummary, Ack, Credentials, KeyId, RefreshToken, Revoked, Rotation,
-        SealedRow, Stats, StoreResult, StoredRow, User,
-    };
 
-    /// A queue in memory whose commits take a while, so that a message can
-    /// be accepted and still uncommitted when a connection subscribes.
-    #[derive(Default)]
-    struct SlowStore {
-        messages: Mutex<Vec<SealedRow>>,
-    }
-
-    const COMMIT_DELAY: Duration = Duration::from_millis(200);
-
-    #[async_trait]
-    impl Store for SlowStore {
-        async fn write_batch(
-            &self,
-            messages: Vec<SealedRow>,
-            acks: &[Ack],
-        ) -> StoreResult<Vec<Uuid>> {
-            tokio::time::sleep(COMMIT_DELAY).await;
-            let mut stored = self.messages.lock().unwrap();
-            stored.extend(messages);
-            stored.retain(|m| !acks.iter().any(|a| a.id == m.id));
-            Ok(acks.iter().map(|a| a.id).collect())
-        }
-        async fn fetch(
-            &self,
-            recipient: Uuid,
-            after: Uuid,
-            limit: u32,
-        ) -> StoreResult<Vec<StoredRow>> {
-            let stored = self.messages.lock().unwrap();
-            let mut page: Vec<SealedRow> = stored
-                .iter()
-                .filter(|m| m.recipient == recipient && m.id > after)
-                .cloned()
-                .collect();
-            page.sort_by_key(|m| m.id);
-            page.truncate(limit as usize);
-            Ok(page.into_iter().map(StoredRow::Sealed).collect())
-        }
-        async fn stale_rows(&self, _: KeyId, _: Uuid, _: u32) -> StoreResult<Vec<StoredRow>> {
-            unreachable!()
-        }
-        async fn reseal(&self, _: Vec<SealedRow>) -> StoreResult<u64> {
-            unreachable!()
-        }
-        async fn key_ids_in_use(&self) -> StoreResult<Vec<KeyId>> {
-            unreachable!()
-        }
-        async fn sealed_with(&self, _: KeyId, _: u32) -> StoreResult<Vec<StoredRow>> {
-            unreachable!()
-        }
-        async fn user_exists(&self, _: Uuid) -> StoreResult<bool> {
-            Ok(true)
-        }
-        async fn migrate(&self) -> StoreResult<()> {
-            unreachable!()
-        }
-        async fn ping(&self) -> StoreResult<()> {
-            unreachable!()
-        }
-        async fn create_user(&self, _: &User, _: &str) -> StoreResult<()> {
-            unreachable!()
-        }
-        async fn user(&self, _: Uuid) -> StoreResult<Option<User>> {
-            unreachable!()
-        }
-        async fn user_by_name(&self, _: &str) -> StoreResult<Option<User>> {
-            unreachable!()
-        }
-        async fn credentials(&self, _: &str) -> StoreResult<Option<Credentials>> {
-            unreachable!()
-        }
-        async fn set_public_key(
-            &self,
-            _: Uuid,
-            _: &[u8],
-            _: DateTime<Utc>,
-        ) -> StoreResult<Option<User>> {
-            unreachable!()
-        }
-        async fn insert_refresh_token(&self, _: &RefreshToken) -> StoreResult<bool> {
-            unreachable!()
-        }
-        async fn rotate_refresh_token(
-            &self,
-            _: &[u8; 32],
-            _: &[u8; 32],
-            _: DateTime<Utc>,
-            _: DateTime<Utc>,
-        ) -> StoreResult<Rotation> {
-            unreachable!()
-        }
-        async fn purge_refresh_tokens(&self, _: DateTime<Utc>, _: u32) -> StoreResult<u64> {
-            unreachable!()
-        }
-        async fn delete_before(&self, _: Uuid, _: u32) -> StoreResult<u64> {
-            unreachable!()
-        }
-        async fn password_hash(&self, _: Uuid) -> StoreResult<Option<String>> {
-            unreachable!()
-        }
-        async fn revoke_sessions(
-            &self,
-            _: Uuid,
-            _: Option<Uuid>,
-            _: DateTime<Utc>,
-        ) -> StoreResult<Vec<Uuid>> {
-            unreachable!()
-        }
-        async fn revoked_sessions(&self, _: DateTime<Utc>) -> StoreResult<Vec<Revoked>> {
-            unreachable!()
-        }
-        async fn disable_user(&self, _: Uuid, _: DateTime<Utc>) -> StoreResult<Option<Vec<Uuid>>> {
-            unreachable!()
-        }
-        async fn enable_user(&self, _: Uuid) -> StoreResult<bool> {
-            unreachable!()
-        }
-        async fn list_accounts(&self, _: Option<&str>, _: u32) -> StoreResult<Vec<AccountSummary>> {
-            unreachable!()
-        }
-        async fn account_details(
-            &self,
-            _: Uuid,
-            _: DateTime<Utc>,
-        ) -> StoreResult<Option<AccountDetails>> {
-            unreachable!()
-        }
-        async fn stats(&self, _: DateTime<Utc>) -> StoreResult<Stats> {
-            unreachable!()
-        }
-        async fn pending_migrations(&self) -> StoreResult<Vec<i64>> {
-            unreachable!()
-        }
-        async fn purge_revoked_sessions(&self, _: DateTime<Utc>, _: u32) -> StoreResult<u64> {
-            unreachable!()
-        }
-        async fn set_password(&self, _: Uuid, _: &str, _: DateTime<Utc>) -> StoreResult<Vec<Uuid>> {
-            unreachable!()
-        }
-        async fn delete_user(&self, _: Uuid, _: DateTime<Utc>) -> StoreResult<Option<Vec<Uuid>>> {
-            unreachable!()
-        }
-        async fn queued_count(&self, _: Uuid) -> StoreResult<u64> {
-            Ok(0)
-        }
-        async fn queue_depth(&self) -> StoreResult<crate::store::QueueDepth> {
-            unreachable!()
-        }
-    }
-
-    fn delivery() -> Delivery {
-        let store: Arc<dyn Store> = Arc::new(SlowStore::default());
+    fn delivery(queue: Arc<MemQueue>) -> Delivery {
         let keys = Arc::new(KeyRing::generate().unwrap());
         let metrics = Arc::new(Metrics::disabled());
-        let (committer, _task) = Committer::spawn(store.clone(), keys.clone(), metrics.clone());
+        let (committer, _task) =
+            Committer::spawn(queue.clone(), keys.clone(), metrics.clone(), true);
         let limits = Limits {
             max_body_bytes: 1024,
+            max_devices_per_user: 10,
             send_rate_per_second: 0,
             send_rate_burst: 1,
             max_queued_per_user: 0,
         };
         let hub = Hub::new(16, 0, metrics.clone());
-        Delivery::new(store, committer, hub, keys, limits, metrics)
+        let directory = Arc::new(Directory::new(queue.clone()));
+        Delivery::new(
+            queue, directory, committer, hub, keys, limits, true, metrics,
+        )
+    }
+
+    /// A queue whose commits take a while, so that a message can be
+    /// accepted and still uncommitted when a connection subscribes.
+    fn slow_queue(accounts: &[(Uuid, Vec<DeviceId>)]) -> Arc<MemQueue> {
+        let queue = MemQueue {
+            delay: Duration::from_millis(200),
+            ..MemQueue::default()
+        };
+        *queue.devices.lock().unwrap() = accounts.to_vec();
+        Arc::new(queue)
+    }
+
+    fn device(user: Uuid, device: DeviceId) -> Address {
+        Address { user, device }
     }
 
     /// A message accepted before a connection subscribes, and still being
     /// committed when it does, reaches that connection through its backlog.
     #[tokio::test]
     async fn a_message_in_commit_while_subscribing_is_in_the_backlog() {
-        let delivery = delivery();
         let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let delivery = delivery(slow_queue(&[(alice, vec![1]), (bob, vec![1])]));
         let accepted = delivery
-            .accept(alice, bob, b"early".to_vec())
+            .accept(device(alice, 1), bob, Content::Same(b"early".to_vec()))
             .await
             .unwrap();
 
-        let (mut registration, barrier) = delivery.subscribe(bob, Uuid::new_v4()).await.unwrap();
+        let (mut registration, barrier) = delivery
+            .subscribe(device(bob, 1), Uuid::new_v4(), false)
+            .await
+            .unwrap();
         // Not pushed: bob was not registered when it was accepted.
         assert!(registration.rx.try_recv().is_err());
         barrier.await.unwrap();
-        let backlog = delivery.fetch(bob, None, 10).await.unwrap();
+        let backlog = delivery.fetch(device(bob, 1), None, 10).await.unwrap();
         assert_eq!(
             backlog.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
             [accepted.id]
@@ -534,9 +666,104 @@ mod tests {
 
         // And one accepted after subscribing is pushed.
         let later = delivery
-            .accept(alice, bob, b"later".to_vec())
+            .accept(device(alice, 1), bob, Content::Same(b"later".to_vec()))
             .await
             .unwrap();
-        assert_eq!(registration.rx.recv().await.unwrap().message.id, later.id);
+        match registration.rx.recv().await.unwrap() {
+            Event::Message(pushed) => assert_eq!(pushed.message.id, later.id),
+            _ => panic!("expected the message"),
+        }
+    }
+
+    /// One id, one copy per device, each acknowledged on its own, and a
+    /// receipt to the sender for each.
+    #[tokio::test]
+    async fn each_device_settles_its_own_copy_and_the_sender_hears_of_it() {
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let queue = Arc::new(MemQueue::default());
+        *queue.devices.lock().unwrap() = vec![(alice, vec![1]), (bob, vec![1, 2])];
+        let delivery = delivery(queue.clone());
+        let (mut sender, _) = delivery
+            .subscribe(device(alice, 1), Uuid::new_v4(), false)
+            .await
+            .unwrap();
+        let content = Content::PerDevice(vec![(1, b"one".to_vec()), (2, b"two".to_vec())]);
+        let sent = delivery.send(device(alice, 1), bob, content).await.unwrap();
+        for (d, body) in [(1, b"one"), (2, b"two")] {
+            let page = delivery.fetch(device(bob, d), None, 10).await.unwrap();
+            assert_eq!(page.messages.len(), 1);
+            assert_eq!(
+                (page.messages[0].id, page.messages[0].sender_device),
+                (sent.id, 1)
+            );
+            assert_eq!(page.messages[0].body, body);
+        }
+        assert_eq!(
+            delivery.ack(device(bob, 1), vec![sent.id]).await.unwrap(),
+            1
+        );
+        assert!(
+            delivery
+                .fetch(device(bob, 1), None, 10)
+                .await
+                .unwrap()
+                .messages
+                .is_empty()
+        );
+        assert_eq!(
+            delivery
+                .fetch(device(bob, 2), None, 10)
+                .await
+                .unwrap()
+                .messages
+                .len(),
+            1
+        );
+        match sender.rx.recv().await.unwrap() {
+            Event::Receipt(receipt) => {
+                assert_eq!(
+                    receipt,
+                    Receipt {
+                        id: sent.id,
+                        to: bob,
+                        device: 1
+                    }
+                );
+            }
+            _ => panic!("expected a receipt"),
+        }
+    }
+
+    /// Envelopes that miss or add a device store nothing and say which.
+    #[tokio::test]
+    async fn envelopes_must_match_the_devices() {
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let queue = Arc::new(MemQueue::default());
+        *queue.devices.lock().unwrap() = vec![(alice, vec![1, 2]), (bob, vec![1, 3])];
+        let delivery = delivery(queue.clone());
+        let content = || Content::PerDevice(vec![(1, b"x".to_vec()), (2, b"y".to_vec())]);
+        match delivery.send(device(alice, 1), bob, content()).await {
+            Err(Error::DevicesChanged { missing, extra }) => {
+                assert_eq!((missing, extra), (vec![3], vec![2]));
+            }
+            other => panic!("expected devices_changed, got {:?}", other.err()),
+        }
+        assert!(queue.rows.lock().unwrap().is_empty());
+        // To yourself: your sending device is left out, so naming it is extra.
+        match delivery.send(device(alice, 1), alice, content()).await {
+            Err(Error::DevicesChanged { missing, extra }) => {
+                assert_eq!((missing, extra), (vec![], vec![1]));
+            }
+            other => panic!("expected devices_changed, got {:?}", other.err()),
+        }
+        let sync = Content::PerDevice(vec![(2, b"sync".to_vec())]);
+        delivery.send(device(alice, 1), alice, sync).await.unwrap();
+        let rows = queue.rows.lock().unwrap();
+        assert_eq!(
+            rows.iter()
+                .map(|r| (r.recipient, r.device))
+                .collect::<Vec<_>>(),
+            [(alice, 2)]
+        );
     }
 }

@@ -1,6 +1,7 @@
-//! The cap on messages queued for one recipient
-//! (`SEALPOST_MAX_QUEUED_PER_USER`): a flood aimed at one user, or a user
-//! who never comes back, cannot grow the queue without bound.
+//! The cap on messages queued for one device
+//! (`SEALPOST_MAX_QUEUED_PER_USER`, which counts each device's queue on its
+//! own): a flood aimed at one user, or a device that never comes back,
+//! cannot grow the queue without bound.
 //!
 //! Counting rows per send would cost a query each time, so depths are kept
 //! in memory: loaded from the store the first time a recipient is seen,
@@ -14,12 +15,15 @@ use dashmap::DashMap;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::store::{DeviceId, Queue};
+
+/// A device's queue: its account and number.
+type QueueKey = (Uuid, DeviceId);
 
 pub struct QueueCaps {
     /// 0: no cap, and nothing is counted.
     cap: u32,
-    depth: DashMap<Uuid, u32>,
+    depth: DashMap<QueueKey, u32>,
 }
 
 impl QueueCaps {
@@ -30,21 +34,37 @@ impl QueueCaps {
         }
     }
 
-    /// Takes room for one message to `recipient`, or refuses with
-    /// `queue_full`. Give it back with [`QueueCaps::release`] if the message
-    /// is not stored after all.
-    pub async fn reserve(&self, store: &dyn Store, recipient: Uuid) -> Result<()> {
+    /// Takes room for one message in each of `devices`' queues of
+    /// `recipient`, or refuses with `queue_full` and takes none. Give it
+    /// back with [`QueueCaps::release`] if the message is not stored after
+    /// all.
+    pub async fn reserve(
+        &self,
+        queue: &dyn Queue,
+        recipient: Uuid,
+        devices: &[DeviceId],
+    ) -> Result<()> {
         if self.cap == 0 {
             return Ok(());
         }
-        if !self.depth.contains_key(&recipient) {
+        for (n, &device) in devices.iter().enumerate() {
+            if let Err(err) = self.reserve_one(queue, (recipient, device)).await {
+                self.release(recipient, &devices[..n], 1);
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
+    async fn reserve_one(&self, queue: &dyn Queue, key: QueueKey) -> Result<()> {
+        if !self.depth.contains_key(&key) {
             // No shard lock is held across the query; if two senders load
             // at once, the first insert wins and both count from it.
-            let stored = store.queued_count(recipient).await?;
+            let stored = queue.queued_count(key.0, key.1).await?;
             let stored = u32::try_from(stored).unwrap_or(u32::MAX);
-            self.depth.entry(recipient).or_insert(stored);
+            self.depth.entry(key).or_insert(stored);
         }
-        let mut depth = self.depth.entry(recipient).or_insert(0);
+        let mut depth = self.depth.entry(key).or_insert(0);
         if *depth >= self.cap {
             return Err(Error::QueueFull);
         }
@@ -52,14 +72,16 @@ impl QueueCaps {
         Ok(())
     }
 
-    /// `count` messages to `recipient` left the queue (acked) or never
-    /// entered it (a failed write).
-    pub fn release(&self, recipient: Uuid, count: u64) {
+    /// `count` messages to each of `recipient`'s `devices` left their
+    /// queues (acked) or never entered them (a failed write).
+    pub fn release(&self, recipient: Uuid, devices: &[DeviceId], count: u64) {
         if self.cap == 0 || count == 0 {
             return;
         }
-        if let Some(mut depth) = self.depth.get_mut(&recipient) {
-            *depth = depth.saturating_sub(u32::try_from(count).unwrap_or(u32::MAX));
+        for &device in devices {
+            if let Some(mut depth) = self.depth.get_mut(&(recipient, device)) {
+                *depth = depth.saturating_sub(u32::try_from(count).unwrap_or(u32::MAX));
+            }
         }
     }
 
@@ -70,7 +92,8 @@ impl QueueCaps {
         self.depth.shrink_to_fit();
     }
 
+    /// The account's queues were deleted (the account or one device).
     pub fn forget(&self, recipient: Uuid) {
-        self.depth.remove(&recipient);
+        self.depth.retain(|(user, _), _| *user != recipient);
     }
 }

@@ -1,7 +1,14 @@
-//! Durable storage behind one interface: accounts, refresh tokens and the
-//! message queue.
+//! Durable storage: accounts and their devices, sessions, the message queue
+//! and the operator's queries, one trait per concern.
 //!
-//! [`Store`] has two implementations, [`postgres::PgStore`] for production and
+//! - [`queue`]: [`Queue`], the hot path of the delivery core and the
+//!   committer (batched writes, page reads, counts), and
+//!   [`QueueMaintenance`], what the sweeper and start-up do to the queue.
+//! - [`accounts`]: [`Accounts`], users and their devices.
+//! - [`sessions`]: [`Sessions`], refresh tokens and revocations.
+//! - [`admin`]: [`Operator`], the operator commands' listings and counts.
+//!
+//! [`Store`] joins them; it has two implementations, [`postgres::PgStore`] for production and
 //! [`sqlite::SqliteStore`] as the embedded default, picked by the scheme of
 //! `DATABASE_URL` in [`connect`]. Each backend owns its migrations
 //! (`migrations/postgres`, `migrations/sqlite`). Every query is
@@ -17,8 +24,17 @@
 //! stay readable until the sweeper has sealed them; a later release drops
 //! their plaintext `sender` and `body` columns.
 
+pub mod accounts;
+pub mod admin;
 pub mod postgres;
+pub mod queue;
+pub mod sessions;
 pub mod sqlite;
+
+pub use accounts::{Accounts, AddDevice, Credentials, Device, DeviceIds, RemoveDevice, User};
+pub use admin::{AccountDetails, AccountSummary, DeviceSummary, Operator, Stats};
+pub use queue::{Ack, KeyId, Message, Queue, QueueDepth, QueueMaintenance, SealedRow, StoredRow};
+pub use sessions::{RefreshToken, Revoked, Rotation, Sessions};
 
 use std::sync::Arc;
 
@@ -48,194 +64,6 @@ pub fn id_time(id: Uuid) -> DateTime<Utc> {
 pub fn first_id_at(t: DateTime<Utc>) -> Uuid {
     let millis = u128::from(t.timestamp_millis().max(0) as u64);
     Uuid::from_u128(millis << 80)
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct User {
-    pub id: Uuid,
-    pub username: String,
-    pub public_key: Vec<u8>,
-    pub key_updated_at: DateTime<Utc>,
-    pub created_at: DateTime<Utc>,
-}
-
-/// What login needs: the account id, its PHC-encoded argon2id hash, and
-/// whether an operator disabled it.
-#[derive(Clone)]
-pub struct Credentials {
-    pub user_id: Uuid,
-    pub password_hash: String,
-    pub disabled: bool,
-}
-
-/// A revoked session as recorded in `revoked_sessions`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Revoked {
-    pub session: Uuid,
-    pub user_id: Uuid,
-}
-
-/// An account as operators see it in a listing (`sealpost user list`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AccountSummary {
-    pub id: Uuid,
-    pub username: String,
-    pub created_at: DateTime<Utc>,
-    /// When an operator disabled it; `None` while it is active.
-    pub disabled_at: Option<DateTime<Utc>>,
-    /// Messages waiting for it.
-    pub queued: u64,
-}
-
-/// One account in detail (`sealpost user show`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AccountDetails {
-    pub summary: AccountSummary,
-    pub public_key_bytes: u64,
-    pub key_updated_at: DateTime<Utc>,
-    /// Sessions that can still refresh: one live refresh token each.
-    pub live_sessions: u64,
-    /// The id of its oldest queued message, whose time it encodes.
-    pub oldest_queued: Option<Uuid>,
-}
-
-/// Counts over the whole database (`sealpost stats`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stats {
-    pub users: u64,
-    pub disabled_users: u64,
-    /// Sessions that can still refresh.
-    pub live_sessions: u64,
-    /// Revocations kept until every access token they refuse has expired.
-    pub revocations: u64,
-    pub queued: u64,
-    /// Accounts with at least one queued message.
-    pub recipients: u64,
-    /// The oldest queued message's id, whose time it encodes.
-    pub oldest_queued: Option<Uuid>,
-    /// Queued messages per storage key id; `None` counts legacy plaintext
-    /// rows. In key id order, legacy first.
-    pub by_key: Vec<(Option<KeyId>, u64)>,
-}
-
-/// A refresh token as stored: only its SHA-256 hash, never the token.
-#[derive(Debug, Clone)]
-pub struct RefreshToken {
-    pub hash: [u8; 32],
-    pub user_id: Uuid,
-    /// All tokens rotated from one login share a family; it is the session id
-    /// carried in the access tokens of that session.
-    pub family_id: Uuid,
-    pub expires_at: DateTime<Utc>,
-}
-
-/// The outcome of presenting a refresh token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Rotation {
-    /// The token was live; it is now spent and its successor stored.
-    Rotated { user_id: Uuid, family_id: Uuid },
-    /// The token had been spent before: a sign of theft. Every session of
-    /// the user has been revoked; these are their ids.
-    Reused { user_id: Uuid, revoked: Vec<Uuid> },
-    /// Unknown or expired.
-    Invalid,
-}
-
-/// A sealed envelope in the queue. The body is opaque ciphertext.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
-    pub id: Uuid,
-    pub recipient: Uuid,
-    pub sender: Uuid,
-    pub body: Vec<u8>,
-    pub sent_at: DateTime<Utc>,
-}
-
-/// The id of a storage key (`SEALPOST_STORAGE_KEYS`): a small positive
-/// integer, kept beside every sealed row.
-pub type KeyId = i16;
-
-/// A queued message as stored: routing columns in the clear, its sender and
-/// body in `sealed` under storage key `key_id` (format in [`crate::seal`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SealedRow {
-    pub id: Uuid,
-    pub recipient: Uuid,
-    pub sent_at: DateTime<Utc>,
-    pub key_id: KeyId,
-    pub sealed: Vec<u8>,
-}
-
-/// A queued message as read back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoredRow {
-    Sealed(SealedRow),
-    /// Written in plaintext by a release before sealed storage.
-    Legacy(Message),
-}
-
-/// A queue row as both backends select it: `id, recipient, sent_at, key_id,
-/// sealed, sender, body`, with `sent_at` in the backend's own representation
-/// `T`.
-type QueueColumns<T> = (
-    Uuid,
-    Uuid,
-    T,
-    Option<KeyId>,
-    Option<Vec<u8>>,
-    Option<Uuid>,
-    Option<Vec<u8>>,
-);
-
-impl StoredRow {
-    /// Builds a row from the queue's columns, in the order both backends
-    /// select them: `id, recipient, sent_at, key_id, sealed, sender, body`
-    /// (`sent_at` already converted from the backend's representation).
-    fn from_columns(
-        (id, recipient, sent_at, key_id, sealed, sender, body): QueueColumns<DateTime<Utc>>,
-    ) -> StoreResult<Self> {
-        match (key_id, sealed, sender, body) {
-            (Some(key_id), Some(sealed), _, _) => Ok(StoredRow::Sealed(SealedRow {
-                id,
-                recipient,
-                sent_at,
-                key_id,
-                sealed,
-            })),
-            (None, None, Some(sender), Some(body)) => Ok(StoredRow::Legacy(Message {
-                id,
-                recipient,
-                sender,
-                body,
-                sent_at,
-            })),
-            // The schema's CHECK constraint rules this out.
-            _ => Err(StoreError::Malformed(id)),
-        }
-    }
-
-    pub fn id(&self) -> Uuid {
-        match self {
-            StoredRow::Sealed(row) => row.id,
-            StoredRow::Legacy(message) => message.id,
-        }
-    }
-}
-
-/// The size of the queue, as [`Store::queue_depth`] samples it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct QueueDepth {
-    /// Messages queued for all recipients.
-    pub total: u64,
-    /// Messages queued for the recipient with the most.
-    pub max_per_recipient: u64,
-}
-
-/// One acknowledgement: delete `id` if it is addressed to `recipient`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Ack {
-    pub recipient: Uuid,
-    pub id: Uuid,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -288,178 +116,25 @@ fn is_outage(db: &dyn sqlx::error::DatabaseError) -> bool {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// A device's number within its account: 1, 2, 3... never reused. Kept as
+/// a 32-bit signed integer by both backends, so at most `i32::MAX`.
+pub type DeviceId = u32;
+
+/// The largest device id a database column holds.
+pub const MAX_DEVICE_ID: DeviceId = i32::MAX as DeviceId;
+
+/// The whole store, as [`connect`] opens it: every concern's trait, plus
+/// what start-up and readiness need. Each consumer takes only the part it
+/// uses: the delivery core and the committer a [`Queue`], the sweeper the
+/// [`QueueMaintenance`] too, handlers [`Accounts`] and [`Sessions`], the
+/// operator commands [`Operator`].
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: Queue + QueueMaintenance + Accounts + Sessions + Operator {
     /// Applies pending migrations of this backend.
     async fn migrate(&self) -> StoreResult<()>;
 
     /// A round trip to the database, for readiness checks.
     async fn ping(&self) -> StoreResult<()>;
-
-    /// Creates an account; [`StoreError::UsernameTaken`] if the name is in
-    /// use in any letter case.
-    async fn create_user(&self, user: &User, password_hash: &str) -> StoreResult<()>;
-
-    async fn user(&self, id: Uuid) -> StoreResult<Option<User>>;
-
-    /// Looks a user up by name, ignoring letter case.
-    async fn user_by_name(&self, username: &str) -> StoreResult<Option<User>>;
-
-    async fn user_exists(&self, id: Uuid) -> StoreResult<bool>;
-
-    async fn credentials(&self, username: &str) -> StoreResult<Option<Credentials>>;
-
-    /// Disables the account and revokes every session, in one transaction
-    /// (an account disabled already keeps its first `disabled_at`). Returns
-    /// the revoked session ids, or `None` if there was no such user.
-    async fn disable_user(
-        &self,
-        user_id: Uuid,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Option<Vec<Uuid>>>;
-
-    /// Lets a disabled account log in again; `false` if there was no such
-    /// user.
-    async fn enable_user(&self, user_id: Uuid) -> StoreResult<bool>;
-
-    /// Up to `limit` accounts, in username order (ignoring letter case),
-    /// after the username `after`.
-    async fn list_accounts(
-        &self,
-        after: Option<&str>,
-        limit: u32,
-    ) -> StoreResult<Vec<AccountSummary>>;
-
-    /// One account in detail; sessions count as live until `now`.
-    async fn account_details(
-        &self,
-        id: Uuid,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Option<AccountDetails>>;
-
-    /// Counts over the whole database. Counting the queue reads all of it:
-    /// an operator's command, not something to poll.
-    async fn stats(&self, now: DateTime<Utc>) -> StoreResult<Stats>;
-
-    /// The versions of this release's migrations that the database has not
-    /// applied, so that operator commands can refuse an outdated schema
-    /// rather than migrate it behind the operator's back.
-    async fn pending_migrations(&self) -> StoreResult<Vec<i64>>;
-
-    /// The password hash of the account `id`.
-    async fn password_hash(&self, id: Uuid) -> StoreResult<Option<String>>;
-
-    /// Replaces a user's public key; `None` if the user does not exist.
-    async fn set_public_key(
-        &self,
-        id: Uuid,
-        key: &[u8],
-        at: DateTime<Utc>,
-    ) -> StoreResult<Option<User>>;
-
-    /// Stores the first refresh token of a new session, unless the user is
-    /// disabled or gone by now (checked in the same statement, so a login
-    /// racing `disable_user` cannot slip a session past it). Returns whether
-    /// it was stored.
-    async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<bool>;
-
-    /// Spends the token with hash `presented` and stores `next` (whose
-    /// `user_id` and `family_id` are taken from the spent one) in the same
-    /// transaction. Presenting a spent token revokes all of the user's tokens.
-    async fn rotate_refresh_token(
-        &self,
-        presented: &[u8; 32],
-        next_hash: &[u8; 32],
-        next_expires_at: DateTime<Utc>,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Rotation>;
-
-    /// Revokes the user's session `only`, or every session of the user:
-    /// records them in `revoked_sessions` and deletes their refresh tokens,
-    /// in one transaction. Returns the revoked session ids.
-    async fn revoke_sessions(
-        &self,
-        user_id: Uuid,
-        only: Option<Uuid>,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Vec<Uuid>>;
-
-    /// Sessions revoked at or after `since`, by any process: at start-up,
-    /// the ones whose access tokens may still be unexpired; then, polled,
-    /// the ones other processes revoked since the last look.
-    async fn revoked_sessions(&self, since: DateTime<Utc>) -> StoreResult<Vec<Revoked>>;
-
-    /// Forgets up to `limit` revocations made before `before`; returns how
-    /// many.
-    async fn purge_revoked_sessions(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64>;
-
-    /// Replaces the user's password hash and revokes every session, in one
-    /// transaction. Returns the revoked session ids.
-    async fn set_password(
-        &self,
-        user_id: Uuid,
-        password_hash: &str,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Vec<Uuid>>;
-
-    /// Deletes the account with its key, refresh tokens and queued messages,
-    /// revoking every session, in one transaction. Returns the revoked
-    /// session ids, or `None` if there was no such user.
-    async fn delete_user(
-        &self,
-        user_id: Uuid,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Option<Vec<Uuid>>>;
-
-    /// How many messages wait for `recipient`.
-    async fn queued_count(&self, recipient: Uuid) -> StoreResult<u64>;
-
-    /// How many messages are queued in all, and for the busiest recipient,
-    /// in one aggregate query: the sweeper samples it for the metrics. It
-    /// reads the whole `(recipient, id)` index, so it runs once per sweep
-    /// and only with metrics on.
-    async fn queue_depth(&self) -> StoreResult<QueueDepth>;
-
-    /// Deletes up to `limit` refresh tokens past their expiry; returns how
-    /// many.
-    async fn purge_refresh_tokens(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<u64>;
-
-    /// Inserts `messages` and applies `acks` in one transaction. Returns the
-    /// ids the acks deleted; an ack for an id that is unknown or addressed to
-    /// someone else deletes nothing.
-    async fn write_batch(&self, messages: Vec<SealedRow>, acks: &[Ack]) -> StoreResult<Vec<Uuid>>;
-
-    /// Up to `limit` of `recipient`'s queued messages with ids after `after`,
-    /// oldest first.
-    async fn fetch(&self, recipient: Uuid, after: Uuid, limit: u32) -> StoreResult<Vec<StoredRow>>;
-
-    /// Up to `limit` queued messages with ids after `after`, in id order, that
-    /// are not sealed under `current`: legacy plaintext rows and rows of older
-    /// keys, for the sweeper to seal again.
-    async fn stale_rows(
-        &self,
-        current: KeyId,
-        after: Uuid,
-        limit: u32,
-    ) -> StoreResult<Vec<StoredRow>>;
-
-    /// Replaces the content of each row by its new sealing, dropping any
-    /// plaintext; rows deleted meanwhile are skipped. Returns how many were
-    /// updated.
-    async fn reseal(&self, rows: Vec<SealedRow>) -> StoreResult<u64>;
-
-    /// The distinct key ids of the sealed rows in the queue, so that start-up
-    /// can refuse a key list that could not open them.
-    async fn key_ids_in_use(&self) -> StoreResult<Vec<KeyId>>;
-
-    /// Up to `limit` of the oldest queued rows sealed under `key`, so that
-    /// start-up can check that the key configured under that id opens them.
-    async fn sealed_with(&self, key: KeyId, limit: u32) -> StoreResult<Vec<StoredRow>>;
-
-    /// Deletes up to `limit` messages with ids below `before`; returns how
-    /// many. The sweeper calls this until it returns less than `limit`, so no
-    /// single statement holds locks for long.
-    async fn delete_before(&self, before: Uuid, limit: u32) -> StoreResult<u64>;
 }
 
 /// How to open the store.

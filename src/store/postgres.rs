@@ -13,9 +13,14 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use uuid::Uuid;
 
+use sqlx::AssertSqlSafe;
+
+use super::queue::QUEUE_COLUMNS;
 use super::{
-    AccountDetails, AccountSummary, Ack, Credentials, KeyId, QueueDepth, RefreshToken, Revoked,
-    Rotation, SealedRow, Stats, Store, StoreError, StoreResult, StoredRow, User,
+    AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, Device, DeviceId,
+    DeviceIds, DeviceSummary, KeyId, Operator, Queue, QueueDepth, QueueMaintenance, RefreshToken,
+    RemoveDevice, Revoked, Rotation, SealedRow, Sessions, Stats, Store, StoreError, StoreResult,
+    StoredRow, User,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -43,19 +48,49 @@ const WRITER_CONNECTIONS: u32 = 2;
 /// looks each up in the index.
 const ACKS_PER_STATEMENT: usize = 500;
 
-type UserRow = (Uuid, String, Vec<u8>, DateTime<Utc>, DateTime<Utc>);
+type UserRow = (Uuid, String, DateTime<Utc>);
 
-fn user_from_row((id, username, public_key, key_updated_at, created_at): UserRow) -> User {
+fn user_from_row((id, username, created_at): UserRow) -> User {
     User {
         id,
         username,
-        public_key,
-        key_updated_at,
         created_at,
     }
 }
 
-type QueueRow = super::QueueColumns<DateTime<Utc>>;
+/// `device_id, public_key, key_updated_at, name, created_at, last_seen_at`.
+type DeviceRow = (
+    i32,
+    Vec<u8>,
+    DateTime<Utc>,
+    Option<String>,
+    DateTime<Utc>,
+    DateTime<Utc>,
+);
+
+const DEVICE_COLUMNS: &str =
+    "device_id, public_key, key_updated_at, name, created_at, last_seen_at";
+
+fn device_from_row(
+    (id, public_key, key_updated_at, name, created_at, last_seen_at): DeviceRow,
+) -> Device {
+    Device {
+        id: id as DeviceId,
+        public_key,
+        key_updated_at,
+        name,
+        created_at,
+        last_seen_at,
+    }
+}
+
+/// A device id as PostgreSQL's `integer` binds it. Ids are at most
+/// [`super::MAX_DEVICE_ID`], so the conversion is exact.
+fn pg_device(device: DeviceId) -> i32 {
+    device.min(super::MAX_DEVICE_ID) as i32
+}
+
+type QueueRow = super::queue::QueueColumns<DateTime<Utc>, i32>;
 
 /// `id, username, created_at, disabled_at, queued`, as the account queries
 /// select them.
@@ -72,7 +107,22 @@ fn summary_from_row((id, username, created_at, disabled_at, queued): SummaryRow)
 }
 
 fn stored_rows(rows: Vec<QueueRow>) -> StoreResult<Vec<StoredRow>> {
-    rows.into_iter().map(StoredRow::from_columns).collect()
+    rows.into_iter()
+        .map(
+            |(id, recipient, device, sent_at, key_id, sealed, sender, body)| {
+                StoredRow::from_columns((
+                    id,
+                    recipient,
+                    device as DeviceId,
+                    sent_at,
+                    key_id,
+                    sealed,
+                    sender,
+                    body,
+                ))
+            },
+        )
+        .collect()
 }
 
 /// Splits sealed rows into the column arrays that `UNNEST` binds.
@@ -80,6 +130,7 @@ fn stored_rows(rows: Vec<QueueRow>) -> StoreResult<Vec<StoredRow>> {
 struct Columns {
     ids: Vec<Uuid>,
     recipients: Vec<Uuid>,
+    devices: Vec<i32>,
     sent_at: Vec<DateTime<Utc>>,
     key_ids: Vec<KeyId>,
     sealed: Vec<Vec<u8>>,
@@ -91,6 +142,7 @@ impl Columns {
         for row in rows {
             columns.ids.push(row.id);
             columns.recipients.push(row.recipient);
+            columns.devices.push(pg_device(row.device));
             columns.sent_at.push(row.sent_at);
             columns.key_ids.push(row.key_id);
             columns.sealed.push(row.sealed);
@@ -137,56 +189,68 @@ impl Store for PgStore {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+}
 
-    async fn create_user(&self, user: &User, password_hash: &str) -> StoreResult<()> {
+#[async_trait]
+impl DeviceIds for PgStore {
+    async fn device_ids(&self, user: Uuid) -> StoreResult<Vec<DeviceId>> {
+        let ids: Vec<i32> = sqlx::query_scalar(
+            "SELECT device_id FROM devices WHERE user_id = $1 ORDER BY device_id",
+        )
+        .bind(user)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids.into_iter().map(|id| id as DeviceId).collect())
+    }
+}
+
+#[async_trait]
+impl Accounts for PgStore {
+    async fn create_user(
+        &self,
+        user: &User,
+        password_hash: &str,
+        device: &Device,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
         let result = sqlx::query(
-            "INSERT INTO users (id, username, password_hash, public_key, key_updated_at, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO users (id, username, password_hash, created_at) VALUES ($1, $2, $3, $4)",
         )
         .bind(user.id)
         .bind(user.username.clone())
         .bind(password_hash.to_owned())
-        .bind(user.public_key.clone())
-        .bind(user.key_updated_at)
         .bind(user.created_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await;
         match result {
-            Ok(_) => Ok(()),
+            Ok(_) => {}
             Err(sqlx::Error::Database(e)) if e.constraint() == Some("users_username_lower") => {
-                Err(StoreError::UsernameTaken)
+                return Err(StoreError::UsernameTaken);
             }
-            Err(e) => Err(e.into()),
+            Err(e) => return Err(e.into()),
         }
+        insert_device(&mut tx, user.id, device).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn user(&self, id: Uuid) -> StoreResult<Option<User>> {
-        let row: Option<UserRow> = sqlx::query_as(
-            "SELECT id, username, public_key, key_updated_at, created_at FROM users WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<UserRow> =
+            sqlx::query_as("SELECT id, username, created_at FROM users WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.map(user_from_row))
     }
 
     async fn user_by_name(&self, username: &str) -> StoreResult<Option<User>> {
         let row: Option<UserRow> = sqlx::query_as(
-            "SELECT id, username, public_key, key_updated_at, created_at FROM users
-             WHERE lower(username) = lower($1)",
+            "SELECT id, username, created_at FROM users WHERE lower(username) = lower($1)",
         )
         .bind(username.to_owned())
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map(user_from_row))
-    }
-
-    async fn user_exists(&self, id: Uuid) -> StoreResult<bool> {
-        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)")
-            .bind(id)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(exists)
     }
 
     async fn password_hash(&self, id: Uuid) -> StoreResult<Option<String>> {
@@ -213,6 +277,340 @@ impl Store for PgStore {
         }))
     }
 
+    async fn devices(&self, user: Uuid) -> StoreResult<Vec<Device>> {
+        let rows: Vec<DeviceRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices WHERE user_id = $1 ORDER BY device_id"
+        )))
+        .bind(user)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(device_from_row).collect())
+    }
+
+    async fn add_device(
+        &self,
+        user: Uuid,
+        public_key: &[u8],
+        name: Option<&str>,
+        max: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<AddDevice> {
+        let mut tx = self.pool.begin().await?;
+        // The account's row lock serialises additions: the count and the
+        // number taken cannot race another addition, nor a disable.
+        let account: Option<i32> = sqlx::query_scalar(
+            "SELECT next_device_id FROM users WHERE id = $1 AND disabled_at IS NULL FOR UPDATE",
+        )
+        .bind(user)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(next) = account else {
+            return Ok(AddDevice::NoAccount);
+        };
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM devices WHERE user_id = $1")
+            .bind(user)
+            .fetch_one(&mut *tx)
+            .await?;
+        if count >= i64::from(max) || next == i32::MAX {
+            return Ok(AddDevice::TooMany);
+        }
+        sqlx::query("UPDATE users SET next_device_id = next_device_id + 1 WHERE id = $1")
+            .bind(user)
+            .execute(&mut *tx)
+            .await?;
+        let device = Device {
+            id: next as DeviceId,
+            public_key: public_key.to_vec(),
+            key_updated_at: now,
+            name: name.map(str::to_owned),
+            created_at: now,
+            last_seen_at: now,
+        };
+        insert_device(&mut tx, user, &device).await?;
+        tx.commit().await?;
+        Ok(AddDevice::Added(device))
+    }
+
+    async fn rename_device(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        name: Option<&str>,
+    ) -> StoreResult<Option<Device>> {
+        let row: Option<DeviceRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "UPDATE devices SET name = $3 WHERE user_id = $1 AND device_id = $2
+             RETURNING {DEVICE_COLUMNS}"
+        )))
+        .bind(user)
+        .bind(pg_device(device))
+        .bind(name.map(str::to_owned))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(device_from_row))
+    }
+
+    async fn set_device_key(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        key: &[u8],
+        at: DateTime<Utc>,
+    ) -> StoreResult<Option<Device>> {
+        let row: Option<DeviceRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "UPDATE devices SET public_key = $3, key_updated_at = $4
+             WHERE user_id = $1 AND device_id = $2
+             RETURNING {DEVICE_COLUMNS}"
+        )))
+        .bind(user)
+        .bind(pg_device(device))
+        .bind(key.to_vec())
+        .bind(at)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(device_from_row))
+    }
+
+    async fn remove_device(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        now: DateTime<Utc>,
+    ) -> StoreResult<RemoveDevice> {
+        let mut tx = self.pool.begin().await?;
+        // The row lock orders this against additions, logins and rotations
+        // of the account.
+        if !lock_user(&mut tx, user).await? {
+            return Ok(RemoveDevice::NotFound);
+        }
+        let (exists, count): (bool, i64) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM devices WHERE user_id = $1 AND device_id = $2),
+                    (SELECT count(*) FROM devices WHERE user_id = $1)",
+        )
+        .bind(user)
+        .bind(pg_device(device))
+        .fetch_one(&mut *tx)
+        .await?;
+        if !exists {
+            return Ok(RemoveDevice::NotFound);
+        }
+        if count <= 1 {
+            return Ok(RemoveDevice::Last);
+        }
+        let revoked = revoke_in(&mut tx, user, Revoke::Device(device), now).await?;
+        for statement in [
+            "DELETE FROM devices WHERE user_id = $1 AND device_id = $2",
+            "DELETE FROM messages WHERE recipient = $1 AND device_id = $2",
+        ] {
+            sqlx::query(statement)
+                .bind(user)
+                .bind(pg_device(device))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(RemoveDevice::Removed { revoked })
+    }
+
+    async fn set_password(
+        &self,
+        user_id: Uuid,
+        password_hash: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<Uuid>> {
+        let mut tx = self.pool.begin().await?;
+        lock_user(&mut tx, user_id).await?;
+        sqlx::query("UPDATE users SET password_hash = $2 WHERE id = $1")
+            .bind(user_id)
+            .bind(password_hash)
+            .execute(&mut *tx)
+            .await?;
+        let revoked = revoke_in(&mut tx, user_id, Revoke::All, now).await?;
+        tx.commit().await?;
+        Ok(revoked)
+    }
+
+    async fn delete_user(
+        &self,
+        user_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Vec<Uuid>>> {
+        let mut tx = self.pool.begin().await?;
+        if !lock_user(&mut tx, user_id).await? {
+            return Ok(None);
+        }
+        let revoked = revoke_in(&mut tx, user_id, Revoke::All, now).await?;
+        sqlx::query("DELETE FROM messages WHERE recipient = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM users WHERE id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(revoked))
+    }
+}
+
+#[async_trait]
+impl Sessions for PgStore {
+    async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<bool> {
+        // FOR SHARE waits for a `disable_user`, `delete_user` or
+        // `remove_device` holding the user's row, then sees its outcome: no
+        // token for a user who is disabled or gone, or a device removed, by
+        // the time it commits. Without it the insert could land just after
+        // their revocation deleted the tokens.
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "INSERT INTO refresh_tokens
+                 (token_hash, user_id, device_id, family_id, expires_at, created_at)
+             SELECT $1, u.id, d.device_id, $3, $4, now() FROM users u
+             JOIN devices d ON d.user_id = u.id AND d.device_id = $5
+             WHERE u.id = $2 AND u.disabled_at IS NULL FOR SHARE OF u",
+        )
+        .bind(token.hash.to_vec())
+        .bind(token.user_id)
+        .bind(token.family_id)
+        .bind(token.expires_at)
+        .bind(pg_device(token.device))
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        seen(&mut tx, token.user_id, token.device, super::now()).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn rotate_refresh_token(
+        &self,
+        presented: &[u8; 32],
+        next_hash: &[u8; 32],
+        next_expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Rotation> {
+        let mut tx = self.pool.begin().await?;
+        // Serialise every rotation and revocation of one user on the user's
+        // row. Without it, under READ COMMITTED, a revoking DELETE whose
+        // snapshot predates a concurrent rotation would miss the token that
+        // rotation inserts, and a thief refreshing in a loop would keep one.
+        let owner: Option<Uuid> = sqlx::query_scalar(
+            "SELECT u.id FROM refresh_tokens t JOIN users u ON u.id = t.user_id
+             WHERE t.token_hash = $1 FOR UPDATE OF u",
+        )
+        .bind(presented.to_vec())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if owner.is_none() {
+            return Ok(Rotation::Invalid);
+        }
+        // Spending is one conditional UPDATE: of two presentations of the
+        // same token, exactly one sees `used_at IS NULL`.
+        let spent: Option<(Uuid, i32, Uuid)> = sqlx::query_as(
+            "UPDATE refresh_tokens SET used_at = $2
+             WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2
+             RETURNING user_id, device_id, family_id",
+        )
+        .bind(presented.to_vec())
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let rotation = match spent {
+            Some((user_id, device, family_id)) => {
+                sqlx::query(
+                    "INSERT INTO refresh_tokens
+                         (token_hash, user_id, device_id, family_id, expires_at, created_at)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(next_hash.to_vec())
+                .bind(user_id)
+                .bind(device)
+                .bind(family_id)
+                .bind(next_expires_at)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                seen(&mut tx, user_id, device as DeviceId, now).await?;
+                Rotation::Rotated {
+                    user_id,
+                    device: device as DeviceId,
+                    family_id,
+                }
+            }
+            None => {
+                let previous: Option<(Uuid, bool)> = sqlx::query_as(
+                    "SELECT user_id, used_at IS NOT NULL FROM refresh_tokens WHERE token_hash = $1",
+                )
+                .bind(presented.to_vec())
+                .fetch_optional(&mut *tx)
+                .await?;
+                match previous {
+                    Some((user_id, true)) => {
+                        let revoked = revoke_in(&mut tx, user_id, Revoke::All, now).await?;
+                        Rotation::Reused { user_id, revoked }
+                    }
+                    _ => Rotation::Invalid,
+                }
+            }
+        };
+        tx.commit().await?;
+        Ok(rotation)
+    }
+
+    async fn revoke_sessions(
+        &self,
+        user_id: Uuid,
+        only: Option<Uuid>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<Uuid>> {
+        let mut tx = self.pool.begin().await?;
+        lock_user(&mut tx, user_id).await?;
+        let scope = only.map_or(Revoke::All, Revoke::Session);
+        let revoked = revoke_in(&mut tx, user_id, scope, now).await?;
+        tx.commit().await?;
+        Ok(revoked)
+    }
+
+    async fn revoked_sessions(&self, since: DateTime<Utc>) -> StoreResult<Vec<Revoked>> {
+        let rows: Vec<(Uuid, Uuid)> =
+            sqlx::query_as("SELECT id, user_id FROM revoked_sessions WHERE revoked_at >= $1")
+                .bind(since)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(session, user_id)| Revoked { session, user_id })
+            .collect())
+    }
+
+    async fn purge_revoked_sessions(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM revoked_sessions WHERE id IN
+             (SELECT id FROM revoked_sessions WHERE revoked_at < $1 LIMIT $2)",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn purge_refresh_tokens(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM refresh_tokens WHERE token_hash IN
+             (SELECT token_hash FROM refresh_tokens WHERE expires_at <= $1 LIMIT $2)",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+#[async_trait]
+impl Operator for PgStore {
     async fn disable_user(
         &self,
         user_id: Uuid,
@@ -229,7 +627,7 @@ impl Store for PgStore {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-        let revoked = revoke_in(&mut tx, user_id, None, now).await?;
+        let revoked = revoke_in(&mut tx, user_id, Revoke::All, now).await?;
         tx.commit().await?;
         Ok(Some(revoked))
     }
@@ -273,14 +671,11 @@ impl Store for PgStore {
             Option<DateTime<Utc>>,
             i64,
             i64,
-            DateTime<Utc>,
-            i64,
             Option<Uuid>,
         );
         let row: Option<Row> = sqlx::query_as(
             "SELECT u.id, u.username, u.created_at, u.disabled_at,
                     (SELECT count(*) FROM messages m WHERE m.recipient = u.id),
-                    octet_length(u.public_key)::int8, u.key_updated_at,
                     (SELECT count(*) FROM refresh_tokens t
                      WHERE t.user_id = u.id AND t.used_at IS NULL AND t.expires_at > $2),
                     (SELECT m.id FROM messages m WHERE m.recipient = u.id ORDER BY m.id LIMIT 1)
@@ -290,38 +685,57 @@ impl Store for PgStore {
         .bind(now)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(
-            |(id, username, created, disabled, queued, key_bytes, key_at, sessions, oldest)| {
-                AccountDetails {
-                    summary: summary_from_row((id, username, created, disabled, queued)),
-                    public_key_bytes: key_bytes as u64,
-                    key_updated_at: key_at,
-                    live_sessions: sessions as u64,
-                    oldest_queued: oldest,
-                }
-            },
-        ))
+        let Some((id, username, created, disabled, queued, sessions, oldest)) = row else {
+            return Ok(None);
+        };
+        type DeviceSummaryRow = (i32, i64, DateTime<Utc>, DateTime<Utc>, DateTime<Utc>, i64);
+        let devices: Vec<DeviceSummaryRow> = sqlx::query_as(
+            "SELECT d.device_id, octet_length(d.public_key)::int8, d.key_updated_at,
+                    d.created_at, d.last_seen_at,
+                    (SELECT count(*) FROM messages m
+                     WHERE m.recipient = d.user_id AND m.device_id = d.device_id)
+             FROM devices d WHERE d.user_id = $1 ORDER BY d.device_id",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Some(AccountDetails {
+            summary: summary_from_row((id, username, created, disabled, queued)),
+            devices: devices
+                .into_iter()
+                .map(
+                    |(device, key_bytes, key_updated_at, created_at, last_seen_at, queued)| {
+                        DeviceSummary {
+                            id: device as DeviceId,
+                            public_key_bytes: key_bytes as u64,
+                            key_updated_at,
+                            created_at,
+                            last_seen_at,
+                            queued: queued as u64,
+                        }
+                    },
+                )
+                .collect(),
+            live_sessions: sessions as u64,
+            oldest_queued: oldest,
+        }))
     }
 
     async fn stats(&self, now: DateTime<Utc>) -> StoreResult<Stats> {
-        let (users, disabled_users, live_sessions, revocations, recipients, oldest_queued): (
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            Option<Uuid>,
-        ) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM users),
-                    (SELECT count(*) FROM users WHERE disabled_at IS NOT NULL),
-                    (SELECT count(*) FROM refresh_tokens WHERE used_at IS NULL AND expires_at > $1),
-                    (SELECT count(*) FROM revoked_sessions),
-                    (SELECT count(DISTINCT recipient) FROM messages),
-                    (SELECT id FROM messages ORDER BY id LIMIT 1)",
-        )
-        .bind(now)
-        .fetch_one(&self.pool)
-        .await?;
+        type Row = (i64, i64, i64, i64, i64, i64, Option<Uuid>);
+        let (users, disabled_users, devices, live_sessions, revocations, recipients, oldest_queued): Row =
+            sqlx::query_as(
+                "SELECT (SELECT count(*) FROM users),
+                        (SELECT count(*) FROM users WHERE disabled_at IS NOT NULL),
+                        (SELECT count(*) FROM devices),
+                        (SELECT count(*) FROM refresh_tokens WHERE used_at IS NULL AND expires_at > $1),
+                        (SELECT count(*) FROM revoked_sessions),
+                        (SELECT count(DISTINCT recipient) FROM messages),
+                        (SELECT id FROM messages ORDER BY id LIMIT 1)",
+            )
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await?;
         let by_key: Vec<(Option<KeyId>, i64)> = sqlx::query_as(
             "SELECT key_id, count(*) FROM messages GROUP BY key_id ORDER BY key_id NULLS FIRST",
         )
@@ -330,6 +744,7 @@ impl Store for PgStore {
         Ok(Stats {
             users: users as u64,
             disabled_users: disabled_users as u64,
+            devices: devices as u64,
             live_sessions: live_sessions as u64,
             revocations: revocations as u64,
             queued: by_key.iter().map(|(_, n)| *n as u64).sum(),
@@ -353,232 +768,26 @@ impl Store for PgStore {
         };
         Ok(super::pending(&MIGRATOR, &applied))
     }
+}
 
-    async fn set_public_key(
+#[async_trait]
+impl Queue for PgStore {
+    async fn write_batch(
         &self,
-        id: Uuid,
-        key: &[u8],
-        at: DateTime<Utc>,
-    ) -> StoreResult<Option<User>> {
-        let row: Option<UserRow> = sqlx::query_as(
-            "UPDATE users SET public_key = $2, key_updated_at = $3 WHERE id = $1
-             RETURNING id, username, public_key, key_updated_at, created_at",
-        )
-        .bind(id)
-        .bind(key.to_vec())
-        .bind(at)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(user_from_row))
-    }
-
-    async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<bool> {
-        // FOR SHARE waits for a `disable_user` or `delete_user` holding the
-        // user's row, then sees its outcome: no token for a user who is
-        // disabled or gone by the time it commits. Without it the insert
-        // could land just after their revocation deleted the user's tokens.
-        let done = sqlx::query(
-            "INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at, created_at)
-             SELECT $1, id, $3, $4, now() FROM users
-             WHERE id = $2 AND disabled_at IS NULL FOR SHARE",
-        )
-        .bind(token.hash.to_vec())
-        .bind(token.user_id)
-        .bind(token.family_id)
-        .bind(token.expires_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn rotate_refresh_token(
-        &self,
-        presented: &[u8; 32],
-        next_hash: &[u8; 32],
-        next_expires_at: DateTime<Utc>,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Rotation> {
-        let mut tx = self.pool.begin().await?;
-        // Serialise every rotation and revocation of one user on the user's
-        // row. Without it, under READ COMMITTED, a revoking DELETE whose
-        // snapshot predates a concurrent rotation would miss the token that
-        // rotation inserts, and a thief refreshing in a loop would keep one.
-        let owner: Option<Uuid> = sqlx::query_scalar(
-            "SELECT u.id FROM refresh_tokens t JOIN users u ON u.id = t.user_id
-             WHERE t.token_hash = $1 FOR UPDATE OF u",
-        )
-        .bind(presented.to_vec())
-        .fetch_optional(&mut *tx)
-        .await?;
-        if owner.is_none() {
-            return Ok(Rotation::Invalid);
-        }
-        // Spending is one conditional UPDATE: of two presentations of the
-        // same token, exactly one sees `used_at IS NULL`.
-        let spent: Option<(Uuid, Uuid)> = sqlx::query_as(
-            "UPDATE refresh_tokens SET used_at = $2
-             WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2
-             RETURNING user_id, family_id",
-        )
-        .bind(presented.to_vec())
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let rotation = match spent {
-            Some((user_id, family_id)) => {
-                sqlx::query(
-                    "INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at, created_at)
-                     VALUES ($1, $2, $3, $4, $5)",
-                )
-                .bind(next_hash.to_vec())
-                .bind(user_id)
-                .bind(family_id)
-                .bind(next_expires_at)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                Rotation::Rotated { user_id, family_id }
-            }
-            None => {
-                let previous: Option<(Uuid, bool)> = sqlx::query_as(
-                    "SELECT user_id, used_at IS NOT NULL FROM refresh_tokens WHERE token_hash = $1",
-                )
-                .bind(presented.to_vec())
-                .fetch_optional(&mut *tx)
-                .await?;
-                match previous {
-                    Some((user_id, true)) => {
-                        let revoked = revoke_in(&mut tx, user_id, None, now).await?;
-                        Rotation::Reused { user_id, revoked }
-                    }
-                    _ => Rotation::Invalid,
-                }
-            }
-        };
-        tx.commit().await?;
-        Ok(rotation)
-    }
-
-    async fn revoke_sessions(
-        &self,
-        user_id: Uuid,
-        only: Option<Uuid>,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Vec<Uuid>> {
-        let mut tx = self.pool.begin().await?;
-        lock_user(&mut tx, user_id).await?;
-        let revoked = revoke_in(&mut tx, user_id, only, now).await?;
-        tx.commit().await?;
-        Ok(revoked)
-    }
-
-    async fn revoked_sessions(&self, since: DateTime<Utc>) -> StoreResult<Vec<Revoked>> {
-        let rows: Vec<(Uuid, Uuid)> =
-            sqlx::query_as("SELECT id, user_id FROM revoked_sessions WHERE revoked_at >= $1")
-                .bind(since)
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(session, user_id)| Revoked { session, user_id })
-            .collect())
-    }
-
-    async fn purge_revoked_sessions(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
-        let done = sqlx::query(
-            "DELETE FROM revoked_sessions WHERE id IN
-             (SELECT id FROM revoked_sessions WHERE revoked_at < $1 LIMIT $2)",
-        )
-        .bind(before)
-        .bind(i64::from(limit))
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
-    }
-
-    async fn set_password(
-        &self,
-        user_id: Uuid,
-        password_hash: &str,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Vec<Uuid>> {
-        let mut tx = self.pool.begin().await?;
-        lock_user(&mut tx, user_id).await?;
-        sqlx::query("UPDATE users SET password_hash = $2 WHERE id = $1")
-            .bind(user_id)
-            .bind(password_hash)
-            .execute(&mut *tx)
-            .await?;
-        let revoked = revoke_in(&mut tx, user_id, None, now).await?;
-        tx.commit().await?;
-        Ok(revoked)
-    }
-
-    async fn delete_user(
-        &self,
-        user_id: Uuid,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Option<Vec<Uuid>>> {
-        let mut tx = self.pool.begin().await?;
-        if !lock_user(&mut tx, user_id).await? {
-            return Ok(None);
-        }
-        let revoked = revoke_in(&mut tx, user_id, None, now).await?;
-        sqlx::query("DELETE FROM messages WHERE recipient = $1")
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM users WHERE id = $1")
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(Some(revoked))
-    }
-
-    async fn queued_count(&self, recipient: Uuid) -> StoreResult<u64> {
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM messages WHERE recipient = $1")
-            .bind(recipient)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(count as u64)
-    }
-
-    async fn queue_depth(&self) -> StoreResult<QueueDepth> {
-        let (total, max): (i64, i64) = sqlx::query_as(
-            "SELECT COALESCE(SUM(n), 0)::int8, COALESCE(MAX(n), 0)::int8
-             FROM (SELECT count(*) AS n FROM messages GROUP BY recipient) AS queues",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(QueueDepth {
-            total: total as u64,
-            max_per_recipient: max as u64,
-        })
-    }
-
-    async fn purge_refresh_tokens(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
-        let done = sqlx::query(
-            "DELETE FROM refresh_tokens WHERE token_hash IN
-             (SELECT token_hash FROM refresh_tokens WHERE expires_at <= $1 LIMIT $2)",
-        )
-        .bind(now)
-        .bind(i64::from(limit))
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
-    }
-
-    async fn write_batch(&self, messages: Vec<SealedRow>, acks: &[Ack]) -> StoreResult<Vec<Uuid>> {
+        messages: Vec<SealedRow>,
+        acks: &[Ack],
+    ) -> StoreResult<Vec<StoredRow>> {
         let mut tx = self.writer.begin().await?;
         if !messages.is_empty() {
             let columns = Columns::of(messages);
             sqlx::query(
-                "INSERT INTO messages (id, recipient, sent_at, key_id, sealed)
-                 SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::int2[], $5::bytea[])",
+                "INSERT INTO messages (id, recipient, device_id, sent_at, key_id, sealed)
+                 SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int4[], $4::timestamptz[],
+                                      $5::int2[], $6::bytea[])",
             )
             .bind(columns.ids)
             .bind(columns.recipients)
+            .bind(columns.devices)
             .bind(columns.sent_at)
             .bind(columns.key_ids)
             .bind(columns.sealed)
@@ -587,32 +796,76 @@ impl Store for PgStore {
         }
         let mut deleted = Vec::with_capacity(acks.len());
         for chunk in acks.chunks(ACKS_PER_STATEMENT) {
-            let gone: Vec<Uuid> = sqlx::query_scalar(
-                "DELETE FROM messages m USING UNNEST($1::uuid[], $2::uuid[]) AS a (id, recipient)
-                 WHERE m.id = a.id AND m.recipient = a.recipient
-                 RETURNING m.id",
+            let gone: Vec<QueueRow> = sqlx::query_as(
+                "DELETE FROM messages m
+                 USING UNNEST($1::uuid[], $2::uuid[], $3::int4[]) AS a (id, recipient, device_id)
+                 WHERE m.id = a.id AND m.device_id = a.device_id AND m.recipient = a.recipient
+                 RETURNING m.id, m.recipient, m.device_id, m.sent_at, m.key_id, m.sealed,
+                           m.sender, m.body",
             )
             .bind(chunk.iter().map(|a| a.id).collect::<Vec<_>>())
             .bind(chunk.iter().map(|a| a.recipient).collect::<Vec<_>>())
+            .bind(
+                chunk
+                    .iter()
+                    .map(|a| pg_device(a.device))
+                    .collect::<Vec<_>>(),
+            )
             .fetch_all(&mut *tx)
             .await?;
-            deleted.extend(gone);
+            deleted.extend(stored_rows(gone)?);
         }
         tx.commit().await?;
         Ok(deleted)
     }
 
-    async fn fetch(&self, recipient: Uuid, after: Uuid, limit: u32) -> StoreResult<Vec<StoredRow>> {
-        let rows: Vec<QueueRow> = sqlx::query_as(
-            "SELECT id, recipient, sent_at, key_id, sealed, sender, body FROM messages
-             WHERE recipient = $1 AND id > $2 ORDER BY id LIMIT $3",
-        )
+    async fn fetch(
+        &self,
+        recipient: Uuid,
+        device: DeviceId,
+        after: Uuid,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredRow>> {
+        let rows: Vec<QueueRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {QUEUE_COLUMNS} FROM messages
+             WHERE recipient = $1 AND device_id = $2 AND id > $3 ORDER BY id LIMIT $4"
+        )))
         .bind(recipient)
+        .bind(pg_device(device))
         .bind(after)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         stored_rows(rows)
+    }
+
+    async fn queued_count(&self, recipient: Uuid, device: DeviceId) -> StoreResult<u64> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM messages WHERE recipient = $1 AND device_id = $2",
+        )
+        .bind(recipient)
+        .bind(pg_device(device))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(count as u64)
+    }
+}
+
+#[async_trait]
+impl QueueMaintenance for PgStore {
+    async fn queue_depth(&self) -> StoreResult<QueueDepth> {
+        let (total, max, devices): (i64, i64, i64) = sqlx::query_as(
+            "SELECT COALESCE(SUM(n), 0)::int8, COALESCE(MAX(n), 0)::int8,
+                    (SELECT count(*) FROM devices)
+             FROM (SELECT count(*) AS n FROM messages GROUP BY recipient, device_id) AS queues",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(QueueDepth {
+            total: total as u64,
+            max_per_device: max as u64,
+            devices: devices as u64,
+        })
     }
 
     async fn stale_rows(
@@ -621,10 +874,15 @@ impl Store for PgStore {
         after: Uuid,
         limit: u32,
     ) -> StoreResult<Vec<StoredRow>> {
-        let rows: Vec<QueueRow> = sqlx::query_as(
-            "SELECT id, recipient, sent_at, key_id, sealed, sender, body FROM messages
-             WHERE id > $1 AND (key_id IS NULL OR key_id <> $2) ORDER BY id LIMIT $3",
-        )
+        // Whole ids: every copy of the last id read comes in this page.
+        let rows: Vec<QueueRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {QUEUE_COLUMNS} FROM messages
+             WHERE id IN (SELECT DISTINCT id FROM messages
+                          WHERE id > $1 AND (key_id IS NULL OR key_id <> $2)
+                          ORDER BY id LIMIT $3)
+               AND (key_id IS NULL OR key_id <> $2)
+             ORDER BY id, device_id"
+        )))
         .bind(after)
         .bind(current)
         .bind(i64::from(limit))
@@ -640,10 +898,12 @@ impl Store for PgStore {
         let columns = Columns::of(rows);
         let done = sqlx::query(
             "UPDATE messages m SET key_id = u.key_id, sealed = u.sealed, sender = NULL, body = NULL
-             FROM UNNEST($1::uuid[], $2::int2[], $3::bytea[]) AS u (id, key_id, sealed)
-             WHERE m.id = u.id",
+             FROM UNNEST($1::uuid[], $2::int4[], $3::int2[], $4::bytea[])
+                  AS u (id, device_id, key_id, sealed)
+             WHERE m.id = u.id AND m.device_id = u.device_id",
         )
         .bind(columns.ids)
+        .bind(columns.devices)
         .bind(columns.key_ids)
         .bind(columns.sealed)
         .execute(&self.pool)
@@ -660,10 +920,9 @@ impl Store for PgStore {
     }
 
     async fn sealed_with(&self, key: KeyId, limit: u32) -> StoreResult<Vec<StoredRow>> {
-        let rows: Vec<QueueRow> = sqlx::query_as(
-            "SELECT id, recipient, sent_at, key_id, sealed, sender, body FROM messages
-             WHERE key_id = $1 ORDER BY id LIMIT $2",
-        )
+        let rows: Vec<QueueRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {QUEUE_COLUMNS} FROM messages WHERE key_id = $1 ORDER BY id LIMIT $2"
+        )))
         .bind(key)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
@@ -673,7 +932,8 @@ impl Store for PgStore {
 
     async fn delete_before(&self, before: Uuid, limit: u32) -> StoreResult<u64> {
         let done = sqlx::query(
-            "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE id < $1 LIMIT $2)",
+            "DELETE FROM messages WHERE (id, device_id) IN
+             (SELECT id, device_id FROM messages WHERE id < $1 LIMIT $2)",
         )
         .bind(before)
         .bind(i64::from(limit))
@@ -681,6 +941,28 @@ impl Store for PgStore {
         .await?;
         Ok(done.rows_affected())
     }
+}
+
+async fn insert_device(
+    tx: &mut sqlx::PgConnection,
+    user: Uuid,
+    device: &Device,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO devices
+             (user_id, device_id, public_key, key_updated_at, name, created_at, last_seen_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(user)
+    .bind(pg_device(device.id))
+    .bind(device.public_key.clone())
+    .bind(device.key_updated_at)
+    .bind(device.name.clone())
+    .bind(device.created_at)
+    .bind(device.last_seen_at)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 /// Locks the user's row for the rest of the transaction, serialising every
@@ -694,22 +976,53 @@ async fn lock_user(tx: &mut sqlx::PgConnection, user_id: Uuid) -> StoreResult<bo
     Ok(found.is_some())
 }
 
-/// Records the user's sessions (or just `only`) as revoked and deletes
-/// their refresh tokens. Every session with a live access token still has
-/// its refresh tokens (spent ones are kept until they expire), so the
-/// families found there are every session that needs revoking.
+/// Stamps the device's `last_seen_at` inside a session's transaction.
+async fn seen(
+    tx: &mut sqlx::PgConnection,
+    user: Uuid,
+    device: DeviceId,
+    at: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query("UPDATE devices SET last_seen_at = $3 WHERE user_id = $1 AND device_id = $2")
+        .bind(user)
+        .bind(pg_device(device))
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Which of a user's sessions [`revoke_in`] revokes.
+#[derive(Clone, Copy)]
+enum Revoke {
+    All,
+    Session(Uuid),
+    Device(DeviceId),
+}
+
+/// Records the user's sessions in `scope` as revoked and deletes their
+/// refresh tokens. Every session with a live access token still has its
+/// refresh tokens (spent ones are kept until they expire), so the families
+/// found there are every session that needs revoking.
 async fn revoke_in(
     tx: &mut sqlx::PgConnection,
     user_id: Uuid,
-    only: Option<Uuid>,
+    scope: Revoke,
     now: DateTime<Utc>,
 ) -> StoreResult<Vec<Uuid>> {
+    let (only, device) = match scope {
+        Revoke::All => (None, None),
+        Revoke::Session(session) => (Some(session), None),
+        Revoke::Device(device) => (None, Some(pg_device(device))),
+    };
     let mut sessions: Vec<Uuid> = sqlx::query_scalar(
         "DELETE FROM refresh_tokens WHERE user_id = $1 AND ($2::uuid IS NULL OR family_id = $2)
+             AND ($3::int4 IS NULL OR device_id = $3)
          RETURNING family_id",
     )
     .bind(user_id)
     .bind(only)
+    .bind(device)
     .fetch_all(&mut *tx)
     .await?;
     sessions.extend(only);

@@ -23,9 +23,12 @@ use sqlx::sqlite::{
 };
 use uuid::Uuid;
 
+use super::queue::QUEUE_COLUMNS;
 use super::{
-    AccountDetails, AccountSummary, Ack, Credentials, KeyId, QueueDepth, RefreshToken, Revoked,
-    Rotation, SealedRow, Stats, Store, StoreError, StoreResult, StoredRow, User,
+    AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, Device, DeviceId,
+    DeviceIds, DeviceSummary, KeyId, Operator, Queue, QueueDepth, QueueMaintenance, RefreshToken,
+    RemoveDevice, Revoked, Rotation, SealedRow, Sessions, Stats, Store, StoreError, StoreResult,
+    StoredRow, User,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -37,27 +40,29 @@ const ROWS_PER_STATEMENT: usize = 100;
 /// `INSERT ... VALUES (?, ?, ?, ?, ?), ...` for `rows` messages. Built from
 /// constant fragments only; every value is bound.
 fn insert_sql(rows: usize) -> String {
-    let mut sql =
-        String::from("INSERT INTO messages (id, recipient, sent_at, key_id, sealed) VALUES ");
-    sql.push_str(&vec!["(?, ?, ?, ?, ?)"; rows].join(", "));
+    let mut sql = String::from(
+        "INSERT INTO messages (id, recipient, device_id, sent_at, key_id, sealed) VALUES ",
+    );
+    sql.push_str(&vec!["(?, ?, ?, ?, ?, ?)"; rows].join(", "));
     sql
 }
 
-/// Seals `rows` rows again: `VALUES` columns are id, key id, sealed. Built
-/// from constant fragments only; every value is bound.
+/// Seals `rows` rows again: `VALUES` columns are id, device, key id,
+/// sealed. Built from constant fragments only; every value is bound.
 fn reseal_sql(rows: usize) -> String {
     format!(
-        "UPDATE messages SET key_id = u.column2, sealed = u.column3, sender = NULL, body = NULL
-         FROM (VALUES {}) AS u WHERE messages.id = u.column1",
-        vec!["(?, ?, ?)"; rows].join(", ")
+        "UPDATE messages SET key_id = u.column3, sealed = u.column4, sender = NULL, body = NULL
+         FROM (VALUES {}) AS u WHERE messages.id = u.column1 AND messages.device_id = u.column2",
+        vec!["(?, ?, ?, ?)"; rows].join(", ")
     )
 }
 
-/// Deletes up to `ids` of one recipient's messages, returning those deleted.
+/// Deletes up to `ids` of one device's copies, returning the rows deleted.
 /// Built from constant fragments only; every value is bound.
 fn delete_sql(ids: usize) -> String {
     format!(
-        "DELETE FROM messages WHERE recipient = ? AND id IN ({}) RETURNING id",
+        "DELETE FROM messages WHERE recipient = ? AND device_id = ? AND id IN ({}) \
+         RETURNING {QUEUE_COLUMNS}",
         vec!["?"; ids].join(", ")
     )
 }
@@ -103,19 +108,34 @@ fn time(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
 
-type UserRow = (Uuid, String, Vec<u8>, i64, i64);
+type UserRow = (Uuid, String, i64);
 
-fn user_from_row((id, username, public_key, key_updated_at, created_at): UserRow) -> User {
+fn user_from_row((id, username, created_at): UserRow) -> User {
     User {
         id,
         username,
-        public_key,
-        key_updated_at: time(key_updated_at),
         created_at: time(created_at),
     }
 }
 
-type QueueRow = super::QueueColumns<i64>;
+/// `device_id, public_key, key_updated_at, name, created_at, last_seen_at`.
+type DeviceRow = (i64, Vec<u8>, i64, Option<String>, i64, i64);
+
+const DEVICE_COLUMNS: &str =
+    "device_id, public_key, key_updated_at, name, created_at, last_seen_at";
+
+fn device_from_row((id, public_key, key_at, name, created_at, last_seen_at): DeviceRow) -> Device {
+    Device {
+        id: id as DeviceId,
+        public_key,
+        key_updated_at: time(key_at),
+        name,
+        created_at: time(created_at),
+        last_seen_at: time(last_seen_at),
+    }
+}
+
+type QueueRow = super::queue::QueueColumns<i64, i64>;
 
 /// `id, username, created_at, disabled_at, queued`, as the account queries
 /// select them.
@@ -133,9 +153,20 @@ fn summary_from_row((id, username, created_at, disabled_at, queued): SummaryRow)
 
 fn stored_rows(rows: Vec<QueueRow>) -> StoreResult<Vec<StoredRow>> {
     rows.into_iter()
-        .map(|(id, recipient, sent_at, key_id, sealed, sender, body)| {
-            StoredRow::from_columns((id, recipient, time(sent_at), key_id, sealed, sender, body))
-        })
+        .map(
+            |(id, recipient, device, sent_at, key_id, sealed, sender, body)| {
+                StoredRow::from_columns((
+                    id,
+                    recipient,
+                    device as DeviceId,
+                    time(sent_at),
+                    key_id,
+                    sealed,
+                    sender,
+                    body,
+                ))
+            },
+        )
         .collect()
 }
 
@@ -188,57 +219,69 @@ impl Store for SqliteStore {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
     }
+}
 
-    async fn create_user(&self, user: &User, password_hash: &str) -> StoreResult<()> {
+#[async_trait]
+impl DeviceIds for SqliteStore {
+    async fn device_ids(&self, user: Uuid) -> StoreResult<Vec<DeviceId>> {
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT device_id FROM devices WHERE user_id = ? ORDER BY device_id",
+        )
+        .bind(user)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(ids.into_iter().map(|id| id as DeviceId).collect())
+    }
+}
+
+#[async_trait]
+impl Accounts for SqliteStore {
+    async fn create_user(
+        &self,
+        user: &User,
+        password_hash: &str,
+        device: &Device,
+    ) -> StoreResult<()> {
+        let mut tx = self.writer.begin().await?;
         let result = sqlx::query(
-            "INSERT INTO users (id, username, password_hash, public_key, key_updated_at, created_at)
-             VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO users (id, username, password_hash, created_at) VALUES (?, ?, ?, ?)",
         )
         .bind(user.id)
         .bind(user.username.clone())
         .bind(password_hash.to_owned())
-        .bind(user.public_key.clone())
-        .bind(millis(user.key_updated_at))
         .bind(millis(user.created_at))
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await;
         match result {
-            Ok(_) => Ok(()),
+            Ok(_) => {}
             Err(sqlx::Error::Database(e))
                 if e.is_unique_violation() && e.message().contains("users.username") =>
             {
-                Err(StoreError::UsernameTaken)
+                return Err(StoreError::UsernameTaken);
             }
-            Err(e) => Err(e.into()),
+            Err(e) => return Err(e.into()),
         }
+        insert_device(&mut tx, user.id, device).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn user(&self, id: Uuid) -> StoreResult<Option<User>> {
-        let row: Option<UserRow> = sqlx::query_as(
-            "SELECT id, username, public_key, key_updated_at, created_at FROM users WHERE id = ?",
-        )
-        .bind(id)
-        .fetch_optional(&self.reader)
-        .await?;
+        let row: Option<UserRow> =
+            sqlx::query_as("SELECT id, username, created_at FROM users WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.reader)
+                .await?;
         Ok(row.map(user_from_row))
     }
 
     async fn user_by_name(&self, username: &str) -> StoreResult<Option<User>> {
-        let row: Option<UserRow> = sqlx::query_as(
-            "SELECT id, username, public_key, key_updated_at, created_at FROM users WHERE username = ?",
-        )
-        .bind(username.to_owned())
-        .fetch_optional(&self.reader)
-        .await?;
+        let row: Option<UserRow> =
+            sqlx::query_as("SELECT id, username, created_at FROM users WHERE username = ?")
+                .bind(username.to_owned())
+                .fetch_optional(&self.reader)
+                .await?;
         Ok(row.map(user_from_row))
-    }
-
-    async fn user_exists(&self, id: Uuid) -> StoreResult<bool> {
-        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE id = ?)")
-            .bind(id)
-            .fetch_one(&self.reader)
-            .await?;
-        Ok(exists)
     }
 
     async fn password_hash(&self, id: Uuid) -> StoreResult<Option<String>> {
@@ -264,6 +307,315 @@ impl Store for SqliteStore {
         }))
     }
 
+    async fn devices(&self, user: Uuid) -> StoreResult<Vec<Device>> {
+        let rows: Vec<DeviceRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices WHERE user_id = ? ORDER BY device_id"
+        )))
+        .bind(user)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(device_from_row).collect())
+    }
+
+    async fn add_device(
+        &self,
+        user: Uuid,
+        public_key: &[u8],
+        name: Option<&str>,
+        max: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<AddDevice> {
+        // The single write connection serialises additions: the count and
+        // the number taken cannot race another addition.
+        let mut tx = self.writer.begin().await?;
+        let account: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT next_device_id, (SELECT count(*) FROM devices WHERE user_id = ?1)
+             FROM users WHERE id = ?1 AND disabled_at IS NULL",
+        )
+        .bind(user)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((next, count)) = account else {
+            return Ok(AddDevice::NoAccount);
+        };
+        if count >= i64::from(max) || next > i64::from(super::MAX_DEVICE_ID) {
+            return Ok(AddDevice::TooMany);
+        }
+        sqlx::query("UPDATE users SET next_device_id = next_device_id + 1 WHERE id = ?")
+            .bind(user)
+            .execute(&mut *tx)
+            .await?;
+        let device = Device {
+            id: next as DeviceId,
+            public_key: public_key.to_vec(),
+            key_updated_at: now,
+            name: name.map(str::to_owned),
+            created_at: now,
+            last_seen_at: now,
+        };
+        insert_device(&mut tx, user, &device).await?;
+        tx.commit().await?;
+        Ok(AddDevice::Added(device))
+    }
+
+    async fn rename_device(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        name: Option<&str>,
+    ) -> StoreResult<Option<Device>> {
+        let row: Option<DeviceRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "UPDATE devices SET name = ? WHERE user_id = ? AND device_id = ?
+             RETURNING {DEVICE_COLUMNS}"
+        )))
+        .bind(name.map(str::to_owned))
+        .bind(user)
+        .bind(i64::from(device))
+        .fetch_optional(&self.writer)
+        .await?;
+        Ok(row.map(device_from_row))
+    }
+
+    async fn set_device_key(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        key: &[u8],
+        at: DateTime<Utc>,
+    ) -> StoreResult<Option<Device>> {
+        let row: Option<DeviceRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "UPDATE devices SET public_key = ?, key_updated_at = ? WHERE user_id = ? AND device_id = ?
+             RETURNING {DEVICE_COLUMNS}"
+        )))
+        .bind(key.to_vec())
+        .bind(millis(at))
+        .bind(user)
+        .bind(i64::from(device))
+        .fetch_optional(&self.writer)
+        .await?;
+        Ok(row.map(device_from_row))
+    }
+
+    async fn remove_device(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        now: DateTime<Utc>,
+    ) -> StoreResult<RemoveDevice> {
+        let mut tx = self.writer.begin().await?;
+        let (exists, count): (bool, i64) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM devices WHERE user_id = ?1 AND device_id = ?2),
+                    (SELECT count(*) FROM devices WHERE user_id = ?1)",
+        )
+        .bind(user)
+        .bind(i64::from(device))
+        .fetch_one(&mut *tx)
+        .await?;
+        if !exists {
+            return Ok(RemoveDevice::NotFound);
+        }
+        if count <= 1 {
+            return Ok(RemoveDevice::Last);
+        }
+        let revoked = revoke_in(&mut tx, user, Revoke::Device(device), now).await?;
+        for statement in [
+            "DELETE FROM devices WHERE user_id = ? AND device_id = ?",
+            "DELETE FROM messages WHERE recipient = ? AND device_id = ?",
+        ] {
+            sqlx::query(statement)
+                .bind(user)
+                .bind(i64::from(device))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(RemoveDevice::Removed { revoked })
+    }
+
+    async fn set_password(
+        &self,
+        user_id: Uuid,
+        password_hash: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<Uuid>> {
+        let mut tx = self.writer.begin().await?;
+        sqlx::query("UPDATE users SET password_hash = ? WHERE id = ?")
+            .bind(password_hash)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        let revoked = revoke_in(&mut tx, user_id, Revoke::All, now).await?;
+        tx.commit().await?;
+        Ok(revoked)
+    }
+
+    async fn delete_user(
+        &self,
+        user_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Vec<Uuid>>> {
+        let mut tx = self.writer.begin().await?;
+        // Revoke before deleting the user: the delete cascades to the
+        // refresh tokens, which are how the user's sessions are found.
+        let revoked = revoke_in(&mut tx, user_id, Revoke::All, now).await?;
+        let deleted = sqlx::query("DELETE FROM users WHERE id = ?")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        if deleted.rows_affected() == 0 {
+            return Ok(None);
+        }
+        sqlx::query("DELETE FROM messages WHERE recipient = ?")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(revoked))
+    }
+}
+
+#[async_trait]
+impl Sessions for SqliteStore {
+    async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<bool> {
+        // On the single write connection, after or before any
+        // `disable_user` or `remove_device`, never between its statements.
+        let now = super::now();
+        let mut tx = self.writer.begin().await?;
+        let done = sqlx::query(
+            "INSERT INTO refresh_tokens (token_hash, user_id, device_id, family_id, expires_at, created_at)
+             SELECT ?1, u.id, d.device_id, ?2, ?3, ?4 FROM users u
+             JOIN devices d ON d.user_id = u.id AND d.device_id = ?6
+             WHERE u.id = ?5 AND u.disabled_at IS NULL",
+        )
+        .bind(token.hash.to_vec())
+        .bind(token.family_id)
+        .bind(millis(token.expires_at))
+        .bind(millis(now))
+        .bind(token.user_id)
+        .bind(i64::from(token.device))
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        seen(&mut tx, token.user_id, token.device, now).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn rotate_refresh_token(
+        &self,
+        presented: &[u8; 32],
+        next_hash: &[u8; 32],
+        next_expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Rotation> {
+        // The single write connection serialises rotations, so the spend and
+        // the reuse check cannot interleave with another presentation.
+        let mut tx = self.writer.begin().await?;
+        let spent: Option<(Uuid, i64, Uuid)> = sqlx::query_as(
+            "UPDATE refresh_tokens SET used_at = ?2
+             WHERE token_hash = ?1 AND used_at IS NULL AND expires_at > ?2
+             RETURNING user_id, device_id, family_id",
+        )
+        .bind(presented.to_vec())
+        .bind(millis(now))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let rotation = match spent {
+            Some((user_id, device, family_id)) => {
+                sqlx::query(
+                    "INSERT INTO refresh_tokens
+                         (token_hash, user_id, device_id, family_id, expires_at, created_at)
+                     VALUES (?, ?, ?, ?, ?, ?)",
+                )
+                .bind(next_hash.to_vec())
+                .bind(user_id)
+                .bind(device)
+                .bind(family_id)
+                .bind(millis(next_expires_at))
+                .bind(millis(now))
+                .execute(&mut *tx)
+                .await?;
+                seen(&mut tx, user_id, device as DeviceId, now).await?;
+                Rotation::Rotated {
+                    user_id,
+                    device: device as DeviceId,
+                    family_id,
+                }
+            }
+            None => {
+                let previous: Option<(Uuid, bool)> = sqlx::query_as(
+                    "SELECT user_id, used_at IS NOT NULL FROM refresh_tokens WHERE token_hash = ?",
+                )
+                .bind(presented.to_vec())
+                .fetch_optional(&mut *tx)
+                .await?;
+                match previous {
+                    Some((user_id, true)) => {
+                        let revoked = revoke_in(&mut tx, user_id, Revoke::All, now).await?;
+                        Rotation::Reused { user_id, revoked }
+                    }
+                    _ => Rotation::Invalid,
+                }
+            }
+        };
+        tx.commit().await?;
+        Ok(rotation)
+    }
+
+    async fn revoke_sessions(
+        &self,
+        user_id: Uuid,
+        only: Option<Uuid>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<Uuid>> {
+        let mut tx = self.writer.begin().await?;
+        let scope = only.map_or(Revoke::All, Revoke::Session);
+        let revoked = revoke_in(&mut tx, user_id, scope, now).await?;
+        tx.commit().await?;
+        Ok(revoked)
+    }
+
+    async fn revoked_sessions(&self, since: DateTime<Utc>) -> StoreResult<Vec<Revoked>> {
+        let rows: Vec<(Uuid, Uuid)> =
+            sqlx::query_as("SELECT id, user_id FROM revoked_sessions WHERE revoked_at >= ?")
+                .bind(millis(since))
+                .fetch_all(&self.reader)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(session, user_id)| Revoked { session, user_id })
+            .collect())
+    }
+
+    async fn purge_revoked_sessions(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM revoked_sessions WHERE id IN
+             (SELECT id FROM revoked_sessions WHERE revoked_at < ? LIMIT ?)",
+        )
+        .bind(millis(before))
+        .bind(i64::from(limit))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn purge_refresh_tokens(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM refresh_tokens WHERE token_hash IN
+             (SELECT token_hash FROM refresh_tokens WHERE expires_at <= ? LIMIT ?)",
+        )
+        .bind(millis(now))
+        .bind(i64::from(limit))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+#[async_trait]
+impl Operator for SqliteStore {
     async fn disable_user(
         &self,
         user_id: Uuid,
@@ -281,7 +633,7 @@ impl Store for SqliteStore {
         if updated.rows_affected() == 0 {
             return Ok(None);
         }
-        let revoked = revoke_in(&mut tx, user_id, None, now).await?;
+        let revoked = revoke_in(&mut tx, user_id, Revoke::All, now).await?;
         tx.commit().await?;
         Ok(Some(revoked))
     }
@@ -320,21 +672,10 @@ impl Store for SqliteStore {
         id: Uuid,
         now: DateTime<Utc>,
     ) -> StoreResult<Option<AccountDetails>> {
-        type Row = (
-            Uuid,
-            String,
-            i64,
-            Option<i64>,
-            i64,
-            i64,
-            i64,
-            i64,
-            Option<Uuid>,
-        );
+        type Row = (Uuid, String, i64, Option<i64>, i64, i64, Option<Uuid>);
         let row: Option<Row> = sqlx::query_as(
             "SELECT u.id, u.username, u.created_at, u.disabled_at,
                     (SELECT count(*) FROM messages m WHERE m.recipient = u.id),
-                    length(u.public_key), u.key_updated_at,
                     (SELECT count(*) FROM refresh_tokens t
                      WHERE t.user_id = u.id AND t.used_at IS NULL AND t.expires_at > ?2),
                     (SELECT m.id FROM messages m WHERE m.recipient = u.id ORDER BY m.id LIMIT 1)
@@ -344,38 +685,55 @@ impl Store for SqliteStore {
         .bind(millis(now))
         .fetch_optional(&self.reader)
         .await?;
-        Ok(row.map(
-            |(id, username, created, disabled, queued, key_bytes, key_at, sessions, oldest)| {
-                AccountDetails {
-                    summary: summary_from_row((id, username, created, disabled, queued)),
-                    public_key_bytes: key_bytes as u64,
-                    key_updated_at: time(key_at),
-                    live_sessions: sessions as u64,
-                    oldest_queued: oldest,
-                }
-            },
-        ))
+        let Some((id, username, created, disabled, queued, sessions, oldest)) = row else {
+            return Ok(None);
+        };
+        type DeviceSummaryRow = (i64, i64, i64, i64, i64, i64);
+        let devices: Vec<DeviceSummaryRow> = sqlx::query_as(
+            "SELECT d.device_id, length(d.public_key), d.key_updated_at, d.created_at,
+                    d.last_seen_at,
+                    (SELECT count(*) FROM messages m
+                     WHERE m.recipient = d.user_id AND m.device_id = d.device_id)
+             FROM devices d WHERE d.user_id = ? ORDER BY d.device_id",
+        )
+        .bind(id)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(Some(AccountDetails {
+            summary: summary_from_row((id, username, created, disabled, queued)),
+            devices: devices
+                .into_iter()
+                .map(
+                    |(device, key_bytes, key_at, created, seen, queued)| DeviceSummary {
+                        id: device as DeviceId,
+                        public_key_bytes: key_bytes as u64,
+                        key_updated_at: time(key_at),
+                        created_at: time(created),
+                        last_seen_at: time(seen),
+                        queued: queued as u64,
+                    },
+                )
+                .collect(),
+            live_sessions: sessions as u64,
+            oldest_queued: oldest,
+        }))
     }
 
     async fn stats(&self, now: DateTime<Utc>) -> StoreResult<Stats> {
-        let (users, disabled_users, live_sessions, revocations, recipients, oldest_queued): (
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            Option<Uuid>,
-        ) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM users),
-                    (SELECT count(*) FROM users WHERE disabled_at IS NOT NULL),
-                    (SELECT count(*) FROM refresh_tokens WHERE used_at IS NULL AND expires_at > ?),
-                    (SELECT count(*) FROM revoked_sessions),
-                    (SELECT count(DISTINCT recipient) FROM messages),
-                    (SELECT id FROM messages ORDER BY id LIMIT 1)",
-        )
-        .bind(millis(now))
-        .fetch_one(&self.reader)
-        .await?;
+        type Row = (i64, i64, i64, i64, i64, i64, Option<Uuid>);
+        let (users, disabled_users, devices, live_sessions, revocations, recipients, oldest_queued): Row =
+            sqlx::query_as(
+                "SELECT (SELECT count(*) FROM users),
+                        (SELECT count(*) FROM users WHERE disabled_at IS NOT NULL),
+                        (SELECT count(*) FROM devices),
+                        (SELECT count(*) FROM refresh_tokens WHERE used_at IS NULL AND expires_at > ?),
+                        (SELECT count(*) FROM revoked_sessions),
+                        (SELECT count(DISTINCT recipient) FROM messages),
+                        (SELECT id FROM messages ORDER BY id LIMIT 1)",
+            )
+            .bind(millis(now))
+            .fetch_one(&self.reader)
+            .await?;
         // NULL (legacy plaintext) sorts first.
         let by_key: Vec<(Option<KeyId>, i64)> =
             sqlx::query_as("SELECT key_id, count(*) FROM messages GROUP BY key_id ORDER BY key_id")
@@ -384,6 +742,7 @@ impl Store for SqliteStore {
         Ok(Stats {
             users: users as u64,
             disabled_users: disabled_users as u64,
+            devices: devices as u64,
             live_sessions: live_sessions as u64,
             revocations: revocations as u64,
             queued: by_key.iter().map(|(_, n)| *n as u64).sum(),
@@ -409,207 +768,15 @@ impl Store for SqliteStore {
         };
         Ok(super::pending(&MIGRATOR, &applied))
     }
+}
 
-    async fn set_public_key(
+#[async_trait]
+impl Queue for SqliteStore {
+    async fn write_batch(
         &self,
-        id: Uuid,
-        key: &[u8],
-        at: DateTime<Utc>,
-    ) -> StoreResult<Option<User>> {
-        let row: Option<UserRow> = sqlx::query_as(
-            "UPDATE users SET public_key = ?, key_updated_at = ? WHERE id = ?
-             RETURNING id, username, public_key, key_updated_at, created_at",
-        )
-        .bind(key.to_vec())
-        .bind(millis(at))
-        .bind(id)
-        .fetch_optional(&self.writer)
-        .await?;
-        Ok(row.map(user_from_row))
-    }
-
-    async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<bool> {
-        // On the single write connection, after or before any
-        // `disable_user`, never between its statements.
-        let done = sqlx::query(
-            "INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at, created_at)
-             SELECT ?, id, ?, ?, ? FROM users WHERE id = ? AND disabled_at IS NULL",
-        )
-        .bind(token.hash.to_vec())
-        .bind(token.family_id)
-        .bind(millis(token.expires_at))
-        .bind(millis(super::now()))
-        .bind(token.user_id)
-        .execute(&self.writer)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn rotate_refresh_token(
-        &self,
-        presented: &[u8; 32],
-        next_hash: &[u8; 32],
-        next_expires_at: DateTime<Utc>,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Rotation> {
-        // The single write connection serialises rotations, so the spend and
-        // the reuse check cannot interleave with another presentation.
-        let mut tx = self.writer.begin().await?;
-        let spent: Option<(Uuid, Uuid)> = sqlx::query_as(
-            "UPDATE refresh_tokens SET used_at = ?2
-             WHERE token_hash = ?1 AND used_at IS NULL AND expires_at > ?2
-             RETURNING user_id, family_id",
-        )
-        .bind(presented.to_vec())
-        .bind(millis(now))
-        .fetch_optional(&mut *tx)
-        .await?;
-        let rotation = match spent {
-            Some((user_id, family_id)) => {
-                sqlx::query(
-                    "INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at, created_at)
-                     VALUES (?, ?, ?, ?, ?)",
-                )
-                .bind(next_hash.to_vec())
-                .bind(user_id)
-                .bind(family_id)
-                .bind(millis(next_expires_at))
-                .bind(millis(now))
-                .execute(&mut *tx)
-                .await?;
-                Rotation::Rotated { user_id, family_id }
-            }
-            None => {
-                let previous: Option<(Uuid, bool)> = sqlx::query_as(
-                    "SELECT user_id, used_at IS NOT NULL FROM refresh_tokens WHERE token_hash = ?",
-                )
-                .bind(presented.to_vec())
-                .fetch_optional(&mut *tx)
-                .await?;
-                match previous {
-                    Some((user_id, true)) => {
-                        let revoked = revoke_in(&mut tx, user_id, None, now).await?;
-                        Rotation::Reused { user_id, revoked }
-                    }
-                    _ => Rotation::Invalid,
-                }
-            }
-        };
-        tx.commit().await?;
-        Ok(rotation)
-    }
-
-    async fn revoke_sessions(
-        &self,
-        user_id: Uuid,
-        only: Option<Uuid>,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Vec<Uuid>> {
-        let mut tx = self.writer.begin().await?;
-        let revoked = revoke_in(&mut tx, user_id, only, now).await?;
-        tx.commit().await?;
-        Ok(revoked)
-    }
-
-    async fn revoked_sessions(&self, since: DateTime<Utc>) -> StoreResult<Vec<Revoked>> {
-        let rows: Vec<(Uuid, Uuid)> =
-            sqlx::query_as("SELECT id, user_id FROM revoked_sessions WHERE revoked_at >= ?")
-                .bind(millis(since))
-                .fetch_all(&self.reader)
-                .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(session, user_id)| Revoked { session, user_id })
-            .collect())
-    }
-
-    async fn purge_revoked_sessions(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
-        let done = sqlx::query(
-            "DELETE FROM revoked_sessions WHERE id IN
-             (SELECT id FROM revoked_sessions WHERE revoked_at < ? LIMIT ?)",
-        )
-        .bind(millis(before))
-        .bind(i64::from(limit))
-        .execute(&self.writer)
-        .await?;
-        Ok(done.rows_affected())
-    }
-
-    async fn set_password(
-        &self,
-        user_id: Uuid,
-        password_hash: &str,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Vec<Uuid>> {
-        let mut tx = self.writer.begin().await?;
-        sqlx::query("UPDATE users SET password_hash = ? WHERE id = ?")
-            .bind(password_hash)
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
-        let revoked = revoke_in(&mut tx, user_id, None, now).await?;
-        tx.commit().await?;
-        Ok(revoked)
-    }
-
-    async fn delete_user(
-        &self,
-        user_id: Uuid,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Option<Vec<Uuid>>> {
-        let mut tx = self.writer.begin().await?;
-        // Revoke before deleting the user: the delete cascades to the
-        // refresh tokens, which are how the user's sessions are found.
-        let revoked = revoke_in(&mut tx, user_id, None, now).await?;
-        let deleted = sqlx::query("DELETE FROM users WHERE id = ?")
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
-        if deleted.rows_affected() == 0 {
-            return Ok(None);
-        }
-        sqlx::query("DELETE FROM messages WHERE recipient = ?")
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(Some(revoked))
-    }
-
-    async fn queued_count(&self, recipient: Uuid) -> StoreResult<u64> {
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM messages WHERE recipient = ?")
-            .bind(recipient)
-            .fetch_one(&self.reader)
-            .await?;
-        Ok(count as u64)
-    }
-
-    async fn queue_depth(&self) -> StoreResult<QueueDepth> {
-        let (total, max): (i64, i64) = sqlx::query_as(
-            "SELECT COALESCE(SUM(n), 0), COALESCE(MAX(n), 0)
-             FROM (SELECT count(*) AS n FROM messages GROUP BY recipient) AS queues",
-        )
-        .fetch_one(&self.reader)
-        .await?;
-        Ok(QueueDepth {
-            total: total as u64,
-            max_per_recipient: max as u64,
-        })
-    }
-
-    async fn purge_refresh_tokens(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
-        let done = sqlx::query(
-            "DELETE FROM refresh_tokens WHERE token_hash IN
-             (SELECT token_hash FROM refresh_tokens WHERE expires_at <= ? LIMIT ?)",
-        )
-        .bind(millis(now))
-        .bind(i64::from(limit))
-        .execute(&self.writer)
-        .await?;
-        Ok(done.rows_affected())
-    }
-
-    async fn write_batch(&self, messages: Vec<SealedRow>, acks: &[Ack]) -> StoreResult<Vec<Uuid>> {
+        messages: Vec<SealedRow>,
+        acks: &[Ack],
+    ) -> StoreResult<Vec<StoredRow>> {
         // One transaction, one fsync, for the whole batch. sqlx runs each
         // SQLite statement on the connection's worker thread, a cross-thread
         // round trip apiece, so rows go many to a statement: a statement per
@@ -623,43 +790,83 @@ impl Store for SqliteStore {
                 insert = insert
                     .bind(row.id)
                     .bind(row.recipient)
+                    .bind(i64::from(row.device))
                     .bind(millis(row.sent_at))
                     .bind(row.key_id)
                     .bind(row.sealed);
             }
             insert.execute(&mut *tx).await?;
         }
-        let mut by_recipient: HashMap<Uuid, Vec<Uuid>> = HashMap::new();
+        let mut by_device: HashMap<(Uuid, DeviceId), Vec<Uuid>> = HashMap::new();
         for ack in acks {
-            by_recipient.entry(ack.recipient).or_default().push(ack.id);
+            by_device
+                .entry((ack.recipient, ack.device))
+                .or_default()
+                .push(ack.id);
         }
         let mut deleted = Vec::new();
-        for (recipient, ids) in by_recipient {
+        for ((recipient, device), ids) in by_device {
             for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-                let mut delete =
-                    sqlx::query_scalar(AssertSqlSafe(delete_sql(chunk.len()))).bind(recipient);
+                let mut delete = sqlx::query_as(AssertSqlSafe(delete_sql(chunk.len())))
+                    .bind(recipient)
+                    .bind(i64::from(device));
                 for id in chunk {
                     delete = delete.bind(*id);
                 }
-                let gone: Vec<Uuid> = delete.fetch_all(&mut *tx).await?;
-                deleted.extend(gone);
+                let gone: Vec<QueueRow> = delete.fetch_all(&mut *tx).await?;
+                deleted.extend(stored_rows(gone)?);
             }
         }
         tx.commit().await?;
         Ok(deleted)
     }
 
-    async fn fetch(&self, recipient: Uuid, after: Uuid, limit: u32) -> StoreResult<Vec<StoredRow>> {
-        let rows: Vec<QueueRow> = sqlx::query_as(
-            "SELECT id, recipient, sent_at, key_id, sealed, sender, body FROM messages
-             WHERE recipient = ? AND id > ? ORDER BY id LIMIT ?",
-        )
+    async fn fetch(
+        &self,
+        recipient: Uuid,
+        device: DeviceId,
+        after: Uuid,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredRow>> {
+        let rows: Vec<QueueRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {QUEUE_COLUMNS} FROM messages
+             WHERE recipient = ? AND device_id = ? AND id > ? ORDER BY id LIMIT ?"
+        )))
         .bind(recipient)
+        .bind(i64::from(device))
         .bind(after)
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
         stored_rows(rows)
+    }
+
+    async fn queued_count(&self, recipient: Uuid, device: DeviceId) -> StoreResult<u64> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM messages WHERE recipient = ? AND device_id = ?",
+        )
+        .bind(recipient)
+        .bind(i64::from(device))
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(count as u64)
+    }
+}
+
+#[async_trait]
+impl QueueMaintenance for SqliteStore {
+    async fn queue_depth(&self) -> StoreResult<QueueDepth> {
+        let (total, max, devices): (i64, i64, i64) = sqlx::query_as(
+            "SELECT COALESCE(SUM(n), 0), COALESCE(MAX(n), 0), (SELECT count(*) FROM devices)
+             FROM (SELECT count(*) AS n FROM messages GROUP BY recipient, device_id) AS queues",
+        )
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(QueueDepth {
+            total: total as u64,
+            max_per_device: max as u64,
+            devices: devices as u64,
+        })
     }
 
     async fn stale_rows(
@@ -668,10 +875,15 @@ impl Store for SqliteStore {
         after: Uuid,
         limit: u32,
     ) -> StoreResult<Vec<StoredRow>> {
-        let rows: Vec<QueueRow> = sqlx::query_as(
-            "SELECT id, recipient, sent_at, key_id, sealed, sender, body FROM messages
-             WHERE id > ? AND (key_id IS NULL OR key_id <> ?) ORDER BY id LIMIT ?",
-        )
+        // Whole ids: every copy of the last id read comes in this page.
+        let rows: Vec<QueueRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {QUEUE_COLUMNS} FROM messages
+             WHERE id IN (SELECT DISTINCT id FROM messages
+                          WHERE id > ?1 AND (key_id IS NULL OR key_id <> ?2)
+                          ORDER BY id LIMIT ?3)
+               AND (key_id IS NULL OR key_id <> ?2)
+             ORDER BY id, device_id"
+        )))
         .bind(after)
         .bind(current)
         .bind(i64::from(limit))
@@ -688,7 +900,11 @@ impl Store for SqliteStore {
             let chunk: Vec<SealedRow> = rows.by_ref().take(ROWS_PER_STATEMENT).collect();
             let mut update = sqlx::query(AssertSqlSafe(reseal_sql(chunk.len())));
             for row in chunk {
-                update = update.bind(row.id).bind(row.key_id).bind(row.sealed);
+                update = update
+                    .bind(row.id)
+                    .bind(i64::from(row.device))
+                    .bind(row.key_id)
+                    .bind(row.sealed);
             }
             updated += update.execute(&mut *tx).await?.rows_affected();
         }
@@ -705,10 +921,9 @@ impl Store for SqliteStore {
     }
 
     async fn sealed_with(&self, key: KeyId, limit: u32) -> StoreResult<Vec<StoredRow>> {
-        let rows: Vec<QueueRow> = sqlx::query_as(
-            "SELECT id, recipient, sent_at, key_id, sealed, sender, body FROM messages
-             WHERE key_id = ? ORDER BY id LIMIT ?",
-        )
+        let rows: Vec<QueueRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {QUEUE_COLUMNS} FROM messages WHERE key_id = ? ORDER BY id LIMIT ?"
+        )))
         .bind(key)
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
@@ -718,7 +933,8 @@ impl Store for SqliteStore {
 
     async fn delete_before(&self, before: Uuid, limit: u32) -> StoreResult<u64> {
         let done = sqlx::query(
-            "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE id < ? LIMIT ?)",
+            "DELETE FROM messages WHERE (id, device_id) IN
+             (SELECT id, device_id FROM messages WHERE id < ? LIMIT ?)",
         )
         .bind(before)
         .bind(i64::from(limit))
@@ -728,23 +944,76 @@ impl Store for SqliteStore {
     }
 }
 
-/// Records the user's sessions (or just `only`) as revoked and deletes
-/// their refresh tokens. Every session with a live access token still has
-/// its refresh tokens (spent ones are kept until they expire), so the
-/// families found there are every session that needs revoking. The single
-/// write connection serialises this with rotations.
+async fn insert_device(
+    tx: &mut sqlx::SqliteConnection,
+    user: Uuid,
+    device: &Device,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO devices
+             (user_id, device_id, public_key, key_updated_at, name, created_at, last_seen_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(user)
+    .bind(i64::from(device.id))
+    .bind(device.public_key.clone())
+    .bind(millis(device.key_updated_at))
+    .bind(device.name.clone())
+    .bind(millis(device.created_at))
+    .bind(millis(device.last_seen_at))
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Stamps the device's `last_seen_at` inside a session's transaction.
+async fn seen(
+    tx: &mut sqlx::SqliteConnection,
+    user: Uuid,
+    device: DeviceId,
+    at: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query("UPDATE devices SET last_seen_at = ? WHERE user_id = ? AND device_id = ?")
+        .bind(millis(at))
+        .bind(user)
+        .bind(i64::from(device))
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Which of a user's sessions [`revoke_in`] revokes.
+#[derive(Clone, Copy)]
+enum Revoke {
+    All,
+    Session(Uuid),
+    Device(DeviceId),
+}
+
+/// Records the user's sessions in `scope` as revoked and deletes their
+/// refresh tokens. Every session with a live access token still has its
+/// refresh tokens (spent ones are kept until they expire), so the families
+/// found there are every session that needs revoking. The single write
+/// connection serialises this with rotations.
 async fn revoke_in(
     tx: &mut sqlx::SqliteConnection,
     user_id: Uuid,
-    only: Option<Uuid>,
+    scope: Revoke,
     now: DateTime<Utc>,
 ) -> StoreResult<Vec<Uuid>> {
+    let (only, device) = match scope {
+        Revoke::All => (None, None),
+        Revoke::Session(session) => (Some(session), None),
+        Revoke::Device(device) => (None, Some(i64::from(device))),
+    };
     let mut sessions: Vec<Uuid> = sqlx::query_scalar(
         "DELETE FROM refresh_tokens WHERE user_id = ?1 AND (?2 IS NULL OR family_id = ?2)
+             AND (?3 IS NULL OR device_id = ?3)
          RETURNING family_id",
     )
     .bind(user_id)
     .bind(only)
+    .bind(device)
     .fetch_all(&mut *tx)
     .await?;
     sessions.extend(only);

@@ -11,6 +11,12 @@
 //! nothing is missed, nothing is sent twice, and the order is the order of
 //! acceptance.
 //!
+//! The socket belongs to one device of its account (the token's `dev`): it
+//! drains and acknowledges that device's queue, gets the pushes of that
+//! device, and the notices of the whole account (receipts, a change of the
+//! account's devices). One opened with `?exclusive=true` closes the older
+//! sockets of its device with 4409 once it is authenticated.
+//!
 //! A `send` is accepted (id, enqueue, push) before the next frame is read,
 //! so one connection's messages keep their order; its `sent` reply waits
 //! for durability without holding up the socket, up to [`MAX_IN_FLIGHT`]
@@ -29,14 +35,14 @@ use tokio::time::{MissedTickBehavior, Sleep};
 use uuid::Uuid;
 
 use super::frame::{self, ClientFrame, ServerFrame, close};
-use crate::api::parse_id;
 use crate::auth::{self, token::Claims};
-use crate::delivery::Page;
+use crate::delivery::{Address, Page};
 use crate::error::{Error, Result};
-use crate::hub::{Kick, Outbound, Registration};
+use crate::hub::{Event, Kick, Outbound, Registration};
 use crate::limits::sockets::SocketPermit;
 use crate::metrics::{AuthFailure, Closed, Source};
 use crate::state::AppState;
+use crate::wire::{self, Envelope, parse_id};
 
 /// Sends awaiting durability (and acks awaiting commit) per connection.
 /// Past this the connection stops reading until some complete: a client
@@ -73,9 +79,10 @@ pub async fn run(
     state: AppState,
     header: Option<Result<Claims>>,
     permit: SocketPermit,
+    exclusive: bool,
 ) {
     let metrics = state.metrics.clone();
-    let closed = session(socket, state, header, permit).await;
+    let closed = session(socket, state, header, permit, exclusive).await;
     metrics.ws_closed(closed);
 }
 
@@ -86,6 +93,8 @@ async fn session(
     header: Option<Result<Claims>>,
     // Held for the connection's life: its place in the per-IP count.
     mut permit: SocketPermit,
+    // Whether it takes over from the older sockets of its device.
+    exclusive: bool,
 ) -> Closed {
     let claims = match authenticate(&mut socket, &state, header).await {
         Ok(claims) => claims,
@@ -96,7 +105,15 @@ async fn session(
         Err(_) => return Closed::Gone,
     };
     permit.authenticated();
-    let (registration, barrier) = match state.delivery.subscribe(claims.sub, claims.sid).await {
+    let device = Address {
+        user: claims.sub,
+        device: claims.dev,
+    };
+    let subscribed = state
+        .delivery
+        .subscribe(device, claims.sid, exclusive)
+        .await;
+    let (registration, barrier) = match subscribed {
         Ok(subscribed) => subscribed,
         Err(Error::TooManyConnections(reason)) => {
             send_close(&mut socket, close::TOO_MANY_CONNECTIONS, reason).await;
@@ -120,7 +137,7 @@ async fn session(
         return Closed::Revoked;
     }
     let first_page = {
-        let page = fetch_page(&state, claims.sub, None);
+        let page = fetch_page(&state, device, None);
         Box::pin(async move {
             barrier.await?;
             page.await
@@ -130,6 +147,7 @@ async fn session(
         fetch: Some(first_page),
         socket,
         user: claims.sub,
+        device,
         expires_at: expiry_time(claims.exp),
         expiry: Box::pin(tokio::time::sleep_until(until(claims.exp))),
         session: claims.sid,
@@ -143,6 +161,7 @@ async fn session(
     tracing::debug!(user.id = %conn.user, "socket ready");
     let ready = ServerFrame::Ready {
         user_id: conn.user,
+        device_id: claims.dev,
         expires_at: conn.expires_at,
     };
     match conn.send(&ready).await {
@@ -207,11 +226,11 @@ fn until(exp: i64) -> tokio::time::Instant {
 
 fn fetch_page(
     state: &AppState,
-    user: Uuid,
+    device: Address,
     after: Option<Uuid>,
 ) -> BoxFuture<'static, Result<Page>> {
     let delivery = state.delivery.clone();
-    Box::pin(async move { delivery.fetch(user, after, DRAIN_PAGE).await })
+    Box::pin(async move { delivery.fetch(device, after, DRAIN_PAGE).await })
 }
 
 /// The closing handshake: send a close frame, then read (and discard) until
@@ -240,6 +259,8 @@ struct Connection {
     socket: WebSocket,
     state: AppState,
     user: Uuid,
+    /// The device the socket belongs to; renewals must keep it.
+    device: Address,
     /// The session of the token in force; renewals must keep it.
     session: Uuid,
     expires_at: DateTime<Utc>,
@@ -311,7 +332,13 @@ impl Connection {
                     }
                 }
                 pushed = self.registration.rx.recv(), if self.fetch.is_none() => match pushed {
-                    Some(outbound) => self.push(&outbound).await,
+                    Some(Event::Message(outbound)) => self.push(&outbound).await,
+                    Some(Event::Receipt(receipt)) => {
+                        flow(self.send(&ServerFrame::receipt(&receipt)).await)
+                    }
+                    Some(Event::DevicesChanged(devices)) => {
+                        flow(self.send(&ServerFrame::DevicesChanged { devices }).await)
+                    }
                     None => Flow::Kicked,
                 },
                 inbound = self.socket.recv(), if self.pending.len() < MAX_IN_FLIGHT => match inbound {
@@ -335,6 +362,11 @@ impl Connection {
                             Closed::Revoked,
                             close::UNAUTHORIZED,
                             "session has been revoked",
+                        ),
+                        Some(Kick::Displaced) => (
+                            Closed::Displaced,
+                            close::CONNECTED_ELSEWHERE,
+                            "connected elsewhere",
                         ),
                         // Overflow, or unregistered after one.
                         _ => (
@@ -378,7 +410,7 @@ impl Connection {
         }
         match page.next {
             Some(next) => {
-                self.fetch = Some(fetch_page(&self.state, self.user, Some(next)));
+                self.fetch = Some(fetch_page(&self.state, self.device, Some(next)));
                 Flow::Continue
             }
             None => {
@@ -471,8 +503,18 @@ impl Connection {
             ClientFrame::Send {
                 to,
                 body,
+                envelopes,
                 ephemeral,
-            } => match self.accept(&reference, &to, &body, ephemeral).await {
+            } => match self
+                .accept(
+                    &reference,
+                    &to,
+                    body.as_deref(),
+                    envelopes.as_deref(),
+                    ephemeral,
+                )
+                .await
+            {
                 Ok(reply) => reply,
                 Err(err) => {
                     self.state.metrics.rejected(&err);
@@ -500,6 +542,9 @@ impl Connection {
         if claims.sub != self.user {
             return Err(Error::Unauthorized("token is for another user"));
         }
+        if claims.dev != self.device.device {
+            return Err(Error::Unauthorized("token is for another device"));
+        }
         if claims.sid != self.session {
             // A token of a newer login: revoking that session must find
             // this socket from now on. A revocation that slipped in between
@@ -524,14 +569,15 @@ impl Connection {
         &mut self,
         reference: &Option<String>,
         to: &str,
-        body: &str,
+        body: Option<&str>,
+        envelopes: Option<&[Envelope]>,
         ephemeral: bool,
     ) -> Result<Option<ServerFrame>> {
         let delivery = &self.state.delivery;
         let to = parse_id("to", to)?;
-        let body = delivery.decode_body("body", body)?;
+        let content = delivery.decode_content(body, wire::envelopes(envelopes))?;
         if ephemeral {
-            let sent = delivery.send_ephemeral(self.user, to, body).await?;
+            let sent = delivery.send_ephemeral(self.device, to, content).await?;
             return Ok(Some(ServerFrame::Sent {
                 reference: reference.clone(),
                 id: sent.id,
@@ -539,7 +585,7 @@ impl Connection {
                 delivered: Some(sent.delivered),
             }));
         }
-        let accepted = delivery.accept(self.user, to, body).await?;
+        let accepted = delivery.accept(self.device, to, content).await?;
         let (reference, metrics) = (reference.clone(), self.state.metrics.clone());
         self.pending.push(Box::pin(async move {
             Some(match accepted.durable.await {
@@ -564,10 +610,10 @@ impl Connection {
             .iter()
             .map(|id| parse_id("ids", id))
             .collect::<Result<Vec<_>>>()?;
-        let (delivery, user, reference) =
-            (self.state.delivery.clone(), self.user, reference.clone());
+        let (delivery, device, reference) =
+            (self.state.delivery.clone(), self.device, reference.clone());
         self.pending.push(Box::pin(async move {
-            match delivery.ack(user, ids).await {
+            match delivery.ack(device, ids).await {
                 Ok(_) => None,
                 Err(err) => Some(ServerFrame::error(reference, &err)),
             }

@@ -1,7 +1,7 @@
 //! The frames of the WebSocket protocol: JSON text frames with a `type`,
 //! and the close codes.
 
-use std::borrow::Cow;
+use std::sync::Arc;
 
 use axum::extract::ws::Message as WsMessage;
 use chrono::{DateTime, Utc};
@@ -9,9 +9,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::api::messages::MessageView;
-use crate::error::Error;
-use crate::store::Message;
+use crate::error::{Error, ErrorDetail};
+use crate::hub::Receipt;
+use crate::store::{DeviceId, Message};
+use crate::wire::{Envelope, MessageView};
 
 /// Close codes, beside RFC 6455's.
 pub mod close {
@@ -26,11 +27,15 @@ pub mod close {
     /// The connection fell behind and its outbound queue overflowed;
     /// reconnect (the messages are queued).
     pub const TRY_AGAIN_LATER: u16 = 1013;
-    /// Missing, invalid or expired credentials.
+    /// Missing, invalid or expired credentials, a revoked session or a
+    /// removed device.
     pub const UNAUTHORIZED: u16 = 4401;
-    /// The user holds as many sockets as they may
-    /// (`SEALPOST_MAX_CONNECTIONS_PER_USER`): close one before opening
-    /// another.
+    /// A newer exclusive socket of the same device took over
+    /// (`GET /v1/ws?exclusive=true`).
+    pub const CONNECTED_ELSEWHERE: u16 = 4409;
+    /// The device holds as many sockets as it may
+    /// (`SEALPOST_MAX_CONNECTIONS_PER_USER`, counted per device): close one
+    /// before opening another.
     pub const TOO_MANY_CONNECTIONS: u16 = 4429;
 }
 
@@ -47,7 +52,10 @@ pub enum ClientFrame {
     },
     Send {
         to: String,
-        body: String,
+        /// One body for every device of the recipient...
+        body: Option<String>,
+        /// ...or one envelope per device.
+        envelopes: Option<Vec<Envelope>>,
         #[serde(default)]
         ephemeral: bool,
     },
@@ -104,7 +112,8 @@ pub enum ServerFrame {
     /// Authenticated; the queued backlog follows.
     Ready {
         user_id: Uuid,
-        #[serde(serialize_with = "crate::api::timestamp")]
+        device_id: DeviceId,
+        #[serde(serialize_with = "crate::wire::timestamp")]
         expires_at: DateTime<Utc>,
     },
     /// The backlog has been sent; what follows is live.
@@ -119,7 +128,7 @@ pub enum ServerFrame {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<String>,
         id: Uuid,
-        #[serde(serialize_with = "crate::api::timestamp")]
+        #[serde(serialize_with = "crate::wire::timestamp")]
         sent_at: DateTime<Utc>,
         /// For ephemeral sends only: whether a connection took it.
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -128,17 +137,25 @@ pub enum ServerFrame {
     Authed {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<String>,
-        #[serde(serialize_with = "crate::api::timestamp")]
+        #[serde(serialize_with = "crate::wire::timestamp")]
         expires_at: DateTime<Utc>,
     },
     Error {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<String>,
-        code: &'static str,
-        message: Cow<'static, str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        field: Option<Cow<'static, str>>,
+        /// `code`, `message`, and `field`, `missing` and `extra` where they
+        /// apply: the `error` object of a REST reply.
+        #[serde(flatten)]
+        detail: ErrorDetail,
     },
+    /// A device of the recipient acknowledged a message this account sent.
+    Receipt {
+        id: Uuid,
+        to: Uuid,
+        device_id: DeviceId,
+    },
+    /// The account's devices changed: these are its device numbers now.
+    DevicesChanged { devices: Arc<[DeviceId]> },
 }
 
 impl ServerFrame {
@@ -146,15 +163,17 @@ impl ServerFrame {
         if let Error::Internal(cause) = error {
             tracing::error!(error = format!("{cause:#}"), "internal error on a socket");
         }
-        let field = match error {
-            Error::Invalid { field, .. } => field.clone(),
-            _ => None,
-        };
         ServerFrame::Error {
             reference,
-            code: error.code(),
-            message: error.public_message(),
-            field,
+            detail: error.detail(),
+        }
+    }
+
+    pub fn receipt(receipt: &Receipt) -> Self {
+        ServerFrame::Receipt {
+            id: receipt.id,
+            to: receipt.to,
+            device_id: receipt.device,
         }
     }
 

@@ -22,6 +22,9 @@ use axum::routing::get;
 
 use tracing::Instrument;
 
+use serde::Deserialize;
+
+use crate::api::ApiQuery;
 use crate::auth::{self, bearer_token};
 use crate::error::Error;
 use crate::state::AppState;
@@ -34,10 +37,19 @@ pub fn router() -> Router<AppState> {
 /// idle.
 const READ_BUFFER: usize = 4 * 1024;
 
+/// The query of `GET /v1/ws`.
+#[derive(Deserialize)]
+struct Options {
+    /// Close the older sockets of this device once authenticated (4409).
+    #[serde(default)]
+    exclusive: bool,
+}
+
 async fn upgrade(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
+    options: Result<ApiQuery<Options>, Error>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     // Browsers do not apply CORS to WebSockets: any page can open one to any
@@ -48,6 +60,12 @@ async fn upgrade(
     {
         return Error::Forbidden("this origin may not open a WebSocket").into_response();
     }
+    let exclusive = match options {
+        Ok(ApiQuery(options)) => options.exclusive,
+        Err(_) => {
+            return Error::field("exclusive", "must be true or false").into_response();
+        }
+    };
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
         Err(rejection) => {
@@ -80,7 +98,7 @@ async fn upgrade(
         .max_frame_size(max_frame)
         .on_upgrade(move |socket| {
             sockets.track_future(
-                connection::run(socket, state, header_claims, permit).instrument(span),
+                connection::run(socket, state, header_claims, permit, exclusive).instrument(span),
             )
         })
 }

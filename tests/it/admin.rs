@@ -429,6 +429,7 @@ async fn no_session_starts_for_a_disabled_account(backend: Backend) {
     let token = |n: u8| RefreshToken {
         hash: [n; 32],
         user_id: alice,
+        device: 1,
         family_id: uuid::Uuid::new_v4(),
         expires_at: store::add(store::now(), Duration::from_secs(60)),
     };

@@ -90,7 +90,8 @@ async fn send_then_poll_round_trips(backend: Backend) {
     let messages = page["messages"].as_array().unwrap();
     assert_eq!(messages.len(), 1, "{page}");
     let got = &messages[0];
-    assert_eq!(keys(got), ["body", "from", "id", "sent_at"]);
+    assert_eq!(keys(got), ["body", "from", "from_device", "id", "sent_at"]);
+    assert_eq!(got["from_device"], 1);
     assert_eq!(id(&got["id"]), message_id);
     assert_eq!(id(&got["from"]), alice.id);
     assert_eq!(unb64(got["body"].as_str().unwrap()), body);

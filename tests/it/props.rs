@@ -259,11 +259,21 @@ fn assert_agrees(text: &str, inbound: &sealpost::ws::frame::Inbound) {
                 ClientFrame::Send {
                     to,
                     body,
+                    envelopes,
                     ephemeral,
                 } => {
                     assert_eq!(value["type"], "send", "{text:?}");
                     assert_eq!(value["to"], to.as_str(), "{text:?}");
-                    assert_eq!(value["body"], body.as_str(), "{text:?}");
+                    assert_eq!(
+                        value.get("body").and_then(Value::as_str),
+                        body.as_deref(),
+                        "{text:?}"
+                    );
+                    assert_eq!(
+                        value.get("envelopes").is_some(),
+                        envelopes.is_some(),
+                        "{text:?}"
+                    );
                     let claimed = value.get("ephemeral").and_then(Value::as_bool);
                     assert_eq!(claimed.unwrap_or(false), *ephemeral, "{text:?}");
                 }

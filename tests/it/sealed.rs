@@ -329,7 +329,7 @@ async fn plaintext_rows_of_an_earlier_release_are_delivered_and_sealed(backend: 
         id: recipient,
         username: "legacy".into(),
         access: tokens
-            .issue_access(recipient, Uuid::new_v4(), Utc::now())
+            .issue_access(recipient, 1, Uuid::new_v4(), Utc::now())
             .unwrap(),
         refresh: String::new(),
     };

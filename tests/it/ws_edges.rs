@@ -66,7 +66,7 @@ fn foreign_token(user: Uuid) -> String {
         Duration::from_secs(600),
     );
     tokens
-        .issue_access(user, Uuid::new_v4(), Utc::now())
+        .issue_access(user, 1, Uuid::new_v4(), Utc::now())
         .unwrap()
 }
 

@@ -474,6 +474,53 @@ pub fn public_key() -> String {
     b64(Uuid::new_v4().as_bytes().repeat(2).as_slice())
 }
 
+/// A JSON number that must be a device id (a positive integer).
+#[track_caller]
+pub fn device_id(value: &Value) -> i64 {
+    value
+        .as_i64()
+        .filter(|d| *d > 0)
+        .unwrap_or_else(|| panic!("not a device id: {value}"))
+}
+
+/// `who` signed in with the token pair of a login, device addition,
+/// refresh or password change reply: the same account, the session (and so
+/// the device) the reply names.
+pub fn session(who: &Account, tokens: &Value) -> Account {
+    let token = |field: &str| {
+        tokens[field]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {field} in {tokens}"))
+            .to_owned()
+    };
+    Account {
+        access: token("access_token"),
+        refresh: token("refresh_token"),
+        ..who.clone()
+    }
+}
+
+/// The longest [`eventually`] waits for the server to settle something it
+/// does asynchronously (an ack made on a socket, a socket gone).
+pub const SETTLE: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(50);
+
+/// Polls `probe` until it answers `Some`, for at most [`SETTLE`]; panics
+/// naming `what` if it never does.
+pub async fn eventually<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        if let Some(done) = probe().await {
+            return done;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not after {SETTLE:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 #[derive(Clone)]
 pub struct Api {
     pub base: String,
@@ -541,6 +588,18 @@ impl Api {
             .await
     }
 
+    pub async fn patch(&self, path: &str, token: Option<&str>, body: Value) -> Reply {
+        self.call(Self::authed(self.http.patch(self.url(path)), token).json(&body))
+            .await
+    }
+
+    /// `DELETE` with a JSON body (`DELETE /v1/devices/{id}` takes the
+    /// password in one).
+    pub async fn delete(&self, path: &str, token: Option<&str>, body: Value) -> Reply {
+        self.call(Self::authed(self.http.delete(self.url(path)), token).json(&body))
+            .await
+    }
+
     /// `POST /v1/token/refresh` with `token`.
     pub async fn refresh(&self, token: &str) -> Reply {
         self.post("/v1/token/refresh", None, json!({ "refresh_token": token }))
@@ -596,6 +655,60 @@ impl Api {
             access: tokens["access_token"].as_str().unwrap().to_owned(),
             refresh: tokens["refresh_token"].as_str().unwrap().to_owned(),
         }
+    }
+
+    /// `POST /v1/devices`: adds a device to `username`'s account; the reply,
+    /// whatever it is.
+    pub async fn try_add_device(
+        &self,
+        username: &str,
+        password: &str,
+        public_key: &str,
+        name: Option<&str>,
+    ) -> Reply {
+        let mut body =
+            json!({ "username": username, "password": password, "public_key": public_key });
+        if let Some(name) = name {
+            body["name"] = json!(name);
+        }
+        self.post("/v1/devices", None, body).await
+    }
+
+    /// Adds a device with `public_key` to `who`'s account; returns its id
+    /// and a session on it.
+    pub async fn add_device(&self, who: &Account, public_key: &str) -> (i64, Account) {
+        let reply = self
+            .try_add_device(&who.username, PASSWORD, public_key, None)
+            .await
+            .expect(201);
+        assert_eq!(reply["token_type"], "bearer", "{reply}");
+        (device_id(&reply["device_id"]), session(who, &reply))
+    }
+
+    /// `POST /v1/login` as `username` on `device`; the reply, whatever it is.
+    pub async fn login_device(&self, username: &str, device: i64) -> Reply {
+        self.post(
+            "/v1/login",
+            None,
+            json!({ "username": username, "password": PASSWORD, "device_id": device }),
+        )
+        .await
+    }
+
+    /// The device ids `GET /v1/users/{user}/devices` lists, as `asker` sees
+    /// them, in the order listed.
+    pub async fn device_ids(&self, asker: &Account, user: Uuid) -> Vec<i64> {
+        let listed = self
+            .get(&format!("/v1/users/{user}/devices"), Some(&asker.access))
+            .await
+            .expect(200);
+        assert_eq!(listed["user_id"], user.to_string(), "{listed}");
+        listed["devices"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no device list: {listed}"))
+            .iter()
+            .map(|d| device_id(&d["device_id"]))
+            .collect()
     }
 
     /// Sends `body` from `from` to `to`; returns the 201 reply body.

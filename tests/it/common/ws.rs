@@ -33,7 +33,17 @@ pub struct WsClient {
 impl WsClient {
     /// Opens `/v1/ws`, with `Authorization: Bearer <token>` when given.
     pub async fn connect(api: &Api, token: Option<&str>) -> Self {
-        let url = format!("{}/v1/ws", api.base.replacen("http", "ws", 1));
+        Self::connect_query(api, "", token).await
+    }
+
+    /// Opens `/v1/ws?{query}` (`exclusive=true`; no query when empty), with
+    /// `Authorization: Bearer <token>` when given.
+    pub async fn connect_query(api: &Api, query: &str, token: Option<&str>) -> Self {
+        let mut url = format!("{}/v1/ws", api.base.replacen("http", "ws", 1));
+        if !query.is_empty() {
+            url.push('?');
+            url.push_str(query);
+        }
         let mut request = url.into_client_request().unwrap();
         if let Some(token) = token {
             request
@@ -55,6 +65,17 @@ impl WsClient {
         assert_eq!(ready["user_id"], who.id.to_string());
         let backlog = client.until_drained().await;
         (client, backlog)
+    }
+
+    /// As [`WsClient::ready`] on `/v1/ws?{query}`; returns the `ready`
+    /// frame too.
+    pub async fn ready_with(api: &Api, who: &Account, query: &str) -> (Self, Value, Vec<Value>) {
+        let mut client = Self::connect_query(api, query, Some(&who.access)).await;
+        let ready = client.json().await;
+        assert_eq!(ready["type"], "ready", "{ready}");
+        assert_eq!(ready["user_id"], who.id.to_string());
+        let backlog = client.until_drained().await;
+        (client, ready, backlog)
     }
 
     pub async fn send_json(&mut self, value: Value) {
@@ -122,11 +143,21 @@ impl WsClient {
         }
     }
 
-    /// The next JSON frame of `kind`, panicking on any other.
+    /// The next JSON frame of `kind`, panicking on any other. Notices a
+    /// client written before they existed ignores (`receipt`,
+    /// `devices_changed`; protocol.md tells clients to ignore unknown frame
+    /// types) are skipped unless `kind` is one of them.
     pub async fn expect(&mut self, kind: &str) -> Value {
-        let frame = self.json().await;
-        assert_eq!(frame["type"], kind, "expected {kind}, got {frame}");
-        frame
+        const NOTICES: [&str; 2] = ["receipt", "devices_changed"];
+        loop {
+            let frame = self.json().await;
+            let got = frame["type"].as_str().unwrap_or_default();
+            if got != kind && NOTICES.contains(&got) && !NOTICES.contains(&kind) {
+                continue;
+            }
+            assert_eq!(frame["type"], kind, "expected {kind}, got {frame}");
+            return frame;
+        }
     }
 
     /// `message` frames up to and excluding `drained`.

@@ -1,0 +1,269 @@
+//! Devices: adding one to an account, the account's own list, renaming,
+//! a device's key, removal, and the directory of another account's devices
+//! that a sender encrypts to.
+//!
+//! Adding a device takes the account's password, not a token (a new device
+//! has none yet), and sits behind the per-IP auth rate limit like login.
+//! Every change to the list reaches the account's sockets at once as a
+//! `devices_changed` frame: a device that appears unexpectedly is how a
+//! user notices a stolen password.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::accounts::{TokenPair, check_credentials, confirm_password, start_session};
+use super::keys::{KeyView, UpdateKey, parse_public_key, set_own_key};
+use super::{ApiJson, ApiPath};
+use crate::auth::AuthUser;
+use crate::auth::sessions::Scope;
+use crate::devices::validate_name;
+use crate::error::{Error, Result};
+use crate::hub::Kick;
+use crate::limits::rate::AuthLimit;
+use crate::state::AppState;
+use crate::store::{self, AddDevice, Device, DeviceId, RemoveDevice};
+use crate::wire::parse_id;
+
+pub fn router(auth_limit: Option<AuthLimit>) -> Router<AppState> {
+    let mut add = Router::new().route("/v1/devices", post(add_device));
+    if let Some(limit) = auth_limit {
+        add = add.layer(limit.layer);
+    }
+    Router::new()
+        .merge(add)
+        .route("/v1/devices", get(own_devices))
+        .route(
+            "/v1/devices/{device_id}",
+            axum::routing::patch(rename).delete(remove),
+        )
+        .route("/v1/devices/{device_id}/key", put(set_key))
+        .route("/v1/users/{user}/devices", get(directory))
+}
+
+#[derive(Deserialize)]
+struct AddDeviceRequest {
+    username: String,
+    password: String,
+    public_key: String,
+    name: Option<String>,
+}
+
+async fn add_device(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<AddDeviceRequest>,
+) -> Result<(StatusCode, Json<TokenPair>)> {
+    // Validated before the password costs a hash.
+    let public_key = parse_public_key(&request.public_key)?;
+    if let Some(name) = &request.name {
+        validate_name(name)?;
+    }
+    let user = check_credentials(&state, &request.username, request.password).await?;
+    let added = state
+        .store
+        .add_device(
+            user,
+            &public_key,
+            request.name.as_deref(),
+            state.config.max_devices_per_user,
+            store::now(),
+        )
+        .await?;
+    let device = match added {
+        AddDevice::Added(device) => device,
+        AddDevice::TooMany => return Err(Error::TooManyDevices),
+        AddDevice::NoAccount => return Err(super::accounts::DISABLED),
+    };
+    tracing::info!(user.id = %user, device = device.id, "device added");
+    announce(&state, user).await;
+    // The new device's number and its first session, in the shape of login.
+    let session = start_session(&state, user, device.id).await?;
+    Ok((StatusCode::CREATED, Json(session)))
+}
+
+/// Tells every socket of the account which devices it has now. A failed
+/// read only costs the frame: the change itself has committed.
+async fn announce(state: &AppState, user: Uuid) {
+    match state.store.device_ids(user).await {
+        Ok(devices) => state.delivery.devices_changed(user, devices.into()),
+        Err(err) => {
+            tracing::warn!(user.id = %user, error = %err, "devices changed, but the list could not be read to announce it");
+            state.delivery.forget_queue(user);
+        }
+    }
+}
+
+/// One of the caller's own devices, as its account sees it.
+#[derive(Serialize)]
+struct OwnDevice {
+    device_id: DeviceId,
+    name: Option<String>,
+    public_key: String,
+    #[serde(serialize_with = "crate::wire::timestamp")]
+    updated_at: DateTime<Utc>,
+    #[serde(serialize_with = "crate::wire::timestamp")]
+    created_at: DateTime<Utc>,
+    #[serde(serialize_with = "crate::wire::timestamp")]
+    last_seen_at: DateTime<Utc>,
+    /// Whether this is the device asking.
+    current: bool,
+}
+
+impl OwnDevice {
+    fn of(device: Device, caller: &AuthUser) -> Self {
+        Self {
+            current: device.id == caller.device,
+            device_id: device.id,
+            name: device.name,
+            public_key: STANDARD.encode(&device.public_key),
+            updated_at: device.key_updated_at,
+            created_at: device.created_at,
+            last_seen_at: device.last_seen_at,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct OwnDevices {
+    devices: Vec<OwnDevice>,
+}
+
+async fn own_devices(caller: AuthUser, State(state): State<AppState>) -> Result<Json<OwnDevices>> {
+    let devices = state.store.devices(caller.id).await?;
+    Ok(Json(OwnDevices {
+        devices: devices
+            .into_iter()
+            .map(|d| OwnDevice::of(d, &caller))
+            .collect(),
+    }))
+}
+
+/// The `{device_id}` of a path.
+fn path_device(value: &str) -> Result<DeviceId> {
+    value
+        .parse::<i64>()
+        .map_err(|_| Error::field("device_id", "must be a device number, 1 or more"))
+        .and_then(super::accounts::device_field)
+}
+
+#[derive(Deserialize)]
+struct Rename {
+    /// `null` clears the name.
+    name: Option<String>,
+}
+
+async fn rename(
+    caller: AuthUser,
+    State(state): State<AppState>,
+    ApiPath(device): ApiPath<String>,
+    ApiJson(request): ApiJson<Rename>,
+) -> Result<Json<OwnDevice>> {
+    let device = path_device(&device)?;
+    if let Some(name) = &request.name {
+        validate_name(name)?;
+    }
+    let renamed = state
+        .store
+        .rename_device(caller.id, device, request.name.as_deref())
+        .await?
+        .ok_or(Error::NotFound("device"))?;
+    Ok(Json(OwnDevice::of(renamed, &caller)))
+}
+
+async fn set_key(
+    caller: AuthUser,
+    State(state): State<AppState>,
+    ApiPath(device): ApiPath<String>,
+    ApiJson(request): ApiJson<UpdateKey>,
+) -> Result<Json<KeyView>> {
+    if path_device(&device)? != caller.device {
+        return Err(Error::Forbidden("only a device itself may change its key"));
+    }
+    let Json(view) = set_own_key(&state, &caller, &request.public_key).await?;
+    Ok(Json(view.naming_device(caller.device)))
+}
+
+#[derive(Deserialize)]
+struct RemoveRequest {
+    password: String,
+}
+
+/// Removes a device of the caller's account, itself or another: its
+/// sessions end (tokens refused, sockets closed with 4401), its queue and
+/// key are deleted, its number is never given out again.
+async fn remove(
+    caller: AuthUser,
+    State(state): State<AppState>,
+    ApiPath(device): ApiPath<String>,
+    ApiJson(request): ApiJson<RemoveRequest>,
+) -> Result<StatusCode> {
+    let device = path_device(&device)?;
+    confirm_password(&state, caller.id, request.password).await?;
+    let removed = state
+        .store
+        .remove_device(caller.id, device, store::now())
+        .await?;
+    let revoked = match removed {
+        RemoveDevice::Removed { revoked } => revoked,
+        RemoveDevice::NotFound => return Err(Error::NotFound("device")),
+        RemoveDevice::Last => {
+            return Err(Error::Conflict(
+                "this is the account's only device; delete the account instead",
+            ));
+        }
+    };
+    state
+        .revocations
+        .revoked_elsewhere(&state.hub, caller.id, Scope::All, &revoked);
+    // Sessions revoked or not, no socket of a removed device stays open.
+    state.hub.kick_device(caller.id, device, Kick::Revoked);
+    state.delivery.forget_queue(caller.id);
+    tracing::info!(user.id = %caller.id, device, "device removed");
+    announce(&state, caller.id).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Another account's devices with their keys: what a sender encrypts to.
+/// No names: those are the account's own.
+#[derive(Serialize)]
+struct Directory {
+    user_id: Uuid,
+    devices: Vec<KeyEntry>,
+}
+
+#[derive(Serialize)]
+struct KeyEntry {
+    device_id: DeviceId,
+    public_key: String,
+    #[serde(serialize_with = "crate::wire::timestamp")]
+    updated_at: DateTime<Utc>,
+}
+
+async fn directory(
+    _caller: AuthUser,
+    State(state): State<AppState>,
+    ApiPath(user): ApiPath<String>,
+) -> Result<Json<Directory>> {
+    let user_id = parse_id("user_id", &user)?;
+    let devices = state.store.devices(user_id).await?;
+    if devices.is_empty() {
+        return Err(Error::NotFound("user"));
+    }
+    Ok(Json(Directory {
+        user_id,
+        devices: devices
+            .into_iter()
+            .map(|d| KeyEntry {
+                device_id: d.id,
+                public_key: STANDARD.encode(&d.public_key),
+                updated_at: d.key_updated_at,
+            })
+            .collect(),
+    }))
+}

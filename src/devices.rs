@@ -1,0 +1,140 @@
+//! Devices: the rules for a device's name, and the [`Directory`] of each
+//! account's device numbers that the delivery core checks every send
+//! against.
+//!
+//! A send must carry one envelope per current device of its recipient
+//! ([`mismatch`] says which are missing and which are extra), so every send
+//! needs the recipient's device numbers. The directory keeps them in memory:
+//! an online recipient costs no query, as it did before devices.
+//!
+//! The cache is exact on one node: every change to an account's devices
+//! (add, remove, account deletion) goes through this node's handlers, which
+//! call [`Directory::changed`] after the change commits. A load racing that
+//! change cannot put a stale list back: a load is kept only if no change was
+//! announced since it began (the `epoch` below), checked under the same
+//! shard lock that `changed` takes to remove the entry. With several nodes
+//! on one database a change on another node must reach this one's
+//! `changed`, which the cluster's broker will do; until then the README
+//! says one process per database.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::store::{DeviceId, DeviceIds};
+
+/// The most characters of a device name: room for "Alice's work laptop
+/// (2026)" in any script, small enough for a directory row.
+pub const MAX_NAME_CHARS: usize = 64;
+
+/// Checks a device name: 1 to [`MAX_NAME_CHARS`] characters, no control
+/// characters (they would let a name fake lines in a client's list).
+pub fn validate_name(name: &str) -> Result<()> {
+    let chars = name.chars().count();
+    if chars == 0 || chars > MAX_NAME_CHARS || name.chars().any(char::is_control) {
+        return Err(Error::field(
+            "name",
+            format!("must be 1-{MAX_NAME_CHARS} characters, none of them control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// Accounts whose device lists are kept. Each entry is an id and a few
+/// numbers, under 100 bytes: 100,000 entries are about 10 MiB. Past the
+/// bound the whole cache is dropped and refilled on demand, which costs one
+/// indexed query per account next sent to.
+const CACHE_BOUND: usize = 100_000;
+
+pub struct Directory {
+    accounts: Arc<dyn DeviceIds>,
+    /// Account → its device numbers in ascending order.
+    cache: DashMap<Uuid, Arc<[DeviceId]>>,
+    /// Bumped by every [`Directory::changed`], before the entry is removed.
+    epoch: AtomicU64,
+}
+
+impl Directory {
+    pub fn new(accounts: Arc<dyn DeviceIds>) -> Self {
+        Self {
+            accounts,
+            cache: DashMap::new(),
+            epoch: AtomicU64::new(0),
+        }
+    }
+
+    /// The account's device numbers in ascending order; empty if there is
+    /// no such account.
+    pub async fn devices(&self, user: Uuid) -> Result<Arc<[DeviceId]>> {
+        if let Some(devices) = self.cache.get(&user) {
+            return Ok(devices.clone());
+        }
+        let began = self.epoch.load(Ordering::Acquire);
+        let devices: Arc<[DeviceId]> = self.accounts.device_ids(user).await?.into();
+        // Unknown accounts are not cached: a name that does not exist yet
+        // may be registered a moment later.
+        if !devices.is_empty() {
+            if self.cache.len() >= CACHE_BOUND {
+                self.cache.clear();
+            }
+            let entry = self.cache.entry(user);
+            if self.epoch.load(Ordering::Acquire) == began {
+                entry.insert(devices.clone());
+            }
+        }
+        Ok(devices)
+    }
+
+    /// The account's devices changed (committed): forget its list.
+    pub fn changed(&self, user: Uuid) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.cache.remove(&user);
+    }
+}
+
+/// How the devices a send addresses differ from the devices it must
+/// address, both ascending and without repeats: `None` if they are the
+/// same, else the missing and the extra ones.
+pub fn mismatch(expected: &[DeviceId], given: &[DeviceId]) -> Option<(Vec<u32>, Vec<u32>)> {
+    if expected == given {
+        return None;
+    }
+    let missing = expected
+        .iter()
+        .filter(|d| given.binary_search(d).is_err())
+        .copied()
+        .collect();
+    let extra = given
+        .iter()
+        .filter(|d| expected.binary_search(d).is_err())
+        .copied()
+        .collect();
+    Some((missing, extra))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mismatches_name_both_sides() {
+        assert_eq!(mismatch(&[1, 2], &[1, 2]), None);
+        assert_eq!(mismatch(&[], &[]), None);
+        assert_eq!(mismatch(&[1, 2, 3], &[2, 5]), Some((vec![1, 3], vec![5])));
+        assert_eq!(mismatch(&[1], &[]), Some((vec![1], vec![])));
+        assert_eq!(mismatch(&[], &[4]), Some((vec![], vec![4])));
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["phone", "Alice's laptop", "Телефон", &"x".repeat(64)] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "tab\there", "line\nbreak", &"x".repeat(65), "\u{7f}"] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! The message queue: one queue per device, rows sealed at rest.
+//!
+//! A message addressed to an account is one row per recipient device, all
+//! under the message's one id: `(id, device)` is a row's key, and each
+//! device acknowledges (deletes) its own copy. A message is gone once every
+//! copy is acknowledged or expired.
+//!
+//! [`Queue`] is the hot path, the only part the delivery core and the
+//! committer see: batched writes, page reads, counts. [`QueueMaintenance`]
+//! is what the sweeper and start-up do to the queue as a whole.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{DeviceId, StoreError, StoreResult};
+
+/// A sealed envelope for one device, in plaintext in memory. The body is
+/// opaque ciphertext of the client's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub id: Uuid,
+    pub recipient: Uuid,
+    /// The recipient's device whose queue holds this copy.
+    pub device: DeviceId,
+    pub sender: Uuid,
+    /// The device that sent it, so that the recipient picks its key.
+    pub sender_device: DeviceId,
+    pub body: Vec<u8>,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// The id of a storage key (`SEALPOST_STORAGE_KEYS`): a small positive
+/// integer, kept beside every sealed row.
+pub type KeyId = i16;
+
+/// A queued message as stored: routing columns in the clear, its sender and
+/// body in `sealed` under storage key `key_id` (format in [`crate::seal`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedRow {
+    pub id: Uuid,
+    pub recipient: Uuid,
+    pub device: DeviceId,
+    pub sent_at: DateTime<Utc>,
+    pub key_id: KeyId,
+    pub sealed: Vec<u8>,
+}
+
+/// A queued message as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredRow {
+    Sealed(SealedRow),
+    /// Written in plaintext by a release before sealed storage (and so
+    /// before devices: its sender device is 1).
+    Legacy(Message),
+}
+
+/// A queue row as both backends select it: `id, recipient, device_id,
+/// sent_at, key_id, sealed, sender, body`, with `sent_at` in the backend's
+/// own representation `T` and the device id as the backend's integer.
+pub(super) type QueueColumns<T, D> = (
+    Uuid,
+    Uuid,
+    D,
+    T,
+    Option<KeyId>,
+    Option<Vec<u8>>,
+    Option<Uuid>,
+    Option<Vec<u8>>,
+);
+
+/// The columns every queue read selects, in [`QueueColumns`] order.
+pub(super) const QUEUE_COLUMNS: &str =
+    "id, recipient, device_id, sent_at, key_id, sealed, sender, body";
+
+impl StoredRow {
+    /// Builds a row from the queue's columns (`sent_at` and the device id
+    /// already converted from the backend's representation).
+    pub(super) fn from_columns(
+        (id, recipient, device, sent_at, key_id, sealed, sender, body): QueueColumns<
+            DateTime<Utc>,
+            DeviceId,
+        >,
+    ) -> StoreResult<Self> {
+        match (key_id, sealed, sender, body) {
+            (Some(key_id), Some(sealed), _, _) => Ok(StoredRow::Sealed(SealedRow {
+                id,
+                recipient,
+                device,
+                sent_at,
+                key_id,
+                sealed,
+            })),
+            (None, None, Some(sender), Some(body)) => Ok(StoredRow::Legacy(Message {
+                id,
+                recipient,
+                device,
+                sender,
+                sender_device: 1,
+                body,
+                sent_at,
+            })),
+            // The schema's CHECK constraint rules this out.
+            _ => Err(StoreError::Malformed(id)),
+        }
+    }
+
+    pub fn id(&self) -> Uuid {
+        match self {
+            StoredRow::Sealed(row) => row.id,
+            StoredRow::Legacy(message) => message.id,
+        }
+    }
+}
+
+/// The size of the queue, as [`QueueMaintenance::queue_depth`] samples it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Rows queued for all devices.
+    pub total: u64,
+    /// Rows queued for the device with the most.
+    pub max_per_device: u64,
+    /// Devices in the database, sampled with the queue for the metrics.
+    pub devices: u64,
+}
+
+/// One acknowledgement: delete the copy of `id` queued for `recipient`'s
+/// `device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ack {
+    pub recipient: Uuid,
+    pub device: DeviceId,
+    pub id: Uuid,
+}
+
+/// The queue's hot path.
+#[async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Inserts `messages` and applies `acks` in one transaction. Returns the
+    /// rows the acks deleted, as they were stored (so that the committer can
+    /// tell each sender of its delivery); an ack for a copy that is unknown
+    /// or queued for another device deletes nothing.
+    async fn write_batch(
+        &self,
+        messages: Vec<SealedRow>,
+        acks: &[Ack],
+    ) -> StoreResult<Vec<StoredRow>>;
+
+    /// Up to `limit` of the copies queued for `recipient`'s `device` with
+    /// ids after `after`, oldest first.
+    async fn fetch(
+        &self,
+        recipient: Uuid,
+        device: DeviceId,
+        after: Uuid,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredRow>>;
+
+    /// How many copies wait for `recipient`'s `device`.
+    async fn queued_count(&self, recipient: Uuid, device: DeviceId) -> StoreResult<u64>;
+}
+
+/// The queue as a whole: expiry, sealing again, and start-up's key check.
+#[async_trait]
+pub trait QueueMaintenance: Send + Sync + 'static {
+    /// How many rows are queued in all and for the busiest device, and how
+    /// many devices exist, in aggregate queries: the sweeper samples it for
+    /// the metrics. It reads the whole `(recipient, device_id, id)` index, so
+    /// it runs once per sweep and only with metrics on.
+    async fn queue_depth(&self) -> StoreResult<QueueDepth>;
+
+    /// Up to `limit` queued rows with ids after `after`, in id order, that
+    /// are not sealed under `current`: legacy plaintext rows and rows of
+    /// older keys, for the sweeper to seal again. All copies of one id come
+    /// in one call, so paging by id misses none.
+    async fn stale_rows(
+        &self,
+        current: KeyId,
+        after: Uuid,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredRow>>;
+
+    /// Replaces the content of each row by its new sealing, dropping any
+    /// plaintext; rows deleted meanwhile are skipped. Returns how many were
+    /// updated.
+    async fn reseal(&self, rows: Vec<SealedRow>) -> StoreResult<u64>;
+
+    /// The distinct key ids of the sealed rows in the queue, so that start-up
+    /// can refuse a key list that could not open them.
+    async fn key_ids_in_use(&self) -> StoreResult<Vec<KeyId>>;
+
+    /// Up to `limit` of the oldest queued rows sealed under `key`, so that
+    /// start-up can check that the key configured under that id opens them.
+    async fn sealed_with(&self, key: KeyId, limit: u32) -> StoreResult<Vec<StoredRow>>;
+
+    /// Deletes up to `limit` rows with ids below `before`; returns how
+    /// many. The sweeper calls this until it returns less than `limit`, so no
+    /// single statement holds locks for long.
+    async fn delete_before(&self, before: Uuid, limit: u32) -> StoreResult<u64>;
+}

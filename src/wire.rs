@@ -1,0 +1,63 @@
+//! The wire types REST and WebSocket both speak: ids, timestamps, the
+//! message as a recipient sees it, and the envelopes of a send. Both
+//! protocols depend on this module; neither depends on the other.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::Error;
+use crate::store::{DeviceId, Message};
+
+/// Serialises a timestamp as RFC 3339 in UTC with exactly three fraction
+/// digits, as `protocol.md` promises (chrono's default drops the fraction on
+/// whole seconds).
+pub fn timestamp<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+/// Parses an id field, naming the field on failure.
+pub fn parse_id(field: &'static str, value: &str) -> Result<Uuid, Error> {
+    Uuid::parse_str(value).map_err(|_| Error::field(field, "must be a UUID"))
+}
+
+/// A queued message as clients see it: in a `message` frame and in a
+/// listing.
+#[derive(Serialize)]
+pub struct MessageView {
+    pub id: Uuid,
+    pub from: Uuid,
+    /// The sender's device, whose key sealed the body.
+    pub from_device: DeviceId,
+    pub body: String,
+    #[serde(serialize_with = "timestamp")]
+    pub sent_at: DateTime<Utc>,
+}
+
+impl From<&Message> for MessageView {
+    fn from(m: &Message) -> Self {
+        Self {
+            id: m.id,
+            from: m.sender,
+            from_device: m.sender_device,
+            body: STANDARD.encode(&m.body),
+            sent_at: m.sent_at,
+        }
+    }
+}
+
+/// One envelope of a send: the body for one device of the recipient.
+#[derive(Debug, Deserialize)]
+pub struct Envelope {
+    pub device_id: DeviceId,
+    pub body: String,
+}
+
+/// The envelopes of a send as the delivery core decodes them.
+pub fn envelopes(
+    list: Option<&[Envelope]>,
+) -> Option<impl ExactSizeIterator<Item = (DeviceId, &str)>> {
+    list.map(|list| list.iter().map(|e| (e.device_id, e.body.as_str())))
+}
