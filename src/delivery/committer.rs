@@ -369,3 +369,147 @@ impl Writer {
         drop(held);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::delivery::fake::MemQueue;
+
+    fn writer(queue: Arc<MemQueue>) -> Writer {
+        Writer {
+            queue,
+            keys: Arc::new(KeyRing::generate().unwrap()),
+            metrics: Arc::new(Metrics::disabled()),
+            senders: true,
+        }
+    }
+
+    fn copy(id: Uuid, recipient: Uuid, device: DeviceId, sender: Uuid) -> Arc<Message> {
+        Arc::new(Message {
+            id,
+            recipient,
+            device,
+            sender,
+            sender_device: 7,
+            body: b"sealed".to_vec(),
+            sent_at: crate::store::id_time(id),
+        })
+    }
+
+    fn permit() -> OwnedSemaphorePermit {
+        Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap()
+    }
+
+    fn insert(messages: Vec<Arc<Message>>) -> (Op, oneshot::Receiver<Result<(), CommitFailed>>) {
+        let (done, rx) = oneshot::channel();
+        let op = Op::Insert {
+            messages,
+            done,
+            _bytes: permit(),
+        };
+        (op, rx)
+    }
+
+    type AckReply = oneshot::Receiver<Result<Vec<Settled>, CommitFailed>>;
+
+    fn ack(recipient: Uuid, device: DeviceId, ids: Vec<Uuid>) -> (Op, AckReply) {
+        let (done, rx) = oneshot::channel();
+        let op = Op::Ack {
+            recipient,
+            device,
+            ids,
+            done,
+        };
+        (op, rx)
+    }
+
+    /// An ack that meets its own copy's insert in one batch cancels that
+    /// copy (never written) and names its sender; the other device's copy
+    /// of the same message is written.
+    #[tokio::test]
+    async fn an_ack_cancels_its_pending_copy_only() {
+        let queue = Arc::new(MemQueue::default());
+        let (bob, alice, id) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::now_v7());
+        let (insert_op, inserted) = insert(vec![copy(id, bob, 1, alice), copy(id, bob, 2, alice)]);
+        let (ack_op, acked) = ack(bob, 1, vec![id]);
+        writer(queue.clone()).commit(vec![insert_op, ack_op]).await;
+
+        inserted.await.unwrap().unwrap();
+        let settled = acked.await.unwrap().unwrap();
+        assert_eq!(
+            settled,
+            [Settled {
+                id,
+                sender: Some((alice, 7))
+            }]
+        );
+        let rows = queue.rows.lock().unwrap();
+        assert_eq!(
+            rows.iter().map(|r| (r.id, r.device)).collect::<Vec<_>>(),
+            [(id, 2)]
+        );
+        // The written batch held one row and no delete.
+        assert_eq!(*queue.batches.lock().unwrap(), [(1, 0)]);
+    }
+
+    /// Two acks naming one copy in a batch count it once, for the first;
+    /// an id queued for another device settles nothing.
+    #[tokio::test]
+    async fn each_settled_copy_is_counted_once() {
+        let queue = Arc::new(MemQueue::default());
+        let (bob, alice) = (Uuid::new_v4(), Uuid::new_v4());
+        let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
+        let (op, inserted) = insert(vec![copy(first, bob, 1, alice)]);
+        let (op2, inserted2) = insert(vec![copy(second, bob, 2, alice)]);
+        let writer = writer(queue.clone());
+        writer.commit(vec![op, op2]).await;
+        inserted.await.unwrap().unwrap();
+        inserted2.await.unwrap().unwrap();
+
+        let (a, a_rx) = ack(bob, 1, vec![first]);
+        let (b, b_rx) = ack(bob, 1, vec![first, second]);
+        writer.commit(vec![a, b]).await;
+        let a = a_rx.await.unwrap().unwrap();
+        let b = b_rx.await.unwrap().unwrap();
+        assert_eq!(a.iter().map(|s| s.id).collect::<Vec<_>>(), [first]);
+        assert_eq!(a[0].sender, Some((alice, 7)));
+        // `first` was the first ack's; `second` is device 2's, not device 1's.
+        assert!(b.is_empty(), "{b:?}");
+        assert_eq!(queue.rows.lock().unwrap().len(), 1);
+    }
+
+    /// A batch that fails tells every insert and ack, and still lets its
+    /// barriers through: whatever was before them is settled, one way or
+    /// the other.
+    #[tokio::test]
+    async fn a_failed_batch_fails_its_callers_and_releases_its_barriers() {
+        let queue = Arc::new(MemQueue::default());
+        queue.failing.store(true, Ordering::Relaxed);
+        let (bob, alice, id) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::now_v7());
+        let (insert_op, inserted) = insert(vec![copy(id, bob, 1, alice)]);
+        let (ack_op, acked) = ack(bob, 1, vec![Uuid::now_v7()]);
+        let (done, barrier) = oneshot::channel();
+        writer(queue.clone())
+            .commit(vec![insert_op, ack_op, Op::Barrier { done }])
+            .await;
+        barrier.await.unwrap();
+        let err: Error = inserted.await.unwrap().unwrap_err().into();
+        assert!(matches!(err, Error::Unavailable));
+        assert!(acked.await.unwrap().unwrap_err().unavailable);
+        assert!(queue.rows.lock().unwrap().is_empty());
+    }
+
+    /// A batch of barriers only writes nothing.
+    #[tokio::test]
+    async fn barriers_alone_write_nothing() {
+        let queue = Arc::new(MemQueue::default());
+        let (done, barrier) = oneshot::channel();
+        writer(queue.clone())
+            .commit(vec![Op::Barrier { done }])
+            .await;
+        barrier.await.unwrap();
+        assert!(queue.batches.lock().unwrap().is_empty());
+    }
+}
