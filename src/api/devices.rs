@@ -22,10 +22,8 @@ use super::accounts::{TokenPair, check_credentials, confirm_password, start_sess
 use super::keys::{KeyView, UpdateKey, parse_public_key, set_own_key};
 use super::{ApiJson, ApiPath};
 use crate::auth::AuthUser;
-use crate::auth::sessions::Scope;
 use crate::devices::validate_name;
 use crate::error::{Error, Result};
-use crate::hub::Kick;
 use crate::limits::rate::AuthLimit;
 use crate::state::AppState;
 use crate::store::{self, AddDevice, Device, DeviceId, RemoveDevice};
@@ -220,9 +218,7 @@ async fn remove(
     };
     state
         .revocations
-        .revoked_elsewhere(&state.hub, caller.id, Scope::All, &revoked);
-    // Sessions revoked or not, no socket of a removed device stays open.
-    state.hub.kick_device(caller.id, device, Kick::Revoked);
+        .device_removed(&state.hub, caller.id, device, &revoked);
     state.delivery.forget_queue(caller.id);
     tracing::info!(user.id = %caller.id, device, "device removed");
     announce(&state, caller.id).await;

@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use crate::error::Result;
 use crate::hub::{Hub, Kick};
-use crate::store::{self, Revoked, Store};
+use crate::store::{self, DeviceId, Revoked, Store};
 
 /// How far before its last look [`Revocations::follow`] reads again. A
 /// revocation is stamped before its transaction commits, and by the clock of
@@ -115,6 +115,19 @@ impl Revocations {
         };
         let closed = hub.kick(user, session, Kick::Revoked);
         tracing::info!(user.id = %user, sessions = sessions.len(), sockets = closed, "sessions revoked");
+    }
+
+    /// Applies the revocation of a removed device's sessions, which the
+    /// store recorded with the removal: its tokens are refused and every
+    /// socket of that device (and only of that device) closes with 4401.
+    pub fn device_removed(&self, hub: &Hub, user: Uuid, device: DeviceId, sessions: &[Uuid]) {
+        let now = store::now();
+        for session in sessions {
+            self.revoked.insert(*session, now);
+        }
+        // Memory first, sockets second, as in `revoked_elsewhere`.
+        let closed = hub.kick_device(user, device, Kick::Revoked);
+        tracing::info!(user.id = %user, device, sessions = sessions.len(), sockets = closed, "device's sessions revoked");
     }
 
     /// Applies revocations read from the store that this process does not
