@@ -3,7 +3,10 @@
 //!
 //! Sign-up costs the server two argon2 hashes per account, so accounts can be
 //! kept in a cache file: a rerun trades each cached refresh token for fresh
-//! tokens (no hashing) instead of registering again.
+//! tokens (no hashing) instead of registering again. Accounts with several
+//! devices keep one refresh token per device there (refresh tokens belong to
+//! a device), so a rerun refreshes every device instead of adding or logging
+//! in devices again.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -56,13 +59,68 @@ impl Target {
     }
 }
 
-/// A logged-in account.
+/// A logged-in account: `access` and `refresh` are device 1's session.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Account {
     pub username: String,
     pub user_id: Uuid,
     pub access: String,
     pub refresh: String,
+    /// The account's other devices with a session each, ascending by id:
+    /// empty unless a run asked for several devices per account.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<Device>,
+}
+
+/// A device beyond device 1, logged in.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Device {
+    pub device_id: u32,
+    pub access: String,
+    pub refresh: String,
+}
+
+impl Account {
+    /// The first `count` devices' (device id, access token), device 1
+    /// first.
+    pub fn sessions(&self, count: usize) -> anyhow::Result<Vec<(u32, &str)>> {
+        let all: Vec<(u32, &str)> = std::iter::once((1, self.access.as_str()))
+            .chain(
+                self.devices
+                    .iter()
+                    .map(|d| (d.device_id, d.access.as_str())),
+            )
+            .take(count)
+            .collect();
+        if all.len() < count {
+            bail!(
+                "{} has {} devices logged in, the run wants {count}",
+                self.username,
+                all.len()
+            );
+        }
+        Ok(all)
+    }
+}
+
+/// What setting up accounts' extra devices cost: each `added` or
+/// `logged_in` device is an argon2 hash on the server, each `refreshed` one
+/// is not.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct DeviceSetup {
+    pub added: u64,
+    pub refreshed: u64,
+    pub logged_in: u64,
+    pub removed: u64,
+}
+
+impl DeviceSetup {
+    fn merge(&mut self, other: &DeviceSetup) {
+        self.added += other.added;
+        self.refreshed += other.refreshed;
+        self.logged_in += other.logged_in;
+        self.removed += other.removed;
+    }
 }
 
 #[derive(Clone)]
@@ -123,8 +181,20 @@ impl Api {
     }
 
     async fn tokens(&self, path: &str, body: Value) -> anyhow::Result<(String, String)> {
+        let (access, refresh, _) = self.token_pair(path, body, StatusCode::OK).await?;
+        Ok((access, refresh))
+    }
+
+    /// A token pair reply: (access, refresh, device_id when the server
+    /// names one).
+    async fn token_pair(
+        &self,
+        path: &str,
+        body: Value,
+        expect: StatusCode,
+    ) -> anyhow::Result<(String, String, Option<u32>)> {
         let (status, reply) = self.call(|h| h.post(self.url(path)).json(&body)).await?;
-        if status != StatusCode::OK {
+        if status != expect {
             bail!("{path}: {status} {reply}");
         }
         let field = |name: &str| {
@@ -133,7 +203,8 @@ impl Api {
                 .map(str::to_owned)
                 .ok_or_else(|| anyhow!("{path}: no {name}"))
         };
-        Ok((field("access_token")?, field("refresh_token")?))
+        let device_id = reply["device_id"].as_u64().map(|d| d as u32);
+        Ok((field("access_token")?, field("refresh_token")?, device_id))
     }
 
     /// Registers (a taken name is fine: it is ours from an earlier run) and
@@ -183,6 +254,135 @@ impl Api {
         Ok(Account {
             username: username.to_owned(),
             user_id,
+            access,
+            refresh,
+            devices: Vec::new(),
+        })
+    }
+
+    /// Gives `account` exactly `wanted` devices, each logged in, and fills
+    /// `account.devices` with devices 2.. (device 1 is the account's own
+    /// session). Devices it already has are reused: refreshed with the
+    /// token in `cached` when there is one (no hashing), else logged in.
+    /// Missing ones are added with `POST /v1/devices`; devices beyond
+    /// `wanted` are removed, since they would queue copies that nobody
+    /// acks. Bounded: at most `wanted` - 1 additions.
+    pub async fn ensure_devices(
+        &self,
+        account: &mut Account,
+        cached: &[Device],
+        wanted: usize,
+    ) -> anyhow::Result<DeviceSetup> {
+        let mut setup = DeviceSetup::default();
+        let (status, listing) = self
+            .call(|h| h.get(self.url("/v1/devices")).bearer_auth(&account.access))
+            .await?;
+        if status != StatusCode::OK {
+            bail!("devices of {}: {status} {listing}", account.username);
+        }
+        let mut others: Vec<u32> = listing["devices"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|d| d["device_id"].as_u64())
+            .map(|d| d as u32)
+            .filter(|&d| d != 1)
+            .collect();
+        others.sort_unstable();
+        let keep = wanted.saturating_sub(1);
+        for extra in others.split_off(keep.min(others.len())) {
+            let path = format!("/v1/devices/{extra}");
+            let body = json!({ "password": PASSWORD });
+            let (status, reply) = self
+                .call(|h| {
+                    h.delete(self.url(&path))
+                        .bearer_auth(&account.access)
+                        .json(&body)
+                })
+                .await?;
+            if status != StatusCode::NO_CONTENT {
+                bail!(
+                    "removing device {extra} of {}: {status} {reply}",
+                    account.username
+                );
+            }
+            setup.removed += 1;
+        }
+        let mut devices = Vec::with_capacity(keep);
+        for device_id in others {
+            let refreshed = match cached.iter().find(|d| d.device_id == device_id) {
+                Some(old) => self.refresh_device(&old.refresh, device_id).await.ok(),
+                None => None,
+            };
+            let device = match refreshed {
+                Some(device) => {
+                    setup.refreshed += 1;
+                    device
+                }
+                None => {
+                    setup.logged_in += 1;
+                    self.login_device(&account.username, device_id).await?
+                }
+            };
+            devices.push(device);
+        }
+        for _ in devices.len()..keep {
+            devices.push(self.add_device(&account.username).await?);
+            setup.added += 1;
+        }
+        account.devices = devices;
+        Ok(setup)
+    }
+
+    /// `POST /v1/devices`: a new device with its own key, logged in.
+    pub async fn add_device(&self, username: &str) -> anyhow::Result<Device> {
+        let key: [u8; 32] = rand::rng().random();
+        let body = json!({ "username": username, "password": PASSWORD,
+                           "public_key": b64(&key), "name": "sealpost-loadtest" });
+        let (access, refresh, device_id) = self
+            .token_pair("/v1/devices", body, StatusCode::CREATED)
+            .await
+            .map_err(|e| {
+                if e.to_string().contains("too_many_devices") {
+                    e.context("at the server's device cap: raise SEALPOST_MAX_DEVICES_PER_USER")
+                } else {
+                    e
+                }
+            })?;
+        let device_id = device_id.ok_or_else(|| anyhow!("/v1/devices: no device_id"))?;
+        Ok(Device {
+            device_id,
+            access,
+            refresh,
+        })
+    }
+
+    /// `POST /v1/login` as one device (an argon2 hash on the server).
+    pub async fn login_device(&self, username: &str, device_id: u32) -> anyhow::Result<Device> {
+        let body = json!({ "username": username, "password": PASSWORD, "device_id": device_id });
+        let (access, refresh, named) = self.token_pair("/v1/login", body, StatusCode::OK).await?;
+        if named.is_some_and(|n| n != device_id) {
+            bail!("login as device {device_id} of {username} answered device {named:?}");
+        }
+        Ok(Device {
+            device_id,
+            access,
+            refresh,
+        })
+    }
+
+    /// Trades one device's cached refresh token for fresh tokens.
+    pub async fn refresh_device(&self, refresh: &str, device_id: u32) -> anyhow::Result<Device> {
+        let body = json!({ "refresh_token": refresh });
+        let (access, refresh, named) = self
+            .token_pair("/v1/token/refresh", body, StatusCode::OK)
+            .await?;
+        if named.is_some_and(|n| n != device_id) {
+            bail!("refreshing device {device_id} answered device {named:?}");
+        }
+        Ok(Device {
+            device_id,
             access,
             refresh,
         })
@@ -258,6 +458,23 @@ pub async fn accounts(
     concurrency: usize,
     cache: Option<&Path>,
 ) -> anyhow::Result<Vec<Account>> {
+    let (accounts, _) =
+        accounts_with_devices(api, prefix, count, |_| 1, concurrency, cache).await?;
+    Ok(accounts)
+}
+
+/// As [`accounts`], and the n-th account gets exactly `devices(n)` devices
+/// (see [`Api::ensure_devices`]). An account wanting one device is left as
+/// it is, as [`accounts`] always did: its cached device sessions, if any,
+/// are kept in the cache untouched.
+pub async fn accounts_with_devices(
+    api: &Api,
+    prefix: &str,
+    count: usize,
+    devices: impl Fn(usize) -> usize,
+    concurrency: usize,
+    cache: Option<&Path>,
+) -> anyhow::Result<(Vec<Account>, DeviceSetup)> {
     let cached: HashMap<String, Account> = match cache {
         Some(path) if path.exists() => {
             serde_json::from_slice(&std::fs::read(path)?).context("token cache")?
@@ -265,34 +482,52 @@ pub async fn accounts(
         _ => HashMap::new(),
     };
     let bar = progress(count as u64, "accounts");
-    let results: Vec<anyhow::Result<Account>> = stream::iter(0..count)
+    let results: Vec<anyhow::Result<(Account, DeviceSetup)>> = stream::iter(0..count)
         .map(|n| {
             let username = format!("{prefix}{n}");
             let previous = cached.get(&username).cloned();
+            let wanted = devices(n).max(1);
             let (api, bar) = (api.clone(), bar.clone());
             async move {
-                let account = match previous {
+                let old_devices = previous
+                    .as_ref()
+                    .map(|old| old.devices.clone())
+                    .unwrap_or_default();
+                let mut account = match previous {
                     Some(old) => match api.resume(&username, &old.refresh).await {
-                        Ok(account) => Ok(account),
-                        Err(_) => api.sign_up(&username).await,
+                        Ok(account) => account,
+                        Err(_) => api.sign_up(&username).await?,
                     },
-                    None => api.sign_up(&username).await,
+                    None => api.sign_up(&username).await?,
+                };
+                let setup = if wanted > 1 {
+                    api.ensure_devices(&mut account, &old_devices, wanted)
+                        .await?
+                } else {
+                    account.devices = old_devices;
+                    DeviceSetup::default()
                 };
                 bar.inc(1);
-                account
+                Ok::<_, anyhow::Error>((account, setup))
             }
         })
         .buffered(concurrency.max(1))
         .collect()
         .await;
     bar.finish_and_clear();
-    let accounts = results.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let mut setup = DeviceSetup::default();
+    let mut accounts = Vec::with_capacity(count);
+    for result in results {
+        let (account, cost) = result?;
+        setup.merge(&cost);
+        accounts.push(account);
+    }
     if let Some(path) = cache {
         let mut all = cached;
         all.extend(accounts.iter().map(|a| (a.username.clone(), a.clone())));
         std::fs::write(path, serde_json::to_vec(&all)?).context("writing token cache")?;
     }
-    Ok(accounts)
+    Ok((accounts, setup))
 }
 
 pub fn progress(total: u64, what: &str) -> ProgressBar {
@@ -388,6 +623,11 @@ pub async fn next_json(ws: &mut Ws) -> Option<Value> {
 /// Reads `ready` and the backlog up to `drained`; returns the backlog's
 /// message frames.
 pub async fn until_drained(ws: &mut Ws) -> anyhow::Result<Vec<Value>> {
+    Ok(ready_and_backlog(ws).await?.1)
+}
+
+/// As [`until_drained`], also returning the `ready` frame.
+pub async fn ready_and_backlog(ws: &mut Ws) -> anyhow::Result<(Value, Vec<Value>)> {
     let ready = next_json(ws)
         .await
         .ok_or_else(|| anyhow!("closed before ready"))?;
@@ -400,7 +640,7 @@ pub async fn until_drained(ws: &mut Ws) -> anyhow::Result<Vec<Value>> {
             .await
             .ok_or_else(|| anyhow!("closed while draining"))?;
         match frame["type"].as_str() {
-            Some("drained") => return Ok(backlog),
+            Some("drained") => return Ok((ready, backlog)),
             Some("message") => backlog.push(frame),
             _ => {}
         }

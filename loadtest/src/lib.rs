@@ -5,7 +5,8 @@
 //!
 //! - [`client`]: REST (with backoff and a token cache) and WebSocket clients.
 //! - [`stats`]: latency histograms and counters that merge across processes.
-//! - [`scenario`]: `connect`, `pairs`, `drain`, `poll`, `storm`.
+//! - [`scenario`]: `connect`, `pairs` (optionally with several devices per
+//!   recipient), `drain`, `poll`, `storm`.
 //! - This file: the run itself. A run signs up its accounts, writes a
 //!   [`Plan`], and executes it in `--workers` shards: in this process for one
 //!   worker, else in child processes of the same binary, each holding its
@@ -40,7 +41,7 @@ pub enum Spec {
         conns: usize,
         hold: Duration,
     },
-    Pairs(Traffic),
+    Pairs(Traffic, Fanout),
     Drain {
         users: usize,
         per_user: usize,
@@ -83,6 +84,27 @@ impl Traffic {
     /// goes.
     pub fn interval(&self) -> Option<Duration> {
         (self.rate > 0).then(|| Duration::from_secs_f64(self.pairs as f64 / self.rate as f64))
+    }
+}
+
+/// How `pairs` reaches a recipient's devices.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, clap::Args)]
+pub struct Fanout {
+    /// Devices per receiving account, each with its own socket that must
+    /// get every message; 1 is today's single-device recipient. Devices
+    /// 2..N are added with `POST /v1/devices` (the server's
+    /// SEALPOST_MAX_DEVICES_PER_USER, default 10, must allow N).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub devices: u32,
+    /// Send one envelope per device (`envelopes`) instead of one `body`
+    /// the server copies to every device.
+    #[arg(long)]
+    pub envelopes: bool,
+}
+
+impl Fanout {
+    pub fn devices(&self) -> usize {
+        self.devices.max(1) as usize
     }
 }
 

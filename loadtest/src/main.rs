@@ -11,7 +11,7 @@ use futures_util::future::BoxFuture;
 use sealpost_loadtest::client::{self, Account, Api, Target};
 use sealpost_loadtest::scenario::drain;
 use sealpost_loadtest::stats::Report;
-use sealpost_loadtest::{Plan, Spec, Traffic, execute, rss_kib, worker};
+use sealpost_loadtest::{Fanout, Plan, Spec, Traffic, execute, rss_kib, worker};
 use serde_json::{Value, json};
 
 #[derive(Parser)]
@@ -63,8 +63,14 @@ enum Command {
         #[arg(long)]
         users: Option<usize>,
     },
-    /// Sender/receiver pairs over WebSockets at a total rate.
-    Pairs(Traffic),
+    /// Sender/receiver pairs over WebSockets at a total rate (optionally
+    /// several devices per receiver).
+    Pairs {
+        #[command(flatten)]
+        traffic: Traffic,
+        #[command(flatten)]
+        fanout: Fanout,
+    },
     /// Queue users × per-user messages for offline users, then time the drain.
     Drain {
         #[arg(long)]
@@ -155,11 +161,39 @@ async fn main() -> anyhow::Result<()> {
             }
             .boxed();
         }
-        Command::Pairs(traffic) | Command::Poll(traffic) => {
-            plan.spec = match &cli.command {
-                Command::Pairs(_) => Spec::Pairs(*traffic),
-                _ => Spec::Poll(*traffic),
+        Command::Pairs { traffic, fanout } => {
+            plan.spec = Spec::Pairs(*traffic, *fanout);
+            let devices = fanout.devices();
+            // Receivers of an N-device run have names of their own: a device
+            // that a run opens no socket for queues copies nobody acks, so
+            // single-device runs (and poll, on the same accounts) must never
+            // meet a multi-device recipient.
+            let prefix = if devices > 1 {
+                format!("{p}-p{devices}d-")
+            } else {
+                format!("{p}-p-")
             };
+            // Senders (even accounts) keep one device; receivers get N.
+            let wanted = move |n: usize| if n % 2 == 1 { devices } else { 1 };
+            let (all, device_setup) = client::accounts_with_devices(
+                &api,
+                &prefix,
+                2 * traffic.pairs,
+                wanted,
+                cli.signup_concurrency,
+                cli.token_cache.as_deref(),
+            )
+            .await?;
+            plan.accounts = all;
+            params = serde_json::to_value(traffic)?;
+            params["devices"] = json!(devices);
+            params["envelopes"] = json!(fanout.envelopes);
+            if devices > 1 {
+                params["device_setup"] = serde_json::to_value(device_setup)?;
+            }
+        }
+        Command::Poll(traffic) => {
+            plan.spec = Spec::Poll(*traffic);
             plan.accounts = accounts(format!("{p}-p-"), 2 * traffic.pairs).await?;
             params = serde_json::to_value(traffic)?;
         }
@@ -279,7 +313,7 @@ fn summarise(
     };
     let scenario = match command {
         Command::Connect { .. } => "connect",
-        Command::Pairs(_) => "pairs",
+        Command::Pairs { .. } => "pairs",
         Command::Drain { .. } => "drain",
         Command::Poll(_) => "poll",
         Command::Storm { .. } => "storm",
@@ -312,21 +346,50 @@ fn summarise(
                 "server_kib_per_conn": per_conn,
             })
         }
-        Command::Pairs(_) | Command::Poll(_) => json!({
-            "sent": report.count("sent"),
-            "confirmed": report.count("confirmed"),
-            "achieved_msgs_per_s": rate(report.count("confirmed"), report.seconds("sending")),
-            "received": report.count("received"),
-            "lost": report.count("lost"),
-            "duplicated": report.count("duplicated"),
-            "out_of_order": report.count("out_of_order"),
-            "push_latency": report.latency("push").summary(),
-            "durable_latency": if report.latencies.contains_key("send_to_sent") {
-                report.latency("send_to_sent").summary()
-            } else {
-                report.latency("send_to_201").summary()
-            },
-        }),
+        Command::Pairs { .. } | Command::Poll(_) => {
+            let mut traffic = json!({
+                "sent": report.count("sent"),
+                "confirmed": report.count("confirmed"),
+                "achieved_msgs_per_s": rate(report.count("confirmed"), report.seconds("sending")),
+                "received": report.count("received"),
+                "lost": report.count("lost"),
+                "duplicated": report.count("duplicated"),
+                "out_of_order": report.count("out_of_order"),
+                "push_latency": report.latency("push").summary(),
+                "durable_latency": if report.latencies.contains_key("send_to_sent") {
+                    report.latency("send_to_sent").summary()
+                } else {
+                    report.latency("send_to_201").summary()
+                },
+            });
+            if let Command::Pairs { fanout, .. } = command {
+                let devices = fanout.devices();
+                // Every device gets its own copy: deliveries are messages ×
+                // devices, counted once per device (duplicates left out),
+                // and push latency above covers all of them.
+                traffic["devices"] = json!(devices);
+                traffic["deliveries_expected"] = json!(report.count("confirmed") * devices as u64);
+                traffic["delivered"] = json!(report.count("delivered"));
+                traffic["achieved_deliveries_per_s"] =
+                    json!(rate(report.count("delivered"), report.seconds("sending")));
+                traffic["receipts_seen"] = json!(report.count("receipts_seen"));
+                if devices > 1 {
+                    traffic["per_device"] = (1..=devices)
+                        .map(|k| {
+                            json!({
+                                "device": k,
+                                "received": report.count(&format!("device{k}_received")),
+                                "lost": report.count(&format!("device{k}_lost")),
+                                "duplicated": report.count(&format!("device{k}_duplicated")),
+                                "out_of_order": report.count(&format!("device{k}_out_of_order")),
+                                "push_latency": report.latency(&format!("push_device{k}")).summary(),
+                            })
+                        })
+                        .collect();
+                }
+            }
+            traffic
+        }
         Command::Drain { .. } => json!({
             "acked": report.count("acked"),
             "drained_users": report.count("drained_users"),

@@ -187,6 +187,79 @@ async fn pairs_count_every_message() {
     server.stop().await;
 }
 
+/// Three devices per recipient: every device gets and acks every message,
+/// first with one `body` the server copies, then (a rerun on the token
+/// cache, which refreshes every device instead of adding more) with one
+/// envelope per device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pairs_with_devices_deliver_to_every_device() {
+    let fixture = Fixture::new();
+    let server = start(&fixture.db(), "127.0.0.1:0").await;
+    let cache = fixture.file("cache.json");
+    let run = |envelopes: bool| {
+        let cache = cache.clone();
+        async move {
+            let mut args = vec![
+                "--token-cache",
+                cache.as_str(),
+                "pairs",
+                "--pairs",
+                "3",
+                "--rate",
+                "150",
+                "--duration",
+                "2",
+                "--size",
+                "64",
+                "--devices",
+                "3",
+            ];
+            if envelopes {
+                args.push("--envelopes");
+            }
+            loadtest(server.addr, &args).await
+        }
+    };
+    for (envelopes, added, refreshed) in [(false, 6, 0), (true, 0, 6)] {
+        let result = run(envelopes).await;
+        let (p, r) = (&result["params"], &result["results"]);
+        assert_eq!(n(&p["device_setup"]["added"]), added, "{result}");
+        assert_eq!(n(&p["device_setup"]["refreshed"]), refreshed, "{result}");
+        assert_eq!(n(&p["device_setup"]["logged_in"]), 0, "{result}");
+        assert_eq!(n(&r["devices"]), 3);
+        let confirmed = n(&r["confirmed"]);
+        assert!(confirmed > 100, "{result}");
+        assert_eq!(n(&r["received"]), 3 * confirmed, "{result}");
+        assert_eq!(n(&r["delivered"]), 3 * confirmed, "{result}");
+        assert_eq!(n(&r["deliveries_expected"]), 3 * confirmed);
+        assert_eq!(n(&r["lost"]), 0, "{result}");
+        assert_eq!(n(&r["duplicated"]), 0);
+        assert_eq!(n(&r["out_of_order"]), 0);
+        assert_eq!(n(&r["push_latency"]["count"]), 3 * confirmed);
+        assert!(r["achieved_deliveries_per_s"].as_f64().unwrap() > 0.0);
+        let per_device = r["per_device"].as_array().expect("per_device");
+        assert_eq!(per_device.len(), 3);
+        for device in per_device {
+            assert_eq!(n(&device["received"]), confirmed, "{result}");
+            assert_eq!(n(&device["lost"]), 0, "{result}");
+            assert_eq!(n(&device["push_latency"]["count"]), confirmed);
+        }
+        let send_errors: Vec<_> = result["counters"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| k.starts_with("send_error_"))
+            .collect();
+        assert!(send_errors.is_empty(), "{result}");
+    }
+    // The cache keeps one refresh token per device: two extra per receiver.
+    let cached: Value = serde_json::from_slice(&std::fs::read(&cache).unwrap()).unwrap();
+    let receiver = &cached["lt-p3d-1"];
+    assert_eq!(receiver["devices"].as_array().unwrap().len(), 2, "{cached}");
+    assert!(cached["lt-p3d-0"].get("devices").is_none(), "{cached}");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_acks_every_queued_message() {
     let fixture = Fixture::new();

@@ -14,7 +14,7 @@ use crate::{Gate, Plan, Shard, Spec};
 pub async fn run(plan: &Plan, shard: Shard, gate: &mut Gate) -> anyhow::Result<Report> {
     match &plan.spec {
         Spec::Connect { conns, .. } => connect::run(plan, shard, gate, *conns).await,
-        Spec::Pairs(traffic) => pairs::run(plan, shard, gate, traffic).await,
+        Spec::Pairs(traffic, fanout) => pairs::run(plan, shard, gate, traffic, fanout).await,
         Spec::Drain { users, per_user } => drain::run(plan, shard, gate, *users, *per_user).await,
         Spec::Poll(traffic) => poll::run(plan, shard, gate, traffic).await,
         Spec::Storm { conns, timeout, .. } => storm::run(plan, shard, gate, *conns, *timeout).await,
