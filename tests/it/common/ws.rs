@@ -160,6 +160,15 @@ impl WsClient {
         }
     }
 
+    /// The next JSON frame, which must be of `kind`: unlike
+    /// [`WsClient::expect`], no notice is skipped, for tests of what a
+    /// socket is told and not told.
+    pub async fn expect_exactly(&mut self, kind: &str) -> Value {
+        let frame = self.json().await;
+        assert_eq!(frame["type"], kind, "expected {kind}, got {frame}");
+        frame
+    }
+
     /// `message` frames up to and excluding `drained`.
     pub async fn until_drained(&mut self) -> Vec<Value> {
         let mut messages = Vec::new();
