@@ -279,22 +279,7 @@ impl Delivery {
             }
         };
         let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
-        let id = Uuid::now_v7();
-        let sent_at = store::id_time(id);
-        let messages: Vec<Arc<Message>> = copies
-            .into_iter()
-            .map(|(device, body)| {
-                Arc::new(Message {
-                    id,
-                    recipient: to,
-                    device,
-                    sender: from.user,
-                    sender_device: from.device,
-                    body,
-                    sent_at,
-                })
-            })
-            .collect();
+        let (id, sent_at, messages) = stamp(from, to, copies);
         // Enqueued before it is pushed: an ack of a pushed copy can only
         // reach the committer behind its insert.
         let insert = slot.insert(messages.clone());
@@ -335,21 +320,13 @@ impl Delivery {
     ) -> Result<Ephemeral> {
         let copies = self.admit(from, to, content).await?;
         let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
-        let id = Uuid::now_v7();
-        let sent_at = store::id_time(id);
+        let (id, sent_at, messages) = stamp(from, to, copies);
         let accepted = Instant::now();
         let mut delivered = 0;
-        for (device, body) in copies {
+        for message in messages {
+            let device = message.device;
             let outbound = Outbound {
-                message: Arc::new(Message {
-                    id,
-                    recipient: to,
-                    device,
-                    sender: from.user,
-                    sender_device: from.device,
-                    body,
-                    sent_at,
-                }),
+                message,
                 ephemeral: true,
                 accepted,
             };
@@ -499,6 +476,33 @@ impl Delivery {
     pub fn prune_send_budgets(&self) {
         self.budget.prune();
     }
+}
+
+/// Gives a message its time-ordered id and makes its copies, one per device
+/// body. Call under the order lock: ids taken there are in push and commit
+/// order.
+fn stamp(
+    from: Address,
+    to: Uuid,
+    copies: Vec<(DeviceId, Vec<u8>)>,
+) -> (Uuid, DateTime<Utc>, Vec<Arc<Message>>) {
+    let id = Uuid::now_v7();
+    let sent_at = store::id_time(id);
+    let messages = copies
+        .into_iter()
+        .map(|(device, body)| {
+            Arc::new(Message {
+                id,
+                recipient: to,
+                device,
+                sender: from.user,
+                sender_device: from.device,
+                body,
+                sent_at,
+            })
+        })
+        .collect();
+    (id, sent_at, messages)
 }
 
 /// An in-memory queue for the unit tests of the delivery core and the
