@@ -24,6 +24,8 @@ backend_tests!(
     secrets_and_the_database_url_can_come_from_files,
     operator_commands_neither_create_nor_migrate_a_database,
     no_session_starts_for_a_disabled_account,
+    user_show_lists_each_device_and_stats_count_devices,
+    adding_a_device_needs_the_password_and_an_enabled_account,
 );
 
 /// Close code of a revoked session.
@@ -442,6 +444,163 @@ async fn no_session_starts_for_a_disabled_account(backend: Backend) {
     // Nor for an account that is gone.
     store.delete_user(alice, store::now()).await.unwrap();
     assert!(!store.insert_refresh_token(&token(4)).await.unwrap());
+    server.stop().await;
+}
+
+/// The `device_id`s of a `user show` reply's `devices`, in order.
+#[track_caller]
+fn shown_devices(shown: &Value) -> Vec<i64> {
+    shown["devices"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no devices: {shown}"))
+        .iter()
+        .map(|d| common::device_id(&d["device_id"]))
+        .collect()
+}
+
+/// `(public_key_bytes, queued)` of each device a `user show` reply lists.
+#[track_caller]
+fn device_counts(shown: &Value) -> Vec<(u64, u64)> {
+    shown["devices"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no devices: {shown}"))
+        .iter()
+        .map(|d| {
+            (
+                d["public_key_bytes"]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("{d}")),
+                d["queued"].as_u64().unwrap_or_else(|| panic!("{d}")),
+            )
+        })
+        .collect()
+}
+
+async fn user_show_lists_each_device_and_stats_count_devices(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let url = server.db.url.clone();
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    // Keys of different sizes tell the devices apart: 32 bytes for the
+    // phone, 48 for the laptop.
+    let (_, laptop) = server.add_device(&bob, &common::b64(&[7u8; 48])).await;
+    let shown = json_of(&url, &["user", "show", "bob"]).await;
+    assert_eq!(shown_devices(&shown), [1, 2], "{shown}");
+    assert_eq!(device_counts(&shown), [(32, 0), (48, 0)], "{shown}");
+    for device in shown["devices"].as_array().unwrap() {
+        common::time(&device["key_updated_at"]);
+        common::time(&device["created_at"]);
+        common::time(&device["last_seen_at"]);
+        // Names are the account's own.
+        assert!(device.get("name").is_none(), "{device}");
+    }
+
+    // A message to the account is one copy for each device's queue.
+    let first = server.send(&alice, bob.id, b"one").await;
+    server.send(&alice, bob.id, b"two").await;
+    let acked = server
+        .post(
+            "/v1/messages/ack",
+            Some(&laptop.access),
+            json!({ "ids": [first["id"]] }),
+        )
+        .await
+        .expect(200);
+    assert_eq!(acked["acked"], 1);
+    let shown = json_of(&url, &["user", "show", "bob"]).await;
+    assert_eq!(device_counts(&shown), [(32, 2), (48, 1)], "{shown}");
+    assert_eq!(shown["queued"], 3, "copies, all devices together: {shown}");
+    // The top-level key is the lowest-numbered device's, as before devices.
+    assert_eq!(shown["public_key_bytes"], 32, "{shown}");
+    assert_eq!(
+        shown["key_updated_at"], shown["devices"][0]["key_updated_at"],
+        "{shown}"
+    );
+    let text = run_ok(&url, &["user", "show", "bob"]).await;
+    assert!(text.contains("key 48 bytes"), "{text}");
+    assert!(text.contains("devices        2"), "{text}");
+    // A single-device account lists its one device.
+    let hers = json_of(&url, &["user", "show", "alice"]).await;
+    assert_eq!(shown_devices(&hers), [1], "{hers}");
+    assert_eq!(device_counts(&hers), [(32, 0)], "{hers}");
+
+    let stats = json_of(&url, &["stats"]).await;
+    assert_eq!(stats["users"], 2, "{stats}");
+    assert_eq!(stats["devices"], 3, "{stats}");
+    assert_eq!(stats["queued"], 3, "{stats}");
+    assert_eq!(stats["recipients"], 1, "{stats}");
+    let text = run_ok(&url, &["stats"]).await;
+    assert!(text.contains("devices           3"), "{text}");
+
+    // Without device 1, the top level describes device 2.
+    let removed = server
+        .delete(
+            "/v1/devices/1",
+            Some(&laptop.access),
+            json!({ "password": PASSWORD }),
+        )
+        .await;
+    assert_eq!(removed.status.as_u16(), 204, "{:?}", removed.body);
+    let shown = json_of(&url, &["user", "show", "bob"]).await;
+    assert_eq!(shown_devices(&shown), [2], "{shown}");
+    assert_eq!(device_counts(&shown), [(48, 1)], "{shown}");
+    assert_eq!(shown["public_key_bytes"], 48, "{shown}");
+    assert_eq!(shown["queued"], 1, "{shown}");
+    let stats = json_of(&url, &["stats"]).await;
+    assert_eq!(stats["devices"], 2, "{stats}");
+    assert_eq!(stats["queued"], 1, "{stats}");
+    server.stop().await;
+}
+
+async fn adding_a_device_needs_the_password_and_an_enabled_account(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let url = server.db.url.clone();
+    let alice = server.account("alice").await;
+    server.account("bob").await;
+    let bad_login = login_reply(&server.api, "bob", "not the password")
+        .await
+        .expect(401);
+
+    // A wrong password is refused as a bad login is, body and all, and so
+    // is an unknown account.
+    for (username, password) in [("bob", "not the password"), ("nobody", PASSWORD)] {
+        let refused = server
+            .try_add_device(username, password, &common::public_key(), None)
+            .await;
+        refused.expect_error(401, "unauthorized");
+        assert_eq!(refused.body, bad_login, "{username}");
+    }
+
+    // Disabled: the right password learns it (403), a wrong one does not.
+    run_ok(&url, &["user", "disable", "bob"]).await;
+    server
+        .try_add_device("bob", PASSWORD, &common::public_key(), None)
+        .await
+        .expect_error(403, "forbidden");
+    let refused = server
+        .try_add_device("bob", "not the password", &common::public_key(), None)
+        .await;
+    refused.expect_error(401, "unauthorized");
+    assert_eq!(refused.body, bad_login);
+    let shown = json_of(&url, &["user", "show", "bob"]).await;
+    assert_eq!(shown_devices(&shown), [1], "a device was added: {shown}");
+    assert_eq!(shown["live_sessions"], 0, "{shown}");
+
+    // Enabled again, the device is added.
+    run_ok(&url, &["user", "enable", "bob"]).await;
+    let added = server
+        .try_add_device("bob", PASSWORD, &common::public_key(), None)
+        .await
+        .expect(201);
+    assert_eq!(added["device_id"], 2, "{added}");
+    let shown = json_of(&url, &["user", "show", "bob"]).await;
+    assert_eq!(shown_devices(&shown), [1, 2], "{shown}");
+    let me = server
+        .get("/v1/me", added["access_token"].as_str())
+        .await
+        .expect(200);
+    assert_eq!(me["device_id"], 2, "{me}");
+    server.get("/v1/me", Some(&alice.access)).await.expect(200);
     server.stop().await;
 }
 

@@ -40,6 +40,10 @@ backend_tests!(
     only_a_device_itself_changes_its_key,
     the_socket_cap_counts_per_device,
     the_queue_cap_counts_per_device,
+    ephemeral_envelopes_reach_each_online_device_and_are_never_stored,
+    the_body_limit_applies_per_envelope,
+    adding_a_device_draws_on_the_auth_rate_limit,
+    a_password_change_from_any_device_ends_every_session_of_every_device,
 );
 
 /// Close codes of the protocol.
@@ -1720,4 +1724,422 @@ async fn the_queue_cap_counts_per_device(backend: Backend) {
     let third = id(&server.send(&alice, bob.id, b"m3").await["id"]);
     assert_eq!(inbox_ids(&server, &bob).await, [third]);
     assert_eq!(inbox_ids(&server, &laptop).await, [second, third]);
+}
+
+// ---------------------------------------------------------------------------
+// Ephemeral sends
+
+/// A send's `(device, body)` envelopes.
+type Envelopes<'a> = &'a [(i64, &'a [u8])];
+
+/// An ephemeral `send` frame with one envelope per `(device, body)`.
+fn ephemeral_frame(reference: &str, to: Uuid, list: &[(i64, &[u8])]) -> Value {
+    let mut frame = send_frame(reference, to, list);
+    frame["ephemeral"] = json!(true);
+    frame
+}
+
+/// Sends an ephemeral frame on `ws` and returns its `sent` reply, which
+/// must carry the frame's ref; `delivered` is left to the caller.
+async fn send_ephemeral(
+    ws: &mut WsClient,
+    reference: &str,
+    to: Uuid,
+    list: &[(i64, &[u8])],
+) -> Value {
+    ws.send_json(ephemeral_frame(reference, to, list)).await;
+    let sent = ws.expect_exactly("sent").await;
+    assert_eq!(sent["ref"], reference, "{sent}");
+    sent
+}
+
+/// Asserts that a pushed frame is the ephemeral message `message_id` from
+/// `from`'s device `from_device` with `expected` as its body.
+#[track_caller]
+fn assert_ephemeral(
+    frame: &Value,
+    message_id: Uuid,
+    from: Uuid,
+    from_device: i64,
+    expected: &[u8],
+) {
+    assert_message(frame, message_id, from, from_device, expected);
+    assert_eq!(frame["ephemeral"], true, "{frame}");
+}
+
+async fn ephemeral_envelopes_reach_each_online_device_and_are_never_stored(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let alice = server.account("alice").await;
+    let (_, alice_laptop) = server.add_device(&alice, &public_key()).await;
+    let bob = server.account("bob").await;
+    let (_, bob_laptop) = server.add_device(&bob, &public_key()).await;
+    // carol's devices start offline.
+    let carol = server.account("carol").await;
+    let (_, carol_laptop) = server.add_device(&carol, &public_key()).await;
+    let (mut alice_ws, _) = WsClient::ready(&server, &alice).await;
+    let (mut alice_laptop_ws, _) = WsClient::ready(&server, &alice_laptop).await;
+    let (mut phone_ws, _) = WsClient::ready(&server, &bob).await;
+    let (mut laptop_ws, _) = WsClient::ready(&server, &bob_laptop).await;
+    let both: [(i64, &[u8]); 2] = [(2, b"typing (laptop)"), (1, b"typing (phone)")];
+
+    // Both of bob's devices online: each gets its own body, at once.
+    let sent = send_ephemeral(&mut alice_ws, "e-bob", bob.id, &both).await;
+    assert_eq!(sent["delivered"], true, "{sent}");
+    let to_bob = id(&sent["id"]);
+    assert_ephemeral(
+        &phone_ws.expect_exactly("message").await,
+        to_bob,
+        alice.id,
+        1,
+        b"typing (phone)",
+    );
+    assert_ephemeral(
+        &laptop_ws.expect_exactly("message").await,
+        to_bob,
+        alice.id,
+        1,
+        b"typing (laptop)",
+    );
+
+    // Envelopes that miss or add a device are refused as for a stored send,
+    // with both lists, and reach nobody.
+    let refused: [(&str, Envelopes, &[i64], &[i64]); 3] = [
+        ("e-missing", &[(1, b"x")], &[2], &[]),
+        ("e-extra", &[(1, b"x"), (2, b"x"), (5, b"x")], &[], &[5]),
+        ("e-wrong", &[(2, b"x"), (5, b"x")], &[1], &[5]),
+    ];
+    for (reference, list, missing, extra) in refused {
+        alice_ws
+            .send_json(ephemeral_frame(reference, bob.id, list))
+            .await;
+        let error = alice_ws.expect_exactly("error").await;
+        assert_eq!(error["ref"], reference, "{error}");
+        assert_devices_changed(&error, missing, extra);
+    }
+    // From alice's laptop: the next frame each of bob's sockets sees is
+    // this one, not a refused one.
+    let (mut from_laptop_ws, _) = WsClient::ready(&server, &alice_laptop).await;
+    let sent = send_ephemeral(&mut from_laptop_ws, "e-again", bob.id, &both).await;
+    assert_eq!(sent["delivered"], true, "{sent}");
+    let again = id(&sent["id"]);
+    assert_ephemeral(
+        &phone_ws.expect_exactly("message").await,
+        again,
+        alice.id,
+        2,
+        b"typing (phone)",
+    );
+    assert_ephemeral(
+        &laptop_ws.expect_exactly("message").await,
+        again,
+        alice.id,
+        2,
+        b"typing (laptop)",
+    );
+
+    // To yourself: your other devices only.
+    let sent = send_ephemeral(
+        &mut alice_ws,
+        "e-self",
+        alice.id,
+        &[(2, b"read up to here")],
+    )
+    .await;
+    assert_eq!(sent["delivered"], true, "{sent}");
+    let to_self = id(&sent["id"]);
+    for ws in [&mut alice_laptop_ws, &mut from_laptop_ws] {
+        assert_ephemeral(
+            &ws.expect_exactly("message").await,
+            to_self,
+            alice.id,
+            1,
+            b"read up to here",
+        );
+    }
+    alice_ws
+        .send_json(ephemeral_frame(
+            "e-self-extra",
+            alice.id,
+            &[(1, b"x"), (2, b"x")],
+        ))
+        .await;
+    let error = alice_ws.expect_exactly("error").await;
+    assert_eq!(error["ref"], "e-self-extra", "{error}");
+    assert_devices_changed(&error, &[], &[1]);
+
+    // No device of carol's online: not delivered. Then her laptop alone
+    // is enough, and gets its own body; her phone gets nothing later.
+    let to_carol: [(i64, &[u8]); 2] = [(1, b"for carol's phone"), (2, b"for carol's laptop")];
+    let sent = send_ephemeral(&mut alice_ws, "e-carol-off", carol.id, &to_carol).await;
+    assert_eq!(sent["delivered"], false, "{sent}");
+    let (mut carol_laptop_ws, backlog) = WsClient::ready(&server, &carol_laptop).await;
+    assert!(
+        backlog.is_empty(),
+        "an ephemeral message was kept: {backlog:?}"
+    );
+    let sent = send_ephemeral(&mut alice_ws, "e-carol-laptop", carol.id, &to_carol).await;
+    assert_eq!(sent["delivered"], true, "{sent}");
+    let to_laptop = id(&sent["id"]);
+    assert_ephemeral(
+        &carol_laptop_ws.expect_exactly("message").await,
+        to_laptop,
+        alice.id,
+        1,
+        b"for carol's laptop",
+    );
+
+    // Nothing of it was stored, for any device: each queue holds only the
+    // stored message sent after it.
+    let mut stored = Vec::new();
+    for who in [&bob, &carol, &alice] {
+        stored.push(id(
+            &server.send(&alice_laptop, who.id, b"stored").await["id"],
+        ));
+    }
+    for (who, expected) in [
+        (&bob, stored[0]),
+        (&bob_laptop, stored[0]),
+        (&carol, stored[1]),
+        (&carol_laptop, stored[1]),
+        (&alice, stored[2]),
+        (&alice_laptop, stored[2]),
+    ] {
+        assert_eq!(
+            inbox_ids(&server, who).await,
+            [expected],
+            "{}",
+            who.username
+        );
+    }
+    let (_carol_phone_ws, backlog) = WsClient::ready(&server, &carol).await;
+    assert_eq!(ids(&backlog), [stored[1]]);
+}
+
+// ---------------------------------------------------------------------------
+// Size limits per envelope
+
+/// The server's default `SEALPOST_MAX_BODY_BYTES`.
+const MAX_BODY: usize = 65_536;
+/// The server's default `SEALPOST_MAX_DEVICES_PER_USER`.
+const MAX_DEVICES: i64 = 10;
+
+async fn the_body_limit_applies_per_envelope(backend: Backend) {
+    // The default limits: together, three maximal envelopes are far over
+    // one body's limit (and over a request limit sized for one body).
+    let server = TestServer::start(backend).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    let (_, laptop) = server.add_device(&bob, &public_key()).await;
+    let (_, tablet) = server.add_device(&bob, &public_key()).await;
+    let devices = [&bob, &laptop, &tablet];
+    let largest: Vec<Vec<u8>> = (0..3u8)
+        .map(|n| (0..MAX_BODY).map(|i| (i % 251) as u8 ^ n).collect())
+        .collect();
+    let list: Vec<(i64, &[u8])> = largest
+        .iter()
+        .enumerate()
+        .map(|(n, body)| (n as i64 + 1, body.as_slice()))
+        .collect();
+
+    // Over REST.
+    let first = id(&send_envelopes(&server, &alice, bob.id, &list)
+        .await
+        .expect(201)["id"]);
+    // And in one `send` frame.
+    let (mut alice_ws, _) = WsClient::ready(&server, &alice).await;
+    let (mut tablet_ws, backlog) = WsClient::ready(&server, &tablet).await;
+    assert_eq!(ids(&backlog), [first]);
+    alice_ws.send_json(send_frame("big", bob.id, &list)).await;
+    let sent = alice_ws.expect_exactly("sent").await;
+    assert_eq!(sent["ref"], "big", "{sent}");
+    let second = id(&sent["id"]);
+    assert_message(
+        &tablet_ws.expect_exactly("message").await,
+        second,
+        alice.id,
+        1,
+        &largest[2],
+    );
+    for (n, device) in devices.into_iter().enumerate() {
+        let inbox = server.inbox(device).await;
+        assert_eq!(ids(&inbox), [first, second], "device {}", n + 1);
+        for message in &inbox {
+            assert_message(message, id(&message["id"]), alice.id, 1, &largest[n]);
+        }
+    }
+
+    // One envelope over the limit refuses the send, for every device.
+    let over = vec![7u8; MAX_BODY + 1];
+    let one_over: [(i64, &[u8]); 3] = [(1, b"small"), (2, &over), (3, b"small")];
+    let reply = send_envelopes(&server, &alice, bob.id, &one_over).await;
+    reply.expect_error(413, "too_large");
+    alice_ws
+        .send_json(send_frame("one-over", bob.id, &one_over))
+        .await;
+    let error = alice_ws.expect_exactly("error").await;
+    assert_eq!(error["ref"], "one-over", "{error}");
+    assert_eq!(error["code"], "too_large", "{error}");
+
+    // More envelopes than an account may have devices is invalid, not a
+    // change of devices.
+    let many: Vec<(i64, &[u8])> = (1..=MAX_DEVICES + 1).map(|d| (d, &b"x"[..])).collect();
+    let reply = send_envelopes(&server, &alice, bob.id, &many).await;
+    reply.expect_error(422, "invalid");
+    assert_eq!(
+        reply.body["error"]["field"], "envelopes",
+        "{:?}",
+        reply.body
+    );
+    alice_ws
+        .send_json(send_frame("too-many", bob.id, &many))
+        .await;
+    let error = alice_ws.expect_exactly("error").await;
+    assert_eq!(error["ref"], "too-many", "{error}");
+    assert_eq!(error["code"], "invalid", "{error}");
+    assert_eq!(error["field"], "envelopes", "{error}");
+
+    // None of the refused sends stored anything.
+    for device in devices {
+        assert_eq!(inbox_ids(&server, device).await, [first, second]);
+    }
+    tablet_ws.expect_silence(QUIET).await;
+}
+
+// ---------------------------------------------------------------------------
+// Adding devices and passwords
+
+async fn adding_a_device_draws_on_the_auth_rate_limit(backend: Backend) {
+    // Sign up without limits first, so the limited server sees only what
+    // the test counts.
+    let server = TestServer::start(backend).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    let db = server.stop().await;
+    let server = TestServer::start_on(
+        db,
+        &["--auth-rate-per-minute", "10", "--auth-rate-burst", "3"],
+    )
+    .await;
+
+    // The burst: three attempts, answered on their merits.
+    let (device, _) = server.add_device(&bob, &public_key()).await;
+    assert_eq!(device, 2);
+    server
+        .try_add_device("bob", "not the password", &public_key(), None)
+        .await
+        .expect_error(401, "unauthorized");
+    server.login("bob").await;
+
+    // The fourth is refused, with the right password, and adds nothing.
+    let refused = server
+        .try_add_device("bob", PASSWORD, &public_key(), None)
+        .await;
+    refused.expect_error(429, "rate_limited");
+    let wait = crate::security::retry_after(&refused);
+    assert!(wait <= 6, "10 a minute refills one every 6 s, told {wait}");
+    assert_eq!(server.device_ids(&alice, bob.id).await, [1, 2]);
+    // Login draws on the same budget.
+    server
+        .post(
+            "/v1/login",
+            None,
+            json!({ "username": "alice", "password": PASSWORD }),
+        )
+        .await
+        .expect_error(429, "rate_limited");
+    let db = server.stop().await;
+
+    // And the other way round: logins spend the budget device additions
+    // draw on.
+    let server = TestServer::start_on(
+        db,
+        &["--auth-rate-per-minute", "10", "--auth-rate-burst", "2"],
+    )
+    .await;
+    server.login("bob").await;
+    server.login("alice").await;
+    let refused = server
+        .try_add_device("bob", PASSWORD, &public_key(), None)
+        .await;
+    refused.expect_error(429, "rate_limited");
+    crate::security::retry_after(&refused);
+    assert_eq!(server.device_ids(&alice, bob.id).await, [1, 2]);
+    server.stop().await;
+}
+
+async fn a_password_change_from_any_device_ends_every_session_of_every_device(backend: Backend) {
+    const NEW_PASSWORD: &str = "a different, longer passphrase";
+    let server = TestServer::start(backend).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    let (_, laptop) = server.add_device(&bob, &public_key()).await;
+    // A second session on each device.
+    let phone_again = session(&bob, &server.login_device("bob", 1).await.expect(200));
+    let laptop_again = session(&bob, &server.login_device("bob", 2).await.expect(200));
+    let (mut phone_ws, _) = WsClient::ready(&server, &bob).await;
+    let (mut laptop_ws, _) = WsClient::ready(&server, &laptop).await;
+    let (mut alice_ws, _) = WsClient::ready(&server, &alice).await;
+    let queued = id(&server.send(&alice, bob.id, b"before the change").await["id"]);
+
+    // Changed from the laptop: a fresh session on the laptop.
+    let changed = server
+        .put(
+            "/v1/password",
+            Some(&laptop.access),
+            json!({ "current_password": PASSWORD, "new_password": NEW_PASSWORD }),
+        )
+        .await
+        .expect(200);
+    assert_eq!(changed["token_type"], "bearer", "{changed}");
+    assert_eq!(changed["device_id"], 2, "{changed}");
+    assert!(
+        changed["expires_in"].as_u64().is_some_and(|s| s > 0),
+        "{changed}"
+    );
+    let current = session(&bob, &changed);
+    assert_eq!(me(&server, &current).await["device_id"], 2);
+
+    // Every earlier session of every device is over, the changing one too.
+    for old in [&bob, &phone_again, &laptop, &laptop_again] {
+        assert_token_refused(&server, old).await;
+        server
+            .refresh(&old.refresh)
+            .await
+            .expect_error(401, "unauthorized");
+    }
+    phone_ws.expect_close(UNAUTHORIZED).await;
+    laptop_ws.expect_close(UNAUTHORIZED).await;
+
+    // The new pair is the laptop's: its socket, its queue, its refresh.
+    let (_ws, ready, backlog) = WsClient::ready_with(&server, &current, "").await;
+    assert_eq!(ready["device_id"], 2, "{ready}");
+    assert_eq!(ids(&backlog), [queued]);
+    let renewed = server.refresh(&current.refresh).await.expect(200);
+    assert_eq!(renewed["device_id"], 2, "{renewed}");
+    // The phone signs in again with the new password, and finds its copy.
+    let phone = server
+        .post(
+            "/v1/login",
+            None,
+            json!({ "username": "bob", "password": NEW_PASSWORD, "device_id": 1 }),
+        )
+        .await
+        .expect(200);
+    assert_eq!(phone["device_id"], 1, "{phone}");
+    assert_eq!(inbox_ids(&server, &session(&bob, &phone)).await, [queued]);
+    server
+        .login_device("bob", 1)
+        .await
+        .expect_error(401, "unauthorized");
+
+    // Another account is untouched.
+    me(&server, &alice).await;
+    let hello = id(&server.send(&alice, alice.id, b"note").await["id"]);
+    assert_message(
+        &alice_ws.expect_exactly("message").await,
+        hello,
+        alice.id,
+        1,
+        b"note",
+    );
 }

@@ -13,11 +13,12 @@ use uuid::Uuid;
 
 use crate::backend_tests;
 use crate::common::ws::WsClient;
-use crate::common::{Backend, TestDb, TestServer, b64, config};
+use crate::common::{self, Backend, TestDb, TestServer, b64, config};
 
 backend_tests!(
     an_exchange_moves_each_metric_by_what_happened,
     the_sweeper_counts_expiry_and_samples_the_queue,
+    the_sweeper_samples_the_devices_and_displaced_sockets_are_counted,
 );
 
 /// One scrape: every series, as printed (name and labels), and its value.
@@ -301,6 +302,61 @@ async fn the_sweeper_counts_expiry_and_samples_the_queue(backend: Backend) {
             && s.get("sealpost_queued_messages_max_per_user") == 0.0
     })
     .await;
+    server.stop().await;
+}
+
+async fn the_sweeper_samples_the_devices_and_displaced_sockets_are_counted(backend: Backend) {
+    let server = TestServer::start_with(
+        backend,
+        &["--metrics-addr", "127.0.0.1:0", "--sweep-interval", "200ms"],
+    )
+    .await;
+    let addr = metrics_addr(&server);
+    until(addr, "no devices", |s| s.get("sealpost_devices") == 0.0).await;
+
+    // Devices of every account together: alice's one and bob's three.
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    let (_, laptop) = server.add_device(&bob, &common::public_key()).await;
+    server.add_device(&bob, &common::public_key()).await;
+    until(addr, "four devices", |s| s.get("sealpost_devices") == 4.0).await;
+    let removed = server
+        .delete(
+            "/v1/devices/3",
+            Some(&laptop.access),
+            json!({ "password": common::PASSWORD }),
+        )
+        .await;
+    assert_eq!(removed.status.as_u16(), 204, "{:?}", removed.body);
+    until(addr, "three devices", |s| s.get("sealpost_devices") == 3.0).await;
+
+    // An exclusive socket displaces the older socket of its device: one
+    // close, counted as displaced.
+    let before = scrape(addr).await;
+    let (mut older, _) = WsClient::ready(&server.api, &bob).await;
+    let (mut alice_ws, _) = WsClient::ready(&server.api, &alice).await;
+    let (exclusive, _, _) = WsClient::ready_with(&server.api, &bob, "exclusive=true").await;
+    older.expect_close(4409).await;
+    let after = until(addr, "the displaced socket", |s| {
+        s.since(&before, "sealpost_ws_closed_total{reason=\"displaced\"}") == 1.0
+            && s.get("sealpost_ws_connections") == 2.0
+    })
+    .await;
+    assert_eq!(after.family_since(&before, "sealpost_ws_closed_total"), 1.0);
+    // The others stay open: the exclusive socket's own close is a client's.
+    exclusive.close().await;
+    let after = until(addr, "the exclusive socket closed", |s| {
+        s.since(&before, "sealpost_ws_closed_total{reason=\"client\"}") == 1.0
+            && s.get("sealpost_ws_connections") == 1.0
+    })
+    .await;
+    assert_eq!(
+        after.since(&before, "sealpost_ws_closed_total{reason=\"displaced\"}"),
+        1.0
+    );
+    assert_eq!(after.family_since(&before, "sealpost_ws_closed_total"), 2.0);
+    let hello = server.send(&bob, alice.id, b"still here").await;
+    assert_eq!(alice_ws.expect("message").await["id"], hello["id"]);
     server.stop().await;
 }
 

@@ -94,7 +94,7 @@ async fn try_send(api: &Api, from: &Account, to: Uuid, body: &[u8]) -> Reply {
 /// The `Retry-After` of a 429, which must be a positive whole number of
 /// seconds.
 #[track_caller]
-fn retry_after(reply: &Reply) -> u64 {
+pub(crate) fn retry_after(reply: &Reply) -> u64 {
     let value = reply
         .headers
         .get(RETRY_AFTER)
