@@ -169,10 +169,12 @@ pub struct Config {
     #[arg(long, env = "SEALPOST_MAX_CONNECTIONS_PER_USER", default_value_t = 10)]
     pub max_connections_per_user: u32,
 
-    /// Devices one account may hold (1 or more). Each has its own key,
-    /// queue and sessions, and a send carries one envelope per device.
+    /// Devices one account may hold (1-32). Each has its own key, queue
+    /// and sessions, and a send carries one envelope per device, so the
+    /// request size limit grows with it: 32 maximal envelopes are about
+    /// 2.8 MiB at the default body limit.
     #[arg(long, env = "SEALPOST_MAX_DEVICES_PER_USER", default_value_t = 10,
-          value_parser = clap::value_parser!(u32).range(1..=1000))]
+          value_parser = clap::value_parser!(u32).range(1..=32))]
     pub max_devices_per_user: u32,
 
     /// Tell the sender's sockets when a recipient device acknowledges a
@@ -295,6 +297,13 @@ impl Config {
 
     /// The largest request body the HTTP layer buffers: a maximal message
     /// body in base64 plus room for the JSON around it.
+    /// The largest frame the server writes: one message, whose body is one
+    /// envelope.
+    pub fn max_outbound_frame_bytes(&self) -> usize {
+        let body = self.max_body_bytes as usize;
+        (body.div_ceil(3) * 4 + 4096).max(16 * 1024)
+    }
+
     pub fn max_request_bytes(&self) -> usize {
         // Room for one maximal envelope per device: the size limit applies
         // per envelope. Each envelope adds its device id and JSON around

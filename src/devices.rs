@@ -8,14 +8,19 @@
 //! an online recipient costs no query, as it did before devices.
 //!
 //! The cache is exact on one node: every change to an account's devices
-//! (add, remove, account deletion) goes through this node's handlers, which
-//! call [`Directory::changed`] after the change commits. A load racing that
-//! change cannot put a stale list back: a load is kept only if no change was
+//! made by this process (add, remove, account deletion) calls
+//! [`Directory::changed`] after the change commits, under the delivery
+//! core's order lock, and a send checks under that lock that the list it
+//! was admitted against is still the cached one. A load racing a change
+//! cannot put a stale list back: a load is kept only if no change was
 //! announced since it began (the `epoch` below), checked under the same
-//! shard lock that `changed` takes to remove the entry. With several nodes
-//! on one database a change on another node must reach this one's
-//! `changed`, which the cluster's broker will do; until then the README
-//! says one process per database.
+//! shard lock that `changed` takes to remove the entry.
+//!
+//! A change made by another process (`sealpost user delete`, or another
+//! server on the database) reaches this one through the revocations it
+//! polls (every removal and deletion records one), within
+//! `SEALPOST_REVOCATION_POLL_INTERVAL`; until then a send may be checked
+//! against the old list. The cluster's broker will make that immediate.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,6 +91,15 @@ impl Directory {
             }
         }
         Ok(devices)
+    }
+
+    /// Whether `listed`, read by [`Directory::devices`], is still the
+    /// account's list here: no change was announced since (an uncached
+    /// list never is, and is read again).
+    pub fn is_current(&self, user: Uuid, listed: &Arc<[DeviceId]>) -> bool {
+        self.cache
+            .get(&user)
+            .is_some_and(|cached| Arc::ptr_eq(&cached, listed))
     }
 
     /// The account's devices changed (committed): forget its list.

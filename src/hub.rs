@@ -238,13 +238,19 @@ impl Hub {
             user,
             |h| h.device == device,
             || Event::Message(message.clone()),
+            false,
         )
     }
 
     /// Queues a notice for every connection of `user`, whatever its device;
-    /// returns how many took it.
+    /// returns how many took it. A receipt that finds a queue full is
+    /// dropped (it is best effort, and a socket draining its backlog reads
+    /// no notices until it is done: it must not be closed for them); a
+    /// change of devices, which a client must not miss, kicks the
+    /// connection as a message would, and it learns the list on reconnect.
     pub fn notify(&self, user: Uuid, event: Event) -> usize {
-        self.send(user, |_| true, || event.clone())
+        let droppable = matches!(event, Event::Receipt(_));
+        self.send(user, |_| true, || event.clone(), droppable)
     }
 
     fn send(
@@ -252,6 +258,7 @@ impl Hub {
         user: Uuid,
         to: impl Fn(&ConnHandle) -> bool,
         event: impl Fn() -> Event,
+        droppable: bool,
     ) -> usize {
         let mut delivered = 0;
         let mut dropped: SmallVec<[u64; 2]> = SmallVec::new();
@@ -259,6 +266,9 @@ impl Hub {
             for handle in handles.iter().filter(|h| to(h)) {
                 match handle.tx.try_send(event()) {
                     Ok(()) => delivered += 1,
+                    Err(TrySendError::Full(_)) if droppable => {
+                        self.metrics.receipts_dropped.increment(1);
+                    }
                     Err(TrySendError::Full(_)) => {
                         tracing::info!(user.id = %user, conn = handle.id, "outbound queue full: closing the connection");
                         handle.kick.kick(Kick::Overflow);
@@ -358,6 +368,26 @@ mod tests {
         for rx in [&mut phone.rx, &mut laptop.rx] {
             assert!(matches!(rx.recv().await, Some(Event::DevicesChanged(d)) if *d == [1, 2]));
         }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_receipts_but_not_the_connection() {
+        let hub = hub(1, 0);
+        let alice = Uuid::new_v4();
+        let phone = hub.register(alice, 1, Uuid::new_v4()).unwrap();
+        let receipt = || {
+            Event::Receipt(Receipt {
+                id: Uuid::now_v7(),
+                to: Uuid::new_v4(),
+                device: 1,
+            })
+        };
+        assert_eq!(hub.notify(alice, receipt()), 1);
+        assert_eq!(hub.notify(alice, receipt()), 0);
+        assert!(!phone.kicked.is_cancelled());
+        // A message that finds it full still closes it.
+        assert_eq!(hub.push(alice, 1, &message(alice)), 0);
+        assert_eq!(phone.kick_reason(), Some(Kick::Overflow));
     }
 
     #[tokio::test]

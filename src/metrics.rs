@@ -219,6 +219,8 @@ pub struct Metrics {
     pub queued_max_per_user: Gauge,
     /// Devices in the database, sampled by the sweeper.
     pub devices: Gauge,
+    /// Receipts dropped because the socket's queue was full.
+    pub receipts_dropped: Counter,
     rate_limited: Labelled<Limited>,
     auth_failures: Labelled<AuthFailure>,
     /// Time a password hash or check waited for a hashing slot.
@@ -313,6 +315,10 @@ impl Metrics {
             devices: r.gauge(
                 "sealpost_devices",
                 "Devices of all accounts, sampled every sweep interval.",
+            ),
+            receipts_dropped: r.counter(
+                "sealpost_receipts_dropped_total",
+                "Delivery receipts dropped because the sender's socket queue was full.",
             ),
             rate_limited: r.labelled(
                 "sealpost_rate_limited_total",

@@ -292,7 +292,7 @@ pub(super) async fn start_session(
     token_pair(state, user_id, device, family_id, refresh.token)
 }
 
-fn token_pair(
+pub(super) fn token_pair(
     state: &AppState,
     user_id: Uuid,
     device: DeviceId,
@@ -458,7 +458,7 @@ async fn delete_me(
     state
         .revocations
         .revoked_elsewhere(&state.hub, caller.id, Scope::All, &revoked);
-    state.delivery.forget_queue(caller.id);
+    state.delivery.account_deleted(caller.id).await;
     tracing::info!(user.id = %caller.id, "account deleted");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -18,15 +18,18 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::accounts::{TokenPair, check_credentials, confirm_password, start_session};
+use std::sync::Arc;
+
+use super::accounts::{TokenPair, check_credentials, confirm_password, token_pair};
 use super::keys::{KeyView, UpdateKey, parse_public_key, set_own_key};
 use super::{ApiJson, ApiPath};
 use crate::auth::AuthUser;
+use crate::auth::token::Tokens;
 use crate::devices::validate_name;
 use crate::error::{Error, Result};
 use crate::limits::rate::AuthLimit;
 use crate::state::AppState;
-use crate::store::{self, AddDevice, Device, DeviceId, RemoveDevice};
+use crate::store::{self, AddDevice, Device, DeviceId, NewSession, RemoveDevice};
 use crate::wire::parse_id;
 
 pub fn router(auth_limit: Option<AuthLimit>) -> Router<AppState> {
@@ -63,6 +66,15 @@ async fn add_device(
         validate_name(name)?;
     }
     let user = check_credentials(&state, &request.username, request.password).await?;
+    // The device and its first session in one transaction: a client whose
+    // reply is lost retries with no device left behind without a session.
+    let now = store::now();
+    let refresh = Tokens::new_refresh();
+    let session = NewSession {
+        hash: refresh.hash,
+        family_id: Uuid::new_v4(),
+        expires_at: store::add(now, state.tokens.refresh_ttl),
+    };
     let added = state
         .store
         .add_device(
@@ -70,7 +82,8 @@ async fn add_device(
             &public_key,
             request.name.as_deref(),
             state.config.max_devices_per_user,
-            store::now(),
+            &session,
+            now,
         )
         .await?;
     let device = match added {
@@ -79,22 +92,27 @@ async fn add_device(
         AddDevice::NoAccount => return Err(super::accounts::DISABLED),
     };
     tracing::info!(user.id = %user, device = device.id, "device added");
-    announce(&state, user).await;
+    match device_list(&state, user).await {
+        Some(devices) => state.delivery.device_added(user, devices),
+        None => state.delivery.devices_may_have_changed(user),
+    }
     // The new device's number and its first session, in the shape of login.
-    let session = start_session(&state, user, device.id).await?;
-    Ok((StatusCode::CREATED, Json(session)))
+    let pair = token_pair(&state, user, device.id, session.family_id, refresh.token)?;
+    Ok((StatusCode::CREATED, Json(pair)))
 }
 
-/// Tells every socket of the account which devices it has now. A failed
-/// read only costs the frame: the change itself has committed.
-async fn announce(state: &AppState, user: Uuid) {
-    match state.store.device_ids(user).await {
-        Ok(devices) => state.delivery.devices_changed(user, devices.into()),
-        Err(err) => {
+/// The account's device numbers after a change, to announce; `None` if they
+/// cannot be read, which costs only the frame: the change has committed.
+async fn device_list(state: &AppState, user: Uuid) -> Option<Arc<[DeviceId]>> {
+    state
+        .store
+        .device_ids(user)
+        .await
+        .inspect_err(|err| {
             tracing::warn!(user.id = %user, error = %err, "devices changed, but the list could not be read to announce it");
-            state.delivery.forget_queue(user);
-        }
-    }
+        })
+        .ok()
+        .map(Into::into)
 }
 
 /// One of the caller's own devices, as its account sees it.
@@ -219,9 +237,12 @@ async fn remove(
     state
         .revocations
         .device_removed(&state.hub, caller.id, device, &revoked);
-    state.delivery.forget_queue(caller.id);
     tracing::info!(user.id = %caller.id, device, "device removed");
-    announce(&state, caller.id).await;
+    let devices = device_list(&state, caller.id).await;
+    state
+        .delivery
+        .device_removed(caller.id, device, devices)
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use crate::error::Result;
 use crate::hub::{Hub, Kick};
-use crate::store::{self, DeviceId, Revoked, Store};
+use crate::store::{self, DeviceId, Revoked, Sessions, Store};
 
 /// How far before its last look [`Revocations::follow`] reads again. A
 /// revocation is stamped before its transaction commits, and by the clock of
@@ -173,7 +173,7 @@ impl Revocations {
     /// each, so that this process reads its device list afresh.
     pub async fn follow(
         self: Arc<Self>,
-        store: Arc<dyn Store>,
+        store: Arc<dyn Sessions>,
         hub: Arc<Hub>,
         changed: impl Fn(Uuid) + Send + 'static,
         interval: Duration,

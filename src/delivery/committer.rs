@@ -2,7 +2,7 @@
 //!
 //! Every insert and ack, from every connection, goes through one bounded
 //! channel to this task, which writes whatever has gathered as one
-//! transaction ([`Store::write_batch`]) and then answers each caller. A batch
+//! transaction ([`Queue::write_batch`]) and then answers each caller. A batch
 //! closes when it is full or when the channel is momentarily empty, so an idle
 //! server commits each message at once and a busy one amortises a commit (and
 //! its fsync) over hundreds of messages.

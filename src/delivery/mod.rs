@@ -216,27 +216,25 @@ impl Delivery {
         Error::TooLarge(format!("body exceeds {} bytes", self.max_body_bytes).into())
     }
 
-    /// Checks the sender's budget and the envelopes against the recipient's
-    /// devices before anything is assigned; returns one body per device the
+    /// Checks the envelopes against the recipient's devices before anything
+    /// is assigned; returns the recipient's device list as the directory
+    /// holds it (to check again under the order lock) and the devices the
     /// message goes to (none for envelopes to yourself from your only
     /// device).
-    async fn admit(
+    async fn targets(
         &self,
         from: Address,
         to: Uuid,
-        content: Content,
-    ) -> Result<Vec<(DeviceId, Vec<u8>)>> {
-        self.budget
-            .check(from.user)
-            .inspect_err(|_| self.metrics.rate_limited(Limited::Send))?;
+        content: &Content,
+    ) -> Result<(Arc<[DeviceId]>, Vec<DeviceId>)> {
         let devices = self.directory.devices(to).await?;
         if devices.is_empty() {
             return Err(Error::NotFound("recipient"));
         }
-        match content {
+        let targets = match content {
             // Every device, as before devices: a note to yourself from a
             // client that knows nothing of devices reaches its own queue.
-            Content::Same(body) => Ok(devices.iter().map(|&d| (d, body.clone())).collect()),
+            Content::Same(_) => devices.to_vec(),
             Content::PerDevice(envelopes) => {
                 // Envelopes to your own account sync your other devices:
                 // the sending device already has what it sent.
@@ -246,12 +244,19 @@ impl Delivery {
                     .filter(|&d| to != from.user || d != from.device)
                     .collect();
                 let given: Vec<DeviceId> = envelopes.iter().map(|(d, _)| *d).collect();
-                match devices::mismatch(&targets, &given) {
-                    None => Ok(envelopes),
-                    Some((missing, extra)) => Err(Error::DevicesChanged { missing, extra }),
+                if let Some((missing, extra)) = devices::mismatch(&targets, &given) {
+                    return Err(Error::DevicesChanged { missing, extra });
                 }
+                targets
             }
-        }
+        };
+        Ok((devices, targets))
+    }
+
+    fn check_budget(&self, from: Address) -> Result<()> {
+        self.budget
+            .check(from.user)
+            .inspect_err(|_| self.metrics.rate_limited(Limited::Send))
     }
 
     /// Accepts a message and returns once it is durable.
@@ -264,50 +269,73 @@ impl Delivery {
     /// Accepts a message: assigns its id, enqueues its copies for the store
     /// and pushes each to its device's online connections. Returns without
     /// waiting for durability; await [`Accepted::durable`] for that.
+    ///
+    /// The devices checked before the order lock are checked again under
+    /// it: a device removed meanwhile (its list dropped from the directory
+    /// by [`Delivery::device_removed`], which takes the same lock) sends
+    /// this one round again, against the new list. So every copy for a
+    /// removed device was enqueued before the removal's barrier, and the
+    /// removal's purge behind that barrier deletes it.
     pub async fn accept(&self, from: Address, to: Uuid, content: Content) -> Result<Accepted> {
-        let copies = self.admit(from, to, content).await?;
-        let devices: Vec<DeviceId> = copies.iter().map(|(d, _)| *d).collect();
-        self.queues
-            .reserve(self.queue.as_ref(), to, &devices)
-            .await?;
-        let bytes = copies.iter().map(|(_, body)| body.len()).sum();
-        let slot = match self.committer.reserve(bytes).await {
-            Ok(slot) => slot,
-            Err(err) => {
-                self.queues.release(to, &devices, 1);
-                return Err(err);
-            }
-        };
-        let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
-        let (id, sent_at, messages) = stamp(from, to, copies);
-        // Enqueued before it is pushed: an ack of a pushed copy can only
-        // reach the committer behind its insert.
-        let insert = slot.insert(messages.clone());
-        let accepted = Instant::now();
-        for message in messages {
-            let device = message.device;
-            let outbound = Outbound {
-                message,
-                ephemeral: false,
-                accepted,
+        self.check_budget(from)?;
+        // A device list changes a few times in an account's life: one more
+        // round is plenty; three that all race a change are answered 503.
+        for _ in 0..3 {
+            let (listed, devices) = self.targets(from, to, &content).await?;
+            self.queues
+                .reserve(self.queue.as_ref(), to, &devices)
+                .await?;
+            let bytes = match &content {
+                Content::Same(body) => body.len() * devices.len(),
+                Content::PerDevice(envelopes) => envelopes.iter().map(|(_, b)| b.len()).sum(),
             };
-            self.hub.push(to, device, &outbound);
-        }
-        let (queues, metrics) = (self.queues.clone(), self.metrics.clone());
-        let durable = Box::pin(async move {
-            let stored = insert.await;
-            match stored {
-                Ok(()) => metrics.accepted(Kind::Stored),
-                // Not stored: it takes no room in the devices' queues.
-                Err(_) => queues.release(to, &devices, 1),
+            let slot = match self.committer.reserve(bytes).await {
+                Ok(slot) => slot,
+                Err(err) => {
+                    self.queues.release(to, &devices, 1);
+                    return Err(err);
+                }
+            };
+            let order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
+            if !self.directory.is_current(to, &listed) {
+                drop(order);
+                drop(slot);
+                self.queues.release(to, &devices, 1);
+                continue;
             }
-            stored
-        });
-        Ok(Accepted {
-            id,
-            sent_at,
-            durable,
-        })
+            let (id, sent_at, messages) = stamp(from, to, copies(content, &devices));
+            // Enqueued before it is pushed: an ack of a pushed copy can only
+            // reach the committer behind its insert.
+            let insert = slot.insert(messages.clone());
+            let accepted = Instant::now();
+            for message in messages {
+                let device = message.device;
+                let outbound = Outbound {
+                    message,
+                    ephemeral: false,
+                    accepted,
+                };
+                self.hub.push(to, device, &outbound);
+            }
+            drop(order);
+            let (queues, metrics) = (self.queues.clone(), self.metrics.clone());
+            let durable = Box::pin(async move {
+                let stored = insert.await;
+                match stored {
+                    Ok(()) => metrics.accepted(Kind::Stored),
+                    // Not stored: it takes no room in the devices' queues.
+                    Err(_) => queues.release(to, &devices, 1),
+                }
+                stored
+            });
+            return Ok(Accepted {
+                id,
+                sent_at,
+                durable,
+            });
+        }
+        tracing::warn!(user.id = %to, "the recipient's devices kept changing during a send");
+        Err(Error::Unavailable)
     }
 
     /// Pushes a message to the recipient devices' connections that are
@@ -318,7 +346,9 @@ impl Delivery {
         to: Uuid,
         content: Content,
     ) -> Result<Ephemeral> {
-        let copies = self.admit(from, to, content).await?;
+        self.check_budget(from)?;
+        let (_, devices) = self.targets(from, to, &content).await?;
+        let copies = copies(content, &devices);
         let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
         let (id, sent_at, messages) = stamp(from, to, copies);
         let accepted = Instant::now();
@@ -445,24 +475,72 @@ impl Delivery {
         Ok(acked)
     }
 
-    /// The account's devices changed (a device added or removed, committed):
-    /// sends are checked against the new list from now on, and every socket
-    /// of the account is told which devices it has.
-    pub fn devices_changed(&self, user: Uuid, devices: Arc<[DeviceId]>) {
+    /// A device was added (committed): sends are checked against the new
+    /// list from now on, and every socket of the account is told which
+    /// devices it has.
+    pub fn device_added(&self, user: Uuid, devices: Arc<[DeviceId]>) {
         self.directory.changed(user);
         self.hub.notify(user, Event::DevicesChanged(devices));
+    }
+
+    /// A device was removed with its queue (committed): sends are checked
+    /// against the new list from now on, copies enqueued for it before that
+    /// are deleted once written, and every socket left is told which
+    /// devices the account has (when the list could be read).
+    pub async fn device_removed(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        devices: Option<Arc<[DeviceId]>>,
+    ) {
+        self.purge_stragglers(user, Some(device)).await;
+        if let Some(devices) = devices {
+            self.hub.notify(user, Event::DevicesChanged(devices));
+        }
+    }
+
+    /// The account was deleted with its queues (committed): copies enqueued
+    /// for it before the directory forgot it are deleted once written.
+    pub async fn account_deleted(&self, user: Uuid) {
+        self.purge_stragglers(user, None).await;
+    }
+
+    /// Drops the account's list from the directory under the order lock, so
+    /// that every send that passed the old list has enqueued its insert
+    /// (see [`Delivery::accept`]); waits for a barrier behind those inserts;
+    /// then deletes what they wrote for the gone device (or account). The
+    /// store's own removal deleted everything committed before it: this
+    /// deletes the copies in flight at that moment. If the database fails
+    /// here, those few copies stay until they expire (nobody can read them:
+    /// device numbers are never reused); the removal itself has committed.
+    async fn purge_stragglers(&self, user: Uuid, device: Option<DeviceId>) {
+        self.queues.forget(user, device);
+        let purged = async {
+            let slot = self.committer.reserve(0).await?;
+            let barrier = {
+                let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
+                self.directory.changed(user);
+                slot.barrier()
+            };
+            barrier.await?;
+            Ok::<_, Error>(self.queue.purge(user, device).await?)
+        };
+        match purged.await {
+            Ok(0) => {}
+            Ok(purged) => {
+                tracing::info!(user.id = %user, device, purged, "deleted copies sent as the device went");
+            }
+            Err(err) => {
+                // Still, no send may pass the old list from now on.
+                self.directory.changed(user);
+                tracing::warn!(user.id = %user, device, error = %err, "copies sent as the device went may stay until they expire");
+            }
+        }
     }
 
     /// Another process may have changed the account's devices: read them
     /// afresh on its next send.
     pub fn devices_may_have_changed(&self, user: Uuid) {
-        self.directory.changed(user);
-    }
-
-    /// The account's queues (all of them, or one device's) were deleted:
-    /// forget their counts, and its device list.
-    pub fn forget_queue(&self, user: Uuid) {
-        self.queues.forget(user);
         self.directory.changed(user);
     }
 
@@ -475,6 +553,15 @@ impl Delivery {
     /// Forgets senders whose send budget is full again.
     pub fn prune_send_budgets(&self) {
         self.budget.prune();
+    }
+}
+
+/// One body per target device: the one body for each, or the envelopes as
+/// they are (already checked to name exactly `devices`).
+fn copies(content: Content, devices: &[DeviceId]) -> Vec<(DeviceId, Vec<u8>)> {
+    match content {
+        Content::Same(body) => devices.iter().map(|&d| (d, body.clone())).collect(),
+        Content::PerDevice(envelopes) => envelopes,
     }
 }
 
@@ -587,6 +674,13 @@ pub(crate) mod fake {
                 .iter()
                 .filter(|r| r.recipient == recipient && r.device == device)
                 .count() as u64)
+        }
+
+        async fn purge(&self, recipient: Uuid, device: Option<DeviceId>) -> StoreResult<u64> {
+            let mut rows = self.rows.lock().unwrap();
+            let before = rows.len();
+            rows.retain(|r| r.recipient != recipient || device.is_some_and(|d| d != r.device));
+            Ok((before - rows.len()) as u64)
         }
     }
 

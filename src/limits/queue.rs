@@ -92,8 +92,14 @@ impl QueueCaps {
         self.depth.shrink_to_fit();
     }
 
-    /// The account's queues were deleted (the account or one device).
-    pub fn forget(&self, recipient: Uuid) {
-        self.depth.retain(|(user, _), _| *user != recipient);
+    /// One device's queue was deleted, or with `None` every queue of the
+    /// account (a scan of every counter: account deletions are rare).
+    pub fn forget(&self, recipient: Uuid, device: Option<DeviceId>) {
+        match device {
+            Some(device) => {
+                self.depth.remove(&(recipient, device));
+            }
+            None => self.depth.retain(|(user, _), _| *user != recipient),
+        }
     }
 }

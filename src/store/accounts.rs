@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{DeviceId, StoreResult};
+use super::{DeviceId, NewSession, StoreResult};
 
 /// An account.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,14 +101,16 @@ pub trait Accounts: DeviceIds {
     /// account (every account has at least one).
     async fn devices(&self, user: Uuid) -> StoreResult<Vec<Device>>;
 
-    /// Adds a device with the next number, unless the account holds `max`
-    /// already or is gone or disabled.
+    /// Adds a device with the next number and its first session, in one
+    /// transaction, unless the account holds `max` already or is gone or
+    /// disabled.
     async fn add_device(
         &self,
         user: Uuid,
         public_key: &[u8],
         name: Option<&str>,
         max: u32,
+        session: &NewSession,
         now: DateTime<Utc>,
     ) -> StoreResult<AddDevice>;
 

@@ -15,7 +15,7 @@
 //! parameterised. Timestamps are kept at millisecond precision on both
 //! backends so that a value reads back exactly as it was written.
 //!
-//! The queue's write side is [`Store::write_batch`]: inserts and acks from
+//! The queue's write side is [`Queue::write_batch`]: inserts and acks from
 //! many callers in one transaction, as the committer gathers them.
 //!
 //! The queue holds [`SealedRow`]s: routing columns in the clear, sender and
@@ -34,7 +34,7 @@ pub mod sqlite;
 pub use accounts::{Accounts, AddDevice, Credentials, Device, DeviceIds, RemoveDevice, User};
 pub use admin::{AccountDetails, AccountSummary, DeviceSummary, Operator, Stats};
 pub use queue::{Ack, KeyId, Message, Queue, QueueDepth, QueueMaintenance, SealedRow, StoredRow};
-pub use sessions::{RefreshToken, Revoked, Rotation, Sessions};
+pub use sessions::{NewSession, RefreshToken, Revoked, Rotation, Sessions};
 
 use std::sync::Arc;
 

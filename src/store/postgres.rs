@@ -18,9 +18,9 @@ use sqlx::AssertSqlSafe;
 use super::queue::QUEUE_COLUMNS;
 use super::{
     AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, Device, DeviceId,
-    DeviceIds, DeviceSummary, KeyId, Operator, Queue, QueueDepth, QueueMaintenance, RefreshToken,
-    RemoveDevice, Revoked, Rotation, SealedRow, Sessions, Stats, Store, StoreError, StoreResult,
-    StoredRow, User,
+    DeviceIds, DeviceSummary, KeyId, NewSession, Operator, Queue, QueueDepth, QueueMaintenance,
+    RefreshToken, RemoveDevice, Revoked, Rotation, SealedRow, Sessions, Stats, Store, StoreError,
+    StoreResult, StoredRow, User,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -293,6 +293,7 @@ impl Accounts for PgStore {
         public_key: &[u8],
         name: Option<&str>,
         max: u32,
+        session: &NewSession,
         now: DateTime<Utc>,
     ) -> StoreResult<AddDevice> {
         let mut tx = self.pool.begin().await?;
@@ -327,6 +328,19 @@ impl Accounts for PgStore {
             last_seen_at: now,
         };
         insert_device(&mut tx, user, &device).await?;
+        sqlx::query(
+            "INSERT INTO refresh_tokens
+                 (token_hash, user_id, device_id, family_id, expires_at, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(session.hash.to_vec())
+        .bind(user)
+        .bind(pg_device(device.id))
+        .bind(session.family_id)
+        .bind(session.expires_at)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(AddDevice::Added(device))
     }
@@ -397,6 +411,7 @@ impl Accounts for PgStore {
             return Ok(RemoveDevice::Last);
         }
         let revoked = revoke_in(&mut tx, user, Revoke::Device(device), now).await?;
+        mark_changed(&mut tx, user, now).await?;
         for statement in [
             "DELETE FROM devices WHERE user_id = $1 AND device_id = $2",
             "DELETE FROM messages WHERE recipient = $1 AND device_id = $2",
@@ -439,6 +454,7 @@ impl Accounts for PgStore {
             return Ok(None);
         }
         let revoked = revoke_in(&mut tx, user_id, Revoke::All, now).await?;
+        mark_changed(&mut tx, user_id, now).await?;
         sqlx::query("DELETE FROM messages WHERE recipient = $1")
             .bind(user_id)
             .execute(&mut *tx)
@@ -455,18 +471,21 @@ impl Accounts for PgStore {
 #[async_trait]
 impl Sessions for PgStore {
     async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<bool> {
-        // FOR SHARE waits for a `disable_user`, `delete_user` or
-        // `remove_device` holding the user's row, then sees its outcome: no
-        // token for a user who is disabled or gone, or a device removed, by
-        // the time it commits. Without it the insert could land just after
-        // their revocation deleted the tokens.
+        // FOR SHARE waits for a `disable_user` or `delete_user` holding the
+        // user's row, or a `remove_device` deleting the device's row, then
+        // sees its outcome: no token for a user who is disabled or gone, or
+        // a device removed, by the time it commits. Both rows are locked:
+        // PostgreSQL re-reads only the rows it locks once their writer
+        // commits, and `remove_device` changes the device's row, not the
+        // user's. Without it the insert could land just after the
+        // revocation deleted the tokens, a session nothing revokes.
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "INSERT INTO refresh_tokens
                  (token_hash, user_id, device_id, family_id, expires_at, created_at)
              SELECT $1, u.id, d.device_id, $3, $4, now() FROM users u
              JOIN devices d ON d.user_id = u.id AND d.device_id = $5
-             WHERE u.id = $2 AND u.disabled_at IS NULL FOR SHARE OF u",
+             WHERE u.id = $2 AND u.disabled_at IS NULL FOR SHARE OF u, d",
         )
         .bind(token.hash.to_vec())
         .bind(token.user_id)
@@ -849,6 +868,17 @@ impl Queue for PgStore {
         .await?;
         Ok(count as u64)
     }
+
+    async fn purge(&self, recipient: Uuid, device: Option<DeviceId>) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM messages WHERE recipient = $1 AND ($2::int4 IS NULL OR device_id = $2)",
+        )
+        .bind(recipient)
+        .bind(device.map(pg_device))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
 }
 
 #[async_trait]
@@ -987,6 +1017,24 @@ async fn seen(
         .bind(user)
         .bind(pg_device(device))
         .bind(at)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Records that the account changed (a device removed, the account
+/// deleted) where every other process looks: a revocation of a session id
+/// no token carries. Another process that learns it reads the account's
+/// devices afresh, even when the account had no session left to revoke.
+async fn mark_changed(
+    tx: &mut sqlx::PgConnection,
+    user: Uuid,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query("INSERT INTO revoked_sessions (id, user_id, revoked_at) VALUES ($1, $2, $3)")
+        .bind(Uuid::new_v4())
+        .bind(user)
+        .bind(now)
         .execute(&mut *tx)
         .await?;
     Ok(())

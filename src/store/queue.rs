@@ -158,6 +158,11 @@ pub trait Queue: Send + Sync + 'static {
 
     /// How many copies wait for `recipient`'s `device`.
     async fn queued_count(&self, recipient: Uuid, device: DeviceId) -> StoreResult<u64>;
+
+    /// Deletes every copy queued for `recipient`'s `device`, or for all of
+    /// the account's devices with `None`; returns how many. For copies a
+    /// send had in flight while the device or account went.
+    async fn purge(&self, recipient: Uuid, device: Option<DeviceId>) -> StoreResult<u64>;
 }
 
 /// The queue as a whole: expiry, sealing again, and start-up's key check.

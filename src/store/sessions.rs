@@ -23,6 +23,16 @@ pub struct RefreshToken {
     pub expires_at: DateTime<Utc>,
 }
 
+/// The first refresh token of a session whose device is being created with
+/// it ([`super::Accounts::add_device`]): the device's number is not known
+/// until then.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub hash: [u8; 32],
+    pub family_id: Uuid,
+    pub expires_at: DateTime<Utc>,
+}
+
 /// The outcome of presenting a refresh token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rotation {

@@ -26,9 +26,9 @@ use uuid::Uuid;
 use super::queue::QUEUE_COLUMNS;
 use super::{
     AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, Device, DeviceId,
-    DeviceIds, DeviceSummary, KeyId, Operator, Queue, QueueDepth, QueueMaintenance, RefreshToken,
-    RemoveDevice, Revoked, Rotation, SealedRow, Sessions, Stats, Store, StoreError, StoreResult,
-    StoredRow, User,
+    DeviceIds, DeviceSummary, KeyId, NewSession, Operator, Queue, QueueDepth, QueueMaintenance,
+    RefreshToken, RemoveDevice, Revoked, Rotation, SealedRow, Sessions, Stats, Store, StoreError,
+    StoreResult, StoredRow, User,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -323,6 +323,7 @@ impl Accounts for SqliteStore {
         public_key: &[u8],
         name: Option<&str>,
         max: u32,
+        session: &NewSession,
         now: DateTime<Utc>,
     ) -> StoreResult<AddDevice> {
         // The single write connection serialises additions: the count and
@@ -354,6 +355,18 @@ impl Accounts for SqliteStore {
             last_seen_at: now,
         };
         insert_device(&mut tx, user, &device).await?;
+        sqlx::query(
+            "INSERT INTO refresh_tokens (token_hash, user_id, device_id, family_id, expires_at, created_at)
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(session.hash.to_vec())
+        .bind(user)
+        .bind(i64::from(device.id))
+        .bind(session.family_id)
+        .bind(millis(session.expires_at))
+        .bind(millis(now))
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(AddDevice::Added(device))
     }
@@ -418,6 +431,7 @@ impl Accounts for SqliteStore {
             return Ok(RemoveDevice::Last);
         }
         let revoked = revoke_in(&mut tx, user, Revoke::Device(device), now).await?;
+        mark_changed(&mut tx, user, now).await?;
         for statement in [
             "DELETE FROM devices WHERE user_id = ? AND device_id = ?",
             "DELETE FROM messages WHERE recipient = ? AND device_id = ?",
@@ -458,6 +472,7 @@ impl Accounts for SqliteStore {
         // Revoke before deleting the user: the delete cascades to the
         // refresh tokens, which are how the user's sessions are found.
         let revoked = revoke_in(&mut tx, user_id, Revoke::All, now).await?;
+        mark_changed(&mut tx, user_id, now).await?;
         let deleted = sqlx::query("DELETE FROM users WHERE id = ?")
             .bind(user_id)
             .execute(&mut *tx)
@@ -851,6 +866,17 @@ impl Queue for SqliteStore {
         .await?;
         Ok(count as u64)
     }
+
+    async fn purge(&self, recipient: Uuid, device: Option<DeviceId>) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM messages WHERE recipient = ?1 AND (?2 IS NULL OR device_id = ?2)",
+        )
+        .bind(recipient)
+        .bind(device.map(i64::from))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
 }
 
 #[async_trait]
@@ -977,6 +1003,24 @@ async fn seen(
         .bind(millis(at))
         .bind(user)
         .bind(i64::from(device))
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Records that the account changed (a device removed, the account
+/// deleted) where every other process looks: a revocation of a session id
+/// no token carries. Another process that learns it reads the account's
+/// devices afresh, even when the account had no session left to revoke.
+async fn mark_changed(
+    tx: &mut sqlx::SqliteConnection,
+    user: Uuid,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query("INSERT INTO revoked_sessions (id, user_id, revoked_at) VALUES (?, ?, ?)")
+        .bind(Uuid::new_v4())
+        .bind(user)
+        .bind(millis(now))
         .execute(&mut *tx)
         .await?;
     Ok(())

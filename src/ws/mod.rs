@@ -14,8 +14,9 @@ pub mod frame;
 use axum::Router;
 use std::net::SocketAddr;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -24,7 +25,6 @@ use tracing::Instrument;
 
 use serde::Deserialize;
 
-use crate::api::ApiQuery;
 use crate::auth::{self, bearer_token};
 use crate::error::Error;
 use crate::state::AppState;
@@ -49,7 +49,7 @@ async fn upgrade(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    options: Result<ApiQuery<Options>, Error>,
+    options: Result<Query<Options>, QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     // Browsers do not apply CORS to WebSockets: any page can open one to any
@@ -61,7 +61,7 @@ async fn upgrade(
         return Error::Forbidden("this origin may not open a WebSocket").into_response();
     }
     let exclusive = match options {
-        Ok(ApiQuery(options)) => options.exclusive,
+        Ok(Query(options)) => options.exclusive,
         Err(_) => {
             return Error::field("exclusive", "must be true or false").into_response();
         }
@@ -93,7 +93,9 @@ async fn upgrade(
     upgrade
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
-        .max_write_buffer_size(2 * max_frame + READ_BUFFER)
+        // Outbound frames carry one envelope each, however many a send
+        // from this client may carry.
+        .max_write_buffer_size(2 * state.config.max_outbound_frame_bytes() + READ_BUFFER)
         .max_message_size(max_frame)
         .max_frame_size(max_frame)
         .on_upgrade(move |socket| {
