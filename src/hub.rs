@@ -89,8 +89,10 @@ pub struct Receipt {
 #[derive(Debug, Clone)]
 pub enum Event {
     Message(Outbound),
-    /// Sent to every socket of the sender's account; never stored.
-    Receipt(Receipt),
+    /// Sent to every socket of the sender's account; never stored. Boxed
+    /// so that an `Event` stays the size of an [`Outbound`]: every socket's
+    /// queue holds its slots from the start.
+    Receipt(Box<Receipt>),
     /// The account's device numbers after a device was added or removed.
     DevicesChanged(Arc<[DeviceId]>),
 }
@@ -355,6 +357,10 @@ mod tests {
 
     #[tokio::test]
     async fn messages_go_to_one_device_and_notices_to_all() {
+        assert_eq!(
+            std::mem::size_of::<Event>(),
+            std::mem::size_of::<Outbound>()
+        );
         let hub = hub(8, 0);
         let alice = Uuid::new_v4();
         let mut phone = hub.register(alice, 1, Uuid::new_v4()).unwrap();
@@ -376,11 +382,11 @@ mod tests {
         let alice = Uuid::new_v4();
         let phone = hub.register(alice, 1, Uuid::new_v4()).unwrap();
         let receipt = || {
-            Event::Receipt(Receipt {
+            Event::Receipt(Box::new(Receipt {
                 id: Uuid::now_v7(),
                 to: Uuid::new_v4(),
                 device: 1,
-            })
+            }))
         };
         assert_eq!(hub.notify(alice, receipt()), 1);
         assert_eq!(hub.notify(alice, receipt()), 0);

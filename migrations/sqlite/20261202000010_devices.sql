@@ -24,7 +24,8 @@ ALTER TABLE users DROP COLUMN public_key;
 ALTER TABLE users DROP COLUMN key_updated_at;
 
 -- A session (refresh-token family) belongs to one device; today's move to
--- device 1.
+-- device 1. SQLite cannot drop the default without rebuilding the table
+-- (PostgreSQL's migration drops it); every insert names the column.
 ALTER TABLE refresh_tokens ADD COLUMN device_id INTEGER NOT NULL DEFAULT 1;
 
 -- One queue per device: a message to an account with three devices is three

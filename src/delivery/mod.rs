@@ -468,7 +468,7 @@ impl Delivery {
                         to: device.user,
                         device: device.device,
                     };
-                    self.hub.notify(sender, Event::Receipt(receipt));
+                    self.hub.notify(sender, Event::Receipt(Box::new(receipt)));
                 }
             }
         }
@@ -820,7 +820,7 @@ mod tests {
         match sender.rx.recv().await.unwrap() {
             Event::Receipt(receipt) => {
                 assert_eq!(
-                    receipt,
+                    *receipt,
                     Receipt {
                         id: sent.id,
                         to: bob,

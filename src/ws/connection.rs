@@ -23,6 +23,7 @@
 //! at once.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
@@ -53,6 +54,11 @@ const MAX_IN_FLIGHT: usize = 256;
 /// [`MAX_PAGE`](crate::delivery::MAX_PAGE)): fewer, larger reads drain
 /// faster, and a page is bounded in bytes too.
 const DRAIN_PAGE: u32 = 500;
+
+/// Queued events written before one flush: with frames of a few hundred
+/// bytes, a few write buffers' worth. The bound keeps one busy socket from
+/// holding its task on writes while its reads wait.
+const COALESCED: usize = 64;
 
 /// A write that takes longer than this means the peer stopped reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -146,7 +152,6 @@ async fn session(
     let mut conn = Connection {
         fetch: Some(first_page),
         socket,
-        user: claims.sub,
         device,
         expires_at: expiry_time(claims.exp),
         expiry: Box::pin(tokio::time::sleep_until(until(claims.exp))),
@@ -158,9 +163,9 @@ async fn session(
         strikes: VecDeque::new(),
         state,
     };
-    tracing::debug!(user.id = %conn.user, "socket ready");
+    tracing::debug!(user.id = %conn.device.user, "socket ready");
     let ready = ServerFrame::Ready {
-        user_id: conn.user,
+        user_id: conn.device.user,
         device_id: claims.dev,
         expires_at: conn.expires_at,
     };
@@ -258,8 +263,8 @@ async fn send_close(socket: &mut WebSocket, code: u16, reason: &'static str) {
 struct Connection {
     socket: WebSocket,
     state: AppState,
-    user: Uuid,
-    /// The device the socket belongs to; renewals must keep it.
+    /// The account and device the socket belongs to; renewals must keep
+    /// both.
     device: Address,
     /// The session of the token in force; renewals must keep it.
     session: Uuid,
@@ -310,7 +315,7 @@ impl Connection {
                 }
                 _ = ping.tick() => {
                     if self.awaiting_pong {
-                        tracing::debug!(user.id = %self.user, "peer stopped answering pings");
+                        tracing::debug!(user.id = %self.device.user, "peer stopped answering pings");
                         return Closed::Gone;
                     }
                     self.awaiting_pong = true;
@@ -326,19 +331,13 @@ impl Connection {
                     match page {
                         Ok(page) => self.backlog(page).await,
                         Err(err) => {
-                            tracing::warn!(user.id = %self.user, error = %err, "backlog read failed");
+                            tracing::warn!(user.id = %self.device.user, error = %err, "backlog read failed");
                             Flow::Close(Closed::Error, close::INTERNAL, "backlog unavailable; reconnect")
                         }
                     }
                 }
                 pushed = self.registration.rx.recv(), if self.fetch.is_none() => match pushed {
-                    Some(Event::Message(outbound)) => self.push(&outbound).await,
-                    Some(Event::Receipt(receipt)) => {
-                        flow(self.send(&ServerFrame::receipt(&receipt)).await)
-                    }
-                    Some(Event::DevicesChanged(devices)) => {
-                        flow(self.send(&ServerFrame::DevicesChanged { devices }).await)
-                    }
+                    Some(event) => self.events(event).await,
                     None => Flow::Kicked,
                 },
                 inbound = self.socket.recv(), if self.pending.len() < MAX_IN_FLIGHT => match inbound {
@@ -386,12 +385,37 @@ impl Connection {
     /// Writes one frame, giving up on a peer that stopped reading or that the
     /// hub has kicked.
     async fn write(&mut self, message: WsMessage) -> Result<(), Stop> {
+        self.bounded(|socket| socket.send(message)).await
+    }
+
+    /// Hands one frame to the socket's write buffer; it goes out at the
+    /// next [`Connection::flush`], or earlier once the buffer holds
+    /// [`WRITE_BUFFER`](super::WRITE_BUFFER).
+    async fn feed(&mut self, frame: &ServerFrame) -> Result<(), Stop> {
+        let message = frame.to_ws();
+        self.bounded(|socket| socket.feed(message)).await
+    }
+
+    async fn flush(&mut self) -> Result<(), Stop> {
+        self.bounded(|socket| socket.flush()).await
+    }
+
+    /// Runs one write of the socket, giving up on a peer that stopped
+    /// reading or that the hub has kicked.
+    async fn bounded<'a, F>(
+        &'a mut self,
+        write: impl FnOnce(&'a mut WebSocket) -> F,
+    ) -> Result<(), Stop>
+    where
+        F: Future<Output = Result<(), axum::Error>> + 'a,
+    {
+        let kicked = self.registration.kicked.clone();
         tokio::select! {
-            written = tokio::time::timeout(WRITE_TIMEOUT, self.socket.send(message)) => match written {
+            written = tokio::time::timeout(WRITE_TIMEOUT, write(&mut self.socket)) => match written {
                 Ok(Ok(())) => Ok(()),
                 _ => Err(Stop::Gone),
             },
-            () = self.registration.kicked.cancelled() => Err(Stop::Kicked),
+            () = kicked.cancelled() => Err(Stop::Kicked),
         }
     }
 
@@ -399,10 +423,12 @@ impl Connection {
         self.write(frame.to_ws()).await
     }
 
+    /// Writes a page of the backlog in as few writes as the write buffer
+    /// allows, then flushes it.
     async fn backlog(&mut self, page: Page) -> Flow {
         for message in &page.messages {
             let frame = ServerFrame::message(message, false);
-            if let Err(stop) = self.send(&frame).await {
+            if let Err(stop) = self.feed(&frame).await {
                 return flow(Err(stop));
             }
             self.state.metrics.pushed(Source::Backlog);
@@ -411,7 +437,7 @@ impl Connection {
         match page.next {
             Some(next) => {
                 self.fetch = Some(fetch_page(&self.state, self.device, Some(next)));
-                Flow::Continue
+                flow(self.flush().await)
             }
             None => {
                 self.fetch = None;
@@ -421,23 +447,51 @@ impl Connection {
         }
     }
 
-    async fn push(&mut self, outbound: &Outbound) -> Flow {
+    /// Writes `first` and whatever else its queue holds already (up to
+    /// [`COALESCED`] events), then flushes once: under load a socket's
+    /// frames go out a buffer at a time, not a syscall each; idle, the one
+    /// frame goes at once.
+    async fn events(&mut self, first: Event) -> Flow {
+        let mut next = Some(first);
+        let mut written = 0;
+        while let Some(event) = next {
+            if let Err(stop) = self.feed_event(event).await {
+                return flow(Err(stop));
+            }
+            written += 1;
+            next = if written < COALESCED {
+                self.registration.rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        flow(self.flush().await)
+    }
+
+    async fn feed_event(&mut self, event: Event) -> Result<(), Stop> {
+        match event {
+            Event::Message(outbound) => self.feed_push(&outbound).await,
+            Event::Receipt(receipt) => self.feed(&ServerFrame::receipt(&receipt)).await,
+            Event::DevicesChanged(devices) => {
+                self.feed(&ServerFrame::DevicesChanged { devices }).await
+            }
+        }
+    }
+
+    async fn feed_push(&mut self, outbound: &Outbound) -> Result<(), Stop> {
         let repeat = !outbound.ephemeral
             && self
                 .backlog_last
                 .is_some_and(|last| outbound.message.id <= last);
         if repeat {
-            return Flow::Continue;
+            return Ok(());
         }
-        let sent = self
-            .send(&ServerFrame::message(&outbound.message, outbound.ephemeral))
-            .await;
-        if sent.is_ok() {
-            let metrics = &self.state.metrics;
-            metrics.pushed(Source::Live);
-            metrics.push_latency.record(outbound.accepted.elapsed());
-        }
-        flow(sent)
+        self.feed(&ServerFrame::message(&outbound.message, outbound.ephemeral))
+            .await?;
+        let metrics = &self.state.metrics;
+        metrics.pushed(Source::Live);
+        metrics.push_latency.record(outbound.accepted.elapsed());
+        Ok(())
     }
 
     async fn inbound(&mut self, message: WsMessage) -> Flow {
@@ -539,7 +593,7 @@ impl Connection {
     /// returns its expiry.
     fn renew(&mut self, token: &str) -> Result<DateTime<Utc>> {
         let claims = auth::verify(&self.state, token)?;
-        if claims.sub != self.user {
+        if claims.sub != self.device.user {
             return Err(Error::Unauthorized("token is for another user"));
         }
         if claims.dev != self.device.device {
@@ -555,7 +609,7 @@ impl Connection {
                 self.state.metrics.auth_failed(AuthFailure::RevokedSession);
                 self.state
                     .hub
-                    .kick(self.user, Some(claims.sid), Kick::Revoked);
+                    .kick(self.device.user, Some(claims.sid), Kick::Revoked);
                 return Err(Error::Unauthorized("session has been revoked"));
             }
         }
