@@ -61,7 +61,7 @@ for attempt in 1 2 3 4 5 6 7 8 9 10; do
     SEALPOST_ADDR=$ADDR DATABASE_URL='$(database_url "$1")' SEALPOST_JWT_SECRET=$SECRET SEALPOST_STORAGE_KEYS=$STORAGE_KEYS RUST_LOG=warn \
         SEALPOST_AUTH_RATE_PER_MINUTE=0 SEALPOST_SEND_RATE_PER_SECOND=0 SEALPOST_MAX_CONNECTIONS_PER_IP=0 \
         SEALPOST_MAX_UNAUTHENTICATED_SOCKETS=0 SEALPOST_MAX_QUEUED_PER_USER=0 \
-        SEALPOST_METRICS_ADDR=$METRICS_ADDR "$SERVER" serve >> "$PWD/$OUT/server-$1.log" 2>&1 < /dev/null &
+        SEALPOST_METRICS_ADDR=$METRICS_ADDR ${2:-} "$SERVER" serve >> "$PWD/$OUT/server-$1.log" 2>&1 < /dev/null &
     echo \$! > "$PWD/$OUT/server.pid"
     for i in \$(seq 1 50); do
         curl -sf -m 1 $URL/healthz >/dev/null && exit 0
@@ -75,8 +75,8 @@ SCRIPT
     chmod +x "$OUT/restart.sh"
 }
 
-start_server() {
-    write_restart "$1"
+start_server() { # backend [extra VAR=value settings]
+    write_restart "$1" "${2:-}"
     "$OUT/restart.sh"
 }
 
@@ -135,6 +135,13 @@ for backend in $BACKENDS; do
     run "$backend" poll poll --pairs 100 --rate 1000 --duration 20 --size 256
     run "$backend" storm --workers 2 --sources 8 storm --conns "$CONNS" --users 2000 --markers 500 \
         --timeout 120 --restart-cmd "$OUT/restart.sh"
+    stop_server
+    # pairs again with delivery receipts off: a receipt is one more frame
+    # per message on the sender's socket, and these figures compare with
+    # those taken before receipts existed.
+    start_server "$backend" SEALPOST_DELIVERY_RECEIPTS=false
+    run "$backend" pairs-norcpt pairs --pairs 1000 --rate 10000 --duration 30 --size 256
+    run "$backend" pairs-max-norcpt pairs --pairs 200 --rate 0 --duration 20 --size 256
     stop_server
 done
 
