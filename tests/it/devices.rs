@@ -18,7 +18,7 @@ use crate::backend_tests;
 use crate::common::ws::WsClient;
 use crate::common::{
     Account, Api, Backend, PASSWORD, Reply, TestDb, TestServer, b64, device_id, eventually, id,
-    ids, public_key, session, time, unb64,
+    ids, keys, public_key, session, time, unb64,
 };
 
 backend_tests!(
@@ -190,19 +190,6 @@ async fn own_key(api: &Api, who: &Account) -> String {
         .as_str()
         .unwrap()
         .to_owned()
-}
-
-/// Sorted keys of a JSON object.
-#[track_caller]
-fn keys(object: &Value) -> Vec<&str> {
-    let mut keys: Vec<&str> = object
-        .as_object()
-        .unwrap_or_else(|| panic!("not an object: {object}"))
-        .keys()
-        .map(String::as_str)
-        .collect();
-    keys.sort_unstable();
-    keys
 }
 
 /// `(device_id, public_key)` of every device `GET /v1/users/{user}/devices`

@@ -8,7 +8,7 @@ use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use crate::backend_tests;
-use crate::common::{Account, Backend, TestServer, b64, id, ids, time, unb64};
+use crate::common::{Account, Backend, TestServer, b64, id, ids, keys, time, unb64};
 
 backend_tests!(
     pages_stop_at_four_mebibytes_of_bodies,
@@ -26,17 +26,6 @@ backend_tests!(
     batch_ack_limits_and_validation,
     concurrent_sends_get_distinct_ordered_ids,
 );
-
-fn keys(object: &Value) -> Vec<&str> {
-    let mut keys: Vec<&str> = object
-        .as_object()
-        .unwrap_or_else(|| panic!("not an object: {object}"))
-        .keys()
-        .map(String::as_str)
-        .collect();
-    keys.sort_unstable();
-    keys
-}
 
 /// Pages through `who`'s queue `limit` at a time, checking each page's size
 /// and cursor.

@@ -474,6 +474,19 @@ pub fn public_key() -> String {
     b64(Uuid::new_v4().as_bytes().repeat(2).as_slice())
 }
 
+/// Sorted keys of a JSON object.
+#[track_caller]
+pub fn keys(object: &Value) -> Vec<&str> {
+    let mut keys: Vec<&str> = object
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {object}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
 /// A JSON number that must be a device id (a positive integer).
 #[track_caller]
 pub fn device_id(value: &Value) -> i64 {
