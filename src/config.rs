@@ -226,6 +226,54 @@ pub struct Config {
     /// Keep it off the public network: it tells how busy the server is.
     #[arg(long, env = "SEALPOST_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+
+    /// NATS server(s) that carry pushes, notices and revocations between the
+    /// nodes of a cluster, comma-separated (`nats://host:4222`, `tls://` for
+    /// TLS; `user:password@` or `token@` in the URL when the server wants
+    /// them). Unset: one node, as before. Needs PostgreSQL: SQLite is
+    /// single-node.
+    #[arg(long, env = "SEALPOST_NATS_URL", value_delimiter = ',')]
+    pub nats_url: Vec<String>,
+
+    /// A NATS `.creds` file (a user JWT and its nkey seed) to authenticate
+    /// with.
+    #[arg(long, env = "SEALPOST_NATS_CREDENTIALS", value_name = "PATH")]
+    pub nats_credentials: Option<PathBuf>,
+
+    /// PEM root certificate(s) to verify the NATS servers with; implies TLS.
+    #[arg(long, env = "SEALPOST_NATS_TLS_CA", value_name = "PATH")]
+    pub nats_tls_ca: Option<PathBuf>,
+
+    /// A PEM client certificate for NATS servers that verify clients (with
+    /// `SEALPOST_NATS_TLS_KEY`).
+    #[arg(
+        long,
+        env = "SEALPOST_NATS_TLS_CERT",
+        value_name = "PATH",
+        requires = "nats_tls_key"
+    )]
+    pub nats_tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of `SEALPOST_NATS_TLS_CERT`.
+    #[arg(
+        long,
+        env = "SEALPOST_NATS_TLS_KEY",
+        value_name = "PATH",
+        requires = "nats_tls_cert"
+    )]
+    pub nats_tls_key: Option<PathBuf>,
+
+    /// The first token of every NATS subject this cluster uses: clusters
+    /// (or test runs) that share one NATS keep apart by it.
+    #[arg(long, env = "SEALPOST_NATS_SUBJECT_PREFIX", default_value = "sealpost",
+          value_parser = parse_subject_token)]
+    pub nats_subject_prefix: String,
+
+    /// This node's name in logs, metrics and `/readyz`: letters, digits,
+    /// `-`, `_` and `.`, at most 64. Default: `node-` and 8 random hex
+    /// digits, new at every start.
+    #[arg(long, env = "SEALPOST_NODE_ID", value_parser = parse_node_id)]
+    pub node_id: Option<String>,
 }
 
 impl Config {
@@ -290,6 +338,19 @@ impl Config {
         self.cors_origins.0.contains(origin)
     }
 
+    /// Whether this node is one of a cluster (a NATS broker is set).
+    pub fn clustered(&self) -> bool {
+        self.nats_urls().next().is_some()
+    }
+
+    /// The NATS servers, without empty entries.
+    pub fn nats_urls(&self) -> impl Iterator<Item = &str> {
+        self.nats_url
+            .iter()
+            .map(|u| u.trim())
+            .filter(|u| !u.is_empty())
+    }
+
     /// Whether sealpost terminates TLS itself.
     pub fn serves_tls(&self) -> bool {
         self.tls_cert.is_some()
@@ -311,6 +372,33 @@ impl Config {
         let body = self.max_body_bytes as usize;
         let envelopes = self.max_devices_per_user.max(1) as usize;
         (envelopes * (body.div_ceil(3) * 4 + 64) + 4096).max(16 * 1024)
+    }
+}
+
+/// A NATS subject token: no dots, wildcards or whitespace.
+fn parse_subject_token(value: &str) -> Result<String, String> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err("must be 1-64 letters, digits, `-` or `_` (one NATS subject token)".into())
+    }
+}
+
+fn parse_node_id(value: &str) -> Result<String, String> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err("must be 1-64 letters, digits, `-`, `_` or `.`".into())
     }
 }
 

@@ -22,8 +22,9 @@
 //!
 //! The hub knows only this process's connections. Push order (a device's
 //! connections see messages in id order) rests on the delivery core calling
-//! [`Hub::push`] under its order lock, not on anything here; a cross-node
-//! broker must carry that order itself.
+//! [`Hub::push`] under its order lock for messages accepted here, and on
+//! the broker handing over each other node's messages in that node's order
+//! (see [`crate::cluster`]), not on anything here.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -75,6 +76,9 @@ pub struct Outbound {
     pub ephemeral: bool,
     /// When the delivery core accepted it: the start of its push latency.
     pub accepted: Instant,
+    /// Accepted by another node and carried here by the broker: only the
+    /// exact-id rule de-duplicates it (see [`crate::cluster`]).
+    pub remote: bool,
 }
 
 /// A delivery receipt: `to`'s device `device` acknowledged message `id`.
@@ -95,6 +99,10 @@ pub enum Event {
     Receipt(Box<Receipt>),
     /// The account's device numbers after a device was added or removed.
     DevicesChanged(Arc<[DeviceId]>),
+    /// Broker traffic may have been lost: read the backlog again after this
+    /// id and send what the socket has not had. Never dropped: a socket
+    /// whose queue is full is closed, and drains on reconnect.
+    Reread(Uuid),
 }
 
 /// One connection as the hub sees it.
@@ -258,6 +266,16 @@ impl Hub {
         self.send(user, |_| true, || event.clone(), droppable)
     }
 
+    /// Queues `event` for every connection on this node; returns how many
+    /// took it. Visits one shard at a time, never waiting.
+    pub fn notify_all(&self, event: Event) -> usize {
+        let users: Vec<Uuid> = self.conns.iter().map(|entry| *entry.key()).collect();
+        users
+            .into_iter()
+            .map(|user| self.notify(user, event.clone()))
+            .sum()
+    }
+
     fn send(
         &self,
         user: Uuid,
@@ -346,6 +364,7 @@ mod tests {
             }),
             ephemeral: false,
             accepted: Instant::now(),
+            remote: false,
         }
     }
 

@@ -28,6 +28,9 @@
 //!   into group commits.
 //! - [`devices`]: the devices of an account: the directory of device
 //!   numbers every send is checked against, and the rules for names.
+//! - [`cluster`]: several nodes on one database: the broker seam (a local
+//!   broker for one node, NATS for a cluster), what crosses it, and the
+//!   delivery guarantees restated for a cluster.
 //! - [`hub`]: the connection hub: which connections of which device are
 //!   online, and the push to them. Routing only; it owns no durability.
 //! - [`ws`]: the WebSocket endpoint and one task per connection (auth,
@@ -59,6 +62,7 @@
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod devices;

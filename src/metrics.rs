@@ -110,6 +110,21 @@ label_values! {
 }
 
 label_values! {
+    /// What crosses the broker between nodes.
+    Traffic ("kind") {
+        /// Stored messages, published once committed.
+        Push = "push",
+        /// Ephemeral messages, never stored.
+        Ephemeral = "ephemeral",
+        /// Notices for an account's sockets: receipts, device changes,
+        /// displacements.
+        Notice = "notice",
+        /// Cluster-wide events: revocations, directory changes, re-reads.
+        Cluster = "cluster",
+    }
+}
+
+label_values! {
     /// Which rate limit refused a request.
     Limited ("scope") {
         /// Sign-up, login and refresh per client IP.
@@ -228,6 +243,36 @@ pub struct Metrics {
     /// Indexed like [`STATUS_CLASSES`].
     http_responses: Box<[Counter]>,
     ws_closed: Labelled<Closed>,
+    /// The cluster's broker (no-ops but `node_info` on one node).
+    pub broker: BrokerMetrics,
+    registrar: Option<PrometheusRecorder>,
+}
+
+/// What the broker counts (see [`crate::cluster`]).
+pub struct BrokerMetrics {
+    /// 1 while the node's NATS connection is up, 0 while it is not.
+    pub connected: Gauge,
+    published: Labelled<Traffic>,
+    /// Publishes not sent: the broker was down, or its queue full.
+    pub publish_failed: Counter,
+    received: Labelled<Traffic>,
+    /// From acceptance on the sending node to the push queued here.
+    pub push_latency: Histogram,
+    pub disconnects: Counter,
+    /// Backlog re-reads of this node's sockets after lost broker traffic.
+    pub rereads: Counter,
+    /// Accounts this node holds a subscription for.
+    pub subscriptions: Gauge,
+}
+
+impl BrokerMetrics {
+    pub fn published(&self, traffic: Traffic) {
+        self.published.get(traffic).increment(1);
+    }
+
+    pub fn received(&self, traffic: Traffic) {
+        self.received.get(traffic).increment(1);
+    }
 }
 
 impl Metrics {
@@ -247,6 +292,7 @@ impl Metrics {
             .build_recorder();
         let mut metrics = Self::register(&Registrar(Some(&recorder)));
         metrics.handle = Some(recorder.handle());
+        metrics.registrar = Some(recorder);
         metrics
     }
 
@@ -342,7 +388,64 @@ impl Metrics {
                 "sealpost_ws_closed_total",
                 "WebSockets ended, by reason.",
             ),
+            broker: BrokerMetrics {
+                connected: r.gauge(
+                    "sealpost_broker_connected",
+                    "1 while this node's NATS connection is up, 0 while it is down (clusters only).",
+                ),
+                published: r.labelled(
+                    "sealpost_broker_published_total",
+                    "Messages this node published to the other nodes, by kind.",
+                ),
+                publish_failed: r.counter(
+                    "sealpost_broker_publish_failed_total",
+                    "Publishes not sent (NATS down, or the publish queue full); the nodes re-read backlogs for them.",
+                ),
+                received: r.labelled(
+                    "sealpost_broker_received_total",
+                    "Messages this node received from the other nodes, by kind.",
+                ),
+                push_latency: r.histogram(
+                    "sealpost_broker_push_latency_seconds",
+                    "From a message's acceptance on another node to its push queued for a socket here (wall clocks).",
+                ),
+                disconnects: r.counter(
+                    "sealpost_broker_disconnects_total",
+                    "Times this node lost its NATS connection.",
+                ),
+                rereads: r.counter(
+                    "sealpost_broker_rereads_total",
+                    "Backlog re-reads of this node's sockets after broker traffic was lost.",
+                ),
+                subscriptions: r.gauge(
+                    "sealpost_broker_subscriptions",
+                    "Accounts this node is subscribed for on NATS (those with a socket here).",
+                ),
+            },
+            registrar: None,
         }
+    }
+
+    /// Sets `sealpost_node_info{node, broker} 1`: which node this is, for
+    /// dashboards that join on it.
+    pub fn node_info(&self, node: &str, broker: &'static str) {
+        let Some(recorder) = &self.registrar else {
+            return;
+        };
+        const NAME: &str = "sealpost_node_info";
+        recorder.describe_gauge(
+            KeyName::from_const_str(NAME),
+            None,
+            "Always 1; its labels name this node and its broker (local or nats).".into(),
+        );
+        let key = Key::from_parts(
+            NAME,
+            vec![
+                Label::new("node", node.to_owned()),
+                Label::from_static_parts("broker", broker),
+            ],
+        );
+        recorder.register_gauge(&key, &METADATA).set(1.0);
     }
 
     /// Whether metrics are on: work done only to feed them (a query) is

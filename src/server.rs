@@ -27,6 +27,8 @@ use crate::auth::password::Passwords;
 use crate::auth::secret;
 use crate::auth::sessions::Revocations;
 use crate::auth::token::Tokens;
+use crate::cluster::nats::NatsBroker;
+use crate::cluster::{self, Broker, Node, local::LocalBroker};
 use crate::config::Config;
 use crate::delivery::committer::Committer;
 use crate::delivery::{self, Delivery};
@@ -56,6 +58,10 @@ pub struct Server {
     /// For the sweeper, which seals old rows again.
     keys: Arc<KeyRing>,
     committer: JoinHandle<()>,
+    /// What the broker's traffic reaches; kept alive while serving.
+    node: Arc<Node>,
+    /// The NATS broker, to flush and stop after the committer.
+    nats: Option<Arc<NatsBroker>>,
 }
 
 /// Opens and migrates the store `config` names.
@@ -135,11 +141,28 @@ impl Server {
             // Config parsing requires both or neither.
             _ => None,
         };
+        cluster::check(&config).map_err(|message| anyhow::anyhow!(message))?;
         let jwt_secret = secret::resolve(config.jwt_secret(), config.database_url())?;
         let keys = Arc::new(seal::resolve(config.storage_keys(), config.database_url())?);
         let store = open_store(&config).await?;
         check_keys(store.as_ref(), &keys).await?;
         let metrics = Arc::new(Metrics::new(config.metrics_addr.is_some()));
+        let node_id = config
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()));
+        let nats = if config.clustered() {
+            let broker = NatsBroker::connect(&config, node_id.clone(), metrics.clone()).await?;
+            Some(Arc::new(broker))
+        } else {
+            None
+        };
+        let broker: Arc<dyn Broker> = match &nats {
+            Some(nats) => nats.clone(),
+            None => Arc::new(LocalBroker),
+        };
+        metrics.node_info(&node_id, broker.kind());
+        tracing::info!(node = %node_id, broker = broker.kind(), "node");
         let concurrency = config.hash_concurrency();
         let passwords = {
             let metrics = metrics.clone();
@@ -155,6 +178,7 @@ impl Server {
             keys.clone(),
             metrics.clone(),
             config.delivery_receipts,
+            broker.clone(),
         );
         let hub = Hub::new(
             config.ws_queue as usize,
@@ -177,11 +201,13 @@ impl Server {
             keys.clone(),
             limits,
             config.delivery_receipts,
+            broker.clone(),
             metrics.clone(),
         );
-        let revocations = Revocations::load(store.as_ref(), config.access_token_ttl)
-            .await
-            .context("loading session revocations")?;
+        let revocations =
+            Revocations::load(store.as_ref(), config.access_token_ttl, broker.clone())
+                .await
+                .context("loading session revocations")?;
         let proxies = TrustedProxies::new(&config.trusted_proxies);
         let auth_limit = AuthLimit::new(
             config.auth_rate_per_minute,
@@ -204,14 +230,26 @@ impl Server {
             ),
             None => None,
         };
+        let (delivery, revocations) = (Arc::new(delivery), Arc::new(revocations));
+        let node = Arc::new(Node {
+            hub: hub.clone(),
+            delivery: delivery.clone(),
+            revocations: revocations.clone(),
+            metrics: metrics.clone(),
+        });
+        if let Some(nats) = &nats {
+            nats.attach(&node);
+        }
         let state = AppState {
             config: Arc::new(config),
             store,
             tokens: Arc::new(tokens),
             passwords: Arc::new(passwords),
-            delivery: Arc::new(delivery),
+            delivery,
             hub,
-            revocations: Arc::new(revocations),
+            revocations,
+            broker,
+            node_id: node_id.into(),
             socket_caps,
             proxies,
             auth_limit,
@@ -226,6 +264,8 @@ impl Server {
             state,
             keys,
             committer: committer_task,
+            node,
+            nats,
         })
     }
 
@@ -259,6 +299,8 @@ impl Server {
             state,
             keys,
             committer,
+            node,
+            nats,
         } = self;
         let addr = listener.local_addr()?;
         let background = CancellationToken::new();
@@ -326,10 +368,17 @@ impl Server {
         let _ = revocations.await;
         // The router, and with it the last handle to the committer, is gone:
         // the committer writes what it holds and stops.
+        // The node holds the delivery core too: let it go with the router.
+        drop(node);
         match tokio::time::timeout(DRAIN_TIMEOUT, committer).await {
-            Ok(_) => tracing::info!("stopped"),
+            Ok(_) => {}
             Err(_) => tracing::error!("committer did not drain in time"),
         }
+        // Its last commits are in the broker's outbox: send them.
+        if let Some(nats) = nats {
+            nats.close().await;
+        }
+        tracing::info!("stopped");
         drop(metrics_stopped);
         if let Some(task) = metrics_task {
             let _ = task.await;

@@ -8,6 +8,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::password::Passwords;
 use crate::auth::sessions::Revocations;
 use crate::auth::token::Tokens;
+use crate::cluster::Broker;
 use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::hub::Hub;
@@ -27,6 +28,10 @@ pub struct AppState {
     pub delivery: Arc<Delivery>,
     pub hub: Arc<Hub>,
     pub revocations: Arc<Revocations>,
+    /// The other nodes of a cluster (a no-op broker on one node).
+    pub broker: Arc<dyn Broker>,
+    /// This node's name (`SEALPOST_NODE_ID`, or generated at start).
+    pub node_id: Arc<str>,
     /// Caps on sockets per IP and on unauthenticated sockets.
     pub socket_caps: Arc<SocketCaps>,
     /// Whose `X-Forwarded-For` to believe when telling clients apart.

@@ -17,7 +17,7 @@ use serde::Serialize;
 use super::Invocation;
 use crate::config::Config;
 use crate::store::{self, sqlite};
-use crate::{auth, seal, tls};
+use crate::{auth, cluster, seal, tls};
 
 /// What `check-config` prints.
 #[derive(Debug, Serialize)]
@@ -155,6 +155,11 @@ fn setting(config: &Config, arg: &clap::Arg, matches: &ArgMatches) -> Option<Set
                 format!("key ids {} (*** keys hidden)", ids.join(","))
             })
         }
+        // A user's password or a token may be in a NATS URL.
+        "nats_url" => {
+            let urls: Vec<String> = config.nats_urls().map(mask_nats_url).collect();
+            (!urls.is_empty()).then(|| urls.join(","))
+        }
         "db_pool_size" => raw.map(|v| format!("{v} (in effect: {})", config.db_pool_size())),
         "hash_concurrency" => {
             raw.map(|v| format!("{v} (in effect: {})", config.hash_concurrency()))
@@ -187,6 +192,11 @@ fn checks(config: &Config) -> Vec<Check> {
             seal::check(config.storage_keys(), url),
         ));
     }
+    checks.push(match cluster::check(config) {
+        Ok(message) if config.clustered() => check(Level::Ok, NATS, message),
+        Ok(message) => check(Level::Note, NATS, message),
+        Err(message) => check(Level::Error, NATS, message),
+    });
     checks.push(match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => match tls::acceptor(cert, key) {
             Ok(_) => check(
@@ -216,6 +226,19 @@ fn checks(config: &Config) -> Vec<Check> {
 }
 
 const TLS: &str = "SEALPOST_TLS_CERT, SEALPOST_TLS_KEY";
+const NATS: &str = "SEALPOST_NATS_URL";
+
+/// A NATS URL with its password, or its token (userinfo without a colon),
+/// masked.
+fn mask_nats_url(url: &str) -> String {
+    let masked = mask_url(url);
+    match (masked.find("://"), masked.rfind('@')) {
+        (Some(scheme), Some(at)) if !masked[scheme + 3..at].contains(':') => {
+            format!("{}***{}", &masked[..scheme + 3], &masked[at..])
+        }
+        _ => masked,
+    }
+}
 
 fn check(level: Level, setting: &'static str, message: String) -> Check {
     Check {

@@ -20,10 +20,16 @@ async fn healthz() -> Json<Value> {
 }
 
 /// The database answers; 503 otherwise, so a load balancer stops sending.
+/// Names the node and its broker's state: a node cut off from NATS still
+/// accepts and stores (and is ready), but says so here.
 async fn readyz(State(state): State<AppState>) -> Result<Json<Value>> {
     state.store.ping().await.map_err(|err| {
         tracing::warn!(error = %err, "readiness check failed");
         Error::Unavailable
     })?;
-    Ok(Json(json!({ "status": "ready" })))
+    Ok(Json(json!({
+        "status": "ready",
+        "node": &*state.node_id,
+        "broker": state.broker.status().as_str(),
+    })))
 }

@@ -10,11 +10,13 @@
 //! one access-token lifetime (older ones cannot match an unexpired token)
 //! and pruned by the sweeper.
 //!
-//! A revocation made by this process applies here at once. One made by
-//! another process (another node of a cluster, or `sealpost user disable`
-//! and `delete`, which write to the database directly) is learnt by
-//! [`Revocations::follow`], which reads the store's new revocations every
-//! `SEALPOST_REVOCATION_POLL_INTERVAL` and applies them in the same way.
+//! A revocation made by this process applies here at once, and is announced
+//! to the other nodes of a cluster through the broker, which apply it as
+//! it arrives ([`Revocations::learn_remote`]). Every revocation is also in
+//! the store: [`Revocations::follow`] reads the new ones every
+//! `SEALPOST_REVOCATION_POLL_INTERVAL` and applies those not known yet,
+//! which covers `sealpost user disable` and `delete` (they write to the
+//! database directly) and anything the broker lost.
 //! (Refresh tokens are revoked everywhere at once: they live in the shared
 //! database.)
 
@@ -28,6 +30,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::cluster::{Announce, Broker};
 use crate::error::Result;
 use crate::hub::{Hub, Kick};
 use crate::store::{self, DeviceId, Revoked, Sessions, Store};
@@ -49,6 +52,8 @@ pub struct Revocations {
     access_ttl: Duration,
     /// When `load` read the store: where `follow` reads on from.
     loaded_at: DateTime<Utc>,
+    /// The other nodes, told of every revocation made here.
+    broker: Arc<dyn Broker>,
 }
 
 /// Which sessions of a user to revoke.
@@ -60,7 +65,11 @@ pub enum Scope {
 
 impl Revocations {
     /// Loads the revocations that may still match an unexpired token.
-    pub async fn load(store: &dyn Store, access_ttl: Duration) -> Result<Self> {
+    pub async fn load(
+        store: &dyn Store,
+        access_ttl: Duration,
+        broker: Arc<dyn Broker>,
+    ) -> Result<Self> {
         let now = store::now();
         let since = store::sub(now, access_ttl);
         let revoked = store
@@ -73,6 +82,7 @@ impl Revocations {
             revoked,
             access_ttl,
             loaded_at: now,
+            broker,
         })
     }
 
@@ -115,6 +125,21 @@ impl Revocations {
         };
         let closed = hub.kick(user, session, Kick::Revoked);
         tracing::info!(user.id = %user, sessions = sessions.len(), sockets = closed, "sessions revoked");
+        self.announce(user, sessions, None);
+    }
+
+    /// Tells the other nodes. They close the sockets of exactly these
+    /// sessions: a socket of a session made after this revocation (the new
+    /// login of a password change) may already be open there.
+    fn announce(&self, user: Uuid, sessions: &[Uuid], device: Option<DeviceId>) {
+        if sessions.is_empty() && device.is_none() {
+            return;
+        }
+        self.broker.announce(Announce::Revoked {
+            user,
+            sessions: sessions.to_vec(),
+            device,
+        });
     }
 
     /// Applies the revocation of a removed device's sessions, which the
@@ -128,6 +153,25 @@ impl Revocations {
         // Memory first, sockets second, as in `revoked_elsewhere`.
         let closed = hub.kick_device(user, device, Kick::Revoked);
         tracing::info!(user.id = %user, device, sessions = sessions.len(), sockets = closed, "device's sessions revoked");
+        self.announce(user, sessions, Some(device));
+    }
+
+    /// Applies a revocation another node announced: remembers its sessions
+    /// and closes their sockets here (with a device, every socket of that
+    /// device), memory first as everywhere else.
+    pub fn learn_remote(&self, hub: &Hub, user: Uuid, sessions: &[Uuid], device: Option<DeviceId>) {
+        let now = store::now();
+        for session in sessions {
+            self.revoked.insert(*session, now);
+        }
+        let mut closed: usize = sessions
+            .iter()
+            .map(|s| hub.kick(user, Some(*s), Kick::Revoked))
+            .sum();
+        if let Some(device) = device {
+            closed += hub.kick_device(user, device, Kick::Revoked);
+        }
+        tracing::info!(user.id = %user, device, sessions = sessions.len(), sockets = closed, "sessions revoked on another node");
     }
 
     /// Applies revocations read from the store that this process does not
@@ -227,6 +271,7 @@ mod tests {
             revoked: DashMap::new(),
             access_ttl: Duration::from_secs(60),
             loaded_at: store::now(),
+            broker: Arc::new(crate::cluster::local::LocalBroker),
         };
         let (user, session, other) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
         let revoked_socket = hub.register(user, 1, session).unwrap();

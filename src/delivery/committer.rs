@@ -23,6 +23,12 @@
 //! the deleted row, or from the cancelled insert), so that the delivery
 //! core can send the sender a receipt.
 //!
+//! Once a batch is written, the committer hands the copies it inserted to
+//! the broker, one message at a time in commit order, before it answers
+//! anyone: other nodes hear of a message only after it is durable, and in
+//! this node's id order ([`crate::cluster`]). The broker never makes it
+//! wait.
+//!
 //! The committer seals each batch ([`KeyRing::seal_all`]) just before writing
 //! it: about a microsecond per message, spent here rather than under the
 //! delivery core's lock, and never on a message whose insert was cancelled.
@@ -30,12 +36,13 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use crate::cluster::{Broker, Push};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::seal::KeyRing;
@@ -66,6 +73,8 @@ enum Op {
     Insert {
         /// Every copy of one message, one per recipient device.
         messages: Vec<Arc<Message>>,
+        /// When it was accepted, for the other nodes' push latency.
+        accepted: SystemTime,
         done: oneshot::Sender<Result<(), CommitFailed>>,
         /// Its share of the byte budget, returned when the op is dropped.
         _bytes: OwnedSemaphorePermit,
@@ -135,10 +144,12 @@ impl Slot<'_> {
     pub fn insert(
         self,
         messages: Vec<Arc<Message>>,
+        accepted: SystemTime,
     ) -> impl Future<Output = Result<()>> + Send + 'static {
         let (done, result) = oneshot::channel();
         self.permit.send(Op::Insert {
             messages,
+            accepted,
             done,
             _bytes: self.bytes,
         });
@@ -164,6 +175,7 @@ impl Committer {
         keys: Arc<KeyRing>,
         metrics: Arc<Metrics>,
         senders: bool,
+        broker: Arc<dyn Broker>,
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(CHANNEL_BOUND);
         let writer = Writer {
@@ -171,6 +183,7 @@ impl Committer {
             keys,
             metrics,
             senders,
+            broker,
         };
         let task = tokio::spawn(run(writer, rx));
         let bytes = Arc::new(Semaphore::new(BYTE_BUDGET));
@@ -221,6 +234,8 @@ struct Writer {
     metrics: Arc<Metrics>,
     /// Whether acks learn the senders of what they delete.
     senders: bool,
+    /// Told of every message written, for the other nodes.
+    broker: Arc<dyn Broker>,
 }
 
 async fn run(writer: Writer, mut rx: mpsc::Receiver<Op>) {
@@ -238,6 +253,9 @@ type CopyKey = (Uuid, DeviceId, Uuid);
 impl Writer {
     async fn commit(&self, ops: Vec<Op>) {
         let mut messages = Vec::new();
+        // Where each message's copies start in `messages`, and when it was
+        // accepted.
+        let mut starts = Vec::new();
         let mut inserted = Vec::new();
         let mut ack_ops = Vec::new();
         let mut barriers = Vec::new();
@@ -247,10 +265,12 @@ impl Writer {
             match op {
                 Op::Insert {
                     messages: copies,
+                    accepted,
                     done,
                     _bytes,
                 } => {
                     held.push(_bytes);
+                    starts.push((messages.len(), accepted));
                     messages.extend(copies);
                     inserted.push(done);
                 }
@@ -286,6 +306,20 @@ impl Writer {
                 }
             }
         }
+        // Grouped by message before the cancelled copies go: the broker
+        // gets each message's written copies together.
+        let mut grouped: Vec<(Vec<Arc<Message>>, SystemTime)> = Vec::with_capacity(starts.len());
+        for (n, &(start, accepted)) in starts.iter().enumerate() {
+            let end = starts.get(n + 1).map_or(messages.len(), |&(next, _)| next);
+            let written: Vec<Arc<Message>> = messages[start..end]
+                .iter()
+                .filter(|m| !cancelled.contains_key(&(m.recipient, m.device, m.id)))
+                .cloned()
+                .collect();
+            if !written.is_empty() {
+                grouped.push((written, accepted));
+            }
+        }
         messages.retain(|m| !cancelled.contains_key(&(m.recipient, m.device, m.id)));
 
         // A batch of barriers (every connecting socket queues one) writes
@@ -316,6 +350,11 @@ impl Writer {
         }
         match written {
             Ok(deleted) => {
+                for (copies, accepted) in grouped {
+                    if let Some(push) = Push::of(&copies, accepted, false) {
+                        self.broker.committed(push);
+                    }
+                }
                 for done in inserted {
                     let _ = done.send(Ok(()));
                 }
@@ -378,11 +417,16 @@ mod tests {
     use crate::delivery::fake::MemQueue;
 
     fn writer(queue: Arc<MemQueue>) -> Writer {
+        writer_with(queue, Arc::new(crate::cluster::local::LocalBroker))
+    }
+
+    fn writer_with(queue: Arc<MemQueue>, broker: Arc<dyn Broker>) -> Writer {
         Writer {
             queue,
             keys: Arc::new(KeyRing::generate().unwrap()),
             metrics: Arc::new(Metrics::disabled()),
             senders: true,
+            broker,
         }
     }
 
@@ -406,6 +450,7 @@ mod tests {
         let (done, rx) = oneshot::channel();
         let op = Op::Insert {
             messages,
+            accepted: SystemTime::now(),
             done,
             _bytes: permit(),
         };
@@ -434,7 +479,22 @@ mod tests {
         let (bob, alice, id) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::now_v7());
         let (insert_op, inserted) = insert(vec![copy(id, bob, 1, alice), copy(id, bob, 2, alice)]);
         let (ack_op, acked) = ack(bob, 1, vec![id]);
-        writer(queue.clone()).commit(vec![insert_op, ack_op]).await;
+        let later = Uuid::now_v7();
+        let (later_op, _) = insert(vec![copy(later, bob, 1, alice)]);
+        let broker = Arc::new(crate::cluster::local::Recorder::default());
+        writer_with(queue.clone(), broker.clone())
+            .commit(vec![insert_op, ack_op, later_op])
+            .await;
+        // The other nodes hear of what was written, message by message in
+        // commit order, and not of the cancelled copy.
+        let published: Vec<(Uuid, Vec<DeviceId>)> = broker
+            .pushes
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| (p.id, p.copies.iter().map(|c| c.device).collect()))
+            .collect();
+        assert_eq!(published, [(id, vec![2]), (later, vec![1])]);
 
         inserted.await.unwrap().unwrap();
         let settled = acked.await.unwrap().unwrap();
@@ -448,10 +508,10 @@ mod tests {
         let rows = queue.rows.lock().unwrap();
         assert_eq!(
             rows.iter().map(|r| (r.id, r.device)).collect::<Vec<_>>(),
-            [(id, 2)]
+            [(id, 2), (later, 1)]
         );
-        // The written batch held one row and no delete.
-        assert_eq!(*queue.batches.lock().unwrap(), [(1, 0)]);
+        // The written batch held two rows and no delete.
+        assert_eq!(*queue.batches.lock().unwrap(), [(2, 0)]);
     }
 
     /// Two acks naming one copy in a batch count it once, for the first;

@@ -37,13 +37,14 @@ pub mod committer;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::cluster::{Announce, Broker, Interest, Notice, Push};
 use crate::devices::{self, Directory};
 use crate::error::{Error, Result};
 use crate::hub::{Event, Hub, Kick, Outbound, Receipt, Registration};
@@ -95,6 +96,8 @@ pub struct Delivery {
     metrics: Arc<Metrics>,
     /// Whether an ack sends the sender a receipt.
     receipts: bool,
+    /// The other nodes: pushes, notices and directory changes for them.
+    broker: Arc<dyn Broker>,
     /// Held while a message gets its id, is enqueued and is pushed, so that
     /// id order, commit order and push order agree. Nothing under it waits.
     order: Mutex<()>,
@@ -113,6 +116,16 @@ pub struct Accepted {
     pub sent_at: DateTime<Utc>,
     /// Completes once every copy is durable.
     pub durable: Pin<Box<dyn Future<Output = Result<()>> + Send>>,
+}
+
+/// A socket's place in the hub and at the broker, and the barrier to await
+/// before reading its backlog (see [`Delivery::subscribe`]).
+pub struct Subscription<B> {
+    pub registration: Registration,
+    /// Held for the socket's life: its account's subscription at the
+    /// broker.
+    pub interest: Interest,
+    pub barrier: B,
 }
 
 /// An ephemeral message: pushed to whoever is online now, never stored.
@@ -143,6 +156,7 @@ impl Delivery {
         keys: Arc<KeyRing>,
         limits: Limits,
         receipts: bool,
+        broker: Arc<dyn Broker>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -154,9 +168,13 @@ impl Delivery {
             max_body_bytes: limits.max_body_bytes,
             max_envelopes: limits.max_devices_per_user.max(1) as usize,
             budget: SendBudget::new(limits.send_rate_per_second, limits.send_rate_burst),
-            queues: Arc::new(QueueCaps::new(limits.max_queued_per_user)),
+            queues: Arc::new(QueueCaps::new(
+                limits.max_queued_per_user,
+                broker.kind() != "local",
+            )),
             metrics,
             receipts,
+            broker,
             order: Mutex::new(()),
         }
     }
@@ -305,8 +323,9 @@ impl Delivery {
             }
             let (id, sent_at, messages) = stamp(from, to, copies(content, &devices));
             // Enqueued before it is pushed: an ack of a pushed copy can only
-            // reach the committer behind its insert.
-            let insert = slot.insert(messages.clone());
+            // reach the committer behind its insert. The committer publishes
+            // it to the other nodes once it is written.
+            let insert = slot.insert(messages.clone(), SystemTime::now());
             let accepted = Instant::now();
             for message in messages {
                 let device = message.device;
@@ -314,6 +333,7 @@ impl Delivery {
                     message,
                     ephemeral: false,
                     accepted,
+                    remote: false,
                 };
                 self.hub.push(to, device, &outbound);
             }
@@ -339,7 +359,9 @@ impl Delivery {
     }
 
     /// Pushes a message to the recipient devices' connections that are
-    /// online now, without storing it.
+    /// online now, on this node and the others, without storing it.
+    /// `delivered` is true once one socket took it: at once when one here
+    /// did, else as the other nodes answer.
     pub async fn send_ephemeral(
         &self,
         from: Address,
@@ -349,24 +371,34 @@ impl Delivery {
         self.check_budget(from)?;
         let (_, devices) = self.targets(from, to, &content).await?;
         let copies = copies(content, &devices);
-        let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
-        let (id, sent_at, messages) = stamp(from, to, copies);
-        let accepted = Instant::now();
-        let mut delivered = 0;
-        for message in messages {
-            let device = message.device;
-            let outbound = Outbound {
-                message,
-                ephemeral: true,
-                accepted,
-            };
-            delivered += self.hub.push(to, device, &outbound);
-        }
+        let (id, sent_at, push, delivered) = {
+            let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
+            let (id, sent_at, messages) = stamp(from, to, copies);
+            let accepted = Instant::now();
+            let push = Push::of(&messages, SystemTime::now(), true);
+            let mut delivered = 0;
+            for message in messages {
+                let device = message.device;
+                let outbound = Outbound {
+                    message,
+                    ephemeral: true,
+                    accepted,
+                    remote: false,
+                };
+                delivered += self.hub.push(to, device, &outbound);
+            }
+            (id, sent_at, push, delivered > 0)
+        };
+        // Ask the other nodes only when this one's sockets did not take it.
+        let delivered = match push {
+            Some(push) => self.broker.ephemeral(push, !delivered).await || delivered,
+            None => delivered,
+        };
         self.metrics.accepted(Kind::Ephemeral);
         Ok(Ephemeral {
             id,
             sent_at,
-            delivered: delivered > 0,
+            delivered,
         })
     }
 
@@ -382,28 +414,47 @@ impl Delivery {
     /// on this process's order lock and committer: they cover messages
     /// accepted by this process.
     ///
+    /// Messages accepted by other nodes are covered by the broker: the
+    /// account's subscription there is active before this returns (see
+    /// [`crate::cluster`]), and they are published only once committed.
+    ///
     /// An `exclusive` connection first closes every socket its device holds
-    /// (all older than it) with [`Kick::Displaced`], so it takes over even
-    /// from a device at its socket cap.
+    /// (all older than it, on every node) with [`Kick::Displaced`], so it
+    /// takes over even from a device at its socket cap.
     pub async fn subscribe(
         &self,
         device: Address,
         session: Uuid,
         exclusive: bool,
-    ) -> Result<(
-        Registration,
-        impl Future<Output = Result<()>> + Send + 'static,
-    )> {
+    ) -> Result<Subscription<impl Future<Output = Result<()>> + Send + 'static>> {
+        let interest = self.broker.interest(device.user).await;
         let slot = self.committer.reserve(0).await?;
-        let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
+        let registration = {
+            let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
+            if exclusive {
+                let displaced = self
+                    .hub
+                    .kick_device(device.user, device.device, Kick::Displaced);
+                tracing::debug!(user.id = %device.user, device = device.device, displaced, "exclusive socket");
+            }
+            self.hub.register(device.user, device.device, session)?
+        };
         if exclusive {
-            let displaced = self
-                .hub
-                .kick_device(device.user, device.device, Kick::Displaced);
-            tracing::debug!(user.id = %device.user, device = device.device, displaced, "exclusive socket");
+            self.broker
+                .notify(device.user, Notice::Displace(device.device));
         }
-        let registration = self.hub.register(device.user, device.device, session)?;
-        Ok((registration, slot.barrier()))
+        Ok(Subscription {
+            registration,
+            interest,
+            barrier: slot.barrier(),
+        })
+    }
+
+    /// Whether other nodes may push to this node's sockets: then a socket
+    /// drains by snapshot ([`Delivery::backlog_ids`]) and drops repeats by
+    /// exact id.
+    pub fn clustered(&self) -> bool {
+        self.broker.kind() != "local"
     }
 
     /// The device's queued messages after the cursor, oldest first.
@@ -442,6 +493,26 @@ impl Delivery {
         Ok(Page { messages, next })
     }
 
+    /// The ids queued for `device` after the cursor, oldest first, up to
+    /// `limit`, in one snapshot: what a clustered drain sends (the pages
+    /// it then reads by [`Delivery::fetch`] keep only these).
+    pub async fn backlog_ids(
+        &self,
+        device: Address,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<Uuid>> {
+        Ok(self
+            .queue
+            .queued_ids(
+                device.user,
+                device.device,
+                after.unwrap_or(Uuid::nil()),
+                limit,
+            )
+            .await?)
+    }
+
     /// Settles `ids` for `device`: its copies are deleted and never sent to
     /// it again; the account's other devices keep theirs. Ids that are
     /// unknown or not queued for this device are left alone and not
@@ -469,6 +540,7 @@ impl Delivery {
                         device: device.device,
                     };
                     self.hub.notify(sender, Event::Receipt(Box::new(receipt)));
+                    self.broker.notify(sender, Notice::Receipt(receipt));
                 }
             }
         }
@@ -480,7 +552,14 @@ impl Delivery {
     /// devices it has.
     pub fn device_added(&self, user: Uuid, devices: Arc<[DeviceId]>) {
         self.directory.changed(user);
-        self.hub.notify(user, Event::DevicesChanged(devices));
+        self.broker.announce(Announce::Directory {
+            user,
+            removed: None,
+            deleted: false,
+        });
+        self.hub
+            .notify(user, Event::DevicesChanged(devices.clone()));
+        self.broker.notify(user, Notice::Devices(devices));
     }
 
     /// A device was removed with its queue (committed): sends are checked
@@ -493,15 +572,39 @@ impl Delivery {
         device: DeviceId,
         devices: Option<Arc<[DeviceId]>>,
     ) {
+        self.broker.announce(Announce::Directory {
+            user,
+            removed: Some(device),
+            deleted: false,
+        });
         self.purge_stragglers(user, Some(device)).await;
         if let Some(devices) = devices {
-            self.hub.notify(user, Event::DevicesChanged(devices));
+            self.hub
+                .notify(user, Event::DevicesChanged(devices.clone()));
+            self.broker.notify(user, Notice::Devices(devices));
         }
     }
 
     /// The account was deleted with its queues (committed): copies enqueued
     /// for it before the directory forgot it are deleted once written.
     pub async fn account_deleted(&self, user: Uuid) {
+        self.broker.announce(Announce::Directory {
+            user,
+            removed: None,
+            deleted: true,
+        });
+        self.purge_stragglers(user, None).await;
+    }
+
+    /// Another node removed the device: this node's sends stop passing it,
+    /// and the copies this node had in flight for it are deleted.
+    pub async fn device_removed_elsewhere(&self, user: Uuid, device: DeviceId) {
+        self.purge_stragglers(user, Some(device)).await;
+    }
+
+    /// Another node deleted the account: as [`Delivery::account_deleted`],
+    /// for the copies this node had in flight.
+    pub async fn account_deleted_elsewhere(&self, user: Uuid) {
         self.purge_stragglers(user, None).await;
     }
 
@@ -668,6 +771,23 @@ pub(crate) mod fake {
             Ok(page.into_iter().map(StoredRow::Sealed).collect())
         }
 
+        async fn queued_ids(
+            &self,
+            recipient: Uuid,
+            device: DeviceId,
+            after: Uuid,
+            limit: u32,
+        ) -> StoreResult<Vec<Uuid>> {
+            let page = self.fetch(recipient, device, after, limit).await?;
+            Ok(page
+                .into_iter()
+                .map(|row| match row {
+                    StoredRow::Sealed(r) => r.id,
+                    StoredRow::Legacy(m) => m.id,
+                })
+                .collect())
+        }
+
         async fn queued_count(&self, recipient: Uuid, device: DeviceId) -> StoreResult<u64> {
             let rows = self.rows.lock().unwrap();
             Ok(rows
@@ -705,10 +825,16 @@ mod tests {
     use super::*;
 
     fn delivery(queue: Arc<MemQueue>) -> Delivery {
+        let broker: Arc<dyn Broker> = Arc::new(crate::cluster::local::LocalBroker);
         let keys = Arc::new(KeyRing::generate().unwrap());
         let metrics = Arc::new(Metrics::disabled());
-        let (committer, _task) =
-            Committer::spawn(queue.clone(), keys.clone(), metrics.clone(), true);
+        let (committer, _task) = Committer::spawn(
+            queue.clone(),
+            keys.clone(),
+            metrics.clone(),
+            true,
+            broker.clone(),
+        );
         let limits = Limits {
             max_body_bytes: 1024,
             max_devices_per_user: 10,
@@ -719,7 +845,7 @@ mod tests {
         let hub = Hub::new(16, 0, metrics.clone());
         let directory = Arc::new(Directory::new(queue.clone()));
         Delivery::new(
-            queue, directory, committer, hub, keys, limits, true, metrics,
+            queue, directory, committer, hub, keys, limits, true, broker, metrics,
         )
     }
 
@@ -749,7 +875,11 @@ mod tests {
             .await
             .unwrap();
 
-        let (mut registration, barrier) = delivery
+        let Subscription {
+            mut registration,
+            barrier,
+            ..
+        } = delivery
             .subscribe(device(bob, 1), Uuid::new_v4(), false)
             .await
             .unwrap();
@@ -781,10 +911,11 @@ mod tests {
         let queue = Arc::new(MemQueue::default());
         *queue.devices.lock().unwrap() = vec![(alice, vec![1]), (bob, vec![1, 2])];
         let delivery = delivery(queue.clone());
-        let (mut sender, _) = delivery
+        let mut sender = delivery
             .subscribe(device(alice, 1), Uuid::new_v4(), false)
             .await
-            .unwrap();
+            .unwrap()
+            .registration;
         let content = Content::PerDevice(vec![(1, b"one".to_vec()), (2, b"two".to_vec())]);
         let sent = delivery.send(device(alice, 1), bob, content).await.unwrap();
         for (d, body) in [(1, b"one"), (2, b"two")] {

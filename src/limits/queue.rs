@@ -10,6 +10,15 @@
 //! sweep that deleted anything the counters are dropped and reloaded on
 //! next use. The cap is therefore exact on one node up to the messages in
 //! flight at a reload, which is what a safety cap needs.
+//!
+//! In a cluster each node counts only its own sends and the acks it
+//! handles, so a node's counter drifts from the shared queue (a device
+//! acking through another node would look full here for ever). There each
+//! counter is read from the store again once it is [`CLUSTER_RECOUNT`]
+//! old: the cap holds cluster-wide to within what the other nodes accept
+//! for that device in that time.
+
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use uuid::Uuid;
@@ -20,17 +29,25 @@ use crate::store::{DeviceId, Queue};
 /// A device's queue: its account and number.
 type QueueKey = (Uuid, DeviceId);
 
+/// How old a clustered node's counter may get before it is read again: a
+/// count query per busy device every few seconds, per node.
+pub const CLUSTER_RECOUNT: Duration = Duration::from_secs(5);
+
 pub struct QueueCaps {
     /// 0: no cap, and nothing is counted.
     cap: u32,
-    depth: DashMap<QueueKey, u32>,
+    /// Depth, and when it was read from the store.
+    depth: DashMap<QueueKey, (u32, Instant)>,
+    /// How old a counter may get; `None` on one node, where it is exact.
+    recount: Option<Duration>,
 }
 
 impl QueueCaps {
-    pub fn new(cap: u32) -> Self {
+    pub fn new(cap: u32, clustered: bool) -> Self {
         Self {
             cap,
             depth: DashMap::new(),
+            recount: clustered.then_some(CLUSTER_RECOUNT),
         }
     }
 
@@ -57,18 +74,22 @@ impl QueueCaps {
     }
 
     async fn reserve_one(&self, queue: &dyn Queue, key: QueueKey) -> Result<()> {
-        if !self.depth.contains_key(&key) {
+        let stale = match self.depth.get(&key) {
+            None => true,
+            Some(entry) => self.recount.is_some_and(|age| entry.1.elapsed() >= age),
+        };
+        if stale {
             // No shard lock is held across the query; if two senders load
-            // at once, the first insert wins and both count from it.
+            // at once, both count from the later read.
             let stored = queue.queued_count(key.0, key.1).await?;
             let stored = u32::try_from(stored).unwrap_or(u32::MAX);
-            self.depth.entry(key).or_insert(stored);
+            self.depth.insert(key, (stored, Instant::now()));
         }
-        let mut depth = self.depth.entry(key).or_insert(0);
-        if *depth >= self.cap {
+        let mut depth = self.depth.entry(key).or_insert((0, Instant::now()));
+        if depth.0 >= self.cap {
             return Err(Error::QueueFull);
         }
-        *depth += 1;
+        depth.0 += 1;
         Ok(())
     }
 
@@ -80,7 +101,9 @@ impl QueueCaps {
         }
         for &device in devices {
             if let Some(mut depth) = self.depth.get_mut(&(recipient, device)) {
-                *depth = depth.saturating_sub(u32::try_from(count).unwrap_or(u32::MAX));
+                depth.0 = depth
+                    .0
+                    .saturating_sub(u32::try_from(count).unwrap_or(u32::MAX));
             }
         }
     }

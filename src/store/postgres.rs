@@ -858,6 +858,24 @@ impl Queue for PgStore {
         stored_rows(rows)
     }
 
+    async fn queued_ids(
+        &self,
+        recipient: Uuid,
+        device: DeviceId,
+        after: Uuid,
+        limit: u32,
+    ) -> StoreResult<Vec<Uuid>> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM messages WHERE recipient = $1 AND device_id = $2 AND id > $3 ORDER BY id LIMIT $4",
+        )
+        .bind(recipient)
+        .bind(pg_device(device))
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     async fn queued_count(&self, recipient: Uuid, device: DeviceId) -> StoreResult<u64> {
         let count: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM messages WHERE recipient = $1 AND device_id = $2",

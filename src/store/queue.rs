@@ -156,6 +156,18 @@ pub trait Queue: Send + Sync + 'static {
         limit: u32,
     ) -> StoreResult<Vec<StoredRow>>;
 
+    /// The ids of up to `limit` copies queued for `recipient`'s `device`
+    /// after `after`, oldest first, read in one statement: one snapshot, in
+    /// which each node's messages are a prefix of its commits (a clustered
+    /// drain sends exactly these, see [`crate::cluster`]).
+    async fn queued_ids(
+        &self,
+        recipient: Uuid,
+        device: DeviceId,
+        after: Uuid,
+        limit: u32,
+    ) -> StoreResult<Vec<Uuid>>;
+
     /// How many copies wait for `recipient`'s `device`.
     async fn queued_count(&self, recipient: Uuid, device: DeviceId) -> StoreResult<u64>;
 

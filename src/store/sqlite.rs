@@ -856,6 +856,24 @@ impl Queue for SqliteStore {
         stored_rows(rows)
     }
 
+    async fn queued_ids(
+        &self,
+        recipient: Uuid,
+        device: DeviceId,
+        after: Uuid,
+        limit: u32,
+    ) -> StoreResult<Vec<Uuid>> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM messages WHERE recipient = ? AND device_id = ? AND id > ? ORDER BY id LIMIT ?",
+        )
+        .bind(recipient)
+        .bind(i64::from(device))
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
     async fn queued_count(&self, recipient: Uuid, device: DeviceId) -> StoreResult<u64> {
         let count: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM messages WHERE recipient = ? AND device_id = ?",

@@ -11,6 +11,13 @@
 //! nothing is missed, nothing is sent twice, and the order is the order of
 //! acceptance.
 //!
+//! In a cluster, messages of other nodes arrive through the broker, whose
+//! subscription for the account is active before the backlog is read; the
+//! backlog is read by snapshot ([`super::drain`]) and repeats are dropped
+//! by exact id ([`super::seen`]), as ids of several nodes interleave. When
+//! broker traffic was lost, the node asks its sockets to read their
+//! backlog again ([`Event::Reread`]); they send what they have not sent.
+//!
 //! The socket belongs to one device of its account (the token's `dev`): it
 //! drains and acknowledges that device's queue, gets the pushes of that
 //! device, and the notices of the whole account (receipts, a change of the
@@ -35,9 +42,12 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::time::{MissedTickBehavior, Sleep};
 use uuid::Uuid;
 
+use super::drain::{self, Chunk, Cursor};
 use super::frame::{self, ClientFrame, ServerFrame, close};
+use super::seen::Seen;
 use crate::auth::{self, token::Claims};
-use crate::delivery::{Address, Page};
+use crate::cluster::Interest;
+use crate::delivery::{Address, Subscription};
 use crate::error::{Error, Result};
 use crate::hub::{Event, Kick, Outbound, Registration};
 use crate::limits::sockets::SocketPermit;
@@ -49,11 +59,6 @@ use crate::wire::{self, Envelope, parse_id};
 /// Past this the connection stops reading until some complete: a client
 /// cannot queue unbounded work. Signal-Server allows 256 in flight too.
 const MAX_IN_FLIGHT: usize = 256;
-
-/// Backlog messages per database read while draining (at most
-/// [`MAX_PAGE`](crate::delivery::MAX_PAGE)): fewer, larger reads drain
-/// faster, and a page is bounded in bytes too.
-const DRAIN_PAGE: u32 = 500;
 
 /// Queued events written before one flush: with frames of a few hundred
 /// bytes, a few write buffers' worth. The bound keeps one busy socket from
@@ -119,7 +124,11 @@ async fn session(
         .delivery
         .subscribe(device, claims.sid, exclusive)
         .await;
-    let (registration, barrier) = match subscribed {
+    let Subscription {
+        registration,
+        interest,
+        barrier,
+    } = match subscribed {
         Ok(subscribed) => subscribed,
         Err(Error::TooManyConnections(reason)) => {
             send_close(&mut socket, close::TOO_MANY_CONNECTIONS, reason).await;
@@ -142,8 +151,8 @@ async fn session(
         send_close(&mut socket, close::UNAUTHORIZED, "session has been revoked").await;
         return Closed::Revoked;
     }
-    let first_page = {
-        let page = fetch_page(&state, device, None);
+    let first_page: BoxFuture<'static, Result<Chunk>> = {
+        let page = drain::read(state.delivery.clone(), device, Cursor::default());
         Box::pin(async move {
             barrier.await?;
             page.await
@@ -151,6 +160,10 @@ async fn session(
     };
     let mut conn = Connection {
         fetch: Some(first_page),
+        draining: true,
+        reread: None,
+        seen: state.delivery.clustered().then(Seen::default),
+        _interest: interest,
         socket,
         device,
         expires_at: expiry_time(claims.exp),
@@ -229,15 +242,6 @@ fn until(exp: i64) -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_millis(left.max(0) as u64)
 }
 
-fn fetch_page(
-    state: &AppState,
-    device: Address,
-    after: Option<Uuid>,
-) -> BoxFuture<'static, Result<Page>> {
-    let delivery = state.delivery.clone();
-    Box::pin(async move { delivery.fetch(device, after, DRAIN_PAGE).await })
-}
-
 /// The closing handshake: send a close frame, then read (and discard) until
 /// the peer's close or EOF. Dropping a socket with unread input makes the
 /// kernel answer with RST, which can destroy the close frame before the peer
@@ -274,10 +278,20 @@ struct Connection {
     registration: Registration,
     /// Replies that wait on the committer: `sent` for sends, errors for acks.
     pending: FuturesUnordered<BoxFuture<'static, Option<ServerFrame>>>,
-    /// The backlog read in progress; `None` once drained.
-    fetch: Option<BoxFuture<'static, Result<Page>>>,
-    /// The last id the backlog carried: queued pushes up to it are repeats.
+    /// The backlog read in progress: the drain at connect, or a re-read.
+    fetch: Option<BoxFuture<'static, Result<Chunk>>>,
+    /// Until the drain at connect has said `drained`.
+    draining: bool,
+    /// A re-read asked for while a read runs: from the earliest.
+    reread: Option<Uuid>,
+    /// On one node: the last id the backlog carried, up to which queued
+    /// pushes are repeats (ids are in commit order there).
     backlog_last: Option<Uuid>,
+    /// In a cluster: the ids sent, which are the only sign of a repeat.
+    seen: Option<Seen>,
+    /// The account's subscription at the broker, held for the socket's
+    /// life.
+    _interest: Interest,
     awaiting_pong: bool,
     /// When recent malformed frames arrived, within the strike window.
     strikes: VecDeque<Instant>,
@@ -424,26 +438,55 @@ impl Connection {
     }
 
     /// Writes a page of the backlog in as few writes as the write buffer
-    /// allows, then flushes it.
-    async fn backlog(&mut self, page: Page) -> Flow {
+    /// allows, then flushes it; at the end of the drain at connect, says
+    /// `drained`; then starts a re-read asked for meanwhile.
+    async fn backlog(&mut self, page: Chunk) -> Flow {
         for message in &page.messages {
+            if let Some(seen) = &mut self.seen
+                && !seen.insert(message.id)
+            {
+                continue;
+            }
             let frame = ServerFrame::message(message, false);
             if let Err(stop) = self.feed(&frame).await {
                 return flow(Err(stop));
             }
             self.state.metrics.pushed(Source::Backlog);
-            self.backlog_last = Some(message.id);
+            if self.draining {
+                self.backlog_last = Some(message.id);
+            }
         }
-        match page.next {
-            Some(next) => {
-                self.fetch = Some(fetch_page(&self.state, self.device, Some(next)));
-                flow(self.flush().await)
-            }
-            None => {
-                self.fetch = None;
-                let drained = self.send(&ServerFrame::Drained).await;
-                flow(drained)
-            }
+        if let Some(next) = page.next {
+            self.read(next);
+            return flow(self.flush().await);
+        }
+        self.fetch = None;
+        if std::mem::take(&mut self.draining)
+            && let Err(stop) = self.feed(&ServerFrame::Drained).await
+        {
+            return flow(Err(stop));
+        }
+        if let Some(after) = self.reread.take() {
+            self.read(Cursor::after(after));
+        }
+        flow(self.flush().await)
+    }
+
+    fn read(&mut self, cursor: Cursor) {
+        self.fetch = Some(drain::read(
+            self.state.delivery.clone(),
+            self.device,
+            cursor,
+        ));
+    }
+
+    /// The node lost broker traffic: read the backlog again after `after`,
+    /// now or once the read in progress is done.
+    fn reread(&mut self, after: Uuid) {
+        if self.fetch.is_some() {
+            self.reread = Some(self.reread.map_or(after, |r| r.min(after)));
+        } else {
+            self.read(Cursor::after(after));
         }
     }
 
@@ -455,6 +498,11 @@ impl Connection {
         let mut next = Some(first);
         let mut written = 0;
         while let Some(event) = next {
+            if let Event::Reread(after) = event {
+                // What is queued behind it waits for the re-read.
+                self.reread(after);
+                break;
+            }
             if let Err(stop) = self.feed_event(event).await {
                 return flow(Err(stop));
             }
@@ -475,14 +523,21 @@ impl Connection {
             Event::DevicesChanged(devices) => {
                 self.feed(&ServerFrame::DevicesChanged { devices }).await
             }
+            // Handled by `events`, which stops at one.
+            Event::Reread(after) => {
+                self.reread(after);
+                Ok(())
+            }
         }
     }
 
     async fn feed_push(&mut self, outbound: &Outbound) -> Result<(), Stop> {
+        let id = outbound.message.id;
         let repeat = !outbound.ephemeral
-            && self
-                .backlog_last
-                .is_some_and(|last| outbound.message.id <= last);
+            && match &mut self.seen {
+                Some(seen) => !seen.insert(id),
+                None => self.backlog_last.is_some_and(|last| id <= last),
+            };
         if repeat {
             return Ok(());
         }

@@ -10,7 +10,9 @@
 //! they are being read.
 
 mod connection;
+mod drain;
 pub mod frame;
+mod seen;
 
 use axum::Router;
 use std::net::SocketAddr;

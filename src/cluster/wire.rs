@@ -1,0 +1,269 @@
+//! What nodes send each other over the broker: JSON, one object per NATS
+//! message, tagged by `type`.
+//!
+//! JSON rather than a compact binary format for the rolling upgrade: a node
+//! ignores fields it does not know, so a newer node may add some while older
+//! ones still run. A message a node cannot read at all (a type it does not
+//! know) is counted, logged and dropped: the store still has what matters.
+//! Bodies are the clients' sealed envelopes, in base64; run NATS over TLS
+//! (`tls://`, `SEALPOST_NATS_TLS_CA`) where the network is not private, as
+//! the metadata beside them (who sends to whom) is in the clear.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use uuid::Uuid;
+
+use super::{Announce, Notice};
+use crate::hub::Receipt;
+use crate::store::{DeviceId, Message};
+
+/// One message for one account: its copies for the devices a node may
+/// hold. Stored messages carry the copies that were written (an ack in the
+/// same batch may have settled some).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Push {
+    pub recipient: Uuid,
+    pub id: Uuid,
+    pub sender: Uuid,
+    pub sender_device: DeviceId,
+    /// When the sending node accepted it (its clock): the start of the
+    /// cross-node push latency.
+    #[serde(with = "micros")]
+    pub accepted: SystemTime,
+    #[serde(default)]
+    pub ephemeral: bool,
+    pub copies: Vec<Copy>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Copy {
+    pub device: DeviceId,
+    #[serde(with = "base64_bytes")]
+    pub body: Vec<u8>,
+}
+
+impl Push {
+    /// The copies of one message (all for one recipient, as the delivery
+    /// core makes them).
+    pub fn of(copies: &[Arc<Message>], accepted: SystemTime, ephemeral: bool) -> Option<Self> {
+        let first = copies.first()?;
+        Some(Self {
+            recipient: first.recipient,
+            id: first.id,
+            sender: first.sender,
+            sender_device: first.sender_device,
+            accepted,
+            ephemeral,
+            copies: copies
+                .iter()
+                .map(|m| Copy {
+                    device: m.device,
+                    body: m.body.clone(),
+                })
+                .collect(),
+        })
+    }
+}
+
+/// Everything that crosses the broker.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(super) enum Wire {
+    /// On the recipient's subject.
+    Push(Push),
+    /// On the sender's subject.
+    Receipt {
+        id: Uuid,
+        to: Uuid,
+        device: DeviceId,
+    },
+    Devices {
+        devices: Vec<DeviceId>,
+    },
+    Displace {
+        device: DeviceId,
+    },
+    /// On the cluster subject.
+    Directory {
+        user: Uuid,
+        #[serde(default)]
+        removed: Option<DeviceId>,
+        #[serde(default)]
+        deleted: bool,
+    },
+    Revoked {
+        user: Uuid,
+        sessions: Vec<Uuid>,
+        #[serde(default)]
+        device: Option<DeviceId>,
+    },
+    Reread {
+        node: String,
+        #[serde(with = "micros")]
+        since: SystemTime,
+    },
+}
+
+impl Wire {
+    pub(super) fn notice(notice: Notice) -> Self {
+        match notice {
+            Notice::Receipt(r) => Wire::Receipt {
+                id: r.id,
+                to: r.to,
+                device: r.device,
+            },
+            Notice::Devices(devices) => Wire::Devices {
+                devices: devices.to_vec(),
+            },
+            Notice::Displace(device) => Wire::Displace { device },
+        }
+    }
+
+    pub(super) fn announce(event: Announce, node: &str) -> Self {
+        match event {
+            Announce::Directory {
+                user,
+                removed,
+                deleted,
+            } => Wire::Directory {
+                user,
+                removed,
+                deleted,
+            },
+            Announce::Revoked {
+                user,
+                sessions,
+                device,
+            } => Wire::Revoked {
+                user,
+                sessions,
+                device,
+            },
+            Announce::Reread { since } => Wire::Reread {
+                node: node.to_owned(),
+                since,
+            },
+        }
+    }
+
+    pub(super) fn encode(&self) -> bytes::Bytes {
+        // Serializing these types cannot fail: no maps with non-string keys.
+        serde_json::to_vec(self).unwrap_or_default().into()
+    }
+
+    pub(super) fn decode(payload: &[u8]) -> serde_json::Result<Self> {
+        serde_json::from_slice(payload)
+    }
+}
+
+/// What arrives on an account's subject, for [`super::Node`].
+pub(super) enum ForUser {
+    Push(Push),
+    Notice(Notice),
+}
+
+impl Wire {
+    /// Sorts what arrived: for an account's sockets, or for the node.
+    pub(super) fn sort(self) -> Result<ForUser, Announce> {
+        Ok(match self {
+            Wire::Push(push) => ForUser::Push(push),
+            Wire::Receipt { id, to, device } => {
+                ForUser::Notice(Notice::Receipt(Receipt { id, to, device }))
+            }
+            Wire::Devices { devices } => ForUser::Notice(Notice::Devices(devices.into())),
+            Wire::Displace { device } => ForUser::Notice(Notice::Displace(device)),
+            Wire::Directory {
+                user,
+                removed,
+                deleted,
+            } => {
+                return Err(Announce::Directory {
+                    user,
+                    removed,
+                    deleted,
+                });
+            }
+            Wire::Revoked {
+                user,
+                sessions,
+                device,
+            } => {
+                return Err(Announce::Revoked {
+                    user,
+                    sessions,
+                    device,
+                });
+            }
+            Wire::Reread { since, .. } => return Err(Announce::Reread { since }),
+        })
+    }
+}
+
+mod micros {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        let micros = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros();
+        s.serialize_u64(u64::try_from(micros).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let micros = u64::deserialize(d)?;
+        Ok(UNIX_EPOCH + Duration::from_micros(micros))
+    }
+}
+
+mod base64_bytes {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        STANDARD
+            .decode(text.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_push_survives_the_trip_and_unknown_fields_are_ignored() {
+        let push = Push {
+            recipient: Uuid::new_v4(),
+            id: Uuid::now_v7(),
+            sender: Uuid::new_v4(),
+            sender_device: 3,
+            accepted: UNIX_EPOCH + Duration::from_micros(1_764_000_000_123_456),
+            ephemeral: false,
+            copies: vec![Copy {
+                device: 2,
+                body: vec![0, 255, 7],
+            }],
+        };
+        let encoded = Wire::Push(push.clone()).encode();
+        let mut value: serde_json::Value = serde_json::from_slice(&encoded).unwrap();
+        // A newer node's extra field.
+        value["trace"] = serde_json::json!("abc");
+        let decoded = Wire::decode(&serde_json::to_vec(&value).unwrap()).unwrap();
+        let Ok(ForUser::Push(back)) = decoded.sort() else {
+            panic!("expected a push");
+        };
+        assert_eq!(
+            (back.id, back.recipient, back.sender),
+            (push.id, push.recipient, push.sender)
+        );
+        assert_eq!(back.accepted, push.accepted);
+        assert_eq!(back.copies[0].body, vec![0, 255, 7]);
+        assert!(Wire::decode(br#"{"type":"from_the_future"}"#).is_err());
+    }
+}
