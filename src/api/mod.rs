@@ -32,6 +32,8 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.config.max_request_bytes();
     let config = state.config.clone();
     let metrics = state.metrics.clone();
+    // In a cluster, every request's lines name the node that served it.
+    let node = state.config.clustered().then(|| state.node_id.clone());
     let routes = Router::new()
         .merge(accounts::router(state.auth_limit.clone()))
         .merge(keys::router())
@@ -46,7 +48,10 @@ pub fn router(state: AppState) -> Router {
         // Outermost, so CORS preflights are traced too. Spans carry method,
         // path and request id only: never other headers, which hold tokens.
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(move |request: &Request| request_span(request, node.as_deref())),
+        )
         // A proxy's id is kept, so one id follows a request through both
         // logs; otherwise each request gets a fresh UUID.
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -70,19 +75,28 @@ async fn count_response(
 /// The span of one request: method, path and the request id that the
 /// `X-Request-Id` response header carries, so a client's report of a failed
 /// request finds its log lines. A WebSocket's task keeps this span for the
-/// connection's life.
-fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+/// connection's life. In a cluster it names the node too.
+fn request_span(request: &Request, node: Option<&str>) -> tracing::Span {
     let id = request
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
-    tracing::info_span!(
-        "request",
-        method = %request.method(),
-        path = %request.uri().path(),
-        request_id = %id,
-    )
+    match node {
+        Some(node) => tracing::info_span!(
+            "request",
+            node = %node,
+            method = %request.method(),
+            path = %request.uri().path(),
+            request_id = %id,
+        ),
+        None => tracing::info_span!(
+            "request",
+            method = %request.method(),
+            path = %request.uri().path(),
+            request_id = %id,
+        ),
+    }
 }
 
 fn method_not_allowed() -> Response {

@@ -21,7 +21,7 @@
 //! sends every subscription again; [`Supervisor`] waits for the server to
 //! confirm them before it asks for re-reads.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -86,6 +86,8 @@ struct Inner {
     outbox: mpsc::Sender<Outgoing>,
     outbox_bytes: Arc<Semaphore>,
     connected: AtomicBool,
+    /// The server's `max_payload`, read at each connect (0 until then).
+    max_payload: AtomicUsize,
     link: Mutex<Link>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
@@ -176,6 +178,7 @@ impl NatsBroker {
             outbox,
             outbox_bytes: Arc::new(Semaphore::new(OUTBOX_BYTES)),
             connected: AtomicBool::new(false),
+            max_payload: AtomicUsize::new(0),
             link: Mutex::new(Link {
                 down_since: Some(SystemTime::now()),
                 ..Link::default()
@@ -290,6 +293,10 @@ impl Inner {
                 }
             }
             Ok(Ok(ForUser::Notice(notice))) => node.notice(user, notice),
+            Ok(Ok(ForUser::Wake(since))) => {
+                self.metrics.broker.received(Traffic::Push);
+                node.reread(Some(user), since);
+            }
             Ok(_) => {
                 tracing::debug!(subject = %message.subject, "ignoring a misaddressed broker message")
             }
@@ -384,6 +391,10 @@ impl Supervisor {
             Ok(Ok(())) => {}
             _ => return, // The next tick tries again.
         }
+        let max_payload = usize::try_from(inner.client.server_info().max_payload);
+        inner
+            .max_payload
+            .store(max_payload.unwrap_or(usize::MAX), Ordering::Relaxed);
         inner.connected.store(true, Ordering::Release);
         inner.metrics.broker.connected.set(1.0);
         let down_since = inner
@@ -592,9 +603,22 @@ impl Broker for NatsBroker {
     }
 
     fn committed(&self, push: Push) {
-        let subject = self.inner.user_subject(push.recipient);
-        self.inner
-            .enqueue(subject, &Wire::Push(push), Traffic::Push);
+        let inner = &self.inner;
+        let subject = inner.user_subject(push.recipient);
+        let bytes: usize = push.copies.iter().map(|c| c.body.len()).sum();
+        // Base64 and the fields around it; the server refuses a publish
+        // over its `max_payload` (1 MiB by default): send a wake-up
+        // instead, and the nodes read that account's backlogs.
+        let estimate = bytes.div_ceil(3) * 4 + 512 + 64 * push.copies.len();
+        let max = inner.max_payload.load(Ordering::Relaxed);
+        let wire = if max > 0 && estimate > max {
+            Wire::Wake {
+                since: push.accepted,
+            }
+        } else {
+            Wire::Push(push)
+        };
+        inner.enqueue(subject, &wire, Traffic::Push);
     }
 
     async fn ephemeral(&self, push: Push, ask: bool) -> bool {

@@ -87,6 +87,12 @@ pub(super) enum Wire {
     Displace {
         device: DeviceId,
     },
+    /// A message too large for NATS (its `max_payload`) was committed at
+    /// `since`: read this account's backlogs from there.
+    Wake {
+        #[serde(with = "micros")]
+        since: SystemTime,
+    },
     /// On the cluster subject.
     Directory {
         user: Uuid,
@@ -164,6 +170,7 @@ impl Wire {
 pub(super) enum ForUser {
     Push(Push),
     Notice(Notice),
+    Wake(SystemTime),
 }
 
 impl Wire {
@@ -176,6 +183,7 @@ impl Wire {
             }
             Wire::Devices { devices } => ForUser::Notice(Notice::Devices(devices.into())),
             Wire::Displace { device } => ForUser::Notice(Notice::Displace(device)),
+            Wire::Wake { since } => ForUser::Wake(since),
             Wire::Directory {
                 user,
                 removed,
