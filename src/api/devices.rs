@@ -92,10 +92,8 @@ async fn add_device(
         AddDevice::NoAccount => return Err(super::accounts::DISABLED),
     };
     tracing::info!(user.id = %user, device = device.id, "device added");
-    match device_list(&state, user).await {
-        Some(devices) => state.delivery.device_added(user, devices),
-        None => state.delivery.devices_may_have_changed(user),
-    }
+    let devices = device_list(&state, user).await;
+    state.delivery.device_added(user, devices);
     // The new device's number and its first session, in the shape of login.
     let pair = token_pair(&state, user, device.id, session.family_id, refresh.token)?;
     Ok((StatusCode::CREATED, Json(pair)))

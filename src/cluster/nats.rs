@@ -219,6 +219,15 @@ impl NatsBroker {
     }
 }
 
+impl Drop for NatsBroker {
+    /// Stops the tasks, which hold the client, when the server goes
+    /// without [`NatsBroker::close`] (a start-up that failed after
+    /// connecting).
+    fn drop(&mut self) {
+        self.inner.stop.cancel();
+    }
+}
+
 impl Inner {
     fn connected(&self) -> bool {
         self.connected.load(Ordering::Acquire)
@@ -356,6 +365,9 @@ impl Supervisor {
                             node.reread(None, SystemTime::now());
                         }
                     }
+                    // Each failed reconnect attempt is one: the loss itself
+                    // was logged once, as a warning.
+                    Some(Event::ClientError(err)) => tracing::debug!(node = %self.inner.node_id, error = %err, "NATS client error"),
                     Some(other) => tracing::info!(node = %self.inner.node_id, event = %other, "NATS"),
                     None => break,
                 },

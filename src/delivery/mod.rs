@@ -549,17 +549,20 @@ impl Delivery {
 
     /// A device was added (committed): sends are checked against the new
     /// list from now on, and every socket of the account is told which
-    /// devices it has.
-    pub fn device_added(&self, user: Uuid, devices: Arc<[DeviceId]>) {
+    /// devices it has (`None` when the list could not be read back: they
+    /// learn it from their next `409 devices_changed`).
+    pub fn device_added(&self, user: Uuid, devices: Option<Arc<[DeviceId]>>) {
         self.directory.changed(user);
         self.broker.announce(Announce::Directory {
             user,
             removed: None,
             deleted: false,
         });
-        self.hub
-            .notify(user, Event::DevicesChanged(devices.clone()));
-        self.broker.notify(user, Notice::Devices(devices));
+        if let Some(devices) = devices {
+            self.hub
+                .notify(user, Event::DevicesChanged(devices.clone()));
+            self.broker.notify(user, Notice::Devices(devices));
+        }
     }
 
     /// A device was removed with its queue (committed): sends are checked
