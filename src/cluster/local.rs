@@ -13,6 +13,10 @@ impl Broker for LocalBroker {
         "local"
     }
 
+    fn alone(&self) -> bool {
+        true
+    }
+
     fn status(&self) -> Status {
         Status::Local
     }

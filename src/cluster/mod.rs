@@ -156,6 +156,12 @@ pub trait Broker: Send + Sync {
     /// `local` or `nats`, for `/readyz` and metrics.
     fn kind(&self) -> &'static str;
 
+    /// Whether there are no other nodes: then nothing is prepared for
+    /// them (a push copies its bodies).
+    fn alone(&self) -> bool {
+        false
+    }
+
     fn status(&self) -> Status;
 
     /// Subscribes this node for `user`'s traffic, and returns once the

@@ -308,7 +308,10 @@ impl Writer {
         }
         // Grouped by message before the cancelled copies go: the broker
         // gets each message's written copies together.
-        let mut grouped: Vec<(Vec<Arc<Message>>, SystemTime)> = Vec::with_capacity(starts.len());
+        let mut grouped: Vec<(Vec<Arc<Message>>, SystemTime)> = Vec::new();
+        if self.broker.alone() {
+            starts.clear();
+        }
         for (n, &(start, accepted)) in starts.iter().enumerate() {
             let end = starts.get(n + 1).map_or(messages.len(), |&(next, _)| next);
             let written: Vec<Arc<Message>> = messages[start..end]

@@ -168,10 +168,7 @@ impl Delivery {
             max_body_bytes: limits.max_body_bytes,
             max_envelopes: limits.max_devices_per_user.max(1) as usize,
             budget: SendBudget::new(limits.send_rate_per_second, limits.send_rate_burst),
-            queues: Arc::new(QueueCaps::new(
-                limits.max_queued_per_user,
-                broker.kind() != "local",
-            )),
+            queues: Arc::new(QueueCaps::new(limits.max_queued_per_user, !broker.alone())),
             metrics,
             receipts,
             broker,
@@ -375,7 +372,11 @@ impl Delivery {
             let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
             let (id, sent_at, messages) = stamp(from, to, copies);
             let accepted = Instant::now();
-            let push = Push::of(&messages, SystemTime::now(), true);
+            let push = if self.broker.alone() {
+                None
+            } else {
+                Push::of(&messages, SystemTime::now(), true)
+            };
             let mut delivered = 0;
             for message in messages {
                 let device = message.device;
@@ -454,7 +455,7 @@ impl Delivery {
     /// drains by snapshot ([`Delivery::backlog_ids`]) and drops repeats by
     /// exact id.
     pub fn clustered(&self) -> bool {
-        self.broker.kind() != "local"
+        !self.broker.alone()
     }
 
     /// The device's queued messages after the cursor, oldest first.
