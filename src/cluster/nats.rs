@@ -245,6 +245,28 @@ impl Inner {
         format!("{}.cluster", self.prefix)
     }
 
+    /// Waits until the server has processed everything this client sent
+    /// before (its subscriptions, above all); false if that takes longer
+    /// than [`ACTIVATION_WAIT`] or the connection fails. A flush only
+    /// empties the client's write buffer: the server may not have read the
+    /// bytes yet, and a publish of another node's arriving first would find
+    /// no subscriber. A request to a subject nobody subscribes to is
+    /// answered by the server itself ("no responders") once it has read
+    /// it, and it reads a connection's input in order.
+    async fn confirm(&self) -> bool {
+        let probe = format!("{}.probe.{}", self.prefix, self.node_id);
+        let request = Request::new()
+            .payload(Bytes::new())
+            .timeout(Some(ACTIVATION_WAIT));
+        match self.client.send_request(probe, request).await {
+            Ok(_) => true,
+            Err(err) => matches!(
+                err.kind(),
+                async_nats::client::RequestErrorKind::NoResponders
+            ),
+        }
+    }
+
     /// Queues a publish; never waits. Returns whether it was queued.
     fn enqueue(&self, subject: String, wire: &Wire, traffic: Traffic) -> bool {
         let payload = wire.encode();
@@ -397,16 +419,14 @@ impl Supervisor {
         if inner.connected() {
             return;
         }
-        // The client sent every subscription again on reconnecting; a
-        // flush returns once the server has taken them.
-        match tokio::time::timeout(ACTIVATION_WAIT, inner.client.flush()).await {
-            Ok(Ok(())) => {}
-            _ => return, // The next tick tries again.
+        // The client sent every subscription again on reconnecting; wait
+        // until the server has taken them.
+        if !inner.confirm().await {
+            return; // The next tick tries again.
         }
-        let max_payload = usize::try_from(inner.client.server_info().max_payload);
         inner
             .max_payload
-            .store(max_payload.unwrap_or(usize::MAX), Ordering::Relaxed);
+            .store(inner.client.server_info().max_payload, Ordering::Relaxed);
         inner.connected.store(true, Ordering::Release);
         inner.metrics.broker.connected.set(1.0);
         let down_since = inner
@@ -473,7 +493,12 @@ async fn cluster(inner: Arc<Inner>) {
         let Some(message) = message else { break };
         let Some(node) = inner.node() else { break };
         match Wire::decode(&message.payload).map(Wire::sort) {
-            Ok(Err(event @ Announce::Directory { .. })) => {
+            Ok(Err(
+                event @ Announce::Directory {
+                    removed: Some(_), ..
+                }
+                | event @ Announce::Directory { deleted: true, .. },
+            )) => {
                 // Purging in-flight copies waits for a commit: not here,
                 // where revocations must not wait behind it.
                 tokio::spawn(async move { node.announced(event).await });
@@ -504,22 +529,14 @@ async fn account(
         }
     };
     let began = SystemTime::now();
-    let confirmed = matches!(
-        tokio::time::timeout(ACTIVATION_WAIT, inner.client.flush()).await,
-        Ok(Ok(()))
-    );
+    let confirmed = inner.confirm().await;
     let _ = ready.send(true);
     if !confirmed && inner.connected() {
         // Its socket has read its backlog without waiting for us: once the
         // server confirms, read again what may have been published before.
         // (Were NATS down, its return would re-read everything anyway.)
         let confirmed = async {
-            loop {
-                if let Ok(Ok(())) =
-                    tokio::time::timeout(ACTIVATION_WAIT, inner.client.flush()).await
-                {
-                    return;
-                }
+            while !inner.confirm().await {
                 tokio::time::sleep(TICK).await;
             }
         };

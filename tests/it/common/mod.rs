@@ -8,9 +8,11 @@
 //! - [`ServerProcess`]: the `sealpost` binary as a child process, for tests
 //!   that kill it with SIGKILL.
 //! - [`Api`]: HTTP helpers; [`Account`]: a registered, logged-in user.
+//! - [`cluster`]: several servers on one PostgreSQL database and one NATS.
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod ws;
 
 use std::io::{BufRead, BufReader};
@@ -520,15 +522,25 @@ const POLL: Duration = Duration::from_millis(50);
 
 /// Polls `probe` until it answers `Some`, for at most [`SETTLE`]; panics
 /// naming `what` if it never does.
-pub async fn eventually<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + SETTLE;
+pub async fn eventually<T>(what: &str, probe: impl AsyncFnMut() -> Option<T>) -> T {
+    eventually_within(what, SETTLE, probe).await
+}
+
+/// As [`eventually`], for at most `limit`: for what takes longer than the
+/// server settling (a NATS client reconnecting with backoff).
+pub async fn eventually_within<T>(
+    what: &str,
+    limit: Duration,
+    mut probe: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
         if let Some(done) = probe().await {
             return done;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{what}: not after {SETTLE:?}"
+            "{what}: not after {limit:?}"
         );
         tokio::time::sleep(POLL).await;
     }

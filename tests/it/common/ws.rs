@@ -101,6 +101,13 @@ impl WsClient {
         self.send_json(json!({ "type": "ack", "ids": ids })).await;
     }
 
+    /// As [`WsClient::ack`], reporting a failed write instead of
+    /// panicking: for a reader whose server may die under it.
+    pub async fn try_ack(&mut self, ids: &[&str]) -> bool {
+        let frame = json!({ "type": "ack", "ids": ids }).to_string();
+        self.stream.send(Message::Text(frame.into())).await.is_ok()
+    }
+
     /// The next event, skipping pings and pongs.
     pub async fn event(&mut self) -> Event {
         self.event_within(FRAME_TIMEOUT)
