@@ -323,17 +323,7 @@ impl Delivery {
             // reach the committer behind its insert. The committer publishes
             // it to the other nodes once it is written.
             let insert = slot.insert(messages.clone(), SystemTime::now());
-            let accepted = Instant::now();
-            for message in messages {
-                let device = message.device;
-                let outbound = Outbound {
-                    message,
-                    ephemeral: false,
-                    accepted,
-                    remote: false,
-                };
-                self.hub.push(to, device, &outbound);
-            }
+            self.push_here(to, messages, false);
             drop(order);
             let (queues, metrics) = (self.queues.clone(), self.metrics.clone());
             let durable = Box::pin(async move {
@@ -371,23 +361,12 @@ impl Delivery {
         let (id, sent_at, push, delivered) = {
             let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
             let (id, sent_at, messages) = stamp(from, to, copies);
-            let accepted = Instant::now();
             let push = if self.broker.alone() {
                 None
             } else {
                 Push::of(&messages, SystemTime::now(), true)
             };
-            let mut delivered = 0;
-            for message in messages {
-                let device = message.device;
-                let outbound = Outbound {
-                    message,
-                    ephemeral: true,
-                    accepted,
-                    remote: false,
-                };
-                delivered += self.hub.push(to, device, &outbound);
-            }
+            let delivered = self.push_here(to, messages, true);
             (id, sent_at, push, delivered > 0)
         };
         // Ask the other nodes only when this one's sockets did not take it.
@@ -401,6 +380,25 @@ impl Delivery {
             sent_at,
             delivered,
         })
+    }
+
+    /// Pushes each copy to this node's sockets of its device; returns how
+    /// many sockets took one. Call under the order lock.
+    fn push_here(&self, to: Uuid, messages: Vec<Arc<Message>>, ephemeral: bool) -> usize {
+        let accepted = Instant::now();
+        messages
+            .into_iter()
+            .map(|message| {
+                let device = message.device;
+                let outbound = Outbound {
+                    message,
+                    ephemeral,
+                    accepted,
+                    remote: false,
+                };
+                self.hub.push(to, device, &outbound)
+            })
+            .sum()
     }
 
     /// Registers a connection of `device` in the hub, to be followed by a

@@ -131,8 +131,8 @@ mod postgres {
     use crate::common::cluster::{Cluster, Nats, metric, node_id, readyz, wait_for_broker};
     use crate::common::ws::{Event, WsClient};
     use crate::common::{
-        Account, Api, PASSWORD, ServerProcess, b64, device_id, eventually, eventually_within, id,
-        public_key, session, unb64,
+        Account, Api, PASSWORD, ServerProcess, assert_message, b64, device_id, eventually,
+        eventually_within, id, public_key, session, unb64,
     };
 
     /// Close codes of the protocol.
@@ -168,38 +168,6 @@ mod postgres {
 
     // -----------------------------------------------------------------------
     // Helpers
-
-    /// The decoded body of a message frame.
-    #[track_caller]
-    fn body(message: &Value) -> Vec<u8> {
-        unb64(
-            message["body"]
-                .as_str()
-                .unwrap_or_else(|| panic!("no body: {message}")),
-        )
-    }
-
-    /// Asserts that a message frame is `message_id` from `from`'s device
-    /// `from_device` with `expected` as its body.
-    #[track_caller]
-    fn assert_message(
-        message: &Value,
-        message_id: Uuid,
-        from: Uuid,
-        from_device: i64,
-        expected: &[u8],
-    ) {
-        assert_eq!(message["type"], "message", "{message}");
-        assert_eq!(id(&message["id"]), message_id, "{message}");
-        assert_eq!(id(&message["from"]), from, "{message}");
-        assert_eq!(message["from_device"], from_device, "{message}");
-        assert_eq!(
-            body(message),
-            expected,
-            "{message}: body {:?}",
-            String::from_utf8_lossy(&body(message))
-        );
-    }
 
     /// A `send` frame with one envelope per `(device, body)`.
     fn send_frame(reference: &str, to: Uuid, list: &[(i64, &[u8])]) -> Value {

@@ -17,8 +17,8 @@ use uuid::Uuid;
 use crate::backend_tests;
 use crate::common::ws::WsClient;
 use crate::common::{
-    Account, Api, Backend, PASSWORD, Reply, TestDb, TestServer, b64, device_id, eventually, id,
-    ids, keys, public_key, session, time, unb64,
+    Account, Api, Backend, PASSWORD, Reply, TestDb, TestServer, assert_message, b64, device_id,
+    eventually, id, ids, keys, public_key, session, time,
 };
 
 backend_tests!(
@@ -60,37 +60,6 @@ const QUIET: Duration = Duration::from_millis(300);
 
 // ---------------------------------------------------------------------------
 // Helpers
-
-/// The decoded body of a message frame or listing item.
-#[track_caller]
-fn body(message: &Value) -> Vec<u8> {
-    unb64(
-        message["body"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no body: {message}")),
-    )
-}
-
-/// Asserts that a message frame or listing item is `message_id` from
-/// `from`'s device `from_device` with `expected` as its body.
-#[track_caller]
-fn assert_message(
-    message: &Value,
-    message_id: Uuid,
-    from: Uuid,
-    from_device: i64,
-    expected: &[u8],
-) {
-    assert_eq!(id(&message["id"]), message_id, "{message}");
-    assert_eq!(id(&message["from"]), from, "{message}");
-    assert_eq!(message["from_device"], from_device, "{message}");
-    assert_eq!(
-        body(message),
-        expected,
-        "{message}: body {:?}",
-        String::from_utf8_lossy(&body(message))
-    );
-}
 
 /// `envelopes` as the request field: one `{device_id, body}` per pair.
 fn envelopes(list: &[(i64, &[u8])]) -> Value {

@@ -472,6 +472,37 @@ pub fn unb64(text: &str) -> Vec<u8> {
 }
 
 /// A plausible 32-byte public key.
+/// The decoded body of a message frame or listing item.
+#[track_caller]
+pub fn body(message: &Value) -> Vec<u8> {
+    unb64(
+        message["body"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no body: {message}")),
+    )
+}
+
+/// Asserts that a message frame or listing item is `message_id` from
+/// `from`'s device `from_device` with `expected` as its body.
+#[track_caller]
+pub fn assert_message(
+    message: &Value,
+    message_id: Uuid,
+    from: Uuid,
+    from_device: i64,
+    expected: &[u8],
+) {
+    assert_eq!(id(&message["id"]), message_id, "{message}");
+    assert_eq!(id(&message["from"]), from, "{message}");
+    assert_eq!(message["from_device"], from_device, "{message}");
+    assert_eq!(
+        body(message),
+        expected,
+        "{message}: body {:?}",
+        String::from_utf8_lossy(&body(message))
+    );
+}
+
 pub fn public_key() -> String {
     b64(Uuid::new_v4().as_bytes().repeat(2).as_slice())
 }
