@@ -145,5 +145,10 @@ for backend in $BACKENDS; do
     stop_server
 done
 
+# The cluster section comes from run-cluster-benchmarks.sh: keep it.
+cluster_section=$(sed -n '/^## Cluster/,$p' BENCHMARKS.md 2>/dev/null || true)
 python3 loadtest/benchmarks.py "$OUT" > BENCHMARKS.md
+if [ -n "$cluster_section" ]; then
+    printf '\n%s\n' "$cluster_section" >> BENCHMARKS.md
+fi
 echo "wrote BENCHMARKS.md" >&2

@@ -6,7 +6,8 @@
 //! - [`client`]: REST (with backoff and a token cache) and WebSocket clients.
 //! - [`stats`]: latency histograms and counters that merge across processes.
 //! - [`scenario`]: `connect`, `pairs` (optionally with several devices per
-//!   recipient), `drain`, `poll`, `storm`.
+//!   recipient; across the nodes of a cluster, optionally killing one),
+//!   `drain`, `poll`, `storm`.
 //! - This file: the run itself. A run signs up its accounts, writes a
 //!   [`Plan`], and executes it in `--workers` shards: in this process for one
 //!   worker, else in child processes of the same binary, each holding its
@@ -41,7 +42,7 @@ pub enum Spec {
         conns: usize,
         hold: Duration,
     },
-    Pairs(Traffic, Fanout),
+    Pairs(Traffic, Fanout, Kill),
     Drain {
         users: usize,
         per_user: usize,
@@ -105,6 +106,52 @@ pub struct Fanout {
 impl Fanout {
     pub fn devices(&self) -> usize {
         self.devices.max(1) as usize
+    }
+}
+
+/// A node killed mid-run, for `pairs` across nodes: the parent sends
+/// SIGKILL to `--kill-pid` (one of the `--url` nodes) `--kill-after`
+/// seconds into the sending. Its clients then reconnect to the next URL
+/// and go on: receivers drain their backlog there and keep counting, and
+/// senders keep sending. Without it a lost socket ends its client, as
+/// before.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, clap::Args)]
+pub struct Kill {
+    /// The node process to SIGKILL mid-run (its pid); clients reconnect.
+    #[arg(long, requires = "kill_after")]
+    pub kill_pid: Option<u32>,
+    /// Seconds into the sending at which to kill it.
+    #[arg(long, requires = "kill_pid")]
+    pub kill_after: Option<u64>,
+}
+
+impl Kill {
+    /// Whether clients reconnect after losing their socket.
+    pub fn reconnect(&self) -> bool {
+        self.kill_pid.is_some()
+    }
+
+    /// Sends the SIGKILL once `kill_after` has passed: spawned at the gate,
+    /// so the clock starts with the sending. Returns whether the kill went
+    /// out (false without a pid, or when `kill` failed: the process was
+    /// gone already).
+    pub async fn run(self) -> bool {
+        let Some(pid) = self.kill_pid else {
+            return false;
+        };
+        tokio::time::sleep(Duration::from_secs(self.kill_after.unwrap_or(0))).await;
+        let status = tokio::process::Command::new("kill")
+            .arg("-KILL")
+            .arg(pid.to_string())
+            .status()
+            .await;
+        let killed = matches!(status, Ok(s) if s.success());
+        eprintln!(
+            "{} node process {pid} with SIGKILL, {} s into the sending",
+            if killed { "killed" } else { "could not kill" },
+            self.kill_after.unwrap_or(0)
+        );
+        killed
     }
 }
 

@@ -11,7 +11,7 @@ use futures_util::future::BoxFuture;
 use sealpost_loadtest::client::{self, Account, Api, Target};
 use sealpost_loadtest::scenario::drain;
 use sealpost_loadtest::stats::Report;
-use sealpost_loadtest::{Fanout, Plan, Spec, Traffic, execute, rss_kib, worker};
+use sealpost_loadtest::{Fanout, Kill, Plan, Spec, Traffic, execute, rss_kib, worker};
 use serde_json::{Value, json};
 
 #[derive(Parser)]
@@ -21,8 +21,9 @@ use serde_json::{Value, json};
     about = "Load generator for sealpost"
 )]
 struct Cli {
-    /// Server to drive (repeat for several nodes; sockets are spread over
-    /// them). Loopback addresses only.
+    /// Server to drive (repeat for several nodes of a cluster: sockets are
+    /// spread over them, and pairs cross between them). Loopback addresses
+    /// only.
     #[arg(long = "url", global = true, default_value = "http://127.0.0.1:8080")]
     urls: Vec<String>,
     /// Worker processes to spread the sockets over (each holds at most what
@@ -41,8 +42,10 @@ struct Cli {
     #[arg(long, global = true, default_value_t = 8)]
     signup_concurrency: usize,
     /// The server's pid, to report its memory (VmRSS) before and after.
-    #[arg(long, global = true)]
-    server_pid: Option<u32>,
+    /// Repeat it for several nodes, one per --url in the same order, for
+    /// each node's memory per socket.
+    #[arg(long = "server-pid", global = true)]
+    server_pids: Vec<u32>,
     /// Account name prefix, so runs against one server can keep apart.
     #[arg(long, global = true, default_value = "lt")]
     prefix: String,
@@ -64,12 +67,15 @@ enum Command {
         users: Option<usize>,
     },
     /// Sender/receiver pairs over WebSockets at a total rate (optionally
-    /// several devices per receiver).
+    /// several devices per receiver; across nodes with several --url,
+    /// optionally killing one mid-run).
     Pairs {
         #[command(flatten)]
         traffic: Traffic,
         #[command(flatten)]
         fanout: Fanout,
+        #[command(flatten)]
+        kill: Kill,
     },
     /// Queue users × per-user messages for offline users, then time the drain.
     Drain {
@@ -123,6 +129,14 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .map(|u| Target::parse(u))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let pids = cli.server_pids.clone();
+    if pids.len() > 1 && pids.len() != targets.len() {
+        anyhow::bail!(
+            "{} --server-pid for {} --url: give one per node, in the same order",
+            pids.len(),
+            targets.len()
+        );
+    }
     let api = Api::new(targets[0].clone());
     let accounts = |prefix: String, count: usize| {
         let (api, cache, concurrency) =
@@ -141,7 +155,8 @@ async fn main() -> anyhow::Result<()> {
     let p = &cli.prefix;
     let mut params = json!({});
     let mut between: BoxFuture<'static, ()> = async {}.boxed();
-    let mut after_setup_rss = None::<std::sync::Arc<std::sync::Mutex<Option<u64>>>>;
+    let mut after_setup_rss = None::<Shared<Vec<Option<u64>>>>;
+    let mut node_killed = None::<Shared<Option<bool>>>;
     match &cli.command {
         Command::Connect { conns, hold, users } => {
             plan.spec = Spec::Connect {
@@ -150,19 +165,23 @@ async fn main() -> anyhow::Result<()> {
             };
             plan.accounts = accounts(format!("{p}-u-"), users.unwrap_or(*conns).max(1)).await?;
             params = json!({ "conns": conns, "hold_s": hold, "users": plan.accounts.len() });
-            let (pid, hold) = (cli.server_pid, Duration::from_secs(*hold));
-            let measured = std::sync::Arc::new(std::sync::Mutex::new(None));
+            let (pids, hold) = (pids.clone(), Duration::from_secs(*hold));
+            let measured = Shared::default();
             after_setup_rss = Some(measured.clone());
             between = async move {
                 // Let the server settle (idle tasks, allocator) before reading.
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                *measured.lock().unwrap() = pid.and_then(rss_kib);
+                *measured.lock().unwrap() = pids.iter().map(|&pid| rss_kib(pid)).collect();
                 tokio::time::sleep(hold.saturating_sub(Duration::from_secs(1))).await;
             }
             .boxed();
         }
-        Command::Pairs { traffic, fanout } => {
-            plan.spec = Spec::Pairs(*traffic, *fanout);
+        Command::Pairs {
+            traffic,
+            fanout,
+            kill,
+        } => {
+            plan.spec = Spec::Pairs(*traffic, *fanout, *kill);
             let devices = fanout.devices();
             // Receivers of an N-device run have names of their own: a device
             // that a run opens no socket for queues copies nobody acks, so
@@ -188,8 +207,24 @@ async fn main() -> anyhow::Result<()> {
             params = serde_json::to_value(traffic)?;
             params["devices"] = json!(devices);
             params["envelopes"] = json!(fanout.envelopes);
+            params["nodes"] = json!(targets.len());
             if devices > 1 {
                 params["device_setup"] = serde_json::to_value(device_setup)?;
+            }
+            if kill.reconnect() {
+                params["kill_pid"] = json!(kill.kill_pid);
+                params["kill_after_s"] = json!(kill.kill_after);
+                // The kill goes off during the measured phase: spawned at
+                // the gate, it starts counting with the sending.
+                let (kill, outcome) = (*kill, Shared::default());
+                node_killed = Some(outcome.clone());
+                between = async move {
+                    tokio::spawn(async move {
+                        let killed = kill.run().await;
+                        *outcome.lock().unwrap() = Some(killed);
+                    });
+                }
+                .boxed();
             }
         }
         Command::Poll(traffic) => {
@@ -249,19 +284,92 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // The baseline is taken with the accounts ready and no socket open yet.
-    let rss_start = cli.server_pid.and_then(rss_kib);
+    let rss_start: Vec<Option<u64>> = pids.iter().map(|&pid| rss_kib(pid)).collect();
     let report = execute(&plan, cli.workers, between).await?;
-    let rss_end = after_setup_rss.and_then(|m| *m.lock().unwrap());
-    let result = summarise(
+    let rss_end = after_setup_rss
+        .map(|m| m.lock().unwrap().clone())
+        .unwrap_or_default();
+    let mut result = summarise(
         &cli.command,
         &report,
         params,
-        rss_start,
-        rss_end,
+        Memory {
+            urls: &cli.urls,
+            pids: &pids,
+            before: &rss_start,
+            with_conns: &rss_end,
+        },
         cli.workers,
     );
+    if let Some(killed) = node_killed {
+        result["results"]["node_killed"] = json!(*killed.lock().unwrap());
+    }
     println!("{}", serde_json::to_string_pretty(&result)?);
     Ok(())
+}
+
+/// A value the parent's gate action fills in and the summary reads.
+type Shared<T> = std::sync::Arc<std::sync::Mutex<T>>;
+
+/// The nodes' memory (VmRSS, KiB) before the sockets opened and with them
+/// open, per `--server-pid` (in `--url` order).
+struct Memory<'a> {
+    urls: &'a [String],
+    pids: &'a [u32],
+    before: &'a [Option<u64>],
+    with_conns: &'a [Option<u64>],
+}
+
+impl Memory<'_> {
+    /// Both readings of every pid, summed; `None` if any is missing.
+    fn totals(&self) -> (Option<u64>, Option<u64>) {
+        let sum = |values: &[Option<u64>]| {
+            (!values.is_empty() && values.len() == self.pids.len())
+                .then(|| values.iter().copied().sum::<Option<u64>>())
+                .flatten()
+        };
+        (sum(self.before), sum(self.with_conns))
+    }
+
+    /// One entry per node: its URL, pid, sockets ready on it, memory
+    /// before and with them, KiB per socket. Empty unless several `--url`.
+    fn per_node(&self, report: &Report) -> Vec<Value> {
+        if self.urls.len() < 2 {
+            return Vec::new();
+        }
+        self.urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| {
+                let ready = report.count(&format!("ready_node{i}"));
+                // Several pids name the nodes in order; one pid can only
+                // be read for all of them, above.
+                let (before, with) = if self.pids.len() == self.urls.len() {
+                    (
+                        self.before.get(i).copied().flatten(),
+                        self.with_conns.get(i).copied().flatten(),
+                    )
+                } else {
+                    (None, None)
+                };
+                json!({
+                    "url": url,
+                    "pid": (self.pids.len() == self.urls.len()).then(|| self.pids[i]),
+                    "ready": ready,
+                    "server_rss_before_kib": before,
+                    "server_rss_with_conns_kib": with,
+                    "server_kib_per_conn": kib_per_conn(before, with, ready),
+                })
+            })
+            .collect()
+    }
+}
+
+fn kib_per_conn(before: Option<u64>, with: Option<u64>, ready: u64) -> Value {
+    match (before, with) {
+        (Some(a), Some(b)) if ready > 0 => json!(b.saturating_sub(a) as f64 / ready as f64),
+        _ => Value::Null,
+    }
 }
 
 /// At the storm's gate: push one marker to each of `markers` users (they are
@@ -300,8 +408,7 @@ fn summarise(
     command: &Command,
     report: &Report,
     params: Value,
-    rss_start: Option<u64>,
-    rss_end: Option<u64>,
+    memory: Memory<'_>,
     workers: usize,
 ) -> Value {
     let rate = |count: u64, secs: f64| {
@@ -328,13 +435,10 @@ fn summarise(
     let derived = match command {
         Command::Connect { conns, .. } => {
             let ready = report.count("ready");
-            let per_conn = match (rss_start, rss_end) {
-                (Some(a), Some(b)) if ready > 0 => {
-                    json!((b.saturating_sub(a)) as f64 / ready as f64)
-                }
-                _ => Value::Null,
-            };
-            json!({
+            let (rss_start, rss_end) = memory.totals();
+            let per_conn = kib_per_conn(rss_start, rss_end, ready);
+            let per_node = memory.per_node(report);
+            let mut connect = json!({
                 "ready": ready,
                 "failed": *conns as u64 - ready.min(*conns as u64),
                 "all_ready_s": report.seconds("all_ready"),
@@ -344,7 +448,11 @@ fn summarise(
                 "server_rss_before_kib": rss_start,
                 "server_rss_with_conns_kib": rss_end,
                 "server_kib_per_conn": per_conn,
-            })
+            });
+            if !per_node.is_empty() {
+                connect["per_node"] = json!(per_node);
+            }
+            connect
         }
         Command::Pairs { .. } | Command::Poll(_) => {
             let mut traffic = json!({
@@ -362,7 +470,7 @@ fn summarise(
                     report.latency("send_to_201").summary()
                 },
             });
-            if let Command::Pairs { fanout, .. } = command {
+            if let Command::Pairs { fanout, kill, .. } = command {
                 let devices = fanout.devices();
                 // Every device gets its own copy: deliveries are messages ×
                 // devices, counted once per device (duplicates left out),
@@ -373,6 +481,21 @@ fn summarise(
                 traffic["achieved_deliveries_per_s"] =
                     json!(rate(report.count("delivered"), report.seconds("sending")));
                 traffic["receipts_seen"] = json!(report.count("receipts_seen"));
+                if kill.reconnect() {
+                    // A node died mid-run: what its clients went through.
+                    // `lost` above is confirmed and in neither the live
+                    // stream nor the queue read at the end.
+                    traffic["unconfirmed"] = json!(report.count("unconfirmed"));
+                    traffic["unconfirmed_delivered"] = json!(report.count("unconfirmed_delivered"));
+                    traffic["redelivered"] = json!(report.count("redelivered"));
+                    traffic["missing_live"] = json!(report.count("missing_live"));
+                    traffic["recovered_from_queue"] = json!(report.count("recovered_from_queue"));
+                    traffic["sender_reconnects"] = json!(report.count("sender_reconnects"));
+                    traffic["receiver_reconnects"] = json!(report.count("receiver_reconnects"));
+                    traffic["reconnect_latency"] = report.latency("reconnect").summary();
+                    traffic["push_latency_reconnected"] =
+                        report.latency("push_reconnected").summary();
+                }
                 if devices > 1 {
                     traffic["per_device"] = (1..=devices)
                         .map(|k| {

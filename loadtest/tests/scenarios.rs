@@ -338,3 +338,98 @@ async fn storm_brings_everyone_back_with_nothing_lost() {
     assert!(n(&r["redelivered"]) >= 8, "{result}");
     restarted.stop().await;
 }
+
+/// Two `--url`: every sender is on the other URL than its receiver. Here
+/// both name one server, so this checks the placement and the counting,
+/// not a broker: nothing lost, nothing twice, every push measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pairs_across_two_urls_count_every_message() {
+    let fixture = Fixture::new();
+    let server = start(&fixture.db(), "127.0.0.1:0").await;
+    let url = format!("http://{}", server.addr);
+    let result = loadtest(
+        server.addr,
+        &[
+            "--url",
+            &url,
+            "pairs",
+            "--pairs",
+            "4",
+            "--rate",
+            "400",
+            "--duration",
+            "2",
+            "--size",
+            "64",
+        ],
+    )
+    .await;
+    let r = &result["results"];
+    assert_eq!(n(&result["params"]["nodes"]), 2, "{result}");
+    assert!(n(&r["confirmed"]) > 100, "{result}");
+    assert_eq!(n(&r["received"]), n(&r["confirmed"]), "{result}");
+    assert_eq!(n(&r["lost"]), 0);
+    assert_eq!(n(&r["duplicated"]), 0);
+    assert_eq!(n(&r["out_of_order"]), 0);
+    assert_eq!(n(&r["push_latency"]["count"]), n(&r["received"]));
+    // Without --kill-pid nothing reconnects, and the result is as before.
+    assert!(r.get("node_killed").is_none(), "{result}");
+    server.stop().await;
+}
+
+/// `--kill-pid`: the load tester kills the process named (a stand-in here)
+/// mid-run; the test then restarts the server on its port, so that every
+/// socket is lost at once, as on a node that died. Senders and receivers
+/// reconnect and go on; every confirmed message arrives, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pairs_reconnect_after_a_kill_and_lose_nothing() {
+    let fixture = Fixture::new();
+    let server = start(&fixture.db(), "127.0.0.1:0").await;
+    let addr = server.addr;
+    let mut victim = std::process::Command::new("sleep")
+        .arg("120")
+        .spawn()
+        .expect("spawn a stand-in process");
+    let pid = victim.id().to_string();
+    let run = tokio::spawn(async move {
+        loadtest(
+            addr,
+            &[
+                "pairs",
+                "--pairs",
+                "4",
+                "--rate",
+                "200",
+                "--duration",
+                "4",
+                "--size",
+                "64",
+                "--kill-pid",
+                &pid,
+                "--kill-after",
+                "1",
+            ],
+        )
+        .await
+    });
+    // The kill is the signal: then the server goes away and comes back.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while victim.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the stand-in was never killed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+    let restarted = start(&fixture.db(), &addr.to_string()).await;
+
+    let result = run.await.unwrap();
+    let r = &result["results"];
+    assert_eq!(r["node_killed"], true, "{result}");
+    assert!(n(&r["confirmed"]) > 200, "{result}");
+    assert!(n(&r["sender_reconnects"]) >= 1, "{result}");
+    assert!(n(&r["receiver_reconnects"]) >= 1, "{result}");
+    assert_eq!(n(&r["lost"]), 0, "{result}");
+    assert_eq!(n(&r["duplicated"]), 0, "{result}");
+    assert!(n(&r["delivered"]) >= n(&r["confirmed"]), "{result}");
+    assert!(n(&r["reconnect_latency"]["count"]) >= 2, "{result}");
+    restarted.stop().await;
+}

@@ -1,12 +1,14 @@
 //! `connect`: open N authenticated sockets, hold them, and report how fast
 //! they became ready and why any failed. The parent measures the server's
-//! memory at the gate, with every socket open.
+//! memory at the gate, with every socket open. With several `--url` the
+//! sockets go round-robin over the nodes ([`slot`]), and each node's share
+//! that became ready is counted (`ready_node{i}`) for its memory per socket.
 
 use std::time::{Duration, Instant};
 
 use futures_util::{StreamExt, stream};
 
-use super::{CONNECT_CONCURRENCY, slot};
+use super::{CONNECT_CONCURRENCY, node_of, slot};
 use crate::client::{self, Ws};
 use crate::stats::{Latency, Report};
 use crate::{Gate, Plan, Shard};
@@ -21,7 +23,7 @@ pub async fn run(
 ) -> anyhow::Result<Report> {
     let mine: Vec<usize> = shard.indices(conns);
     let started = Instant::now();
-    let opened: Vec<(Result<Ws, &'static str>, Duration)> = stream::iter(mine)
+    let opened: Vec<(usize, Result<Ws, &'static str>, Duration)> = stream::iter(mine)
         .map(|n| async move {
             let (account, target, source) = slot(plan, n);
             let begin = Instant::now();
@@ -32,7 +34,7 @@ pub async fn run(
                 },
                 Err(e) => Err(e.cause()),
             };
-            (ws, begin.elapsed())
+            (node_of(plan, n), ws, begin.elapsed())
         })
         .buffer_unordered(CONNECT_CONCURRENCY)
         .collect()
@@ -41,11 +43,15 @@ pub async fn run(
     let mut setup = Report::default();
     let mut latency = Latency::default();
     let mut sockets = Vec::new();
-    for (ws, took) in opened {
+    let nodes = plan.targets.len();
+    for (node, ws, took) in opened {
         match ws {
             Ok(ws) => {
                 latency.record(took);
                 sockets.push(ws);
+                if nodes > 1 {
+                    setup.add(&format!("ready_node{node}"), 1);
+                }
             }
             Err(cause) => setup.add(cause, 1),
         }
