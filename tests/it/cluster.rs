@@ -855,6 +855,45 @@ mod postgres {
         cluster.stop().await;
     }
 
+    /// Deleting an account through B closes its sockets on A with 4401 at
+    /// once, and every node then refuses sends to it (404), the database
+    /// poll being off: the deletion crossed as a directory change.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deleting_an_account_reaches_every_node() {
+        let cluster = Cluster::start(3, NO_POLL).await;
+        let (a, b, c) = (&cluster[0], &cluster[1], &cluster[2]);
+        let alice = c.account("alice").await;
+        let bob = a.account("bob").await;
+        // C learns bob's devices by sending to him.
+        c.send(&alice, bob.id, b"before").await;
+        let (mut bob_ws, _) = WsClient::ready(a, &bob).await;
+
+        let reply = b
+            .delete("/v1/me", Some(&bob.access), json!({ "password": PASSWORD }))
+            .await;
+        assert_eq!(reply.status.as_u16(), 204, "{:?}", reply.body);
+        let deadline = Instant::now() + REVOCATION_OVER_NATS;
+        closed_by(&mut bob_ws, UNAUTHORIZED, deadline, "bob's socket on n1").await;
+        for node in [a, c] {
+            eventually_within(
+                "the deletion to reach every node",
+                Duration::from_secs(2),
+                async || {
+                    let reply = node
+                        .post(
+                            "/v1/messages",
+                            Some(&alice.access),
+                            json!({ "to": bob.id, "body": b64(b"after") }),
+                        )
+                        .await;
+                    (reply.status.as_u16() == 404).then_some(())
+                },
+            )
+            .await;
+        }
+        cluster.stop().await;
+    }
+
     /// A password change through B closes every device's sockets on A and C
     /// with 4401 at once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
