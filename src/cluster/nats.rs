@@ -73,6 +73,10 @@ const TICK: Duration = Duration::from_secs(1);
 
 pub struct NatsBroker {
     inner: Arc<Inner>,
+    /// The cluster subject's subscription, made at connect so that the
+    /// first confirmation of the connection covers it too; handed to its
+    /// task by [`NatsBroker::attach`].
+    cluster: Mutex<Option<async_nats::Subscriber>>,
 }
 
 struct Inner {
@@ -168,6 +172,10 @@ impl NatsBroker {
             .connect(urls.as_slice())
             .await
             .map_err(|err| anyhow::anyhow!("SEALPOST_NATS_URL: {err}"))?;
+        let cluster = client
+            .subscribe(format!("{}.cluster", config.nats_subject_prefix))
+            .await
+            .map_err(|err| anyhow::anyhow!("subscribing on NATS: {err}"))?;
         let (outbox, outbox_rx) = mpsc::channel(OUTBOX_BOUND);
         let inner = Arc::new(Inner {
             client,
@@ -194,14 +202,24 @@ impl NatsBroker {
             }
             .run(events_rx),
         );
-        Ok(Self { inner })
+        Ok(Self {
+            inner,
+            cluster: Mutex::new(Some(cluster)),
+        })
     }
 
     /// Starts delivering what arrives to `node`, and subscribes to the
     /// cluster subject.
     pub fn attach(&self, node: &Arc<Node>) {
         let _ = self.inner.node.set(Arc::downgrade(node));
-        tokio::spawn(cluster(self.inner.clone()));
+        let sub = self
+            .cluster
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(sub) = sub {
+            tokio::spawn(cluster(self.inner.clone(), sub));
+        }
     }
 
     /// Sends what is queued (a few seconds at most) and stops: call once
@@ -477,14 +495,7 @@ impl Supervisor {
 }
 
 /// Receives the cluster subject for as long as the broker runs.
-async fn cluster(inner: Arc<Inner>) {
-    let mut sub = match inner.client.subscribe(inner.cluster_subject()).await {
-        Ok(sub) => sub,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot subscribe to the cluster subject: revocations and device changes from other nodes arrive only through the database poll");
-            return;
-        }
-    };
+async fn cluster(inner: Arc<Inner>, mut sub: async_nats::Subscriber) {
     loop {
         let message = tokio::select! {
             () = inner.stop.cancelled() => break,

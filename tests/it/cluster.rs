@@ -1176,6 +1176,39 @@ mod postgres {
         drop(cluster);
     }
 
+    /// A node starts while NATS is down: it serves, says
+    /// `"broker":"disconnected"`, accepts and stores; once NATS is up it
+    /// connects by itself, and a message waiting for a socket on it is
+    /// in that socket's backlog.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_starts_and_serves_while_nats_is_down() {
+        let mut nats = Nats::private().await;
+        nats.stop();
+        let db = crate::common::TestDb::new(crate::common::Backend::Postgres).await;
+        let args = [
+            "--nats-url",
+            nats.url.as_str(),
+            "--nats-subject-prefix",
+            nats.prefix.as_str(),
+            "--node-id",
+            "early",
+        ];
+        let node = crate::common::TestServer::start_on(db.shared(), &args).await;
+        wait_for_broker(&node, "early", "disconnected").await;
+        let alice = node.account("alice").await;
+        let bob = node.account("bob").await;
+        let sent = id(&node.send(&alice, bob.id, b"while alone").await["id"]);
+
+        nats.start().await;
+        wait_for_broker(&node, "early", "connected").await;
+        let (bob_ws, backlog) = WsClient::ready(&node, &bob).await;
+        assert_eq!(backlog.len(), 1, "{backlog:?}");
+        assert_message(&backlog[0], sent, alice.id, 1, b"while alone");
+        drop(bob_ws);
+        node.stop().await;
+        drop(db);
+    }
+
     /// NATS is killed mid-traffic and started again: every send is still
     /// accepted, and bob, connected throughout on B without reconnecting,
     /// gets every message exactly once; live pushes resume.
