@@ -16,11 +16,14 @@
 //! announced since it began (the `epoch` below), checked under the same
 //! shard lock that `changed` takes to remove the entry.
 //!
-//! A change made by another process (`sealpost user delete`, or another
-//! server on the database) reaches this one through the revocations it
-//! polls (every removal and deletion records one), within
-//! `SEALPOST_REVOCATION_POLL_INTERVAL`; until then a send may be checked
-//! against the old list. The cluster's broker will make that immediate.
+//! A change made by another node of a cluster reaches this one through the
+//! broker within its latency (milliseconds): the delivery core announces
+//! every add, removal and deletion, and each node drops the entry (and, for
+//! a removal, purges the copies it had in flight). A change made by
+//! `sealpost user delete`, or one whose announcement the broker lost,
+//! arrives through the revocations every node polls (every removal and
+//! deletion records one), within `SEALPOST_REVOCATION_POLL_INTERVAL`.
+//! Until then a send may be checked against the old list.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

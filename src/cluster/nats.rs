@@ -18,7 +18,7 @@
 //! order; a publish that finds the outbox full, or NATS down, is dropped and
 //! counted, and the nodes re-read their backlogs for it (see the module
 //! notes in [`super`]). `async-nats` reconnects by itself, forever, and
-//! sends every subscription again; [`Supervisor`] waits for the server to
+//! sends every subscription again; the supervisor waits for the server to
 //! confirm them before it asks for re-reads.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -22,7 +22,10 @@
 //! send for it. The push does not wait for the commit; the sender's
 //! confirmation does. That order is this process's: the lock is
 //! `Delivery::order`, and the rule "a push not in the backlog has a larger
-//! id than everything in it" holds only for messages accepted here.
+//! id than everything in it" holds only for messages accepted here. Other
+//! nodes of a cluster hear of a message from the committer once it is
+//! written, through the [`Broker`]; [`crate::cluster`] says which rules
+//! replace the local ones there.
 //!
 //! Rows are sealed at rest ([`crate::seal`]): the committer seals what it
 //! writes and [`Delivery::fetch`] opens what it reads. A row that does not
