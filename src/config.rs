@@ -377,29 +377,22 @@ impl Config {
 
 /// A NATS subject token: no dots, wildcards or whitespace.
 fn parse_subject_token(value: &str) -> Result<String, String> {
-    let ok = !value.is_empty()
-        && value.len() <= 64
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if ok {
-        Ok(value.to_owned())
-    } else {
-        Err("must be 1-64 letters, digits, `-` or `_` (one NATS subject token)".into())
-    }
+    short_name(value, &['-', '_'])
+        .ok_or_else(|| "must be 1-64 letters, digits, `-` or `_` (one NATS subject token)".into())
 }
 
 fn parse_node_id(value: &str) -> Result<String, String> {
-    let ok = !value.is_empty()
-        && value.len() <= 64
+    short_name(value, &['-', '_', '.'])
+        .ok_or_else(|| "must be 1-64 letters, digits, `-`, `_` or `.`".into())
+}
+
+/// `value` if it is 1-64 ASCII letters, digits and `extra` characters.
+fn short_name(value: &str, extra: &[char]) -> Option<String> {
+    let ok = (1..=64).contains(&value.len())
         && value
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(value.to_owned())
-    } else {
-        Err("must be 1-64 letters, digits, `-`, `_` or `.`".into())
-    }
+            .all(|c| c.is_ascii_alphanumeric() || extra.contains(&c));
+    ok.then(|| value.to_owned())
 }
 
 fn cores() -> usize {

@@ -173,7 +173,7 @@ impl NatsBroker {
             .await
             .map_err(|err| anyhow::anyhow!("SEALPOST_NATS_URL: {err}"))?;
         let cluster = client
-            .subscribe(format!("{}.cluster", config.nats_subject_prefix))
+            .subscribe(cluster_subject(&config.nats_subject_prefix))
             .await
             .map_err(|err| anyhow::anyhow!("subscribing on NATS: {err}"))?;
         let (outbox, outbox_rx) = mpsc::channel(OUTBOX_BOUND);
@@ -260,7 +260,7 @@ impl Inner {
     }
 
     fn cluster_subject(&self) -> String {
-        format!("{}.cluster", self.prefix)
+        cluster_subject(&self.prefix)
     }
 
     /// Waits until the server has processed everything this client sent
@@ -354,6 +354,11 @@ impl Inner {
             }
         }
     }
+}
+
+/// The subject every node subscribes to.
+fn cluster_subject(prefix: &str) -> String {
+    format!("{prefix}.cluster")
 }
 
 /// Sends the outbox, in order, while connected; drops (and counts) what

@@ -254,7 +254,8 @@ impl Writer {
     async fn commit(&self, ops: Vec<Op>) {
         let mut messages = Vec::new();
         // Where each message's copies start in `messages`, and when it was
-        // accepted.
+        // accepted: for the other nodes, so a node alone keeps none.
+        let alone = self.broker.alone();
         let mut starts = Vec::new();
         let mut inserted = Vec::new();
         let mut ack_ops = Vec::new();
@@ -270,7 +271,9 @@ impl Writer {
                     _bytes,
                 } => {
                     held.push(_bytes);
-                    starts.push((messages.len(), accepted));
+                    if !alone {
+                        starts.push((messages.len(), accepted));
+                    }
                     messages.extend(copies);
                     inserted.push(done);
                 }
@@ -309,9 +312,6 @@ impl Writer {
         // Grouped by message before the cancelled copies go: the broker
         // gets each message's written copies together.
         let mut grouped: Vec<(Vec<Arc<Message>>, SystemTime)> = Vec::new();
-        if self.broker.alone() {
-            starts.clear();
-        }
         for (n, &(start, accepted)) in starts.iter().enumerate() {
             let end = starts.get(n + 1).map_or(messages.len(), |&(next, _)| next);
             let written: Vec<Arc<Message>> = messages[start..end]
