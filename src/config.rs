@@ -183,6 +183,15 @@ pub struct Config {
           action = clap::ArgAction::Set)]
     pub delivery_receipts: bool,
 
+    /// How long a message to a recipient device that is online here waits
+    /// for that device's ack before it is written (0 = write at once). One
+    /// acked within it is never written: its `sent` then means "acked by
+    /// the recipient". Worth the recipients' round trip (e.g. 100ms for
+    /// phones) where writes are the bottleneck; it adds at most this much to
+    /// the `sent` of a message that is not acked in time. At most 10s.
+    #[arg(long, env = "SEALPOST_ACK_WINDOW", default_value = "5ms", value_parser = parse_ack_window)]
+    pub ack_window: Duration,
+
     /// Open WebSockets per client IP; 0 = no limit. Mind carrier-grade NAT:
     /// many users may share one address.
     #[arg(long, env = "SEALPOST_MAX_CONNECTIONS_PER_IP", default_value_t = 1000)]
@@ -591,6 +600,15 @@ fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
 /// is opened, as for `DATABASE_URL`.
 fn parse_database_url(value: &str) -> Result<Secret, String> {
     Ok(Secret(value.trim().to_owned()))
+}
+
+fn parse_ack_window(value: &str) -> Result<Duration, String> {
+    let window = humantime::parse_duration(value)
+        .map_err(|e| format!("{e} (use human units such as 0ms, 5ms, 100ms)"))?;
+    if window > Duration::from_secs(10) {
+        return Err("must be at most 10s: held messages wait in memory".into());
+    }
+    Ok(window)
 }
 
 fn parse_ttl(value: &str) -> Result<Duration, String> {

@@ -46,7 +46,9 @@ const SECONDS_BUCKETS: &[f64] = &[
 ];
 
 /// Operations per committer batch: powers of two up to its cap of 256.
-const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0,
+];
 
 /// How often histogram samples are folded into their buckets between
 /// scrapes. The recorder keeps each sample (16 bytes) until then, so this
@@ -227,6 +229,10 @@ pub struct Metrics {
     pub db_write_batch: Histogram,
     /// Committer batches that failed; their callers were told.
     pub db_write_errors: Counter,
+    /// Message copies acked before they were written: never written.
+    pub copies_elided: Counter,
+    /// Message copies written to the queue.
+    pub copies_written: Counter,
     /// Messages queued in the store, sampled by the sweeper.
     pub queued_messages: Gauge,
     /// The longest one device's queue, sampled by the sweeper. The name is
@@ -349,6 +355,14 @@ impl Metrics {
             db_write_errors: r.counter(
                 "sealpost_db_write_errors_total",
                 "Committer batches that failed to be written.",
+            ),
+            copies_elided: r.counter(
+                "sealpost_copies_elided_total",
+                "Message copies acked by their device before they were written, and so never written.",
+            ),
+            copies_written: r.counter(
+                "sealpost_copies_written_total",
+                "Message copies written to a device's queue.",
             ),
             queued_messages: r.gauge(
                 "sealpost_queued_messages",

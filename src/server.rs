@@ -179,6 +179,7 @@ impl Server {
             metrics.clone(),
             config.delivery_receipts,
             broker.clone(),
+            config.ack_window,
         );
         let hub = Hub::new(
             config.ws_queue as usize,

@@ -1,62 +1,80 @@
 //! The committer: one task that owns the queue's write side.
 //!
-//! Every insert and ack, from every connection, goes through one bounded
-//! channel to this task, which writes whatever has gathered as one
-//! transaction ([`Queue::write_batch`]) and then answers each caller. A batch
-//! closes when it is full or when the channel is momentarily empty, so an idle
-//! server commits each message at once and a busy one amortises a commit (and
-//! its fsync) over hundreds of messages.
+//! Every accepted message, every ack that must delete a written row, and
+//! every barrier goes through one channel to this task, which writes what
+//! is ready as one transaction ([`Queue::write_batch`]) and then answers
+//! each caller.
 //!
-//! Callers enqueue inserts in id order (the delivery core takes the id and
-//! enqueues under one lock), so batches commit in id order and a reader
-//! paging through a recipient's queue by id never sees a later id before an
-//! earlier one is visible.
+//! **Batches grow with the load.** A batch takes every op that is ready,
+//! bounded by rows and bytes, and the row bound follows the database: it is
+//! what the last full commits wrote in [`COMMIT_BUDGET`] (between
+//! [`MIN_BATCH_ROWS`] and [`MAX_BATCH_ROWS`]). While one batch commits the
+//! next gathers, so an idle server commits each message at once and a busy
+//! one amortises a commit (and its fsync) over thousands of rows, each
+//! commit staying short enough that the `sent` of the first message in it
+//! does not wait behind an unbounded transaction.
 //!
-//! One insert op carries every copy of one message (one row per recipient
-//! device), so a message's copies commit together or not at all. An ack
-//! names one device's copies; one that meets its own copy's insert in the
-//! same batch cancels that copy: the row is never written, and it counts as
-//! durable because it is already delivered. The device's other copies are
-//! written as usual.
+//! **Acks before writes cost nothing.** Every copy is entered in
+//! [`Pending`] before it is pushed, and an ack that finds its copy there
+//! cancels it in memory (see [`super::pending`]): never written, never
+//! deleted. A copy whose device is online here is *held* for the ack window
+//! (`SEALPOST_ACK_WINDOW`) before it is written, so that an ack racing
+//! the round trip usually wins; only what is not acked in time is written.
+//! An ack of a written copy is a delete, batched with the others as
+//! multi-row statements.
 //!
-//! Each ack learns, for every copy it settled, who sent it (read back from
-//! the deleted row, or from the cancelled insert), so that the delivery
-//! core can send the sender a receipt.
+//! **Order.** Ops are written in arrival order, and the delivery core
+//! enqueues inserts in id order under its lock, so copies commit in id
+//! order: a held insert holds back the ops behind it (for at most the
+//! window), which is what keeps "a push not in the backlog has a larger id
+//! than everything in it" true for every device. A barrier passes once
+//! everything enqueued before it is written, cancelled or failed.
+//!
+//! **Admission.** Ops wait for room in a budget of [`MAX_OPS`] ops and
+//! [`BYTE_BUDGET`] body bytes, held until each is settled. The budget is
+//! large: a send is pushed as it is accepted, and a lagging database slows
+//! the sender's `sent`, not the recipient's push, until the budget is full
+//! and accepting waits too (the alternative is unbounded memory).
 //!
 //! Once a batch is written, the committer hands the copies it inserted to
 //! the broker, one message at a time in commit order, before it answers
 //! anyone: other nodes hear of a message only after it is durable, and in
 //! this node's id order ([`crate::cluster`]). The broker never makes it
-//! wait.
+//! wait. A copy pushed to another node's socket is therefore always
+//! written: elision is node-local, for the recipients connected to the node
+//! that accepted the message.
 //!
 //! The committer seals each batch ([`KeyRing::seal_all`]) just before writing
 //! it: about a microsecond per message, spent here rather than under the
-//! delivery core's lock, and never on a message whose insert was cancelled.
+//! delivery core's lock, and never on a copy whose insert was cancelled.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::pending::{Admitted, CommitFailed, Insert, Pending};
 use crate::cluster::{Broker, Push};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::seal::KeyRing;
-use crate::store::{Ack, DeviceId, Message, Queue, StoreError};
+use crate::store::{Ack, DeviceId, Message, Queue, StoreError, StoredRow};
 
-/// Operations waiting for the committer. When it is full (the database is
-/// slower than the arrival rate) senders wait for room: backpressure on the
-/// producers instead of unbounded memory. 4096 is a few batches' worth, enough
-/// to keep the next batch ready while one commits.
-const CHANNEL_BOUND: usize = 4096;
+/// Ops admitted and not yet settled. Past it, accepting waits: a database
+/// that lags for seconds under a heavy load fills it (65,536 messages is
+/// three seconds at 20,000 a second), and an op is a few hundred bytes
+/// besides its body.
+const MAX_OPS: usize = 65_536;
 
 /// Message bytes admitted but not yet written. Counting ops alone would let
-/// 4096 maximal bodies (4 GiB) wait in memory; past this budget senders wait
-/// like they do for a channel slot. 64 MiB is hundreds of batches of typical
+/// 65,536 maximal bodies (4 GiB) wait in memory; past this budget senders
+/// wait like they do for an op. 64 MiB is hundreds of batches of typical
 /// chat envelopes.
 const BYTE_BUDGET: usize = 64 * 1024 * 1024;
 
@@ -64,29 +82,66 @@ const BYTE_BUDGET: usize = 64 * 1024 * 1024;
 /// that has stopped answering should not hold requests forever.
 const ADMISSION_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Operations in one transaction. Large enough to amortise a commit over many
-/// messages, small enough that one transaction stays short (an ack op carries
-/// at most 500 ids, so a batch touches at most ~128k rows).
-const MAX_BATCH: usize = 256;
+/// What one commit aims to take: long enough to amortise its fixed cost
+/// (the fsync, the round trips), short enough that the first `sent` of a
+/// batch and a connecting socket's barrier do not wait long behind it.
+const COMMIT_BUDGET: Duration = Duration::from_millis(20);
+
+/// The row bound of a batch never shrinks below this (a cold start, a
+/// slow commit) nor grows past that: a transaction of 16k rows holds its
+/// locks for tens of milliseconds at most.
+const MIN_BATCH_ROWS: usize = 512;
+const MAX_BATCH_ROWS: usize = 16_384;
+
+/// Body bytes in one batch: 16 MiB is 256 maximal bodies, or thousands of
+/// chat envelopes.
+const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 enum Op {
     Insert {
-        /// Every copy of one message, one per recipient device.
-        messages: Vec<Arc<Message>>,
-        /// When it was accepted, for the other nodes' push latency.
-        accepted: SystemTime,
-        done: oneshot::Sender<Result<(), CommitFailed>>,
-        /// Its share of the byte budget, returned when the op is dropped.
-        _bytes: OwnedSemaphorePermit,
+        insert: Arc<Insert>,
+        /// Not written before this: the end of its ack window, or its
+        /// enqueueing.
+        due: Instant,
     },
-    Ack {
+    Delete {
         recipient: Uuid,
         device: DeviceId,
         ids: Vec<Uuid>,
         done: oneshot::Sender<Result<Vec<Settled>, CommitFailed>>,
+        _admitted: OwnedSemaphorePermit,
     },
     /// Completes once everything enqueued before it has been written.
-    Barrier { done: oneshot::Sender<()> },
+    Barrier {
+        done: oneshot::Sender<()>,
+        _admitted: OwnedSemaphorePermit,
+    },
+}
+
+impl Op {
+    /// The end of its ack window, if it is an insert still waiting for
+    /// acks: not once the committer is closing, nor once every copy is
+    /// acked (there is nothing left to write).
+    fn held_until(&self, open: bool) -> Option<Instant> {
+        match self {
+            Op::Insert { insert, due } if open && *due > Instant::now() && !insert.settled() => {
+                Some(*due)
+            }
+            _ => None,
+        }
+    }
+
+    /// Rows and body bytes it adds to a batch.
+    fn weight(&self) -> (usize, usize) {
+        match self {
+            Op::Insert { insert, .. } => (
+                insert.copies.len(),
+                insert.copies.iter().map(|c| c.body.len()).sum(),
+            ),
+            Op::Delete { ids, .. } => (ids.len(), 0),
+            Op::Barrier { .. } => (0, 0),
+        }
+    }
 }
 
 /// One copy an ack settled: deleted from its device's queue, or its insert
@@ -108,12 +163,6 @@ enum Failure {
     Seal(crate::seal::SealError),
 }
 
-/// A batch that could not be written. The cause was logged by the committer.
-#[derive(Debug, Clone, Copy)]
-struct CommitFailed {
-    unavailable: bool,
-}
-
 impl From<CommitFailed> for Error {
     fn from(failed: CommitFailed) -> Self {
         if failed.unavailable {
@@ -126,78 +175,130 @@ impl From<CommitFailed> for Error {
 
 /// The handle through which callers reach the committer task.
 pub struct Committer {
-    tx: mpsc::Sender<Op>,
+    tx: mpsc::UnboundedSender<Op>,
+    ops: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
+    pending: Arc<Pending>,
+    /// How long a copy pushed to an online device waits for its ack.
+    window: Duration,
+    metrics: Arc<Metrics>,
 }
 
-/// Room reserved in the committer's channel and byte budget: enqueuing
-/// through it cannot wait, so it can happen under a lock.
+/// Room reserved in the committer's budget: what is done with it cannot
+/// wait, so it can happen under a lock.
 pub struct Slot<'a> {
-    permit: mpsc::Permit<'a, Op>,
+    committer: &'a Committer,
+    op: OwnedSemaphorePermit,
     bytes: OwnedSemaphorePermit,
 }
 
-impl Slot<'_> {
-    /// Enqueues the copies of one message. The returned future completes
-    /// once all of them are durable: committed, or acked before their
-    /// insert was written.
-    pub fn insert(
-        self,
-        messages: Vec<Arc<Message>>,
-        accepted: SystemTime,
-    ) -> impl Future<Output = Result<()>> + Send + 'static {
-        let (done, result) = oneshot::channel();
-        self.permit.send(Op::Insert {
-            messages,
-            accepted,
-            done,
+/// A message whose copies are in [`Pending`], to be pushed and then
+/// enqueued with [`Staged::enqueue`].
+pub struct Staged<'a> {
+    committer: &'a Committer,
+    insert: Arc<Insert>,
+    result: oneshot::Receiver<Result<(), CommitFailed>>,
+}
+
+impl<'a> Slot<'a> {
+    /// Enters the copies of one message in [`Pending`], where an ack can
+    /// find them from now on. Push them next, then enqueue.
+    pub fn stage(self, messages: Vec<Arc<Message>>, accepted: SystemTime) -> Staged<'a> {
+        let admitted = Admitted {
+            _op: self.op,
             _bytes: self.bytes,
-        });
-        async move { Ok(result.await.map_err(|_| Error::Unavailable)??) }
+        };
+        let (insert, result) = Insert::new(messages, accepted, admitted);
+        self.committer.pending.add(&insert);
+        Staged {
+            committer: self.committer,
+            insert,
+            result,
+        }
     }
 
     /// Enqueues a barrier: the returned future completes once every op
     /// enqueued before it has been written (or has failed).
     pub fn barrier(self) -> impl Future<Output = Result<()>> + Send + 'static {
         let (done, result) = oneshot::channel();
-        self.permit.send(Op::Barrier { done });
+        let _ = self.committer.tx.send(Op::Barrier {
+            done,
+            _admitted: self.op,
+        });
         async move { result.await.map_err(|_| Error::Unavailable) }
+    }
+}
+
+impl Staged<'_> {
+    /// Hands the message to the committer: `held` (pushed to a socket of a
+    /// recipient device here) waits out the ack window first. The returned
+    /// future completes once every copy is durable: written, or acked
+    /// before it was.
+    pub fn enqueue(self, held: bool) -> impl Future<Output = Result<()>> + Send + 'static {
+        let now = Instant::now();
+        let due = if held {
+            now + self.committer.window
+        } else {
+            now
+        };
+        let _ = self.committer.tx.send(Op::Insert {
+            insert: self.insert,
+            due,
+        });
+        let result = self.result;
+        async move { Ok(result.await.map_err(|_| Error::Unavailable)??) }
     }
 }
 
 impl Committer {
     /// Starts the committer task. It ends once every handle is dropped and
-    /// the channel is drained, so nothing enqueued is abandoned on shutdown.
-    /// With `senders` off, acks do not open the rows they delete to learn
-    /// their senders (delivery receipts are off).
+    /// everything enqueued is written (held copies at once), so nothing
+    /// accepted is abandoned on shutdown. With `senders` off, acks do not
+    /// open the rows they delete to learn their senders (delivery receipts
+    /// are off). `window` is the ack window of held copies.
     pub fn spawn(
         queue: Arc<dyn Queue>,
         keys: Arc<KeyRing>,
         metrics: Arc<Metrics>,
         senders: bool,
         broker: Arc<dyn Broker>,
+        window: Duration,
     ) -> (Self, JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(CHANNEL_BOUND);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pending = Arc::new(Pending::default());
         let writer = Writer {
             queue,
             keys,
-            metrics,
+            metrics: metrics.clone(),
             senders,
             broker,
+            pending: pending.clone(),
         };
         let task = tokio::spawn(run(writer, rx));
-        let bytes = Arc::new(Semaphore::new(BYTE_BUDGET));
-        (Self { tx, bytes }, task)
+        let committer = Self {
+            tx,
+            ops: Arc::new(Semaphore::new(MAX_OPS)),
+            bytes: Arc::new(Semaphore::new(BYTE_BUDGET)),
+            pending,
+            window,
+            metrics,
+        };
+        (committer, task)
     }
 
     /// Waits for room for an op carrying `bytes` of message body:
-    /// backpressure when the database lags, 503 when it has stopped.
+    /// backpressure when the database lags far behind, 503 when it has
+    /// stopped.
     pub async fn reserve(&self, bytes: usize) -> Result<Slot<'_>> {
         let admit = async {
             let weight = u32::try_from(bytes.min(BYTE_BUDGET)).unwrap_or(u32::MAX);
             let bytes = self.bytes.clone().acquire_many_owned(weight).await.ok()?;
-            let permit = self.tx.reserve().await.ok()?;
-            Some(Slot { permit, bytes })
+            let op = self.ops.clone().acquire_owned().await.ok()?;
+            Some(Slot {
+                committer: self,
+                op,
+                bytes,
+            })
         };
         match tokio::time::timeout(ADMISSION_TIMEOUT, admit).await {
             Ok(Some(slot)) => Ok(slot),
@@ -205,25 +306,49 @@ impl Committer {
         }
     }
 
-    /// Deletes those of `ids` that are queued for `recipient`'s `device`;
-    /// returns the copies it settled, each id once.
+    /// Settles those of `ids` that are queued for `recipient`'s `device`:
+    /// cancels the copies not written yet, deletes the others; returns the
+    /// copies it settled, each id once.
     pub async fn ack(
         &self,
         recipient: Uuid,
         device: DeviceId,
-        ids: Vec<Uuid>,
+        mut ids: Vec<Uuid>,
     ) -> Result<Vec<Settled>> {
+        let mut settled = Vec::new();
+        ids.retain(|&id| match self.pending.cancel((recipient, device, id)) {
+            Some(sender) => {
+                settled.push(Settled {
+                    id,
+                    sender: Some(sender),
+                });
+                false
+            }
+            None => true,
+        });
+        self.metrics.copies_elided.increment(settled.len() as u64);
+        // Named twice in one ack: the second is no longer pending, and is
+        // not written either.
+        ids.retain(|id| !settled.iter().any(|s| s.id == *id));
+        if ids.is_empty() {
+            return Ok(settled);
+        }
+        let admitted =
+            match tokio::time::timeout(ADMISSION_TIMEOUT, self.ops.clone().acquire_owned()).await {
+                Ok(Ok(permit)) => permit,
+                _ => return Err(Error::Unavailable),
+            };
         let (done, result) = oneshot::channel();
-        let op = Op::Ack {
+        let op = Op::Delete {
             recipient,
             device,
             ids,
             done,
+            _admitted: admitted,
         };
-        match tokio::time::timeout(ADMISSION_TIMEOUT, self.tx.send(op)).await {
-            Ok(Ok(())) => Ok(result.await.map_err(|_| Error::Unavailable)??),
-            _ => Err(Error::Unavailable),
-        }
+        self.tx.send(op).map_err(|_| Error::Unavailable)?;
+        settled.extend(result.await.map_err(|_| Error::Unavailable)??);
+        Ok(settled)
     }
 }
 
@@ -236,106 +361,161 @@ struct Writer {
     senders: bool,
     /// Told of every message written, for the other nodes.
     broker: Arc<dyn Broker>,
+    /// Where the copies of each insert are claimed before they are written.
+    pending: Arc<Pending>,
 }
 
-async fn run(writer: Writer, mut rx: mpsc::Receiver<Op>) {
-    let mut ops = Vec::with_capacity(MAX_BATCH);
-    // `recv_many` waits for one op, then takes whatever else is ready.
-    while rx.recv_many(&mut ops, MAX_BATCH).await > 0 {
-        writer.commit(std::mem::take(&mut ops)).await;
+/// The row bound of the next batch, from what the last full ones achieved.
+struct Budget {
+    rows: usize,
+}
+
+impl Budget {
+    fn new() -> Self {
+        Self {
+            rows: MIN_BATCH_ROWS,
+        }
+    }
+
+    /// A batch of `rows` took `took`: batches well below the bound say
+    /// more about a commit's fixed cost than about the database's rate,
+    /// and are not counted.
+    fn observe(&mut self, rows: usize, took: Duration) {
+        if rows < self.rows / 2 || took.is_zero() {
+            return;
+        }
+        let fits = rows as f64 * COMMIT_BUDGET.as_secs_f64() / took.as_secs_f64();
+        // Halfway towards what fits: one slow commit (a checkpoint, a
+        // vacuum) does not halve the next batch.
+        let next = (self.rows as f64 + fits) / 2.0;
+        self.rows = (next as usize).clamp(MIN_BATCH_ROWS, MAX_BATCH_ROWS);
+    }
+}
+
+async fn run(writer: Writer, mut rx: mpsc::UnboundedReceiver<Op>) {
+    let mut waiting: VecDeque<Op> = VecDeque::new();
+    let mut budget = Budget::new();
+    // Until every handle is gone; then held copies are written at once.
+    let mut open = true;
+    loop {
+        loop {
+            match rx.try_recv() {
+                Ok(op) => waiting.push_back(op),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        let Some(head) = waiting.front() else {
+            if !open {
+                break;
+            }
+            match rx.recv().await {
+                Some(op) => waiting.push_back(op),
+                None => open = false,
+            }
+            continue;
+        };
+        if let Some(due) = head.held_until(open) {
+            // The ack window of the oldest op: what arrives meanwhile
+            // queues behind it, unless acks settle it first.
+            tokio::select! {
+                () = tokio::time::sleep_until(due) => {}
+                () = writer.pending.wholly_settled() => {}
+                op = rx.recv() => match op {
+                    Some(op) => waiting.push_back(op),
+                    None => open = false,
+                },
+            }
+            continue;
+        }
+        let batch = take(&mut waiting, budget.rows, open);
+        let started = Instant::now();
+        let rows = writer.commit(batch).await;
+        budget.observe(rows, started.elapsed());
     }
     tracing::debug!("committer drained and stopped");
 }
 
-/// A copy's place: which device of which account, which message.
-type CopyKey = (Uuid, DeviceId, Uuid);
+/// The ops at the head of `waiting` that are due (all of them once the
+/// committer is closing), within the row bound and [`MAX_BATCH_BYTES`];
+/// always at least one.
+fn take(waiting: &mut VecDeque<Op>, max_rows: usize, open: bool) -> Vec<Op> {
+    let (mut rows, mut bytes) = (0, 0);
+    let mut batch = Vec::new();
+    while let Some(op) = waiting.front() {
+        if op.held_until(open).is_some() {
+            break;
+        }
+        let (r, b) = op.weight();
+        if !batch.is_empty() && (rows + r > max_rows || bytes + b > MAX_BATCH_BYTES) {
+            break;
+        }
+        rows += r;
+        bytes += b;
+        batch.extend(waiting.pop_front());
+    }
+    batch
+}
 
 impl Writer {
-    async fn commit(&self, ops: Vec<Op>) {
-        let mut messages = Vec::new();
-        // Where each message's copies start in `messages`, and when it was
-        // accepted: for the other nodes, so a node alone keeps none.
-        let alone = self.broker.alone();
-        let mut starts = Vec::new();
-        let mut inserted = Vec::new();
-        let mut ack_ops = Vec::new();
+    /// Writes one batch and answers its callers; returns the rows it
+    /// wrote or deleted.
+    async fn commit(&self, ops: Vec<Op>) -> usize {
+        // The copies each insert still has (not cancelled): claimed for
+        // this batch, a contiguous run of `messages` per insert.
+        let mut messages: Vec<Arc<Message>> = Vec::new();
+        let mut inserts: Vec<(Arc<Insert>, usize, usize)> = Vec::new();
+        let mut deletes = Vec::new();
+        let mut acks = Vec::new();
         let mut barriers = Vec::new();
-        // Byte-budget permits, returned once the batch is written.
-        let mut held = Vec::new();
+        let n_ops = ops.len();
         for op in ops {
             match op {
-                Op::Insert {
-                    messages: copies,
-                    accepted,
-                    done,
-                    _bytes,
-                } => {
-                    held.push(_bytes);
-                    if !alone {
-                        starts.push((messages.len(), accepted));
+                Op::Insert { insert, .. } => {
+                    let start = messages.len();
+                    messages.extend(
+                        insert
+                            .copies
+                            .iter()
+                            .filter(|copy| self.pending.claim(copy))
+                            .cloned(),
+                    );
+                    let claimed = messages.len() - start;
+                    if claimed > 0 {
+                        inserts.push((insert, start, claimed));
                     }
-                    messages.extend(copies);
-                    inserted.push(done);
                 }
-                Op::Ack {
+                Op::Delete {
                     recipient,
                     device,
                     ids,
                     done,
-                } => ack_ops.push((recipient, device, ids, done)),
-                Op::Barrier { done } => barriers.push(done),
-            }
-        }
-
-        // An ack for a copy inserted in this same batch cancels the insert.
-        let pending: HashMap<CopyKey, (Uuid, DeviceId)> = messages
-            .iter()
-            .map(|m| ((m.recipient, m.device, m.id), (m.sender, m.sender_device)))
-            .collect();
-        let mut cancelled = HashMap::new();
-        let mut acks = Vec::new();
-        for (recipient, device, ids, _) in &ack_ops {
-            for &id in ids {
-                let key = (*recipient, *device, id);
-                match pending.get(&key) {
-                    Some(sender) => {
-                        cancelled.insert(key, Some(*sender));
-                    }
-                    None => acks.push(Ack {
-                        recipient: *recipient,
-                        device: *device,
+                    _admitted,
+                } => {
+                    acks.extend(ids.iter().map(|&id| Ack {
+                        recipient,
+                        device,
                         id,
-                    }),
+                    }));
+                    deletes.push((recipient, device, ids, done, _admitted));
                 }
+                Op::Barrier { done, _admitted } => barriers.push(done),
             }
         }
-        // Grouped by message before the cancelled copies go: the broker
-        // gets each message's written copies together.
-        let mut grouped: Vec<(Vec<Arc<Message>>, SystemTime)> = Vec::new();
-        for (n, &(start, accepted)) in starts.iter().enumerate() {
-            let end = starts.get(n + 1).map_or(messages.len(), |&(next, _)| next);
-            let written: Vec<Arc<Message>> = messages[start..end]
-                .iter()
-                .filter(|m| !cancelled.contains_key(&(m.recipient, m.device, m.id)))
-                .cloned()
-                .collect();
-            if !written.is_empty() {
-                grouped.push((written, accepted));
-            }
-        }
-        messages.retain(|m| !cancelled.contains_key(&(m.recipient, m.device, m.id)));
 
-        // A batch of barriers (every connecting socket queues one) writes
-        // nothing: skip the empty transaction.
+        // A batch of barriers (every connecting socket queues one), or of
+        // inserts all acked in their window, writes nothing: skip the
+        // empty transaction.
         let written = if messages.is_empty() && acks.is_empty() {
             Ok(Vec::new())
         } else {
-            self.metrics
-                .db_write_batch
-                .record((inserted.len() + ack_ops.len()) as f64);
+            self.metrics.db_write_batch.record(n_ops as f64);
             let written = match self.keys.seal_all(&messages) {
                 Ok(rows) => {
-                    let started = Instant::now();
+                    let started = std::time::Instant::now();
                     let written = self.queue.write_batch(rows, &acks).await;
                     self.metrics.db_write.record(started.elapsed());
                     written.map_err(Failure::Store)
@@ -353,42 +533,19 @@ impl Writer {
         }
         match written {
             Ok(deleted) => {
-                for (copies, accepted) in grouped {
-                    if let Some(push) = Push::of(&copies, accepted, false) {
-                        self.broker.committed(push);
+                self.metrics.copies_written.increment(messages.len() as u64);
+                if !self.broker.alone() {
+                    for (insert, start, claimed) in &inserts {
+                        let copies = &messages[*start..start + claimed];
+                        if let Some(push) = Push::of(copies, insert.accepted, false) {
+                            self.broker.committed(push);
+                        }
                     }
                 }
-                for done in inserted {
-                    let _ = done.send(Ok(()));
+                for (insert, _, claimed) in &inserts {
+                    insert.settle(*claimed);
                 }
-                // Each settled copy is counted once, for the first ack that
-                // named it.
-                let mut settled = cancelled;
-                for row in deleted {
-                    let key = match &row {
-                        crate::store::StoredRow::Sealed(r) => (r.recipient, r.device, r.id),
-                        crate::store::StoredRow::Legacy(m) => (m.recipient, m.device, m.id),
-                    };
-                    let sender = if self.senders {
-                        self.keys
-                            .open(row)
-                            .ok()
-                            .map(|m| (m.sender, m.sender_device))
-                    } else {
-                        None
-                    };
-                    settled.insert(key, sender);
-                }
-                for (recipient, device, ids, done) in ack_ops {
-                    let mine = ids
-                        .iter()
-                        .filter_map(|&id| {
-                            let sender = settled.remove(&(recipient, device, id))?;
-                            Some(Settled { id, sender })
-                        })
-                        .collect();
-                    let _ = done.send(Ok(mine));
-                }
+                self.answer_deletes(deletes, deleted);
             }
             Err(err) => {
                 let failed = CommitFailed {
@@ -400,37 +557,78 @@ impl Writer {
                     acks = acks.len(),
                     "write batch failed; its callers are told and nothing in it was accepted"
                 );
-                for done in inserted {
-                    let _ = done.send(Err(failed));
+                for (insert, _, _) in &inserts {
+                    insert.fail(failed);
                 }
-                for (_, _, _, done) in ack_ops {
+                for (_, _, _, done, _) in deletes {
                     let _ = done.send(Err(failed));
                 }
             }
         }
-        drop(held);
+        messages.len() + acks.len()
+    }
+
+    /// Tells each delete which of its ids it settled: each deleted row
+    /// once, for the first delete that named it.
+    fn answer_deletes(&self, deletes: Vec<DeleteReply>, deleted: Vec<StoredRow>) {
+        let mut settled: HashMap<(Uuid, DeviceId, Uuid), Option<(Uuid, DeviceId)>> = deleted
+            .into_iter()
+            .map(|row| {
+                let key = match &row {
+                    StoredRow::Sealed(r) => (r.recipient, r.device, r.id),
+                    StoredRow::Legacy(m) => (m.recipient, m.device, m.id),
+                };
+                let sender = if self.senders {
+                    self.keys
+                        .open(row)
+                        .ok()
+                        .map(|m| (m.sender, m.sender_device))
+                } else {
+                    None
+                };
+                (key, sender)
+            })
+            .collect();
+        for (recipient, device, ids, done, _) in deletes {
+            let mine = ids
+                .iter()
+                .filter_map(|&id| {
+                    let sender = settled.remove(&(recipient, device, id))?;
+                    Some(Settled { id, sender })
+                })
+                .collect();
+            let _ = done.send(Ok(mine));
+        }
     }
 }
+
+/// A delete op as the batch keeps it until its rows are known.
+type DeleteReply = (
+    Uuid,
+    DeviceId,
+    Vec<Uuid>,
+    oneshot::Sender<Result<Vec<Settled>, CommitFailed>>,
+    OwnedSemaphorePermit,
+);
 
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
+    use crate::cluster::local::Recorder;
     use crate::delivery::fake::MemQueue;
 
-    fn writer(queue: Arc<MemQueue>) -> Writer {
-        writer_with(queue, Arc::new(crate::cluster::local::LocalBroker))
+    const WINDOW: Duration = Duration::from_millis(50);
+
+    fn committer(queue: Arc<MemQueue>, broker: Arc<dyn Broker>) -> Committer {
+        let keys = Arc::new(KeyRing::generate().unwrap());
+        let metrics = Arc::new(Metrics::disabled());
+        Committer::spawn(queue, keys, metrics, true, broker, WINDOW).0
     }
 
-    fn writer_with(queue: Arc<MemQueue>, broker: Arc<dyn Broker>) -> Writer {
-        Writer {
-            queue,
-            keys: Arc::new(KeyRing::generate().unwrap()),
-            metrics: Arc::new(Metrics::disabled()),
-            senders: true,
-            broker,
-        }
+    fn local(queue: Arc<MemQueue>) -> Committer {
+        committer(queue, Arc::new(crate::cluster::local::LocalBroker))
     }
 
     fn copy(id: Uuid, recipient: Uuid, device: DeviceId, sender: Uuid) -> Arc<Message> {
@@ -445,51 +643,88 @@ mod tests {
         })
     }
 
-    fn permit() -> OwnedSemaphorePermit {
-        Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap()
+    /// Stages and enqueues one message, as the delivery core does.
+    async fn insert(
+        committer: &Committer,
+        copies: Vec<Arc<Message>>,
+        held: bool,
+    ) -> futures_util::future::BoxFuture<'static, Result<()>> {
+        let slot = committer.reserve(6 * copies.len()).await.unwrap();
+        Box::pin(slot.stage(copies, SystemTime::now()).enqueue(held))
     }
 
-    fn insert(messages: Vec<Arc<Message>>) -> (Op, oneshot::Receiver<Result<(), CommitFailed>>) {
-        let (done, rx) = oneshot::channel();
-        let op = Op::Insert {
-            messages,
-            accepted: SystemTime::now(),
-            done,
-            _bytes: permit(),
-        };
-        (op, rx)
+    fn rows(queue: &MemQueue) -> Vec<(Uuid, DeviceId)> {
+        let rows = queue.rows.lock().unwrap();
+        rows.iter().map(|r| (r.id, r.device)).collect()
     }
 
-    type AckReply = oneshot::Receiver<Result<Vec<Settled>, CommitFailed>>;
-
-    fn ack(recipient: Uuid, device: DeviceId, ids: Vec<Uuid>) -> (Op, AckReply) {
-        let (done, rx) = oneshot::channel();
-        let op = Op::Ack {
-            recipient,
-            device,
-            ids,
-            done,
-        };
-        (op, rx)
-    }
-
-    /// An ack that meets its own copy's insert in one batch cancels that
-    /// copy (never written) and names its sender; the other device's copy
-    /// of the same message is written.
-    #[tokio::test]
-    async fn an_ack_cancels_its_pending_copy_only() {
+    /// A held copy acked within its window is settled in memory: its sender
+    /// hears `sent` at once, and nothing is ever written or deleted for it.
+    #[tokio::test(start_paused = true)]
+    async fn a_copy_acked_in_its_window_is_never_written() {
         let queue = Arc::new(MemQueue::default());
+        let committer = local(queue.clone());
         let (bob, alice, id) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::now_v7());
-        let (insert_op, inserted) = insert(vec![copy(id, bob, 1, alice), copy(id, bob, 2, alice)]);
-        let (ack_op, acked) = ack(bob, 1, vec![id]);
+        let durable = insert(&committer, vec![copy(id, bob, 1, alice)], true).await;
+        let settled = committer.ack(bob, 1, vec![id]).await.unwrap();
+        assert_eq!(
+            settled,
+            [Settled {
+                id,
+                sender: Some((alice, 7))
+            }]
+        );
+        durable.await.unwrap();
+        // Long past the window, and behind a barrier: nothing was written.
+        tokio::time::sleep(WINDOW * 4).await;
+        committer.reserve(0).await.unwrap().barrier().await.unwrap();
+        assert!(queue.batches.lock().unwrap().is_empty());
+        assert!(committer.pending.len() == 0);
+        // Acked again (a client retrying): nothing left to settle.
+        assert!(committer.ack(bob, 1, vec![id]).await.unwrap().is_empty());
+    }
+
+    /// A held copy not acked in its window is written when it ends, and an
+    /// ack then is a delete that names its sender.
+    #[tokio::test(start_paused = true)]
+    async fn a_copy_not_acked_in_its_window_is_written_then_deleted() {
+        let queue = Arc::new(MemQueue::default());
+        let committer = local(queue.clone());
+        let (bob, alice, id) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::now_v7());
+        let started = Instant::now();
+        insert(&committer, vec![copy(id, bob, 1, alice)], true)
+            .await
+            .await
+            .unwrap();
+        assert!(started.elapsed() >= WINDOW, "{:?}", started.elapsed());
+        assert_eq!(rows(&queue), [(id, 1)]);
+        let settled = committer.ack(bob, 1, vec![id]).await.unwrap();
+        assert_eq!(settled[0].sender, Some((alice, 7)));
+        assert!(rows(&queue).is_empty());
+        assert_eq!(*queue.batches.lock().unwrap(), [(1, 0), (0, 1)]);
+    }
+
+    /// An ack cancels its own device's copy only; the other device's copy
+    /// of the same message is written, and the other nodes hear of exactly
+    /// what was written, message by message in commit order.
+    #[tokio::test(start_paused = true)]
+    async fn an_ack_cancels_its_own_copy_only() {
+        let queue = Arc::new(MemQueue::default());
+        let broker = Arc::new(Recorder::default());
+        let committer = committer(queue.clone(), broker.clone());
+        let (bob, alice, id) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::now_v7());
+        let first = insert(
+            &committer,
+            vec![copy(id, bob, 1, alice), copy(id, bob, 2, alice)],
+            true,
+        )
+        .await;
         let later = Uuid::now_v7();
-        let (later_op, _) = insert(vec![copy(later, bob, 1, alice)]);
-        let broker = Arc::new(crate::cluster::local::Recorder::default());
-        writer_with(queue.clone(), broker.clone())
-            .commit(vec![insert_op, ack_op, later_op])
-            .await;
-        // The other nodes hear of what was written, message by message in
-        // commit order, and not of the cancelled copy.
+        let second = insert(&committer, vec![copy(later, bob, 1, alice)], false).await;
+        assert_eq!(committer.ack(bob, 1, vec![id]).await.unwrap().len(), 1);
+        first.await.unwrap();
+        second.await.unwrap();
+        assert_eq!(rows(&queue), [(id, 2), (later, 1)]);
         let published: Vec<(Uuid, Vec<DeviceId>)> = broker
             .pushes
             .lock()
@@ -498,49 +733,76 @@ mod tests {
             .map(|p| (p.id, p.copies.iter().map(|c| c.device).collect()))
             .collect();
         assert_eq!(published, [(id, vec![2]), (later, vec![1])]);
+    }
 
-        inserted.await.unwrap().unwrap();
-        let settled = acked.await.unwrap().unwrap();
-        assert_eq!(
-            settled,
-            [Settled {
-                id,
-                sender: Some((alice, 7))
-            }]
-        );
-        let rows = queue.rows.lock().unwrap();
-        assert_eq!(
-            rows.iter().map(|r| (r.id, r.device)).collect::<Vec<_>>(),
-            [(id, 2), (later, 1)]
-        );
-        // The written batch held two rows and no delete.
+    /// A held insert holds back what was enqueued behind it, even what is
+    /// not held: copies commit in id order.
+    #[tokio::test(start_paused = true)]
+    async fn a_held_insert_keeps_its_place() {
+        let queue = Arc::new(MemQueue::default());
+        let committer = local(queue.clone());
+        let (bob, carol, alice) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let (held, offline) = (Uuid::now_v7(), Uuid::now_v7());
+        let first = insert(&committer, vec![copy(held, bob, 1, alice)], true).await;
+        let second = insert(&committer, vec![copy(offline, carol, 1, alice)], false).await;
+        second.await.unwrap();
+        first.await.unwrap();
+        assert_eq!(rows(&queue), [(held, 1), (offline, 1)]);
         assert_eq!(*queue.batches.lock().unwrap(), [(2, 0)]);
     }
 
-    /// Two acks naming one copy in a batch count it once, for the first;
-    /// an id queued for another device settles nothing.
+    /// A message acked on all its copies stops holding the line: what is
+    /// queued behind it does not wait out its window.
+    #[tokio::test]
+    async fn an_acked_message_does_not_hold_back_the_queue() {
+        let queue = Arc::new(MemQueue::default());
+        let keys = Arc::new(KeyRing::generate().unwrap());
+        let metrics = Arc::new(Metrics::disabled());
+        let broker = Arc::new(crate::cluster::local::LocalBroker);
+        let window = Duration::from_secs(3600);
+        let (committer, _task) =
+            Committer::spawn(queue.clone(), keys, metrics, true, broker, window);
+        let (bob, carol, alice) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let (held, offline) = (Uuid::now_v7(), Uuid::now_v7());
+        let first = insert(&committer, vec![copy(held, bob, 1, alice)], true).await;
+        let second = insert(&committer, vec![copy(offline, carol, 1, alice)], false).await;
+        // Let the committer start waiting out the first one's window.
+        tokio::task::yield_now().await;
+        committer.ack(bob, 1, vec![held]).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), second)
+            .await
+            .expect("not held back by an acked message")
+            .unwrap();
+        first.await.unwrap();
+        assert_eq!(rows(&queue), [(offline, 1)]);
+    }
+
+    /// Two acks naming one written copy count it once, for the first; an id
+    /// queued for another device settles nothing.
     #[tokio::test]
     async fn each_settled_copy_is_counted_once() {
         let queue = Arc::new(MemQueue::default());
+        let committer = local(queue.clone());
         let (bob, alice) = (Uuid::new_v4(), Uuid::new_v4());
         let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
-        let (op, inserted) = insert(vec![copy(first, bob, 1, alice)]);
-        let (op2, inserted2) = insert(vec![copy(second, bob, 2, alice)]);
-        let writer = writer(queue.clone());
-        writer.commit(vec![op, op2]).await;
-        inserted.await.unwrap().unwrap();
-        inserted2.await.unwrap().unwrap();
-
-        let (a, a_rx) = ack(bob, 1, vec![first]);
-        let (b, b_rx) = ack(bob, 1, vec![first, second]);
-        writer.commit(vec![a, b]).await;
-        let a = a_rx.await.unwrap().unwrap();
-        let b = b_rx.await.unwrap().unwrap();
-        assert_eq!(a.iter().map(|s| s.id).collect::<Vec<_>>(), [first]);
-        assert_eq!(a[0].sender, Some((alice, 7)));
-        // `first` was the first ack's; `second` is device 2's, not device 1's.
-        assert!(b.is_empty(), "{b:?}");
-        assert_eq!(queue.rows.lock().unwrap().len(), 1);
+        insert(&committer, vec![copy(first, bob, 1, alice)], false)
+            .await
+            .await
+            .unwrap();
+        insert(&committer, vec![copy(second, bob, 2, alice)], false)
+            .await
+            .await
+            .unwrap();
+        let (a, b) = tokio::join!(
+            committer.ack(bob, 1, vec![first]),
+            committer.ack(bob, 1, vec![first, second, first]),
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let mut ids: Vec<Uuid> = a.iter().chain(&b).map(|s| s.id).collect();
+        ids.sort();
+        // `second` is device 2's, not device 1's.
+        assert_eq!(ids, [first]);
+        assert_eq!(rows(&queue), [(second, 2)]);
     }
 
     /// A batch that fails tells every insert and ack, and still lets its
@@ -549,18 +811,15 @@ mod tests {
     #[tokio::test]
     async fn a_failed_batch_fails_its_callers_and_releases_its_barriers() {
         let queue = Arc::new(MemQueue::default());
+        let committer = local(queue.clone());
         queue.failing.store(true, Ordering::Relaxed);
         let (bob, alice, id) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::now_v7());
-        let (insert_op, inserted) = insert(vec![copy(id, bob, 1, alice)]);
-        let (ack_op, acked) = ack(bob, 1, vec![Uuid::now_v7()]);
-        let (done, barrier) = oneshot::channel();
-        writer(queue.clone())
-            .commit(vec![insert_op, ack_op, Op::Barrier { done }])
-            .await;
+        let inserted = insert(&committer, vec![copy(id, bob, 1, alice)], false).await;
+        let barrier = committer.reserve(0).await.unwrap().barrier();
+        let acked = committer.ack(bob, 1, vec![Uuid::now_v7()]);
         barrier.await.unwrap();
-        let err: Error = inserted.await.unwrap().unwrap_err().into();
-        assert!(matches!(err, Error::Unavailable));
-        assert!(acked.await.unwrap().unwrap_err().unavailable);
+        assert!(matches!(inserted.await, Err(Error::Unavailable)));
+        assert!(matches!(acked.await, Err(Error::Unavailable)));
         assert!(queue.rows.lock().unwrap().is_empty());
     }
 
@@ -568,11 +827,50 @@ mod tests {
     #[tokio::test]
     async fn barriers_alone_write_nothing() {
         let queue = Arc::new(MemQueue::default());
-        let (done, barrier) = oneshot::channel();
-        writer(queue.clone())
-            .commit(vec![Op::Barrier { done }])
-            .await;
-        barrier.await.unwrap();
+        let committer = local(queue.clone());
+        committer.reserve(0).await.unwrap().barrier().await.unwrap();
         assert!(queue.batches.lock().unwrap().is_empty());
+    }
+
+    /// A committer whose handles are gone writes its held copies at once
+    /// and stops: nothing accepted is abandoned at shutdown.
+    #[tokio::test(start_paused = true)]
+    async fn held_copies_are_written_at_shutdown() {
+        let queue = Arc::new(MemQueue::default());
+        let keys = Arc::new(KeyRing::generate().unwrap());
+        let metrics = Arc::new(Metrics::disabled());
+        let broker = Arc::new(crate::cluster::local::LocalBroker);
+        let window = Duration::from_secs(1);
+        let (committer, task) =
+            Committer::spawn(queue.clone(), keys, metrics, true, broker, window);
+        let (bob, alice, id) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::now_v7());
+        let durable = insert(&committer, vec![copy(id, bob, 1, alice)], true).await;
+        let started = Instant::now();
+        drop(committer);
+        task.await.unwrap();
+        durable.await.unwrap();
+        assert!(started.elapsed() < window);
+        assert_eq!(rows(&queue), [(id, 1)]);
+    }
+
+    /// The row bound follows what full commits achieved, within its limits,
+    /// and ignores small batches.
+    #[test]
+    fn the_batch_bound_follows_the_database() {
+        let mut budget = Budget::new();
+        // 512 rows in 2 ms: 5,120 fit in 20 ms; halfway there.
+        budget.observe(512, Duration::from_millis(2));
+        assert_eq!(budget.rows, (512 + 5_120) / 2);
+        for _ in 0..20 {
+            budget.observe(budget.rows, Duration::from_millis(1));
+        }
+        assert_eq!(budget.rows, MAX_BATCH_ROWS);
+        // A small batch says nothing about the rate.
+        budget.observe(10, Duration::from_secs(1));
+        assert_eq!(budget.rows, MAX_BATCH_ROWS);
+        for _ in 0..20 {
+            budget.observe(budget.rows, Duration::from_secs(1));
+        }
+        assert_eq!(budget.rows, MIN_BATCH_ROWS);
     }
 }

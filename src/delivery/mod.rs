@@ -36,6 +36,7 @@
 //! operator restores the key.
 
 pub mod committer;
+mod pending;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -322,11 +323,12 @@ impl Delivery {
                 continue;
             }
             let (id, sent_at, messages) = stamp(from, to, copies(content, &devices));
-            // Enqueued before it is pushed: an ack of a pushed copy can only
-            // reach the committer behind its insert. The committer publishes
-            // it to the other nodes once it is written.
-            let insert = slot.insert(messages.clone(), SystemTime::now());
-            self.push_here(to, messages, false);
+            // Staged before it is pushed, so that an ack of a pushed copy
+            // finds it; held for the ack window if a socket here took it.
+            // The committer publishes it to the other nodes once written.
+            let staged = slot.stage(messages.clone(), SystemTime::now());
+            let reached = self.push_here(to, messages, false);
+            let insert = staged.enqueue(reached > 0);
             drop(order);
             let (queues, metrics) = (self.queues.clone(), self.metrics.clone());
             let durable = Box::pin(async move {
@@ -839,6 +841,7 @@ mod tests {
             metrics.clone(),
             true,
             broker.clone(),
+            Duration::from_millis(5),
         );
         let limits = Limits {
             max_body_bytes: 1024,

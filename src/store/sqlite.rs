@@ -9,7 +9,6 @@
 //! survives both `kill -9` of the process and a power loss. Group commit
 //! amortises the extra fsync over every message in the batch.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -57,15 +56,24 @@ fn reseal_sql(rows: usize) -> String {
     )
 }
 
-/// Deletes up to `ids` of one device's copies, returning the rows deleted.
-/// Built from constant fragments only; every value is bound.
-fn delete_sql(ids: usize) -> String {
+/// Deletes `acks` copies of any devices in one statement, returning the
+/// rows deleted: the ids first (`id IN (...)` finds the rows by primary
+/// key), then each copy's (id, device, recipient), which keeps only the
+/// copies named (a row-value `IN` alone would scan the table). Built from
+/// constant fragments only; every value is bound.
+fn delete_sql(acks: usize) -> String {
     format!(
-        "DELETE FROM messages WHERE recipient = ? AND device_id = ? AND id IN ({}) \
+        "DELETE FROM messages WHERE id IN ({}) AND (id, device_id, recipient) IN (VALUES {}) \
          RETURNING {QUEUE_COLUMNS}",
-        vec!["?"; ids].join(", ")
+        vec!["?"; acks].join(", "),
+        vec!["(?, ?, ?)"; acks].join(", ")
     )
 }
+
+/// Acks per delete statement: four values each, well inside SQLite's
+/// 32,766 variables, and few enough statements that a batch of thousands
+/// of acks costs a handful of round trips to the connection's thread.
+const ACKS_PER_STATEMENT: usize = 250;
 
 /// How long a statement waits on SQLite's file lock (held only by another
 /// process, such as a backup) before failing.
@@ -812,25 +820,20 @@ impl Queue for SqliteStore {
             }
             insert.execute(&mut *tx).await?;
         }
-        let mut by_device: HashMap<(Uuid, DeviceId), Vec<Uuid>> = HashMap::new();
-        for ack in acks {
-            by_device
-                .entry((ack.recipient, ack.device))
-                .or_default()
-                .push(ack.id);
-        }
         let mut deleted = Vec::new();
-        for ((recipient, device), ids) in by_device {
-            for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-                let mut delete = sqlx::query_as(AssertSqlSafe(delete_sql(chunk.len())))
-                    .bind(recipient)
-                    .bind(i64::from(device));
-                for id in chunk {
-                    delete = delete.bind(*id);
-                }
-                let gone: Vec<QueueRow> = delete.fetch_all(&mut *tx).await?;
-                deleted.extend(stored_rows(gone)?);
+        for chunk in acks.chunks(ACKS_PER_STATEMENT) {
+            let mut delete = sqlx::query_as(AssertSqlSafe(delete_sql(chunk.len())));
+            for ack in chunk {
+                delete = delete.bind(ack.id);
             }
+            for ack in chunk {
+                delete = delete
+                    .bind(ack.id)
+                    .bind(i64::from(ack.device))
+                    .bind(ack.recipient);
+            }
+            let gone: Vec<QueueRow> = delete.fetch_all(&mut *tx).await?;
+            deleted.extend(stored_rows(gone)?);
         }
         tx.commit().await?;
         Ok(deleted)

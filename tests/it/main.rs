@@ -11,6 +11,7 @@ mod cli;
 mod cluster;
 mod devices;
 mod durability;
+mod elision;
 mod health;
 mod hostile;
 mod keys;
