@@ -4,10 +4,14 @@
 //! # Layout
 //!
 //! - [`client`]: REST (with backoff and a token cache) and WebSocket clients.
-//! - [`stats`]: latency histograms and counters that merge across processes.
+//! - [`stats`]: latency histograms, counters and timelines that merge across
+//!   processes.
 //! - [`scenario`]: `connect`, `pairs` (optionally with several devices per
-//!   recipient; across the nodes of a cluster, optionally killing one),
-//!   `drain`, `poll`, `storm`.
+//!   recipient; across the nodes of a cluster, optionally killing one, or
+//!   killing and restarting a single server), `drain`, `poll`, `storm`.
+//! - [`metrics`]: the server's own counters, scraped from its Prometheus
+//!   text before and after a run (the ack window's elided copies).
+//! - [`chart`]: SVG charts drawn from a directory of JSON results.
 //! - This file: the run itself. A run signs up its accounts, writes a
 //!   [`Plan`], and executes it in `--workers` shards: in this process for one
 //!   worker, else in child processes of the same binary, each holding its
@@ -17,7 +21,9 @@
 //!   restarts the server, starts the clock), then report; the parent merges
 //!   the reports into one JSON result on stdout.
 
+pub mod chart;
 pub mod client;
+pub mod metrics;
 pub mod scenario;
 pub mod stats;
 
@@ -109,37 +115,67 @@ impl Fanout {
     }
 }
 
-/// A node killed mid-run, for `pairs` across nodes: the parent sends
-/// SIGKILL to `--kill-pid` (one of the `--url` nodes) `--kill-after`
-/// seconds into the sending. Its clients then reconnect to the next URL
-/// and go on: receivers drain their backlog there and keep counting, and
-/// senders keep sending. Without it a lost socket ends its client, as
-/// before.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, clap::Args)]
+/// A server killed mid-run, for `pairs`, `--kill-after` seconds into the
+/// sending: either the parent sends SIGKILL to `--kill-pid` (one of the
+/// `--url` nodes; its clients reconnect to the next URL), or it runs
+/// `--restart-cmd`, a shell command that kills the server and starts it
+/// again (its clients reconnect to the same URL, the only one). Either
+/// way, clients whose socket drops reconnect and go on: receivers drain
+/// their backlog and keep counting, and senders keep sending. Without
+/// either a lost socket ends its client, as before.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, clap::Args)]
 pub struct Kill {
     /// The node process to SIGKILL mid-run (its pid); clients reconnect.
-    #[arg(long, requires = "kill_after")]
+    #[arg(long, requires = "kill_after", conflicts_with = "restart_cmd")]
     pub kill_pid: Option<u32>,
-    /// Seconds into the sending at which to kill it.
-    #[arg(long, requires = "kill_pid")]
+    /// A shell command (`sh -c`) run mid-run that kills the server (kill
+    /// -9) and starts it again on the same address, returning once it
+    /// answers; clients reconnect to the same URL.
+    #[arg(long, requires = "kill_after")]
+    pub restart_cmd: Option<String>,
+    /// Seconds into the sending at which to kill (with --kill-pid or
+    /// --restart-cmd).
+    #[arg(long)]
     pub kill_after: Option<u64>,
+}
+
+/// What became of a [`Kill`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Struck {
+    /// The SIGKILL went out, or the restart command was started (killing
+    /// is its job).
+    pub killed: bool,
+    /// With `--restart-cmd`: whether it exited 0 (the server is back).
+    pub restarted: Option<bool>,
 }
 
 impl Kill {
     /// Whether clients reconnect after losing their socket.
     pub fn reconnect(&self) -> bool {
-        self.kill_pid.is_some()
+        self.kill_pid.is_some() || self.restart_cmd.is_some()
     }
 
-    /// Sends the SIGKILL once `kill_after` has passed: spawned at the gate,
-    /// so the clock starts with the sending. Returns whether the kill went
-    /// out (false without a pid, or when `kill` failed: the process was
-    /// gone already).
-    pub async fn run(self) -> bool {
+    /// How long into the sending the kill goes off.
+    pub fn after(&self) -> Duration {
+        Duration::from_secs(self.kill_after.unwrap_or(0))
+    }
+
+    /// Kills now: sends the SIGKILL, or runs the restart command to its
+    /// end. Spawned at the gate after a sleep of [`Kill::after`], so the
+    /// clock starts with the sending.
+    pub async fn strike(&self) -> Struck {
+        let after = self.kill_after.unwrap_or(0);
+        if let Some(cmd) = &self.restart_cmd {
+            eprintln!("killing and restarting the server, {after} s into the sending: {cmd}");
+            let status = shell(cmd).await;
+            return Struck {
+                killed: status.is_some(),
+                restarted: Some(status == Some(true)),
+            };
+        }
         let Some(pid) = self.kill_pid else {
-            return false;
+            return Struck::default();
         };
-        tokio::time::sleep(Duration::from_secs(self.kill_after.unwrap_or(0))).await;
         let status = tokio::process::Command::new("kill")
             .arg("-KILL")
             .arg(pid.to_string())
@@ -147,11 +183,35 @@ impl Kill {
             .await;
         let killed = matches!(status, Ok(s) if s.success());
         eprintln!(
-            "{} node process {pid} with SIGKILL, {} s into the sending",
+            "{} node process {pid} with SIGKILL, {after} s into the sending",
             if killed { "killed" } else { "could not kill" },
-            self.kill_after.unwrap_or(0)
         );
-        killed
+        Struck {
+            killed,
+            restarted: None,
+        }
+    }
+}
+
+/// Runs `cmd` through `sh -c` to its end: `None` if it could not be
+/// started, else whether it exited 0.
+pub async fn shell(cmd: &str) -> Option<bool> {
+    match tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .status()
+        .await
+    {
+        Ok(status) => {
+            if !status.success() {
+                eprintln!("{cmd}: {status}");
+            }
+            Some(status.success())
+        }
+        Err(e) => {
+            eprintln!("{cmd}: not started: {e}");
+            None
+        }
     }
 }
 

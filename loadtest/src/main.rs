@@ -1,6 +1,6 @@
 //! The `sealpost-loadtest` command: parse a scenario, sign up its accounts,
 //! run it across workers, print one JSON result on stdout. Progress goes to
-//! stderr.
+//! stderr. `chart` instead draws SVG charts from a directory of results.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,9 +9,12 @@ use clap::{Parser, Subcommand};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use sealpost_loadtest::client::{self, Account, Api, Target};
+use sealpost_loadtest::metrics::{Counts, Elision};
 use sealpost_loadtest::scenario::drain;
-use sealpost_loadtest::stats::Report;
-use sealpost_loadtest::{Fanout, Kill, Plan, Spec, Traffic, execute, rss_kib, worker};
+use sealpost_loadtest::stats::{Report, now_nanos};
+use sealpost_loadtest::{
+    Fanout, Kill, Plan, Spec, Struck, Traffic, chart, execute, rss_kib, shell, worker,
+};
 use serde_json::{Value, json};
 
 #[derive(Parser)]
@@ -76,6 +79,12 @@ enum Command {
         fanout: Fanout,
         #[command(flatten)]
         kill: Kill,
+        /// A node's Prometheus endpoint (http://METRICS_ADDR/metrics),
+        /// scraped before and after the measured phase for the ack
+        /// window's figures (`results.elision`). Repeat it for every node
+        /// of a cluster: their counts are summed.
+        #[arg(long = "metrics-url")]
+        metrics_urls: Vec<String>,
     },
     /// Queue users × per-user messages for offline users, then time the drain.
     Drain {
@@ -106,6 +115,17 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         markers: usize,
     },
+    /// Draw SVG charts from a directory of JSON results: push-latency.svg,
+    /// sent-latency.svg, memory-per-socket.svg, elided.svg (each when
+    /// some result has its data). Needs no server.
+    Chart {
+        /// Where the results are (one JSON per run; other files are skipped).
+        #[arg(long = "in", default_value = "target/bench")]
+        input: PathBuf,
+        /// Where the charts go (created if missing).
+        #[arg(long, default_value = "docs/bench")]
+        out: PathBuf,
+    },
     /// (internal) Run one shard of a plan written by the parent.
     #[command(hide = true)]
     Worker {
@@ -121,8 +141,22 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Command::Worker { plan, shard, of } = &cli.command {
-        return worker(plan.clone(), *shard, *of).await;
+    match &cli.command {
+        Command::Worker { plan, shard, of } => return worker(plan.clone(), *shard, *of).await,
+        Command::Chart { input, out } => {
+            let runs = chart::load(input)?;
+            let written = chart::write_all(&runs, out)?;
+            eprintln!(
+                "{} results in {}: {} charts written to {}",
+                runs.len(),
+                input.display(),
+                written.len(),
+                out.display()
+            );
+            println!("{}", json!({ "charts": written }));
+            return Ok(());
+        }
+        _ => {}
     }
     let targets = cli
         .urls
@@ -156,7 +190,9 @@ async fn main() -> anyhow::Result<()> {
     let mut params = json!({});
     let mut between: BoxFuture<'static, ()> = async {}.boxed();
     let mut after_setup_rss = None::<Shared<Vec<Option<u64>>>>;
-    let mut node_killed = None::<Shared<Option<bool>>>;
+    let mut memory_samples = None::<Shared<Vec<(u64, u64)>>>;
+    let mut struck = None::<Shared<Option<Struck>>>;
+    let mut scrapes = None::<Shared<Scrapes>>;
     match &cli.command {
         Command::Connect { conns, hold, users } => {
             plan.spec = Spec::Connect {
@@ -168,7 +204,12 @@ async fn main() -> anyhow::Result<()> {
             let (pids, hold) = (pids.clone(), Duration::from_secs(*hold));
             let measured = Shared::default();
             after_setup_rss = Some(measured.clone());
+            // While the sockets open, the memory is sampled for the curve.
+            let samples = Shared::default();
+            memory_samples = Some(samples.clone());
+            let sampler = tokio::spawn(sample_memory(pids.clone(), samples));
             between = async move {
+                sampler.abort();
                 // Let the server settle (idle tasks, allocator) before reading.
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 *measured.lock().unwrap() = pids.iter().map(|&pid| rss_kib(pid)).collect();
@@ -180,8 +221,12 @@ async fn main() -> anyhow::Result<()> {
             traffic,
             fanout,
             kill,
+            metrics_urls,
         } => {
-            plan.spec = Spec::Pairs(*traffic, *fanout, *kill);
+            if kill.kill_after.is_some() && !kill.reconnect() {
+                anyhow::bail!("--kill-after needs --kill-pid or --restart-cmd");
+            }
+            plan.spec = Spec::Pairs(*traffic, *fanout, kill.clone());
             let devices = fanout.devices();
             // Receivers of an N-device run have names of their own: a device
             // that a run opens no socket for queues copies nobody acks, so
@@ -211,21 +256,23 @@ async fn main() -> anyhow::Result<()> {
             if devices > 1 {
                 params["device_setup"] = serde_json::to_value(device_setup)?;
             }
+            if !metrics_urls.is_empty() {
+                params["metrics_urls"] = json!(metrics_urls);
+                scrapes = Some(Shared::default());
+            }
             if kill.reconnect() {
                 params["kill_pid"] = json!(kill.kill_pid);
+                params["restart_cmd"] = json!(kill.restart_cmd);
                 params["kill_after_s"] = json!(kill.kill_after);
-                // The kill goes off during the measured phase: spawned at
-                // the gate, it starts counting with the sending.
-                let (kill, outcome) = (*kill, Shared::default());
-                node_killed = Some(outcome.clone());
-                between = async move {
-                    tokio::spawn(async move {
-                        let killed = kill.run().await;
-                        *outcome.lock().unwrap() = Some(killed);
-                    });
-                }
-                .boxed();
+                struck = Some(Shared::default());
             }
+            between = pairs_action(
+                metrics_urls.clone(),
+                scrapes.clone(),
+                kill.reconnect().then(|| kill.clone()),
+                struck.clone(),
+            )
+            .boxed();
         }
         Command::Poll(traffic) => {
             plan.spec = Spec::Poll(*traffic);
@@ -280,7 +327,7 @@ async fn main() -> anyhow::Result<()> {
             )
             .boxed();
         }
-        Command::Worker { .. } => unreachable!("handled above"),
+        Command::Worker { .. } | Command::Chart { .. } => unreachable!("handled above"),
     }
 
     // The baseline is taken with the accounts ready and no socket open yet.
@@ -289,6 +336,27 @@ async fn main() -> anyhow::Result<()> {
     let rss_end = after_setup_rss
         .map(|m| m.lock().unwrap().clone())
         .unwrap_or_default();
+    // Every confirmed copy was counted before its `sent` went out, so the
+    // scrape can follow the run at once.
+    let elision = match (&cli.command, &scrapes) {
+        (Command::Pairs { metrics_urls, .. }, Some(scrapes)) => {
+            let after = Counts::scrape(metrics_urls).await;
+            let scrapes = scrapes.lock().unwrap().clone();
+            match (scrapes.before, after) {
+                (Some(before), Ok(after)) => Some(Elision::between(
+                    &before,
+                    scrapes.before_kill.as_ref(),
+                    &after,
+                )),
+                (_, Err(e)) => {
+                    eprintln!("no elision figures: {e:#}");
+                    None
+                }
+                (None, _) => None,
+            }
+        }
+        _ => None,
+    };
     let mut result = summarise(
         &cli.command,
         &report,
@@ -301,8 +369,31 @@ async fn main() -> anyhow::Result<()> {
         },
         cli.workers,
     );
-    if let Some(killed) = node_killed {
-        result["results"]["node_killed"] = json!(*killed.lock().unwrap());
+    if let Some(struck) = struck {
+        let struck = *struck.lock().unwrap();
+        result["results"]["node_killed"] = json!(struck.map(|s| s.killed));
+        if let Command::Pairs { kill, .. } = &cli.command
+            && kill.restart_cmd.is_some()
+        {
+            result["results"]["restarted"] = json!(struck.and_then(|s| s.restarted));
+        }
+    }
+    if scrapes.is_some() {
+        result["results"]["elision"] = json!(elision);
+    }
+    if let Some(samples) = memory_samples {
+        let samples = samples.lock().unwrap().clone();
+        let (before, with_conns) = Memory {
+            urls: &cli.urls,
+            pids: &pids,
+            before: &rss_start,
+            with_conns: &rss_end,
+        }
+        .totals();
+        if !pids.is_empty() {
+            result["results"]["memory_curve"] =
+                json!(memory_curve(&samples, before, with_conns, &report));
+        }
     }
     println!("{}", serde_json::to_string_pretty(&result)?);
     Ok(())
@@ -310,6 +401,103 @@ async fn main() -> anyhow::Result<()> {
 
 /// A value the parent's gate action fills in and the summary reads.
 type Shared<T> = std::sync::Arc<std::sync::Mutex<T>>;
+
+/// The elision counters scraped during a `pairs` run: at the gate, and
+/// just before the restart command (whose new server counts from zero).
+#[derive(Clone, Default)]
+struct Scrapes {
+    before: Option<Counts>,
+    before_kill: Option<Counts>,
+}
+
+/// At the pairs' gate: scrape the metrics (when asked), then start the
+/// kill's clock (when there is one). The kill goes off during the measured
+/// phase, so it is spawned here and the gate opens at once.
+async fn pairs_action(
+    metrics_urls: Vec<String>,
+    scrapes: Option<Shared<Scrapes>>,
+    kill: Option<Kill>,
+    struck: Option<Shared<Option<Struck>>>,
+) {
+    if let Some(scrapes) = &scrapes {
+        match Counts::scrape(&metrics_urls).await {
+            Ok(counts) => scrapes.lock().unwrap().before = Some(counts),
+            Err(e) => eprintln!("no elision figures: {e:#}"),
+        }
+    }
+    let (Some(kill), Some(struck)) = (kill, struck) else {
+        return;
+    };
+    tokio::spawn(async move {
+        tokio::time::sleep(kill.after()).await;
+        if let Some(scrapes) = &scrapes
+            && kill.restart_cmd.is_some()
+        {
+            // The last count of the server about to die.
+            let counts = Counts::scrape(&metrics_urls).await.ok();
+            scrapes.lock().unwrap().before_kill = counts;
+        }
+        let outcome = kill.strike().await;
+        *struck.lock().unwrap() = Some(outcome);
+    });
+}
+
+/// Memory samples while a `connect` run's sockets open: one per
+/// [`MEMORY_SAMPLE_EVERY`], until aborted at the gate, at most
+/// [`MEMORY_SAMPLES_MAX`].
+const MEMORY_SAMPLE_EVERY: Duration = Duration::from_millis(250);
+/// Ten minutes of samples: longer than any connect phase.
+const MEMORY_SAMPLES_MAX: usize = 2_400;
+
+/// Appends (ns since the epoch, VmRSS in KiB summed over `pids`) to
+/// `samples` every [`MEMORY_SAMPLE_EVERY`]; a reading that fails (a pid
+/// gone) is skipped.
+async fn sample_memory(pids: Vec<u32>, samples: Shared<Vec<(u64, u64)>>) {
+    if pids.is_empty() {
+        return;
+    }
+    let mut ticker = tokio::time::interval(MEMORY_SAMPLE_EVERY);
+    for _ in 0..MEMORY_SAMPLES_MAX {
+        ticker.tick().await;
+        let at = now_nanos();
+        if let Some(total) = pids.iter().map(|&pid| rss_kib(pid)).sum::<Option<u64>>() {
+            samples.lock().unwrap().push((at, total));
+        }
+    }
+}
+
+/// `results.memory_curve`: for each sample taken while the sockets opened,
+/// the sockets ready by then (from the shards' `ready` timeline), the
+/// memory, and KiB per socket over the baseline; then the reading at the
+/// gate with every socket open. Samples before the first socket are left
+/// out.
+fn memory_curve(
+    samples: &[(u64, u64)],
+    before: Option<u64>,
+    with_conns: Option<u64>,
+    report: &Report,
+) -> Vec<Value> {
+    let point = |sockets: u64, rss: u64| {
+        json!({
+            "sockets": sockets,
+            "rss_kib": rss,
+            "kib_per_socket": kib_per_conn(before, Some(rss), sockets),
+        })
+    };
+    let mut curve: Vec<Value> = samples
+        .iter()
+        .map(|&(at, rss)| (report.marked_by("ready", at), rss))
+        .filter(|&(sockets, _)| sockets > 0)
+        .map(|(sockets, rss)| point(sockets, rss))
+        .collect();
+    let ready = report.count("ready");
+    if let Some(rss) = with_conns
+        && ready > 0
+    {
+        curve.push(point(ready, rss));
+    }
+    curve
+}
 
 /// The nodes' memory (VmRSS, KiB) before the sockets opened and with them
 /// open, per `--server-pid` (in `--url` order).
@@ -391,13 +579,8 @@ async fn storm_action(
     match restart_cmd {
         Some(cmd) => {
             eprintln!("restarting the server: {cmd}");
-            let status = tokio::process::Command::new("sh")
-                .arg("-c")
-                .arg(&cmd)
-                .status()
-                .await;
-            if !matches!(status, Ok(s) if s.success()) {
-                eprintln!("restart command failed: {status:?}");
+            if shell(&cmd).await != Some(true) {
+                eprintln!("restart command failed");
             }
         }
         None => eprintln!("all clients ready: restart the server now"),
@@ -424,7 +607,7 @@ fn summarise(
         Command::Drain { .. } => "drain",
         Command::Poll(_) => "poll",
         Command::Storm { .. } => "storm",
-        Command::Worker { .. } => "worker",
+        Command::Worker { .. } | Command::Chart { .. } => unreachable!("handled in main"),
     };
     let mut result = json!({
         "scenario": scenario,
@@ -455,6 +638,11 @@ fn summarise(
             connect
         }
         Command::Pairs { .. } | Command::Poll(_) => {
+            let durable = if report.latencies.contains_key("send_to_sent") {
+                "send_to_sent"
+            } else {
+                "send_to_201"
+            };
             let mut traffic = json!({
                 "sent": report.count("sent"),
                 "confirmed": report.count("confirmed"),
@@ -464,11 +652,11 @@ fn summarise(
                 "duplicated": report.count("duplicated"),
                 "out_of_order": report.count("out_of_order"),
                 "push_latency": report.latency("push").summary(),
-                "durable_latency": if report.latencies.contains_key("send_to_sent") {
-                    report.latency("send_to_sent").summary()
-                } else {
-                    report.latency("send_to_201").summary()
-                },
+                "durable_latency": report.latency(durable).summary(),
+                // The full histograms (hdrhistogram V2, base64), for charts
+                // and for percentiles the summaries leave out.
+                "push_latency_hist": report.latency("push").encode(),
+                "durable_latency_hist": report.latency(durable).encode(),
             });
             if let Command::Pairs { fanout, kill, .. } = command {
                 let devices = fanout.devices();
@@ -529,7 +717,7 @@ fn summarise(
             "lost": report.count("lost"),
             "redelivered": report.count("redelivered"),
         }),
-        Command::Worker { .. } => Value::Null,
+        Command::Worker { .. } | Command::Chart { .. } => Value::Null,
     };
     result["results"] = derived;
     result

@@ -1,5 +1,6 @@
 //! Measurements that survive a trip between processes: a latency histogram
-//! (hdrhistogram, serialised as base64 V2) and named counters, both mergeable.
+//! (hdrhistogram, serialised as base64 V2), named counters, and timelines
+//! of events counted per time slot, all mergeable.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -35,6 +36,11 @@ impl Latency {
 
     pub fn count(&self) -> u64 {
         self.0.len()
+    }
+
+    /// The latency at quantile `q` (0..=1) in milliseconds.
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        self.0.value_at_quantile(q) as f64 / 1000.0
     }
 
     /// p50, p90, p99, p99.9 and max in milliseconds.
@@ -81,7 +87,15 @@ pub struct Report {
     /// Named durations in seconds (a shard's are combined by maximum).
     #[serde(default)]
     pub seconds: BTreeMap<String, f64>,
+    /// Named timelines: events per [`SLOT`] of wall-clock time, keyed by
+    /// the slot's start in ns since the epoch (comparable across the
+    /// processes of one machine), so shards' timelines add up.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub timelines: BTreeMap<String, BTreeMap<u64, u64>>,
 }
+
+/// A timeline's resolution: fine beside the 250 ms between memory samples.
+pub const SLOT: Duration = Duration::from_millis(10);
 
 impl Report {
     pub fn add(&mut self, name: &str, n: u64) {
@@ -113,6 +127,29 @@ impl Report {
         self.seconds.get(name).copied().unwrap_or(0.0)
     }
 
+    /// Counts one event of timeline `name` at `at` (ns since the epoch).
+    pub fn mark(&mut self, name: &str, at: u64) {
+        let slot = SLOT.as_nanos() as u64;
+        *self
+            .timelines
+            .entry(name.to_owned())
+            .or_default()
+            .entry(at / slot * slot)
+            .or_default() += 1;
+    }
+
+    /// Events of timeline `name` in slots that ended by `at` (ns since the
+    /// epoch).
+    pub fn marked_by(&self, name: &str, at: u64) -> u64 {
+        let slot = SLOT.as_nanos() as u64;
+        self.timelines.get(name).map_or(0, |timeline| {
+            timeline
+                .range(..=at.saturating_sub(slot))
+                .map(|(_, n)| n)
+                .sum()
+        })
+    }
+
     pub fn merge(&mut self, other: &Report) {
         for (name, n) in &other.counters {
             self.add(name, *n);
@@ -124,6 +161,12 @@ impl Report {
         }
         for (name, secs) in &other.seconds {
             self.set_seconds(name, Duration::from_secs_f64(*secs));
+        }
+        for (name, timeline) in &other.timelines {
+            let mine = self.timelines.entry(name.clone()).or_default();
+            for (slot, n) in timeline {
+                *mine.entry(*slot).or_default() += n;
+            }
         }
     }
 }
@@ -156,5 +199,23 @@ mod tests {
         assert_eq!(a.count("sent"), 6);
         assert_eq!(a.latency("push").count(), 2);
         assert_eq!(a.seconds("ready"), 5.0);
+    }
+
+    #[test]
+    fn timelines_add_up_across_shards() {
+        let ms = 1_000_000;
+        let mut a = Report::default();
+        a.mark("ready", 1_000 * ms + 3 * ms);
+        a.mark("ready", 1_000 * ms + 25 * ms);
+        let mut b = Report::default();
+        b.mark("ready", 1_000 * ms + 4 * ms);
+        let b: Report = serde_json::from_str(&serde_json::to_string(&b).unwrap()).unwrap();
+        a.merge(&b);
+        // Two in the slot from 1,000 ms, one in the slot from 1,020 ms.
+        assert_eq!(a.marked_by("ready", 1_000 * ms), 0);
+        assert_eq!(a.marked_by("ready", 1_010 * ms), 2);
+        assert_eq!(a.marked_by("ready", 1_029 * ms), 2);
+        assert_eq!(a.marked_by("ready", 1_030 * ms), 3);
+        assert_eq!(a.marked_by("other", 2_000 * ms), 0);
     }
 }

@@ -3,6 +3,9 @@
 //! memory at the gate, with every socket open. With several `--url` the
 //! sockets go round-robin over the nodes ([`slot`]), and each node's share
 //! that became ready is counted (`ready_node{i}`) for its memory per socket.
+//! Each socket's ready time goes on the `ready` timeline, so that the
+//! parent's memory samples taken while the sockets open can be matched
+//! with how many were open then (`memory_curve`).
 
 use std::time::{Duration, Instant};
 
@@ -10,8 +13,11 @@ use futures_util::{StreamExt, stream};
 
 use super::{CONNECT_CONCURRENCY, node_of, slot};
 use crate::client::{self, Ws};
-use crate::stats::{Latency, Report};
+use crate::stats::{Latency, Report, now_nanos};
 use crate::{Gate, Plan, Shard};
+
+/// A socket ready and when (ns since the epoch), or why not.
+type Opened = Result<(Ws, u64), &'static str>;
 
 /// Opens this shard's share of `conns` sockets; the parent holds them at
 /// the gate (and reads the server's memory there).
@@ -23,13 +29,13 @@ pub async fn run(
 ) -> anyhow::Result<Report> {
     let mine: Vec<usize> = shard.indices(conns);
     let started = Instant::now();
-    let opened: Vec<(usize, Result<Ws, &'static str>, Duration)> = stream::iter(mine)
+    let opened: Vec<(usize, Opened, Duration)> = stream::iter(mine)
         .map(|n| async move {
             let (account, target, source) = slot(plan, n);
             let begin = Instant::now();
             let ws = match client::connect(target, source, &account.access).await {
                 Ok(mut ws) => match client::until_drained(&mut ws).await {
-                    Ok(_) => Ok(ws),
+                    Ok(_) => Ok((ws, now_nanos())),
                     Err(_) => Err("fail_not_ready"),
                 },
                 Err(e) => Err(e.cause()),
@@ -46,8 +52,9 @@ pub async fn run(
     let nodes = plan.targets.len();
     for (node, ws, took) in opened {
         match ws {
-            Ok(ws) => {
+            Ok((ws, at)) => {
                 latency.record(took);
+                setup.mark("ready", at);
                 sockets.push(ws);
                 if nodes > 1 {
                     setup.add(&format!("ready_node{node}"), 1);

@@ -15,7 +15,9 @@
 //! With several `--url` (nodes of a cluster) a pair's sender and receiver
 //! are on different nodes ([`pair_nodes`]): every push crosses the broker.
 //! With `--kill-pid` the parent kills one node mid-run; its clients
-//! reconnect to the next URL and go on: a receiver reads its backlog there
+//! reconnect to the next URL and go on (with `--restart-cmd` the parent
+//! kills and restarts the server, and with one URL the next is the same
+//! one): a receiver reads its backlog there
 //! (a copy it had already had on the dead node, whose ack died with it,
 //! counts as `redelivered`, not as a duplicate), a sender sends on (what it
 //! had in flight stays unconfirmed: stored or not, nobody knows). At the
@@ -49,15 +51,16 @@ const GRACE: Duration = Duration::from_secs(10);
 /// Receivers ack in batches: every this often, or every `ACK_BATCH` ids.
 const ACK_EVERY: Duration = Duration::from_millis(20);
 const ACK_BATCH: usize = 200;
-/// Reconnecting after a lost socket (with `--kill-pid`): full jitter over
-/// an exponential ceiling, as storm's clients do; the ceiling stays low,
-/// since the other nodes are up and the run is short.
+/// Reconnecting after a lost socket (with `--kill-pid` or
+/// `--restart-cmd`): full jitter over an exponential ceiling, as storm's
+/// clients do; the ceiling stays low, since the other nodes are up (or the
+/// restarted server is back within seconds) and the run is short.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(2);
 /// One connection attempt: a dead node refuses at once, but one that hangs
 /// must not hold a client for long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The last read of a queue (with `--kill-pid`): time to reach `drained`.
+/// The last read of a queue (after a kill): time to reach `drained`.
 const FINAL_DRAIN: Duration = Duration::from_secs(10);
 /// Ids per `ack` frame: the server takes at most 500.
 const ACK_FRAME_MAX: usize = 500;
