@@ -9,19 +9,27 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sealpost::{Config, Server};
+use sealpost_loadtest::stats::Latency;
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 struct Running {
     addr: SocketAddr,
+    /// Where `/metrics` is served, when the server was started with it.
+    metrics: Option<SocketAddr>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
 async fn start(db: &Path, addr: &str) -> Running {
+    start_with(db, addr, &[]).await
+}
+
+/// As [`start`], with more server arguments (`--metrics-addr A`).
+async fn start_with(db: &Path, addr: &str, extra: &[&str]) -> Running {
     let url = format!("sqlite://{}", db.display());
-    let config = Config::parse_from([
+    let base = [
         "--addr",
         addr,
         "--database-url",
@@ -40,15 +48,21 @@ async fn start(db: &Path, addr: &str) -> Running {
         "0",
         "--max-queued-per-user",
         "0",
-    ])
-    .expect("config");
+    ];
+    let config = Config::parse_from(base.iter().chain(extra)).expect("config");
     let server = Server::bind(config).await.expect("server starts");
     let addr = server.local_addr().unwrap();
+    let metrics = server.metrics_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(server.run(async {
         let _ = stopped.await;
     }));
-    Running { addr, stop, task }
+    Running {
+        addr,
+        metrics,
+        stop,
+        task,
+    }
 }
 
 impl Running {
@@ -432,4 +446,201 @@ async fn pairs_reconnect_after_a_kill_and_lose_nothing() {
     assert!(n(&r["delivered"]) >= n(&r["confirmed"]), "{result}");
     assert!(n(&r["reconnect_latency"]["count"]) >= 2, "{result}");
     restarted.stop().await;
+}
+
+/// `--metrics-url`: the server's elision counters, scraped before and
+/// after the measured phase, account for every confirmed message once:
+/// acked inside the ack window (elided) or written. The result carries
+/// the full latency histograms too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pairs_report_elision_from_the_servers_metrics() {
+    let fixture = Fixture::new();
+    let server = start_with(
+        &fixture.db(),
+        "127.0.0.1:0",
+        &["--metrics-addr", "127.0.0.1:0"],
+    )
+    .await;
+    let metrics_url = format!("http://{}/metrics", server.metrics.expect("metrics on"));
+    let result = loadtest(
+        server.addr,
+        &[
+            "pairs",
+            "--pairs",
+            "4",
+            "--rate",
+            "400",
+            "--duration",
+            "2",
+            "--size",
+            "64",
+            "--metrics-url",
+            &metrics_url,
+        ],
+    )
+    .await;
+    let r = &result["results"];
+    let confirmed = n(&r["confirmed"]);
+    assert!(confirmed > 100, "{result}");
+    assert_eq!(n(&r["lost"]), 0, "{result}");
+    let elision = &r["elision"];
+    let (elided, written) = (n(&elision["elided"]), n(&elision["written"]));
+    assert_eq!(elided + written, confirmed, "{result}");
+    let fraction = elision["elided_fraction"].as_f64().expect("a fraction");
+    assert!((fraction - elided as f64 / confirmed as f64).abs() < 1e-9);
+    assert!(elision.get("restarted").is_none(), "{result}");
+    assert_eq!(result["params"]["metrics_urls"][0], metrics_url.as_str());
+    // The histograms behind the summaries.
+    let push = Latency::decode(r["push_latency_hist"].as_str().unwrap()).unwrap();
+    assert_eq!(push.count(), n(&r["received"]));
+    let durable = Latency::decode(r["durable_latency_hist"].as_str().unwrap()).unwrap();
+    assert_eq!(durable.count(), confirmed);
+    server.stop().await;
+}
+
+/// `--restart-cmd`: the command (here it drops a file, and returns once a
+/// second file says the server is back) stands for kill -9 and start;
+/// the test stops the server and starts it again on the same addresses,
+/// so every socket is lost at once. Clients reconnect to the one URL;
+/// every confirmed message arrives, once, and the elision counts of both
+/// servers are added up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pairs_survive_a_restart_of_their_one_server() {
+    let fixture = Fixture::new();
+    let server = start_with(
+        &fixture.db(),
+        "127.0.0.1:0",
+        &["--metrics-addr", "127.0.0.1:0"],
+    )
+    .await;
+    let (addr, metrics) = (server.addr, server.metrics.expect("metrics on"));
+    let (signal, back) = (fixture.file("restart-now"), fixture.file("back"));
+    // Bounded: 30 s of waiting for the test to bring the server back.
+    let restart_cmd = format!(
+        "touch {signal}; i=0; while [ ! -f {back} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; [ -f {back} ]"
+    );
+    let metrics_url = format!("http://{metrics}/metrics");
+    let run = tokio::spawn(async move {
+        loadtest(
+            addr,
+            &[
+                "pairs",
+                "--pairs",
+                "4",
+                "--rate",
+                "200",
+                "--duration",
+                "4",
+                "--size",
+                "64",
+                "--restart-cmd",
+                &restart_cmd,
+                "--kill-after",
+                "1",
+                "--metrics-url",
+                &metrics_url,
+            ],
+        )
+        .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !Path::new(&signal).exists() {
+        assert!(Instant::now() < deadline, "the restart command never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+    let restarted = start_with(
+        &fixture.db(),
+        &addr.to_string(),
+        &["--metrics-addr", &metrics.to_string()],
+    )
+    .await;
+    std::fs::write(&back, b"").unwrap();
+
+    let result = run.await.unwrap();
+    let r = &result["results"];
+    assert_eq!(r["node_killed"], true, "{result}");
+    assert_eq!(r["restarted"], true, "{result}");
+    assert!(n(&r["confirmed"]) > 200, "{result}");
+    assert!(n(&r["sender_reconnects"]) >= 1, "{result}");
+    assert!(n(&r["receiver_reconnects"]) >= 1, "{result}");
+    assert_eq!(n(&r["lost"]), 0, "{result}");
+    assert_eq!(n(&r["duplicated"]), 0, "{result}");
+    assert!(n(&r["delivered"]) >= n(&r["confirmed"]), "{result}");
+    assert_eq!(r["elision"]["restarted"], true, "{result}");
+    assert!(
+        n(&r["elision"]["elided"]) + n(&r["elision"]["written"]) > 0,
+        "{result}"
+    );
+    assert!(result["params"]["restart_cmd"].as_str().is_some());
+    restarted.stop().await;
+}
+
+/// `connect --server-pid`: memory sampled while the sockets open, each
+/// sample with the sockets ready by then; `chart` draws it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_samples_memory_as_sockets_open_and_chart_draws_it() {
+    let fixture = Fixture::new();
+    // 30 sockets per account: past the default 10 per device.
+    let server = start_with(
+        &fixture.db(),
+        "127.0.0.1:0",
+        &["--max-connections-per-user", "0"],
+    )
+    .await;
+    let pid = std::process::id().to_string();
+    // Past chart::MIN_SOCKETS_CHARTED, so the chart has a point to draw.
+    let conns = 600u64;
+    let result = loadtest(
+        server.addr,
+        &[
+            "--server-pid",
+            &pid,
+            "connect",
+            "--conns",
+            &conns.to_string(),
+            "--users",
+            "20",
+            "--hold",
+            "1",
+        ],
+    )
+    .await;
+    let r = &result["results"];
+    assert_eq!(n(&r["ready"]), conns, "{result}");
+    let curve = r["memory_curve"].as_array().expect("memory_curve");
+    assert!(!curve.is_empty(), "{result}");
+    let sockets: Vec<u64> = curve.iter().map(|p| n(&p["sockets"])).collect();
+    assert!(sockets.windows(2).all(|w| w[0] <= w[1]), "{sockets:?}");
+    assert!(sockets.iter().all(|&s| s > 0), "{sockets:?}");
+    let last = curve.last().unwrap();
+    assert_eq!(n(&last["sockets"]), conns, "{result}");
+    assert_eq!(last["rss_kib"], r["server_rss_with_conns_kib"], "{result}");
+    assert!(last["kib_per_socket"].is_number(), "{result}");
+    server.stop().await;
+
+    let bench = fixture.dir.path().join("bench");
+    std::fs::create_dir(&bench).unwrap();
+    std::fs::write(
+        bench.join("sqlite-connect.json"),
+        serde_json::to_vec(&result).unwrap(),
+    )
+    .unwrap();
+    let out = fixture.dir.path().join("charts");
+    let output = Command::new(env!("CARGO_BIN_EXE_sealpost-loadtest"))
+        .arg("chart")
+        .arg("--in")
+        .arg(&bench)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run sealpost-loadtest chart");
+    assert!(output.status.success(), "{output:?}");
+    let charts: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let written = charts["charts"].as_array().unwrap();
+    assert_eq!(written.len(), 1, "{charts}");
+    let svg = std::fs::read_to_string(out.join("memory-per-socket.svg")).unwrap();
+    let doc = roxmltree::Document::parse(&svg).expect("well-formed SVG");
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    assert!(svg.contains("sqlite-connect"));
 }
