@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates BENCHMARKS.md: builds the release binaries, then runs every
 # load-test scenario against a fresh sealpost on SQLite and on PostgreSQL,
-# keeping each JSON result under target/bench/.
+# keeping each JSON result under target/bench/, and draws the charts of
+# docs/bench/ from them.
 #
 #   loadtest/run-benchmarks.sh            # both backends
 #   BACKENDS=sqlite loadtest/run-benchmarks.sh
@@ -23,6 +24,8 @@ ADDR=127.0.0.1:8090
 URL=http://$ADDR
 # Metrics on, as in production: their cost is in every figure.
 METRICS_ADDR=127.0.0.1:8091
+# Every pairs run reads the ack window's counters before and after.
+METRICS=(--metrics-url "http://$METRICS_ADDR/metrics")
 SECRET=bench-secret-bench-secret-bench-secret-01
 # Required with PostgreSQL; a fixed key keeps queued rows readable across restarts.
 STORAGE_KEYS=1:YmVuY2gtc3RvcmFnZS1rZXktYmVuY2gtc3RvcmFnZSE=
@@ -46,7 +49,8 @@ fresh_database() {
     esac
 }
 
-# The restart script storm runs: kill -9 the server, start it again.
+# The restart script storm and pairs-20k-kill run: kill -9 the server,
+# start it again, return once it answers.
 write_restart() {
     cat > "$OUT/restart.sh" <<SCRIPT
 #!/bin/sh
@@ -122,17 +126,25 @@ for backend in $BACKENDS; do
     # does not carry the hashing.
     run "$backend" warmup --workers 1 connect --conns 2000 --users 2000 --hold 0
     run "$backend" connect --workers 2 --sources 8 --server-pid "$pid" connect --conns "$CONNS" --users 2000 --hold 10
-    run "$backend" pairs pairs --pairs 1000 --rate 10000 --duration 30 --size 256
-    run "$backend" pairs-max pairs --pairs 200 --rate 0 --duration 20 --size 256
+    run "$backend" pairs pairs --pairs 1000 --rate 10000 --duration 30 --size 256 "${METRICS[@]}"
+    # Issue 14: 1,000 pairs at 20,000 msgs/s.
+    run "$backend" pairs-20k pairs --pairs 1000 --rate 20000 --duration 30 --size 256 "${METRICS[@]}"
+    run "$backend" pairs-max pairs --pairs 200 --rate 0 --duration 20 --size 256 "${METRICS[@]}"
     # Three devices per recipient. 300 pairs at 3,000 msgs/s keep each
     # sender at the 10 msgs/s of the 1,000-pair run above, and the server's
     # delivery work near it: 9,000 deliveries, acks and receipts per second
     # (against 10,000 deliveries and acks), over 1,200 sockets. The sign-up
     # (600 accounts, 600 added devices) happens before the measurement, and
     # the token cache keeps every device's refresh token for reruns.
-    run "$backend" pairs-3dev pairs --pairs 300 --rate 3000 --duration 30 --size 256 --devices 3
+    run "$backend" pairs-3dev pairs --pairs 300 --rate 3000 --duration 30 --size 256 --devices 3 "${METRICS[@]}"
     run "$backend" drain drain --users 1000 --per-user 100 --size 256
     run "$backend" poll poll --pairs 100 --rate 1000 --duration 20 --size 256
+    # The 20k run again, with the server killed (kill -9) 10 s in and
+    # started again: clients reconnect to it, and every message answered
+    # `sent` before or after the kill must arrive, once. The scenarios
+    # after it run on the restarted server.
+    run "$backend" pairs-20k-kill pairs --pairs 1000 --rate 20000 --duration 30 --size 256 \
+        --restart-cmd "$OUT/restart.sh" --kill-after 10 "${METRICS[@]}"
     run "$backend" storm --workers 2 --sources 8 storm --conns "$CONNS" --users 2000 --markers 500 \
         --timeout 120 --restart-cmd "$OUT/restart.sh"
     stop_server
@@ -140,10 +152,14 @@ for backend in $BACKENDS; do
     # per message on the sender's socket, and these figures compare with
     # those taken before receipts existed.
     start_server "$backend" SEALPOST_DELIVERY_RECEIPTS=false
-    run "$backend" pairs-norcpt pairs --pairs 1000 --rate 10000 --duration 30 --size 256
-    run "$backend" pairs-max-norcpt pairs --pairs 200 --rate 0 --duration 20 --size 256
+    run "$backend" pairs-norcpt pairs --pairs 1000 --rate 10000 --duration 30 --size 256 "${METRICS[@]}"
+    run "$backend" pairs-max-norcpt pairs --pairs 200 --rate 0 --duration 20 --size 256 "${METRICS[@]}"
     stop_server
 done
+
+# The charts BENCHMARKS.md embeds: latency percentiles, memory per socket,
+# elided fraction, one line or bar per run.
+"$LT" chart --in "$OUT" --out docs/bench > /dev/null
 
 # The cluster section comes from run-cluster-benchmarks.sh: keep it.
 cluster_section=$(sed -n '/^## Cluster/,$p' BENCHMARKS.md 2>/dev/null || true)

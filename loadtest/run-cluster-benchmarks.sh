@@ -177,7 +177,10 @@ for name in $RUNS; do
                 --server-pid "${PIDS[1]}" --server-pid "${PIDS[2]}" --server-pid "${PIDS[3]}" \
                 connect --conns "$CONNS" --users 2000 --hold 10 ;;
         pairs)
-            run pairs pairs --pairs "$PAIRS" --rate "$RATE" --duration "$DURATION" --size 256 ;;
+            # Every node's ack-window counters, summed (results.elision).
+            metrics=()
+            for i in $(seq 1 $NODES); do metrics+=(--metrics-url "http://127.0.0.1:$(metrics_port "$i")/metrics"); done
+            run pairs pairs --pairs "$PAIRS" --rate "$RATE" --duration "$DURATION" --size 256 "${metrics[@]}" ;;
         pairs-kill)
             if ! alive "${PIDS[VICTIM]:-0}"; then
                 echo "node $VICTIM is not running: skipping pairs-kill" >&2
