@@ -16,6 +16,7 @@ use sealpost_loadtest::{
     Fanout, Kill, Plan, Spec, Struck, Traffic, chart, execute, rss_kib, shell, worker,
 };
 use serde_json::{Value, json};
+use tokio::sync::oneshot;
 
 #[derive(Parser)]
 #[command(
@@ -191,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
     let mut between: BoxFuture<'static, ()> = async {}.boxed();
     let mut after_setup_rss = None::<Shared<Vec<Option<u64>>>>;
     let mut memory_samples = None::<Shared<Vec<(u64, u64)>>>;
-    let mut struck = None::<Shared<Option<Struck>>>;
+    let mut struck = None::<oneshot::Receiver<Struck>>;
     let mut scrapes = None::<Shared<Scrapes>>;
     match &cli.command {
         Command::Connect { conns, hold, users } => {
@@ -264,15 +265,13 @@ async fn main() -> anyhow::Result<()> {
                 params["kill_pid"] = json!(kill.kill_pid);
                 params["restart_cmd"] = json!(kill.restart_cmd);
                 params["kill_after_s"] = json!(kill.kill_after);
-                struck = Some(Shared::default());
             }
-            between = pairs_action(
-                metrics_urls.clone(),
-                scrapes.clone(),
-                kill.reconnect().then(|| kill.clone()),
-                struck.clone(),
-            )
-            .boxed();
+            let strike = kill.reconnect().then(|| {
+                let (tx, rx) = oneshot::channel();
+                struck = Some(rx);
+                (kill.clone(), tx)
+            });
+            between = pairs_action(metrics_urls.clone(), scrapes.clone(), strike).boxed();
         }
         Command::Poll(traffic) => {
             plan.spec = Spec::Poll(*traffic);
@@ -333,6 +332,17 @@ async fn main() -> anyhow::Result<()> {
     // The baseline is taken with the accounts ready and no socket open yet.
     let rss_start: Vec<Option<u64>> = pids.iter().map(|&pid| rss_kib(pid)).collect();
     let report = execute(&plan, cli.workers, between).await?;
+    // A restart command still running when the clients are done is waited
+    // for, so that its outcome is known and the server is back.
+    let struck = match struck {
+        Some(rx) => Some(
+            tokio::time::timeout(STRIKE_WAIT, rx)
+                .await
+                .ok()
+                .and_then(Result::ok),
+        ),
+        None => None,
+    };
     let rss_end = after_setup_rss
         .map(|m| m.lock().unwrap().clone())
         .unwrap_or_default();
@@ -370,7 +380,6 @@ async fn main() -> anyhow::Result<()> {
         cli.workers,
     );
     if let Some(struck) = struck {
-        let struck = *struck.lock().unwrap();
         result["results"]["node_killed"] = json!(struck.map(|s| s.killed));
         if let Command::Pairs { kill, .. } = &cli.command
             && kill.restart_cmd.is_some()
@@ -410,14 +419,18 @@ struct Scrapes {
     before_kill: Option<Counts>,
 }
 
+/// How long after the run a kill that has not finished (a restart command
+/// still waiting for its server) is waited for; then its outcome is `null`.
+const STRIKE_WAIT: Duration = Duration::from_secs(60);
+
 /// At the pairs' gate: scrape the metrics (when asked), then start the
-/// kill's clock (when there is one). The kill goes off during the measured
-/// phase, so it is spawned here and the gate opens at once.
+/// kill's clock (when there is one), to report its outcome on `strike`'s
+/// sender. The kill goes off during the measured phase, so it is spawned
+/// here and the gate opens at once.
 async fn pairs_action(
     metrics_urls: Vec<String>,
     scrapes: Option<Shared<Scrapes>>,
-    kill: Option<Kill>,
-    struck: Option<Shared<Option<Struck>>>,
+    strike: Option<(Kill, oneshot::Sender<Struck>)>,
 ) {
     if let Some(scrapes) = &scrapes {
         match Counts::scrape(&metrics_urls).await {
@@ -425,7 +438,7 @@ async fn pairs_action(
             Err(e) => eprintln!("no elision figures: {e:#}"),
         }
     }
-    let (Some(kill), Some(struck)) = (kill, struck) else {
+    let Some((kill, struck)) = strike else {
         return;
     };
     tokio::spawn(async move {
@@ -437,8 +450,7 @@ async fn pairs_action(
             let counts = Counts::scrape(&metrics_urls).await.ok();
             scrapes.lock().unwrap().before_kill = counts;
         }
-        let outcome = kill.strike().await;
-        *struck.lock().unwrap() = Some(outcome);
+        let _ = struck.send(kill.strike().await);
     });
 }
 
