@@ -208,9 +208,9 @@ async fn main() -> anyhow::Result<()> {
             // While the sockets open, the memory is sampled for the curve.
             let samples = Shared::default();
             memory_samples = Some(samples.clone());
-            let sampler = tokio::spawn(sample_memory(pids.clone(), samples));
+            let sampler = MemorySampler::start(pids.clone(), samples);
             between = async move {
-                sampler.abort();
+                sampler.stop();
                 // Let the server settle (idle tasks, allocator) before reading.
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 *measured.lock().unwrap() = pids.iter().map(|&pid| rss_kib(pid)).collect();
@@ -455,26 +455,49 @@ async fn pairs_action(
 }
 
 /// Memory samples while a `connect` run's sockets open: one per
-/// [`MEMORY_SAMPLE_EVERY`], until aborted at the gate, at most
+/// [`MEMORY_SAMPLE_EVERY`], until stopped at the gate, at most
 /// [`MEMORY_SAMPLES_MAX`].
 const MEMORY_SAMPLE_EVERY: Duration = Duration::from_millis(250);
 /// Ten minutes of samples: longer than any connect phase.
 const MEMORY_SAMPLES_MAX: usize = 2_400;
 
-/// Appends (ns since the epoch, VmRSS in KiB summed over `pids`) to
-/// `samples` every [`MEMORY_SAMPLE_EVERY`]; a reading that fails (a pid
-/// gone) is skipped.
-async fn sample_memory(pids: Vec<u32>, samples: Shared<Vec<(u64, u64)>>) {
-    if pids.is_empty() {
-        return;
-    }
-    let mut ticker = tokio::time::interval(MEMORY_SAMPLE_EVERY);
-    for _ in 0..MEMORY_SAMPLES_MAX {
-        ticker.tick().await;
-        let at = now_nanos();
-        if let Some(total) = pids.iter().map(|&pid| rss_kib(pid)).sum::<Option<u64>>() {
-            samples.lock().unwrap().push((at, total));
+/// Reads the servers' memory on a thread of its own: with one worker the
+/// sockets open on this process's runtime, which leaves a task there no
+/// time to sample on schedule (its missed ticks came in a burst, several
+/// samples at one moment).
+struct MemorySampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl MemorySampler {
+    /// Appends (ns since the epoch, VmRSS in KiB summed over `pids`) to
+    /// `samples` every [`MEMORY_SAMPLE_EVERY`]; a reading that fails (a
+    /// pid gone) is skipped. Without pids, nothing runs.
+    fn start(pids: Vec<u32>, samples: Shared<Vec<(u64, u64)>>) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if !pids.is_empty() {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                for _ in 0..MEMORY_SAMPLES_MAX {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
+                    let at = now_nanos();
+                    if let Some(total) = pids.iter().map(|&pid| rss_kib(pid)).sum::<Option<u64>>() {
+                        samples.lock().unwrap().push((at, total));
+                    }
+                    std::thread::sleep(MEMORY_SAMPLE_EVERY);
+                }
+            });
         }
+        Self { stop }
+    }
+
+    /// Stops the sampling and returns at once: the thread ends within one
+    /// interval (a sample it was taking may still land, with every socket
+    /// open by then).
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
