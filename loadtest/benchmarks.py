@@ -370,7 +370,8 @@ add("")
 add(header)
 add(sep)
 kr = {b: res(k20[b]) for b in present}
-add(row("killed / restarted", [f"{kr[b].get('node_killed')} / {kr[b].get('restarted')}" if k20[b] else "n/a" for b in present]))
+yes_no = {True: "yes", False: "no", None: "n/a"}
+add(row("killed / restarted", [f"{yes_no[kr[b].get('node_killed')]} / {yes_no[kr[b].get('restarted')]}" for b in present]))
 add(row("confirmed (`sent`) / delivered", [f"{fmt(kr[b].get('confirmed'))} / {fmt(kr[b].get('delivered'))}" for b in present]))
 add(row("lost / duplicated / out of order", [f"{fmt(kr[b].get('lost'))} / {fmt(kr[b].get('duplicated'))} / {fmt(kr[b].get('out_of_order'))}" for b in present]))
 add(row("redelivered / recovered from the queue at the end", [f"{fmt(kr[b].get('redelivered'))} / {fmt(kr[b].get('recovered_from_queue'))}" for b in present]))

@@ -283,12 +283,14 @@ fn elided(runs: &[Run], path: &Path) -> anyhow::Result<bool> {
         .x_label_area_size(48)
         // About 8 px per character of a 14 px sans-serif name.
         .y_label_area_size(24 + 8 * longest as u32)
-        .build_cartesian_2d(0f64..100f64, (0..bars.len()).into_segmented())
+        // An integer range is inclusive here: one segment per bar.
+        .build_cartesian_2d(0f64..100f64, (0..bars.len() - 1).into_segmented())
         .map_err(plotting)?;
     chart
         .configure_mesh()
         .disable_y_mesh()
         .x_desc("elided, % of copies (elided + written)")
+        .x_label_formatter(&|x| trim(*x, 0))
         .y_labels(bars.len())
         .y_label_formatter(&|y| match y {
             SegmentValue::CenterOf(i) => bars.get(*i).map(|b| b.0.to_owned()).unwrap_or_default(),
