@@ -892,7 +892,7 @@ mod tests {
             .await
             .unwrap();
         // Not pushed: bob was not registered when it was accepted.
-        assert!(registration.rx.try_recv().is_err());
+        assert!(registration.rx.try_recv().is_none());
         barrier.await.unwrap();
         let backlog = delivery.fetch(device(bob, 1), None, 10).await.unwrap();
         assert_eq!(

@@ -24,12 +24,21 @@
 //! account's devices). One opened with `?exclusive=true` closes the older
 //! sockets of its device with 4409 once it is authenticated.
 //!
-//! The awaits of work done now and then (authentication, subscribing, a
-//! frame's handling, a backlog page, a batch of events, the close) are
-//! boxed: a task is as large as its largest await point and lives as long
-//! as its socket, so inline they made every idle socket carry state used
-//! for microseconds at a time (0.4 KiB of the task's 5.2 KiB, measured
-//! with heaptrack).
+//! An idle socket's memory is mostly this task, so its future is kept
+//! small: a task is as large as its largest await point and lives as long
+//! as its socket. The awaits of work done now and then (opening the
+//! connection, a frame's handling, a backlog page, a batch of events, the
+//! close, a write that must wait) are boxed; what the upgrade hands over
+//! comes boxed ([`Start`]), since an async fn's arguments stay in its
+//! future for its whole life; and replies wait encoded (a `WsMessage`, not
+//! a `ServerFrame`). With the 1 KiB read buffer and the hub's lazily
+//! allocated queue, an idle socket went from 12.1 to 4.6 KiB of server
+//! memory (10,000 sockets, BENCHMARKS.md).
+//!
+//! Writes are fed to the socket's buffer and flushed once nothing else is
+//! ready (at the latest every [`COALESCED`] frames): a `sent` reply and the
+//! receipt that arrives with it, or a burst of pushes, go out in one
+//! syscall.
 //!
 //! A `send` is accepted (id, enqueue, push) before the next frame is read,
 //! so one connection's messages keep their order; its `sent` reply waits
@@ -39,6 +48,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
@@ -47,6 +57,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::{MissedTickBehavior, Sleep};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::drain::{self, Chunk, Cursor};
@@ -67,10 +78,13 @@ use crate::wire::{self, Envelope, parse_id};
 /// cannot queue unbounded work. Signal-Server allows 256 in flight too.
 const MAX_IN_FLIGHT: usize = 256;
 
-/// Queued events written before one flush: with frames of a few hundred
-/// bytes, a few write buffers' worth. The bound keeps one busy socket from
-/// holding its task on writes while its reads wait.
-const COALESCED: usize = 64;
+/// Frames fed to the socket before a flush at the latest: with frames of a
+/// few hundred bytes, a few write buffers' worth. A connection flushes once
+/// nothing else is ready, so under load its frames (pushes, `sent`
+/// replies, receipts) go out a buffer at a time rather than a syscall
+/// each; idle, a frame goes at once. The bound keeps a socket whose input
+/// never runs dry from sitting on its replies.
+const COALESCED: u8 = 64;
 
 /// A write that takes longer than this means the peer stopped reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -92,35 +106,45 @@ enum Stop {
     Kicked,
 }
 
-pub async fn run(
-    socket: WebSocket,
-    state: AppState,
-    header: Option<Result<Claims>>,
-    permit: SocketPermit,
-    exclusive: bool,
-) {
-    let metrics = state.metrics.clone();
-    let closed = session(socket, state, header, permit, exclusive).await;
+/// What the upgrade hands a connection, boxed: an argument of an async fn
+/// is stored in its future for the future's whole life, so the socket task
+/// would carry these (and the socket) twice over if they came by value.
+pub struct Start {
+    pub state: AppState,
+    /// The upgrade request's bearer token, checked.
+    pub header: Option<Result<Claims>>,
+    /// The connection's place in the per-IP count, held for its life.
+    pub permit: SocketPermit,
+    /// Whether it takes over from the older sockets of its device.
+    pub exclusive: bool,
+}
+
+pub async fn run(socket: Box<WebSocket>, start: Box<Start>) {
+    let metrics = start.state.metrics.clone();
+    let closed = match Box::pin(open(socket, start)).await {
+        Ok(mut conn) => conn.serve().await,
+        Err(closed) => closed,
+    };
     metrics.ws_closed(closed);
 }
 
-/// The connection's whole life; returns why it ended.
-async fn session(
-    mut socket: WebSocket,
-    state: AppState,
-    header: Option<Result<Claims>>,
-    // Held for the connection's life: its place in the per-IP count.
-    mut permit: SocketPermit,
-    // Whether it takes over from the older sockets of its device.
-    exclusive: bool,
-) -> Closed {
+/// Authenticates, subscribes and says `ready`; returns the connection to
+/// serve, or why it ended. Boxed by its caller: none of its state outlives
+/// it, and an idle socket's task should not hold room for it.
+async fn open(mut socket: Box<WebSocket>, start: Box<Start>) -> Result<Box<Connection>, Closed> {
+    let Start {
+        state,
+        header,
+        mut permit,
+        exclusive,
+    } = *start;
     let claims = match Box::pin(authenticate(&mut socket, &state, header)).await {
         Ok(claims) => claims,
         Err(Flow::Close(closed, code, reason)) => {
             send_close(&mut socket, code, reason).await;
-            return closed;
+            return Err(closed);
         }
-        Err(_) => return Closed::Gone,
+        Err(_) => return Err(Closed::Gone),
     };
     permit.authenticated();
     let device = Address {
@@ -136,7 +160,7 @@ async fn session(
         Ok(subscribed) => subscribed,
         Err(Error::TooManyConnections(reason)) => {
             send_close(&mut socket, close::TOO_MANY_CONNECTIONS, reason).await;
-            return Closed::TooManyConnections;
+            return Err(Closed::TooManyConnections);
         }
         Err(_) => {
             send_close(
@@ -145,7 +169,7 @@ async fn session(
                 "server unavailable; reconnect",
             )
             .await;
-            return Closed::Error;
+            return Err(Closed::Error);
         }
     };
     // A revocation between the token check and the registration kicked no
@@ -153,7 +177,7 @@ async fn session(
     if state.revocations.is_revoked(claims.sid) {
         state.metrics.auth_failed(AuthFailure::RevokedSession);
         send_close(&mut socket, close::UNAUTHORIZED, "session has been revoked").await;
-        return Closed::Revoked;
+        return Err(Closed::Revoked);
     }
     let first_page: BoxFuture<'static, Result<Chunk>> = {
         let page = drain::read(state.delivery.clone(), device, Cursor::default());
@@ -162,7 +186,7 @@ async fn session(
             page.await
         })
     };
-    let mut conn = Connection {
+    let mut conn = Box::new(Connection {
         fetch: Some(first_page),
         draining: true,
         reread: None,
@@ -177,9 +201,11 @@ async fn session(
         pending: FuturesUnordered::new(),
         backlog_last: None,
         awaiting_pong: false,
+        unflushed: 0,
         strikes: VecDeque::new(),
+        _permit: permit,
         state,
-    };
+    });
     tracing::debug!(user.id = %conn.device.user, "socket ready");
     let ready = ServerFrame::Ready {
         user_id: conn.device.user,
@@ -187,8 +213,8 @@ async fn session(
         expires_at: conn.expires_at,
     };
     match conn.send(&ready).await {
-        Ok(()) => conn.serve().await,
-        Err(_) => Closed::Gone,
+        Ok(()) => Ok(conn),
+        Err(_) => Err(Closed::Gone),
     }
 }
 
@@ -269,7 +295,7 @@ async fn send_close(socket: &mut WebSocket, code: u16, reason: &'static str) {
 }
 
 struct Connection {
-    socket: WebSocket,
+    socket: Box<WebSocket>,
     state: AppState,
     /// The account and device the socket belongs to; renewals must keep
     /// both.
@@ -281,7 +307,9 @@ struct Connection {
     expiry: Pin<Box<Sleep>>,
     registration: Registration,
     /// Replies that wait on the committer: `sent` for sends, errors for acks.
-    pending: FuturesUnordered<BoxFuture<'static, Option<ServerFrame>>>,
+    /// Each encoded as it completes: a `WsMessage` is a fifth of a
+    /// `ServerFrame`, and the serve loop's state holds one.
+    pending: FuturesUnordered<BoxFuture<'static, Option<WsMessage>>>,
     /// The backlog read in progress: the drain at connect, or a re-read.
     fetch: Option<BoxFuture<'static, Result<Chunk>>>,
     /// Until the drain at connect has said `drained`.
@@ -297,8 +325,12 @@ struct Connection {
     /// life.
     _interest: Interest,
     awaiting_pong: bool,
+    /// Frames fed since the last flush, at most [`COALESCED`].
+    unflushed: u8,
     /// When recent malformed frames arrived, within the strike window.
     strikes: VecDeque<Instant>,
+    /// Held for the connection's life: its place in the per-IP count.
+    _permit: SocketPermit,
 }
 
 /// What the connection does after a frame.
@@ -318,54 +350,63 @@ impl Connection {
         let period = self.state.config.ws_ping_interval;
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let shutdown = self.state.shutdown.clone();
-        let kicked = self.registration.kicked.clone();
+        // Made once, not per turn of the loop: a fresh `cancelled()` each
+        // turn registered with (and left) the token's waiter list every time.
+        let shutdown = self.state.shutdown.clone().cancelled_owned();
+        let kicked = self.registration.kicked.clone().cancelled_owned();
+        tokio::pin!(shutdown, kicked);
         loop {
-            let flow = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => {
-                    Box::pin(self.finish_in_flight()).await;
-                    Flow::Close(Closed::Shutdown, close::GOING_AWAY, "server shutting down")
-                }
-                () = kicked.cancelled() => Flow::Kicked,
-                () = &mut self.expiry => {
-                    Flow::Close(Closed::TokenExpired, close::UNAUTHORIZED, "access token expired")
-                }
-                _ = ping.tick() => {
-                    if self.awaiting_pong {
-                        tracing::debug!(user.id = %self.device.user, "peer stopped answering pings");
-                        return Closed::Gone;
+            let flow = if self.unflushed >= COALESCED {
+                flow(self.flush().await)
+            } else {
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => {
+                        Box::pin(self.finish_in_flight()).await;
+                        Flow::Close(Closed::Shutdown, close::GOING_AWAY, "server shutting down")
                     }
-                    self.awaiting_pong = true;
-                    flow(self.write(WsMessage::Ping(Default::default())).await)
-                }
-                Some(reply) = self.pending.next(), if !self.pending.is_empty() => {
-                    match reply {
-                        Some(frame) => flow(self.send(&frame).await),
-                        None => Flow::Continue,
+                    () = &mut kicked => Flow::Kicked,
+                    () = &mut self.expiry => {
+                        Flow::Close(Closed::TokenExpired, close::UNAUTHORIZED, "access token expired")
                     }
-                }
-                page = async { self.fetch.as_mut().expect("guarded").await }, if self.fetch.is_some() => {
-                    match page {
-                        Ok(page) => Box::pin(self.backlog(page)).await,
-                        Err(err) => {
-                            tracing::warn!(user.id = %self.device.user, error = %err, "backlog read failed");
-                            Flow::Close(Closed::Error, close::INTERNAL, "backlog unavailable; reconnect")
+                    _ = ping.tick() => {
+                        if self.awaiting_pong {
+                            tracing::debug!(user.id = %self.device.user, "peer stopped answering pings");
+                            return Closed::Gone;
+                        }
+                        self.awaiting_pong = true;
+                        flow(self.write(WsMessage::Ping(Default::default())).await)
+                    }
+                    Some(reply) = self.pending.next(), if !self.pending.is_empty() => {
+                        match reply {
+                            Some(message) => flow(self.feed_ws(message).await),
+                            None => Flow::Continue,
                         }
                     }
-                }
-                pushed = self.registration.rx.recv(), if self.fetch.is_none() => match pushed {
-                    Some(event) => Box::pin(self.events(event)).await,
-                    None => Flow::Kicked,
-                },
-                inbound = self.socket.recv(), if self.pending.len() < MAX_IN_FLIGHT => match inbound {
-                    Some(Ok(message)) => {
-                        self.awaiting_pong = false;
-                        Box::pin(self.inbound(message)).await
+                    page = async { self.fetch.as_mut().expect("guarded").await }, if self.fetch.is_some() => {
+                        match page {
+                            Ok(page) => Box::pin(self.backlog(page)).await,
+                            Err(err) => {
+                                tracing::warn!(user.id = %self.device.user, error = %err, "backlog read failed");
+                                Flow::Close(Closed::Error, close::INTERNAL, "backlog unavailable; reconnect")
+                            }
+                        }
                     }
-                    Some(Err(err)) => read_error(err),
-                    None => return Closed::Gone,
-                },
+                    pushed = self.registration.rx.recv(), if self.fetch.is_none() => match pushed {
+                        Some(event) => Box::pin(self.events(event)).await,
+                        None => Flow::Kicked,
+                    },
+                    inbound = self.socket.recv(), if self.pending.len() < MAX_IN_FLIGHT => match inbound {
+                        Some(Ok(message)) => {
+                            self.awaiting_pong = false;
+                            Box::pin(self.inbound(message)).await
+                        }
+                        Some(Err(err)) => read_error(err),
+                        None => return Closed::Gone,
+                    },
+                    // Last, so only when nothing above is ready.
+                    () = std::future::ready(()), if self.unflushed > 0 => flow(self.flush().await),
+                }
             };
             match flow {
                 Flow::Continue => {}
@@ -400,41 +441,31 @@ impl Connection {
         }
     }
 
-    /// Writes one frame, giving up on a peer that stopped reading or that the
-    /// hub has kicked.
+    /// Writes one frame and flushes, giving up on a peer that stopped
+    /// reading or that the hub has kicked.
     async fn write(&mut self, message: WsMessage) -> Result<(), Stop> {
-        self.bounded(|socket| socket.send(message)).await
+        bounded(self.socket.send(message), &self.registration.kicked).await?;
+        self.unflushed = 0;
+        Ok(())
     }
 
     /// Hands one frame to the socket's write buffer; it goes out at the
     /// next [`Connection::flush`], or earlier once the buffer holds
     /// [`WRITE_BUFFER`](super::WRITE_BUFFER).
     async fn feed(&mut self, frame: &ServerFrame) -> Result<(), Stop> {
-        let message = frame.to_ws();
-        self.bounded(|socket| socket.feed(message)).await
+        self.feed_ws(frame.to_ws()).await
+    }
+
+    async fn feed_ws(&mut self, message: WsMessage) -> Result<(), Stop> {
+        bounded(self.socket.feed(message), &self.registration.kicked).await?;
+        self.unflushed = self.unflushed.saturating_add(1);
+        Ok(())
     }
 
     async fn flush(&mut self) -> Result<(), Stop> {
-        self.bounded(|socket| socket.flush()).await
-    }
-
-    /// Runs one write of the socket, giving up on a peer that stopped
-    /// reading or that the hub has kicked.
-    async fn bounded<'a, F>(
-        &'a mut self,
-        write: impl FnOnce(&'a mut WebSocket) -> F,
-    ) -> Result<(), Stop>
-    where
-        F: Future<Output = Result<(), axum::Error>> + 'a,
-    {
-        let kicked = self.registration.kicked.clone();
-        tokio::select! {
-            written = tokio::time::timeout(WRITE_TIMEOUT, write(&mut self.socket)) => match written {
-                Ok(Ok(())) => Ok(()),
-                _ => Err(Stop::Gone),
-            },
-            () = kicked.cancelled() => Err(Stop::Kicked),
-        }
+        bounded(self.socket.flush(), &self.registration.kicked).await?;
+        self.unflushed = 0;
+        Ok(())
     }
 
     async fn send(&mut self, frame: &ServerFrame) -> Result<(), Stop> {
@@ -494,13 +525,10 @@ impl Connection {
         }
     }
 
-    /// Writes `first` and whatever else its queue holds already (up to
-    /// [`COALESCED`] events), then flushes once: under load a socket's
-    /// frames go out a buffer at a time, not a syscall each; idle, the one
-    /// frame goes at once.
+    /// Feeds `first` and whatever else its queue holds already, up to
+    /// [`COALESCED`] frames unflushed; the serve loop flushes them.
     async fn events(&mut self, first: Event) -> Flow {
         let mut next = Some(first);
-        let mut written = 0;
         while let Some(event) = next {
             if let Event::Reread(after) = event {
                 // What is queued behind it waits for the re-read.
@@ -510,14 +538,13 @@ impl Connection {
             if let Err(stop) = self.feed_event(event).await {
                 return flow(Err(stop));
             }
-            written += 1;
-            next = if written < COALESCED {
-                self.registration.rx.try_recv().ok()
+            next = if self.unflushed < COALESCED {
+                self.registration.rx.try_recv()
             } else {
                 None
             };
         }
-        flow(self.flush().await)
+        Flow::Continue
     }
 
     async fn feed_event(&mut self, event: Event) -> Result<(), Stop> {
@@ -568,14 +595,7 @@ impl Connection {
                 self.strike(None, &err).await
             }
             // tungstenite queues the pong; flush so an idle socket answers now.
-            WsMessage::Ping(_) => {
-                let flushed = tokio::time::timeout(WRITE_TIMEOUT, self.socket.flush()).await;
-                flow(if matches!(flushed, Ok(Ok(()))) {
-                    Ok(())
-                } else {
-                    Err(Stop::Gone)
-                })
-            }
+            WsMessage::Ping(_) => flow(self.flush().await),
             WsMessage::Pong(_) => Flow::Continue,
             WsMessage::Close(_) => Flow::Close(Closed::Client, 1000, ""),
         }
@@ -600,8 +620,7 @@ impl Connection {
                 "too many malformed frames",
             );
         }
-        let sent = self.send(&ServerFrame::error(reference, err)).await;
-        flow(sent)
+        flow(self.feed(&ServerFrame::error(reference, err)).await)
     }
 
     async fn handle(&mut self, reference: Option<String>, frame: ClientFrame) -> Flow {
@@ -640,10 +659,7 @@ impl Connection {
             },
         };
         match reply {
-            Some(frame) => {
-                let sent = self.send(&frame).await;
-                flow(sent)
-            }
+            Some(frame) => flow(self.feed(&frame).await),
             None => Flow::Continue,
         }
     }
@@ -701,7 +717,7 @@ impl Connection {
         let accepted = delivery.accept(self.device, to, content).await?;
         let (reference, metrics) = (reference.clone(), self.state.metrics.clone());
         self.pending.push(Box::pin(async move {
-            Some(match accepted.durable.await {
+            let reply = match accepted.durable.await {
                 Ok(()) => ServerFrame::Sent {
                     reference,
                     id: accepted.id,
@@ -712,7 +728,8 @@ impl Connection {
                     metrics.rejected(&err);
                     ServerFrame::error(reference, &err)
                 }
-            })
+            };
+            Some(reply.to_ws())
         }));
         Ok(None)
     }
@@ -728,7 +745,7 @@ impl Connection {
         self.pending.push(Box::pin(async move {
             match delivery.ack(device, ids).await {
                 Ok(_) => None,
-                Err(err) => Some(ServerFrame::error(reference, &err)),
+                Err(err) => Some(ServerFrame::error(reference, &err).to_ws()),
             }
         }));
         Ok(())
@@ -738,13 +755,41 @@ impl Connection {
     async fn finish_in_flight(&mut self) {
         let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
         while let Ok(Some(reply)) = tokio::time::timeout_at(deadline, self.pending.next()).await {
-            if let Some(frame) = reply
-                && self.send(&frame).await.is_err()
+            if let Some(message) = reply
+                && self.write(message).await.is_err()
             {
                 return;
             }
         }
     }
+}
+
+/// Runs one write of the socket, giving up on a peer that stopped reading
+/// or that the hub has kicked. A write that completes at once (into the
+/// buffer, or a flush the kernel takes whole: the usual case) is done
+/// without a timer or the token; only one that must wait pays for them, in
+/// a box, so that the socket task carries none of it while idle.
+async fn bounded<F>(write: F, kicked: &CancellationToken) -> Result<(), Stop>
+where
+    F: Future<Output = Result<(), axum::Error>>,
+{
+    let mut write = std::pin::pin!(write);
+    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+    let written = match first {
+        Poll::Ready(written) => written,
+        Poll::Pending => {
+            let waited = Box::pin(async {
+                tokio::select! {
+                    written = tokio::time::timeout(WRITE_TIMEOUT, write) => {
+                        written.map_err(|_| Stop::Gone)
+                    }
+                    () = kicked.cancelled() => Err(Stop::Kicked),
+                }
+            });
+            waited.await?
+        }
+    };
+    written.map_err(|_| Stop::Gone)
 }
 
 fn flow(written: Result<(), Stop>) -> Flow {

@@ -37,8 +37,12 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Bytes read from the socket at a time; the buffer a connection holds while
-/// idle.
-const READ_BUFFER: usize = 4 * 1024;
+/// idle, and so most of an idle socket's memory. A client's frames are a
+/// few hundred bytes (a chat message, an ack), so 1 KiB still reads a few
+/// at a time; a larger frame grows the buffer to its size (tungstenite
+/// reserves a frame's whole length once its header is read). At 4 KiB it
+/// was 3 KiB more per idle socket, with no throughput to show for it.
+const READ_BUFFER: usize = 1024;
 
 /// Bytes of frames gathered before they are written to the socket: frames
 /// queued together (a backlog page, pushes that arrived at once) go out a
@@ -100,19 +104,26 @@ async fn upgrade(
     let header_claims = bearer_token(&headers).map(|token| auth::verify(&state, token));
     let max_frame = state.config.max_request_bytes();
     let sockets = state.sockets.clone();
+    // Outbound frames carry one envelope each, however many a send from
+    // this client may carry.
+    let max_write_buffer = 2 * state.config.max_outbound_frame_bytes() + READ_BUFFER;
+    let start = Box::new(connection::Start {
+        state,
+        header: header_claims,
+        permit,
+        exclusive,
+    });
     // The request's span, with its request id, follows the socket's task.
     let span = tracing::Span::current();
     upgrade
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        // Outbound frames carry one envelope each, however many a send
-        // from this client may carry.
-        .max_write_buffer_size(2 * state.config.max_outbound_frame_bytes() + READ_BUFFER)
+        .max_write_buffer_size(max_write_buffer)
         .max_message_size(max_frame)
         .max_frame_size(max_frame)
         .on_upgrade(move |socket| {
-            sockets.track_future(
-                connection::run(socket, state, header_claims, permit, exclusive).instrument(span),
-            )
+            // Boxed before the task's future is made: see `Start`.
+            let socket = Box::new(socket);
+            sockets.track_future(connection::run(socket, start).instrument(span))
         })
 }

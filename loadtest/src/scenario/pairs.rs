@@ -48,8 +48,9 @@ use crate::{Fanout, Gate, Kill, Plan, Shard, Traffic};
 const WINDOW: usize = 128;
 /// After the sending stops: time for the last confirmations and pushes.
 const GRACE: Duration = Duration::from_secs(10);
-/// Receivers ack in batches: every this often, or every `ACK_BATCH` ids.
-const ACK_EVERY: Duration = Duration::from_millis(20);
+/// Receivers ack what they have read as soon as their input runs dry, as
+/// a client that acks on receipt does (under load the acks batch up by
+/// themselves), and at the latest every `ACK_BATCH` ids.
 const ACK_BATCH: usize = 200;
 /// Reconnecting after a lost socket (with `--kill-pid` or
 /// `--restart-cmd`): full jitter over an exponential ceiling, as storm's
@@ -429,7 +430,6 @@ async fn receive_loop(
     let mut reconnect_latency = Latency::default();
     let mut sequence = Sequence::default();
     let mut pending: Vec<String> = Vec::new();
-    let mut ack_ticker = tokio::time::interval(ACK_EVERY);
     let mut confirmed_rx = Some(confirmed_rx);
     let mut confirmed: Option<Confirmed> = None;
     let mut report = Report::default();
@@ -445,6 +445,7 @@ async fn receive_loop(
         }
         let mut lost = false;
         tokio::select! {
+            biased;
             frame = stream.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
                     let at = now_nanos();
@@ -474,12 +475,13 @@ async fn receive_loop(
                 Some(Ok(_)) => {}
                 _ => lost = true,
             },
-            _ = ack_ticker.tick() => flush(&mut sink, &mut pending).await,
             list = async { confirmed_rx.as_mut().expect("guarded").await }, if confirmed_rx.is_some() => {
                 confirmed_rx = None;
                 confirmed = Some(list.unwrap_or_default());
             }
             () = tokio::time::sleep_until(give_up) => break,
+            // Last: only once nothing above is ready.
+            () = std::future::ready(()), if !pending.is_empty() => flush(&mut sink, &mut pending).await,
         }
         if !lost {
             continue;
