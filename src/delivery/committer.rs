@@ -28,7 +28,12 @@
 //! order: a held insert holds back the ops behind it (for at most the
 //! window), which is what keeps "a push not in the backlog has a larger id
 //! than everything in it" true for every device. A barrier passes once
-//! everything enqueued before it is written, cancelled or failed.
+//! every insert enqueued before it, and every delete of its own device, is
+//! written, cancelled or failed ([`pass_barriers`]): what a barrier
+//! guards is which messages a backlog read finds, and acks of other
+//! devices do not change that. So a socket connecting behind a backlog of
+//! other devices' acks (a drain, a reconnect storm) reads its queue at
+//! once instead of after all of them are written.
 //!
 //! **Admission.** Ops wait for room in a budget of [`MAX_OPS`] ops and
 //! [`BYTE_BUDGET`] body bytes, held until each is settled. The budget is
@@ -48,7 +53,7 @@
 //! it: about a microsecond per message, spent here rather than under the
 //! delivery core's lock, and never on a copy whose insert was cancelled.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -111,8 +116,10 @@ enum Op {
         done: oneshot::Sender<Result<Vec<Settled>, CommitFailed>>,
         _admitted: OwnedSemaphorePermit,
     },
-    /// Completes once everything enqueued before it has been written.
+    /// Completes once every insert enqueued before it has been written,
+    /// and every delete of `scope`'s device (all of them: `None`).
     Barrier {
+        scope: Option<(Uuid, DeviceId)>,
         done: oneshot::Sender<()>,
         _admitted: OwnedSemaphorePermit,
     },
@@ -217,11 +224,16 @@ impl<'a> Slot<'a> {
         }
     }
 
-    /// Enqueues a barrier: the returned future completes once every op
-    /// enqueued before it has been written (or has failed).
-    pub fn barrier(self) -> impl Future<Output = Result<()>> + Send + 'static {
+    /// Enqueues a barrier: the returned future completes once every insert
+    /// enqueued before it has been written (or has failed), and every
+    /// delete of `scope`'s device; `None`: every delete.
+    pub fn barrier(
+        self,
+        scope: Option<(Uuid, DeviceId)>,
+    ) -> impl Future<Output = Result<()>> + Send + 'static {
         let (done, result) = oneshot::channel();
         let _ = self.committer.tx.send(Op::Barrier {
+            scope,
             done,
             _admitted: self.op,
         });
@@ -408,6 +420,7 @@ async fn run(writer: Writer, mut rx: mpsc::UnboundedReceiver<Op>) {
                 }
             }
         }
+        pass_barriers(&mut waiting);
         let Some(head) = waiting.front() else {
             if !open {
                 break;
@@ -437,6 +450,46 @@ async fn run(writer: Writer, mut rx: mpsc::UnboundedReceiver<Op>) {
         budget.observe(rows, started.elapsed());
     }
     tracing::debug!("committer drained and stopped");
+}
+
+/// Answers, and takes out of `waiting`, each barrier with no insert before
+/// it and no delete of its own device: nothing it waits for is left. Only
+/// the run of ops before the first insert can hold one; everything before
+/// `waiting` is written already (the committer writes one batch at a
+/// time).
+fn pass_barriers(waiting: &mut VecDeque<Op>) {
+    let run = waiting
+        .iter()
+        .position(|op| matches!(op, Op::Insert { .. }))
+        .unwrap_or(waiting.len());
+    if !waiting
+        .iter()
+        .take(run)
+        .any(|op| matches!(op, Op::Barrier { .. }))
+    {
+        return;
+    }
+    let mut deleting: HashSet<(Uuid, DeviceId)> = HashSet::new();
+    let mut kept = Vec::with_capacity(run);
+    for op in waiting.drain(..run) {
+        match op {
+            Op::Delete {
+                recipient, device, ..
+            } => {
+                deleting.insert((recipient, device));
+                kept.push(op);
+            }
+            Op::Barrier { scope, done, .. }
+                if scope.map_or(deleting.is_empty(), |s| !deleting.contains(&s)) =>
+            {
+                let _ = done.send(());
+            }
+            op => kept.push(op),
+        }
+    }
+    for op in kept.into_iter().rev() {
+        waiting.push_front(op);
+    }
 }
 
 /// The ops at the head of `waiting` that are due (all of them once the
@@ -502,7 +555,7 @@ impl Writer {
                     }));
                     deletes.push((recipient, device, ids, done, _admitted));
                 }
-                Op::Barrier { done, _admitted } => barriers.push(done),
+                Op::Barrier { done, .. } => barriers.push(done),
             }
         }
 
@@ -677,7 +730,13 @@ mod tests {
         durable.await.unwrap();
         // Long past the window, and behind a barrier: nothing was written.
         tokio::time::sleep(WINDOW * 4).await;
-        committer.reserve(0).await.unwrap().barrier().await.unwrap();
+        committer
+            .reserve(0)
+            .await
+            .unwrap()
+            .barrier(None)
+            .await
+            .unwrap();
         assert!(queue.batches.lock().unwrap().is_empty());
         assert!(committer.pending.len() == 0);
         // Acked again (a client retrying): nothing left to settle.
@@ -815,7 +874,7 @@ mod tests {
         queue.failing.store(true, Ordering::Relaxed);
         let (bob, alice, id) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::now_v7());
         let inserted = insert(&committer, vec![copy(id, bob, 1, alice)], false).await;
-        let barrier = committer.reserve(0).await.unwrap().barrier();
+        let barrier = committer.reserve(0).await.unwrap().barrier(None);
         let acked = committer.ack(bob, 1, vec![Uuid::now_v7()]);
         barrier.await.unwrap();
         assert!(matches!(inserted.await, Err(Error::Unavailable)));
@@ -823,12 +882,60 @@ mod tests {
         assert!(queue.rows.lock().unwrap().is_empty());
     }
 
+    /// A connecting socket's barrier waits for its own device's acks ahead
+    /// of it (or its backlog would carry what it acked), not for other
+    /// devices' acks: behind a backlog of those it passes at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_barrier_waits_for_its_own_devices_acks_only() {
+        use futures_util::FutureExt;
+        let queue = Arc::new(MemQueue {
+            delay: Duration::from_millis(100),
+            ..MemQueue::default()
+        });
+        let committer = Arc::new(local(queue.clone()));
+        let (bob, carol, dave) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        // Being written while the rest queue up behind it.
+        let first = tokio::spawn({
+            let committer = committer.clone();
+            async move { committer.ack(bob, 1, vec![Uuid::now_v7()]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let carols_ack = tokio::spawn({
+            let committer = committer.clone();
+            async move { committer.ack(carol, 1, vec![Uuid::now_v7()]).await }
+        });
+        tokio::task::yield_now().await;
+        let daves = committer.reserve(0).await.unwrap().barrier(Some((dave, 1)));
+        let carols = committer
+            .reserve(0)
+            .await
+            .unwrap()
+            .barrier(Some((carol, 1)));
+        let mut carols = Box::pin(carols);
+        daves.await.unwrap();
+        assert!(first.is_finished(), "the batch before it was written first");
+        assert!(
+            !carols_ack.is_finished(),
+            "dave's barrier waited for carol's ack"
+        );
+        assert!((&mut carols).now_or_never().is_none());
+        carols.await.unwrap();
+        assert!(carols_ack.await.unwrap().is_ok());
+        assert_eq!(queue.batches.lock().unwrap().len(), 2);
+    }
+
     /// A batch of barriers only writes nothing.
     #[tokio::test]
     async fn barriers_alone_write_nothing() {
         let queue = Arc::new(MemQueue::default());
         let committer = local(queue.clone());
-        committer.reserve(0).await.unwrap().barrier().await.unwrap();
+        committer
+            .reserve(0)
+            .await
+            .unwrap()
+            .barrier(None)
+            .await
+            .unwrap();
         assert!(queue.batches.lock().unwrap().is_empty());
     }
 

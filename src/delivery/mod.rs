@@ -450,7 +450,9 @@ impl Delivery {
         Ok(Subscription {
             registration,
             interest,
-            barrier: slot.barrier(),
+            // The device's own acks before it must be written before its
+            // backlog is read, or it would be sent what it acked.
+            barrier: slot.barrier(Some((device.user, device.device))),
         })
     }
 
@@ -630,7 +632,7 @@ impl Delivery {
             let barrier = {
                 let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
                 self.directory.changed(user);
-                slot.barrier()
+                slot.barrier(None)
             };
             barrier.await?;
             Ok::<_, Error>(self.queue.purge(user, device).await?)
