@@ -168,18 +168,30 @@ pub async fn run(
     setup.add("pairs_ready", ready.len() as u64);
     gate.pass(&setup).await;
 
-    // Every sender paces itself to its share of the total rate.
+    // Every sender paces itself to its share of the total rate, its ticks
+    // offset by k/n of the interval: n people typing do not all press send
+    // in the same millisecond. (Started together, the senders sent in
+    // bursts of n every interval, and the push latency measured how long
+    // the server and the generator took to clear a burst.)
     let interval = traffic.interval();
     let started = Instant::now();
-    let deadline = tokio::time::Instant::now() + duration;
+    let start = tokio::time::Instant::now();
+    let deadline = start + duration;
+    let senders = ready.len().max(1) as u32;
     let tasks: Vec<_> = ready
         .into_iter()
+        .enumerate()
         .map(
-            |Pair {
-                 sender,
-                 receivers,
-                 to,
-             }| {
+            |(
+                k,
+                Pair {
+                    sender,
+                    receivers,
+                    to,
+                },
+            )| {
+                let first_tick =
+                    start + interval.map_or(Duration::ZERO, |i| i * k as u32 / senders);
                 let envelopes = fanout
                     .envelopes
                     .then(|| receivers.iter().map(|(id, _, _)| *id).collect::<Vec<_>>());
@@ -206,6 +218,7 @@ pub async fn run(
                     to,
                     envelopes,
                     interval,
+                    first_tick,
                     deadline,
                     size,
                     confirmed_txs,
@@ -296,12 +309,14 @@ async fn send_loop(
     to: Uuid,
     envelopes: Option<Vec<u32>>,
     interval: Option<Duration>,
+    first_tick: tokio::time::Instant,
     deadline: tokio::time::Instant,
     size: usize,
     confirmed_txs: Vec<oneshot::Sender<Confirmed>>,
 ) -> Report {
     let (mut sink, mut stream) = ws.split();
-    let mut ticker = tokio::time::interval(interval.unwrap_or(Duration::from_secs(3600)));
+    let mut ticker =
+        tokio::time::interval_at(first_tick, interval.unwrap_or(Duration::from_secs(3600)));
     // Burst: a late tick is made up, so the offered rate is the asked rate.
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let give_up = deadline + GRACE;
