@@ -408,11 +408,12 @@ add("- **Most copies are never written.** A copy pushed to a device online on th
     "for the ack window (`SEALPOST_ACK_WINDOW`, 5 ms); an ack within it settles the copy in memory, and "
     "`sent` then means acknowledged by the recipient. 91-99.8% of the copies were elided in the steady "
     "runs above (the table above), so the write path carries a few percent of the traffic, and the "
-    "unthrottled run went from 12.6k msgs/s (SQLite) and 15.2k (PostgreSQL) on the previous page to 94.5k "
-    "and 119.9k. The load tester's receivers used to ack on a 20 ms tick, longer than the window, which "
+    "unthrottled run went from 12.6k msgs/s (SQLite) and 15.2k (PostgreSQL) on the previous page to "
+    "90-120k on either backend (two full runs of this script on 2026-12-03: SQLite 94.5k and 111.6k, "
+    "PostgreSQL 119.9k and 90.8k; the run-to-run swing on these shared cores is that large). The load tester's receivers used to ack on a 20 ms tick, longer than the window, which "
     "made a third of the copies look as if they had to be written; they now ack as soon as their input "
     "runs dry, as a client that acks on receipt does.")
-add("- **An idle socket went from 13.3 to 4.3 KiB** (SQLite; 13.2 to 4.5 on PostgreSQL), measured after "
+add("- **An idle socket went from 13.3 to 4.4 KiB** (SQLite; 13.2 to 4.5 on PostgreSQL), measured after "
     "each step with 10,000 sockets: the socket task carried its arguments twice over (an async fn keeps "
     "its arguments in its future for its life, and the upgrade callback's captures stayed beside them) "
     "and every write's future held a timer and a token waiter inline: boxing the start and the rare "
@@ -422,16 +423,27 @@ add("- **An idle socket went from 13.3 to 4.3 KiB** (SQLite; 13.2 to 4.5 on Post
 add("- **One write per wake-up.** A connection feeds its frames (pushes, `sent` replies, receipts) to the "
     "socket's buffer and flushes once nothing else is ready, at the latest every 64 frames: a `sent` and "
     "the receipt that the same ack causes go out in one syscall.")
-add("- **Not met: push p99 at 20,000 msgs/s** (50 and 73 ms against a 5 ms bar; p50 2-4 ms). The two "
-    "cores are full: in a 20 s run at 20k msgs/s the server took 1.1 cores and the load generator 0.8. "
-    "Per message the server does about five syscalls (read the send, write the push, read the ack, write "
-    "`sent` with the receipt, epoll), and on loopback each write also runs the peer's TCP receive path; "
-    "at 20 messages a second per socket there is little to batch. The issue's own ceiling, an in-memory "
-    "relay on the same generator, measured 12 ms. At 10,000 msgs/s p90 is under 1 ms on both backends, "
-    "but p99 is 19 ms and p99.9 110-170 ms on both alike: something stalls now and then outside the "
-    "database, not found yet.")
-add("- **Not met: drain at 100,000 msgs/s.** PostgreSQL drained at 91.9k. SQLite at 22.1k, half of the "
-    "previous page's 49k on this machine (34-37k on 2026-12-02): see the SQLite drain note below.")
+add("- **Senders are spread over their interval.** Until this run every paced sender ticked at the same "
+    "instant: at 10,000 msgs/s over 1,000 pairs the server got 1,000 sends within a millisecond every 100 "
+    "ms and nothing in between, and a stall between two bursts delayed no message. Sender k of n now first "
+    "sends k/n of an interval in, as people typing do. On one server at 10k msgs/s this took push p99 "
+    "from 13-24 ms (aligned) to 70-165 ms (spread): stalls of a few hundred milliseconds happen now and then, "
+    "and the aligned bursts hid them. The server's own accept-to-socket histogram "
+    "(`sealpost_push_latency_seconds`) stayed under 1 ms at p99.9 and under 50 ms at its maximum in those "
+    "runs, so the stalls are outside the delivery path: in the senders' read side, the kernel or the "
+    "generator, which share the two cores. Not found yet.")
+add("- **Not met: push p99 ≤ 5 ms and `sent` p99 ≤ 25 ms at 20,000 msgs/s** (the bar table). The two cores "
+    "are full: in a 20 s run at 20k msgs/s the server took 1.1 cores and the load generator 0.8. Per message "
+    "the server does about five syscalls (read the send, write the push, read the ack, write `sent` with the "
+    "receipt, epoll), and on loopback each write also runs the peer's TCP receive path; at 20 messages a "
+    "second per socket there is little to batch. The issue's own ceiling, an in-memory relay on the same "
+    "generator, measured 12 ms.")
+add("- **Barriers stopped waiting for other devices' acks.** A connecting socket's barrier (which its "
+    "backlog read waits for) waited for every ack queued before it; in a drain, where a thousand devices "
+    "connect while the earlier ones ack, that was the whole ack backlog, and the committer's time-budgeted "
+    "batches had made it slower to write: the SQLite drain fell to 22-26k msgs/s (39-43k before the "
+    "committer's rewrite, same machine, alternating binaries). A barrier now waits for the inserts before "
+    "it and its own device's acks only: 50-58k in the same comparison.")
 add("")
 add("## What shaped these numbers")
 add("")
@@ -461,7 +473,7 @@ add("- **PostgreSQL plans for a queue that swings between empty and full.** Two 
     "per delete took the drain in the sequence from 24.5k to 117.9k msgs/s, the unthrottled run from 17.1k "
     "(earlier sequences: 32.6-42.3k) to 36.3k, and the durable p99 at 10k msgs/s from 125 ms to 12 ms. The "
     "large swings between PostgreSQL runs noted before (17.1k to 42.3k unthrottled) were most likely this.")
-add("- **SQLite's `drain` sits at the bar.** In the sequence above it drained at 49.3k msgs/s (the run "
+add("- **SQLite's `drain`.** On 2026-11-24 it drained at 49.3k msgs/s (the run "
     "before it, same code less the PostgreSQL fixes: 49.5k); alone on this machine, 23 runs of the same "
     "drain against a fresh server (some after a 20 s unthrottled `pairs`) gave 45-65k (median about 55k): a two-second measurement on two cores "
     "shared with the load generator, which parses every message and sends every ack. Where the server's "
