@@ -79,14 +79,14 @@ const ACKS_PER_STATEMENT: usize = 250;
 /// process, such as a backup) before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Address space each connection maps the database file into. A page read
-/// through the map costs no `pread` and no copy into SQLite's page cache:
-/// during a backlog drain, `pread` and its copies were about a tenth of the
-/// server's CPU, and the mapping cut the drain's CPU by 10-20% (measured).
-/// Only address space: the pages are the kernel's file cache, shared by
-/// every connection, not memory of the process. Pages still in the WAL are
-/// read as before.
-const MMAP_BYTES: u64 = 256 * 1024 * 1024;
+/// Address space each connection maps the database file into: none, as
+/// SQLite's default. A 256 MiB map once cut a drain's CPU by 10-20% (no
+/// `pread` copies), but with the committer's larger batches it cost more
+/// than it saved: perf of a drain showed a tenth of the server's time in
+/// `munmap` and page-table teardown, and the drain of 1,000 x 100 ran at
+/// 67-94k msgs/s without the map against 41-85k with it (four and five
+/// runs, alternating binaries, 2026-12-03).
+const MMAP_BYTES: u64 = 0;
 
 pub struct SqliteStore {
     /// The single write connection.
