@@ -431,7 +431,10 @@ add("- **Senders are spread over their interval.** Until this run every paced se
     "and the aligned bursts hid them. The server's own accept-to-socket histogram "
     "(`sealpost_push_latency_seconds`) stayed under 1 ms at p99.9 and under 50 ms at its maximum in those "
     "runs, so the stalls are outside the delivery path: in the senders' read side, the kernel or the "
-    "generator, which share the two cores. Not found yet.")
+    "generator, which share the two cores. They are not new: the release before issue 14's work of this "
+    "day (b10b8a1) shows the same under spread senders (alternating binaries, 10 s at 10k msgs/s: p99 "
+    "48-309 ms against 69-79 ms). Nor is it the machine: a thread sleeping 1 ms at a time beside a run saw "
+    "at most 8 ms of delay, CPU steal was nil, and the cores were 46% busy on average. Not found yet.")
 add("- **Not met: push p99 ≤ 5 ms and `sent` p99 ≤ 25 ms at 20,000 msgs/s** (the bar table). The two cores "
     "are full: in a 20 s run at 20k msgs/s the server took 1.1 cores and the load generator 0.8. Per message "
     "the server does about five syscalls (read the send, write the push, read the ack, write `sent` with the "
