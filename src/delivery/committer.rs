@@ -706,6 +706,17 @@ mod tests {
         Box::pin(slot.stage(copies, SystemTime::now()).enqueue(held))
     }
 
+    /// Waits for a barrier behind everything enqueued so far.
+    async fn everything_before(committer: &Committer) {
+        committer
+            .reserve(0)
+            .await
+            .unwrap()
+            .barrier(None)
+            .await
+            .unwrap();
+    }
+
     fn rows(queue: &MemQueue) -> Vec<(Uuid, DeviceId)> {
         let rows = queue.rows.lock().unwrap();
         rows.iter().map(|r| (r.id, r.device)).collect()
@@ -730,13 +741,7 @@ mod tests {
         durable.await.unwrap();
         // Long past the window, and behind a barrier: nothing was written.
         tokio::time::sleep(WINDOW * 4).await;
-        committer
-            .reserve(0)
-            .await
-            .unwrap()
-            .barrier(None)
-            .await
-            .unwrap();
+        everything_before(&committer).await;
         assert!(queue.batches.lock().unwrap().is_empty());
         assert!(committer.pending.len() == 0);
         // Acked again (a client retrying): nothing left to settle.
@@ -929,13 +934,7 @@ mod tests {
     async fn barriers_alone_write_nothing() {
         let queue = Arc::new(MemQueue::default());
         let committer = local(queue.clone());
-        committer
-            .reserve(0)
-            .await
-            .unwrap()
-            .barrier(None)
-            .await
-            .unwrap();
+        everything_before(&committer).await;
         assert!(queue.batches.lock().unwrap().is_empty());
     }
 
