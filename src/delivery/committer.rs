@@ -64,7 +64,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::pending::{Admitted, CommitFailed, Insert, Pending};
+use super::pending::{Admitted, CommitFailed, Insert, NotStored, Pending};
 use crate::cluster::{Broker, Push};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -204,7 +204,16 @@ pub struct Slot<'a> {
 pub struct Staged<'a> {
     committer: &'a Committer,
     insert: Arc<Insert>,
-    result: oneshot::Receiver<Result<(), CommitFailed>>,
+    result: oneshot::Receiver<Result<(), NotStored>>,
+}
+
+/// Why an enqueued message was not stored, and the devices whose copies
+/// were not written: `None` when the committer is gone and cannot tell
+/// (take it as all of them).
+#[derive(Debug)]
+pub struct Unstored {
+    pub error: Error,
+    pub devices: Option<Vec<DeviceId>>,
 }
 
 impl<'a> Slot<'a> {
@@ -245,8 +254,12 @@ impl Staged<'_> {
     /// Hands the message to the committer: `held` (pushed to a socket of a
     /// recipient device here) waits out the ack window first. The returned
     /// future completes once every copy is durable: written, or acked
-    /// before it was.
-    pub fn enqueue(self, held: bool) -> impl Future<Output = Result<()>> + Send + 'static {
+    /// before it was; or fails naming the devices whose copies were not
+    /// written.
+    pub fn enqueue(
+        self,
+        held: bool,
+    ) -> impl Future<Output = std::result::Result<(), Unstored>> + Send + 'static {
         let now = Instant::now();
         let due = if held {
             now + self.committer.window
@@ -258,7 +271,19 @@ impl Staged<'_> {
             due,
         });
         let result = self.result;
-        async move { Ok(result.await.map_err(|_| Error::Unavailable)??) }
+        async move {
+            match result.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(NotStored { failed, devices })) => Err(Unstored {
+                    error: failed.into(),
+                    devices: Some(devices),
+                }),
+                Err(_) => Err(Unstored {
+                    error: Error::Unavailable,
+                    devices: None,
+                }),
+            }
+        }
     }
 }
 
@@ -610,8 +635,12 @@ impl Writer {
                     acks = acks.len(),
                     "write batch failed; its callers are told and nothing in it was accepted"
                 );
-                for (insert, _, _) in &inserts {
-                    insert.fail(failed);
+                for (insert, start, claimed) in &inserts {
+                    let devices = messages[*start..start + claimed]
+                        .iter()
+                        .map(|copy| copy.device)
+                        .collect();
+                    insert.fail(failed, devices);
                 }
                 for (_, _, _, done, _) in deletes {
                     let _ = done.send(Err(failed));
@@ -671,6 +700,7 @@ mod tests {
     use super::*;
     use crate::cluster::local::Recorder;
     use crate::delivery::fake::MemQueue;
+    use futures_util::TryFutureExt;
 
     const WINDOW: Duration = Duration::from_millis(50);
 
@@ -703,7 +733,11 @@ mod tests {
         held: bool,
     ) -> futures_util::future::BoxFuture<'static, Result<()>> {
         let slot = committer.reserve(6 * copies.len()).await.unwrap();
-        Box::pin(slot.stage(copies, SystemTime::now()).enqueue(held))
+        Box::pin(
+            slot.stage(copies, SystemTime::now())
+                .enqueue(held)
+                .map_err(|unstored| unstored.error),
+        )
     }
 
     /// Waits for a barrier behind everything enqueued so far.
@@ -884,6 +918,26 @@ mod tests {
         barrier.await.unwrap();
         assert!(matches!(inserted.await, Err(Error::Unavailable)));
         assert!(matches!(acked.await, Err(Error::Unavailable)));
+        assert!(queue.rows.lock().unwrap().is_empty());
+    }
+
+    /// A message one of whose copies was acked in its window, and whose
+    /// other copy then failed to be written, names only the unwritten
+    /// device: the acked one gave its queue room back with its ack, and
+    /// must not give it back twice.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_write_names_only_the_copies_it_did_not_write() {
+        let queue = Arc::new(MemQueue::default());
+        let committer = local(queue.clone());
+        let (bob, alice, id) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::now_v7());
+        let slot = committer.reserve(12).await.unwrap();
+        let copies = vec![copy(id, bob, 1, alice), copy(id, bob, 2, alice)];
+        let durable = slot.stage(copies, SystemTime::now()).enqueue(true);
+        committer.ack(bob, 1, vec![id]).await.unwrap();
+        queue.failing.store(true, Ordering::Relaxed);
+        let unstored = durable.await.expect_err("the write failed");
+        assert!(matches!(unstored.error, Error::Unavailable));
+        assert_eq!(unstored.devices, Some(vec![2]));
         assert!(queue.rows.lock().unwrap().is_empty());
     }
 

@@ -332,13 +332,20 @@ impl Delivery {
             drop(order);
             let (queues, metrics) = (self.queues.clone(), self.metrics.clone());
             let durable = Box::pin(async move {
-                let stored = insert.await;
-                match stored {
-                    Ok(()) => metrics.accepted(Kind::Stored),
-                    // Not stored: it takes no room in the devices' queues.
-                    Err(_) => queues.release(to, &devices, 1),
+                match insert.await {
+                    Ok(()) => {
+                        metrics.accepted(Kind::Stored);
+                        Ok(())
+                    }
+                    // Not stored: it takes no room in the queues of the
+                    // devices whose copies were not written. (A copy acked
+                    // in its window gave its room back with the ack.)
+                    Err(unstored) => {
+                        let failed = unstored.devices.as_deref().unwrap_or(&devices);
+                        queues.release(to, failed, 1);
+                        Err(unstored.error)
+                    }
                 }
-                stored
             });
             return Ok(Accepted {
                 id,

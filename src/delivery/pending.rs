@@ -38,6 +38,14 @@ pub struct CommitFailed {
     pub unavailable: bool,
 }
 
+/// A message not stored: why, and which devices' copies were not written
+/// (the others were acked before the write, and so were settled).
+#[derive(Debug, Clone)]
+pub struct NotStored {
+    pub failed: CommitFailed,
+    pub devices: Vec<DeviceId>,
+}
+
 /// One accepted message on its way to the store: all its copies, and its
 /// sender's answer.
 pub struct Insert {
@@ -47,7 +55,7 @@ pub struct Insert {
     pub accepted: SystemTime,
     /// Copies neither written nor cancelled yet.
     unsettled: AtomicUsize,
-    done: Mutex<Option<oneshot::Sender<Result<(), CommitFailed>>>>,
+    done: Mutex<Option<oneshot::Sender<Result<(), NotStored>>>>,
     /// Its share of the committer's admission budget, returned once the
     /// last reference (the committer's, or an entry's) is gone.
     _admitted: Admitted,
@@ -65,7 +73,7 @@ impl Insert {
         copies: Vec<Arc<Message>>,
         accepted: SystemTime,
         admitted: Admitted,
-    ) -> (Arc<Self>, oneshot::Receiver<Result<(), CommitFailed>>) {
+    ) -> (Arc<Self>, oneshot::Receiver<Result<(), NotStored>>) {
         let (done, result) = oneshot::channel();
         // No copies (envelopes to yourself from your only device): nothing
         // to write, durable at once.
@@ -105,14 +113,15 @@ impl Insert {
         self.unsettled.load(Ordering::Acquire) == 0
     }
 
-    /// The copies claimed for a batch were not written: the sender hears
-    /// that the message was not accepted (even if another of its copies
-    /// was acked: a retry is safe, the refusal of a stored message is not).
-    pub fn fail(&self, failed: CommitFailed) {
-        self.answer(Err(failed));
+    /// The copies claimed for a batch, those of `devices`, were not
+    /// written: the sender hears that the message was not accepted (even
+    /// if another of its copies was acked: a retry is safe, the refusal of
+    /// a stored message is not).
+    pub fn fail(&self, failed: CommitFailed, devices: Vec<DeviceId>) {
+        self.answer(Err(NotStored { failed, devices }));
     }
 
-    fn answer(&self, result: Result<(), CommitFailed>) {
+    fn answer(&self, result: Result<(), NotStored>) {
         let done = self
             .done
             .lock()
