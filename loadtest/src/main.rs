@@ -694,6 +694,8 @@ fn summarise(
                 "durable_latency_hist": report.latency(durable).encode(),
             });
             if let Command::Pairs { fanout, kill, .. } = command {
+                // Worker processes' probes merged: the worst of them shows.
+                traffic["generator_lag"] = report.latency("generator_lag").summary();
                 let devices = fanout.devices();
                 // Every device gets its own copy: deliveries are messages ×
                 // devices, counted once per device (duplicates left out),

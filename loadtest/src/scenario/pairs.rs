@@ -178,6 +178,7 @@ pub async fn run(
     let start = tokio::time::Instant::now();
     let deadline = start + duration;
     let senders = ready.len().max(1) as u32;
+    let lag = tokio::spawn(lag_probe(deadline));
     let tasks: Vec<_> = ready
         .into_iter()
         .enumerate()
@@ -234,9 +235,25 @@ pub async fn run(
             measured.merge(&receive.await?);
         }
     }
+    measured.set_latency("generator_lag", &lag.await?);
     measured.set_seconds("sending", duration);
     measured.set_seconds("elapsed", started.elapsed());
     Ok(measured)
+}
+
+/// How late the generator's own runtime wakes a task: a 1 ms sleep,
+/// again and again until `deadline`, and each wake-up's delay past it.
+/// A push latency tail that shows here too is the generator's, not the
+/// server's.
+async fn lag_probe(deadline: tokio::time::Instant) -> Latency {
+    const TICK: Duration = Duration::from_millis(1);
+    let mut lag = Latency::default();
+    while tokio::time::Instant::now() < deadline {
+        let due = tokio::time::Instant::now() + TICK;
+        tokio::time::sleep_until(due).await;
+        lag.record(tokio::time::Instant::now().saturating_duration_since(due));
+    }
+    lag
 }
 
 /// Sender of pair n is account 2n, its receiver account 2n + 1, whose
