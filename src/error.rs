@@ -182,16 +182,24 @@ impl Error {
 }
 
 /// The JSON body of every error: `{"error": {"code", "message", "field"?}}`.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
+    /// Stable; program against it: `invalid`, `unauthorized`, `not_found`,
+    /// `conflict`, `too_many_devices`, `devices_changed`, `too_large`,
+    /// `forbidden`, `rate_limited`, `queue_full`, `too_many_connections`,
+    /// `unavailable`, `internal`.
     pub code: &'static str,
+    /// For humans; may change.
+    #[schema(value_type = String)]
     pub message: Cow<'static, str>,
+    /// The request field at fault, with `invalid` (422).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub field: Option<Cow<'static, str>>,
     /// With `devices_changed`: the recipient's devices the send missed.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -8,6 +8,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use utoipa::ToSchema;
+
 use crate::error::Error;
 use crate::store::{DeviceId, Message};
 
@@ -25,7 +27,7 @@ pub fn parse_id(field: &'static str, value: &str) -> Result<Uuid, Error> {
 
 /// A queued message as clients see it: in a `message` frame and in a
 /// listing.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct MessageView {
     pub id: Uuid,
     pub from: Uuid,
@@ -49,9 +51,11 @@ impl From<&Message> for MessageView {
 }
 
 /// One envelope of a send: the body for one device of the recipient.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct Envelope {
+    #[schema(minimum = 1)]
     pub device_id: DeviceId,
+    #[schema(format = Byte, min_length = 4)]
     pub body: String,
 }
 

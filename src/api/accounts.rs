@@ -12,6 +12,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::ApiJson;
@@ -72,15 +73,18 @@ fn validate_password(password: &str) -> Result<()> {
     Ok(())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct Register {
+    #[schema(min_length = 3, max_length = 32, pattern = "^[A-Za-z0-9_.-]+$")]
     username: String,
+    #[schema(min_length = 8, max_length = 1024)]
     password: String,
+    #[schema(format = Byte, min_length = 44, max_length = 2732)]
     public_key: String,
 }
 
 /// The caller's own account, as seen from one of its devices.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Profile {
     id: Uuid,
     username: String,
@@ -103,6 +107,8 @@ impl Profile {
     }
 }
 
+#[utoipa::path(post, path = "/v1/register", tag = "accounts", request_body = Register,
+    responses((status = 201, description = "The account, with its first device (device 1).", body = Profile), crate::api::openapi::Errors))]
 async fn register(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<Register>,
@@ -138,21 +144,27 @@ async fn register(
     Ok((StatusCode::CREATED, Json(Profile::of(user, &device))))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct Login {
+    #[schema(min_length = 3, max_length = 32, pattern = "^[A-Za-z0-9_.-]+$")]
     username: String,
+    #[schema(min_length = 8, max_length = 1024)]
     password: String,
     /// The device to sign in as; device 1 when absent, as before devices.
     /// Wide enough that any number parses and a bad one gets a 422 naming
     /// the field.
+    #[schema(minimum = 1, maximum = 2147483647)]
     device_id: Option<i64>,
 }
 
 /// The OAuth2 resource-owner password form (RFC 6749 §4.3.2).
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct PasswordGrant {
+    #[schema(pattern = "^password$")]
     grant_type: String,
+    #[schema(min_length = 3, max_length = 32, pattern = "^[A-Za-z0-9_.-]+$")]
     username: String,
+    #[schema(min_length = 8, max_length = 1024)]
     password: String,
     device_id: Option<i64>,
 }
@@ -197,7 +209,7 @@ impl FromRequest<AppState> for LoginRequest {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(super) struct TokenPair {
     access_token: String,
     token_type: &'static str,
@@ -211,6 +223,9 @@ pub(super) struct TokenPair {
 /// One generic answer for an unknown user and a wrong password.
 const BAD_LOGIN: Error = Error::Unauthorized("invalid username or password");
 
+#[utoipa::path(post, path = "/v1/login", tag = "accounts",
+    request_body(content((Login = "application/json"), (PasswordGrant = "application/x-www-form-urlencoded"))),
+    responses((status = 200, description = "A token pair for a session of the device.", body = TokenPair), crate::api::openapi::Errors))]
 async fn login(
     State(state): State<AppState>,
     LoginRequest(login): LoginRequest,
@@ -310,11 +325,13 @@ pub(super) fn token_pair(
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct Refresh {
     refresh_token: String,
 }
 
+#[utoipa::path(post, path = "/v1/token/refresh", tag = "accounts", request_body = Refresh,
+    responses((status = 200, description = "A new token pair; the presented refresh token is spent.", body = TokenPair), crate::api::openapi::Errors))]
 async fn refresh(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<Refresh>,
@@ -353,6 +370,8 @@ async fn refresh(
     }
 }
 
+#[utoipa::path(get, path = "/v1/me", tag = "accounts", security(("bearer" = [])),
+    responses((status = 200, description = "The caller's account, seen from its device.", body = Profile), crate::api::openapi::Errors))]
 async fn me(caller: AuthUser, State(state): State<AppState>) -> Result<Json<Profile>> {
     let gone = || Error::Unauthorized("account no longer exists");
     let user = state.store.user(caller.id).await?.ok_or_else(gone)?;
@@ -366,6 +385,8 @@ async fn me(caller: AuthUser, State(state): State<AppState>) -> Result<Json<Prof
 
 /// Ends the caller's session: its access tokens are refused from now on,
 /// its refresh token is void and its sockets close with 4401.
+#[utoipa::path(post, path = "/v1/logout", tag = "accounts", security(("bearer" = [])),
+    responses((status = 204, description = "This session is ended."), crate::api::openapi::Errors))]
 async fn logout(caller: AuthUser, State(state): State<AppState>) -> Result<StatusCode> {
     state
         .revocations
@@ -380,6 +401,8 @@ async fn logout(caller: AuthUser, State(state): State<AppState>) -> Result<Statu
 }
 
 /// Ends every session of the caller, this one included.
+#[utoipa::path(post, path = "/v1/logout-all", tag = "accounts", security(("bearer" = [])),
+    responses((status = 204, description = "Every session of the account is ended."), crate::api::openapi::Errors))]
 async fn logout_all(caller: AuthUser, State(state): State<AppState>) -> Result<StatusCode> {
     state
         .revocations
@@ -409,14 +432,17 @@ pub(super) async fn confirm_password(state: &AppState, user: Uuid, password: Str
 
 const WRONG_PASSWORD: Error = Error::Forbidden("current password is wrong");
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct ChangePassword {
     current_password: String,
+    #[schema(min_length = 8, max_length = 1024)]
     new_password: String,
 }
 
 /// Sets a new password and ends every session, then opens a fresh one for
 /// the caller so that the device that changed it stays signed in.
+#[utoipa::path(put, path = "/v1/password", tag = "accounts", security(("bearer" = [])), request_body = ChangePassword,
+    responses((status = 200, description = "A token pair for a fresh session; every other session is ended.", body = TokenPair), crate::api::openapi::Errors))]
 async fn change_password(
     caller: AuthUser,
     State(state): State<AppState>,
@@ -437,13 +463,15 @@ async fn change_password(
     Ok(Json(start_session(&state, caller.id, caller.device).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct DeleteAccount {
     password: String,
 }
 
 /// Deletes the caller's account with its key and queued messages, and
 /// closes its sockets. Messages it sent to others stay theirs.
+#[utoipa::path(delete, path = "/v1/me", tag = "accounts", security(("bearer" = [])), request_body = DeleteAccount,
+    responses((status = 204, description = "The account, its devices and their queues are deleted."), crate::api::openapi::Errors))]
 async fn delete_me(
     caller: AuthUser,
     State(state): State<AppState>,

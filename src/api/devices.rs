@@ -16,6 +16,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use std::sync::Arc;
@@ -48,14 +49,20 @@ pub fn router(auth_limit: Option<AuthLimit>) -> Router<AppState> {
         .route("/v1/users/{user}/devices", get(directory))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct AddDeviceRequest {
+    #[schema(min_length = 3, max_length = 32, pattern = "^[A-Za-z0-9_.-]+$")]
     username: String,
+    #[schema(min_length = 8, max_length = 1024)]
     password: String,
+    #[schema(format = Byte, min_length = 44, max_length = 2732)]
     public_key: String,
+    #[schema(min_length = 1, max_length = 64)]
     name: Option<String>,
 }
 
+#[utoipa::path(post, path = "/v1/devices", tag = "devices", request_body = AddDeviceRequest,
+    responses((status = 201, description = "The new device's id and a token pair for a session of it.", body = TokenPair), crate::api::openapi::Errors))]
 async fn add_device(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<AddDeviceRequest>,
@@ -114,7 +121,7 @@ async fn device_list(state: &AppState, user: Uuid) -> Option<Arc<[DeviceId]>> {
 }
 
 /// One of the caller's own devices, as its account sees it.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct OwnDevice {
     device_id: DeviceId,
     name: Option<String>,
@@ -143,11 +150,13 @@ impl OwnDevice {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct OwnDevices {
     devices: Vec<OwnDevice>,
 }
 
+#[utoipa::path(get, path = "/v1/devices", tag = "devices", security(("bearer" = [])),
+    responses((status = 200, description = "The caller's own devices, in ascending id.", body = OwnDevices), crate::api::openapi::Errors))]
 async fn own_devices(caller: AuthUser, State(state): State<AppState>) -> Result<Json<OwnDevices>> {
     let devices = state.store.devices(caller.id).await?;
     Ok(Json(OwnDevices {
@@ -166,12 +175,15 @@ fn path_device(value: &str) -> Result<DeviceId> {
         .and_then(super::accounts::device_field)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct Rename {
     /// `null` clears the name.
+    #[schema(min_length = 1, max_length = 64)]
     name: Option<String>,
 }
 
+#[utoipa::path(patch, path = "/v1/devices/{device_id}", tag = "devices", security(("bearer" = [])), params(("device_id" = u32, Path, description = "One of the account's devices.")), request_body = Rename,
+    responses((status = 200, description = "The renamed device.", body = OwnDevice), crate::api::openapi::Errors))]
 async fn rename(
     caller: AuthUser,
     State(state): State<AppState>,
@@ -190,6 +202,8 @@ async fn rename(
     Ok(Json(OwnDevice::of(renamed, &caller)))
 }
 
+#[utoipa::path(put, path = "/v1/devices/{device_id}/key", tag = "devices", security(("bearer" = [])), params(("device_id" = u32, Path, description = "One of the account's devices.")), request_body = UpdateKey,
+    responses((status = 200, description = "The device's new key.", body = KeyView), crate::api::openapi::Errors))]
 async fn set_key(
     caller: AuthUser,
     State(state): State<AppState>,
@@ -203,7 +217,7 @@ async fn set_key(
     Ok(Json(view.naming_device(caller.device)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct RemoveRequest {
     password: String,
 }
@@ -211,6 +225,8 @@ struct RemoveRequest {
 /// Removes a device of the caller's account, itself or another: its
 /// sessions end (tokens refused, sockets closed with 4401), its queue and
 /// key are deleted, its number is never given out again.
+#[utoipa::path(delete, path = "/v1/devices/{device_id}", tag = "devices", security(("bearer" = [])), params(("device_id" = u32, Path, description = "One of the account's devices.")), request_body = RemoveRequest,
+    responses((status = 204, description = "The device, its sessions, key and queue are gone."), crate::api::openapi::Errors))]
 async fn remove(
     caller: AuthUser,
     State(state): State<AppState>,
@@ -246,13 +262,13 @@ async fn remove(
 
 /// Another account's devices with their keys: what a sender encrypts to.
 /// No names: those are the account's own.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Directory {
     user_id: Uuid,
     devices: Vec<KeyEntry>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct KeyEntry {
     device_id: DeviceId,
     public_key: String,
@@ -260,6 +276,9 @@ struct KeyEntry {
     updated_at: DateTime<Utc>,
 }
 
+#[utoipa::path(get, path = "/v1/users/{user_id}/devices", tag = "devices", security(("bearer" = [])),
+    params(("user_id" = Uuid, Path, description = "The account whose devices to list.")),
+    responses((status = 200, description = "The account's devices with their keys: what a send must cover.", body = Directory), crate::api::openapi::Errors))]
 async fn directory(
     _caller: AuthUser,
     State(state): State<AppState>,

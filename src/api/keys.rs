@@ -14,6 +14,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::{ApiJson, ApiPath};
@@ -58,7 +59,7 @@ pub fn parse_public_key(value: &str) -> Result<Vec<u8>> {
 }
 
 /// As before devices, field for field: the lowest-numbered device's key.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct DirectoryEntry {
     id: Uuid,
     username: String,
@@ -77,6 +78,9 @@ async fn first_device(state: &AppState, user: Uuid) -> Result<Device> {
         .ok_or(Error::NotFound("user"))
 }
 
+#[utoipa::path(get, path = "/v1/users/{username}", tag = "keys", security(("bearer" = [])),
+    params(("username" = String, Path, description = "A username, matched regardless of ASCII letter case.")),
+    responses((status = 200, description = "The user, with the lowest-numbered device's key.", body = DirectoryEntry), crate::api::openapi::Errors))]
 async fn user_by_name(
     _caller: AuthUser,
     State(state): State<AppState>,
@@ -101,7 +105,7 @@ async fn user_by_name(
 /// One device's key. The single-key endpoints of before devices leave
 /// `device_id` out, so that their replies stay field for field as they
 /// were; `PUT /v1/devices/{id}/key` names it.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(super) struct KeyView {
     user_id: Uuid,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -129,6 +133,9 @@ impl KeyView {
     }
 }
 
+#[utoipa::path(get, path = "/v1/public-key/{user_id}", tag = "keys", security(("bearer" = [])),
+    params(("user_id" = Uuid, Path, description = "The user whose key to read.")),
+    responses((status = 200, description = "The lowest-numbered device's key.", body = KeyView), crate::api::openapi::Errors))]
 async fn public_key(
     _caller: AuthUser,
     State(state): State<AppState>,
@@ -139,12 +146,15 @@ async fn public_key(
     Ok(Json(KeyView::of(id, &device)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub(super) struct UpdateKey {
+    #[schema(format = Byte, min_length = 44, max_length = 2732)]
     pub(super) public_key: String,
 }
 
 /// Replaces the calling device's key.
+#[utoipa::path(put, path = "/v1/update-key", tag = "keys", security(("bearer" = [])), request_body = UpdateKey,
+    responses((status = 200, description = "The calling device's new key.", body = KeyView), crate::api::openapi::Errors))]
 async fn update_key(
     caller: AuthUser,
     State(state): State<AppState>,

@@ -9,6 +9,7 @@ use axum::routing::{post, put};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::{ApiJson, ApiPath, ApiQuery};
@@ -29,14 +30,16 @@ const DEFAULT_PAGE: u32 = 100;
 
 /// A send: one `body` for every device of the recipient, or one envelope
 /// per device.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct Send {
+    #[schema(format = Uuid)]
     to: String,
+    #[schema(format = Byte, min_length = 4)]
     body: Option<String>,
     envelopes: Option<Vec<wire::Envelope>>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Sent {
     id: Uuid,
     to: Uuid,
@@ -44,6 +47,8 @@ struct Sent {
     sent_at: DateTime<Utc>,
 }
 
+#[utoipa::path(post, path = "/v1/messages", tag = "messages", security(("bearer" = [])), request_body = Send,
+    responses((status = 201, description = "The message is durable for every device it covers.", body = Sent), crate::api::openapi::Errors))]
 async fn send(
     caller: AuthUser,
     State(state): State<AppState>,
@@ -75,12 +80,18 @@ struct ListQuery {
     limit: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Listing {
     messages: Vec<MessageView>,
     next: Option<Uuid>,
 }
 
+#[utoipa::path(get, path = "/v1/messages", tag = "messages", security(("bearer" = [])),
+    params(
+        ("after" = Option<Uuid>, Query, description = "Only messages with larger ids; omit for the first page."),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "At most this many messages, 1-500 (default 100)."),
+    ),
+    responses((status = 200, description = "The calling device's undelivered copies, oldest first.", body = Listing), crate::api::openapi::Errors))]
 async fn list(
     caller: AuthUser,
     State(state): State<AppState>,
@@ -105,6 +116,9 @@ async fn list(
     }))
 }
 
+#[utoipa::path(put, path = "/v1/messages/{id}/delivered", tag = "messages", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The message whose copy to acknowledge.")),
+    responses((status = 204, description = "The calling device's copy is deleted."), crate::api::openapi::Errors))]
 async fn delivered(
     caller: AuthUser,
     State(state): State<AppState>,
@@ -117,16 +131,19 @@ async fn delivered(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct AckRequest {
+    #[schema(value_type = Vec<uuid::Uuid>, max_items = 500)]
     ids: Vec<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Acked {
     acked: u64,
 }
 
+#[utoipa::path(post, path = "/v1/messages/ack", tag = "messages", security(("bearer" = [])), request_body = AckRequest,
+    responses((status = 200, description = "How many of the ids were queued for the calling device and are now deleted.", body = Acked), crate::api::openapi::Errors))]
 async fn ack(
     caller: AuthUser,
     State(state): State<AppState>,

@@ -11,6 +11,7 @@ mod headers;
 mod health;
 mod keys;
 pub mod messages;
+pub mod openapi;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -40,6 +41,7 @@ pub fn router(state: AppState) -> Router {
         .merge(devices::router(state.auth_limit.clone()))
         .merge(messages::router())
         .merge(health::router())
+        .merge(openapi::router())
         .merge(crate::ws::router())
         .fallback(|| async { Error::NotFound("route") })
         .method_not_allowed_fallback(|| async { method_not_allowed() })

@@ -19,6 +19,7 @@ mod logs;
 mod messages;
 mod metrics;
 mod migration;
+mod openapi;
 mod props;
 mod sealed;
 mod security;
