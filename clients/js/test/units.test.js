@@ -50,3 +50,11 @@ test('REST error replies become typed errors with status, field, Retry-After, re
   assert.equal(proxy.code, 'unavailable');
   assert.equal(proxy.retryable, true);
 });
+
+test('index.d.ts declares exactly the runtime exports', async () => {
+  const { readFile } = await import('node:fs/promises');
+  const dts = await readFile(new URL('../index.d.ts', import.meta.url), 'utf8');
+  const declared = [...dts.matchAll(/^export (?:class|function|const) (\w+)/gm)].map((m) => m[1]).sort();
+  const runtime = Object.keys(await import('../src/index.js')).sort();
+  assert.deepEqual(declared, runtime);
+});
