@@ -70,7 +70,8 @@ export class Inbox extends Emitter {
     /** @type {Set<string>} */
     this._ackPending = new Set();
     this._ackTimer = null;
-    this._ackFlush = null;
+    /** @type {null | {promise: Promise<void>, resolve: Function, reject: Function}} the batch `ack()` callers wait on */
+    this._ackBatch = null;
   }
 
   /** Whether the consumer is behind (see MAX_BUFFERED): new copies should not be read. */
@@ -259,31 +260,43 @@ export class Inbox extends Emitter {
   }
 
   _scheduleAck() {
-    if (!this._ackFlush) {
-      this._ackFlush = new Promise((resolve, reject) => {
-        this._ackTimer = setTimeout(() => {
-          this._ackFlush = null;
-          this.flushAcks().then(resolve, reject);
-        }, this._ackPending.size >= MAX_ACK_IDS ? 0 : ACK_DELAY_MS);
-      });
+    if (!this._ackBatch) {
+      let resolve, reject;
+      const promise = new Promise((res, rej) => { resolve = res; reject = rej; });
+      this._ackBatch = { promise, resolve, reject };
+      this._ackTimer = setTimeout(() => this.flushAcks().catch(() => { /* the batch's callers have it */ }), ACK_DELAY_MS);
+    } else if (this._ackPending.size >= MAX_ACK_IDS) {
+      clearTimeout(this._ackTimer);
+      this._ackTimer = setTimeout(() => this.flushAcks().catch(() => {}), 0);
     }
-    return this._ackFlush;
+    return this._ackBatch.promise;
   }
 
-  /** Writes every pending ack now, in batches of MAX_ACK_IDS. Failed ids stay pending for the next flush. */
+  /**
+   * Writes every pending ack now, in batches of MAX_ACK_IDS, and settles the
+   * promises of the `ack()` calls waiting for them. Failed ids stay pending
+   * for the next flush.
+   */
   async flushAcks() {
     clearTimeout(this._ackTimer);
-    this._ackFlush = null;
-    while (this._ackPending.size > 0) {
-      const ids = [...this._ackPending].slice(0, MAX_ACK_IDS);
-      for (const id of ids) this._ackPending.delete(id);
-      try {
-        await this._sendAcks(ids);
-      } catch (err) {
-        for (const id of ids) this._ackPending.add(id);
-        throw err;
+    const batch = this._ackBatch;
+    this._ackBatch = null;
+    try {
+      while (this._ackPending.size > 0) {
+        const ids = [...this._ackPending].slice(0, MAX_ACK_IDS);
+        for (const id of ids) this._ackPending.delete(id);
+        try {
+          await this._sendAcks(ids);
+        } catch (err) {
+          for (const id of ids) this._ackPending.add(id);
+          throw err;
+        }
       }
+    } catch (err) {
+      batch?.reject(err);
+      throw err;
     }
+    batch?.resolve();
   }
 
   /** Ends the iterators; pending acks are left to the caller's final `flushAcks()`. */

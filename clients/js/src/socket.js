@@ -162,8 +162,12 @@ export class Socket extends Emitter {
   /** Sends a frame without a reply (acks). @returns {boolean} whether it was written */
   post(frame) {
     if (!this.isReady || !this._ws) return false;
-    this._ws.send(JSON.stringify(frame));
-    return true;
+    try {
+      this._ws.send(JSON.stringify(frame));
+      return true;
+    } catch {
+      return false; // closing: the close handler follows
+    }
   }
 
   /**
@@ -186,7 +190,11 @@ export class Socket extends Emitter {
         if (this._ws === ws) this._drop(ws, 'reply timeout');
       }, REPLY_TIMEOUT_MS);
       this._pending.set(ref, { resolve, reject, timer });
-      ws.send(JSON.stringify({ ...frame, ref }));
+      try {
+        ws.send(JSON.stringify({ ...frame, ref }));
+      } catch (cause) {
+        this._settle(ref, new SealpostError('network', 'the socket is closing', { cause }));
+      }
     });
   }
 

@@ -31,8 +31,8 @@ if (url) {
 
     rec.sockets.at(-1).terminate(); // abrupt: no close frame, as a dead network
     await eventually(() => states.some((s) => s.state === 'reconnecting'), { what: 'reconnecting' });
-    const m2 = await alice.send(bob.userId, 'during the cut');
     const after = collectMessages(bob, 1);
+    const m2 = await alice.send(bob.userId, 'during the cut');
     await eventually(() => states.filter((s) => s.state === 'drained').length === 2, { what: 'drained again' });
     const [got2] = await after;
     assert.equal(got2.id, m2.id);
@@ -54,7 +54,10 @@ if (url) {
     const alice2 = await SealpostClient.login({ ...clientOptions(url, { WebSocket: aliceRec.WebSocket }), username: alice.username, password: PASSWORD, keys: alice.exportKeys() });
     await alice2.connect();
     await alice2.waitForDrained();
+    await alice2.directory.get(bob.userId); // cached, so the frame is written before the cut
+    await alice2.directory.get(alice2.userId);
     const sending = alice2.send(bob.userId, 'through the cut');
+    await new Promise((r) => setImmediate(r));
     aliceRec.sockets.at(-1).terminate();
     const r = await sending;
     await eventually(() => shown.some((m) => m.clientId === r.clientId), { what: 'the retried message' });
