@@ -127,7 +127,8 @@ export class SealpostClient extends Emitter {
   /** @private use register, login, addDevice or resume */
   constructor({ opts, sodium, rest, session, keys, me }) {
     super();
-    this._opts = opts;
+    // Only what later calls need: never the password.
+    this._opts = { WebSocket: opts.WebSocket, backoff: opts.backoff };
     this._sodium = sodium;
     this._rest = rest;
     this._session = session;

@@ -123,3 +123,18 @@ export async function queued(client) {
 export async function closeAll(...clients) {
   await Promise.all(clients.flat().map((c) => c.close()));
 }
+
+/**
+ * Waits until the device's queue on the server is empty. An ack frame on
+ * the socket has no reply, so a REST read right after it may still see the
+ * copy: wait for the server instead of assuming.
+ */
+export async function eventuallyEmpty(client, what = 'queue empty') {
+  let last;
+  try {
+    await eventually(async () => (last = await queued(client)).length === 0, { what });
+  } catch (err) {
+    err.message += `: still queued ${JSON.stringify(last?.map((m) => m.id))}`;
+    throw err;
+  }
+}
