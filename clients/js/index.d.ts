@@ -78,6 +78,13 @@ export interface DeviceKeys { publicKey: Uint8Array; secretKey: Uint8Array }
 /** The same, as standard base64 strings: what an application persists. */
 export interface ExportedDeviceKeys { publicKey: string; secretKey: string }
 
+/** What `importDeviceKeys` and the `keys` options take: a pair, or a secret key alone (`secret_key` is the Rust client's stored form). */
+export type ImportableKeys =
+  | ExportedDeviceKeys
+  | DeviceKeys
+  | { secretKey: string | Uint8Array; publicKey?: string | Uint8Array }
+  | { secret_key: string };
+
 /** libsodium-wrappers (or a compatible object); typed loosely to take any build. */
 export type Sodium = any;
 
@@ -85,8 +92,8 @@ export type Sodium = any;
 export function loadSodium(injected?: Sodium): Promise<Sodium>;
 export function generateDeviceKeys(sodium: Sodium): DeviceKeys;
 export function exportDeviceKeys(sodium: Sodium, keys: DeviceKeys): ExportedDeviceKeys;
-/** Checks sizes and that the public key is the secret key's. */
-export function importDeviceKeys(sodium: Sodium, keys: ExportedDeviceKeys | DeviceKeys): DeviceKeys;
+/** Checks sizes and that the public key (if given) is the secret key's; derives it otherwise. */
+export function importDeviceKeys(sodium: Sodium, keys: ImportableKeys): DeviceKeys;
 
 export const BODY_VERSION: 0x01;
 /** 41: version + nonce + tag. */
@@ -298,13 +305,13 @@ export interface ClientEvents {
 
 export class SealpostClient {
   /** Creates an account (device 1) and logs in. Keys are generated unless given. */
-  static register(opts: ClientOptions & Credentials & { keys?: ExportedDeviceKeys | DeviceKeys }): Promise<SealpostClient>;
+  static register(opts: ClientOptions & Credentials & { keys?: ImportableKeys }): Promise<SealpostClient>;
   /** Logs in as an existing device with its kept keys (checked against the server's key). */
-  static login(opts: ClientOptions & Credentials & { deviceId?: number; keys: ExportedDeviceKeys | DeviceKeys }): Promise<SealpostClient>;
+  static login(opts: ClientOptions & Credentials & { deviceId?: number; keys: ImportableKeys }): Promise<SealpostClient>;
   /** Adds a device (`POST /v1/devices`) and logs in as it; persist `deviceId` and `exportKeys()`. */
-  static addDevice(opts: ClientOptions & Credentials & { name?: string; keys?: ExportedDeviceKeys | DeviceKeys }): Promise<SealpostClient>;
+  static addDevice(opts: ClientOptions & Credentials & { name?: string; keys?: ImportableKeys }): Promise<SealpostClient>;
   /** Resumes from a persisted refresh token (spends it). */
-  static resume(opts: ClientOptions & { refreshToken: string; keys: ExportedDeviceKeys | DeviceKeys }): Promise<SealpostClient>;
+  static resume(opts: ClientOptions & { refreshToken: string; keys: ImportableKeys }): Promise<SealpostClient>;
 
   private constructor();
 

@@ -22,19 +22,22 @@ export function exportDeviceKeys(sodium, keys) {
 }
 
 /**
- * Accepts an exported pair (base64 strings) or raw bytes; checks the sizes and
- * that the public key belongs to the secret one, so a mixed-up pair fails here
- * rather than as unreadable messages later.
- * @param {ExportedDeviceKeys | DeviceKeys} exported
+ * Accepts an exported pair (base64 strings) or raw bytes, or a secret key
+ * alone (`secretKey`, or `secret_key` as the Rust client stores it), from
+ * which the public key is derived. Checks the sizes and that a given public
+ * key belongs to the secret one, so a mixed-up pair fails here rather than
+ * as unreadable messages later.
+ * @param {Partial<ExportedDeviceKeys | DeviceKeys> & {secret_key?: string}} exported
  * @returns {DeviceKeys}
  */
 export function importDeviceKeys(sodium, exported) {
-  const pk = typeof exported.publicKey === 'string' ? fromBase64(sodium, exported.publicKey) : exported.publicKey;
-  const sk = typeof exported.secretKey === 'string' ? fromBase64(sodium, exported.secretKey) : exported.secretKey;
-  if (pk.length !== sodium.crypto_box_PUBLICKEYBYTES || sk.length !== sodium.crypto_box_SECRETKEYBYTES) {
-    throw new TypeError('device keys: expected a 32-byte public and a 32-byte secret key');
-  }
+  const bytes = (v) => (typeof v === 'string' ? fromBase64(sodium, v) : v);
+  const sk = bytes(exported.secretKey ?? exported.secret_key);
+  if (!sk || sk.length !== sodium.crypto_box_SECRETKEYBYTES) throw new TypeError('device keys: expected a 32-byte secret key');
   const derived = sodium.crypto_scalarmult_base(sk);
+  if (exported.publicKey === undefined) return { publicKey: derived, secretKey: sk };
+  const pk = bytes(exported.publicKey);
+  if (pk.length !== sodium.crypto_box_PUBLICKEYBYTES) throw new TypeError('device keys: expected a 32-byte public key');
   if (!sodium.memcmp(derived, pk)) throw new TypeError('device keys: the public key does not match the secret key');
   return { publicKey: pk, secretKey: sk };
 }

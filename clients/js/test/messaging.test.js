@@ -300,3 +300,22 @@ if (url) {
     await closeAll(alice, bob);
   });
 }
+
+if (url) {
+  test('pipelined sends on one socket: matched by ref, received in order', T, async () => {
+    const [alice] = await newAccount(url, 'pipa', 1);
+    const [bob] = await newAccount(url, 'pipb', 1);
+    await Promise.all([alice.connect(), bob.connect()]);
+    await Promise.all([alice.waitForDrained(), bob.waitForDrained()]);
+    const n = 30;
+    const got = collectMessages(bob, n);
+    const results = await Promise.all(Array.from({ length: n }, (_, i) => alice.send(bob.userId, `m${i}`)));
+    assert.equal(new Set(results.map((r) => r.id)).size, n, 'every send got its own reply');
+    const messages = await got;
+    assert.deepEqual(messages.map((m) => m.text), Array.from({ length: n }, (_, i) => `m${i}`));
+    assert.deepEqual(messages.map((m) => m.id), results.map((r) => r.id), 'each reply matched its own send');
+    await bob.ack(messages);
+    await eventuallyEmpty(bob);
+    await closeAll(alice, bob);
+  });
+}
