@@ -338,7 +338,11 @@ export class SealpostClient {
   /** Any authenticated REST call (JSON), with the 401 refresh-and-retry. */
   request(method: string, path: string, body?: unknown): Promise<any>;
 
-  /** Opens the socket and keeps it open; resolves on the first `ready`. */
+  /**
+   * Opens the socket and keeps it open (reconnecting with backoff); resolves
+   * on the first `ready`. Rejects (`closed`, or `unauthorized` once logged
+   * out) only when the socket closes for good: 4409, 4429, or a refused refresh.
+   */
   connect(opts?: { exclusive?: boolean }): Promise<void>;
   /** Resolves when the current connection's backlog is delivered. */
   waitForDrained(): Promise<void>;

@@ -5,6 +5,7 @@
 // that does not open with the cached key). Concurrent fetches of one user
 // share one request.
 
+import { BoundedMap } from './bounded.js';
 import { fromBase64 } from './sodium.js';
 
 /**
@@ -19,7 +20,6 @@ export const DIRECTORY_CAPACITY = 1000;
  * @typedef {{userId: string, devices: DirectoryDevice[], fetchedAt: number}} DirectoryEntry
  */
 
-import { BoundedMap } from './bounded.js';
 
 export class Directory {
   /** @param {import('./rest.js').Rest} rest */

@@ -83,6 +83,32 @@ if (url) {
     await closeAll(phone, twin);
   });
 
+  test('a device at its socket cap gets 4429 and the client does not reconnect', T, async () => {
+    const [dev] = await newAccount(url, 'cap', 1);
+    const token = dev.tokens().accessToken;
+    const { default: WebSocket } = await import('ws');
+    const wsUrl = url.replace(/^http/, 'ws') + '/v1/ws';
+    const held = [];
+    for (let i = 0; i < 10; i++) { // SEALPOST_MAX_CONNECTIONS_PER_USER, 10 by default
+      const ws = new WebSocket(wsUrl);
+      await new Promise((resolve, reject) => {
+        ws.onopen = () => ws.send(JSON.stringify({ type: 'auth', token }));
+        ws.onmessage = (e) => { if (JSON.parse(e.data).type === 'ready') resolve(); };
+        ws.onclose = (e) => reject(new Error(`raw socket ${i} closed ${e.code}`));
+      });
+      held.push(ws);
+    }
+    const states = [];
+    dev.on('state', (st) => states.push(st));
+    await assert.rejects(dev.connect(), (e) => e instanceof SealpostError && e.code === 'closed');
+    assert.equal(states.at(-1).state, 'closed');
+    assert.equal(states.at(-1).code, 4429);
+    await pause(1000);
+    assert.ok(!states.some((st) => st.state === 'reconnecting'));
+    for (const ws of held) { ws.onclose = null; ws.close(); }
+    await closeAll(dev);
+  });
+
   test('a REST 401 refreshes the token and retries once', T, async () => {
     const [a] = await newAccount(url, 'r401', 1);
     const tokens = [];
