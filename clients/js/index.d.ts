@@ -1,0 +1,374 @@
+// Type declarations for sealpost-client (hand-written; they describe src/*.js).
+
+/** Codes the server sends (protocol.md, "Errors"). */
+export type WireErrorCode =
+  /** 400/405/415/422: unparsable request, or a field fails validation (`field` names it). */
+  | 'invalid'
+  /** 401: missing, expired or revoked credentials, a failed login, or a refresh that failed (the session is over). */
+  | 'unauthorized'
+  /** 404: no such user, device, message or route. */
+  | 'not_found'
+  /** 409: username taken, or removing the only device. */
+  | 'conflict'
+  /** 409: the account holds as many devices as it may. */
+  | 'too_many_devices'
+  /** 409: a send's envelopes do not match the recipient's devices (`missing`, `extra`). `send` recovers by itself, up to 3 times. */
+  | 'devices_changed'
+  /** 413: the request or a decoded body is over its limit. */
+  | 'too_large'
+  /** 403: refused by policy (wrong current password, disabled account, disallowed origin). */
+  | 'forbidden'
+  /** 429: over a rate limit; wait `retryAfter` seconds. */
+  | 'rate_limited'
+  /** 429: a recipient device's queue is full; nothing was stored. */
+  | 'queue_full'
+  /** 429: the WebSocket upgrade was refused (too many sockets). */
+  | 'too_many_connections'
+  /** 503: database unreachable, shutting down, or a message cannot be read now. Retryable. */
+  | 'unavailable'
+  /** 500: a server bug. Retryable. */
+  | 'internal';
+
+/** Codes the library raises itself, with no server reply. */
+export type ClientErrorCode =
+  /** The request or socket failed before a reply. Retryable. */
+  | 'network'
+  /** No reply in time (the request may have taken effect). Retryable. */
+  | 'timeout'
+  /** The client was closed by the application. */
+  | 'closed'
+  /** The operation needs the live socket (ephemeral sends). */
+  | 'not_connected'
+  /** The server answered something this library cannot read. */
+  | 'protocol';
+
+export type ErrorCode = WireErrorCode | ClientErrorCode;
+
+export const WIRE_CODES: readonly WireErrorCode[];
+export const CLIENT_CODES: readonly ClientErrorCode[];
+
+/** The one error type: every failure of the library is one, with a stable `code`. */
+export class SealpostError extends Error {
+  constructor(code: ErrorCode, message: string, detail?: {
+    status?: number; field?: string; missing?: number[]; extra?: number[];
+    retryAfter?: number; requestId?: string; cause?: unknown;
+  });
+  readonly name: 'SealpostError';
+  readonly code: ErrorCode;
+  /** HTTP status of a REST reply; undefined for socket `error` frames and client codes. */
+  readonly status?: number;
+  /** The request field at fault (`invalid`), e.g. `username`, `to`, `user_id`, `text`. */
+  readonly field?: string;
+  /** `devices_changed`: the recipient's device ids the send had no envelope for. */
+  readonly missing?: number[];
+  /** `devices_changed`: device ids it had an envelope for that the recipient does not have. */
+  readonly extra?: number[];
+  /** Seconds to wait (`rate_limited`): the `Retry-After` header, or the socket frame's "retry in N ms". */
+  readonly retryAfter?: number;
+  /** The server's `X-Request-Id` of a REST reply. */
+  readonly requestId?: string;
+  /** Whether the same request may succeed if sent again (`network`, `timeout`, `unavailable`, `internal`). */
+  readonly retryable: boolean;
+}
+
+// ---- keys and the body format -------------------------------------------------
+
+/** A device's crypto_box (X25519) key pair. */
+export interface DeviceKeys { publicKey: Uint8Array; secretKey: Uint8Array }
+/** The same, as standard base64 strings: what an application persists. */
+export interface ExportedDeviceKeys { publicKey: string; secretKey: string }
+
+/** What `importDeviceKeys` and the `keys` options take: a pair, or a secret key alone (`secret_key` is the Rust client's stored form). */
+export type ImportableKeys =
+  | ExportedDeviceKeys
+  | DeviceKeys
+  | { secretKey: string | Uint8Array; publicKey?: string | Uint8Array }
+  | { secret_key: string };
+
+/** libsodium-wrappers (or a compatible object); typed loosely to take any build. */
+export type Sodium = any;
+
+/** Imports libsodium-wrappers, or readies and returns the one given. */
+export function loadSodium(injected?: Sodium): Promise<Sodium>;
+export function generateDeviceKeys(sodium: Sodium): DeviceKeys;
+export function exportDeviceKeys(sodium: Sodium, keys: DeviceKeys): ExportedDeviceKeys;
+/** Checks sizes and that the public key (if given) is the secret key's; derives it otherwise. */
+export function importDeviceKeys(sodium: Sodium, keys: ImportableKeys): DeviceKeys;
+
+export const BODY_VERSION: 0x01;
+/** 41: version + nonce + tag. */
+export const MIN_BODY_BYTES: number;
+/** 16,384 characters (code points). */
+export const MAX_TEXT_CHARS: number;
+
+/** The plaintext inside a body (protocol.md, "Client body format"). */
+export interface Plaintext {
+  type: string;
+  id: string;
+  ts: number;
+  text?: string;
+  to?: string;
+  [field: string]: unknown;
+}
+
+export class BodyError extends Error {
+  readonly name: 'BodyError';
+  /** `version` (not 0x01), `short` (under 41 bytes), `open` (wrong key, altered, unknown sender device), `plaintext` (not our JSON). */
+  readonly reason: 'version' | 'short' | 'open' | 'plaintext';
+}
+
+/** `0x01 | nonce(24) | crypto_box_easy(plaintext, nonce, recipientPublicKey, senderSecretKey)`. */
+export function sealBody(sodium: Sodium, plaintext: Uint8Array, recipientPublicKey: Uint8Array, senderSecretKey: Uint8Array): Uint8Array;
+/** @throws BodyError */
+export function openBody(sodium: Sodium, body: Uint8Array, senderPublicKey: Uint8Array, recipientSecretKey: Uint8Array): Uint8Array;
+export function encodePlaintext(plaintext: Plaintext): Uint8Array;
+/** @throws BodyError (reason `plaintext`) */
+export function decodePlaintext(bytes: Uint8Array): Plaintext;
+
+// ---- backoff and bounds ------------------------------------------------------
+
+/** Full-jitter exponential backoff: attempt n waits uniformly in [0, min(capMs, baseMs * 2^n)). */
+export class Backoff {
+  constructor(opts?: { baseMs?: number; capMs?: number; random?: () => number });
+  baseMs: number;
+  capMs: number;
+  attempt: number;
+  ceiling(): number;
+  next(): number;
+  reset(): void;
+}
+/** { baseMs: 250, capMs: 30000 } */
+export const DEFAULT_BACKOFF: { readonly baseMs: number; readonly capMs: number };
+
+/** Server message ids remembered for de-duplication (10,000). */
+export const SEEN_IDS: number;
+/** (sender, client id) pairs remembered for de-duplication (10,000). */
+export const SEEN_CLIENT_IDS: number;
+/** Decrypted messages an iterator may leave untaken before the client stops reading (1,000). */
+export const MAX_BUFFERED: number;
+/** Ids per ack batch (500, the server's cap). */
+export const MAX_ACK_IDS: number;
+/** Socket requests awaiting a reply at once (256, the server's cap). */
+export const MAX_IN_FLIGHT: number;
+/** Users whose device directories are cached (1,000). */
+export const DIRECTORY_CAPACITY: number;
+/** 3 */
+export const DEVICES_CHANGED_RETRIES: number;
+/** 4 */
+export const TRANSIENT_RETRIES: number;
+/** 3000 */
+export const DEFAULT_POLL_INTERVAL_MS: number;
+
+// ---- the client ----------------------------------------------------------------
+
+export interface ClientOptions {
+  /** The server, e.g. `https://relay.example.com` (ws/wss is derived from it). */
+  baseUrl: string;
+  /** A libsodium-wrappers instance (e.g. preloaded by a page); imported when absent. */
+  sodium?: Sodium;
+  /** Defaults to `globalThis.fetch`. */
+  fetch?: typeof fetch;
+  /** A WebSocket constructor (in Node 20: the `ws` package); defaults to `globalThis.WebSocket`. */
+  WebSocket?: any;
+  /** Reconnect and resend backoff bounds; default base 250 ms, cap 30 s. */
+  backoff?: { baseMs?: number; capMs?: number };
+  /** Per REST request, default 30 s. */
+  timeoutMs?: number;
+}
+
+export interface Credentials { username: string; password: string }
+
+export interface Tokens {
+  accessToken: string;
+  /** Single-use: persist the latest one only (the `tokens` event gives each new one). */
+  refreshToken: string;
+  /** Epoch milliseconds. */
+  expiresAt: number;
+  deviceId: number;
+}
+
+/** A decrypted text message. */
+export interface Message {
+  /** The server's message id (UUIDv7); what `ack` takes. */
+  id: string;
+  /** The sender's user id (your own for a sync copy). */
+  from: string;
+  fromDevice: number;
+  /** The sender's client message id, the same on every copy and retry. */
+  clientId: string;
+  /** Sender's clock, epoch ms. */
+  ts: number;
+  text: string;
+  /** Sync copies only: the peer of the conversation. */
+  to?: string;
+  /** Server acceptance time, RFC 3339. */
+  sentAt: string;
+  /** Acknowledges this copy (batched with others). */
+  ack(): Promise<void>;
+}
+
+export interface Undecryptable {
+  id: string;
+  from: string;
+  fromDevice: number;
+  sentAt: string;
+  reason: BodyError['reason'];
+  error: BodyError;
+  /** Set for an ephemeral message (not acked: nothing to ack). */
+  ephemeral?: true;
+}
+
+export interface EphemeralMessage {
+  id: string;
+  from: string;
+  fromDevice: number;
+  sentAt: string;
+  /** The decrypted plaintext, e.g. `{type: "typing", id, ts}`. */
+  payload: Plaintext;
+}
+
+export interface Receipt {
+  /** Your message's server id. */
+  id: string;
+  /** The recipient's user id. */
+  to: string;
+  /** The recipient device that acknowledged it. */
+  deviceId: number;
+}
+
+export interface OwnDevice {
+  device_id: number;
+  name: string | null;
+  public_key: string;
+  updated_at: string;
+  created_at: string;
+  last_seen_at: string;
+  current: boolean;
+}
+
+export type ConnectionState = 'idle' | 'connecting' | 'open' | 'drained' | 'reconnecting' | 'paused' | 'closed';
+
+export interface StateEvent {
+  state: ConnectionState;
+  /** The close code that led here (`reconnecting`, `closed`, `paused`). 4409/4429 are final. */
+  code?: number;
+  reason?: string;
+  /** `reconnecting`: the wait before the next attempt. */
+  delayMs?: number;
+  attempt?: number;
+  userId?: string;
+  deviceId?: number;
+}
+
+export interface SendResult {
+  /** The server id of the message to the recipient (null for a note to yourself with no other device). */
+  id: string | null;
+  sentAt: string | null;
+  clientId: string;
+  /** The sync copy to your other devices; null when there are none. */
+  sync: { id: string; sentAt: string } | null;
+  /** Set when the message was accepted but its sync copy failed. */
+  syncError?: SealpostError;
+}
+
+export interface DirectoryEntry {
+  userId: string;
+  devices: { deviceId: number; publicKey: Uint8Array }[];
+  fetchedAt: number;
+}
+
+export interface ClientEvents {
+  /** A new decrypted message (also yielded by `messages()`). */
+  message: (m: Message) => void;
+  /** A body that cannot be read; it has been acked. */
+  undecryptable: (u: Undecryptable) => void;
+  /** A plaintext of a type this library does not know; acked and dropped. */
+  ignored: (x: { id: string; from: string; fromDevice: number; type: string; plaintext: Plaintext }) => void;
+  /** A second server message with an already shown (sender, client id); acked and dropped. */
+  duplicate: (x: { id: string; clientId: string; from: string; firstId: string }) => void;
+  ephemeral: (e: EphemeralMessage) => void;
+  receipt: (r: Receipt) => void;
+  /** Your account's devices changed (a `devices_changed` frame); `devices` is null if they could not be fetched. */
+  devicesChanged: (x: { deviceIds: number[]; devices: OwnDevice[] | null }) => void;
+  state: (s: StateEvent) => void;
+  /** The current connection's backlog has been delivered. */
+  drained: () => void;
+  /** The socket's token was renewed in place. */
+  authed: (x: { expiresAt: string }) => void;
+  /** New tokens: persist `refreshToken`. */
+  tokens: (t: Tokens) => void;
+  /** The session ended (a refresh was refused): log in again. */
+  loggedOut: (err: SealpostError) => void;
+  /** Background failures (polling, renewals, sync copies, unmatched error frames). */
+  error: (err: unknown) => void;
+}
+
+export class SealpostClient {
+  /** Creates an account (device 1) and logs in. Keys are generated unless given. */
+  static register(opts: ClientOptions & Credentials & { keys?: ImportableKeys }): Promise<SealpostClient>;
+  /** Logs in as an existing device with its kept keys (checked against the server's key). */
+  static login(opts: ClientOptions & Credentials & { deviceId?: number; keys: ImportableKeys }): Promise<SealpostClient>;
+  /** Adds a device (`POST /v1/devices`) and logs in as it; persist `deviceId` and `exportKeys()`. */
+  static addDevice(opts: ClientOptions & Credentials & { name?: string; keys?: ImportableKeys }): Promise<SealpostClient>;
+  /** Resumes from a persisted refresh token (spends it). */
+  static resume(opts: ClientOptions & { refreshToken: string; keys: ImportableKeys }): Promise<SealpostClient>;
+
+  private constructor();
+
+  readonly userId: string;
+  readonly username: string;
+  readonly deviceId: number;
+  readonly keys: DeviceKeys;
+  readonly connectionState: ConnectionState;
+  readonly sessionState: 'active' | 'loggedOut' | 'closed';
+  readonly directory: {
+    get(userId: string): Promise<DirectoryEntry>;
+    cached(userId: string): DirectoryEntry | undefined;
+    refresh(userId: string): Promise<DirectoryEntry>;
+    invalidate(userId: string): void;
+  };
+
+  on<E extends keyof ClientEvents>(event: E, listener: ClientEvents[E]): () => void;
+  once<E extends keyof ClientEvents>(event: E, listener: ClientEvents[E]): () => void;
+  off<E extends keyof ClientEvents>(event: E, listener: ClientEvents[E]): void;
+
+  exportKeys(): ExportedDeviceKeys;
+  tokens(): Tokens;
+  refreshTokens(): Promise<Tokens>;
+  /** Any authenticated REST call (JSON), with the 401 refresh-and-retry. */
+  request(method: string, path: string, body?: unknown): Promise<any>;
+
+  /**
+   * Opens the socket and keeps it open (reconnecting with backoff); resolves
+   * on the first `ready`. Rejects (`closed`, or `unauthorized` once logged
+   * out) only when the socket closes for good: 4409, 4429, or a refused refresh.
+   */
+  connect(opts?: { exclusive?: boolean }): Promise<void>;
+  /** Resolves when the current connection's backlog is delivered. */
+  waitForDrained(): Promise<void>;
+  /** Closes the socket for good (no reconnect). */
+  disconnect(): void;
+
+  /** One round of `GET /v1/messages` pages; resolves with the number of copies received. */
+  pollOnce(): Promise<number>;
+  startPolling(opts?: { intervalMs?: number }): void;
+  stopPolling(): void;
+
+  /** Decrypted messages from the socket and polling, in arrival order. */
+  messages(): AsyncIterableIterator<Message>;
+  /** Acknowledges (batched); resolves when the batch is written. */
+  ack(items: Message | string | Iterable<Message | string>): Promise<void>;
+  flushAcks(): Promise<void>;
+
+  /** Encrypts for every device of `userId`, sends, then sends the sync copy to your other devices. */
+  send(userId: string, text: string, opts?: { clientId?: string }): Promise<SendResult>;
+  /** Over the socket only; never stored. `delivered`: a connection of the recipient took it. */
+  sendEphemeral(userId: string, payload?: { type: string; [field: string]: unknown }): Promise<{ id: string; delivered: boolean }>;
+
+  /** `GET /v1/devices` (names, times), refreshing your own directory. */
+  devices(): Promise<OwnDevice[]>;
+  /** `POST /v1/logout`, then `close()`. */
+  logout(): Promise<void>;
+  /** Stops socket, polling and timers; writes pending acks first, best effort. */
+  close(): Promise<void>;
+}

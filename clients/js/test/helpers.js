@@ -1,0 +1,140 @@
+// Test helpers for the integration tests: the server under test (from the
+// environment, never guessed), fresh accounts, and waiting for events.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import WebSocket from 'ws';
+import { SealpostClient } from '../src/index.js';
+
+const HOW = `Start a sealpost server and point the tests at it, e.g.
+
+  SEALPOST_ADDR=127.0.0.1:18400 DATABASE_URL=sqlite:///tmp/jsdev.db \\
+  SEALPOST_JWT_SECRET=dev-secret-dev-secret-dev-secret-0123456 \\
+  SEALPOST_AUTH_RATE_PER_MINUTE=0 SEALPOST_SEND_RATE_PER_SECOND=0 sealpost serve &
+  SEALPOST_ADDR=127.0.0.1:18401 DATABASE_URL=sqlite:///tmp/jsdev-ttl.db SEALPOST_ACCESS_TOKEN_TTL=8s \\
+  SEALPOST_JWT_SECRET=dev-secret-dev-secret-dev-secret-0123456 \\
+  SEALPOST_AUTH_RATE_PER_MINUTE=0 SEALPOST_SEND_RATE_PER_SECOND=0 sealpost serve &
+  SEALPOST_TEST_URL=http://127.0.0.1:18400 SEALPOST_TEST_URL_SHORT_TTL=http://127.0.0.1:18401 npm test`;
+
+/**
+ * The URL in `name`, or a failing test that says how to set it (the suite
+ * must never pass by testing nothing).
+ */
+export function serverUrl(name) {
+  const url = process.env[name];
+  if (!url) {
+    test(`${name} is set`, () => {
+      assert.fail(`${name} is not set: these tests run against a real sealpost server.\n${HOW}`);
+    });
+    return null;
+  }
+  return url.replace(/\/+$/, '');
+}
+
+/** A WebSocket class for the client that records every socket, so a test can cut one. */
+export function recordingWebSocket() {
+  const sockets = [];
+  class Recording extends WebSocket {
+    constructor(...args) {
+      super(...args);
+      sockets.push(this);
+    }
+  }
+  return { WebSocket: Recording, sockets };
+}
+
+let counter = 0;
+export function uniqueName(prefix) {
+  return `${prefix}${Date.now().toString(36)}${(counter++).toString(36)}${Math.floor(Math.random() * 1e6).toString(36)}`;
+}
+
+export const PASSWORD = 'correct horse battery staple';
+
+/** Options every client in the tests gets: Node's `ws`, and quick reconnects. */
+export function clientOptions(baseUrl, extra = {}) {
+  return { baseUrl, WebSocket, backoff: { baseMs: 100, capMs: 1000 }, ...extra };
+}
+
+/** A new account with `devices` devices: an array of logged-in clients, device 1 first. */
+export async function newAccount(baseUrl, prefix, devices = 2, extra = {}) {
+  const username = uniqueName(prefix);
+  const first = await SealpostClient.register({ ...clientOptions(baseUrl, extra), username, password: PASSWORD });
+  const clients = [first];
+  for (let i = 1; i < devices; i++) {
+    clients.push(await SealpostClient.addDevice({ ...clientOptions(baseUrl, extra), username, password: PASSWORD, name: `${prefix}-${i + 1}` }));
+  }
+  return Object.assign(clients, { username });
+}
+
+/** Resolves with the next `event` for which `predicate` holds; fails after `ms`. */
+export function nextEvent(emitter, event, { ms = 10_000, predicate = () => true } = {}) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      off();
+      reject(new Error(`no ${event} event within ${ms} ms`));
+    }, ms);
+    const off = emitter.on(event, (x) => {
+      if (!predicate(x)) return;
+      clearTimeout(timer);
+      off();
+      resolve(x);
+    });
+  });
+}
+
+/** Collects `message` events until `count` arrived (fails on timeout with what it got). */
+export function collectMessages(client, count, ms = 10_000) {
+  const got = [];
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      off();
+      reject(new Error(`expected ${count} messages within ${ms} ms, got ${got.length}: ${JSON.stringify(got)}`));
+    }, ms);
+    const off = client.on('message', (m) => {
+      got.push(m);
+      if (got.length === count) {
+        clearTimeout(timer);
+        off();
+        resolve(got);
+      }
+    });
+  });
+}
+
+/** Polls `fn` until it returns a truthy value; fails after `ms`. */
+export async function eventually(fn, { ms = 10_000, every = 50, what = 'condition' } = {}) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`${what} not reached within ${ms} ms`);
+    await new Promise((r) => setTimeout(r, every));
+  }
+}
+
+/** Waits `ms`, to show that something does NOT happen in that time. */
+export const pause = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** The device's queue as the server has it (REST), without going through the client's stream. */
+export async function queued(client) {
+  const page = await client.request('GET', '/v1/messages?limit=500');
+  return page.messages;
+}
+
+export async function closeAll(...clients) {
+  await Promise.all(clients.flat().map((c) => c.close()));
+}
+
+/**
+ * Waits until the device's queue on the server is empty. An ack frame on
+ * the socket has no reply, so a REST read right after it may still see the
+ * copy: wait for the server instead of assuming.
+ */
+export async function eventuallyEmpty(client, what = 'queue empty') {
+  let last;
+  try {
+    await eventually(async () => (last = await queued(client)).length === 0, { what });
+  } catch (err) {
+    err.message += `: still queued ${JSON.stringify(last?.map((m) => m.id))}`;
+    throw err;
+  }
+}

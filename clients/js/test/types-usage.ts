@@ -1,0 +1,32 @@
+// Compiled (not run) by `npm run check:types`: the declarations in
+// index.d.ts must describe how the README uses the library.
+declare const WebSocket: unknown;
+declare const console: { log(...args: unknown[]): void };
+import { SealpostClient, SealpostError, type Message, type StateEvent } from 'sealpost-client';
+
+async function example(): Promise<void> {
+  const client = await SealpostClient.register({ baseUrl: 'http://127.0.0.1:8080', username: 'alice', password: 'correct horse', WebSocket });
+  const keys: { publicKey: string; secretKey: string } = client.exportKeys();
+  const again = await SealpostClient.login({ baseUrl: 'http://x', username: 'alice', password: 'p', deviceId: client.deviceId, keys });
+  again.on('state', (s: StateEvent) => console.log(s.state, s.code));
+  again.on('tokens', (t) => console.log(t.refreshToken.length));
+  again.on('loggedOut', (e: SealpostError) => console.log(e.code === 'unauthorized'));
+  await again.connect({ exclusive: true });
+  await again.waitForDrained();
+  const r = await again.send('5b0c52f4-9d4e-4a8e-9a56-3f0a2b7d1c11', 'hi');
+  console.log(r.id, r.clientId, r.sync?.id);
+  const e = await again.sendEphemeral('u', { type: 'typing' });
+  console.log(e.delivered);
+  for await (const m of again.messages()) {
+    const msg: Message = m;
+    console.log(msg.text, msg.to ?? msg.from, msg.fromDevice);
+    await msg.ack();
+  }
+  try {
+    await again.send('u', 'x');
+  } catch (err) {
+    if (err instanceof SealpostError && err.code === 'devices_changed') console.log(err.missing, err.extra, err.retryAfter);
+  }
+  await again.close();
+}
+void example;
