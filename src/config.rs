@@ -183,6 +183,13 @@ pub struct Config {
           action = clap::ArgAction::Set)]
     pub delivery_receipts: bool,
 
+    /// Serve the browser demo at `/demo/` (two people chatting end to end
+    /// with the JavaScript client; files embedded in the binary). Off by
+    /// default: it is a showcase, not a product page.
+    #[arg(long, env = "SEALPOST_DEMO", default_value_t = false,
+          action = clap::ArgAction::Set)]
+    pub demo: bool,
+
     /// How long a message to a recipient device that is online here waits
     /// for that device's ack before it is written (0 = write at once). One
     /// acked within it is never written: its `sent` then means "acked by

@@ -203,6 +203,8 @@ export interface Message {
   to?: string;
   /** Server acceptance time, RFC 3339. */
   sentAt: string;
+  /** This device's sealed body as it arrived (base64): all the server ever held of it. */
+  body: string;
   /** Acknowledges this copy (batched with others). */
   ack(): Promise<void>;
 }
@@ -265,6 +267,8 @@ export interface SendResult {
   id: string | null;
   sentAt: string | null;
   clientId: string;
+  /** The sealed envelopes sent, one per recipient device (base64): what the server holds. */
+  envelopes: { deviceId: number; body: string }[];
   /** The sync copy to your other devices; null when there are none. */
   sync: { id: string; sentAt: string } | null;
   /** Set when the message was accepted but its sync copy failed. */

@@ -6,6 +6,7 @@
 //! axum's plain-text rejections.
 
 pub mod accounts;
+mod demo;
 mod devices;
 mod headers;
 mod health;
@@ -46,7 +47,15 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { Error::NotFound("route") })
         .method_not_allowed_fallback(|| async { method_not_allowed() })
         .layer(DefaultBodyLimit::max(body_limit));
-    headers::apply(routes, &config)
+    let routes = headers::apply(routes, &config);
+    // The demo page brings its own headers: merged after the API's, so
+    // that theirs (`default-src 'none'`) do not override its policy.
+    let routes = if config.demo {
+        routes.merge(demo::router())
+    } else {
+        routes
+    };
+    routes
         // Outermost, so CORS preflights are traced too. Spans carry method,
         // path and request id only: never other headers, which hold tokens.
         .layer(PropagateRequestIdLayer::x_request_id())

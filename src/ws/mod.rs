@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{ConnectInfo, Query, State};
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
@@ -73,6 +73,7 @@ async fn upgrade(
     // the allowlist. Native clients send none and are not affected.
     if let Some(origin) = headers.get(header::ORIGIN)
         && !state.config.origin_allowed(origin)
+        && !(state.config.demo && same_origin(origin, &headers))
     {
         return Error::Forbidden("this origin may not open a WebSocket").into_response();
     }
@@ -126,4 +127,20 @@ async fn upgrade(
             let socket = Box::new(socket);
             sockets.track_future(connection::run(socket, start).instrument(span))
         })
+}
+
+/// Whether `origin` names the host the request was sent to: a page this
+/// server served itself (the demo). Only the host and port are compared:
+/// behind a TLS proxy the page's `https` is this server's `http`.
+fn same_origin(origin: &HeaderValue, headers: &HeaderMap) -> bool {
+    let (Ok(origin), Some(Ok(host))) = (
+        origin.to_str(),
+        headers.get(header::HOST).map(HeaderValue::to_str),
+    ) else {
+        return false;
+    };
+    origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .is_some_and(|authority| authority.eq_ignore_ascii_case(host))
 }

@@ -14,6 +14,7 @@ mod durability;
 mod elision;
 mod health;
 mod hostile;
+mod js;
 mod keys;
 mod logs;
 mod messages;

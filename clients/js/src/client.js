@@ -367,7 +367,7 @@ export class SealpostClient extends Emitter {
    * @param {string} userId
    * @param {string} text
    * @param {{clientId?: string}} [opts] a client id to reuse (an app-level retry)
-   * @returns {Promise<{id: string, sentAt: string, clientId: string, sync: {id: string, sentAt: string} | null, syncError?: SealpostError}>}
+   * @returns {Promise<{id: string, sentAt: string, clientId: string, envelopes: {deviceId: number, body: string}[], sync: {id: string, sentAt: string} | null, syncError?: SealpostError}>}
    */
   async send(userId, text, opts = {}) {
     this._checkOpen();
@@ -380,7 +380,7 @@ export class SealpostClient extends Emitter {
     if (userId === this.userId) {
       // A note to yourself: the sync copy is the message.
       const r = await this._sendSealed(userId, { type: 'text', id: clientId, ts, text, to: userId }, false);
-      return { id: r?.id ?? null, sentAt: r?.sentAt ?? null, clientId, sync: null };
+      return { id: r?.id ?? null, sentAt: r?.sentAt ?? null, clientId, envelopes: r?.envelopes ?? [], sync: null };
     }
     const main = await this._sendSealed(userId, { type: 'text', id: clientId, ts, text }, false);
     let sync = null;
@@ -392,7 +392,14 @@ export class SealpostClient extends Emitter {
       syncError = err;
       this.emit('error', err);
     }
-    return { id: main.id, sentAt: main.sentAt, clientId, sync, ...(syncError ? { syncError } : {}) };
+    return {
+      id: main.id,
+      sentAt: main.sentAt,
+      clientId,
+      envelopes: main.envelopes,
+      sync: sync && { id: sync.id, sentAt: sync.sentAt },
+      ...(syncError ? { syncError } : {}),
+    };
   }
 
   /**
@@ -430,7 +437,9 @@ export class SealpostClient extends Emitter {
         body: toBase64(this._sodium, sealBody(this._sodium, bytes, d.publicKey, this.keys.secretKey)),
       }));
       try {
-        return await this._transmit({ to, envelopes }, ephemeral);
+        const sent = await this._transmit({ to, envelopes }, ephemeral);
+        // What crossed the server: for apps that show it (the demo does).
+        return { ...sent, envelopes: envelopes.map((e) => ({ deviceId: e.device_id, body: e.body })) };
       } catch (err) {
         if (!(err instanceof SealpostError)) throw err;
         if (err.code === 'devices_changed' && changed < DEVICES_CHANGED_RETRIES) {

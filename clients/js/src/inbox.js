@@ -140,6 +140,8 @@ export class Inbox extends Emitter {
       text: p.text,
       ...(p.to !== undefined ? { to: p.to } : {}),
       sentAt: wire.sent_at,
+      // The sealed body as it arrived (base64): what the server held.
+      body: wire.body,
       ack: () => this.ack([wire.id]),
     };
     Object.defineProperty(message, 'ack', { enumerable: false });

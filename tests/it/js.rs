@@ -1,0 +1,115 @@
+//! The JavaScript side, run by `cargo test` so that one command runs the
+//! whole suite: the JS client's own tests (`clients/js`, Node's test
+//! runner) against real servers, and the demo page in Chromium
+//! (`demo/test`, playwright-core). Each fails, never skips, when Node, the
+//! npm installs (`npm ci` in both directories, which `.ci/run` does) or
+//! the browser are missing.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::backend_tests;
+use crate::common::{Backend, TestDb, TestServer};
+
+backend_tests!(js_client_suite, demo_page_in_a_browser);
+
+/// Long enough for the JS suite on a loaded two-core machine; a hung
+/// browser or socket fails the test rather than CI.
+const NODE_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `node --test files` in `dir` with `env`, and fails with its output
+/// unless every test passed.
+async fn node_test(dir: &Path, files: &[&str], env: &[(&str, String)]) {
+    assert!(
+        dir.join("node_modules").is_dir(),
+        "{} has no node_modules: run `npm ci` there (.ci/run does)",
+        dir.display()
+    );
+    let mut command = tokio::process::Command::new("node");
+    command
+        .arg("--test")
+        .arg("--test-reporter=spec")
+        .args(files)
+        .current_dir(dir)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(NODE_TIMEOUT, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("node --test in {} ran past {NODE_TIMEOUT:?}", dir.display()))
+        .unwrap_or_else(|e| panic!("cannot run node (is Node.js 20+ installed?): {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "node --test in {} failed ({}):\n{stdout}\n{stderr}",
+        dir.display(),
+        output.status
+    );
+    // The runner's summary: something ran, and nothing was skipped.
+    let count = |label: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.trim_start_matches(['ℹ', ' ']).strip_prefix(label))
+            .and_then(|n| n.trim().parse::<u32>().ok())
+            .unwrap_or_else(|| panic!("no `{label}` in node's summary:\n{stdout}"))
+    };
+    assert!(count("pass") > 0, "no JS test passed:\n{stdout}");
+    assert_eq!(count("skipped"), 0, "JS tests were skipped:\n{stdout}");
+    assert_eq!(count("todo"), 0, "JS tests left as todo:\n{stdout}");
+}
+
+/// The JS client's suite, against a server and one with 8-second access
+/// tokens (renewal on a live socket).
+async fn js_client_suite(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let short =
+        TestServer::start_on(TestDb::new(backend).await, &["--access-token-ttl", "8s"]).await;
+    let dir = root().join("clients/js");
+    let mut files: Vec<String> = std::fs::read_dir(dir.join("test"))
+        .expect("clients/js/test")
+        .filter_map(|entry| {
+            let name = entry.ok()?.file_name().into_string().ok()?;
+            name.ends_with(".test.js").then(|| format!("test/{name}"))
+        })
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no *.test.js in clients/js/test");
+    let files: Vec<&str> = files.iter().map(String::as_str).collect();
+    node_test(
+        &dir,
+        &files,
+        &[
+            ("SEALPOST_TEST_URL", server.api.base.clone()),
+            ("SEALPOST_TEST_URL_SHORT_TTL", short.api.base.clone()),
+        ],
+    )
+    .await;
+    short.stop().await;
+    server.stop().await;
+}
+
+/// The demo page in Chromium: two people chat both ways.
+async fn demo_page_in_a_browser(backend: Backend) {
+    let server = TestServer::start_with(backend, &["--demo", "true"]).await;
+    let shots = root().join(format!("target/demo-screenshots/{backend:?}").to_lowercase());
+    node_test(
+        &root().join("demo/test"),
+        &["demo.test.js"],
+        &[
+            ("SEALPOST_DEMO_URL", server.api.base.clone()),
+            ("SEALPOST_SCREENSHOTS", shots.display().to_string()),
+        ],
+    )
+    .await;
+    assert!(
+        shots.join("alice.png").is_file(),
+        "the test saved its screenshots"
+    );
+    server.stop().await;
+}
