@@ -62,6 +62,18 @@ pub struct Client {
     _guard: Arc<ShutdownGuard>,
 }
 
+impl std::fmt::Debug for Client {
+    // Who it is, never its keys or tokens.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("server", &self.inner.rest.base())
+            .field("user_id", &self.inner.user_id)
+            .field("username", &self.inner.username)
+            .field("device_id", &self.inner.device_id)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Signals the shutdown when the last [`Client`] handle goes.
 struct ShutdownGuard(watch::Sender<bool>);
 
