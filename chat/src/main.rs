@@ -184,7 +184,7 @@ async fn main() -> Result<()> {
                         Some(line) => {
                             // Sent in the background, so that what arrives
                             // meanwhile is still shown.
-                            let (client, out) = (client.clone(), out.clone());
+                            let client = client.clone();
                             tokio::spawn(async move {
                                 match client.send(peer, &line).await {
                                     Ok(sent) => out.line(json!({ "sent": sent.id }), format!("  (sent {})", sent.id)),

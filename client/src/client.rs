@@ -1,7 +1,7 @@
 //! [`Client`]: one signed-in device of one account, and what it does
 //! (sign-up, login, sending, acknowledging) over whichever transport runs.
 //!
-//! The shared state of a client is [`Inner`], behind an `Arc` held by the
+//! The shared state of a client is `Inner`, behind an `Arc` held by the
 //! [`Client`] handles and by the tasks (refresher, socket or poller). Those
 //! tasks stop when the last `Client` handle is dropped or
 //! [`Client::close`] is called: the handles share a guard whose `Drop`

@@ -3,8 +3,8 @@
 //! and of the cryptography.
 //!
 //! REST replies and WebSocket `error` frames carry the same error object
-//! (`code`, `message`, `field`, `missing`, `extra`); [`WireError`] reads it
-//! once and [`WireError::into_error`] maps it, so a caller matches on the same
+//! (`code`, `message`, `field`, `missing`, `extra`); `WireError` reads it
+//! once and `WireError::into_error` maps it, so a caller matches on the same
 //! variant whichever path the request took.
 
 use std::time::Duration;
