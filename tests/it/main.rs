@@ -8,6 +8,7 @@ mod common;
 mod accounts;
 mod admin;
 mod cli;
+mod client;
 mod cluster;
 mod devices;
 mod durability;

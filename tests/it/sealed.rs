@@ -37,14 +37,14 @@ fn rotated() -> String {
     format!("{NEW},{OLD}")
 }
 
-/// The test database, opened directly.
-enum Raw {
+/// The test database, opened directly (also read by `client.rs`).
+pub(crate) enum Raw {
     Pg(PgPool),
     Sqlite(SqlitePool),
 }
 
 impl Raw {
-    async fn open(db: &TestDb) -> Self {
+    pub(crate) async fn open(db: &TestDb) -> Self {
         if db.url.starts_with("postgres") {
             Raw::Pg(PgPool::connect(&db.url).await.expect("raw PostgreSQL"))
         } else {
@@ -62,7 +62,7 @@ impl Raw {
     /// whatever the columns are. Blobs appear in hex (`\x..` in PostgreSQL's
     /// JSON, `X'..'` from SQLite's `quote`), so raw bytes are searched for
     /// by their hex.
-    async fn dump(&self) -> Vec<String> {
+    pub(crate) async fn dump(&self) -> Vec<String> {
         let rows: Vec<String> = match self {
             Raw::Pg(pool) => sqlx::query_scalar("SELECT row_to_json(m)::text FROM messages m")
                 .fetch_all(pool)
@@ -114,7 +114,7 @@ impl Raw {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

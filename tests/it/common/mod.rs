@@ -386,6 +386,15 @@ impl std::ops::Deref for ServerProcess {
     }
 }
 
+/// A loopback address no listener holds now, for a [`ServerProcess`] that
+/// must come back on the same address after a restart (pass it as
+/// `SEALPOST_ADDR`). Another process could take the port in between; on a
+/// test machine that is rare enough.
+pub fn free_local_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address").to_string()
+}
+
 /// A registered and logged-in user.
 #[derive(Debug, Clone)]
 pub struct Account {

@@ -1,0 +1,566 @@
+//! [`Client`]: one signed-in device of one account, and what it does
+//! (sign-up, login, sending, acknowledging) over whichever transport runs.
+//!
+//! The shared state of a client is `Inner`, behind an `Arc` held by the
+//! [`Client`] handles and by the tasks (refresher, socket or poller). Those
+//! tasks stop when the last `Client` handle is dropped or
+//! [`Client::close`] is called: the handles share a guard whose `Drop`
+//! signals the shutdown channel every task listens to.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, oneshot, watch};
+use uuid::Uuid;
+
+use crate::backoff::full_jitter;
+use crate::directory::{DirectoryCache, PeerDevice};
+use crate::error::{Error, Result};
+use crate::event::{EVENTS, Event, Events};
+use crate::keys::{self, DeviceKeys};
+use crate::poll::{PollOptions, Poller};
+use crate::rest::Rest;
+use crate::seal::{self, MAX_TEXT_CHARS, Plaintext};
+use crate::session::Session;
+use crate::socket::{COMMANDS, Command, ConnectOptions, Driver, SendReply};
+use crate::wire::{Envelope, OwnDevice, TokenPair, User};
+
+/// Sends again after `devices_changed` at most this often: the devices may
+/// keep changing, and each retry costs a directory fetch.
+const DIRECTORY_RETRIES: u32 = 3;
+/// REST sends tried again after a transient failure (5xx, a dropped
+/// connection, a rate limit) at most this often.
+const REST_SEND_RETRIES: u32 = 3;
+/// Acks the poller may be handed before [`Client::ack`] waits: as many as
+/// the event stream holds.
+const POLL_ACKS: usize = EVENTS;
+
+/// A message the server accepted.
+#[derive(Debug)]
+pub struct Sent {
+    /// The server's id for it, the same in every recipient device's copy.
+    pub id: Uuid,
+    /// The client message id in its plaintext.
+    pub client_id: Uuid,
+    /// When the server accepted it.
+    pub sent_at: DateTime<Utc>,
+    /// Why the sync copy to your other devices could not be sent, if it
+    /// could not; the message itself was.
+    pub sync_error: Option<Error>,
+}
+
+/// One signed-in device. Cheap to clone: the clones share the session, the
+/// directory cache and the transport.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+    _guard: Arc<ShutdownGuard>,
+}
+
+impl std::fmt::Debug for Client {
+    // Who it is, never its keys or tokens.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("server", &self.inner.rest.base())
+            .field("user_id", &self.inner.user_id)
+            .field("username", &self.inner.username)
+            .field("device_id", &self.inner.device_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Signals the shutdown when the last [`Client`] handle goes.
+struct ShutdownGuard(watch::Sender<bool>);
+
+impl Drop for ShutdownGuard {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// The transport in use, by the handle that feeds it.
+#[derive(Clone)]
+enum Transport {
+    /// Neither: sends and acks go over REST, nothing is received.
+    Rest,
+    Socket(mpsc::Sender<Command>),
+    Poll(mpsc::Sender<Vec<Uuid>>),
+}
+
+pub(crate) struct Inner {
+    pub rest: Rest,
+    pub session: Session,
+    pub keys: DeviceKeys,
+    pub user_id: Uuid,
+    pub device_id: u32,
+    pub username: String,
+    pub directory: DirectoryCache,
+    pub shutdown: watch::Receiver<bool>,
+    /// Set while a transport task runs; held only to clone the handle.
+    transport: Mutex<Transport>,
+    /// The account's device ids as last seen, to tell which are new.
+    known_devices: Mutex<BTreeSet<u32>>,
+}
+
+impl Client {
+    /// Creates the account `username` with `keys` as its first device
+    /// (device 1), and signs in as it.
+    pub async fn register(
+        server: &str,
+        username: &str,
+        password: &str,
+        keys: DeviceKeys,
+    ) -> Result<Client> {
+        let rest = Rest::new(server)?;
+        let registered = rest
+            .register(username, password, &keys.public_key_base64())
+            .await?;
+        let pair = rest.login(username, password, registered.device_id).await?;
+        Self::start(rest, pair, keys).await
+    }
+
+    /// Signs in as device `device_id` of `username`, whose key pair is
+    /// `keys` (the one it was added with; a device that lost its keys should
+    /// be added anew with [`Client::add_device`]).
+    pub async fn login(
+        server: &str,
+        username: &str,
+        password: &str,
+        device_id: u32,
+        keys: DeviceKeys,
+    ) -> Result<Client> {
+        let rest = Rest::new(server)?;
+        let pair = rest.login(username, password, device_id).await?;
+        Self::start(rest, pair, keys).await
+    }
+
+    /// Adds a device with `keys` to the account `username` and signs in as
+    /// it. Its id is [`Client::device_id`]: keep it, with the keys, to log in
+    /// again later.
+    pub async fn add_device(
+        server: &str,
+        username: &str,
+        password: &str,
+        keys: DeviceKeys,
+        name: Option<&str>,
+    ) -> Result<Client> {
+        let rest = Rest::new(server)?;
+        let pair = rest
+            .add_device(username, password, &keys.public_key_base64(), name)
+            .await?;
+        Self::start(rest, pair, keys).await
+    }
+
+    async fn start(rest: Rest, pair: TokenPair, keys: DeviceKeys) -> Result<Client> {
+        let me = rest.me(&pair.access_token).await?;
+        if me.public_key != keys.public_key_base64() {
+            tracing::warn!(
+                device_id = me.device_id,
+                "the server holds another public key for this device: peers cannot write to these keys"
+            );
+        }
+        let (stop, shutdown) = watch::channel(false);
+        let session = Session::start(rest.clone(), pair, shutdown.clone());
+        let inner = Arc::new(Inner {
+            rest,
+            session,
+            keys,
+            user_id: me.id,
+            device_id: me.device_id,
+            username: me.username,
+            directory: DirectoryCache::default(),
+            shutdown,
+            transport: Mutex::new(Transport::Rest),
+            known_devices: Mutex::new(BTreeSet::new()),
+        });
+        // The list later changes are told against.
+        inner.own_devices_changed().await?;
+        Ok(Client {
+            inner,
+            _guard: Arc::new(ShutdownGuard(stop)),
+        })
+    }
+
+    /// This account's user id.
+    pub fn user_id(&self) -> Uuid {
+        self.inner.user_id
+    }
+
+    /// This client's device.
+    pub fn device_id(&self) -> u32 {
+        self.inner.device_id
+    }
+
+    pub fn username(&self) -> &str {
+        &self.inner.username
+    }
+
+    /// This device's keys, to store.
+    pub fn keys(&self) -> &DeviceKeys {
+        &self.inner.keys
+    }
+
+    /// Looks a user up by name (`GET /v1/users/{username}`).
+    pub async fn find_user(&self, username: &str) -> Result<User> {
+        let rest = &self.inner.rest;
+        self.inner
+            .authed(|token| async move { rest.user(&token, username).await })
+            .await
+    }
+
+    /// This account's devices (`GET /v1/devices`).
+    pub async fn devices(&self) -> Result<Vec<OwnDevice>> {
+        let rest = &self.inner.rest;
+        self.inner
+            .authed(|token| async move { rest.own_devices(&token).await })
+            .await
+    }
+
+    /// Removes a device of this account (this one included), with the
+    /// account's password.
+    pub async fn remove_device(&self, device_id: u32, password: &str) -> Result<()> {
+        let rest = &self.inner.rest;
+        self.inner
+            .authed(|token| async move { rest.remove_device(&token, device_id, password).await })
+            .await
+    }
+
+    /// Opens the WebSocket and keeps it open: messages, receipts and state
+    /// changes arrive on the returned stream, and sends go over the socket
+    /// from now on.
+    ///
+    /// The socket reconnects by itself after anything but a close that
+    /// forbids it (4409, 4429, 1008, 1009), with full-jitter exponential
+    /// backoff within [`ConnectOptions`]'s bounds; after `4401` it refreshes
+    /// the token first. Each connection delivers its backlog, then
+    /// [`Event::Drained`]. Sends still awaiting their reply when a socket
+    /// drops are written again on the next one, with the same client
+    /// message id. Acks are batched, up to 500 ids a frame, within
+    /// [`ACK_DELAY`](crate::ACK_DELAY).
+    pub fn connect(&self, options: ConnectOptions) -> Result<Events> {
+        let (commands, taken) = mpsc::channel(COMMANDS);
+        let (events, rx) = mpsc::channel(EVENTS);
+        self.inner.set_transport(Transport::Socket(commands))?;
+        tokio::spawn(Driver::new(self.inner.clone(), options, taken, events).run());
+        Ok(Events { rx })
+    }
+
+    /// Polls over REST instead of holding a socket: each round reads the
+    /// queue from its start and sends the acks given meanwhile; rounds are
+    /// [`PollOptions::interval`] apart. The stream carries the same events
+    /// as the socket's ([`Event::Drained`] once the queue was read to its
+    /// end with something new in it). Sends go over REST.
+    pub fn poll(&self, options: PollOptions) -> Result<Events> {
+        let (acks, taken) = mpsc::channel(POLL_ACKS);
+        let (events, rx) = mpsc::channel(EVENTS);
+        self.inner.set_transport(Transport::Poll(acks))?;
+        tokio::spawn(Poller::new(self.inner.clone(), options, taken, events).run());
+        Ok(Events { rx })
+    }
+
+    /// Sends `text` to `to`: one envelope for each of their devices, then a
+    /// sync copy to this account's other devices, both under one client
+    /// message id. Returns once the server holds the message durably
+    /// (`201`, or `sent` on the socket). A stale directory is fetched again
+    /// and the message re-encrypted on `devices_changed`, a few times at
+    /// most.
+    pub async fn send(&self, to: Uuid, text: &str) -> Result<Sent> {
+        let plaintext = plaintext(text)?;
+        let reply = self.inner.send_sealed(to, &plaintext, false).await?;
+        let mut sync_error = None;
+        if to != self.inner.user_id {
+            let sync = Plaintext {
+                to: Some(to),
+                ..plaintext_with_id(text, plaintext.id, plaintext.ts)
+            };
+            if let Err(e) = self
+                .inner
+                .send_sealed(self.inner.user_id, &sync, false)
+                .await
+            {
+                tracing::warn!(error = %e, "the sync copy to this account's other devices failed");
+                sync_error = Some(e);
+            }
+        }
+        Ok(Sent {
+            id: reply.id,
+            client_id: plaintext.id,
+            sent_at: reply.sent_at,
+            sync_error,
+        })
+    }
+
+    /// Sends `text` ephemerally (typing, presence): only to `to`'s devices
+    /// connected now, never stored, no sync copy. Needs the socket. Returns
+    /// whether any connection took it.
+    pub async fn send_ephemeral(&self, to: Uuid, text: &str) -> Result<bool> {
+        let plaintext = plaintext(text)?;
+        let reply = self.inner.send_sealed(to, &plaintext, true).await?;
+        Ok(reply.delivered.unwrap_or(false))
+    }
+
+    /// Acknowledges delivered messages: their copies for this device are
+    /// deleted and never delivered again. Batched on the socket.
+    pub async fn ack(&self, ids: &[Uuid]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let transport = self.inner.transport();
+        match transport {
+            // If the task stopped meanwhile: REST below.
+            Transport::Socket(socket) => {
+                if socket.send(Command::Ack(ids.to_vec())).await.is_ok() {
+                    return Ok(());
+                }
+            }
+            Transport::Poll(poller) => {
+                if poller.send(ids.to_vec()).await.is_ok() {
+                    return Ok(());
+                }
+            }
+            Transport::Rest => {}
+        }
+        let rest = &self.inner.rest;
+        for chunk in ids.chunks(500) {
+            self.inner
+                .authed(|token| async move { rest.ack(&token, chunk).await })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Ends this session on the server (`POST /v1/logout`) and stops the
+    /// client.
+    pub async fn logout(self) -> Result<()> {
+        let rest = &self.inner.rest;
+        let result = self
+            .inner
+            .authed(|token| async move { rest.logout(&token).await })
+            .await;
+        self.close();
+        result
+    }
+
+    /// Stops every task of this client (socket, poller, refresher) and every
+    /// clone of it; the event stream ends after a last
+    /// [`ConnectionState::Stopped`](crate::ConnectionState::Stopped).
+    pub fn close(&self) {
+        self._guard.0.send_replace(true);
+    }
+}
+
+fn plaintext(text: &str) -> Result<Plaintext> {
+    if text.chars().count() > MAX_TEXT_CHARS {
+        return Err(Error::Invalid {
+            field: Some("text".into()),
+            message: format!("at most {MAX_TEXT_CHARS} characters"),
+        });
+    }
+    Ok(plaintext_with_id(
+        text,
+        Uuid::new_v4(),
+        Utc::now().timestamp_millis(),
+    ))
+}
+
+fn plaintext_with_id(text: &str, id: Uuid, ts: i64) -> Plaintext {
+    Plaintext {
+        kind: "text".into(),
+        id,
+        ts,
+        text: text.to_owned(),
+        to: None,
+    }
+}
+
+impl Inner {
+    fn transport(&self) -> Transport {
+        self.transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_transport(&self, transport: Transport) -> Result<()> {
+        let mut slot = self.transport.lock().unwrap_or_else(|p| p.into_inner());
+        if !matches!(*slot, Transport::Rest) {
+            return Err(Error::AlreadyStarted);
+        }
+        *slot = transport;
+        Ok(())
+    }
+
+    /// The transport task ended: back to plain REST.
+    pub(crate) fn transport_stopped(&self) {
+        *self.transport.lock().unwrap_or_else(|p| p.into_inner()) = Transport::Rest;
+    }
+
+    /// Runs `call` with the access token; after a `401`, once more with a
+    /// refreshed one.
+    pub(crate) async fn authed<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        F: Fn(Arc<str>) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let (token, generation) = self.session.current()?;
+        match call(token).await {
+            Err(Error::Unauthorized(_)) => {
+                let (token, _) = self.session.refreshed_after(generation).await?;
+                call(token).await
+            }
+            other => other,
+        }
+    }
+
+    /// `user`'s devices, from the cache unless `fresh`.
+    pub(crate) async fn devices_of(&self, user: Uuid, fresh: bool) -> Result<Arc<[PeerDevice]>> {
+        if !fresh && let Some(devices) = self.directory.get(user) {
+            return Ok(devices);
+        }
+        let rest = &self.rest;
+        let listed = self
+            .authed(|token| async move { rest.directory(&token, user).await })
+            .await?;
+        let devices: Arc<[PeerDevice]> = listed
+            .into_iter()
+            .map(|d| PeerDevice {
+                device_id: d.device_id,
+                key: keys::public_key(&d.public_key),
+            })
+            .collect();
+        self.directory.put(user, devices.clone());
+        Ok(devices)
+    }
+
+    /// Fetches this account's devices (`GET /v1/devices`) into the
+    /// directory, and says which are new to this client.
+    pub(crate) async fn own_devices_changed(&self) -> Result<Event> {
+        let rest = &self.rest;
+        let devices = self
+            .authed(|token| async move { rest.own_devices(&token).await })
+            .await?;
+        let peers: Arc<[PeerDevice]> = devices
+            .iter()
+            .map(|d| PeerDevice {
+                device_id: d.device_id,
+                key: keys::public_key(&d.public_key),
+            })
+            .collect();
+        self.directory.put(self.user_id, peers);
+        let added = {
+            let mut known = self.known_devices.lock().unwrap_or_else(|p| p.into_inner());
+            let first = known.is_empty();
+            let now: BTreeSet<u32> = devices.iter().map(|d| d.device_id).collect();
+            let added = if first {
+                Vec::new()
+            } else {
+                now.difference(&known).copied().collect()
+            };
+            *known = now;
+            added
+        };
+        Ok(Event::DevicesChanged { devices, added })
+    }
+
+    /// Seals `plaintext` for each device of `to` (for each of this
+    /// account's other devices when `to` is this account) and sends it,
+    /// fetching the directory again after `devices_changed`.
+    pub(crate) async fn send_sealed(
+        &self,
+        to: Uuid,
+        plaintext: &Plaintext,
+        ephemeral: bool,
+    ) -> Result<SendReply> {
+        let bytes = serde_json::to_vec(plaintext).map_err(|e| Error::Protocol(e.to_string()))?;
+        let mut attempt = 0;
+        loop {
+            let devices = self.devices_of(to, attempt > 0).await?;
+            let mut envelopes = Vec::with_capacity(devices.len());
+            for device in devices.iter() {
+                if to == self.user_id && device.device_id == self.device_id {
+                    continue;
+                }
+                let key = device.key.as_ref().ok_or_else(|| {
+                    Error::Key(format!(
+                        "device {} of {to} has no crypto_box key",
+                        device.device_id
+                    ))
+                })?;
+                envelopes.push(Envelope {
+                    device_id: device.device_id,
+                    body: STANDARD.encode(seal::seal(&bytes, self.keys.secret(), key)),
+                });
+            }
+            match self.deliver(to, envelopes, ephemeral).await {
+                Err(Error::DevicesChanged { missing, extra }) if attempt < DIRECTORY_RETRIES => {
+                    tracing::debug!(%to, ?missing, ?extra, "devices changed; encrypting again");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Hands sealed envelopes to the socket if one runs, else to REST.
+    async fn deliver(
+        &self,
+        to: Uuid,
+        envelopes: Vec<Envelope>,
+        ephemeral: bool,
+    ) -> Result<SendReply> {
+        let envelopes = match self.transport() {
+            Transport::Socket(socket) => {
+                let (reply, answer) = oneshot::channel();
+                let command = Command::Send {
+                    to,
+                    envelopes,
+                    ephemeral,
+                    reply,
+                };
+                match socket.send(command).await {
+                    Ok(()) => return answer.await.map_err(|_| Error::Shutdown)?,
+                    // The socket task ended meanwhile: take the envelopes
+                    // back for REST.
+                    Err(mpsc::error::SendError(Command::Send { envelopes, .. })) => envelopes,
+                    Err(_) => return Err(Error::Shutdown),
+                }
+            }
+            _ => envelopes,
+        };
+        if ephemeral {
+            return Err(Error::NotConnected);
+        }
+        let rest = &self.rest;
+        let envelopes = &envelopes;
+        let mut tries = 0;
+        loop {
+            match self
+                .authed(|token| async move { rest.send(&token, to, envelopes).await })
+                .await
+            {
+                Ok(accepted) => {
+                    return Ok(SendReply {
+                        id: accepted.id,
+                        sent_at: accepted.sent_at,
+                        delivered: None,
+                    });
+                }
+                Err(e) if e.is_transient() && tries < REST_SEND_RETRIES => {
+                    let wait = match e {
+                        Error::RateLimited { retry_after } => retry_after,
+                        _ => full_jitter(Duration::from_millis(250), Duration::from_secs(5), tries),
+                    };
+                    tracing::debug!(error = %e, ?wait, "send failed; retrying with the same client id");
+                    tokio::time::sleep(wait).await;
+                    tries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! The Rust client of sealpost, a push relay for end-to-end encrypted
+//! messengers: accounts and devices, sealed text messages to every device
+//! of a peer, and a stream of the ones that arrive, over the relay's
+//! WebSocket or by polling its REST API.
+//!
+//! Messages are sealed on the device in the body format every client of the
+//! project shares (`protocol.md`, "Client body format"): libsodium's
+//! `crypto_box_easy` from this device's key to each recipient device's key,
+//! around a small JSON plaintext. The server sees only ciphertext.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use sealpost_client::{Client, ConnectOptions, DeviceKeys, Event};
+//!
+//! # async fn run() -> Result<(), sealpost_client::Error> {
+//! // A new account; keep the keys (they serialise with serde) and the
+//! // device id to log in again later with `Client::login`.
+//! let keys = DeviceKeys::generate();
+//! let alice = Client::register("http://127.0.0.1:8080", "alice", "correct horse battery", keys).await?;
+//!
+//! let mut events = alice.connect(ConnectOptions::default())?;
+//! let bob = alice.find_user("bob").await?;
+//! let sent = alice.send(bob.id, "hello, Bob").await?;
+//! println!("stored as {}", sent.id);
+//!
+//! while let Some(event) = events.next().await {
+//!     match event {
+//!         Event::Message(message) => {
+//!             println!("{}: {}", message.from, message.text);
+//!             // Acknowledge once stored: the server then deletes its copy.
+//!             alice.ack(&[message.id]).await?;
+//!         }
+//!         Event::Receipt { id, device_id, .. } => println!("{id} reached device {device_id}"),
+//!         Event::State(state) => println!("socket: {state:?}"),
+//!         _ => {}
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Guarantees
+//!
+//! - **A send is stored or refused.** [`Client::send`] returns once the
+//!   server holds the message durably for every device of the recipient. A
+//!   socket that drops before the reply is not a failure: the send is
+//!   written again on the next socket with the same client message id.
+//! - **At least once, shown once.** The server redelivers a message until
+//!   it is acknowledged; the client hands it over once (by server id, and
+//!   by sender and client message id for a send stored twice), within a
+//!   memory of the last 4,096 of each. Acknowledge every
+//!   [`Event::Message`] with [`Client::ack`] once it is safe.
+//! - **Tokens stay fresh.** The access token is refreshed at 80% of its
+//!   life and renewed on the live socket, which stays open across the
+//!   expiry.
+//!
+//! # Layout
+//!
+//! - [`client`]: [`Client`], the shared state, sending.
+//! - `session`: the access token, refreshed by the one task that holds the
+//!   refresh token.
+//! - `socket`: the WebSocket task: reconnect, resume, pipelined sends,
+//!   batched acks, renewal in place.
+//! - `poll`: the REST polling task, for hosts that cannot hold a socket.
+//! - `inbox`: a delivered copy to an [`Event`]: open, read, de-duplicate.
+//! - `seal`: the body format. `keys`: [`DeviceKeys`].
+//! - `directory`: the cache of peers' devices and keys. `dedup`: bounded
+//!   memory of what was shown.
+//! - `rest`: one method per endpoint. `wire`: the JSON shapes.
+//! - [`error`]: [`Error`], one variant per wire code.
+//! - `event`: [`Event`], [`Incoming`], [`ConnectionState`], [`Events`].
+//!
+//! # TLS
+//!
+//! `https://` and `wss://` servers need the `rustls` feature.
+
+mod backoff;
+pub mod client;
+mod dedup;
+mod directory;
+pub mod error;
+mod event;
+mod inbox;
+mod keys;
+mod poll;
+mod rest;
+mod seal;
+mod session;
+mod socket;
+mod wire;
+
+pub use client::{Client, Sent};
+pub use error::{Error, Result};
+pub use event::{ConnectionState, Event, Events, Incoming};
+pub use keys::DeviceKeys;
+pub use poll::PollOptions;
+pub use seal::{MAX_TEXT_CHARS, Unreadable};
+pub use socket::{ACK_DELAY, ConnectOptions};
+pub use wire::{OwnDevice, User};
