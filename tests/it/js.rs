@@ -9,10 +9,19 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::backend_tests;
-use crate::common::{Backend, TestDb, TestServer};
+use sealpost_client::{Client, ConnectOptions, DeviceKeys, Event, Events, Incoming};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::time::{Instant, timeout_at};
 
-backend_tests!(js_client_suite, demo_page_in_a_browser);
+use crate::backend_tests;
+use crate::common::{Backend, PASSWORD, TestDb, TestServer};
+
+backend_tests!(
+    js_client_suite,
+    demo_page_in_a_browser,
+    rust_and_js_clients_talk_both_ways,
+);
 
 /// Long enough for the JS suite on a loaded two-core machine; a hung
 /// browser or socket fails the test rather than CI.
@@ -112,4 +121,93 @@ async fn demo_page_in_a_browser(backend: Backend) {
         "the test saved its screenshots"
     );
     server.stop().await;
+}
+
+/// Interop: the Rust client and the JavaScript client (a Node peer,
+/// `clients/js/test/interop/peer.js`) on one server. The JS side seals to
+/// the Rust side's key, the Rust side opens it and answers, the JS side
+/// opens that and answers again: each library reads what the other wrote.
+async fn rust_and_js_clients_talk_both_ways(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let (rust_name, js_name) = (format!("rust_{suffix}"), format!("js_{suffix}"));
+    let rust = Client::register(
+        &server.api.base,
+        &rust_name,
+        PASSWORD,
+        DeviceKeys::generate(),
+    )
+    .await
+    .expect("the Rust client signs up");
+    let mut events = rust.connect(ConnectOptions::default()).unwrap();
+
+    let dir = root().join("clients/js");
+    assert!(
+        dir.join("node_modules").is_dir(),
+        "run `npm ci` in clients/js"
+    );
+    let mut peer = tokio::process::Command::new("node")
+        .arg("test/interop/peer.js")
+        .current_dir(&dir)
+        .env("SEALPOST_TEST_URL", &server.api.base)
+        .env("PEER_NAME", &js_name)
+        .env("RUST_NAME", &rust_name)
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs");
+    let mut lines = BufReader::new(peer.stdout.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut next_line = async || -> Value {
+        let line = timeout_at(deadline, lines.next_line())
+            .await
+            .expect("the JS peer answers in time")
+            .unwrap()
+            .expect("the JS peer is still running");
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON from the peer: {line}"))
+    };
+
+    let ready = next_line().await;
+    let js_id: uuid::Uuid = ready["ready"].as_str().expect("ready").parse().unwrap();
+    assert!(next_line().await["sent"].is_string());
+
+    // JS -> Rust.
+    let hello = next_message(&mut events, deadline).await;
+    assert_eq!((hello.from, hello.text.as_str()), (js_id, "hello from js"));
+    rust.ack(&[hello.id]).await.unwrap();
+
+    // Rust -> JS, and JS's answer back.
+    rust.send(js_id, "hello from rust")
+        .await
+        .expect("sent to the JS peer");
+    let got = next_line().await;
+    assert_eq!(got["got"], "hello from rust", "the JS peer read it: {got}");
+    assert_eq!(got["from"], rust.user_id().to_string());
+    assert_eq!(got["fromDevice"], 1);
+    assert!(next_line().await["replied"].is_string());
+    let pong = next_message(&mut events, deadline).await;
+    assert_eq!(
+        (pong.from, pong.text.as_str()),
+        (js_id, "pong: hello from rust")
+    );
+    rust.ack(&[pong.id]).await.unwrap();
+
+    let status = timeout_at(deadline, peer.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "the JS peer exited with {status}");
+    rust.close();
+    server.stop().await;
+}
+
+async fn next_message(events: &mut Events, deadline: Instant) -> Incoming {
+    loop {
+        match timeout_at(deadline, events.next())
+            .await
+            .expect("a message in time")
+        {
+            Some(Event::Message(message)) => return message,
+            Some(_) => continue,
+            None => panic!("the Rust client's events ended"),
+        }
+    }
 }
