@@ -28,6 +28,10 @@ let me = null;                 // { id, username }
 const contacts = new Map();    // user id -> { id, username, unread }
 const chats = new Map();       // user id -> [{ mine, text, ts, id, clientId, state }]
 let current = null;            // the open chat's user id
+// Ids of your messages some device of the recipient acknowledged. A
+// receipt can come before `send` resolves (it waits for the sync copy to
+// your other devices too), when the entry does not know its id yet.
+const receipted = new Set();
 
 function setStatus(state, text) {
   const el = $('status');
@@ -223,11 +227,15 @@ function onMessage(m) {
 }
 
 function onReceipt(r) {
-  for (const entry of chats.get(r.to) ?? []) {
-    if (entry.mine && entry.id === r.id && entry.state !== 'delivered') {
-      entry.state = 'delivered';
-      if (r.to === current) renderChat();
-    }
+  const entry = (chats.get(r.to) ?? []).find((e) => e.mine && e.id === r.id);
+  if (!entry) {
+    // Not known yet (see `receipted`); `send` picks it up.
+    receipted.add(r.id);
+    return;
+  }
+  if (entry.state !== 'delivered') {
+    entry.state = 'delivered';
+    if (r.to === current) renderChat();
   }
 }
 
@@ -239,7 +247,7 @@ async function send(text) {
     const result = await client.send(peer, text);
     entry.id = result.id;
     entry.clientId = result.clientId;
-    if (entry.state === 'sending') entry.state = 'sent';
+    entry.state = receipted.delete(result.id) ? 'delivered' : 'sent';
     if (result.envelopes) showWire(`sent to ${nameOf(peer)}, message ${result.id}`, result.envelopes);
   } catch (err) {
     entry.state = 'failed';
