@@ -233,6 +233,8 @@ pub struct Metrics {
     pub copies_elided: Counter,
     /// Message copies written to the queue.
     pub copies_written: Counter,
+    /// Sends answered with the id their `client_id` already had.
+    pub sends_repeated: Counter,
     /// Messages queued in the store, sampled by the sweeper.
     pub queued_messages: Gauge,
     /// The longest one device's queue, sampled by the sweeper. The name is
@@ -363,6 +365,10 @@ impl Metrics {
             copies_written: r.counter(
                 "sealpost_copies_written_total",
                 "Message copies written to a device's queue.",
+            ),
+            sends_repeated: r.counter(
+                "sealpost_sends_repeated_total",
+                "Sends whose client_id was already accepted: answered with the first id, nothing stored again.",
             ),
             queued_messages: r.gauge(
                 "sealpost_queued_messages",

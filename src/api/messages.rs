@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::{ApiJson, ApiPath, ApiQuery};
 use crate::auth::AuthUser;
-use crate::delivery::MAX_PAGE;
+use crate::delivery::{MAX_PAGE, idempotency};
 use crate::error::{Error, Result};
 use crate::state::AppState;
 use crate::wire::{self, MessageView, parse_id};
@@ -37,6 +37,10 @@ struct Send {
     #[schema(format = Byte, min_length = 4)]
     body: Option<String>,
     envelopes: Option<Vec<wire::Envelope>>,
+    /// The client's key for this send: a retry under the same key is
+    /// answered with the first answer instead of storing the message again.
+    #[schema(min_length = 1, max_length = 64)]
+    client_id: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -60,7 +64,15 @@ async fn send(
             request.body.as_deref(),
             wire::envelopes(request.envelopes.as_deref()),
         )?;
-        let accepted = state.delivery.send(caller.address(), to, content).await?;
+        let client_id = request
+            .client_id
+            .as_deref()
+            .map(idempotency::client_id)
+            .transpose()?;
+        let accepted = state
+            .delivery
+            .send(caller.address(), to, content, client_id)
+            .await?;
         Ok(Sent {
             id: accepted.id,
             to,

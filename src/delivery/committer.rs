@@ -64,12 +64,13 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::idempotency::Keyed;
 use super::pending::{Admitted, CommitFailed, Insert, NotStored, Pending};
 use crate::cluster::{Broker, Push};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::seal::KeyRing;
-use crate::store::{Ack, DeviceId, Message, Queue, StoreError, StoredRow};
+use crate::store::{Ack, DeviceId, Message, Queue, SentKey, StoreError, StoredRow};
 
 /// Ops admitted and not yet settled. Past it, accepting waits: a database
 /// that lags for seconds under a heavy load fills it (65,536 messages is
@@ -142,7 +143,7 @@ impl Op {
     fn weight(&self) -> (usize, usize) {
         match self {
             Op::Insert { insert, .. } => (
-                insert.copies.len(),
+                insert.copies.len() + usize::from(insert.key.is_some()),
                 insert.copies.iter().map(|c| c.body.len()).sum(),
             ),
             Op::Delete { ids, .. } => (ids.len(), 0),
@@ -218,13 +219,19 @@ pub struct Unstored {
 
 impl<'a> Slot<'a> {
     /// Enters the copies of one message in [`Pending`], where an ack can
-    /// find them from now on. Push them next, then enqueue.
-    pub fn stage(self, messages: Vec<Arc<Message>>, accepted: SystemTime) -> Staged<'a> {
+    /// find them from now on. Push them next, then enqueue. The client's
+    /// `key` for the send, if any, is written with them.
+    pub fn stage(
+        self,
+        messages: Vec<Arc<Message>>,
+        accepted: SystemTime,
+        key: Option<Keyed>,
+    ) -> Staged<'a> {
         let admitted = Admitted {
             _op: self.op,
             _bytes: self.bytes,
         };
-        let (insert, result) = Insert::new(messages, accepted, admitted);
+        let (insert, result) = Insert::new(messages, accepted, key, admitted);
         self.committer.pending.add(&insert);
         Staged {
             committer: self.committer,
@@ -545,6 +552,7 @@ impl Writer {
         // The copies each insert still has (not cancelled): claimed for
         // this batch, a contiguous run of `messages` per insert.
         let mut messages: Vec<Arc<Message>> = Vec::new();
+        let mut keys: Vec<SentKey> = Vec::new();
         let mut inserts: Vec<(Arc<Insert>, usize, usize)> = Vec::new();
         let mut deletes = Vec::new();
         let mut acks = Vec::new();
@@ -562,7 +570,10 @@ impl Writer {
                             .cloned(),
                     );
                     let claimed = messages.len() - start;
-                    if claimed > 0 {
+                    // A key is written even when every copy was acked:
+                    // a retry must still find it.
+                    keys.extend(insert.key.clone());
+                    if claimed > 0 || insert.key.is_some() {
                         inserts.push((insert, start, claimed));
                     }
                 }
@@ -587,14 +598,14 @@ impl Writer {
         // A batch of barriers (every connecting socket queues one), or of
         // inserts all acked in their window, writes nothing: skip the
         // empty transaction.
-        let written = if messages.is_empty() && acks.is_empty() {
+        let written = if messages.is_empty() && keys.is_empty() && acks.is_empty() {
             Ok(Vec::new())
         } else {
             self.metrics.db_write_batch.record(n_ops as f64);
             let written = match self.keys.seal_all(&messages) {
                 Ok(rows) => {
                     let started = std::time::Instant::now();
-                    let written = self.queue.write_batch(rows, &acks).await;
+                    let written = self.queue.write_batch(rows, &keys, &acks).await;
                     self.metrics.db_write.record(started.elapsed());
                     written.map_err(Failure::Store)
                 }
@@ -621,7 +632,7 @@ impl Writer {
                     }
                 }
                 for (insert, _, claimed) in &inserts {
-                    insert.settle(*claimed);
+                    insert.settle(claimed + usize::from(insert.key.is_some()));
                 }
                 self.answer_deletes(deletes, deleted);
             }
@@ -734,7 +745,7 @@ mod tests {
     ) -> futures_util::future::BoxFuture<'static, Result<()>> {
         let slot = committer.reserve(6 * copies.len()).await.unwrap();
         Box::pin(
-            slot.stage(copies, SystemTime::now())
+            slot.stage(copies, SystemTime::now(), None)
                 .enqueue(held)
                 .map_err(|unstored| unstored.error),
         )
@@ -932,7 +943,7 @@ mod tests {
         let (bob, alice, id) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::now_v7());
         let slot = committer.reserve(12).await.unwrap();
         let copies = vec![copy(id, bob, 1, alice), copy(id, bob, 2, alice)];
-        let durable = slot.stage(copies, SystemTime::now()).enqueue(true);
+        let durable = slot.stage(copies, SystemTime::now(), None).enqueue(true);
         committer.ack(bob, 1, vec![id]).await.unwrap();
         queue.failing.store(true, Ordering::Relaxed);
         let unstored = durable.await.expect_err("the write failed");

@@ -36,6 +36,7 @@
 //! operator restores the key.
 
 pub mod committer;
+pub mod idempotency;
 mod pending;
 
 use std::future::Future;
@@ -56,8 +57,10 @@ use crate::limits::queue::QueueCaps;
 use crate::limits::rate::SendBudget;
 use crate::metrics::{Kind, Limited, Metrics};
 use crate::seal::KeyRing;
-use crate::store::{self, DeviceId, Message, Queue};
+use crate::store::{self, DeviceId, Message, Queue, SendKey};
 use committer::Committer;
+pub use idempotency::SEND_KEY_WINDOW;
+use idempotency::{Claim, Flights, Joined};
 
 /// The most messages one page or one ack may carry.
 pub const MAX_PAGE: u32 = 500;
@@ -105,6 +108,8 @@ pub struct Delivery {
     /// Held while a message gets its id, is enqueued and is pushed, so that
     /// id order, commit order and push order agree. Nothing under it waits.
     order: Mutex<()>,
+    /// The sends under a client's key in flight here.
+    flights: Arc<Flights>,
 }
 
 /// One page of a device's queue.
@@ -177,6 +182,7 @@ impl Delivery {
             receipts,
             broker,
             order: Mutex::new(()),
+            flights: Arc::default(),
         }
     }
 
@@ -279,10 +285,46 @@ impl Delivery {
     }
 
     /// Accepts a message and returns once it is durable.
-    pub async fn send(&self, from: Address, to: Uuid, content: Content) -> Result<Accepted> {
-        let mut accepted = self.accept(from, to, content).await?;
+    pub async fn send(
+        &self,
+        from: Address,
+        to: Uuid,
+        content: Content,
+        client_id: Option<String>,
+    ) -> Result<Accepted> {
+        let mut accepted = self.accept(from, to, content, client_id).await?;
         (&mut accepted.durable).await?;
         Ok(accepted)
+    }
+
+    /// Where a send under the client's key stands: the first of its key
+    /// (claimed, to be sent), or a retry answered with the id the key
+    /// already has. See [`idempotency`].
+    async fn claim(
+        &self,
+        from: Address,
+        to: Uuid,
+        content: &Content,
+        client_id: String,
+    ) -> Result<std::result::Result<Claim, Uuid>> {
+        let key = SendKey {
+            sender: from.user,
+            device: from.device,
+            client_id,
+        };
+        let claim = match self.flights.join(key, idempotency::digest(to, content))? {
+            Joined::First(claim) => claim,
+            Joined::Earlier(earlier) => return Ok(Err(earlier.wait().await?)),
+        };
+        let since = store::first_id_at(store::sub(store::now(), SEND_KEY_WINDOW));
+        match self.queue.sent_key(claim.key(), since).await? {
+            Some(recorded) => {
+                let id = claim.check(&recorded)?;
+                claim.sent(id);
+                Ok(Err(id))
+            }
+            None => Ok(Ok(claim)),
+        }
     }
 
     /// Accepts a message: assigns its id, enqueues its copies for the store
@@ -295,8 +337,32 @@ impl Delivery {
     /// this one round again, against the new list. So every copy for a
     /// removed device was enqueued before the removal's barrier, and the
     /// removal's purge behind that barrier deletes it.
-    pub async fn accept(&self, from: Address, to: Uuid, content: Content) -> Result<Accepted> {
+    ///
+    /// A send with the client's key (`client_id`) that the key already
+    /// names is answered with that message's id, durable, and nothing is
+    /// stored or pushed again ([`idempotency`]).
+    pub async fn accept(
+        &self,
+        from: Address,
+        to: Uuid,
+        content: Content,
+        client_id: Option<String>,
+    ) -> Result<Accepted> {
         self.check_budget(from)?;
+        let claim = match client_id {
+            None => None,
+            Some(client_id) => match self.claim(from, to, &content, client_id).await? {
+                Ok(claim) => Some(claim),
+                Err(id) => {
+                    self.metrics.sends_repeated.increment(1);
+                    return Ok(Accepted {
+                        id,
+                        sent_at: store::id_time(id),
+                        durable: Box::pin(std::future::ready(Ok(()))),
+                    });
+                }
+            },
+        };
         // A device list changes a few times in an account's life: one more
         // round is plenty; three that all race a change are answered 503.
         for _ in 0..3 {
@@ -326,7 +392,10 @@ impl Delivery {
             // Staged before it is pushed, so that an ack of a pushed copy
             // finds it; held for the ack window if a socket here took it.
             // The committer publishes it to the other nodes once written.
-            let staged = slot.stage(messages.clone(), SystemTime::now());
+            // The committer writes the key with the copies and settles
+            // the claim once they are durable.
+            let key = claim.map(|claim| claim.bind(id));
+            let staged = slot.stage(messages.clone(), SystemTime::now(), key);
             let reached = self.push_here(to, messages, false);
             let insert = staged.enqueue(reached > 0);
             drop(order);
@@ -723,7 +792,8 @@ pub(crate) mod fake {
     use uuid::Uuid;
 
     use crate::store::{
-        Ack, DeviceId, DeviceIds, Queue, SealedRow, StoreError, StoreResult, StoredRow,
+        Ack, DeviceId, DeviceIds, Queue, SealedRow, SendKey, SentKey, StoreError, StoreResult,
+        StoredRow,
     };
 
     #[derive(Default)]
@@ -737,6 +807,8 @@ pub(crate) mod fake {
         pub failing: std::sync::atomic::AtomicBool,
         /// Every account's devices, for the directory.
         pub devices: Mutex<Vec<(Uuid, Vec<DeviceId>)>>,
+        /// Send keys written.
+        pub keys: Mutex<Vec<SentKey>>,
     }
 
     #[async_trait]
@@ -744,11 +816,17 @@ pub(crate) mod fake {
         async fn write_batch(
             &self,
             messages: Vec<SealedRow>,
+            keys: &[SentKey],
             acks: &[Ack],
         ) -> StoreResult<Vec<StoredRow>> {
             tokio::time::sleep(self.delay).await;
             if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut));
+            }
+            let mut recorded = self.keys.lock().unwrap();
+            for key in keys {
+                recorded.retain(|k| k.key != key.key);
+                recorded.push(key.clone());
             }
             self.batches
                 .lock()
@@ -767,6 +845,14 @@ pub(crate) mod fake {
                 !acked
             });
             Ok(deleted)
+        }
+
+        async fn sent_key(&self, key: &SendKey, since: Uuid) -> StoreResult<Option<SentKey>> {
+            let keys = self.keys.lock().unwrap();
+            Ok(keys
+                .iter()
+                .find(|k| k.key == *key && k.message > since)
+                .cloned())
         }
 
         async fn fetch(
@@ -888,7 +974,12 @@ mod tests {
         let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
         let delivery = delivery(slow_queue(&[(alice, vec![1]), (bob, vec![1])]));
         let accepted = delivery
-            .accept(device(alice, 1), bob, Content::Same(b"early".to_vec()))
+            .accept(
+                device(alice, 1),
+                bob,
+                Content::Same(b"early".to_vec()),
+                None,
+            )
             .await
             .unwrap();
 
@@ -911,7 +1002,12 @@ mod tests {
 
         // And one accepted after subscribing is pushed.
         let later = delivery
-            .accept(device(alice, 1), bob, Content::Same(b"later".to_vec()))
+            .accept(
+                device(alice, 1),
+                bob,
+                Content::Same(b"later".to_vec()),
+                None,
+            )
             .await
             .unwrap();
         match registration.rx.recv().await.unwrap() {
@@ -934,7 +1030,10 @@ mod tests {
             .unwrap()
             .registration;
         let content = Content::PerDevice(vec![(1, b"one".to_vec()), (2, b"two".to_vec())]);
-        let sent = delivery.send(device(alice, 1), bob, content).await.unwrap();
+        let sent = delivery
+            .send(device(alice, 1), bob, content, None)
+            .await
+            .unwrap();
         for (d, body) in [(1, b"one"), (2, b"two")] {
             let page = delivery.fetch(device(bob, d), None, 10).await.unwrap();
             assert_eq!(page.messages.len(), 1);
@@ -980,6 +1079,125 @@ mod tests {
         }
     }
 
+    /// A send repeated under its key, while the first is still being
+    /// committed and after it is, gets the first id and stores nothing
+    /// more; the same key for another send is refused, and another
+    /// device's same key is another send.
+    #[tokio::test]
+    async fn a_repeated_send_key_stores_one_message() {
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let queue = slow_queue(&[(alice, vec![1, 2]), (bob, vec![1])]);
+        let delivery = Arc::new(delivery(queue.clone()));
+        let send = |device: DeviceId, body: &'static [u8]| {
+            let delivery = delivery.clone();
+            async move {
+                delivery
+                    .send(
+                        Address {
+                            user: alice,
+                            device,
+                        },
+                        bob,
+                        Content::Same(body.to_vec()),
+                        Some("k1".into()),
+                    )
+                    .await
+            }
+        };
+        // The second starts while the first commits (200 ms a write).
+        let (first, second) = tokio::join!(send(1, b"hi"), async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            send(1, b"hi").await
+        });
+        let id = first.unwrap().id;
+        assert_eq!(second.unwrap().id, id);
+        assert_eq!(send(1, b"hi").await.unwrap().id, id);
+        assert_eq!(queue.rows.lock().unwrap().len(), 1);
+        assert_eq!(
+            send(1, b"other").await.err().map(|e| e.code()),
+            Some("conflict")
+        );
+        let other_device = send(2, b"hi").await.unwrap();
+        assert_ne!(other_device.id, id);
+        assert_eq!(queue.rows.lock().unwrap().len(), 2);
+        assert!(delivery.flights.is_empty());
+    }
+
+    /// A keyed send whose every copy is acked before it is written still
+    /// writes its key, and only then is it answered: a retry finds it.
+    #[tokio::test]
+    async fn a_send_key_is_written_even_when_every_copy_was_acked() {
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let queue = Arc::new(MemQueue::default());
+        *queue.devices.lock().unwrap() = vec![(alice, vec![1]), (bob, vec![1])];
+        let delivery = delivery(queue.clone());
+        let mut bob_socket = delivery
+            .subscribe(device(bob, 1), Uuid::new_v4(), false)
+            .await
+            .unwrap()
+            .registration;
+        let mut accepted = delivery
+            .accept(
+                device(alice, 1),
+                bob,
+                Content::Same(b"hi".to_vec()),
+                Some("k".into()),
+            )
+            .await
+            .unwrap();
+        let Event::Message(pushed) = bob_socket.rx.recv().await.unwrap() else {
+            panic!("expected the push");
+        };
+        assert_eq!(
+            delivery
+                .ack(device(bob, 1), vec![accepted.id])
+                .await
+                .unwrap(),
+            1
+        );
+        (&mut accepted.durable).await.unwrap();
+        assert!(queue.rows.lock().unwrap().is_empty(), "elided");
+        assert_eq!(queue.keys.lock().unwrap().len(), 1);
+        let again = delivery
+            .send(
+                device(alice, 1),
+                bob,
+                Content::Same(b"hi".to_vec()),
+                Some("k".into()),
+            )
+            .await
+            .unwrap();
+        assert_eq!((again.id, pushed.message.id), (accepted.id, accepted.id));
+        assert!(queue.rows.lock().unwrap().is_empty());
+    }
+
+    /// A keyed send that fails to commit leaves no key: the retry stores it.
+    #[tokio::test]
+    async fn a_failed_keyed_send_can_be_retried() {
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let queue = Arc::new(MemQueue::default());
+        *queue.devices.lock().unwrap() = vec![(alice, vec![1]), (bob, vec![1])];
+        let delivery = delivery(queue.clone());
+        let send = || {
+            delivery.send(
+                device(alice, 1),
+                bob,
+                Content::Same(b"hi".to_vec()),
+                Some("k".into()),
+            )
+        };
+        queue
+            .failing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(send().await.err().map(|e| e.code()), Some("unavailable"));
+        queue
+            .failing
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let sent = send().await.unwrap();
+        assert_eq!(queue.rows.lock().unwrap()[0].id, sent.id);
+        assert_eq!(queue.keys.lock().unwrap()[0].message, sent.id);
+    }
+
     /// Envelopes that miss or add a device store nothing and say which.
     #[tokio::test]
     async fn envelopes_must_match_the_devices() {
@@ -988,7 +1206,7 @@ mod tests {
         *queue.devices.lock().unwrap() = vec![(alice, vec![1, 2]), (bob, vec![1, 3])];
         let delivery = delivery(queue.clone());
         let content = || Content::PerDevice(vec![(1, b"x".to_vec()), (2, b"y".to_vec())]);
-        match delivery.send(device(alice, 1), bob, content()).await {
+        match delivery.send(device(alice, 1), bob, content(), None).await {
             Err(Error::DevicesChanged { missing, extra }) => {
                 assert_eq!((missing, extra), (vec![3], vec![2]));
             }
@@ -996,14 +1214,20 @@ mod tests {
         }
         assert!(queue.rows.lock().unwrap().is_empty());
         // To yourself: your sending device is left out, so naming it is extra.
-        match delivery.send(device(alice, 1), alice, content()).await {
+        match delivery
+            .send(device(alice, 1), alice, content(), None)
+            .await
+        {
             Err(Error::DevicesChanged { missing, extra }) => {
                 assert_eq!((missing, extra), (vec![], vec![1]));
             }
             other => panic!("expected devices_changed, got {:?}", other.err()),
         }
         let sync = Content::PerDevice(vec![(2, b"sync".to_vec())]);
-        delivery.send(device(alice, 1), alice, sync).await.unwrap();
+        delivery
+            .send(device(alice, 1), alice, sync, None)
+            .await
+            .unwrap();
         let rows = queue.rows.lock().unwrap();
         assert_eq!(
             rows.iter()

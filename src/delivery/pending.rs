@@ -16,8 +16,10 @@
 //! read back from the queue) or neither (a copy lost).
 //!
 //! A message is durable for its sender once each of its copies is either
-//! written or cancelled: [`Insert::settle`] counts them down and answers
-//! the sender at zero, from whichever side settles the last one.
+//! written or cancelled, and its send key (if it has one, see
+//! [`super::idempotency`]) is written: [`Insert::settle`] counts them down
+//! and answers the sender at zero, from whichever side settles the last
+//! one. A key is never cancelled: only the committer settles it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -27,7 +29,8 @@ use dashmap::DashMap;
 use tokio::sync::{Notify, OwnedSemaphorePermit, oneshot};
 use uuid::Uuid;
 
-use crate::store::{DeviceId, Message};
+use super::idempotency::Keyed;
+use crate::store::{DeviceId, Message, SentKey};
 
 /// A copy's place: which device of which account, which message.
 pub type CopyKey = (Uuid, DeviceId, Uuid);
@@ -53,12 +56,24 @@ pub struct Insert {
     pub copies: Vec<Arc<Message>>,
     /// When it was accepted, for the other nodes' push latency.
     pub accepted: SystemTime,
-    /// Copies neither written nor cancelled yet.
+    /// The client's key for the send, written with it.
+    pub key: Option<SentKey>,
+    /// Copies neither written nor cancelled yet, plus the key until it is
+    /// written.
     unsettled: AtomicUsize,
-    done: Mutex<Option<oneshot::Sender<Result<(), NotStored>>>>,
+    done: Mutex<Option<Answer>>,
     /// Its share of the committer's admission budget, returned once the
     /// last reference (the committer's, or an entry's) is gone.
     _admitted: Admitted,
+}
+
+/// Who hears how an insert ended: its sender, and the sends waiting on its
+/// key.
+struct Answer {
+    sender: oneshot::Sender<Result<(), NotStored>>,
+    /// Told the id once the message is durable; dropped (telling them to
+    /// retry) if it is not.
+    claim: Option<Keyed>,
 }
 
 /// The admission an insert holds until it is settled: one op and its body
@@ -72,21 +87,28 @@ impl Insert {
     pub fn new(
         copies: Vec<Arc<Message>>,
         accepted: SystemTime,
+        key: Option<Keyed>,
         admitted: Admitted,
     ) -> (Arc<Self>, oneshot::Receiver<Result<(), NotStored>>) {
-        let (done, result) = oneshot::channel();
-        // No copies (envelopes to yourself from your only device): nothing
-        // to write, durable at once.
-        let done = if copies.is_empty() {
-            let _ = done.send(Ok(()));
+        let (sender, result) = oneshot::channel();
+        let unsettled = copies.len() + usize::from(key.is_some());
+        let (record, claim) = match key {
+            Some(key) => (Some(key.record.clone()), Some(key)),
+            None => (None, None),
+        };
+        // No copies (envelopes to yourself from your only device) and no
+        // key: nothing to write, durable at once.
+        let done = if unsettled == 0 {
+            let _ = sender.send(Ok(()));
             None
         } else {
-            Some(done)
+            Some(Answer { sender, claim })
         };
         let insert = Arc::new(Self {
-            unsettled: AtomicUsize::new(copies.len()),
+            unsettled: AtomicUsize::new(unsettled),
             copies,
             accepted,
+            key: record,
             done: Mutex::new(done),
             _admitted: admitted,
         });
@@ -108,9 +130,10 @@ impl Insert {
     }
 
     /// Whether every copy is settled: acked before any was written, so
-    /// there is nothing left to write and no reason to wait for its window.
+    /// there is no reason to wait for its window (only its key, if any, is
+    /// left to write).
     pub fn settled(&self) -> bool {
-        self.unsettled.load(Ordering::Acquire) == 0
+        self.unsettled.load(Ordering::Acquire) == usize::from(self.key.is_some())
     }
 
     /// The copies claimed for a batch, those of `devices`, were not
@@ -127,8 +150,11 @@ impl Insert {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(done) = done {
-            let _ = done.send(result);
+        if let Some(Answer { sender, claim }) = done {
+            if let (Ok(()), Some(claim)) = (&result, claim) {
+                claim.sent();
+            }
+            let _ = sender.send(result);
         }
     }
 }
@@ -158,7 +184,8 @@ impl Pending {
         let (_, insert) = self.copies.remove(&key)?;
         let copy = insert.copies.iter().find(|c| c.device == key.1)?;
         let sender = (copy.sender, copy.sender_device);
-        if insert.settle(1) {
+        insert.settle(1);
+        if insert.settled() {
             self.settled.notify_one();
         }
         Some(sender)

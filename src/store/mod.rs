@@ -33,7 +33,10 @@ pub mod sqlite;
 
 pub use accounts::{Accounts, AddDevice, Credentials, Device, DeviceIds, RemoveDevice, User};
 pub use admin::{AccountDetails, AccountSummary, DeviceSummary, Operator, Stats};
-pub use queue::{Ack, KeyId, Message, Queue, QueueDepth, QueueMaintenance, SealedRow, StoredRow};
+pub use queue::{
+    Ack, KeyId, Message, Queue, QueueDepth, QueueMaintenance, SealedRow, SendKey, SentKey,
+    StoredRow,
+};
 pub use sessions::{NewSession, RefreshToken, Revoked, Rotation, Sessions};
 
 use std::sync::Arc;

@@ -19,8 +19,8 @@ use super::queue::QUEUE_COLUMNS;
 use super::{
     AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, Device, DeviceId,
     DeviceIds, DeviceSummary, KeyId, NewSession, Operator, Queue, QueueDepth, QueueMaintenance,
-    RefreshToken, RemoveDevice, Revoked, Rotation, SealedRow, Sessions, Stats, Store, StoreError,
-    StoreResult, StoredRow, User,
+    RefreshToken, RemoveDevice, Revoked, Rotation, SealedRow, SendKey, SentKey, Sessions, Stats,
+    Store, StoreError, StoreResult, StoredRow, User,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -794,9 +794,35 @@ impl Queue for PgStore {
     async fn write_batch(
         &self,
         messages: Vec<SealedRow>,
+        keys: &[SentKey],
         acks: &[Ack],
     ) -> StoreResult<Vec<StoredRow>> {
         let mut tx = self.writer.begin().await?;
+        if !keys.is_empty() {
+            // One key per message and one message per key: no row is named
+            // twice in the statement.
+            sqlx::query(
+                "INSERT INTO send_keys (sender, sender_device, client_id, message_id, digest)
+                 SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::uuid[], $5::bytea[])
+                 ON CONFLICT (sender, sender_device, client_id)
+                 DO UPDATE SET message_id = EXCLUDED.message_id, digest = EXCLUDED.digest",
+            )
+            .bind(keys.iter().map(|k| k.key.sender).collect::<Vec<_>>())
+            .bind(
+                keys.iter()
+                    .map(|k| pg_device(k.key.device))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                keys.iter()
+                    .map(|k| k.key.client_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(keys.iter().map(|k| k.message).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.digest.as_slice()).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
         if !messages.is_empty() {
             let columns = Columns::of(messages);
             sqlx::query(
@@ -836,6 +862,24 @@ impl Queue for PgStore {
         }
         tx.commit().await?;
         Ok(deleted)
+    }
+
+    async fn sent_key(&self, key: &SendKey, since: Uuid) -> StoreResult<Option<SentKey>> {
+        let row: Option<(Uuid, Vec<u8>)> = sqlx::query_as(
+            "SELECT message_id, digest FROM send_keys
+             WHERE sender = $1 AND sender_device = $2 AND client_id = $3 AND message_id > $4",
+        )
+        .bind(key.sender)
+        .bind(pg_device(key.device))
+        .bind(key.client_id.as_str())
+        .bind(since)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(message, digest)| SentKey {
+            key: key.clone(),
+            message,
+            digest,
+        }))
     }
 
     async fn fetch(
@@ -982,6 +1026,18 @@ impl QueueMaintenance for PgStore {
         let done = sqlx::query(
             "DELETE FROM messages WHERE (id, device_id) IN
              (SELECT id, device_id FROM messages WHERE id < $1 LIMIT $2)",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn forget_keys_before(&self, before: Uuid, limit: u32) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM send_keys WHERE (sender, sender_device, client_id) IN
+             (SELECT sender, sender_device, client_id FROM send_keys WHERE message_id < $1 LIMIT $2)",
         )
         .bind(before)
         .bind(i64::from(limit))

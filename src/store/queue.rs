@@ -133,18 +133,43 @@ pub struct Ack {
     pub id: Uuid,
 }
 
+/// The key a client gave a send (`client_id`), scoped to its sending
+/// device: the same key from another device is another key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SendKey {
+    pub sender: Uuid,
+    pub device: DeviceId,
+    pub client_id: String,
+}
+
+/// A send key as written with its message: the id the message got, and a
+/// digest of what was sent, that a retry must match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentKey {
+    pub key: SendKey,
+    pub message: Uuid,
+    pub digest: Vec<u8>,
+}
+
 /// The queue's hot path.
 #[async_trait]
 pub trait Queue: Send + Sync + 'static {
-    /// Inserts `messages` and applies `acks` in one transaction. Returns the
-    /// rows the acks deleted, as they were stored (so that the committer can
-    /// tell each sender of its delivery); an ack for a copy that is unknown
-    /// or queued for another device deletes nothing.
+    /// Inserts `messages`, records `keys` and applies `acks` in one
+    /// transaction. Returns the rows the acks deleted, as they were stored
+    /// (so that the committer can tell each sender of its delivery); an ack
+    /// for a copy that is unknown or queued for another device deletes
+    /// nothing. A key already recorded is replaced: the delivery core only
+    /// writes one it found nowhere, or expired.
     async fn write_batch(
         &self,
         messages: Vec<SealedRow>,
+        keys: &[SentKey],
         acks: &[Ack],
     ) -> StoreResult<Vec<StoredRow>>;
+
+    /// The send recorded under `key` for a message with an id after
+    /// `since` (older ones have expired), if any.
+    async fn sent_key(&self, key: &SendKey, since: Uuid) -> StoreResult<Option<SentKey>>;
 
     /// Up to `limit` of the copies queued for `recipient`'s `device` with
     /// ids after `after`, oldest first.
@@ -214,4 +239,8 @@ pub trait QueueMaintenance: Send + Sync + 'static {
     /// many. The sweeper calls this until it returns less than `limit`, so no
     /// single statement holds locks for long.
     async fn delete_before(&self, before: Uuid, limit: u32) -> StoreResult<u64>;
+
+    /// Deletes up to `limit` send keys of messages with ids below
+    /// `before`; returns how many. In batches, as [`Self::delete_before`].
+    async fn forget_keys_before(&self, before: Uuid, limit: u32) -> StoreResult<u64>;
 }

@@ -26,8 +26,8 @@ use super::queue::QUEUE_COLUMNS;
 use super::{
     AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, Device, DeviceId,
     DeviceIds, DeviceSummary, KeyId, NewSession, Operator, Queue, QueueDepth, QueueMaintenance,
-    RefreshToken, RemoveDevice, Revoked, Rotation, SealedRow, Sessions, Stats, Store, StoreError,
-    StoreResult, StoredRow, User,
+    RefreshToken, RemoveDevice, Revoked, Rotation, SealedRow, SendKey, SentKey, Sessions, Stats,
+    Store, StoreError, StoreResult, StoredRow, User,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -44,6 +44,17 @@ fn insert_sql(rows: usize) -> String {
     );
     sql.push_str(&vec!["(?, ?, ?, ?, ?, ?)"; rows].join(", "));
     sql
+}
+
+/// `INSERT ... VALUES (?, ?, ?, ?, ?), ...` for `rows` send keys, a key
+/// already recorded replaced. Built from constant fragments only.
+fn key_insert_sql(rows: usize) -> String {
+    format!(
+        "INSERT INTO send_keys (sender, sender_device, client_id, message_id, digest) VALUES {}
+         ON CONFLICT (sender, sender_device, client_id)
+         DO UPDATE SET message_id = excluded.message_id, digest = excluded.digest",
+        vec!["(?, ?, ?, ?, ?)"; rows].join(", ")
+    )
 }
 
 /// Seals `rows` rows again: `VALUES` columns are id, device, key id,
@@ -798,6 +809,7 @@ impl Queue for SqliteStore {
     async fn write_batch(
         &self,
         messages: Vec<SealedRow>,
+        keys: &[SentKey],
         acks: &[Ack],
     ) -> StoreResult<Vec<StoredRow>> {
         // One transaction, one fsync, for the whole batch. sqlx runs each
@@ -820,6 +832,18 @@ impl Queue for SqliteStore {
             }
             insert.execute(&mut *tx).await?;
         }
+        for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+            let mut insert = sqlx::query(AssertSqlSafe(key_insert_sql(chunk.len())));
+            for key in chunk {
+                insert = insert
+                    .bind(key.key.sender)
+                    .bind(i64::from(key.key.device))
+                    .bind(key.key.client_id.as_str())
+                    .bind(key.message)
+                    .bind(key.digest.as_slice());
+            }
+            insert.execute(&mut *tx).await?;
+        }
         let mut deleted = Vec::new();
         for chunk in acks.chunks(ACKS_PER_STATEMENT) {
             let mut delete = sqlx::query_as(AssertSqlSafe(delete_sql(chunk.len())));
@@ -837,6 +861,24 @@ impl Queue for SqliteStore {
         }
         tx.commit().await?;
         Ok(deleted)
+    }
+
+    async fn sent_key(&self, key: &SendKey, since: Uuid) -> StoreResult<Option<SentKey>> {
+        let row: Option<(Uuid, Vec<u8>)> = sqlx::query_as(
+            "SELECT message_id, digest FROM send_keys
+             WHERE sender = ? AND sender_device = ? AND client_id = ? AND message_id > ?",
+        )
+        .bind(key.sender)
+        .bind(i64::from(key.device))
+        .bind(key.client_id.as_str())
+        .bind(since)
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(row.map(|(message, digest)| SentKey {
+            key: key.clone(),
+            message,
+            digest,
+        }))
     }
 
     async fn fetch(
@@ -982,6 +1024,18 @@ impl QueueMaintenance for SqliteStore {
         let done = sqlx::query(
             "DELETE FROM messages WHERE (id, device_id) IN
              (SELECT id, device_id FROM messages WHERE id < ? LIMIT ?)",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn forget_keys_before(&self, before: Uuid, limit: u32) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM send_keys WHERE (sender, sender_device, client_id) IN
+             (SELECT sender, sender_device, client_id FROM send_keys WHERE message_id < ? LIMIT ?)",
         )
         .bind(before)
         .bind(i64::from(limit))

@@ -65,7 +65,7 @@ use super::frame::{self, ClientFrame, ServerFrame, close};
 use super::seen::Seen;
 use crate::auth::{self, token::Claims};
 use crate::cluster::Interest;
-use crate::delivery::{Address, Subscription};
+use crate::delivery::{Address, Subscription, idempotency};
 use crate::error::{Error, Result};
 use crate::hub::{Event, Kick, Outbound, Registration};
 use crate::limits::sockets::SocketPermit;
@@ -637,6 +637,7 @@ impl Connection {
                 body,
                 envelopes,
                 ephemeral,
+                client_id,
             } => match self
                 .accept(
                     &reference,
@@ -644,6 +645,7 @@ impl Connection {
                     body.as_deref(),
                     envelopes.as_deref(),
                     ephemeral,
+                    client_id.as_deref(),
                 )
                 .await
             {
@@ -701,11 +703,15 @@ impl Connection {
         body: Option<&str>,
         envelopes: Option<&[Envelope]>,
         ephemeral: bool,
+        client_id: Option<&str>,
     ) -> Result<Option<ServerFrame>> {
         let delivery = &self.state.delivery;
         let to = parse_id("to", to)?;
         let content = delivery.decode_content(body, wire::envelopes(envelopes))?;
+        let client_id = client_id.map(idempotency::client_id).transpose()?;
         if ephemeral {
+            // Never stored, so there is nothing to repeat: a key is
+            // checked and otherwise ignored.
             let sent = delivery.send_ephemeral(self.device, to, content).await?;
             return Ok(Some(ServerFrame::Sent {
                 reference: reference.clone(),
@@ -714,7 +720,7 @@ impl Connection {
                 delivered: Some(sent.delivered),
             }));
         }
-        let accepted = delivery.accept(self.device, to, content).await?;
+        let accepted = delivery.accept(self.device, to, content, client_id).await?;
         let (reference, metrics) = (reference.clone(), self.state.metrics.clone());
         self.pending.push(Box::pin(async move {
             let reply = match accepted.durable.await {

@@ -58,6 +58,8 @@ pub enum ClientFrame {
         envelopes: Option<Vec<Envelope>>,
         #[serde(default)]
         ephemeral: bool,
+        /// The client's key for the send, making a retry safe.
+        client_id: Option<String>,
     },
     Ack {
         ids: Vec<String>,

@@ -23,6 +23,7 @@ mod metrics;
 mod migration;
 mod openapi;
 mod props;
+mod retries;
 mod sealed;
 mod security;
 mod sweeper;

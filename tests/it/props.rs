@@ -261,8 +261,14 @@ fn assert_agrees(text: &str, inbound: &sealpost::ws::frame::Inbound) {
                     body,
                     envelopes,
                     ephemeral,
+                    client_id,
                 } => {
                     assert_eq!(value["type"], "send", "{text:?}");
+                    assert_eq!(
+                        value.get("client_id").and_then(Value::as_str),
+                        client_id.as_deref(),
+                        "{text:?}"
+                    );
                     assert_eq!(value["to"], to.as_str(), "{text:?}");
                     assert_eq!(
                         value.get("body").and_then(Value::as_str),

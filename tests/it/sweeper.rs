@@ -1,14 +1,19 @@
 //! The sweeper deletes messages older than the message TTL, delivered or
-//! not, in bounded batches, and logs how many.
+//! not, in bounded batches, and logs how many; and send keys older than
+//! their window, after which a repeat is a new message.
 
 use std::time::{Duration, Instant};
 
 use crate::backend_tests;
-use crate::common::{Backend, ServerProcess, TestDb, TestServer};
+use serde_json::json;
+
+use crate::common::{Backend, ServerProcess, TestDb, TestServer, b64, eventually};
+use crate::sealed::Raw;
 
 backend_tests!(
     expired_messages_are_swept_and_fresh_ones_kept,
-    sweeps_more_than_one_batch
+    sweeps_more_than_one_batch,
+    send_keys_are_forgotten_after_their_window,
 );
 
 async fn expired_messages_are_swept_and_fresh_ones_kept(backend: Backend) {
@@ -122,4 +127,59 @@ async fn sweeps_more_than_one_batch(backend: Backend) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A send key is kept for a day: one made to look two days old (its
+/// message id is a UUIDv7, whose time the sweeper reads) is swept, and the
+/// same key then sends a new message.
+async fn send_keys_are_forgotten_after_their_window(backend: Backend) {
+    let server = TestServer::start_with(backend, &["--sweep-interval", "200ms"]).await;
+    let (alice, bob) = (server.account("alice").await, server.account("bob").await);
+    let request = json!({ "to": bob.id, "body": b64(b"hi"), "client_id": "old" });
+    let first = server
+        .post("/v1/messages", Some(&alice.access), request.clone())
+        .await
+        .expect(201);
+    let raw = Raw::open(&server.db).await;
+    let two_days_ago = chrono::Utc::now() - chrono::TimeDelta::days(2);
+    let old_id = sealpost::store::first_id_at(two_days_ago);
+    let keys = || async {
+        match &raw {
+            Raw::Pg(pool) => sqlx::query_scalar::<_, i64>("SELECT count(*) FROM send_keys")
+                .fetch_one(pool)
+                .await
+                .unwrap(),
+            Raw::Sqlite(pool) => sqlx::query_scalar::<_, i64>("SELECT count(*) FROM send_keys")
+                .fetch_one(pool)
+                .await
+                .unwrap(),
+        }
+    };
+    assert_eq!(keys().await, 1);
+    match &raw {
+        Raw::Pg(pool) => {
+            sqlx::query("UPDATE send_keys SET message_id = $1")
+                .bind(old_id)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+        Raw::Sqlite(pool) => {
+            sqlx::query("UPDATE send_keys SET message_id = ?")
+                .bind(old_id)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+    }
+    eventually("the old key to be swept", async || {
+        (keys().await == 0).then_some(())
+    })
+    .await;
+    let again = server
+        .post("/v1/messages", Some(&alice.access), request)
+        .await
+        .expect(201);
+    assert_ne!(again["id"], first["id"], "a new message after the window");
+    assert_eq!(server.inbox(&bob).await.len(), 2);
 }
