@@ -27,6 +27,14 @@
 //! written, through the [`Broker`]; [`crate::cluster`] says which rules
 //! replace the local ones there.
 //!
+//! **Deadlines.** A send or an ack is answered within
+//! `SEALPOST_DB_TIMEOUT` of its start (plus the one read of the
+//! recipient's devices or queue depth a send may need, each bounded by the
+//! store on its own): `unavailable` once it passes. Its write is not
+//! withdrawn: it is in the committer's hands and may still commit, so the
+//! rest of its wait moves to a task of its own ([`within`]) that keeps the
+//! queue counters and receipts true to what happened.
+//!
 //! Rows are sealed at rest ([`crate::seal`]): the committer seals what it
 //! writes and [`Delivery::fetch`] opens what it reads. A row that does not
 //! open (its key is missing from `SEALPOST_STORAGE_KEYS`, or it was altered)
@@ -41,7 +49,7 @@ mod pending;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -97,6 +105,8 @@ pub struct Delivery {
     budget: SendBudget,
     /// Messages queued per device.
     queues: Arc<QueueCaps>,
+    /// How long a send or an ack waits for the committer, from its start.
+    deadline: Duration,
     metrics: Arc<Metrics>,
     /// Whether an ack sends the sender a receipt.
     receipts: bool,
@@ -118,7 +128,8 @@ pub struct Page {
 pub struct Accepted {
     pub id: Uuid,
     pub sent_at: DateTime<Utc>,
-    /// Completes once every copy is durable.
+    /// Completes once every copy is durable; fails with `unavailable` once
+    /// the send's deadline has passed (it may still be stored).
     pub durable: Pin<Box<dyn Future<Output = Result<()>> + Send>>,
 }
 
@@ -140,7 +151,8 @@ pub struct Ephemeral {
     pub delivered: bool,
 }
 
-/// The limits the delivery core enforces; 0 turns one off.
+/// The limits the delivery core enforces; 0 turns one off (but for the
+/// deadline).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_body_bytes: usize,
@@ -148,6 +160,9 @@ pub struct Limits {
     pub send_rate_per_second: u32,
     pub send_rate_burst: u32,
     pub max_queued_per_user: u32,
+    /// How long a send or an ack may wait for its write
+    /// (`SEALPOST_DB_TIMEOUT`).
+    pub deadline: Duration,
 }
 
 impl Delivery {
@@ -173,6 +188,7 @@ impl Delivery {
             max_envelopes: limits.max_devices_per_user.max(1) as usize,
             budget: SendBudget::new(limits.send_rate_per_second, limits.send_rate_burst),
             queues: Arc::new(QueueCaps::new(limits.max_queued_per_user, !broker.alone())),
+            deadline: limits.deadline,
             metrics,
             receipts,
             broker,
@@ -297,6 +313,7 @@ impl Delivery {
     /// removal's purge behind that barrier deletes it.
     pub async fn accept(&self, from: Address, to: Uuid, content: Content) -> Result<Accepted> {
         self.check_budget(from)?;
+        let expires = tokio::time::Instant::now() + self.deadline;
         // A device list changes a few times in an account's life: one more
         // round is plenty; three that all race a change are answered 503.
         for _ in 0..3 {
@@ -308,7 +325,7 @@ impl Delivery {
                 Content::Same(body) => body.len() * devices.len(),
                 Content::PerDevice(envelopes) => envelopes.iter().map(|(_, b)| b.len()).sum(),
             };
-            let slot = match self.committer.reserve(bytes).await {
+            let slot = match self.committer.reserve(bytes, expires).await {
                 Ok(slot) => slot,
                 Err(err) => {
                     self.queues.release(to, &devices, 1);
@@ -331,7 +348,7 @@ impl Delivery {
             let insert = staged.enqueue(reached > 0);
             drop(order);
             let (queues, metrics) = (self.queues.clone(), self.metrics.clone());
-            let durable = Box::pin(async move {
+            let durable = within(expires, async move {
                 match insert.await {
                     Ok(()) => {
                         metrics.accepted(Kind::Stored);
@@ -439,7 +456,8 @@ impl Delivery {
         exclusive: bool,
     ) -> Result<Subscription<impl Future<Output = Result<()>> + Send + 'static>> {
         let interest = self.broker.interest(device.user).await;
-        let slot = self.committer.reserve(0).await?;
+        let expires = tokio::time::Instant::now() + self.deadline;
+        let slot = self.committer.reserve(0, expires).await?;
         let registration = {
             let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
             if exclusive {
@@ -540,24 +558,32 @@ impl Delivery {
         if ids.is_empty() {
             return Ok(0);
         }
-        let settled = self.committer.ack(device.user, device.device, ids).await?;
-        let acked = settled.len() as u64;
-        self.queues.release(device.user, &[device.device], acked);
-        self.metrics.acked.increment(acked);
-        if self.receipts {
-            for copy in &settled {
-                if let Some((sender, _)) = copy.sender {
-                    let receipt = Receipt {
-                        id: copy.id,
-                        to: device.user,
-                        device: device.device,
-                    };
-                    self.hub.notify(sender, Event::Receipt(Box::new(receipt)));
-                    self.broker.notify(sender, Notice::Receipt(receipt));
+        let expires = tokio::time::Instant::now() + self.deadline;
+        let settling = self.committer.ack(device.user, device.device, ids, expires);
+        let (queues, metrics) = (self.queues.clone(), self.metrics.clone());
+        let (hub, broker) = (self.hub.clone(), self.broker.clone());
+        let receipts = self.receipts;
+        within(expires, async move {
+            let settled = settling.await?;
+            let acked = settled.len() as u64;
+            queues.release(device.user, &[device.device], acked);
+            metrics.acked.increment(acked);
+            if receipts {
+                for copy in &settled {
+                    if let Some((sender, _)) = copy.sender {
+                        let receipt = Receipt {
+                            id: copy.id,
+                            to: device.user,
+                            device: device.device,
+                        };
+                        hub.notify(sender, Event::Receipt(Box::new(receipt)));
+                        broker.notify(sender, Notice::Receipt(receipt));
+                    }
                 }
             }
-        }
-        Ok(acked)
+            Ok(acked)
+        })
+        .await
     }
 
     /// A device was added (committed): sends are checked against the new
@@ -635,7 +661,8 @@ impl Delivery {
     async fn purge_stragglers(&self, user: Uuid, device: Option<DeviceId>) {
         self.queues.forget(user, device);
         let purged = async {
-            let slot = self.committer.reserve(0).await?;
+            let expires = tokio::time::Instant::now() + self.deadline;
+            let slot = self.committer.reserve(0, expires).await?;
             let barrier = {
                 let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
                 self.directory.changed(user);
@@ -673,6 +700,31 @@ impl Delivery {
     pub fn prune_send_budgets(&self) {
         self.budget.prune();
     }
+}
+
+/// Waits for `work` until `expires`; past it, answers `unavailable` and
+/// lets `work` finish in a task of its own. The work is a write the
+/// committer holds already (admission is bounded by the same deadline), so
+/// the database may still complete it, and what `work` does after it (the
+/// queue counters, receipts) must follow what happened. Such tasks are
+/// bounded by the committer's op budget, one per op it holds, and each ends
+/// with that op's batch, which the store bounds in turn.
+fn within<T: Send + 'static>(
+    expires: tokio::time::Instant,
+    work: impl Future<Output = Result<T>> + Send + 'static,
+) -> Pin<Box<dyn Future<Output = Result<T>> + Send>> {
+    let mut work = Box::pin(work);
+    Box::pin(async move {
+        match tokio::time::timeout_at(expires, &mut work).await {
+            Ok(done) => done,
+            Err(_) => {
+                tokio::spawn(async move {
+                    let _ = work.await;
+                });
+                Err(Error::Unavailable)
+            }
+        }
+    })
 }
 
 /// One body per target device: the one body for each, or the envelopes as
@@ -841,6 +893,11 @@ mod tests {
     use super::*;
 
     fn delivery(queue: Arc<MemQueue>) -> Delivery {
+        delivery_within(queue, Duration::from_secs(60))
+    }
+
+    /// A delivery core whose sends and acks wait `deadline` for a write.
+    fn delivery_within(queue: Arc<MemQueue>, deadline: Duration) -> Delivery {
         let broker: Arc<dyn Broker> = Arc::new(crate::cluster::local::LocalBroker);
         let keys = Arc::new(KeyRing::generate().unwrap());
         let metrics = Arc::new(Metrics::disabled());
@@ -858,6 +915,7 @@ mod tests {
             send_rate_per_second: 0,
             send_rate_burst: 1,
             max_queued_per_user: 0,
+            deadline,
         };
         let hub = Hub::new(16, 0, metrics.clone());
         let directory = Arc::new(Directory::new(queue.clone()));
@@ -1011,5 +1069,41 @@ mod tests {
                 .collect::<Vec<_>>(),
             [(alice, 2)]
         );
+    }
+
+    /// A write slower than the deadline: the send is answered
+    /// `unavailable` without waiting for it, the write goes on and commits
+    /// (which is why a 503 "may have been stored"), and the core serves on.
+    #[tokio::test]
+    async fn a_send_past_its_deadline_is_unavailable_and_may_still_be_stored() {
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let queue = slow_queue(&[(alice, vec![1]), (bob, vec![1])]);
+        let delivery = delivery_within(queue.clone(), Duration::from_millis(50));
+        let late = delivery
+            .send(device(alice, 1), bob, Content::Same(b"late".to_vec()))
+            .await;
+        assert!(matches!(late, Err(Error::Unavailable)), "{:?}", late.err());
+        // The write, slow but not failed, completes in the background.
+        let stored = async {
+            while queue.rows.lock().unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), stored)
+            .await
+            .expect("the write that passed its deadline commits all the same");
+        // An ack past its deadline is unavailable too; a retry finds its
+        // work done.
+        let id = queue.rows.lock().unwrap()[0].id;
+        let ack = delivery.ack(device(bob, 1), vec![id]).await;
+        assert!(matches!(ack, Err(Error::Unavailable)), "{:?}", ack.err());
+        let acked = async {
+            while !queue.rows.lock().unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), acked)
+            .await
+            .expect("the ack that passed its deadline is applied all the same");
     }
 }

@@ -15,6 +15,10 @@
 //! parameterised. Timestamps are kept at millisecond precision on both
 //! backends so that a value reads back exactly as it was written.
 //!
+//! The server runs on the store wrapped in [`deadline::Deadlined`]: every
+//! call a request waits on has a deadline, so a stalled database answers
+//! `unavailable` instead of holding requests.
+//!
 //! The queue's write side is [`Queue::write_batch`]: inserts and acks from
 //! many callers in one transaction, as the committer gathers them.
 //!
@@ -26,6 +30,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod deadline;
 pub mod postgres;
 pub mod queue;
 pub mod sessions;
@@ -72,6 +77,11 @@ pub enum StoreError {
     UsernameTaken,
     #[error("database unreachable: {0}")]
     Unavailable(#[source] sqlx::Error),
+    /// The database did not answer within the call's deadline
+    /// ([`deadline`]): stalled, or too slow to serve. A write may still
+    /// have committed.
+    #[error("database did not answer within {0:?}")]
+    Deadline(std::time::Duration),
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
     #[error("migration failed: {0}")]
@@ -80,6 +90,13 @@ pub enum StoreError {
     Malformed(Uuid),
     #[error("unsupported DATABASE_URL scheme (expected sqlite:// or postgres://)")]
     UnsupportedUrl,
+}
+
+impl StoreError {
+    /// Whether it means "not now" (503, retry) rather than a bug (500).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Deadline(_))
+    }
 }
 
 impl From<sqlx::Error> for StoreError {
