@@ -116,18 +116,26 @@ impl From<sqlx::Error> for StoreError {
 
 /// Whether a database error means "not now" rather than "never": the client
 /// should get 503 and retry, not 500.
+///
+/// A full disk is one: nothing is wrong with the request, the same one
+/// succeeds once an operator has made room, and nothing was written (the
+/// transaction is rolled back). 507 Insufficient Storage would be WebDAV's
+/// word for it, but a client can do nothing different from a 503, so it
+/// keeps the one `unavailable` code; the log and the error counters tell
+/// the operator which it is.
 fn is_outage(db: &dyn sqlx::error::DatabaseError) -> bool {
     if let Some(sqlite) = db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
-        // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes.
+        // SQLITE_BUSY (5), SQLITE_LOCKED (6) and SQLITE_FULL (13), with
+        // their extended codes.
         let primary = sqlx::error::DatabaseError::code(sqlite)
             .and_then(|c| c.parse::<i32>().ok())
             .map(|c| c & 0xff);
-        return matches!(primary, Some(5 | 6));
+        return matches!(primary, Some(5 | 6 | 13));
     }
     // PostgreSQL: connection exceptions (class 08), shutdown and recovery
-    // (57P01-57P03), too many connections (53300).
+    // (57P01-57P03), too many connections (53300), disk full (53100).
     db.code().is_some_and(|code| {
-        code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+        code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300" | "53100")
     })
 }
 
