@@ -123,6 +123,15 @@ pub struct Config {
     #[arg(long, env = "SEALPOST_DB_POOL_SIZE", default_value_t = 0)]
     pub db_pool_size: u32,
 
+    /// How long a request waits for the database: each query, and a send's
+    /// or ack's commit from the request's start. Past it the request is
+    /// answered 503 `unavailable` (a write may still commit). 5 s answers
+    /// well before the shortest common client timeout (10 s, Android's
+    /// OkHttp) while riding out a failover or a checkpoint stall; at most
+    /// 60s. See the "Faults" section of docs/operations.md.
+    #[arg(long, env = "SEALPOST_DB_TIMEOUT", default_value = "5s", value_parser = parse_db_timeout)]
+    pub db_timeout: Duration,
+
     /// Deepest nesting of arrays and objects accepted in a JSON request body
     /// or WebSocket frame, checked before parsing (see [`crate::nesting`]).
     /// The protocol itself nests two levels deep.
@@ -618,6 +627,19 @@ fn parse_ack_window(value: &str) -> Result<Duration, String> {
     Ok(window)
 }
 
+/// The longest `--db-timeout`: past a minute every client and proxy in
+/// front has given up, and the committer's budget would hold a minute of
+/// traffic in memory.
+const MAX_DB_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn parse_db_timeout(value: &str) -> Result<Duration, String> {
+    let timeout = parse_ttl(value)?;
+    if timeout > MAX_DB_TIMEOUT {
+        return Err("must be at most 60s: clients have given up long before".into());
+    }
+    Ok(timeout)
+}
+
 fn parse_ttl(value: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(value)
         .map_err(|e| format!("{e} (use human units such as 2s, 30m, 7d)"))?;
@@ -653,6 +675,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--access-token-ttl"), "{err}");
+    }
+
+    #[test]
+    fn db_timeout_is_bounded() {
+        assert_eq!(parse(&[]).unwrap().db_timeout, Duration::from_secs(5));
+        assert_eq!(
+            parse(&["--db-timeout", "750ms"]).unwrap().db_timeout,
+            Duration::from_millis(750)
+        );
+        for bad in ["0s", "61s", "soon"] {
+            let err = parse(&["--db-timeout", bad]).unwrap_err().to_string();
+            assert!(err.contains("--db-timeout"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -84,7 +84,9 @@ pub enum Error {
     /// A connection cap (per user, per IP, unauthenticated sockets).
     #[error("{0}")]
     TooManyConnections(&'static str),
-    /// A dependency (the database) is not reachable right now.
+    /// A dependency (the database) is not reachable right now, did not
+    /// answer within its deadline, or has no room (a full disk). A write
+    /// answered so may still have been stored.
     #[error("service unavailable")]
     Unavailable,
     #[error(transparent)]
@@ -247,7 +249,7 @@ impl From<StoreError> for Error {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::UsernameTaken => Error::Conflict("username is taken"),
-            StoreError::Unavailable(_) => Error::Unavailable,
+            err if err.is_unavailable() => Error::Unavailable,
             other => Error::Internal(other.into()),
         }
     }

@@ -38,8 +38,8 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{self, Error};
 
 /// Upper bounds of the buckets of every `_seconds` histogram: from 100 µs
-/// (a push or a commit on an idle server) to 10 s (the committer's
-/// admission and the hashing queue time out there).
+/// (a push or a commit on an idle server) to 10 s (the hashing queue times
+/// out there, and `SEALPOST_DB_TIMEOUT` is 5 s by default).
 const SECONDS_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
@@ -229,6 +229,8 @@ pub struct Metrics {
     pub db_write_batch: Histogram,
     /// Committer batches that failed; their callers were told.
     pub db_write_errors: Counter,
+    /// Database calls that passed their deadline (a stalled database).
+    pub db_timeouts: Counter,
     /// Message copies acked before they were written: never written.
     pub copies_elided: Counter,
     /// Message copies written to the queue.
@@ -359,6 +361,10 @@ impl Metrics {
             db_write_errors: r.counter(
                 "sealpost_db_write_errors_total",
                 "Committer batches that failed to be written.",
+            ),
+            db_timeouts: r.counter(
+                "sealpost_db_timeouts_total",
+                "Database calls abandoned at their deadline (SEALPOST_DB_TIMEOUT): the database did not answer.",
             ),
             copies_elided: r.counter(
                 "sealpost_copies_elided_total",
@@ -668,6 +674,7 @@ mod tests {
             "sealpost_db_write_seconds_count 0",
             "sealpost_db_write_batch_ops_bucket{le=\"256\"} 0",
             "sealpost_db_write_errors_total 0",
+            "sealpost_db_timeouts_total 0",
             "sealpost_queued_messages 0",
             "sealpost_queued_messages_max_per_user 0",
             "sealpost_rate_limited_total{scope=\"send\"} 0",

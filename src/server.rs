@@ -40,6 +40,7 @@ use crate::limits::sockets::SocketCaps;
 use crate::metrics::{self, Metrics};
 use crate::seal::{self, KeyRing};
 use crate::state::AppState;
+use crate::store::deadline::Deadlined;
 use crate::store::{self, Store, StoreOptions};
 use crate::sweeper;
 use crate::tls::{self, TlsListener};
@@ -147,6 +148,13 @@ impl Server {
         let store = open_store(&config).await?;
         check_keys(store.as_ref(), &keys).await?;
         let metrics = Arc::new(Metrics::new(config.metrics_addr.is_some()));
+        // Migrated and checked without deadlines; from here every call has
+        // one (see `store::deadline`).
+        let store: Arc<dyn Store> = Arc::new(Deadlined::new(
+            store,
+            config.db_timeout,
+            metrics.db_timeouts.clone(),
+        ));
         let node_id = config
             .node_id
             .clone()
@@ -192,6 +200,7 @@ impl Server {
             send_rate_per_second: config.send_rate_per_second,
             send_rate_burst: config.send_rate_burst,
             max_queued_per_user: config.max_queued_per_user,
+            deadline: config.db_timeout,
         };
         let directory = Arc::new(Directory::new(store.clone()));
         let delivery = Delivery::new(

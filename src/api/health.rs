@@ -1,5 +1,7 @@
 //! Liveness and readiness probes.
 
+use std::time::Duration;
+
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -8,6 +10,14 @@ use utoipa::ToSchema;
 
 use crate::error::{Error, Result};
 use crate::state::AppState;
+
+/// How long readiness waits for the database's answer. A stalled database
+/// answers nothing, and a probe that hangs tells a load balancer nothing
+/// either (and piles up one request per probe): past this the answer is
+/// 503. Under AWS ALB's default probe timeout (5 s), Docker's (30 s) and
+/// `sealpost healthcheck`'s (5 s); a Kubernetes probe with its default of
+/// 1 s gives up first, which it counts as not ready too.
+const READY_DEADLINE: Duration = Duration::from_secs(2);
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -39,14 +49,18 @@ async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
-/// The database answers; 503 otherwise, so a load balancer stops sending.
-/// Names the node and its broker's state: a node cut off from NATS still
-/// accepts and stores (and is ready), but says so here.
+/// The database answers within 2 s; 503 otherwise, so a load balancer
+/// stops sending. Names the node and its broker's state: a node cut off
+/// from NATS still accepts and stores (and is ready), but says so here.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, description = "The database answers.", body = Ready), crate::api::openapi::Errors))]
 async fn readyz(State(state): State<AppState>) -> Result<Json<Ready>> {
-    state.store.ping().await.map_err(|err| {
-        tracing::warn!(error = %err, "readiness check failed");
+    let pinged = match tokio::time::timeout(READY_DEADLINE, state.store.ping()).await {
+        Ok(pinged) => pinged.map_err(|err| err.to_string()),
+        Err(_) => Err(format!("no answer within {READY_DEADLINE:?}")),
+    };
+    pinged.map_err(|error| {
+        tracing::warn!(%error, "readiness check failed");
         Error::Unavailable
     })?;
     Ok(Json(Ready {

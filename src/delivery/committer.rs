@@ -41,6 +41,13 @@
 //! the sender's `sent`, not the recipient's push, until the budget is full
 //! and accepting waits too (the alternative is unbounded memory).
 //!
+//! **Deadlines.** Each caller brings its deadline (`SEALPOST_DB_TIMEOUT`
+//! after its request began): admission waits until then at most, and so
+//! does a barrier. The wait for a write is bounded by the caller (see
+//! [`super::Delivery`]); the write itself by the store's deadline
+//! ([`crate::store::deadline`]), so a stalled database fails a batch, and
+//! the batches behind it, each within that time.
+//!
 //! Once a batch is written, the committer hands the copies it inserted to
 //! the broker, one message at a time in commit order, before it answers
 //! anyone: other nodes hear of a message only after it is durable, and in
@@ -83,10 +90,6 @@ const MAX_OPS: usize = 65_536;
 /// wait like they do for an op. 64 MiB is hundreds of batches of typical
 /// chat envelopes.
 const BYTE_BUDGET: usize = 64 * 1024 * 1024;
-
-/// How long a sender waits for admission before it is told 503: a database
-/// that has stopped answering should not hold requests forever.
-const ADMISSION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What one commit aims to take: long enough to amortise its fixed cost
 /// (the fsync, the round trips), short enough that the first `sent` of a
@@ -198,6 +201,8 @@ pub struct Slot<'a> {
     committer: &'a Committer,
     op: OwnedSemaphorePermit,
     bytes: OwnedSemaphorePermit,
+    /// The caller's deadline, which bounds its barrier.
+    expires: Instant,
 }
 
 /// A message whose copies are in [`Pending`], to be pushed and then
@@ -242,7 +247,8 @@ impl<'a> Slot<'a> {
 
     /// Enqueues a barrier: the returned future completes once every insert
     /// enqueued before it has been written (or has failed), and every
-    /// delete of `scope`'s device; `None`: every delete.
+    /// delete of `scope`'s device; `None`: every delete. Fails with 503 if
+    /// that has not happened by the slot's deadline.
     pub fn barrier(
         self,
         scope: Option<(Uuid, DeviceId)>,
@@ -253,7 +259,13 @@ impl<'a> Slot<'a> {
             done,
             _admitted: self.op,
         });
-        async move { result.await.map_err(|_| Error::Unavailable) }
+        let expires = self.expires;
+        async move {
+            match tokio::time::timeout_at(expires, result).await {
+                Ok(Ok(())) => Ok(()),
+                _ => Err(Error::Unavailable),
+            }
+        }
     }
 }
 
@@ -331,9 +343,9 @@ impl Committer {
     }
 
     /// Waits for room for an op carrying `bytes` of message body:
-    /// backpressure when the database lags far behind, 503 when it has
-    /// stopped.
-    pub async fn reserve(&self, bytes: usize) -> Result<Slot<'_>> {
+    /// backpressure when the database lags far behind, 503 when there is
+    /// none by `expires` (the database has stopped, or is far too slow).
+    pub async fn reserve(&self, bytes: usize, expires: Instant) -> Result<Slot<'_>> {
         let admit = async {
             let weight = u32::try_from(bytes.min(BYTE_BUDGET)).unwrap_or(u32::MAX);
             let bytes = self.bytes.clone().acquire_many_owned(weight).await.ok()?;
@@ -342,23 +354,29 @@ impl Committer {
                 committer: self,
                 op,
                 bytes,
+                expires,
             })
         };
-        match tokio::time::timeout(ADMISSION_TIMEOUT, admit).await {
+        match tokio::time::timeout_at(expires, admit).await {
             Ok(Some(slot)) => Ok(slot),
             _ => Err(Error::Unavailable),
         }
     }
 
     /// Settles those of `ids` that are queued for `recipient`'s `device`:
-    /// cancels the copies not written yet, deletes the others; returns the
-    /// copies it settled, each id once.
-    pub async fn ack(
+    /// cancels the copies not written yet (at once, before the returned
+    /// future is polled), deletes the others; the future returns the
+    /// copies it settled, each id once. Admission for the deletes waits
+    /// until `expires` at most; the delete itself, once admitted, is
+    /// awaited however long its batch takes (the store bounds that), so the
+    /// future can finish in the background after its caller gave up.
+    pub fn ack(
         &self,
         recipient: Uuid,
         device: DeviceId,
         mut ids: Vec<Uuid>,
-    ) -> Result<Vec<Settled>> {
+        expires: Instant,
+    ) -> impl Future<Output = Result<Vec<Settled>>> + Send + 'static {
         let mut settled = Vec::new();
         ids.retain(|&id| match self.pending.cancel((recipient, device, id)) {
             Some(sender) => {
@@ -374,25 +392,30 @@ impl Committer {
         // Named twice in one ack: the second is no longer pending, and is
         // not written either.
         ids.retain(|id| !settled.iter().any(|s| s.id == *id));
-        if ids.is_empty() {
-            return Ok(settled);
-        }
-        let admitted =
-            match tokio::time::timeout(ADMISSION_TIMEOUT, self.ops.clone().acquire_owned()).await {
+        let (ops, tx) = (self.ops.clone(), self.tx.clone());
+        async move {
+            if ids.is_empty() {
+                return Ok(settled);
+            }
+            let admitted = match tokio::time::timeout_at(expires, ops.acquire_owned()).await {
                 Ok(Ok(permit)) => permit,
                 _ => return Err(Error::Unavailable),
             };
-        let (done, result) = oneshot::channel();
-        let op = Op::Delete {
-            recipient,
-            device,
-            ids,
-            done,
-            _admitted: admitted,
-        };
-        self.tx.send(op).map_err(|_| Error::Unavailable)?;
-        settled.extend(result.await.map_err(|_| Error::Unavailable)??);
-        Ok(settled)
+            let (done, result) = oneshot::channel();
+            let op = Op::Delete {
+                recipient,
+                device,
+                ids,
+                done,
+                _admitted: admitted,
+            };
+            tx.send(op).map_err(|_| Error::Unavailable)?;
+            // Not held while waiting: the committer stops once every
+            // handle is gone.
+            drop(tx);
+            settled.extend(result.await.map_err(|_| Error::Unavailable)??);
+            Ok(settled)
+        }
     }
 }
 
@@ -638,7 +661,7 @@ impl Writer {
             }
             Err(err) => {
                 let failed = CommitFailed {
-                    unavailable: matches!(err, Failure::Store(StoreError::Unavailable(_))),
+                    unavailable: matches!(&err, Failure::Store(err) if err.is_unavailable()),
                 };
                 tracing::error!(
                     error = %err,
@@ -715,6 +738,11 @@ mod tests {
 
     const WINDOW: Duration = Duration::from_millis(50);
 
+    /// A deadline no test reaches.
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
     fn committer(queue: Arc<MemQueue>, broker: Arc<dyn Broker>) -> Committer {
         let keys = Arc::new(KeyRing::generate().unwrap());
         let metrics = Arc::new(Metrics::disabled());
@@ -743,7 +771,7 @@ mod tests {
         copies: Vec<Arc<Message>>,
         held: bool,
     ) -> futures_util::future::BoxFuture<'static, Result<()>> {
-        let slot = committer.reserve(6 * copies.len()).await.unwrap();
+        let slot = committer.reserve(6 * copies.len(), soon()).await.unwrap();
         Box::pin(
             slot.stage(copies, SystemTime::now(), None)
                 .enqueue(held)
@@ -754,7 +782,7 @@ mod tests {
     /// Waits for a barrier behind everything enqueued so far.
     async fn everything_before(committer: &Committer) {
         committer
-            .reserve(0)
+            .reserve(0, soon())
             .await
             .unwrap()
             .barrier(None)
@@ -775,7 +803,7 @@ mod tests {
         let committer = local(queue.clone());
         let (bob, alice, id) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::now_v7());
         let durable = insert(&committer, vec![copy(id, bob, 1, alice)], true).await;
-        let settled = committer.ack(bob, 1, vec![id]).await.unwrap();
+        let settled = committer.ack(bob, 1, vec![id], soon()).await.unwrap();
         assert_eq!(
             settled,
             [Settled {
@@ -790,7 +818,13 @@ mod tests {
         assert!(queue.batches.lock().unwrap().is_empty());
         assert!(committer.pending.len() == 0);
         // Acked again (a client retrying): nothing left to settle.
-        assert!(committer.ack(bob, 1, vec![id]).await.unwrap().is_empty());
+        assert!(
+            committer
+                .ack(bob, 1, vec![id], soon())
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 
     /// A held copy not acked in its window is written when it ends, and an
@@ -807,7 +841,7 @@ mod tests {
             .unwrap();
         assert!(started.elapsed() >= WINDOW, "{:?}", started.elapsed());
         assert_eq!(rows(&queue), [(id, 1)]);
-        let settled = committer.ack(bob, 1, vec![id]).await.unwrap();
+        let settled = committer.ack(bob, 1, vec![id], soon()).await.unwrap();
         assert_eq!(settled[0].sender, Some((alice, 7)));
         assert!(rows(&queue).is_empty());
         assert_eq!(*queue.batches.lock().unwrap(), [(1, 0), (0, 1)]);
@@ -830,7 +864,10 @@ mod tests {
         .await;
         let later = Uuid::now_v7();
         let second = insert(&committer, vec![copy(later, bob, 1, alice)], false).await;
-        assert_eq!(committer.ack(bob, 1, vec![id]).await.unwrap().len(), 1);
+        assert_eq!(
+            committer.ack(bob, 1, vec![id], soon()).await.unwrap().len(),
+            1
+        );
         first.await.unwrap();
         second.await.unwrap();
         assert_eq!(rows(&queue), [(id, 2), (later, 1)]);
@@ -877,7 +914,7 @@ mod tests {
         let second = insert(&committer, vec![copy(offline, carol, 1, alice)], false).await;
         // Let the committer start waiting out the first one's window.
         tokio::task::yield_now().await;
-        committer.ack(bob, 1, vec![held]).await.unwrap();
+        committer.ack(bob, 1, vec![held], soon()).await.unwrap();
         tokio::time::timeout(Duration::from_secs(10), second)
             .await
             .expect("not held back by an acked message")
@@ -903,8 +940,8 @@ mod tests {
             .await
             .unwrap();
         let (a, b) = tokio::join!(
-            committer.ack(bob, 1, vec![first]),
-            committer.ack(bob, 1, vec![first, second, first]),
+            committer.ack(bob, 1, vec![first], soon()),
+            committer.ack(bob, 1, vec![first, second, first], soon()),
         );
         let (a, b) = (a.unwrap(), b.unwrap());
         let mut ids: Vec<Uuid> = a.iter().chain(&b).map(|s| s.id).collect();
@@ -924,8 +961,8 @@ mod tests {
         queue.failing.store(true, Ordering::Relaxed);
         let (bob, alice, id) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::now_v7());
         let inserted = insert(&committer, vec![copy(id, bob, 1, alice)], false).await;
-        let barrier = committer.reserve(0).await.unwrap().barrier(None);
-        let acked = committer.ack(bob, 1, vec![Uuid::now_v7()]);
+        let barrier = committer.reserve(0, soon()).await.unwrap().barrier(None);
+        let acked = committer.ack(bob, 1, vec![Uuid::now_v7()], soon());
         barrier.await.unwrap();
         assert!(matches!(inserted.await, Err(Error::Unavailable)));
         assert!(matches!(acked.await, Err(Error::Unavailable)));
@@ -941,10 +978,10 @@ mod tests {
         let queue = Arc::new(MemQueue::default());
         let committer = local(queue.clone());
         let (bob, alice, id) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::now_v7());
-        let slot = committer.reserve(12).await.unwrap();
+        let slot = committer.reserve(12, soon()).await.unwrap();
         let copies = vec![copy(id, bob, 1, alice), copy(id, bob, 2, alice)];
         let durable = slot.stage(copies, SystemTime::now(), None).enqueue(true);
-        committer.ack(bob, 1, vec![id]).await.unwrap();
+        committer.ack(bob, 1, vec![id], soon()).await.unwrap();
         queue.failing.store(true, Ordering::Relaxed);
         let unstored = durable.await.expect_err("the write failed");
         assert!(matches!(unstored.error, Error::Unavailable));
@@ -967,17 +1004,21 @@ mod tests {
         // Being written while the rest queue up behind it.
         let first = tokio::spawn({
             let committer = committer.clone();
-            async move { committer.ack(bob, 1, vec![Uuid::now_v7()]).await }
+            async move { committer.ack(bob, 1, vec![Uuid::now_v7()], soon()).await }
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
         let carols_ack = tokio::spawn({
             let committer = committer.clone();
-            async move { committer.ack(carol, 1, vec![Uuid::now_v7()]).await }
+            async move { committer.ack(carol, 1, vec![Uuid::now_v7()], soon()).await }
         });
         tokio::task::yield_now().await;
-        let daves = committer.reserve(0).await.unwrap().barrier(Some((dave, 1)));
+        let daves = committer
+            .reserve(0, soon())
+            .await
+            .unwrap()
+            .barrier(Some((dave, 1)));
         let carols = committer
-            .reserve(0)
+            .reserve(0, soon())
             .await
             .unwrap()
             .barrier(Some((carol, 1)));

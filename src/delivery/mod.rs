@@ -27,6 +27,14 @@
 //! written, through the [`Broker`]; [`crate::cluster`] says which rules
 //! replace the local ones there.
 //!
+//! **Deadlines.** A send or an ack is answered within
+//! `SEALPOST_DB_TIMEOUT` of its start (plus the one read of the
+//! recipient's devices or queue depth a send may need, each bounded by the
+//! store on its own): `unavailable` once it passes. Its write is not
+//! withdrawn: it is in the committer's hands and may still commit, so the
+//! rest of its wait moves to a task of its own ([`within`]) that keeps the
+//! queue counters and receipts true to what happened.
+//!
 //! Rows are sealed at rest ([`crate::seal`]): the committer seals what it
 //! writes and [`Delivery::fetch`] opens what it reads. A row that does not
 //! open (its key is missing from `SEALPOST_STORAGE_KEYS`, or it was altered)
@@ -117,6 +125,8 @@ pub struct Delivery {
     budget: SendBudget,
     /// Messages queued per device.
     queues: Arc<QueueCaps>,
+    /// How long a send or an ack waits for the committer, from its start.
+    deadline: Duration,
     metrics: Arc<Metrics>,
     /// Whether an ack sends the sender a receipt.
     receipts: bool,
@@ -197,7 +207,8 @@ impl PageExtent {
 pub struct Accepted {
     pub id: Uuid,
     pub sent_at: DateTime<Utc>,
-    /// Completes once every copy is durable.
+    /// Completes once every copy is durable; fails with `unavailable` once
+    /// the send's deadline has passed (it may still be stored).
     pub durable: Pin<Box<dyn Future<Output = Result<()>> + Send>>,
 }
 
@@ -219,7 +230,8 @@ pub struct Ephemeral {
     pub delivered: bool,
 }
 
-/// The limits the delivery core enforces; 0 turns one off.
+/// The limits the delivery core enforces; 0 turns one off (but for the
+/// deadline).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_body_bytes: usize,
@@ -227,6 +239,9 @@ pub struct Limits {
     pub send_rate_per_second: u32,
     pub send_rate_burst: u32,
     pub max_queued_per_user: u32,
+    /// How long a send or an ack may wait for its write
+    /// (`SEALPOST_DB_TIMEOUT`).
+    pub deadline: Duration,
 }
 
 impl Delivery {
@@ -252,6 +267,7 @@ impl Delivery {
             max_envelopes: limits.max_devices_per_user.max(1) as usize,
             budget: SendBudget::new(limits.send_rate_per_second, limits.send_rate_burst),
             queues: Arc::new(QueueCaps::new(limits.max_queued_per_user, !broker.alone())),
+            deadline: limits.deadline,
             metrics,
             receipts,
             broker,
@@ -381,6 +397,7 @@ impl Delivery {
         to: Uuid,
         content: &Content,
         client_id: String,
+        expires: tokio::time::Instant,
     ) -> Result<std::result::Result<Claim, Uuid>> {
         let key = SendKey {
             sender: from.user,
@@ -389,7 +406,14 @@ impl Delivery {
         };
         let claim = match self.flights.join(key, idempotency::digest(to, content))? {
             Joined::First(claim) => claim,
-            Joined::Earlier(earlier) => return Ok(Err(earlier.wait().await?)),
+            // The first attempt is bounded by its own deadline; this wait
+            // by this send's.
+            Joined::Earlier(earlier) => {
+                return match tokio::time::timeout_at(expires, earlier.wait()).await {
+                    Ok(id) => Ok(Err(id?)),
+                    Err(_) => Err(Error::Unavailable),
+                };
+            }
         };
         let since = store::first_id_at(store::sub(store::now(), SEND_KEY_WINDOW));
         match self.queue.sent_key(claim.key(), since).await? {
@@ -424,9 +448,10 @@ impl Delivery {
         client_id: Option<String>,
     ) -> Result<Accepted> {
         self.check_budget(from)?;
+        let expires = tokio::time::Instant::now() + self.deadline;
         let claim = match client_id {
             None => None,
-            Some(client_id) => match self.claim(from, to, &content, client_id).await? {
+            Some(client_id) => match self.claim(from, to, &content, client_id, expires).await? {
                 Ok(claim) => Some(claim),
                 Err(id) => {
                     self.metrics.sends_repeated.increment(1);
@@ -449,7 +474,7 @@ impl Delivery {
                 Content::Same(body) => body.len() * devices.len(),
                 Content::PerDevice(envelopes) => envelopes.iter().map(|(_, b)| b.len()).sum(),
             };
-            let slot = match self.committer.reserve(bytes).await {
+            let slot = match self.committer.reserve(bytes, expires).await {
                 Ok(slot) => slot,
                 Err(err) => {
                     self.queues.release(to, &devices, 1);
@@ -466,16 +491,16 @@ impl Delivery {
             let (id, sent_at, messages) = stamp(from, to, copies(content, &devices));
             // Staged before it is pushed, so that an ack of a pushed copy
             // finds it; held for the ack window if a socket here took it.
-            // The committer publishes it to the other nodes once written.
-            // The committer writes the key with the copies and settles
-            // the claim once they are durable.
+            // The committer publishes it to the other nodes once written,
+            // writes the key with the copies and settles the claim once
+            // they are durable.
             let key = claim.map(|claim| claim.bind(id));
             let staged = slot.stage(messages.clone(), SystemTime::now(), key);
             let reached = self.push_here(to, messages, false);
             let insert = staged.enqueue(reached > 0);
             drop(order);
             let (queues, metrics) = (self.queues.clone(), self.metrics.clone());
-            let durable = Box::pin(async move {
+            let durable = within(expires, async move {
                 match insert.await {
                     Ok(()) => {
                         metrics.accepted(Kind::Stored);
@@ -583,7 +608,8 @@ impl Delivery {
         exclusive: bool,
     ) -> Result<Subscription<impl Future<Output = Result<()>> + Send + 'static>> {
         let interest = self.broker.interest(device.user).await;
-        let slot = self.committer.reserve(0).await?;
+        let expires = tokio::time::Instant::now() + self.deadline;
+        let slot = self.committer.reserve(0, expires).await?;
         let registration = {
             let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
             if exclusive {
@@ -703,24 +729,32 @@ impl Delivery {
         if ids.is_empty() {
             return Ok(0);
         }
-        let settled = self.committer.ack(device.user, device.device, ids).await?;
-        let acked = settled.len() as u64;
-        self.queues.release(device.user, &[device.device], acked);
-        self.metrics.acked.increment(acked);
-        if self.receipts {
-            for copy in &settled {
-                if let Some((sender, _)) = copy.sender {
-                    let receipt = Receipt {
-                        id: copy.id,
-                        to: device.user,
-                        device: device.device,
-                    };
-                    self.hub.notify(sender, Event::Receipt(Box::new(receipt)));
-                    self.broker.notify(sender, Notice::Receipt(receipt));
+        let expires = tokio::time::Instant::now() + self.deadline;
+        let settling = self.committer.ack(device.user, device.device, ids, expires);
+        let (queues, metrics) = (self.queues.clone(), self.metrics.clone());
+        let (hub, broker) = (self.hub.clone(), self.broker.clone());
+        let receipts = self.receipts;
+        within(expires, async move {
+            let settled = settling.await?;
+            let acked = settled.len() as u64;
+            queues.release(device.user, &[device.device], acked);
+            metrics.acked.increment(acked);
+            if receipts {
+                for copy in &settled {
+                    if let Some((sender, _)) = copy.sender {
+                        let receipt = Receipt {
+                            id: copy.id,
+                            to: device.user,
+                            device: device.device,
+                        };
+                        hub.notify(sender, Event::Receipt(Box::new(receipt)));
+                        broker.notify(sender, Notice::Receipt(receipt));
+                    }
                 }
             }
-        }
-        Ok(acked)
+            Ok(acked)
+        })
+        .await
     }
 
     /// A device was added (committed): sends are checked against the new
@@ -798,7 +832,8 @@ impl Delivery {
     async fn purge_stragglers(&self, user: Uuid, device: Option<DeviceId>) {
         self.queues.forget(user, device);
         let purged = async {
-            let slot = self.committer.reserve(0).await?;
+            let expires = tokio::time::Instant::now() + self.deadline;
+            let slot = self.committer.reserve(0, expires).await?;
             let barrier = {
                 let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
                 self.directory.changed(user);
@@ -836,6 +871,31 @@ impl Delivery {
     pub fn prune_send_budgets(&self) {
         self.budget.prune();
     }
+}
+
+/// Waits for `work` until `expires`; past it, answers `unavailable` and
+/// lets `work` finish in a task of its own. The work is a write the
+/// committer holds already (admission is bounded by the same deadline), so
+/// the database may still complete it, and what `work` does after it (the
+/// queue counters, receipts) must follow what happened. Such tasks are
+/// bounded by the committer's op budget, one per op it holds, and each ends
+/// with that op's batch, which the store bounds in turn.
+fn within<T: Send + 'static>(
+    expires: tokio::time::Instant,
+    work: impl Future<Output = Result<T>> + Send + 'static,
+) -> Pin<Box<dyn Future<Output = Result<T>> + Send>> {
+    let mut work = Box::pin(work);
+    Box::pin(async move {
+        match tokio::time::timeout_at(expires, &mut work).await {
+            Ok(done) => done,
+            Err(_) => {
+                tokio::spawn(async move {
+                    let _ = work.await;
+                });
+                Err(Error::Unavailable)
+            }
+        }
+    })
 }
 
 /// One body per target device: the one body for each, or the envelopes as
@@ -1053,6 +1113,11 @@ mod tests {
     use super::*;
 
     fn delivery(queue: Arc<MemQueue>) -> Delivery {
+        delivery_within(queue, Duration::from_secs(60))
+    }
+
+    /// A delivery core whose sends and acks wait `deadline` for a write.
+    fn delivery_within(queue: Arc<MemQueue>, deadline: Duration) -> Delivery {
         let broker: Arc<dyn Broker> = Arc::new(crate::cluster::local::LocalBroker);
         let keys = Arc::new(KeyRing::generate().unwrap());
         let metrics = Arc::new(Metrics::disabled());
@@ -1070,6 +1135,7 @@ mod tests {
             send_rate_per_second: 0,
             send_rate_burst: 1,
             max_queued_per_user: 0,
+            deadline,
         };
         let hub = Hub::new(16, 0, metrics.clone());
         let directory = Arc::new(Directory::new(queue.clone()));
@@ -1441,5 +1507,41 @@ mod tests {
                 .collect::<Vec<_>>(),
             [(alice, 2)]
         );
+    }
+
+    /// A write slower than the deadline: the send is answered
+    /// `unavailable` without waiting for it, the write goes on and commits
+    /// (which is why a 503 "may have been stored"), and the core serves on.
+    #[tokio::test]
+    async fn a_send_past_its_deadline_is_unavailable_and_may_still_be_stored() {
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let queue = slow_queue(&[(alice, vec![1]), (bob, vec![1])]);
+        let delivery = delivery_within(queue.clone(), Duration::from_millis(50));
+        let late = delivery
+            .send(device(alice, 1), bob, Content::Same(b"late".to_vec()), None)
+            .await;
+        assert!(matches!(late, Err(Error::Unavailable)), "{:?}", late.err());
+        // The write, slow but not failed, completes in the background.
+        let stored = async {
+            while queue.rows.lock().unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), stored)
+            .await
+            .expect("the write that passed its deadline commits all the same");
+        // An ack past its deadline is unavailable too; a retry finds its
+        // work done.
+        let id = queue.rows.lock().unwrap()[0].id;
+        let ack = delivery.ack(device(bob, 1), vec![id]).await;
+        assert!(matches!(ack, Err(Error::Unavailable)), "{:?}", ack.err());
+        let acked = async {
+            while !queue.rows.lock().unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), acked)
+            .await
+            .expect("the ack that passed its deadline is applied all the same");
     }
 }

@@ -15,6 +15,10 @@
 //! parameterised. Timestamps are kept at millisecond precision on both
 //! backends so that a value reads back exactly as it was written.
 //!
+//! The server runs on the store wrapped in [`deadline::Deadlined`]: every
+//! call a request waits on has a deadline, so a stalled database answers
+//! `unavailable` instead of holding requests.
+//!
 //! The queue's write side is [`Queue::write_batch`]: inserts and acks from
 //! many callers in one transaction, as the committer gathers them.
 //!
@@ -26,6 +30,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod deadline;
 pub mod postgres;
 pub mod queue;
 pub mod sessions;
@@ -75,6 +80,11 @@ pub enum StoreError {
     UsernameTaken,
     #[error("database unreachable: {0}")]
     Unavailable(#[source] sqlx::Error),
+    /// The database did not answer within the call's deadline
+    /// ([`deadline`]): stalled, or too slow to serve. A write may still
+    /// have committed.
+    #[error("database did not answer within {0:?}")]
+    Deadline(std::time::Duration),
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
     #[error("migration failed: {0}")]
@@ -83,6 +93,13 @@ pub enum StoreError {
     Malformed(Uuid),
     #[error("unsupported DATABASE_URL scheme (expected sqlite:// or postgres://)")]
     UnsupportedUrl,
+}
+
+impl StoreError {
+    /// Whether it means "not now" (503, retry) rather than a bug (500).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Deadline(_))
+    }
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -102,18 +119,26 @@ impl From<sqlx::Error> for StoreError {
 
 /// Whether a database error means "not now" rather than "never": the client
 /// should get 503 and retry, not 500.
+///
+/// A full disk is one: nothing is wrong with the request, the same one
+/// succeeds once an operator has made room, and nothing was written (the
+/// transaction is rolled back). 507 Insufficient Storage would be WebDAV's
+/// word for it, but a client can do nothing different from a 503, so it
+/// keeps the one `unavailable` code; the log and the error counters tell
+/// the operator which it is.
 fn is_outage(db: &dyn sqlx::error::DatabaseError) -> bool {
     if let Some(sqlite) = db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
-        // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes.
+        // SQLITE_BUSY (5), SQLITE_LOCKED (6) and SQLITE_FULL (13), with
+        // their extended codes.
         let primary = sqlx::error::DatabaseError::code(sqlite)
             .and_then(|c| c.parse::<i32>().ok())
             .map(|c| c & 0xff);
-        return matches!(primary, Some(5 | 6));
+        return matches!(primary, Some(5 | 6 | 13));
     }
     // PostgreSQL: connection exceptions (class 08), shutdown and recovery
-    // (57P01-57P03), too many connections (53300).
+    // (57P01-57P03), too many connections (53300), disk full (53100).
     db.code().is_some_and(|code| {
-        code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+        code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300" | "53100")
     })
 }
 

@@ -129,6 +129,7 @@ mod postgres {
     use uuid::Uuid;
 
     use crate::common::cluster::{Cluster, Nats, metric, node_id, readyz, wait_for_broker};
+    use crate::common::traffic::ANSWER_BOUND;
     use crate::common::ws::{Event, WsClient};
     use crate::common::{
         Account, Api, PASSWORD, ServerProcess, assert_message, b64, device_id, eventually,
@@ -500,7 +501,9 @@ mod postgres {
     }
 
     /// A sender that keeps sending over `POST /v1/messages` at a steady
-    /// pace until stopped, recording what was accepted and what was not.
+    /// pace until stopped, recording what was accepted and what was not;
+    /// an answer later than any request may wait ([`ANSWER_BOUND`]) is a
+    /// failure too.
     struct Stream {
         accepted: Arc<Mutex<Vec<Uuid>>>,
         failures: Arc<Mutex<Vec<String>>>,
@@ -531,11 +534,17 @@ mod postgres {
                             .http
                             .post(api.url("/v1/messages"))
                             .bearer_auth(&token)
-                            .timeout(Duration::from_secs(10))
+                            .timeout(Duration::from_secs(30))
                             .json(
                                 &json!({ "to": to, "body": b64(format!("stream:{n}").as_bytes()) }),
                             );
-                        let failure = match request.send().await {
+                        let started = Instant::now();
+                        let response = request.send().await;
+                        let took = started.elapsed();
+                        let failure = match response {
+                            _ if took > ANSWER_BOUND => {
+                                format!("send {n}: answered after {took:?}, past its deadline")
+                            }
                             Ok(response) if response.status() == 201 => {
                                 let reply: Value = response.json().await.expect("a 201 body");
                                 accepted.lock().unwrap().push(id(&reply["id"]));
@@ -1122,7 +1131,8 @@ mod postgres {
     }
 
     /// Node 1, holding bob's socket, is SIGKILLed while alice sends through
-    /// node 2: her sends go on being accepted, and bob, reconnecting to
+    /// node 2: her sends go on being accepted, none waiting past its
+    /// deadline, the other nodes stay ready, and bob, reconnecting to
     /// node 3, gets every accepted message.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn node_killed_with_sigkill_loses_nothing() {
@@ -1139,6 +1149,11 @@ mod postgres {
         let at_kill = stream.accepted();
         let first = first.ended().await;
         stream.until_accepted(at_kill + 100).await;
+        // The survivors serve on, ready.
+        for i in 1..cluster.len() {
+            let (status, body) = readyz(&cluster[i]).await;
+            assert_eq!(status, 200, "{} after node 1 died: {body}", node_id(i));
+        }
 
         let second = Receiver::connect(&cluster[2], &bob).await;
         stream.until_accepted(stream.accepted() + 50).await;
@@ -1210,8 +1225,9 @@ mod postgres {
     }
 
     /// NATS is killed mid-traffic and started again: every send is still
-    /// accepted, and bob, connected throughout on B without reconnecting,
-    /// gets every message exactly once; live pushes resume.
+    /// accepted, none waiting past its deadline, and bob, connected
+    /// throughout on B without reconnecting, gets every message exactly
+    /// once; live pushes resume.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn nats_restart_mid_traffic_loses_nothing() {
         let nats = Nats::private().await;

@@ -13,6 +13,7 @@ mod cluster;
 mod devices;
 mod durability;
 mod elision;
+mod faults;
 mod health;
 mod hostile;
 mod js;

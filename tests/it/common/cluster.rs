@@ -15,7 +15,7 @@
 //! order), so that neither disappears under a running node at the end.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -23,7 +23,7 @@ use std::time::Duration;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{Api, Backend, ServerProcess, TestDb, TestServer};
+use super::{Api, Backend, ServerProcess, TestDb, TestServer, free_port};
 
 /// How long a node may take to (re)connect to NATS and say so on
 /// `/readyz`: longer than [`super::SETTLE`], because a client that lost its
@@ -187,21 +187,6 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|dir| dir.join(name))
         .find(|path| path.is_file())
-}
-
-/// A port nothing uses right now, below the kernel's ephemeral range
-/// (32768 and up by default), so that no outgoing connection of this
-/// suite's many takes it while a private NATS server is down.
-fn free_port() -> u16 {
-    const LOW: u16 = 20_000;
-    const HIGH: u16 = 32_000;
-    for _ in 0..100 {
-        let port = LOW + (Uuid::new_v4().as_u128() % u128::from(HIGH - LOW)) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port in {LOW}..{HIGH} for nats-server");
 }
 
 /// N nodes on one database and one NATS. Index it for node `i` (0-based;

@@ -9,10 +9,16 @@
 //!   that kill it with SIGKILL.
 //! - [`Api`]: HTTP helpers; [`Account`]: a registered, logged-in user.
 //! - [`cluster`]: several servers on one PostgreSQL database and one NATS.
+//! - [`pg`]: a private PostgreSQL cluster, for tests that pause, crash and
+//!   restart their database.
+//! - [`traffic`]: steady, timed senders and the checks on what they were
+//!   answered, for tests that break things under a running server.
 
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod pg;
+pub mod traffic;
 pub mod ws;
 
 use std::io::{BufRead, BufReader};
@@ -365,6 +371,14 @@ impl ServerProcess {
             .collect()
     }
 
+    /// Asserts that the process has not exited (crashed, or panicked out of
+    /// `main`).
+    #[track_caller]
+    pub fn assert_running(&mut self) {
+        let exited = self.child.try_wait().expect("wait on sealpost");
+        assert!(exited.is_none(), "sealpost exited: {exited:?}");
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub fn kill9(mut self) {
         self.child.kill().expect("kill -9");
@@ -393,6 +407,22 @@ impl std::ops::Deref for ServerProcess {
 pub fn free_local_addr() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     listener.local_addr().expect("local address").to_string()
+}
+
+/// A port nothing uses right now, below the kernel's ephemeral range
+/// (32768 and up by default), so that no outgoing connection of this
+/// suite's many takes it while a private server on it (NATS, PostgreSQL)
+/// is down and must come back on the same port.
+pub fn free_port() -> u16 {
+    const LOW: u16 = 20_000;
+    const HIGH: u16 = 32_000;
+    for _ in 0..100 {
+        let port = LOW + (Uuid::new_v4().as_u128() % u128::from(HIGH - LOW)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{HIGH} for a private server");
 }
 
 /// A registered and logged-in user.
