@@ -100,6 +100,15 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1024 * 1024))]
     pub max_body_bytes: u32,
 
+    /// How long a client has to send a request's head (request line and
+    /// headers) once the server waits for one: after connecting, and on a
+    /// kept-alive connection after the previous answer, so it is also how
+    /// long an idle connection stays open. A head that takes longer
+    /// (slowloris) is closed on, without an answer.
+    #[arg(long, env = "SEALPOST_HEADER_READ_TIMEOUT", default_value = "10s",
+          value_parser = parse_ttl)]
+    pub header_read_timeout: Duration,
+
     /// How often the server pings each WebSocket; a peer that has not
     /// answered by the next ping is dropped.
     #[arg(long, env = "SEALPOST_WS_PING_INTERVAL", default_value = "30s", value_parser = parse_ttl)]
@@ -372,8 +381,6 @@ impl Config {
         self.tls_cert.is_some()
     }
 
-    /// The largest request body the HTTP layer buffers: a maximal message
-    /// body in base64 plus room for the JSON around it.
     /// The largest frame the server writes: one message, whose body is one
     /// envelope.
     pub fn max_outbound_frame_bytes(&self) -> usize {
@@ -381,6 +388,8 @@ impl Config {
         (body.div_ceil(3) * 4 + 4096).max(16 * 1024)
     }
 
+    /// The largest request body the HTTP layer buffers: a maximal message
+    /// body in base64 per device, plus room for the JSON around them.
     pub fn max_request_bytes(&self) -> usize {
         // Room for one maximal envelope per device: the size limit applies
         // per envelope. Each envelope adds its device id and JSON around

@@ -754,15 +754,18 @@ async fn hostile_headers_and_queries(backend: Backend) {
     let server = TestServer::start(backend).await;
     let alice = server.account("alice").await;
 
-    // Malformed or oversized credentials: 401, never 500.
+    // Malformed or oversized credentials: 401, never 500. (Heads over the
+    // server's 32 KiB head limit are refused before routing, with 431:
+    // edges.rs.)
     let huge = "A".repeat(16 * 1024);
+    let part = "A".repeat(8 * 1024);
     for value in [
         "Bearer".to_owned(),
         "Bearer ".to_owned(),
         "Bearer  ".to_owned(),
         "bearer x.y.z".to_owned(),
         format!("Bearer {huge}"),
-        format!("Bearer {huge}.{huge}.{huge}"),
+        format!("Bearer {part}.{part}.{part}"),
         "Bearer ' OR '1'='1".to_owned(),
         format!("Bearer {}", alice.access.replace('.', "..")),
         format!("Token {}", alice.access),
