@@ -112,6 +112,7 @@ pub async fn serve<L>(
             accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
         };
+        tracing::trace!(%peer, "connection accepted");
         // What `into_make_service_with_connect_info` gives each connection:
         // the peer address, for `ConnectInfo<SocketAddr>`.
         let service =
