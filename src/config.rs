@@ -4,7 +4,8 @@
 //! Each field is read from the same-named flag (`--addr`) or environment
 //! variable (`SEALPOST_ADDR`); `sealpost serve --help` lists them all. Values
 //! are validated while parsing, so a bad one stops start-up with a message
-//! that names the setting.
+//! that names the setting as the operator gave it: the variable, or the
+//! flag ([`name_as_given`]).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -14,7 +15,8 @@ use std::time::Duration;
 use axum::http::{HeaderValue, Uri};
 use clap::Args;
 use clap::builder::TypedValueParser;
-use clap::error::ErrorKind;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::parser::ValueSource;
 
 use crate::seal::KeyRing;
 
@@ -99,6 +101,15 @@ pub struct Config {
     #[arg(long, env = "SEALPOST_MAX_BODY_BYTES", default_value_t = 65536,
           value_parser = clap::value_parser!(u32).range(1..=1024 * 1024))]
     pub max_body_bytes: u32,
+
+    /// How long a client has to send a request's head (request line and
+    /// headers) once the server waits for one: after connecting, and on a
+    /// kept-alive connection after the previous answer, so it is also how
+    /// long an idle connection stays open. A head that takes longer
+    /// (slowloris) is closed on, without an answer.
+    #[arg(long, env = "SEALPOST_HEADER_READ_TIMEOUT", default_value = "10s",
+          value_parser = parse_ttl)]
+    pub header_read_timeout: Duration,
 
     /// How often the server pings each WebSocket; a peer that has not
     /// answered by the next ping is dropped.
@@ -316,8 +327,11 @@ impl Config {
             #[command(flatten)]
             config: Config,
         }
-        let args = std::iter::once("sealpost".into()).chain(args.into_iter().map(Into::into));
-        <Serve as clap::Parser>::try_parse_from(args).map(|s| s.config)
+        let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        let argv = std::iter::once("sealpost".into()).chain(args.iter().cloned());
+        <Serve as clap::Parser>::try_parse_from(argv)
+            .map(|s| s.config)
+            .map_err(|err| name_as_given(err, &<Serve as clap::CommandFactory>::command(), &args))
     }
 
     /// The database URL: `DATABASE_URL`, or the content of
@@ -381,8 +395,6 @@ impl Config {
         self.tls_cert.is_some()
     }
 
-    /// The largest request body the HTTP layer buffers: a maximal message
-    /// body in base64 plus room for the JSON around it.
     /// The largest frame the server writes: one message, whose body is one
     /// envelope.
     pub fn max_outbound_frame_bytes(&self) -> usize {
@@ -390,6 +402,8 @@ impl Config {
         (body.div_ceil(3) * 4 + 4096).max(16 * 1024)
     }
 
+    /// The largest request body the HTTP layer buffers: a maximal message
+    /// body in base64 per device, plus room for the JSON around them.
     pub fn max_request_bytes(&self) -> usize {
         // Room for one maximal envelope per device: the size limit applies
         // per envelope. Each envelope adds its device id and JSON around
@@ -397,6 +411,90 @@ impl Config {
         let body = self.max_body_bytes as usize;
         let envelopes = self.max_devices_per_user.max(1) as usize;
         (envelopes * (body.div_ceil(3) * 4 + 64) + 4096).max(16 * 1024)
+    }
+}
+
+/// Makes a settings error name each setting as the operator gave it. clap
+/// names an argument by its flag (`--access-token-ttl`) even when the value
+/// came from its environment variable, a flag the operator may never have
+/// typed; for those, the error names the variable instead
+/// (`invalid value 'banana' for 'SEALPOST_ACCESS_TOKEN_TTL'`).
+///
+/// clap builds the error while parsing, before there are matches to ask
+/// where a value came from, so this asks the command line: clap reads a
+/// variable only for an argument `args` (the arguments, without the program
+/// name) does not hold. `command` is the command that parsed them, whose
+/// subcommands are searched for the argument. Errors of our own value
+/// parsers are already written with the right name (see [`setting_name`]).
+pub fn name_as_given(
+    mut err: clap::Error,
+    command: &clap::Command,
+    args: &[std::ffi::OsString],
+) -> clap::Error {
+    for kind in [ContextKind::InvalidArg, ContextKind::PriorArg] {
+        let renamed = match err.get(kind) {
+            Some(ContextValue::String(shown)) => {
+                env_given(command, args, shown).map(ContextValue::String)
+            }
+            // A conflict with several others.
+            Some(ContextValue::Strings(shown)) => {
+                let names: Vec<_> = shown
+                    .iter()
+                    .map(|s| env_given(command, args, s).unwrap_or_else(|| s.clone()))
+                    .collect();
+                (&names != shown).then_some(ContextValue::Strings(names))
+            }
+            _ => None,
+        };
+        if let Some(renamed) = renamed {
+            err.insert(kind, renamed);
+        }
+    }
+    err
+}
+
+/// The environment variable that set the argument clap shows as `shown`
+/// (`--addr <ADDR>`), when the command line did not.
+fn env_given(command: &clap::Command, args: &[std::ffi::OsString], shown: &str) -> Option<String> {
+    let arg = find_arg(command, shown)?;
+    let env = arg.get_env()?;
+    let flag = format!("--{}", arg.get_long()?);
+    let typed = args
+        .iter()
+        .filter_map(|a| a.to_str())
+        .take_while(|a| *a != "--")
+        .any(|a| {
+            a == flag
+                || a.strip_prefix(flag.as_str())
+                    .is_some_and(|v| v.starts_with('='))
+        });
+    (!typed && std::env::var_os(env).is_some()).then(|| env.to_string_lossy().into_owned())
+}
+
+/// The argument of `command` or of one of its subcommands that clap shows
+/// as `shown`: its flag, then its value names.
+fn find_arg<'a>(command: &'a clap::Command, shown: &str) -> Option<&'a clap::Arg> {
+    let shows = |arg: &clap::Arg| {
+        arg.get_long().is_some_and(|long| {
+            shown
+                .strip_prefix("--")
+                .and_then(|rest| rest.strip_prefix(long))
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(' '))
+        })
+    };
+    command.get_arguments().find(|arg| shows(arg)).or_else(|| {
+        command
+            .get_subcommands()
+            .find_map(|sub| find_arg(sub, shown))
+    })
+}
+
+/// How an error of our own value parsers names `arg`: by its environment
+/// variable when the value came from there, else as clap shows the flag.
+fn setting_name(arg: Option<&clap::Arg>, source: ValueSource, fallback: &str) -> String {
+    match (source, arg.and_then(clap::Arg::get_env)) {
+        (ValueSource::EnvVariable, Some(env)) => env.to_string_lossy().into_owned(),
+        _ => arg.map_or_else(|| fallback.to_owned(), ToString::to_string),
     }
 }
 
@@ -534,7 +632,18 @@ impl TypedValueParser for KeyRingParser {
         arg: Option<&clap::Arg>,
         value: &std::ffi::OsStr,
     ) -> Result<KeyRing, clap::Error> {
-        let name = arg.map_or_else(|| "--storage-keys".to_owned(), ToString::to_string);
+        self.parse_ref_(cmd, arg, value, ValueSource::CommandLine)
+    }
+
+    // What clap calls: with where the value came from, to name it so.
+    fn parse_ref_(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+        source: ValueSource,
+    ) -> Result<KeyRing, clap::Error> {
+        let name = setting_name(arg, source, "--storage-keys");
         let invalid = |reason: String| {
             clap::Error::raw(
                 ErrorKind::ValueValidation,
@@ -570,19 +679,23 @@ impl<T: Clone + Send + Sync + 'static> TypedValueParser for FromFile<T> {
         arg: Option<&clap::Arg>,
         value: &std::ffi::OsStr,
     ) -> Result<T, clap::Error> {
-        let flag = arg.map_or_else(|| "--*-file".to_owned(), ToString::to_string);
-        let env = arg
-            .and_then(clap::Arg::get_env)
-            .map(|env| format!(" ({})", env.to_string_lossy()))
-            .unwrap_or_default();
+        self.parse_ref_(cmd, arg, value, ValueSource::CommandLine)
+    }
+
+    // What clap calls: with where the value came from, to name it so.
+    fn parse_ref_(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+        source: ValueSource,
+    ) -> Result<T, clap::Error> {
+        let name = setting_name(arg, source, "--*-file");
         let path = std::path::Path::new(value);
         let invalid = |reason: String| {
             clap::Error::raw(
                 ErrorKind::ValueValidation,
-                format!(
-                    "invalid value for '{flag}'{env}: {}: {reason}\n",
-                    path.display()
-                ),
+                format!("invalid value for '{name}': {}: {reason}\n", path.display()),
             )
             .with_cmd(cmd)
         };

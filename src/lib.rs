@@ -9,6 +9,10 @@
 //! - [`logging`]: log format and level, and the payload loggers no level
 //!   lets through.
 //! - [`server`]: start-up, serving and orderly shutdown.
+//! - [`http1`]: HTTP/1.1 connections: the accept loop, the limits on a
+//!   request head (time and size), and the drain at shutdown.
+//! - [`linger`]: the lingering close that lets an answer given before the
+//!   request body was read reach its client.
 //! - [`tls`]: TLS termination: certificate loading and a listener that
 //!   handshakes off the accept loop.
 //! - [`state`]: [`state::AppState`], the only state shared by handlers.
@@ -67,9 +71,11 @@ pub mod config;
 pub mod delivery;
 pub mod devices;
 pub mod error;
+pub mod http1;
 pub mod hub;
 pub mod keyfile;
 pub mod limits;
+pub mod linger;
 pub mod logging;
 pub mod metrics;
 pub mod nesting;

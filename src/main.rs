@@ -1,9 +1,11 @@
 //! The `sealpost` command: `serve` (the default), `migrate`, and the
 //! operator commands of [`sealpost::admin`].
 
+use std::ffi::OsString;
+
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use sealpost::logging::{self, LogFormat};
-use sealpost::{Config, Server, admin, server};
+use sealpost::{Config, Server, admin, config, server};
 
 /// mimalloc returns freed memory to the OS promptly. With glibc's malloc,
 /// the 19 MiB argon2 blocks stayed resident after their hashes (598 MB
@@ -62,9 +64,13 @@ fn raise_open_file_limit() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // Parsed in two steps, as `Cli::parse` would, keeping the matches:
-    // `check-config` reports where each value came from.
+    // `check-config` reports where each value came from. A value that does
+    // not parse is reported under the name the operator gave it.
     let mut command = Cli::command();
-    let matches = command.get_matches_mut();
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let matches = command.try_get_matches_from_mut(&args).unwrap_or_else(|e| {
+        config::name_as_given(e, &command, args.get(1..).unwrap_or_default()).exit()
+    });
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     logging::init(cli.log_format);
 

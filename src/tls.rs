@@ -1,5 +1,5 @@
 //! TLS termination: the certificate and key of `SEALPOST_TLS_CERT` and
-//! `SEALPOST_TLS_KEY`, and [`TlsListener`], the listener `axum::serve` takes
+//! `SEALPOST_TLS_KEY`, and [`TlsListener`], the listener [`crate::http1::serve`] takes
 //! in place of a `TcpListener` to serve HTTPS and WSS.
 //!
 //! Handshakes run in tasks of their own, off the accept loop, so one slow or
@@ -76,7 +76,7 @@ pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
 
 /// Accepts TCP connections and yields them once their TLS handshake is done.
 ///
-/// The handshakes are tasks in a `JoinSet` the listener owns: when axum drops
+/// The handshakes are tasks in a `JoinSet` the listener owns: when serving drops
 /// the listener at shutdown, the handshakes still in progress are aborted.
 pub struct TlsListener {
     tcp: TcpListener,
@@ -99,7 +99,8 @@ impl Listener for TlsListener {
     type Io = TlsStream<TcpStream>;
     type Addr = SocketAddr;
 
-    // Cancel-safe, as axum needs at shutdown: all state lives in `self`.
+    // Cancel-safe, as `http1::serve` needs at shutdown: all state lives in
+    // `self`.
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
             let room = self.handshakes.len() < MAX_HANDSHAKES;

@@ -68,25 +68,76 @@ fn serve_help_lists_every_setting_with_its_variable() {
     assert!(help.contains("[default: 7d]"), "{help}");
 }
 
+/// A value that does not parse stops `serve` and `check-config` with an
+/// error naming the setting as the operator gave it: the environment
+/// variable they set, or the flag they typed, never the other.
 #[test]
-fn bad_settings_stop_start_up_naming_the_setting() {
+fn bad_settings_stop_start_up_naming_the_setting_as_given() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("x.db").display());
-    for (var, value, named) in [
-        ("SEALPOST_MESSAGE_TTL", "forever", "--message-ttl"),
-        ("SEALPOST_JWT_SECRET", "too-short", "--jwt-secret"),
-        ("SEALPOST_MAX_BODY_BYTES", "0", "--max-body-bytes"),
-        ("SEALPOST_ADDR", "nowhere", "--addr"),
-        ("SEALPOST_LOG_FORMAT", "xml", "--log-format"),
+    for (var, flag, value) in [
+        ("SEALPOST_ACCESS_TOKEN_TTL", "--access-token-ttl", "banana"),
+        ("SEALPOST_MESSAGE_TTL", "--message-ttl", "forever"),
+        (
+            "SEALPOST_HEADER_READ_TIMEOUT",
+            "--header-read-timeout",
+            "0s",
+        ),
+        ("SEALPOST_JWT_SECRET", "--jwt-secret", "too-short"),
+        ("SEALPOST_MAX_BODY_BYTES", "--max-body-bytes", "0"),
+        ("SEALPOST_ADDR", "--addr", "nowhere"),
+        ("SEALPOST_LOG_FORMAT", "--log-format", "xml"),
+        ("SEALPOST_STORAGE_KEYS", "--storage-keys", "not-a-key"),
     ] {
-        let output = sealpost(&["serve"], &[("DATABASE_URL", &url), (var, value)]);
-        assert!(!output.status.success(), "{var}={value} was accepted");
-        assert!(
-            stderr(&output).contains(named),
-            "{var}: {}",
-            stderr(&output)
-        );
+        for command in ["serve", "check-config"] {
+            let from_env = sealpost(&[command], &[("DATABASE_URL", &url), (var, value)]);
+            let err = stderr(&from_env);
+            assert_eq!(
+                from_env.status.code(),
+                Some(2),
+                "{command} {var}={value}: {err}"
+            );
+            assert!(
+                err.contains(&format!("for '{var}'")) && !err.contains(flag),
+                "{command} {var}={value}: {err}"
+            );
+
+            let typed = format!("{flag}={value}");
+            let from_flag = sealpost(&[command, &typed], &[("DATABASE_URL", &url)]);
+            let err = stderr(&from_flag);
+            assert_eq!(from_flag.status.code(), Some(2), "{command} {typed}: {err}");
+            assert!(
+                err.contains(&format!("for '{flag} <")) && !err.contains(var),
+                "{command} {typed}: {err}"
+            );
+        }
     }
+    // Set both ways, the flag wins (clap does not read the variable), and
+    // its bad value is reported as the flag's.
+    let output = sealpost(
+        &["serve", "--access-token-ttl", "banana"],
+        &[("DATABASE_URL", &url), ("SEALPOST_ACCESS_TOKEN_TTL", "5m")],
+    );
+    let err = stderr(&output);
+    assert!(!output.status.success());
+    assert!(
+        err.contains("'--access-token-ttl <") && !err.contains("SEALPOST_ACCESS_TOKEN_TTL"),
+        "{err}"
+    );
+    // Without a subcommand `sealpost` serves, reading the environment.
+    let output = sealpost(
+        &[],
+        &[
+            ("DATABASE_URL", &url),
+            ("SEALPOST_ACCESS_TOKEN_TTL", "banana"),
+        ],
+    );
+    let err = stderr(&output);
+    assert!(!output.status.success());
+    assert!(
+        err.contains("'SEALPOST_ACCESS_TOKEN_TTL'") && !err.contains("--access-token-ttl"),
+        "{err}"
+    );
 }
 
 #[test]

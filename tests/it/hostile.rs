@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use crate::backend_tests;
 use crate::common::ws::WsClient;
-use crate::common::{Account, Backend, PASSWORD, Reply, TestServer, b64, public_key};
+use crate::common::{Backend, PASSWORD, Reply, TestServer, assert_alive, b64, public_key};
 
 backend_tests!(
     malformed_json_is_refused,
@@ -79,14 +79,6 @@ fn assert_clean_error(reply: &Reply, statuses: &[u16], code: &str, what: &str) {
         "{what}: {:?}",
         reply.headers
     );
-}
-
-/// The server is up and still serves an ordinary authenticated request.
-async fn assert_alive(server: &TestServer, who: &Account) {
-    let health = server.get("/healthz", None).await.expect(200);
-    assert_eq!(health, json!({ "status": "ok" }));
-    let me = server.get("/v1/me", Some(&who.access)).await.expect(200);
-    assert_eq!(me["username"], who.username.as_str());
 }
 
 /// Percent-encodes every byte but ASCII letters and digits, for a path
@@ -316,43 +308,7 @@ async fn upload(
     }
     upload.abort();
     assert!(!raw.is_empty(), "no reply to {path}");
-    parse_reply(&raw)
-}
-
-/// Parses a raw HTTP/1.1 response with a `Content-Length` body.
-fn parse_reply(raw: &[u8]) -> Reply {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("incomplete reply: {:?}", String::from_utf8_lossy(raw)));
-    let head = std::str::from_utf8(&raw[..split]).expect("ASCII head");
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line: {head}"));
-    let mut headers = reqwest::header::HeaderMap::new();
-    for line in lines {
-        let (name, value) = line.split_once(':').expect("header line");
-        headers.append(
-            reqwest::header::HeaderName::from_bytes(name.trim().as_bytes()).unwrap(),
-            value.trim().parse().unwrap(),
-        );
-    }
-    let length: usize = headers["content-length"].to_str().unwrap().parse().unwrap();
-    let body = &raw[split + 4..];
-    assert_eq!(
-        body.len(),
-        length,
-        "whole body: {:?}",
-        String::from_utf8_lossy(body)
-    );
-    Reply {
-        status: reqwest::StatusCode::from_u16(status).unwrap(),
-        body: serde_json::from_slice(body).expect("JSON error body"),
-        headers,
-    }
+    Reply::parse_raw(&raw)
 }
 
 async fn oversized_bodies_are_refused(backend: Backend) {
@@ -798,15 +754,18 @@ async fn hostile_headers_and_queries(backend: Backend) {
     let server = TestServer::start(backend).await;
     let alice = server.account("alice").await;
 
-    // Malformed or oversized credentials: 401, never 500.
+    // Malformed or oversized credentials: 401, never 500. (Heads over the
+    // server's 32 KiB head limit are refused before routing, with 431:
+    // edges.rs.)
     let huge = "A".repeat(16 * 1024);
+    let part = "A".repeat(8 * 1024);
     for value in [
         "Bearer".to_owned(),
         "Bearer ".to_owned(),
         "Bearer  ".to_owned(),
         "bearer x.y.z".to_owned(),
         format!("Bearer {huge}"),
-        format!("Bearer {huge}.{huge}.{huge}"),
+        format!("Bearer {part}.{part}.{part}"),
         "Bearer ' OR '1'='1".to_owned(),
         format!("Bearer {}", alice.access.replace('.', "..")),
         format!("Token {}", alice.access),

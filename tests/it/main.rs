@@ -12,6 +12,7 @@ mod client;
 mod cluster;
 mod devices;
 mod durability;
+mod edges;
 mod elision;
 mod faults;
 mod health;

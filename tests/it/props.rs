@@ -24,7 +24,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::backend_tests;
 use crate::common::ws::{Event, WsClient};
-use crate::common::{Account, Api, Backend, PASSWORD, Reply, TestServer, b64, public_key};
+use crate::common::{
+    Account, Api, Backend, PASSWORD, Reply, TestServer, assert_alive, b64, public_key,
+};
 
 /// The server's default nesting cap.
 const MAX_DEPTH: usize = 32;
@@ -212,14 +214,6 @@ fn assert_clean(reply: &Reply, what: &dyn Debug) {
         "{what:?}: {:?}",
         reply.body
     );
-}
-
-/// The server still answers, and still knows `who`.
-async fn assert_alive(api: &Api, who: &Account) {
-    let health = api.get("/healthz", None).await.expect(200);
-    assert_eq!(health, json!({ "status": "ok" }));
-    let me = api.get("/v1/me", Some(&who.access)).await.expect(200);
-    assert_eq!(me["id"], who.id.to_string());
 }
 
 // ---------------------------------------------------------------------------

@@ -249,7 +249,7 @@ where
 }
 
 /// A self-signed certificate for `localhost`, written as PEM into `dir`.
-fn certificate(dir: &Path) -> (CertificateDer<'static>, String, String) {
+pub(crate) fn certificate(dir: &Path) -> (CertificateDer<'static>, String, String) {
     let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
         .expect("generate a certificate");
     let cert = dir.join("cert.pem");
@@ -264,13 +264,13 @@ fn certificate(dir: &Path) -> (CertificateDer<'static>, String, String) {
 }
 
 /// An HTTPS client that trusts one certificate, one connection per request.
-struct Https {
+pub(crate) struct Https {
     addr: SocketAddr,
     connector: TlsConnector,
 }
 
 impl Https {
-    fn new(addr: SocketAddr, trusted: CertificateDer<'static>) -> Self {
+    pub(crate) fn new(addr: SocketAddr, trusted: CertificateDer<'static>) -> Self {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(trusted).expect("a usable root");
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -285,7 +285,7 @@ impl Https {
         }
     }
 
-    async fn connect(&self) -> TlsStream<TcpStream> {
+    pub(crate) async fn connect(&self) -> TlsStream<TcpStream> {
         let tcp = TcpStream::connect(self.addr).await.unwrap();
         let name = ServerName::try_from("localhost").unwrap();
         self.connector
@@ -332,7 +332,7 @@ impl Https {
         (parts.status.as_u16(), parts.headers, json)
     }
 
-    async fn account(&self, username: &str) -> (String, String) {
+    pub(crate) async fn account(&self, username: &str) -> (String, String) {
         let (status, _, body) = self
             .request(
                 Method::POST,

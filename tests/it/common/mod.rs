@@ -479,6 +479,62 @@ impl Reply {
     }
 }
 
+impl Reply {
+    /// Parses a raw HTTP/1.1 response read off a socket, whose body has a
+    /// `Content-Length` and is JSON or empty (hyper's own refusals, such as
+    /// 431, carry none).
+    #[track_caller]
+    pub fn parse_raw(raw: &[u8]) -> Reply {
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("incomplete reply: {:?}", String::from_utf8_lossy(raw)));
+        let head = std::str::from_utf8(&raw[..split]).expect("ASCII head");
+        let mut lines = head.split("\r\n");
+        let status: u16 = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line: {head}"));
+        let mut headers = reqwest::header::HeaderMap::new();
+        for line in lines {
+            let (name, value) = line.split_once(':').expect("header line");
+            headers.append(
+                reqwest::header::HeaderName::from_bytes(name.trim().as_bytes()).unwrap(),
+                value.trim().parse().unwrap(),
+            );
+        }
+        let length: usize = headers["content-length"].to_str().unwrap().parse().unwrap();
+        let body = &raw[split + 4..];
+        assert_eq!(
+            body.len(),
+            length,
+            "whole body: {:?}",
+            String::from_utf8_lossy(body)
+        );
+        let body = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(body).expect("JSON body")
+        };
+        Reply {
+            status: StatusCode::from_u16(status).unwrap(),
+            body,
+            headers,
+        }
+    }
+}
+
+/// The server is up and still serves an ordinary authenticated request as
+/// `who`.
+pub async fn assert_alive(api: &Api, who: &Account) {
+    let health = api.get("/healthz", None).await.expect(200);
+    assert_eq!(health, json!({ "status": "ok" }));
+    let me = api.get("/v1/me", Some(&who.access)).await.expect(200);
+    assert_eq!(me["id"], who.id.to_string(), "{me}");
+    assert_eq!(me["username"], who.username.as_str(), "{me}");
+}
+
 /// A JSON string that must be a UUID.
 pub fn id(value: &Value) -> Uuid {
     value
