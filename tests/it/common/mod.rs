@@ -9,10 +9,12 @@
 //!   that kill it with SIGKILL.
 //! - [`Api`]: HTTP helpers; [`Account`]: a registered, logged-in user.
 //! - [`cluster`]: several servers on one PostgreSQL database and one NATS.
+//! - [`proxy`]: a TCP proxy in front of a server that loses chosen answers.
 
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod proxy;
 pub mod ws;
 
 use std::io::{BufRead, BufReader};
