@@ -33,9 +33,11 @@ use crate::wire::{Envelope, OwnDevice, TokenPair, User};
 /// Sends again after `devices_changed` at most this often: the devices may
 /// keep changing, and each retry costs a directory fetch.
 const DIRECTORY_RETRIES: u32 = 3;
-/// REST sends tried again after a transient failure (5xx, a dropped
-/// connection, a rate limit) at most this often.
-const REST_SEND_RETRIES: u32 = 3;
+/// Sends tried again after a transient failure (5xx, a dropped
+/// connection, a rate limit, a socket that stopped for good before its
+/// `sent`) at most this often. A socket that drops and reconnects is not
+/// counted: the socket task writes the send again itself.
+const SEND_RETRIES: u32 = 3;
 /// Acks the poller may be handed before [`Client::ack`] waits: as many as
 /// the event stream holds.
 const POLL_ACKS: usize = EVENTS;
@@ -45,7 +47,9 @@ const POLL_ACKS: usize = EVENTS;
 pub struct Sent {
     /// The server's id for it, the same in every recipient device's copy.
     pub id: Uuid,
-    /// The client message id in its plaintext.
+    /// The client message id in its plaintext ([`Incoming::client_id`](crate::Incoming::client_id)
+    /// at the receivers); not the `client_id` key of its sends, which the
+    /// client draws for each and keeps to itself.
     pub client_id: Uuid,
     /// When the server accepted it.
     pub sent_at: DateTime<Utc>,
@@ -239,8 +243,9 @@ impl Client {
     /// backoff within [`ConnectOptions`]'s bounds; after `4401` it refreshes
     /// the token first. Each connection delivers its backlog, then
     /// [`Event::Drained`]. Sends still awaiting their reply when a socket
-    /// drops are written again on the next one, with the same client
-    /// message id. Acks are batched, up to 500 ids a frame, within
+    /// drops are written again on the next one, with the same `client_id`
+    /// and ciphertext, so one the server had taken is not stored twice.
+    /// Acks are batched, up to 500 ids a frame, within
     /// [`ACK_DELAY`](crate::ACK_DELAY).
     pub fn connect(&self, options: ConnectOptions) -> Result<Events> {
         let (commands, taken) = mpsc::channel(COMMANDS);
@@ -264,11 +269,13 @@ impl Client {
     }
 
     /// Sends `text` to `to`: one envelope for each of their devices, then a
-    /// sync copy to this account's other devices, both under one client
-    /// message id. Returns once the server holds the message durably
-    /// (`201`, or `sent` on the socket). A stale directory is fetched again
-    /// and the message re-encrypted on `devices_changed`, a few times at
-    /// most.
+    /// sync copy to this account's other devices, both with one client
+    /// message id in their plaintext. Returns once the server holds the
+    /// message durably (`201`, or `sent` on the socket). A stale directory
+    /// is fetched again and the message re-encrypted on `devices_changed`,
+    /// a few times at most. After a transient failure the same ciphertext
+    /// is sent again under the same `client_id` (one per send: the sync
+    /// copy has its own), so a send whose answer was lost is stored once.
     pub async fn send(&self, to: Uuid, text: &str) -> Result<Sent> {
         let plaintext = plaintext(text)?;
         let reply = self.inner.send_sealed(to, &plaintext, false).await?;
@@ -477,6 +484,10 @@ impl Inner {
         ephemeral: bool,
     ) -> Result<SendReply> {
         let bytes = serde_json::to_vec(plaintext).map_err(|e| Error::Protocol(e.to_string()))?;
+        // One key for every attempt of this send. A `devices_changed`
+        // refusal records no key, so the send encrypted again keeps it.
+        // Ephemeral sends are never stored: nothing to repeat.
+        let client_id = (!ephemeral).then(|| Uuid::new_v4().to_string());
         let mut attempt = 0;
         loop {
             let devices = self.devices_of(to, attempt > 0).await?;
@@ -496,7 +507,10 @@ impl Inner {
                     body: STANDARD.encode(seal::seal(&bytes, self.keys.secret(), key)),
                 });
             }
-            match self.deliver(to, envelopes, ephemeral).await {
+            match self
+                .deliver(to, &envelopes, client_id.as_deref(), ephemeral)
+                .await
+            {
                 Err(Error::DevicesChanged { missing, extra }) if attempt < DIRECTORY_RETRIES => {
                     tracing::debug!(%to, ?missing, ?extra, "devices changed; encrypting again");
                     attempt += 1;
@@ -506,61 +520,73 @@ impl Inner {
         }
     }
 
-    /// Hands sealed envelopes to the socket if one runs, else to REST.
+    /// Sends sealed envelopes under `client_id`; after a transient
+    /// failure, the same envelopes under the same key again (the server
+    /// answers a repeat of a send it took with its first answer), a few
+    /// times at most. Ephemeral sends are not retried: late is useless.
     async fn deliver(
         &self,
         to: Uuid,
-        envelopes: Vec<Envelope>,
+        envelopes: &[Envelope],
+        client_id: Option<&str>,
         ephemeral: bool,
     ) -> Result<SendReply> {
-        let envelopes = match self.transport() {
-            Transport::Socket(socket) => {
-                let (reply, answer) = oneshot::channel();
-                let command = Command::Send {
-                    to,
-                    envelopes,
-                    ephemeral,
-                    reply,
-                };
-                match socket.send(command).await {
-                    Ok(()) => return answer.await.map_err(|_| Error::Shutdown)?,
-                    // The socket task ended meanwhile: take the envelopes
-                    // back for REST.
-                    Err(mpsc::error::SendError(Command::Send { envelopes, .. })) => envelopes,
-                    Err(_) => return Err(Error::Shutdown),
-                }
+        let mut tries = 0;
+        loop {
+            let error = match self.deliver_once(to, envelopes, client_id, ephemeral).await {
+                Ok(reply) => return Ok(reply),
+                Err(e) => e,
+            };
+            // `Closed`: the socket stopped for good (4409, 4429) with this
+            // send unanswered, and sends go over REST from now on.
+            let stopped = matches!(error, Error::Closed { .. });
+            if ephemeral || tries >= SEND_RETRIES || !(stopped || error.is_transient()) {
+                return Err(error);
             }
-            _ => envelopes,
-        };
+            let wait = match error {
+                Error::RateLimited { retry_after } => retry_after,
+                Error::Closed { .. } => Duration::ZERO,
+                _ => full_jitter(Duration::from_millis(250), Duration::from_secs(5), tries),
+            };
+            tracing::debug!(error = %error, ?wait, "send failed; retrying with the same client_id");
+            tokio::time::sleep(wait).await;
+            tries += 1;
+        }
+    }
+
+    /// One attempt: over the socket if one runs, else over REST.
+    async fn deliver_once(
+        &self,
+        to: Uuid,
+        envelopes: &[Envelope],
+        client_id: Option<&str>,
+        ephemeral: bool,
+    ) -> Result<SendReply> {
+        if let Transport::Socket(socket) = self.transport() {
+            let (reply, answer) = oneshot::channel();
+            let command = Command::Send {
+                to,
+                envelopes: envelopes.to_vec(),
+                ephemeral,
+                client_id: client_id.map(str::to_owned),
+                reply,
+            };
+            // An error: the socket task ended meanwhile; REST below.
+            if socket.send(command).await.is_ok() {
+                return answer.await.map_err(|_| Error::Shutdown)?;
+            }
+        }
         if ephemeral {
             return Err(Error::NotConnected);
         }
         let rest = &self.rest;
-        let envelopes = &envelopes;
-        let mut tries = 0;
-        loop {
-            match self
-                .authed(|token| async move { rest.send(&token, to, envelopes).await })
-                .await
-            {
-                Ok(accepted) => {
-                    return Ok(SendReply {
-                        id: accepted.id,
-                        sent_at: accepted.sent_at,
-                        delivered: None,
-                    });
-                }
-                Err(e) if e.is_transient() && tries < REST_SEND_RETRIES => {
-                    let wait = match e {
-                        Error::RateLimited { retry_after } => retry_after,
-                        _ => full_jitter(Duration::from_millis(250), Duration::from_secs(5), tries),
-                    };
-                    tracing::debug!(error = %e, ?wait, "send failed; retrying with the same client id");
-                    tokio::time::sleep(wait).await;
-                    tries += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let accepted = self
+            .authed(|token| async move { rest.send(&token, to, envelopes, client_id).await })
+            .await?;
+        Ok(SendReply {
+            id: accepted.id,
+            sent_at: accepted.sent_at,
+            delivered: None,
+        })
     }
 }

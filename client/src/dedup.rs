@@ -3,8 +3,9 @@
 //!
 //! Two lists, in [`crate::inbox::Inbox`]: server message ids (a copy
 //! redelivered after a reconnect before its ack settled), and (sender,
-//! client message id) pairs (a send the sender retried after a lost reply,
-//! stored twice under two server ids). Each keeps the most recent
+//! client message id) pairs (a send stored twice under two server ids: its
+//! sender retried after a lost reply without a `client_id`, or sent the
+//! message anew). Each keeps the most recent
 //! [`REMEMBERED`] entries: 4,096 × (16 + 32 bytes and the set's overhead),
 //! about half a MiB for both. A duplicate older than that is shown again;
 //! the server redelivers only unacknowledged copies, and a sender retries

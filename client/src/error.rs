@@ -34,8 +34,9 @@ pub enum Error {
     /// yours to see).
     #[error("not found: {0}")]
     NotFound(String),
-    /// `conflict`: the username is taken, or the device to remove is the
-    /// account's only one.
+    /// `conflict`: the username is taken, the device to remove is the
+    /// account's only one, or a send's `client_id` was already used for a
+    /// different send.
     #[error("conflict: {0}")]
     Conflict(String),
     /// `too_many_devices`: remove a device before adding another.

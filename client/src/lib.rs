@@ -45,10 +45,14 @@
 //! - **A send is stored or refused.** [`Client::send`] returns once the
 //!   server holds the message durably for every device of the recipient. A
 //!   socket that drops before the reply is not a failure: the send is
-//!   written again on the next socket with the same client message id.
+//!   written again on the next socket. Every send carries a `client_id` of
+//!   its own and is retried with it and the same ciphertext (over REST
+//!   too, after a 5xx or a lost answer), so one the server had taken is
+//!   answered with its first id and not stored twice.
 //! - **At least once, shown once.** The server redelivers a message until
 //!   it is acknowledged; the client hands it over once (by server id, and
-//!   by sender and client message id for a send stored twice), within a
+//!   by sender and client message id for a send stored twice by a sender
+//!   that retried without a `client_id` or sent it anew), within a
 //!   memory of the last 4,096 of each. Acknowledge every
 //!   [`Event::Message`] with [`Client::ack`] once it is safe.
 //! - **Tokens stay fresh.** The access token is refreshed at 80% of its

@@ -132,12 +132,22 @@ impl Rest {
         empty_reply(request).await
     }
 
-    pub async fn send(&self, token: &str, to: Uuid, envelopes: &[Envelope]) -> Result<Accepted> {
+    pub async fn send(
+        &self,
+        token: &str,
+        to: Uuid,
+        envelopes: &[Envelope],
+        client_id: Option<&str>,
+    ) -> Result<Accepted> {
         let request = self
             .http
             .post(self.url("/v1/messages"))
             .bearer_auth(token)
-            .json(&SendRequest { to, envelopes });
+            .json(&SendRequest {
+                to,
+                envelopes,
+                client_id,
+            });
         json_reply(request).await
     }
 

@@ -16,9 +16,10 @@
 //! - **Sends** are pipelined and matched to their replies by `ref`. The
 //!   pending map ([`Driver::pending`]) is what guarantees a stored send is
 //!   not lost with a socket: whatever it holds when a socket drops is
-//!   written again, the same frame with the same client message id, on the
-//!   next one (receivers drop the copy stored twice by that id). Ephemeral
-//!   sends are not carried over: they fail with [`Error::ConnectionLost`].
+//!   written again on the next one, the same frame byte for byte, so with
+//!   the same `client_id` and ciphertext: a send the server had accepted is
+//!   answered with its first `id` and not stored again. Ephemeral sends are
+//!   not carried over: they fail with [`Error::ConnectionLost`].
 //!   At most [`MAX_IN_FLIGHT`] await their reply, the server's own limit
 //!   per connection; past it the task stops taking commands.
 //! - **Acks** are batched: up to 500 ids a frame, written [`ACK_DELAY`]
@@ -97,6 +98,8 @@ pub(crate) enum Command {
         to: Uuid,
         envelopes: Vec<Envelope>,
         ephemeral: bool,
+        /// The send's key, kept by the caller across its retries.
+        client_id: Option<String>,
         reply: oneshot::Sender<Result<SendReply>>,
     },
     Ack(Vec<Uuid>),
@@ -283,6 +286,7 @@ impl Driver {
                 to,
                 envelopes,
                 ephemeral,
+                client_id,
                 reply,
             } => {
                 self.next_ref += 1;
@@ -292,6 +296,7 @@ impl Driver {
                     to,
                     envelopes: &envelopes,
                     ephemeral,
+                    client_id: client_id.as_deref(),
                 }
                 .to_text();
                 self.pending.insert(

@@ -95,6 +95,10 @@ pub(crate) struct Envelope {
 pub(crate) struct SendRequest<'a> {
     pub to: Uuid,
     pub envelopes: &'a [Envelope],
+    /// The send's key, the same on each of its retries: the server answers
+    /// a repeat with the first answer and stores nothing again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<&'a str>,
 }
 
 /// `POST /v1/messages`' reply.
@@ -187,6 +191,9 @@ pub(crate) enum ClientFrame<'a> {
         envelopes: &'a [Envelope],
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         ephemeral: bool,
+        /// As in [`SendRequest::client_id`]; `None` for ephemeral sends.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_id: Option<&'a str>,
     },
     Ack {
         ids: &'a [Uuid],
@@ -244,10 +251,22 @@ mod tests {
             to,
             envelopes: &envelopes,
             ephemeral: false,
+            client_id: Some("k-1"),
         };
         assert_eq!(
             serde_json::to_value(&send).unwrap(),
-            serde_json::json!({"type":"send","ref":"s-1","to":to,"envelopes":[{"device_id":1,"body":"Zm9y"}]})
+            serde_json::json!({"type":"send","ref":"s-1","to":to,"envelopes":[{"device_id":1,"body":"Zm9y"}],"client_id":"k-1"})
+        );
+        let typing = ClientFrame::Send {
+            reference: "s-2",
+            to,
+            envelopes: &envelopes,
+            ephemeral: true,
+            client_id: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&typing).unwrap(),
+            serde_json::json!({"type":"send","ref":"s-2","to":to,"envelopes":[{"device_id":1,"body":"Zm9y"}],"ephemeral":true})
         );
         let ack = ClientFrame::Ack { ids: &[to] };
         assert_eq!(ack.to_text(), format!(r#"{{"type":"ack","ids":["{to}"]}}"#));

@@ -8,7 +8,7 @@ export type WireErrorCode =
   | 'unauthorized'
   /** 404: no such user, device, message or route. */
   | 'not_found'
-  /** 409: username taken, or removing the only device. */
+  /** 409: username taken, removing the only device, or a send's `client_id` already used for a different send. */
   | 'conflict'
   /** 409: the account holds as many devices as it may. */
   | 'too_many_devices'
@@ -266,6 +266,7 @@ export interface SendResult {
   /** The server id of the message to the recipient (null for a note to yourself with no other device). */
   id: string | null;
   sentAt: string | null;
+  /** The client message id in the plaintext (`Message.clientId` at the receivers); not the sends' `client_id` keys, which the library draws per send. */
   clientId: string;
   /** The sealed envelopes sent, one per recipient device (base64): what the server holds. */
   envelopes: { deviceId: number; body: string }[];
@@ -364,7 +365,12 @@ export class SealpostClient {
   ack(items: Message | string | Iterable<Message | string>): Promise<void>;
   flushAcks(): Promise<void>;
 
-  /** Encrypts for every device of `userId`, sends, then sends the sync copy to your other devices. */
+  /**
+   * Encrypts for every device of `userId`, sends, then sends the sync copy to your other devices.
+   * Each send is retried after transient failures with the same ciphertext under its own `client_id`,
+   * so it is stored once. `opts.clientId` reuses a client message id: an app-level resend, encrypted
+   * and stored anew, that receivers drop as a `duplicate`.
+   */
   send(userId: string, text: string, opts?: { clientId?: string }): Promise<SendResult>;
   /** Over the socket only; never stored. `delivered`: a connection of the recipient took it. */
   sendEphemeral(userId: string, payload?: { type: string; [field: string]: unknown }): Promise<{ id: string; delivered: boolean }>;

@@ -14,6 +14,7 @@ use tokio::time::{Instant, timeout_at};
 use uuid::Uuid;
 
 use crate::backend_tests;
+use crate::common::proxy::{Cut, LossyProxy};
 use crate::common::{
     self, Account, Api, Backend, PASSWORD, ServerProcess, TestDb, TestServer, eventually,
     free_local_addr,
@@ -30,6 +31,8 @@ backend_tests!(
     polling_feeds_the_same_stream_and_settles_the_queue,
     refusals_arrive_as_typed_errors,
     the_socket_does_not_reconnect_after_4409_or_4429,
+    a_rest_send_whose_answer_is_lost_is_stored_once,
+    a_socket_send_whose_sent_is_lost_is_stored_once,
 );
 
 /// The longest a test waits for one event.
@@ -304,8 +307,9 @@ async fn a_server_restart_mid_conversation_loses_and_repeats_nothing(backend: Ba
         matches!(bob_states.last(), Some(ConnectionState::Connected { .. })),
         "{bob_states:?}"
     );
-    // A copy stored twice by a retried send was settled by the client:
-    // nothing is left in Bob's queue once he acknowledged what he saw.
+    // Nothing is left in Bob's queue once he acknowledged what he saw: a
+    // send written again after the restart carried its `client_id`, and
+    // was not stored a second time.
     let restarted = server.as_ref().unwrap();
     let session = harness_session(&restarted.api, &bob).await;
     eventually("bob's queue settles", async || {
@@ -660,4 +664,70 @@ async fn online_with(client: &Client, exclusive: bool) -> Events {
         .expect("connect");
     drained(&mut events).await;
     events
+}
+
+/// The laptop of `alice` (a phone on the server itself) and Bob's phone,
+/// with the laptop speaking through `proxy`.
+async fn laptop_behind(server: &TestServer, proxy: &LossyProxy) -> (Client, Client, Client) {
+    let phone = register(&server.api, "alice").await;
+    let laptop = add_device(&Api::new(proxy.base.clone()), "alice", "laptop").await;
+    let bob = register(&server.api, "bob").await;
+    (phone, laptop, bob)
+}
+
+async fn a_rest_send_whose_answer_is_lost_is_stored_once(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    // The server handles the laptop's first send, and its 201 never
+    // arrives: the connection closes instead.
+    let proxy =
+        LossyProxy::start(server.addr, Cut::AnswerTo("POST /v1/messages HTTP/1.1"), 1).await;
+    let (phone, laptop, bob) = laptop_behind(&server, &proxy).await;
+
+    // No transport runs: the send goes over REST, and is retried.
+    let sent = laptop.send(bob.user_id(), "only once").await.unwrap();
+    assert_eq!(proxy.cuts(), 1, "the first answer was lost");
+    // The retry carried the same client_id and ciphertext: answered with
+    // the first id, and nothing stored twice.
+    let bob_session = harness_session(&server.api, &bob).await;
+    let queued = server.inbox(&bob_session).await;
+    assert_eq!(common::ids(&queued), [sent.id], "{queued:?}");
+    // The sync copy has a client_id of its own (under the message's, the
+    // server would refuse it: another `to` is another send).
+    assert!(sent.sync_error.is_none(), "{:?}", sent.sync_error);
+    let phone_session = harness_session(&server.api, &phone).await;
+    let synced = server.inbox(&phone_session).await;
+    assert_eq!(synced.len(), 1, "{synced:?}");
+    let sync_id = common::id(&synced[0]["id"]);
+    assert_ne!(sync_id, sent.id);
+    // In the phone's backlog, before `drained`.
+    let mut events = phone.connect(fast()).unwrap();
+    let got = message(&mut events).await;
+    assert_incoming(&got, sync_id, &laptop, "only once", Some(bob.user_id()));
+    assert_eq!(got.client_id, sent.client_id);
+}
+
+async fn a_socket_send_whose_sent_is_lost_is_stored_once(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    // The server takes the laptop's send on its socket; the `sent` frame
+    // is lost with the connection.
+    let proxy = LossyProxy::start(server.addr, Cut::Answer(r#""type":"sent""#), 1).await;
+    let (_phone, laptop, bob) = laptop_behind(&server, &proxy).await;
+    let mut laptop_events = online(&laptop).await;
+    let mut bob_events = online(&bob).await;
+
+    let sent = laptop.send(bob.user_id(), "once, socket").await.unwrap();
+    assert_eq!(proxy.cuts(), 1, "the first sent was lost");
+    wait_for(&mut laptop_events, "the socket drops", |e| {
+        matches!(e, Event::State(ConnectionState::Disconnected { .. })).then_some(())
+    })
+    .await;
+    // Pushed once, under the id the retry was answered with ...
+    let got = message(&mut bob_events).await;
+    assert_incoming(&got, sent.id, &laptop, "once, socket", None);
+    // ... and stored once: the frame written again on the next socket
+    // carried the same client_id.
+    let bob_session = harness_session(&server.api, &bob).await;
+    let queued = server.inbox(&bob_session).await;
+    assert_eq!(common::ids(&queued), [sent.id], "{queued:?}");
+    assert!(sent.sync_error.is_none(), "{:?}", sent.sync_error);
 }

@@ -2,8 +2,10 @@
 // device. It wires the parts together (rest, session, directory, socket,
 // inbox, polling) and owns the send path: encrypt one envelope per recipient
 // device, send, recover from `409 devices_changed` and dropped connections
-// with bounded retries under the same client message id, then send the sync
-// copy to the account's other devices. All state lives in the instance.
+// with bounded retries, then send the sync copy to the account's other
+// devices. Each of the two sends has a `client_id` of its own, kept with its
+// ciphertext across its retries, so the server stores a retried send once.
+// All state lives in the instance.
 
 import { Emitter } from './emitter.js';
 import { Backoff, sleep } from './backoff.js';
@@ -19,7 +21,7 @@ import { sealBody, encodePlaintext, textLength, MAX_TEXT_CHARS } from './body.js
 
 /** Re-encrypt-and-resend rounds after `409 devices_changed`: the devices may keep changing, so stop somewhere. */
 export const DEVICES_CHANGED_RETRIES = 3;
-/** Resends after a dropped connection, a timeout or a 5xx, same client id each time (receivers de-duplicate). */
+/** Resends after a dropped connection, a timeout or a 5xx: the same envelopes under the same `client_id`, which the server answers with its first answer if it took the send. */
 export const TRANSIENT_RETRIES = 4;
 /** The pause between polling rounds when the last one found nothing more (protocol.md, "Polling"). */
 export const DEFAULT_POLL_INTERVAL_MS = 3_000;
@@ -362,11 +364,12 @@ export class SealpostClient extends Emitter {
   /**
    * Sends a text message to a user: one `send` with an envelope per device
    * of theirs, then the sync copy to this account's other devices (with
-   * `to`), both under one client id. Resolves when the first is accepted
-   * (`sent`/201) and the sync copy is settled.
+   * `to`), both with one client message id (`clientId`) in the plaintext.
+   * Resolves when the first is accepted (`sent`/201) and the sync copy is
+   * settled.
    * @param {string} userId
    * @param {string} text
-   * @param {{clientId?: string}} [opts] a client id to reuse (an app-level retry)
+   * @param {{clientId?: string}} [opts] a client message id to reuse (an app-level retry: encrypted and sent anew, receivers drop the copy they already showed)
    * @returns {Promise<{id: string, sentAt: string, clientId: string, envelopes: {deviceId: number, body: string}[], sync: {id: string, sentAt: string} | null, syncError?: SealpostError}>}
    */
   async send(userId, text, opts = {}) {
@@ -421,23 +424,36 @@ export class SealpostClient extends Emitter {
    * us) and sends it, re-encrypting after `devices_changed` and resending
    * after transient failures. Returns null for a sync copy with nobody to
    * go to.
+   *
+   * One `client_id` for every attempt. A transient failure leaves it
+   * unknown whether the server took the send, so the retry must be the same
+   * send byte for byte: the same envelopes, never encrypted again (a fresh
+   * nonce would make it another send, refused `409 conflict`). Only
+   * `devices_changed` re-encrypts, under the same key: that refusal stored
+   * nothing and recorded no key. Ephemeral sends are never stored and
+   * carry none.
    */
   async _sendSealed(to, plaintext, ephemeral) {
     const bytes = encodePlaintext(plaintext);
     const backoff = new Backoff(this._opts.backoff);
+    const clientId = ephemeral ? undefined : randomUuid(this._sodium);
     let changed = 0;
     let transient = 0;
+    let envelopes = null;
     for (;;) {
       this._checkOpen();
-      const entry = await this.directory.get(to);
-      const devices = to === this.userId ? entry.devices.filter((d) => d.deviceId !== this.deviceId) : entry.devices;
-      if (to === this.userId && devices.length === 0 && !ephemeral) return null;
-      const envelopes = devices.map((d) => ({
-        device_id: d.deviceId,
-        body: toBase64(this._sodium, sealBody(this._sodium, bytes, d.publicKey, this.keys.secretKey)),
-      }));
+      if (envelopes === null) {
+        const entry = await this.directory.get(to);
+        const devices = to === this.userId ? entry.devices.filter((d) => d.deviceId !== this.deviceId) : entry.devices;
+        if (to === this.userId && devices.length === 0 && !ephemeral) return null;
+        envelopes = devices.map((d) => ({
+          device_id: d.deviceId,
+          body: toBase64(this._sodium, sealBody(this._sodium, bytes, d.publicKey, this.keys.secretKey)),
+        }));
+      }
       try {
-        const sent = await this._transmit({ to, envelopes }, ephemeral);
+        const message = clientId === undefined ? { to, envelopes } : { to, envelopes, client_id: clientId };
+        const sent = await this._transmit(message, ephemeral);
         // What crossed the server: for apps that show it (the demo does).
         return { ...sent, envelopes: envelopes.map((e) => ({ deviceId: e.device_id, body: e.body })) };
       } catch (err) {
@@ -445,6 +461,7 @@ export class SealpostClient extends Emitter {
         if (err.code === 'devices_changed' && changed < DEVICES_CHANGED_RETRIES) {
           changed++;
           await this.directory.refresh(to);
+          envelopes = null;
           continue;
         }
         const wait = err.code === 'rate_limited' && err.retryAfter !== undefined

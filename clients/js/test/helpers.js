@@ -1,6 +1,8 @@
 // Test helpers for the integration tests: the server under test (from the
-// environment, never guessed), fresh accounts, and waiting for events.
+// environment, never guessed), fresh accounts, waiting for events, and a
+// proxy that loses answers.
 import { test } from 'node:test';
+import net from 'node:net';
 import assert from 'node:assert/strict';
 import WebSocket from 'ws';
 import { SealpostClient } from '../src/index.js';
@@ -30,16 +32,112 @@ export function serverUrl(name) {
   return url.replace(/\/+$/, '');
 }
 
-/** A WebSocket class for the client that records every socket, so a test can cut one. */
+/**
+ * A WebSocket class for the client that records every socket, so a test can
+ * cut one, and every frame the client writes (parsed), in order.
+ */
 export function recordingWebSocket() {
   const sockets = [];
+  const frames = [];
   class Recording extends WebSocket {
     constructor(...args) {
       super(...args);
       sockets.push(this);
     }
+
+    send(data, ...rest) {
+      frames.push(JSON.parse(String(data)));
+      return super.send(data, ...rest);
+    }
   }
-  return { WebSocket: Recording, sockets };
+  return { WebSocket: Recording, sockets, frames };
+}
+
+/** A `fetch` for the client that records the body of every `POST /v1/messages` (parsed), in order. */
+export function recordingFetch() {
+  const sends = [];
+  const fetch = (input, init) => {
+    if (init?.method === 'POST' && new URL(String(input)).pathname === '/v1/messages') sends.push(JSON.parse(init.body));
+    return globalThis.fetch(input, init);
+  };
+  return { fetch, sends };
+}
+
+/**
+ * A TCP proxy in front of the server that loses answers (as
+ * tests/it/common/proxy.rs does for the Rust tests). It relays both ways,
+ * except on the connections picked, the first `times` of them: there the
+ * server's answer is not relayed and the connection is closed instead, so
+ * the client sees a request the server did handle fail like a dropped
+ * connection.
+ *
+ * - `answerTo`: the answer to a request whose bytes contain this (e.g.
+ *   `POST /v1/messages HTTP/1.1`; one request at a time per connection, so
+ *   the server's next bytes are its answer).
+ * - `answer`: server bytes that contain this (e.g. `"type":"sent"`: the
+ *   server's WebSocket frames are neither masked nor compressed).
+ *
+ * @param {string} target the server's URL
+ * @param {{answerTo?: string, answer?: string, times?: number}} cut
+ * @returns {Promise<{url: string, cuts: number, close: () => Promise<void>}>}
+ */
+export async function lossyProxy(target, { answerTo, answer, times = 1 }) {
+  const { hostname, port } = new URL(target);
+  let left = times;
+  const open = new Set();
+  const proxy = { url: '', cuts: 0, close: null };
+  // Whether `needle` is in the end of the last chunk plus this one (a needle split across reads is found).
+  const spotter = (needle) => {
+    let tail = '';
+    return (chunk) => {
+      const text = tail + chunk.toString('latin1');
+      tail = text.slice(Math.max(0, text.length - needle.length + 1));
+      return text.includes(needle);
+    };
+  };
+  const server = net.createServer((client) => {
+    const upstream = net.connect(Number(port), hostname);
+    const end = () => {
+      client.destroy();
+      upstream.destroy();
+      open.delete(client);
+    };
+    open.add(client);
+    // Set before the request that earns it is relayed, so its answer is the next thing from the server.
+    let doomed = false;
+    const request = answerTo && spotter(answerTo);
+    const reply = answer && spotter(answer);
+    client.on('data', (chunk) => {
+      if (request && !doomed && request(chunk) && left > 0) {
+        left--;
+        doomed = true;
+      }
+      upstream.write(chunk);
+    });
+    upstream.on('data', (chunk) => {
+      let lose = doomed;
+      if (reply && reply(chunk) && left > 0) {
+        left--;
+        lose = true;
+      }
+      if (lose) {
+        proxy.cuts++;
+        return end();
+      }
+      client.write(chunk);
+    });
+    for (const s of [client, upstream]) {
+      s.on('close', end);
+      s.on('error', end);
+    }
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  proxy.url = `http://127.0.0.1:${server.address().port}`;
+  proxy.close = () => new Promise((resolve) => {
+    for (const s of open) s.destroy();
+    server.close(() => resolve());
+  });
+  return proxy;
 }
 
 let counter = 0;

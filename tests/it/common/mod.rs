@@ -13,11 +13,13 @@
 //!   restart their database.
 //! - [`traffic`]: steady, timed senders and the checks on what they were
 //!   answered, for tests that break things under a running server.
+//! - [`proxy`]: a TCP proxy in front of a server that loses chosen answers.
 
 #![allow(dead_code)]
 
 pub mod cluster;
 pub mod pg;
+pub mod proxy;
 pub mod traffic;
 pub mod ws;
 
