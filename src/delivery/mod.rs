@@ -1144,6 +1144,13 @@ mod tests {
         )
     }
 
+    /// A queue holding these accounts and their devices.
+    fn queue_of(accounts: &[(Uuid, Vec<DeviceId>)]) -> Arc<MemQueue> {
+        let queue = MemQueue::default();
+        *queue.devices.lock().unwrap() = accounts.to_vec();
+        Arc::new(queue)
+    }
+
     /// A queue whose commits take a while, so that a message can be
     /// accepted and still uncommitted when a connection subscribes.
     fn slow_queue(accounts: &[(Uuid, Vec<DeviceId>)]) -> Arc<MemQueue> {
@@ -1213,8 +1220,7 @@ mod tests {
     #[tokio::test]
     async fn each_device_settles_its_own_copy_and_the_sender_hears_of_it() {
         let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
-        let queue = Arc::new(MemQueue::default());
-        *queue.devices.lock().unwrap() = vec![(alice, vec![1]), (bob, vec![1, 2])];
+        let queue = queue_of(&[(alice, vec![1]), (bob, vec![1, 2])]);
         let delivery = delivery(queue.clone());
         let mut sender = delivery
             .subscribe(device(alice, 1), Uuid::new_v4(), false)
@@ -1320,8 +1326,7 @@ mod tests {
     #[tokio::test]
     async fn a_send_key_is_written_even_when_every_copy_was_acked() {
         let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
-        let queue = Arc::new(MemQueue::default());
-        *queue.devices.lock().unwrap() = vec![(alice, vec![1]), (bob, vec![1])];
+        let queue = queue_of(&[(alice, vec![1]), (bob, vec![1])]);
         let delivery = delivery(queue.clone());
         let mut bob_socket = delivery
             .subscribe(device(bob, 1), Uuid::new_v4(), false)
@@ -1367,8 +1372,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_keyed_send_can_be_retried() {
         let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
-        let queue = Arc::new(MemQueue::default());
-        *queue.devices.lock().unwrap() = vec![(alice, vec![1]), (bob, vec![1])];
+        let queue = queue_of(&[(alice, vec![1]), (bob, vec![1])]);
         let delivery = delivery(queue.clone());
         let send = || {
             delivery.send(
@@ -1438,8 +1442,7 @@ mod tests {
     #[tokio::test]
     async fn a_page_holds_its_bytes_of_the_drain_budget_until_dropped() {
         let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
-        let queue = Arc::new(MemQueue::default());
-        *queue.devices.lock().unwrap() = vec![(alice, vec![1]), (bob, vec![1])];
+        let queue = queue_of(&[(alice, vec![1]), (bob, vec![1])]);
         let delivery = delivery(queue.clone());
         for _ in 0..3 {
             let body = Content::Same(vec![7; 1000]);
@@ -1474,8 +1477,7 @@ mod tests {
     #[tokio::test]
     async fn envelopes_must_match_the_devices() {
         let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
-        let queue = Arc::new(MemQueue::default());
-        *queue.devices.lock().unwrap() = vec![(alice, vec![1, 2]), (bob, vec![1, 3])];
+        let queue = queue_of(&[(alice, vec![1, 2]), (bob, vec![1, 3])]);
         let delivery = delivery(queue.clone());
         let content = || Content::PerDevice(vec![(1, b"x".to_vec()), (2, b"y".to_vec())]);
         match delivery.send(device(alice, 1), bob, content(), None).await {
