@@ -52,7 +52,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -90,9 +90,18 @@ pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
 /// at the worst, sixteen 4 MiB pages.
 pub const DRAIN_BUDGET: usize = 64 * 1024 * 1024;
 
-/// How long a page waits for room in [`DRAIN_BUDGET`] before the read is
-/// refused with `unavailable` (a socket is closed with "try again later"; a
-/// poll gets 503), so that no request waits without bound.
+/// Backlog pages read from the store at once, server-wide. When thousands
+/// of devices reconnect together their reads would otherwise all wait at
+/// the connection pool, where the wait counts against each query's deadline
+/// (`SEALPOST_DB_TIMEOUT`) and a few thousand of them fail; here they wait
+/// their turn in order, and a read that has its turn finds a connection.
+/// A few more than a pool holds, so the pool never idles between reads.
+pub const DRAIN_READS: usize = 16;
+
+/// How long a page read waits, for its turn ([`DRAIN_READS`]) and then for
+/// room in [`DRAIN_BUDGET`], before it is refused with `unavailable` (a
+/// socket is closed with 1011; a poll gets 503), so that no request waits
+/// without bound.
 pub const DRAIN_WAIT: Duration = Duration::from_secs(10);
 
 /// One device of one account: who sends, who reads.
@@ -139,6 +148,8 @@ pub struct Delivery {
     flights: Arc<Flights>,
     /// [`DRAIN_BUDGET`]: stored bytes of backlog pages in memory.
     drains: Arc<Semaphore>,
+    /// [`DRAIN_READS`]: backlog pages being read from the store.
+    drain_reads: Arc<Semaphore>,
 }
 
 /// One page of a device's queue.
@@ -274,6 +285,7 @@ impl Delivery {
             order: Mutex::new(()),
             flights: Arc::default(),
             drains: Arc::new(Semaphore::new(DRAIN_BUDGET)),
+            drain_reads: Arc::new(Semaphore::new(DRAIN_READS)),
         }
     }
 
@@ -653,6 +665,13 @@ impl Delivery {
     pub async fn fetch(&self, device: Address, after: Option<Uuid>, limit: u32) -> Result<Page> {
         let limit = limit.clamp(1, MAX_PAGE);
         let after = after.unwrap_or(Uuid::nil());
+        let waited_until = tokio::time::Instant::now() + DRAIN_WAIT;
+        // Its turn first, so that a storm of drains queues here, in order,
+        // rather than at the pool, where each wait counts against the
+        // query's deadline.
+        let turn = self
+            .drain_wait(waited_until, self.drain_reads.clone().acquire_owned())
+            .await?;
         // One row more than asked tells whether another page follows.
         let sizes = self
             .queue
@@ -665,11 +684,15 @@ impl Delivery {
                 budget: None,
             });
         };
-        let budget = self.drain_room(extent.bytes).await?;
+        let weight = u32::try_from(extent.bytes.clamp(1, DRAIN_BUDGET)).unwrap_or(u32::MAX);
+        let budget = self
+            .drain_wait(waited_until, self.drains.clone().acquire_many_owned(weight))
+            .await?;
         let rows = self
             .queue
             .fetch_through(device.user, device.device, after, extent.last)
             .await?;
+        drop(turn);
         let messages = self.keys.open_all(rows).map_err(|err| {
             tracing::error!(user.id = %device.user, device = device.device, error = %err, "a queued message does not open; it is kept");
             Error::Unavailable
@@ -681,12 +704,14 @@ impl Delivery {
         })
     }
 
-    /// Waits for `bytes` of room in the drain budget: 503 after
-    /// [`DRAIN_WAIT`], as a database that does not answer would.
-    async fn drain_room(&self, bytes: usize) -> Result<OwnedSemaphorePermit> {
-        let weight = u32::try_from(bytes.clamp(1, DRAIN_BUDGET)).unwrap_or(u32::MAX);
-        let room = self.drains.clone().acquire_many_owned(weight);
-        match tokio::time::timeout(DRAIN_WAIT, room).await {
+    /// Waits for a drain's turn or room until `until` ([`DRAIN_WAIT`] after
+    /// the read began): then 503, as a database that does not answer would.
+    async fn drain_wait(
+        &self,
+        until: tokio::time::Instant,
+        permit: impl Future<Output = std::result::Result<OwnedSemaphorePermit, AcquireError>>,
+    ) -> Result<OwnedSemaphorePermit> {
+        match tokio::time::timeout_at(until, permit).await {
             Ok(Ok(permit)) => Ok(permit),
             _ => {
                 self.metrics.drains_refused.increment(1);
