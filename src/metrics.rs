@@ -235,6 +235,8 @@ pub struct Metrics {
     pub copies_written: Counter,
     /// Sends answered with the id their `client_id` already had.
     pub sends_repeated: Counter,
+    /// Backlog reads refused because the drain budget stayed full.
+    pub drains_refused: Counter,
     /// Messages queued in the store, sampled by the sweeper.
     pub queued_messages: Gauge,
     /// The longest one device's queue, sampled by the sweeper. The name is
@@ -365,6 +367,10 @@ impl Metrics {
             copies_written: r.counter(
                 "sealpost_copies_written_total",
                 "Message copies written to a device's queue.",
+            ),
+            drains_refused: r.counter(
+                "sealpost_drains_refused_total",
+                "Backlog reads (socket drains, polls) refused with unavailable because the server-wide drain budget stayed full for 10 s.",
             ),
             sends_repeated: r.counter(
                 "sealpost_sends_repeated_total",

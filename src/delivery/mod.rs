@@ -42,7 +42,9 @@ mod pending;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -65,10 +67,25 @@ use idempotency::{Claim, Flights, Joined};
 /// The most messages one page or one ack may carry.
 pub const MAX_PAGE: u32 = 500;
 
-/// The most body bytes one page carries: 500 maximal messages would be
-/// hundreds of megabytes in one reply. A page always has at least one
-/// message, and `next` says where to go on.
+/// The most stored bytes one page carries (sealed bodies: a body plus
+/// about 60 bytes): 500 maximal messages would be hundreds of megabytes in
+/// one reply. A page always has at least one message, and `next` says where
+/// to go on.
 pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Stored bytes of backlog pages in memory at once, server-wide: every
+/// socket's drain and every REST poll takes its page's bytes from it until
+/// the page is written. A page in memory is about three times its stored
+/// bytes (the rows, the opened messages, their base64 frames), so this caps
+/// drains at about 200 MiB however many devices reconnect at once; at the
+/// typical few kilobytes a page it admits thousands of drains together, and
+/// at the worst, sixteen 4 MiB pages.
+pub const DRAIN_BUDGET: usize = 64 * 1024 * 1024;
+
+/// How long a page waits for room in [`DRAIN_BUDGET`] before the read is
+/// refused with `unavailable` (a socket is closed with "try again later"; a
+/// poll gets 503), so that no request waits without bound.
+pub const DRAIN_WAIT: Duration = Duration::from_secs(10);
 
 /// One device of one account: who sends, who reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -110,6 +127,8 @@ pub struct Delivery {
     order: Mutex<()>,
     /// The sends under a client's key in flight here.
     flights: Arc<Flights>,
+    /// [`DRAIN_BUDGET`]: stored bytes of backlog pages in memory.
+    drains: Arc<Semaphore>,
 }
 
 /// One page of a device's queue.
@@ -117,6 +136,61 @@ pub struct Page {
     pub messages: Vec<Message>,
     /// The cursor for the next page, if there is one.
     pub next: Option<Uuid>,
+    /// Its share of the drain budget, given back when the page is dropped.
+    budget: Option<OwnedSemaphorePermit>,
+}
+
+impl Page {
+    /// The messages, and the cursor for the next page; the budget the page
+    /// held goes with the returned guard, to be dropped once the messages
+    /// are written.
+    pub fn into_parts(self) -> (Vec<Message>, Option<Uuid>, PageBudget) {
+        (self.messages, self.next, PageBudget(self.budget))
+    }
+}
+
+/// A page's share of the drain budget, held until its messages are out.
+pub struct PageBudget(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
+
+impl PageBudget {
+    /// The share of a page that read nothing.
+    pub fn none() -> Self {
+        Self(None)
+    }
+}
+
+/// Where a page ends, from the sizes of the rows that may be in it.
+#[derive(Debug, PartialEq, Eq)]
+struct PageExtent {
+    /// Its last message.
+    last: Uuid,
+    /// Its stored bytes.
+    bytes: usize,
+    /// Whether rows follow it.
+    more: bool,
+}
+
+impl PageExtent {
+    /// The longest run of `sizes` (ids and stored sizes, in id order) of
+    /// at most `limit` rows and `max_bytes`, at least one row; `None` for
+    /// no rows.
+    fn of(sizes: &[(Uuid, u64)], limit: usize, max_bytes: usize) -> Option<Self> {
+        let (mut taken, mut bytes) = (0usize, 0usize);
+        for &(_, size) in sizes.iter().take(limit) {
+            let size = usize::try_from(size).unwrap_or(usize::MAX);
+            if taken > 0 && bytes.saturating_add(size) > max_bytes {
+                break;
+            }
+            bytes = bytes.saturating_add(size);
+            taken += 1;
+        }
+        let &(last, _) = sizes.get(taken.checked_sub(1)?)?;
+        Some(Self {
+            last,
+            bytes,
+            more: taken < sizes.len(),
+        })
+    }
 }
 
 /// A message that has its id and has been pushed, on its way to durability.
@@ -183,6 +257,7 @@ impl Delivery {
             broker,
             order: Mutex::new(()),
             flights: Arc::default(),
+            drains: Arc::new(Semaphore::new(DRAIN_BUDGET)),
         }
     }
 
@@ -539,40 +614,59 @@ impl Delivery {
         !self.broker.alone()
     }
 
-    /// The device's queued messages after the cursor, oldest first.
+    /// The device's queued messages after the cursor, oldest first: at
+    /// most `limit` (up to [`MAX_PAGE`]) and [`MAX_PAGE_BYTES`] of stored
+    /// bytes, at least one message.
+    ///
+    /// The page is cut before any body is read: the sizes of the next rows
+    /// come first (without their contents), then the page takes its bytes
+    /// from the server-wide [`DRAIN_BUDGET`], then its rows are read and
+    /// opened. The page holds those bytes until it is dropped (a socket's
+    /// page once it is written), so however many devices drain at once,
+    /// the pages in memory stay within the budget; the others wait for room.
     pub async fn fetch(&self, device: Address, after: Option<Uuid>, limit: u32) -> Result<Page> {
         let limit = limit.clamp(1, MAX_PAGE);
+        let after = after.unwrap_or(Uuid::nil());
         // One row more than asked tells whether another page follows.
+        let sizes = self
+            .queue
+            .queued_sizes(device.user, device.device, after, limit + 1)
+            .await?;
+        let Some(extent) = PageExtent::of(&sizes, limit as usize, MAX_PAGE_BYTES) else {
+            return Ok(Page {
+                messages: Vec::new(),
+                next: None,
+                budget: None,
+            });
+        };
+        let budget = self.drain_room(extent.bytes).await?;
         let rows = self
             .queue
-            .fetch(
-                device.user,
-                device.device,
-                after.unwrap_or(Uuid::nil()),
-                limit + 1,
-            )
+            .fetch_through(device.user, device.device, after, extent.last)
             .await?;
-        let mut messages = self.keys.open_all(rows).map_err(|err| {
+        let messages = self.keys.open_all(rows).map_err(|err| {
             tracing::error!(user.id = %device.user, device = device.device, error = %err, "a queued message does not open; it is kept");
             Error::Unavailable
         })?;
-        let mut bytes = 0;
-        let within_budget = messages
-            .iter()
-            .take(limit as usize)
-            .take_while(|m| {
-                bytes += m.body.len();
-                bytes <= MAX_PAGE_BYTES
-            })
-            .count()
-            .max(1);
-        let next = if messages.len() > within_budget {
-            messages.truncate(within_budget);
-            messages.last().map(|m| m.id)
-        } else {
-            None
-        };
-        Ok(Page { messages, next })
+        Ok(Page {
+            messages,
+            next: extent.more.then_some(extent.last),
+            budget: Some(budget),
+        })
+    }
+
+    /// Waits for `bytes` of room in the drain budget: 503 after
+    /// [`DRAIN_WAIT`], as a database that does not answer would.
+    async fn drain_room(&self, bytes: usize) -> Result<OwnedSemaphorePermit> {
+        let weight = u32::try_from(bytes.clamp(1, DRAIN_BUDGET)).unwrap_or(u32::MAX);
+        let room = self.drains.clone().acquire_many_owned(weight);
+        match tokio::time::timeout(DRAIN_WAIT, room).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => {
+                self.metrics.drains_refused.increment(1);
+                Err(Error::Unavailable)
+            }
+        }
     }
 
     /// The ids queued for `device` after the cursor, oldest first, up to
@@ -809,6 +903,27 @@ pub(crate) mod fake {
         pub devices: Mutex<Vec<(Uuid, Vec<DeviceId>)>>,
         /// Send keys written.
         pub keys: Mutex<Vec<SentKey>>,
+        /// Row reads (`fetch_through` calls).
+        pub reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl MemQueue {
+        /// The device's rows after `after`, in id order.
+        fn queued(
+            &self,
+            recipient: Uuid,
+            device: DeviceId,
+            after: Uuid,
+        ) -> impl Iterator<Item = SealedRow> {
+            let rows = self.rows.lock().unwrap();
+            let mut mine: Vec<SealedRow> = rows
+                .iter()
+                .filter(|r| r.recipient == recipient && r.device == device && r.id > after)
+                .cloned()
+                .collect();
+            mine.sort_by_key(|r| r.id);
+            mine.into_iter()
+        }
     }
 
     #[async_trait]
@@ -855,22 +970,35 @@ pub(crate) mod fake {
                 .cloned())
         }
 
-        async fn fetch(
+        async fn queued_sizes(
             &self,
             recipient: Uuid,
             device: DeviceId,
             after: Uuid,
             limit: u32,
-        ) -> StoreResult<Vec<StoredRow>> {
-            let rows = self.rows.lock().unwrap();
-            let mut page: Vec<SealedRow> = rows
-                .iter()
-                .filter(|r| r.recipient == recipient && r.device == device && r.id > after)
-                .cloned()
+        ) -> StoreResult<Vec<(Uuid, u64)>> {
+            let mut sizes: Vec<(Uuid, u64)> = self
+                .queued(recipient, device, after)
+                .map(|r| (r.id, r.sealed.len() as u64))
                 .collect();
-            page.sort_by_key(|r| r.id);
-            page.truncate(limit as usize);
-            Ok(page.into_iter().map(StoredRow::Sealed).collect())
+            sizes.truncate(limit as usize);
+            Ok(sizes)
+        }
+
+        async fn fetch_through(
+            &self,
+            recipient: Uuid,
+            device: DeviceId,
+            after: Uuid,
+            through: Uuid,
+        ) -> StoreResult<Vec<StoredRow>> {
+            self.reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(self
+                .queued(recipient, device, after)
+                .filter(|r| r.id <= through)
+                .map(StoredRow::Sealed)
+                .collect())
         }
 
         async fn queued_ids(
@@ -880,14 +1008,12 @@ pub(crate) mod fake {
             after: Uuid,
             limit: u32,
         ) -> StoreResult<Vec<Uuid>> {
-            let page = self.fetch(recipient, device, after, limit).await?;
-            Ok(page
-                .into_iter()
-                .map(|row| match row {
-                    StoredRow::Sealed(r) => r.id,
-                    StoredRow::Legacy(m) => m.id,
-                })
-                .collect())
+            let mut ids: Vec<Uuid> = self
+                .queued(recipient, device, after)
+                .map(|r| r.id)
+                .collect();
+            ids.truncate(limit as usize);
+            Ok(ids)
         }
 
         async fn queued_count(&self, recipient: Uuid, device: DeviceId) -> StoreResult<u64> {
@@ -1196,6 +1322,86 @@ mod tests {
         let sent = send().await.unwrap();
         assert_eq!(queue.rows.lock().unwrap()[0].id, sent.id);
         assert_eq!(queue.keys.lock().unwrap()[0].message, sent.id);
+    }
+
+    #[test]
+    fn a_page_is_cut_by_rows_and_stored_bytes_before_it_is_read() {
+        let ids: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+        let sizes = |s: [u64; 4]| ids.iter().copied().zip(s).collect::<Vec<_>>();
+        let extent = |sizes: &[(Uuid, u64)], limit, max| PageExtent::of(sizes, limit, max);
+        assert_eq!(extent(&[], 10, 100), None);
+        // Within both bounds: all of it, nothing follows.
+        assert_eq!(
+            extent(&sizes([10, 10, 10, 10]), 10, 100),
+            Some(PageExtent {
+                last: ids[3],
+                bytes: 40,
+                more: false
+            })
+        );
+        // The row bound (the caller reads one row more than it asks).
+        assert_eq!(
+            extent(&sizes([10, 10, 10, 10]), 3, 100),
+            Some(PageExtent {
+                last: ids[2],
+                bytes: 30,
+                more: true
+            })
+        );
+        // The byte bound: the row that would pass it starts the next page.
+        assert_eq!(
+            extent(&sizes([40, 40, 40, 10]), 10, 100),
+            Some(PageExtent {
+                last: ids[1],
+                bytes: 80,
+                more: true
+            })
+        );
+        // At least one row, however large.
+        assert_eq!(
+            extent(&sizes([500, 1, 1, 1]), 10, 100),
+            Some(PageExtent {
+                last: ids[0],
+                bytes: 500,
+                more: true
+            })
+        );
+    }
+
+    /// A page gives its bytes back to the drain budget when it is dropped.
+    #[tokio::test]
+    async fn a_page_holds_its_bytes_of_the_drain_budget_until_dropped() {
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let queue = Arc::new(MemQueue::default());
+        *queue.devices.lock().unwrap() = vec![(alice, vec![1]), (bob, vec![1])];
+        let delivery = delivery(queue.clone());
+        for _ in 0..3 {
+            let body = Content::Same(vec![7; 1000]);
+            delivery
+                .send(device(alice, 1), bob, body, None)
+                .await
+                .unwrap();
+        }
+        let stored: usize = queue
+            .rows
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.sealed.len())
+            .sum();
+        let page = delivery.fetch(device(bob, 1), None, 10).await.unwrap();
+        assert_eq!(page.messages.len(), 3);
+        assert_eq!(delivery.drains.available_permits(), DRAIN_BUDGET - stored);
+        drop(page);
+        assert_eq!(delivery.drains.available_permits(), DRAIN_BUDGET);
+        // An empty page reads no rows and takes nothing.
+        let reads = queue.reads.load(std::sync::atomic::Ordering::Relaxed);
+        let empty = delivery.fetch(device(alice, 1), None, 10).await.unwrap();
+        assert!(empty.messages.is_empty() && empty.next.is_none());
+        assert_eq!(
+            queue.reads.load(std::sync::atomic::Ordering::Relaxed),
+            reads
+        );
     }
 
     /// Envelopes that miss or add a device store nothing and say which.

@@ -882,21 +882,45 @@ impl Queue for PgStore {
         }))
     }
 
-    async fn fetch(
+    async fn queued_sizes(
         &self,
         recipient: Uuid,
         device: DeviceId,
         after: Uuid,
         limit: u32,
-    ) -> StoreResult<Vec<StoredRow>> {
-        let rows: Vec<QueueRow> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {QUEUE_COLUMNS} FROM messages
-             WHERE recipient = $1 AND device_id = $2 AND id > $3 ORDER BY id LIMIT $4"
-        )))
+    ) -> StoreResult<Vec<(Uuid, u64)>> {
+        // The length of a value, not the value: PostgreSQL reads it from a TOASTed value's header.
+        let sizes: Vec<(Uuid, i64)> = sqlx::query_as(
+            "SELECT id, COALESCE(octet_length(sealed), octet_length(body), 0)::int8 FROM messages
+             WHERE recipient = $1 AND device_id = $2 AND id > $3 ORDER BY id LIMIT $4",
+        )
         .bind(recipient)
         .bind(pg_device(device))
         .bind(after)
         .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(sizes
+            .into_iter()
+            .map(|(id, size)| (id, size.max(0) as u64))
+            .collect())
+    }
+
+    async fn fetch_through(
+        &self,
+        recipient: Uuid,
+        device: DeviceId,
+        after: Uuid,
+        through: Uuid,
+    ) -> StoreResult<Vec<StoredRow>> {
+        let rows: Vec<QueueRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {QUEUE_COLUMNS} FROM messages
+             WHERE recipient = $1 AND device_id = $2 AND id > $3 AND id <= $4 ORDER BY id"
+        )))
+        .bind(recipient)
+        .bind(pg_device(device))
+        .bind(after)
+        .bind(through)
         .fetch_all(&self.pool)
         .await?;
         stored_rows(rows)

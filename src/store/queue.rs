@@ -171,14 +171,26 @@ pub trait Queue: Send + Sync + 'static {
     /// `since` (older ones have expired), if any.
     async fn sent_key(&self, key: &SendKey, since: Uuid) -> StoreResult<Option<SentKey>>;
 
-    /// Up to `limit` of the copies queued for `recipient`'s `device` with
-    /// ids after `after`, oldest first.
-    async fn fetch(
+    /// The ids and stored sizes (sealed bytes, or a legacy row's body) of
+    /// up to `limit` copies queued for `recipient`'s `device` after `after`,
+    /// oldest first, read without their contents: what a page is cut by
+    /// before any body is read (see [`crate::delivery::Delivery::fetch`]).
+    async fn queued_sizes(
         &self,
         recipient: Uuid,
         device: DeviceId,
         after: Uuid,
         limit: u32,
+    ) -> StoreResult<Vec<(Uuid, u64)>>;
+
+    /// The copies queued for `recipient`'s `device` with ids after `after`
+    /// and up to `through`, oldest first.
+    async fn fetch_through(
+        &self,
+        recipient: Uuid,
+        device: DeviceId,
+        after: Uuid,
+        through: Uuid,
     ) -> StoreResult<Vec<StoredRow>>;
 
     /// The ids of up to `limit` copies queued for `recipient`'s `device`

@@ -881,21 +881,45 @@ impl Queue for SqliteStore {
         }))
     }
 
-    async fn fetch(
+    async fn queued_sizes(
         &self,
         recipient: Uuid,
         device: DeviceId,
         after: Uuid,
         limit: u32,
-    ) -> StoreResult<Vec<StoredRow>> {
-        let rows: Vec<QueueRow> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {QUEUE_COLUMNS} FROM messages
-             WHERE recipient = ? AND device_id = ? AND id > ? ORDER BY id LIMIT ?"
-        )))
+    ) -> StoreResult<Vec<(Uuid, u64)>> {
+        // The length of a value, not the value: SQLite reads it without loading the blob's overflow pages.
+        let sizes: Vec<(Uuid, i64)> = sqlx::query_as(
+            "SELECT id, COALESCE(length(sealed), length(body), 0) FROM messages
+             WHERE recipient = ? AND device_id = ? AND id > ? ORDER BY id LIMIT ?",
+        )
         .bind(recipient)
         .bind(i64::from(device))
         .bind(after)
         .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(sizes
+            .into_iter()
+            .map(|(id, size)| (id, size.max(0) as u64))
+            .collect())
+    }
+
+    async fn fetch_through(
+        &self,
+        recipient: Uuid,
+        device: DeviceId,
+        after: Uuid,
+        through: Uuid,
+    ) -> StoreResult<Vec<StoredRow>> {
+        let rows: Vec<QueueRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {QUEUE_COLUMNS} FROM messages
+             WHERE recipient = ? AND device_id = ? AND id > ? AND id <= ? ORDER BY id"
+        )))
+        .bind(recipient)
+        .bind(i64::from(device))
+        .bind(after)
+        .bind(through)
         .fetch_all(&self.reader)
         .await?;
         stored_rows(rows)

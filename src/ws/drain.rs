@@ -20,7 +20,7 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use uuid::Uuid;
 
-use crate::delivery::{Address, Delivery};
+use crate::delivery::{Address, Delivery, PageBudget};
 use crate::error::Result;
 use crate::store::Message;
 
@@ -55,6 +55,9 @@ pub(super) struct Chunk {
     pub messages: Vec<Message>,
     /// Where the next page starts; `None` when the read is done.
     pub next: Option<Cursor>,
+    /// The page's share of the drain budget: drop the chunk once its
+    /// messages are written.
+    pub _budget: PageBudget,
 }
 
 pub(super) fn read(
@@ -64,10 +67,14 @@ pub(super) fn read(
 ) -> BoxFuture<'static, Result<Chunk>> {
     Box::pin(async move {
         if !delivery.clustered() {
-            let page = delivery.fetch(device, cursor.after, PAGE).await?;
+            let (messages, next, budget) = delivery
+                .fetch(device, cursor.after, PAGE)
+                .await?
+                .into_parts();
             return Ok(Chunk {
-                messages: page.messages,
-                next: page.next.map(Cursor::after),
+                messages,
+                next: next.map(Cursor::after),
+                _budget: budget,
             });
         }
         let snapshot = match cursor.snapshot {
@@ -81,12 +88,15 @@ pub(super) fn read(
             return Ok(Chunk {
                 messages: Vec::new(),
                 next: None,
+                _budget: PageBudget::none(),
             });
         };
-        let page = delivery.fetch(device, cursor.after, PAGE).await?;
-        let mut messages = page.messages;
+        let (mut messages, next, budget) = delivery
+            .fetch(device, cursor.after, PAGE)
+            .await?
+            .into_parts();
         messages.retain(|m| m.id <= last && snapshot.binary_search(&m.id).is_ok());
-        let next = match page.next {
+        let next = match next {
             Some(next) if next < last => Some(Cursor {
                 after: Some(next),
                 snapshot: Some(snapshot.clone()),
@@ -95,6 +105,10 @@ pub(super) fn read(
             _ if snapshot.len() == SNAPSHOT as usize => Some(Cursor::after(last)),
             _ => None,
         };
-        Ok(Chunk { messages, next })
+        Ok(Chunk {
+            messages,
+            next,
+            _budget: budget,
+        })
     })
 }
