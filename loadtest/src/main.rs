@@ -421,8 +421,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let soak_samples = soak_samples.map(|(samples, stop)| {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let samples = samples.lock().unwrap().clone();
-        samples
+        samples.lock().unwrap().clone()
     });
     // A restart command still running when the clients are done is waited
     // for, so that its outcome is known and the server is back.
@@ -941,7 +940,12 @@ fn peak_summary(samples: &[PeakSample], restarted_at: Option<u64>) -> Value {
         return Value::Null;
     };
     let cut = restarted_at.unwrap_or(u64::MAX);
-    let before: Vec<&PeakSample> = samples.iter().filter(|s| s.at < cut).collect();
+    // The old server's own samples: the pid file names the new one as soon
+    // as it is started, before it answers.
+    let before: Vec<&PeakSample> = samples
+        .iter()
+        .filter(|s| s.at < cut && s.pid == first.pid)
+        .collect();
     let after: Vec<&PeakSample> = samples.iter().filter(|s| s.at >= cut).collect();
     let new_pid = after.last().map(|s| s.pid);
     let mut curve = Vec::new();
@@ -962,6 +966,7 @@ fn peak_summary(samples: &[PeakSample], restarted_at: Option<u64>) -> Value {
         "pid_before": first.pid,
         "pid_after": new_pid,
         "rss_before_restart_kib": before.last().map(|s| s.rss),
+        "peak_before_restart_kib": before.iter().map(|s| s.rss.max(s.hwm)).max(),
         "rss_peak_after_restart_kib": after.iter().map(|s| s.rss).max(),
         "hwm_after_restart_kib": after.iter().map(|s| s.hwm).max(),
         "rss_after_drain_kib": after.last().map(|s| s.rss),
