@@ -214,6 +214,8 @@ add("sealpost-loadtest --token-cache T drain --users 1000 --per-user 100 --size 
 add("sealpost-loadtest --token-cache T poll --pairs 100 --rate 1000 --duration 20 --size 256")
 add("sealpost-loadtest --token-cache T pairs --pairs 1000 --rate 20000 --duration 30 --size 256 --restart-cmd 'kill -9 + start' --kill-after 10")
 add("sealpost-loadtest --token-cache T --workers 2 --sources 8 storm --conns 19000 --users 2000 --markers 500 --restart-cmd 'kill -9 + start'")
+add("sealpost-loadtest --token-cache T --workers 2 --sources 8 storm --conns 19000 --users 19000 --backlog 100 --timeout 600 --restart-cmd 'kill -9 + start' --server-pid-file server.pid")
+add("sealpost-loadtest --token-cache T --server-pid PID soak --duration 30m   # defaults: 300 sockets, 150 msgs/s")
 add("sealpost-loadtest chart --in target/bench --out docs/bench")
 add("```")
 add("")

@@ -151,9 +151,9 @@ for backend in $BACKENDS; do
     # The storm again with 100 messages queued per user before the clients
     # first connect: the restarted server sends them all again at once,
     # and its peak memory (VmHWM of the new pid, from server.pid) is read.
-    # STORM_USERS=19000 gives every socket its own device (15 minutes of
-    # sign-ups here).
-    run "$backend" storm-backlog --workers 2 --sources 8 storm --conns "$CONNS" --users "${STORM_USERS:-2000}" \
+    # One account (device) per socket: about 15 minutes of sign-ups on two
+    # cores; STORM_USERS=2000 puts about ten sockets on each device instead.
+    run "$backend" storm-backlog --workers 2 --sources 8 storm --conns "$CONNS" --users "${STORM_USERS:-19000}" \
         --backlog 100 --timeout 600 --restart-cmd "$OUT/restart.sh" --server-pid-file "$OUT/server.pid"
     stop_server
     # The soak is long: only with SOAK set (a duration, e.g. SOAK=30m).
