@@ -124,12 +124,13 @@ def soak_sections():
         out.append("| minute | RSS (MiB) | open fds |")
         out.append("|---|---|---|")
         samples = srv.get("samples") or []
-        next_t = 0
+        next_t, shown = 0, None
         for sm in samples:
             if sm["t_s"] >= next_t:
                 out.append(f"| {sm['t_s'] / 60:.0f} | {fmt(mib(sm['rss_kib']))} | {fmt(sm['fds'])} |")
                 next_t += 300
-        if samples and samples[-1]["t_s"] < next_t - 300 + 290:
+                shown = sm
+        if samples and samples[-1] is not shown:
             sm = samples[-1]
             out.append(f"| {sm['t_s'] / 60:.1f} (end) | {fmt(mib(sm['rss_kib']))} | {fmt(sm['fds'])} |")
         fw, lw = srv.get("first_window") or {}, srv.get("last_window") or {}
