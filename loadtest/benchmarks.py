@@ -10,7 +10,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 
-OUT = sys.argv[1] if len(sys.argv) > 1 else "target/bench"
+OUT = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("--") else "target/bench"
 BACKENDS = ["sqlite", "postgres"]
 # Where run-benchmarks.sh has `sealpost-loadtest chart` draw the charts,
 # relative to the repository root (where BENCHMARKS.md is).
@@ -97,6 +97,94 @@ def chart(name, alt):
     return f"![{alt}]({path})" if os.path.exists(path) else None
 
 
+def mib(kib):
+    return None if kib is None else kib / 1024
+
+
+def soak_sections():
+    """The soak and storm-with-backlog sections, from `{backend}-soak.json` and
+    `{backend}-storm-backlog.json` when they exist (they are long runs,
+    made apart from the others: see loadtest/README.md)."""
+    out = []
+    for b in BACKENDS:
+        soak = load(b, "soak")
+        if not soak:
+            continue
+        r, p = res(soak), soak.get("params", {})
+        srv = r.get("server") or {}
+        m = r.get("messages", {})
+        out.append(f"## Soak: {p.get('duration_s', 0) // 60} minutes of mixed traffic ({b})")
+        out.append("")
+        out.append(f"One server, {fmt(p.get('clients'))} sockets at the start, {fmt(p.get('rate'), 0)} msgs/s "
+                   f"({p.get('rest_percent')}% over REST), {p.get('reconnect_percent')}% of the sockets reconnected "
+                   f"every {p.get('reconnect_every')} s, a sign-up every {p.get('signup_every')} s, a logout every "
+                   f"{p.get('logout_every')} s and a logout-all every {p.get('logout_all_every')} s; the server's "
+                   f"VmRSS and open files read every {p.get('sample_every')} s.")
+        out.append("")
+        out.append("| minute | RSS (MiB) | open fds |")
+        out.append("|---|---|---|")
+        samples = srv.get("samples") or []
+        next_t, shown = 0, None
+        for sm in samples:
+            if sm["t_s"] >= next_t:
+                out.append(f"| {sm['t_s'] / 60:.0f} | {fmt(mib(sm['rss_kib']))} | {fmt(sm['fds'])} |")
+                next_t += 300
+                shown = sm
+        if samples and samples[-1] is not shown:
+            sm = samples[-1]
+            out.append(f"| {sm['t_s'] / 60:.1f} (end) | {fmt(mib(sm['rss_kib']))} | {fmt(sm['fds'])} |")
+        fw, lw = srv.get("first_window") or {}, srv.get("last_window") or {}
+        out.append("")
+        out.append("| | value |")
+        out.append("|---|---|")
+        w = fmt((srv.get("window_s") or 0) / 60, 0)
+        out.append(row(f"mean RSS, first / last {w} min (MiB)", [f"{fmt(mib(fw.get('rss_kib')))} / {fmt(mib(lw.get('rss_kib')))}"]))
+        out.append(row(f"mean open fds, first / last {w} min", [f"{fmt(fw.get('fds'))} / {fmt(lw.get('fds'))}"]))
+        out.append(row("slope: RSS (KiB/hour) / fds (per hour)", [f"{fmt(srv.get('rss_slope_kib_per_hour'), 0)} / {fmt(srv.get('fds_slope_per_hour'))}"]))
+        out.append(row("confirmed / received (distinct) / lost", [f"{fmt(m.get('confirmed'))} / {fmt(m.get('received_unique'))} / {fmt(m.get('lost'))}"]))
+        out.append(row("redelivered / unconfirmed", [f"{fmt(m.get('redelivered'))} / {fmt(m.get('unconfirmed'))}"]))
+        out.append(row("achieved (msgs/s)", [fmt(r.get("achieved_msgs_per_s"), 0)]))
+        ops = r.get("operations", {})
+        out.append(row("operations", [", ".join(f"{k} {fmt(v)}" for k, v in sorted(ops.items()))]))
+        errs = {**r.get("errors", {}), **{f"skipped_{k}": v for k, v in r.get("skipped", {}).items()}}
+        out.append(row("errors, skipped", [", ".join(f"{k} {fmt(v)}" for k, v in sorted(errs.items())) or "none"]))
+        closes = r.get("closed_by_server", {})
+        out.append(row("sockets closed by the server, by code", [", ".join(f"{k}: {fmt(v)}" for k, v in sorted(closes.items())) or "none"]))
+        out.append("")
+    storms = {b: load(b, "storm-backlog") for b in BACKENDS if load(b, "storm-backlog")}
+    if storms:
+        bs = list(storms)
+        out.append("## storm with a backlog: every device with queued messages reconnects at once")
+        out.append("")
+        out.append("Before the clients first connect, each user gets `--backlog` messages (sent while offline); the "
+                   "clients read them and never ack, the server is killed (`kill -9`) and started again, and every "
+                   "socket reconnects and must get its whole backlog again. The restarted server's pid comes from "
+                   "the restart script's pid file; its VmRSS and VmHWM are read every 100 ms.")
+        out.append("")
+        out.append("| | " + " | ".join(bs) + " |")
+        out.append("|---|" + "---|" * len(bs))
+        pr = {b: storms[b].get("params", {}) for b in bs}
+        sr = {b: res(storms[b]) for b in bs}
+        mem = {b: sr[b].get("server_memory") or {} for b in bs}
+        out.append(row("sockets / accounts (devices) / queued per device", [f"{fmt(pr[b].get('conns'))} / {fmt(pr[b].get('users'))} / {fmt(pr[b].get('backlog'))}" for b in bs]))
+        out.append(row("messages queued (fill time, s)", [f"{fmt(pr[b].get('backlog_queued'))} ({fmt(pr[b].get('backlog_queue_s'), 1)})" for b in bs]))
+        out.append(row("backlog read before the restart", [fmt(sr[b].get("backlog_read_before")) for b in bs]))
+        out.append(row("ready before / back after", [f"{fmt(sr[b].get('ready_before'))} / {fmt(sr[b].get('back'))}" for b in bs]))
+        out.append(row("first drop to every backlog drained (s)", [fmt(sr[b].get("first_drop_to_all_back_s"), 1) for b in bs]))
+        out.append(row("reconnect p50 / p99 / max (ms)", [f"{fmt(lat(storms[b], 'reconnect_latency', 'p50_ms'), 0)} / {fmt(lat(storms[b], 'reconnect_latency', 'p99_ms'), 0)} / {fmt(lat(storms[b], 'reconnect_latency', 'max_ms'), 0)}" for b in bs]))
+        out.append(row("redelivered / lost", [f"{fmt(sr[b].get('redelivered'))} / {fmt(sr[b].get('lost'))}" for b in bs]))
+        out.append(row("old server: peak (VmHWM, first connects' drain) / RSS before the restart (MiB)", [f"{fmt(mib(mem[b].get('peak_before_restart_kib')))} / {fmt(mib(mem[b].get('rss_before_restart_kib')))}" for b in bs]))
+        out.append(row("restarted server: peak RSS (VmHWM) (MiB)", [fmt(mib(mem[b].get("peak_after_restart_kib"))) for b in bs]))
+        out.append(row("restarted server: RSS after the drain (MiB)", [fmt(mib(mem[b].get("rss_after_drain_kib"))) for b in bs]))
+        out.append("")
+    return out
+
+
+if "--only-soak" in sys.argv:
+    print("\n".join(soak_sections()))
+    sys.exit(0)
+
+
 lines = []
 add = lines.append
 add("# sealpost benchmarks")
@@ -127,6 +215,8 @@ add("sealpost-loadtest --token-cache T drain --users 1000 --per-user 100 --size 
 add("sealpost-loadtest --token-cache T poll --pairs 100 --rate 1000 --duration 20 --size 256")
 add("sealpost-loadtest --token-cache T pairs --pairs 1000 --rate 20000 --duration 30 --size 256 --restart-cmd 'kill -9 + start' --kill-after 10")
 add("sealpost-loadtest --token-cache T --workers 2 --sources 8 storm --conns 19000 --users 2000 --markers 500 --restart-cmd 'kill -9 + start'")
+add("sealpost-loadtest --token-cache T --workers 2 --sources 8 storm --conns 19000 --users 19000 --backlog 100 --timeout 600 --restart-cmd 'kill -9 + start' --server-pid-file server.pid")
+add("sealpost-loadtest --token-cache T --server-pid PID soak --duration 30m   # defaults: 300 sockets, 150 msgs/s")
 add("sealpost-loadtest chart --in target/bench --out docs/bench")
 add("```")
 add("")
@@ -359,6 +449,8 @@ add(row("pushed before, redelivered after / lost", [f"{fmt(sr[b].get('redelivere
 add(row("bar", [verdict((sr[b].get("back") or 0) >= 19000 and (sr[b].get("first_drop_to_all_back_s") or 99) <= 30
                         and sr[b].get("lost") == 0) for b in present]))
 add("")
+for line in soak_sections():
+    add(line)
 # kill -9 during the 20k run
 add("## pairs-20k-kill: kill -9 during the 20k run")
 add("")

@@ -6,6 +6,7 @@
 #
 #   loadtest/run-benchmarks.sh            # both backends
 #   BACKENDS=sqlite loadtest/run-benchmarks.sh
+#   SOAK=30m loadtest/run-benchmarks.sh   # also the soak, 30 minutes per backend
 #
 # Everything targets 127.0.0.1 only, and every run is bounded in time. The
 # server runs with its per-IP and per-user limits off: one load generator
@@ -113,7 +114,7 @@ run() { # backend name args...
     shift 2
     echo "== $backend: $name: $*" >&2
     vacuum "$backend"
-    timeout 900 "$LT" --url "$URL" --token-cache "$OUT/tokens-$backend.json" "$@" > "$OUT/$backend-$name.json"
+    timeout "${RUN_TIMEOUT:-900}" "$LT" --url "$URL" --token-cache "$OUT/tokens-$backend.json" "$@" > "$OUT/$backend-$name.json"
 }
 
 trap stop_server EXIT
@@ -147,7 +148,20 @@ for backend in $BACKENDS; do
         --restart-cmd "$OUT/restart.sh" --kill-after 10 "${METRICS[@]}"
     run "$backend" storm --workers 2 --sources 8 storm --conns "$CONNS" --users 2000 --markers 500 \
         --timeout 120 --restart-cmd "$OUT/restart.sh"
+    # The storm again with 100 messages queued per user before the clients
+    # first connect: the restarted server sends them all again at once,
+    # and its peak memory (VmHWM of the new pid, from server.pid) is read.
+    # One account (device) per socket: about 15 minutes of sign-ups on two
+    # cores; STORM_USERS=2000 puts about ten sockets on each device instead.
+    run "$backend" storm-backlog --workers 2 --sources 8 storm --conns "$CONNS" --users "${STORM_USERS:-19000}" \
+        --backlog 100 --timeout 600 --restart-cmd "$OUT/restart.sh" --server-pid-file "$OUT/server.pid"
     stop_server
+    # The soak is long: only with SOAK set (a duration, e.g. SOAK=30m).
+    if [ -n "${SOAK:-}" ]; then
+        start_server "$backend"
+        RUN_TIMEOUT=14400 run "$backend" soak --server-pid "$(cat "$OUT/server.pid")" soak --duration "$SOAK"
+        stop_server
+    fi
     # pairs again with delivery receipts off: a receipt is one more frame
     # per message on the sender's socket, and these figures compare with
     # those taken before receipts existed.

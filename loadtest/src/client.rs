@@ -388,6 +388,35 @@ impl Api {
         })
     }
 
+    /// `POST /v1/login` as device 1: a fresh session (an argon2 hash on the
+    /// server). Returns (access, refresh).
+    pub async fn log_in(&self, username: &str) -> anyhow::Result<(String, String)> {
+        self.tokens(
+            "/v1/login",
+            json!({ "username": username, "password": PASSWORD }),
+        )
+        .await
+    }
+
+    /// Trades a refresh token for a fresh (access, refresh) pair.
+    pub async fn refresh(&self, refresh: &str) -> anyhow::Result<(String, String)> {
+        self.tokens("/v1/token/refresh", json!({ "refresh_token": refresh }))
+            .await
+    }
+
+    /// `POST /v1/logout` (this session) or, with `all`, `POST
+    /// /v1/logout-all` (every session of the user).
+    pub async fn log_out(&self, access: &str, all: bool) -> anyhow::Result<()> {
+        let path = if all { "/v1/logout-all" } else { "/v1/logout" };
+        let (status, reply) = self
+            .call(|h| h.post(self.url(path)).bearer_auth(access))
+            .await?;
+        if status != StatusCode::NO_CONTENT {
+            bail!("{path}: {status} {reply}");
+        }
+        Ok(())
+    }
+
     /// `POST /v1/messages`; returns the message id.
     pub async fn send(&self, from: &Account, to: Uuid, body: &[u8]) -> anyhow::Result<Uuid> {
         let payload = json!({ "to": to, "body": b64(body) });

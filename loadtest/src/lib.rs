@@ -8,7 +8,9 @@
 //!   processes.
 //! - [`scenario`]: `connect`, `pairs` (optionally with several devices per
 //!   recipient; across the nodes of a cluster, optionally killing one, or
-//!   killing and restarting a single server), `drain`, `poll`, `storm`.
+//!   killing and restarting a single server), `drain`, `poll`, `storm`
+//!   (optionally with a queued backlog per device), `soak` (hours of mixed
+//!   traffic).
 //! - [`metrics`]: the server's own counters, scraped from its Prometheus
 //!   text before and after a run (the ack window's elided copies).
 //! - [`chart`]: SVG charts drawn from a directory of JSON results.
@@ -59,6 +61,80 @@ pub enum Spec {
         restart_cmd: Option<String>,
         timeout: Duration,
     },
+    Soak(Soak),
+}
+
+/// The mixed traffic of `soak`: rates are totals over the run (shards
+/// share them), periods are in seconds (`--duration 30m` and the like are
+/// parsed by [`parse_secs`]).
+#[derive(Debug, Clone, Serialize, Deserialize, clap::Args)]
+pub struct Soak {
+    /// Accounts signed up before the run, each holding one socket.
+    #[arg(long, default_value_t = 300)]
+    pub clients: usize,
+    /// Total messages per second, each from a random client to another.
+    #[arg(long, default_value_t = 150.0)]
+    pub rate: f64,
+    /// Percent of the sends that go over REST (`POST /v1/messages`)
+    /// instead of the sender's socket.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub rest_percent: u32,
+    /// How long the mixed traffic runs (`1800`, `30m`, `1h`, `90s`).
+    #[arg(long = "duration", default_value = "30m", value_parser = parse_secs)]
+    pub duration_s: u64,
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+    /// Every this many seconds, `--reconnect-percent` of the sockets are
+    /// closed and opened again (after a token refresh); 0: never.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    pub reconnect_every: u64,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub reconnect_percent: u32,
+    /// Every this many seconds one new account signs up (two argon2
+    /// hashes), connects and joins the traffic; 0: never.
+    #[arg(long, default_value = "20", value_parser = parse_secs)]
+    pub signup_every: u64,
+    /// Every this many seconds one client logs out (`POST /v1/logout`):
+    /// the server closes its socket (4401), it logs in again (an argon2
+    /// hash) and reconnects; 0: never.
+    #[arg(long, default_value = "15", value_parser = parse_secs)]
+    pub logout_every: u64,
+    /// The same with `POST /v1/logout-all`; 0: never.
+    #[arg(long, default_value = "60", value_parser = parse_secs)]
+    pub logout_all_every: u64,
+    /// With --server-pid: seconds between readings of its VmRSS and open
+    /// file descriptors.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    pub sample_every: u64,
+    /// Names this run's sign-ups apart from earlier runs' (set by the
+    /// parent).
+    #[arg(skip)]
+    pub signup_prefix: String,
+}
+
+impl Soak {
+    pub fn duration(&self) -> Duration {
+        Duration::from_secs(self.duration_s)
+    }
+}
+
+/// Seconds from `90`, `90s`, `30m` or `2h`.
+pub fn parse_secs(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text}: expected seconds, or a number with s, m or h"))?;
+    match unit {
+        "s" => Ok(n),
+        "m" => Ok(n * 60),
+        "h" => Ok(n * 3600),
+        _ => Err(format!("{text}: the unit must be s, m or h")),
+    }
 }
 
 /// The traffic of `pairs` (over WebSockets) and `poll` (over REST).
@@ -392,9 +468,37 @@ pub async fn worker(path: PathBuf, index: usize, count: usize) -> anyhow::Result
 
 /// VmRSS of `pid` in KiB, from /proc.
 pub fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// VmHWM of `pid` in KiB: the most its RSS has been since it started.
+pub fn hwm_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmHWM:")
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// How many file descriptors `pid` has open (entries of /proc/PID/fd).
+pub fn open_fds(pid: u32) -> Option<u64> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_secs;
+
+    #[test]
+    fn durations_take_a_unit() {
+        assert_eq!(parse_secs("90"), Ok(90));
+        assert_eq!(parse_secs("90s"), Ok(90));
+        assert_eq!(parse_secs("30m"), Ok(1800));
+        assert_eq!(parse_secs("2h"), Ok(7200));
+        assert!(parse_secs("3d").is_err() && parse_secs("m").is_err());
+    }
 }

@@ -13,7 +13,8 @@ use sealpost_loadtest::metrics::{Counts, Elision};
 use sealpost_loadtest::scenario::drain;
 use sealpost_loadtest::stats::{Report, now_nanos};
 use sealpost_loadtest::{
-    Fanout, Kill, Plan, Spec, Struck, Traffic, chart, execute, rss_kib, shell, worker,
+    Fanout, Kill, Plan, Soak, Spec, Struck, Traffic, chart, execute, hwm_kib, open_fds, rss_kib,
+    shell, worker,
 };
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -115,7 +116,28 @@ enum Command {
         /// come back after it.
         #[arg(long, default_value_t = 200)]
         markers: usize,
+        /// Messages queued for each user before its clients first connect
+        /// (sent while they are offline; the clients never ack), which the
+        /// restarted server must deliver again to every socket.
+        #[arg(long, default_value_t = 0)]
+        backlog: usize,
+        /// Body size of the --backlog messages, in bytes.
+        #[arg(long, default_value_t = 256)]
+        backlog_size: usize,
+        /// A file holding the server's pid, rewritten by --restart-cmd with
+        /// the new server's: read at every memory sample, for the peak RSS
+        /// of the restarted server (VmRSS and VmHWM). Without it,
+        /// --server-pid is sampled (which a restart ends).
+        #[arg(long)]
+        server_pid_file: Option<PathBuf>,
+        /// Milliseconds between the memory samples of the storm.
+        #[arg(long, default_value_t = 100)]
+        rss_sample_ms: u64,
     },
+    /// Mixed traffic for a long time (sends over WebSockets and REST, acks,
+    /// reconnects, sign-ups, logouts); with --server-pid, the server's RSS
+    /// and open files over time.
+    Soak(Soak),
     /// Draw SVG charts from a directory of JSON results: push-latency.svg,
     /// sent-latency.svg, memory-per-socket.svg, elided.svg (each when
     /// some result has its data). Needs no server.
@@ -194,6 +216,11 @@ async fn main() -> anyhow::Result<()> {
     let mut memory_samples = None::<Shared<Vec<(u64, u64)>>>;
     let mut struck = None::<oneshot::Receiver<Struck>>;
     let mut scrapes = None::<Shared<Scrapes>>;
+    let mut peak = None::<(PeakSampler, Shared<Option<u64>>)>;
+    let mut soak_samples = None::<(
+        Shared<Vec<FdSample>>,
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+    )>;
     match &cli.command {
         Command::Connect { conns, hold, users } => {
             plan.spec = Spec::Connect {
@@ -308,6 +335,10 @@ async fn main() -> anyhow::Result<()> {
             restart_cmd,
             timeout,
             markers,
+            backlog,
+            backlog_size,
+            server_pid_file,
+            rss_sample_ms,
         } => {
             plan.spec = Spec::Storm {
                 conns: *conns,
@@ -316,15 +347,66 @@ async fn main() -> anyhow::Result<()> {
             };
             plan.accounts = accounts(format!("{p}-u-"), users.unwrap_or(*conns).max(1)).await?;
             let marker_sender = accounts(format!("{p}-ssend-"), 1).await?.remove(0);
-            params = json!({ "conns": conns, "users": plan.accounts.len(), "restart_cmd": restart_cmd, "markers": markers });
+            params = json!({ "conns": conns, "users": plan.accounts.len(), "restart_cmd": restart_cmd,
+                             "markers": markers, "backlog": backlog, "backlog_size": backlog_size });
+            if *backlog > 0 {
+                // Queued while every client is offline: their first connect
+                // reads it, never acks it, and the restarted server must
+                // send it to every socket again.
+                let started = std::time::Instant::now();
+                let queued = drain::fill(
+                    &targets[0],
+                    &marker_sender,
+                    &plan.accounts,
+                    *backlog,
+                    (*backlog_size).max(16),
+                )
+                .await?;
+                let secs = started.elapsed().as_secs_f64();
+                params["backlog_queued"] = json!(queued);
+                params["backlog_queue_s"] = json!(secs);
+            }
+            let watch = PeakWatch {
+                pid_file: server_pid_file.clone(),
+                pid: pids.first().copied(),
+                every: Duration::from_millis((*rss_sample_ms).max(10)),
+                limit: (timeout * 1000 / rss_sample_ms.max(&10)) as usize + 10_000,
+            };
+            let restarted_at = Shared::default();
+            if watch.pid_file.is_some() || watch.pid.is_some() {
+                peak = Some((watch.start(), restarted_at.clone()));
+            }
             between = storm_action(
                 api.clone(),
                 marker_sender,
                 plan.accounts.clone(),
                 *markers,
                 restart_cmd.clone(),
+                restarted_at,
             )
             .boxed();
+        }
+        Command::Soak(soak) => {
+            let mut soak = soak.clone();
+            // Sign-ups of this run never meet an earlier run's accounts.
+            soak.signup_prefix = format!("{p}-soak{}-n", now_nanos() / 1_000_000_000);
+            plan.accounts = accounts(format!("{p}-soak-"), soak.clients.max(2)).await?;
+            params = serde_json::to_value(&soak)?;
+            let samples = Shared::default();
+            let sampler = FdSampler {
+                pids: pids.clone(),
+                every: Duration::from_secs(soak.sample_every.max(1)),
+                limit: (soak.duration_s / soak.sample_every.max(1)) as usize + 1_000,
+            };
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            soak_samples = Some((samples.clone(), stop.clone()));
+            between = async move {
+                if !sampler.pids.is_empty() {
+                    std::thread::spawn(move || sampler.run(&samples, &stop));
+                }
+            }
+            .boxed();
+            plan.spec = Spec::Soak(soak);
         }
         Command::Worker { .. } | Command::Chart { .. } => unreachable!("handled above"),
     }
@@ -332,6 +414,15 @@ async fn main() -> anyhow::Result<()> {
     // The baseline is taken with the accounts ready and no socket open yet.
     let rss_start: Vec<Option<u64>> = pids.iter().map(|&pid| rss_kib(pid)).collect();
     let report = execute(&plan, cli.workers, between).await?;
+    let peak = peak.map(|(sampler, restarted_at)| {
+        let samples = sampler.stop();
+        let restarted_at = *restarted_at.lock().unwrap();
+        peak_summary(&samples, restarted_at)
+    });
+    let soak_samples = soak_samples.map(|(samples, stop)| {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        samples.lock().unwrap().clone()
+    });
     // A restart command still running when the clients are done is waited
     // for, so that its outcome is known and the server is back.
     let struck = match struck {
@@ -389,6 +480,12 @@ async fn main() -> anyhow::Result<()> {
     }
     if scrapes.is_some() {
         result["results"]["elision"] = json!(elision);
+    }
+    if let Some(peak) = peak {
+        result["results"]["server_memory"] = peak;
+    }
+    if let Some(samples) = soak_samples {
+        result["results"]["server"] = soak_server_summary(&samples);
     }
     if let Some(samples) = memory_samples {
         let samples = samples.lock().unwrap().clone();
@@ -603,6 +700,7 @@ async fn storm_action(
     users: Vec<Account>,
     markers: usize,
     restart_cmd: Option<String>,
+    restarted_at: Shared<Option<u64>>,
 ) {
     for user in users.iter().take(markers) {
         if let Err(e) = api.send(&sender, user.user_id, b"storm-marker-0123").await {
@@ -617,6 +715,8 @@ async fn storm_action(
             if shell(&cmd).await != Some(true) {
                 eprintln!("restart command failed");
             }
+            // The new server answers: samples from now on are its own.
+            *restarted_at.lock().unwrap() = Some(now_nanos());
         }
         None => eprintln!("all clients ready: restart the server now"),
     }
@@ -642,6 +742,7 @@ fn summarise(
         Command::Drain { .. } => "drain",
         Command::Poll(_) => "poll",
         Command::Storm { .. } => "storm",
+        Command::Soak(_) => "soak",
         Command::Worker { .. } | Command::Chart { .. } => unreachable!("handled in main"),
     };
     let mut result = json!({
@@ -753,9 +854,244 @@ fn summarise(
             "reconnect_latency": report.latency("reconnect").summary(),
             "lost": report.count("lost"),
             "redelivered": report.count("redelivered"),
+            "backlog_read_before": report.count("backlog_before"),
         }),
+        Command::Soak(_) => soak_results(report),
         Command::Worker { .. } | Command::Chart { .. } => Value::Null,
     };
     result["results"] = derived;
     result
+}
+
+/// What the storm's memory sampler reads, and how often.
+struct PeakWatch {
+    /// Read at every sample: the restart command writes the new pid here.
+    pid_file: Option<PathBuf>,
+    /// Used when there is no pid file.
+    pid: Option<u32>,
+    every: Duration,
+    /// At most this many samples (the storm's timeout at `every`, and some).
+    limit: usize,
+}
+
+/// One storm sample: when (ns since the epoch), which pid, its VmRSS and
+/// VmHWM in KiB.
+#[derive(Clone, Copy)]
+struct PeakSample {
+    at: u64,
+    pid: u32,
+    rss: u64,
+    hwm: u64,
+}
+
+struct PeakSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    samples: Shared<Vec<PeakSample>>,
+}
+
+impl PeakWatch {
+    /// Samples on a thread of its own, from now until stopped: the storm's
+    /// clients keep this runtime busy.
+    fn start(self) -> PeakSampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let samples: Shared<Vec<PeakSample>> = Shared::default();
+        let (flag, out) = (stop.clone(), std::sync::Arc::clone(&samples));
+        std::thread::spawn(move || {
+            for _ in 0..self.limit {
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let pid = match &self.pid_file {
+                    Some(file) => std::fs::read_to_string(file)
+                        .ok()
+                        .and_then(|t| t.trim().parse().ok()),
+                    None => self.pid,
+                };
+                if let Some(pid) = pid
+                    && let (Some(rss), Some(hwm)) = (rss_kib(pid), hwm_kib(pid))
+                {
+                    out.lock().unwrap().push(PeakSample {
+                        at: now_nanos(),
+                        pid,
+                        rss,
+                        hwm,
+                    });
+                }
+                std::thread::sleep(self.every);
+            }
+        });
+        PeakSampler { stop, samples }
+    }
+}
+
+impl PeakSampler {
+    fn stop(self) -> Vec<PeakSample> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.samples.lock().unwrap().clone()
+    }
+}
+
+/// `results.server_memory` of a storm: the server's memory before the
+/// restart and the restarted server's peak (the most of its sampled VmRSS
+/// and its VmHWM, which also covers the moments between samples), with a
+/// one-per-second curve.
+fn peak_summary(samples: &[PeakSample], restarted_at: Option<u64>) -> Value {
+    let Some(first) = samples.first() else {
+        return Value::Null;
+    };
+    let cut = restarted_at.unwrap_or(u64::MAX);
+    // The old server's own samples: the pid file names the new one as soon
+    // as it is started, before it answers.
+    let before: Vec<&PeakSample> = samples
+        .iter()
+        .filter(|s| s.at < cut && s.pid == first.pid)
+        .collect();
+    let after: Vec<&PeakSample> = samples.iter().filter(|s| s.at >= cut).collect();
+    let new_pid = after.last().map(|s| s.pid);
+    let mut curve = Vec::new();
+    let mut next = first.at;
+    for s in samples {
+        if s.at >= next {
+            curve.push(json!({
+                "t_s": (s.at - first.at) as f64 / 1e9,
+                "pid": s.pid,
+                "rss_kib": s.rss,
+            }));
+            next = s.at + 1_000_000_000;
+        }
+    }
+    json!({
+        "samples": samples.len(),
+        "interval_ms": samples.windows(2).next().map(|w| (w[1].at - w[0].at) / 1_000_000),
+        "pid_before": first.pid,
+        "pid_after": new_pid,
+        "rss_before_restart_kib": before.last().map(|s| s.rss),
+        "peak_before_restart_kib": before.iter().map(|s| s.rss.max(s.hwm)).max(),
+        "rss_peak_after_restart_kib": after.iter().map(|s| s.rss).max(),
+        "hwm_after_restart_kib": after.iter().map(|s| s.hwm).max(),
+        "rss_after_drain_kib": after.last().map(|s| s.rss),
+        "peak_after_restart_kib": after.iter().map(|s| s.rss.max(s.hwm)).max(),
+        "curve": curve,
+    })
+}
+
+/// One soak sample of the servers (summed over `--server-pid`): seconds
+/// into the traffic, VmRSS in KiB, open file descriptors.
+#[derive(Clone, Copy)]
+struct FdSample {
+    t: f64,
+    rss: u64,
+    fds: u64,
+}
+
+struct FdSampler {
+    pids: Vec<u32>,
+    every: Duration,
+    limit: usize,
+}
+
+impl FdSampler {
+    /// From the gate until stopped, on a thread of its own, one sample per
+    /// `every` (the first at once); a reading that fails is skipped.
+    fn run(&self, samples: &Shared<Vec<FdSample>>, stop: &std::sync::atomic::AtomicBool) {
+        let started = std::time::Instant::now();
+        for n in 0..self.limit {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            let rss = self.pids.iter().map(|&p| rss_kib(p)).sum::<Option<u64>>();
+            let fds = self.pids.iter().map(|&p| open_fds(p)).sum::<Option<u64>>();
+            if let (Some(rss), Some(fds)) = (rss, fds) {
+                let t = started.elapsed().as_secs_f64();
+                samples.lock().unwrap().push(FdSample { t, rss, fds });
+            }
+            // On schedule, not drifting by the time a reading took.
+            let next = self.every * (n as u32 + 1);
+            // Sleep in short steps so a stop is seen soon.
+            while started.elapsed() < next && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100).min(next - started.elapsed()));
+            }
+        }
+    }
+}
+
+/// Least-squares slope of `y` over `x`, per unit of `x`.
+fn slope(points: &[(f64, f64)]) -> Option<f64> {
+    let n = points.len() as f64;
+    if points.len() < 2 {
+        return None;
+    }
+    let (mx, my) = (
+        points.iter().map(|p| p.0).sum::<f64>() / n,
+        points.iter().map(|p| p.1).sum::<f64>() / n,
+    );
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    (sxx > 0.0).then(|| sxy / sxx)
+}
+
+/// `results.server` of a soak: every sample, and the mean RSS and fds of
+/// the first and last window (5 minutes, or a third of a shorter run)
+/// with the slope over the whole run.
+fn soak_server_summary(samples: &[FdSample]) -> Value {
+    let Some(end) = samples.last().map(|s| s.t) else {
+        return Value::Null;
+    };
+    let window = (end / 3.0).min(300.0);
+    let mean = |pick: &dyn Fn(&FdSample) -> bool| {
+        let chosen: Vec<&FdSample> = samples.iter().filter(|s| pick(s)).collect();
+        let n = chosen.len().max(1) as f64;
+        json!({
+            "samples": chosen.len(),
+            "rss_kib": (chosen.iter().map(|s| s.rss as f64).sum::<f64>() / n).round(),
+            "fds": (chosen.iter().map(|s| s.fds as f64).sum::<f64>() / n * 10.0).round() / 10.0,
+        })
+    };
+    let per_hour = |f: fn(&FdSample) -> f64| {
+        let points: Vec<(f64, f64)> = samples.iter().map(|s| (s.t / 3600.0, f(s))).collect();
+        slope(&points).map(|v| (v * 10.0).round() / 10.0)
+    };
+    json!({
+        "window_s": window,
+        "first_window": mean(&|s| s.t <= window),
+        "last_window": mean(&|s| s.t >= end - window),
+        "rss_slope_kib_per_hour": per_hour(|s| s.rss as f64),
+        "fds_slope_per_hour": per_hour(|s| s.fds as f64),
+        "samples": samples
+            .iter()
+            .map(|s| json!({ "t_s": (s.t * 10.0).round() / 10.0, "rss_kib": s.rss, "fds": s.fds }))
+            .collect::<Vec<_>>(),
+    })
+}
+
+/// `results` of a soak, from the shards' counters: `op_*` are operations
+/// done, `error_*`, `skipped_*` and `closed_by_server_*` go by kind.
+fn soak_results(report: &Report) -> Value {
+    let by_prefix = |prefix: &str| {
+        report
+            .counters
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_owned(), json!(v))))
+            .collect::<serde_json::Map<String, Value>>()
+    };
+    let sending = report.seconds("sending");
+    json!({
+        "ready_before": report.count("ready"),
+        "clients_end": report.count("clients_end"),
+        "sending_s": sending,
+        "achieved_msgs_per_s": if sending > 0.0 { (report.count("confirmed") as f64 / sending).round() } else { 0.0 },
+        "operations": by_prefix("op_"),
+        "errors": by_prefix("error_"),
+        "skipped": by_prefix("skipped_"),
+        "closed_by_server": by_prefix("closed_by_server_"),
+        "messages": {
+            "confirmed": report.count("confirmed"),
+            "received_unique": report.count("received_unique"),
+            "received": report.count("received"),
+            "from_backlogs": report.count("backlog_read"),
+            "redelivered": report.count("redelivered"),
+            "unconfirmed": report.count("unconfirmed"),
+            "lost": report.count("lost"),
+        },
+    })
 }

@@ -315,6 +315,9 @@ async fn storm_brings_everyone_back_with_nothing_lost() {
     // and restarts the server on the same port.
     let signal = fixture.file("restart-now");
     let restart_cmd = format!("touch {signal}");
+    // The server is this process, before the restart and after it.
+    let pid_file = fixture.file("server.pid");
+    std::fs::write(&pid_file, std::process::id().to_string()).unwrap();
     let run = tokio::spawn(async move {
         loadtest(
             addr,
@@ -326,6 +329,10 @@ async fn storm_brings_everyone_back_with_nothing_lost() {
                 "6",
                 "--markers",
                 "4",
+                "--backlog",
+                "3",
+                "--server-pid-file",
+                &pid_file,
                 "--timeout",
                 "60",
                 "--restart-cmd",
@@ -348,9 +355,82 @@ async fn storm_brings_everyone_back_with_nothing_lost() {
     assert_eq!(n(&r["back"]), 12, "{result}");
     assert_eq!(n(&r["not_back"]), 0);
     assert_eq!(n(&r["lost"]), 0);
-    // Each marker went to a user with two sockets; all came back.
-    assert!(n(&r["redelivered"]) >= 8, "{result}");
+    // Each socket read its user's backlog of 3 before the restart and
+    // again after it; each marker went to a user with two sockets.
+    assert_eq!(n(&r["backlog_read_before"]), 12 * 3, "{result}");
+    assert!(n(&r["redelivered"]) >= 12 * 3 + 8, "{result}");
+    assert!(
+        n(&r["server_memory"]["peak_after_restart_kib"]) > 0,
+        "{result}"
+    );
     restarted.stop().await;
+}
+
+/// A few seconds of everything the soak does, quickly: every confirmed
+/// message arrives, every kind of operation happened, the server's memory
+/// and files were sampled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_mixes_traffic_and_loses_nothing() {
+    let fixture = Fixture::new();
+    let server = start(&fixture.db(), "127.0.0.1:0").await;
+    let pid = std::process::id().to_string();
+    let result = loadtest(
+        server.addr,
+        &[
+            "--server-pid",
+            &pid,
+            "soak",
+            "--clients",
+            "12",
+            "--rate",
+            "40",
+            "--rest-percent",
+            "25",
+            "--duration",
+            "6s",
+            "--reconnect-every",
+            "1",
+            "--reconnect-percent",
+            "20",
+            "--signup-every",
+            "2",
+            "--logout-every",
+            "2",
+            "--logout-all-every",
+            "3",
+            "--sample-every",
+            "1",
+        ],
+    )
+    .await;
+    let r = &result["results"];
+    let m = &r["messages"];
+    assert_eq!(n(&r["ready_before"]), 12, "{result}");
+    assert!(n(&m["confirmed"]) > 100, "{result}");
+    assert_eq!(n(&m["lost"]), 0, "{result}");
+    let ops = &r["operations"];
+    for op in [
+        "send_ws",
+        "send_rest",
+        "reconnect",
+        "logout",
+        "logout_all",
+        "login",
+        "signup",
+        "revoked_socket_closed",
+    ] {
+        assert!(ops[op].as_u64().unwrap_or(0) > 0, "no {op}: {result}");
+    }
+    assert!(n(&r["clients_end"]) > 12, "{result}");
+    let samples = r["server"]["samples"].as_array().expect("samples");
+    assert!(samples.len() >= 5, "{result}");
+    assert!(
+        samples
+            .iter()
+            .all(|s| n(&s["rss_kib"]) > 0 && n(&s["fds"]) > 0)
+    );
+    assert!(r["server"]["first_window"]["rss_kib"].as_f64().unwrap() > 0.0);
+    server.stop().await;
 }
 
 /// Two `--url`: every sender is on the other URL than its receiver. Here

@@ -6,6 +6,7 @@ pub mod connect;
 pub mod drain;
 pub mod pairs;
 pub mod poll;
+pub mod soak;
 pub mod storm;
 
 use crate::stats::Report;
@@ -20,6 +21,7 @@ pub async fn run(plan: &Plan, shard: Shard, gate: &mut Gate) -> anyhow::Result<R
         Spec::Drain { users, per_user } => drain::run(plan, shard, gate, *users, *per_user).await,
         Spec::Poll(traffic) => poll::run(plan, shard, gate, traffic).await,
         Spec::Storm { conns, timeout, .. } => storm::run(plan, shard, gate, *conns, *timeout).await,
+        Spec::Soak(soak) => soak::run(plan, shard, gate, soak).await,
     }
 }
 

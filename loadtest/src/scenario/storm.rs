@@ -3,7 +3,9 @@
 //! reconnects with jittered exponential backoff. Measures the time from the
 //! first drop to the last client ready again, and checks that nothing was
 //! lost: messages pushed before the restart and not acked (clients here never
-//! ack) must come back in the backlog after it.
+//! ack) must come back in the backlog after it. With `--backlog M` the
+//! parent queues M messages per user before the clients first connect, so
+//! the restarted server has all of them to send again at once.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -22,8 +24,8 @@ const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
 enum Event {
-    /// First connection ready.
-    Up,
+    /// First connection ready, with this many messages in its backlog.
+    Up(u64),
     /// Ready again after a drop at `dropped` (epoch ns); lost = pushed
     /// before the drop but missing from the new backlog.
     Back {
@@ -64,7 +66,10 @@ pub async fn run(
     let mut up = 0;
     while up + setup.count("fail_first_connect") < total as u64 {
         match rx.recv().await {
-            Some(Event::Up) => up += 1,
+            Some(Event::Up(backlog)) => {
+                up += 1;
+                setup.add("backlog_before", backlog);
+            }
             Some(Event::Failed) | None => setup.add("fail_first_connect", 1),
             Some(Event::Back { .. }) => {}
         }
@@ -123,7 +128,8 @@ async fn client_loop(
     events: mpsc::UnboundedSender<Event>,
     timeout: Duration,
 ) {
-    let mut dropped: Option<(u64, HashSet<String>)> = None;
+    // Ids as u128: with a backlog, 19,000 clients hold 100 each.
+    let mut dropped: Option<(u64, HashSet<u128>)> = None;
     loop {
         let give_up = tokio::time::Instant::now() + timeout;
         let mut attempts = 0u64;
@@ -143,12 +149,9 @@ async fn client_loop(
             tokio::time::sleep(Duration::from_millis(wait)).await;
             ceiling = (ceiling * 2).min(BACKOFF_CAP);
         };
-        let backlog: HashSet<String> = backlog
-            .iter()
-            .filter_map(|m| m["id"].as_str().map(str::to_owned))
-            .collect();
+        let backlog: HashSet<u128> = backlog.iter().filter_map(message_id).collect();
         let event = match dropped.take() {
-            None => Event::Up,
+            None => Event::Up(backlog.len() as u64),
             Some((at, before)) => {
                 let lost = before.difference(&backlog).count() as u64;
                 Event::Back {
@@ -165,11 +168,17 @@ async fn client_loop(
         let mut seen = backlog;
         while let Some(frame) = client::next_json(&mut ws).await {
             if frame["type"] == "message"
-                && let Some(id) = frame["id"].as_str()
+                && let Some(id) = message_id(&frame)
             {
-                seen.insert(id.to_owned());
+                seen.insert(id);
             }
         }
         dropped = Some((now_nanos(), seen));
     }
+}
+
+fn message_id(frame: &serde_json::Value) -> Option<u128> {
+    uuid::Uuid::parse_str(frame["id"].as_str()?)
+        .ok()
+        .map(|id| id.as_u128())
 }
