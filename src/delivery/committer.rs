@@ -14,7 +14,8 @@
 //! commit staying short enough that the `sent` of the first message in it
 //! does not wait behind an unbounded transaction.
 //!
-//! **Acks before writes cost nothing.** Every copy is entered in
+//! **Acks before writes cost nothing** (but a send's `client_id`, which is
+//! written all the same: see [`super::idempotency`]). Every copy is entered in
 //! [`Pending`] before it is pushed, and an ack that finds its copy there
 //! cancels it in memory (see [`super::pending`]): never written, never
 //! deleted. A copy whose device is online here is *held* for the ack window
@@ -681,7 +682,7 @@ impl Writer {
                 }
             }
         }
-        messages.len() + acks.len()
+        messages.len() + keys.len() + acks.len()
     }
 
     /// Tells each delete which of its ids it settled: each deleted row

@@ -82,8 +82,9 @@ pub const MAX_PAGE: u32 = 500;
 pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Stored bytes of backlog pages in memory at once, server-wide: every
-/// socket's drain and every REST poll takes its page's bytes from it until
-/// the page is written. A page in memory is about three times its stored
+/// socket's drain takes its page's bytes from it until the page is written,
+/// every REST poll until its page is encoded (the reply being written is not
+/// counted). A page in memory is about three times its stored
 /// bytes (the rows, the opened messages, their base64 frames), so this caps
 /// drains at about 200 MiB however many devices reconnect at once; at the
 /// typical few kilobytes a page it admits thousands of drains together, and
@@ -180,15 +181,31 @@ impl PageBudget {
     }
 }
 
+/// What a page in memory costs beyond its stored bytes, per message: the
+/// opened message, its ids and times, its JSON or frame around the base64.
+/// Charged to [`DRAIN_BUDGET`] so that a page of many small messages is not
+/// undercounted.
+const PAGE_ROW_OVERHEAD: usize = 256;
+
 /// Where a page ends, from the sizes of the rows that may be in it.
 #[derive(Debug, PartialEq, Eq)]
 struct PageExtent {
     /// Its last message.
     last: Uuid,
+    /// Its messages.
+    rows: usize,
     /// Its stored bytes.
     bytes: usize,
     /// Whether rows follow it.
     more: bool,
+}
+
+impl PageExtent {
+    /// What the page takes from [`DRAIN_BUDGET`] while it is in memory.
+    fn weight(&self) -> u32 {
+        let cost = self.bytes.saturating_add(self.rows * PAGE_ROW_OVERHEAD);
+        u32::try_from(cost.clamp(1, DRAIN_BUDGET)).unwrap_or(u32::MAX)
+    }
 }
 
 impl PageExtent {
@@ -208,6 +225,7 @@ impl PageExtent {
         let &(last, _) = sizes.get(taken.checked_sub(1)?)?;
         Some(Self {
             last,
+            rows: taken,
             bytes,
             more: taken < sizes.len(),
         })
@@ -684,22 +702,39 @@ impl Delivery {
                 budget: None,
             });
         };
-        let weight = u32::try_from(extent.bytes.clamp(1, DRAIN_BUDGET)).unwrap_or(u32::MAX);
         let budget = self
-            .drain_wait(waited_until, self.drains.clone().acquire_many_owned(weight))
+            .drain_wait(
+                waited_until,
+                self.drains.clone().acquire_many_owned(extent.weight()),
+            )
             .await?;
+        // At most the rows sized: in a cluster another node's commit can
+        // land ids inside the range between the two reads.
         let rows = self
             .queue
-            .fetch_through(device.user, device.device, after, extent.last)
+            .fetch_through(
+                device.user,
+                device.device,
+                after,
+                extent.last,
+                extent.rows as u32,
+            )
             .await?;
         drop(turn);
+        let cut = rows.len() == extent.rows && rows.last().is_some_and(|r| r.id() < extent.last);
         let messages = self.keys.open_all(rows).map_err(|err| {
             tracing::error!(user.id = %device.user, device = device.device, error = %err, "a queued message does not open; it is kept");
             Error::Unavailable
         })?;
+        // Cut short by rows that came in between: go on after the last one
+        // here, so that none of the range is passed over.
+        let next = match messages.last() {
+            Some(last) if cut => Some(last.id),
+            _ => extent.more.then_some(extent.last),
+        };
         Ok(Page {
             messages,
-            next: extent.more.then_some(extent.last),
+            next,
             budget: Some(budget),
         })
     }
@@ -1076,12 +1111,14 @@ pub(crate) mod fake {
             device: DeviceId,
             after: Uuid,
             through: Uuid,
+            limit: u32,
         ) -> StoreResult<Vec<StoredRow>> {
             self.reads
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok(self
                 .queued(recipient, device, after)
                 .filter(|r| r.id <= through)
+                .take(limit as usize)
                 .map(StoredRow::Sealed)
                 .collect())
         }
@@ -1430,6 +1467,7 @@ mod tests {
             extent(&sizes([10, 10, 10, 10]), 10, 100),
             Some(PageExtent {
                 last: ids[3],
+                rows: 4,
                 bytes: 40,
                 more: false
             })
@@ -1439,6 +1477,7 @@ mod tests {
             extent(&sizes([10, 10, 10, 10]), 3, 100),
             Some(PageExtent {
                 last: ids[2],
+                rows: 3,
                 bytes: 30,
                 more: true
             })
@@ -1448,6 +1487,7 @@ mod tests {
             extent(&sizes([40, 40, 40, 10]), 10, 100),
             Some(PageExtent {
                 last: ids[1],
+                rows: 2,
                 bytes: 80,
                 more: true
             })
@@ -1457,6 +1497,7 @@ mod tests {
             extent(&sizes([500, 1, 1, 1]), 10, 100),
             Some(PageExtent {
                 last: ids[0],
+                rows: 1,
                 bytes: 500,
                 more: true
             })
@@ -1485,7 +1526,10 @@ mod tests {
             .sum();
         let page = delivery.fetch(device(bob, 1), None, 10).await.unwrap();
         assert_eq!(page.messages.len(), 3);
-        assert_eq!(delivery.drains.available_permits(), DRAIN_BUDGET - stored);
+        assert_eq!(
+            delivery.drains.available_permits(),
+            DRAIN_BUDGET - stored - 3 * PAGE_ROW_OVERHEAD
+        );
         drop(page);
         assert_eq!(delivery.drains.available_permits(), DRAIN_BUDGET);
         // An empty page reads no rows and takes nothing.

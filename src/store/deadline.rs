@@ -148,7 +148,7 @@ deadlined!(Queue {
     request fn write_batch(&self, messages: Vec<SealedRow>, keys: &[SentKey], acks: &[Ack]) -> StoreResult<Vec<StoredRow>>;
     request fn sent_key(&self, key: &SendKey, since: Uuid) -> StoreResult<Option<SentKey>>;
     request fn queued_sizes(&self, recipient: Uuid, device: DeviceId, after: Uuid, limit: u32) -> StoreResult<Vec<(Uuid, u64)>>;
-    request fn fetch_through(&self, recipient: Uuid, device: DeviceId, after: Uuid, through: Uuid) -> StoreResult<Vec<StoredRow>>;
+    request fn fetch_through(&self, recipient: Uuid, device: DeviceId, after: Uuid, through: Uuid, limit: u32) -> StoreResult<Vec<StoredRow>>;
     request fn queued_ids(&self, recipient: Uuid, device: DeviceId, after: Uuid, limit: u32) -> StoreResult<Vec<Uuid>>;
     request fn queued_count(&self, recipient: Uuid, device: DeviceId) -> StoreResult<u64>;
     request fn purge(&self, recipient: Uuid, device: Option<DeviceId>) -> StoreResult<u64>;

@@ -912,15 +912,17 @@ impl Queue for PgStore {
         device: DeviceId,
         after: Uuid,
         through: Uuid,
+        limit: u32,
     ) -> StoreResult<Vec<StoredRow>> {
         let rows: Vec<QueueRow> = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {QUEUE_COLUMNS} FROM messages
-             WHERE recipient = $1 AND device_id = $2 AND id > $3 AND id <= $4 ORDER BY id"
+             WHERE recipient = $1 AND device_id = $2 AND id > $3 AND id <= $4 ORDER BY id LIMIT $5"
         )))
         .bind(recipient)
         .bind(pg_device(device))
         .bind(after)
         .bind(through)
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         stored_rows(rows)

@@ -183,14 +183,15 @@ pub trait Queue: Send + Sync + 'static {
         limit: u32,
     ) -> StoreResult<Vec<(Uuid, u64)>>;
 
-    /// The copies queued for `recipient`'s `device` with ids after `after`
-    /// and up to `through`, oldest first.
+    /// Up to `limit` of the copies queued for `recipient`'s `device` with
+    /// ids after `after` and up to `through`, oldest first.
     async fn fetch_through(
         &self,
         recipient: Uuid,
         device: DeviceId,
         after: Uuid,
         through: Uuid,
+        limit: u32,
     ) -> StoreResult<Vec<StoredRow>>;
 
     /// The ids of up to `limit` copies queued for `recipient`'s `device`

@@ -942,15 +942,17 @@ impl Queue for SqliteStore {
         device: DeviceId,
         after: Uuid,
         through: Uuid,
+        limit: u32,
     ) -> StoreResult<Vec<StoredRow>> {
         let rows: Vec<QueueRow> = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {QUEUE_COLUMNS} FROM messages
-             WHERE recipient = ? AND device_id = ? AND id > ? AND id <= ? ORDER BY id"
+             WHERE recipient = ? AND device_id = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?"
         )))
         .bind(recipient)
         .bind(i64::from(device))
         .bind(after)
         .bind(through)
+        .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
         stored_rows(rows)
