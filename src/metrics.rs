@@ -376,7 +376,7 @@ impl Metrics {
             ),
             drains_refused: r.counter(
                 "sealpost_drains_refused_total",
-                "Backlog reads (socket drains, polls) refused with unavailable because the server-wide drain budget stayed full for 10 s.",
+                "Backlog reads refused with unavailable after waiting for their turn or the drain budget: 10 s for a poll, 60 s for a socket's drain.",
             ),
             sends_repeated: r.counter(
                 "sealpost_sends_repeated_total",

@@ -68,7 +68,7 @@ pub(super) fn read(
     Box::pin(async move {
         if !delivery.clustered() {
             let (messages, next, budget) = delivery
-                .fetch(device, cursor.after, PAGE)
+                .drain_page(device, cursor.after, PAGE)
                 .await?
                 .into_parts();
             return Ok(Chunk {
@@ -92,7 +92,7 @@ pub(super) fn read(
             });
         };
         let (mut messages, next, budget) = delivery
-            .fetch(device, cursor.after, PAGE)
+            .drain_page(device, cursor.after, PAGE)
             .await?
             .into_parts();
         messages.retain(|m| m.id <= last && snapshot.binary_search(&m.id).is_ok());
