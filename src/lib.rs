@@ -28,8 +28,9 @@
 //! - [`api`]: the REST endpoints, one file per resource; thin handlers; and
 //!   the security headers and CORS policy on every response.
 //! - [`delivery`]: the core that accepts, lists and acknowledges messages,
-//!   and its [`delivery::committer`], which batches every write to the queue
-//!   into group commits.
+//!   its [`delivery::committer`], which batches every write to the queue
+//!   into group commits, and [`delivery::idempotency`], which makes a send
+//!   under a client's key safe to retry.
 //! - [`devices`]: the devices of an account: the directory of device
 //!   numbers every send is checked against, and the rules for names.
 //! - [`cluster`]: several nodes on one database: the broker seam (a local
