@@ -107,8 +107,12 @@ mod postgres {
     /// requests pass it and the committer fails batches in a row.
     const PAUSE: Duration = Duration::from_secs(10);
 
-    /// How long the database stays down.
-    const DOWN: Duration = Duration::from_secs(4);
+    /// How long the database stays down: longer than the deadline, so
+    /// that a send made as it went down must pass its deadline. (With 4 s,
+    /// under the 5 s deadline, sends waited for the pool to reconnect and
+    /// all went through when a quick restart came back in time, and the
+    /// test could not tell that the fault had reached the server.)
+    const DOWN: Duration = Duration::from_secs(8);
 
     /// PostgreSQL stops answering (SIGSTOP to all of its processes) for
     /// 10 s: sends are answered 503 at their deadline instead of hanging,
