@@ -5,6 +5,11 @@
 //! right, skipping trusted hops, and the first untrusted address is the
 //! client. Anyone can write the header, so it is believed only as far as
 //! the chain of trusted proxies that appended to it reaches.
+//!
+//! Limits count a client by [`limit_key`]: its IPv4 address, or the /64 an
+//! IPv6 address lies in. An IPv6 host is routinely given a whole /64 (RFC
+//! 6177, SLAAC privacy addresses), so keying on the full address would give
+//! one host 2^64 fresh shares of every per-address limit.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -58,6 +63,26 @@ impl TrustedProxies {
     }
 }
 
+/// The key per-address limits count a client under: an IPv4 address as it
+/// is, an IPv6 address cut to its /64 (see the module header).
+pub fn limit_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !(u128::MAX >> 64);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
+}
+
+impl TrustedProxies {
+    /// [`limit_key`] of [`TrustedProxies::client_ip`]: who a per-address
+    /// limit charges for a request that arrived from `peer`.
+    pub fn client_key(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        limit_key(self.client_ip(peer, headers))
+    }
+}
+
 /// One `X-Forwarded-For` entry: an address, possibly with a port (IPv6 in
 /// brackets then).
 fn parse_hop(hop: &str) -> Option<IpAddr> {
@@ -82,7 +107,7 @@ impl KeyExtractor for ClientIpKey {
             .get::<ConnectInfo<SocketAddr>>()
             .map(|ConnectInfo(addr)| addr.ip())
             .ok_or(GovernorError::UnableToExtractKey)?;
-        Ok(self.0.client_ip(peer, req.headers()))
+        Ok(self.0.client_key(peer, req.headers()))
     }
 }
 
@@ -140,6 +165,22 @@ mod tests {
         assert_eq!(p.client_ip(peer, &headers(&["not-an-ip"])), peer);
         let got = p.client_ip(peer, &headers(&["[2001:db8::1]:443"]));
         assert_eq!(got, "2001:db8::1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn ipv6_clients_are_keyed_on_their_64() {
+        let p = proxies(&[]);
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:eeee:dddd:cccc".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let key = p.client_key(a, &headers(&[]));
+        assert_eq!(key, "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        assert_eq!(p.client_key(b, &headers(&[])), key);
+        assert_ne!(p.client_key(other, &headers(&[])), key);
+        // IPv4, and IPv4 mapped into IPv6, stay whole addresses.
+        let v4: IpAddr = "198.51.100.7".parse().unwrap();
+        assert_eq!(limit_key(v4), v4);
+        assert_eq!(limit_key("::ffff:198.51.100.7".parse().unwrap()), v4);
     }
 
     #[test]

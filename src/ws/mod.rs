@@ -95,7 +95,7 @@ async fn upgrade(
         return Error::Unavailable.into_response();
     }
     // Counted before the upgrade, so a refused client costs no socket task.
-    let client = state.proxies.client_ip(peer.ip(), &headers);
+    let client = state.proxies.client_key(peer.ip(), &headers);
     let permit = match state.socket_caps.open(client) {
         Ok(permit) => permit,
         Err(err) => return err.into_response(),

@@ -7,6 +7,12 @@ mod common;
 
 mod accounts;
 mod admin;
+mod attack_accounts;
+mod attack_drain;
+mod attack_http;
+mod attack_passwords;
+mod attack_queue;
+mod attack_sockets;
 mod cli;
 mod client;
 mod cluster;

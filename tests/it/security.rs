@@ -20,6 +20,7 @@ use crate::common::{Account, Api, Backend, PASSWORD, Reply, TestServer, b64, id,
 backend_tests!(
     auth_routes_are_rate_limited_per_ip_and_other_routes_are_not,
     forwarded_addresses_count_only_behind_trusted_proxies,
+    ipv6_clients_share_one_budget_per_64,
     the_send_budget_is_shared_by_rest_and_websocket,
     logout_ends_only_its_own_session,
     logout_all_ends_every_session,
@@ -308,6 +309,51 @@ async fn forwarded_addresses_count_only_behind_trusted_proxies(backend: Backend)
     login_as(&server, "alice", PASSWORD, None)
         .await
         .expect_error(429, "rate_limited");
+    assert_healthy(&server).await;
+    server.stop().await;
+}
+
+/// An IPv6 host owns a /64: fresh addresses from it are not fresh budgets
+/// (issue 24, item 11). Before the fix every address had its own.
+async fn ipv6_clients_share_one_budget_per_64(backend: Backend) {
+    let flags = [
+        "--auth-rate-burst",
+        "2",
+        "--auth-rate-per-minute",
+        "1",
+        "--trusted-proxies",
+        "127.0.0.1",
+    ];
+    let server = TestServer::start_with(backend, &flags).await;
+    let register = server
+        .http
+        .post(server.url("/v1/register"))
+        .header("x-forwarded-for", "2001:db8:ffff::1")
+        .json(&json!({ "username": "alice", "password": PASSWORD, "public_key": crate::common::public_key() }));
+    server.call(register).await.expect(201);
+
+    // Two logins from two addresses of one /64 spend its burst of two...
+    login_as(&server, "alice", PASSWORD, Some("2001:db8:1:2::1"))
+        .await
+        .expect(200);
+    login_as(
+        &server,
+        "alice",
+        PASSWORD,
+        Some("[2001:db8:1:2:aaaa::7]:4431"),
+    )
+    .await
+    .expect(200);
+    // ...and every further address of it is refused.
+    for xff in ["2001:db8:1:2::2", "2001:db8:1:2:ffff:ffff:ffff:ffff"] {
+        login_as(&server, "alice", PASSWORD, Some(xff))
+            .await
+            .expect_error(429, "rate_limited");
+    }
+    // The next /64 is another client.
+    login_as(&server, "alice", PASSWORD, Some("2001:db8:1:3::1"))
+        .await
+        .expect(200);
     assert_healthy(&server).await;
     server.stop().await;
 }
