@@ -111,6 +111,29 @@ pub struct Config {
           value_parser = parse_ttl)]
     pub header_read_timeout: Duration,
 
+    /// How long a client has to send a whole request body, from the moment
+    /// a handler starts reading it. A body not complete by then is answered
+    /// 408 (`request_timeout`) and the connection closed: a client that
+    /// stops a few bytes short of its body holds nothing longer. The default
+    /// lets a maximal send (under 1 MiB at the default limits) through a
+    /// 256 kbit/s uplink.
+    #[arg(long, env = "SEALPOST_BODY_READ_TIMEOUT", default_value = "30s",
+          value_parser = parse_ttl)]
+    pub body_read_timeout: Duration,
+
+    /// HTTP connections open at once per client address (an IPv6 client
+    /// counts per /64); 0 = no limit. Counted by TCP peer when accepted, so
+    /// trusted proxies (`SEALPOST_TRUSTED_PROXIES`), whose connections carry
+    /// many clients, are exempt. A connection over it is closed at once,
+    /// without an answer. A WebSocket stops counting here once upgraded
+    /// (`SEALPOST_MAX_CONNECTIONS_PER_IP` counts it then).
+    #[arg(
+        long,
+        env = "SEALPOST_MAX_HTTP_CONNECTIONS_PER_IP",
+        default_value_t = 64
+    )]
+    pub max_http_connections_per_ip: u32,
+
     /// How often the server pings each WebSocket; a peer that has not
     /// answered by the next ping is dropped.
     #[arg(long, env = "SEALPOST_WS_PING_INTERVAL", default_value = "30s", value_parser = parse_ttl)]

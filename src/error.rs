@@ -22,7 +22,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Every code [`Error::code`] can return: the finite set a metric may use
 /// as label values.
-pub const CODES: [&str; 13] = [
+pub const CODES: [&str; 14] = [
     "invalid",
     "unauthorized",
     "not_found",
@@ -34,6 +34,7 @@ pub const CODES: [&str; 13] = [
     "queue_full",
     "too_many_connections",
     "too_large",
+    "request_timeout",
     "unavailable",
     "internal",
 ];
@@ -84,6 +85,11 @@ pub enum Error {
     /// A connection cap (per user, per IP, unauthenticated sockets).
     #[error("{0}")]
     TooManyConnections(&'static str),
+    /// The request body did not arrive in time
+    /// (`SEALPOST_BODY_READ_TIMEOUT`); the connection is closed after the
+    /// answer.
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     /// A dependency (the database) is not reachable right now, did not
     /// answer within its deadline, or has no room (a full disk). A write
     /// answered so may still have been stored.
@@ -124,6 +130,7 @@ impl Error {
             Error::QueueFull => "queue_full",
             Error::TooManyConnections(_) => "too_many_connections",
             Error::TooLarge(_) => "too_large",
+            Error::RequestTimeout => "request_timeout",
             Error::Unavailable => "unavailable",
             Error::Internal(_) => "internal",
         }
@@ -144,6 +151,7 @@ impl Error {
                 StatusCode::TOO_MANY_REQUESTS
             }
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Error::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -194,7 +202,7 @@ pub struct ErrorDetail {
     /// Stable; program against it: `invalid`, `unauthorized`, `not_found`,
     /// `conflict`, `too_many_devices`, `devices_changed`, `too_large`,
     /// `forbidden`, `rate_limited`, `queue_full`, `too_many_connections`,
-    /// `unavailable`, `internal`.
+    /// `request_timeout`, `unavailable`, `internal`.
     pub code: &'static str,
     /// For humans; may change.
     #[schema(value_type = String)]
@@ -366,6 +374,7 @@ mod tests {
                 extra: vec![],
             },
             Error::TooLarge("x".into()),
+            Error::RequestTimeout,
             Error::RateLimited {
                 retry_after: Duration::ZERO,
             },

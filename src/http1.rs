@@ -1,7 +1,9 @@
 //! HTTP/1.1 connections, from accept to close: the accept loop (a task per
-//! connection, drained at shutdown), hyper's limits on a request head (how
+//! connection, drained at shutdown; at most so many per address, see
+//! [`crate::limits::connections`]), hyper's limits on a request head (how
 //! long it may take, how large it may be), and the [`crate::linger`]ing
-//! close every connection ends with.
+//! close every connection ends with. (The limits on a body are per route:
+//! [`crate::api::body`].)
 //!
 //! It does what `axum::serve` did, plus those limits, which `axum::serve`
 //! does not expose: without a timer hyper never times a head out, so a
@@ -11,6 +13,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -24,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::Layer;
 
+use crate::limits::connections::HttpConnections;
 use crate::linger::{self, Linger};
 
 /// The largest request head (request line and headers) read, in bytes;
@@ -87,11 +91,13 @@ impl Limits {
 /// Serves `app` on `listener` until `shutdown` completes, then stops
 /// accepting, lets every connection finish the request it is serving (idle
 /// ones close at once), and returns when all have closed. Upgraded sockets
-/// are no longer connections here: their own tasks outlive this.
+/// are no longer connections here: their own tasks outlive this, and they
+/// no longer count against `per_address`.
 pub async fn serve<L>(
     mut listener: L,
     app: Router,
     limits: Limits,
+    per_address: Arc<HttpConnections>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) where
     L: Listener<Addr = SocketAddr>,
@@ -111,6 +117,14 @@ pub async fn serve<L>(
         let (io, peer) = tokio::select! {
             accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
+        };
+        // Over its address's share: closed at once, before it costs a
+        // task or a buffer. Not answered: an answer would need the request
+        // read first, and a flood would be served by it.
+        let Some(permit) = per_address.open(peer.ip()) else {
+            tracing::debug!(%peer, "connection refused: too many open from its address");
+            drop(io);
+            continue;
         };
         tracing::trace!(%peer, "connection accepted");
         // What `into_make_service_with_connect_info` gives each connection:
@@ -135,6 +149,8 @@ pub async fn serve<L>(
             if let Err(err) = ended {
                 tracing::debug!(%peer, error = %err, "connection ended");
             }
+            // Closed, or handed over as a WebSocket.
+            drop(permit);
         });
     }
     drop(listener);

@@ -34,6 +34,7 @@ use crate::devices::Directory;
 use crate::http1;
 use crate::hub::Hub;
 use crate::limits::client_ip::TrustedProxies;
+use crate::limits::connections::HttpConnections;
 use crate::limits::rate::AuthLimit;
 use crate::limits::sockets::SocketCaps;
 use crate::metrics::{self, Metrics};
@@ -339,6 +340,10 @@ impl Server {
             state.config.header_read_timeout,
             state.config.max_request_bytes(),
         );
+        let per_address = HttpConnections::new(
+            state.config.max_http_connections_per_ip,
+            state.proxies.clone(),
+        );
         let app = api::router(state);
         let scheme = if tls.is_some() { "https" } else { "http" };
         tracing::info!("listening on {scheme}://{addr}");
@@ -352,11 +357,14 @@ impl Server {
         // latency p50 10.6 ms against 0.9 ms for the durable reply, measured).
         // Over TLS it is set once the handshake is done, before any push.
         match tls {
-            None => http1::serve(listener.tap_io(nodelay), app, limits, shutdown).await,
+            None => {
+                let listener = listener.tap_io(nodelay);
+                http1::serve(listener, app, limits, per_address, shutdown).await
+            }
             Some(acceptor) => {
                 let listener = TlsListener::new(listener, acceptor);
                 let listener = listener.tap_io(|tls| nodelay(tls.get_mut().0));
-                http1::serve(listener, app, limits, shutdown).await
+                http1::serve(listener, app, limits, per_address, shutdown).await
             }
         }
 

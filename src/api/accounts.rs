@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::ApiJson;
 use super::keys::parse_public_key;
+use super::{ApiJson, body};
 use crate::auth::AuthUser;
 use crate::auth::sessions::Scope;
 use crate::auth::token::{Tokens, hash_refresh};
@@ -39,7 +39,11 @@ pub fn router(auth_limit: Option<AuthLimit>) -> Router<AppState> {
         .route("/v1/me", get(me).delete(delete_me))
         .route("/v1/logout", post(logout))
         .route("/v1/logout-all", post(logout_all))
-        .route("/v1/password", put(change_password))
+        // Two passwords.
+        .route(
+            "/v1/password",
+            put(change_password).layer(body::limit(body::LIST)),
+        )
 }
 
 const USERNAME_LEN: std::ops::RangeInclusive<usize> = 3..=32;
@@ -193,7 +197,9 @@ impl FromRequest<AppState> for LoginRequest {
                     .is_some_and(|t| t.eq_ignore_ascii_case("application/x-www-form-urlencoded"))
             });
         if is_form {
-            let Form(grant) = Form::<PasswordGrant>::from_request(req, state).await?;
+            body::check(&req)?;
+            let read = Form::<PasswordGrant>::from_request(req, state);
+            let Form(grant) = body::within(state.config.body_read_timeout, read).await?;
             if grant.grant_type != "password" {
                 return Err(Error::field("grant_type", "must be \"password\""));
             }

@@ -12,17 +12,22 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{ApiJson, ApiPath, ApiQuery};
+use super::{ApiJson, ApiPath, ApiQuery, body};
 use crate::auth::AuthUser;
 use crate::delivery::{MAX_PAGE, idempotency};
 use crate::error::{Error, Result};
 use crate::state::AppState;
 use crate::wire::{self, MessageView, parse_id};
 
-pub fn router() -> Router<AppState> {
+/// `send_limit`: the body limit of a send (see
+/// `Config::max_request_bytes`); the other routes take a few KiB.
+pub fn router(send_limit: usize) -> Router<AppState> {
     Router::new()
-        .route("/v1/messages", post(send).get(list))
-        .route("/v1/messages/ack", post(ack))
+        .route(
+            "/v1/messages",
+            post(send).layer(body::limit(send_limit)).get(list),
+        )
+        .route("/v1/messages/ack", post(ack).layer(body::limit(body::LIST)))
         .route("/v1/messages/{id}/delivered", put(delivered))
 }
 

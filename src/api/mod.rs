@@ -6,6 +6,7 @@
 //! axum's plain-text rejections.
 
 pub mod accounts;
+pub mod body;
 mod demo;
 mod devices;
 mod headers;
@@ -16,9 +17,11 @@ pub mod openapi;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request, State};
 use axum::http::header::CONTENT_TYPE;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderName, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
@@ -26,13 +29,15 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use crate::error::Error;
+use crate::limits::client_ip::TrustedProxies;
 use crate::metrics::Metrics;
 use crate::state::AppState;
 
 /// All routes, with the layers every request passes through.
 pub fn router(state: AppState) -> Router {
-    let body_limit = state.config.max_request_bytes();
+    let send_limit = state.config.max_request_bytes();
     let config = state.config.clone();
+    let proxies = state.proxies.clone();
     let metrics = state.metrics.clone();
     // In a cluster, every request's lines name the node that served it.
     let node = state.config.clustered().then(|| state.node_id.clone());
@@ -40,13 +45,14 @@ pub fn router(state: AppState) -> Router {
         .merge(accounts::router(state.auth_limit.clone()))
         .merge(keys::router())
         .merge(devices::router(state.auth_limit.clone()))
-        .merge(messages::router())
+        .merge(messages::router(send_limit))
         .merge(health::router())
         .merge(openapi::router())
         .merge(crate::ws::router())
         .fallback(|| async { Error::NotFound("route") })
         .method_not_allowed_fallback(|| async { method_not_allowed() })
-        .layer(DefaultBodyLimit::max(body_limit));
+        // Routes that take more set their own, nearer the handler.
+        .layer(body::limit(body::SMALL));
     let routes = headers::apply(routes, &config);
     // The demo page brings its own headers: merged after the API's, so
     // that theirs (`default-src 'none'`) do not override its policy.
@@ -66,10 +72,51 @@ pub fn router(state: AppState) -> Router {
         // A proxy's id is kept, so one id follows a request through both
         // logs; otherwise each request gets a fresh UUID.
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        // Before the above: only a trusted proxy's id, and only a plain one.
+        .layer(middleware::from_fn_with_state(proxies, screen_request_id))
         // Outermost of all: every response is counted, the rate limiter's
         // and the fallbacks' too.
         .layer(middleware::from_fn_with_state(metrics, count_response))
         .with_state(state)
+}
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Drops the `X-Request-Id` a request came with unless a trusted proxy
+/// (`SEALPOST_TRUSTED_PROXIES`) sent exactly one, of [`plain_request_id`]:
+/// then the request gets a fresh one. The id goes into every log line of
+/// the request and back to the client; from anyone else it could be
+/// kilobytes of text forging log lines, or the id of someone else's
+/// request to muddle an investigation.
+async fn screen_request_id(
+    State(proxies): State<TrustedProxies>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let from_proxy = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .is_some_and(|ConnectInfo(peer)| proxies.trusts(peer.ip()));
+    let mut ids = request.headers().get_all(X_REQUEST_ID).iter();
+    let keep = match (ids.next(), ids.next()) {
+        (Some(id), None) => from_proxy && plain_request_id(id.as_bytes()),
+        (None, _) => true,
+        _ => false,
+    };
+    if !keep {
+        request.headers_mut().remove(X_REQUEST_ID);
+    }
+    next.run(request).await
+}
+
+/// 1 to 64 of `A-Z a-z 0-9 . _ -`: a UUID, nginx's `$request_id`, a
+/// load balancer's trace id; nothing that can break a log line or hide in
+/// one.
+fn plain_request_id(id: &[u8]) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Counts each response by its status class.
@@ -131,7 +178,9 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
                 "expected Content-Type: application/json".into(),
             ));
         }
-        let bytes = Bytes::from_request(req, state).await?;
+        body::check(&req)?;
+        let deadline = state.config.body_read_timeout;
+        let bytes = body::within(deadline, Bytes::from_request(req, state)).await?;
         crate::nesting::check(&bytes, state.config.max_json_depth as usize)?;
         let axum::Json(value) = axum::Json::<T>::from_bytes(&bytes)?;
         Ok(Self(value))
@@ -169,6 +218,17 @@ pub struct ApiPath<T>(pub T);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_request_ids_are_kept() {
+        let uuid = "7e1767ea-0212-4ab9-8dd6-69ea0237da34";
+        for yes in [uuid, "edge-7f3a9c", "a", "0123456789abcdef0123456789abcdef", &"x".repeat(64)] {
+            assert!(plain_request_id(yes.as_bytes()), "{yes}");
+        }
+        for no in ["", &"x".repeat(65), "a b", "a\nb", "a\rb", "id\u{202e}", "a/b", "a=b", "\"a\""] {
+            assert!(!plain_request_id(no.as_bytes()), "{no:?}");
+        }
+    }
 
     #[test]
     fn json_media_types() {

@@ -3,6 +3,8 @@
 //!
 //! - [`client_ip`]: who the client is, believing `X-Forwarded-For` only
 //!   from trusted proxies.
+//! - [`connections`]: the cap on HTTP connections per address, counted as
+//!   they are accepted.
 //! - [`rate`]: per-IP limits on the auth endpoints (tower-governor) and the
 //!   per-user send budget shared by REST and WebSocket.
 //! - [`queue`]: the cap on messages queued for one recipient.
@@ -11,9 +13,12 @@
 //!
 //! Every limit answers with an [`Error`](crate::error::Error) whose code
 //! names it (`rate_limited`, `queue_full`, `too_many_connections`); none
-//! drops or loses anything already accepted.
+//! drops or loses anything already accepted. The one exception is
+//! [`connections`], which refuses before there is a request to answer: it
+//! closes the connection.
 
 pub mod client_ip;
+pub mod connections;
 pub mod queue;
 pub mod rate;
 pub mod sockets;

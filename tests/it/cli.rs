@@ -175,7 +175,14 @@ fn unsupported_database_urls_are_refused() {
 /// object, and a request's lines carry its request id in their span.
 async fn json_logs_are_one_object_per_line_with_the_request_id(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let server = ServerProcess::spawn(&db.url, &[("SEALPOST_LOG_FORMAT", "json")]);
+    // The test stands in for a proxy: only a trusted one's id is kept.
+    let server = ServerProcess::spawn(
+        &db.url,
+        &[
+            ("SEALPOST_LOG_FORMAT", "json"),
+            ("SEALPOST_TRUSTED_PROXIES", "127.0.0.1"),
+        ],
+    );
     let reply = server
         .api
         .call(

@@ -506,11 +506,12 @@ async fn bad_tls_files_stop_start_up(backend: Backend) {
     server.stop().await;
 }
 
-/// Every reply carries an `X-Request-Id` (a fresh UUID, or the one a proxy
+/// Every reply carries an `X-Request-Id` (a fresh UUID, or the one a trusted proxy
 /// sent), and the server's log lines for that request carry the same id.
 async fn requests_carry_an_id_into_the_reply_and_the_log(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let server = ServerProcess::spawn(&db.url, &[]);
+    // The test stands in for a proxy: only a trusted one's id is kept.
+    let server = ServerProcess::spawn(&db.url, &[("SEALPOST_TRUSTED_PROXIES", "127.0.0.1")]);
     let api = &server.api;
     let ids: Vec<String> = [
         api.get("/healthz", None).await,
