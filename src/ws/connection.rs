@@ -113,7 +113,8 @@ pub struct Start {
     pub state: AppState,
     /// The upgrade request's bearer token, checked.
     pub header: Option<Result<Claims>>,
-    /// The connection's place in the per-IP count, held for its life.
+    /// The connection's place in the per-address count, held for its life,
+    /// and its waiting slot until it authenticates.
     pub permit: SocketPermit,
     /// Whether it takes over from the older sockets of its device.
     pub exclusive: bool,
@@ -138,7 +139,12 @@ async fn open(mut socket: Box<WebSocket>, start: Box<Start>) -> Result<Box<Conne
         mut permit,
         exclusive,
     } = *start;
-    let claims = match Box::pin(authenticate(&mut socket, &state, header)).await {
+    let authenticated = Box::pin(authenticate(&mut socket, &state, header)).await;
+    // Authenticated or refused, the socket waits no more: its slot is free
+    // before the close handshake, which a client that never answers drags
+    // out for the whole close timeout.
+    permit.stop_waiting();
+    let claims = match authenticated {
         Ok(claims) => claims,
         Err(Flow::Close(closed, code, reason)) => {
             send_close(&mut socket, code, reason).await;
@@ -146,7 +152,6 @@ async fn open(mut socket: Box<WebSocket>, start: Box<Start>) -> Result<Box<Conne
         }
         Err(_) => return Err(Closed::Gone),
     };
-    permit.authenticated();
     let device = Address {
         user: claims.sub,
         device: claims.dev,
@@ -806,16 +811,28 @@ fn flow(written: Result<(), Stop>) -> Flow {
     }
 }
 
-/// A read error: an oversized frame is answered with 1009, anything else
-/// means the peer is gone.
+/// A read error: a frame that breaks the protocol is answered with 1002, a
+/// text message that is not UTF-8 with 1007, an oversized frame with 1009;
+/// anything else (a reset, EOF without a close) means the peer is gone.
 fn read_error(err: axum::Error) -> Flow {
-    let too_big = std::error::Error::source(&err)
-        .and_then(|source| source.downcast_ref::<tungstenite::Error>())
-        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)));
-    if too_big {
-        Flow::Close(Closed::TooBig, close::TOO_BIG, "frame too large")
-    } else {
-        tracing::debug!(error = %err, "socket read failed");
-        Flow::Close(Closed::Gone, close::GOING_AWAY, "")
+    use tungstenite::error::{Error as WsError, ProtocolError};
+    let source = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<WsError>());
+    match source {
+        Some(WsError::Capacity(_)) => Flow::Close(Closed::TooBig, close::TOO_BIG, "frame too large"),
+        Some(WsError::Utf8(_)) => Flow::Close(
+            Closed::Malformed,
+            close::INVALID_PAYLOAD,
+            "text frames must be UTF-8",
+        ),
+        Some(WsError::Protocol(violation))
+            if !matches!(violation, ProtocolError::ResetWithoutClosingHandshake) =>
+        {
+            tracing::debug!(error = %violation, "protocol violation");
+            Flow::Close(Closed::Malformed, close::PROTOCOL, "protocol violation")
+        }
+        _ => {
+            tracing::debug!(error = %err, "socket read failed");
+            Flow::Close(Closed::Gone, close::GOING_AWAY, "")
+        }
     }
 }

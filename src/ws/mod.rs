@@ -94,15 +94,19 @@ async fn upgrade(
     if state.shutdown.is_cancelled() {
         return Error::Unavailable.into_response();
     }
+    // A header token is checked before the socket is counted: with a valid
+    // one it never waits to authenticate, so it takes no waiting slot and
+    // cannot be locked out by those who hold them. A bad one is answered on
+    // the socket with close code 4401, as the protocol promises, not with an
+    // HTTP 401; until then it waits like a socket without one.
+    let header_claims = bearer_token(&headers).map(|token| auth::verify(&state, token));
+    let authenticated = matches!(header_claims, Some(Ok(_)));
     // Counted before the upgrade, so a refused client costs no socket task.
     let client = state.proxies.client_key(peer.ip(), &headers);
-    let permit = match state.socket_caps.open(client) {
+    let permit = match state.socket_caps.open(client, authenticated) {
         Ok(permit) => permit,
         Err(err) => return err.into_response(),
     };
-    // A header token is checked now, but a bad one is answered on the socket
-    // with close code 4401, as the protocol promises, not with an HTTP 401.
-    let header_claims = bearer_token(&headers).map(|token| auth::verify(&state, token));
     let max_frame = state.config.max_request_bytes();
     let sockets = state.sockets.clone();
     // Outbound frames carry one envelope each, however many a send from
