@@ -51,7 +51,8 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
+use tungstenite::Message as WsMessage;
+use tungstenite::protocol::CloseFrame;
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
@@ -60,6 +61,8 @@ use tokio::time::{MissedTickBehavior, Sleep};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::Socket;
+use super::deadline::TimedOut;
 use super::drain::{self, Chunk, Cursor};
 use super::frame::{self, ClientFrame, ServerFrame, close};
 use super::seen::Seen;
@@ -120,7 +123,7 @@ pub struct Start {
     pub exclusive: bool,
 }
 
-pub async fn run(socket: Box<WebSocket>, start: Box<Start>) {
+pub async fn run(socket: Box<Socket>, start: Box<Start>) {
     let metrics = start.state.metrics.clone();
     let closed = match Box::pin(open(socket, start)).await {
         Ok(mut conn) => conn.serve().await,
@@ -132,7 +135,7 @@ pub async fn run(socket: Box<WebSocket>, start: Box<Start>) {
 /// Authenticates, subscribes and says `ready`; returns the connection to
 /// serve, or why it ended. Boxed by its caller: none of its state outlives
 /// it, and an idle socket's task should not hold room for it.
-async fn open(mut socket: Box<WebSocket>, start: Box<Start>) -> Result<Box<Connection>, Closed> {
+async fn open(mut socket: Box<Socket>, start: Box<Start>) -> Result<Box<Connection>, Closed> {
     let Start {
         state,
         header,
@@ -226,7 +229,7 @@ async fn open(mut socket: Box<WebSocket>, start: Box<Start>) -> Result<Box<Conne
 /// The token from the upgrade header, or else from an `auth` frame that must
 /// arrive within the configured timeout. Fails with how to close.
 async fn authenticate(
-    socket: &mut WebSocket,
+    socket: &mut Socket,
     state: &AppState,
     header: Option<Result<Claims>>,
 ) -> Result<Claims, Flow> {
@@ -245,7 +248,7 @@ async fn authenticate(
     }
     let first_auth = async {
         loop {
-            match socket.recv().await {
+            match socket.next().await {
                 Some(Ok(WsMessage::Text(text))) => {
                     let max_depth = state.config.max_json_depth as usize;
                     return match frame::parse(&text, max_depth).frame {
@@ -262,9 +265,17 @@ async fn authenticate(
             }
         }
     };
-    tokio::time::timeout(state.config.ws_auth_timeout, first_auth)
-        .await
-        .unwrap_or_else(|_| Err(no_token()))
+    // A shutdown does not wait for sockets that have not authenticated.
+    tokio::select! {
+        authenticated = tokio::time::timeout(state.config.ws_auth_timeout, first_auth) => {
+            authenticated.unwrap_or_else(|_| Err(no_token()))
+        }
+        () = state.shutdown.cancelled() => Err(Flow::Close(
+            Closed::Shutdown,
+            close::GOING_AWAY,
+            "server shutting down",
+        )),
+    }
 }
 
 fn expiry_time(exp: i64) -> DateTime<Utc> {
@@ -282,14 +293,14 @@ fn until(exp: i64) -> tokio::time::Instant {
 /// kernel answer with RST, which can destroy the close frame before the peer
 /// reads it; draining first gets a clean FIN. Frames discarded here were not
 /// accepted: no `sent` was written for them.
-async fn send_close(socket: &mut WebSocket, code: u16, reason: &'static str) {
+async fn send_close(socket: &mut Socket, code: u16, reason: &'static str) {
     let frame = WsMessage::Close(Some(CloseFrame {
-        code,
+        code: code.into(),
         reason: reason.into(),
     }));
     let handshake = async {
         socket.send(frame).await.ok()?;
-        while let Some(Ok(message)) = socket.recv().await {
+        while let Some(Ok(message)) = socket.next().await {
             if matches!(message, WsMessage::Close(_)) {
                 break;
             }
@@ -300,7 +311,7 @@ async fn send_close(socket: &mut WebSocket, code: u16, reason: &'static str) {
 }
 
 struct Connection {
-    socket: Box<WebSocket>,
+    socket: Box<Socket>,
     state: AppState,
     /// The account and device the socket belongs to; renewals must keep
     /// both.
@@ -401,7 +412,7 @@ impl Connection {
                         Some(event) => Box::pin(self.events(event)).await,
                         None => Flow::Kicked,
                     },
-                    inbound = self.socket.recv(), if self.pending.len() < MAX_IN_FLIGHT => match inbound {
+                    inbound = self.socket.next(), if self.pending.len() < MAX_IN_FLIGHT => match inbound {
                         Some(Ok(message)) => {
                             self.awaiting_pong = false;
                             Box::pin(self.inbound(message)).await
@@ -603,6 +614,8 @@ impl Connection {
             WsMessage::Ping(_) => flow(self.flush().await),
             WsMessage::Pong(_) => Flow::Continue,
             WsMessage::Close(_) => Flow::Close(Closed::Client, 1000, ""),
+            // Only ever written, never read.
+            WsMessage::Frame(_) => Flow::Continue,
         }
     }
 
@@ -782,7 +795,7 @@ impl Connection {
 /// a box, so that the socket task carries none of it while idle.
 async fn bounded<F>(write: F, kicked: &CancellationToken) -> Result<(), Stop>
 where
-    F: Future<Output = Result<(), axum::Error>>,
+    F: Future<Output = Result<(), tungstenite::Error>>,
 {
     let mut write = std::pin::pin!(write);
     let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
@@ -812,25 +825,30 @@ fn flow(written: Result<(), Stop>) -> Flow {
 }
 
 /// A read error: a frame that breaks the protocol is answered with 1002, a
-/// text message that is not UTF-8 with 1007, an oversized frame with 1009;
-/// anything else (a reset, EOF without a close) means the peer is gone.
-fn read_error(err: axum::Error) -> Flow {
+/// text message that is not UTF-8 with 1007, a message left unfinished too
+/// long with 1008, an oversized frame with 1009; anything else (a reset,
+/// EOF without a close) means the peer is gone.
+fn read_error(err: tungstenite::Error) -> Flow {
     use tungstenite::error::{Error as WsError, ProtocolError};
-    let source = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<WsError>());
-    match source {
-        Some(WsError::Capacity(_)) => Flow::Close(Closed::TooBig, close::TOO_BIG, "frame too large"),
-        Some(WsError::Utf8(_)) => Flow::Close(
+    match err {
+        WsError::Capacity(_) => Flow::Close(Closed::TooBig, close::TOO_BIG, "frame too large"),
+        WsError::Utf8(_) => Flow::Close(
             Closed::Malformed,
             close::INVALID_PAYLOAD,
             "text frames must be UTF-8",
         ),
-        Some(WsError::Protocol(violation))
+        WsError::Io(err) if TimedOut::is(&err) => Flow::Close(
+            Closed::Malformed,
+            close::POLICY,
+            "message not finished in time",
+        ),
+        WsError::Protocol(violation)
             if !matches!(violation, ProtocolError::ResetWithoutClosingHandshake) =>
         {
             tracing::debug!(error = %violation, "protocol violation");
             Flow::Close(Closed::Malformed, close::PROTOCOL, "protocol violation")
         }
-        _ => {
+        err => {
             tracing::debug!(error = %err, "socket read failed");
             Flow::Close(Closed::Gone, close::GOING_AWAY, "")
         }

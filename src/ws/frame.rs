@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::ws::Message as WsMessage;
+use tungstenite::Message as WsMessage;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
