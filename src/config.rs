@@ -139,10 +139,23 @@ pub struct Config {
     #[arg(long, env = "SEALPOST_WS_PING_INTERVAL", default_value = "30s", value_parser = parse_ttl)]
     pub ws_ping_interval: Duration,
 
-    /// How long a WebSocket without an `Authorization` header has to send its
-    /// `auth` frame.
-    #[arg(long, env = "SEALPOST_WS_AUTH_TIMEOUT", default_value = "10s", value_parser = parse_ttl)]
+    /// How long a WebSocket without a valid `Authorization` header has to
+    /// send its `auth` frame. It holds a waiting slot meanwhile
+    /// (`SEALPOST_MAX_UNAUTHENTICATED_SOCKETS`): a client sends the frame
+    /// right after the upgrade, one round trip, so 5s is ample even on a
+    /// poor mobile link, and a slot an attacker holds turns over twice as
+    /// fast as at the former 10s.
+    #[arg(long, env = "SEALPOST_WS_AUTH_TIMEOUT", default_value = "5s", value_parser = parse_ttl)]
     pub ws_auth_timeout: Duration,
+
+    /// How long a client has to finish a WebSocket message it has begun: a
+    /// message sent in fragments, or one frame whose payload is still
+    /// arriving. The server holds what arrived (up to a maximal message,
+    /// ~850 KiB) meanwhile; past it the socket is closed with 1008. 10s
+    /// carries a maximal message at under 1 Mbit/s.
+    #[arg(long, env = "SEALPOST_WS_MESSAGE_TIMEOUT", default_value = "10s",
+          value_parser = parse_ttl)]
+    pub ws_message_timeout: Duration,
 
     /// Messages waiting to be written to one WebSocket. A connection whose
     /// queue overflows (a stalled reader) is closed; its messages stay queued
@@ -255,6 +268,20 @@ pub struct Config {
         default_value_t = 1000
     )]
     pub max_unauthenticated_sockets: u32,
+
+    /// WebSockets from one client address (IPv6: one /64) that have not
+    /// authenticated yet; 0 = no limit. Its share of
+    /// `SEALPOST_MAX_UNAUTHENTICATED_SOCKETS`, so that one address cannot
+    /// take every slot. A socket waits one round trip (an upgrade with a
+    /// valid `Authorization` header not at all), so 16 lets a NAT of many
+    /// browsers connect dozens of sockets a second; one over it gets 429
+    /// and retries.
+    #[arg(
+        long,
+        env = "SEALPOST_MAX_UNAUTHENTICATED_SOCKETS_PER_IP",
+        default_value_t = 16
+    )]
+    pub max_unauthenticated_sockets_per_ip: u32,
 
     /// Messages queued for one device of a recipient; further sends to the
     /// account are refused with `queue_full` until that device's queue

@@ -179,7 +179,8 @@ label_values! {
         Unauthenticated = "unauthenticated",
         /// The device already held as many sockets as it may.
         TooManyConnections = "too_many_connections",
-        /// Too many malformed frames.
+        /// Too many malformed frames, a frame that breaks the protocol, or a
+        /// message not finished in time.
         Malformed = "malformed",
         /// A frame over the size limit.
         TooBig = "too_big",

@@ -228,6 +228,7 @@ impl Server {
         let socket_caps = SocketCaps::new(
             config.max_connections_per_ip,
             config.max_unauthenticated_sockets,
+            config.max_unauthenticated_sockets_per_ip,
         );
         let listener = TcpListener::bind(config.addr)
             .await

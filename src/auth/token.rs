@@ -91,9 +91,23 @@ impl Tokens {
 
     /// Checks signature, algorithm and expiry.
     pub fn verify_access(&self, token: &str) -> Result<Claims> {
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+        self.verify_access_at(token, Utc::now())
+    }
+
+    /// As [`Tokens::verify_access`] at the time `now`: a token is expired
+    /// from the instant `exp` on. jsonwebtoken compares `exp` with the
+    /// current whole second, and accepts `exp == now`, so a token passed for
+    /// up to a second after `exp`, while a socket closes at `exp` itself:
+    /// the same token must not be refused on one and accepted on the other.
+    fn verify_access_at(&self, token: &str, now: DateTime<Utc>) -> Result<Claims> {
+        const REFUSED: Error = Error::Unauthorized("invalid or expired access token");
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map(|data| data.claims)
-            .map_err(|_| Error::Unauthorized("invalid or expired access token"))
+            .map_err(|_| REFUSED)?;
+        if now.timestamp() >= claims.exp {
+            return Err(REFUSED);
+        }
+        Ok(claims)
     }
 
     pub fn new_refresh() -> NewRefreshToken {
@@ -176,6 +190,21 @@ mod tests {
             Duration::from_secs(60),
         );
         assert!(other.verify_access(&jwt).is_err());
+    }
+
+    /// Refused from the instant of `exp`, not a second later, as a socket
+    /// closes at it.
+    #[test]
+    fn a_token_expires_at_exp_exactly() {
+        let tokens = tokens(Duration::from_secs(60));
+        let jwt = tokens
+            .issue_access(Uuid::new_v4(), 1, Uuid::new_v4(), Utc::now())
+            .unwrap();
+        let exp = tokens.verify_access(&jwt).unwrap().exp;
+        let at = |ms: i64| DateTime::from_timestamp_millis(exp * 1000 + ms).unwrap();
+        assert!(tokens.verify_access_at(&jwt, at(-1)).is_ok());
+        assert!(tokens.verify_access_at(&jwt, at(0)).is_err());
+        assert!(tokens.verify_access_at(&jwt, at(999)).is_err());
     }
 
     #[test]

@@ -51,7 +51,8 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
+use tungstenite::Message as WsMessage;
+use tungstenite::protocol::CloseFrame;
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
@@ -60,6 +61,8 @@ use tokio::time::{MissedTickBehavior, Sleep};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::Socket;
+use super::deadline::TimedOut;
 use super::drain::{self, Chunk, Cursor};
 use super::frame::{self, ClientFrame, ServerFrame, close};
 use super::seen::Seen;
@@ -113,13 +116,14 @@ pub struct Start {
     pub state: AppState,
     /// The upgrade request's bearer token, checked.
     pub header: Option<Result<Claims>>,
-    /// The connection's place in the per-IP count, held for its life.
+    /// The connection's place in the per-address count, held for its life,
+    /// and its waiting slot until it authenticates.
     pub permit: SocketPermit,
     /// Whether it takes over from the older sockets of its device.
     pub exclusive: bool,
 }
 
-pub async fn run(socket: Box<WebSocket>, start: Box<Start>) {
+pub async fn run(socket: Box<Socket>, start: Box<Start>) {
     let metrics = start.state.metrics.clone();
     let closed = match Box::pin(open(socket, start)).await {
         Ok(mut conn) => conn.serve().await,
@@ -131,14 +135,19 @@ pub async fn run(socket: Box<WebSocket>, start: Box<Start>) {
 /// Authenticates, subscribes and says `ready`; returns the connection to
 /// serve, or why it ended. Boxed by its caller: none of its state outlives
 /// it, and an idle socket's task should not hold room for it.
-async fn open(mut socket: Box<WebSocket>, start: Box<Start>) -> Result<Box<Connection>, Closed> {
+async fn open(mut socket: Box<Socket>, start: Box<Start>) -> Result<Box<Connection>, Closed> {
     let Start {
         state,
         header,
         mut permit,
         exclusive,
     } = *start;
-    let claims = match Box::pin(authenticate(&mut socket, &state, header)).await {
+    let authenticated = Box::pin(authenticate(&mut socket, &state, header)).await;
+    // Authenticated or refused, the socket waits no more: its slot is free
+    // before the close handshake, which a client that never answers drags
+    // out for the whole close timeout.
+    permit.stop_waiting();
+    let claims = match authenticated {
         Ok(claims) => claims,
         Err(Flow::Close(closed, code, reason)) => {
             send_close(&mut socket, code, reason).await;
@@ -146,7 +155,6 @@ async fn open(mut socket: Box<WebSocket>, start: Box<Start>) -> Result<Box<Conne
         }
         Err(_) => return Err(Closed::Gone),
     };
-    permit.authenticated();
     let device = Address {
         user: claims.sub,
         device: claims.dev,
@@ -221,7 +229,7 @@ async fn open(mut socket: Box<WebSocket>, start: Box<Start>) -> Result<Box<Conne
 /// The token from the upgrade header, or else from an `auth` frame that must
 /// arrive within the configured timeout. Fails with how to close.
 async fn authenticate(
-    socket: &mut WebSocket,
+    socket: &mut Socket,
     state: &AppState,
     header: Option<Result<Claims>>,
 ) -> Result<Claims, Flow> {
@@ -240,7 +248,7 @@ async fn authenticate(
     }
     let first_auth = async {
         loop {
-            match socket.recv().await {
+            match socket.next().await {
                 Some(Ok(WsMessage::Text(text))) => {
                     let max_depth = state.config.max_json_depth as usize;
                     return match frame::parse(&text, max_depth).frame {
@@ -257,9 +265,17 @@ async fn authenticate(
             }
         }
     };
-    tokio::time::timeout(state.config.ws_auth_timeout, first_auth)
-        .await
-        .unwrap_or_else(|_| Err(no_token()))
+    // A shutdown does not wait for sockets that have not authenticated.
+    tokio::select! {
+        authenticated = tokio::time::timeout(state.config.ws_auth_timeout, first_auth) => {
+            authenticated.unwrap_or_else(|_| Err(no_token()))
+        }
+        () = state.shutdown.cancelled() => Err(Flow::Close(
+            Closed::Shutdown,
+            close::GOING_AWAY,
+            "server shutting down",
+        )),
+    }
 }
 
 fn expiry_time(exp: i64) -> DateTime<Utc> {
@@ -277,14 +293,14 @@ fn until(exp: i64) -> tokio::time::Instant {
 /// kernel answer with RST, which can destroy the close frame before the peer
 /// reads it; draining first gets a clean FIN. Frames discarded here were not
 /// accepted: no `sent` was written for them.
-async fn send_close(socket: &mut WebSocket, code: u16, reason: &'static str) {
+async fn send_close(socket: &mut Socket, code: u16, reason: &'static str) {
     let frame = WsMessage::Close(Some(CloseFrame {
-        code,
+        code: code.into(),
         reason: reason.into(),
     }));
     let handshake = async {
         socket.send(frame).await.ok()?;
-        while let Some(Ok(message)) = socket.recv().await {
+        while let Some(Ok(message)) = socket.next().await {
             if matches!(message, WsMessage::Close(_)) {
                 break;
             }
@@ -295,7 +311,7 @@ async fn send_close(socket: &mut WebSocket, code: u16, reason: &'static str) {
 }
 
 struct Connection {
-    socket: Box<WebSocket>,
+    socket: Box<Socket>,
     state: AppState,
     /// The account and device the socket belongs to; renewals must keep
     /// both.
@@ -396,7 +412,7 @@ impl Connection {
                         Some(event) => Box::pin(self.events(event)).await,
                         None => Flow::Kicked,
                     },
-                    inbound = self.socket.recv(), if self.pending.len() < MAX_IN_FLIGHT => match inbound {
+                    inbound = self.socket.next(), if self.pending.len() < MAX_IN_FLIGHT => match inbound {
                         Some(Ok(message)) => {
                             self.awaiting_pong = false;
                             Box::pin(self.inbound(message)).await
@@ -598,6 +614,8 @@ impl Connection {
             WsMessage::Ping(_) => flow(self.flush().await),
             WsMessage::Pong(_) => Flow::Continue,
             WsMessage::Close(_) => Flow::Close(Closed::Client, 1000, ""),
+            // Only ever written, never read.
+            WsMessage::Frame(_) => Flow::Continue,
         }
     }
 
@@ -777,7 +795,7 @@ impl Connection {
 /// a box, so that the socket task carries none of it while idle.
 async fn bounded<F>(write: F, kicked: &CancellationToken) -> Result<(), Stop>
 where
-    F: Future<Output = Result<(), axum::Error>>,
+    F: Future<Output = Result<(), tungstenite::Error>>,
 {
     let mut write = std::pin::pin!(write);
     let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
@@ -806,16 +824,33 @@ fn flow(written: Result<(), Stop>) -> Flow {
     }
 }
 
-/// A read error: an oversized frame is answered with 1009, anything else
-/// means the peer is gone.
-fn read_error(err: axum::Error) -> Flow {
-    let too_big = std::error::Error::source(&err)
-        .and_then(|source| source.downcast_ref::<tungstenite::Error>())
-        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)));
-    if too_big {
-        Flow::Close(Closed::TooBig, close::TOO_BIG, "frame too large")
-    } else {
-        tracing::debug!(error = %err, "socket read failed");
-        Flow::Close(Closed::Gone, close::GOING_AWAY, "")
+/// A read error: a frame that breaks the protocol is answered with 1002, a
+/// text message that is not UTF-8 with 1007, a message left unfinished too
+/// long with 1008, an oversized frame with 1009; anything else (a reset,
+/// EOF without a close) means the peer is gone.
+fn read_error(err: tungstenite::Error) -> Flow {
+    use tungstenite::error::{Error as WsError, ProtocolError};
+    match err {
+        WsError::Capacity(_) => Flow::Close(Closed::TooBig, close::TOO_BIG, "frame too large"),
+        WsError::Utf8(_) => Flow::Close(
+            Closed::Malformed,
+            close::INVALID_PAYLOAD,
+            "text frames must be UTF-8",
+        ),
+        WsError::Io(err) if TimedOut::is(&err) => Flow::Close(
+            Closed::Malformed,
+            close::POLICY,
+            "message not finished in time",
+        ),
+        WsError::Protocol(violation)
+            if !matches!(violation, ProtocolError::ResetWithoutClosingHandshake) =>
+        {
+            tracing::debug!(error = %violation, "protocol violation");
+            Flow::Close(Closed::Malformed, close::PROTOCOL, "protocol violation")
+        }
+        err => {
+            tracing::debug!(error = %err, "socket read failed");
+            Flow::Close(Closed::Gone, close::GOING_AWAY, "")
+        }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::ws::Message as WsMessage;
+use tungstenite::Message as WsMessage;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -18,7 +18,12 @@ use crate::wire::{Envelope, MessageView};
 pub mod close {
     /// The server is shutting down.
     pub const GOING_AWAY: u16 = 1001;
-    /// Too many malformed frames.
+    /// A frame that breaks RFC 6455 (an unmasked client frame, a reserved
+    /// opcode or bit, a continuation with nothing to continue...).
+    pub const PROTOCOL: u16 = 1002;
+    /// A text message that is not UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// Too many malformed frames, or a message not finished in time.
     pub const POLICY: u16 = 1008;
     /// A frame over the size limit.
     pub const TOO_BIG: u16 = 1009;

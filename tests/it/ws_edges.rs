@@ -141,9 +141,9 @@ async fn frame_auth_must_come_first_and_in_time(backend: Backend) {
     let bob = server.account("bob").await;
 
     // Nothing at all: closed once the (1 s) auth timeout passes. The default
-    // timeout is 10 s, so a close within 8 s is the flag at work.
+    // timeout is 5 s, so a close within 4 s is the flag at work.
     let mut ws = WsClient::connect(&server.api, None).await;
-    match ws.event_within(Duration::from_secs(8)).await {
+    match ws.event_within(Duration::from_secs(4)).await {
         Some(Event::Closed(code, _)) => assert_eq!(code, UNAUTHORIZED),
         other => panic!("expected a 4401 close after the auth timeout, got {other:?}"),
     }
