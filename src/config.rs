@@ -257,14 +257,16 @@ pub struct Config {
     /// from it to the account are refused with `queue_full`, while other
     /// senders go on. Once a device's queue is full, senders holding
     /// fewer than a hundredth of this there may still queue up to a tenth
-    /// more. 0 = no limit (and no headroom).
+    /// more. 0, or a share no smaller than `SEALPOST_MAX_QUEUED_PER_USER`,
+    /// = no shares (and no headroom).
     #[arg(long, env = "SEALPOST_MAX_QUEUED_PER_SENDER", default_value_t = 1_000)]
     pub max_queued_per_sender: u32,
 
     /// Stored bytes queued for one account, all its devices together
     /// (each copy counts: a body to ten devices is stored ten times); a
     /// send that would pass it is refused with `queue_full`. A sender may
-    /// hold a tenth of it. 0 = no limit.
+    /// hold a tenth of it (when senders have shares, see
+    /// `SEALPOST_MAX_QUEUED_PER_SENDER`). 0 = no limit.
     #[arg(long, env = "SEALPOST_MAX_QUEUED_BYTES_PER_USER", default_value_t = 256 * 1024 * 1024)]
     pub max_queued_bytes_per_user: u64,
 

@@ -16,6 +16,10 @@
 //!   a headroom of a tenth more ([`HEADROOM`]): someone writing to a person
 //!   who is away still gets through while a flood holds the rest.
 //!
+//! A share no smaller than the device cap is no share: then (and with
+//! `per_sender` 0) there are neither shares nor headroom, and the device
+//! cap and byte quota are the recipient's, whoever sends.
+//!
 //! Filling a queue so that a sender holding nothing is refused then takes
 //! `per_device / per_sender` accounts for the queue and another
 //! `headroom / small_share` for the headroom: 10 + 100 at the defaults.
@@ -135,6 +139,9 @@ pub struct Charge {
 
 pub struct QueueCaps {
     limits: QueueLimits,
+    /// Whether senders have shares (and the headroom is open to small
+    /// ones): a share under the device cap is set.
+    shares: bool,
     /// Bounded by the accounts that exist (an account unknown to the store
     /// is refused before it is counted); each entry by its queued rows.
     accounts: DashMap<Uuid, Account>,
@@ -144,8 +151,11 @@ pub struct QueueCaps {
 
 impl QueueCaps {
     pub fn new(limits: QueueLimits, clustered: bool) -> Self {
+        let shares = limits.per_sender > 0
+            && (limits.per_device == 0 || limits.per_sender < limits.per_device);
         Self {
             limits,
+            shares,
             accounts: DashMap::new(),
             recount: clustered.then_some(CLUSTER_RECOUNT),
         }
@@ -190,7 +200,8 @@ impl QueueCaps {
         let small = small_share(limits.per_sender);
         // Whether the sender holds little in every queue it adds to: then
         // a full queue's headroom is open to it.
-        let is_small = copies.iter().all(|(device, _)| {
+        let is_small = self.shares
+            && copies.iter().all(|(device, _)| {
             account
                 .devices
                 .get(device)
@@ -201,7 +212,7 @@ impl QueueCaps {
             let (rows, held) = account.devices.get(device).map_or((0, 0), |q| {
                 (q.rows, q.senders.get(&tag).copied().unwrap_or(0))
             });
-            if limits.per_sender > 0 && held >= limits.per_sender {
+            if self.shares && held >= limits.per_sender {
                 return Err(Error::QueueFull);
             }
             if !within(u64::from(rows) + 1, u64::from(limits.per_device), is_small) {
@@ -212,7 +223,7 @@ impl QueueCaps {
         if limits.bytes_per_user > 0 {
             let mine = account.sender_bytes.get(&tag).copied().unwrap_or(0);
             let share = (limits.bytes_per_user / SENDER_BYTES_SHARE).max(1);
-            if mine.saturating_add(added) > share
+            if (self.shares && mine.saturating_add(added) > share)
                 || !within(account.bytes.saturating_add(added), limits.bytes_per_user, is_small)
             {
                 return Err(Error::QueueFull);
@@ -353,10 +364,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_share_as_large_as_the_queue_is_no_share() {
+        let (queue, bob) = (MemQueue::default(), Uuid::new_v4());
+        let caps = caps(3, 1000, 0);
+        for _ in 0..3 {
+            caps.reserve(&queue, bob, tag(1), &[(1, 1)]).await.unwrap();
+        }
+        // Full for everyone: no headroom.
+        assert!(caps.reserve(&queue, bob, tag(2), &[(1, 1)]).await.is_err());
+    }
+
+    #[tokio::test]
     async fn the_byte_quota_counts_every_copy_and_frees_on_release() {
         let (queue, bob) = (MemQueue::default(), Uuid::new_v4());
         // 1,000 bytes an account; a sender's share is 100.
-        let caps = caps(0, 0, 1000);
+        let caps = caps(0, 10, 1000);
         caps.reserve(&queue, bob, tag(1), &[(1, 50), (2, 50)])
             .await
             .unwrap();
