@@ -220,6 +220,20 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub send_rate_burst: u32,
 
+    /// Sends from one user to one recipient per second, stored and
+    /// ephemeral together (sends to your own account are not counted);
+    /// 0 turns the limit off. Bounds what one sender pours into one
+    /// account's queues and how often it can ask, by an ephemeral send,
+    /// whether the account is online.
+    #[arg(long, env = "SEALPOST_PAIR_RATE_PER_SECOND", default_value_t = 2)]
+    pub pair_rate_per_second: u32,
+
+    /// Sends from one user to one recipient at once before the per-second
+    /// rate applies: a client flushing a conversation written offline.
+    #[arg(long, env = "SEALPOST_PAIR_RATE_BURST", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub pair_rate_burst: u32,
+
     /// Open WebSockets per device (all its sessions: tabs, an app
     /// restarting); 0 = no limit. The name is from before devices.
     #[arg(long, env = "SEALPOST_MAX_CONNECTIONS_PER_USER", default_value_t = 10)]
@@ -288,6 +302,23 @@ pub struct Config {
     /// drains. 0 = no limit. The name is from before devices.
     #[arg(long, env = "SEALPOST_MAX_QUEUED_PER_USER", default_value_t = 10_000)]
     pub max_queued_per_user: u32,
+
+    /// Messages one sender may hold in one device's queue; further sends
+    /// from it to the account are refused with `queue_full`, while other
+    /// senders go on. Once a device's queue is full, senders holding
+    /// fewer than a hundredth of this there may still queue up to a tenth
+    /// more. 0, or a share no smaller than `SEALPOST_MAX_QUEUED_PER_USER`,
+    /// = no shares (and no headroom).
+    #[arg(long, env = "SEALPOST_MAX_QUEUED_PER_SENDER", default_value_t = 1_000)]
+    pub max_queued_per_sender: u32,
+
+    /// Stored bytes queued for one account, all its devices together
+    /// (each copy counts: a body to ten devices is stored ten times); a
+    /// send that would pass it is refused with `queue_full`. A sender may
+    /// hold a tenth of it (when senders have shares, see
+    /// `SEALPOST_MAX_QUEUED_PER_SENDER`). 0 = no limit.
+    #[arg(long, env = "SEALPOST_MAX_QUEUED_BYTES_PER_USER", default_value_t = 256 * 1024 * 1024)]
+    pub max_queued_bytes_per_user: u64,
 
     /// Browser origins allowed to call the API and open WebSockets, comma
     /// separated and exact (`https://chat.example.com`). None by default:

@@ -133,6 +133,8 @@ label_values! {
         Auth = "auth",
         /// Sends per user, REST and WebSocket together.
         Send = "send",
+        /// Sends from one user to one recipient.
+        Pair = "pair",
     }
 }
 

@@ -20,6 +20,22 @@
 //! the new key first, keep the old one after it until the sweeper has sealed
 //! every old row again, then drop it.
 //!
+//! **Tags.** Each storage key also gives a tag key (HMAC-SHA256 of the
+//! storage key over [`TAG_KEY_LABEL`]: a subkey no ciphertext is made with),
+//! for what the store must find or count without holding it in the clear:
+//! - [`KeyRing::sender_tag`]: a queued row's `sender_tag`, the keyed hash of
+//!   its (sender, recipient) pair, so that a sender's share of a device's
+//!   queue is counted from the store ([`crate::limits::queue`]) without the
+//!   sender in the clear. It groups the rows one sender queued for one
+//!   account, nothing across accounts.
+//! - [`KeyRing::send_key_hashes`], [`KeyRing::account_tags`] and
+//!   [`KeyRing::seal_key`]: a `send_keys` row is found by the keyed hash of
+//!   (sender, device, `client_id`) and deleted with its account by the keyed
+//!   hash of the sender; its answer (message id, digest) is sealed.
+//!
+//! A tag is made with the current key and looked up under every key of the
+//! ring, so a rotation finds the rows tagged before it.
+//!
 //! Sealing happens off the delivery lock: the committer seals each batch just
 //! before writing it, [`crate::delivery::Delivery::fetch`] opens what it
 //! reads, and the sweeper re-seals legacy and old-key rows. The [`Message`]
@@ -32,12 +48,15 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{Key, KeyInit, Tag, XChaCha20Poly1305, XNonce};
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
 use rand::TryRngCore;
 use rand::rngs::OsRng;
+use sha2::Sha256;
 use uuid::Uuid;
 
 use crate::keyfile::{self, Kind};
-use crate::store::{DeviceId, KeyId, Message, SealedRow, StoredRow};
+use crate::store::{DeviceId, KeyId, Message, SealedKey, SealedRow, SenderTag, SentKey, StoredRow};
 
 /// Names the format and its version in every row's associated data, so a
 /// later format can never be confused with this one.
@@ -50,6 +69,16 @@ const TAG_BYTES: usize = 16;
 const SENDER_BYTES: usize = 16;
 const DEVICE_BYTES: usize = 4;
 const KEY_BYTES: usize = 32;
+/// The tag key is HMAC-SHA256(storage key, this label): a subkey of its
+/// own, so no tag and no ciphertext share a key.
+const TAG_KEY_LABEL: &[u8] = b"sealpost/tag-key/v1";
+/// The associated data label of a sealed send-key answer.
+const AD_SEND_KEY: &[u8] = b"sealpost/send-key/v1";
+/// What sealing adds to a body: nonce, sender, sender device, tag. A copy
+/// takes `body + SEAL_OVERHEAD` bytes in the store.
+pub const SEAL_OVERHEAD: usize = NONCE_BYTES + SENDER_BYTES + DEVICE_BYTES + TAG_BYTES;
+
+type HmacSha256 = Hmac<Sha256>;
 
 /// Why a row could not be sealed or opened. The row itself is never touched.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +101,8 @@ pub enum SealError {
 pub struct KeyRing {
     /// Never empty; ids are distinct.
     keys: Vec<(KeyId, XChaCha20Poly1305)>,
+    /// Each key's tag key, keyed and ready, in the order of `keys`.
+    tags: Vec<HmacSha256>,
 }
 
 impl fmt::Debug for KeyRing {
@@ -88,6 +119,7 @@ impl KeyRing {
     /// key.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut keys: Vec<(KeyId, XChaCha20Poly1305)> = Vec::new();
+        let mut tags = Vec::new();
         for (n, entry) in text.split(',').enumerate() {
             let n = n + 1;
             let (id, key) = entry
@@ -111,8 +143,9 @@ impl KeyRing {
                 return Err(format!("key id {id} appears twice"));
             }
             keys.push((id, XChaCha20Poly1305::new(&Key::from(bytes))));
+            tags.push(tag_key(&bytes));
         }
-        Ok(Self { keys })
+        Ok(Self { keys, tags })
     }
 
     /// A fresh ring holding one random key with id 1.
@@ -177,6 +210,7 @@ impl KeyRing {
             sent_at: message.sent_at,
             key_id: *key_id,
             sealed,
+            sender_tag: Some(self.sender_tag(message.sender, message.recipient)),
         }
     }
 
@@ -193,6 +227,7 @@ impl KeyRing {
             sent_at,
             key_id,
             mut sealed,
+            ..
         } = row;
         let key = self
             .key(key_id)
@@ -259,10 +294,137 @@ impl KeyRing {
         rows.into_iter().map(|row| self.open(row)).collect()
     }
 
-    /// Seals a legacy or old-key row again under the current key.
+    /// Seals a legacy or old-key row again under the current key (and tags
+    /// it under the current key).
     pub fn reseal(&self, row: StoredRow) -> Result<SealedRow, SealError> {
         self.seal(&self.open(row)?)
     }
+
+    /// The tag of the rows `sender` queues for `recipient`, under the
+    /// current key: 128 bits of HMAC-SHA256, plenty to tell apart the
+    /// senders of one account's queue.
+    pub fn sender_tag(&self, sender: Uuid, recipient: Uuid) -> SenderTag {
+        let mut mac = self.tags[0].clone();
+        mac.update(b"sender-tag");
+        mac.update(sender.as_bytes());
+        mac.update(recipient.as_bytes());
+        let full = mac.finalize().into_bytes();
+        full[..16].try_into().expect("16 of 32 bytes")
+    }
+
+    /// The keyed hash a send key is stored under, under each key of the
+    /// ring (the current one first): a write uses the first, a lookup all.
+    pub fn send_key_hashes(&self, sender: Uuid, device: DeviceId, client_id: &str) -> Vec<Vec<u8>> {
+        self.tags
+            .iter()
+            .map(|tag| {
+                let mut mac = tag.clone();
+                mac.update(b"send-key");
+                mac.update(sender.as_bytes());
+                mac.update(&device.to_be_bytes());
+                // Last and of bounded length: no two keys share an encoding.
+                mac.update(client_id.as_bytes());
+                mac.finalize().into_bytes().to_vec()
+            })
+            .collect()
+    }
+
+    /// The keyed hash of an account that its send keys carry, so that
+    /// deleting the account deletes them, under each key of the ring.
+    pub fn account_tags(&self, user: Uuid) -> Vec<Vec<u8>> {
+        self.tags
+            .iter()
+            .map(|tag| {
+                let mut mac = tag.clone();
+                mac.update(b"send-key-account");
+                mac.update(user.as_bytes());
+                mac.finalize().into_bytes().to_vec()
+            })
+            .collect()
+    }
+
+    /// A send key as the store keeps it: found by its keyed hash, deleted
+    /// with its account by the account's, its answer (message id and
+    /// digest) sealed and bound to that hash, kept until `expires_at`.
+    pub fn seal_key(
+        &self,
+        record: &SentKey,
+        expires_at: DateTime<Utc>,
+    ) -> Result<SealedKey, SealError> {
+        let key = &record.key;
+        let hash = self
+            .send_key_hashes(key.sender, key.device, &key.client_id)
+            .swap_remove(0);
+        let account = self.account_tags(key.sender).swap_remove(0);
+        let mut nonce = [0u8; NONCE_BYTES];
+        fill_random(&mut nonce)?;
+        let (key_id, cipher) = &self.keys[0];
+        let mut answer = Vec::with_capacity(NONCE_BYTES + 16 + record.digest.len() + TAG_BYTES);
+        answer.extend_from_slice(&nonce);
+        answer.extend_from_slice(record.message.as_bytes());
+        answer.extend_from_slice(&record.digest);
+        let tag = cipher
+            .encrypt_in_place_detached(
+                &XNonce::from(nonce),
+                &[AD_SEND_KEY, &hash].concat(),
+                &mut answer[NONCE_BYTES..],
+            )
+            .expect("a short answer fits XChaCha20-Poly1305");
+        answer.extend_from_slice(&tag);
+        Ok(SealedKey {
+            hash,
+            account,
+            key_id: *key_id,
+            answer,
+            expires_at,
+        })
+    }
+
+    /// Opens a send key's answer: the message id and the digest.
+    pub fn open_key(&self, sealed: SealedKey) -> Result<(Uuid, Vec<u8>), SealError> {
+        let SealedKey {
+            hash,
+            key_id,
+            mut answer,
+            ..
+        } = sealed;
+        // Named by nothing else: the nil id stands for "a send key".
+        let forged = SealError::Forged {
+            id: Uuid::nil(),
+            key_id,
+        };
+        let cipher = self.key(key_id).ok_or(SealError::UnknownKey {
+            id: Uuid::nil(),
+            key_id,
+        })?;
+        if answer.len() < NONCE_BYTES + 16 + TAG_BYTES {
+            return Err(forged);
+        }
+        let tag: [u8; TAG_BYTES] = answer[answer.len() - TAG_BYTES..]
+            .try_into()
+            .expect("TAG_BYTES");
+        let nonce: [u8; NONCE_BYTES] = answer[..NONCE_BYTES].try_into().expect("NONCE_BYTES");
+        answer.truncate(answer.len() - TAG_BYTES);
+        cipher
+            .decrypt_in_place_detached(
+                &XNonce::from(nonce),
+                &[AD_SEND_KEY, &hash].concat(),
+                &mut answer[NONCE_BYTES..],
+                &Tag::from(tag),
+            )
+            .map_err(|_| forged)?;
+        let message =
+            Uuid::from_slice(&answer[NONCE_BYTES..NONCE_BYTES + 16]).expect("16 bytes");
+        Ok((message, answer[NONCE_BYTES + 16..].to_vec()))
+    }
+}
+
+/// The tag key of a storage key.
+fn tag_key(storage_key: &[u8; KEY_BYTES]) -> HmacSha256 {
+    let mut derive = <HmacSha256 as Mac>::new_from_slice(storage_key).expect("HMAC takes any key length");
+    derive.update(TAG_KEY_LABEL);
+    let subkey = derive.finalize().into_bytes();
+    <HmacSha256 as Mac>::new_from_slice(&subkey).expect("HMAC takes any key length")
 }
 
 fn associated_data(
@@ -496,6 +658,7 @@ mod tests {
             sent_at: message.sent_at,
             key_id: *key_id,
             sealed,
+            sender_tag: None,
         }
     }
 

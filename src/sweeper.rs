@@ -1,6 +1,6 @@
 //! The sweeper: deletes messages older than the message TTL, delivered or
-//! not, send keys older than their window
-//! ([`SEND_KEY_WINDOW`](crate::delivery::SEND_KEY_WINDOW)), refresh tokens
+//! not, send keys past their expiry (a day after their send, on the hour:
+//! [`expires_at`](crate::delivery::idempotency::expires_at)), refresh tokens
 //! past their expiry and revocations no token can match any more; prunes the in-memory limiter state; and seals again, under the
 //! current storage key, every queued row that is not yet sealed under it
 //! (plaintext rows of an earlier release, rows of a retired key).
@@ -120,8 +120,7 @@ pub async fn sweep(
     let now = store::now();
     let before = store::first_id_at(store::sub(now, ttl));
     let messages = in_batches(shutdown, || store.delete_before(before, BATCH)).await?;
-    let keys_before = store::first_id_at(store::sub(now, crate::delivery::SEND_KEY_WINDOW));
-    let send_keys = in_batches(shutdown, || store.forget_keys_before(keys_before, BATCH)).await?;
+    let send_keys = in_batches(shutdown, || store.forget_expired_keys(now, BATCH)).await?;
     let tokens = in_batches(shutdown, || store.purge_refresh_tokens(now, BATCH)).await?;
     // A revocation outlives every access token of its session by then.
     let revoked_before = store::sub(now, access_ttl);

@@ -77,8 +77,10 @@ use super::pending::{Admitted, CommitFailed, Insert, NotStored, Pending};
 use crate::cluster::{Broker, Push};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::seal::KeyRing;
-use crate::store::{Ack, DeviceId, Message, Queue, SentKey, StoreError, StoredRow};
+use crate::seal::{KeyRing, SEAL_OVERHEAD};
+use crate::store::{
+    Ack, DeviceId, Message, Queue, SealedKey, SenderTag, SentKey, StoreError, StoredRow,
+};
 
 /// Ops admitted and not yet settled. Past it, accepting waits: a database
 /// that lags for seconds under a heavy load fills it (65,536 messages is
@@ -164,6 +166,11 @@ pub struct Settled {
     /// Who sent it, when known: a deleted row that does not open (a storage
     /// key gone) is settled all the same, but its sender cannot be told.
     pub sender: Option<(Uuid, DeviceId)>,
+    /// The copy's sender tag and stored bytes, that the queue caps give
+    /// back ([`crate::limits::queue`]); no tag for a row written before
+    /// tags.
+    pub tag: Option<SenderTag>,
+    pub bytes: u64,
 }
 
 /// Why a batch was not written.
@@ -194,6 +201,8 @@ pub struct Committer {
     /// How long a copy pushed to an online device waits for its ack.
     window: Duration,
     metrics: Arc<Metrics>,
+    /// Tags the copies an ack cancels, as the store tags those it writes.
+    keys: Arc<KeyRing>,
 }
 
 /// Room reserved in the committer's budget: what is done with it cannot
@@ -325,7 +334,7 @@ impl Committer {
         let pending = Arc::new(Pending::default());
         let writer = Writer {
             queue,
-            keys,
+            keys: keys.clone(),
             metrics: metrics.clone(),
             senders,
             broker,
@@ -339,6 +348,7 @@ impl Committer {
             pending,
             window,
             metrics,
+            keys,
         };
         (committer, task)
     }
@@ -380,10 +390,12 @@ impl Committer {
     ) -> impl Future<Output = Result<Vec<Settled>>> + Send + 'static {
         let mut settled = Vec::new();
         ids.retain(|&id| match self.pending.cancel((recipient, device, id)) {
-            Some(sender) => {
+            Some((sender, sender_device, body)) => {
                 settled.push(Settled {
                     id,
-                    sender: Some(sender),
+                    sender: Some((sender, sender_device)),
+                    tag: Some(self.keys.sender_tag(sender, recipient)),
+                    bytes: (body + SEAL_OVERHEAD) as u64,
                 });
                 false
             }
@@ -626,8 +638,16 @@ impl Writer {
             Ok(Vec::new())
         } else {
             self.metrics.db_write_batch.record(n_ops as f64);
-            let written = match self.keys.seal_all(&messages) {
-                Ok(rows) => {
+            let expires_at = super::idempotency::expires_at(crate::store::now());
+            let sealed = self.keys.seal_all(&messages).and_then(|rows| {
+                let keys = keys
+                    .iter()
+                    .map(|key| self.keys.seal_key(key, expires_at))
+                    .collect::<Result<Vec<SealedKey>, _>>()?;
+                Ok((rows, keys))
+            });
+            let written = match sealed {
+                Ok((rows, keys)) => {
                     let started = std::time::Instant::now();
                     let written = self.queue.write_batch(rows, &keys, &acks).await;
                     self.metrics.db_write.record(started.elapsed());
@@ -688,13 +708,14 @@ impl Writer {
     /// Tells each delete which of its ids it settled: each deleted row
     /// once, for the first delete that named it.
     fn answer_deletes(&self, deletes: Vec<DeleteReply>, deleted: Vec<StoredRow>) {
-        let mut settled: HashMap<(Uuid, DeviceId, Uuid), Option<(Uuid, DeviceId)>> = deleted
+        let mut settled: HashMap<(Uuid, DeviceId, Uuid), SettledRow> = deleted
             .into_iter()
             .map(|row| {
                 let key = match &row {
                     StoredRow::Sealed(r) => (r.recipient, r.device, r.id),
                     StoredRow::Legacy(m) => (m.recipient, m.device, m.id),
                 };
+                let charge = (row.sender_tag(), row.stored_bytes());
                 let sender = if self.senders {
                     self.keys
                         .open(row)
@@ -703,21 +724,30 @@ impl Writer {
                 } else {
                     None
                 };
-                (key, sender)
+                (key, (sender, charge))
             })
             .collect();
         for (recipient, device, ids, done, _) in deletes {
             let mine = ids
                 .iter()
                 .filter_map(|&id| {
-                    let sender = settled.remove(&(recipient, device, id))?;
-                    Some(Settled { id, sender })
+                    let (sender, (tag, bytes)) = settled.remove(&(recipient, device, id))?;
+                    Some(Settled {
+                        id,
+                        sender,
+                        tag,
+                        bytes,
+                    })
                 })
                 .collect();
             let _ = done.send(Ok(mine));
         }
     }
 }
+
+/// A deleted row as its delete is told of it: its sender, if known, and
+/// its sender tag and stored bytes.
+type SettledRow = (Option<(Uuid, DeviceId)>, (Option<SenderTag>, u64));
 
 /// A delete op as the batch keeps it until its rows are known.
 type DeleteReply = (
@@ -809,7 +839,10 @@ mod tests {
             settled,
             [Settled {
                 id,
-                sender: Some((alice, 7))
+                sender: Some((alice, 7)),
+                // Tagged and sized as the store would have it.
+                tag: Some(committer.keys.sender_tag(alice, bob)),
+                bytes: (b"sealed".len() + SEAL_OVERHEAD) as u64,
             }]
         );
         durable.await.unwrap();

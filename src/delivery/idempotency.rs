@@ -21,6 +21,13 @@
 //!   that transaction. So the store knows a key exactly when its message
 //!   was accepted, after a restart too.
 //!
+//! **At rest** a key tells nobody who wrote to whom: the store holds the
+//! keyed hash of (sender, device, `client_id`), the keyed hash of the sender
+//! (for deleting the account's keys with it) and the answer (message id,
+//! digest) sealed, under the storage key ([`crate::seal::KeyRing::seal_key`]),
+//! and expires it by a coarse time of its own ([`expires_at`]), not by its
+//! message's id: nothing in it joins to the queue.
+//!
 //! The limit: two attempts under one key in flight at the same moment on
 //! *different* nodes both miss the store and are both delivered (the later
 //! key replaces the earlier). A retry follows a lost answer, by which time
@@ -30,6 +37,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use sha2::{Digest, Sha256};
@@ -40,10 +48,24 @@ use super::Content;
 use crate::error::{Error, Result};
 use crate::store::{SendKey, SentKey};
 
+/// A key as the store answered it, opened: the message id and digest.
+pub type Recorded = (Uuid, Vec<u8>);
+
 /// How long a send key is remembered: a day covers a client that retries
 /// after a night offline, and a day of keys is a small table beside the
 /// week of messages the queue keeps.
 pub const SEND_KEY_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// When a key written at `now` expires: [`SEND_KEY_WINDOW`] later, rounded
+/// up to the hour. The hour keeps the stored time from pointing at the
+/// message it answers (queued rows carry their send time to the
+/// millisecond); a key is kept one day to one day and an hour.
+pub fn expires_at(now: DateTime<Utc>) -> DateTime<Utc> {
+    const HOUR_MS: i64 = 60 * 60 * 1000;
+    let at = crate::store::add(now, SEND_KEY_WINDOW).timestamp_millis();
+    let rounded = at.div_euclid(HOUR_MS).saturating_add(1).saturating_mul(HOUR_MS);
+    DateTime::from_timestamp_millis(rounded).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
 
 /// The longest `client_id`: room for a UUID in any notation, or a
 /// counter prefixed by a device name, without storing arbitrary blobs.
@@ -165,9 +187,9 @@ impl Claim {
 
     /// A record of this key in the store, as [`Self::check`] accepts it:
     /// the id it names, or the refusal of a different send.
-    pub fn check(&self, recorded: &SentKey) -> Result<Uuid> {
-        if recorded.digest == self.digest {
-            Ok(recorded.message)
+    pub fn check(&self, (message, digest): &Recorded) -> Result<Uuid> {
+        if *digest == self.digest {
+            Ok(*message)
         } else {
             Err(reused())
         }
@@ -246,6 +268,16 @@ mod tests {
             device: 1,
             client_id: client_id.into(),
         }
+    }
+
+    #[test]
+    fn a_key_expires_a_day_later_on_the_hour() {
+        let now = DateTime::parse_from_rfc3339("2026-12-07T13:21:05.123Z")
+            .unwrap()
+            .to_utc();
+        let at = expires_at(now);
+        assert_eq!(at.to_rfc3339(), "2026-12-08T14:00:00+00:00");
+        assert!(at - now >= chrono::TimeDelta::from_std(SEND_KEY_WINDOW).unwrap());
     }
 
     #[test]

@@ -63,10 +63,10 @@ use crate::cluster::{Announce, Broker, Interest, Notice, Push};
 use crate::devices::{self, Directory};
 use crate::error::{Error, Result};
 use crate::hub::{Event, Hub, Kick, Outbound, Receipt, Registration};
-use crate::limits::queue::QueueCaps;
-use crate::limits::rate::SendBudget;
+use crate::limits::queue::{Charge, QueueCaps, QueueLimits};
+use crate::limits::rate::{PairBudget, SendBudget};
 use crate::metrics::{Kind, Limited, Metrics};
-use crate::seal::KeyRing;
+use crate::seal::{KeyRing, SEAL_OVERHEAD};
 use crate::store::{self, DeviceId, Message, Queue, SendKey};
 use committer::Committer;
 pub use idempotency::SEND_KEY_WINDOW;
@@ -136,9 +136,12 @@ pub struct Delivery {
     max_body_bytes: usize,
     /// Envelopes one send may carry: the device cap.
     max_envelopes: usize,
-    /// Sends per user, REST and WebSocket together.
+    /// Sends per user, REST and WebSocket together: a token per stored
+    /// copy.
     budget: SendBudget,
-    /// Messages queued per device.
+    /// Sends per (sender, recipient), stored and ephemeral.
+    pairs: PairBudget,
+    /// Messages queued per device and per sender there, bytes per account.
     queues: Arc<QueueCaps>,
     /// How long a send or an ack waits for the committer, from its start.
     deadline: Duration,
@@ -272,7 +275,11 @@ pub struct Limits {
     pub max_devices_per_user: u32,
     pub send_rate_per_second: u32,
     pub send_rate_burst: u32,
+    pub pair_rate_per_second: u32,
+    pub pair_rate_burst: u32,
     pub max_queued_per_user: u32,
+    pub max_queued_per_sender: u32,
+    pub max_queued_bytes_per_user: u64,
     /// How long a send or an ack may wait for its write
     /// (`SEALPOST_DB_TIMEOUT`).
     pub deadline: Duration,
@@ -300,7 +307,15 @@ impl Delivery {
             max_body_bytes: limits.max_body_bytes,
             max_envelopes: limits.max_devices_per_user.max(1) as usize,
             budget: SendBudget::new(limits.send_rate_per_second, limits.send_rate_burst),
-            queues: Arc::new(QueueCaps::new(limits.max_queued_per_user, !broker.alone())),
+            pairs: PairBudget::new(limits.pair_rate_per_second, limits.pair_rate_burst),
+            queues: Arc::new(QueueCaps::new(
+                QueueLimits {
+                    per_device: limits.max_queued_per_user,
+                    per_sender: limits.max_queued_per_sender,
+                    bytes_per_user: limits.max_queued_bytes_per_user,
+                },
+                !broker.alone(),
+            )),
             deadline: limits.deadline,
             metrics,
             receipts,
@@ -404,9 +419,25 @@ impl Delivery {
         Ok((devices, targets))
     }
 
-    fn check_budget(&self, from: Address) -> Result<()> {
+    /// Takes a send from the sender's budget and from its budget to `to`:
+    /// one token each, before any work. A stored send then takes one more
+    /// from the sender's budget per further copy ([`Self::check_copies`]).
+    fn check_budget(&self, from: Address, to: Uuid) -> Result<()> {
         self.budget
             .check(from.user)
+            .inspect_err(|_| self.metrics.rate_limited(Limited::Send))?;
+        self.pairs
+            .check(from.user, to)
+            .inspect_err(|_| self.metrics.rate_limited(Limited::Pair))
+    }
+
+    /// The rest of a stored send's charge: a token per copy beyond the
+    /// first, so that storage is paid for as it grows (a plain body to a
+    /// ten-device account is ten rows).
+    fn check_copies(&self, from: Address, copies: usize) -> Result<()> {
+        let more = u32::try_from(copies.saturating_sub(1)).unwrap_or(u32::MAX);
+        self.budget
+            .check_n(from.user, more)
             .inspect_err(|_| self.metrics.rate_limited(Limited::Send))
     }
 
@@ -450,8 +481,23 @@ impl Delivery {
                 };
             }
         };
-        let since = store::first_id_at(store::sub(store::now(), SEND_KEY_WINDOW));
-        match self.queue.sent_key(claim.key(), since).await? {
+        let key = claim.key();
+        let hashes = self
+            .keys
+            .send_key_hashes(key.sender, key.device, &key.client_id);
+        let recorded = match self.queue.sent_key(&hashes, store::now()).await? {
+            Some(sealed) => self
+                .keys
+                .open_key(sealed)
+                .inspect_err(|err| {
+                    // Altered: as if unknown, the send is stored (at worst
+                    // twice) rather than answered with a forged id.
+                    tracing::warn!(user.id = %from.user, error = %err, "a send key does not open; ignored");
+                })
+                .ok(),
+            None => None,
+        };
+        match recorded {
             Some(recorded) => {
                 let id = claim.check(&recorded)?;
                 claim.sent(id);
@@ -482,7 +528,7 @@ impl Delivery {
         content: Content,
         client_id: Option<String>,
     ) -> Result<Accepted> {
-        self.check_budget(from)?;
+        self.check_budget(from, to)?;
         let expires = tokio::time::Instant::now() + self.deadline;
         let claim = match client_id {
             None => None,
@@ -500,11 +546,41 @@ impl Delivery {
         };
         // A device list changes a few times in an account's life: one more
         // round is plenty; three that all race a change are answered 503.
+        let tag = self.keys.sender_tag(from.user, to);
+        let mut charged = false;
         for _ in 0..3 {
             let (listed, devices) = self.targets(from, to, &content).await?;
+            if !charged {
+                self.check_copies(from, devices.len())?;
+                charged = true;
+            }
+            // What each copy will take in the store, for the queue caps.
+            let stored: Vec<(DeviceId, u64)> = match &content {
+                Content::Same(body) => devices
+                    .iter()
+                    .map(|&d| (d, (body.len() + SEAL_OVERHEAD) as u64))
+                    .collect(),
+                Content::PerDevice(envelopes) => envelopes
+                    .iter()
+                    .map(|(d, b)| (*d, (b.len() + SEAL_OVERHEAD) as u64))
+                    .collect(),
+            };
             self.queues
-                .reserve(self.queue.as_ref(), to, &devices)
+                .reserve(self.queue.as_ref(), to, tag, &stored)
                 .await?;
+            // What to give back for the copies (of `only` these devices)
+            // that are not stored after all.
+            let charges = move |only: Option<&[DeviceId]>| {
+                stored
+                    .iter()
+                    .filter(|(d, _)| only.is_none_or(|only| only.contains(d)))
+                    .map(|&(device, bytes)| Charge {
+                        device,
+                        tag: Some(tag),
+                        bytes,
+                    })
+                    .collect::<Vec<_>>()
+            };
             let bytes = match &content {
                 Content::Same(body) => body.len() * devices.len(),
                 Content::PerDevice(envelopes) => envelopes.iter().map(|(_, b)| b.len()).sum(),
@@ -512,7 +588,7 @@ impl Delivery {
             let slot = match self.committer.reserve(bytes, expires).await {
                 Ok(slot) => slot,
                 Err(err) => {
-                    self.queues.release(to, &devices, 1);
+                    self.queues.release(to, charges(None));
                     return Err(err);
                 }
             };
@@ -520,7 +596,7 @@ impl Delivery {
             if !self.directory.is_current(to, &listed) {
                 drop(order);
                 drop(slot);
-                self.queues.release(to, &devices, 1);
+                self.queues.release(to, charges(None));
                 continue;
             }
             let (id, sent_at, messages) = stamp(from, to, copies(content, &devices));
@@ -546,7 +622,7 @@ impl Delivery {
                     // in its window gave its room back with the ack.)
                     Err(unstored) => {
                         let failed = unstored.devices.as_deref().unwrap_or(&devices);
-                        queues.release(to, failed, 1);
+                        queues.release(to, charges(Some(failed)));
                         Err(unstored.error)
                     }
                 }
@@ -571,7 +647,7 @@ impl Delivery {
         to: Uuid,
         content: Content,
     ) -> Result<Ephemeral> {
-        self.check_budget(from)?;
+        self.check_budget(from, to)?;
         let (_, devices) = self.targets(from, to, &content).await?;
         let copies = copies(content, &devices);
         let (id, sent_at, push, delivered) = {
@@ -829,7 +905,14 @@ impl Delivery {
         within(expires, async move {
             let settled = settling.await?;
             let acked = settled.len() as u64;
-            queues.release(device.user, &[device.device], acked);
+            queues.release(
+                device.user,
+                settled.iter().map(|copy| Charge {
+                    device: device.device,
+                    tag: copy.tag,
+                    bytes: copy.bytes,
+                }),
+            );
             metrics.acked.increment(acked);
             if receipts {
                 for copy in &settled {
@@ -899,6 +982,21 @@ impl Delivery {
             deleted: true,
         });
         self.purge_stragglers(user, None).await;
+        // Its send keys, by the account's tag: they name no one in the
+        // clear, but they are the account's. If this fails they expire
+        // within a day.
+        match self
+            .queue
+            .forget_sender_keys(&self.keys.account_tags(user))
+            .await
+        {
+            Ok(forgotten) => {
+                tracing::debug!(user.id = %user, forgotten, "deleted the account's send keys");
+            }
+            Err(err) => {
+                tracing::warn!(user.id = %user, error = %err, "the account's send keys stay until they expire");
+            }
+        }
     }
 
     /// Another node removed the device: this node's sends stop passing it,
@@ -959,9 +1057,10 @@ impl Delivery {
         self.queues.reset();
     }
 
-    /// Forgets senders whose send budget is full again.
+    /// Forgets senders and pairs whose send budget is full again.
     pub fn prune_send_budgets(&self) {
         self.budget.prune();
+        self.pairs.prune();
     }
 }
 
@@ -1037,9 +1136,11 @@ pub(crate) mod fake {
     use async_trait::async_trait;
     use uuid::Uuid;
 
+    use chrono::{DateTime, Utc};
+
     use crate::store::{
-        Ack, DeviceId, DeviceIds, Queue, SealedRow, SendKey, SentKey, StoreError, StoreResult,
-        StoredRow,
+        Ack, DeviceId, DeviceIds, Queue, QueueShare, SealedKey, SealedRow, StoreError,
+        StoreResult, StoredRow,
     };
 
     #[derive(Default)]
@@ -1054,7 +1155,7 @@ pub(crate) mod fake {
         /// Every account's devices, for the directory.
         pub devices: Mutex<Vec<(Uuid, Vec<DeviceId>)>>,
         /// Send keys written.
-        pub keys: Mutex<Vec<SentKey>>,
+        pub keys: Mutex<Vec<SealedKey>>,
         /// Row reads (`fetch_through` calls).
         pub reads: std::sync::atomic::AtomicUsize,
     }
@@ -1083,7 +1184,7 @@ pub(crate) mod fake {
         async fn write_batch(
             &self,
             messages: Vec<SealedRow>,
-            keys: &[SentKey],
+            keys: &[SealedKey],
             acks: &[Ack],
         ) -> StoreResult<Vec<StoredRow>> {
             tokio::time::sleep(self.delay).await;
@@ -1092,7 +1193,7 @@ pub(crate) mod fake {
             }
             let mut recorded = self.keys.lock().unwrap();
             for key in keys {
-                recorded.retain(|k| k.key != key.key);
+                recorded.retain(|k| k.hash != key.hash);
                 recorded.push(key.clone());
             }
             self.batches
@@ -1114,12 +1215,23 @@ pub(crate) mod fake {
             Ok(deleted)
         }
 
-        async fn sent_key(&self, key: &SendKey, since: Uuid) -> StoreResult<Option<SentKey>> {
+        async fn sent_key(
+            &self,
+            hashes: &[Vec<u8>],
+            now: DateTime<Utc>,
+        ) -> StoreResult<Option<SealedKey>> {
             let keys = self.keys.lock().unwrap();
             Ok(keys
                 .iter()
-                .find(|k| k.key == *key && k.message > since)
+                .find(|k| hashes.contains(&k.hash) && k.expires_at > now)
                 .cloned())
+        }
+
+        async fn forget_sender_keys(&self, accounts: &[Vec<u8>]) -> StoreResult<u64> {
+            let mut keys = self.keys.lock().unwrap();
+            let before = keys.len();
+            keys.retain(|k| !accounts.contains(&k.account));
+            Ok((before - keys.len()) as u64)
         }
 
         async fn queued_sizes(
@@ -1170,12 +1282,28 @@ pub(crate) mod fake {
             Ok(ids)
         }
 
-        async fn queued_count(&self, recipient: Uuid, device: DeviceId) -> StoreResult<u64> {
+        async fn queue_shares(&self, recipient: Uuid) -> StoreResult<Vec<QueueShare>> {
             let rows = self.rows.lock().unwrap();
-            Ok(rows
-                .iter()
-                .filter(|r| r.recipient == recipient && r.device == device)
-                .count() as u64)
+            let mut shares: Vec<QueueShare> = Vec::new();
+            for row in rows.iter().filter(|r| r.recipient == recipient) {
+                let bytes = row.sealed.len() as u64;
+                match shares
+                    .iter_mut()
+                    .find(|s| (s.device, s.sender_tag) == (row.device, row.sender_tag))
+                {
+                    Some(share) => {
+                        share.rows += 1;
+                        share.bytes += bytes;
+                    }
+                    None => shares.push(QueueShare {
+                        device: row.device,
+                        sender_tag: row.sender_tag,
+                        rows: 1,
+                        bytes,
+                    }),
+                }
+            }
+            Ok(shares)
         }
 
         async fn purge(&self, recipient: Uuid, device: Option<DeviceId>) -> StoreResult<u64> {
@@ -1228,7 +1356,11 @@ mod tests {
             max_devices_per_user: 10,
             send_rate_per_second: 0,
             send_rate_burst: 1,
+            pair_rate_per_second: 0,
+            pair_rate_burst: 1,
             max_queued_per_user: 0,
+            max_queued_per_sender: 0,
+            max_queued_bytes_per_user: 0,
             deadline,
         };
         let hub = Hub::new(16, 0, metrics.clone());
@@ -1485,7 +1617,8 @@ mod tests {
             .store(false, std::sync::atomic::Ordering::Relaxed);
         let sent = send().await.unwrap();
         assert_eq!(queue.rows.lock().unwrap()[0].id, sent.id);
-        assert_eq!(queue.keys.lock().unwrap()[0].message, sent.id);
+        let key = queue.keys.lock().unwrap()[0].clone();
+        assert_eq!(delivery.keys.open_key(key).unwrap().0, sent.id);
     }
 
     #[test]

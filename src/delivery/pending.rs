@@ -179,11 +179,12 @@ impl Pending {
     }
 
     /// An ack: if the copy is still here, it leaves without being written
-    /// and is settled. Returns who sent it.
-    pub fn cancel(&self, key: CopyKey) -> Option<(Uuid, DeviceId)> {
+    /// and is settled. Returns who sent it (user, device) and its body's
+    /// length.
+    pub fn cancel(&self, key: CopyKey) -> Option<(Uuid, DeviceId, usize)> {
         let (_, insert) = self.copies.remove(&key)?;
         let copy = insert.copies.iter().find(|c| c.device == key.1)?;
-        let sender = (copy.sender, copy.sender_device);
+        let sender = (copy.sender, copy.sender_device, copy.body.len());
         insert.settle(1);
         if insert.settled() {
             self.settled.notify_one();

@@ -5,7 +5,13 @@
 //!   in front of those routes). A password guesser gets
 //!   `SEALPOST_AUTH_RATE_PER_MINUTE` tries a minute per address.
 //! - [`SendBudget`]: messages per sending user, checked by the delivery core
-//!   so that REST and WebSocket sends draw on one budget.
+//!   so that REST and WebSocket sends draw on one budget. A stored send
+//!   takes one token per copy it stores (one per recipient device), so a
+//!   send to a ten-device account costs what ten sends to one device cost.
+//! - [`PairBudget`]: sends from one user to one recipient, stored and
+//!   ephemeral together: what one sender may pour into one account's
+//!   queues, and how often it may ask whether the account is online (an
+//!   ephemeral send's `delivered`).
 //!
 //! Over a limit the caller gets [`Error::RateLimited`] with the time to
 //! wait; nothing is queued, so nothing is lost.
@@ -81,10 +87,62 @@ impl AuthLimit {
 /// Messages per sending user, shared by REST and WebSocket sends.
 pub struct SendBudget {
     limiter: Option<DefaultKeyedRateLimiter<Uuid>>,
+    burst: NonZeroU32,
 }
 
 impl SendBudget {
     /// `per_second` 0 turns the budget off.
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        let burst = NonZeroU32::new(burst)
+            .or(NonZeroU32::new(per_second))
+            .unwrap_or(NonZeroU32::MIN);
+        let limiter = NonZeroU32::new(per_second)
+            .map(|rate| RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)));
+        Self { limiter, burst }
+    }
+
+    /// Takes one send from `user`'s budget.
+    pub fn check(&self, user: Uuid) -> Result<(), Error> {
+        self.check_n(user, 1)
+    }
+
+    /// Takes `n` tokens from `user`'s budget (at most the burst: a send
+    /// larger than the whole bucket takes all of it), or none.
+    pub fn check_n(&self, user: Uuid, n: u32) -> Result<(), Error> {
+        let (Some(limiter), Some(n)) = (&self.limiter, NonZeroU32::new(n)) else {
+            return Ok(());
+        };
+        let n = n.min(self.burst);
+        match limiter.check_key_n(&user, n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(Error::RateLimited {
+                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+            }),
+            // Ruled out by the `min` above.
+            Err(_) => Err(Error::RateLimited {
+                retry_after: Duration::from_secs(1),
+            }),
+        }
+    }
+
+    /// Forgets users whose buckets are full again.
+    pub fn prune(&self) {
+        if let Some(limiter) = &self.limiter {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+}
+
+/// Sends from one user to one recipient, REST and WebSocket, stored and
+/// ephemeral together. Sends to your own account (syncing your devices)
+/// are not counted: they reach no one else.
+pub struct PairBudget {
+    limiter: Option<DefaultKeyedRateLimiter<(Uuid, Uuid)>>,
+}
+
+impl PairBudget {
+    /// `per_second` 0 turns the limit off.
     pub fn new(per_second: u32, burst: u32) -> Self {
         let limiter = NonZeroU32::new(per_second).map(|rate| {
             let burst = NonZeroU32::new(burst).unwrap_or(rate);
@@ -93,19 +151,23 @@ impl SendBudget {
         Self { limiter }
     }
 
-    /// Takes one send from `user`'s budget.
-    pub fn check(&self, user: Uuid) -> Result<(), Error> {
+    /// Takes one send from `from` to `to`.
+    pub fn check(&self, from: Uuid, to: Uuid) -> Result<(), Error> {
         let Some(limiter) = &self.limiter else {
             return Ok(());
         };
+        if from == to {
+            return Ok(());
+        }
         limiter
-            .check_key(&user)
+            .check_key(&(from, to))
             .map_err(|not_until| Error::RateLimited {
                 retry_after: not_until.wait_time_from(DefaultClock::default().now()),
             })
     }
 
-    /// Forgets users whose buckets are full again.
+    /// Forgets pairs whose buckets are full again: one entry per pair that
+    /// sent lately, so the map is bounded by the send rate between prunes.
     pub fn prune(&self) {
         if let Some(limiter) = &self.limiter {
             limiter.retain_recent();
@@ -133,6 +195,33 @@ mod tests {
         }
         // Budgets are per user.
         budget.check(Uuid::new_v4()).unwrap();
+    }
+
+    #[test]
+    fn a_send_takes_a_token_per_copy_at_most_the_burst() {
+        let budget = SendBudget::new(1, 10);
+        let user = Uuid::new_v4();
+        budget.check_n(user, 5).unwrap();
+        budget.check_n(user, 5).unwrap();
+        assert!(budget.check_n(user, 5).is_err());
+        // Larger than the bucket: takes all of it, once it is full.
+        let other = Uuid::new_v4();
+        budget.check_n(other, 50).unwrap();
+        assert!(budget.check(other).is_err());
+    }
+
+    #[test]
+    fn pairs_are_limited_apart_and_self_sends_not_at_all() {
+        let pairs = PairBudget::new(1, 2);
+        let (alice, bob, carol) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        pairs.check(alice, bob).unwrap();
+        pairs.check(alice, bob).unwrap();
+        assert!(pairs.check(alice, bob).is_err());
+        pairs.check(alice, carol).unwrap();
+        pairs.check(carol, bob).unwrap();
+        for _ in 0..10 {
+            pairs.check(alice, alice).unwrap();
+        }
     }
 
     #[test]

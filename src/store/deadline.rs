@@ -47,7 +47,7 @@ use uuid::Uuid;
 use super::{
     AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, Device, DeviceId,
     DeviceIds, KeyId, NewSession, Operator, Queue, QueueDepth, QueueMaintenance, RefreshToken,
-    RemoveDevice, Revoked, Rotation, SealedRow, SendKey, SentKey, Sessions, Stats, Store,
+    QueueShare, RemoveDevice, Revoked, Rotation, SealedKey, SealedRow, Sessions, Stats, Store,
     StoreError, StoreResult, StoredRow, User,
 };
 
@@ -145,12 +145,13 @@ deadlined!(Store {
 });
 
 deadlined!(Queue {
-    request fn write_batch(&self, messages: Vec<SealedRow>, keys: &[SentKey], acks: &[Ack]) -> StoreResult<Vec<StoredRow>>;
-    request fn sent_key(&self, key: &SendKey, since: Uuid) -> StoreResult<Option<SentKey>>;
+    request fn write_batch(&self, messages: Vec<SealedRow>, keys: &[SealedKey], acks: &[Ack]) -> StoreResult<Vec<StoredRow>>;
+    request fn sent_key(&self, hashes: &[Vec<u8>], now: DateTime<Utc>) -> StoreResult<Option<SealedKey>>;
+    request fn forget_sender_keys(&self, accounts: &[Vec<u8>]) -> StoreResult<u64>;
     request fn queued_sizes(&self, recipient: Uuid, device: DeviceId, after: Uuid, limit: u32) -> StoreResult<Vec<(Uuid, u64)>>;
     request fn fetch_through(&self, recipient: Uuid, device: DeviceId, after: Uuid, through: Uuid, limit: u32) -> StoreResult<Vec<StoredRow>>;
     request fn queued_ids(&self, recipient: Uuid, device: DeviceId, after: Uuid, limit: u32) -> StoreResult<Vec<Uuid>>;
-    request fn queued_count(&self, recipient: Uuid, device: DeviceId) -> StoreResult<u64>;
+    request fn queue_shares(&self, recipient: Uuid) -> StoreResult<Vec<QueueShare>>;
     request fn purge(&self, recipient: Uuid, device: Option<DeviceId>) -> StoreResult<u64>;
 });
 
@@ -161,7 +162,7 @@ deadlined!(QueueMaintenance {
     maintenance fn key_ids_in_use(&self) -> StoreResult<Vec<KeyId>>;
     maintenance fn sealed_with(&self, key: KeyId, limit: u32) -> StoreResult<Vec<StoredRow>>;
     maintenance fn delete_before(&self, before: Uuid, limit: u32) -> StoreResult<u64>;
-    maintenance fn forget_keys_before(&self, before: Uuid, limit: u32) -> StoreResult<u64>;
+    maintenance fn forget_expired_keys(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<u64>;
 });
 
 deadlined!(DeviceIds {

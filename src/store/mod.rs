@@ -39,8 +39,8 @@ pub mod sqlite;
 pub use accounts::{Accounts, AddDevice, Credentials, Device, DeviceIds, RemoveDevice, User};
 pub use admin::{AccountDetails, AccountSummary, DeviceSummary, Operator, Stats};
 pub use queue::{
-    Ack, KeyId, Message, Queue, QueueDepth, QueueMaintenance, SealedRow, SendKey, SentKey,
-    StoredRow,
+    Ack, KeyId, Message, Queue, QueueDepth, QueueMaintenance, QueueShare, SealedKey, SealedRow,
+    SendKey, SenderTag, SentKey, StoredRow,
 };
 pub use sessions::{NewSession, RefreshToken, Revoked, Rotation, Sessions};
 

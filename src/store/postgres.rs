@@ -19,7 +19,7 @@ use super::queue::QUEUE_COLUMNS;
 use super::{
     AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, Device, DeviceId,
     DeviceIds, DeviceSummary, KeyId, NewSession, Operator, Queue, QueueDepth, QueueMaintenance,
-    RefreshToken, RemoveDevice, Revoked, Rotation, SealedRow, SendKey, SentKey, Sessions, Stats,
+    RefreshToken, RemoveDevice, Revoked, Rotation, QueueShare, SealedKey, SealedRow, Sessions, Stats,
     Store, StoreError, StoreResult, StoredRow, User,
 };
 
@@ -109,7 +109,7 @@ fn summary_from_row((id, username, created_at, disabled_at, queued): SummaryRow)
 fn stored_rows(rows: Vec<QueueRow>) -> StoreResult<Vec<StoredRow>> {
     rows.into_iter()
         .map(
-            |(id, recipient, device, sent_at, key_id, sealed, sender, body)| {
+            |(id, recipient, device, sent_at, key_id, sealed, sender, body, tag)| {
                 StoredRow::from_columns((
                     id,
                     recipient,
@@ -119,6 +119,7 @@ fn stored_rows(rows: Vec<QueueRow>) -> StoreResult<Vec<StoredRow>> {
                     sealed,
                     sender,
                     body,
+                    tag,
                 ))
             },
         )
@@ -134,6 +135,7 @@ struct Columns {
     sent_at: Vec<DateTime<Utc>>,
     key_ids: Vec<KeyId>,
     sealed: Vec<Vec<u8>>,
+    sender_tags: Vec<Option<Vec<u8>>>,
 }
 
 impl Columns {
@@ -146,6 +148,7 @@ impl Columns {
             columns.sent_at.push(row.sent_at);
             columns.key_ids.push(row.key_id);
             columns.sealed.push(row.sealed);
+            columns.sender_tags.push(row.sender_tag.map(|t| t.to_vec()));
         }
         columns
     }
@@ -794,7 +797,7 @@ impl Queue for PgStore {
     async fn write_batch(
         &self,
         messages: Vec<SealedRow>,
-        keys: &[SentKey],
+        keys: &[SealedKey],
         acks: &[Ack],
     ) -> StoreResult<Vec<StoredRow>> {
         let mut tx = self.writer.begin().await?;
@@ -802,33 +805,27 @@ impl Queue for PgStore {
             // One key per message and one message per key: no row is named
             // twice in the statement.
             sqlx::query(
-                "INSERT INTO send_keys (sender, sender_device, client_id, message_id, digest)
-                 SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::uuid[], $5::bytea[])
-                 ON CONFLICT (sender, sender_device, client_id)
-                 DO UPDATE SET message_id = EXCLUDED.message_id, digest = EXCLUDED.digest",
+                "INSERT INTO send_keys (key_hash, account_tag, key_id, answer, expires_at)
+                 SELECT * FROM UNNEST($1::bytea[], $2::bytea[], $3::int2[], $4::bytea[],
+                                      $5::timestamptz[])
+                 ON CONFLICT (key_hash)
+                 DO UPDATE SET account_tag = EXCLUDED.account_tag, key_id = EXCLUDED.key_id,
+                               answer = EXCLUDED.answer, expires_at = EXCLUDED.expires_at",
             )
-            .bind(keys.iter().map(|k| k.key.sender).collect::<Vec<_>>())
-            .bind(
-                keys.iter()
-                    .map(|k| pg_device(k.key.device))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                keys.iter()
-                    .map(|k| k.key.client_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(keys.iter().map(|k| k.message).collect::<Vec<_>>())
-            .bind(keys.iter().map(|k| k.digest.as_slice()).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.hash.as_slice()).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.account.as_slice()).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.key_id).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.answer.as_slice()).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.expires_at).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }
         if !messages.is_empty() {
             let columns = Columns::of(messages);
             sqlx::query(
-                "INSERT INTO messages (id, recipient, device_id, sent_at, key_id, sealed)
+                "INSERT INTO messages (id, recipient, device_id, sent_at, key_id, sealed, sender_tag)
                  SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int4[], $4::timestamptz[],
-                                      $5::int2[], $6::bytea[])",
+                                      $5::int2[], $6::bytea[], $7::bytea[])",
             )
             .bind(columns.ids)
             .bind(columns.recipients)
@@ -836,6 +833,7 @@ impl Queue for PgStore {
             .bind(columns.sent_at)
             .bind(columns.key_ids)
             .bind(columns.sealed)
+            .bind(columns.sender_tags)
             .execute(&mut *tx)
             .await?;
         }
@@ -846,7 +844,7 @@ impl Queue for PgStore {
                  USING UNNEST($1::uuid[], $2::uuid[], $3::int4[]) AS a (id, recipient, device_id)
                  WHERE m.id = a.id AND m.device_id = a.device_id AND m.recipient = a.recipient
                  RETURNING m.id, m.recipient, m.device_id, m.sent_at, m.key_id, m.sealed,
-                           m.sender, m.body",
+                           m.sender, m.body, m.sender_tag",
             )
             .bind(chunk.iter().map(|a| a.id).collect::<Vec<_>>())
             .bind(chunk.iter().map(|a| a.recipient).collect::<Vec<_>>())
@@ -864,22 +862,34 @@ impl Queue for PgStore {
         Ok(deleted)
     }
 
-    async fn sent_key(&self, key: &SendKey, since: Uuid) -> StoreResult<Option<SentKey>> {
-        let row: Option<(Uuid, Vec<u8>)> = sqlx::query_as(
-            "SELECT message_id, digest FROM send_keys
-             WHERE sender = $1 AND sender_device = $2 AND client_id = $3 AND message_id > $4",
+    async fn sent_key(
+        &self,
+        hashes: &[Vec<u8>],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<SealedKey>> {
+        let row: Option<(Vec<u8>, Vec<u8>, KeyId, Vec<u8>, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT key_hash, account_tag, key_id, answer, expires_at FROM send_keys
+             WHERE key_hash = ANY($1) AND expires_at > $2 LIMIT 1",
         )
-        .bind(key.sender)
-        .bind(pg_device(key.device))
-        .bind(key.client_id.as_str())
-        .bind(since)
+        .bind(hashes)
+        .bind(now)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|(message, digest)| SentKey {
-            key: key.clone(),
-            message,
-            digest,
+        Ok(row.map(|(hash, account, key_id, answer, expires_at)| SealedKey {
+            hash,
+            account,
+            key_id,
+            answer,
+            expires_at,
         }))
+    }
+
+    async fn forget_sender_keys(&self, accounts: &[Vec<u8>]) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM send_keys WHERE account_tag = ANY($1)")
+            .bind(accounts)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     async fn queued_sizes(
@@ -946,15 +956,24 @@ impl Queue for PgStore {
         .await?)
     }
 
-    async fn queued_count(&self, recipient: Uuid, device: DeviceId) -> StoreResult<u64> {
-        let count: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM messages WHERE recipient = $1 AND device_id = $2",
+    async fn queue_shares(&self, recipient: Uuid) -> StoreResult<Vec<QueueShare>> {
+        let rows: Vec<(i32, Option<Vec<u8>>, i64, i64)> = sqlx::query_as(
+            "SELECT device_id, sender_tag, count(*),
+                    COALESCE(SUM(COALESCE(octet_length(sealed), octet_length(body), 0)), 0)::int8
+             FROM messages WHERE recipient = $1 GROUP BY device_id, sender_tag",
         )
         .bind(recipient)
-        .bind(pg_device(device))
-        .fetch_one(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(count as u64)
+        Ok(rows
+            .into_iter()
+            .map(|(device, tag, rows, bytes)| QueueShare {
+                device: device as DeviceId,
+                sender_tag: tag.and_then(|t| t.try_into().ok()),
+                rows: rows.max(0) as u64,
+                bytes: bytes.max(0) as u64,
+            })
+            .collect())
     }
 
     async fn purge(&self, recipient: Uuid, device: Option<DeviceId>) -> StoreResult<u64> {
@@ -1015,15 +1034,17 @@ impl QueueMaintenance for PgStore {
         }
         let columns = Columns::of(rows);
         let done = sqlx::query(
-            "UPDATE messages m SET key_id = u.key_id, sealed = u.sealed, sender = NULL, body = NULL
-             FROM UNNEST($1::uuid[], $2::int4[], $3::int2[], $4::bytea[])
-                  AS u (id, device_id, key_id, sealed)
+            "UPDATE messages m SET key_id = u.key_id, sealed = u.sealed, sender_tag = u.sender_tag,
+                                   sender = NULL, body = NULL
+             FROM UNNEST($1::uuid[], $2::int4[], $3::int2[], $4::bytea[], $5::bytea[])
+                  AS u (id, device_id, key_id, sealed, sender_tag)
              WHERE m.id = u.id AND m.device_id = u.device_id",
         )
         .bind(columns.ids)
         .bind(columns.devices)
         .bind(columns.key_ids)
         .bind(columns.sealed)
+        .bind(columns.sender_tags)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
@@ -1060,12 +1081,12 @@ impl QueueMaintenance for PgStore {
         Ok(done.rows_affected())
     }
 
-    async fn forget_keys_before(&self, before: Uuid, limit: u32) -> StoreResult<u64> {
+    async fn forget_expired_keys(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
         let done = sqlx::query(
-            "DELETE FROM send_keys WHERE (sender, sender_device, client_id) IN
-             (SELECT sender, sender_device, client_id FROM send_keys WHERE message_id < $1 LIMIT $2)",
+            "DELETE FROM send_keys WHERE key_hash IN
+             (SELECT key_hash FROM send_keys WHERE expires_at <= $1 LIMIT $2)",
         )
-        .bind(before)
+        .bind(now)
         .bind(i64::from(limit))
         .execute(&self.pool)
         .await?;

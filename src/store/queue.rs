@@ -34,8 +34,14 @@ pub struct Message {
 /// integer, kept beside every sealed row.
 pub type KeyId = i16;
 
+/// The keyed hash of a (sender, recipient) pair a queued row carries
+/// ([`crate::seal::KeyRing::sender_tag`]).
+pub type SenderTag = [u8; 16];
+
 /// A queued message as stored: routing columns in the clear, its sender and
-/// body in `sealed` under storage key `key_id` (format in [`crate::seal`]).
+/// body in `sealed` under storage key `key_id` (format in [`crate::seal`]),
+/// and the keyed hash of its sender and recipient, that a sender's share of
+/// the queue is counted by (`None` in rows written before it existed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SealedRow {
     pub id: Uuid,
@@ -44,6 +50,7 @@ pub struct SealedRow {
     pub sent_at: DateTime<Utc>,
     pub key_id: KeyId,
     pub sealed: Vec<u8>,
+    pub sender_tag: Option<SenderTag>,
 }
 
 /// A queued message as read back.
@@ -56,8 +63,9 @@ pub enum StoredRow {
 }
 
 /// A queue row as both backends select it: `id, recipient, device_id,
-/// sent_at, key_id, sealed, sender, body`, with `sent_at` in the backend's
-/// own representation `T` and the device id as the backend's integer.
+/// sent_at, key_id, sealed, sender, body, sender_tag`, with `sent_at` in the
+/// backend's own representation `T` and the device id as the backend's
+/// integer.
 pub(super) type QueueColumns<T, D> = (
     Uuid,
     Uuid,
@@ -67,17 +75,18 @@ pub(super) type QueueColumns<T, D> = (
     Option<Vec<u8>>,
     Option<Uuid>,
     Option<Vec<u8>>,
+    Option<Vec<u8>>,
 );
 
 /// The columns every queue read selects, in [`QueueColumns`] order.
 pub(super) const QUEUE_COLUMNS: &str =
-    "id, recipient, device_id, sent_at, key_id, sealed, sender, body";
+    "id, recipient, device_id, sent_at, key_id, sealed, sender, body, sender_tag";
 
 impl StoredRow {
     /// Builds a row from the queue's columns (`sent_at` and the device id
     /// already converted from the backend's representation).
     pub(super) fn from_columns(
-        (id, recipient, device, sent_at, key_id, sealed, sender, body): QueueColumns<
+        (id, recipient, device, sent_at, key_id, sealed, sender, body, tag): QueueColumns<
             DateTime<Utc>,
             DeviceId,
         >,
@@ -90,6 +99,7 @@ impl StoredRow {
                 sent_at,
                 key_id,
                 sealed,
+                sender_tag: tag.and_then(|t| t.try_into().ok()),
             })),
             (None, None, Some(sender), Some(body)) => Ok(StoredRow::Legacy(Message {
                 id,
@@ -111,6 +121,33 @@ impl StoredRow {
             StoredRow::Legacy(message) => message.id,
         }
     }
+
+    /// The bytes it takes in the store: what the queue's byte quota counts.
+    pub fn stored_bytes(&self) -> u64 {
+        match self {
+            StoredRow::Sealed(row) => row.sealed.len() as u64,
+            StoredRow::Legacy(message) => message.body.len() as u64,
+        }
+    }
+
+    /// Its sender tag, if it has one.
+    pub fn sender_tag(&self) -> Option<SenderTag> {
+        match self {
+            StoredRow::Sealed(row) => row.sender_tag,
+            StoredRow::Legacy(_) => None,
+        }
+    }
+}
+
+/// What one sender (by tag; `None` for rows written before tags) holds in
+/// one device's queue, as [`Queue::queue_shares`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueShare {
+    pub device: DeviceId,
+    pub sender_tag: Option<SenderTag>,
+    pub rows: u64,
+    /// Stored bytes (sealed, or a legacy row's body).
+    pub bytes: u64,
 }
 
 /// The size of the queue, as [`QueueMaintenance::queue_depth`] samples it.
@@ -143,12 +180,31 @@ pub struct SendKey {
 }
 
 /// A send key as written with its message: the id the message got, and a
-/// digest of what was sent, that a retry must match.
+/// digest of what was sent, that a retry must match. In memory only: the
+/// store holds it as a [`SealedKey`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SentKey {
     pub key: SendKey,
     pub message: Uuid,
     pub digest: Vec<u8>,
+}
+
+/// A send key as stored ([`crate::seal::KeyRing::seal_key`]): nothing in it
+/// names the sender, its device, the `client_id` or the message in the
+/// clear, so a dump cannot join it to the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedKey {
+    /// Keyed hash of (sender, device, `client_id`): the row's key.
+    pub hash: Vec<u8>,
+    /// Keyed hash of the sender: what deleting the account deletes by.
+    pub account: Vec<u8>,
+    /// The storage key that sealed `answer`.
+    pub key_id: KeyId,
+    /// The message id and digest, sealed and bound to `hash`.
+    pub answer: Vec<u8>,
+    /// When the sweeper deletes it: a coarse time, rounded up to the hour,
+    /// so that it tells little about when its message was sent.
+    pub expires_at: DateTime<Utc>,
 }
 
 /// The queue's hot path.
@@ -163,13 +219,21 @@ pub trait Queue: Send + Sync + 'static {
     async fn write_batch(
         &self,
         messages: Vec<SealedRow>,
-        keys: &[SentKey],
+        keys: &[SealedKey],
         acks: &[Ack],
     ) -> StoreResult<Vec<StoredRow>>;
 
-    /// The send recorded under `key` for a message with an id after
-    /// `since` (older ones have expired), if any.
-    async fn sent_key(&self, key: &SendKey, since: Uuid) -> StoreResult<Option<SentKey>>;
+    /// The send key stored under one of `hashes` (one per storage key) that
+    /// has not expired at `now`, if any.
+    async fn sent_key(
+        &self,
+        hashes: &[Vec<u8>],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<SealedKey>>;
+
+    /// Deletes the send keys of an account (by its tag under each storage
+    /// key); returns how many.
+    async fn forget_sender_keys(&self, accounts: &[Vec<u8>]) -> StoreResult<u64>;
 
     /// The ids and stored sizes (sealed bytes, or a legacy row's body) of
     /// up to `limit` copies queued for `recipient`'s `device` after `after`,
@@ -206,8 +270,9 @@ pub trait Queue: Send + Sync + 'static {
         limit: u32,
     ) -> StoreResult<Vec<Uuid>>;
 
-    /// How many copies wait for `recipient`'s `device`.
-    async fn queued_count(&self, recipient: Uuid, device: DeviceId) -> StoreResult<u64>;
+    /// What each sender holds in each of `recipient`'s device queues, rows
+    /// and bytes, in one statement: what the queue caps are loaded from.
+    async fn queue_shares(&self, recipient: Uuid) -> StoreResult<Vec<QueueShare>>;
 
     /// Deletes every copy queued for `recipient`'s `device`, or for all of
     /// the account's devices with `None`; returns how many. For copies a
@@ -253,7 +318,7 @@ pub trait QueueMaintenance: Send + Sync + 'static {
     /// single statement holds locks for long.
     async fn delete_before(&self, before: Uuid, limit: u32) -> StoreResult<u64>;
 
-    /// Deletes up to `limit` send keys of messages with ids below
-    /// `before`; returns how many. In batches, as [`Self::delete_before`].
-    async fn forget_keys_before(&self, before: Uuid, limit: u32) -> StoreResult<u64>;
+    /// Deletes up to `limit` send keys that expired by `now`; returns how
+    /// many. In batches, as [`Self::delete_before`].
+    async fn forget_expired_keys(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<u64>;
 }

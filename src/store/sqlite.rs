@@ -26,7 +26,7 @@ use super::queue::QUEUE_COLUMNS;
 use super::{
     AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, Device, DeviceId,
     DeviceIds, DeviceSummary, KeyId, NewSession, Operator, Queue, QueueDepth, QueueMaintenance,
-    RefreshToken, RemoveDevice, Revoked, Rotation, SealedRow, SendKey, SentKey, Sessions, Stats,
+    QueueShare, RefreshToken, RemoveDevice, Revoked, Rotation, SealedKey, SealedRow, Sessions, Stats,
     Store, StoreError, StoreResult, StoredRow, User,
 };
 
@@ -40,9 +40,9 @@ const ROWS_PER_STATEMENT: usize = 100;
 /// constant fragments only; every value is bound.
 fn insert_sql(rows: usize) -> String {
     let mut sql = String::from(
-        "INSERT INTO messages (id, recipient, device_id, sent_at, key_id, sealed) VALUES ",
+        "INSERT INTO messages (id, recipient, device_id, sent_at, key_id, sealed, sender_tag) VALUES ",
     );
-    sql.push_str(&vec!["(?, ?, ?, ?, ?, ?)"; rows].join(", "));
+    sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?)"; rows].join(", "));
     sql
 }
 
@@ -50,20 +50,23 @@ fn insert_sql(rows: usize) -> String {
 /// already recorded replaced. Built from constant fragments only.
 fn key_insert_sql(rows: usize) -> String {
     format!(
-        "INSERT INTO send_keys (sender, sender_device, client_id, message_id, digest) VALUES {}
-         ON CONFLICT (sender, sender_device, client_id)
-         DO UPDATE SET message_id = excluded.message_id, digest = excluded.digest",
+        "INSERT INTO send_keys (key_hash, account_tag, key_id, answer, expires_at) VALUES {}
+         ON CONFLICT (key_hash)
+         DO UPDATE SET account_tag = excluded.account_tag, key_id = excluded.key_id,
+                       answer = excluded.answer, expires_at = excluded.expires_at",
         vec!["(?, ?, ?, ?, ?)"; rows].join(", ")
     )
 }
 
 /// Seals `rows` rows again: `VALUES` columns are id, device, key id,
-/// sealed. Built from constant fragments only; every value is bound.
+/// sealed, sender tag. Built from constant fragments only; every value is
+/// bound.
 fn reseal_sql(rows: usize) -> String {
     format!(
-        "UPDATE messages SET key_id = u.column3, sealed = u.column4, sender = NULL, body = NULL
+        "UPDATE messages SET key_id = u.column3, sealed = u.column4, sender_tag = u.column5,
+                             sender = NULL, body = NULL
          FROM (VALUES {}) AS u WHERE messages.id = u.column1 AND messages.device_id = u.column2",
-        vec!["(?, ?, ?, ?)"; rows].join(", ")
+        vec!["(?, ?, ?, ?, ?)"; rows].join(", ")
     )
 }
 
@@ -173,7 +176,7 @@ fn summary_from_row((id, username, created_at, disabled_at, queued): SummaryRow)
 fn stored_rows(rows: Vec<QueueRow>) -> StoreResult<Vec<StoredRow>> {
     rows.into_iter()
         .map(
-            |(id, recipient, device, sent_at, key_id, sealed, sender, body)| {
+            |(id, recipient, device, sent_at, key_id, sealed, sender, body, tag)| {
                 StoredRow::from_columns((
                     id,
                     recipient,
@@ -183,6 +186,7 @@ fn stored_rows(rows: Vec<QueueRow>) -> StoreResult<Vec<StoredRow>> {
                     sealed,
                     sender,
                     body,
+                    tag,
                 ))
             },
         )
@@ -840,7 +844,7 @@ impl Queue for SqliteStore {
     async fn write_batch(
         &self,
         messages: Vec<SealedRow>,
-        keys: &[SentKey],
+        keys: &[SealedKey],
         acks: &[Ack],
     ) -> StoreResult<Vec<StoredRow>> {
         // One transaction, one fsync, for the whole batch. sqlx runs each
@@ -859,7 +863,8 @@ impl Queue for SqliteStore {
                     .bind(i64::from(row.device))
                     .bind(millis(row.sent_at))
                     .bind(row.key_id)
-                    .bind(row.sealed);
+                    .bind(row.sealed)
+                    .bind(row.sender_tag.map(|t| t.to_vec()));
             }
             insert.execute(&mut *tx).await?;
         }
@@ -867,11 +872,11 @@ impl Queue for SqliteStore {
             let mut insert = sqlx::query(AssertSqlSafe(key_insert_sql(chunk.len())));
             for key in chunk {
                 insert = insert
-                    .bind(key.key.sender)
-                    .bind(i64::from(key.key.device))
-                    .bind(key.key.client_id.as_str())
-                    .bind(key.message)
-                    .bind(key.digest.as_slice());
+                    .bind(key.hash.as_slice())
+                    .bind(key.account.as_slice())
+                    .bind(key.key_id)
+                    .bind(key.answer.as_slice())
+                    .bind(millis(key.expires_at));
             }
             insert.execute(&mut *tx).await?;
         }
@@ -894,22 +899,50 @@ impl Queue for SqliteStore {
         Ok(deleted)
     }
 
-    async fn sent_key(&self, key: &SendKey, since: Uuid) -> StoreResult<Option<SentKey>> {
-        let row: Option<(Uuid, Vec<u8>)> = sqlx::query_as(
-            "SELECT message_id, digest FROM send_keys
-             WHERE sender = ? AND sender_device = ? AND client_id = ? AND message_id > ?",
-        )
-        .bind(key.sender)
-        .bind(i64::from(key.device))
-        .bind(key.client_id.as_str())
-        .bind(since)
-        .fetch_optional(&self.reader)
-        .await?;
-        Ok(row.map(|(message, digest)| SentKey {
-            key: key.clone(),
-            message,
-            digest,
+    async fn sent_key(
+        &self,
+        hashes: &[Vec<u8>],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<SealedKey>> {
+        if hashes.is_empty() {
+            return Ok(None);
+        }
+        // One hash per storage key: a handful of parameters.
+        let sql = format!(
+            "SELECT key_hash, account_tag, key_id, answer, expires_at FROM send_keys
+             WHERE key_hash IN ({}) AND expires_at > ? LIMIT 1",
+            vec!["?"; hashes.len()].join(", ")
+        );
+        let mut query = sqlx::query_as(AssertSqlSafe(sql));
+        for hash in hashes {
+            query = query.bind(hash.as_slice());
+        }
+        let row: Option<(Vec<u8>, Vec<u8>, KeyId, Vec<u8>, i64)> = query
+            .bind(millis(now))
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(row.map(|(hash, account, key_id, answer, expires_at)| SealedKey {
+            hash,
+            account,
+            key_id,
+            answer,
+            expires_at: time(expires_at),
         }))
+    }
+
+    async fn forget_sender_keys(&self, accounts: &[Vec<u8>]) -> StoreResult<u64> {
+        if accounts.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!(
+            "DELETE FROM send_keys WHERE account_tag IN ({})",
+            vec!["?"; accounts.len()].join(", ")
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for account in accounts {
+            query = query.bind(account.as_slice());
+        }
+        Ok(query.execute(&self.writer).await?.rows_affected())
     }
 
     async fn queued_sizes(
@@ -976,15 +1009,24 @@ impl Queue for SqliteStore {
         .await?)
     }
 
-    async fn queued_count(&self, recipient: Uuid, device: DeviceId) -> StoreResult<u64> {
-        let count: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM messages WHERE recipient = ? AND device_id = ?",
+    async fn queue_shares(&self, recipient: Uuid) -> StoreResult<Vec<QueueShare>> {
+        let rows: Vec<(i64, Option<Vec<u8>>, i64, i64)> = sqlx::query_as(
+            "SELECT device_id, sender_tag, count(*),
+                    COALESCE(SUM(COALESCE(length(sealed), length(body), 0)), 0)
+             FROM messages WHERE recipient = ? GROUP BY device_id, sender_tag",
         )
         .bind(recipient)
-        .bind(i64::from(device))
-        .fetch_one(&self.reader)
+        .fetch_all(&self.reader)
         .await?;
-        Ok(count as u64)
+        Ok(rows
+            .into_iter()
+            .map(|(device, tag, rows, bytes)| QueueShare {
+                device: device as DeviceId,
+                sender_tag: tag.and_then(|t| t.try_into().ok()),
+                rows: rows.max(0) as u64,
+                bytes: bytes.max(0) as u64,
+            })
+            .collect())
     }
 
     async fn purge(&self, recipient: Uuid, device: Option<DeviceId>) -> StoreResult<u64> {
@@ -1050,7 +1092,8 @@ impl QueueMaintenance for SqliteStore {
                     .bind(row.id)
                     .bind(i64::from(row.device))
                     .bind(row.key_id)
-                    .bind(row.sealed);
+                    .bind(row.sealed)
+                    .bind(row.sender_tag.map(|t| t.to_vec()));
             }
             updated += update.execute(&mut *tx).await?.rows_affected();
         }
@@ -1089,12 +1132,12 @@ impl QueueMaintenance for SqliteStore {
         Ok(done.rows_affected())
     }
 
-    async fn forget_keys_before(&self, before: Uuid, limit: u32) -> StoreResult<u64> {
+    async fn forget_expired_keys(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
         let done = sqlx::query(
-            "DELETE FROM send_keys WHERE (sender, sender_device, client_id) IN
-             (SELECT sender, sender_device, client_id FROM send_keys WHERE message_id < ? LIMIT ?)",
+            "DELETE FROM send_keys WHERE key_hash IN
+             (SELECT key_hash FROM send_keys WHERE expires_at <= ? LIMIT ?)",
         )
-        .bind(before)
+        .bind(millis(now))
         .bind(i64::from(limit))
         .execute(&self.writer)
         .await?;

@@ -187,6 +187,7 @@ impl Drop for TestDb {
 pub const UNLIMITED: &[(&str, &str)] = &[
     ("--auth-rate-per-minute", "0"),
     ("--send-rate-per-second", "0"),
+    ("--pair-rate-per-second", "0"),
     ("--max-connections-per-ip", "0"),
     ("--max-http-connections-per-ip", "0"),
     ("--max-unauthenticated-sockets", "0"),
