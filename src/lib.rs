@@ -20,13 +20,15 @@
 //! - [`auth`]: argon2id passwords, access and refresh tokens, the signing
 //!   secret, session revocation, and the `AuthUser` extractor.
 //! - [`limits`]: rate limits (auth per IP, sends per user) and resource caps
-//!   (sockets per IP and user, unauthenticated sockets, queue per user).
+//!   (HTTP connections and sockets per IP, sockets per user,
+//!   unauthenticated sockets, queue per user).
 //! - [`nesting`]: the cap on JSON nesting depth, checked on every request
 //!   body and WebSocket frame before it is parsed.
 //! - [`wire`]: the wire types REST and WebSocket share (ids, timestamps,
 //!   the message view, a send's envelopes).
-//! - [`api`]: the REST endpoints, one file per resource; thin handlers; and
-//!   the security headers and CORS policy on every response.
+//! - [`api`]: the REST endpoints, one file per resource; thin handlers; the
+//!   security headers and CORS policy on every response; and each route's
+//!   body limit and the deadline on reading a body ([`api::body`]).
 //! - [`delivery`]: the core that accepts, lists and acknowledges messages,
 //!   its [`delivery::committer`], which batches every write to the queue
 //!   into group commits, and [`delivery::idempotency`], which makes a send

@@ -10,9 +10,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::backend_tests;
 use crate::common::ws::WsClient;
-use crate::common::{
-    Backend, PASSWORD, Reply, SETTLE, TestServer, assert_alive, b64, eventually,
-};
+use crate::common::{Backend, PASSWORD, Reply, SETTLE, TestServer, assert_alive, b64, eventually};
 
 backend_tests!(
     bodies_that_stop_short_are_answered_408_and_closed_at_the_deadline,
@@ -92,7 +90,11 @@ async fn an_oversized_declared_body_is_refused_before_it_is_sent(backend: Backen
         ("/v1/register", None, 100 * 1024 * 1024),
         ("/v1/token/refresh", None, 17 * 1024),
         // Over any send's limit (1 MiB bodies, for 10 devices, in base64).
-        ("/v1/messages", Some(alice.access.as_str()), 100 * 1024 * 1024),
+        (
+            "/v1/messages",
+            Some(alice.access.as_str()),
+            100 * 1024 * 1024,
+        ),
     ];
     for (path, token, length) in cases {
         let mut tcp = TcpStream::connect(server.addr).await.unwrap();
@@ -143,9 +145,8 @@ async fn routes_other_than_a_send_take_a_few_kib(backend: Backend) {
     // What a client may legitimately send fits.
     let escaped = "\\ud83d\\ude00".repeat(1024);
     let key = b64(&[5u8; 2048]);
-    let signup = format!(
-        r#"{{"username": "escaped", "password": "{escaped}", "public_key": "{key}"}}"#
-    );
+    let signup =
+        format!(r#"{{"username": "escaped", "password": "{escaped}", "public_key": "{key}"}}"#);
     assert!(signup.len() > 14 * 1024, "{}", signup.len());
     server
         .raw(
@@ -159,7 +160,11 @@ async fn routes_other_than_a_send_take_a_few_kib(backend: Backend) {
         .expect(201);
     let page: Vec<String> = (0..500).map(|_| uuid::Uuid::new_v4().to_string()).collect();
     let ack = server
-        .post("/v1/messages/ack", Some(&bob.access), json!({ "ids": page }))
+        .post(
+            "/v1/messages/ack",
+            Some(&bob.access),
+            json!({ "ids": page }),
+        )
         .await;
     assert_eq!(ack.expect(200)["acked"], 0);
     // At the default message limit (64 KiB), some 87 KB of JSON.
@@ -314,7 +319,11 @@ async fn a_direct_clients_request_id_is_replaced(backend: Backend) {
 /// `A-Z a-z 0-9 . _ -` is replaced.
 async fn only_a_trusted_proxys_plain_request_id_is_kept(backend: Backend) {
     let server = TestServer::start_with(backend, &["--trusted-proxies", "127.0.0.1"]).await;
-    for plain in ["edge-7f3a9c", "7e1767ea-0212-4ab9-8dd6-69ea0237da34", &"a.b_c".repeat(12)] {
+    for plain in [
+        "edge-7f3a9c",
+        "7e1767ea-0212-4ab9-8dd6-69ea0237da34",
+        &"a.b_c".repeat(12),
+    ] {
         let id = request_id_after(&server, HeaderValue::from_str(plain).unwrap()).await;
         assert_eq!(id, plain, "a trusted proxy's id was replaced");
     }
