@@ -133,6 +133,9 @@ label_values! {
         Auth = "auth",
         /// Sends per user, REST and WebSocket together.
         Send = "send",
+        /// Password checks of a signed-in account: its budget, its lockout
+        /// after wrong passwords, its one hash at a time.
+        Password = "password",
     }
 }
 
