@@ -115,11 +115,13 @@ async fn one_account_cannot_stall_everyone_elses_logins(backend: Backend) {
     let mallory = account_at(&server, ATTACKER, "mallory").await;
     let alice = account_at(&server, "198.51.100.1", "alice").await;
 
-    // A free account, from one address, keeps 30 wrong current passwords in
-    // flight for a few seconds. Its own client keeps connections alive, as
-    // an attacker's would.
-    const IN_FLIGHT: usize = 30;
-    const ATTACK: Duration = Duration::from_secs(4);
+    // A free account, from one address, keeps 300 wrong current passwords
+    // in flight for a few seconds: before the fix, enough to queue well
+    // over 10 s of hashing on a test machine (a hash takes 0.1-0.2 s here,
+    // two at a time), so that every other login waited 10 s and got 503.
+    // Its own client keeps connections alive, as an attacker's would.
+    const IN_FLIGHT: usize = 300;
+    const ATTACK: Duration = Duration::from_secs(5);
     let attacker = Api {
         base: server.base.clone(),
         http: reqwest::Client::new(),
@@ -145,17 +147,19 @@ async fn one_account_cannot_stall_everyone_elses_logins(backend: Backend) {
                     )
                     .await;
                     statuses.push(reply.status.as_u16());
-                    // Spares the shared test machine a busy loop; the
-                    // attack stays 30 deep against a stalled server.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    // Spares the test machine a busy loop of refusals;
+                    // against a stalled queue each guess waits seconds,
+                    // so the attack stays as deep.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 statuses
             })
         })
         .collect();
 
-    // Meanwhile other users log in, each from its own address, one after
-    // the other, for as long as the attack lasts.
+    // Meanwhile, once the attack is under way, other users log in, each
+    // from its own address, one after the other, for as long as it lasts.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let mut logins = Vec::new();
     let mut n = 0;
     while Instant::now() < until || logins.len() < 5 {
