@@ -3,8 +3,9 @@
 //!
 //! - [`client_ip`]: who the client is, believing `X-Forwarded-For` only
 //!   from trusted proxies.
-//! - [`rate`]: per-IP limits on the auth endpoints (tower-governor) and the
-//!   per-user send budget shared by REST and WebSocket.
+//! - [`rate`]: per-IP limits on the auth endpoints and the other routes that
+//!   hash a password (tower-governor), the per-account budget of password
+//!   checks, and the per-user send budget shared by REST and WebSocket.
 //! - [`queue`]: the cap on messages queued for one recipient.
 //! - [`sockets`]: caps on WebSockets per IP and on unauthenticated sockets.
 //!   (The per-user cap lives in the hub, which counts a user's sockets.)
