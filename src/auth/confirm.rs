@@ -212,6 +212,9 @@ mod tests {
         rules.admit(user).unwrap();
         rules.admit(user).unwrap();
         let wait = retry_after(rules.admit(user));
-        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(10), "{wait:?}");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(10),
+            "{wait:?}"
+        );
     }
 }

@@ -277,7 +277,12 @@ mod tests {
         assert!(!passwords.verify(other, "x".into(), None).await.unwrap());
         assert!(!first.await.unwrap().unwrap());
         // Done: the account may hash again.
-        assert!(!passwords.verify(caller, "guess three".into(), None).await.unwrap());
+        assert!(
+            !passwords
+                .verify(caller, "guess three".into(), None)
+                .await
+                .unwrap()
+        );
         assert!(passwords.lanes.is_empty());
     }
 
@@ -295,7 +300,11 @@ mod tests {
                 done.lock().unwrap().push(format!("flood {n}"));
             }));
         }
-        while passwords.lanes.get(&flood).is_none_or(|lane| lane.members < 8) {
+        while passwords
+            .lanes
+            .get(&flood)
+            .is_none_or(|lane| lane.members < 8)
+        {
             tokio::task::yield_now().await;
         }
         let other = Caller::Address([203, 0, 113, 7].into());
@@ -309,7 +318,10 @@ mod tests {
         // Behind at most the flood's running hash and the one that had
         // already taken its place in the queue, not behind all eight.
         let position = done.iter().position(|d| d == "other").unwrap();
-        assert!(position <= 2, "the other address waited behind the flood: {done:?}");
+        assert!(
+            position <= 2,
+            "the other address waited behind the flood: {done:?}"
+        );
         assert!(passwords.lanes.is_empty());
     }
 }

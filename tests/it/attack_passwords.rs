@@ -195,9 +195,7 @@ async fn one_account_cannot_stall_everyone_elses_logins(backend: Backend) {
         count(403)
     );
     assert!(
-        statuses
-            .iter()
-            .all(|s| matches!(s, 401 | 403 | 429)),
+        statuses.iter().all(|s| matches!(s, 401 | 403 | 429)),
         "{statuses:?}"
     );
     // The victim's account works as ever.
@@ -270,7 +268,10 @@ async fn guess_until_the_session_ends(mut guess: impl AsyncFnMut(&str) -> Reply)
                 reply.expect_error(401, "unauthorized");
                 return (wrong, locked);
             }
-            _ => panic!("unexpected reply to a guess: {:?} {:?}", reply.status, reply.body),
+            _ => panic!(
+                "unexpected reply to a guess: {:?} {:?}",
+                reply.status, reply.body
+            ),
         }
     }
     panic!("100 guesses and the session still stands ({wrong} refused as wrong)");
@@ -329,7 +330,11 @@ async fn a_stolen_token_cannot_guess_the_password_by_removing_devices(backend: B
     // On a device that is there, guesses meet growing lockouts, and the
     // fifth wrong password ends the session.
     let (wrong, locked) = guess_until_the_session_ends(async |guess| remove(2, guess).await).await;
-    assert_eq!(wrong, END_SESSION_AFTER - 1, "refused as wrong before the end");
+    assert_eq!(
+        wrong,
+        END_SESSION_AFTER - 1,
+        "refused as wrong before the end"
+    );
     assert!(locked > 0, "guessed without a lockout");
     assert_session_ended(&server, &thief).await;
     // The right password does not get through from that session.
@@ -364,8 +369,12 @@ async fn a_stolen_token_cannot_guess_the_password_by_changing_it_or_deleting_the
     };
     let deleting = async {
         let delete = async |password: &str| {
-            api.delete("/v1/me", Some(&dave.access), json!({ "password": password }))
-                .await
+            api.delete(
+                "/v1/me",
+                Some(&dave.access),
+                json!({ "password": password }),
+            )
+            .await
         };
         let (wrong, locked) = guess_until_the_session_ends(async |guess| delete(guess).await).await;
         assert_eq!(wrong, END_SESSION_AFTER - 1, "account deletion");
