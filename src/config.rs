@@ -210,6 +210,18 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub auth_rate_burst: u32,
 
+    /// Password checks per signed-in account per minute (password change,
+    /// account and device deletion); 0 turns the limit off. Wrong passwords
+    /// lock the account out for growing times whatever this is.
+    #[arg(long, env = "SEALPOST_PASSWORD_RATE_PER_MINUTE", default_value_t = 6)]
+    pub password_rate_per_minute: u32,
+
+    /// Password checks one account may have at once before the per-minute
+    /// rate applies.
+    #[arg(long, env = "SEALPOST_PASSWORD_RATE_BURST", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub password_rate_burst: u32,
+
     /// Messages one user may send per second, REST and WebSocket together;
     /// 0 turns the limit off.
     #[arg(long, env = "SEALPOST_SEND_RATE_PER_SECOND", default_value_t = 50)]

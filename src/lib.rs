@@ -17,10 +17,14 @@
 //!   handshakes off the accept loop.
 //! - [`state`]: [`state::AppState`], the only state shared by handlers.
 //! - [`error`]: the one error type and its mapping to the wire codes.
-//! - [`auth`]: argon2id passwords, access and refresh tokens, the signing
-//!   secret, session revocation, and the `AuthUser` extractor.
-//! - [`limits`]: rate limits (auth per IP, sends per user) and resource caps
-//!   (HTTP connections and sockets per IP, sockets per user,
+//! - [`auth`]: argon2id passwords (a hashing queue shared fairly between
+//!   callers), the rules for confirming a signed-in caller's password
+//!   (lockout, the session ended after wrong guesses), access and refresh
+//!   tokens, the signing secret, session revocation, and the `AuthUser`
+//!   extractor.
+//! - [`limits`]: rate limits (auth per IP, password checks per account,
+//!   sends per user and per pair) and resource caps (HTTP connections and
+//!   sockets per IP, sockets per user,
 //!   unauthenticated sockets, queue per user).
 //! - [`nesting`]: the cap on JSON nesting depth, checked on every request
 //!   body and WebSocket frame before it is parsed.

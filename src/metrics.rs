@@ -135,6 +135,9 @@ label_values! {
         Send = "send",
         /// Sends from one user to one recipient.
         Pair = "pair",
+        /// Password checks of a signed-in account: its budget, its lockout
+        /// after wrong passwords, its one hash at a time.
+        Password = "password",
     }
 }
 

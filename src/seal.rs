@@ -413,15 +413,15 @@ impl KeyRing {
                 &Tag::from(tag),
             )
             .map_err(|_| forged)?;
-        let message =
-            Uuid::from_slice(&answer[NONCE_BYTES..NONCE_BYTES + 16]).expect("16 bytes");
+        let message = Uuid::from_slice(&answer[NONCE_BYTES..NONCE_BYTES + 16]).expect("16 bytes");
         Ok((message, answer[NONCE_BYTES + 16..].to_vec()))
     }
 }
 
 /// The tag key of a storage key.
 fn tag_key(storage_key: &[u8; KEY_BYTES]) -> HmacSha256 {
-    let mut derive = <HmacSha256 as Mac>::new_from_slice(storage_key).expect("HMAC takes any key length");
+    let mut derive =
+        <HmacSha256 as Mac>::new_from_slice(storage_key).expect("HMAC takes any key length");
     derive.update(TAG_KEY_LABEL);
     let subkey = derive.finalize().into_bytes();
     <HmacSha256 as Mac>::new_from_slice(&subkey).expect("HMAC takes any key length")

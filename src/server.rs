@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api;
+use crate::auth::confirm::Confirmations;
 use crate::auth::password::Passwords;
 use crate::auth::secret;
 use crate::auth::sessions::Revocations;
@@ -229,6 +230,10 @@ impl Server {
             proxies.clone(),
             metrics.clone(),
         );
+        let confirmations = Arc::new(Confirmations::new(
+            config.password_rate_per_minute,
+            config.password_rate_burst,
+        ));
         let socket_caps = SocketCaps::new(
             config.max_connections_per_ip,
             config.max_unauthenticated_sockets,
@@ -260,6 +265,7 @@ impl Server {
             store,
             tokens: Arc::new(tokens),
             passwords: Arc::new(passwords),
+            confirmations,
             delivery,
             hub,
             revocations,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::confirm::Confirmations;
 use crate::auth::password::Passwords;
 use crate::auth::sessions::Revocations;
 use crate::auth::token::Tokens;
@@ -25,6 +26,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub tokens: Arc<Tokens>,
     pub passwords: Arc<Passwords>,
+    /// The lockout and budget of password checks by signed-in accounts.
+    pub confirmations: Arc<Confirmations>,
     pub delivery: Arc<Delivery>,
     pub hub: Arc<Hub>,
     pub revocations: Arc<Revocations>,

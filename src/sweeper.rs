@@ -65,9 +65,11 @@ pub async fn run(state: AppState, keys: Arc<KeyRing>, shutdown: CancellationToke
 }
 
 /// Prunes in-memory limiter and revocation state that no longer matters:
-/// full token buckets, and revocations older than any unexpired token.
+/// full token buckets, revocations older than any unexpired token, and
+/// wrong-password strikes older than a day.
 fn forget_idle(state: &AppState) {
     state.revocations.prune();
+    state.confirmations.prune();
     state.delivery.prune_send_budgets();
     if let Some(limit) = &state.auth_limit {
         limit.prune();

@@ -1,12 +1,14 @@
 //! Accounts and sessions: sign-up, login, token refresh, logout, password
 //! change, account deletion and the caller's own profile.
 //!
-//! Sign-up, login and refresh sit behind the per-IP auth rate limit.
+//! Sign-up, login and refresh sit behind the per-IP auth rate limit, and so
+//! do password change and account deletion, which hash the current
+//! password; those two also follow [`crate::auth::confirm`]'s rules.
 
 use axum::extract::{FromRequest, Request, State};
 use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Form, Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -18,32 +20,37 @@ use uuid::Uuid;
 use super::keys::parse_public_key;
 use super::{ApiJson, body};
 use crate::auth::AuthUser;
+use crate::auth::confirm::Verdict;
+use crate::auth::password::Caller;
 use crate::auth::sessions::Scope;
 use crate::auth::token::{Tokens, hash_refresh};
 use crate::error::{Error, Result};
+use crate::limits::client_ip::ClientKey;
 use crate::limits::rate::AuthLimit;
-use crate::metrics::AuthFailure;
+use crate::metrics::{AuthFailure, Limited};
 use crate::state::AppState;
 use crate::store::{self, Device, DeviceId, RefreshToken, Rotation, User};
 
 pub fn router(auth_limit: Option<AuthLimit>) -> Router<AppState> {
-    let mut sign_in = Router::new()
+    // Every route that hashes a password.
+    let mut hashing = Router::new()
         .route("/v1/register", post(register))
         .route("/v1/login", post(login))
-        .route("/v1/token/refresh", post(refresh));
-    if let Some(limit) = auth_limit {
-        sign_in = sign_in.layer(limit.layer);
-    }
-    Router::new()
-        .merge(sign_in)
-        .route("/v1/me", get(me).delete(delete_me))
-        .route("/v1/logout", post(logout))
-        .route("/v1/logout-all", post(logout_all))
-        // Two passwords.
+        .route("/v1/token/refresh", post(refresh))
+        .route("/v1/me", delete(delete_me))
+        // Two passwords: a larger body than the other routes take.
         .route(
             "/v1/password",
             put(change_password).layer(body::limit(body::LIST)),
-        )
+        );
+    if let Some(limit) = auth_limit {
+        hashing = hashing.layer(limit.layer);
+    }
+    Router::new()
+        .merge(hashing)
+        .route("/v1/me", get(me))
+        .route("/v1/logout", post(logout))
+        .route("/v1/logout-all", post(logout_all))
 }
 
 const USERNAME_LEN: std::ops::RangeInclusive<usize> = 3..=32;
@@ -115,6 +122,7 @@ impl Profile {
     responses((status = 201, description = "The account, with its first device (device 1).", body = Profile), crate::api::openapi::Errors))]
 async fn register(
     State(state): State<AppState>,
+    ClientKey(client): ClientKey,
     ApiJson(request): ApiJson<Register>,
 ) -> Result<(StatusCode, Json<Profile>)> {
     validate_username(&request.username)?;
@@ -125,7 +133,10 @@ async fn register(
     if state.store.user_by_name(&request.username).await?.is_some() {
         return Err(Error::Conflict("username is taken"));
     }
-    let password_hash = state.passwords.hash(request.password).await?;
+    let password_hash = state
+        .passwords
+        .hash(Caller::Address(client), request.password)
+        .await?;
     let now = store::now();
     let user = User {
         id: Uuid::new_v4(),
@@ -234,10 +245,12 @@ const BAD_LOGIN: Error = Error::Unauthorized("invalid username or password");
     responses((status = 200, description = "A token pair for a session of the device.", body = TokenPair), crate::api::openapi::Errors))]
 async fn login(
     State(state): State<AppState>,
+    ClientKey(client): ClientKey,
     LoginRequest(login): LoginRequest,
 ) -> Result<Json<TokenPair>> {
     let device = login.device_id.map(device_field).transpose()?.unwrap_or(1);
-    let user_id = check_credentials(&state, &login.username, login.password).await?;
+    let caller = Caller::Address(client);
+    let user_id = check_credentials(&state, caller, &login.username, login.password).await?;
     let pair = start_session(&state, user_id, device).await?;
     tracing::info!(user.id = %user_id, device, "logged in");
     Ok(Json(pair))
@@ -245,9 +258,10 @@ async fn login(
 
 /// The account a username and password open, refused alike for an unknown
 /// name and a wrong password; for a disabled account, refused only once the
-/// password is right.
+/// password is right. The hash queues as `caller`'s.
 pub(super) async fn check_credentials(
     state: &AppState,
+    caller: Caller,
     username: &str,
     password: String,
 ) -> Result<Uuid> {
@@ -261,7 +275,7 @@ pub(super) async fn check_credentials(
     let account = credentials.as_ref().map(|c| (c.user_id, c.disabled));
     let verified = state
         .passwords
-        .verify(password, credentials.map(|c| c.password_hash))
+        .verify(caller, password, credentials.map(|c| c.password_hash))
         .await?;
     let Some((user_id, disabled)) = account.filter(|_| verified) else {
         tracing::info!("login refused");
@@ -418,22 +432,52 @@ async fn logout_all(caller: AuthUser, State(state): State<AppState>) -> Result<S
 }
 
 /// Checks the caller's current password: a stolen access token alone must
-/// not be enough to take the account over or delete it.
-pub(super) async fn confirm_password(state: &AppState, user: Uuid, password: String) -> Result<()> {
-    let wrong = || {
-        state.metrics.auth_failed(AuthFailure::CurrentPassword);
-        Err(WRONG_PASSWORD)
+/// not be enough to take the account over or delete it, nor to guess the
+/// password (see [`crate::auth::confirm`]). Refused with 429 before any
+/// hash while the account is locked out or over its budget; the wrong
+/// password that reaches the limit ends the caller's session (401).
+pub(super) async fn confirm_password(
+    state: &AppState,
+    caller: &AuthUser,
+    password: String,
+) -> Result<()> {
+    state
+        .confirmations
+        .admit(caller.id)
+        .inspect_err(|_| state.metrics.rate_limited(Limited::Password))?;
+    // A password too long to be one cannot match: a strike without a hash.
+    let right = password.len() <= 4 * *PASSWORD_LEN.end() && {
+        let Some(hash) = state.store.password_hash(caller.id).await? else {
+            return Err(Error::Unauthorized("account no longer exists"));
+        };
+        state
+            .passwords
+            .verify(Caller::Account(caller.id), password, Some(hash))
+            .await?
     };
-    if password.len() > 4 * *PASSWORD_LEN.end() {
-        return wrong();
+    if right {
+        state.confirmations.right(caller.id);
+        return Ok(());
     }
-    let Some(hash) = state.store.password_hash(user).await? else {
-        return Err(Error::Unauthorized("account no longer exists"));
-    };
-    if !state.passwords.verify(password, Some(hash)).await? {
-        return wrong();
+    state.metrics.auth_failed(AuthFailure::CurrentPassword);
+    match state.confirmations.wrong(caller.id) {
+        Verdict::Wrong => Err(WRONG_PASSWORD),
+        Verdict::EndSession => {
+            tracing::warn!(user.id = %caller.id, device = caller.device, "too many wrong passwords: ending the session that sent them");
+            state
+                .revocations
+                .revoke(
+                    state.store.as_ref(),
+                    &state.hub,
+                    caller.id,
+                    Scope::One(caller.session),
+                )
+                .await?;
+            Err(Error::Unauthorized(
+                "too many wrong passwords: this session has ended",
+            ))
+        }
     }
-    Ok(())
 }
 
 const WRONG_PASSWORD: Error = Error::Forbidden("current password is wrong");
@@ -456,8 +500,11 @@ async fn change_password(
 ) -> Result<Json<TokenPair>> {
     validate_password(&request.new_password)
         .map_err(|_| Error::field("new_password", "must be 8-1024 characters"))?;
-    confirm_password(&state, caller.id, request.current_password).await?;
-    let hash = state.passwords.hash(request.new_password).await?;
+    confirm_password(&state, &caller, request.current_password).await?;
+    let hash = state
+        .passwords
+        .hash(Caller::Account(caller.id), request.new_password)
+        .await?;
     let revoked = state
         .store
         .set_password(caller.id, &hash, store::now())
@@ -483,7 +530,7 @@ async fn delete_me(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<DeleteAccount>,
 ) -> Result<StatusCode> {
-    confirm_password(&state, caller.id, request.password).await?;
+    confirm_password(&state, &caller, request.password).await?;
     let revoked = state
         .store
         .delete_user(caller.id, store::now())

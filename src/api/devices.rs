@@ -4,13 +4,15 @@
 //!
 //! Adding a device takes the account's password, not a token (a new device
 //! has none yet), and sits behind the per-IP auth rate limit like login.
+//! Removing one takes a token and the password: behind the same limit, and
+//! under [`crate::auth::confirm`]'s rules, after the device is found.
 //! Every change to the list reaches the account's sockets at once as a
 //! `devices_changed` frame: a device that appears unexpectedly is how a
 //! user notices a stolen password.
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, patch, post, put};
 use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -25,26 +27,28 @@ use super::accounts::{TokenPair, check_credentials, confirm_password, token_pair
 use super::keys::{KeyView, UpdateKey, parse_public_key, set_own_key};
 use super::{ApiJson, ApiPath};
 use crate::auth::AuthUser;
+use crate::auth::password::Caller;
 use crate::auth::token::Tokens;
 use crate::devices::validate_name;
 use crate::error::{Error, Result};
+use crate::limits::client_ip::ClientKey;
 use crate::limits::rate::AuthLimit;
 use crate::state::AppState;
 use crate::store::{self, AddDevice, Device, DeviceId, NewSession, RemoveDevice};
 use crate::wire::parse_id;
 
 pub fn router(auth_limit: Option<AuthLimit>) -> Router<AppState> {
-    let mut add = Router::new().route("/v1/devices", post(add_device));
+    // The routes that hash a password.
+    let mut hashing = Router::new()
+        .route("/v1/devices", post(add_device))
+        .route("/v1/devices/{device_id}", delete(remove));
     if let Some(limit) = auth_limit {
-        add = add.layer(limit.layer);
+        hashing = hashing.layer(limit.layer);
     }
     Router::new()
-        .merge(add)
+        .merge(hashing)
         .route("/v1/devices", get(own_devices))
-        .route(
-            "/v1/devices/{device_id}",
-            axum::routing::patch(rename).delete(remove),
-        )
+        .route("/v1/devices/{device_id}", patch(rename))
         .route("/v1/devices/{device_id}/key", put(set_key))
         .route("/v1/users/{user}/devices", get(directory))
 }
@@ -65,6 +69,7 @@ struct AddDeviceRequest {
     responses((status = 201, description = "The new device's id and a token pair for a session of it.", body = TokenPair), crate::api::openapi::Errors))]
 async fn add_device(
     State(state): State<AppState>,
+    ClientKey(client): ClientKey,
     ApiJson(request): ApiJson<AddDeviceRequest>,
 ) -> Result<(StatusCode, Json<TokenPair>)> {
     // Validated before the password costs a hash.
@@ -72,7 +77,8 @@ async fn add_device(
     if let Some(name) = &request.name {
         validate_name(name)?;
     }
-    let user = check_credentials(&state, &request.username, request.password).await?;
+    let caller = Caller::Address(client);
+    let user = check_credentials(&state, caller, &request.username, request.password).await?;
     // The device and its first session in one transaction: a client whose
     // reply is lost retries with no device left behind without a session.
     let now = store::now();
@@ -217,6 +223,9 @@ async fn set_key(
     Ok(Json(view.naming_device(caller.device)))
 }
 
+const ONLY_DEVICE: Error =
+    Error::Conflict("this is the account's only device; delete the account instead");
+
 #[derive(Deserialize, ToSchema)]
 struct RemoveRequest {
     password: String,
@@ -234,7 +243,18 @@ async fn remove(
     ApiJson(request): ApiJson<RemoveRequest>,
 ) -> Result<StatusCode> {
     let device = path_device(&device)?;
-    confirm_password(&state, caller.id, request.password).await?;
+    // What the caller can see anyway (`GET /v1/devices`) is checked before
+    // the password: a request that cannot remove anything costs no hash,
+    // and its answer says nothing about the password. The store decides a
+    // race with another removal.
+    let devices = state.store.device_ids(caller.id).await?;
+    if !devices.contains(&device) {
+        return Err(Error::NotFound("device"));
+    }
+    if devices.len() == 1 {
+        return Err(ONLY_DEVICE);
+    }
+    confirm_password(&state, &caller, request.password).await?;
     let removed = state
         .store
         .remove_device(caller.id, device, store::now())
@@ -242,11 +262,7 @@ async fn remove(
     let revoked = match removed {
         RemoveDevice::Removed { revoked } => revoked,
         RemoveDevice::NotFound => return Err(Error::NotFound("device")),
-        RemoveDevice::Last => {
-            return Err(Error::Conflict(
-                "this is the account's only device; delete the account instead",
-            ));
-        }
+        RemoveDevice::Last => return Err(ONLY_DEVICE),
     };
     state
         .revocations

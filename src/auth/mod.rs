@@ -1,8 +1,10 @@
-//! Authentication: password hashing, tokens, the signing secret, session
-//! revocation, and the
+//! Authentication: password hashing, the rules for confirming a signed-in
+//! caller's password, tokens, the signing secret, session revocation, and
+//! the
 //! [`AuthUser`] extractor that every authenticated handler takes, so that none
 //! can forget to check a token.
 
+pub mod confirm;
 pub mod password;
 pub mod secret;
 pub mod sessions;

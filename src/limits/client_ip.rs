@@ -13,11 +13,15 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use axum::extract::ConnectInfo;
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, Request};
 use ipnet::IpNet;
 use tower_governor::GovernorError;
 use tower_governor::key_extractor::KeyExtractor;
+
+use crate::error::Error;
+use crate::state::AppState;
 
 /// The proxies whose `X-Forwarded-For` is believed.
 #[derive(Debug, Clone, Default)]
@@ -93,6 +97,25 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
     hop.parse::<SocketAddr>()
         .ok()
         .map(|s| s.ip().to_canonical())
+}
+
+/// The [`limit_key`] of a request's client, for a handler: whom a
+/// per-address share (of the hashing queue, say) is counted against.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientKey(pub IpAddr);
+
+impl FromRequestParts<AppState> for ClientKey {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        // Always there: `http1` serves every connection with its peer.
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip())
+            .ok_or_else(|| Error::Internal(anyhow::anyhow!("request without a peer address")))?;
+        Ok(Self(state.proxies.client_key(peer, &parts.headers)))
+    }
 }
 
 /// tower-governor's key: the client IP of the request.

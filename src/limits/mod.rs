@@ -5,8 +5,10 @@
 //!   from trusted proxies.
 //! - [`connections`]: the cap on HTTP connections per address, counted as
 //!   they are accepted.
-//! - [`rate`]: per-IP limits on the auth endpoints (tower-governor) and the
-//!   per-user send budget shared by REST and WebSocket.
+//! - [`rate`]: per-IP limits on the auth endpoints and the other routes that
+//!   hash a password (tower-governor), the per-account budget of password
+//!   checks, and the per-user and per-pair send budgets shared by REST and
+//!   WebSocket.
 //! - [`queue`]: the cap on messages queued for one recipient.
 //! - [`sockets`]: caps on WebSockets per IP and on unauthenticated sockets.
 //!   (The per-user cap lives in the hub, which counts a user's sockets.)

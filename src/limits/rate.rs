@@ -4,6 +4,8 @@
 //! - [`AuthLimit`]: sign-up, login and refresh per client IP (tower-governor
 //!   in front of those routes). A password guesser gets
 //!   `SEALPOST_AUTH_RATE_PER_MINUTE` tries a minute per address.
+//!   The routes that check a signed-in caller's password (password change,
+//!   account and device deletion) sit behind the same layer.
 //! - [`SendBudget`]: messages per sending user, checked by the delivery core
 //!   so that REST and WebSocket sends draw on one budget. A stored send
 //!   takes one token per copy it stores (one per recipient device), so a
@@ -12,10 +14,14 @@
 //!   ephemeral together: what one sender may pour into one account's
 //!   queues, and how often it may ask whether the account is online (an
 //!   ephemeral send's `delivered`).
+//! - [`PasswordBudget`]: password checks per signed-in account, checked by
+//!   [`crate::auth::confirm`] before a hash, so that one account cannot
+//!   spend the server's hashing however many addresses it comes from.
 //!
 //! Over a limit the caller gets [`Error::RateLimited`] with the time to
 //! wait; nothing is queued, so nothing is lost.
 
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -84,36 +90,35 @@ impl AuthLimit {
     }
 }
 
-/// Messages per sending user, shared by REST and WebSocket sends.
-pub struct SendBudget {
-    limiter: Option<DefaultKeyedRateLimiter<Uuid>>,
+/// A token bucket per key, or none when the limit is off.
+struct Buckets<K: Hash + Eq + Clone> {
+    limiter: Option<DefaultKeyedRateLimiter<K>>,
+    /// The bucket's size: the most one check may take.
     burst: NonZeroU32,
 }
 
-impl SendBudget {
-    /// `per_second` 0 turns the budget off.
-    pub fn new(per_second: u32, burst: u32) -> Self {
+impl<K: Hash + Eq + Clone> Buckets<K> {
+    /// `rate` 0 turns the limit off; `burst` 0 means a burst of `rate`.
+    fn new(rate: u32, burst: u32, quota: fn(NonZeroU32) -> Quota) -> Self {
         let burst = NonZeroU32::new(burst)
-            .or(NonZeroU32::new(per_second))
+            .or(NonZeroU32::new(rate))
             .unwrap_or(NonZeroU32::MIN);
-        let limiter = NonZeroU32::new(per_second)
-            .map(|rate| RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)));
+        let limiter =
+            NonZeroU32::new(rate).map(|rate| RateLimiter::keyed(quota(rate).allow_burst(burst)));
         Self { limiter, burst }
     }
 
-    /// Takes one send from `user`'s budget.
-    pub fn check(&self, user: Uuid) -> Result<(), Error> {
-        self.check_n(user, 1)
+    fn check(&self, key: &K) -> Result<(), Error> {
+        self.check_n(key, 1)
     }
 
-    /// Takes `n` tokens from `user`'s budget (at most the burst: a send
-    /// larger than the whole bucket takes all of it), or none.
-    pub fn check_n(&self, user: Uuid, n: u32) -> Result<(), Error> {
+    /// Takes `n` tokens (at most the burst: a request larger than the whole
+    /// bucket takes all of it), or none.
+    fn check_n(&self, key: &K, n: u32) -> Result<(), Error> {
         let (Some(limiter), Some(n)) = (&self.limiter, NonZeroU32::new(n)) else {
             return Ok(());
         };
-        let n = n.min(self.burst);
-        match limiter.check_key_n(&user, n) {
+        match limiter.check_key_n(key, n.min(self.burst)) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(not_until)) => Err(Error::RateLimited {
                 retry_after: not_until.wait_time_from(DefaultClock::default().now()),
@@ -125,54 +130,85 @@ impl SendBudget {
         }
     }
 
-    /// Forgets users whose buckets are full again.
-    pub fn prune(&self) {
+    /// Forgets keys whose buckets are full again: the map holds only the
+    /// keys that used the limit lately, so it is bounded by the rate of
+    /// requests between prunes.
+    fn prune(&self) {
         if let Some(limiter) = &self.limiter {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
+    }
+}
+
+/// Messages per sending user, shared by REST and WebSocket sends.
+pub struct SendBudget(Buckets<Uuid>);
+
+impl SendBudget {
+    /// `per_second` 0 turns the budget off.
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        Self(Buckets::new(per_second, burst, Quota::per_second))
+    }
+
+    /// Takes one send from `user`'s budget.
+    pub fn check(&self, user: Uuid) -> Result<(), Error> {
+        self.0.check(&user)
+    }
+
+    /// Takes `n` tokens from `user`'s budget (at most the burst: a send
+    /// larger than the whole bucket takes all of it), or none.
+    pub fn check_n(&self, user: Uuid, n: u32) -> Result<(), Error> {
+        self.0.check_n(&user, n)
+    }
+
+    /// Forgets users whose buckets are full again.
+    pub fn prune(&self) {
+        self.0.prune();
     }
 }
 
 /// Sends from one user to one recipient, REST and WebSocket, stored and
 /// ephemeral together. Sends to your own account (syncing your devices)
 /// are not counted: they reach no one else.
-pub struct PairBudget {
-    limiter: Option<DefaultKeyedRateLimiter<(Uuid, Uuid)>>,
-}
+pub struct PairBudget(Buckets<(Uuid, Uuid)>);
 
 impl PairBudget {
     /// `per_second` 0 turns the limit off.
     pub fn new(per_second: u32, burst: u32) -> Self {
-        let limiter = NonZeroU32::new(per_second).map(|rate| {
-            let burst = NonZeroU32::new(burst).unwrap_or(rate);
-            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
-        });
-        Self { limiter }
+        Self(Buckets::new(per_second, burst, Quota::per_second))
     }
 
     /// Takes one send from `from` to `to`.
     pub fn check(&self, from: Uuid, to: Uuid) -> Result<(), Error> {
-        let Some(limiter) = &self.limiter else {
-            return Ok(());
-        };
         if from == to {
             return Ok(());
         }
-        limiter
-            .check_key(&(from, to))
-            .map_err(|not_until| Error::RateLimited {
-                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
-            })
+        self.0.check(&(from, to))
     }
 
-    /// Forgets pairs whose buckets are full again: one entry per pair that
-    /// sent lately, so the map is bounded by the send rate between prunes.
+    /// Forgets pairs whose buckets are full again.
     pub fn prune(&self) {
-        if let Some(limiter) = &self.limiter {
-            limiter.retain_recent();
-            limiter.shrink_to_fit();
-        }
+        self.0.prune();
+    }
+}
+
+/// Password checks per signed-in account.
+pub struct PasswordBudget(Buckets<Uuid>);
+
+impl PasswordBudget {
+    /// `per_minute` 0 turns the budget off.
+    pub fn new(per_minute: u32, burst: u32) -> Self {
+        Self(Buckets::new(per_minute, burst, Quota::per_minute))
+    }
+
+    /// Takes one password check from `user`'s budget.
+    pub fn check(&self, user: Uuid) -> Result<(), Error> {
+        self.0.check(&user)
+    }
+
+    /// Forgets accounts whose buckets are full again.
+    pub fn prune(&self) {
+        self.0.prune();
     }
 }
 
@@ -230,6 +266,25 @@ mod tests {
         let user = Uuid::new_v4();
         for _ in 0..1000 {
             budget.check(user).unwrap();
+        }
+    }
+
+    #[test]
+    fn password_checks_are_budgeted_per_account_per_minute() {
+        let budget = PasswordBudget::new(6, 2);
+        let user = Uuid::new_v4();
+        budget.check(user).unwrap();
+        budget.check(user).unwrap();
+        match budget.check(user) {
+            Err(Error::RateLimited { retry_after }) => {
+                assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(10));
+            }
+            other => panic!("expected rate_limited, got {other:?}"),
+        }
+        budget.check(Uuid::new_v4()).unwrap();
+        let off = PasswordBudget::new(0, 1);
+        for _ in 0..100 {
+            off.check(user).unwrap();
         }
     }
 }

@@ -147,23 +147,29 @@ async fn upgrade(
     // The request's span, with its request id, follows the socket's task.
     let span = tracing::Span::current();
     // hyper hands the connection over once the 101 below is written.
-    tokio::spawn(sockets.track_future(
-        async move {
-            let upgraded = match on_upgrade.await {
-                Ok(upgraded) => upgraded,
-                Err(err) => {
-                    tracing::debug!(error = %err, "WebSocket upgrade failed");
-                    return;
-                }
-            };
-            let io = MessageDeadline::new(TokioIo::new(upgraded), message_timeout);
-            // Boxed before the task's future is made: see `Start`.
-            let socket = Box::pin(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)));
-            let socket = Box::new(socket.await);
-            connection::run(socket, start).await;
-        }
-        .instrument(span),
-    ));
+    tokio::spawn(
+        sockets.track_future(
+            async move {
+                let upgraded = match on_upgrade.await {
+                    Ok(upgraded) => upgraded,
+                    Err(err) => {
+                        tracing::debug!(error = %err, "WebSocket upgrade failed");
+                        return;
+                    }
+                };
+                let io = MessageDeadline::new(TokioIo::new(upgraded), message_timeout);
+                // Boxed before the task's future is made: see `Start`.
+                let socket = Box::pin(WebSocketStream::from_raw_socket(
+                    io,
+                    Role::Server,
+                    Some(config),
+                ));
+                let socket = Box::new(socket.await);
+                connection::run(socket, start).await;
+            }
+            .instrument(span),
+        ),
+    );
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, HeaderValue::from_static("upgrade"))

@@ -186,6 +186,7 @@ impl Drop for TestDb {
 /// Rate limits and caps the tests turn off by default, as flag and value.
 pub const UNLIMITED: &[(&str, &str)] = &[
     ("--auth-rate-per-minute", "0"),
+    ("--password-rate-per-minute", "0"),
     ("--send-rate-per-second", "0"),
     ("--pair-rate-per-second", "0"),
     ("--max-connections-per-ip", "0"),
