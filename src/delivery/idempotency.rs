@@ -63,7 +63,10 @@ pub const SEND_KEY_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
 pub fn expires_at(now: DateTime<Utc>) -> DateTime<Utc> {
     const HOUR_MS: i64 = 60 * 60 * 1000;
     let at = crate::store::add(now, SEND_KEY_WINDOW).timestamp_millis();
-    let rounded = at.div_euclid(HOUR_MS).saturating_add(1).saturating_mul(HOUR_MS);
+    let rounded = at
+        .div_euclid(HOUR_MS)
+        .saturating_add(1)
+        .saturating_mul(HOUR_MS);
     DateTime::from_timestamp_millis(rounded).unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 

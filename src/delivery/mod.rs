@@ -1139,8 +1139,8 @@ pub(crate) mod fake {
     use chrono::{DateTime, Utc};
 
     use crate::store::{
-        Ack, DeviceId, DeviceIds, Queue, QueueShare, SealedKey, SealedRow, StoreError,
-        StoreResult, StoredRow,
+        Ack, DeviceId, DeviceIds, Queue, QueueShare, SealedKey, SealedRow, StoreError, StoreResult,
+        StoredRow,
     };
 
     #[derive(Default)]

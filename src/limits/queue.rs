@@ -163,7 +163,9 @@ impl QueueCaps {
 
     /// Whether nothing is capped, and so nothing counted.
     fn off(&self) -> bool {
-        self.limits.per_device == 0 && self.limits.per_sender == 0 && self.limits.bytes_per_user == 0
+        self.limits.per_device == 0
+            && self.limits.per_sender == 0
+            && self.limits.bytes_per_user == 0
     }
 
     /// Takes room for one message from the sender tagged `tag` in each of
@@ -202,12 +204,12 @@ impl QueueCaps {
         // a full queue's headroom is open to it.
         let is_small = self.shares
             && copies.iter().all(|(device, _)| {
-            account
-                .devices
-                .get(device)
-                .and_then(|q| q.senders.get(&tag))
-                .is_none_or(|held| *held < small)
-        });
+                account
+                    .devices
+                    .get(device)
+                    .and_then(|q| q.senders.get(&tag))
+                    .is_none_or(|held| *held < small)
+            });
         for (device, _) in copies {
             let (rows, held) = account.devices.get(device).map_or((0, 0), |q| {
                 (q.rows, q.senders.get(&tag).copied().unwrap_or(0))
@@ -224,7 +226,11 @@ impl QueueCaps {
             let mine = account.sender_bytes.get(&tag).copied().unwrap_or(0);
             let share = (limits.bytes_per_user / SENDER_BYTES_SHARE).max(1);
             if (self.shares && mine.saturating_add(added) > share)
-                || !within(account.bytes.saturating_add(added), limits.bytes_per_user, is_small)
+                || !within(
+                    account.bytes.saturating_add(added),
+                    limits.bytes_per_user,
+                    is_small,
+                )
             {
                 return Err(Error::QueueFull);
             }

@@ -46,8 +46,8 @@ use uuid::Uuid;
 
 use super::{
     AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, Device, DeviceId,
-    DeviceIds, KeyId, NewSession, Operator, Queue, QueueDepth, QueueMaintenance, RefreshToken,
-    QueueShare, RemoveDevice, Revoked, Rotation, SealedKey, SealedRow, Sessions, Stats, Store,
+    DeviceIds, KeyId, NewSession, Operator, Queue, QueueDepth, QueueMaintenance, QueueShare,
+    RefreshToken, RemoveDevice, Revoked, Rotation, SealedKey, SealedRow, Sessions, Stats, Store,
     StoreError, StoreResult, StoredRow, User,
 };
 

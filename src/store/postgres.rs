@@ -19,8 +19,8 @@ use super::queue::QUEUE_COLUMNS;
 use super::{
     AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, Device, DeviceId,
     DeviceIds, DeviceSummary, KeyId, NewSession, Operator, Queue, QueueDepth, QueueMaintenance,
-    RefreshToken, RemoveDevice, Revoked, Rotation, QueueShare, SealedKey, SealedRow, Sessions, Stats,
-    Store, StoreError, StoreResult, StoredRow, User,
+    QueueShare, RefreshToken, RemoveDevice, Revoked, Rotation, SealedKey, SealedRow, Sessions,
+    Stats, Store, StoreError, StoreResult, StoredRow, User,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -813,7 +813,11 @@ impl Queue for PgStore {
                                answer = EXCLUDED.answer, expires_at = EXCLUDED.expires_at",
             )
             .bind(keys.iter().map(|k| k.hash.as_slice()).collect::<Vec<_>>())
-            .bind(keys.iter().map(|k| k.account.as_slice()).collect::<Vec<_>>())
+            .bind(
+                keys.iter()
+                    .map(|k| k.account.as_slice())
+                    .collect::<Vec<_>>(),
+            )
             .bind(keys.iter().map(|k| k.key_id).collect::<Vec<_>>())
             .bind(keys.iter().map(|k| k.answer.as_slice()).collect::<Vec<_>>())
             .bind(keys.iter().map(|k| k.expires_at).collect::<Vec<_>>())
@@ -875,13 +879,15 @@ impl Queue for PgStore {
         .bind(now)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|(hash, account, key_id, answer, expires_at)| SealedKey {
-            hash,
-            account,
-            key_id,
-            answer,
-            expires_at,
-        }))
+        Ok(
+            row.map(|(hash, account, key_id, answer, expires_at)| SealedKey {
+                hash,
+                account,
+                key_id,
+                answer,
+                expires_at,
+            }),
+        )
     }
 
     async fn forget_sender_keys(&self, accounts: &[Vec<u8>]) -> StoreResult<u64> {

@@ -26,8 +26,8 @@ use super::queue::QUEUE_COLUMNS;
 use super::{
     AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, Device, DeviceId,
     DeviceIds, DeviceSummary, KeyId, NewSession, Operator, Queue, QueueDepth, QueueMaintenance,
-    QueueShare, RefreshToken, RemoveDevice, Revoked, Rotation, SealedKey, SealedRow, Sessions, Stats,
-    Store, StoreError, StoreResult, StoredRow, User,
+    QueueShare, RefreshToken, RemoveDevice, Revoked, Rotation, SealedKey, SealedRow, Sessions,
+    Stats, Store, StoreError, StoreResult, StoredRow, User,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -917,17 +917,17 @@ impl Queue for SqliteStore {
         for hash in hashes {
             query = query.bind(hash.as_slice());
         }
-        let row: Option<(Vec<u8>, Vec<u8>, KeyId, Vec<u8>, i64)> = query
-            .bind(millis(now))
-            .fetch_optional(&self.reader)
-            .await?;
-        Ok(row.map(|(hash, account, key_id, answer, expires_at)| SealedKey {
-            hash,
-            account,
-            key_id,
-            answer,
-            expires_at: time(expires_at),
-        }))
+        let row: Option<(Vec<u8>, Vec<u8>, KeyId, Vec<u8>, i64)> =
+            query.bind(millis(now)).fetch_optional(&self.reader).await?;
+        Ok(
+            row.map(|(hash, account, key_id, answer, expires_at)| SealedKey {
+                hash,
+                account,
+                key_id,
+                answer,
+                expires_at: time(expires_at),
+            }),
+        )
     }
 
     async fn forget_sender_keys(&self, accounts: &[Vec<u8>]) -> StoreResult<u64> {

@@ -22,12 +22,7 @@ backend_tests!(
 
 /// The default per-(sender, recipient) limit, which the harness turns off:
 /// the tests of it set it back.
-const PAIR_DEFAULTS: [&str; 4] = [
-    "--pair-rate-per-second",
-    "2",
-    "--pair-rate-burst",
-    "50",
-];
+const PAIR_DEFAULTS: [&str; 4] = ["--pair-rate-per-second", "2", "--pair-rate-burst", "50"];
 
 async fn try_send(server: &TestServer, from: &Account, to: Uuid, body: &[u8]) -> Reply {
     server
@@ -76,11 +71,12 @@ async fn send_key_rows(db: &TestDb) -> Vec<String> {
             .map(|c| format!("hex(\"{c}\")"))
             .collect::<Vec<_>>()
             .join(" || '|' || ");
-        let rows: Vec<String> =
-            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT {select} FROM send_keys")))
-                .fetch_all(&pool)
-                .await
-                .expect("read send_keys");
+        let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT {select} FROM send_keys"
+        )))
+        .fetch_all(&pool)
+        .await
+        .expect("read send_keys");
         pool.close().await;
         rows.into_iter().map(|r| r.to_lowercase()).collect()
     }
@@ -151,7 +147,11 @@ async fn send_keys_do_not_tell_who_wrote_to_whom(backend: Backend) {
 
     // Deleting alice deletes her keys, and only hers.
     server
-        .delete("/v1/me", Some(&alice.access), json!({ "password": PASSWORD }))
+        .delete(
+            "/v1/me",
+            Some(&alice.access),
+            json!({ "password": PASSWORD }),
+        )
         .await
         .expect(204);
     let left = send_key_rows(&server.db).await;
@@ -181,7 +181,8 @@ async fn many_accounts_cannot_fill_a_queue_for_everyone(backend: Backend) {
     for n in 0..5 {
         let attacker = server.account(&format!("attacker{n}")).await;
         for m in 0..15 {
-            let reply = try_send(&server, &attacker, victim.id, format!("{n}/{m}").as_bytes()).await;
+            let reply =
+                try_send(&server, &attacker, victim.id, format!("{n}/{m}").as_bytes()).await;
             match reply.status.as_u16() {
                 201 => accepted += 1,
                 _ => refused.push(reply.code().to_owned()),
@@ -263,7 +264,9 @@ async fn an_account_s_queued_bytes_are_capped(backend: Backend) {
     let body = vec![7u8; 1000];
     let mut sent = Vec::new();
     for _ in 0..9 {
-        sent.push(id(&try_send(&server, &alice, bob.id, &body).await.expect(201)["id"]));
+        sent.push(id(&try_send(&server, &alice, bob.id, &body)
+            .await
+            .expect(201)["id"]));
     }
     try_send(&server, &alice, bob.id, &body)
         .await
