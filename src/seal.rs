@@ -766,4 +766,64 @@ mod tests {
             .to_string();
         assert!(err.contains("SEALPOST_STORAGE_KEYS is not set"), "{err}");
     }
+
+    fn sent_key(client_id: &str) -> SentKey {
+        SentKey {
+            key: crate::store::SendKey {
+                sender: Uuid::new_v4(),
+                device: 2,
+                client_id: client_id.into(),
+            },
+            message: Uuid::now_v7(),
+            digest: vec![9; 32],
+        }
+    }
+
+    #[test]
+    fn a_send_key_is_stored_as_keyed_hashes_and_a_sealed_answer() {
+        let keys = ring(OLD);
+        let record = sent_key("k1");
+        let sealed = keys.seal_key(&record, chrono::Utc::now()).unwrap();
+        let (sender, message) = (record.key.sender, record.message);
+        for column in [&sealed.hash, &sealed.account, &sealed.answer] {
+            for id in [sender.as_bytes(), message.as_bytes()] {
+                assert!(!column.windows(16).any(|w| w == id), "in the clear");
+            }
+        }
+        assert_eq!(sealed.account, keys.account_tags(sender)[0]);
+        assert_eq!(
+            keys.open_key(sealed.clone()).unwrap(),
+            (message, record.digest.clone())
+        );
+        // The answer is bound to its hash: moved to another key, it fails.
+        let moved = SealedKey {
+            hash: keys.send_key_hashes(sender, 2, "k2").swap_remove(0),
+            ..sealed
+        };
+        assert!(keys.open_key(moved).is_err());
+    }
+
+    #[test]
+    fn tags_and_hashes_are_keyed_and_found_across_a_rotation() {
+        let (old, rotated) = (ring(OLD), ring(&format!("{NEW},{OLD}")));
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        // Another key, other tags; the same key, the same tags.
+        assert_ne!(old.sender_tag(alice, bob), ring(NEW).sender_tag(alice, bob));
+        assert_eq!(old.sender_tag(alice, bob), ring(OLD).sender_tag(alice, bob));
+        assert_ne!(old.sender_tag(alice, bob), old.sender_tag(bob, alice));
+        // A key written before the rotation is found (under the old key,
+        // second in the ring) and opened after it.
+        let record = sent_key("k");
+        let sealed = old.seal_key(&record, chrono::Utc::now()).unwrap();
+        let hashes = rotated.send_key_hashes(record.key.sender, 2, "k");
+        assert_eq!(hashes.len(), 2);
+        assert_ne!(hashes[0], sealed.hash);
+        assert_eq!(hashes[1], sealed.hash);
+        assert_eq!(rotated.open_key(sealed).unwrap().0, record.message);
+        assert!(
+            rotated
+                .account_tags(record.key.sender)
+                .contains(&old.account_tags(record.key.sender)[0])
+        );
+    }
 }

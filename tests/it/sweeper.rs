@@ -141,8 +141,8 @@ async fn send_keys_are_forgotten_after_their_window(backend: Backend) {
         .await
         .expect(201);
     let raw = Raw::open(&server.db).await;
-    let two_days_ago = chrono::Utc::now() - chrono::TimeDelta::days(2);
-    let old_id = sealpost::store::first_id_at(two_days_ago);
+    // A key past its expiry (a day after its send, on the hour).
+    let expired = chrono::Utc::now() - chrono::TimeDelta::hours(1);
     let keys = || async {
         match &raw {
             Raw::Pg(pool) => sqlx::query_scalar::<_, i64>("SELECT count(*) FROM send_keys")
@@ -158,15 +158,15 @@ async fn send_keys_are_forgotten_after_their_window(backend: Backend) {
     assert_eq!(keys().await, 1);
     match &raw {
         Raw::Pg(pool) => {
-            sqlx::query("UPDATE send_keys SET message_id = $1")
-                .bind(old_id)
+            sqlx::query("UPDATE send_keys SET expires_at = $1")
+                .bind(expired)
                 .execute(pool)
                 .await
                 .unwrap();
         }
         Raw::Sqlite(pool) => {
-            sqlx::query("UPDATE send_keys SET message_id = ?")
-                .bind(old_id)
+            sqlx::query("UPDATE send_keys SET expires_at = ?")
+                .bind(expired.timestamp_millis())
                 .execute(pool)
                 .await
                 .unwrap();

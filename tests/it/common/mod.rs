@@ -311,6 +311,7 @@ impl ServerProcess {
             .env("RUST_LOG", "info")
             .env("SEALPOST_AUTH_RATE_PER_MINUTE", "0")
             .env("SEALPOST_SEND_RATE_PER_SECOND", "0")
+            .env("SEALPOST_PAIR_RATE_PER_SECOND", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
