@@ -235,7 +235,7 @@ impl SqliteStore {
                 .min_connections(min)
                 .acquire_timeout(Duration::from_secs(30))
         };
-        if database_path(url).is_none() {
+        let Some(path) = database_path(url) else {
             // Keep the one connection forever: closing it drops the database.
             let pool = single(1)
                 .idle_timeout(None)
@@ -246,7 +246,8 @@ impl SqliteStore {
                 writer: pool.clone(),
                 reader: pool,
             });
-        }
+        };
+        create_private(&path);
         let writer = single(0)
             .after_release(|conn, _| Box::pin(fit_for_reuse(conn)))
             .connect_with(options.clone())
@@ -256,6 +257,11 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await?;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.clone().into_os_string();
+            file.push(suffix);
+            crate::keyfile::warn_if_shared(std::path::Path::new(&file), "the database");
+        }
         Ok(Self { writer, reader })
     }
 
@@ -297,6 +303,20 @@ impl SqliteStore {
             }
         }
     }
+}
+
+/// Creates the database file, empty, readable by its owner only, unless it
+/// exists. SQLite would create it with the mode the umask leaves (0644 under
+/// the common 022: password hashes and queued messages readable by every
+/// user of the machine), and gives its `-wal` and `-shm` files the mode of
+/// the database file, so this covers all three. A failure here is left for
+/// SQLite's own open to report.
+fn create_private(path: &std::path::Path) {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let _ = options.open(path);
 }
 
 #[async_trait]
