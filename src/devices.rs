@@ -61,7 +61,8 @@ pub fn validate_name(name: &str) -> Result<()> {
 fn refused_in_name(c: char) -> bool {
     use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
     c.is_control()
-        || (c.general_category() == GeneralCategory::Format && !matches!(c, '\u{200C}' | '\u{200D}'))
+        || (c.general_category() == GeneralCategory::Format
+            && !matches!(c, '\u{200C}' | '\u{200D}'))
 }
 
 /// Accounts whose device lists are kept. Each entry is an id and a few

@@ -111,7 +111,7 @@ pub fn resolve<T>(
     };
     match std::fs::read_to_string(&path) {
         Ok(text) => {
-            warn_if_shared(&path, setting);
+            warn_if_shared(&path, &format!("the kept {setting}"));
             parse(text.trim()).map_err(|e| anyhow!("{}: {e}", path.display()))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -253,7 +253,9 @@ pub(super) async fn check_credentials(
         return Err(BAD_LOGIN);
     }
     let credentials = state.store.credentials(username).await?;
-    let account = credentials.as_ref().map(|c| (c.user_id, c.disabled, c.version));
+    let account = credentials
+        .as_ref()
+        .map(|c| (c.user_id, c.disabled, c.version));
     let verified = state
         .passwords
         .verify(password, credentials.map(|c| c.password_hash))

@@ -227,7 +227,9 @@ mod tests {
     #[test]
     fn look_alike_names_share_a_skeleton() {
         let alice = username_skeleton("alice");
-        for twin in ["al1ce", "aI1ce", "aIice", "ALICE", "AL1CE", "a1ice", "Alice"] {
+        for twin in [
+            "al1ce", "aI1ce", "aIice", "ALICE", "AL1CE", "a1ice", "Alice",
+        ] {
             assert_eq!(username_skeleton(twin), alice, "{twin}");
         }
         assert_eq!(username_skeleton("b0b"), username_skeleton("bob"));

@@ -247,7 +247,11 @@ impl SqliteStore {
                 reader: pool,
             });
         };
-        create_private(&path);
+        // `sqlite::memory:` names a shared in-memory database
+        // `file:sqlx-in-memory-N`, which is no file of ours to create.
+        if !path.to_string_lossy().starts_with("file:") {
+            create_private(&path);
+        }
         let writer = single(0)
             .after_release(|conn, _| Box::pin(fit_for_reuse(conn)))
             .connect_with(options.clone())
@@ -295,9 +299,7 @@ impl SqliteStore {
                 .await;
                 match done {
                     Ok(_) => {}
-                    Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                        warn_look_alike(id)
-                    }
+                    Err(sqlx::Error::Database(e)) if e.is_unique_violation() => warn_look_alike(id),
                     Err(e) => return Err(e.into()),
                 }
             }

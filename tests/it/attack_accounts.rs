@@ -125,7 +125,10 @@ async fn a_password_change_locks_out_device_additions_racing_it(backend: Backend
         assert_eq!(replies.len(), RACERS);
         opened += assert_all_dead(&server.api, replies, 201).await;
     }
-    assert!(opened > 0, "no device addition was answered 201 in any trial");
+    assert!(
+        opened > 0,
+        "no device addition was answered 201 in any trial"
+    );
     server.stop().await;
 }
 
@@ -174,7 +177,9 @@ async fn look_alike_usernames_are_refused(backend: Backend) {
     let server = TestServer::start(backend).await;
     server.register("alice").await;
     server.register("b0b").await;
-    for twin in ["al1ce", "aI1ce", "aIice", "ALICE", "AL1CE", "a1ice", "bob", "BOB", "B0B"] {
+    for twin in [
+        "al1ce", "aI1ce", "aIice", "ALICE", "AL1CE", "a1ice", "bob", "BOB", "B0B",
+    ] {
         let reply = try_register(&server.api, twin).await;
         assert_eq!(
             reply.status.as_u16(),
@@ -207,7 +212,11 @@ async fn look_alike_usernames_are_refused(backend: Backend) {
 async fn device_names_refuse_bidi_controls(backend: Backend) {
     let server = TestServer::start(backend).await;
     let bob = server.account("bob").await;
-    for name in ["laptop\u{202E}exe.txt", "\u{2067}phone", "zero\u{200B}width"] {
+    for name in [
+        "laptop\u{202E}exe.txt",
+        "\u{2067}phone",
+        "zero\u{200B}width",
+    ] {
         let reply = server
             .try_add_device("bob", PASSWORD, &public_key(), Some(name))
             .await;
@@ -251,7 +260,11 @@ fn mode(path: &std::path::Path) -> u32 {
 fn umask() -> String {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Umask:")).map(str::to_owned))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Umask:"))
+                .map(str::to_owned)
+        })
         .unwrap_or_else(|| "Umask: unknown".into())
 }
 
@@ -283,7 +296,9 @@ async fn a_fresh_sqlite_database_and_its_secrets_are_private() {
         );
     }
     assert!(
-        server.log_lines("readable by users other than its owner").is_empty(),
+        server
+            .log_lines("readable by users other than its owner")
+            .is_empty(),
         "a fresh database was warned about"
     );
 }
