@@ -39,16 +39,30 @@ use crate::store::{DeviceId, DeviceIds};
 pub const MAX_NAME_CHARS: usize = 64;
 
 /// Checks a device name: 1 to [`MAX_NAME_CHARS`] characters, no control
-/// characters (they would let a name fake lines in a client's list).
+/// characters (they would let a name fake lines in a client's list) and no
+/// format characters (general category Cf: the bidi controls such as U+202E
+/// RIGHT-TO-LEFT OVERRIDE, which make "laptop\u{202E}exe.txt" read
+/// "laptoptxt.exe", and invisible ones that make two names look alike). The
+/// zero-width joiner and non-joiner stay: emoji sequences and Persian and
+/// Indic text need them, and they reorder nothing.
 pub fn validate_name(name: &str) -> Result<()> {
     let chars = name.chars().count();
-    if chars == 0 || chars > MAX_NAME_CHARS || name.chars().any(char::is_control) {
+    if chars == 0 || chars > MAX_NAME_CHARS || name.chars().any(refused_in_name) {
         return Err(Error::field(
             "name",
-            format!("must be 1-{MAX_NAME_CHARS} characters, none of them control characters"),
+            format!(
+                "must be 1-{MAX_NAME_CHARS} characters, none of them control or format (bidi) characters"
+            ),
         ));
     }
     Ok(())
+}
+
+fn refused_in_name(c: char) -> bool {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+    c.is_control()
+        || (c.general_category() == GeneralCategory::Format
+            && !matches!(c, '\u{200C}' | '\u{200D}'))
 }
 
 /// Accounts whose device lists are kept. Each entry is an id and a few
@@ -147,10 +161,28 @@ mod tests {
 
     #[test]
     fn names() {
-        for ok in ["phone", "Alice's laptop", "Телефон", &"x".repeat(64)] {
+        for ok in [
+            "phone",
+            "Alice's laptop",
+            "Телефон",
+            &"x".repeat(64),
+            "\u{1F469}\u{200D}\u{1F4BB} work",
+            "می\u{200C}خواهم",
+        ] {
             assert!(validate_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "tab\there", "line\nbreak", &"x".repeat(65), "\u{7f}"] {
+        for bad in [
+            "",
+            "tab\there",
+            "line\nbreak",
+            &"x".repeat(65),
+            "\u{7f}",
+            "laptop\u{202E}exe.txt",
+            "\u{2066}isolate\u{2069}",
+            "left\u{200E}mark",
+            "zero\u{200B}width",
+            "bom\u{FEFF}",
+        ] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
     }

@@ -241,6 +241,13 @@ impl IntoResponse for Error {
                     HeaderValue::from(retry_after_secs(retry_after)),
                 );
             }
+            // Most causes pass within a second (a deadlock's victim, a
+            // failover); a client that backs off from there loses little.
+            Error::Unavailable => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
             _ => {}
         }
         response

@@ -7,6 +7,10 @@
 //! lives as long as the process. With PostgreSQL it is refused: a production
 //! deployment, possibly of several nodes, must share one secret that an
 //! operator manages.
+//!
+//! A kept secret, like the database beside it, should be readable by its
+//! owner only: [`warn_if_shared`] says so at start-up when it is not (the
+//! file is left as it is: a group the operator chose may be meant).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -106,7 +110,10 @@ pub fn resolve<T>(
         }
     };
     match std::fs::read_to_string(&path) {
-        Ok(text) => parse(text.trim()).map_err(|e| anyhow!("{}: {e}", path.display())),
+        Ok(text) => {
+            warn_if_shared(&path, &format!("the kept {setting}"));
+            parse(text.trim()).map_err(|e| anyhow!("{}: {e}", path.display()))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let text = generate();
             let value = parse(&text).map_err(|e| anyhow!("generated {setting}: {e}"))?;
@@ -139,4 +146,27 @@ fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let mut file = options.open(path)?;
     file.write_all(contents)?;
     file.sync_all()
+}
+
+/// Logs a warning if `path` exists and users other than its owner may read
+/// or write it (mode bits 0o077): it holds `what`, which anyone who can
+/// read the file has. Says nothing of a file that is not there.
+pub fn warn_if_shared(path: &Path, what: &str) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:o}"),
+                "{what} is readable by users other than its owner; `chmod 600` it"
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, what);
 }

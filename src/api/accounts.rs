@@ -29,7 +29,7 @@ use crate::limits::client_ip::ClientKey;
 use crate::limits::rate::AuthLimit;
 use crate::metrics::{AuthFailure, Limited};
 use crate::state::AppState;
-use crate::store::{self, Device, DeviceId, RefreshToken, Rotation, User};
+use crate::store::{self, Device, DeviceId, RefreshToken, Rotation, SessionStart, User, Verified};
 
 pub fn router(auth_limit: Option<AuthLimit>) -> Router<AppState> {
     // Every route that hashes a password.
@@ -128,9 +128,9 @@ async fn register(
     validate_username(&request.username)?;
     validate_password(&request.password)?;
     let public_key = parse_public_key(&request.public_key)?;
-    // Cheap check first so a taken name does not cost a hash; the unique
-    // index still decides a race.
-    if state.store.user_by_name(&request.username).await?.is_some() {
+    // Cheap check first so a taken name (or a look-alike of one) does not
+    // cost a hash; the unique indexes still decide a race.
+    if state.store.name_taken(&request.username).await? {
         return Err(Error::Conflict("username is taken"));
     }
     let password_hash = state
@@ -238,7 +238,7 @@ pub(super) struct TokenPair {
 }
 
 /// One generic answer for an unknown user and a wrong password.
-const BAD_LOGIN: Error = Error::Unauthorized("invalid username or password");
+pub(super) const BAD_LOGIN: Error = Error::Unauthorized("invalid username or password");
 
 #[utoipa::path(post, path = "/v1/login", tag = "accounts",
     request_body(content((Login = "application/json"), (PasswordGrant = "application/x-www-form-urlencoded"))),
@@ -250,21 +250,22 @@ async fn login(
 ) -> Result<Json<TokenPair>> {
     let device = login.device_id.map(device_field).transpose()?.unwrap_or(1);
     let caller = Caller::Address(client);
-    let user_id = check_credentials(&state, caller, &login.username, login.password).await?;
-    let pair = start_session(&state, user_id, device).await?;
-    tracing::info!(user.id = %user_id, device, "logged in");
+    let account = check_credentials(&state, caller, &login.username, login.password).await?;
+    let pair = start_session(&state, account, device).await?;
+    tracing::info!(user.id = %account.user_id, device, "logged in");
     Ok(Json(pair))
 }
 
-/// The account a username and password open, refused alike for an unknown
-/// name and a wrong password; for a disabled account, refused only once the
-/// password is right. The hash queues as `caller`'s.
+/// The account a username and password open, with the version of the
+/// credentials checked, refused alike for an unknown name and a wrong
+/// password; for a disabled account, refused only once the password is
+/// right. The hash queues as `caller`'s.
 pub(super) async fn check_credentials(
     state: &AppState,
     caller: Caller,
     username: &str,
     password: String,
-) -> Result<Uuid> {
+) -> Result<Verified> {
     // A name no account can have, or a password too long to be one, cannot
     // match: refuse before it costs a query or a hash.
     if !is_username(username) || password.len() > 4 * *PASSWORD_LEN.end() {
@@ -272,12 +273,14 @@ pub(super) async fn check_credentials(
         return Err(BAD_LOGIN);
     }
     let credentials = state.store.credentials(username).await?;
-    let account = credentials.as_ref().map(|c| (c.user_id, c.disabled));
+    let account = credentials
+        .as_ref()
+        .map(|c| (c.user_id, c.disabled, c.version));
     let verified = state
         .passwords
         .verify(caller, password, credentials.map(|c| c.password_hash))
         .await?;
-    let Some((user_id, disabled)) = account.filter(|_| verified) else {
+    let Some((user_id, disabled, version)) = account.filter(|_| verified) else {
         tracing::info!("login refused");
         state.metrics.auth_failed(AuthFailure::Credentials);
         return Err(BAD_LOGIN);
@@ -288,41 +291,47 @@ pub(super) async fn check_credentials(
         tracing::info!(user.id = %user_id, "login refused: the account is disabled");
         return Err(DISABLED);
     }
-    Ok(user_id)
+    Ok(Verified {
+        user_id,
+        credentials: version,
+    })
 }
 
 /// The answer to a correct password for an account an operator disabled.
 pub(super) const DISABLED: Error = Error::Forbidden("this account has been disabled");
 
-/// Opens a new session (refresh-token family) for `user_id`'s `device`,
-/// unless the account was disabled or deleted, or the device removed (or
-/// never added), since its password was checked.
+/// Opens a new session (refresh-token family) for the `account`'s `device`,
+/// unless the account was disabled or deleted, the device removed (or never
+/// added), or the password changed, since its password was checked.
 pub(super) async fn start_session(
     state: &AppState,
-    user_id: Uuid,
+    account: Verified,
     device: DeviceId,
 ) -> Result<TokenPair> {
     let now = store::now();
     let refresh = Tokens::new_refresh();
     let family_id = Uuid::new_v4();
+    let user_id = account.user_id;
     let started = state
         .store
-        .insert_refresh_token(&RefreshToken {
-            hash: refresh.hash,
-            user_id,
-            device,
-            family_id,
-            expires_at: store::add(now, state.tokens.refresh_ttl),
-        })
+        .insert_refresh_token(
+            &RefreshToken {
+                hash: refresh.hash,
+                user_id,
+                device,
+                family_id,
+                expires_at: store::add(now, state.tokens.refresh_ttl),
+            },
+            account.credentials,
+        )
         .await?;
-    if !started {
-        return Err(if state.store.user(user_id).await?.is_none() {
-            Error::Unauthorized("account no longer exists")
-        } else if !state.store.device_ids(user_id).await?.contains(&device) {
-            Error::NotFound("device")
-        } else {
-            DISABLED
-        });
+    match started {
+        SessionStart::Started => {}
+        SessionStart::NoAccount => return Err(Error::Unauthorized("account no longer exists")),
+        SessionStart::NoDevice => return Err(Error::NotFound("device")),
+        SessionStart::Disabled => return Err(DISABLED),
+        // What the same password gets from now on.
+        SessionStart::Stale => return Err(BAD_LOGIN),
     }
     token_pair(state, user_id, device, family_id, refresh.token)
 }
@@ -505,15 +514,20 @@ async fn change_password(
         .passwords
         .hash(Caller::Account(caller.id), request.new_password)
         .await?;
-    let revoked = state
+    let (revoked, credentials) = state
         .store
         .set_password(caller.id, &hash, store::now())
-        .await?;
+        .await?
+        .ok_or(Error::Unauthorized("account no longer exists"))?;
     state
         .revocations
         .revoked_elsewhere(&state.hub, caller.id, Scope::All, &revoked);
     tracing::info!(user.id = %caller.id, "password changed");
-    Ok(Json(start_session(&state, caller.id, caller.device).await?))
+    let account = Verified {
+        user_id: caller.id,
+        credentials,
+    };
+    Ok(Json(start_session(&state, account, caller.device).await?))
 }
 
 #[derive(Deserialize, ToSchema)]

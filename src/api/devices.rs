@@ -78,7 +78,8 @@ async fn add_device(
         validate_name(name)?;
     }
     let caller = Caller::Address(client);
-    let user = check_credentials(&state, caller, &request.username, request.password).await?;
+    let account = check_credentials(&state, caller, &request.username, request.password).await?;
+    let user = account.user_id;
     // The device and its first session in one transaction: a client whose
     // reply is lost retries with no device left behind without a session.
     let now = store::now();
@@ -91,7 +92,7 @@ async fn add_device(
     let added = state
         .store
         .add_device(
-            user,
+            account,
             &public_key,
             request.name.as_deref(),
             state.config.max_devices_per_user,
@@ -103,6 +104,8 @@ async fn add_device(
         AddDevice::Added(device) => device,
         AddDevice::TooMany => return Err(Error::TooManyDevices),
         AddDevice::NoAccount => return Err(super::accounts::DISABLED),
+        // What the same password gets from now on.
+        AddDevice::Stale => return Err(super::accounts::BAD_LOGIN),
     };
     tracing::info!(user.id = %user, device = device.id, "device added");
     let devices = device_list(&state, user).await;

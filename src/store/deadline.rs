@@ -45,10 +45,10 @@ use metrics::Counter;
 use uuid::Uuid;
 
 use super::{
-    AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, Device, DeviceId,
-    DeviceIds, KeyId, NewSession, Operator, Queue, QueueDepth, QueueMaintenance, QueueShare,
-    RefreshToken, RemoveDevice, Revoked, Rotation, SealedKey, SealedRow, Sessions, Stats, Store,
-    StoreError, StoreResult, StoredRow, User,
+    AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, CredentialsVersion,
+    Device, DeviceId, DeviceIds, KeyId, NewSession, Operator, Queue, QueueDepth, QueueMaintenance,
+    QueueShare, RefreshToken, RemoveDevice, Revoked, Rotation, SealedKey, SealedRow, SessionStart,
+    Sessions, Stats, Store, StoreError, StoreResult, StoredRow, User, Verified,
 };
 
 /// The bound of the sweeper's and start-up's calls. Each deletes or seals
@@ -173,12 +173,13 @@ deadlined!(Accounts {
     request fn create_user(&self, user: &User, password_hash: &str, device: &Device) -> StoreResult<()>;
     request fn user(&self, id: Uuid) -> StoreResult<Option<User>>;
     request fn user_by_name(&self, username: &str) -> StoreResult<Option<User>>;
+    request fn name_taken(&self, username: &str) -> StoreResult<bool>;
     request fn credentials(&self, username: &str) -> StoreResult<Option<Credentials>>;
     request fn password_hash(&self, id: Uuid) -> StoreResult<Option<String>>;
     request fn devices(&self, user: Uuid) -> StoreResult<Vec<Device>>;
     request fn add_device(
         &self,
-        user: Uuid,
+        account: Verified,
         public_key: &[u8],
         name: Option<&str>,
         max: u32,
@@ -188,12 +189,12 @@ deadlined!(Accounts {
     request fn rename_device(&self, user: Uuid, device: DeviceId, name: Option<&str>) -> StoreResult<Option<Device>>;
     request fn set_device_key(&self, user: Uuid, device: DeviceId, key: &[u8], at: DateTime<Utc>) -> StoreResult<Option<Device>>;
     request fn remove_device(&self, user: Uuid, device: DeviceId, now: DateTime<Utc>) -> StoreResult<RemoveDevice>;
-    request fn set_password(&self, user_id: Uuid, password_hash: &str, now: DateTime<Utc>) -> StoreResult<Vec<Uuid>>;
+    request fn set_password(&self, user_id: Uuid, password_hash: &str, now: DateTime<Utc>) -> StoreResult<Option<(Vec<Uuid>, CredentialsVersion)>>;
     request fn delete_user(&self, user_id: Uuid, now: DateTime<Utc>) -> StoreResult<Option<Vec<Uuid>>>;
 });
 
 deadlined!(Sessions {
-    request fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<bool>;
+    request fn insert_refresh_token(&self, token: &RefreshToken, credentials: CredentialsVersion) -> StoreResult<SessionStart>;
     request fn rotate_refresh_token(
         &self,
         presented: &[u8; 32],

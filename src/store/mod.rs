@@ -36,13 +36,16 @@ pub mod queue;
 pub mod sessions;
 pub mod sqlite;
 
-pub use accounts::{Accounts, AddDevice, Credentials, Device, DeviceIds, RemoveDevice, User};
+pub use accounts::{
+    Accounts, AddDevice, Credentials, CredentialsVersion, Device, DeviceIds, RemoveDevice, User,
+    Verified, username_skeleton,
+};
 pub use admin::{AccountDetails, AccountSummary, DeviceSummary, Operator, Stats};
 pub use queue::{
     Ack, KeyId, Message, Queue, QueueDepth, QueueMaintenance, QueueShare, SealedKey, SealedRow,
     SendKey, SenderTag, SentKey, StoredRow,
 };
-pub use sessions::{NewSession, RefreshToken, Revoked, Rotation, Sessions};
+pub use sessions::{NewSession, RefreshToken, Revoked, Rotation, SessionStart, Sessions};
 
 use std::sync::Arc;
 
@@ -136,9 +139,16 @@ fn is_outage(db: &dyn sqlx::error::DatabaseError) -> bool {
         return matches!(primary, Some(5 | 6 | 13));
     }
     // PostgreSQL: connection exceptions (class 08), shutdown and recovery
-    // (57P01-57P03), too many connections (53300), disk full (53100).
+    // (57P01-57P03), too many connections (53300), disk full (53100); and a
+    // transaction chosen as a deadlock's victim (40P01) or failed to
+    // serialise (40001): rolled back whole, and the same request succeeds
+    // when retried.
     db.code().is_some_and(|code| {
-        code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300" | "53100")
+        code.starts_with("08")
+            || matches!(
+                &*code,
+                "57P01" | "57P02" | "57P03" | "53300" | "53100" | "40P01" | "40001"
+            )
     })
 }
 

@@ -15,12 +15,14 @@ use uuid::Uuid;
 
 use sqlx::AssertSqlSafe;
 
+use super::accounts::{SKELETON_BATCH, warn_look_alike};
 use super::queue::QUEUE_COLUMNS;
 use super::{
-    AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, Device, DeviceId,
-    DeviceIds, DeviceSummary, KeyId, NewSession, Operator, Queue, QueueDepth, QueueMaintenance,
-    QueueShare, RefreshToken, RemoveDevice, Revoked, Rotation, SealedKey, SealedRow, Sessions,
-    Stats, Store, StoreError, StoreResult, StoredRow, User,
+    AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, CredentialsVersion,
+    Device, DeviceId, DeviceIds, DeviceSummary, KeyId, NewSession, Operator, Queue, QueueDepth,
+    QueueMaintenance, QueueShare, RefreshToken, RemoveDevice, Revoked, Rotation, SealedKey,
+    SealedRow, SessionStart, Sessions, Stats, Store, StoreError, StoreResult, StoredRow, User,
+    Verified, username_skeleton,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -177,6 +179,47 @@ impl PgStore {
             .await?;
         Ok(Self { pool, writer })
     }
+
+    /// Fills in the skeleton of every account created before skeletons
+    /// were kept, a batch at a time in id order. An account whose name
+    /// looks like an earlier one's keeps none (the unique index refuses
+    /// it): it stays, and a warning names it.
+    async fn fill_skeletons(&self) -> StoreResult<()> {
+        let mut after = Uuid::nil();
+        loop {
+            let batch: Vec<(Uuid, String)> = sqlx::query_as(
+                "SELECT id, username FROM users
+                 WHERE username_skeleton IS NULL AND id > $1 ORDER BY id LIMIT $2",
+            )
+            .bind(after)
+            .bind(SKELETON_BATCH)
+            .fetch_all(&self.pool)
+            .await?;
+            let Some((last, _)) = batch.last() else {
+                return Ok(());
+            };
+            after = *last;
+            for (id, username) in batch {
+                let done = sqlx::query(
+                    "UPDATE users SET username_skeleton = $2
+                     WHERE id = $1 AND username_skeleton IS NULL",
+                )
+                .bind(id)
+                .bind(username_skeleton(&username))
+                .execute(&self.pool)
+                .await;
+                match done {
+                    Ok(_) => {}
+                    Err(sqlx::Error::Database(e))
+                        if e.constraint() == Some("users_username_skeleton") =>
+                    {
+                        warn_look_alike(id)
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -185,7 +228,7 @@ impl Store for PgStore {
         // sqlx takes an advisory lock, so several servers starting at once
         // migrate one after another.
         MIGRATOR.run(&self.pool).await?;
-        Ok(())
+        self.fill_skeletons().await
     }
 
     async fn ping(&self) -> StoreResult<()> {
@@ -217,17 +260,24 @@ impl Accounts for PgStore {
     ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         let result = sqlx::query(
-            "INSERT INTO users (id, username, password_hash, created_at) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO users (id, username, password_hash, created_at, username_skeleton)
+             VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(user.id)
         .bind(user.username.clone())
         .bind(password_hash.to_owned())
         .bind(user.created_at)
+        .bind(username_skeleton(&user.username))
         .execute(&mut *tx)
         .await;
         match result {
             Ok(_) => {}
-            Err(sqlx::Error::Database(e)) if e.constraint() == Some("users_username_lower") => {
+            Err(sqlx::Error::Database(e))
+                if matches!(
+                    e.constraint(),
+                    Some("users_username_lower" | "users_username_skeleton")
+                ) =>
+            {
                 return Err(StoreError::UsernameTaken);
             }
             Err(e) => return Err(e.into()),
@@ -256,6 +306,17 @@ impl Accounts for PgStore {
         Ok(row.map(user_from_row))
     }
 
+    async fn name_taken(&self, username: &str) -> StoreResult<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM users
+                 WHERE lower(username) = lower($1) OR username_skeleton = $2)",
+        )
+        .bind(username.to_owned())
+        .bind(username_skeleton(username))
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     async fn password_hash(&self, id: Uuid) -> StoreResult<Option<String>> {
         Ok(
             sqlx::query_scalar("SELECT password_hash FROM users WHERE id = $1")
@@ -266,18 +327,21 @@ impl Accounts for PgStore {
     }
 
     async fn credentials(&self, username: &str) -> StoreResult<Option<Credentials>> {
-        let row: Option<(Uuid, String, bool)> = sqlx::query_as(
-            "SELECT id, password_hash, disabled_at IS NOT NULL FROM users
+        let row: Option<(Uuid, String, bool, i64)> = sqlx::query_as(
+            "SELECT id, password_hash, disabled_at IS NOT NULL, credentials_version FROM users
              WHERE lower(username) = lower($1)",
         )
         .bind(username.to_owned())
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|(user_id, password_hash, disabled)| Credentials {
-            user_id,
-            password_hash,
-            disabled,
-        }))
+        Ok(
+            row.map(|(user_id, password_hash, disabled, version)| Credentials {
+                user_id,
+                password_hash,
+                disabled,
+                version,
+            }),
+        )
     }
 
     async fn devices(&self, user: Uuid) -> StoreResult<Vec<Device>> {
@@ -292,25 +356,31 @@ impl Accounts for PgStore {
 
     async fn add_device(
         &self,
-        user: Uuid,
+        account: Verified,
         public_key: &[u8],
         name: Option<&str>,
         max: u32,
         session: &NewSession,
         now: DateTime<Utc>,
     ) -> StoreResult<AddDevice> {
+        let user = account.user_id;
         let mut tx = self.pool.begin().await?;
         // The account's row lock serialises additions: the count and the
-        // number taken cannot race another addition, nor a disable.
-        let account: Option<i32> = sqlx::query_scalar(
-            "SELECT next_device_id FROM users WHERE id = $1 AND disabled_at IS NULL FOR UPDATE",
+        // number taken cannot race another addition, nor a disable, nor a
+        // password change.
+        let row: Option<(i32, i64)> = sqlx::query_as(
+            "SELECT next_device_id, credentials_version FROM users
+             WHERE id = $1 AND disabled_at IS NULL FOR UPDATE",
         )
         .bind(user)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(next) = account else {
+        let Some((next, version)) = row else {
             return Ok(AddDevice::NoAccount);
         };
+        if version != account.credentials {
+            return Ok(AddDevice::Stale);
+        }
         let count: i64 = sqlx::query_scalar("SELECT count(*) FROM devices WHERE user_id = $1")
             .bind(user)
             .fetch_one(&mut *tx)
@@ -434,17 +504,26 @@ impl Accounts for PgStore {
         user_id: Uuid,
         password_hash: &str,
         now: DateTime<Utc>,
-    ) -> StoreResult<Vec<Uuid>> {
+    ) -> StoreResult<Option<(Vec<Uuid>, CredentialsVersion)>> {
         let mut tx = self.pool.begin().await?;
-        lock_user(&mut tx, user_id).await?;
-        sqlx::query("UPDATE users SET password_hash = $2 WHERE id = $1")
-            .bind(user_id)
-            .bind(password_hash)
-            .execute(&mut *tx)
-            .await?;
+        // The UPDATE takes the row lock first, as every writer of the
+        // account does, then the revocation sees every session committed
+        // before it; a login checked against the old version that commits
+        // after it is refused (`insert_refresh_token`).
+        let version: Option<i64> = sqlx::query_scalar(
+            "UPDATE users SET password_hash = $2, credentials_version = credentials_version + 1
+             WHERE id = $1 RETURNING credentials_version",
+        )
+        .bind(user_id)
+        .bind(password_hash)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(version) = version else {
+            return Ok(None);
+        };
         let revoked = revoke_in(&mut tx, user_id, Revoke::All, now).await?;
         tx.commit().await?;
-        Ok(revoked)
+        Ok(Some((revoked, version)))
     }
 
     async fn delete_user(
@@ -473,22 +552,40 @@ impl Accounts for PgStore {
 
 #[async_trait]
 impl Sessions for PgStore {
-    async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<bool> {
-        // FOR SHARE waits for a `disable_user` or `delete_user` holding the
-        // user's row, or a `remove_device` deleting the device's row, then
-        // sees its outcome: no token for a user who is disabled or gone, or
-        // a device removed, by the time it commits. Both rows are locked:
-        // PostgreSQL re-reads only the rows it locks once their writer
-        // commits, and `remove_device` changes the device's row, not the
-        // user's. Without it the insert could land just after the
-        // revocation deleted the tokens, a session nothing revokes.
+    async fn insert_refresh_token(
+        &self,
+        token: &RefreshToken,
+        credentials: CredentialsVersion,
+    ) -> StoreResult<SessionStart> {
+        // The account's row lock first, as every writer of the account
+        // takes it (`set_password`, `disable_user`, `delete_user`,
+        // `remove_device`, rotations): this waits for one holding it, and
+        // the statements after the lock see what it committed (each
+        // statement of a READ COMMITTED transaction reads afresh), so no
+        // session lands just after a revocation deleted the others. One
+        // order of locks for all (the user's row, then the device's) and
+        // no lock taken shared then raised: two logins of one device that
+        // each held its row FOR SHARE, then both wanted to update it
+        // (`seen`), deadlocked.
         let mut tx = self.pool.begin().await?;
+        let account: Option<(i64, bool)> = sqlx::query_as(
+            "SELECT credentials_version, disabled_at IS NOT NULL FROM users
+             WHERE id = $1 FOR UPDATE",
+        )
+        .bind(token.user_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        match account {
+            None => return Ok(SessionStart::NoAccount),
+            Some((_, true)) => return Ok(SessionStart::Disabled),
+            Some((version, false)) if version != credentials => return Ok(SessionStart::Stale),
+            Some(_) => {}
+        }
         let done = sqlx::query(
             "INSERT INTO refresh_tokens
                  (token_hash, user_id, device_id, family_id, expires_at, created_at)
-             SELECT $1, u.id, d.device_id, $3, $4, now() FROM users u
-             JOIN devices d ON d.user_id = u.id AND d.device_id = $5
-             WHERE u.id = $2 AND u.disabled_at IS NULL FOR SHARE OF u, d",
+             SELECT $1, user_id, device_id, $3, $4, now() FROM devices
+             WHERE user_id = $2 AND device_id = $5",
         )
         .bind(token.hash.to_vec())
         .bind(token.user_id)
@@ -498,11 +595,11 @@ impl Sessions for PgStore {
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() != 1 {
-            return Ok(false);
+            return Ok(SessionStart::NoDevice);
         }
         seen(&mut tx, token.user_id, token.device, super::now()).await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(SessionStart::Started)
     }
 
     async fn rotate_refresh_token(

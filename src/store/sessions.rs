@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{DeviceId, StoreResult};
+use super::{CredentialsVersion, DeviceId, StoreResult};
 
 /// A refresh token as stored: only its SHA-256 hash, never the token.
 #[derive(Debug, Clone)]
@@ -49,6 +49,20 @@ pub enum Rotation {
     Invalid,
 }
 
+/// The outcome of storing a new session's first refresh token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionStart {
+    Started,
+    /// The account is gone.
+    NoAccount,
+    /// An operator disabled the account.
+    Disabled,
+    /// The account has no such device (removed, or never added).
+    NoDevice,
+    /// The password changed since the one the login presented was checked.
+    Stale,
+}
+
 /// A revoked session as recorded in `revoked_sessions`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Revoked {
@@ -59,10 +73,15 @@ pub struct Revoked {
 #[async_trait]
 pub trait Sessions: Send + Sync + 'static {
     /// Stores the first refresh token of a new session, unless the user is
-    /// disabled or gone, or the device removed, by now (checked in the same
-    /// statement, so a login racing `disable_user` or `remove_device` cannot
-    /// slip a session past it). Returns whether it was stored.
-    async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<bool>;
+    /// disabled or gone, the device removed, or the credentials no longer at
+    /// version `credentials`, by now (checked in the same transaction, under
+    /// the account's lock, so a login racing `disable_user`, `remove_device`
+    /// or `set_password` cannot slip a session past it).
+    async fn insert_refresh_token(
+        &self,
+        token: &RefreshToken,
+        credentials: CredentialsVersion,
+    ) -> StoreResult<SessionStart>;
 
     /// Spends the token with hash `presented` and stores `next` (whose user,
     /// device and family are taken from the spent one) in the same

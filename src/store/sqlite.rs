@@ -22,12 +22,14 @@ use sqlx::sqlite::{
 };
 use uuid::Uuid;
 
+use super::accounts::{SKELETON_BATCH, warn_look_alike};
 use super::queue::QUEUE_COLUMNS;
 use super::{
-    AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, Device, DeviceId,
-    DeviceIds, DeviceSummary, KeyId, NewSession, Operator, Queue, QueueDepth, QueueMaintenance,
-    QueueShare, RefreshToken, RemoveDevice, Revoked, Rotation, SealedKey, SealedRow, Sessions,
-    Stats, Store, StoreError, StoreResult, StoredRow, User,
+    AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, CredentialsVersion,
+    Device, DeviceId, DeviceIds, DeviceSummary, KeyId, NewSession, Operator, Queue, QueueDepth,
+    QueueMaintenance, QueueShare, RefreshToken, RemoveDevice, Revoked, Rotation, SealedKey,
+    SealedRow, SessionStart, Sessions, Stats, Store, StoreError, StoreResult, StoredRow, User,
+    Verified, username_skeleton,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -237,7 +239,7 @@ impl SqliteStore {
                 .min_connections(min)
                 .acquire_timeout(Duration::from_secs(30))
         };
-        if database_path(url).is_none() {
+        let Some(path) = database_path(url) else {
             // Keep the one connection forever: closing it drops the database.
             let pool = single(1)
                 .idle_timeout(None)
@@ -248,6 +250,11 @@ impl SqliteStore {
                 writer: pool.clone(),
                 reader: pool,
             });
+        };
+        // `sqlite::memory:` names a shared in-memory database
+        // `file:sqlx-in-memory-N`, which is no file of ours to create.
+        if !path.to_string_lossy().starts_with("file:") {
+            create_private(&path);
         }
         let writer = single(0)
             .after_release(|conn, _| Box::pin(fit_for_reuse(conn)))
@@ -258,15 +265,71 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await?;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.clone().into_os_string();
+            file.push(suffix);
+            crate::keyfile::warn_if_shared(std::path::Path::new(&file), "the database");
+        }
         Ok(Self { writer, reader })
     }
+
+    /// Fills in the skeleton of every account created before skeletons
+    /// were kept, a batch at a time in id order. An account whose name
+    /// looks like an earlier one's keeps none (the unique index refuses
+    /// it): it stays, and a warning names it.
+    async fn fill_skeletons(&self) -> StoreResult<()> {
+        let mut after = Uuid::nil();
+        loop {
+            let batch: Vec<(Uuid, String)> = sqlx::query_as(
+                "SELECT id, username FROM users
+                 WHERE username_skeleton IS NULL AND id > ? ORDER BY id LIMIT ?",
+            )
+            .bind(after)
+            .bind(SKELETON_BATCH)
+            .fetch_all(&self.writer)
+            .await?;
+            let Some((last, _)) = batch.last() else {
+                return Ok(());
+            };
+            after = *last;
+            for (id, username) in batch {
+                let done = sqlx::query(
+                    "UPDATE users SET username_skeleton = ?
+                     WHERE id = ? AND username_skeleton IS NULL",
+                )
+                .bind(username_skeleton(&username))
+                .bind(id)
+                .execute(&self.writer)
+                .await;
+                match done {
+                    Ok(_) => {}
+                    Err(sqlx::Error::Database(e)) if e.is_unique_violation() => warn_look_alike(id),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+}
+
+/// Creates the database file, empty, readable by its owner only, unless it
+/// exists. SQLite would create it with the mode the umask leaves (0644 under
+/// the common 022: password hashes and queued messages readable by every
+/// user of the machine), and gives its `-wal` and `-shm` files the mode of
+/// the database file, so this covers all three. A failure here is left for
+/// SQLite's own open to report.
+fn create_private(path: &std::path::Path) {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let _ = options.open(path);
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn migrate(&self) -> StoreResult<()> {
         MIGRATOR.run(&self.writer).await?;
-        Ok(())
+        self.fill_skeletons().await
     }
 
     async fn ping(&self) -> StoreResult<()> {
@@ -298,16 +361,19 @@ impl Accounts for SqliteStore {
     ) -> StoreResult<()> {
         let mut tx = self.writer.begin().await?;
         let result = sqlx::query(
-            "INSERT INTO users (id, username, password_hash, created_at) VALUES (?, ?, ?, ?)",
+            "INSERT INTO users (id, username, password_hash, created_at, username_skeleton)
+             VALUES (?, ?, ?, ?, ?)",
         )
         .bind(user.id)
         .bind(user.username.clone())
         .bind(password_hash.to_owned())
         .bind(millis(user.created_at))
+        .bind(username_skeleton(&user.username))
         .execute(&mut *tx)
         .await;
         match result {
             Ok(_) => {}
+            // `users.username` or `users.username_skeleton`.
             Err(sqlx::Error::Database(e))
                 if e.is_unique_violation() && e.message().contains("users.username") =>
             {
@@ -338,6 +404,16 @@ impl Accounts for SqliteStore {
         Ok(row.map(user_from_row))
     }
 
+    async fn name_taken(&self, username: &str) -> StoreResult<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM users WHERE username = ? OR username_skeleton = ?)",
+        )
+        .bind(username.to_owned())
+        .bind(username_skeleton(username))
+        .fetch_one(&self.reader)
+        .await?)
+    }
+
     async fn password_hash(&self, id: Uuid) -> StoreResult<Option<String>> {
         Ok(
             sqlx::query_scalar("SELECT password_hash FROM users WHERE id = ?")
@@ -348,17 +424,21 @@ impl Accounts for SqliteStore {
     }
 
     async fn credentials(&self, username: &str) -> StoreResult<Option<Credentials>> {
-        let row: Option<(Uuid, String, bool)> = sqlx::query_as(
-            "SELECT id, password_hash, disabled_at IS NOT NULL FROM users WHERE username = ?",
+        let row: Option<(Uuid, String, bool, i64)> = sqlx::query_as(
+            "SELECT id, password_hash, disabled_at IS NOT NULL, credentials_version
+             FROM users WHERE username = ?",
         )
         .bind(username.to_owned())
         .fetch_optional(&self.reader)
         .await?;
-        Ok(row.map(|(user_id, password_hash, disabled)| Credentials {
-            user_id,
-            password_hash,
-            disabled,
-        }))
+        Ok(
+            row.map(|(user_id, password_hash, disabled, version)| Credentials {
+                user_id,
+                password_hash,
+                disabled,
+                version,
+            }),
+        )
     }
 
     async fn devices(&self, user: Uuid) -> StoreResult<Vec<Device>> {
@@ -373,26 +453,32 @@ impl Accounts for SqliteStore {
 
     async fn add_device(
         &self,
-        user: Uuid,
+        account: Verified,
         public_key: &[u8],
         name: Option<&str>,
         max: u32,
         session: &NewSession,
         now: DateTime<Utc>,
     ) -> StoreResult<AddDevice> {
+        let user = account.user_id;
         // The single write connection serialises additions: the count and
-        // the number taken cannot race another addition.
+        // the number taken cannot race another addition, nor a password
+        // change.
         let mut tx = self.writer.begin().await?;
-        let account: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT next_device_id, (SELECT count(*) FROM devices WHERE user_id = ?1)
+        let row: Option<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT next_device_id, (SELECT count(*) FROM devices WHERE user_id = ?1),
+                    credentials_version
              FROM users WHERE id = ?1 AND disabled_at IS NULL",
         )
         .bind(user)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((next, count)) = account else {
+        let Some((next, count, version)) = row else {
             return Ok(AddDevice::NoAccount);
         };
+        if version != account.credentials {
+            return Ok(AddDevice::Stale);
+        }
         if count >= i64::from(max) || next > i64::from(super::MAX_DEVICE_ID) {
             return Ok(AddDevice::TooMany);
         }
@@ -505,16 +591,22 @@ impl Accounts for SqliteStore {
         user_id: Uuid,
         password_hash: &str,
         now: DateTime<Utc>,
-    ) -> StoreResult<Vec<Uuid>> {
+    ) -> StoreResult<Option<(Vec<Uuid>, CredentialsVersion)>> {
         let mut tx = self.writer.begin().await?;
-        sqlx::query("UPDATE users SET password_hash = ? WHERE id = ?")
-            .bind(password_hash)
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
+        let version: Option<i64> = sqlx::query_scalar(
+            "UPDATE users SET password_hash = ?, credentials_version = credentials_version + 1
+             WHERE id = ? RETURNING credentials_version",
+        )
+        .bind(password_hash)
+        .bind(user_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(version) = version else {
+            return Ok(None);
+        };
         let revoked = revoke_in(&mut tx, user_id, Revoke::All, now).await?;
         tx.commit().await?;
-        Ok(revoked)
+        Ok(Some((revoked, version)))
     }
 
     async fn delete_user(
@@ -545,16 +637,32 @@ impl Accounts for SqliteStore {
 
 #[async_trait]
 impl Sessions for SqliteStore {
-    async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<bool> {
+    async fn insert_refresh_token(
+        &self,
+        token: &RefreshToken,
+        credentials: CredentialsVersion,
+    ) -> StoreResult<SessionStart> {
         // On the single write connection, after or before any
-        // `disable_user` or `remove_device`, never between its statements.
+        // `disable_user`, `remove_device` or `set_password`, never between
+        // its statements.
         let now = super::now();
         let mut tx = self.writer.begin().await?;
+        let account: Option<(i64, bool)> = sqlx::query_as(
+            "SELECT credentials_version, disabled_at IS NOT NULL FROM users WHERE id = ?",
+        )
+        .bind(token.user_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        match account {
+            None => return Ok(SessionStart::NoAccount),
+            Some((_, true)) => return Ok(SessionStart::Disabled),
+            Some((version, false)) if version != credentials => return Ok(SessionStart::Stale),
+            Some(_) => {}
+        }
         let done = sqlx::query(
             "INSERT INTO refresh_tokens (token_hash, user_id, device_id, family_id, expires_at, created_at)
-             SELECT ?1, u.id, d.device_id, ?2, ?3, ?4 FROM users u
-             JOIN devices d ON d.user_id = u.id AND d.device_id = ?6
-             WHERE u.id = ?5 AND u.disabled_at IS NULL",
+             SELECT ?1, user_id, device_id, ?2, ?3, ?4 FROM devices
+             WHERE user_id = ?5 AND device_id = ?6",
         )
         .bind(token.hash.to_vec())
         .bind(token.family_id)
@@ -565,11 +673,11 @@ impl Sessions for SqliteStore {
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() != 1 {
-            return Ok(false);
+            return Ok(SessionStart::NoDevice);
         }
         seen(&mut tx, token.user_id, token.device, now).await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(SessionStart::Started)
     }
 
     async fn rotate_refresh_token(

@@ -418,7 +418,7 @@ async fn operator_commands_neither_create_nor_migrate_a_database(backend: Backen
 /// A login that checked the password just before the account was disabled
 /// must not get a session in: the store refuses its refresh token.
 async fn no_session_starts_for_a_disabled_account(backend: Backend) {
-    use sealpost::store::{self, RefreshToken, StoreOptions};
+    use sealpost::store::{self, RefreshToken, SessionStart, StoreOptions};
 
     let server = TestServer::start(backend).await;
     let alice = server.register("alice").await;
@@ -435,15 +435,19 @@ async fn no_session_starts_for_a_disabled_account(backend: Backend) {
         family_id: uuid::Uuid::new_v4(),
         expires_at: store::add(store::now(), Duration::from_secs(60)),
     };
-    assert!(store.insert_refresh_token(&token(1)).await.unwrap());
+    let insert = |n: u8| {
+        let store = store.clone();
+        async move { store.insert_refresh_token(&token(n), 0).await.unwrap() }
+    };
+    assert_eq!(insert(1).await, SessionStart::Started);
     let revoked = store.disable_user(alice, store::now()).await.unwrap();
     assert_eq!(revoked.map(|r| r.len()), Some(1));
-    assert!(!store.insert_refresh_token(&token(2)).await.unwrap());
+    assert_eq!(insert(2).await, SessionStart::Disabled);
     assert!(store.enable_user(alice).await.unwrap());
-    assert!(store.insert_refresh_token(&token(3)).await.unwrap());
+    assert_eq!(insert(3).await, SessionStart::Started);
     // Nor for an account that is gone.
     store.delete_user(alice, store::now()).await.unwrap();
-    assert!(!store.insert_refresh_token(&token(4)).await.unwrap());
+    assert_eq!(insert(4).await, SessionStart::NoAccount);
     server.stop().await;
 }
 
