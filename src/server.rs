@@ -200,6 +200,8 @@ impl Server {
             send_rate_burst: config.send_rate_burst,
             max_queued_per_user: config.max_queued_per_user,
             deadline: config.db_timeout,
+            drain_budget: config.drain_budget_bytes as usize,
+            drain_share: config.drain_share_bytes as usize,
         };
         let directory = Arc::new(Directory::new(store.clone()));
         let delivery = Delivery::new(
