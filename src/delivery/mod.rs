@@ -1353,7 +1353,10 @@ mod tests {
         // Not pushed: bob was not registered when it was accepted.
         assert!(registration.rx.try_recv().is_none());
         barrier.await.unwrap();
-        let backlog = delivery.fetch(device(bob, 1), LOCAL, None, 10).await.unwrap();
+        let backlog = delivery
+            .fetch(device(bob, 1), LOCAL, None, 10)
+            .await
+            .unwrap();
         assert_eq!(
             backlog.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
             [accepted.id]
@@ -1393,7 +1396,10 @@ mod tests {
             .await
             .unwrap();
         for (d, body) in [(1, b"one"), (2, b"two")] {
-            let page = delivery.fetch(device(bob, d), LOCAL, None, 10).await.unwrap();
+            let page = delivery
+                .fetch(device(bob, d), LOCAL, None, 10)
+                .await
+                .unwrap();
             assert_eq!(page.messages.len(), 1);
             assert_eq!(
                 (page.messages[0].id, page.messages[0].sender_device),
@@ -1622,7 +1628,10 @@ mod tests {
             .iter()
             .map(|r| r.sealed.len())
             .sum();
-        let page = delivery.fetch(device(bob, 1), LOCAL, None, 10).await.unwrap();
+        let page = delivery
+            .fetch(device(bob, 1), LOCAL, None, 10)
+            .await
+            .unwrap();
         assert_eq!(page.messages.len(), 3);
         assert_eq!(
             delivery.drains.available(),
@@ -1632,7 +1641,10 @@ mod tests {
         assert_eq!(delivery.drains.available(), DRAIN_BUDGET);
         // An empty page reads no rows and takes nothing.
         let reads = queue.reads.load(std::sync::atomic::Ordering::Relaxed);
-        let empty = delivery.fetch(device(alice, 1), LOCAL, None, 10).await.unwrap();
+        let empty = delivery
+            .fetch(device(alice, 1), LOCAL, None, 10)
+            .await
+            .unwrap();
         assert!(empty.messages.is_empty() && empty.next.is_none());
         assert_eq!(
             queue.reads.load(std::sync::atomic::Ordering::Relaxed),
