@@ -164,6 +164,31 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub ws_queue: u32,
 
+    /// How long a WebSocket has to write one page of its backlog, from its
+    /// first frame to the flush of its last. A socket that takes longer
+    /// (a reader too slow for the backlog, or one that stopped reading) is
+    /// closed with 1013; its messages stay queued for its next connection,
+    /// and the page's bytes go back to the drain budget. A socket whose
+    /// page took over half of this gets pages half as large.
+    #[arg(long, env = "SEALPOST_WS_PAGE_WRITE_TIMEOUT", default_value = "30s",
+          value_parser = parse_ttl)]
+    pub ws_page_write_timeout: Duration,
+
+    /// Stored bytes of backlog pages in memory at once, server-wide: a
+    /// socket's page until it is written, a poll's until it is encoded.
+    /// Pages take about three times their stored bytes in memory. Drains
+    /// and polls wait for room (a poll up to 10 s, then 503).
+    #[arg(long, env = "SEALPOST_DRAIN_BUDGET_BYTES",
+          default_value_t = crate::delivery::DRAIN_BUDGET as u32,
+          value_parser = clap::value_parser!(u32).range(65536..))]
+    pub drain_budget_bytes: u32,
+
+    /// The most of the drain budget one account, and one client address
+    /// (an IPv6 /64), may hold at once; 0 = a sixteenth of the budget
+    /// (4 MiB by default). A page is cut to at most this many bytes.
+    #[arg(long, env = "SEALPOST_DRAIN_SHARE_BYTES", default_value_t = 0)]
+    pub drain_share_bytes: u32,
+
     /// Database connections in the pool; 0 picks twice the number of cores.
     /// The pool is sized to the machine, not to the number of clients: the
     /// write path is batched through one committer.

@@ -35,8 +35,10 @@
 //!   body limit and the deadline on reading a body ([`api::body`]).
 //! - [`delivery`]: the core that accepts, lists and acknowledges messages,
 //!   its [`delivery::committer`], which batches every write to the queue
-//!   into group commits, and [`delivery::idempotency`], which makes a send
-//!   under a client's key safe to retry.
+//!   into group commits, [`delivery::idempotency`], which makes a send
+//!   under a client's key safe to retry, and [`delivery::drains`], the
+//!   budget for backlog pages in memory and each account's and address's
+//!   share of it.
 //! - [`devices`]: the devices of an account: the directory of device
 //!   numbers every send is checked against, and the rules for names.
 //! - [`cluster`]: several nodes on one database: the broker seam (a local

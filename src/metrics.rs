@@ -180,6 +180,9 @@ label_values! {
         Displaced = "displaced",
         /// Its outbound queue overflowed: a reader that fell behind.
         Overflow = "overflow",
+        /// A backlog page not written within
+        /// `SEALPOST_WS_PAGE_WRITE_TIMEOUT`: a reader too slow for it.
+        Slow = "slow",
         /// It did not authenticate (bad token, or no `auth` frame in time).
         Unauthenticated = "unauthenticated",
         /// The device already held as many sockets as it may.

@@ -206,6 +206,8 @@ impl Server {
             max_queued_per_sender: config.max_queued_per_sender,
             max_queued_bytes_per_user: config.max_queued_bytes_per_user,
             deadline: config.db_timeout,
+            drain_budget: config.drain_budget_bytes as usize,
+            drain_share: config.drain_share_bytes as usize,
         };
         let directory = Arc::new(Directory::new(store.clone()));
         let delivery = Delivery::new(

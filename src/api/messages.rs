@@ -3,8 +3,10 @@
 //! device polls and acknowledges its own queue: the caller's token names
 //! the device.
 
-use axum::extract::State;
-use axum::http::StatusCode;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{post, put};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
@@ -112,6 +114,8 @@ struct Listing {
 async fn list(
     caller: AuthUser,
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<Listing>> {
     let after = query
@@ -126,7 +130,13 @@ async fn list(
     else {
         return Err(Error::field("limit", format!("must be 1-{MAX_PAGE}")));
     };
-    let page = state.delivery.fetch(caller.address(), after, limit).await?;
+    // The page is charged to the caller's address too (its share of the
+    // drain budget), keyed as the per-address limits key it.
+    let client = state.proxies.client_key(peer.ip(), &headers);
+    let page = state
+        .delivery
+        .fetch(caller.address(), client, after, limit)
+        .await?;
     Ok(Json(Listing {
         messages: page.messages.iter().map(MessageView::from).collect(),
         next: page.next,

@@ -44,15 +44,19 @@
 //! operator restores the key.
 
 pub mod committer;
+pub mod drains;
 pub mod idempotency;
 mod pending;
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{AcquireError, Semaphore};
+
+use drains::{DrainBudget, Held, Holder};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -81,14 +85,16 @@ pub const MAX_PAGE: u32 = 500;
 /// to go on.
 pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
 
-/// Stored bytes of backlog pages in memory at once, server-wide: every
-/// socket's drain takes its page's bytes from it until the page is written,
-/// every REST poll until its page is encoded (the reply being written is not
-/// counted). A page in memory is about three times its stored
-/// bytes (the rows, the opened messages, their base64 frames), so this caps
-/// drains at about 200 MiB however many devices reconnect at once; at the
-/// typical few kilobytes a page it admits thousands of drains together, and
-/// at the worst, sixteen 4 MiB pages.
+/// The default of `SEALPOST_DRAIN_BUDGET_BYTES`: stored bytes of backlog
+/// pages in memory at once, server-wide. Every socket's drain takes its
+/// page's bytes from it until the page is written, every REST poll until
+/// its page is encoded (the reply being written is not counted). A page in
+/// memory is about three times its stored bytes (the rows, the opened
+/// messages, their base64 frames), so this caps drains at about 200 MiB
+/// however many devices reconnect at once; at the typical few kilobytes a
+/// page it admits thousands of drains together, and at the worst, sixteen
+/// 4 MiB pages. One account, and one address, may hold a share of it
+/// ([`drains`]).
 pub const DRAIN_BUDGET: usize = 64 * 1024 * 1024;
 
 /// Backlog pages read from the store at once, server-wide. When thousands
@@ -100,7 +106,7 @@ pub const DRAIN_BUDGET: usize = 64 * 1024 * 1024;
 pub const DRAIN_READS: usize = 16;
 
 /// How long a poll's page read waits, for its turn ([`DRAIN_READS`]) and
-/// then for room in [`DRAIN_BUDGET`], before it is refused with 503
+/// then for room in the drain budget ([`drains`]), before it is refused with 503
 /// `unavailable`: under the shortest common client timeout (10 s).
 pub const DRAIN_WAIT: Duration = Duration::from_secs(10);
 
@@ -109,6 +115,14 @@ pub const DRAIN_WAIT: Duration = Duration::from_secs(10);
 /// on two cores. Measured with a 10 s wait, such a storm refused 37,524
 /// drains, each a reconnect and a fresh wait.
 pub const SOCKET_DRAIN_WAIT: Duration = Duration::from_secs(60);
+
+/// Who reads a page: the device, and the client's address (its
+/// per-address limit key), each charged a share of the drain budget.
+#[derive(Clone, Copy)]
+struct Reader {
+    device: Address,
+    client: IpAddr,
+}
 
 /// One device of one account: who sends, who reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -155,8 +169,9 @@ pub struct Delivery {
     order: Mutex<()>,
     /// The sends under a client's key in flight here.
     flights: Arc<Flights>,
-    /// [`DRAIN_BUDGET`]: stored bytes of backlog pages in memory.
-    drains: Arc<Semaphore>,
+    /// Stored bytes of backlog pages in memory, and each account's and
+    /// address's share of them.
+    drains: DrainBudget,
     /// [`DRAIN_READS`]: backlog pages being read from the store.
     drain_reads: Arc<Semaphore>,
 }
@@ -167,7 +182,7 @@ pub struct Page {
     /// The cursor for the next page, if there is one.
     pub next: Option<Uuid>,
     /// Its share of the drain budget, given back when the page is dropped.
-    budget: Option<OwnedSemaphorePermit>,
+    budget: Option<Held>,
 }
 
 impl Page {
@@ -180,7 +195,7 @@ impl Page {
 }
 
 /// A page's share of the drain budget, held until its messages are out.
-pub struct PageBudget(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
+pub struct PageBudget(#[allow(dead_code)] Option<Held>);
 
 impl PageBudget {
     /// The share of a page that read nothing.
@@ -191,7 +206,7 @@ impl PageBudget {
 
 /// What a page in memory costs beyond its stored bytes, per message: the
 /// opened message, its ids and times, its JSON or frame around the base64.
-/// Charged to [`DRAIN_BUDGET`] so that a page of many small messages is not
+/// Charged to the drain budget so that a page of many small messages is not
 /// undercounted.
 const PAGE_ROW_OVERHEAD: usize = 256;
 
@@ -209,10 +224,12 @@ struct PageExtent {
 }
 
 impl PageExtent {
-    /// What the page takes from [`DRAIN_BUDGET`] while it is in memory.
-    fn weight(&self) -> u32 {
+    /// What the page takes from the drain budget while it is in memory, at
+    /// most `share` (a page of one message larger than a share takes all
+    /// of it).
+    fn weight(&self, share: usize) -> u32 {
         let cost = self.bytes.saturating_add(self.rows * PAGE_ROW_OVERHEAD);
-        u32::try_from(cost.clamp(1, DRAIN_BUDGET)).unwrap_or(u32::MAX)
+        u32::try_from(cost.clamp(1, share.max(1))).unwrap_or(u32::MAX)
     }
 }
 
@@ -283,6 +300,11 @@ pub struct Limits {
     /// How long a send or an ack may wait for its write
     /// (`SEALPOST_DB_TIMEOUT`).
     pub deadline: Duration,
+    /// Stored bytes of backlog pages in memory (`SEALPOST_DRAIN_BUDGET_BYTES`).
+    pub drain_budget: usize,
+    /// What one account, and one address, may hold of it
+    /// (`SEALPOST_DRAIN_SHARE_BYTES`; 0 for a sixteenth).
+    pub drain_share: usize,
 }
 
 impl Delivery {
@@ -322,7 +344,7 @@ impl Delivery {
             broker,
             order: Mutex::new(()),
             flights: Arc::default(),
-            drains: Arc::new(Semaphore::new(DRAIN_BUDGET)),
+            drains: DrainBudget::new(limits.drain_budget, limits.drain_share),
             drain_reads: Arc::new(Semaphore::new(DRAIN_READS)),
         }
     }
@@ -753,49 +775,69 @@ impl Delivery {
 
     /// The device's queued messages after the cursor, oldest first: at
     /// most `limit` (up to [`MAX_PAGE`]) and [`MAX_PAGE_BYTES`] of stored
-    /// bytes, at least one message.
+    /// bytes, at least one message; read for a client at address `client`
+    /// (its per-address limit key).
     ///
     /// The page is cut before any body is read: the sizes of the next rows
     /// come first (without their contents), then the page takes its bytes
-    /// from the server-wide [`DRAIN_BUDGET`], then its rows are read and
-    /// opened. The page holds those bytes until it is dropped (a socket's
-    /// page once it is written), so however many devices drain at once,
-    /// the pages in memory stay within the budget; the others wait for room.
+    /// from its account's share, its address's share and the server-wide
+    /// budget ([`drains`]), then its rows are read and opened. The page
+    /// holds those bytes until it is dropped (a socket's page once it is
+    /// written), so however many devices drain at once, the pages in memory
+    /// stay within the budget, and no one account or address holds more
+    /// than its share; the others wait for room.
     ///
     /// A poll waits at most [`DRAIN_WAIT`] for its turn and room; a socket's
     /// drain reads with [`Delivery::drain_page`], which waits longer.
-    pub async fn fetch(&self, device: Address, after: Option<Uuid>, limit: u32) -> Result<Page> {
-        self.read_page(device, after, limit, DRAIN_WAIT).await
-    }
-
-    /// As [`Delivery::fetch`], for a socket's drain: it waits up to
-    /// [`SOCKET_DRAIN_WAIT`] for its turn and room. A socket that waits
-    /// holds only itself, while one refused reconnects, authenticates and
-    /// waits again: in a reconnect storm the longer wait is less work.
-    pub async fn drain_page(
+    pub async fn fetch(
         &self,
         device: Address,
+        client: IpAddr,
         after: Option<Uuid>,
         limit: u32,
     ) -> Result<Page> {
-        self.read_page(device, after, limit, SOCKET_DRAIN_WAIT)
+        let reader = Reader { device, client };
+        self.read_page(reader, after, limit, MAX_PAGE_BYTES, DRAIN_WAIT)
+            .await
+    }
+
+    /// As [`Delivery::fetch`], for a socket's drain: at most `max_bytes`
+    /// (the socket's pace), and it waits up to [`SOCKET_DRAIN_WAIT`] for its
+    /// turn and room. A socket that waits holds only itself, while one
+    /// refused reconnects, authenticates and waits again: in a reconnect
+    /// storm the longer wait is less work.
+    pub async fn drain_page(
+        &self,
+        device: Address,
+        client: IpAddr,
+        after: Option<Uuid>,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<Page> {
+        let reader = Reader { device, client };
+        self.read_page(reader, after, limit, max_bytes, SOCKET_DRAIN_WAIT)
             .await
     }
 
     async fn read_page(
         &self,
-        device: Address,
+        reader: Reader,
         after: Option<Uuid>,
         limit: u32,
+        max_bytes: usize,
         patience: Duration,
     ) -> Result<Page> {
+        let Reader { device, client } = reader;
         let limit = limit.clamp(1, MAX_PAGE);
+        // A page never weighs more than a share: its bytes are cut to one.
+        let share = self.drains.share();
+        let max_bytes = max_bytes.clamp(1, MAX_PAGE_BYTES.min(share));
         let after = after.unwrap_or(Uuid::nil());
         let waited_until = tokio::time::Instant::now() + patience;
         // Its turn first, so that a storm of drains queues here, in order,
         // rather than at the pool, where each wait counts against the
         // query's deadline.
-        let turn = self
+        let mut turn = self
             .drain_wait(waited_until, self.drain_reads.clone().acquire_owned())
             .await?;
         // One row more than asked tells whether another page follows.
@@ -803,21 +845,40 @@ impl Delivery {
             .queue
             .queued_sizes(device.user, device.device, after, limit + 1)
             .await?;
-        let Some(extent) = PageExtent::of(&sizes, limit as usize, MAX_PAGE_BYTES) else {
+        let Some(extent) = PageExtent::of(&sizes, limit as usize, max_bytes) else {
             return Ok(Page {
                 messages: Vec::new(),
                 next: None,
                 budget: None,
             });
         };
+        let weight = extent.weight(share);
+        let holders = [Holder::Account(device.user), Holder::Address(client)];
+        let shares = match self.drains.try_shares(&holders, weight) {
+            Some(shares) => shares,
+            None => {
+                // Over its share: it waits for its own pages to be written,
+                // without its turn, which reads of others take meanwhile.
+                drop(turn);
+                let shares = self
+                    .drain_wait(waited_until, async {
+                        Ok::<_, AcquireError>(self.drains.shares(&holders, weight).await)
+                    })
+                    .await?;
+                turn = self
+                    .drain_wait(waited_until, self.drain_reads.clone().acquire_owned())
+                    .await?;
+                shares
+            }
+        };
         let budget = self
-            .drain_wait(
-                waited_until,
-                self.drains.clone().acquire_many_owned(extent.weight()),
-            )
+            .drain_wait(waited_until, async {
+                Ok::<_, AcquireError>(self.drains.take(shares, weight).await)
+            })
             .await?;
-        // At most the rows sized: in a cluster another node's commit can
-        // land ids inside the range between the two reads.
+        // At most the rows sized: in a cluster another node's commit (or,
+        // after a wait for its share, an ack) can change the range between
+        // the two reads.
         let rows = self
             .queue
             .fetch_through(
@@ -849,11 +910,11 @@ impl Delivery {
 
     /// Waits for a drain's turn or room until `until` ([`DRAIN_WAIT`] after
     /// the read began): then 503, as a database that does not answer would.
-    async fn drain_wait(
+    async fn drain_wait<T>(
         &self,
         until: tokio::time::Instant,
-        permit: impl Future<Output = std::result::Result<OwnedSemaphorePermit, AcquireError>>,
-    ) -> Result<OwnedSemaphorePermit> {
+        permit: impl Future<Output = std::result::Result<T, AcquireError>>,
+    ) -> Result<T> {
         match tokio::time::timeout_at(until, permit).await {
             Ok(Ok(permit)) => Ok(permit),
             _ => {
@@ -1334,6 +1395,9 @@ mod tests {
     use super::fake::MemQueue;
     use super::*;
 
+    /// The address the tests' pages are read for.
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
     fn delivery(queue: Arc<MemQueue>) -> Delivery {
         delivery_within(queue, Duration::from_secs(60))
     }
@@ -1362,6 +1426,8 @@ mod tests {
             max_queued_per_sender: 0,
             max_queued_bytes_per_user: 0,
             deadline,
+            drain_budget: DRAIN_BUDGET,
+            drain_share: 0,
         };
         let hub = Hub::new(16, 0, metrics.clone());
         let directory = Arc::new(Directory::new(queue.clone()));
@@ -1419,7 +1485,10 @@ mod tests {
         // Not pushed: bob was not registered when it was accepted.
         assert!(registration.rx.try_recv().is_none());
         barrier.await.unwrap();
-        let backlog = delivery.fetch(device(bob, 1), None, 10).await.unwrap();
+        let backlog = delivery
+            .fetch(device(bob, 1), LOCAL, None, 10)
+            .await
+            .unwrap();
         assert_eq!(
             backlog.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
             [accepted.id]
@@ -1459,7 +1528,10 @@ mod tests {
             .await
             .unwrap();
         for (d, body) in [(1, b"one"), (2, b"two")] {
-            let page = delivery.fetch(device(bob, d), None, 10).await.unwrap();
+            let page = delivery
+                .fetch(device(bob, d), LOCAL, None, 10)
+                .await
+                .unwrap();
             assert_eq!(page.messages.len(), 1);
             assert_eq!(
                 (page.messages[0].id, page.messages[0].sender_device),
@@ -1473,7 +1545,7 @@ mod tests {
         );
         assert!(
             delivery
-                .fetch(device(bob, 1), None, 10)
+                .fetch(device(bob, 1), LOCAL, None, 10)
                 .await
                 .unwrap()
                 .messages
@@ -1481,7 +1553,7 @@ mod tests {
         );
         assert_eq!(
             delivery
-                .fetch(device(bob, 2), None, 10)
+                .fetch(device(bob, 2), LOCAL, None, 10)
                 .await
                 .unwrap()
                 .messages
@@ -1689,17 +1761,23 @@ mod tests {
             .iter()
             .map(|r| r.sealed.len())
             .sum();
-        let page = delivery.fetch(device(bob, 1), None, 10).await.unwrap();
+        let page = delivery
+            .fetch(device(bob, 1), LOCAL, None, 10)
+            .await
+            .unwrap();
         assert_eq!(page.messages.len(), 3);
         assert_eq!(
-            delivery.drains.available_permits(),
+            delivery.drains.available(),
             DRAIN_BUDGET - stored - 3 * PAGE_ROW_OVERHEAD
         );
         drop(page);
-        assert_eq!(delivery.drains.available_permits(), DRAIN_BUDGET);
+        assert_eq!(delivery.drains.available(), DRAIN_BUDGET);
         // An empty page reads no rows and takes nothing.
         let reads = queue.reads.load(std::sync::atomic::Ordering::Relaxed);
-        let empty = delivery.fetch(device(alice, 1), None, 10).await.unwrap();
+        let empty = delivery
+            .fetch(device(alice, 1), LOCAL, None, 10)
+            .await
+            .unwrap();
         assert!(empty.messages.is_empty() && empty.next.is_none());
         assert_eq!(
             queue.reads.load(std::sync::atomic::Ordering::Relaxed),

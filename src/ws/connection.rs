@@ -47,6 +47,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -63,7 +64,7 @@ use uuid::Uuid;
 
 use super::Socket;
 use super::deadline::TimedOut;
-use super::drain::{self, Chunk, Cursor};
+use super::drain::{self, Chunk, Cursor, Pace};
 use super::frame::{self, ClientFrame, ServerFrame, close};
 use super::seen::Seen;
 use crate::auth::{self, token::Claims};
@@ -116,6 +117,9 @@ pub struct Start {
     pub state: AppState,
     /// The upgrade request's bearer token, checked.
     pub header: Option<Result<Claims>>,
+    /// The client's address, keyed as per-address limits key it: its
+    /// backlog pages are charged to it.
+    pub client: IpAddr,
     /// The connection's place in the per-address count, held for its life,
     /// and its waiting slot until it authenticates.
     pub permit: SocketPermit,
@@ -139,6 +143,7 @@ async fn open(mut socket: Box<Socket>, start: Box<Start>) -> Result<Box<Connecti
     let Start {
         state,
         header,
+        client,
         mut permit,
         exclusive,
     } = *start;
@@ -188,7 +193,13 @@ async fn open(mut socket: Box<Socket>, start: Box<Start>) -> Result<Box<Connecti
         return Err(Closed::Revoked);
     }
     let first_page: BoxFuture<'static, Result<Chunk>> = {
-        let page = drain::read(state.delivery.clone(), device, Cursor::default());
+        let page = drain::read(
+            state.delivery.clone(),
+            device,
+            client,
+            Cursor::default(),
+            Pace::default().bytes(),
+        );
         Box::pin(async move {
             barrier.await?;
             page.await
@@ -196,6 +207,8 @@ async fn open(mut socket: Box<Socket>, start: Box<Start>) -> Result<Box<Connecti
     };
     let mut conn = Box::new(Connection {
         fetch: Some(first_page),
+        pace: Pace::default(),
+        client,
         draining: true,
         reread: None,
         seen: state.delivery.clustered().then(Seen::default),
@@ -328,6 +341,10 @@ struct Connection {
     pending: FuturesUnordered<BoxFuture<'static, Option<WsMessage>>>,
     /// The backlog read in progress: the drain at connect, or a re-read.
     fetch: Option<BoxFuture<'static, Result<Chunk>>>,
+    /// How large its next backlog page may be.
+    pace: Pace,
+    /// Its address, which its backlog pages are charged to.
+    client: IpAddr,
     /// Until the drain at connect has said `drained`.
     draining: bool,
     /// A re-read asked for while a read runs: from the earliest.
@@ -491,25 +508,31 @@ impl Connection {
     /// Writes a page of the backlog in as few writes as the write buffer
     /// allows, then flushes it; at the end of the drain at connect, says
     /// `drained`; then starts a re-read asked for meanwhile.
+    ///
+    /// The page must be written within `SEALPOST_WS_PAGE_WRITE_TIMEOUT`:
+    /// a socket that reads more slowly would hold the page's share of the
+    /// drain budget as long as it pleased, a write at a time. Past it the
+    /// socket is closed (1013) and the page dropped, which gives its bytes
+    /// back; its messages stay queued for the next connection.
     async fn backlog(&mut self, page: Chunk) -> Flow {
-        for message in &page.messages {
-            if let Some(seen) = &mut self.seen
-                && !seen.insert(message.id)
-            {
-                continue;
-            }
-            let frame = ServerFrame::message(message, false);
-            if let Err(stop) = self.feed(&frame).await {
-                return flow(Err(stop));
-            }
-            self.state.metrics.pushed(Source::Backlog);
-            if self.draining {
-                self.backlog_last = Some(message.id);
+        let limit = self.state.config.ws_page_write_timeout;
+        let started = Instant::now();
+        match tokio::time::timeout(limit, self.write_page(&page)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(stop)) => return flow(Err(stop)),
+            Err(_) => {
+                tracing::debug!(user.id = %self.device.user, "backlog page not written in time");
+                return Flow::Close(
+                    Closed::Slow,
+                    close::TRY_AGAIN_LATER,
+                    "too slow to read the backlog; reconnect to resume",
+                );
             }
         }
+        self.pace.written(page.bytes(), started.elapsed(), limit);
         if let Some(next) = page.next {
             self.read(next);
-            return flow(self.flush().await);
+            return Flow::Continue;
         }
         self.fetch = None;
         if std::mem::take(&mut self.draining)
@@ -523,11 +546,31 @@ impl Connection {
         flow(self.flush().await)
     }
 
+    /// Feeds a page's messages, but those already sent, and flushes them.
+    async fn write_page(&mut self, page: &Chunk) -> Result<(), Stop> {
+        for message in &page.messages {
+            if let Some(seen) = &mut self.seen
+                && !seen.insert(message.id)
+            {
+                continue;
+            }
+            let frame = ServerFrame::message(message, false);
+            self.feed(&frame).await?;
+            self.state.metrics.pushed(Source::Backlog);
+            if self.draining {
+                self.backlog_last = Some(message.id);
+            }
+        }
+        self.flush().await
+    }
+
     fn read(&mut self, cursor: Cursor) {
         self.fetch = Some(drain::read(
             self.state.delivery.clone(),
             self.device,
+            self.client,
             cursor,
+            self.pace.bytes(),
         ));
     }
 

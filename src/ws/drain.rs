@@ -14,13 +14,20 @@
 //! one snapshot after another; at those boundaries the order across nodes
 //! is as on one page boundary, which only queues of more than
 //! [`SNAPSHOT`] messages meet.
+//!
+//! A socket's pages are sized by its [`Pace`]: small at first, larger as
+//! the socket writes them quickly, smaller again when it writes one slowly.
+//! A page holds its bytes of the drain budget until it is written, so a
+//! slow reader holds less of it, and for less time.
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use uuid::Uuid;
 
-use crate::delivery::{Address, Delivery, PageBudget};
+use crate::delivery::{Address, Delivery, MAX_PAGE_BYTES, PageBudget};
 use crate::error::Result;
 use crate::store::Message;
 
@@ -32,6 +39,50 @@ const PAGE: u32 = 500;
 /// Ids in one clustered snapshot: 160 KiB while a socket drains, the
 /// default cap on one device's queue.
 const SNAPSHOT: u32 = 10_000;
+
+/// Stored bytes of a socket's first backlog page: what a link of about
+/// 90 kbit/s writes (in base64, in frames) within the default
+/// `SEALPOST_WS_PAGE_WRITE_TIMEOUT` of 30 s. A backlog of small messages
+/// fills its 500-message pages long before this.
+const FIRST_PAGE_BYTES: usize = 256 * 1024;
+
+/// The smallest bound on a socket's page, however slow it was; a page
+/// always carries at least one message.
+const MIN_PAGE_BYTES: usize = 16 * 1024;
+
+/// How many stored bytes a socket's next backlog page may carry, from how
+/// long its last pages took to write. A page written within a quarter of
+/// the page-write timeout, and at least half full, doubles the next, up to
+/// [`MAX_PAGE_BYTES`]; one that took more than half of it halves the next.
+/// At a steady rate a page then takes between a quarter and half the
+/// timeout, or is written at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Pace {
+    bytes: usize,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Self {
+            bytes: FIRST_PAGE_BYTES,
+        }
+    }
+}
+
+impl Pace {
+    pub(super) fn bytes(self) -> usize {
+        self.bytes
+    }
+
+    /// A page of `bytes` took `took` to write, of the `limit` it had.
+    pub(super) fn written(&mut self, bytes: usize, took: Duration, limit: Duration) {
+        if took > limit / 2 {
+            self.bytes = (self.bytes / 2).max(MIN_PAGE_BYTES);
+        } else if took <= limit / 4 && bytes >= self.bytes / 2 {
+            self.bytes = self.bytes.saturating_mul(2).min(MAX_PAGE_BYTES);
+        }
+    }
+}
 
 /// Where a read goes on from.
 #[derive(Clone, Default)]
@@ -60,15 +111,28 @@ pub(super) struct Chunk {
     pub _budget: PageBudget,
 }
 
+impl Chunk {
+    /// The bytes of its bodies: about its stored bytes, which its
+    /// [`Pace`] bounded.
+    pub(super) fn bytes(&self) -> usize {
+        self.messages.iter().map(|m| m.body.len()).sum()
+    }
+}
+
+/// Reads the page at `cursor` of `device`'s backlog for a socket at
+/// address `client` (its per-address limit key), of at most `max_bytes`
+/// stored bytes (its [`Pace`]).
 pub(super) fn read(
     delivery: Arc<Delivery>,
     device: Address,
+    client: IpAddr,
     cursor: Cursor,
+    max_bytes: usize,
 ) -> BoxFuture<'static, Result<Chunk>> {
     Box::pin(async move {
         if !delivery.clustered() {
             let (messages, next, budget) = delivery
-                .drain_page(device, cursor.after, PAGE)
+                .drain_page(device, client, cursor.after, PAGE, max_bytes)
                 .await?
                 .into_parts();
             return Ok(Chunk {
@@ -92,7 +156,7 @@ pub(super) fn read(
             });
         };
         let (mut messages, next, budget) = delivery
-            .drain_page(device, cursor.after, PAGE)
+            .drain_page(device, client, cursor.after, PAGE, max_bytes)
             .await?
             .into_parts();
         messages.retain(|m| m.id <= last && snapshot.binary_search(&m.id).is_ok());
@@ -111,4 +175,44 @@ pub(super) fn read(
             _budget: budget,
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn a_socket_that_writes_full_pages_fast_gets_larger_ones_up_to_the_most() {
+        let mut pace = Pace::default();
+        let quick = Duration::from_millis(10);
+        pace.written(pace.bytes(), quick, LIMIT);
+        assert_eq!(pace.bytes(), 2 * FIRST_PAGE_BYTES);
+        for _ in 0..10 {
+            pace.written(pace.bytes(), quick, LIMIT);
+        }
+        assert_eq!(pace.bytes(), MAX_PAGE_BYTES);
+    }
+
+    #[test]
+    fn a_small_page_written_fast_proves_nothing() {
+        let mut pace = Pace::default();
+        pace.written(1000, Duration::from_millis(1), LIMIT);
+        assert_eq!(pace.bytes(), FIRST_PAGE_BYTES);
+    }
+
+    #[test]
+    fn a_slow_page_halves_the_next_down_to_the_least() {
+        let mut pace = Pace::default();
+        pace.written(pace.bytes(), Duration::from_secs(16), LIMIT);
+        assert_eq!(pace.bytes(), FIRST_PAGE_BYTES / 2);
+        // Between a quarter and half the limit: kept.
+        pace.written(pace.bytes(), Duration::from_secs(10), LIMIT);
+        assert_eq!(pace.bytes(), FIRST_PAGE_BYTES / 2);
+        for _ in 0..20 {
+            pace.written(pace.bytes(), Duration::from_secs(20), LIMIT);
+        }
+        assert_eq!(pace.bytes(), MIN_PAGE_BYTES);
+    }
 }

@@ -29,8 +29,9 @@ pub mod close {
     pub const TOO_BIG: u16 = 1009;
     /// The server failed; reconnect.
     pub const INTERNAL: u16 = 1011;
-    /// The connection fell behind and its outbound queue overflowed;
-    /// reconnect (the messages are queued).
+    /// The connection fell behind: its outbound queue overflowed, or it
+    /// did not write a backlog page in time; reconnect (the messages are
+    /// queued).
     pub const TRY_AGAIN_LATER: u16 = 1013;
     /// Missing, invalid or expired credentials, a revoked session or a
     /// removed device.

@@ -141,6 +141,7 @@ async fn upgrade(
     let start = Box::new(connection::Start {
         state,
         header: header_claims,
+        client,
         permit,
         exclusive,
     });
