@@ -20,7 +20,8 @@
 //! - [`auth`]: argon2id passwords, access and refresh tokens, the signing
 //!   secret, session revocation, and the `AuthUser` extractor.
 //! - [`limits`]: rate limits (auth per IP, sends per user) and resource caps
-//!   (sockets per IP and user, unauthenticated sockets, queue per user).
+//!   (sockets per IP and user, unauthenticated sockets server-wide and per
+//!   IP, queue per user).
 //! - [`nesting`]: the cap on JSON nesting depth, checked on every request
 //!   body and WebSocket frame before it is parsed.
 //! - [`wire`]: the wire types REST and WebSocket share (ids, timestamps,
@@ -39,7 +40,8 @@
 //! - [`hub`]: the connection hub: which connections of which device are
 //!   online, and the push to them. Routing only; it owns no durability.
 //! - [`ws`]: the WebSocket endpoint and one task per connection (auth,
-//!   backlog drain, push, sends, acks, renewal, close).
+//!   backlog drain, push, sends, acks, renewal, close), and the deadline on
+//!   a message left unfinished.
 //! - [`store`]: durable storage, one trait per concern (the queue; accounts
 //!   and devices; sessions; operator queries), and its PostgreSQL and SQLite
 //!   backends.

@@ -75,8 +75,7 @@ impl SocketCaps {
             let mut counts = self.by_ip.entry(ip).or_default();
             if self.per_ip != 0 && counts.open >= self.per_ip {
                 Some("too many connections from this address")
-            } else if waiting && self.waiting_per_ip != 0 && counts.waiting >= self.waiting_per_ip
-            {
+            } else if waiting && self.waiting_per_ip != 0 && counts.waiting >= self.waiting_per_ip {
                 Some(
                     "too many connections from this address are waiting to authenticate; \
                      retry shortly",

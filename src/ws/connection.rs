@@ -51,14 +51,14 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use tungstenite::Message as WsMessage;
-use tungstenite::protocol::CloseFrame;
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::{MissedTickBehavior, Sleep};
 use tokio_util::sync::CancellationToken;
+use tungstenite::Message as WsMessage;
+use tungstenite::protocol::CloseFrame;
 use uuid::Uuid;
 
 use super::Socket;

@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use tungstenite::Message as WsMessage;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tungstenite::Message as WsMessage;
 use uuid::Uuid;
 
 use crate::error::{Error, ErrorDetail};

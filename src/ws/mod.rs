@@ -1,6 +1,8 @@
 //! The WebSocket endpoint, `GET /v1/ws`: the origin check and
-//! authentication at upgrade, socket sizing, and the hand-off to one
-//! [`connection`] task per socket.
+//! authentication at upgrade (a header token is checked before the socket
+//! takes a waiting slot), socket sizing, the [`deadline`] on unfinished
+//! messages under tungstenite, and the hand-off to one [`connection`] task
+//! per socket.
 //!
 //! Buffers are sized for tens of thousands of mostly idle sockets: a 4 KiB
 //! read buffer (tungstenite's default is 128 KiB, allocated at open), frames
@@ -147,23 +149,29 @@ async fn upgrade(
     // The request's span, with its request id, follows the socket's task.
     let span = tracing::Span::current();
     // hyper hands the connection over once the 101 below is written.
-    tokio::spawn(sockets.track_future(
-        async move {
-            let upgraded = match on_upgrade.await {
-                Ok(upgraded) => upgraded,
-                Err(err) => {
-                    tracing::debug!(error = %err, "WebSocket upgrade failed");
-                    return;
-                }
-            };
-            let io = MessageDeadline::new(TokioIo::new(upgraded), message_timeout);
-            // Boxed before the task's future is made: see `Start`.
-            let socket = Box::pin(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)));
-            let socket = Box::new(socket.await);
-            connection::run(socket, start).await;
-        }
-        .instrument(span),
-    ));
+    tokio::spawn(
+        sockets.track_future(
+            async move {
+                let upgraded = match on_upgrade.await {
+                    Ok(upgraded) => upgraded,
+                    Err(err) => {
+                        tracing::debug!(error = %err, "WebSocket upgrade failed");
+                        return;
+                    }
+                };
+                let io = MessageDeadline::new(TokioIo::new(upgraded), message_timeout);
+                // Boxed before the task's future is made: see `Start`.
+                let socket = Box::pin(WebSocketStream::from_raw_socket(
+                    io,
+                    Role::Server,
+                    Some(config),
+                ));
+                let socket = Box::new(socket.await);
+                connection::run(socket, start).await;
+            }
+            .instrument(span),
+        ),
+    );
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, HeaderValue::from_static("upgrade"))

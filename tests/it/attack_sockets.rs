@@ -36,8 +36,10 @@ const POLICY: u16 = 1008;
 const UNAUTHORIZED: u16 = 4401;
 
 /// The default share of waiting slots per address
-/// (`SEALPOST_MAX_UNAUTHENTICATED_SOCKETS_PER_IP`).
+/// (`SEALPOST_MAX_UNAUTHENTICATED_SOCKETS_PER_IP`), which the harness turns
+/// off and these tests set back.
 const DEFAULT_SHARE: usize = 16;
+const SHARE_FLAG: &str = "--max-unauthenticated-sockets-per-ip";
 
 /// The server's time for a close handshake (`CLOSE_TIMEOUT` in
 /// `ws/connection.rs`).
@@ -98,7 +100,9 @@ async fn expect_ready(socket: &mut Socket, frame_token: Option<&str>) {
 async fn close_within(socket: &mut Socket, wait: Duration) -> Option<u16> {
     let deadline = Instant::now() + wait;
     loop {
-        let next = tokio::time::timeout_at(deadline, socket.next()).await.ok()?;
+        let next = tokio::time::timeout_at(deadline, socket.next())
+            .await
+            .ok()?;
         match next {
             Some(Ok(Message::Close(frame))) => return Some(frame.map_or(1005, |f| f.code.into())),
             Some(Ok(_)) => continue,
@@ -143,7 +147,7 @@ const PONG: u8 = 0xA;
 async fn one_address_cannot_hold_every_waiting_slot(backend: Backend) {
     // The server-wide pool smaller than its default of 1,000 only to keep
     // the test light: one address could fill either. The share per address
-    // is at its default. 30 s to authenticate: the attacker's sockets are
+    // is at its default (which the harness turns off). 30 s to authenticate: the attacker's sockets are
     // held for the whole test, as one that reopens them would.
     let server = TestServer::start_with(
         backend,
@@ -152,6 +156,8 @@ async fn one_address_cannot_hold_every_waiting_slot(backend: Backend) {
             "127.0.0.1",
             "--max-unauthenticated-sockets",
             "64",
+            SHARE_FLAG,
+            "16",
             "--ws-auth-timeout",
             "30s",
         ],
@@ -206,6 +212,8 @@ async fn a_valid_header_token_needs_no_waiting_slot(backend: Backend) {
             "127.0.0.1",
             "--max-unauthenticated-sockets",
             "32",
+            SHARE_FLAG,
+            "16",
             "--ws-auth-timeout",
             "30s",
         ],
@@ -221,7 +229,10 @@ async fn a_valid_header_token_needs_no_waiting_slot(backend: Backend) {
         }
     }
     assert_eq!(held.len(), 32, "the pool is full");
-    assert_eq!(connect_from(&server, "203.0.113.5", None).await.err(), Some(429));
+    assert_eq!(
+        connect_from(&server, "203.0.113.5", None).await.err(),
+        Some(429)
+    );
 
     let mut header = connect_from(&server, "203.0.113.5", Some(&alice.access))
         .await
@@ -231,15 +242,22 @@ async fn a_valid_header_token_needs_no_waiting_slot(backend: Backend) {
     // A bad header token still waits, so it is refused while the pool is
     // full; given a slot it is closed with 4401 on the socket.
     assert_eq!(
-        connect_from(&server, "203.0.113.5", Some("not.a.jwt")).await.err(),
+        connect_from(&server, "203.0.113.5", Some("not.a.jwt"))
+            .await
+            .err(),
         Some(429)
     );
     drop(held.pop());
     let mut bad = eventually("a slot freed by a closed socket", async || {
-        connect_from(&server, "203.0.113.5", Some("not.a.jwt")).await.ok()
+        connect_from(&server, "203.0.113.5", Some("not.a.jwt"))
+            .await
+            .ok()
     })
     .await;
-    assert_eq!(close_within(&mut bad, Duration::from_secs(10)).await, Some(UNAUTHORIZED));
+    assert_eq!(
+        close_within(&mut bad, Duration::from_secs(10)).await,
+        Some(UNAUTHORIZED)
+    );
     drop(held);
     server.stop().await;
 }
@@ -250,14 +268,22 @@ async fn a_valid_header_token_needs_no_waiting_slot(backend: Backend) {
 async fn a_refused_socket_frees_its_slot_before_the_close_handshake(backend: Backend) {
     let server = TestServer::start_with(
         backend,
-        &["--max-unauthenticated-sockets", "1", "--ws-auth-timeout", "1s"],
+        &[
+            "--max-unauthenticated-sockets",
+            "1",
+            "--ws-auth-timeout",
+            "1s",
+        ],
     )
     .await;
     // Upgraded, and then never read from: the server's close frame is
     // never answered.
     let opened = Instant::now();
     let silent = connect_from(&server, "127.0.0.1", None).await.unwrap();
-    assert_eq!(connect_from(&server, "127.0.0.1", None).await.err(), Some(429));
+    assert_eq!(
+        connect_from(&server, "127.0.0.1", None).await.err(),
+        Some(429)
+    );
 
     let next = eventually("the slot freed", async || {
         connect_from(&server, "127.0.0.1", None).await.ok()
@@ -314,11 +340,31 @@ async fn protocol_violations_close_with_1002_and_bad_utf8_with_1007(backend: Bac
     let server = TestServer::start(backend).await;
     let alice = server.account("alice").await;
     let cases: [(&str, Vec<u8>, u16); 5] = [
-        ("a reserved data opcode", frame(FIN | 0x3, b"hi", true), PROTOCOL),
-        ("a reserved control opcode", frame(FIN | 0xB, b"", true), PROTOCOL),
-        ("an unmasked client frame", frame(FIN | TEXT, b"{}", false), PROTOCOL),
-        ("a continuation of nothing", frame(FIN, b"{}", true), PROTOCOL),
-        ("text that is not UTF-8", frame(FIN | TEXT, b"\"\xff\xfe\"", true), INVALID_PAYLOAD),
+        (
+            "a reserved data opcode",
+            frame(FIN | 0x3, b"hi", true),
+            PROTOCOL,
+        ),
+        (
+            "a reserved control opcode",
+            frame(FIN | 0xB, b"", true),
+            PROTOCOL,
+        ),
+        (
+            "an unmasked client frame",
+            frame(FIN | TEXT, b"{}", false),
+            PROTOCOL,
+        ),
+        (
+            "a continuation of nothing",
+            frame(FIN, b"{}", true),
+            PROTOCOL,
+        ),
+        (
+            "text that is not UTF-8",
+            frame(FIN | TEXT, b"\"\xff\xfe\"", true),
+            INVALID_PAYLOAD,
+        ),
     ];
     for (what, bytes, code) in cases {
         let mut socket = connect_from(&server, "127.0.0.1", Some(&alice.access))
@@ -335,7 +381,10 @@ async fn protocol_violations_close_with_1002_and_bad_utf8_with_1007(backend: Bac
     // Before authentication too.
     let mut socket = connect_from(&server, "127.0.0.1", None).await.unwrap();
     write_raw(&mut socket, &frame(FIN | 0x3, b"hi", true)).await;
-    assert_eq!(close_within(&mut socket, Duration::from_secs(10)).await, Some(PROTOCOL));
+    assert_eq!(
+        close_within(&mut socket, Duration::from_secs(10)).await,
+        Some(PROTOCOL)
+    );
     server.stop().await;
 }
 
@@ -355,14 +404,18 @@ async fn an_unfinished_message_is_closed_at_the_message_timeout(backend: Backend
         .await
         .unwrap();
     expect_ready(&mut socket, None).await;
-    let send = json!({ "type": "send", "ref": "r1", "to": bob.id, "body": b64(b"in two") })
-        .to_string();
+    let send =
+        json!({ "type": "send", "ref": "r1", "to": bob.id, "body": b64(b"in two") }).to_string();
     let (head, tail) = send.as_bytes().split_at(send.len() / 2);
     write_raw(&mut socket, &frame(TEXT, head, true)).await;
     write_raw(&mut socket, &frame(FIN | PONG, b"", true)).await;
     write_raw(&mut socket, &frame(FIN, tail, true)).await;
     let sent = json(&mut socket).await;
-    assert_eq!((&sent["type"], &sent["ref"]), (&json!("sent"), &json!("r1")), "{sent}");
+    assert_eq!(
+        (&sent["type"], &sent["ref"]),
+        (&json!("sent"), &json!("r1")),
+        "{sent}"
+    );
 
     // Begun and never finished, with a pong every 200 ms: closed with 1008
     // at the timeout (1 s), well before anything else would close it.
@@ -379,7 +432,10 @@ async fn an_unfinished_message_is_closed_at_the_message_timeout(backend: Backend
         );
     };
     assert_eq!(code, POLICY);
-    assert!(begun.elapsed() >= Duration::from_millis(900), "closed before the timeout");
+    assert!(
+        begun.elapsed() >= Duration::from_millis(900),
+        "closed before the timeout"
+    );
     server.stop().await;
 }
 

@@ -189,6 +189,7 @@ pub const UNLIMITED: &[(&str, &str)] = &[
     ("--send-rate-per-second", "0"),
     ("--max-connections-per-ip", "0"),
     ("--max-unauthenticated-sockets", "0"),
+    ("--max-unauthenticated-sockets-per-ip", "0"),
 ];
 
 /// Settings for a test server on `db`: ephemeral port, fixed secret.
