@@ -24,8 +24,8 @@
 //!   extractor.
 //! - [`limits`]: rate limits (auth per IP, password checks per account,
 //!   sends per user and per pair) and resource caps (HTTP connections and
-//!   sockets per IP, sockets per user,
-//!   unauthenticated sockets, queue per user).
+//!   sockets per IP, sockets per user, unauthenticated sockets server-wide
+//!   and per IP, queue per user and per sender).
 //! - [`nesting`]: the cap on JSON nesting depth, checked on every request
 //!   body and WebSocket frame before it is parsed.
 //! - [`wire`]: the wire types REST and WebSocket share (ids, timestamps,
@@ -47,7 +47,8 @@
 //! - [`hub`]: the connection hub: which connections of which device are
 //!   online, and the push to them. Routing only; it owns no durability.
 //! - [`ws`]: the WebSocket endpoint and one task per connection (auth,
-//!   backlog drain, push, sends, acks, renewal, close).
+//!   backlog drain, push, sends, acks, renewal, close), and the deadline on
+//!   a message left unfinished.
 //! - [`store`]: durable storage, one trait per concern (the queue; accounts
 //!   and devices; sessions; operator queries), and its PostgreSQL and SQLite
 //!   backends.

@@ -311,15 +311,16 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(1024);
         let mut server = MessageDeadline::new(server, Duration::from_secs(1));
         let mut buf = [0; 1024];
-        // A whole message: no deadline.
-        client.write_all(&frame(0x81, b"{}")).await.unwrap();
-        server.read(&mut buf).await.unwrap();
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        client.write_all(&frame(0x89, b"")).await.unwrap();
-        server.read(&mut buf).await.unwrap();
+        // A whole message, and a ping long after: no deadline.
+        for bytes in [frame(0x81, b"{}"), frame(0x89, b"")] {
+            client.write_all(&bytes).await.unwrap();
+            server.read_exact(&mut buf[..bytes.len()]).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
         // Begun and left: the read waiting for more fails at the deadline.
-        client.write_all(&frame(0x01, b"{")).await.unwrap();
-        server.read(&mut buf).await.unwrap();
+        let begun = frame(0x01, b"{");
+        client.write_all(&begun).await.unwrap();
+        server.read_exact(&mut buf[..begun.len()]).await.unwrap();
         let err = server.read(&mut buf).await.unwrap_err();
         assert!(TimedOut::is(&err));
     }

@@ -1,6 +1,8 @@
 //! The WebSocket endpoint, `GET /v1/ws`: the origin check and
-//! authentication at upgrade, socket sizing, and the hand-off to one
-//! [`connection`] task per socket.
+//! authentication at upgrade (a header token is checked before the socket
+//! takes a waiting slot), socket sizing, the [`deadline`] on unfinished
+//! messages under tungstenite, and the hand-off to one [`connection`] task
+//! per socket.
 //!
 //! Buffers are sized for tens of thousands of mostly idle sockets: a 4 KiB
 //! read buffer (tungstenite's default is 128 KiB, allocated at open), frames

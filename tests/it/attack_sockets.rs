@@ -36,8 +36,10 @@ const POLICY: u16 = 1008;
 const UNAUTHORIZED: u16 = 4401;
 
 /// The default share of waiting slots per address
-/// (`SEALPOST_MAX_UNAUTHENTICATED_SOCKETS_PER_IP`).
+/// (`SEALPOST_MAX_UNAUTHENTICATED_SOCKETS_PER_IP`), which the harness turns
+/// off and these tests set back.
 const DEFAULT_SHARE: usize = 16;
+const SHARE_FLAG: &str = "--max-unauthenticated-sockets-per-ip";
 
 /// The server's time for a close handshake (`CLOSE_TIMEOUT` in
 /// `ws/connection.rs`).
@@ -145,7 +147,7 @@ const PONG: u8 = 0xA;
 async fn one_address_cannot_hold_every_waiting_slot(backend: Backend) {
     // The server-wide pool smaller than its default of 1,000 only to keep
     // the test light: one address could fill either. The share per address
-    // is at its default. 30 s to authenticate: the attacker's sockets are
+    // is at its default (which the harness turns off). 30 s to authenticate: the attacker's sockets are
     // held for the whole test, as one that reopens them would.
     let server = TestServer::start_with(
         backend,
@@ -154,6 +156,8 @@ async fn one_address_cannot_hold_every_waiting_slot(backend: Backend) {
             "127.0.0.1",
             "--max-unauthenticated-sockets",
             "64",
+            SHARE_FLAG,
+            "16",
             "--ws-auth-timeout",
             "30s",
         ],
@@ -208,6 +212,8 @@ async fn a_valid_header_token_needs_no_waiting_slot(backend: Backend) {
             "127.0.0.1",
             "--max-unauthenticated-sockets",
             "32",
+            SHARE_FLAG,
+            "16",
             "--ws-auth-timeout",
             "30s",
         ],

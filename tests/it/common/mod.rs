@@ -192,6 +192,7 @@ pub const UNLIMITED: &[(&str, &str)] = &[
     ("--max-connections-per-ip", "0"),
     ("--max-http-connections-per-ip", "0"),
     ("--max-unauthenticated-sockets", "0"),
+    ("--max-unauthenticated-sockets-per-ip", "0"),
 ];
 
 /// Settings for a test server on `db`: ephemeral port, fixed secret.
