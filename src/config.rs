@@ -261,7 +261,9 @@ pub struct Config {
     /// ephemeral together (sends to your own account are not counted);
     /// 0 turns the limit off. Bounds what one sender pours into one
     /// account's queues and how often it can ask, by an ephemeral send,
-    /// whether the account is online.
+    /// whether the account is online. A share of the sender's budget: off
+    /// too while `SEALPOST_SEND_RATE_PER_SECOND` is 0 (see
+    /// [`Config::pair_rate_per_second`]).
     #[arg(long, env = "SEALPOST_PAIR_RATE_PER_SECOND", default_value_t = 2)]
     pub pair_rate_per_second: u32,
 
@@ -431,6 +433,20 @@ pub struct Config {
 }
 
 impl Config {
+    /// The per-(sender, recipient) rate in force: the setting, unless the
+    /// per-user send budget is off. The pair limit is a share of that
+    /// budget; an operator who turns the budget off (a load test, a
+    /// trusted deployment, the yardstick's comparison runs) means sends
+    /// to be unlimited, and 1,000 pairs at 20 messages a second each would
+    /// otherwise be refused by a limit they never named.
+    pub fn pair_rate_per_second(&self) -> u32 {
+        if self.send_rate_per_second == 0 {
+            0
+        } else {
+            self.pair_rate_per_second
+        }
+    }
+
     /// Parses settings from flags, falling back to the environment and then
     /// the defaults, as `sealpost serve` does. `args` excludes the program
     /// name.
@@ -886,6 +902,15 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Config, clap::Error> {
         Config::parse_from(args)
+    }
+
+    #[test]
+    fn the_pair_limit_is_off_with_the_send_budget() {
+        assert_eq!(parse(&[]).unwrap().pair_rate_per_second(), 2);
+        let pairs = parse(&["--pair-rate-per-second", "5"]).unwrap();
+        assert_eq!(pairs.pair_rate_per_second(), 5);
+        let off = parse(&["--send-rate-per-second", "0"]).unwrap();
+        assert_eq!(off.pair_rate_per_second(), 0);
     }
 
     #[test]

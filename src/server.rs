@@ -200,7 +200,7 @@ impl Server {
             max_devices_per_user: config.max_devices_per_user,
             send_rate_per_second: config.send_rate_per_second,
             send_rate_burst: config.send_rate_burst,
-            pair_rate_per_second: config.pair_rate_per_second,
+            pair_rate_per_second: config.pair_rate_per_second(),
             pair_rate_burst: config.pair_rate_burst,
             max_queued_per_user: config.max_queued_per_user,
             max_queued_per_sender: config.max_queued_per_sender,

@@ -22,7 +22,18 @@ backend_tests!(
 
 /// The default per-(sender, recipient) limit, which the harness turns off:
 /// the tests of it set it back.
-const PAIR_DEFAULTS: [&str; 4] = ["--pair-rate-per-second", "2", "--pair-rate-burst", "50"];
+/// The pair limit at its defaults, with the send budget it is a share of
+/// (the harness turns that budget off, which turns the pair limit off too).
+const PAIR_DEFAULTS: [&str; 8] = [
+    "--send-rate-per-second",
+    "50",
+    "--send-rate-burst",
+    "200",
+    "--pair-rate-per-second",
+    "2",
+    "--pair-rate-burst",
+    "50",
+];
 
 async fn try_send(server: &TestServer, from: &Account, to: Uuid, body: &[u8]) -> Reply {
     server
