@@ -423,7 +423,9 @@ async fn main() -> anyhow::Result<()> {
             .boxed();
             plan.spec = Spec::Soak(soak);
         }
-        Command::Worker { .. } | Command::Chart { .. } | Command::Attack { .. } => unreachable!("handled above"),
+        Command::Worker { .. } | Command::Chart { .. } | Command::Attack { .. } => {
+            unreachable!("handled above")
+        }
     }
 
     // The baseline is taken with the accounts ready and no socket open yet.
@@ -758,7 +760,9 @@ fn summarise(
         Command::Poll(_) => "poll",
         Command::Storm { .. } => "storm",
         Command::Soak(_) => "soak",
-        Command::Worker { .. } | Command::Chart { .. } | Command::Attack { .. } => unreachable!("handled in main"),
+        Command::Worker { .. } | Command::Chart { .. } | Command::Attack { .. } => {
+            unreachable!("handled in main")
+        }
     };
     let mut result = json!({
         "scenario": scenario,

@@ -743,20 +743,40 @@ async fn attack_slots_counts_every_legitimate_upgrade() {
     let server = start_with(
         &fixture.db(),
         "127.0.0.1:0",
-        &["--max-unauthenticated-sockets", "4", "--ws-auth-timeout", "1s"],
+        &[
+            "--max-unauthenticated-sockets",
+            "4",
+            "--ws-auth-timeout",
+            "1s",
+        ],
     )
     .await;
     let result = loadtest(
         server.addr,
         &[
-            "attack", "slots", "--slots", "4", "--duration", "3", "--every", "1", "--ramp", "1",
+            "attack",
+            "slots",
+            "--slots",
+            "4",
+            "--duration",
+            "3",
+            "--every",
+            "1",
+            "--ramp",
+            "1",
         ],
     )
     .await;
-    assert_eq!((&result["attack"], n(&result["item"])), (&Value::from("slots"), 1));
+    assert_eq!(
+        (&result["attack"], n(&result["item"])),
+        (&Value::from("slots"), 1)
+    );
     let r = &result["results"];
     // The four slots, taken again as the server times them out.
-    assert!(n(&r["attacker"]["upgrades"]["outcomes"]["101"]) >= 4, "{result}");
+    assert!(
+        n(&r["attacker"]["upgrades"]["outcomes"]["101"]) >= 4,
+        "{result}"
+    );
     outcomes_add_up(&r["attacker"]["upgrades"]);
     assert_eq!(outcomes_add_up(&r["legitimate"]["baseline"]), 3, "{result}");
     let during = &r["legitimate"]["during"];
@@ -764,7 +784,12 @@ async fn attack_slots_counts_every_legitimate_upgrade() {
     for outcome in during["outcomes"].as_object().unwrap().keys() {
         assert!(outcome == "ready" || outcome == "429", "{result}");
     }
-    assert!(r["summary"]["legitimate"].as_str().unwrap().contains("got ready"));
+    assert!(
+        r["summary"]["legitimate"]
+            .as_str()
+            .unwrap()
+            .contains("got ready")
+    );
     server.stop().await;
 }
 
@@ -773,11 +798,25 @@ async fn attack_slots_counts_every_legitimate_upgrade() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attack_inbox_lock_counts_every_send() {
     let fixture = Fixture::new();
-    let server = start_with(&fixture.db(), "127.0.0.1:0", &["--max-queued-per-user", "30"]).await;
+    let server = start_with(
+        &fixture.db(),
+        "127.0.0.1:0",
+        &["--max-queued-per-user", "30"],
+    )
+    .await;
     let result = loadtest(
         server.addr,
         &[
-            "attack", "inbox-lock", "--attackers", "2", "--rate", "50", "--fill", "10", "--sends", "3",
+            "attack",
+            "inbox-lock",
+            "--attackers",
+            "2",
+            "--rate",
+            "50",
+            "--fill",
+            "10",
+            "--sends",
+            "3",
         ],
     )
     .await;
@@ -787,6 +826,9 @@ async fn attack_inbox_lock_counts_every_send() {
     assert!(n(&r["attacker"]["accepted"]) >= 1, "{result}");
     assert!(n(&r["attacker"]["accepted"]) <= 30, "{result}");
     assert_eq!(outcomes_add_up(&r["legitimate"]["sends"]), 3, "{result}");
-    assert!(r["attacker"]["errors"].as_array().unwrap().is_empty(), "{result}");
+    assert!(
+        r["attacker"]["errors"].as_array().unwrap().is_empty(),
+        "{result}"
+    );
     server.stop().await;
 }

@@ -52,9 +52,10 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Legitimate operations before the attack starts, for comparison.
 const BASELINE: usize = 3;
 /// The slow reader's socket: a receive buffer and segment size so small
-/// that the server's kernel buffers fill after a few kilobytes and its
-/// writes (and whatever it holds for them) wait on the reader.
-const SLOW_RCVBUF: u32 = 2048;
+/// that the kernels buffer only tens of kilobytes between the server and
+/// the reader, so that its writes (and the page it holds for them) go at
+/// the reader's pace.
+const SLOW_RCVBUF: u32 = 16 * 1024;
 const SLOW_MSS: u32 = 536;
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -140,8 +141,9 @@ pub enum Attack {
         /// Accounts (and slow sockets).
         #[arg(long, default_value_t = 90)]
         accounts: usize,
-        /// Messages queued for each.
-        #[arg(long, default_value_t = 16)]
+        /// Messages queued for each: 24 of 60,000 bytes are one backlog
+        /// page of 1.44 MB, a minute's read at the default rate.
+        #[arg(long, default_value_t = 24)]
         per_user: usize,
         /// Body size of each, in bytes (the server's body limit is 65,536).
         #[arg(long, default_value_t = 60_000)]
@@ -149,9 +151,11 @@ pub enum Attack {
         /// Seconds the slow sockets are held.
         #[arg(long, default_value_t = 60)]
         hold: u64,
-        /// Seconds between the slow sockets' one-byte reads.
-        #[arg(long, default_value_t = 5)]
-        read_every: u64,
+        /// Bytes per second each slow socket reads: fast enough that each
+        /// of the server's writes (one frame, ~80 KB) finishes within its
+        /// 10 s write timeout, slow enough that a page takes a minute.
+        #[arg(long, default_value_t = 24_000)]
+        read_rate: usize,
         /// Seconds between the legitimate polls.
         #[arg(long, default_value_t = 1)]
         every: u64,
@@ -199,7 +203,8 @@ pub async fn run(
             every,
             ramp,
         } => {
-            let params = json!({ "slots": slots, "duration_s": duration, "every_s": every, "ramp_s": ramp });
+            let params =
+                json!({ "slots": slots, "duration_s": duration, "every_s": every, "ramp_s": ramp });
             let secs = Duration::from_secs;
             (
                 params,
@@ -279,17 +284,17 @@ pub async fn run(
             per_user,
             size,
             hold,
-            read_every,
+            read_rate,
             every,
         } => {
             let params = json!({ "accounts": accounts, "per_user": per_user, "size": size,
-                                 "hold_s": hold, "read_every_s": read_every, "every_s": every });
+                                 "hold_s": hold, "read_rate": read_rate, "every_s": every });
             let shape = SlowReaders {
                 accounts: (*accounts).max(1),
                 per_user: *per_user,
                 size: (*size).max(16),
                 hold: Duration::from_secs(*hold),
-                read_every: Duration::from_secs((*read_every).max(1)),
+                read_rate: (*read_rate).max(10),
                 every: Duration::from_secs((*every).max(1)),
             };
             (params, slow_readers(target, &prefix, pid, shape).await?)
@@ -310,7 +315,12 @@ pub async fn run(
 /// only as good as the machine was idle.
 fn loadavg() -> Option<String> {
     let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    Some(text.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+    Some(
+        text.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
 }
 
 /// Answers counted by outcome (`200`, `429 rate_limited`, `timeout`, ...),
@@ -384,6 +394,13 @@ impl Tally {
     }
 }
 
+/// The answer to a password change with the wrong current password (403
+/// `forbidden`; 401 should a server answer that instead): the server
+/// hashed it.
+fn is_wrong_password(outcome: &str) -> bool {
+    outcome.starts_with("403") || outcome.starts_with("401")
+}
+
 fn is_success(outcome: &str) -> bool {
     outcome.starts_with('2') || outcome == "ready"
 }
@@ -448,6 +465,13 @@ fn signup_source(n: usize) -> IpAddr {
     ))
 }
 
+/// The address of the n-th of the slow bodies' logins: four to an
+/// address, under the default auth burst (5) that would refuse the rest
+/// before their bodies are read, as a botnet would spread them.
+fn botnet_source(n: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 4 + (n / 1000) as u8, 1 + (n % 1000 / 4) as u8))
+}
+
 /// The address the n-th legitimate login comes from.
 fn login_source(n: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 1, 1 + (n % LOGIN_SOURCES) as u8))
@@ -455,7 +479,10 @@ fn login_source(n: usize) -> IpAddr {
 
 /// Signs up `{prefix}{n}` for n in `0..count`, each from its own address.
 async fn sign_up(target: &Target, prefix: &str, count: usize) -> anyhow::Result<Vec<Account>> {
-    anyhow::ensure!(count <= 250 * 200, "too many accounts for the sign-up addresses");
+    anyhow::ensure!(
+        count <= 250 * 200,
+        "too many accounts for the sign-up addresses"
+    );
     let signed: Vec<anyhow::Result<Account>> = stream::iter(0..count)
         .map(|n| async move {
             Api::bound(target.clone(), signup_source(n))
@@ -554,8 +581,9 @@ impl Sampler {
 }
 
 /// A TCP connection from `source`. `slow` shrinks the receive buffer and
-/// the segment size it announces before connecting, so that the server's
-/// kernel can buffer only a few kilobytes for it.
+/// the segment size it announces before connecting (the server's send
+/// buffer is sized from the segment size), so that little can be buffered
+/// between the server and the reader.
 async fn tcp(addr: SocketAddr, source: IpAddr, slow: bool) -> std::io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
     if slow {
@@ -717,8 +745,9 @@ async fn slots(
         }
     };
     let baseline = Shared::default();
-    let quick = Instant::now() + interval * BASELINE as u32;
-    every(interval.min(Duration::from_secs(1)), quick, socket_probe(baseline.clone())).await;
+    let spaced = interval.min(Duration::from_secs(1));
+    let quick = Instant::now() + spaced * BASELINE as u32;
+    every(spaced, quick, socket_probe(baseline.clone())).await;
 
     // The attacker: `slots` loops, each an unauthenticated upgrade held
     // until the server closes it, then the next; a refusal backs off
@@ -747,13 +776,19 @@ async fn slots(
                         }
                         Ok(Ok((status, _))) => {
                             let status = status.to_string();
-                            attacker.lock().unwrap().record(&status, false, begin.elapsed());
+                            attacker
+                                .lock()
+                                .unwrap()
+                                .record(&status, false, begin.elapsed());
                             sleep(backoff).await;
                             backoff = (backoff * 2).min(Duration::from_secs(4));
                         }
                         Ok(Err(e)) => {
                             let cause = format!("tcp {:?}", e.kind());
-                            attacker.lock().unwrap().record(&cause, false, begin.elapsed());
+                            attacker
+                                .lock()
+                                .unwrap()
+                                .record(&cause, false, begin.elapsed());
                             sleep(backoff).await;
                             backoff = (backoff * 2).min(Duration::from_secs(4));
                         }
@@ -841,7 +876,8 @@ async fn slow_bodies(
     pid: Option<u32>,
     shape: SlowBody,
 ) -> anyhow::Result<Value> {
-    let legit = sign_up(target, &format!("{prefix}-u"), 1).await?.remove(0);
+    let mut accounts = sign_up(target, &format!("{prefix}-u"), 2).await?;
+    let (legit, attacker_account) = (accounts.remove(0), accounts.remove(0));
     let client = Arc::new(LoginAndPoll::new(target));
     let (logins, polls) = (Shared::default(), Shared::default());
     let legit_round = |logins: Shared, polls: Shared| {
@@ -868,21 +904,30 @@ async fn slow_bodies(
     let started = Instant::now();
     let until = started + shape.hold;
     let attacker = Shared::default();
-    let held = Arc::new(Mutex::new(Held::default()));
+    let held = Arc::new(Mutex::new(BTreeMap::<&'static str, Held>::new()));
     let mut answers = BTreeMap::<String, u64>::new();
     let answers_seen = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
+    // Even connections log in from many addresses, a few each (under the
+    // per-address auth burst, which answers 429 before reading a body);
+    // odd ones send a message with the attacker's free account.
     let conns: Vec<_> = (0..shape.conns)
-        .map(|_| {
+        .map(|i| {
             let (addr, attacker, held) = (target.addr, attacker.clone(), held.clone());
             let answers = answers_seen.clone();
             let (body, short) = (shape.body, shape.short);
+            let (path, source, auth) = if i % 2 == 0 {
+                ("/v1/login", botnet_source(i / 2), String::new())
+            } else {
+                let token = &attacker_account.access;
+                ("/v1/messages", ATTACKER, format!("Authorization: Bearer {token}\r\n"))
+            };
             tokio::spawn(async move {
                 let begin = Instant::now();
                 let sent = timeout_at(until, async {
-                    let mut stream = tcp(addr, ATTACKER, false).await?;
+                    let mut stream = tcp(addr, source, false).await?;
                     let head = format!(
-                        "POST /v1/login HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-                         Content-Length: {body}\r\n\r\n"
+                        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+                         {auth}Content-Length: {body}\r\n\r\n"
                     );
                     stream.write_all(head.as_bytes()).await?;
                     let chunk = vec![b' '; 64 * 1024];
@@ -898,20 +943,20 @@ async fn slow_bodies(
                 match sent {
                     Err(_) => {
                         attacker.lock().unwrap().record("still sending at the end", false, begin.elapsed());
-                        held.lock().unwrap().record(None);
+                        held.lock().unwrap().entry(path).or_default().record(None);
                     }
                     Ok(Err(e)) => {
                         // Refused or cut off while sending: closed by the server.
                         let cause = format!("write {:?}", e.kind());
                         attacker.lock().unwrap().record(&cause, false, begin.elapsed());
-                        held.lock().unwrap().record(Some(begin.elapsed()));
+                        held.lock().unwrap().entry(path).or_default().record(Some(begin.elapsed()));
                     }
                     Ok(Ok(mut stream)) => {
                         attacker.lock().unwrap().record("body sent", true, begin.elapsed());
                         let (closed, status) = until_closed(&mut stream, begin, until).await;
-                        held.lock().unwrap().record(closed);
+                        held.lock().unwrap().entry(path).or_default().record(closed);
                         if let Some(status) = status {
-                            *answers.lock().unwrap().entry(status.to_string()).or_default() += 1;
+                            *answers.lock().unwrap().entry(format!("{path} {status}")).or_default() += 1;
                         }
                     }
                 }
@@ -921,7 +966,12 @@ async fn slow_bodies(
     // Give the bodies a moment to arrive before the legitimate client
     // starts, so that it meets the server holding them.
     sleep(Duration::from_secs(2).min(shape.hold / 2)).await;
-    every(shape.every, until, legit_round(logins.clone(), polls.clone())).await;
+    every(
+        shape.every,
+        until,
+        legit_round(logins.clone(), polls.clone()),
+    )
+    .await;
     for task in conns {
         let _ = timeout(Duration::from_secs(5), task).await;
     }
@@ -933,23 +983,25 @@ async fn slow_bodies(
     let held = held.lock().unwrap();
     let (logins, polls) = (logins.lock().unwrap(), polls.lock().unwrap());
     let growth_mib = server["rss_growth_kib"].as_u64().map(|k| k / 1024);
-    let open_line = if held.open_at_end > 0 {
-        format!(
-            "{} of {} still open after {} s",
-            held.open_at_end,
-            shape.conns,
-            shape.hold.as_secs()
-        )
-    } else {
-        format!(
-            "all closed by the server, p50 after {}",
-            ms(held.closed.quantile_ms(0.5))
-        )
-    };
+    let open_line = held
+        .iter()
+        .map(|(path, held)| {
+            let closed = held.closed.count();
+            let mut line = format!("{path}: {} of {} open after {} s", held.open_at_end,
+                                   held.open_at_end + closed, shape.hold.as_secs());
+            if closed > 0 {
+                line.push_str(&format!(", {closed} closed by the server (p50 after {})",
+                                       ms(held.closed.quantile_ms(0.5))));
+            }
+            line
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let held: BTreeMap<&str, Value> = held.iter().map(|(k, v)| (*k, v.json())).collect();
     Ok(json!({
         "attacker": {
             "connections": attacker.json(),
-            "held": held.json(),
+            "held": held,
             "answers": answers,
         },
         "server": server,
@@ -959,8 +1011,11 @@ async fn slow_bodies(
         },
         "summary": {
             "attacker": format!(
-                "{} login bodies of {} KB, {} B short: {}; server RSS +{} MiB",
-                shape.conns, shape.body / 1000, shape.short, open_line,
+                "{} bodies of {} KB, {} B short, half to /v1/login from {} addresses, half to \
+                 /v1/messages from 1 free account: {}; server RSS +{} MiB",
+                shape.conns, shape.body / 1000, shape.short,
+                shape.conns.div_ceil(2).div_ceil(4),
+                open_line,
                 growth_mib.map_or("?".to_owned(), |m| m.to_string())
             ),
             "legitimate": format!("logins: {}; polls: {}", logins.line("ok"), polls.line("ok")),
@@ -1003,7 +1058,8 @@ async fn hash_stall(
     let body = json!({ "current_password": "not-the-password-0", "new_password": "another-password-0123456789" });
     let loops: Vec<_> = (0..in_flight)
         .map(|_| {
-            let (http, url, body, attacker) = (http.clone(), url.clone(), body.clone(), attacker.clone());
+            let (http, url, body, attacker) =
+                (http.clone(), url.clone(), body.clone(), attacker.clone());
             let access = attacker_account.access.clone();
             tokio::spawn(async move {
                 while Instant::now() < until {
@@ -1013,12 +1069,11 @@ async fn hash_stall(
                         break;
                     };
                     let (outcome, _) = self::outcome(result).await;
-                    // Wrong password is what it asks for: a hash done.
-                    attacker
-                        .lock()
-                        .unwrap()
-                        .record(&outcome, outcome.starts_with("401"), begin.elapsed());
-                    if !outcome.starts_with("401") {
+                    // A wrong password (403) is what it asks for: a hash
+                    // done.
+                    let hashed = is_wrong_password(&outcome);
+                    attacker.lock().unwrap().record(&outcome, hashed, begin.elapsed());
+                    if !hashed {
                         // Refused or failed: a moment before the next, so
                         // that refusals do not spin.
                         sleep(Duration::from_millis(200)).await;
@@ -1036,7 +1091,7 @@ async fn hash_stall(
     let attacker = attacker.lock().unwrap();
     let during = during.lock().unwrap();
     let seconds = started.elapsed().as_secs_f64();
-    let hashed = attacker.count("401");
+    let hashed = attacker.count("403") + attacker.count("401");
     Ok(json!({
         "attacker": {
             "requests": attacker.json(),
@@ -1135,7 +1190,15 @@ async fn inbox_lock(
         .into_iter()
         .map(|account| {
             let (target, tally) = (target.clone(), attacker.clone());
-            tokio::spawn(flood(target, account, victim.user_id, rate, until, tally, started))
+            tokio::spawn(flood(
+                target,
+                account,
+                victim.user_id,
+                rate,
+                until,
+                tally,
+                started,
+            ))
         })
         .collect();
     let mut full_at = Vec::new();
@@ -1157,7 +1220,8 @@ async fn inbox_lock(
     let quick = Instant::now() + Duration::from_millis(500) * sends as u32;
     every(Duration::from_millis(500), quick, |n| {
         let (tally, request) = (legit.clone(), http.post(&url));
-        let body = json!({ "to": victim.user_id, "body": b64(format!("legitimate {n}").as_bytes()) });
+        let body =
+            json!({ "to": victim.user_id, "body": b64(format!("legitimate {n}").as_bytes()) });
         let request = request.bearer_auth(&sender.access).json(&body);
         async move { probe(&tally, request).await }
     })
@@ -1199,29 +1263,34 @@ struct SlowReaders {
     per_user: usize,
     size: usize,
     hold: Duration,
-    read_every: Duration,
+    read_rate: usize,
     every: Duration,
 }
 
-/// Reads one byte every `every` until the server closes the connection
-/// or `until`: how long after `since` it closed (`None`: open at `until`).
-/// A connection the server closes with unread bytes in the way is seen
-/// closed only once they are read: the server's open files tell it too.
+/// Reads `rate` bytes a second (a tenth every 100 ms) until the server
+/// closes the connection or `until`: how long after `since` it closed
+/// (`None`: open at `until`).
 async fn read_slowly(
     stream: &mut TcpStream,
     since: Instant,
     until: Instant,
-    every: Duration,
+    rate: usize,
 ) -> Option<Duration> {
-    let mut byte = [0u8; 1];
+    let share = (rate / 10).max(1);
+    let mut buf = vec![0u8; share];
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
-        sleep_until((Instant::now() + every).min(until)).await;
+        tick.tick().await;
         if Instant::now() >= until {
             return None;
         }
-        match timeout(Duration::from_millis(100), stream.read(&mut byte)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Some(since.elapsed()),
-            _ => {}
+        let mut got = 0;
+        while got < share {
+            match timeout(Duration::from_millis(20), stream.read(&mut buf[..share - got])).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Some(since.elapsed()),
+                Ok(Ok(n)) => got += n,
+                Err(_) => break,
+            }
         }
     }
 }
@@ -1260,11 +1329,17 @@ async fn slow_readers(
         .await;
     bar.finish_and_clear();
     let queued_ok = queued.iter().filter(|r| r.is_ok()).count();
-    let first_error = queued.iter().find_map(|r| r.as_ref().err().map(|e| format!("{e:#}")));
+    let first_error = queued
+        .iter()
+        .find_map(|r| r.as_ref().err().map(|e| format!("{e:#}")));
     for k in 0..3 {
-        api.send(&accounts[0], legit.user_id, format!("for the legitimate user {k}").as_bytes())
-            .await
-            .context("queueing the legitimate user's messages")?;
+        api.send(
+            &accounts[0],
+            legit.user_id,
+            format!("for the legitimate user {k}").as_bytes(),
+        )
+        .await
+        .context("queueing the legitimate user's messages")?;
     }
     let fill_s = fill_started.elapsed().as_secs_f64();
 
@@ -1293,23 +1368,30 @@ async fn slow_readers(
         .iter()
         .map(|account| {
             let (addr, token) = (target.addr, account.access.clone());
-            let (upgrades, held, read_every) = (upgrades.clone(), held.clone(), shape.read_every);
+            let (upgrades, held, read_rate) = (upgrades.clone(), held.clone(), shape.read_rate);
             tokio::spawn(async move {
-                let begin = Instant::now();
-                match timeout_at(until, upgrade(addr, ATTACKER, Some(&token), true)).await {
-                    Ok(Ok((101, mut stream))) => {
-                        upgrades.lock().unwrap().record("101", true, begin.elapsed());
-                        let closed = read_slowly(&mut stream, begin, until, read_every).await;
-                        held.lock().unwrap().record(closed);
+                // Again whenever the server closes it: each connection
+                // drains the unacknowledged backlog from the start.
+                while Instant::now() < until {
+                    let begin = Instant::now();
+                    match timeout_at(until, upgrade(addr, ATTACKER, Some(&token), true)).await {
+                        Ok(Ok((101, mut stream))) => {
+                            upgrades.lock().unwrap().record("101", true, begin.elapsed());
+                            let closed = read_slowly(&mut stream, begin, until, read_rate).await;
+                            held.lock().unwrap().record(closed);
+                        }
+                        Ok(Ok((status, _))) => {
+                            let status = status.to_string();
+                            upgrades.lock().unwrap().record(&status, false, begin.elapsed());
+                            sleep(Duration::from_secs(1)).await;
+                        }
+                        Ok(Err(e)) => {
+                            let cause = format!("tcp {:?}", e.kind());
+                            upgrades.lock().unwrap().record(&cause, false, begin.elapsed());
+                            sleep(Duration::from_secs(1)).await;
+                        }
+                        Err(_) => break,
                     }
-                    Ok(Ok((status, _))) => {
-                        upgrades.lock().unwrap().record(&status.to_string(), false, begin.elapsed());
-                    }
-                    Ok(Err(e)) => {
-                        let cause = format!("tcp {:?}", e.kind());
-                        upgrades.lock().unwrap().record(&cause, false, begin.elapsed());
-                    }
-                    Err(_) => upgrades.lock().unwrap().record("timeout", false, begin.elapsed()),
                 }
             })
         })
@@ -1338,9 +1420,10 @@ async fn slow_readers(
         "legitimate": { "baseline": baseline.lock().unwrap().json(), "during": during.json() },
         "summary": {
             "attacker": format!(
-                "{} slow sockets (1 B per {} s) over {:.0} MB of backlog: {} upgraded, {} still open after {} s",
-                shape.accounts, shape.read_every.as_secs(), queued_mb, upgrades.count("101"),
-                held.open_at_end, shape.hold.as_secs()
+                "{} slow sockets ({} KB/s each, reconnecting when closed) over {:.0} MB of backlog: \
+                 {} upgrades, {} closed by the server, {} open after {} s",
+                shape.accounts, shape.read_rate / 1000, queued_mb, upgrades.count("101"),
+                held.closed.count(), held.open_at_end, shape.hold.as_secs()
             ),
             "legitimate": format!(
                 "polls: {}; {} × 503",
@@ -1364,7 +1447,10 @@ mod tests {
         tally.record("ready", true, Duration::from_millis(5));
         tally.record("429", false, Duration::from_millis(1));
         tally.record("429", false, Duration::from_millis(1));
-        assert_eq!((tally.attempts(), tally.succeeded(), tally.count("429")), (3, 1, 2));
+        assert_eq!(
+            (tally.attempts(), tally.succeeded(), tally.count("429")),
+            (3, 1, 2)
+        );
         let line = tally.line("got ready");
         assert!(line.starts_with("1 of 3 got ready (2 × 429)"), "{line}");
         // The addresses stay apart from the attacker's and the client's.
