@@ -104,8 +104,10 @@ pub enum Attack {
     /// current password, many requests in flight; other users log in
     /// beside it.
     HashStall {
-        /// The attacker's requests in flight.
-        #[arg(long, default_value_t = 64)]
+        /// The attacker's requests in flight: at some 40 hashes a second
+        /// on two cores, 512 queue each hash for longer than the server's
+        /// 10 s wait.
+        #[arg(long, default_value_t = 512)]
         in_flight: usize,
         /// Seconds of legitimate logins during the attack.
         #[arg(long, default_value_t = 45)]
