@@ -233,7 +233,7 @@ pub async fn run(
             let shape = SlowBody {
                 conns: *conns,
                 body: *body,
-                short: (*short).clamp(1, *body),
+                short: (*short).min(*body),
                 hold: Duration::from_secs(*hold),
                 every: Duration::from_secs((*every).max(1)),
             };
@@ -471,7 +471,12 @@ fn signup_source(n: usize) -> IpAddr {
 /// address, under the default auth burst (5) that would refuse the rest
 /// before their bodies are read, as a botnet would spread them.
 fn botnet_source(n: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 4 + (n / 1000) as u8, 1 + (n % 1000 / 4) as u8))
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        0,
+        4 + (n / 1000) as u8,
+        1 + (n % 1000 / 4) as u8,
+    ))
 }
 
 /// The address the n-th legitimate login comes from.
@@ -921,7 +926,11 @@ async fn slow_bodies(
                 ("/v1/login", botnet_source(i / 2), String::new())
             } else {
                 let token = &attacker_account.access;
-                ("/v1/messages", ATTACKER, format!("Authorization: Bearer {token}\r\n"))
+                (
+                    "/v1/messages",
+                    ATTACKER,
+                    format!("Authorization: Bearer {token}\r\n"),
+                )
             };
             tokio::spawn(async move {
                 let begin = Instant::now();
@@ -944,21 +953,39 @@ async fn slow_bodies(
                 .await;
                 match sent {
                     Err(_) => {
-                        attacker.lock().unwrap().record("still sending at the end", false, begin.elapsed());
+                        attacker.lock().unwrap().record(
+                            "still sending at the end",
+                            false,
+                            begin.elapsed(),
+                        );
                         held.lock().unwrap().entry(path).or_default().record(None);
                     }
                     Ok(Err(e)) => {
                         // Refused or cut off while sending: closed by the server.
                         let cause = format!("write {:?}", e.kind());
-                        attacker.lock().unwrap().record(&cause, false, begin.elapsed());
-                        held.lock().unwrap().entry(path).or_default().record(Some(begin.elapsed()));
+                        attacker
+                            .lock()
+                            .unwrap()
+                            .record(&cause, false, begin.elapsed());
+                        held.lock()
+                            .unwrap()
+                            .entry(path)
+                            .or_default()
+                            .record(Some(begin.elapsed()));
                     }
                     Ok(Ok(mut stream)) => {
-                        attacker.lock().unwrap().record("body sent", true, begin.elapsed());
+                        attacker
+                            .lock()
+                            .unwrap()
+                            .record("body sent", true, begin.elapsed());
                         let (closed, status) = until_closed(&mut stream, begin, until).await;
                         held.lock().unwrap().entry(path).or_default().record(closed);
                         if let Some(status) = status {
-                            *answers.lock().unwrap().entry(format!("{path} {status}")).or_default() += 1;
+                            *answers
+                                .lock()
+                                .unwrap()
+                                .entry(format!("{path} {status}"))
+                                .or_default() += 1;
                         }
                     }
                 }
@@ -989,11 +1016,17 @@ async fn slow_bodies(
         .iter()
         .map(|(path, held)| {
             let closed = held.closed.count();
-            let mut line = format!("{path}: {} of {} open after {} s", held.open_at_end,
-                                   held.open_at_end + closed, shape.hold.as_secs());
+            let mut line = format!(
+                "{path}: {} of {} open after {} s",
+                held.open_at_end,
+                held.open_at_end + closed,
+                shape.hold.as_secs()
+            );
             if closed > 0 {
-                line.push_str(&format!(", {closed} closed by the server (p50 after {})",
-                                       ms(held.closed.quantile_ms(0.5))));
+                line.push_str(&format!(
+                    ", {closed} closed by the server (p50 after {})",
+                    ms(held.closed.quantile_ms(0.5))
+                ));
             }
             line
         })
@@ -1074,7 +1107,10 @@ async fn hash_stall(
                     // A wrong password (403) is what it asks for: a hash
                     // done.
                     let hashed = is_wrong_password(&outcome);
-                    attacker.lock().unwrap().record(&outcome, hashed, begin.elapsed());
+                    attacker
+                        .lock()
+                        .unwrap()
+                        .record(&outcome, hashed, begin.elapsed());
                     if !hashed {
                         // Refused or failed: a moment before the next, so
                         // that refusals do not spin.
@@ -1288,7 +1324,12 @@ async fn read_slowly(
         }
         let mut got = 0;
         while got < share {
-            match timeout(Duration::from_millis(20), stream.read(&mut buf[..share - got])).await {
+            match timeout(
+                Duration::from_millis(20),
+                stream.read(&mut buf[..share - got]),
+            )
+            .await
+            {
                 Ok(Ok(0)) | Ok(Err(_)) => return Some(since.elapsed()),
                 Ok(Ok(n)) => got += n,
                 Err(_) => break,
@@ -1378,18 +1419,27 @@ async fn slow_readers(
                     let begin = Instant::now();
                     match timeout_at(until, upgrade(addr, ATTACKER, Some(&token), true)).await {
                         Ok(Ok((101, mut stream))) => {
-                            upgrades.lock().unwrap().record("101", true, begin.elapsed());
+                            upgrades
+                                .lock()
+                                .unwrap()
+                                .record("101", true, begin.elapsed());
                             let closed = read_slowly(&mut stream, begin, until, read_rate).await;
                             held.lock().unwrap().record(closed);
                         }
                         Ok(Ok((status, _))) => {
                             let status = status.to_string();
-                            upgrades.lock().unwrap().record(&status, false, begin.elapsed());
+                            upgrades
+                                .lock()
+                                .unwrap()
+                                .record(&status, false, begin.elapsed());
                             sleep(Duration::from_secs(1)).await;
                         }
                         Ok(Err(e)) => {
                             let cause = format!("tcp {:?}", e.kind());
-                            upgrades.lock().unwrap().record(&cause, false, begin.elapsed());
+                            upgrades
+                                .lock()
+                                .unwrap()
+                                .record(&cause, false, begin.elapsed());
                             sleep(Duration::from_secs(1)).await;
                         }
                         Err(_) => break,
