@@ -141,6 +141,18 @@ impl Api {
         Self { http, target }
     }
 
+    /// As [`Api::new`], with every request from `source` (a loopback
+    /// address such as 127.0.2.7), so that per-address limits count it
+    /// apart from other clients'.
+    pub fn bound(target: Target, source: IpAddr) -> Self {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .local_address(source)
+            .build()
+            .expect("HTTP client");
+        Self { http, target }
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.target.base)
     }

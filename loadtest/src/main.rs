@@ -10,7 +10,7 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use sealpost_loadtest::client::{self, Account, Api, Target};
 use sealpost_loadtest::metrics::{Counts, Elision};
-use sealpost_loadtest::scenario::drain;
+use sealpost_loadtest::scenario::{attack, drain};
 use sealpost_loadtest::stats::{Report, now_nanos};
 use sealpost_loadtest::{
     Fanout, Kill, Plan, Soak, Spec, Struck, Traffic, chart, execute, hwm_kib, open_fds, rss_kib,
@@ -138,6 +138,14 @@ enum Command {
     /// reconnects, sign-ups, logouts); with --server-pid, the server's RSS
     /// and open files over time.
     Soak(Soak),
+    /// An attack of issue 24 beside a legitimate client (one process, its
+    /// own accounts, signed up from addresses of their own): what the
+    /// attacker got and what the legitimate client saw. Against a server
+    /// with its default limits; `loadtest/run-attacks.sh` runs them all.
+    Attack {
+        #[command(subcommand)]
+        attack: attack::Attack,
+    },
     /// Draw SVG charts from a directory of JSON results: push-latency.svg,
     /// sent-latency.svg, memory-per-socket.svg, elided.svg (each when
     /// some result has its data). Needs no server.
@@ -177,6 +185,13 @@ async fn main() -> anyhow::Result<()> {
                 out.display()
             );
             println!("{}", json!({ "charts": written }));
+            return Ok(());
+        }
+        Command::Attack { attack } => {
+            let target = Target::parse(&cli.urls[0])?;
+            let pid = cli.server_pids.first().copied();
+            let result = attack::run(attack, &target, pid, &cli.prefix).await?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
             return Ok(());
         }
         _ => {}
@@ -408,7 +423,9 @@ async fn main() -> anyhow::Result<()> {
             .boxed();
             plan.spec = Spec::Soak(soak);
         }
-        Command::Worker { .. } | Command::Chart { .. } => unreachable!("handled above"),
+        Command::Worker { .. } | Command::Chart { .. } | Command::Attack { .. } => {
+            unreachable!("handled above")
+        }
     }
 
     // The baseline is taken with the accounts ready and no socket open yet.
@@ -743,7 +760,9 @@ fn summarise(
         Command::Poll(_) => "poll",
         Command::Storm { .. } => "storm",
         Command::Soak(_) => "soak",
-        Command::Worker { .. } | Command::Chart { .. } => unreachable!("handled in main"),
+        Command::Worker { .. } | Command::Chart { .. } | Command::Attack { .. } => {
+            unreachable!("handled in main")
+        }
     };
     let mut result = json!({
         "scenario": scenario,
@@ -857,7 +876,7 @@ fn summarise(
             "backlog_read_before": report.count("backlog_before"),
         }),
         Command::Soak(_) => soak_results(report),
-        Command::Worker { .. } | Command::Chart { .. } => Value::Null,
+        Command::Worker { .. } | Command::Chart { .. } | Command::Attack { .. } => Value::Null,
     };
     result["results"] = derived;
     result

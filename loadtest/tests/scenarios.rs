@@ -26,7 +26,8 @@ async fn start(db: &Path, addr: &str) -> Running {
     start_with(db, addr, &[]).await
 }
 
-/// As [`start`], with more server arguments (`--metrics-addr A`).
+/// As [`start`], with more server arguments (`--metrics-addr A`, or a
+/// limit set back on: `--max-queued-per-user 30`).
 async fn start_with(db: &Path, addr: &str, extra: &[&str]) -> Running {
     let url = format!("sqlite://{}", db.display());
     let base = [
@@ -49,7 +50,12 @@ async fn start_with(db: &Path, addr: &str, extra: &[&str]) -> Running {
         "--max-queued-per-user",
         "0",
     ];
-    let config = Config::parse_from(base.iter().chain(extra)).expect("config");
+    // A flag in `extra` replaces the base's (clap takes each once).
+    let kept = base
+        .chunks(2)
+        .filter(|pair| !extra.contains(&pair[0]))
+        .flatten();
+    let config = Config::parse_from(kept.chain(extra)).expect("config");
     let server = Server::bind(config).await.expect("server starts");
     let addr = server.local_addr().unwrap();
     let metrics = server.metrics_addr();
@@ -723,4 +729,112 @@ async fn connect_samples_memory_as_sockets_open_and_chart_draws_it() {
     let doc = roxmltree::Document::parse(&svg).expect("well-formed SVG");
     assert_eq!(doc.root_element().tag_name().name(), "svg");
     assert!(svg.contains("sqlite-connect"));
+}
+
+/// The attacks' outcomes as `sealpost-loadtest attack` counts them: every
+/// answer (`ready`, `429`, ...) under its name, adding up to the attempts.
+fn outcomes_add_up(tally: &Value) -> u64 {
+    let attempts = n(&tally["attempts"]);
+    let outcomes = tally["outcomes"].as_object().expect("outcomes");
+    assert_eq!(outcomes.values().map(n).sum::<u64>(), attempts, "{tally}");
+    attempts
+}
+
+/// Item 1 of issue 24, small: an attacker holding the server's four
+/// waiting slots (timed out after a second), a legitimate socket every
+/// second beside it. Each of its tries is counted as `ready` or refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_slots_counts_every_legitimate_upgrade() {
+    let fixture = Fixture::new();
+    let server = start_with(
+        &fixture.db(),
+        "127.0.0.1:0",
+        &[
+            "--max-unauthenticated-sockets",
+            "4",
+            "--ws-auth-timeout",
+            "1s",
+        ],
+    )
+    .await;
+    let result = loadtest(
+        server.addr,
+        &[
+            "attack",
+            "slots",
+            "--slots",
+            "4",
+            "--duration",
+            "3",
+            "--every",
+            "1",
+            "--ramp",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(
+        (&result["attack"], n(&result["item"])),
+        (&Value::from("slots"), 1)
+    );
+    let r = &result["results"];
+    // The four slots, taken again as the server times them out.
+    assert!(
+        n(&r["attacker"]["upgrades"]["outcomes"]["101"]) >= 4,
+        "{result}"
+    );
+    outcomes_add_up(&r["attacker"]["upgrades"]);
+    assert_eq!(outcomes_add_up(&r["legitimate"]["baseline"]), 3, "{result}");
+    let during = &r["legitimate"]["during"];
+    assert!(outcomes_add_up(during) >= 2, "{result}");
+    for outcome in during["outcomes"].as_object().unwrap().keys() {
+        assert!(outcome == "ready" || outcome == "429", "{result}");
+    }
+    assert!(
+        r["summary"]["legitimate"]
+            .as_str()
+            .unwrap()
+            .contains("got ready")
+    );
+    server.stop().await;
+}
+
+/// Item 7, small: two attackers fill a 30-message queue, then the
+/// legitimate sender's three sends are each counted, accepted or refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_inbox_lock_counts_every_send() {
+    let fixture = Fixture::new();
+    let server = start_with(
+        &fixture.db(),
+        "127.0.0.1:0",
+        &["--max-queued-per-user", "30"],
+    )
+    .await;
+    let result = loadtest(
+        server.addr,
+        &[
+            "attack",
+            "inbox-lock",
+            "--attackers",
+            "2",
+            "--rate",
+            "50",
+            "--fill",
+            "10",
+            "--sends",
+            "3",
+        ],
+    )
+    .await;
+    let r = &result["results"];
+    let sends = &r["attacker"]["sends"];
+    assert_eq!(outcomes_add_up(sends), n(&sends["attempts"]));
+    assert!(n(&r["attacker"]["accepted"]) >= 1, "{result}");
+    assert_eq!(n(&r["attacker"]["accepted"]), n(&sends["outcomes"]["sent"]));
+    assert_eq!(outcomes_add_up(&r["legitimate"]["sends"]), 3, "{result}");
+    assert!(
+        r["attacker"]["errors"].as_array().unwrap().is_empty(),
+        "{result}"
+    );
+    server.stop().await;
 }

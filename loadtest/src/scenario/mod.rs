@@ -2,6 +2,7 @@
 //! [`Gate`], then the measured phase, and returns what it measured after the
 //! gate (the setup report goes to the gate).
 
+pub mod attack;
 pub mod connect;
 pub mod drain;
 pub mod pairs;
