@@ -245,7 +245,8 @@ impl Node {
                 self.hub.notify(user, Event::Receipt(Box::new(receipt)));
             }
             Notice::Devices(change) => {
-                self.hub.notify(user, Event::DevicesChanged(change));
+                self.hub
+                    .notify(user, Event::DevicesChanged(Box::new(change)));
             }
             Notice::Displace(device) => {
                 let displaced = self.hub.kick_device(user, device, Kick::Displaced);

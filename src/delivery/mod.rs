@@ -1048,7 +1048,8 @@ impl Delivery {
             devices,
             about: Some((device, reason)),
         };
-        self.hub.notify(user, Event::DevicesChanged(change.clone()));
+        self.hub
+            .notify(user, Event::DevicesChanged(Box::new(change.clone())));
         self.broker.notify(user, Notice::Devices(change));
     }
 

@@ -628,7 +628,9 @@ impl Connection {
             Event::Receipt(receipt) => self.feed(&ServerFrame::receipt(&receipt)).await,
             // The device a change is about knows of it.
             Event::DevicesChanged(change) if !change.tells(self.device.device) => Ok(()),
-            Event::DevicesChanged(change) => self.feed(&ServerFrame::devices_changed(change)).await,
+            Event::DevicesChanged(change) => {
+                self.feed(&ServerFrame::devices_changed(*change)).await
+            }
             // Handled by `events`, which stops at one.
             Event::Reread(after) => {
                 self.reread(after);
