@@ -79,6 +79,15 @@ pub struct Config {
     #[arg(long, env = "SEALPOST_REFRESH_TOKEN_TTL", default_value = "30d", value_parser = parse_ttl)]
     pub refresh_token_ttl: Duration,
 
+    /// How long a refresh token stays good for one more use after it was
+    /// replaced: a client whose refresh answer was lost presents it again
+    /// and gets the same new pair, instead of tripping reuse detection
+    /// (which ends every session of the account). Only until the
+    /// replacement is used. 0 turns it off; at most 10m.
+    #[arg(long, env = "SEALPOST_REFRESH_GRACE", default_value = "30s",
+          value_parser = parse_refresh_grace)]
+    pub refresh_grace: Duration,
+
     /// How long an undelivered message waits before the sweeper deletes it.
     #[arg(long, env = "SEALPOST_MESSAGE_TTL", default_value = "7d", value_parser = parse_ttl)]
     pub message_ttl: Duration,
@@ -887,6 +896,23 @@ fn parse_db_timeout(value: &str) -> Result<Duration, String> {
     Ok(timeout)
 }
 
+/// The longest `--refresh-grace`: it is a window in which a stolen, spent
+/// token still opens the session, so it is sized to a lost answer's retry
+/// (seconds), not to a device that was offline.
+const MAX_REFRESH_GRACE: Duration = Duration::from_secs(600);
+
+fn parse_refresh_grace(value: &str) -> Result<Duration, String> {
+    if value.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let grace = humantime::parse_duration(value)
+        .map_err(|e| format!("{e} (use human units such as 0, 10s, 30s, 2m)"))?;
+    if grace > MAX_REFRESH_GRACE {
+        return Err("must be at most 10m: a spent token is good again within it".into());
+    }
+    Ok(grace)
+}
+
 fn parse_ttl(value: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(value)
         .map_err(|e| format!("{e} (use human units such as 2s, 30m, 7d)"))?;
@@ -902,6 +928,17 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Config, clap::Error> {
         Config::parse_from(args)
+    }
+
+    #[test]
+    fn the_refresh_grace_may_be_off_but_not_long() {
+        assert_eq!(parse(&[]).unwrap().refresh_grace, Duration::from_secs(30));
+        let off = parse(&["--refresh-grace", "0"]).unwrap();
+        assert_eq!(off.refresh_grace, Duration::ZERO);
+        let short = parse(&["--refresh-grace", "2s"]).unwrap();
+        assert_eq!(short.refresh_grace, Duration::from_secs(2));
+        assert!(parse(&["--refresh-grace", "11m"]).is_err());
+        assert!(parse(&["--refresh-grace", "soon"]).is_err());
     }
 
     #[test]

@@ -357,9 +357,13 @@ impl Server {
             state.config.max_http_connections_per_ip,
             state.proxies.clone(),
         );
+        let demo = state.config.demo;
         let app = api::router(state);
         let scheme = if tls.is_some() { "https" } else { "http" };
         tracing::info!("listening on {scheme}://{addr}");
+        if demo {
+            tracing::info!("demo page at {}", api::demo::url(scheme, addr));
+        }
         let shutdown = async move {
             shutdown.await;
             tracing::info!("shutting down: closing sockets, finishing in-flight work");

@@ -69,6 +69,7 @@ use uuid::Uuid;
 
 use crate::auth::sessions::Revocations;
 use crate::delivery::Delivery;
+use crate::devices::DevicesChange;
 use crate::hub::{Event, Hub, Kick, Outbound, Receipt};
 use crate::metrics::{Metrics, Traffic};
 use crate::store::{self, DeviceId, Message};
@@ -105,8 +106,9 @@ impl Status {
 pub enum Notice {
     /// To the sender's account: a device of the recipient acked.
     Receipt(Receipt),
-    /// The account's device numbers after a change.
-    Devices(Arc<[DeviceId]>),
+    /// A change of the account's devices: its device numbers now, and
+    /// which device it was about.
+    Devices(DevicesChange),
     /// An exclusive socket of this device opened: older ones close (4409).
     Displace(DeviceId),
 }
@@ -242,8 +244,9 @@ impl Node {
             Notice::Receipt(receipt) => {
                 self.hub.notify(user, Event::Receipt(Box::new(receipt)));
             }
-            Notice::Devices(devices) => {
-                self.hub.notify(user, Event::DevicesChanged(devices));
+            Notice::Devices(change) => {
+                self.hub
+                    .notify(user, Event::DevicesChanged(Box::new(change)));
             }
             Notice::Displace(device) => {
                 let displaced = self.hub.kick_device(user, device, Kick::Displaced);

@@ -64,7 +64,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::cluster::{Announce, Broker, Interest, Notice, Push};
-use crate::devices::{self, Directory};
+use crate::devices::{self, ChangeReason, DevicesChange, Directory};
 use crate::error::{Error, Result};
 use crate::hub::{Event, Hub, Kick, Outbound, Receipt, Registration};
 use crate::limits::queue::{Charge, QueueCaps, QueueLimits};
@@ -378,6 +378,15 @@ impl Delivery {
         match (body, envelopes) {
             (Some(body), None) => Ok(Content::Same(self.decode_body("body", body)?)),
             (None, Some(envelopes)) => {
+                // A send that reaches no device: refused before it is
+                // charged to any budget (the caller decodes before it
+                // sends), so a client's mistake costs it nothing.
+                if envelopes.len() == 0 {
+                    return Err(Error::field(
+                        "envelopes",
+                        "must hold at least one envelope: a send to no device is no send",
+                    ));
+                }
                 if envelopes.len() > self.max_envelopes {
                     return Err(Error::field(
                         "envelopes",
@@ -407,8 +416,8 @@ impl Delivery {
     /// Checks the envelopes against the recipient's devices before anything
     /// is assigned; returns the recipient's device list as the directory
     /// holds it (to check again under the order lock) and the devices the
-    /// message goes to (none for envelopes to yourself from your only
-    /// device).
+    /// message goes to (never none: an empty list of envelopes is refused
+    /// when decoded, and one to yourself from your only device is `extra`).
     async fn targets(
         &self,
         from: Address,
@@ -997,18 +1006,57 @@ impl Delivery {
     /// list from now on, and every socket of the account is told which
     /// devices it has (`None` when the list could not be read back: they
     /// learn it from their next `409 devices_changed`).
-    pub fn device_added(&self, user: Uuid, devices: Option<Arc<[DeviceId]>>) {
+    pub fn device_added(&self, user: Uuid, device: DeviceId, devices: Option<Arc<[DeviceId]>>) {
         self.directory.changed(user);
         self.broker.announce(Announce::Directory {
             user,
             removed: None,
             deleted: false,
         });
-        if let Some(devices) = devices {
-            self.hub
-                .notify(user, Event::DevicesChanged(devices.clone()));
-            self.broker.notify(user, Notice::Devices(devices));
-        }
+        self.tell_account(user, device, ChangeReason::Added, devices);
+    }
+
+    /// A device was signed in to with the password, or given a new key
+    /// (committed): its number did not change, so sends are checked as
+    /// before, but the account's other devices are told, here and on
+    /// every node. Someone who has the password can take a device over
+    /// this way; its owner's other devices are how they notice.
+    pub fn device_updated(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        reason: ChangeReason,
+        devices: Option<Arc<[DeviceId]>>,
+    ) {
+        self.tell_account(user, device, reason, devices);
+    }
+
+    /// Tells every socket of the account, here and on every node, what
+    /// happened to `device`; its own sockets skip it (see
+    /// [`DevicesChange::tells`]). Nothing when the list is unknown.
+    fn tell_account(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        reason: ChangeReason,
+        devices: Option<Arc<[DeviceId]>>,
+    ) {
+        let Some(devices) = devices else {
+            return;
+        };
+        let change = DevicesChange {
+            devices,
+            about: Some((device, reason)),
+        };
+        self.hub
+            .notify(user, Event::DevicesChanged(Box::new(change.clone())));
+        self.broker.notify(user, Notice::Devices(change));
+    }
+
+    /// The account's device numbers, ascending, as sends are checked
+    /// against them here (the directory: no query while cached).
+    pub async fn devices(&self, user: Uuid) -> Result<Arc<[DeviceId]>> {
+        self.directory.devices(user).await
     }
 
     /// A device was removed with its queue (committed): sends are checked
@@ -1027,11 +1075,7 @@ impl Delivery {
             deleted: false,
         });
         self.purge_stragglers(user, Some(device)).await;
-        if let Some(devices) = devices {
-            self.hub
-                .notify(user, Event::DevicesChanged(devices.clone()));
-            self.broker.notify(user, Notice::Devices(devices));
-        }
+        self.tell_account(user, device, ChangeReason::Removed, devices);
     }
 
     /// The account was deleted with its queues (committed): copies enqueued
