@@ -220,9 +220,38 @@ async fn json_logs_are_one_object_per_line_with_the_request_id(backend: Backend)
     }
 }
 
-/// Runs each `(args, env)` as `sealpost` at once (a refused database
-/// connection takes its acquire timeout), and returns their outputs in
-/// order.
+/// How long a run that must stop at start-up may take: a refused database
+/// connection waits out the pool's acquire timeout (5 s).
+const START_UP_STOPS_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// As [`sealpost`], for a run that must stop by itself: one still running
+/// after [`START_UP_STOPS_WITHIN`] (a server that started) is killed, and
+/// its output returned with a failed status, so the test fails rather than
+/// waits for ever.
+fn sealpost_stopping(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sealpost"))
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run sealpost");
+    let started = std::time::Instant::now();
+    while child.try_wait().expect("wait on sealpost").is_none() {
+        if started.elapsed() > START_UP_STOPS_WITHIN {
+            child.kill().expect("kill sealpost");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("sealpost's output")
+}
+
+/// Runs each `(args, env)` as [`sealpost_stopping`], all at once (a refused
+/// database connection takes its acquire timeout), and returns their
+/// outputs in order.
 fn sealpost_all(runs: Vec<(Vec<String>, Vec<(String, String)>)>) -> Vec<Output> {
     let handles: Vec<_> = runs
         .into_iter()
@@ -231,7 +260,7 @@ fn sealpost_all(runs: Vec<(Vec<String>, Vec<(String, String)>)>) -> Vec<Output> 
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 let env: Vec<(&str, &str)> =
                     env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-                sealpost(&args, &env)
+                sealpost_stopping(&args, &env)
             })
         })
         .collect();
@@ -476,7 +505,7 @@ fn the_queue_cap_under_both_names_must_agree() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("x.db").display());
     for command in ["serve", "check-config"] {
-        let output = sealpost(
+        let output = sealpost_stopping(
             &[command],
             &[
                 ("DATABASE_URL", &url),
@@ -500,7 +529,7 @@ fn the_queue_cap_under_both_names_must_agree() {
             );
         }
     }
-    let output = sealpost(
+    let output = sealpost_stopping(
         &["check-config"],
         &[
             ("DATABASE_URL", &url),
