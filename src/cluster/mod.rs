@@ -307,11 +307,12 @@ pub fn check(config: &crate::Config) -> Result<String, String> {
         return Ok("not set: one node (the local broker)".into());
     }
     if !store::is_postgres(config.database_url()) {
-        return Err(
-            "SQLite is single-node: SEALPOST_NATS_URL joins nodes that share one PostgreSQL \
-             database; unset it, or set DATABASE_URL to PostgreSQL"
-                .into(),
-        );
+        return Err(format!(
+            "SQLite is single-node: {} joins nodes that share one PostgreSQL database; \
+             unset it, or set {} to PostgreSQL",
+            crate::config::both_names("SEALPOST_NATS_URL"),
+            crate::config::both_names("DATABASE_URL"),
+        ));
     }
     Ok(format!(
         "a cluster node over NATS ({} server(s)), subjects under `{}.`",

@@ -1,9 +1,12 @@
 //! The PostgreSQL store, for production.
 //!
-//! One pool, sized to the machine. The queue's write side arrives in batches
-//! from the committer and goes out as one multi-row statement per kind:
-//! `INSERT ... SELECT FROM UNNEST(...)` for new messages and
-//! `DELETE ... USING UNNEST(...) RETURNING id` for acks, in one transaction.
+//! Two pools: one sized to the machine for requests, the sweeper and
+//! account writes, and the committer's own two connections. The queue's
+//! write side arrives in batches from the committer and goes out as
+//! multi-row statements in one transaction: `INSERT ... SELECT FROM
+//! UNNEST(...)` for new messages (and their send keys), and `DELETE ...
+//! USING UNNEST(...) RETURNING` the deleted rows for acks, a statement per
+//! [`ACKS_PER_STATEMENT`].
 
 use std::time::Duration;
 

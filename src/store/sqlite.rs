@@ -34,11 +34,11 @@ use super::{
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
-/// Rows per multi-row statement: 100 inserts bind 500 parameters, far under
+/// Rows per multi-row statement: 100 inserts bind 700 parameters, far under
 /// SQLite's limit of 32,766.
 const ROWS_PER_STATEMENT: usize = 100;
 
-/// `INSERT ... VALUES (?, ?, ?, ?, ?), ...` for `rows` messages. Built from
+/// `INSERT ... VALUES (?, ?, ?, ?, ?, ?, ?), ...` for `rows` messages. Built from
 /// constant fragments only; every value is bound.
 fn insert_sql(rows: usize) -> String {
     let mut sql = String::from(

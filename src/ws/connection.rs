@@ -436,7 +436,7 @@ impl Connection {
                         match page {
                             Ok(page) => Box::pin(self.backlog(page)).await,
                             Err(err) => {
-                                tracing::warn!(user.id = %self.device.user, error = %err, "backlog read failed");
+                                self.state.delivery.backlog_failed(self.device.user, &err);
                                 Flow::Close(Closed::Error, close::INTERNAL, "backlog unavailable; reconnect")
                             }
                         }

@@ -1648,7 +1648,7 @@ async fn the_socket_cap_counts_per_device(backend: Backend) {
 }
 
 async fn the_queue_cap_counts_per_device(backend: Backend) {
-    let server = TestServer::start_with(backend, &["--max-queued-per-user", "2"]).await;
+    let server = TestServer::start_with(backend, &["--max-queued-per-device", "2"]).await;
     let alice = server.account("alice").await;
     let bob = server.account("bob").await;
     let (_, laptop) = server.add_device(&bob, &public_key()).await;
