@@ -248,6 +248,39 @@ if (url) {
     await closeAll(alice, bob);
   });
 
+  test('typing: sendTyping shows the sender typing until its text arrives', T, async () => {
+    const [alice] = await newAccount(url, 'tya', 1);
+    const [bob] = await newAccount(url, 'tyb', 1);
+    await Promise.all([alice.connect(), bob.connect()]);
+    await Promise.all([alice.waitForDrained(), bob.waitForDrained()]);
+    const started = nextEvent(bob, 'typing');
+    const ephemeral = nextEvent(bob, 'ephemeral');
+    const r = await alice.sendTyping(bob.userId);
+    assert.equal(r.delivered, true);
+    assert.deepEqual(await started, { from: alice.userId, fromDevice: 1, typing: true });
+    // The plaintext of protocol.md: type, id, ts and nothing else.
+    const { payload } = await ephemeral;
+    assert.deepEqual(Object.keys(payload).sort(), ['id', 'ts', 'type']);
+    assert.equal(payload.type, 'typing');
+    assert.equal(bob.typing.isTyping(alice.userId), true);
+    // Her text ends it at once, not 5 s later.
+    const stopped = nextEvent(bob, 'typing', { ms: 2000 });
+    const got = collectMessages(bob, 1);
+    await alice.send(bob.userId, 'done typing');
+    assert.deepEqual(await stopped, { from: alice.userId, typing: false });
+    assert.equal(bob.typing.isTyping(alice.userId), false);
+    await (await got)[0].ack();
+    // A `stopped` ends it too; none was ever stored.
+    const again = nextEvent(bob, 'typing', { predicate: (t) => t.typing });
+    await alice.sendTyping(bob.userId);
+    await again;
+    const off = nextEvent(bob, 'typing', { ms: 2000, predicate: (t) => !t.typing });
+    await alice.sendTyping(bob.userId, { stopped: true });
+    await off;
+    await eventuallyEmpty(bob);
+    await closeAll(alice, bob);
+  });
+
   test('polling path: the same message stream, acked over REST', T, async () => {
     const [alice] = await newAccount(url, 'pola', 1);
     const carol = await newAccount(url, 'polc', 2);
