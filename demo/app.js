@@ -190,7 +190,7 @@ async function refreshDevices() {
  */
 function announce({ deviceId, reason, deviceIds, devices }) {
   const device = devices?.find((d) => d.device_id === deviceId);
-  const named = deviceId === undefined ? '' : `device ${deviceId}${device?.name ? ` (${device.name})` : ''}`;
+  const named = deviceId === undefined ? '' : `device ${deviceId}${device?.name ? `, “${device.name}”` : ''}`;
   const text = {
     added: `A new device was added to your account: ${named}. If that was not you, remove it and change your password.`,
     login: `Someone signed in to your account as ${named} with your password.`,

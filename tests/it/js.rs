@@ -49,6 +49,10 @@ async fn node_test(dir: &Path, files: &[&str], env: &[(&str, String)]) {
     command
         .arg("--test")
         .arg("--test-reporter=spec")
+        // A failed test may leave a client's timers and sockets open: the
+        // file reports and exits rather than wait for them until
+        // NODE_TIMEOUT (Node 20.14+).
+        .arg("--test-force-exit")
         .args(files)
         .current_dir(dir)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
