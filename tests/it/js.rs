@@ -142,8 +142,14 @@ async fn demo_page_in_a_browser(backend: Backend) {
     );
     done.send(()).unwrap();
     let (server, restarts) = controller.await.unwrap();
-    assert_eq!(restarts, 1, "the browser test stopped and started the server once");
-    server.expect("the browser test left the server running").stop().await;
+    assert_eq!(
+        restarts, 1,
+        "the browser test stopped and started the server once"
+    );
+    server
+        .expect("the browser test left the server running")
+        .stop()
+        .await;
 }
 
 /// The demo's server, in this process, on an address of its own so that it
@@ -157,7 +163,9 @@ impl DemoServer {
     async fn start(db: &TestDb, addr: SocketAddr) -> Self {
         let mut settings = config(db, &["--demo", "true"]);
         settings.addr = addr;
-        let server = Server::bind(settings).await.expect("the demo's server starts");
+        let server = Server::bind(settings)
+            .await
+            .expect("the demo's server starts");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async {
             let _ = stopped.await;
@@ -202,7 +210,10 @@ async fn control_loop(
             }
         }
         let line = String::from_utf8_lossy(&head);
-        let status = match (line.starts_with("POST /stop "), line.starts_with("POST /start ")) {
+        let status = match (
+            line.starts_with("POST /stop "),
+            line.starts_with("POST /start "),
+        ) {
             (true, _) => match server.take() {
                 Some(running) => {
                     running.stop().await;
