@@ -38,6 +38,8 @@ backend_tests!(two_people_chat_in_terminals_without_a_password_after_sign_up);
 const EXPECT: Duration = Duration::from_secs(30);
 /// Ctrl-C quits at once: well within this.
 const QUIT: Duration = Duration::from_secs(5);
+/// How long the last output of a process that exited may take to be read.
+const GRACE: Duration = Duration::from_millis(500);
 
 async fn two_people_chat_in_terminals_without_a_password_after_sign_up(backend: Backend) {
     let server = TestServer::start_with(
@@ -156,6 +158,8 @@ struct Terminal {
     output: Arc<Mutex<Vec<u8>>>,
     /// How much of the (escape-free) transcript expectations have used.
     seen: usize,
+    /// When an expectation first found the process gone.
+    exited_at: Option<Instant>,
 }
 
 impl Terminal {
@@ -196,6 +200,7 @@ impl Terminal {
             _master: pair.master,
             output,
             seen: 0,
+            exited_at: None,
         }
     }
 
@@ -214,6 +219,12 @@ impl Terminal {
             if let Some(at) = transcript.get(self.seen..).and_then(|t| t.find(needle)) {
                 self.seen += at + needle.len();
                 return;
+            }
+            // Exited without printing it: no use waiting (what it printed
+            // last is read before the next look).
+            let exited = matches!(self.child.try_wait(), Ok(Some(_)));
+            if exited && self.exited_at.get_or_insert_with(Instant::now).elapsed() > GRACE {
+                panic!("sealpost-chat exited without printing {needle:?}; the terminal shows:\n{transcript}");
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
