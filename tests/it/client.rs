@@ -588,9 +588,11 @@ async fn refusals_arrive_as_typed_errors(backend: Backend) {
     }
 
     // Over the sign-in rate limit: `rate_limited` with the server's wait.
+    // Signing up takes the one auth request allowed (it opens a session:
+    // no login after it).
     let limited = TestServer::start_with(
         backend,
-        &["--auth-rate-per-minute", "1", "--auth-rate-burst", "2"],
+        &["--auth-rate-per-minute", "1", "--auth-rate-burst", "1"],
     )
     .await;
     register(&limited.api, "dave").await;
