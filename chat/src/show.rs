@@ -229,11 +229,7 @@ impl Shown {
                         "! new device(s) {added:?} on your account: if that was not you, change your password"
                     ),
                 };
-                out.to(
-                    input,
-                    json!({ "devices": ids, "added": added }),
-                    text,
-                );
+                out.to(input, json!({ "devices": ids, "added": added }), text);
             }
             Event::Typing { from, stopped, .. } => {
                 if stopped {
@@ -242,7 +238,11 @@ impl Shown {
                     self.typing.insert(from, Instant::now());
                 }
                 if out.json {
-                    out.to(input, json!({ "typing": from, "stopped": stopped }), String::new());
+                    out.to(
+                        input,
+                        json!({ "typing": from, "stopped": stopped }),
+                        String::new(),
+                    );
                 } else if self.peer.as_ref().is_some_and(|(peer, _)| *peer == from) {
                     self.show_typing(input);
                 }
@@ -273,7 +273,11 @@ impl Shown {
                 Some(to) => self.name(to).await,
                 None => "yourself".into(),
             };
-            format!("{} (device {}) to {to}", self.client.username(), m.from_device)
+            format!(
+                "{} (device {}) to {to}",
+                self.client.username(),
+                m.from_device
+            )
         } else {
             self.name(m.from).await
         };

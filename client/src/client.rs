@@ -21,10 +21,10 @@ use uuid::Uuid;
 use crate::backoff::full_jitter;
 use crate::directory::{DirectoryCache, PeerDevice};
 use crate::error::{Error, Result};
+use crate::event::DeviceChange;
 use crate::event::{EVENTS, Event, Events};
 use crate::keys::{self, DeviceKeys};
 use crate::poll::{PollOptions, Poller};
-use crate::event::DeviceChange;
 use crate::rest::Rest;
 use crate::seal::{self, MAX_TEXT_CHARS, Plaintext};
 use crate::session::{Session, SessionTokens};
@@ -157,11 +157,14 @@ impl Client {
     pub async fn resume(server: &str, tokens: SessionTokens, keys: DeviceKeys) -> Result<Client> {
         let rest = Rest::new(server)?;
         let tokens = if tokens.remaining() < RESUME_MARGIN {
-            let pair = rest.refresh(&tokens.refresh_token).await.map_err(|e| match e {
-                crate::rest::RefreshError::NotSent(e)
-                | crate::rest::RefreshError::Lost(e)
-                | crate::rest::RefreshError::Refused(e) => e,
-            })?;
+            let pair = rest
+                .refresh(&tokens.refresh_token)
+                .await
+                .map_err(|e| match e {
+                    crate::rest::RefreshError::NotSent(e)
+                    | crate::rest::RefreshError::Lost(e)
+                    | crate::rest::RefreshError::Refused(e) => e,
+                })?;
             SessionTokens::from_pair(pair)
         } else {
             tokens
@@ -395,15 +398,14 @@ impl Client {
         check_size(&encode(sync.as_ref().unwrap_or(&plaintext))?, &limits)?;
         let reply = self.inner.send_sealed(to, &plaintext, false).await?;
         let mut sync_error = None;
-        if let Some(sync) = sync {
-            if let Err(e) = self
+        if let Some(sync) = sync
+            && let Err(e) = self
                 .inner
                 .send_sealed(self.inner.user_id, &sync, false)
                 .await
-            {
-                tracing::warn!(error = %e, "the sync copy to this account's other devices failed");
-                sync_error = Some(e);
-            }
+        {
+            tracing::warn!(error = %e, "the sync copy to this account's other devices failed");
+            sync_error = Some(e);
         }
         Ok(Sent {
             id: reply.id,

@@ -644,10 +644,12 @@ impl Driver {
             ServerFrame::DevicesChanged {
                 device_id, reason, ..
             } => {
-                let change = device_id.zip(reason).map(|(device_id, reason)| DeviceChange {
-                    device_id,
-                    reason: DeviceChangeReason::parse(&reason),
-                });
+                let change = device_id
+                    .zip(reason)
+                    .map(|(device_id, reason)| DeviceChange {
+                        device_id,
+                        reason: DeviceChangeReason::parse(&reason),
+                    });
                 match self.inner.own_devices_changed(change).await {
                     Ok(event) => self.emit(event).await,
                     Err(e) => tracing::warn!(error = %e, "cannot fetch this account's devices"),

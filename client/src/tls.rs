@@ -24,3 +24,25 @@ pub(crate) fn client_config() -> Result<ClientConfig> {
         .with_no_client_auth();
     Ok(config)
 }
+
+#[cfg(test)]
+mod tests {
+    /// reqwest built with `rustls-no-provider` panics at `build()` without
+    /// a provider it can find; the client hands it one, and installs none.
+    #[test]
+    fn builds_on_ring_without_a_process_wide_provider() {
+        let rest = crate::rest::Rest::new("https://relay.example.com").unwrap();
+        assert!(rustls::crypto::CryptoProvider::get_default().is_none());
+        let ring = rustls::crypto::ring::default_provider();
+        let config = rest.tls();
+        let ours = &config.crypto_provider().cipher_suites;
+        assert!(!ours.is_empty());
+        assert_eq!(
+            ours.iter().map(|s| s.suite()).collect::<Vec<_>>(),
+            ring.cipher_suites
+                .iter()
+                .map(|s| s.suite())
+                .collect::<Vec<_>>()
+        );
+    }
+}

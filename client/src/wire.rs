@@ -388,7 +388,9 @@ mod tests {
             r#"{"type":"acked","ref":"a-7","ids":["01a20ab2-3e82-7a14-b6c3-8d2e4f6a1b90"]}"#,
         )
         .unwrap();
-        assert!(matches!(frame, ServerFrame::Acked { reference, ids } if reference == "a-7" && ids.len() == 1));
+        assert!(
+            matches!(frame, ServerFrame::Acked { reference, ids } if reference == "a-7" && ids.len() == 1)
+        );
         // A register answer with a session, and one without (older).
         let with: Registered = serde_json::from_str(
             r#"{"id":"8d2f6c1e-0b7a-4f34-9a1d-2c5e7b9f0a13","username":"a","public_key":"k","created_at":"2026-11-24T09:12:17.452Z","device_id":1,

@@ -63,9 +63,26 @@ async fn two_people_chat_in_terminals_without_a_password_after_sign_up(backend: 
         again.expect("already holds device 1 of alice");
         again.expect("--state");
         assert!(!again.exit().success(), "{}", again.transcript());
-        assert!(!again.transcript().contains("password"), "{}", again.transcript());
+        assert!(
+            !again.transcript().contains("password"),
+            "{}",
+            again.transcript()
+        );
+        // Two different passwords: nothing is registered, nothing written.
+        let mut mistyped = bob.run(&["--state", "carol.json", "register", "carol"]);
+        mistyped.expect("choose a password for carol: ");
+        mistyped.type_keys("one password\r");
+        mistyped.expect("the same password again: ");
+        mistyped.type_keys("another one\r");
+        mistyped.expect("the two passwords differ");
+        assert!(!mistyped.exit().success());
+        assert!(!bob.dir.join("carol.json").exists());
+
         let state = std::fs::read_to_string(alice.dir.join("sealpost-chat.json")).unwrap();
-        assert!(state.contains("\"alice\"") && state.contains("refresh_token"), "{state}");
+        assert!(
+            state.contains("\"alice\"") && state.contains("refresh_token"),
+            "{state}"
+        );
 
         for (first, reply) in [("hello bob", "hi alice"), ("back again", "welcome back")] {
             let mut a = alice.run(&["chat", "bob"]);
@@ -178,7 +195,10 @@ impl Terminal {
         // Nothing of the test's environment (SEALPOST_PASSWORD above all).
         command.env_clear();
         command.env("TERM", "xterm");
-        let child = pair.slave.spawn_command(command).expect("spawn sealpost-chat");
+        let child = pair
+            .slave
+            .spawn_command(command)
+            .expect("spawn sealpost-chat");
         // Only the child holds the terminal: its exit ends the reads.
         drop(pair.slave);
         let mut reader = pair.master.try_clone_reader().unwrap();
@@ -224,11 +244,15 @@ impl Terminal {
             // last is read before the next look).
             let exited = matches!(self.child.try_wait(), Ok(Some(_)));
             if exited && self.exited_at.get_or_insert_with(Instant::now).elapsed() > GRACE {
-                panic!("sealpost-chat exited without printing {needle:?}; the terminal shows:\n{transcript}");
+                panic!(
+                    "sealpost-chat exited without printing {needle:?}; the terminal shows:\n{transcript}"
+                );
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("{needle:?} was not printed within {EXPECT:?}; the terminal shows:\n{transcript}");
+                panic!(
+                    "{needle:?} was not printed within {EXPECT:?}; the terminal shows:\n{transcript}"
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -312,7 +336,10 @@ fn chat_binary() -> &'static Path {
             .stderr(Stdio::inherit())
             .output()
             .expect("run cargo build");
-        assert!(output.status.success(), "cargo build -p sealpost-chat failed");
+        assert!(
+            output.status.success(),
+            "cargo build -p sealpost-chat failed"
+        );
         String::from_utf8_lossy(&output.stdout)
             .lines()
             .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())

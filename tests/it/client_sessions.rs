@@ -23,6 +23,8 @@ backend_tests!(
     the_servers_own_body_limit_is_learnt_from_it,
     typing_reaches_the_peer_and_is_not_stored,
     device_changes_say_which_device_and_why,
+    a_device_added_while_offline_is_told_on_reconnect,
+    a_durable_ack_returns_once_the_copy_is_gone,
 );
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -54,20 +56,19 @@ async fn online(client: &Client) -> Events {
 }
 
 async fn register(server: &TestServer, username: &str) -> Client {
-    Client::register(
-        &server.api.base,
-        username,
-        PASSWORD,
-        DeviceKeys::generate(),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("register {username}: {e}"))
+    Client::register(&server.api.base, username, PASSWORD, DeviceKeys::generate())
+        .await
+        .unwrap_or_else(|e| panic!("register {username}: {e}"))
 }
 
 /// Messages queued for `client`'s device, over REST.
 async fn queued(server: &TestServer, client: &Client) -> usize {
     let token = client.session_tokens().access_token;
-    let page = server.api.get("/v1/messages", Some(&token)).await.expect(200);
+    let page = server
+        .api
+        .get("/v1/messages", Some(&token))
+        .await
+        .expect(200);
     page["messages"].as_array().unwrap().len()
 }
 
@@ -86,14 +87,7 @@ async fn signing_up_costs_one_auth_request(backend: Backend) {
     assert_eq!(alice.find_user("alice").await.unwrap().id, alice.user_id());
     let _events = online(&alice).await;
     // And the limit is met now: the next auth request is refused.
-    let refused = Client::login(
-        &server.api.base,
-        "alice",
-        PASSWORD,
-        1,
-        alice.keys().clone(),
-    )
-    .await;
+    let refused = Client::login(&server.api.base, "alice", PASSWORD, 1, alice.keys().clone()).await;
     assert!(
         matches!(refused, Err(Error::RateLimited { .. })),
         "{refused:?}"
@@ -162,8 +156,13 @@ async fn a_kept_session_follows_every_refresh(backend: Backend) {
         .iter()
         .map(|t| t.refresh_token.clone())
         .collect();
-    assert!(refresh_tokens.len() >= 3, "every refresh stored a new token");
-    let alice = Client::resume(&server.api.base, latest, keys).await.unwrap();
+    assert!(
+        refresh_tokens.len() >= 3,
+        "every refresh stored a new token"
+    );
+    let alice = Client::resume(&server.api.base, latest, keys)
+        .await
+        .unwrap();
     alice.send(bob.user_id(), "still me").await.unwrap();
     assert_eq!(queued(&server, &bob).await, 1);
 }
@@ -288,4 +287,54 @@ async fn device_changes_say_which_device_and_why(backend: Backend) {
             reason: DeviceChangeReason::Login
         })
     );
+}
+
+/// The `ready` frame lists the account's devices: a device added while no
+/// socket of this one was open is told when it connects.
+async fn a_device_added_while_offline_is_told_on_reconnect(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let phone = register(&server, "alice").await;
+    let _laptop = Client::add_device(
+        &server.api.base,
+        "alice",
+        PASSWORD,
+        DeviceKeys::generate(),
+        Some("laptop"),
+    )
+    .await
+    .unwrap();
+    let mut events = phone.connect(ConnectOptions::default()).unwrap();
+    let (added, change) = wait_for(&mut events, "devices changed", |e| match e {
+        Event::DevicesChanged { added, change, .. } => Some((added, change)),
+        Event::Drained => panic!("drained without telling of the new device"),
+        _ => None,
+    })
+    .await;
+    assert_eq!(added, vec![2]);
+    assert_eq!(change, None);
+}
+
+async fn a_durable_ack_returns_once_the_copy_is_gone(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let alice = register(&server, "alice").await;
+    let bob = register(&server, "bob").await;
+    let mut bob_events = online(&bob).await;
+    let mut ids = Vec::new();
+    for text in ["one", "two", "three"] {
+        ids.push(alice.send(bob.user_id(), text).await.unwrap().id);
+    }
+    for _ in 0..3 {
+        wait_for(&mut bob_events, "a message", |e| match e {
+            Event::Message(m) => Some(m),
+            _ => None,
+        })
+        .await;
+    }
+    assert_eq!(queued(&server, &bob).await, 3);
+    let started = Instant::now();
+    bob.ack_durable(&ids).await.unwrap();
+    // Answered by `acked`, not after the wait for one that never comes.
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Durable: gone at once, no waiting for a batch.
+    assert_eq!(queued(&server, &bob).await, 0);
 }
