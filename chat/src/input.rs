@@ -1,6 +1,6 @@
 //! The chat's input: a line being typed, and everything printed above it.
 //!
-//! On a terminal ([`Input::terminal`]) the terminal is in raw mode and key
+//! On a terminal ([`Input::start`]) the terminal is in raw mode and key
 //! presses arrive on crossterm's async event stream, so that
 //! - Ctrl-C (or Ctrl-D on an empty line) quits at once: it is a key the
 //!   loop reads like any other, not a signal racing a blocked read;

@@ -215,7 +215,7 @@ pub enum Event {
     },
     /// `from` is typing to you (a `typing` plaintext), or, with `stopped`,
     /// stopped without sending. Show it for about
-    /// [`TYPING_SHOWN`](crate::TYPING_SHOWN) after the last one, and drop
+    /// [`TYPING_SHOWN`] after the last one, and drop
     /// it at once when a message from `from` arrives. Never acknowledged.
     Typing {
         from: Uuid,
