@@ -34,7 +34,8 @@ pub struct Config {
         long,
         env = "DATABASE_URL",
         default_value = "sqlite://sealpost.db",
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = Masked(parse_database_url)
     )]
     pub database_url: String,
 
@@ -42,13 +43,14 @@ pub struct Config {
     /// container secrets: the URL holds the password). Trailing line breaks
     /// are dropped.
     #[arg(long, env = "DATABASE_URL_FILE", value_name = "PATH", conflicts_with = "database_url",
-          value_parser = FromFile(parse_database_url))]
+          value_parser = FromFile(|url| parse_database_url(url).map(Secret)))]
     pub database_url_file: Option<Secret>,
 
     /// Secret that signs access tokens, at least 32 bytes. With SQLite and no
     /// secret, one is generated and kept beside the database file.
     // Read it through `Config::jwt_secret`, which honours the file.
-    #[arg(long, env = "SEALPOST_JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    #[arg(long, env = "SEALPOST_JWT_SECRET", hide_env_values = true,
+          value_parser = Masked(parse_secret))]
     pub jwt_secret: Option<Secret>,
 
     /// File holding the JWT secret, in place of `SEALPOST_JWT_SECRET`.
@@ -62,7 +64,7 @@ pub struct Config {
     /// no keys, one is generated and kept beside the database file.
     // Read them through `Config::storage_keys`, which honours the file.
     #[arg(long, env = "SEALPOST_STORAGE_KEYS", hide_env_values = true,
-          value_parser = KeyRingParser)]
+          value_parser = Masked(KeyRing::parse))]
     pub storage_keys: Option<KeyRing>,
 
     /// File holding the storage keys, in place of `SEALPOST_STORAGE_KEYS`.
@@ -78,6 +80,15 @@ pub struct Config {
     /// Lifetime of a refresh token.
     #[arg(long, env = "SEALPOST_REFRESH_TOKEN_TTL", default_value = "30d", value_parser = parse_ttl)]
     pub refresh_token_ttl: Duration,
+
+    /// How long a refresh token stays good for one more use after it was
+    /// replaced: a client whose refresh answer was lost presents it again
+    /// and gets the same new pair, instead of tripping reuse detection
+    /// (which ends every session of the account). Only until the
+    /// replacement is used. 0 turns it off; at most 10m.
+    #[arg(long, env = "SEALPOST_REFRESH_GRACE", default_value = "30s",
+          value_parser = parse_refresh_grace)]
+    pub refresh_grace: Duration,
 
     /// How long an undelivered message waits before the sweeper deletes it.
     #[arg(long, env = "SEALPOST_MESSAGE_TTL", default_value = "7d", value_parser = parse_ttl)]
@@ -206,7 +217,7 @@ pub struct Config {
 
     /// Deepest nesting of arrays and objects accepted in a JSON request body
     /// or WebSocket frame, checked before parsing (see [`crate::nesting`]).
-    /// The protocol itself nests two levels deep.
+    /// The protocol itself nests three levels deep (a send's envelopes).
     #[arg(long, env = "SEALPOST_MAX_JSON_DEPTH", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..=MAX_JSON_DEPTH as i64))]
     pub max_json_depth: u32,
@@ -281,7 +292,7 @@ pub struct Config {
     /// Devices one account may hold (1-32). Each has its own key, queue
     /// and sessions, and a send carries one envelope per device, so the
     /// request size limit grows with it: 32 maximal envelopes are about
-    /// 2.8 MiB at the default body limit.
+    /// 2.7 MiB at the default body limit.
     #[arg(long, env = "SEALPOST_MAX_DEVICES_PER_USER", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(1..=32))]
     pub max_devices_per_user: u32,
@@ -338,15 +349,24 @@ pub struct Config {
 
     /// Messages queued for one device of a recipient; further sends to the
     /// account are refused with `queue_full` until that device's queue
-    /// drains. 0 = no limit. The name is from before devices.
-    #[arg(long, env = "SEALPOST_MAX_QUEUED_PER_USER", default_value_t = 10_000)]
-    pub max_queued_per_user: u32,
+    /// drains. 0 = no limit; 10000 by default. Formerly
+    /// `SEALPOST_MAX_QUEUED_PER_USER`, which still works, with a warning.
+    // No `default_value_t`: whether it was given decides whether the former
+    // name may be (see `Config::former_names`). Read it through
+    // `Config::max_queued_per_device`.
+    #[arg(long, env = "SEALPOST_MAX_QUEUED_PER_DEVICE", value_name = "MESSAGES")]
+    max_queued_per_device: Option<u32>,
+
+    /// The former name of `--max-queued-per-device`, from before devices,
+    /// when the cap was already per device.
+    #[arg(long, env = "SEALPOST_MAX_QUEUED_PER_USER", hide = true)]
+    max_queued_per_user: Option<u32>,
 
     /// Messages one sender may hold in one device's queue; further sends
     /// from it to the account are refused with `queue_full`, while other
     /// senders go on. Once a device's queue is full, senders holding
     /// fewer than a hundredth of this there may still queue up to a tenth
-    /// more. 0, or a share no smaller than `SEALPOST_MAX_QUEUED_PER_USER`,
+    /// more. 0, or a share no smaller than `SEALPOST_MAX_QUEUED_PER_DEVICE`,
     /// = no shares (and no headroom).
     #[arg(long, env = "SEALPOST_MAX_QUEUED_PER_SENDER", default_value_t = 1_000)]
     pub max_queued_per_sender: u32,
@@ -379,7 +399,9 @@ pub struct Config {
 
     /// Address of a second listener serving Prometheus metrics at
     /// `GET /metrics` (plain HTTP, e.g. `127.0.0.1:9090`). Off when unset.
-    /// Keep it off the public network: it tells how busy the server is.
+    /// Keep it off the public network: it tells how busy the server is. Its
+    /// connections have the API's head timeout, head size and per-address
+    /// cap.
     #[arg(long, env = "SEALPOST_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
 
@@ -468,6 +490,40 @@ impl Config {
             .map_err(|err| name_as_given(err, &<Serve as clap::CommandFactory>::command(), &args))
     }
 
+    /// Messages queued per device: `SEALPOST_MAX_QUEUED_PER_DEVICE`, else
+    /// its former name, else the default.
+    pub fn max_queued_per_device(&self) -> u32 {
+        self.max_queued_per_device
+            .or(self.max_queued_per_user)
+            .unwrap_or(DEFAULT_MAX_QUEUED_PER_DEVICE)
+    }
+
+    /// Settings given under a former name: what to warn of at start, one
+    /// line each, or why start-up must stop (the former name and the new one
+    /// both given, with different values).
+    pub fn former_names(&self) -> Result<Vec<String>, String> {
+        let mut warnings = Vec::new();
+        if let Some(old) = self.max_queued_per_user {
+            let (old_name, new_name) = (
+                both_names("SEALPOST_MAX_QUEUED_PER_USER"),
+                both_names("SEALPOST_MAX_QUEUED_PER_DEVICE"),
+            );
+            match self.max_queued_per_device {
+                Some(new) if new != old => {
+                    return Err(format!(
+                        "{old_name} is {old} and {new_name} is {new}: the first is the \
+                         former name of the second; set only {new_name}"
+                    ));
+                }
+                _ => warnings.push(format!(
+                    "{old_name} is deprecated: it caps each device's queue and is now \
+                     {new_name}; rename it, as the former name will go"
+                )),
+            }
+        }
+        Ok(warnings)
+    }
+
     /// The database URL: `DATABASE_URL`, or the content of
     /// `DATABASE_URL_FILE`.
     pub fn database_url(&self) -> &str {
@@ -548,11 +604,47 @@ impl Config {
     }
 }
 
+/// The default of `--max-queued-per-device`.
+pub const DEFAULT_MAX_QUEUED_PER_DEVICE: u32 = 10_000;
+
+/// How a message after parsing names a setting: by its environment variable
+/// and its flag, `SEALPOST_JWT_SECRET (--jwt-secret)`. Past the parse it is
+/// no longer known which of the two the operator used (or would use, for a
+/// setting missing), so both are named. A name that is no setting's is
+/// returned as it is.
+pub fn both_names(env: &str) -> String {
+    match flag_of(env) {
+        Some(flag) => format!("{env} ({flag})"),
+        None => env.to_owned(),
+    }
+}
+
+/// A setting missing, named both ways: `SEALPOST_JWT_SECRET is not set
+/// (nor --jwt-secret)`.
+pub fn not_set(env: &str) -> String {
+    match flag_of(env) {
+        Some(flag) => format!("{env} is not set (nor {flag})"),
+        None => format!("{env} is not set"),
+    }
+}
+
+/// The flag of the setting whose variable is `env`.
+fn flag_of(env: &str) -> Option<String> {
+    let command = Config::augment_args(clap::Command::new("sealpost serve"));
+    command
+        .get_arguments()
+        .find(|arg| arg.get_env().is_some_and(|e| e == env))
+        .and_then(clap::Arg::get_long)
+        .map(|long| format!("--{long}"))
+}
+
 /// Makes a settings error name each setting as the operator gave it. clap
 /// names an argument by its flag (`--access-token-ttl`) even when the value
 /// came from its environment variable, a flag the operator may never have
 /// typed; for those, the error names the variable instead
-/// (`invalid value 'banana' for 'SEALPOST_ACCESS_TOKEN_TTL'`).
+/// (`invalid value 'banana' for 'SEALPOST_ACCESS_TOKEN_TTL'`). A required
+/// setting that is missing was given neither way: it is named both ways
+/// (`SEALPOST_TLS_KEY (--tls-key <TLS_KEY>)`).
 ///
 /// clap builds the error while parsing, before there are matches to ask
 /// where a value came from, so this asks the command line: clap reads a
@@ -565,6 +657,23 @@ pub fn name_as_given(
     command: &clap::Command,
     args: &[std::ffi::OsString],
 ) -> clap::Error {
+    // A setting required by another (`--tls-key` with `--tls-cert`) was
+    // given neither way: name both, the variable first.
+    if err.kind() == ErrorKind::MissingRequiredArgument {
+        if let Some(ContextValue::Strings(missing)) = err.get(ContextKind::InvalidArg) {
+            let named = missing
+                .iter()
+                .map(
+                    |shown| match find_arg(command, shown).and_then(clap::Arg::get_env) {
+                        Some(env) => format!("{} ({shown})", env.to_string_lossy()),
+                        None => shown.clone(),
+                    },
+                )
+                .collect();
+            err.insert(ContextKind::InvalidArg, ContextValue::Strings(named));
+        }
+        return err;
+    }
     for kind in [ContextKind::InvalidArg, ContextKind::PriorArg] {
         let renamed = match err.get(kind) {
             Some(ContextValue::String(shown)) => {
@@ -752,20 +861,22 @@ fn parse_origin(value: &str) -> Result<HeaderValue, String> {
     HeaderValue::from_str(&value).map_err(|_| expected())
 }
 
-/// Parses `--storage-keys`. Unlike a plain `value_parser` function, whose
-/// errors quote the rejected value, its errors never print key material.
+/// Parses a secret setting (`--jwt-secret`, `--storage-keys`,
+/// `--database-url`) with the function it holds. Unlike a plain
+/// `value_parser` function, whose errors quote the rejected value (clap's
+/// `invalid value '<value>' for ...`), its errors never print the value.
 #[derive(Clone)]
-struct KeyRingParser;
+struct Masked<T>(fn(&str) -> Result<T, String>);
 
-impl TypedValueParser for KeyRingParser {
-    type Value = KeyRing;
+impl<T: Clone + Send + Sync + 'static> TypedValueParser for Masked<T> {
+    type Value = T;
 
     fn parse_ref(
         &self,
         cmd: &clap::Command,
         arg: Option<&clap::Arg>,
         value: &std::ffi::OsStr,
-    ) -> Result<KeyRing, clap::Error> {
+    ) -> Result<T, clap::Error> {
         self.parse_ref_(cmd, arg, value, ValueSource::CommandLine)
     }
 
@@ -776,8 +887,8 @@ impl TypedValueParser for KeyRingParser {
         arg: Option<&clap::Arg>,
         value: &std::ffi::OsStr,
         source: ValueSource,
-    ) -> Result<KeyRing, clap::Error> {
-        let name = setting_name(arg, source, "--storage-keys");
+    ) -> Result<T, clap::Error> {
+        let name = setting_name(arg, source, "the secret");
         let invalid = |reason: String| {
             clap::Error::raw(
                 ErrorKind::ValueValidation,
@@ -788,7 +899,7 @@ impl TypedValueParser for KeyRingParser {
         let text = value
             .to_str()
             .ok_or_else(|| invalid("not valid UTF-8".into()))?;
-        KeyRing::parse(text).map_err(invalid)
+        (self.0)(text).map_err(invalid)
     }
 }
 
@@ -799,7 +910,7 @@ const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
 
 /// Parses a `*_FILE` setting: reads the file it names and parses the content,
 /// without its trailing line break, as the direct setting would. Errors name
-/// the setting and the file; like [`KeyRingParser`]'s, they never quote the
+/// the setting and the file; like [`Masked`]'s, they never quote the
 /// content.
 #[derive(Clone)]
 struct FromFile<T>(fn(&str) -> Result<T, String>);
@@ -859,10 +970,25 @@ fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
     Ok(text)
 }
 
-/// A database URL read from a file; the scheme is checked where the store
-/// is opened, as for `DATABASE_URL`.
-fn parse_database_url(value: &str) -> Result<Secret, String> {
-    Ok(Secret(value.trim().to_owned()))
+/// A database URL, given or read from a file. The scheme is checked where
+/// the store is opened. A PostgreSQL URL may not carry a password-like
+/// parameter the driver does not read (libpq's `sslpassword`): sqlx logs
+/// each parameter it ignores with its value, which would write that
+/// password to the log at every start.
+fn parse_database_url(value: &str) -> Result<String, String> {
+    let url = value.trim();
+    if crate::store::is_postgres(url) {
+        let query = url.split_once('?').map_or("", |(_, query)| query);
+        let query = query.split_once('#').map_or(query, |(query, _)| query);
+        for key in query.split('&').filter_map(|pair| pair.split('=').next()) {
+            if key != "password" && key.to_ascii_lowercase().contains("password") {
+                return Err(format!(
+                    "the parameter `{key}` is not supported (its value would be logged)"
+                ));
+            }
+        }
+    }
+    Ok(url.to_owned())
 }
 
 fn parse_ack_window(value: &str) -> Result<Duration, String> {
@@ -887,6 +1013,23 @@ fn parse_db_timeout(value: &str) -> Result<Duration, String> {
     Ok(timeout)
 }
 
+/// The longest `--refresh-grace`: it is a window in which a stolen, spent
+/// token still opens the session, so it is sized to a lost answer's retry
+/// (seconds), not to a device that was offline.
+const MAX_REFRESH_GRACE: Duration = Duration::from_secs(600);
+
+fn parse_refresh_grace(value: &str) -> Result<Duration, String> {
+    if value.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let grace = humantime::parse_duration(value)
+        .map_err(|e| format!("{e} (use human units such as 0, 10s, 30s, 2m)"))?;
+    if grace > MAX_REFRESH_GRACE {
+        return Err("must be at most 10m: a spent token is good again within it".into());
+    }
+    Ok(grace)
+}
+
 fn parse_ttl(value: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(value)
         .map_err(|e| format!("{e} (use human units such as 2s, 30m, 7d)"))?;
@@ -902,6 +1045,17 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Config, clap::Error> {
         Config::parse_from(args)
+    }
+
+    #[test]
+    fn the_refresh_grace_may_be_off_but_not_long() {
+        assert_eq!(parse(&[]).unwrap().refresh_grace, Duration::from_secs(30));
+        let off = parse(&["--refresh-grace", "0"]).unwrap();
+        assert_eq!(off.refresh_grace, Duration::ZERO);
+        let short = parse(&["--refresh-grace", "2s"]).unwrap();
+        assert_eq!(short.refresh_grace, Duration::from_secs(2));
+        assert!(parse(&["--refresh-grace", "11m"]).is_err());
+        assert!(parse(&["--refresh-grace", "soon"]).is_err());
     }
 
     #[test]
@@ -1056,6 +1210,107 @@ mod tests {
             "{err}"
         );
         assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_jwt_secret_is_named_and_not_quoted() {
+        let err = parse(&["--jwt-secret", "hunter2-is-short"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--jwt-secret") && err.contains("at least 32 bytes"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn a_database_url_whose_password_parameter_would_be_logged_is_refused() {
+        let url = "postgres://u:pw@db/x?sslmode=require&sslpassword=hunter2";
+        let err = parse(&["--database-url", url]).unwrap_err().to_string();
+        assert!(
+            err.contains("--database-url") && err.contains("sslpassword"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2") && !err.contains("u:pw"), "{err}");
+        let url = "postgres://u:pw@db/x?sslmode=require&password=pw";
+        assert_eq!(parse(&["--database-url", url]).unwrap().database_url(), url);
+        // SQLite URLs carry no password.
+        let url = "sqlite://sslpassword.db";
+        assert_eq!(parse(&["--database-url", url]).unwrap().database_url(), url);
+    }
+
+    #[test]
+    fn the_queue_cap_has_a_new_name_and_keeps_its_former_one() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(
+            config.max_queued_per_device(),
+            DEFAULT_MAX_QUEUED_PER_DEVICE
+        );
+        assert_eq!(config.former_names(), Ok(vec![]));
+
+        let config = parse(&["--max-queued-per-device", "7"]).unwrap();
+        assert_eq!(config.max_queued_per_device(), 7);
+        assert_eq!(config.former_names(), Ok(vec![]));
+
+        let config = parse(&["--max-queued-per-user", "5"]).unwrap();
+        assert_eq!(config.max_queued_per_device(), 5);
+        let warnings = config.former_names().unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        for name in [
+            "SEALPOST_MAX_QUEUED_PER_USER (--max-queued-per-user)",
+            "SEALPOST_MAX_QUEUED_PER_DEVICE (--max-queued-per-device)",
+        ] {
+            assert!(warnings[0].contains(name), "{name}: {warnings:?}");
+        }
+
+        // Both, agreeing: a migration half done, warned of.
+        let both = ["--max-queued-per-user", "5", "--max-queued-per-device", "5"];
+        let config = parse(&both).unwrap();
+        assert_eq!(config.max_queued_per_device(), 5);
+        assert_eq!(config.former_names().unwrap().len(), 1);
+        // Both, disagreeing: which one was meant is not for us to guess.
+        let both = ["--max-queued-per-user", "5", "--max-queued-per-device", "0"];
+        let err = parse(&both).unwrap().former_names().unwrap_err();
+        assert!(
+            err.contains("SEALPOST_MAX_QUEUED_PER_USER (--max-queued-per-user) is 5"),
+            "{err}"
+        );
+        assert!(
+            err.contains("SEALPOST_MAX_QUEUED_PER_DEVICE (--max-queued-per-device) is 0"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn settings_are_named_by_variable_and_flag() {
+        // Every name a message after parsing uses.
+        for (env, flag) in [
+            ("DATABASE_URL", "--database-url"),
+            ("SEALPOST_ADDR", "--addr"),
+            ("SEALPOST_METRICS_ADDR", "--metrics-addr"),
+            ("SEALPOST_JWT_SECRET", "--jwt-secret"),
+            ("SEALPOST_STORAGE_KEYS", "--storage-keys"),
+            ("SEALPOST_TLS_CERT", "--tls-cert"),
+            ("SEALPOST_TLS_KEY", "--tls-key"),
+            ("SEALPOST_NATS_URL", "--nats-url"),
+            ("SEALPOST_NATS_CREDENTIALS", "--nats-credentials"),
+            ("SEALPOST_MAX_QUEUED_PER_USER", "--max-queued-per-user"),
+            ("SEALPOST_MAX_QUEUED_PER_DEVICE", "--max-queued-per-device"),
+        ] {
+            assert_eq!(both_names(env), format!("{env} ({flag})"));
+            assert_eq!(not_set(env), format!("{env} is not set (nor {flag})"));
+        }
+        assert_eq!(both_names("NOT_A_SETTING"), "NOT_A_SETTING");
+    }
+
+    #[test]
+    fn a_missing_required_setting_is_named_both_ways() {
+        let err = parse(&["--tls-cert", "cert.pem"]).unwrap_err().to_string();
+        assert!(
+            err.contains("SEALPOST_TLS_KEY (--tls-key <TLS_KEY>)"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! Devices: the rules for a device's name, and the [`Directory`] of each
+//! Devices: the rules for a device's name, the [`Directory`] of each
 //! account's device numbers that the delivery core checks every send
-//! against.
+//! against, and the [`DevicesChange`] an account's sockets are told of.
 //!
 //! A send must carry one envelope per current device of its recipient
 //! ([`mismatch`] says which are missing and which are extra), so every send
@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -63,6 +64,41 @@ fn refused_in_name(c: char) -> bool {
     c.is_control()
         || (c.general_category() == GeneralCategory::Format
             && !matches!(c, '\u{200C}' | '\u{200D}'))
+}
+
+/// What happened to a device of an account, as its other devices are
+/// told (`devices_changed`): the ways someone holding the password can
+/// put a device of theirs in the account, or take one over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeReason {
+    /// A device was added (`POST /v1/devices`).
+    Added,
+    /// A device was removed, with its sessions and queue.
+    Removed,
+    /// A device's key was replaced: peers now encrypt to the new one.
+    Key,
+    /// A new session of an existing device was opened with the password.
+    Login,
+}
+
+/// A change of one of an account's devices, for the account's sockets.
+/// The sockets of the device it is about are not told: it knows.
+#[derive(Debug, Clone)]
+pub struct DevicesChange {
+    /// The account's device numbers after the change, ascending.
+    pub devices: Arc<[DeviceId]>,
+    /// The device the change is about, and what happened to it; `None`
+    /// from a node of before they were carried (a rolling upgrade).
+    pub about: Option<(DeviceId, ChangeReason)>,
+}
+
+impl DevicesChange {
+    /// Whether a socket of `device` is told of it: every device but the
+    /// one it is about.
+    pub fn tells(&self, device: DeviceId) -> bool {
+        self.about.is_none_or(|(about, _)| about != device)
+    }
 }
 
 /// Accounts whose device lists are kept. Each entry is an id and a few

@@ -157,6 +157,20 @@ impl Error {
         }
     }
 
+    /// How long a client should wait before it tries again, for the
+    /// errors that are about "not now": REST sends it as `Retry-After`
+    /// (whole seconds, rounded up), a socket's `error` frame as
+    /// `retry_after_ms`.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::RateLimited { retry_after } => Some(*retry_after),
+            Error::QueueFull => Some(QUEUE_FULL_RETRY),
+            Error::TooManyConnections(_) => Some(CONNECTIONS_RETRY),
+            Error::Unavailable => Some(UNAVAILABLE_RETRY),
+            _ => None,
+        }
+    }
+
     /// The message a client may see. Internal causes stay in the log.
     pub fn public_message(&self) -> Cow<'static, str> {
         match self {
@@ -190,6 +204,23 @@ impl Error {
         }
     }
 }
+
+/// When to retry after `queue_full`. A queue drains only as its device
+/// comes online and acks, which no one can predict: 10 s keeps a sender
+/// from hammering a full queue while a device that reconnects is caught
+/// within a breath of a chat's pace.
+pub const QUEUE_FULL_RETRY: Duration = Duration::from_secs(10);
+
+/// When to retry a WebSocket upgrade refused with `too_many_connections`:
+/// a slot for an unauthenticated socket turns over within a round trip
+/// (at most `SEALPOST_WS_AUTH_TIMEOUT`), so a second is worth a try; a
+/// client refused again backs off.
+pub const CONNECTIONS_RETRY: Duration = Duration::from_secs(1);
+
+/// When to retry after `unavailable`. Most causes pass within a second (a
+/// deadlock's victim, a failover); a client that backs off from there
+/// loses little.
+pub const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
 
 /// The JSON body of every error: `{"error": {"code", "message", "field"?}}`.
 #[derive(Serialize, utoipa::ToSchema)]
@@ -229,26 +260,18 @@ impl IntoResponse for Error {
             error: self.detail(),
         };
         let mut response = (self.status(), axum::Json(body)).into_response();
-        match self {
-            Error::Unauthorized(_) => {
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            }
-            Error::RateLimited { retry_after } => {
-                response.headers_mut().insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from(retry_after_secs(retry_after)),
-                );
-            }
-            // Most causes pass within a second (a deadlock's victim, a
-            // failover); a client that backs off from there loses little.
-            Error::Unavailable => {
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            }
-            _ => {}
+        if let Error::Unauthorized(_) = self {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        // Every 429 and 503 says when to come back, never sooner than a
+        // second: `Retry-After: 0` would invite a client to spin.
+        if let Some(wait) = self.retry_after() {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(wait).max(1)),
+            );
         }
         response
     }
@@ -399,5 +422,40 @@ mod tests {
         }
         let used: std::collections::HashSet<_> = errors.iter().map(Error::code).collect();
         assert_eq!(used.len(), CODES.len(), "CODES lists a code no error has");
+    }
+
+    /// Every 429 and every 503 carries `Retry-After`, of at least a second.
+    #[test]
+    fn every_429_and_503_says_when_to_retry() {
+        let errors = [
+            Error::RateLimited {
+                retry_after: Duration::ZERO,
+            },
+            Error::RateLimited {
+                retry_after: Duration::from_millis(1500),
+            },
+            Error::QueueFull,
+            Error::TooManyConnections("x"),
+            Error::Unavailable,
+        ];
+        for err in errors {
+            let status = err.status();
+            assert!(
+                matches!(status.as_u16(), 429 | 503),
+                "{} is {status}",
+                err.code()
+            );
+            let response = err.into_response();
+            let after: u64 = response.headers()[header::RETRY_AFTER]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(after >= 1, "Retry-After: {after}");
+        }
+        let limited = Error::RateLimited {
+            retry_after: Duration::from_millis(1500),
+        };
+        assert_eq!(limited.into_response().headers()[header::RETRY_AFTER], "2");
     }
 }

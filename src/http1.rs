@@ -3,7 +3,12 @@
 //! [`crate::limits::connections`]), hyper's limits on a request head (how
 //! long it may take, how large it may be), and the [`crate::linger`]ing
 //! close every connection ends with. (The limits on a body are per route:
-//! [`crate::api::body`].)
+//! [`crate::api::body`].) Both listeners, the API's and the metrics', are
+//! served here, each with its own per-address count: a scraper on a
+//! private network is no reason to leave the head limits off.
+//!
+//! What the limits turn away is counted ([`ConnectionMetrics`]): heads cut
+//! off by the timeout and connections refused at accept, by listener.
 //!
 //! It does what `axum::serve` did, plus those limits, which `axum::serve`
 //! does not expose: without a timer hyper never times a head out, so a
@@ -12,8 +17,12 @@
 //! speaks nothing else (its TLS offers only `http/1.1`).
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -22,13 +31,14 @@ use axum::serve::Listener;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::Layer;
 
 use crate::limits::connections::HttpConnections;
 use crate::linger::{self, Linger};
+use crate::metrics::ConnectionMetrics;
 
 /// The largest request head (request line and headers) read, in bytes;
 /// larger is refused with 431 and the connection closed. The largest
@@ -92,12 +102,14 @@ impl Limits {
 /// accepting, lets every connection finish the request it is serving (idle
 /// ones close at once), and returns when all have closed. Upgraded sockets
 /// are no longer connections here: their own tasks outlive this, and they
-/// no longer count against `per_address`.
+/// no longer count against `per_address`. What the limits turn away is
+/// counted in `counted`.
 pub async fn serve<L>(
     mut listener: L,
     app: Router,
     limits: Limits,
     per_address: Arc<HttpConnections>,
+    counted: ConnectionMetrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) where
     L: Listener<Addr = SocketAddr>,
@@ -123,6 +135,7 @@ pub async fn serve<L>(
         // read first, and a flood would be served by it.
         let Some(permit) = per_address.open(peer.ip()) else {
             tracing::debug!(%peer, "connection refused: too many open from its address");
+            counted.refused.increment(1);
             drop(io);
             continue;
         };
@@ -131,9 +144,11 @@ pub async fn serve<L>(
         // the peer address, for `ConnectInfo<SocketAddr>`.
         let service =
             TowerToHyperService::new(axum::Extension(ConnectInfo(peer)).layer(app.clone()));
+        let (io, begun) = HeadBegun::new(io);
         let io = TokioIo::new(Linger::new(io, limits.linger));
         let connection = builder.serve_connection(io, service).with_upgrades();
         let draining = draining.clone();
+        let header_timeouts = counted.header_timeouts.clone();
         connections.spawn(async move {
             let mut connection = std::pin::pin!(connection);
             let ended = tokio::select! {
@@ -148,6 +163,9 @@ pub async fn serve<L>(
             // here all the time: worth no more than debug.
             if let Err(err) = ended {
                 tracing::debug!(%peer, error = %err, "connection ended");
+                if err.is_timeout() && begun.load(Ordering::Relaxed) {
+                    header_timeouts.increment(1);
+                }
             }
             // Closed, or handed over as a WebSocket.
             drop(permit);
@@ -157,4 +175,82 @@ pub async fn serve<L>(
     draining.cancel();
     connections.close();
     connections.wait().await;
+}
+
+/// A connection's stream that notes whether a request head has begun:
+/// whether bytes came in since the connection last wrote (an answer). The
+/// head timeout also closes connections that sent nothing (an idle
+/// keep-alive, a browser's speculative preconnect), which is how they are
+/// meant to end; only a head begun and left unfinished is a slow head.
+struct HeadBegun<T> {
+    io: T,
+    begun: Arc<AtomicBool>,
+}
+
+impl<T> HeadBegun<T> {
+    /// The stream, and the flag to read once hyper has let go of it.
+    fn new(io: T) -> (Self, Arc<AtomicBool>) {
+        let begun = Arc::new(AtomicBool::new(false));
+        let io = Self {
+            io,
+            begun: begun.clone(),
+        };
+        (io, begun)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for HeadBegun<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            // Relaxed: read only once hyper is done with the stream, in the
+            // task that drove it.
+            self.begun.store(true, Ordering::Relaxed);
+        }
+        read
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for HeadBegun<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let written = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            self.begun.store(false, Ordering::Relaxed);
+        }
+        written
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            self.begun.store(false, Ordering::Relaxed);
+        }
+        written
+    }
+
+    // hyper chooses how it buffers writes by this: pass it through.
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }

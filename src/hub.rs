@@ -37,6 +37,7 @@ use smallvec::SmallVec;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::devices::DevicesChange;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::store::{DeviceId, Message};
@@ -97,8 +98,11 @@ pub enum Event {
     /// so that an `Event` stays the size of an [`Outbound`]: a queue's
     /// slots are the size of its largest event.
     Receipt(Box<Receipt>),
-    /// The account's device numbers after a device was added or removed.
-    DevicesChanged(Arc<[DeviceId]>),
+    /// A device of the account was added, removed, signed in to or given a
+    /// new key: the account's device numbers now, and which device it was.
+    /// Boxed, as a receipt is: it is rare, and unboxed it made every slot
+    /// of every queue 8 bytes larger.
+    DevicesChanged(Box<DevicesChange>),
     /// Broker traffic may have been lost: read the backlog again after this
     /// id and send what the socket has not had. Never dropped: a socket
     /// whose queue is full is closed, and drains on reconnect.
@@ -418,10 +422,18 @@ mod tests {
         assert_eq!(hub.push(alice, 2, &m), 1);
         assert_eq!(laptop.rx.recv().await.unwrap().message_id(), m.message.id);
         assert!(phone.rx.try_recv().is_none());
-        let devices: Arc<[DeviceId]> = Arc::from(vec![1, 2]);
-        assert_eq!(hub.notify(alice, Event::DevicesChanged(devices)), 2);
+        let change = DevicesChange {
+            devices: Arc::from(vec![1, 2]),
+            about: Some((2, crate::devices::ChangeReason::Added)),
+        };
+        assert_eq!(
+            hub.notify(alice, Event::DevicesChanged(Box::new(change))),
+            2
+        );
         for rx in [&mut phone.rx, &mut laptop.rx] {
-            assert!(matches!(rx.recv().await, Some(Event::DevicesChanged(d)) if *d == [1, 2]));
+            assert!(
+                matches!(rx.recv().await, Some(Event::DevicesChanged(c)) if *c.devices == [1, 2])
+            );
         }
     }
 

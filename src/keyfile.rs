@@ -17,11 +17,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow, bail};
 
+use crate::config::{both_names, not_set};
 use crate::store;
 
 /// One kind of generated secret, for file names and messages.
 pub struct Kind {
-    /// The setting that replaces it, e.g. `SEALPOST_JWT_SECRET`.
+    /// The setting that replaces it, by its variable, e.g.
+    /// `SEALPOST_JWT_SECRET`.
     pub setting: &'static str,
     /// What is appended to the database's file name, e.g. `.jwt-secret`.
     pub suffix: &'static str,
@@ -44,8 +46,8 @@ enum Home {
 fn home(kind: &Kind, database_url: &str) -> anyhow::Result<Home> {
     if store::is_postgres(database_url) {
         bail!(
-            "{} is not set: with a PostgreSQL database it is required ({})",
-            kind.setting,
+            "{}: with a PostgreSQL database it is required ({})",
+            not_set(kind.setting),
             kind.hint
         );
     }
@@ -98,12 +100,13 @@ pub fn resolve<T>(
     generate: impl FnOnce() -> String,
     parse: impl Fn(&str) -> Result<T, String>,
 ) -> anyhow::Result<T> {
-    let setting = kind.setting;
+    let setting = both_names(kind.setting);
     let path = match home(kind, database_url)? {
         Home::File(path) => path,
         Home::Memory => {
             tracing::warn!(
-                "{setting} is not set: using a random one for this in-memory database; {}",
+                "{}: using a random one for this in-memory database; {}",
+                not_set(kind.setting),
                 kind.ephemeral
             );
             return parse(&generate()).map_err(|e| anyhow!("generated {setting}: {e}"));
@@ -112,7 +115,7 @@ pub fn resolve<T>(
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             warn_if_shared(&path, &format!("the kept {setting}"));
-            parse(text.trim()).map_err(|e| anyhow!("{}: {e}", path.display()))
+            parse(text.trim()).map_err(|e| anyhow!("the {setting} kept in {}: {e}", path.display()))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let text = generate();
@@ -121,7 +124,8 @@ pub fn resolve<T>(
                 .with_context(|| format!("writing generated {setting} to {}", path.display()))?;
             tracing::warn!(
                 path = %path.display(),
-                "{setting} is not set: generated one and stored it beside the database"
+                "{}: generated one and stored it beside the database",
+                not_set(kind.setting)
             );
             Ok(value)
         }

@@ -6,11 +6,13 @@
 //! # Layout
 //!
 //! - [`config`]: every setting, from flags or the environment.
-//! - [`logging`]: log format and level, and the payload loggers no level
-//!   lets through.
+//! - [`logging`]: log format and level, the loggers of payloads and
+//!   credentials no level lets through, and the throttle on lines that
+//!   come in floods.
 //! - [`server`]: start-up, serving and orderly shutdown.
-//! - [`http1`]: HTTP/1.1 connections: the accept loop, the limits on a
-//!   request head (time and size), and the drain at shutdown.
+//! - [`http1`]: HTTP/1.1 connections, of the API and of the metrics: the
+//!   accept loop, the limits on a request head (time and size), and the
+//!   drain at shutdown.
 //! - [`linger`]: the lingering close that lets an answer given before the
 //!   request body was read reach its client.
 //! - [`tls`]: TLS termination: certificate loading and a listener that
@@ -24,8 +26,9 @@
 //!   extractor.
 //! - [`limits`]: rate limits (auth per IP, password checks per account,
 //!   sends per user and per pair) and resource caps (HTTP connections and
-//!   sockets per IP, sockets per user, unauthenticated sockets server-wide
-//!   and per IP, queue per user and per sender).
+//!   sockets per IP, sockets per device, unauthenticated sockets
+//!   server-wide and per IP, messages queued per device and per sender,
+//!   bytes queued per account).
 //! - [`nesting`]: the cap on JSON nesting depth, checked on every request
 //!   body and WebSocket frame before it is parsed.
 //! - [`wire`]: the wire types REST and WebSocket share (ids, timestamps,

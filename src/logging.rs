@@ -2,15 +2,23 @@
 //! the one rule that no level overrides: no password, token, message body
 //! or key is ever written.
 //!
-//! sealpost's own code never logs those. Some dependencies do at `trace`:
-//! tungstenite logs every WebSocket frame it reads, and frames carry access
-//! tokens (`auth`) and message bodies (`send`). Those targets are kept
-//! below `trace` whatever `RUST_LOG` asks, so an operator chasing a bug
+//! sealpost's own code never logs those. Some dependencies do at `trace` or
+//! `debug`: tungstenite logs every WebSocket frame it reads, and frames
+//! carry access tokens (`auth`) and message bodies (`send`); the NATS
+//! client's connector logs the server it dials as a `Url`'s `Debug`, which
+//! shows the password of `SEALPOST_NATS_URL`. Those targets are kept below
+//! that level whatever `RUST_LOG` asks, so an operator chasing a bug
 //! with `RUST_LOG=trace` does not write credentials to disk. The log-secrecy
 //! test (`tests/it/logs.rs`) runs a whole session at `trace` and looks for
 //! every secret it used.
+//!
+//! Events that come in floods (a reconnect storm's refused drains) are
+//! logged through a [`Throttle`]: a line now and then, with the count of
+//! those held back, rather than one per event.
 
 use std::io::IsTerminal;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use tracing::Level;
 use tracing_subscriber::filter::{EnvFilter, filter_fn};
@@ -26,18 +34,26 @@ pub enum LogFormat {
     Json,
 }
 
-/// Targets that log wire payloads at `trace`.
-const PAYLOAD_LOGGERS: &[&str] = &["tungstenite", "tokio_tungstenite"];
+/// Targets that log wire payloads or credentials, and the least verbose
+/// level at which they do: what they log at it, and below, is dropped.
+const PAYLOAD_LOGGERS: &[(&str, Level)] = &[
+    ("tungstenite", Level::TRACE),
+    ("tokio_tungstenite", Level::TRACE),
+    // `server = ?addr` at `debug`; louder, only with a reconnect callback,
+    // which sealpost does not set.
+    ("async_nats::connector", Level::DEBUG),
+];
 
-/// Whether an event is dropped whatever the level filter says: `trace`
-/// from a payload logger.
+/// Whether an event is dropped whatever the level filter says: one of a
+/// payload logger at or below its level.
 fn carries_payload(level: &Level, target: &str) -> bool {
-    *level == Level::TRACE
-        && PAYLOAD_LOGGERS.iter().any(|logger| {
-            target
+    PAYLOAD_LOGGERS.iter().any(|(logger, from)| {
+        // `Level` orders by verbosity: TRACE is the greatest.
+        level >= from
+            && target
                 .strip_prefix(logger)
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
-        })
+    })
 }
 
 /// The level filter: `RUST_LOG`, or `info` when it is unset or invalid.
@@ -66,9 +82,73 @@ pub fn init(format: LogFormat) {
     }
 }
 
+/// At most one log line per period for one kind of event: the first event
+/// of a period is written, the others are counted, and the next line
+/// written says how many were held back. It holds one time and one count
+/// however large the flood; events held back in the last period of a
+/// flood are not reported (their metric counts them).
+pub struct Throttle {
+    every: Duration,
+    state: Mutex<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    /// When the last line was written.
+    last: Option<Instant>,
+    /// Events held back since.
+    count: u64,
+}
+
+impl Throttle {
+    pub fn new(every: Duration) -> Self {
+        Self {
+            every,
+            state: Mutex::default(),
+        }
+    }
+
+    /// `Some(held_back)` when a line may be written now, with the number of
+    /// events held back since the last one; `None` when this one is held
+    /// back (and counted).
+    pub fn admit(&self) -> Option<u64> {
+        self.admit_at(Instant::now())
+    }
+
+    fn admit_at(&self, now: Instant) -> Option<u64> {
+        let mut held = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        match held.last {
+            Some(last) if now.saturating_duration_since(last) < self.every => {
+                held.count = held.count.saturating_add(1);
+                None
+            }
+            _ => {
+                held.last = Some(now);
+                Some(std::mem::take(&mut held.count))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttle_writes_one_line_a_period_and_counts_the_rest() {
+        let throttle = Throttle::new(Duration::from_secs(10));
+        let start = Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        assert_eq!(throttle.admit_at(at(0)), Some(0));
+        for secs in [0, 1, 9] {
+            assert_eq!(throttle.admit_at(at(secs)), None, "{secs}s");
+        }
+        assert_eq!(throttle.admit_at(at(10)), Some(3));
+        assert_eq!(throttle.admit_at(at(15)), None);
+        // A quiet spell: the next event is written at once.
+        assert_eq!(throttle.admit_at(at(100)), Some(1));
+        assert_eq!(throttle.admit_at(at(111)), Some(0));
+    }
 
     #[test]
     fn payload_loggers_never_log_at_trace() {
@@ -79,5 +159,12 @@ mod tests {
         for target in ["sealpost::ws", "hyper", "tungstenite_like"] {
             assert!(!carries_payload(&Level::TRACE, target), "{target}");
         }
+        // The NATS connector shows the URL it dials, password and all, at
+        // `debug`: dropped there and below, not above.
+        for level in [Level::DEBUG, Level::TRACE] {
+            assert!(carries_payload(&level, "async_nats::connector"), "{level}");
+        }
+        assert!(!carries_payload(&Level::INFO, "async_nats::connector"));
+        assert!(!carries_payload(&Level::DEBUG, "async_nats::client"));
     }
 }

@@ -36,6 +36,8 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{self, Error};
+use crate::http1;
+use crate::limits::connections::HttpConnections;
 
 /// Upper bounds of the buckets of every `_seconds` histogram: from 100 µs
 /// (a push or a commit on an idle server) to 10 s (the hashing queue times
@@ -45,7 +47,9 @@ const SECONDS_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
-/// Operations per committer batch: powers of two up to its cap of 256.
+/// Operations per committer batch (inserts, acks, barriers): powers of four
+/// up to 65,536, the ops the committer admits at once, which bound a batch
+/// (its rows stop at 16,384, but a barrier weighs none).
 const BATCH_BUCKETS: &[f64] = &[
     1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0,
 ];
@@ -138,6 +142,16 @@ label_values! {
         /// Password checks of a signed-in account: its budget, its lockout
         /// after wrong passwords, its one hash at a time.
         Password = "password",
+    }
+}
+
+label_values! {
+    /// Which HTTP listener a connection came to.
+    Listener ("listener") {
+        /// The API's (`SEALPOST_ADDR`).
+        Api = "api",
+        /// The metrics' own (`SEALPOST_METRICS_ADDR`).
+        Metrics = "metrics",
     }
 }
 
@@ -263,6 +277,8 @@ pub struct Metrics {
     pub hash_wait: Histogram,
     /// Indexed like [`STATUS_CLASSES`].
     http_responses: Box<[Counter]>,
+    header_timeouts: Labelled<Listener>,
+    connections_refused: Labelled<Listener>,
     ws_closed: Labelled<Closed>,
     /// The cluster's broker (no-ops but `node_info` on one node).
     pub broker: BrokerMetrics,
@@ -284,6 +300,16 @@ pub struct BrokerMetrics {
     pub rereads: Counter,
     /// Accounts this node holds a subscription for.
     pub subscriptions: Gauge,
+}
+
+/// What the accept loop of one HTTP listener counts; handles into
+/// [`Metrics`], cheap to clone into each connection's task.
+#[derive(Clone)]
+pub struct ConnectionMetrics {
+    /// Connections cut off in the middle of a request head.
+    pub header_timeouts: Counter,
+    /// Connections closed at accept: their address had its share open.
+    pub refused: Counter,
 }
 
 impl BrokerMetrics {
@@ -425,6 +451,14 @@ impl Metrics {
                 "class",
                 STATUS_CLASSES,
             ),
+            header_timeouts: r.labelled(
+                "sealpost_http_header_timeouts_total",
+                "HTTP connections closed because a request head they had begun was not complete within SEALPOST_HEADER_READ_TIMEOUT (slowloris), by listener.",
+            ),
+            connections_refused: r.labelled(
+                "sealpost_http_connections_refused_total",
+                "HTTP connections closed at accept because their address had SEALPOST_MAX_HTTP_CONNECTIONS_PER_IP open, by listener.",
+            ),
             ws_closed: r.labelled(
                 "sealpost_ws_closed_total",
                 "WebSockets ended, by reason.",
@@ -531,6 +565,14 @@ impl Metrics {
         self.ws_closed.get(reason).increment(1);
     }
 
+    /// What [`crate::http1::serve`] counts of `listener`'s connections.
+    pub fn connections(&self, listener: Listener) -> ConnectionMetrics {
+        ConnectionMetrics {
+            header_timeouts: self.header_timeouts.get(listener).clone(),
+            refused: self.connections_refused.get(listener).clone(),
+        }
+    }
+
     pub fn http_response(&self, status: StatusCode) {
         let class = usize::from(status.as_u16() / 100).clamp(1, STATUS_CLASSES.len());
         self.http_responses[class - 1].increment(1);
@@ -611,8 +653,15 @@ fn key(name: &'static str, label: Option<(&'static str, &'static str)>) -> Key {
 /// Serves `GET /metrics` on `listener` until `stop`, and meanwhile folds
 /// histogram samples into their buckets every [`UPKEEP_INTERVAL`]. Plain
 /// HTTP, and nothing else on this listener: it is for a scraper on a
-/// private network, not for clients.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
+/// private network, not for clients. Its connections have the API's limits
+/// ([`crate::http1`]): the same head timeout and size, and `per_address`.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    limits: http1::Limits,
+    per_address: Arc<HttpConnections>,
+    stop: CancellationToken,
+) {
     let Some(handle) = metrics.handle.clone() else {
         return;
     };
@@ -643,8 +692,14 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: Cancellat
         }),
     );
     let serving = async {
-        let graceful =
-            axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
+        let graceful = http1::serve(
+            listener,
+            app,
+            limits,
+            per_address,
+            metrics.connections(Listener::Metrics),
+            stop.clone().cancelled_owned(),
+        );
         // A scraper that holds its connection open must not hold up the
         // rest of shutdown.
         let finished = async {
@@ -652,11 +707,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: Cancellat
             tokio::time::sleep(STOP_TIMEOUT).await;
         };
         tokio::select! {
-            served = graceful => {
-                if let Err(err) = served {
-                    tracing::error!(error = %err, "the metrics listener failed");
-                }
-            }
+            () = graceful => {}
             () = finished => tracing::warn!("the metrics listener did not stop in time"),
         }
     };
@@ -690,6 +741,10 @@ mod tests {
             "sealpost_auth_failures_total{reason=\"refresh_reuse\"} 0",
             "sealpost_password_hash_wait_seconds_sum 0",
             "sealpost_http_responses_total{class=\"5xx\"} 0",
+            "sealpost_http_header_timeouts_total{listener=\"api\"} 0",
+            "sealpost_http_header_timeouts_total{listener=\"metrics\"} 0",
+            "sealpost_http_connections_refused_total{listener=\"api\"} 0",
+            "sealpost_http_connections_refused_total{listener=\"metrics\"} 0",
             "sealpost_ws_closed_total{reason=\"too_big\"} 0",
             "# TYPE sealpost_push_latency_seconds histogram",
             "# HELP sealpost_ws_closed_total WebSockets ended, by reason.",

@@ -4,8 +4,8 @@
 //! before serde sees it: each `[` or `{` outside a string opens a level. A
 //! hostile body of ten thousand `[` is refused here, in one linear pass with
 //! no allocation, instead of inside the parser, which recurses per level and
-//! builds a value for each. Our protocol nests two levels deep at most
-//! (`{"ids": [...]}`), so the default cap of
+//! builds a value for each. Our protocol nests three levels deep at most
+//! (`{"envelopes": [{...}]}`), so the default cap of
 //! [`SEALPOST_MAX_JSON_DEPTH`](crate::config::Config::max_json_depth) leaves
 //! clients plenty of room.
 //!

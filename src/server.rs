@@ -28,7 +28,7 @@ use crate::auth::sessions::Revocations;
 use crate::auth::token::Tokens;
 use crate::cluster::nats::NatsBroker;
 use crate::cluster::{self, Broker, Node, local::LocalBroker};
-use crate::config::Config;
+use crate::config::{Config, both_names};
 use crate::delivery::committer::Committer;
 use crate::delivery::{self, Delivery};
 use crate::devices::Directory;
@@ -38,7 +38,7 @@ use crate::limits::client_ip::TrustedProxies;
 use crate::limits::connections::HttpConnections;
 use crate::limits::rate::AuthLimit;
 use crate::limits::sockets::SocketCaps;
-use crate::metrics::{self, Metrics};
+use crate::metrics::{self, Listener, Metrics};
 use crate::seal::{self, KeyRing};
 use crate::state::AppState;
 use crate::store::deadline::Deadlined;
@@ -73,7 +73,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
         pool_size: config.db_pool_size(),
     })
     .await
-    .context("opening the database (DATABASE_URL)")?;
+    .with_context(|| format!("opening the database of {}", both_names("DATABASE_URL")))?;
     store.migrate().await.context("migrating the database")?;
     Ok(store)
 }
@@ -98,9 +98,10 @@ async fn check_keys(store: &dyn Store, keys: &KeyRing) -> anyhow::Result<()> {
     if !missing.is_empty() {
         anyhow::bail!(
             "queued messages are sealed with storage key id(s) {missing:?}, which \
-             SEALPOST_STORAGE_KEYS does not hold: add them back after the current key \
+             {} does not hold: add them back after the current key \
              (e.g. `{}:<new>,{}:<old>`) and the sweeper will seal those rows again; nothing \
              was changed",
+            both_names("SEALPOST_STORAGE_KEYS"),
             keys.current(),
             missing[0]
         );
@@ -144,6 +145,12 @@ impl Server {
             _ => None,
         };
         cluster::check(&config).map_err(|message| anyhow::anyhow!(message))?;
+        for warning in config
+            .former_names()
+            .map_err(|message| anyhow::anyhow!(message))?
+        {
+            tracing::warn!("{warning}");
+        }
         let jwt_secret = secret::resolve(config.jwt_secret(), config.database_url())?;
         let keys = Arc::new(seal::resolve(config.storage_keys(), config.database_url())?);
         let store = open_store(&config).await?;
@@ -202,7 +209,7 @@ impl Server {
             send_rate_burst: config.send_rate_burst,
             pair_rate_per_second: config.pair_rate_per_second(),
             pair_rate_burst: config.pair_rate_burst,
-            max_queued_per_user: config.max_queued_per_user,
+            max_queued_per_device: config.max_queued_per_device(),
             max_queued_per_sender: config.max_queued_per_sender,
             max_queued_bytes_per_user: config.max_queued_bytes_per_user,
             deadline: config.db_timeout,
@@ -243,13 +250,11 @@ impl Server {
         );
         let listener = TcpListener::bind(config.addr)
             .await
-            .with_context(|| format!("binding {} (SEALPOST_ADDR)", config.addr))?;
+            .with_context(|| format!("binding {}, {}", config.addr, both_names("SEALPOST_ADDR")))?;
         let metrics_listener = match config.metrics_addr {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding {addr} (SEALPOST_METRICS_ADDR)"))?,
-            ),
+            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+                format!("binding {addr}, {}", both_names("SEALPOST_METRICS_ADDR"))
+            })?),
             None => None,
         };
         let (delivery, revocations) = (Arc::new(delivery), Arc::new(revocations));
@@ -332,10 +337,26 @@ impl Server {
         // scrapes see the drain; the guard stops them on an early return too.
         let metrics_stop = CancellationToken::new();
         let metrics_stopped = metrics_stop.clone().drop_guard();
+        let limits = http1::Limits::new(
+            state.config.header_read_timeout,
+            state.config.max_request_bytes(),
+        );
         let metrics_task = match metrics_listener {
             Some(listener) => {
                 tracing::info!("metrics at http://{}/metrics", listener.local_addr()?);
-                let serving = metrics::serve(listener, state.metrics.clone(), metrics_stop);
+                // Counted apart from the API's: a flood there must not
+                // take the scraper's share, nor the scraper a client's.
+                let per_address = HttpConnections::new(
+                    state.config.max_http_connections_per_ip,
+                    state.proxies.clone(),
+                );
+                let serving = metrics::serve(
+                    listener,
+                    state.metrics.clone(),
+                    limits,
+                    per_address,
+                    metrics_stop,
+                );
                 Some(tokio::spawn(serving))
             }
             None => None,
@@ -349,17 +370,18 @@ impl Server {
             background.clone(),
         ));
         let (sockets, closing) = (state.sockets.clone(), state.shutdown.clone());
-        let limits = http1::Limits::new(
-            state.config.header_read_timeout,
-            state.config.max_request_bytes(),
-        );
+        let counted = state.metrics.connections(Listener::Api);
         let per_address = HttpConnections::new(
             state.config.max_http_connections_per_ip,
             state.proxies.clone(),
         );
+        let demo = state.config.demo;
         let app = api::router(state);
         let scheme = if tls.is_some() { "https" } else { "http" };
         tracing::info!("listening on {scheme}://{addr}");
+        if demo {
+            tracing::info!("demo page at {}", api::demo::url(scheme, addr));
+        }
         let shutdown = async move {
             shutdown.await;
             tracing::info!("shutting down: closing sockets, finishing in-flight work");
@@ -372,12 +394,12 @@ impl Server {
         match tls {
             None => {
                 let listener = listener.tap_io(nodelay);
-                http1::serve(listener, app, limits, per_address, shutdown).await
+                http1::serve(listener, app, limits, per_address, counted, shutdown).await
             }
             Some(acceptor) => {
                 let listener = TlsListener::new(listener, acceptor);
                 let listener = listener.tap_io(|tls| nodelay(tls.get_mut().0));
-                http1::serve(listener, app, limits, per_address, shutdown).await
+                http1::serve(listener, app, limits, per_address, counted, shutdown).await
             }
         }
 

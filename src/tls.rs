@@ -20,6 +20,8 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use crate::config::both_names;
+
 /// How long a client has to complete its handshake. Generous for a phone on
 /// a poor network (a handshake is two round trips); short enough that
 /// sockets opened and left silent are soon closed.
@@ -38,20 +40,23 @@ pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .with_context(|| {
             format!(
-                "reading the TLS certificate {} (SEALPOST_TLS_CERT)",
-                cert.display()
+                "reading the TLS certificate {}, {}",
+                cert.display(),
+                both_names("SEALPOST_TLS_CERT")
             )
         })?;
     if chain.is_empty() {
         anyhow::bail!(
-            "no PEM certificate in {} (SEALPOST_TLS_CERT)",
-            cert.display()
+            "no PEM certificate in {}, {}",
+            cert.display(),
+            both_names("SEALPOST_TLS_CERT")
         );
     }
     let private_key = PrivateKeyDer::from_pem_file(key).with_context(|| {
         format!(
-            "reading the TLS private key {} (SEALPOST_TLS_KEY)",
-            key.display()
+            "reading the TLS private key {}, {}",
+            key.display(),
+            both_names("SEALPOST_TLS_KEY")
         )
     })?;
     // An explicit provider, so nothing depends on a process-wide default.
@@ -63,9 +68,11 @@ pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
         .with_single_cert(chain, private_key)
         .with_context(|| {
             format!(
-                "the TLS key {} does not fit the certificate {} (SEALPOST_TLS_KEY, SEALPOST_TLS_CERT)",
+                "the TLS key {}, {}, does not fit the certificate {}, {}",
                 key.display(),
-                cert.display()
+                both_names("SEALPOST_TLS_KEY"),
+                cert.display(),
+                both_names("SEALPOST_TLS_CERT")
             )
         })?;
     // HTTP/1.1 only: the server does not speak HTTP/2, and WebSocket

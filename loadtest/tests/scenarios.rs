@@ -27,7 +27,7 @@ async fn start(db: &Path, addr: &str) -> Running {
 }
 
 /// As [`start`], with more server arguments (`--metrics-addr A`, or a
-/// limit set back on: `--max-queued-per-user 30`).
+/// limit set back on: `--max-queued-per-device 30`).
 async fn start_with(db: &Path, addr: &str, extra: &[&str]) -> Running {
     let url = format!("sqlite://{}", db.display());
     let base = [
@@ -47,7 +47,7 @@ async fn start_with(db: &Path, addr: &str, extra: &[&str]) -> Running {
         "0",
         "--max-unauthenticated-sockets",
         "0",
-        "--max-queued-per-user",
+        "--max-queued-per-device",
         "0",
     ];
     // A flag in `extra` replaces the base's (clap takes each once).
@@ -807,7 +807,7 @@ async fn attack_inbox_lock_counts_every_send() {
     let server = start_with(
         &fixture.db(),
         "127.0.0.1:0",
-        &["--max-queued-per-user", "30"],
+        &["--max-queued-per-device", "30"],
     )
     .await;
     let result = loadtest(

@@ -35,8 +35,8 @@ pub struct Setting {
     pub env: String,
     pub flag: String,
     pub value: Option<String>,
-    /// `default`, `environment`, `flag`, `unset`, or the `*_FILE` setting
-    /// the value was read from.
+    /// `default`, `environment`, `flag`, `unset`, the `*_FILE` setting the
+    /// value was read from, or the former name it was given under.
     pub source: String,
 }
 
@@ -110,6 +110,14 @@ fn settings(config: &Config, invocation: &Invocation<'_>) -> Vec<Setting> {
 fn setting(config: &Config, arg: &clap::Arg, matches: &ArgMatches) -> Option<Setting> {
     let env = arg.get_env()?.to_string_lossy().into_owned();
     let id = arg.get_id().as_str();
+    // A former name, hidden from `--help`, is listed only when it is used.
+    let given = matches!(
+        matches.value_source(id),
+        Some(ValueSource::EnvVariable | ValueSource::CommandLine)
+    );
+    if arg.is_hide_set() && !given {
+        return None;
+    }
     let flag = arg
         .get_long()
         .map_or_else(String::new, |long| format!("--{long}"));
@@ -159,6 +167,19 @@ fn setting(config: &Config, arg: &clap::Arg, matches: &ArgMatches) -> Option<Set
         "nats_url" => {
             let urls: Vec<String> = config.nats_urls().map(mask_nats_url).collect();
             (!urls.is_empty()).then(|| urls.join(","))
+        }
+        // No clap default (see `Config::former_names`): the one in effect.
+        "max_queued_per_device" => {
+            if raw.is_none() {
+                source = match matches.value_source("max_queued_per_user") {
+                    Some(ValueSource::EnvVariable | ValueSource::CommandLine) => {
+                        "former name (SEALPOST_MAX_QUEUED_PER_USER)"
+                    }
+                    _ => "default",
+                }
+                .to_owned();
+            }
+            Some(config.max_queued_per_device().to_string())
         }
         "db_pool_size" => raw.map(|v| format!("{v} (in effect: {})", config.db_pool_size())),
         "hash_concurrency" => {
@@ -213,6 +234,14 @@ fn checks(config: &Config) -> Vec<Check> {
             "not set: serves plain HTTP, for a TLS-terminating proxy in front".into(),
         ),
     });
+    match config.former_names() {
+        Ok(warnings) => checks.extend(
+            warnings
+                .into_iter()
+                .map(|warning| check(Level::Warning, FORMER_NAMES, warning)),
+        ),
+        Err(message) => checks.push(check(Level::Error, FORMER_NAMES, message)),
+    }
     if config.refresh_token_ttl <= config.access_token_ttl {
         checks.push(check(
             Level::Warning,
@@ -227,6 +256,7 @@ fn checks(config: &Config) -> Vec<Check> {
 
 const TLS: &str = "SEALPOST_TLS_CERT, SEALPOST_TLS_KEY";
 const NATS: &str = "SEALPOST_NATS_URL";
+const FORMER_NAMES: &str = "SEALPOST_MAX_QUEUED_PER_USER";
 
 /// A NATS URL with its password, or its token (userinfo without a colon),
 /// masked.

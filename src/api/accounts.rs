@@ -24,12 +24,15 @@ use crate::auth::confirm::Verdict;
 use crate::auth::password::Caller;
 use crate::auth::sessions::Scope;
 use crate::auth::token::{Tokens, hash_refresh};
+use crate::devices::ChangeReason;
 use crate::error::{Error, Result};
 use crate::limits::client_ip::ClientKey;
 use crate::limits::rate::AuthLimit;
 use crate::metrics::{AuthFailure, Limited};
 use crate::state::AppState;
-use crate::store::{self, Device, DeviceId, RefreshToken, Rotation, SessionStart, User, Verified};
+use crate::store::{
+    self, Device, DeviceId, NewSession, RefreshToken, Rotation, SessionStart, User, Verified,
+};
 
 pub fn router(auth_limit: Option<AuthLimit>) -> Router<AppState> {
     // Every route that hashes a password.
@@ -118,13 +121,35 @@ impl Profile {
     }
 }
 
+/// A new account: its profile, as `GET /v1/me` shows it from device 1,
+/// and the token pair of device 1's first session, so that signing up
+/// costs one password hash and one auth-limit token, not a login more.
+#[derive(Serialize, ToSchema)]
+struct Registered {
+    id: Uuid,
+    username: String,
+    /// Device 1's key, as registered.
+    public_key: String,
+    #[serde(serialize_with = "crate::wire::timestamp")]
+    created_at: DateTime<Utc>,
+    /// Always 1.
+    device_id: DeviceId,
+    /// The same as `id`, as every token pair says it.
+    user_id: Uuid,
+    access_token: String,
+    token_type: &'static str,
+    /// Seconds until the access token expires.
+    expires_in: u64,
+    refresh_token: String,
+}
+
 #[utoipa::path(post, path = "/v1/register", tag = "accounts", request_body = Register,
-    responses((status = 201, description = "The account, with its first device (device 1).", body = Profile), crate::api::openapi::Errors))]
+    responses((status = 201, description = "The account, with its first device (device 1) and a token pair for a session of it.", body = Registered), crate::api::openapi::Errors))]
 async fn register(
     State(state): State<AppState>,
     ClientKey(client): ClientKey,
     ApiJson(request): ApiJson<Register>,
-) -> Result<(StatusCode, Json<Profile>)> {
+) -> Result<(StatusCode, Json<Registered>)> {
     validate_username(&request.username)?;
     validate_password(&request.password)?;
     let public_key = parse_public_key(&request.public_key)?;
@@ -151,12 +176,42 @@ async fn register(
         created_at: now,
         last_seen_at: now,
     };
+    // The account and its first session in one transaction, as adding a
+    // device does.
+    let refresh = Tokens::new_refresh();
+    let session = NewSession {
+        hash: refresh.hash,
+        family_id: Uuid::new_v4(),
+        expires_at: store::add(now, state.tokens.refresh_ttl),
+    };
     state
         .store
-        .create_user(&user, &password_hash, &device)
+        .create_user(&user, &password_hash, &device, &session)
         .await?;
     tracing::info!(user.id = %user.id, "registered");
-    Ok((StatusCode::CREATED, Json(Profile::of(user, &device))))
+    let pair = token_pair(&state, user.id, device.id, session.family_id, refresh.token)?;
+    let Profile {
+        id,
+        username,
+        public_key,
+        created_at,
+        device_id,
+    } = Profile::of(user, &device);
+    Ok((
+        StatusCode::CREATED,
+        Json(Registered {
+            id,
+            username,
+            public_key,
+            created_at,
+            device_id,
+            user_id: pair.user_id,
+            access_token: pair.access_token,
+            token_type: pair.token_type,
+            expires_in: pair.expires_in,
+            refresh_token: pair.refresh_token,
+        }),
+    ))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -233,6 +288,8 @@ pub(super) struct TokenPair {
     /// Seconds until the access token expires.
     expires_in: u64,
     refresh_token: String,
+    /// The account the session belongs to.
+    user_id: Uuid,
     /// The device the session belongs to.
     device_id: DeviceId,
 }
@@ -253,6 +310,12 @@ async fn login(
     let account = check_credentials(&state, caller, &login.username, login.password).await?;
     let pair = start_session(&state, account, device).await?;
     tracing::info!(user.id = %account.user_id, device, "logged in");
+    // A password holder can open a session of any device: the account's
+    // other devices are told, so that a take-over is seen.
+    let devices = super::devices::device_list(&state, account.user_id).await;
+    state
+        .delivery
+        .device_updated(account.user_id, device, ChangeReason::Login, devices);
     Ok(Json(pair))
 }
 
@@ -350,6 +413,7 @@ pub(super) fn token_pair(
         token_type: "bearer",
         expires_in: state.tokens.access_ttl.as_secs(),
         refresh_token,
+        user_id,
         device_id: device,
     })
 }
@@ -359,20 +423,27 @@ struct Refresh {
     refresh_token: String,
 }
 
+/// Trades a refresh token for a new pair. The token just replaced is good
+/// once more, and again, within `SEALPOST_REFRESH_GRACE` of its rotation
+/// while its replacement is unused: answered with that same replacement,
+/// for a client that lost the answer (see [`Tokens::successor`]).
 #[utoipa::path(post, path = "/v1/token/refresh", tag = "accounts", request_body = Refresh,
-    responses((status = 200, description = "A new token pair; the presented refresh token is spent.", body = TokenPair), crate::api::openapi::Errors))]
+    responses((status = 200, description = "A new token pair; the presented refresh token is spent. Presented again within the refresh grace, before the new one is used: the same pair.", body = TokenPair), crate::api::openapi::Errors))]
 async fn refresh(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<Refresh>,
 ) -> Result<Json<TokenPair>> {
     let now = store::now();
-    let next = Tokens::new_refresh();
+    let next = state.tokens.successor(&request.refresh_token);
+    let grace = state.config.refresh_grace;
+    let grace_from = (!grace.is_zero()).then(|| store::sub(now, grace));
     let rotation = state
         .store
         .rotate_refresh_token(
             &hash_refresh(&request.refresh_token),
             &next.hash,
             store::add(now, state.tokens.refresh_ttl),
+            grace_from,
             now,
         )
         .await?;
@@ -384,6 +455,16 @@ async fn refresh(
         } => Ok(Json(token_pair(
             &state, user_id, device, family_id, next.token,
         )?)),
+        Rotation::Replayed {
+            user_id,
+            device,
+            family_id,
+        } => {
+            tracing::info!(user.id = %user_id, device, "refresh token presented again within the grace: the same pair");
+            Ok(Json(token_pair(
+                &state, user_id, device, family_id, next.token,
+            )?))
+        }
         Rotation::Reused { user_id, revoked } => {
             tracing::warn!(user.id = %user_id, "refresh token reused: revoking every session of the user");
             state.metrics.auth_failed(AuthFailure::RefreshReuse);

@@ -12,6 +12,8 @@
 //! origin, no frames, no forms posted elsewhere. The rest of the API keeps
 //! its `default-src 'none'`.
 
+use std::net::SocketAddr;
+
 use axum::Router;
 use axum::extract::Path;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
@@ -60,6 +62,17 @@ pub fn router() -> Router<AppState> {
         .layer(set(header::CACHE_CONTROL, "no-cache"))
 }
 
+/// Where a browser on this machine finds the page, said at start-up: the
+/// listening address, with `localhost` for an unspecified one (`0.0.0.0`,
+/// `[::]`), which a browser cannot open.
+pub fn url(scheme: &str, addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("{scheme}://localhost:{}/demo/", addr.port())
+    } else {
+        format!("{scheme}://{addr}/demo/")
+    }
+}
+
 fn set(name: HeaderName, value: &'static str) -> SetResponseHeaderLayer<HeaderValue> {
     SetResponseHeaderLayer::overriding(name, HeaderValue::from_static(value))
 }
@@ -84,5 +97,23 @@ fn file<E: RustEmbed>(path: &str) -> Response {
                 .into_response()
         }
         None => Error::NotFound("file").into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_url_is_one_a_browser_opens() {
+        let at = |a: &str| url("http", a.parse().unwrap());
+        assert_eq!(at("127.0.0.1:8080"), "http://127.0.0.1:8080/demo/");
+        assert_eq!(at("0.0.0.0:8080"), "http://localhost:8080/demo/");
+        assert_eq!(at("[::]:443"), "http://localhost:443/demo/");
+        assert_eq!(at("[::1]:8080"), "http://[::1]:8080/demo/");
+        assert_eq!(
+            url("https", "10.0.0.5:8443".parse().unwrap()),
+            "https://10.0.0.5:8443/demo/"
+        );
     }
 }

@@ -6,9 +6,10 @@
 //! has none yet), and sits behind the per-IP auth rate limit like login.
 //! Removing one takes a token and the password: behind the same limit, and
 //! under [`crate::auth::confirm`]'s rules, after the device is found.
-//! Every change to the list reaches the account's sockets at once as a
-//! `devices_changed` frame: a device that appears unexpectedly is how a
-//! user notices a stolen password.
+//! Every change to the list, and every login to or key change of one of
+//! its devices, reaches the account's other devices' sockets at once as a
+//! `devices_changed` frame: a device that appears unexpectedly, or one
+//! signed in to from elsewhere, is how a user notices a stolen password.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -109,7 +110,7 @@ async fn add_device(
     };
     tracing::info!(user.id = %user, device = device.id, "device added");
     let devices = device_list(&state, user).await;
-    state.delivery.device_added(user, devices);
+    state.delivery.device_added(user, device.id, devices);
     // The new device's number and its first session, in the shape of login.
     let pair = token_pair(&state, user, device.id, session.family_id, refresh.token)?;
     Ok((StatusCode::CREATED, Json(pair)))
@@ -117,7 +118,7 @@ async fn add_device(
 
 /// The account's device numbers after a change, to announce; `None` if they
 /// cannot be read, which costs only the frame: the change has committed.
-async fn device_list(state: &AppState, user: Uuid) -> Option<Arc<[DeviceId]>> {
+pub(super) async fn device_list(state: &AppState, user: Uuid) -> Option<Arc<[DeviceId]>> {
     state
         .store
         .device_ids(user)
@@ -280,10 +281,14 @@ async fn remove(
 }
 
 /// Another account's devices with their keys: what a sender encrypts to.
-/// No names: those are the account's own.
+/// No device names: those are the account's own. The account's username
+/// is public (anyone signed in can look it up), and with it a receiver
+/// can name a sender it has only seen by id.
 #[derive(Serialize, ToSchema)]
 struct Directory {
     user_id: Uuid,
+    /// As registered.
+    username: String,
     devices: Vec<KeyEntry>,
 }
 
@@ -304,12 +309,19 @@ async fn directory(
     ApiPath(user): ApiPath<String>,
 ) -> Result<Json<Directory>> {
     let user_id = parse_id("user_id", &user)?;
+    let account = state
+        .store
+        .user(user_id)
+        .await?
+        .ok_or(Error::NotFound("user"))?;
     let devices = state.store.devices(user_id).await?;
+    // Deleted between the two reads.
     if devices.is_empty() {
         return Err(Error::NotFound("user"));
     }
     Ok(Json(Directory {
         user_id,
+        username: account.username,
         devices: devices
             .into_iter()
             .map(|d| KeyEntry {

@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use super::{ApiJson, ApiPath};
 use crate::auth::AuthUser;
+use crate::devices::ChangeReason;
 use crate::error::{Error, Result};
 use crate::state::AppState;
 use crate::store::{self, Device, DeviceId};
@@ -165,7 +166,8 @@ async fn update_key(
 
 /// Replaces the calling device's key: only a device itself may change its
 /// key, so that a stolen token of one device cannot redirect what peers
-/// encrypt to another.
+/// encrypt to another. The account's other devices are told
+/// (`devices_changed`, reason `key`).
 pub(super) async fn set_own_key(
     state: &AppState,
     caller: &AuthUser,
@@ -177,5 +179,12 @@ pub(super) async fn set_own_key(
         .set_device_key(caller.id, caller.device, &key, store::now())
         .await?
         .ok_or(Error::Unauthorized("device no longer exists"))?;
+    // Peers encrypt to the new key from their next directory fetch; the
+    // account's other devices are told now, as a key replaced by someone
+    // holding a stolen token would otherwise go unseen.
+    let devices = super::devices::device_list(state, caller.id).await;
+    state
+        .delivery
+        .device_updated(caller.id, caller.device, ChangeReason::Key, devices);
     Ok(Json(KeyView::of(caller.id, &device)))
 }

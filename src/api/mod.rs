@@ -7,11 +7,12 @@
 
 pub mod accounts;
 pub mod body;
-mod demo;
+pub mod demo;
 mod devices;
 mod headers;
 mod health;
 mod keys;
+mod limits;
 pub mod messages;
 pub mod openapi;
 
@@ -47,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .merge(devices::router(state.auth_limit.clone()))
         .merge(messages::router(send_limit))
         .merge(health::router())
+        .merge(limits::router())
         .merge(openapi::router())
         .merge(crate::ws::router())
         .fallback(|| async { Error::NotFound("route") })

@@ -15,11 +15,12 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use bytes::Bytes;
+use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
+use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Response, ResponseBuilder, Type};
 use utoipa::{IntoResponses, Modify, OpenApi, ToSchema};
 
-use super::{accounts, devices, health, keys, messages};
+use super::{accounts, devices, health, keys, limits, messages};
 use crate::error::{ErrorBody, ErrorDetail};
 use crate::state::AppState;
 
@@ -56,6 +57,7 @@ use crate::state::AppState;
         messages::delivered,
         health::healthz,
         health::readyz,
+        limits::limits,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&BearerAuth),
@@ -65,6 +67,7 @@ use crate::state::AppState;
         (name = "keys", description = "Looking users up, and the single-key endpoints of before devices."),
         (name = "messages", description = "Sending, and the REST path of a device's queue."),
         (name = "health", description = "Probes for load balancers and orchestrators."),
+        (name = "limits", description = "The limits this server enforces, for clients to check against before they send."),
     ),
 )]
 struct ApiDoc;
@@ -100,12 +103,26 @@ impl IntoResponses for Errors {
                 .schema(Some(Ref::from_schema_name(ErrorBody::name())))
                 .build()
         };
+        // On every 429 and 503: when to try again.
+        let retry_after = || {
+            HeaderBuilder::new()
+                .schema(Some(
+                    ObjectBuilder::new()
+                        .schema_type(Type::Integer)
+                        .minimum(Some(1)),
+                ))
+                .description(Some(
+                    "With 429 and 503: whole seconds to wait before trying again, at least 1.",
+                ))
+                .build()
+        };
         BTreeMap::from([
             (
                 "4XX".to_owned(),
                 ResponseBuilder::new()
                     .description("Refused: the error body says why (`code`, and `field` for a field at fault).")
                     .content("application/json", body())
+                    .header("Retry-After", retry_after())
                     .build()
                     .into(),
             ),
@@ -114,6 +131,7 @@ impl IntoResponses for Errors {
                 ResponseBuilder::new()
                     .description("`unavailable` (503: retry later) or `internal` (500).")
                     .content("application/json", body())
+                    .header("Retry-After", retry_after())
                     .build()
                     .into(),
             ),

@@ -4,15 +4,26 @@
 //! session id (`sid`, the refresh-token family it was issued from), so that
 //! a later revocation of a session can find its tokens and sockets. A token
 //! without `dev` was issued before devices existed and belongs to device 1,
-//! where the upgrade moved every session. Refresh tokens are 256 random bits
+//! where the upgrade moved every session. Refresh tokens are 256 bits
 //! shown to the client once; the store keeps only their SHA-256, which is
 //! enough for a secret with that much entropy.
+//!
+//! A session's first refresh token is random; each later one is its
+//! predecessor's [`Tokens::successor`]: an HMAC of the predecessor under a
+//! key derived from the signing secret. That is what lets a refresh whose
+//! answer was lost be answered again with the same pair within
+//! `SEALPOST_REFRESH_GRACE` ([`crate::store::Rotation::Replayed`]): any
+//! node of a cluster recomputes the successor from the token presented
+//! (they share the secret), and the store still holds only hashes. Without
+//! the secret a successor is as unguessable as a random token; with it, a
+//! holder of the signing key can mint access tokens anyway.
 
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -43,9 +54,18 @@ pub struct Tokens {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    /// Derives each refresh token from the one it replaces; a key of its
+    /// own, derived from the signing secret, so that no JWT signature is
+    /// ever a refresh token or the other way round.
+    successor: Hmac<Sha256>,
     pub access_ttl: Duration,
     pub refresh_ttl: Duration,
 }
+
+/// What the successor key is derived for: changing it would change every
+/// successor, and a refresh replayed across the change would be taken for
+/// a reuse.
+const SUCCESSOR_LABEL: &[u8] = b"sealpost refresh-token successor v1";
 
 /// A newly minted refresh token: `token` goes to the client, `hash` to the
 /// store.
@@ -61,10 +81,16 @@ impl Tokens {
         // is expired, with no grace period.
         validation.leeway = 0;
         validation.set_required_spec_claims(&["exp", "sub"]);
+        let mut derive =
+            Hmac::<Sha256>::new_from_slice(secret.expose()).expect("HMAC takes any key length");
+        derive.update(SUCCESSOR_LABEL);
+        let successor = Hmac::<Sha256>::new_from_slice(&derive.finalize().into_bytes())
+            .expect("HMAC takes any key length");
         Self {
             encoding: EncodingKey::from_secret(secret.expose()),
             decoding: DecodingKey::from_secret(secret.expose()),
             validation,
+            successor,
             access_ttl,
             refresh_ttl,
         }
@@ -110,8 +136,22 @@ impl Tokens {
         Ok(claims)
     }
 
+    /// A random refresh token: the first of a session.
     pub fn new_refresh() -> NewRefreshToken {
         let bytes: [u8; 32] = rand::random();
+        Self::refresh_of(bytes)
+    }
+
+    /// The refresh token that replaces `presented` at its rotation: the
+    /// same for the same token on every node, so that a replay within the
+    /// grace can be answered with it again.
+    pub fn successor(&self, presented: &str) -> NewRefreshToken {
+        let mut mac = self.successor.clone();
+        mac.update(presented.as_bytes());
+        Self::refresh_of(mac.finalize().into_bytes().into())
+    }
+
+    fn refresh_of(bytes: [u8; 32]) -> NewRefreshToken {
         let token = URL_SAFE_NO_PAD.encode(bytes);
         let hash = hash_refresh(&token);
         NewRefreshToken { token, hash }
@@ -205,6 +245,24 @@ mod tests {
         assert!(tokens.verify_access_at(&jwt, at(-1)).is_ok());
         assert!(tokens.verify_access_at(&jwt, at(0)).is_err());
         assert!(tokens.verify_access_at(&jwt, at(999)).is_err());
+    }
+
+    #[test]
+    fn a_successor_is_fixed_by_its_token_and_the_secret() {
+        let tokens = tokens(Duration::from_secs(60));
+        let first = Tokens::new_refresh();
+        let next = tokens.successor(&first.token);
+        assert_eq!(next.token, tokens.successor(&first.token).token);
+        assert_eq!(hash_refresh(&next.token), next.hash);
+        assert_eq!(next.token.len(), 43);
+        assert_ne!(next.token, first.token);
+        assert_ne!(tokens.successor(&next.token).token, next.token);
+        let other = Tokens::new(
+            &Secret::new("o".repeat(32)),
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        );
+        assert_ne!(other.successor(&first.token).token, next.token);
     }
 
     #[test]

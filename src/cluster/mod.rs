@@ -69,6 +69,7 @@ use uuid::Uuid;
 
 use crate::auth::sessions::Revocations;
 use crate::delivery::Delivery;
+use crate::devices::DevicesChange;
 use crate::hub::{Event, Hub, Kick, Outbound, Receipt};
 use crate::metrics::{Metrics, Traffic};
 use crate::store::{self, DeviceId, Message};
@@ -105,8 +106,9 @@ impl Status {
 pub enum Notice {
     /// To the sender's account: a device of the recipient acked.
     Receipt(Receipt),
-    /// The account's device numbers after a change.
-    Devices(Arc<[DeviceId]>),
+    /// A change of the account's devices: its device numbers now, and
+    /// which device it was about.
+    Devices(DevicesChange),
     /// An exclusive socket of this device opened: older ones close (4409).
     Displace(DeviceId),
 }
@@ -242,8 +244,9 @@ impl Node {
             Notice::Receipt(receipt) => {
                 self.hub.notify(user, Event::Receipt(Box::new(receipt)));
             }
-            Notice::Devices(devices) => {
-                self.hub.notify(user, Event::DevicesChanged(devices));
+            Notice::Devices(change) => {
+                self.hub
+                    .notify(user, Event::DevicesChanged(Box::new(change)));
             }
             Notice::Displace(device) => {
                 let displaced = self.hub.kick_device(user, device, Kick::Displaced);
@@ -304,11 +307,12 @@ pub fn check(config: &crate::Config) -> Result<String, String> {
         return Ok("not set: one node (the local broker)".into());
     }
     if !store::is_postgres(config.database_url()) {
-        return Err(
-            "SQLite is single-node: SEALPOST_NATS_URL joins nodes that share one PostgreSQL \
-             database; unset it, or set DATABASE_URL to PostgreSQL"
-                .into(),
-        );
+        return Err(format!(
+            "SQLite is single-node: {} joins nodes that share one PostgreSQL database; \
+             unset it, or set {} to PostgreSQL",
+            crate::config::both_names("SEALPOST_NATS_URL"),
+            crate::config::both_names("DATABASE_URL"),
+        ));
     }
     Ok(format!(
         "a cluster node over NATS ({} server(s)), subjects under `{}.`",

@@ -36,7 +36,7 @@ use uuid::Uuid;
 
 use super::wire::{ForUser, Wire};
 use super::{Announce, Broker, Interest, Node, Notice, Push, Status};
-use crate::config::Config;
+use crate::config::{Config, both_names};
 use crate::metrics::{Metrics, Traffic};
 
 /// How often the client pings the server. A silent network failure is
@@ -140,8 +140,9 @@ impl NatsBroker {
                 .await
                 .map_err(|err| {
                     anyhow::anyhow!(
-                        "reading SEALPOST_NATS_CREDENTIALS {}: {err}",
-                        path.display()
+                        "reading the NATS credentials {}, {}: {err}",
+                        path.display(),
+                        both_names("SEALPOST_NATS_CREDENTIALS")
                     )
                 })?,
             None => ConnectOptions::new(),
@@ -171,7 +172,7 @@ impl NatsBroker {
         let client = options
             .connect(urls.as_slice())
             .await
-            .map_err(|err| anyhow::anyhow!("SEALPOST_NATS_URL: {err}"))?;
+            .map_err(|err| anyhow::anyhow!("{}: {err}", both_names("SEALPOST_NATS_URL")))?;
         let cluster = client
             .subscribe(cluster_subject(&config.nats_subject_prefix))
             .await

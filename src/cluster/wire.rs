@@ -18,6 +18,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use uuid::Uuid;
 
 use super::{Announce, Notice};
+use crate::devices::{ChangeReason, DevicesChange};
 use crate::hub::Receipt;
 use crate::store::{DeviceId, Message};
 
@@ -83,6 +84,12 @@ pub(super) enum Wire {
     },
     Devices {
         devices: Vec<DeviceId>,
+        /// The device the change is about; absent from a node of before
+        /// it was carried.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device: Option<DeviceId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<ChangeReason>,
     },
     Displace {
         device: DeviceId,
@@ -122,8 +129,10 @@ impl Wire {
                 to: r.to,
                 device: r.device,
             },
-            Notice::Devices(devices) => Wire::Devices {
-                devices: devices.to_vec(),
+            Notice::Devices(change) => Wire::Devices {
+                devices: change.devices.to_vec(),
+                device: change.about.map(|(device, _)| device),
+                reason: change.about.map(|(_, reason)| reason),
             },
             Notice::Displace(device) => Wire::Displace { device },
         }
@@ -181,7 +190,14 @@ impl Wire {
             Wire::Receipt { id, to, device } => {
                 ForUser::Notice(Notice::Receipt(Receipt { id, to, device }))
             }
-            Wire::Devices { devices } => ForUser::Notice(Notice::Devices(devices.into())),
+            Wire::Devices {
+                devices,
+                device,
+                reason,
+            } => ForUser::Notice(Notice::Devices(DevicesChange {
+                devices: devices.into(),
+                about: device.zip(reason),
+            })),
             Wire::Displace { device } => ForUser::Notice(Notice::Displace(device)),
             Wire::Wake { since } => ForUser::Wake(since),
             Wire::Directory {
@@ -273,5 +289,29 @@ mod tests {
         assert_eq!(back.accepted, push.accepted);
         assert_eq!(back.copies[0].body, vec![0, 255, 7]);
         assert!(Wire::decode(br#"{"type":"from_the_future"}"#).is_err());
+    }
+
+    #[test]
+    fn a_device_change_says_which_device_and_why_and_an_old_one_still_reads() {
+        let change = DevicesChange {
+            devices: vec![1, 3].into(),
+            about: Some((3, ChangeReason::Login)),
+        };
+        let encoded = Wire::notice(Notice::Devices(change)).encode();
+        let value: serde_json::Value = serde_json::from_slice(&encoded).unwrap();
+        assert_eq!(value["device"], 3, "{value}");
+        assert_eq!(value["reason"], "login", "{value}");
+        let Ok(ForUser::Notice(Notice::Devices(back))) = Wire::decode(&encoded).unwrap().sort()
+        else {
+            panic!("expected a devices notice");
+        };
+        assert_eq!(*back.devices, [1, 3]);
+        assert_eq!(back.about, Some((3, ChangeReason::Login)));
+        // From a node of before: the list alone.
+        let old = br#"{"type":"devices","devices":[1,2]}"#;
+        let Ok(ForUser::Notice(Notice::Devices(back))) = Wire::decode(old).unwrap().sort() else {
+            panic!("expected a devices notice");
+        };
+        assert_eq!((&*back.devices, back.about), (&[1, 2][..], None));
     }
 }

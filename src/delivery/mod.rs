@@ -64,11 +64,12 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::cluster::{Announce, Broker, Interest, Notice, Push};
-use crate::devices::{self, Directory};
+use crate::devices::{self, ChangeReason, DevicesChange, Directory};
 use crate::error::{Error, Result};
 use crate::hub::{Event, Hub, Kick, Outbound, Receipt, Registration};
 use crate::limits::queue::{Charge, QueueCaps, QueueLimits};
 use crate::limits::rate::{PairBudget, SendBudget};
+use crate::logging::Throttle;
 use crate::metrics::{Kind, Limited, Metrics};
 use crate::seal::{KeyRing, SEAL_OVERHEAD};
 use crate::store::{self, DeviceId, Message, Queue, SendKey};
@@ -115,6 +116,10 @@ pub const DRAIN_WAIT: Duration = Duration::from_secs(10);
 /// on two cores. Measured with a 10 s wait, such a storm refused 37,524
 /// drains, each a reconnect and a fresh wait.
 pub const SOCKET_DRAIN_WAIT: Duration = Duration::from_secs(60);
+
+/// How often a failed backlog read is logged at most
+/// ([`Delivery::backlog_failed`]): a storm of a minute writes six lines.
+const BACKLOG_FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Who reads a page: the device, and the client's address (its
 /// per-address limit key), each charged a share of the drain budget.
@@ -174,6 +179,8 @@ pub struct Delivery {
     drains: DrainBudget,
     /// [`DRAIN_READS`]: backlog pages being read from the store.
     drain_reads: Arc<Semaphore>,
+    /// The warnings of sockets' failed backlog reads ([`Delivery::backlog_failed`]).
+    backlog_failures: Throttle,
 }
 
 /// One page of a device's queue.
@@ -294,7 +301,7 @@ pub struct Limits {
     pub send_rate_burst: u32,
     pub pair_rate_per_second: u32,
     pub pair_rate_burst: u32,
-    pub max_queued_per_user: u32,
+    pub max_queued_per_device: u32,
     pub max_queued_per_sender: u32,
     pub max_queued_bytes_per_user: u64,
     /// How long a send or an ack may wait for its write
@@ -332,7 +339,7 @@ impl Delivery {
             pairs: PairBudget::new(limits.pair_rate_per_second, limits.pair_rate_burst),
             queues: Arc::new(QueueCaps::new(
                 QueueLimits {
-                    per_device: limits.max_queued_per_user,
+                    per_device: limits.max_queued_per_device,
                     per_sender: limits.max_queued_per_sender,
                     bytes_per_user: limits.max_queued_bytes_per_user,
                 },
@@ -346,6 +353,20 @@ impl Delivery {
             flights: Arc::default(),
             drains: DrainBudget::new(limits.drain_budget, limits.drain_share),
             drain_reads: Arc::new(Semaphore::new(DRAIN_READS)),
+            backlog_failures: Throttle::new(BACKLOG_FAILURE_LOG_EVERY),
+        }
+    }
+
+    /// Logs that a socket's backlog read failed (the socket is then closed
+    /// to reconnect): refused for want of a turn or of room in the drain
+    /// budget ([`SOCKET_DRAIN_WAIT`]), or a database that failed. Both come
+    /// in floods: a reconnect storm refused 37,524 drains in minutes, each
+    /// a line. So at most one line per [`BACKLOG_FAILURE_LOG_EVERY`], with
+    /// the number held back; `sealpost_drains_refused_total` counts every
+    /// refusal.
+    pub fn backlog_failed(&self, user: Uuid, err: &Error) {
+        if let Some(held_back) = self.backlog_failures.admit() {
+            tracing::warn!(user.id = %user, error = %err, held_back, "backlog read failed");
         }
     }
 
@@ -378,6 +399,15 @@ impl Delivery {
         match (body, envelopes) {
             (Some(body), None) => Ok(Content::Same(self.decode_body("body", body)?)),
             (None, Some(envelopes)) => {
+                // A send that reaches no device: refused before it is
+                // charged to any budget (the caller decodes before it
+                // sends), so a client's mistake costs it nothing.
+                if envelopes.len() == 0 {
+                    return Err(Error::field(
+                        "envelopes",
+                        "must hold at least one envelope: a send to no device is no send",
+                    ));
+                }
                 if envelopes.len() > self.max_envelopes {
                     return Err(Error::field(
                         "envelopes",
@@ -407,8 +437,8 @@ impl Delivery {
     /// Checks the envelopes against the recipient's devices before anything
     /// is assigned; returns the recipient's device list as the directory
     /// holds it (to check again under the order lock) and the devices the
-    /// message goes to (none for envelopes to yourself from your only
-    /// device).
+    /// message goes to (never none: an empty list of envelopes is refused
+    /// when decoded, and one to yourself from your only device is `extra`).
     async fn targets(
         &self,
         from: Address,
@@ -997,18 +1027,57 @@ impl Delivery {
     /// list from now on, and every socket of the account is told which
     /// devices it has (`None` when the list could not be read back: they
     /// learn it from their next `409 devices_changed`).
-    pub fn device_added(&self, user: Uuid, devices: Option<Arc<[DeviceId]>>) {
+    pub fn device_added(&self, user: Uuid, device: DeviceId, devices: Option<Arc<[DeviceId]>>) {
         self.directory.changed(user);
         self.broker.announce(Announce::Directory {
             user,
             removed: None,
             deleted: false,
         });
-        if let Some(devices) = devices {
-            self.hub
-                .notify(user, Event::DevicesChanged(devices.clone()));
-            self.broker.notify(user, Notice::Devices(devices));
-        }
+        self.tell_account(user, device, ChangeReason::Added, devices);
+    }
+
+    /// A device was signed in to with the password, or given a new key
+    /// (committed): its number did not change, so sends are checked as
+    /// before, but the account's other devices are told, here and on
+    /// every node. Someone who has the password can take a device over
+    /// this way; its owner's other devices are how they notice.
+    pub fn device_updated(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        reason: ChangeReason,
+        devices: Option<Arc<[DeviceId]>>,
+    ) {
+        self.tell_account(user, device, reason, devices);
+    }
+
+    /// Tells every socket of the account, here and on every node, what
+    /// happened to `device`; its own sockets skip it (see
+    /// [`DevicesChange::tells`]). Nothing when the list is unknown.
+    fn tell_account(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        reason: ChangeReason,
+        devices: Option<Arc<[DeviceId]>>,
+    ) {
+        let Some(devices) = devices else {
+            return;
+        };
+        let change = DevicesChange {
+            devices,
+            about: Some((device, reason)),
+        };
+        self.hub
+            .notify(user, Event::DevicesChanged(Box::new(change.clone())));
+        self.broker.notify(user, Notice::Devices(change));
+    }
+
+    /// The account's device numbers, ascending, as sends are checked
+    /// against them here (the directory: no query while cached).
+    pub async fn devices(&self, user: Uuid) -> Result<Arc<[DeviceId]>> {
+        self.directory.devices(user).await
     }
 
     /// A device was removed with its queue (committed): sends are checked
@@ -1027,11 +1096,7 @@ impl Delivery {
             deleted: false,
         });
         self.purge_stragglers(user, Some(device)).await;
-        if let Some(devices) = devices {
-            self.hub
-                .notify(user, Event::DevicesChanged(devices.clone()));
-            self.broker.notify(user, Notice::Devices(devices));
-        }
+        self.tell_account(user, device, ChangeReason::Removed, devices);
     }
 
     /// The account was deleted with its queues (committed): copies enqueued
@@ -1422,7 +1487,7 @@ mod tests {
             send_rate_burst: 1,
             pair_rate_per_second: 0,
             pair_rate_burst: 1,
-            max_queued_per_user: 0,
+            max_queued_per_device: 0,
             max_queued_per_sender: 0,
             max_queued_bytes_per_user: 0,
             deadline,

@@ -9,9 +9,11 @@
 //!   hash a password (tower-governor), the per-account budget of password
 //!   checks, and the per-user and per-pair send budgets shared by REST and
 //!   WebSocket.
-//! - [`queue`]: the cap on messages queued for one recipient.
+//! - [`queue`]: the caps on what is queued for one recipient: messages per
+//!   device, a sender's share of them, bytes per account.
 //! - [`sockets`]: caps on WebSockets per IP and on unauthenticated sockets.
-//!   (The per-user cap lives in the hub, which counts a user's sockets.)
+//!   (The per-device cap lives in the hub, which counts a device's
+//!   sockets.)
 //!
 //! Every limit answers with an [`Error`](crate::error::Error) whose code
 //! names it (`rate_limited`, `queue_full`, `too_many_connections`); none

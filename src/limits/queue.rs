@@ -1,6 +1,6 @@
 //! The caps on what waits for a recipient: messages per device queue
-//! (`SEALPOST_MAX_QUEUED_PER_USER`, which counts each device's queue on its
-//! own), a sender's share of one device's queue
+//! (`SEALPOST_MAX_QUEUED_PER_DEVICE`, which counts each device's queue on
+//! its own), a sender's share of one device's queue
 //! (`SEALPOST_MAX_QUEUED_PER_SENDER`), and stored bytes per account
 //! (`SEALPOST_MAX_QUEUED_BYTES_PER_USER`). A flood aimed at one user, or a
 //! device that never comes back, cannot grow the queue without bound; and

@@ -3,8 +3,8 @@
 //! authenticated yet, server-wide (`SEALPOST_MAX_UNAUTHENTICATED_SOCKETS`)
 //! and per client address (`SEALPOST_MAX_UNAUTHENTICATED_SOCKETS_PER_IP`).
 //! All are checked before the upgrade, so a refused client gets an HTTP 429
-//! and costs no socket task. The per-user cap is the hub's (it counts a
-//! user's sockets under the same lock that registers them).
+//! and costs no socket task. The per-device cap is the hub's (it counts a
+//! device's sockets under the same lock that registers them).
 //!
 //! The server-wide pool of waiting slots protects the server from everyone
 //! and no one from anyone: one address could take all of it and lock every

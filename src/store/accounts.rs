@@ -131,7 +131,9 @@ pub trait DeviceIds: Send + Sync + 'static {
 
 #[async_trait]
 pub trait Accounts: DeviceIds {
-    /// Creates an account with its first device (number 1),
+    /// Creates an account with its first device (number 1) and that
+    /// device's first session, in one transaction (a client whose reply is
+    /// lost finds no account left behind without a session),
     /// [`super::StoreError::UsernameTaken`] if the name is in use in any
     /// letter case, or one with the same [`username_skeleton`] is.
     async fn create_user(
@@ -139,6 +141,7 @@ pub trait Accounts: DeviceIds {
         user: &User,
         password_hash: &str,
         device: &Device,
+        session: &NewSession,
     ) -> StoreResult<()>;
 
     async fn user(&self, id: Uuid) -> StoreResult<Option<User>>;

@@ -170,7 +170,7 @@ deadlined!(DeviceIds {
 });
 
 deadlined!(Accounts {
-    request fn create_user(&self, user: &User, password_hash: &str, device: &Device) -> StoreResult<()>;
+    request fn create_user(&self, user: &User, password_hash: &str, device: &Device, session: &NewSession) -> StoreResult<()>;
     request fn user(&self, id: Uuid) -> StoreResult<Option<User>>;
     request fn user_by_name(&self, username: &str) -> StoreResult<Option<User>>;
     request fn name_taken(&self, username: &str) -> StoreResult<bool>;
@@ -200,6 +200,7 @@ deadlined!(Sessions {
         presented: &[u8; 32],
         next_hash: &[u8; 32],
         next_expires_at: DateTime<Utc>,
+        grace_from: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> StoreResult<Rotation>;
     request fn revoke_sessions(&self, user_id: Uuid, only: Option<Uuid>, now: DateTime<Utc>) -> StoreResult<Vec<Uuid>>;

@@ -1,9 +1,12 @@
 //! The PostgreSQL store, for production.
 //!
-//! One pool, sized to the machine. The queue's write side arrives in batches
-//! from the committer and goes out as one multi-row statement per kind:
-//! `INSERT ... SELECT FROM UNNEST(...)` for new messages and
-//! `DELETE ... USING UNNEST(...) RETURNING id` for acks, in one transaction.
+//! Two pools: one sized to the machine for requests, the sweeper and
+//! account writes, and the committer's own two connections. The queue's
+//! write side arrives in batches from the committer and goes out as
+//! multi-row statements in one transaction: `INSERT ... SELECT FROM
+//! UNNEST(...)` for new messages (and their send keys), and `DELETE ...
+//! USING UNNEST(...) RETURNING` the deleted rows for acks, a statement per
+//! [`ACKS_PER_STATEMENT`].
 
 use std::time::Duration;
 
@@ -257,6 +260,7 @@ impl Accounts for PgStore {
         user: &User,
         password_hash: &str,
         device: &Device,
+        session: &NewSession,
     ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         let result = sqlx::query(
@@ -283,6 +287,7 @@ impl Accounts for PgStore {
             Err(e) => return Err(e.into()),
         }
         insert_device(&mut tx, user.id, device).await?;
+        insert_session(&mut tx, user.id, device.id, session, user.created_at).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -401,19 +406,7 @@ impl Accounts for PgStore {
             last_seen_at: now,
         };
         insert_device(&mut tx, user, &device).await?;
-        sqlx::query(
-            "INSERT INTO refresh_tokens
-                 (token_hash, user_id, device_id, family_id, expires_at, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(session.hash.to_vec())
-        .bind(user)
-        .bind(pg_device(device.id))
-        .bind(session.family_id)
-        .bind(session.expires_at)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+        insert_session(&mut tx, user, device.id, session, now).await?;
         tx.commit().await?;
         Ok(AddDevice::Added(device))
     }
@@ -607,6 +600,7 @@ impl Sessions for PgStore {
         presented: &[u8; 32],
         next_hash: &[u8; 32],
         next_expires_at: DateTime<Utc>,
+        grace_from: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> StoreResult<Rotation> {
         let mut tx = self.pool.begin().await?;
@@ -658,16 +652,41 @@ impl Sessions for PgStore {
                 }
             }
             None => {
-                let previous: Option<(Uuid, bool)> = sqlx::query_as(
-                    "SELECT user_id, used_at IS NOT NULL FROM refresh_tokens WHERE token_hash = $1",
+                let previous: Option<(Uuid, i32, Uuid, Option<DateTime<Utc>>)> = sqlx::query_as(
+                    "SELECT user_id, device_id, family_id, used_at FROM refresh_tokens
+                     WHERE token_hash = $1",
                 )
                 .bind(presented.to_vec())
                 .fetch_optional(&mut *tx)
                 .await?;
                 match previous {
-                    Some((user_id, true)) => {
-                        let revoked = revoke_in(&mut tx, user_id, Revoke::All, now).await?;
-                        Rotation::Reused { user_id, revoked }
+                    Some((user_id, device, family_id, Some(used_at))) => {
+                        let in_grace = grace_from.is_some_and(|from| used_at >= from);
+                        // The successor this token's rotation stored, if it
+                        // is still there and unspent. The user's row lock
+                        // above keeps its own rotation from interleaving.
+                        let successor_live = in_grace
+                            && sqlx::query_scalar::<_, bool>(
+                                "SELECT used_at IS NULL AND expires_at > $3 FROM refresh_tokens
+                                 WHERE token_hash = $1 AND family_id = $2",
+                            )
+                            .bind(next_hash.to_vec())
+                            .bind(family_id)
+                            .bind(now)
+                            .fetch_optional(&mut *tx)
+                            .await?
+                            .unwrap_or(false);
+                        if successor_live {
+                            seen(&mut tx, user_id, device as DeviceId, now).await?;
+                            Rotation::Replayed {
+                                user_id,
+                                device: device as DeviceId,
+                                family_id,
+                            }
+                        } else {
+                            let revoked = revoke_in(&mut tx, user_id, Revoke::All, now).await?;
+                            Rotation::Reused { user_id, revoked }
+                        }
                     }
                     _ => Rotation::Invalid,
                 }
@@ -1195,6 +1214,30 @@ impl QueueMaintenance for PgStore {
         .await?;
         Ok(done.rows_affected())
     }
+}
+
+/// Stores the first refresh token of a new session of `device`.
+async fn insert_session(
+    tx: &mut sqlx::PgConnection,
+    user: Uuid,
+    device: DeviceId,
+    session: &NewSession,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO refresh_tokens
+             (token_hash, user_id, device_id, family_id, expires_at, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(session.hash.to_vec())
+    .bind(user)
+    .bind(pg_device(device))
+    .bind(session.family_id)
+    .bind(session.expires_at)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 async fn insert_device(

@@ -42,8 +42,18 @@ pub enum Rotation {
         device: DeviceId,
         family_id: Uuid,
     },
-    /// The token had been spent before: a sign of theft. Every session of
-    /// the user has been revoked; these are their ids.
+    /// The token was spent within the grace (at or after `grace_from`) and
+    /// its successor, `next_hash`, is live and unspent: a client presenting
+    /// it again lost the answer to its refresh. Nothing changed; the client
+    /// is answered with the successor again.
+    Replayed {
+        user_id: Uuid,
+        device: DeviceId,
+        family_id: Uuid,
+    },
+    /// The token had been spent before (and is no replay within the grace):
+    /// a sign of theft. Every session of the user has been revoked; these
+    /// are their ids.
     Reused { user_id: Uuid, revoked: Vec<Uuid> },
     /// Unknown or expired.
     Invalid,
@@ -86,12 +96,19 @@ pub trait Sessions: Send + Sync + 'static {
     /// Spends the token with hash `presented` and stores `next` (whose user,
     /// device and family are taken from the spent one) in the same
     /// transaction. Presenting a spent token revokes all of the user's
-    /// tokens.
+    /// tokens, unless it was spent at or after `grace_from` and `next_hash`
+    /// is its successor, still unspent: then nothing changes
+    /// ([`Rotation::Replayed`]). `next_hash` must be derived from the
+    /// presented token (`Tokens::successor`), so that the successor a
+    /// replay finds is the one its rotation stored. The decision is made
+    /// under the user's lock (or the single writer), so a replay and the
+    /// successor's own rotation cannot both see it unspent.
     async fn rotate_refresh_token(
         &self,
         presented: &[u8; 32],
         next_hash: &[u8; 32],
         next_expires_at: DateTime<Utc>,
+        grace_from: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> StoreResult<Rotation>;
 

@@ -34,11 +34,11 @@ use super::{
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
-/// Rows per multi-row statement: 100 inserts bind 500 parameters, far under
+/// Rows per multi-row statement: 100 inserts bind 700 parameters, far under
 /// SQLite's limit of 32,766.
 const ROWS_PER_STATEMENT: usize = 100;
 
-/// `INSERT ... VALUES (?, ?, ?, ?, ?), ...` for `rows` messages. Built from
+/// `INSERT ... VALUES (?, ?, ?, ?, ?, ?, ?), ...` for `rows` messages. Built from
 /// constant fragments only; every value is bound.
 fn insert_sql(rows: usize) -> String {
     let mut sql = String::from(
@@ -358,6 +358,7 @@ impl Accounts for SqliteStore {
         user: &User,
         password_hash: &str,
         device: &Device,
+        session: &NewSession,
     ) -> StoreResult<()> {
         let mut tx = self.writer.begin().await?;
         let result = sqlx::query(
@@ -382,6 +383,7 @@ impl Accounts for SqliteStore {
             Err(e) => return Err(e.into()),
         }
         insert_device(&mut tx, user.id, device).await?;
+        insert_session(&mut tx, user.id, device.id, session, user.created_at).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -495,18 +497,7 @@ impl Accounts for SqliteStore {
             last_seen_at: now,
         };
         insert_device(&mut tx, user, &device).await?;
-        sqlx::query(
-            "INSERT INTO refresh_tokens (token_hash, user_id, device_id, family_id, expires_at, created_at)
-             VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(session.hash.to_vec())
-        .bind(user)
-        .bind(i64::from(device.id))
-        .bind(session.family_id)
-        .bind(millis(session.expires_at))
-        .bind(millis(now))
-        .execute(&mut *tx)
-        .await?;
+        insert_session(&mut tx, user, device.id, session, now).await?;
         tx.commit().await?;
         Ok(AddDevice::Added(device))
     }
@@ -685,6 +676,7 @@ impl Sessions for SqliteStore {
         presented: &[u8; 32],
         next_hash: &[u8; 32],
         next_expires_at: DateTime<Utc>,
+        grace_from: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> StoreResult<Rotation> {
         // The single write connection serialises rotations, so the spend and
@@ -722,16 +714,40 @@ impl Sessions for SqliteStore {
                 }
             }
             None => {
-                let previous: Option<(Uuid, bool)> = sqlx::query_as(
-                    "SELECT user_id, used_at IS NOT NULL FROM refresh_tokens WHERE token_hash = ?",
+                let previous: Option<(Uuid, i64, Uuid, Option<i64>)> = sqlx::query_as(
+                    "SELECT user_id, device_id, family_id, used_at FROM refresh_tokens
+                     WHERE token_hash = ?",
                 )
                 .bind(presented.to_vec())
                 .fetch_optional(&mut *tx)
                 .await?;
                 match previous {
-                    Some((user_id, true)) => {
-                        let revoked = revoke_in(&mut tx, user_id, Revoke::All, now).await?;
-                        Rotation::Reused { user_id, revoked }
+                    Some((user_id, device, family_id, Some(used_at))) => {
+                        let in_grace = grace_from.is_some_and(|from| used_at >= millis(from));
+                        // The successor this token's rotation stored, if it
+                        // is still there and unspent.
+                        let successor_live = in_grace
+                            && sqlx::query_scalar::<_, bool>(
+                                "SELECT used_at IS NULL AND expires_at > ?3 FROM refresh_tokens
+                                 WHERE token_hash = ?1 AND family_id = ?2",
+                            )
+                            .bind(next_hash.to_vec())
+                            .bind(family_id)
+                            .bind(millis(now))
+                            .fetch_optional(&mut *tx)
+                            .await?
+                            .unwrap_or(false);
+                        if successor_live {
+                            seen(&mut tx, user_id, device as DeviceId, now).await?;
+                            Rotation::Replayed {
+                                user_id,
+                                device: device as DeviceId,
+                                family_id,
+                            }
+                        } else {
+                            let revoked = revoke_in(&mut tx, user_id, Revoke::All, now).await?;
+                            Rotation::Reused { user_id, revoked }
+                        }
                     }
                     _ => Rotation::Invalid,
                 }
@@ -1251,6 +1267,29 @@ impl QueueMaintenance for SqliteStore {
         .await?;
         Ok(done.rows_affected())
     }
+}
+
+/// Stores the first refresh token of a new session of `device`.
+async fn insert_session(
+    tx: &mut sqlx::SqliteConnection,
+    user: Uuid,
+    device: DeviceId,
+    session: &NewSession,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO refresh_tokens (token_hash, user_id, device_id, family_id, expires_at, created_at)
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(session.hash.to_vec())
+    .bind(user)
+    .bind(i64::from(device))
+    .bind(session.family_id)
+    .bind(millis(session.expires_at))
+    .bind(millis(now))
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 async fn insert_device(

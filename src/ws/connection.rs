@@ -185,6 +185,20 @@ async fn open(mut socket: Box<Socket>, start: Box<Start>) -> Result<Box<Connecti
             return Err(Closed::Error);
         }
     };
+    // Read once registered: a change after this reaches the socket as a
+    // `devices_changed` frame, after `ready`.
+    let devices = match state.delivery.devices(claims.sub).await {
+        Ok(devices) => devices,
+        Err(_) => {
+            send_close(
+                &mut socket,
+                close::INTERNAL,
+                "server unavailable; reconnect",
+            )
+            .await;
+            return Err(Closed::Error);
+        }
+    };
     // A revocation between the token check and the registration kicked no
     // one: it is in the revoked set by now, so look again.
     if state.revocations.is_revoked(claims.sid) {
@@ -232,6 +246,7 @@ async fn open(mut socket: Box<Socket>, start: Box<Start>) -> Result<Box<Connecti
         user_id: conn.device.user,
         device_id: claims.dev,
         expires_at: conn.expires_at,
+        devices,
     };
     match conn.send(&ready).await {
         Ok(()) => Ok(conn),
@@ -335,7 +350,8 @@ struct Connection {
     /// Fires when the access token in force expires.
     expiry: Pin<Box<Sleep>>,
     registration: Registration,
-    /// Replies that wait on the committer: `sent` for sends, errors for acks.
+    /// Replies that wait on the committer: `sent` for sends, `acked` (or an
+    /// error) for acks.
     /// Each encoded as it completes: a `WsMessage` is a fifth of a
     /// `ServerFrame`, and the serve loop's state holds one.
     pending: FuturesUnordered<BoxFuture<'static, Option<WsMessage>>>,
@@ -420,7 +436,7 @@ impl Connection {
                         match page {
                             Ok(page) => Box::pin(self.backlog(page)).await,
                             Err(err) => {
-                                tracing::warn!(user.id = %self.device.user, error = %err, "backlog read failed");
+                                self.state.delivery.backlog_failed(self.device.user, &err);
                                 Flow::Close(Closed::Error, close::INTERNAL, "backlog unavailable; reconnect")
                             }
                         }
@@ -610,8 +626,10 @@ impl Connection {
         match event {
             Event::Message(outbound) => self.feed_push(&outbound).await,
             Event::Receipt(receipt) => self.feed(&ServerFrame::receipt(&receipt)).await,
-            Event::DevicesChanged(devices) => {
-                self.feed(&ServerFrame::DevicesChanged { devices }).await
+            // The device a change is about knows of it.
+            Event::DevicesChanged(change) if !change.tells(self.device.device) => Ok(()),
+            Event::DevicesChanged(change) => {
+                self.feed(&ServerFrame::devices_changed(*change)).await
             }
             // Handled by `events`, which stops at one.
             Event::Reread(after) => {
@@ -801,17 +819,31 @@ impl Connection {
         Ok(None)
     }
 
-    /// Settles ids; only a failure is answered.
+    /// Settles ids. A failure is answered; with a `ref`, so is success,
+    /// by `acked` once the ack is durable (committed: a read of the queue
+    /// from then on no longer has the copies).
     fn ack(&mut self, reference: &Option<String>, ids: &[String]) -> Result<()> {
-        let ids = ids
+        let parsed = ids
             .iter()
             .map(|id| parse_id("ids", id))
             .collect::<Result<Vec<_>>>()?;
+        // The ids as given, first spelling of each: what the client will
+        // match against its own list.
+        let acked = reference.clone().map(|reference| {
+            let mut seen = std::collections::HashSet::with_capacity(parsed.len());
+            let ids = ids
+                .iter()
+                .zip(&parsed)
+                .filter(|(_, id)| seen.insert(**id))
+                .map(|(given, _)| given.clone())
+                .collect();
+            ServerFrame::Acked { reference, ids }
+        });
         let (delivery, device, reference) =
             (self.state.delivery.clone(), self.device, reference.clone());
         self.pending.push(Box::pin(async move {
-            match delivery.ack(device, ids).await {
-                Ok(_) => None,
+            match delivery.ack(device, parsed).await {
+                Ok(_) => acked.map(|frame| frame.to_ws()),
                 Err(err) => Some(ServerFrame::error(reference, &err).to_ws()),
             }
         }));

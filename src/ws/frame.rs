@@ -9,6 +9,7 @@ use serde_json::Value;
 use tungstenite::Message as WsMessage;
 use uuid::Uuid;
 
+use crate::devices::{ChangeReason, DevicesChange};
 use crate::error::{Error, ErrorDetail};
 use crate::hub::Receipt;
 use crate::store::{DeviceId, Message};
@@ -67,6 +68,7 @@ pub enum ClientFrame {
         /// The client's key for the send, making a retry safe.
         client_id: Option<String>,
     },
+    /// With a `ref`, answered by `acked` once durable.
     Ack {
         ids: Vec<String>,
     },
@@ -123,6 +125,10 @@ pub enum ServerFrame {
         device_id: DeviceId,
         #[serde(serialize_with = "crate::wire::timestamp")]
         expires_at: DateTime<Utc>,
+        /// The account's device numbers, ascending: a client compares them
+        /// with the list it last saw, to notice a device added while it
+        /// was offline.
+        devices: Arc<[DeviceId]>,
     },
     /// The backlog has been sent; what follows is live.
     Drained,
@@ -148,6 +154,14 @@ pub enum ServerFrame {
         #[serde(serialize_with = "crate::wire::timestamp")]
         expires_at: DateTime<Utc>,
     },
+    /// The ack with this `ref` is durable: these ids, as the frame gave
+    /// them, in its order, without repeats (unknown ones included: they
+    /// are ignored, as ever).
+    Acked {
+        #[serde(rename = "ref")]
+        reference: String,
+        ids: Vec<String>,
+    },
     Error {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<String>,
@@ -155,6 +169,11 @@ pub enum ServerFrame {
         /// apply: the `error` object of a REST reply.
         #[serde(flatten)]
         detail: ErrorDetail,
+        /// With the "not now" codes (`rate_limited`, `queue_full`,
+        /// `unavailable`): how long to wait, what REST says in
+        /// `Retry-After`, to the millisecond.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
     /// A device of the recipient acknowledged a message this account sent.
     Receipt {
@@ -162,8 +181,17 @@ pub enum ServerFrame {
         to: Uuid,
         device_id: DeviceId,
     },
-    /// The account's devices changed: these are its device numbers now.
-    DevicesChanged { devices: Arc<[DeviceId]> },
+    /// One of the account's other devices was added, removed, signed in
+    /// to or given a new key: these are its device numbers now.
+    DevicesChanged {
+        devices: Arc<[DeviceId]>,
+        /// The device it is about (absent only when a node of before sent
+        /// it, in a cluster being upgraded).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        device_id: Option<DeviceId>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<ChangeReason>,
+    },
 }
 
 impl ServerFrame {
@@ -174,6 +202,19 @@ impl ServerFrame {
         ServerFrame::Error {
             reference,
             detail: error.detail(),
+            // Rounded up, as `Retry-After` is: a client that waits as told
+            // is not refused again for a fraction of a millisecond.
+            retry_after_ms: error
+                .retry_after()
+                .map(|wait| u64::try_from(wait.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)),
+        }
+    }
+
+    pub fn devices_changed(change: DevicesChange) -> Self {
+        ServerFrame::DevicesChanged {
+            devices: change.devices,
+            device_id: change.about.map(|(device, _)| device),
+            reason: change.about.map(|(_, reason)| reason),
         }
     }
 
@@ -265,5 +306,20 @@ mod tests {
         assert!(json.get("delivered").is_none());
         let drained = serde_json::to_value(ServerFrame::Drained).unwrap();
         assert_eq!(drained, serde_json::json!({ "type": "drained" }));
+    }
+
+    #[test]
+    fn a_rate_limit_says_how_long_to_wait_in_ms() {
+        let limited = Error::RateLimited {
+            retry_after: std::time::Duration::from_millis(1250),
+        };
+        let json = serde_json::to_value(ServerFrame::error(Some("r".into()), &limited)).unwrap();
+        assert_eq!(json["code"], "rate_limited");
+        assert_eq!(json["retry_after_ms"], 1250);
+        let full = serde_json::to_value(ServerFrame::error(None, &Error::QueueFull)).unwrap();
+        assert_eq!(full["retry_after_ms"], 10_000);
+        let invalid = Error::field("to", "must be a UUID");
+        let json = serde_json::to_value(ServerFrame::error(None, &invalid)).unwrap();
+        assert!(json.get("retry_after_ms").is_none(), "{json}");
     }
 }

@@ -4,7 +4,7 @@
 //! messages under tungstenite, and the hand-off to one [`connection`] task
 //! per socket.
 //!
-//! Buffers are sized for tens of thousands of mostly idle sockets: a 4 KiB
+//! Buffers are sized for tens of thousands of mostly idle sockets: a 1 KiB
 //! read buffer (tungstenite's default is 128 KiB, allocated at open), frames
 //! gathered into an 8 KiB write buffer only while several are written
 //! together and flushed at once, and frame limits that fit one maximal

@@ -142,7 +142,8 @@ async fn user_commands_list_show_disable_enable_and_delete(backend: Backend) {
     assert_eq!(shown["id"], bob.id.to_string(), "{shown}");
     assert_eq!(shown["username"], "Bob");
     assert_eq!(shown["queued"], 2);
-    assert_eq!(shown["live_sessions"], 1);
+    // Sign-up's session and the login's.
+    assert_eq!(shown["live_sessions"], 2);
     assert_eq!(shown["public_key_bytes"], 32);
     assert_eq!(shown["disabled_at"], Value::Null);
     common::time(&shown["oldest_queued_at"]);
@@ -157,7 +158,7 @@ async fn user_commands_list_show_disable_enable_and_delete(backend: Backend) {
     let disabled = json_of(&url, &["user", "disable", "bob"]).await;
     assert_eq!(disabled["disabled"], true, "{disabled}");
     assert_eq!(disabled["unchanged"], false);
-    assert_eq!(disabled["sessions_revoked"], 1);
+    assert_eq!(disabled["sessions_revoked"], 2);
     let shown = json_of(&url, &["user", "show", "bob"]).await;
     common::time(&shown["disabled_at"]);
     assert_eq!(shown["live_sessions"], 0);
@@ -233,8 +234,11 @@ async fn stats_count_accounts_sessions_and_the_queue(backend: Backend) {
     let stats = json_of(&url, &["stats"]).await;
     assert_eq!(stats["users"], 3, "{stats}");
     assert_eq!(stats["disabled_users"], 1);
-    assert_eq!(stats["live_sessions"], 1);
-    assert_eq!(stats["revocations"], 1);
+    // Each sign-up opens a session: alice's is left (her login's was logged
+    // out), bob's two (sign-up's and login's); carol's was revoked with the
+    // disable, as alice's login's was by the logout.
+    assert_eq!(stats["live_sessions"], 3);
+    assert_eq!(stats["revocations"], 2);
     assert_eq!(stats["queued"], 4);
     assert_eq!(stats["recipients"], 2);
     common::time(&stats["oldest_queued_at"]);
@@ -441,7 +445,8 @@ async fn no_session_starts_for_a_disabled_account(backend: Backend) {
     };
     assert_eq!(insert(1).await, SessionStart::Started);
     let revoked = store.disable_user(alice, store::now()).await.unwrap();
-    assert_eq!(revoked.map(|r| r.len()), Some(1));
+    // The sign-up's session and this one.
+    assert_eq!(revoked.map(|r| r.len()), Some(2));
     assert_eq!(insert(2).await, SessionStart::Disabled);
     assert!(store.enable_user(alice).await.unwrap());
     assert_eq!(insert(3).await, SessionStart::Started);

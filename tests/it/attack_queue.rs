@@ -178,7 +178,7 @@ async fn send_keys_do_not_tell_who_wrote_to_whom(backend: Backend) {
 /// through.
 async fn many_accounts_cannot_fill_a_queue_for_everyone(backend: Backend) {
     let mut flags = vec![
-        "--max-queued-per-user",
+        "--max-queued-per-device",
         "30",
         "--max-queued-per-sender",
         "10",

@@ -9,6 +9,7 @@ use crate::common::{Backend, ServerProcess, TestDb};
 backend_tests!(
     migrate_prepares_a_fresh_database,
     json_logs_are_one_object_per_line_with_the_request_id,
+    the_queue_cap_is_read_under_its_new_name_and_its_former_one,
 );
 
 fn sealpost(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -217,4 +218,326 @@ async fn json_logs_are_one_object_per_line_with_the_request_id(backend: Backend)
             "a line that is not JSON: {line}"
         );
     }
+}
+
+/// How long a run that must stop at start-up may take: a refused database
+/// connection waits out the pool's acquire timeout (5 s).
+const START_UP_STOPS_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// As [`sealpost`], for a run that must stop by itself: one still running
+/// after [`START_UP_STOPS_WITHIN`] (a server that started) is killed, and
+/// its output returned with a failed status, so the test fails rather than
+/// waits for ever.
+fn sealpost_stopping(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sealpost"))
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run sealpost");
+    let started = std::time::Instant::now();
+    while child.try_wait().expect("wait on sealpost").is_none() {
+        if started.elapsed() > START_UP_STOPS_WITHIN {
+            child.kill().expect("kill sealpost");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("sealpost's output")
+}
+
+/// Runs each `(args, env)` as [`sealpost_stopping`], all at once (a refused
+/// database connection takes its acquire timeout), and returns their
+/// outputs in order.
+fn sealpost_all(runs: Vec<(Vec<String>, Vec<(String, String)>)>) -> Vec<Output> {
+    let handles: Vec<_> = runs
+        .into_iter()
+        .map(|(args, env)| {
+            std::thread::spawn(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let env: Vec<(&str, &str)> =
+                    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                sealpost_stopping(&args, &env)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// No configuration error, and nothing else `serve` or `check-config`
+/// writes on its way to one, shows a secret it was given: a JWT secret or
+/// storage keys that do not parse, the password of a database URL (in its
+/// user info or in a parameter), of a NATS URL, or a TLS key that does not
+/// load. At `trace`, so that no dependency's line passes unseen either.
+#[test]
+fn configuration_errors_never_show_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = format!("sqlite://{}", dir.path().join("x.db").display());
+    let (_, cert, _) = crate::web::certificate(dir.path());
+    let bad_key = dir.path().join("bad-key.pem");
+    std::fs::write(
+        &bad_key,
+        "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleS1tYXRlcmlhbA!!\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let url_file = dir.path().join("database-url");
+    std::fs::write(
+        &url_file,
+        "postgres://sealpost:urlfilepw42@127.0.0.1:1/x?sslpassword=keyfilepass42\n",
+    )
+    .unwrap();
+    let jwt = ("SEALPOST_JWT_SECRET", crate::common::JWT_SECRET);
+    let keys = ("SEALPOST_STORAGE_KEYS", crate::common::STORAGE_KEYS);
+    let postgres = "postgres://sealpost:dbpass42@127.0.0.1:1/x";
+    let with_ssl_password = format!("{postgres}?sslmode=prefer&sslpassword=sslpass42");
+    let cases: Vec<(&[&str], Vec<(&str, &str)>, &[&str])> = vec![
+        (
+            &[],
+            vec![
+                ("DATABASE_URL", &sqlite),
+                ("SEALPOST_JWT_SECRET", "hunter2-too-short"),
+            ],
+            &["hunter2"],
+        ),
+        (
+            &["--jwt-secret=hunter2-too-short"],
+            vec![("DATABASE_URL", &sqlite)],
+            &["hunter2"],
+        ),
+        (
+            &[],
+            // 14 bytes, not 32.
+            vec![
+                ("DATABASE_URL", &sqlite),
+                ("SEALPOST_STORAGE_KEYS", "1:aHVudGVyMmh1bnRlcjI="),
+            ],
+            &["aHVudGVyMmh1bnRlcjI"],
+        ),
+        (
+            &[],
+            vec![("DATABASE_URL", postgres), jwt, keys],
+            &["dbpass42"],
+        ),
+        (
+            &[],
+            vec![("DATABASE_URL", &with_ssl_password), jwt, keys],
+            &["dbpass42", "sslpass42"],
+        ),
+        (
+            &[],
+            vec![("DATABASE_URL_FILE", url_file.to_str().unwrap()), jwt, keys],
+            &["urlfilepw42", "keyfilepass42"],
+        ),
+        (
+            &[],
+            vec![
+                ("DATABASE_URL", "mysql://root:mysqlpass42@127.0.0.1/x"),
+                jwt,
+            ],
+            &["mysqlpass42"],
+        ),
+        (
+            &[],
+            vec![
+                ("DATABASE_URL", &sqlite),
+                (
+                    "SEALPOST_NATS_URL",
+                    "nats://natsuser:natspass42@127.0.0.1:1",
+                ),
+            ],
+            &["natspass42"],
+        ),
+        (
+            &[],
+            vec![
+                ("DATABASE_URL", &sqlite),
+                ("SEALPOST_TLS_CERT", &cert),
+                ("SEALPOST_TLS_KEY", bad_key.to_str().unwrap()),
+            ],
+            &["c2VjcmV0LWtleS1tYXRlcmlhbA"],
+        ),
+    ];
+    let mut runs = Vec::new();
+    for (args, env, _) in &cases {
+        for command in ["serve", "check-config"] {
+            let args = std::iter::once(command)
+                .chain(args.iter().copied())
+                .map(str::to_owned)
+                .collect();
+            let env = env
+                .iter()
+                .chain(&[("RUST_LOG", "trace")])
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            runs.push((args, env));
+        }
+    }
+    let outputs = sealpost_all(runs);
+    for ((args, env, secrets), outputs) in cases.iter().zip(outputs.chunks(2)) {
+        for (command, output) in ["serve", "check-config"].iter().zip(outputs) {
+            let written = format!(
+                "{}{}",
+                stderr(output),
+                String::from_utf8_lossy(&output.stdout)
+            );
+            // Every case is one start-up refuses.
+            if *command == "serve" {
+                assert!(
+                    !output.status.success(),
+                    "{args:?} {env:?} started:\n{written}"
+                );
+            }
+            for secret in *secrets {
+                assert!(
+                    !written.contains(secret),
+                    "{command} {args:?} {env:?} wrote {secret}:\n{written}"
+                );
+            }
+        }
+    }
+}
+
+/// A setting missing after parsing, or named in a start-up error, is named
+/// by its variable and its flag: the operator may use either.
+#[test]
+fn start_up_errors_name_each_setting_by_variable_and_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = format!("sqlite://{}", dir.path().join("x.db").display());
+    let postgres = "postgres://postgres@127.0.0.1:1/none";
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let cases: Vec<(Vec<(&str, &str)>, &[&str])> = vec![
+        (
+            vec![("DATABASE_URL", postgres)],
+            &["SEALPOST_JWT_SECRET is not set (nor --jwt-secret)"],
+        ),
+        (
+            vec![
+                ("DATABASE_URL", postgres),
+                ("SEALPOST_JWT_SECRET", crate::common::JWT_SECRET),
+            ],
+            &["SEALPOST_STORAGE_KEYS is not set (nor --storage-keys)"],
+        ),
+        // Required by a setting from the environment.
+        (
+            vec![("DATABASE_URL", &sqlite), ("SEALPOST_TLS_CERT", "cert.pem")],
+            &["SEALPOST_TLS_KEY (--tls-key <TLS_KEY>)"],
+        ),
+        (
+            vec![
+                ("DATABASE_URL", &sqlite),
+                ("SEALPOST_NATS_URL", "nats://127.0.0.1:1"),
+            ],
+            &[
+                "SEALPOST_NATS_URL (--nats-url)",
+                "DATABASE_URL (--database-url)",
+            ],
+        ),
+        (
+            vec![("DATABASE_URL", &sqlite), ("SEALPOST_ADDR", &taken)],
+            &["SEALPOST_ADDR (--addr)"],
+        ),
+    ];
+    let runs = cases
+        .iter()
+        .map(|(env, _)| {
+            let env = env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            (vec!["serve".to_owned()], env)
+        })
+        .collect();
+    for ((env, names), output) in cases.iter().zip(sealpost_all(runs)) {
+        let err = stderr(&output);
+        assert!(!output.status.success(), "{env:?} started: {err}");
+        for name in *names {
+            assert!(err.contains(name), "{env:?}: no {name} in:\n{err}");
+        }
+    }
+}
+
+/// `SEALPOST_MAX_QUEUED_PER_DEVICE` caps each device's queue; its former
+/// name, `SEALPOST_MAX_QUEUED_PER_USER`, still does, and says once at start
+/// that it is deprecated. The new name says nothing of the kind.
+async fn the_queue_cap_is_read_under_its_new_name_and_its_former_one(backend: Backend) {
+    for (var, deprecated) in [
+        ("SEALPOST_MAX_QUEUED_PER_DEVICE", false),
+        ("SEALPOST_MAX_QUEUED_PER_USER", true),
+    ] {
+        let db = TestDb::new(backend).await;
+        let server = ServerProcess::spawn(&db.url, &[(var, "2")]);
+        let alice = server.account("alice").await;
+        let bob = server.account("bob").await;
+        server.send(&alice, bob.id, b"one").await;
+        server.send(&alice, bob.id, b"two").await;
+        server
+            .post(
+                "/v1/messages",
+                Some(&alice.access),
+                serde_json::json!({ "to": bob.id, "body": crate::common::b64(b"three") }),
+            )
+            .await
+            .expect_error(429, "queue_full");
+        let warnings = server.log_lines("is deprecated");
+        if deprecated {
+            assert_eq!(warnings.len(), 1, "{var}: {warnings:?}");
+            for name in [
+                "SEALPOST_MAX_QUEUED_PER_USER",
+                "SEALPOST_MAX_QUEUED_PER_DEVICE",
+            ] {
+                assert!(warnings[0].contains(name), "{var}: {warnings:?}");
+            }
+        } else {
+            assert_eq!(warnings, Vec::<String>::new(), "{var}");
+        }
+    }
+}
+
+/// The former name and the new one set to different values: start-up (and
+/// `check-config`) stops, naming both, rather than guess which is meant. Set
+/// alike, both are accepted.
+#[test]
+fn the_queue_cap_under_both_names_must_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("x.db").display());
+    for command in ["serve", "check-config"] {
+        let output = sealpost_stopping(
+            &[command],
+            &[
+                ("DATABASE_URL", &url),
+                ("SEALPOST_MAX_QUEUED_PER_USER", "5"),
+                ("SEALPOST_MAX_QUEUED_PER_DEVICE", "7"),
+            ],
+        );
+        let written = format!(
+            "{}{}",
+            stderr(&output),
+            String::from_utf8_lossy(&output.stdout)
+        );
+        assert_eq!(output.status.code(), Some(1), "{command}: {written}");
+        for named in [
+            "SEALPOST_MAX_QUEUED_PER_USER (--max-queued-per-user) is 5",
+            "SEALPOST_MAX_QUEUED_PER_DEVICE (--max-queued-per-device) is 7",
+        ] {
+            assert!(
+                written.contains(named),
+                "{command}: no {named} in:\n{written}"
+            );
+        }
+    }
+    let output = sealpost_stopping(
+        &["check-config"],
+        &[
+            ("DATABASE_URL", &url),
+            ("SEALPOST_MAX_QUEUED_PER_USER", "7"),
+            ("SEALPOST_MAX_QUEUED_PER_DEVICE", "7"),
+        ],
+    );
+    let written = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{written}{}", stderr(&output));
+    assert!(written.contains("is deprecated"), "{written}");
 }

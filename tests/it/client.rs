@@ -536,7 +536,7 @@ async fn refusals_arrive_as_typed_errors(backend: Backend) {
             "2",
             "--max-body-bytes",
             "200",
-            "--max-queued-per-user",
+            "--max-queued-per-device",
             "1",
         ],
     )

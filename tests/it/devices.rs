@@ -593,13 +593,17 @@ async fn sending_to_yourself_syncs_your_other_devices_only(backend: Backend) {
         [from_phone, from_laptop, plain]
     );
 
-    // An account with one device has no other to sync: no envelope at all
-    // matches, and stores nothing; an envelope for itself is extra.
+    // An account with one device has no other to sync: an empty list of
+    // envelopes reaches no device and is refused as such (422, storing
+    // nothing); an envelope for itself is extra.
     let carol = server.account("carol").await;
-    let nothing = send_envelopes(&server, &carol, carol.id, &[])
-        .await
-        .expect(201);
-    assert_eq!(id(&nothing["to"]), carol.id);
+    let nothing = send_envelopes(&server, &carol, carol.id, &[]).await;
+    nothing.expect_error(422, "invalid");
+    assert_eq!(
+        nothing.body["error"]["field"], "envelopes",
+        "{:?}",
+        nothing.body
+    );
     assert_refused(
         &send_envelopes(&server, &carol, carol.id, &[(1, b"x")]).await,
         &[],
@@ -1441,8 +1445,13 @@ async fn the_directory_lists_every_device_key_without_names(backend: Backend) {
         )
         .await
         .expect(200);
-    assert_eq!(keys(&listed), ["devices", "user_id"], "{listed}");
+    assert_eq!(
+        keys(&listed),
+        ["devices", "user_id", "username"],
+        "{listed}"
+    );
     assert_eq!(id(&listed["user_id"]), bob.id);
+    assert_eq!(listed["username"], "bob", "{listed}");
     let devices = listed["devices"].as_array().unwrap();
     assert_eq!(devices.len(), 2, "{listed}");
     for device in devices {
@@ -1639,7 +1648,7 @@ async fn the_socket_cap_counts_per_device(backend: Backend) {
 }
 
 async fn the_queue_cap_counts_per_device(backend: Backend) {
-    let server = TestServer::start_with(backend, &["--max-queued-per-user", "2"]).await;
+    let server = TestServer::start_with(backend, &["--max-queued-per-device", "2"]).await;
     let alice = server.account("alice").await;
     let bob = server.account("bob").await;
     let (_, laptop) = server.add_device(&bob, &public_key()).await;

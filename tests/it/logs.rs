@@ -66,6 +66,13 @@ async fn a_whole_session_logs_no_secret(backend: Backend) {
         ids.push(crate::common::id(&id["id"]));
         secrets.push(("password", password(who)));
         secrets.push(("public key", public_key));
+        // Sign-up answers with a session: its tokens are secrets too.
+        for (what, field) in [
+            ("access token", "access_token"),
+            ("refresh token", "refresh_token"),
+        ] {
+            secrets.push((what, id[field].as_str().unwrap().to_owned()));
+        }
     }
     let (alice_id, bob_id) = (ids[0], ids[1]);
 
@@ -132,16 +139,32 @@ async fn a_whole_session_logs_no_secret(backend: Backend) {
     }
 
     // Renewal on the socket, a refresh, a replay of the spent refresh token
-    // (which revokes the session), a password change and a logout.
+    // within the grace (the same pair again), the new one used, the spent
+    // one replayed again (reuse, which revokes the session), a password
+    // change and a logout.
     let (renewed, renewed_refresh) = login(api, "alice", &password("alice")).await;
     alice_ws
         .send_json(json!({ "type": "auth", "token": renewed }))
         .await;
     alice_ws.expect("authed").await;
     let refreshed = api.refresh(&bob_refresh).await.expect(200);
+    let replayed = api.refresh(&bob_refresh).await.expect(200);
+    assert_eq!(replayed["refresh_token"], refreshed["refresh_token"]);
+    let onward = api
+        .refresh(refreshed["refresh_token"].as_str().unwrap())
+        .await
+        .expect(200);
     api.refresh(&bob_refresh)
         .await
         .expect_error(401, "unauthorized");
+    for pair in [&replayed, &onward] {
+        for (what, field) in [
+            ("access token", "access_token"),
+            ("refresh token", "refresh_token"),
+        ] {
+            secrets.push((what, pair[field].as_str().unwrap().to_owned()));
+        }
+    }
     let new_password = "pw-new-of-alice-Vb62Gs";
     let changed = api
         .put(

@@ -33,6 +33,7 @@ mod metrics;
 mod migration;
 mod openapi;
 mod props;
+mod protocol_edges;
 mod retries;
 mod sealed;
 mod security;

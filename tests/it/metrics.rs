@@ -423,3 +423,192 @@ fn a_bad_metrics_address_names_the_setting() {
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("SEALPOST_METRICS_ADDR"), "{help}");
 }
+
+/// What the server does with `request` on a fresh connection: the bytes it
+/// answered before closing (empty if it closed without an answer), or the
+/// error that ended the read with nothing. The request is held open (no
+/// half-close) until the server is done; panics if it neither answers nor
+/// closes within [`common::SETTLE`].
+async fn raw_exchange(addr: SocketAddr, request: Vec<u8>) -> Result<Vec<u8>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut reader, mut writer) = tcp.into_split();
+    let writing = tokio::spawn(async move {
+        let _ = writer.write_all(&request).await;
+        std::future::pending::<()>().await;
+        drop(writer);
+    });
+    let mut raw = Vec::new();
+    let read = tokio::time::timeout(common::SETTLE, reader.read_to_end(&mut raw))
+        .await
+        .unwrap_or_else(|_| panic!("neither answered nor closed after {:?}", common::SETTLE));
+    writing.abort();
+    match read {
+        Ok(_) => Ok(raw),
+        Err(_) if !raw.is_empty() => Ok(raw),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Sends a head a byte every 100 ms, never finishing it (slowloris), until
+/// the server closes the connection; returns how long that took. Panics if
+/// the server answers, or keeps it open past [`common::SETTLE`].
+async fn slow_head(addr: SocketAddr) -> Duration {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let opened = Instant::now();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut reader, mut writer) = tcp.into_split();
+    let trickle = tokio::spawn(async move {
+        let _ = writer
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await;
+        while writer.write_all(b"a").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(common::SETTLE, reader.read(&mut buf)).await;
+    trickle.abort();
+    match read {
+        Err(_) => panic!(
+            "a slow head to {addr} still open after {:?}",
+            common::SETTLE
+        ),
+        Ok(Ok(0) | Err(_)) => opened.elapsed(),
+        Ok(Ok(n)) => panic!(
+            "a slow head was answered: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+    }
+}
+
+/// Opens a connection that sends nothing; returns how long until the server
+/// closed it (at most [`common::SETTLE`], else it panics).
+async fn silent_connection(addr: SocketAddr) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let opened = Instant::now();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 256];
+    match tokio::time::timeout(common::SETTLE, tcp.read(&mut buf)).await {
+        Err(_) => panic!(
+            "a silent connection to {addr} still open after {:?}",
+            common::SETTLE
+        ),
+        Ok(Ok(0) | Err(_)) => opened.elapsed(),
+        Ok(Ok(n)) => panic!("a silent connection was answered: {:?}", &buf[..n]),
+    }
+}
+
+const HEADER_TIMEOUTS_API: &str = "sealpost_http_header_timeouts_total{listener=\"api\"}";
+const HEADER_TIMEOUTS_METRICS: &str = "sealpost_http_header_timeouts_total{listener=\"metrics\"}";
+const REFUSED_API: &str = "sealpost_http_connections_refused_total{listener=\"api\"}";
+const REFUSED_METRICS: &str = "sealpost_http_connections_refused_total{listener=\"metrics\"}";
+
+/// The metrics listener's connections have the API's limits on a head: one
+/// that trickles in is cut off at `SEALPOST_HEADER_READ_TIMEOUT`, one over
+/// 32 KiB is answered 431. Each cut-off is counted under its listener; a
+/// connection that sends nothing ends at the same timeout and is not.
+/// (The HTTP layer never touches the store: SQLite only, as in `edges.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_limits_heads_as_the_api_does_and_cut_offs_are_counted() {
+    let server = TestServer::start_with(
+        Backend::Sqlite,
+        &[
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--header-read-timeout",
+            "1s",
+        ],
+    )
+    .await;
+    let addr = metrics_addr(&server);
+    let before = scrape(addr).await;
+
+    let (slow_metrics, slow_api, silent) = tokio::join!(
+        slow_head(addr),
+        slow_head(server.addr),
+        silent_connection(addr)
+    );
+    // Cut off by the head timeout, not by anything sooner.
+    for (what, took) in [
+        ("metrics", slow_metrics),
+        ("api", slow_api),
+        ("silent", silent),
+    ] {
+        assert!(
+            took >= Duration::from_secs(1),
+            "{what}: closed after {took:?}"
+        );
+    }
+
+    let head = format!(
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Padding: {}\r\n\r\n",
+        "p".repeat(40 * 1024)
+    );
+    let raw = raw_exchange(addr, head.into_bytes())
+        .await
+        .expect("an answer to an oversized head");
+    assert_eq!(common::Reply::parse_raw(&raw).status, 431);
+
+    let after = scrape(addr).await;
+    assert_eq!(after.since(&before, HEADER_TIMEOUTS_METRICS), 1.0);
+    assert_eq!(after.since(&before, HEADER_TIMEOUTS_API), 1.0);
+    server.stop().await;
+}
+
+/// Past `SEALPOST_MAX_HTTP_CONNECTIONS_PER_IP` a connection is closed
+/// unanswered, on each listener, and counted under it; each listener counts
+/// its own connections, and gives an address its share back as they close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_per_address_cap_are_refused_on_both_listeners_and_counted() {
+    let server = TestServer::start_with(
+        Backend::Sqlite,
+        &[
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--max-http-connections-per-ip",
+            "2",
+        ],
+    )
+    .await;
+    let addr = metrics_addr(&server);
+    let before = scrape(addr).await;
+    for (listener, at) in [("metrics", addr), ("api", server.addr)] {
+        let held = [
+            tokio::net::TcpStream::connect(at).await.unwrap(),
+            tokio::net::TcpStream::connect(at).await.unwrap(),
+        ];
+        // The third is closed at once, long before the head timeout (10 s).
+        let refused = silent_connection(at).await;
+        assert!(refused < Duration::from_secs(5), "{listener}: {refused:?}");
+        drop(held);
+    }
+    // The held connections' shares come back once the server sees them go;
+    // a scrape that comes sooner is refused too, and counted here.
+    let (after, early) = scrape_counting_refusals(addr).await;
+    assert_eq!(after.since(&before, REFUSED_METRICS), 1.0 + early);
+    assert_eq!(after.since(&before, REFUSED_API), 1.0);
+    server.get("/healthz", None).await.expect(200);
+    server.stop().await;
+}
+
+/// A scrape over a plain socket (an HTTP client would retry a refused
+/// connection unseen), repeated while the server refuses the connection;
+/// with the number of times it did.
+async fn scrape_counting_refusals(addr: SocketAddr) -> (Scrape, f64) {
+    let request = b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let mut refused = 0.0;
+    loop {
+        match raw_exchange(addr, request.to_vec()).await {
+            Ok(raw) if !raw.is_empty() => {
+                let text = String::from_utf8(raw).expect("a text answer");
+                let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                return (Scrape::parse(body), refused);
+            }
+            _ => refused += 1.0,
+        }
+        assert!(refused < 100.0, "the metrics listener kept refusing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

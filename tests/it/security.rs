@@ -750,7 +750,7 @@ async fn unauthenticated_sockets_are_capped_until_they_authenticate(backend: Bac
 }
 
 async fn a_full_queue_refuses_until_the_recipient_acks(backend: Backend) {
-    let server = TestServer::start_with(backend, &["--max-queued-per-user", "3"]).await;
+    let server = TestServer::start_with(backend, &["--max-queued-per-device", "3"]).await;
     let alice = server.account("alice").await;
     let bob = server.account("bob").await;
     let carol = server.account("carol").await;

@@ -538,14 +538,26 @@ async fn send_and_ack_errors_echo_the_ref_and_the_socket_stays_open(backend: Bac
         assert_eq!(error["field"].as_str(), field, "{error}");
     }
 
-    // 500 ids are fine and, like every good ack, unanswered; a body of
-    // exactly the limit is accepted.
+    // 500 ids are fine and, as the ack has a ref, answered `acked` with
+    // them all; a body of exactly the limit is accepted. The two answers
+    // wait on different commits: either may come first.
     let five_hundred: Vec<String> = (0..500).map(|_| Uuid::new_v4().to_string()).collect();
     ws.send_json(json!({ "type": "ack", "ref": "r-500", "ids": five_hundred }))
         .await;
     ws.send_message("r-ok", bob.id, &vec![9; 65536]).await;
-    let sent = ws.expect("sent").await;
+    let (mut sent, mut acked) = (None, None);
+    for _ in 0..2 {
+        let frame = ws.json().await;
+        match frame["type"].as_str() {
+            Some("sent") => sent = Some(frame),
+            Some("acked") => acked = Some(frame),
+            _ => panic!("expected sent and acked, got {frame}"),
+        }
+    }
+    let (sent, acked) = (sent.expect("sent"), acked.expect("acked"));
     assert_eq!(sent["ref"], "r-ok");
+    assert_eq!(acked["ref"], "r-500");
+    assert_eq!(acked["ids"], json!(five_hundred));
     ws.expect_silence(Duration::from_millis(300)).await;
 
     // Nothing but the good send reached bob.
