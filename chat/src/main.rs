@@ -1,41 +1,71 @@
 //! `sealpost-chat`: a terminal client of sealpost on `sealpost-client`.
+//! How to use it: `chat/README.md`.
 //!
 //! The device's identity (server, username, device id and its secret key)
-//! lives in a local state file written with mode 0600, so the key never
-//! leaves this machine. The password is asked on standard input, or taken
-//! from `SEALPOST_PASSWORD`; no token is stored.
+//! and its session live in a local state file written with mode 0600, so
+//! the key never leaves this machine and commands after sign-up ask no
+//! password while the session lives ([`state`]). The password is asked on
+//! the terminal without echo (twice at sign-up), or taken from
+//! `SEALPOST_PASSWORD`.
 //!
 //! ```text
-//! sealpost-chat --server http://127.0.0.1:8080 register alice
+//! sealpost-chat register alice                     # server: http://127.0.0.1:8080
 //! sealpost-chat add-device alice --name laptop     # this machine as a new device
 //! sealpost-chat devices
 //! sealpost-chat send bob "hello"
 //! sealpost-chat listen                             # print what arrives, ack it
 //! sealpost-chat chat bob                           # one line, one message
+//! sealpost-chat logout                             # end the stored session
 //! ```
 //!
 //! With `--json` every output line is one JSON object.
+//!
+//! # Layout
+//!
+//! - `main`: the commands, and signing in (stored session, else password).
+//! - [`state`]: the state file and the lock on its session.
+//! - [`input`]: the chat's input line on a terminal (raw mode), or plain
+//!   lines elsewhere.
+//! - [`show`]: events as lines a person reads: names, receipts, typing.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+mod input;
+mod show;
+mod state;
+
+use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use sealpost_client::{Client, ConnectOptions, DeviceKeys, Event, Incoming};
-use serde::{Deserialize, Serialize};
+use sealpost_client::{Client, ConnectOptions, DeviceKeys, Error};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use crate::input::{Input, Key};
+use crate::show::{Output, Shown};
+use crate::state::{SessionLock, State};
+
+/// Where `register` and `add-device` go without `--server`: a server
+/// started on this machine with its defaults.
+const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
+/// A `typing` is sent again this often while the user types: readers
+/// show it for 5 s after the last one (`protocol.md`).
+const TYPING_EVERY: Duration = Duration::from_secs(3);
+/// Send results waiting for the chat loop to print them.
+const RESULTS: usize = 64;
+
 #[derive(Parser)]
-#[command(version, about = "Terminal chat over sealpost")]
+#[command(version, about = "Terminal chat over sealpost (see chat/README.md)")]
 struct Cli {
-    /// The server's root URL; saved in the state file at register or
-    /// add-device.
+    /// The server's root URL. `register` and `add-device` save it in the
+    /// state file (default http://127.0.0.1:8080); later commands use the
+    /// saved one unless this is given.
     #[arg(long, env = "SEALPOST_SERVER")]
     server: Option<String>,
-    /// This device's state file (key, username, device id).
+    /// This device's state file (key, username, device id, session).
     #[arg(
         long,
         env = "SEALPOST_CHAT_STATE",
@@ -61,23 +91,18 @@ enum Command {
     },
     /// Check that this device can sign in.
     Login,
+    /// End the stored session on the server; the next command asks for
+    /// the password.
+    Logout,
     /// List the account's devices.
     Devices,
     /// Send one message to a user (a username or a user id).
     Send { user: String, text: String },
     /// Print every message that arrives, and acknowledge it.
     Listen,
-    /// Chat with one user: each line read is sent, what they send is shown.
+    /// Chat with one user: each line typed is sent, what they send is
+    /// shown. Ctrl-C quits.
     Chat { user: String },
-}
-
-/// What the state file holds.
-#[derive(Serialize, Deserialize)]
-struct State {
-    server: String,
-    username: String,
-    device_id: u32,
-    keys: DeviceKeys,
 }
 
 #[tokio::main]
@@ -86,53 +111,72 @@ async fn main() -> Result<()> {
     let out = Output { json: cli.json };
     match &cli.command {
         Command::Register { username } => {
-            let server = cli
-                .server
-                .clone()
-                .context("--server is needed to register")?;
+            state::refuse_existing(&cli.state, "register")?;
+            let server = cli.server.as_deref().unwrap_or(DEFAULT_SERVER);
+            let password = new_password(username)?;
             let keys = DeviceKeys::generate();
-            let client = Client::register(&server, username, &password()?, keys.clone()).await?;
-            save(&cli.state, &server, &client)?;
+            let client = Client::register(server, username, &password, keys).await?;
+            create_state(&cli.state, server, &client)?;
             out.line(
                 json!({ "registered": username, "user_id": client.user_id(), "device_id": client.device_id() }),
-                format!("registered {username} ({}), device {}", client.user_id(), client.device_id()),
+                format!(
+                    "registered {username} ({}), device {}; this device's key and session are in {}",
+                    client.user_id(),
+                    client.device_id(),
+                    cli.state.display()
+                ),
             );
         }
         Command::AddDevice { username, name } => {
-            let server = cli
-                .server
-                .clone()
-                .context("--server is needed to add a device")?;
+            state::refuse_existing(&cli.state, "add-device")?;
+            let server = cli.server.as_deref().unwrap_or(DEFAULT_SERVER);
+            let password = password(&format!("password of {username}: "))?;
             let client = Client::add_device(
-                &server,
+                server,
                 username,
-                &password()?,
+                &password,
                 DeviceKeys::generate(),
                 name.as_deref(),
             )
             .await?;
-            save(&cli.state, &server, &client)?;
+            create_state(&cli.state, server, &client)?;
             out.line(
                 json!({ "added_device": client.device_id(), "user_id": client.user_id() }),
                 format!(
-                    "this machine is device {} of {username}",
-                    client.device_id()
+                    "this machine is device {} of {username}; its key and session are in {}",
+                    client.device_id(),
+                    cli.state.display()
                 ),
             );
         }
         Command::Login => {
-            let client = login(&cli).await?;
+            let signed = sign_in(&cli).await?;
+            let client = &signed.client;
             out.line(
-                json!({ "user_id": client.user_id(), "device_id": client.device_id() }),
+                json!({ "user_id": client.user_id(), "device_id": client.device_id(), "resumed": signed.resumed }),
                 format!(
-                    "signed in as {} device {}",
+                    "signed in as {} device {}{}",
                     client.username(),
-                    client.device_id()
+                    client.device_id(),
+                    if signed.resumed {
+                        " (stored session)"
+                    } else {
+                        ""
+                    }
                 ),
             );
         }
+        Command::Logout => {
+            let signed = sign_in(&cli).await?;
+            signed.forget_session()?;
+            signed.client.logout().await?;
+            out.line(
+                json!({ "logged_out": true }),
+                "signed out; the next command asks for the password".into(),
+            );
+        }
         Command::Devices => {
-            let client = login(&cli).await?;
+            let client = sign_in(&cli).await?.client;
             for d in client.devices().await? {
                 out.line(
                     json!({ "device_id": d.device_id, "name": d.name, "current": d.current, "last_seen_at": d.last_seen_at }),
@@ -146,206 +190,272 @@ async fn main() -> Result<()> {
             }
         }
         Command::Send { user, text } => {
-            let client = login(&cli).await?;
-            let to = resolve(&client, user).await?;
+            let client = sign_in(&cli).await?.client;
+            let (to, name) = resolve(&client, user).await?;
             let sent = client.send(to, text).await?;
             out.line(
                 json!({ "sent": sent.id, "client_id": sent.client_id, "sent_at": sent.sent_at }),
-                format!("sent {}", sent.id),
+                format!("sent to {name}"),
             );
         }
         Command::Listen => {
-            let client = login(&cli).await?;
+            let signed = sign_in(&cli).await?;
+            let client = signed.client.clone();
             let mut events = client.connect(ConnectOptions::default())?;
+            let mut shown = Shown::new(client.clone(), None);
+            let mut input = Input::none();
+            let ctrl_c = tokio::signal::ctrl_c();
+            tokio::pin!(ctrl_c);
             loop {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => break,
+                    _ = &mut ctrl_c => break,
                     event = events.next() => match event {
-                        Some(event) => show(&out, &client, event, None).await?,
-                        None => break,
-                    },
-                }
-            }
-        }
-        Command::Chat { user } => {
-            let client = login(&cli).await?;
-            let peer = resolve(&client, user).await?;
-            let mut events = client.connect(ConnectOptions::default())?;
-            let mut lines = BufReader::new(tokio::io::stdin()).lines();
-            loop {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => break,
-                    event = events.next() => match event {
-                        Some(event) => show(&out, &client, event, Some(peer)).await?,
-                        None => break,
-                    },
-                    line = lines.next_line() => match line? {
-                        Some(line) if line.trim().is_empty() => {}
-                        Some(line) => {
-                            // Sent in the background, so that what arrives
-                            // meanwhile is still shown.
-                            let client = client.clone();
-                            tokio::spawn(async move {
-                                match client.send(peer, &line).await {
-                                    Ok(sent) => out.line(json!({ "sent": sent.id }), format!("  (sent {})", sent.id)),
-                                    Err(e) => out.line(json!({ "error": e.to_string() }), format!("  (not sent: {e})")),
-                                }
-                            });
+                        Some(event) => {
+                            if shown.event(&out, &mut input, event).await? {
+                                break;
+                            }
                         }
                         None => break,
                     },
                 }
             }
         }
+        Command::Chat { user } => {
+            let signed = sign_in(&cli).await?;
+            chat(&out, &signed.client, user).await?;
+        }
     }
     Ok(())
 }
 
-#[derive(Clone, Copy)]
-struct Output {
-    json: bool,
-}
-
-impl Output {
-    fn line(&self, json: serde_json::Value, text: String) {
-        let mut stdout = std::io::stdout().lock();
-        let _ = if self.json {
-            writeln!(stdout, "{json}")
-        } else {
-            writeln!(stdout, "{text}")
-        };
+/// The chat loop: lines typed go to `user`, events are shown, Ctrl-C
+/// quits at once.
+async fn chat(out: &Output, client: &Client, user: &str) -> Result<()> {
+    let (peer, name) = resolve(client, user).await?;
+    let mut events = client.connect(ConnectOptions::default())?;
+    let mut shown = Shown::new(client.clone(), Some((peer, name.clone())));
+    let mut input = Input::start(&format!("to {name}> "), out.json)?;
+    if !out.json {
+        input.print(&format!(
+            "chatting with {name} as {}: Enter sends, Ctrl-C quits",
+            client.username()
+        ));
     }
-}
-
-/// Prints one event; acknowledges messages once printed. In a chat,
-/// messages of other conversations are shown but marked.
-async fn show(out: &Output, client: &Client, event: Event, peer: Option<Uuid>) -> Result<()> {
-    match event {
-        Event::Message(m) => {
-            print_message(out, client, &m, peer);
-            if !m.ephemeral {
-                client.ack(&[m.id]).await?;
-            }
+    let (results, mut sent) = mpsc::channel(RESULTS);
+    let mut last_typing: Option<Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Ctrl-C is the signal without a terminal; on one (raw mode) it is a
+    // key, and the signal comes only from `kill -INT`.
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            _ = &mut ctrl_c => break,
+            key = input.next() => match key {
+                Key::Quit => break,
+                Key::Line(line) if line.trim().is_empty() => {}
+                Key::Line(line) => {
+                    last_typing = None;
+                    let number = shown.outgoing(out, &mut input, &line);
+                    // Sent in the background, so that what arrives
+                    // meanwhile is still shown; the result comes back here.
+                    let client = client.clone();
+                    let results = results.clone();
+                    tokio::spawn(async move {
+                        let result = client.send(peer, &line).await;
+                        let _ = results.send((number, line, result)).await;
+                    });
+                }
+                Key::Edited { empty } => {
+                    let due = last_typing.is_none_or(|at| at.elapsed() >= TYPING_EVERY);
+                    if empty && last_typing.is_some() {
+                        last_typing = None;
+                        typing(client, peer, true);
+                    } else if !empty && due {
+                        last_typing = Some(Instant::now());
+                        typing(client, peer, false);
+                    }
+                }
+            },
+            event = events.next() => match event {
+                Some(event) => {
+                    if shown.event(out, &mut input, event).await? {
+                        break;
+                    }
+                }
+                None => break,
+            },
+            Some((number, line, result)) = sent.recv() => shown.sent(out, &mut input, number, &line, result),
+            _ = tick.tick() => shown.expire_typing(&mut input),
         }
-        Event::Undecryptable { id, from, .. } => out.line(
-            json!({ "undecryptable": id, "from": from }),
-            format!("! a message from {from} could not be read"),
-        ),
-        Event::Receipt { id, device_id, .. } => out.line(
-            json!({ "receipt": id, "device_id": device_id }),
-            format!("  (delivered to device {device_id})"),
-        ),
-        Event::DevicesChanged { devices, added } => {
-            let ids: Vec<u32> = devices.iter().map(|d| d.device_id).collect();
-            out.line(
-                json!({ "devices": ids, "added": added }),
-                if added.is_empty() {
-                    format!("! your devices are now {ids:?}")
-                } else {
-                    format!("! NEW device(s) {added:?} on your account: if that was not you, change your password")
-                },
-            );
-        }
-        Event::State(state) => {
-            if out.json {
-                out.line(json!({ "state": format!("{state:?}") }), String::new());
-            } else {
-                eprintln!("[{state:?}]");
-            }
-        }
-        _ => {}
     }
     Ok(())
 }
 
-fn print_message(out: &Output, client: &Client, m: &Incoming, peer: Option<Uuid>) {
-    let mine = m.from == client.user_id();
-    let other = match (peer, mine) {
-        (Some(peer), false) => m.from != peer,
-        (Some(peer), true) => m.to != Some(peer),
-        (None, _) => false,
+/// Tells the peer the user is typing (or stopped), in the background:
+/// best effort, a lost one matters to nobody.
+fn typing(client: &Client, peer: Uuid, stopped: bool) {
+    let client = client.clone();
+    tokio::spawn(async move {
+        let _ = client.send_typing(peer, stopped).await;
+    });
+}
+
+/// A signed-in client, and how its session is kept.
+struct Signed {
+    client: Client,
+    /// Whether the stored session was resumed (no password asked).
+    resumed: bool,
+    /// The state and its lock, when this process keeps the session.
+    kept: Option<(Arc<Mutex<State>>, PathBuf, SessionLock)>,
+}
+
+impl Signed {
+    fn forget_session(&self) -> Result<()> {
+        if let Some((state, path, _)) = &self.kept {
+            // No more saving of refreshed tokens: the session is ending.
+            self.client.on_session_tokens(|_| {});
+            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+            state.session = None;
+            state::save(path, &state)?;
+        }
+        Ok(())
+    }
+}
+
+/// Signs in as the device of the state file: with the stored session
+/// while it lives, else with the password. The session in use is kept in
+/// the state file from then on, unless another process holds it.
+async fn sign_in(cli: &Cli) -> Result<Signed> {
+    let path = &cli.state;
+    let mut state = state::load(path)?;
+    let server = cli.server.clone().unwrap_or_else(|| state.server.clone());
+    let lock = SessionLock::try_take(path)?;
+    if lock.is_none() {
+        eprintln!(
+            "another sealpost-chat is using the session stored in {}; this one signs in with the \
+             password, on a session of its own",
+            path.display()
+        );
+    }
+    let mut resumed = None;
+    if lock.is_some()
+        && let Some(tokens) = state.session.take()
+    {
+        match Client::resume(&server, tokens, state.keys.clone()).await {
+            Ok(client) => resumed = Some(client),
+            Err(Error::Unauthorized(_)) => {
+                eprintln!("the stored session has ended; sign in again");
+                state::save(path, &state)?;
+            }
+            Err(e) => return Err(e).context(format!("cannot resume the session on {server}")),
+        }
+    }
+    let was_resumed = resumed.is_some();
+    let client = match resumed {
+        Some(client) => client,
+        None => {
+            let password = password(&format!("password of {}: ", state.username))?;
+            Client::login(
+                &server,
+                &state.username,
+                &password,
+                state.device_id,
+                state.keys.clone(),
+            )
+            .await?
+        }
     };
-    let who = if mine {
+    let kept = lock.map(|lock| {
+        state.user_id = Some(client.user_id());
+        let state = Arc::new(Mutex::new(state));
+        keep_session(&client, path, state.clone());
+        (state, path.clone(), lock)
+    });
+    Ok(Signed {
+        client,
+        resumed: was_resumed,
+        kept,
+    })
+}
+
+/// Stores the client's session in the state file now and after every
+/// refresh, before the new tokens are used.
+fn keep_session(client: &Client, path: &Path, state: Arc<Mutex<State>>) {
+    let path = path.to_owned();
+    client.on_session_tokens(move |tokens| {
+        let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+        state.session = Some(tokens.clone());
+        if let Err(e) = state::save(&path, &state) {
+            eprintln!("cannot store the session: {e:#}");
+        }
+    });
+}
+
+/// The new device's state file, with its session: the commands after
+/// sign-up need no password.
+fn create_state(path: &Path, server: &str, client: &Client) -> Result<()> {
+    let state = State {
+        server: server.to_owned(),
+        username: client.username().to_owned(),
+        device_id: client.device_id(),
+        keys: client.keys().clone(),
+        user_id: Some(client.user_id()),
+        session: Some(client.session_tokens()),
+    };
+    state::create(path, &state).with_context(|| {
         format!(
-            "me (device {}) to {}",
-            m.from_device,
-            m.to.map(|t| t.to_string()).unwrap_or_default()
+            "{} is signed up, but its state could not be written: its key is lost",
+            client.username()
         )
-    } else {
-        m.from.to_string()
-    };
-    out.line(
-        json!({ "id": m.id, "from": m.from, "from_device": m.from_device, "to": m.to, "text": m.text,
-                "ts": m.ts, "sent_at": m.sent_at, "ephemeral": m.ephemeral }),
-        format!("{}{} {who}: {}", if other { "[other chat] " } else { "" }, m.ts.format("%H:%M"), m.text),
-    );
+    })
 }
 
-async fn resolve(client: &Client, user: &str) -> Result<Uuid> {
+/// A user id and the name to show for it, from a username or a user id.
+async fn resolve(client: &Client, user: &str) -> Result<(Uuid, String)> {
     if let Ok(id) = user.parse::<Uuid>() {
-        return Ok(id);
+        let name = client
+            .username_of(id)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| id.to_string());
+        return Ok((id, name));
     }
-    Ok(client.find_user(user).await?.id)
+    let found = client.find_user(user).await?;
+    Ok((found.id, found.username))
 }
 
-async fn login(cli: &Cli) -> Result<Client> {
-    let state = load(&cli.state)?;
-    let server = cli.server.clone().unwrap_or(state.server);
-    Ok(Client::login(
-        &server,
-        &state.username,
-        &password()?,
-        state.device_id,
-        state.keys,
-    )
-    .await?)
-}
-
-fn password() -> Result<String> {
+/// The password of an existing account.
+fn password(prompt: &str) -> Result<String> {
     if let Ok(password) = std::env::var("SEALPOST_PASSWORD") {
         return Ok(password);
     }
-    eprint!("password: ");
-    let mut line = String::new();
-    std::io::stdin().read_line(&mut line)?;
-    let password = line.trim_end_matches(['\r', '\n']).to_owned();
+    let password = if std::io::stdin().is_terminal() {
+        // From the terminal, without echo.
+        rpassword::prompt_password(prompt).context("cannot read the password")?
+    } else {
+        // A script's: one line of standard input.
+        eprint!("{prompt}");
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    };
     if password.is_empty() {
         bail!("no password given");
     }
     Ok(password)
 }
 
-fn load(path: &Path) -> Result<State> {
-    let text = std::fs::read_to_string(path).with_context(|| {
-        format!(
-            "no state at {} (register or add-device first)",
-            path.display()
-        )
-    })?;
-    serde_json::from_str(&text).with_context(|| format!("unreadable state at {}", path.display()))
-}
-
-/// Writes the state file readable by its owner only: it holds the secret
-/// key.
-fn save(path: &Path, server: &str, client: &Client) -> Result<()> {
-    let state = State {
-        server: server.to_owned(),
-        username: client.username().to_owned(),
-        device_id: client.device_id(),
-        keys: client.keys().clone(),
-    };
-    let tmp = path.with_extension("tmp");
-    {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        file.write_all(serde_json::to_string_pretty(&state)?.as_bytes())?;
-        file.sync_all()?;
+/// A new account's password, asked twice.
+fn new_password(username: &str) -> Result<String> {
+    if let Ok(password) = std::env::var("SEALPOST_PASSWORD") {
+        return Ok(password);
     }
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    let first = password(&format!("choose a password for {username}: "))?;
+    let again = password("the same password again: ")?;
+    if first != again {
+        bail!("the two passwords differ; nothing was registered");
+    }
+    Ok(first)
 }

@@ -21,14 +21,15 @@ use uuid::Uuid;
 use crate::backoff::full_jitter;
 use crate::directory::{DirectoryCache, PeerDevice};
 use crate::error::{Error, Result};
+use crate::event::DeviceChange;
 use crate::event::{EVENTS, Event, Events};
 use crate::keys::{self, DeviceKeys};
 use crate::poll::{PollOptions, Poller};
 use crate::rest::Rest;
 use crate::seal::{self, MAX_TEXT_CHARS, Plaintext};
-use crate::session::Session;
+use crate::session::{Session, SessionTokens};
 use crate::socket::{COMMANDS, Command, ConnectOptions, Driver, SendReply};
-use crate::wire::{Envelope, OwnDevice, TokenPair, User};
+use crate::wire::{Envelope, Limits, OwnDevice, User};
 
 /// Sends again after `devices_changed` at most this often: the devices may
 /// keep changing, and each retry costs a directory fetch.
@@ -41,6 +42,14 @@ const SEND_RETRIES: u32 = 3;
 /// Acks the poller may be handed before [`Client::ack`] waits: as many as
 /// the event stream holds.
 const POLL_ACKS: usize = EVENTS;
+/// A stored session whose access token has less left than this is
+/// refreshed before use: the first requests would find it expired.
+const RESUME_MARGIN: Duration = Duration::from_secs(60);
+/// How long [`Client::ack_durable`] waits for the socket's `acked` before
+/// it settles the ids over REST instead.
+const ACKED_TIMEOUT: Duration = Duration::from_secs(10);
+/// Version, nonce and tag around the plaintext in a sealed body.
+const SEAL_OVERHEAD: usize = seal::MIN_LEN;
 
 /// A message the server accepted.
 #[derive(Debug)]
@@ -109,11 +118,14 @@ pub(crate) struct Inner {
     transport: Mutex<Transport>,
     /// The account's device ids as last seen, to tell which are new.
     known_devices: Mutex<BTreeSet<u32>>,
+    /// What the server accepts, fetched once (`GET /v1/limits`).
+    limits: tokio::sync::OnceCell<Limits>,
 }
 
 impl Client {
     /// Creates the account `username` with `keys` as its first device
-    /// (device 1), and signs in as it.
+    /// (device 1), and signs in as it: with the session the server opens
+    /// with the account, or, from a server older than that, by logging in.
     pub async fn register(
         server: &str,
         username: &str,
@@ -124,8 +136,40 @@ impl Client {
         let registered = rest
             .register(username, password, &keys.public_key_base64())
             .await?;
-        let pair = rest.login(username, password, registered.device_id).await?;
-        Self::start(rest, pair, keys).await
+        let device_id = registered.device_id;
+        let pair = match registered.session() {
+            Some(pair) => pair,
+            None => rest.login(username, password, device_id).await?,
+        };
+        Self::start(rest, SessionTokens::from_pair(pair), keys).await
+    }
+
+    /// Resumes a stored session ([`Client::session_tokens`]) without the
+    /// password, as the device whose keys are `keys`. An access token with
+    /// a minute or more left is used as it is (no request to the
+    /// server's auth endpoints); an older one is refreshed first.
+    ///
+    /// Fails with [`Error::Unauthorized`] when the session has ended
+    /// (logged out, expired, revoked): log in again with the password.
+    /// Store the tokens again from now on
+    /// ([`Client::on_session_tokens`]): refreshing spends the stored
+    /// refresh token.
+    pub async fn resume(server: &str, tokens: SessionTokens, keys: DeviceKeys) -> Result<Client> {
+        let rest = Rest::new(server)?;
+        let tokens = if tokens.remaining() < RESUME_MARGIN {
+            let pair = rest
+                .refresh(&tokens.refresh_token)
+                .await
+                .map_err(|e| match e {
+                    crate::rest::RefreshError::NotSent(e)
+                    | crate::rest::RefreshError::Lost(e)
+                    | crate::rest::RefreshError::Refused(e) => e,
+                })?;
+            SessionTokens::from_pair(pair)
+        } else {
+            tokens
+        };
+        Self::start(rest, tokens, keys).await
     }
 
     /// Signs in as device `device_id` of `username`, whose key pair is
@@ -140,7 +184,7 @@ impl Client {
     ) -> Result<Client> {
         let rest = Rest::new(server)?;
         let pair = rest.login(username, password, device_id).await?;
-        Self::start(rest, pair, keys).await
+        Self::start(rest, SessionTokens::from_pair(pair), keys).await
     }
 
     /// Adds a device with `keys` to the account `username` and signs in as
@@ -157,19 +201,34 @@ impl Client {
         let pair = rest
             .add_device(username, password, &keys.public_key_base64(), name)
             .await?;
-        Self::start(rest, pair, keys).await
+        Self::start(rest, SessionTokens::from_pair(pair), keys).await
     }
 
-    async fn start(rest: Rest, pair: TokenPair, keys: DeviceKeys) -> Result<Client> {
-        let me = rest.me(&pair.access_token).await?;
+    async fn start(rest: Rest, tokens: SessionTokens, keys: DeviceKeys) -> Result<Client> {
+        let (stop, shutdown) = watch::channel(false);
+        // Stops the refresher if a request below fails.
+        let guard = ShutdownGuard(stop);
+        let session = Session::start(rest.clone(), tokens, shutdown.clone());
+        // Through the session: a resumed access token the server no longer
+        // takes is refreshed (or the session found ended) here.
+        let me = {
+            let (token, generation) = session.current()?;
+            match rest.me(&token).await {
+                Err(Error::Unauthorized(_)) => {
+                    let (token, _) = session.refreshed_after(generation).await?;
+                    rest.me(&token).await?
+                }
+                other => other?,
+            }
+        };
         if me.public_key != keys.public_key_base64() {
             tracing::warn!(
                 device_id = me.device_id,
                 "the server holds another public key for this device: peers cannot write to these keys"
             );
         }
-        let (stop, shutdown) = watch::channel(false);
-        let session = Session::start(rest.clone(), pair, shutdown.clone());
+        let directory = DirectoryCache::default();
+        directory.put_name(me.id, &me.username);
         let inner = Arc::new(Inner {
             rest,
             session,
@@ -177,17 +236,60 @@ impl Client {
             user_id: me.id,
             device_id: me.device_id,
             username: me.username,
-            directory: DirectoryCache::default(),
+            directory,
             shutdown,
             transport: Mutex::new(Transport::Rest),
             known_devices: Mutex::new(BTreeSet::new()),
+            limits: tokio::sync::OnceCell::new(),
         });
         // The list later changes are told against.
-        inner.own_devices_changed().await?;
+        inner.own_devices_changed(None).await?;
         Ok(Client {
             inner,
-            _guard: Arc::new(ShutdownGuard(stop)),
+            _guard: Arc::new(guard),
         })
+    }
+
+    /// The session in force, to store and [`resume`](Client::resume)
+    /// later. It changes with every refresh: see
+    /// [`Client::on_session_tokens`].
+    pub fn session_tokens(&self) -> SessionTokens {
+        self.inner.session.tokens()
+    }
+
+    /// Calls `store` with the session in force now, then with every new
+    /// pair, before the client uses it: an application that keeps the
+    /// session keeps it here (and synchronously, so that a process stopped
+    /// just after a refresh has stored the refresh token that replaced the
+    /// spent one). Runs on the client's tasks; keep it short. Replaces an
+    /// earlier one.
+    pub fn on_session_tokens(&self, store: impl Fn(&SessionTokens) + Send + Sync + 'static) {
+        self.inner.session.set_listener(Box::new(store));
+    }
+
+    /// What the server accepts (`GET /v1/limits`), asked once per client;
+    /// the defaults of `protocol.md` from a server older than the endpoint
+    /// (and, not kept, while it cannot be reached).
+    pub async fn limits(&self) -> Limits {
+        self.inner.limits().await
+    }
+
+    /// The username of `user`, if this client has learnt it: its own, one
+    /// looked up with [`Client::find_user`], or one the server named in
+    /// the directory of a peer this client wrote to or read from.
+    pub fn known_username(&self, user: Uuid) -> Option<String> {
+        self.inner.directory.name(user)
+    }
+
+    /// The username of `user`, asking the server's directory
+    /// (`GET /v1/users/{id}/devices`) if this client has not learnt it.
+    /// `None` from a server older than the directory's `username`.
+    pub async fn username_of(&self, user: Uuid) -> Result<Option<String>> {
+        if let Some(name) = self.inner.directory.name(user) {
+            return Ok(Some(name));
+        }
+        self.inner.devices_of(user, true).await?;
+        Ok(self.inner.directory.name(user))
     }
 
     /// This account's user id.
@@ -212,9 +314,12 @@ impl Client {
     /// Looks a user up by name (`GET /v1/users/{username}`).
     pub async fn find_user(&self, username: &str) -> Result<User> {
         let rest = &self.inner.rest;
-        self.inner
+        let user = self
+            .inner
             .authed(|token| async move { rest.user(&token, username).await })
-            .await
+            .await?;
+        self.inner.directory.put_name(user.id, &user.username);
+        Ok(user)
     }
 
     /// This account's devices (`GET /v1/devices`).
@@ -276,23 +381,31 @@ impl Client {
     /// a few times at most. After a transient failure the same ciphertext
     /// is sent again under the same `client_id` (one per send: the sync
     /// copy has its own), so a send whose answer was lost is stored once.
+    ///
+    /// A message whose sealed body would be over the server's limit
+    /// ([`Client::limits`]) is refused before anything is sent, with
+    /// [`Error::TooLarge`]; so is one over [`MAX_TEXT_CHARS`] characters,
+    /// with [`Error::Invalid`].
     pub async fn send(&self, to: Uuid, text: &str) -> Result<Sent> {
         let plaintext = plaintext(text)?;
+        let sync = (to != self.inner.user_id).then(|| Plaintext {
+            to: Some(to),
+            ..plaintext_with_id(text, plaintext.id, plaintext.ts)
+        });
+        // The sync copy is the larger (it names the peer): checked before
+        // the message goes, so that neither goes without the other.
+        let limits = self.inner.limits().await;
+        check_size(&encode(sync.as_ref().unwrap_or(&plaintext))?, &limits)?;
         let reply = self.inner.send_sealed(to, &plaintext, false).await?;
         let mut sync_error = None;
-        if to != self.inner.user_id {
-            let sync = Plaintext {
-                to: Some(to),
-                ..plaintext_with_id(text, plaintext.id, plaintext.ts)
-            };
-            if let Err(e) = self
+        if let Some(sync) = sync
+            && let Err(e) = self
                 .inner
                 .send_sealed(self.inner.user_id, &sync, false)
                 .await
-            {
-                tracing::warn!(error = %e, "the sync copy to this account's other devices failed");
-                sync_error = Some(e);
-            }
+        {
+            tracing::warn!(error = %e, "the sync copy to this account's other devices failed");
+            sync_error = Some(e);
         }
         Ok(Sent {
             id: reply.id,
@@ -307,6 +420,25 @@ impl Client {
     /// whether any connection took it.
     pub async fn send_ephemeral(&self, to: Uuid, text: &str) -> Result<bool> {
         let plaintext = plaintext(text)?;
+        let reply = self.inner.send_sealed(to, &plaintext, true).await?;
+        Ok(reply.delivered.unwrap_or(false))
+    }
+
+    /// Tells `to`'s connected devices that this user is typing
+    /// (`protocol.md`, the `typing` plaintext), or, with `stopped`, that
+    /// they stopped without sending. Ephemeral: needs the socket, never
+    /// stored. Readers show it for about 5 seconds, so a client typing on
+    /// sends it again every few seconds. Returns whether any connection
+    /// took it.
+    pub async fn send_typing(&self, to: Uuid, stopped: bool) -> Result<bool> {
+        let plaintext = Plaintext {
+            kind: "typing".into(),
+            id: Uuid::new_v4(),
+            ts: Utc::now().timestamp_millis(),
+            text: None,
+            to: None,
+            state: stopped.then(|| "stopped".into()),
+        };
         let reply = self.inner.send_sealed(to, &plaintext, true).await?;
         Ok(reply.delivered.unwrap_or(false))
     }
@@ -331,6 +463,37 @@ impl Client {
                 }
             }
             Transport::Rest => {}
+        }
+        let rest = &self.inner.rest;
+        for chunk in ids.chunks(500) {
+            self.inner
+                .authed(|token| async move { rest.ack(&token, chunk).await })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Acknowledges delivered messages and returns once the server holds
+    /// the ack durably: on the socket by an `ack` with a `ref`, answered
+    /// `acked` (servers that know it), else over REST. For an application
+    /// that deletes its own copy only once the server's is gone.
+    pub async fn ack_durable(&self, ids: &[Uuid]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        if let Transport::Socket(socket) = self.inner.transport() {
+            let (reply, answer) = oneshot::channel();
+            let command = Command::AckDurable {
+                ids: ids.to_vec(),
+                reply,
+            };
+            if socket.send(command).await.is_ok()
+                && let Ok(Ok(Ok(()))) = tokio::time::timeout(ACKED_TIMEOUT, answer).await
+            {
+                return Ok(());
+            }
+            // No socket, a server without `acked`, or no answer in time:
+            // REST settles the same ids again (acks are idempotent).
         }
         let rest = &self.inner.rest;
         for chunk in ids.chunks(500) {
@@ -380,9 +543,28 @@ fn plaintext_with_id(text: &str, id: Uuid, ts: i64) -> Plaintext {
         kind: "text".into(),
         id,
         ts,
-        text: text.to_owned(),
+        text: Some(text.to_owned()),
         to: None,
+        state: None,
     }
+}
+
+fn encode(plaintext: &Plaintext) -> Result<Vec<u8>> {
+    serde_json::to_vec(plaintext).map_err(|e| Error::Protocol(e.to_string()))
+}
+
+/// Refuses a plaintext whose sealed body would be over the server's limit,
+/// before it is sealed: the server would refuse it whole (`too_large`),
+/// and the user can shorten it.
+fn check_size(plaintext: &[u8], limits: &Limits) -> Result<()> {
+    let sealed = SEAL_OVERHEAD + plaintext.len();
+    if sealed > limits.max_body_bytes {
+        return Err(Error::TooLarge(format!(
+            "this message is {sealed} bytes once sealed, and the server takes at most {}: shorten it",
+            limits.max_body_bytes
+        )));
+    }
+    Ok(())
 }
 
 impl Inner {
@@ -424,6 +606,33 @@ impl Inner {
         }
     }
 
+    /// What the server accepts: asked once; the defaults from a server
+    /// without `GET /v1/limits` (kept) or one that cannot be reached now
+    /// (not kept: asked again next time).
+    pub(crate) async fn limits(&self) -> Limits {
+        let fetched = self
+            .limits
+            .get_or_try_init(|| async {
+                match self.rest.limits().await {
+                    Ok(limits) => Ok(limits),
+                    Err(e) if e.is_transient() => Err(e),
+                    // An older server (404) or an answer of another shape.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "no limits from the server; using the defaults");
+                        Ok(Limits::default())
+                    }
+                }
+            })
+            .await;
+        match fetched {
+            Ok(limits) => limits.clone(),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot ask the server's limits now; using the defaults");
+                Limits::default()
+            }
+        }
+    }
+
     /// `user`'s devices, from the cache unless `fresh`.
     pub(crate) async fn devices_of(&self, user: Uuid, fresh: bool) -> Result<Arc<[PeerDevice]>> {
         if !fresh && let Some(devices) = self.directory.get(user) {
@@ -433,7 +642,11 @@ impl Inner {
         let listed = self
             .authed(|token| async move { rest.directory(&token, user).await })
             .await?;
+        if let Some(name) = &listed.username {
+            self.directory.put_name(user, name);
+        }
         let devices: Arc<[PeerDevice]> = listed
+            .devices
             .into_iter()
             .map(|d| PeerDevice {
                 device_id: d.device_id,
@@ -445,8 +658,9 @@ impl Inner {
     }
 
     /// Fetches this account's devices (`GET /v1/devices`) into the
-    /// directory, and says which are new to this client.
-    pub(crate) async fn own_devices_changed(&self) -> Result<Event> {
+    /// directory, and says which are new to this client; `change` is what
+    /// the server said happened, if it did.
+    pub(crate) async fn own_devices_changed(&self, change: Option<DeviceChange>) -> Result<Event> {
         let rest = &self.rest;
         let devices = self
             .authed(|token| async move { rest.own_devices(&token).await })
@@ -471,7 +685,19 @@ impl Inner {
             *known = now;
             added
         };
-        Ok(Event::DevicesChanged { devices, added })
+        Ok(Event::DevicesChanged {
+            devices,
+            added,
+            change,
+        })
+    }
+
+    /// Whether `devices` (the `ready` frame's) differs from the account's
+    /// devices as this client last saw them: one was added or removed
+    /// while no socket was open.
+    pub(crate) fn own_devices_differ(&self, devices: &[u32]) -> bool {
+        let known = self.known_devices.lock().unwrap_or_else(|p| p.into_inner());
+        !known.iter().copied().eq(devices.iter().copied())
     }
 
     /// Seals `plaintext` for each device of `to` (for each of this
@@ -483,7 +709,8 @@ impl Inner {
         plaintext: &Plaintext,
         ephemeral: bool,
     ) -> Result<SendReply> {
-        let bytes = serde_json::to_vec(plaintext).map_err(|e| Error::Protocol(e.to_string()))?;
+        let bytes = encode(plaintext)?;
+        check_size(&bytes, &self.limits().await)?;
         // One key for every attempt of this send. A `devices_changed`
         // refusal records no key, so the send encrypted again keeps it.
         // Ephemeral sends are never stored: nothing to repeat.

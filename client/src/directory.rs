@@ -6,7 +6,8 @@
 //! refetches its recipient's entry, a body that does not open refetches
 //! its sender's, and a `devices_changed` frame refetches the account's own.
 //! It is bounded by [`MAX_USERS`]; past it an arbitrary entry goes, and
-//! costs one lookup when next needed. Its lock is a plain mutex held only
+//! costs one lookup when next needed. Beside the devices it keeps the
+//! usernames learnt, to name peers, under the same bound. Its lock is a plain mutex held only
 //! to copy an `Arc` in or out, never across an `.await`.
 
 use std::collections::HashMap;
@@ -31,6 +32,9 @@ pub(crate) struct PeerDevice {
 #[derive(Default)]
 pub(crate) struct DirectoryCache {
     users: Mutex<HashMap<Uuid, Arc<[PeerDevice]>>>,
+    /// Usernames learnt (lookups by name, the directory's `username`), to
+    /// name peers; bounded as `users` is.
+    names: Mutex<HashMap<Uuid, String>>,
 }
 
 impl DirectoryCache {
@@ -47,6 +51,25 @@ impl DirectoryCache {
             users.remove(&evicted);
         }
         users.insert(user, devices);
+    }
+
+    pub fn name(&self, user: Uuid) -> Option<String> {
+        self.names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&user)
+            .cloned()
+    }
+
+    pub fn put_name(&self, user: Uuid, name: &str) {
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        if names.len() >= MAX_USERS
+            && !names.contains_key(&user)
+            && let Some(evicted) = names.keys().next().copied()
+        {
+            names.remove(&evicted);
+        }
+        names.insert(user, name.to_owned());
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Arc<[PeerDevice]>>> {
@@ -75,5 +98,17 @@ mod tests {
             }]),
         );
         assert_eq!(cache.get(user).unwrap()[0].device_id, 3);
+    }
+
+    #[test]
+    fn names_stay_within_their_bound() {
+        let cache = DirectoryCache::default();
+        let first = Uuid::new_v4();
+        cache.put_name(first, "alice");
+        assert_eq!(cache.name(first).as_deref(), Some("alice"));
+        for i in 0..MAX_USERS + 10 {
+            cache.put_name(Uuid::new_v4(), &format!("user{i}"));
+        }
+        assert_eq!(cache.names.lock().unwrap().len(), MAX_USERS);
     }
 }

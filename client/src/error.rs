@@ -170,6 +170,9 @@ pub(crate) struct WireError {
     pub missing: Vec<u32>,
     #[serde(default)]
     pub extra: Vec<u32>,
+    /// How long to wait, on a rate limit's `error` frame (newer servers).
+    #[serde(default)]
+    pub retry_after_ms: Option<u64>,
 }
 
 /// `{"error": {...}}`, as REST replies carry it.
@@ -180,8 +183,9 @@ pub(crate) struct ErrorBody {
 
 impl WireError {
     /// The typed error. `retry_after` is the REST reply's `Retry-After`;
-    /// an `error` frame has none, and says the wait in its message instead
-    /// ("rate limit exceeded; retry in 120 ms").
+    /// an `error` frame carries `retry_after_ms` instead, and a server
+    /// older than that field says the wait only in its message ("rate
+    /// limit exceeded; retry in 120 ms"), read as a last resort.
     pub fn into_error(self, retry_after: Option<Duration>) -> Error {
         match self.code.as_str() {
             "invalid" => Error::Invalid {
@@ -200,6 +204,7 @@ impl WireError {
             "forbidden" => Error::Forbidden(self.message),
             "rate_limited" => Error::RateLimited {
                 retry_after: retry_after
+                    .or(self.retry_after_ms.map(Duration::from_millis))
                     .or_else(|| millis_in(&self.message))
                     .unwrap_or(Duration::from_secs(1)),
             },
@@ -284,6 +289,15 @@ mod tests {
         match wire(r#"{"code":"rate_limited","message":"rate limit exceeded; retry in 120 ms"}"#) {
             Error::RateLimited { retry_after } => {
                 assert_eq!(retry_after, Duration::from_millis(120))
+            }
+            other => panic!("{other:?}"),
+        }
+        // The field, where the server sends it, over the message.
+        match wire(
+            r#"{"code":"rate_limited","message":"rate limit exceeded; retry in 120 ms","retry_after_ms":450}"#,
+        ) {
+            Error::RateLimited { retry_after } => {
+                assert_eq!(retry_after, Duration::from_millis(450))
             }
             other => panic!("{other:?}"),
         }

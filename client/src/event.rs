@@ -67,7 +67,9 @@ impl fmt::Debug for Incoming {
     }
 }
 
-/// The socket's state, as [`Event::State`] reports each change.
+/// The socket's state, as [`Event::State`] reports each change. Its
+/// `Display` says it in words, for a user ("connected", "disconnected
+/// (1006 the connection ended); retrying in 2s").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnectionState {
     /// Opening a socket; `attempt` counts the tries since the last one that
@@ -87,6 +89,88 @@ pub enum ConnectionState {
     /// that forbids reconnecting (4409, 4429, 1008, 1009), or the session
     /// ended and needs a new login.
     Stopped { code: Option<u16>, reason: String },
+}
+
+impl fmt::Display for ConnectionState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectionState::Connecting { attempt: 0 } => write!(f, "connecting"),
+            ConnectionState::Connecting { attempt } => {
+                write!(f, "connecting (attempt {})", attempt + 1)
+            }
+            ConnectionState::Connected { .. } => write!(f, "connected"),
+            ConnectionState::Disconnected {
+                code,
+                reason,
+                retry_in,
+            } => {
+                write!(f, "disconnected (")?;
+                if let Some(code) = code {
+                    write!(f, "{code} ")?;
+                }
+                write!(f, "{reason}); retrying in {}", Seconds(*retry_in))
+            }
+            ConnectionState::Stopped { code, reason } => {
+                write!(f, "stopped (")?;
+                if let Some(code) = code {
+                    write!(f, "{code} ")?;
+                }
+                write!(f, "{reason})")
+            }
+        }
+    }
+}
+
+/// A wait as a person reads it: "0.4s", "12s".
+struct Seconds(Duration);
+
+impl fmt::Display for Seconds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.0.as_secs_f64();
+        if secs < 10.0 {
+            write!(f, "{secs:.1}s")
+        } else {
+            write!(f, "{}s", self.0.as_secs())
+        }
+    }
+}
+
+/// What the server said happened to a device of your account
+/// (`devices_changed`'s `device_id` and `reason`; newer servers only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceChange {
+    /// The device the change is about.
+    pub device_id: u32,
+    pub reason: DeviceChangeReason,
+}
+
+/// Why a device of your account changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeviceChangeReason {
+    /// A new device was added.
+    Added,
+    /// The device was removed.
+    Removed,
+    /// The device's key was changed.
+    Key,
+    /// A new session of the device was opened with the password (a
+    /// login): if that was not you, someone else has the password.
+    Login,
+    /// A reason this version of the client does not know.
+    Other(String),
+}
+
+impl DeviceChangeReason {
+    pub(crate) fn parse(reason: &str) -> Self {
+        match reason {
+            "added" => Self::Added,
+            "removed" => Self::Removed,
+            "key" => Self::Key,
+            "login" => Self::Login,
+            other => Self::Other(other.to_owned()),
+        }
+    }
 }
 
 /// Something the application should know.
@@ -118,15 +202,31 @@ pub enum Event {
     /// The socket runs on a fresh access token (`authed`), valid until
     /// `expires_at`.
     Renewed { expires_at: DateTime<Utc> },
-    /// A device of your account was added or removed. `devices` is the
-    /// account's list now; `added` the ids this client had not seen in it
-    /// before: if the user does not know one, someone else may have their
-    /// password.
+    /// A device of your account was added, removed, given a new key or
+    /// logged in again. `devices` is the account's list now; `added` the
+    /// ids this client had not seen in it before: if the user does not
+    /// know one, someone else may have their password. `change` is what
+    /// the server said happened (newer servers), `None` if it did not say
+    /// (or the client noticed the list changed while it was offline).
     DevicesChanged {
         devices: Vec<OwnDevice>,
         added: Vec<u32>,
+        change: Option<DeviceChange>,
+    },
+    /// `from` is typing to you (a `typing` plaintext), or, with `stopped`,
+    /// stopped without sending. Show it for about
+    /// [`TYPING_SHOWN`] after the last one, and drop
+    /// it at once when a message from `from` arrives. Never acknowledged.
+    Typing {
+        from: Uuid,
+        from_device: u32,
+        stopped: bool,
     },
 }
+
+/// How long a reader shows "typing…" after the last `typing` from a
+/// sender (`protocol.md`).
+pub const TYPING_SHOWN: Duration = Duration::from_secs(5);
 
 /// The stream of [`Event`]s of one transport; ends when the client shuts
 /// down.

@@ -100,6 +100,17 @@ impl Inbox {
             return self.unreadable(message, Unreadable::NotAMessage);
         };
         self.ids.insert(message.id);
+        if plaintext.kind == "typing" {
+            // Not kept in `client_ids`: each is new, and they would push
+            // out the messages' ids. Settled by the client (never stored
+            // when sent as the protocol asks, ephemeral).
+            let event = Event::Typing {
+                from: message.from,
+                from_device: message.from_device,
+                stopped: plaintext.state.as_deref() == Some("stopped"),
+            };
+            return self.settle(message.id, message.ephemeral, Some(event));
+        }
         // A type of a later version, or a send stored twice: acknowledge
         // and drop.
         if plaintext.kind != "text" || !self.client_ids.insert((message.from, plaintext.id)) {
@@ -112,7 +123,7 @@ impl Inbox {
                 from_device: message.from_device,
                 client_id: plaintext.id,
                 ts: DateTime::from_timestamp_millis(plaintext.ts).unwrap_or(message.sent_at),
-                text: plaintext.text,
+                text: plaintext.text.unwrap_or_default(),
                 to: plaintext.to,
                 sent_at: message.sent_at,
                 ephemeral: message.ephemeral,

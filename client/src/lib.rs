@@ -32,7 +32,7 @@
 //!             alice.ack(&[message.id]).await?;
 //!         }
 //!         Event::Receipt { id, device_id, .. } => println!("{id} reached device {device_id}"),
-//!         Event::State(state) => println!("socket: {state:?}"),
+//!         Event::State(state) => println!("socket: {state}"),
 //!         _ => {}
 //!     }
 //! }
@@ -58,12 +58,19 @@
 //! - **Tokens stay fresh.** The access token is refreshed at 80% of its
 //!   life and renewed on the live socket, which stays open across the
 //!   expiry.
+//! - **Sessions resume.** Store [`Client::session_tokens`] (and again on
+//!   every [`Client::on_session_tokens`] call) with the device's keys, and
+//!   [`Client::resume`] signs in without the password while the session
+//!   lives.
+//! - **Limits are checked before sealing.** A message the server would
+//!   refuse as too large ([`Client::limits`], from `GET /v1/limits`) is
+//!   refused by [`Client::send`] before anything is sent.
 //!
 //! # Layout
 //!
 //! - [`client`]: [`Client`], the shared state, sending.
 //! - `session`: the access token, refreshed by the one task that holds the
-//!   refresh token.
+//!   refresh token; [`SessionTokens`], what an application stores.
 //! - `socket`: the WebSocket task: reconnect, resume, pipelined sends,
 //!   batched acks, renewal in place.
 //! - `poll`: the REST polling task, for hosts that cannot hold a socket.
@@ -72,12 +79,15 @@
 //! - `directory`: the cache of peers' devices and keys. `dedup`: bounded
 //!   memory of what was shown.
 //! - `rest`: one method per endpoint. `wire`: the JSON shapes.
+//! - `tls`: the `rustls` feature's settings (ring).
 //! - [`error`]: [`Error`], one variant per wire code.
 //! - `event`: [`Event`], [`Incoming`], [`ConnectionState`], [`Events`].
 //!
 //! # TLS
 //!
-//! `https://` and `wss://` servers need the `rustls` feature.
+//! `https://` and `wss://` servers need the `rustls` feature: rustls on
+//! the `ring` provider with the operating system's certificate verifier,
+//! configured by the client itself (no process-wide provider needed).
 
 mod backoff;
 pub mod client;
@@ -92,13 +102,18 @@ mod rest;
 mod seal;
 mod session;
 mod socket;
+#[cfg(feature = "rustls")]
+mod tls;
 mod wire;
 
 pub use client::{Client, Sent};
 pub use error::{Error, Result};
-pub use event::{ConnectionState, Event, Events, Incoming};
+pub use event::{
+    ConnectionState, DeviceChange, DeviceChangeReason, Event, Events, Incoming, TYPING_SHOWN,
+};
 pub use keys::DeviceKeys;
 pub use poll::PollOptions;
 pub use seal::{MAX_TEXT_CHARS, Unreadable};
+pub use session::SessionTokens;
 pub use socket::{ACK_DELAY, ConnectOptions};
-pub use wire::{OwnDevice, User};
+pub use wire::{Limits, OwnDevice, User};

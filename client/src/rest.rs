@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use crate::error::{Error, ErrorBody, Result, WireError};
 use crate::wire::{
-    Accepted, Acked, Directory, DirectoryDevice, Envelope, Me, OwnDevice, OwnDevices, Page,
-    Registered, SendRequest, TokenPair, User,
+    Accepted, Acked, Directory, Envelope, Limits, Me, OwnDevice, OwnDevices, Page, Registered,
+    SendRequest, TokenPair, User,
 };
 
 /// How long one request may take, connection included. A server that
@@ -28,18 +28,30 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) struct Rest {
     base: String,
     http: reqwest::Client,
+    /// The TLS settings of `http`, for the WebSocket to use the same.
+    #[cfg(feature = "rustls")]
+    tls: std::sync::Arc<rustls::ClientConfig>,
 }
 
 impl Rest {
     /// `base` is the server's root, e.g. `https://relay.example.com`.
     pub fn new(base: &str) -> Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .build()?;
+        let builder = reqwest::Client::builder().timeout(REQUEST_TIMEOUT);
+        #[cfg(feature = "rustls")]
+        let tls = std::sync::Arc::new(crate::tls::client_config()?);
+        #[cfg(feature = "rustls")]
+        let builder = builder.tls_backend_preconfigured((*tls).clone());
         Ok(Self {
             base: base.trim_end_matches('/').to_owned(),
-            http,
+            http: builder.build()?,
+            #[cfg(feature = "rustls")]
+            tls,
         })
+    }
+
+    #[cfg(feature = "rustls")]
+    pub fn tls(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        self.tls.clone()
     }
 
     pub fn base(&self) -> &str {
@@ -109,11 +121,14 @@ impl Rest {
         json_reply(self.http.get(self.url(&path)).bearer_auth(token)).await
     }
 
-    pub async fn directory(&self, token: &str, user: Uuid) -> Result<Vec<DirectoryDevice>> {
+    pub async fn directory(&self, token: &str, user: Uuid) -> Result<Directory> {
         let path = format!("/v1/users/{user}/devices");
-        let listed: Directory =
-            json_reply(self.http.get(self.url(&path)).bearer_auth(token)).await?;
-        Ok(listed.devices)
+        json_reply(self.http.get(self.url(&path)).bearer_auth(token)).await
+    }
+
+    /// `GET /v1/limits` (no authentication).
+    pub async fn limits(&self) -> Result<Limits> {
+        json_reply(self.http.get(self.url("/v1/limits"))).await
     }
 
     pub async fn own_devices(&self, token: &str) -> Result<Vec<OwnDevice>> {

@@ -27,18 +27,22 @@ pub const MAX_TEXT_CHARS: usize = 16_384;
 /// What a body holds once opened.
 #[derive(Serialize, Deserialize)]
 pub(crate) struct Plaintext {
-    /// `"text"`; readers drop types they do not know.
+    /// `"text"` or `"typing"`; readers drop types they do not know.
     #[serde(rename = "type")]
     pub kind: String,
     /// The client message id, the same in every copy and every retry.
     pub id: Uuid,
     /// Milliseconds since the Unix epoch, by the sender's clock.
     pub ts: i64,
-    #[serde(default)]
-    pub text: String,
+    /// A `text`'s text; a `typing` has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
     /// In a sync copy to the sender's own devices: the conversation's peer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<Uuid>,
+    /// A `typing`'s `"stopped"`: the sender stopped without sending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
 }
 
 /// Why a body could not be read.
@@ -224,13 +228,34 @@ mod tests {
             kind: "text".into(),
             id,
             ts: 1_764_806_400_123,
-            text: "hello".into(),
+            text: Some("hello".into()),
             to: None,
+            state: None,
         })
         .unwrap();
         assert_eq!(
             json,
             serde_json::json!({ "type": "text", "id": id, "ts": 1_764_806_400_123_i64, "text": "hello" })
+        );
+        // `typing`, as `protocol.md` shows it: no text.
+        let typing = |state: Option<&str>| {
+            serde_json::to_value(Plaintext {
+                kind: "typing".into(),
+                id,
+                ts: 7,
+                text: None,
+                to: None,
+                state: state.map(Into::into),
+            })
+            .unwrap()
+        };
+        assert_eq!(
+            typing(None),
+            serde_json::json!({ "type": "typing", "id": id, "ts": 7 })
+        );
+        assert_eq!(
+            typing(Some("stopped")),
+            serde_json::json!({ "type": "typing", "id": id, "ts": 7, "state": "stopped" })
         );
         // Unknown fields are ignored.
         let read: Plaintext = serde_json::from_str(&format!(

@@ -24,7 +24,12 @@
 //!   per connection; past it the task stops taking commands.
 //! - **Acks** are batched: up to 500 ids a frame, written [`ACK_DELAY`]
 //!   after the first one queued, or at once when 500 are queued. Acks
-//!   queued while no socket is open are written on the next.
+//!   queued while no socket is open are written on the next. A durable
+//!   ack ([`Client::ack_durable`](crate::Client::ack_durable)) is a frame
+//!   of its own with a `ref` (`a-<n>`), answered `acked` by servers that
+//!   speak it (those whose `ready` lists the account's devices); on others,
+//!   or when its socket drops, it fails here and the client settles it
+//!   over REST.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -43,7 +48,7 @@ use uuid::Uuid;
 use crate::backoff::full_jitter;
 use crate::client::Inner;
 use crate::error::{Error, Result};
-use crate::event::{ConnectionState, Event};
+use crate::event::{ConnectionState, DeviceChange, DeviceChangeReason, Event};
 use crate::inbox::Inbox;
 use crate::session::TokenState;
 use crate::wire::{ClientFrame, Envelope, ServerFrame};
@@ -103,6 +108,18 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<SendReply>>,
     },
     Ack(Vec<Uuid>),
+    /// An ack answered once durable (`acked`).
+    AckDurable {
+        ids: Vec<Uuid>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+}
+
+/// A durable ack awaiting `acked`.
+struct PendingAck {
+    ids: Vec<Uuid>,
+    reply: oneshot::Sender<Result<()>>,
+    written: bool,
 }
 
 struct Pending {
@@ -150,6 +167,13 @@ pub(crate) struct Driver {
     ack_due: Option<Instant>,
     /// Tries since the last connection that reached `drained`.
     attempt: u32,
+    /// Durable acks by the number in their `ref` (`a-<n>`). Bounded by the
+    /// callers: each awaits its answer.
+    durable_acks: BTreeMap<u64, PendingAck>,
+    next_ack_ref: u64,
+    /// The server of the current socket answers an ack's `ref` (its `ready`
+    /// listed the account's devices: the same revision of the protocol).
+    acked_refs: bool,
 }
 
 impl Driver {
@@ -171,6 +195,9 @@ impl Driver {
             acks: Vec::new(),
             ack_due: None,
             attempt: 0,
+            durable_acks: BTreeMap::new(),
+            next_ack_ref: 0,
+            acked_refs: false,
         }
     }
 
@@ -225,9 +252,18 @@ impl Driver {
         for (_, pending) in std::mem::take(&mut self.pending) {
             let _ = pending.reply.send(Err(fail(&reason)));
         }
+        for (_, pending) in std::mem::take(&mut self.durable_acks) {
+            let _ = pending.reply.send(Err(fail(&reason)));
+        }
         while let Ok(command) = self.commands.try_recv() {
-            if let Command::Send { reply, .. } = command {
-                let _ = reply.send(Err(fail(&reason)));
+            match command {
+                Command::Send { reply, .. } => {
+                    let _ = reply.send(Err(fail(&reason)));
+                }
+                Command::AckDurable { reply, .. } => {
+                    let _ = reply.send(Err(fail(&reason)));
+                }
+                Command::Ack(_) => {}
             }
         }
         tracing::info!(?code, %reason, "socket stopped");
@@ -254,6 +290,11 @@ impl Driver {
                 let _ = p.reply.send(Err(Error::ConnectionLost));
             }
         }
+        // The caller settles them over REST: no need to wait for a socket.
+        for (_, pending) in std::mem::take(&mut self.durable_acks) {
+            let _ = pending.reply.send(Err(Error::ConnectionLost));
+        }
+        self.acked_refs = false;
         for pending in self.pending.values_mut() {
             pending.written = false;
         }
@@ -271,6 +312,10 @@ impl Driver {
                     match command {
                         None => return false,
                         Some(Command::Send { ephemeral: true, reply, .. }) => {
+                            let _ = reply.send(Err(Error::NotConnected));
+                        }
+                        Some(Command::AckDurable { ids, reply }) => {
+                            self.inbox.acked(&ids);
                             let _ = reply.send(Err(Error::NotConnected));
                         }
                         Some(command) => self.take(command),
@@ -313,6 +358,23 @@ impl Driver {
                 self.inbox.acked(&ids);
                 self.queue_acks(ids);
             }
+            Command::AckDurable { ids, reply } => {
+                self.inbox.acked(&ids);
+                if !self.acked_refs || ids.len() > ACK_BATCH {
+                    // An older server would never answer: over REST.
+                    let _ = reply.send(Err(Error::NotConnected));
+                    return;
+                }
+                self.next_ack_ref += 1;
+                self.durable_acks.insert(
+                    self.next_ack_ref,
+                    PendingAck {
+                        ids,
+                        reply,
+                        written: false,
+                    },
+                );
+            }
         }
     }
 
@@ -341,9 +403,26 @@ impl Driver {
         };
         match ready {
             Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerFrame>(&text) {
-                Ok(ServerFrame::Ready { expires_at, .. }) => {
+                Ok(ServerFrame::Ready {
+                    expires_at,
+                    devices,
+                    ..
+                }) => {
                     self.emit(Event::State(ConnectionState::Connected { expires_at }))
                         .await;
+                    self.acked_refs = devices.is_some();
+                    // A device added or removed while no socket was open
+                    // (its `devices_changed` went to no socket of ours).
+                    if let Some(devices) = devices
+                        && self.inner.own_devices_differ(&devices)
+                    {
+                        match self.inner.own_devices_changed(None).await {
+                            Ok(event) => self.emit(event).await,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot fetch this account's devices")
+                            }
+                        }
+                    }
                 }
                 _ => return retry(None, "the first frame was not ready"),
             },
@@ -439,7 +518,16 @@ impl Driver {
             return Err(retry(None, "the access token is not a header value"));
         };
         request.headers_mut().insert("authorization", bearer);
-        match timeout(HANDSHAKE_TIMEOUT, tokio_tungstenite::connect_async(request)).await {
+        #[cfg(feature = "rustls")]
+        let connect = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            None,
+            false,
+            Some(tokio_tungstenite::Connector::Rustls(self.inner.rest.tls())),
+        );
+        #[cfg(not(feature = "rustls"))]
+        let connect = tokio_tungstenite::connect_async(request);
+        match timeout(HANDSHAKE_TIMEOUT, connect).await {
             Err(_) => Err(retry(None, "the upgrade timed out")),
             Ok(Ok((ws, _))) => Ok(ws),
             Ok(Err(tungstenite::Error::Http(response))) => {
@@ -458,12 +546,26 @@ impl Driver {
             pending.written = true;
             wrote = true;
         }
+        for (n, pending) in self.durable_acks.iter_mut().filter(|(_, p)| !p.written) {
+            let reference = format!("a-{n}");
+            let frame = ClientFrame::Ack {
+                reference: Some(&reference),
+                ids: &pending.ids,
+            };
+            feed(ws, frame.to_text()).await?;
+            pending.written = true;
+            wrote = true;
+        }
         let due = self
             .ack_due
             .is_none_or(|at| at <= Instant::now() || self.acks.len() >= ACK_BATCH);
         if due && !self.acks.is_empty() {
             for chunk in self.acks.chunks(ACK_BATCH) {
-                feed(ws, ClientFrame::Ack { ids: chunk }.to_text()).await?;
+                let frame = ClientFrame::Ack {
+                    reference: None,
+                    ids: chunk,
+                };
+                feed(ws, frame.to_text()).await?;
             }
             self.acks.clear();
             self.ack_due = None;
@@ -512,7 +614,16 @@ impl Driver {
                     }));
                 }
             }
+            ServerFrame::Acked { reference, .. } => {
+                if let Some(pending) = self.durable_ack(&reference) {
+                    let _ = pending.reply.send(Ok(()));
+                }
+            }
             ServerFrame::Error { reference, error } => {
+                if let Some(pending) = reference.as_deref().and_then(|r| self.durable_ack(r)) {
+                    let _ = pending.reply.send(Err(error.into_error(None)));
+                    return;
+                }
                 match self.reply_to(reference.as_deref()) {
                     Some(pending) => {
                         let _ = pending.reply.send(Err(error.into_error(None)));
@@ -530,12 +641,27 @@ impl Driver {
             ServerFrame::Receipt { id, to, device_id } => {
                 self.emit(Event::Receipt { id, to, device_id }).await;
             }
-            ServerFrame::DevicesChanged { .. } => match self.inner.own_devices_changed().await {
-                Ok(event) => self.emit(event).await,
-                Err(e) => tracing::warn!(error = %e, "cannot fetch this account's devices"),
-            },
+            ServerFrame::DevicesChanged {
+                device_id, reason, ..
+            } => {
+                let change = device_id
+                    .zip(reason)
+                    .map(|(device_id, reason)| DeviceChange {
+                        device_id,
+                        reason: DeviceChangeReason::parse(&reason),
+                    });
+                match self.inner.own_devices_changed(change).await {
+                    Ok(event) => self.emit(event).await,
+                    Err(e) => tracing::warn!(error = %e, "cannot fetch this account's devices"),
+                }
+            }
             ServerFrame::Ready { .. } | ServerFrame::Unknown => {}
         }
+    }
+
+    fn durable_ack(&mut self, reference: &str) -> Option<PendingAck> {
+        let n = reference.strip_prefix("a-")?.parse().ok()?;
+        self.durable_acks.remove(&n)
     }
 
     fn reply_to(&mut self, reference: Option<&str>) -> Option<Pending> {

@@ -20,6 +20,14 @@ pub(crate) struct TokenPair {
     pub refresh_token: String,
     /// Seconds the access token lives.
     pub expires_in: u64,
+    /// Whose session it is. Newer servers say it in every pair; older
+    /// ones do not, and `GET /v1/me` tells.
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub user_id: Option<Uuid>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub device_id: Option<u32>,
 }
 
 impl fmt::Debug for TokenPair {
@@ -30,10 +38,44 @@ impl fmt::Debug for TokenPair {
     }
 }
 
-/// `POST /v1/register`'s reply.
-#[derive(Debug, Deserialize)]
+/// `POST /v1/register`'s reply: the account, and on newer servers a
+/// session of device 1 (so that signing up costs one password hash, not a
+/// login more).
+#[derive(Deserialize)]
 pub(crate) struct Registered {
     pub device_id: u32,
+    #[serde(default)]
+    access_token: Option<String>,
+    #[serde(default)]
+    refresh_token: Option<String>,
+    #[serde(default)]
+    expires_in: Option<u64>,
+    #[serde(default)]
+    id: Option<Uuid>,
+}
+
+impl Registered {
+    /// The session the server opened with the account, if it did (a
+    /// server older than the session in the register answer did not).
+    pub fn session(self) -> Option<TokenPair> {
+        Some(TokenPair {
+            access_token: self.access_token?,
+            refresh_token: self.refresh_token?,
+            expires_in: self.expires_in?,
+            user_id: self.id,
+            device_id: Some(self.device_id),
+        })
+    }
+}
+
+impl fmt::Debug for Registered {
+    // Never the tokens.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registered")
+            .field("device_id", &self.device_id)
+            .field("session", &self.access_token.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// `GET /v1/me`.
@@ -61,7 +103,57 @@ pub(crate) struct DirectoryDevice {
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct Directory {
+    /// The account's username; newer servers say it, so that a receiver
+    /// can name a sender it never looked up.
+    #[serde(default)]
+    pub username: Option<String>,
     pub devices: Vec<DirectoryDevice>,
+}
+
+/// What the server accepts (`GET /v1/limits`), from its running
+/// configuration. A server older than that endpoint is taken to have the
+/// defaults of `protocol.md`, which [`Default`] gives.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
+pub struct Limits {
+    /// The largest sealed body, in bytes before base64: version, nonce
+    /// and tag (41 bytes) and the plaintext JSON.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Devices one account may hold.
+    #[serde(default = "default_max_devices")]
+    pub max_devices_per_user: u32,
+    /// Ids one ack may carry.
+    #[serde(default = "default_max_ids")]
+    pub max_ids_per_ack: usize,
+    /// How long an access token lives, if the server says.
+    #[serde(default)]
+    pub access_token_ttl_seconds: Option<u64>,
+    /// How long an unacknowledged message is kept, if the server says.
+    #[serde(default)]
+    pub message_ttl_seconds: Option<u64>,
+}
+
+fn default_max_body_bytes() -> usize {
+    65_536
+}
+fn default_max_devices() -> u32 {
+    10
+}
+fn default_max_ids() -> usize {
+    500
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: default_max_body_bytes(),
+            max_devices_per_user: default_max_devices(),
+            max_ids_per_ack: default_max_ids(),
+            access_token_ttl_seconds: None,
+            message_ttl_seconds: None,
+        }
+    }
 }
 
 /// One of your account's devices, as `GET /v1/devices` lists them.
@@ -145,6 +237,9 @@ pub(crate) enum ServerFrame {
         #[allow(dead_code)]
         device_id: u32,
         expires_at: DateTime<Utc>,
+        /// The account's device ids, ascending; newer servers only.
+        #[serde(default)]
+        devices: Option<Vec<u32>>,
     },
     Message(MessageView),
     Drained,
@@ -169,6 +264,20 @@ pub(crate) enum ServerFrame {
     DevicesChanged {
         #[allow(dead_code)]
         devices: Vec<u32>,
+        /// The device the change is about, and what happened to it:
+        /// newer servers only.
+        #[serde(default)]
+        device_id: Option<u32>,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// An ack with a `ref` is durable (newer servers only).
+    Acked {
+        #[serde(rename = "ref")]
+        reference: String,
+        #[serde(default)]
+        #[allow(dead_code)]
+        ids: Vec<Uuid>,
     },
     Error {
         #[serde(rename = "ref")]
@@ -196,6 +305,10 @@ pub(crate) enum ClientFrame<'a> {
         client_id: Option<&'a str>,
     },
     Ack {
+        /// Asks for an `acked` answer once the ack is durable; an older
+        /// server ignores it.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
         ids: &'a [Uuid],
     },
     Auth {
@@ -240,6 +353,79 @@ mod tests {
     }
 
     #[test]
+    fn reads_the_newer_fields_and_does_without_them() {
+        // `ready` with and without the account's devices.
+        let frame: ServerFrame = serde_json::from_str(
+            r#"{"type":"ready","user_id":"8d2f6c1e-0b7a-4f34-9a1d-2c5e7b9f0a13","device_id":1,"expires_at":"2026-11-24T09:42:17.452Z","devices":[1,3]}"#,
+        )
+        .unwrap();
+        assert!(matches!(frame, ServerFrame::Ready { devices: Some(d), .. } if d == [1, 3]));
+        let frame: ServerFrame = serde_json::from_str(
+            r#"{"type":"ready","user_id":"8d2f6c1e-0b7a-4f34-9a1d-2c5e7b9f0a13","device_id":1,"expires_at":"2026-11-24T09:42:17Z"}"#,
+        )
+        .unwrap();
+        assert!(matches!(frame, ServerFrame::Ready { devices: None, .. }));
+        // `devices_changed` with what happened, and without.
+        let frame: ServerFrame = serde_json::from_str(
+            r#"{"type":"devices_changed","devices":[1,2],"device_id":2,"reason":"login"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            frame,
+            ServerFrame::DevicesChanged { device_id: Some(2), reason: Some(r), .. } if r == "login"
+        ));
+        let frame: ServerFrame =
+            serde_json::from_str(r#"{"type":"devices_changed","devices":[1]}"#).unwrap();
+        assert!(matches!(
+            frame,
+            ServerFrame::DevicesChanged {
+                device_id: None,
+                reason: None,
+                ..
+            }
+        ));
+        let frame: ServerFrame = serde_json::from_str(
+            r#"{"type":"acked","ref":"a-7","ids":["01a20ab2-3e82-7a14-b6c3-8d2e4f6a1b90"]}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(frame, ServerFrame::Acked { reference, ids } if reference == "a-7" && ids.len() == 1)
+        );
+        // A register answer with a session, and one without (older).
+        let with: Registered = serde_json::from_str(
+            r#"{"id":"8d2f6c1e-0b7a-4f34-9a1d-2c5e7b9f0a13","username":"a","public_key":"k","created_at":"2026-11-24T09:12:17.452Z","device_id":1,
+                "access_token":"A","token_type":"bearer","expires_in":1800,"refresh_token":"R-secret","user_id":"8d2f6c1e-0b7a-4f34-9a1d-2c5e7b9f0a13"}"#,
+        )
+        .unwrap();
+        assert!(!format!("{with:?}").contains("R-secret"), "{with:?}");
+        let pair = with.session().unwrap();
+        assert_eq!(
+            (pair.access_token.as_str(), pair.refresh_token.as_str()),
+            ("A", "R-secret")
+        );
+        assert_eq!(pair.device_id, Some(1));
+        let without: Registered = serde_json::from_str(
+            r#"{"id":"8d2f6c1e-0b7a-4f34-9a1d-2c5e7b9f0a13","username":"a","public_key":"k","created_at":"2026-11-24T09:12:17.452Z","device_id":1}"#,
+        )
+        .unwrap();
+        assert!(without.session().is_none());
+        // The directory's username, when given.
+        let listed: Directory = serde_json::from_str(
+            r#"{"user_id":"8d2f6c1e-0b7a-4f34-9a1d-2c5e7b9f0a13","username":"bob","devices":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(listed.username.as_deref(), Some("bob"));
+        let listed: Directory = serde_json::from_str(r#"{"devices":[]}"#).unwrap();
+        assert_eq!(listed.username, None);
+        // Limits: the server's numbers, and the defaults for what it omits.
+        let limits: Limits =
+            serde_json::from_str(r#"{"max_body_bytes":4096,"max_ref_bytes":128}"#).unwrap();
+        assert_eq!(limits.max_body_bytes, 4096);
+        assert_eq!(limits.max_devices_per_user, 10);
+        assert_eq!(Limits::default().max_body_bytes, 65_536);
+    }
+
+    #[test]
     fn writes_the_documented_frames() {
         let to = Uuid::nil();
         let envelopes = [Envelope {
@@ -268,7 +454,18 @@ mod tests {
             serde_json::to_value(&typing).unwrap(),
             serde_json::json!({"type":"send","ref":"s-2","to":to,"envelopes":[{"device_id":1,"body":"Zm9y"}],"ephemeral":true})
         );
-        let ack = ClientFrame::Ack { ids: &[to] };
+        let ack = ClientFrame::Ack {
+            reference: None,
+            ids: &[to],
+        };
         assert_eq!(ack.to_text(), format!(r#"{{"type":"ack","ids":["{to}"]}}"#));
+        let ack = ClientFrame::Ack {
+            reference: Some("a-1"),
+            ids: &[to],
+        };
+        assert_eq!(
+            ack.to_text(),
+            format!(r#"{{"type":"ack","ref":"a-1","ids":["{to}"]}}"#)
+        );
     }
 }

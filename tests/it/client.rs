@@ -388,7 +388,7 @@ async fn a_stale_directory_recovers_from_devices_changed(backend: Backend) {
     let bob_laptop = add_device(&server.api, "bob", "laptop").await;
     let mut bob_laptop_events = online(&bob_laptop).await;
     let (devices, added) = wait_for(&mut bob_phone_events, "devices changed", |e| match e {
-        Event::DevicesChanged { devices, added } => Some((devices, added)),
+        Event::DevicesChanged { devices, added, .. } => Some((devices, added)),
         _ => None,
     })
     .await;
@@ -422,7 +422,7 @@ async fn a_stale_directory_recovers_from_devices_changed(backend: Backend) {
     // The laptop goes: Alice's directory now has a device too many.
     bob_phone.remove_device(2, PASSWORD).await.unwrap();
     let added = wait_for(&mut bob_phone_events, "devices changed", |e| match e {
-        Event::DevicesChanged { devices, added } => Some((devices.len(), added)),
+        Event::DevicesChanged { devices, added, .. } => Some((devices.len(), added)),
         _ => None,
     })
     .await;
@@ -588,9 +588,11 @@ async fn refusals_arrive_as_typed_errors(backend: Backend) {
     }
 
     // Over the sign-in rate limit: `rate_limited` with the server's wait.
+    // Signing up takes the one auth request allowed (it opens a session:
+    // no login after it).
     let limited = TestServer::start_with(
         backend,
-        &["--auth-rate-per-minute", "1", "--auth-rate-burst", "2"],
+        &["--auth-rate-per-minute", "1", "--auth-rate-burst", "1"],
     )
     .await;
     register(&limited.api, "dave").await;
