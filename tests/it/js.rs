@@ -1,9 +1,10 @@
 //! The JavaScript side, run by `cargo test` so that one command runs the
 //! whole suite: the JS client's own tests (`clients/js`, Node's test
 //! runner) against real servers, and the demo page in Chromium
-//! (`demo/test`, playwright-core). Each fails, never skips, when Node, the
-//! npm installs (`npm ci` in both directories, which `.ci/run` does) or
-//! the browser are missing.
+//! (`demo/test`, playwright-core). They install what they need that is
+//! missing (`common::toolchain`: the npm dependencies from the lockfiles,
+//! Chromium as root on Debian) and fail, never skip, when they cannot, or
+//! when Node is missing.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -15,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::{Instant, timeout_at};
 
 use crate::backend_tests;
-use crate::common::{Backend, PASSWORD, TestDb, TestServer};
+use crate::common::{Backend, PASSWORD, TestDb, TestServer, toolchain};
 
 backend_tests!(
     js_client_suite,
@@ -31,14 +32,17 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// `dir` under the repository, with its npm dependencies installed.
+async fn npm_ready(dir: &str) -> PathBuf {
+    let dir = root().join(dir);
+    tokio::task::spawn_blocking(move || toolchain::npm_ready(&dir))
+        .await
+        .expect("npm install task")
+}
+
 /// Runs `node --test files` in `dir` with `env`, and fails with its output
 /// unless every test passed.
 async fn node_test(dir: &Path, files: &[&str], env: &[(&str, String)]) {
-    assert!(
-        dir.join("node_modules").is_dir(),
-        "{} has no node_modules: run `npm ci` there (.ci/run does)",
-        dir.display()
-    );
     let mut command = tokio::process::Command::new("node");
     command
         .arg("--test")
@@ -76,10 +80,10 @@ async fn node_test(dir: &Path, files: &[&str], env: &[(&str, String)]) {
 /// The JS client's suite, against a server and one with 8-second access
 /// tokens (renewal on a live socket).
 async fn js_client_suite(backend: Backend) {
+    let dir = npm_ready("clients/js").await;
     let server = TestServer::start(backend).await;
     let short =
         TestServer::start_on(TestDb::new(backend).await, &["--access-token-ttl", "8s"]).await;
-    let dir = root().join("clients/js");
     let mut files: Vec<String> = std::fs::read_dir(dir.join("test"))
         .expect("clients/js/test")
         .filter_map(|entry| {
@@ -105,13 +109,18 @@ async fn js_client_suite(backend: Backend) {
 
 /// The demo page in Chromium: two people chat both ways.
 async fn demo_page_in_a_browser(backend: Backend) {
+    let dir = npm_ready("demo/test").await;
+    let chromium = tokio::task::spawn_blocking(toolchain::chromium)
+        .await
+        .expect("Chromium lookup task");
     let server = TestServer::start_with(backend, &["--demo", "true"]).await;
     let shots = root().join(format!("target/demo-screenshots/{backend:?}").to_lowercase());
     node_test(
-        &root().join("demo/test"),
+        &dir,
         &["demo.test.js"],
         &[
             ("SEALPOST_DEMO_URL", server.api.base.clone()),
+            ("CHROMIUM", chromium.display().to_string()),
             ("SEALPOST_SCREENSHOTS", shots.display().to_string()),
         ],
     )
@@ -128,6 +137,7 @@ async fn demo_page_in_a_browser(backend: Backend) {
 /// the Rust side's key, the Rust side opens it and answers, the JS side
 /// opens that and answers again: each library reads what the other wrote.
 async fn rust_and_js_clients_talk_both_ways(backend: Backend) {
+    let dir = npm_ready("clients/js").await;
     let server = TestServer::start(backend).await;
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let (rust_name, js_name) = (format!("rust_{suffix}"), format!("js_{suffix}"));
@@ -141,11 +151,6 @@ async fn rust_and_js_clients_talk_both_ways(backend: Backend) {
     .expect("the Rust client signs up");
     let mut events = rust.connect(ConnectOptions::default()).unwrap();
 
-    let dir = root().join("clients/js");
-    assert!(
-        dir.join("node_modules").is_dir(),
-        "run `npm ci` in clients/js"
-    );
     let mut peer = tokio::process::Command::new("node")
         .arg("test/interop/peer.js")
         .current_dir(&dir)

@@ -14,12 +14,15 @@
 //! - [`traffic`]: steady, timed senders and the checks on what they were
 //!   answered, for tests that break things under a running server.
 //! - [`proxy`]: a TCP proxy in front of a server that loses chosen answers.
+//! - [`toolchain`]: the npm installs and the Chromium the JavaScript tests
+//!   need, set up on first use.
 
 #![allow(dead_code)]
 
 pub mod cluster;
 pub mod pg;
 pub mod proxy;
+pub mod toolchain;
 pub mod traffic;
 pub mod ws;
 
