@@ -130,15 +130,13 @@ mod postgres {
 
     use crate::common::cluster::{Cluster, Nats, metric, node_id, readyz, wait_for_broker};
     use crate::common::traffic::ANSWER_BOUND;
-    use crate::common::ws::{Event, WsClient};
+    use crate::common::ws::{Close, Event, WsClient, close};
     use crate::common::{
         Account, Api, PASSWORD, ServerProcess, assert_message, b64, device_id, eventually,
         eventually_within, id, public_key, session, unb64,
     };
 
     /// Close codes of the protocol.
-    const UNAUTHORIZED: u16 = 4401;
-    const CONNECTED_ELSEWHERE: u16 = 4409;
 
     /// Takes the database's revocation poll out of the picture, so that
     /// what reaches another node got there through NATS.
@@ -193,12 +191,20 @@ mod postgres {
         assert_eq!(error["extra"], json!(extra), "extra: {error}");
     }
 
-    /// Asserts that `ws` is closed with `code` by `deadline`.
-    async fn closed_by(ws: &mut WsClient, code: u16, deadline: Instant, what: &str) {
-        let got = tokio::time::timeout_at(deadline, ws.close_code())
+    /// Asserts that `ws` is closed with `want` by `deadline`.
+    async fn closed_by(ws: &mut WsClient, want: Close, deadline: Instant, what: &str) {
+        let closed = async {
+            loop {
+                match ws.event().await {
+                    Event::Json(_) => continue,
+                    other => return other,
+                }
+            }
+        };
+        let got = tokio::time::timeout_at(deadline, closed)
             .await
             .unwrap_or_else(|_| panic!("{what}: not closed within {REVOCATION_OVER_NATS:?}"));
-        assert_eq!(got, code, "{what}: closed with {got}, not {code}");
+        assert!(got.is(want), "{what}: {got:?}, not {want:?}");
     }
 
     /// Sends `count` messages from `from` to `to` over one new socket on
@@ -811,7 +817,7 @@ mod postgres {
 
         let (mut new, ready, _) = WsClient::ready_with(b, &bob, "exclusive=true").await;
         assert_eq!(ready["device_id"], 1, "{ready}");
-        old.expect_close(CONNECTED_ELSEWHERE).await;
+        old.expect_close(close::CONNECTED_ELSEWHERE).await;
 
         for (node, text) in [(a, "through n1"), (c, "through n3")] {
             let sent = id(&node.send(&alice, bob.id, text.as_bytes()).await["id"]);
@@ -845,7 +851,7 @@ mod postgres {
         let deadline = Instant::now() + REVOCATION_OVER_NATS;
         closed_by(
             &mut socket,
-            UNAUTHORIZED,
+            close::REVOKED,
             deadline,
             "bob's socket on n1 after a logout on n2",
         )
@@ -882,7 +888,7 @@ mod postgres {
             .await;
         assert_eq!(reply.status.as_u16(), 204, "{:?}", reply.body);
         let deadline = Instant::now() + REVOCATION_OVER_NATS;
-        closed_by(&mut bob_ws, UNAUTHORIZED, deadline, "bob's socket on n1").await;
+        closed_by(&mut bob_ws, close::REVOKED, deadline, "bob's socket on n1").await;
         for node in [a, c] {
             eventually_within(
                 "the deletion to reach every node",
@@ -925,14 +931,14 @@ mod postgres {
         let deadline = Instant::now() + REVOCATION_OVER_NATS;
         closed_by(
             &mut phone_ws,
-            UNAUTHORIZED,
+            close::REVOKED,
             deadline,
             "bob's phone socket on n1",
         )
         .await;
         closed_by(
             &mut laptop_ws,
-            UNAUTHORIZED,
+            close::REVOKED,
             deadline,
             "bob's laptop socket on n3",
         )
@@ -973,7 +979,7 @@ mod postgres {
         let deadline = Instant::now() + REVOCATION_OVER_NATS;
         closed_by(
             &mut laptop_ws,
-            UNAUTHORIZED,
+            close::REVOKED,
             deadline,
             "bob's laptop socket on n1",
         )

@@ -15,7 +15,7 @@ use sqlx::{PgPool, SqlitePool};
 use uuid::Uuid;
 
 use crate::backend_tests;
-use crate::common::ws::WsClient;
+use crate::common::ws::{WsClient, close};
 use crate::common::{
     Account, Api, Backend, PASSWORD, Reply, TestDb, TestServer, assert_message, b64, device_id,
     eventually, id, ids, keys, public_key, session, time,
@@ -46,16 +46,12 @@ backend_tests!(
     a_password_change_from_any_device_ends_every_session_of_every_device,
 );
 
-/// Close codes of the protocol.
-const UNAUTHORIZED: u16 = 4401;
-const CONNECTED_ELSEWHERE: u16 = 4409;
-const TOO_MANY_CONNECTIONS: u16 = 4429;
-
 /// The fields of `GET /v1/public-key/{id}` and `PUT /v1/update-key`, as
 /// before devices: neither names a device.
 const TODAYS_KEY_VIEW: [&str; 3] = ["public_key", "updated_at", "user_id"];
 
-/// How long a socket must stay quiet to count as told nothing.
+/// Ample time for the server to send what a committed ack causes (its
+/// receipts), so that a socket opened after it is not sent them.
 const QUIET: Duration = Duration::from_millis(300);
 
 // ---------------------------------------------------------------------------
@@ -632,7 +628,7 @@ async fn removing_a_device_revokes_it_and_deletes_only_its_queue(backend: Backen
     assert_eq!(removed.status.as_u16(), 204, "{:?}", removed.body);
 
     // Every session of the laptop is over: tokens, refresh, sockets.
-    laptop_ws.expect_close(UNAUTHORIZED).await;
+    laptop_ws.expect_close(close::REVOKED).await;
     for gone in [&laptop, &laptop_login] {
         assert_token_refused(&server, gone).await;
         server
@@ -641,7 +637,7 @@ async fn removing_a_device_revokes_it_and_deletes_only_its_queue(backend: Backen
             .expect_error(401, "unauthorized");
     }
     let mut again = WsClient::connect(&server, Some(&laptop.access)).await;
-    again.expect_close(UNAUTHORIZED).await;
+    again.expect_close(close::REFUSED).await;
     server
         .login_device("bob", 2)
         .await
@@ -851,8 +847,8 @@ async fn an_exclusive_socket_displaces_only_the_older_sockets_of_its_device(back
     // 4409, and no other.
     let (mut exclusive, ready, _) = WsClient::ready_with(&server, &bob, "exclusive=true").await;
     assert_eq!(ready["device_id"], 1, "{ready}");
-    older_a.expect_close(CONNECTED_ELSEWHERE).await;
-    older_b.expect_close(CONNECTED_ELSEWHERE).await;
+    older_a.expect_close(close::CONNECTED_ELSEWHERE).await;
+    older_b.expect_close(close::CONNECTED_ELSEWHERE).await;
 
     // Sockets opened after it without `exclusive` coexist with it.
     let (mut plain, _, _) = WsClient::ready_with(&server, &bob, "exclusive=false").await;
@@ -878,7 +874,7 @@ async fn an_exclusive_socket_displaces_only_the_older_sockets_of_its_device(back
     let ready = by_frame.expect_exactly("ready").await;
     assert_eq!(ready["device_id"], 2, "{ready}");
     assert_eq!(ids(&by_frame.until_drained().await), [first]);
-    laptop_ws.expect_close(CONNECTED_ELSEWHERE).await;
+    laptop_ws.expect_close(close::CONNECTED_ELSEWHERE).await;
     let second = id(&server.send(&alice, bob.id, b"still here").await["id"]);
     for ws in [&mut exclusive, &mut plain, &mut default, &mut by_frame] {
         assert_message(
@@ -894,7 +890,7 @@ async fn an_exclusive_socket_displaces_only_the_older_sockets_of_its_device(back
     let (mut newest, _, backlog) = WsClient::ready_with(&server, &bob, "exclusive=true").await;
     assert_eq!(ids(&backlog), [first, second]);
     for ws in [&mut exclusive, &mut plain, &mut default] {
-        ws.expect_close(CONNECTED_ELSEWHERE).await;
+        ws.expect_close(close::CONNECTED_ELSEWHERE).await;
     }
     let third = id(&server.send(&alice, bob.id, b"third").await["id"]);
     for ws in [&mut newest, &mut by_frame] {
@@ -1114,7 +1110,7 @@ async fn devices_changed_reaches_the_other_devices_on_add_and_remove(backend: Ba
     // one is closed.
     let removed = remove_device(&server, &tablet, 2, PASSWORD).await;
     assert_eq!(removed.status.as_u16(), 204, "{:?}", removed.body);
-    laptop_ws.expect_close(UNAUTHORIZED).await;
+    laptop_ws.expect_close(close::REVOKED).await;
     for ws in [&mut phone_a, &mut phone_b, &mut tablet_ws] {
         assert_eq!(next_devices_changed(ws).await, [1, 3]);
     }
@@ -1618,13 +1614,13 @@ async fn the_socket_cap_counts_per_device(backend: Backend) {
     let (mut phone_a, _) = WsClient::ready(&server, &bob).await;
     let (mut phone_b, _) = WsClient::ready(&server, &bob).await;
     let mut refused = WsClient::connect(&server, Some(&bob.access)).await;
-    refused.expect_close(TOO_MANY_CONNECTIONS).await;
+    refused.expect_close(close::TOO_MANY_FOR_THE_DEVICE).await;
 
     // The laptop has a count of its own.
     let (mut laptop_a, _) = WsClient::ready(&server, &laptop).await;
     let (mut laptop_b, _) = WsClient::ready(&server, &laptop).await;
     let mut refused = WsClient::connect(&server, Some(&laptop.access)).await;
-    refused.expect_close(TOO_MANY_CONNECTIONS).await;
+    refused.expect_close(close::TOO_MANY_FOR_THE_DEVICE).await;
 
     let sent = id(&server.send(&alice, bob.id, b"to all four").await["id"]);
     for ws in [&mut phone_a, &mut phone_b, &mut laptop_a, &mut laptop_b] {
@@ -2063,8 +2059,8 @@ async fn a_password_change_from_any_device_ends_every_session_of_every_device(ba
             .await
             .expect_error(401, "unauthorized");
     }
-    phone_ws.expect_close(UNAUTHORIZED).await;
-    laptop_ws.expect_close(UNAUTHORIZED).await;
+    phone_ws.expect_close(close::REVOKED).await;
+    laptop_ws.expect_close(close::REVOKED).await;
 
     // The new pair is the laptop's: its socket, its queue, its refresh.
     let (_ws, ready, backlog) = WsClient::ready_with(&server, &current, "").await;

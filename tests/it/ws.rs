@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::backend_tests;
-use crate::common::ws::{Event, WsClient};
+use crate::common::ws::{Event, WsClient, close};
 use crate::common::{
     Account, Api, Backend, ServerProcess, TestDb, TestServer, b64, id, ids, unb64,
 };
@@ -201,16 +201,14 @@ async fn graceful_shutdown_confirms_in_flight_sends_and_closes_with_1001(backend
     let stopping = tokio::spawn(server.stop());
 
     // Alice sees `sent` for what the server took, then 1001.
-    let code = loop {
+    loop {
         match alice_ws.event().await {
             Event::Json(frame) if frame["type"] == "sent" => confirmed.push(id(&frame["id"])),
             Event::Json(frame) => panic!("unexpected frame {frame}"),
-            Event::Closed(code, _) => break code,
-            Event::Ended => panic!("alice's socket ended without a close frame"),
+            closed => break closed.assert_close(close::SHUTTING_DOWN),
         }
-    };
-    assert_eq!(code, 1001);
-    assert_eq!(bob_ws.close_code().await, 1001);
+    }
+    bob_ws.until_close(close::SHUTTING_DOWN).await;
     let db = stopping.await.expect("server stops");
 
     let restarted = TestServer::start_on(db, &[]).await;

@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
 use crate::backend_tests;
-use crate::common::ws::{Event, WsClient};
+use crate::common::ws::{Event, WsClient, close};
 use crate::common::{Account, Api, Backend, TestServer, b64, id, ids, time, unb64};
 
 backend_tests!(
@@ -30,12 +30,6 @@ backend_tests!(
     a_stalled_reader_is_cut_off_without_slowing_others_or_losing_messages,
     an_unacked_push_is_redelivered_after_a_disconnect,
 );
-
-/// Close codes of the protocol.
-const UNAUTHORIZED: u16 = 4401;
-const POLICY: u16 = 1008;
-const TOO_BIG: u16 = 1009;
-const TRY_AGAIN_LATER: u16 = 1013;
 
 /// The longest a test waits for the server to notice something (an ack
 /// committed, a socket gone), polling every [`POLL`].
@@ -127,10 +121,8 @@ async fn bad_header_tokens_are_closed_with_4401(backend: Backend) {
     ] {
         // The upgrade succeeds; the refusal comes on the socket.
         let mut ws = WsClient::connect(&server.api, Some(&token)).await;
-        match ws.event().await {
-            Event::Closed(code, _) => assert_eq!(code, UNAUTHORIZED, "{what}"),
-            other => panic!("{what}: expected a 4401 close, got {other:?}"),
-        }
+        let event = ws.event().await;
+        assert!(event.is(close::REFUSED), "{what}: {event:?}");
     }
     assert_alive(&server.api, &alice).await;
 }
@@ -144,7 +136,7 @@ async fn frame_auth_must_come_first_and_in_time(backend: Backend) {
     // timeout is 5 s, so a close within 4 s is the flag at work.
     let mut ws = WsClient::connect(&server.api, None).await;
     match ws.event_within(Duration::from_secs(4)).await {
-        Some(Event::Closed(code, _)) => assert_eq!(code, UNAUTHORIZED),
+        Some(closed @ Event::Closed(..)) => closed.assert_close(close::REFUSED),
         other => panic!("expected a 4401 close after the auth timeout, got {other:?}"),
     }
 
@@ -180,10 +172,8 @@ async fn frame_auth_must_come_first_and_in_time(backend: Backend) {
     for (what, frame) in not_auth {
         let mut ws = WsClient::connect(&server.api, None).await;
         ws.send_raw(frame).await;
-        match ws.event().await {
-            Event::Closed(code, _) => assert_eq!(code, UNAUTHORIZED, "{what}"),
-            other => panic!("{what}: expected a 4401 close, got {other:?}"),
-        }
+        let event = ws.event().await;
+        assert!(event.is(close::REFUSED), "{what}: {event:?}");
     }
 
     // An `auth` frame with a token that does not verify.
@@ -191,10 +181,7 @@ async fn frame_auth_must_come_first_and_in_time(backend: Backend) {
         let mut ws = WsClient::connect(&server.api, None).await;
         ws.send_json(json!({ "type": "auth", "token": token }))
             .await;
-        match ws.event().await {
-            Event::Closed(code, _) => assert_eq!(code, UNAUTHORIZED),
-            other => panic!("expected a 4401 close, got {other:?}"),
-        }
+        ws.event().await.assert_close(close::REFUSED);
     }
 
     // A valid `auth` frame (after a ping, which does not count as a frame):
@@ -231,12 +218,12 @@ async fn expired_tokens_are_closed_with_4401(backend: Backend) {
         .expect_error(401, "unauthorized");
 
     let mut ws = WsClient::connect(&server.api, Some(&bob.access)).await;
-    ws.expect_close(UNAUTHORIZED).await;
+    ws.expect_close(close::REFUSED).await;
 
     let mut ws = WsClient::connect(&server.api, None).await;
     ws.send_json(json!({ "type": "auth", "token": bob.access }))
         .await;
-    ws.expect_close(UNAUTHORIZED).await;
+    ws.expect_close(close::REFUSED).await;
 
     assert_eq!(
         server.get("/healthz", None).await.expect(200)["status"],
@@ -264,7 +251,7 @@ async fn a_live_socket_closes_when_its_token_expires(backend: Backend) {
 
     // Closed once the token expires, and not before.
     match ws.event_within(Duration::from_secs(10)).await {
-        Some(Event::Closed(code, _)) => assert_eq!(code, UNAUTHORIZED),
+        Some(closed @ Event::Closed(..)) => closed.assert_close(close::EXPIRED),
         other => panic!("expected a 4401 close at expiry, got {other:?}"),
     }
     assert!(
@@ -336,7 +323,7 @@ async fn renewal_keeps_a_live_socket_open_until_the_fresh_token_expires(backend:
     assert_eq!(pushed["id"], sent["id"]);
 
     // And it closes once the fresh token expires.
-    ws.expect_close(UNAUTHORIZED).await;
+    ws.expect_close(close::EXPIRED).await;
     assert!(
         Utc::now() >= fresh_expiry,
         "closed before the fresh token's expiry {fresh_expiry}"
@@ -431,7 +418,7 @@ async fn too_many_malformed_frames_close_with_1008(backend: Backend) {
     }
     // Ten are answered; the eleventh closes the socket.
     let mut errors = 0;
-    let code = loop {
+    loop {
         match ws.event().await {
             Event::Json(frame) => {
                 assert_eq!(frame["type"], "error", "{frame}");
@@ -439,11 +426,9 @@ async fn too_many_malformed_frames_close_with_1008(backend: Backend) {
                 errors += 1;
                 assert!(errors <= 10, "more than 10 errors and no close");
             }
-            Event::Closed(code, _) => break code,
-            Event::Ended => panic!("the connection ended without a close frame"),
+            closed => break closed.assert_close(close::TOO_MANY_MALFORMED),
         }
-    };
-    assert_eq!(code, POLICY);
+    }
     assert_eq!(errors, 10);
 
     // The count belongs to that socket: a new one starts afresh.
@@ -469,7 +454,7 @@ async fn an_oversized_frame_closes_with_1009(backend: Backend) {
     let frame = json!({ "type": "send", "ref": "huge", "to": bob.id, "body": body }).to_string();
     assert!(frame.len() > 64 * 1024);
     ws.send_raw(Message::Text(frame.into())).await;
-    ws.expect_close(TOO_BIG).await;
+    ws.expect_close(close::TOO_BIG).await;
 
     assert_eq!(server.inbox(&bob).await.len(), 1);
     assert_alive(&server.api, &alice).await;
@@ -670,8 +655,8 @@ async fn a_stalled_reader_is_cut_off_without_slowing_others_or_losing_messages(b
     // Once bob reads again he sees the close the server sent him (1013), or,
     // if his receive buffer was too full for even that frame, the end.
     match stalled_reader(backend).await {
-        Event::Closed(TRY_AGAIN_LATER, _) | Event::Ended => {}
-        other => panic!("the stalled socket ended with {other:?}, not 1013"),
+        Event::Ended => {}
+        closed => closed.assert_close(close::FELL_BEHIND),
     }
 }
 

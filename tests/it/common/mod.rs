@@ -560,6 +560,16 @@ pub async fn assert_alive(api: &Api, who: &Account) {
     assert_eq!(me["username"], who.username.as_str(), "{me}");
 }
 
+/// Asserts that `items` is not empty and that `check` holds for each:
+/// `all` over nothing is true, and a check of nothing proves nothing.
+#[track_caller]
+pub fn assert_each<T: std::fmt::Debug>(items: &[T], what: &str, check: impl Fn(&T) -> bool) {
+    assert!(!items.is_empty(), "{what}: nothing to check");
+    if let Some(bad) = items.iter().find(|item| !check(item)) {
+        panic!("{what}: fails for {bad:?} (of {} items)", items.len());
+    }
+}
+
 /// A JSON string that must be a UUID.
 pub fn id(value: &Value) -> Uuid {
     value
