@@ -15,7 +15,7 @@ use sqlx::{PgPool, SqlitePool};
 use uuid::Uuid;
 
 use crate::backend_tests;
-use crate::common::ws::{WsClient, close};
+use crate::common::ws::{WsClient, assert_next_is_sentinel, close};
 use crate::common::{
     Account, Api, Backend, PASSWORD, Reply, TestDb, TestServer, assert_message, b64, device_id,
     eventually, id, ids, keys, public_key, session, time,
@@ -286,7 +286,12 @@ async fn every_device_gets_every_message_and_an_ack_settles_only_its_own_copy(ba
     phone_ws.ack(&all).await;
     until_inbox(&server, &bob, &[]).await;
     assert_eq!(inbox_ids(&server, &laptop).await, sent);
-    laptop_ws.expect_silence(QUIET).await;
+    assert_next_is_sentinel(
+        &server,
+        &[&bob, &laptop],
+        &mut [&mut laptop_ws, &mut phone_ws],
+    )
+    .await;
     let (_laptop_again, backlog) = WsClient::ready(&server, &laptop).await;
     assert_eq!(ids(&backlog), sent, "the laptop's copies were settled too");
     let (_phone_again, backlog) = WsClient::ready(&server, &bob).await;
@@ -500,8 +505,8 @@ async fn distinct_envelopes_reach_their_own_devices_with_from_device(backend: Ba
     assert_message(&laptop[0], first, alice.id, 2, b"for the laptop");
     assert_message(&laptop[1], second, alice.id, 1, b"laptop 2");
     // Alice's own devices got nothing of it.
-    alice_ws.expect_silence(QUIET).await;
     assert!(inbox_ids(&server, &alice_laptop).await.is_empty());
+    assert_next_is_sentinel(&server, &[&alice, &alice_laptop], &mut [&mut alice_ws]).await;
 }
 
 async fn sending_to_yourself_syncs_your_other_devices_only(backend: Backend) {
@@ -560,7 +565,12 @@ async fn sending_to_yourself_syncs_your_other_devices_only(backend: Backend) {
     let pushed = phone_ws.expect_exactly("message").await;
     assert_message(&pushed, from_laptop, alice.id, 2, b"from the laptop");
     // The sending socket gets no copy of its own message.
-    laptop_ws.expect_silence(QUIET).await;
+    assert_next_is_sentinel(
+        &server,
+        &[&alice, &laptop, &tablet],
+        &mut [&mut laptop_ws, &mut phone_ws],
+    )
+    .await;
 
     // Each queue holds what the others sent it, never its own.
     let phone_inbox = server.inbox(&alice).await;
@@ -1954,7 +1964,7 @@ async fn the_body_limit_applies_per_envelope(backend: Backend) {
     for device in devices {
         assert_eq!(inbox_ids(&server, device).await, [first, second]);
     }
-    tablet_ws.expect_silence(QUIET).await;
+    assert_next_is_sentinel(&server, &devices, &mut [&mut tablet_ws]).await;
 }
 
 // ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use uuid::Uuid;
 
 use crate::backend_tests;
-use crate::common::ws::{Event, WsClient, close};
+use crate::common::ws::{Event, WsClient, assert_next_is_sentinel, close};
 use crate::common::{Account, Api, Backend, PASSWORD, Reply, TestServer, b64, id, unb64};
 
 backend_tests!(
@@ -439,7 +439,7 @@ async fn logout_ends_only_its_own_session(backend: Backend) {
     let renewed = refresh(&server, &phone.refresh).await.expect(200);
     let renewed = session_from(&phone, &renewed);
     assert_accepted(&server, &renewed).await;
-    phone_ws.expect_silence(Duration::from_millis(300)).await;
+    assert_next_is_sentinel(&server, &[&renewed], &mut [&mut phone_ws]).await;
     assert_live(&server, &mut phone_ws, &bob, alice.id).await;
     phone_ws.close().await;
     server.stop().await;

@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
 use crate::backend_tests;
-use crate::common::ws::{Event, WsClient, close};
+use crate::common::ws::{Event, WsClient, assert_next_is_sentinel, close};
 use crate::common::{Account, Api, Backend, TestServer, b64, id, ids, time, unb64};
 
 backend_tests!(
@@ -397,7 +397,7 @@ async fn malformed_frames_get_errors_and_the_socket_stays_usable(backend: Backen
     ws.send_message("after-all", bob.id, b"two").await;
     let second = ws.expect("sent").await;
     assert_eq!(second["ref"], "after-all");
-    ws.expect_silence(Duration::from_millis(200)).await;
+    assert_next_is_sentinel(&server.api, &[&alice], &mut [&mut ws]).await;
 
     // Only the two good sends reached bob.
     assert_eq!(
@@ -436,7 +436,7 @@ async fn too_many_malformed_frames_close_with_1008(backend: Backend) {
     let (mut ws, _) = WsClient::ready(&server.api, &alice).await;
     ws.send_raw(Message::Text("garbage".into())).await;
     expect_error(&mut ws, None, "invalid").await;
-    ws.expect_silence(Duration::from_millis(200)).await;
+    assert_next_is_sentinel(&server.api, &[&alice], &mut [&mut ws]).await;
 }
 
 async fn an_oversized_frame_closes_with_1009(backend: Backend) {
@@ -531,13 +531,13 @@ async fn send_and_ack_errors_echo_the_ref_and_the_socket_stays_open(backend: Bac
     ws.send_message("r-ok", bob.id, &vec![9; 65536]).await;
     let sent = ws.expect("sent").await;
     assert_eq!(sent["ref"], "r-ok");
-    ws.expect_silence(Duration::from_millis(300)).await;
+    assert_next_is_sentinel(&server.api, &[&alice], &mut [&mut ws]).await;
 
     // Nothing but the good send reached bob.
     let pushed = bob_ws.expect("message").await;
     assert_eq!(pushed["id"], sent["id"]);
-    bob_ws.expect_silence(Duration::from_millis(200)).await;
     assert_eq!(ids(&server.inbox(&bob).await), [id(&sent["id"])]);
+    assert_next_is_sentinel(&server.api, &[&bob], &mut [&mut bob_ws]).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -631,7 +631,7 @@ async fn every_socket_of_a_user_gets_the_push_and_one_ack_settles_it(backend: Ba
     alice_ws.ack(&[&message_id]).await;
     alice_ws.send_message("barrier", carol.id, b"x").await;
     alice_ws.expect("sent").await;
-    alice_ws.expect_silence(Duration::from_millis(200)).await;
+    assert_next_is_sentinel(&server.api, &[&alice], &mut [&mut alice_ws]).await;
     assert_eq!(ids(&server.inbox(&bob).await), [id(&sent["id"])]);
 
     // One of bob's sockets acks it: settled for all of them.
@@ -639,8 +639,7 @@ async fn every_socket_of_a_user_gets_the_push_and_one_ack_settles_it(backend: Ba
     until_inbox_empty(&server.api, &bob).await;
     let (_third, backlog) = WsClient::ready(&server.api, &bob).await;
     assert!(backlog.is_empty(), "{backlog:?}");
-    phone.expect_silence(Duration::from_millis(200)).await;
-    laptop.expect_silence(Duration::from_millis(200)).await;
+    assert_next_is_sentinel(&server.api, &[&bob], &mut [&mut phone, &mut laptop]).await;
 
     // Both are still live.
     let next = server.send(&alice, bob.id, b"again").await;
@@ -768,7 +767,7 @@ async fn an_unacked_push_is_redelivered_after_a_disconnect(backend: Backend) {
     // Acked on the socket: gone from REST and from the next drain.
     ws.ack(&[sent["id"].as_str().unwrap()]).await;
     until_inbox_empty(&server.api, &bob).await;
-    ws.expect_silence(Duration::from_millis(200)).await;
+    assert_next_is_sentinel(&server.api, &[&bob], &mut [&mut ws]).await;
     let (_ws, backlog) = WsClient::ready(&server.api, &bob).await;
     assert!(backlog.is_empty(), "{backlog:?}");
 }

@@ -10,6 +10,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use uuid::Uuid;
 
 use super::{Account, Api};
 
@@ -302,7 +303,10 @@ impl WsClient {
         panic!("no close (wanted {want:?}) after 20 frames");
     }
 
-    /// Asserts that nothing but pings arrives within `wait`.
+    /// Asserts that nothing but pings arrives within `wait`. Only for a
+    /// test of time itself (a timeout that must not close the socket); to
+    /// show that nothing more arrives, use [`assert_next_is_sentinel`],
+    /// which a late frame cannot outwait.
     pub async fn expect_silence(&mut self, wait: Duration) {
         if let Some(event) = self.event_within(wait).await {
             panic!("expected silence, got {event:?}");
@@ -316,5 +320,50 @@ impl WsClient {
     /// Drops the TCP connection without a close handshake.
     pub fn abandon(self) {
         drop(self);
+    }
+}
+
+/// Ends a check that nothing more arrives on `sockets`: a sentinel
+/// message, sent now to the account of `devices` (a session of each of its
+/// devices), must be the very next frame on each socket. A device's
+/// messages reach it in one order, so whatever the server still had for a
+/// socket (a late duplicate, a stray notice) comes before the sentinel and
+/// fails the check, where a quiet wait would only outwait it. Each device
+/// then acknowledges the sentinel over REST, so every queue is as it was;
+/// its sender is signed up here and holds no socket, so no receipt or copy
+/// of it goes anywhere.
+pub async fn assert_next_is_sentinel(
+    api: &Api,
+    devices: &[&Account],
+    sockets: &mut [&mut WsClient],
+) {
+    assert!(!sockets.is_empty(), "no socket to check");
+    let to = devices.first().expect("the recipient's devices").id;
+    assert!(devices.iter().all(|d| d.id == to), "devices of one account");
+    let sender = api
+        .account(&format!(
+            "sentinel_{}",
+            &Uuid::new_v4().simple().to_string()[..12]
+        ))
+        .await;
+    let body = format!("sentinel {}", Uuid::new_v4());
+    let sentinel = api.send(&sender, to, body.as_bytes()).await["id"].clone();
+    for (n, socket) in sockets.iter_mut().enumerate() {
+        let frame = socket.json().await;
+        assert!(
+            frame["type"] == "message" && frame["id"] == sentinel,
+            "socket {n}: expected the sentinel {sentinel} next, got {frame}"
+        );
+    }
+    for device in devices {
+        let acked = api
+            .post(
+                "/v1/messages/ack",
+                Some(&device.access),
+                json!({ "ids": [sentinel] }),
+            )
+            .await
+            .expect(200);
+        assert_eq!(acked, json!({ "acked": 1 }), "the sentinel settled");
     }
 }
