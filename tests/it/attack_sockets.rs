@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::backend_tests;
 use crate::common::ws::{Close, Event, WsClient, close};
-use crate::common::{Api, Backend, TestServer, b64, eventually};
+use crate::common::{Api, Backend, TestServer, b64, eventually, token_expiring_at};
 
 backend_tests!(
     one_address_cannot_hold_every_waiting_slot,
@@ -333,16 +333,21 @@ async fn a_silent_socket_is_closed_within_the_default_auth_timeout(backend: Back
 /// A socket closes at its token's `exp`; from then on REST refuses the same
 /// token (it took it for up to a second more).
 async fn rest_refuses_a_token_once_the_socket_has_closed_on_it(backend: Backend) {
-    let server = TestServer::start_with(backend, &["--access-token-ttl", "3s"]).await;
+    let server = TestServer::start(backend).await;
     let bob = server.account("bob").await;
-    let (mut ws, _) = WsClient::ready(&server, &bob).await;
-    server.get("/v1/me", Some(&bob.access)).await.expect(200);
+    // A token of bob's session that expires in 1-2 s.
+    let exp = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp() + 2, 0).unwrap();
+    let token = token_expiring_at(&bob, exp);
+    let mut ws = WsClient::connect(&server, Some(&token)).await;
+    ws.expect("ready").await;
+    assert!(ws.until_drained().await.is_empty());
+    server.get("/v1/me", Some(&token)).await.expect(200);
     match ws.event_within(Duration::from_secs(10)).await {
         Some(closed @ Event::Closed(..)) => closed.assert_close(close::EXPIRED),
         other => panic!("expected a 4401 close at expiry, got {other:?}"),
     }
     server
-        .get("/v1/me", Some(&bob.access))
+        .get("/v1/me", Some(&token))
         .await
         .expect_error(401, "unauthorized");
     server.stop().await;

@@ -12,7 +12,9 @@ use uuid::Uuid;
 
 use crate::backend_tests;
 use crate::common::ws::{Event, WsClient, assert_next_is_sentinel, close};
-use crate::common::{Account, Api, Backend, TestServer, b64, id, ids, time, unb64};
+use crate::common::{
+    Account, Api, Backend, TestServer, b64, id, ids, time, token_expiring_at, unb64,
+};
 
 backend_tests!(
     bad_header_tokens_are_closed_with_4401,
@@ -35,20 +37,6 @@ backend_tests!(
 /// committed, a socket gone), polling every [`POLL`].
 const SETTLE: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(50);
-
-/// Sleeps until the wall-clock time `at`, which must be near; returns at
-/// once if it has passed.
-async fn sleep_until(at: DateTime<Utc>) {
-    let left = (at - Utc::now()).to_std().unwrap_or_default();
-    assert!(left <= Duration::from_secs(10), "a wait of {left:?}");
-    tokio::time::sleep(left).await;
-}
-
-/// The next whole second of the wall clock, plus `offset_ms`.
-fn next_second(offset_ms: i64) -> DateTime<Utc> {
-    let next = DateTime::from_timestamp(Utc::now().timestamp() + 1, 0).unwrap();
-    next + TimeDelta::milliseconds(offset_ms)
-}
 
 /// An access token for `user` that is well formed and unexpired but signed
 /// with a secret other than the server's.
@@ -208,43 +196,60 @@ async fn frame_auth_must_come_first_and_in_time(backend: Backend) {
 }
 
 async fn expired_tokens_are_closed_with_4401(backend: Backend) {
-    let server = TestServer::start_with(backend, &["--access-token-ttl", "1s"]).await;
+    let server = TestServer::start(backend).await;
     let bob = server.account("bob").await;
-    tokio::time::sleep(Duration::from_millis(2200)).await;
-    // The token has expired for REST too.
+    // Tokens of bob's live session, one a minute from expiry, one a minute
+    // past it: the server takes the first, so only time refuses the second.
+    let live = token_expiring_at(&bob, Utc::now() + TimeDelta::minutes(1));
+    server.get("/v1/me", Some(&live)).await.expect(200);
+    let expired = token_expiring_at(&bob, Utc::now() - TimeDelta::minutes(1));
     server
-        .get("/v1/me", Some(&bob.access))
+        .get("/v1/me", Some(&expired))
         .await
         .expect_error(401, "unauthorized");
 
-    let mut ws = WsClient::connect(&server.api, Some(&bob.access)).await;
+    let mut ws = WsClient::connect(&server.api, Some(&expired)).await;
     ws.expect_close(close::REFUSED).await;
 
     let mut ws = WsClient::connect(&server.api, None).await;
-    ws.send_json(json!({ "type": "auth", "token": bob.access }))
+    ws.send_json(json!({ "type": "auth", "token": expired }))
         .await;
     ws.expect_close(close::REFUSED).await;
 
-    assert_eq!(
-        server.get("/healthz", None).await.expect(200)["status"],
-        "ok"
-    );
+    assert_alive(&server.api, &bob).await;
 }
 
 // ---------------------------------------------------------------------------
 // Expiry and renewal on a live socket
+//
+// The tests choose their tokens' expiry (`token_expiring_at`, signed with
+// the suite's secret for a real session) instead of waiting out a short
+// lifetime, so the only waits are for an expiry to pass, with margins of a
+// second or more: no step depends on where in a second it runs.
+
+/// The first whole second at least `seconds` from now (at most one more):
+/// a token's `exp` is in whole seconds.
+fn whole_second_in(seconds: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(Utc::now().timestamp() + seconds + 1, 0).unwrap()
+}
+
+/// Sleeps until the wall-clock time `at`, which must be near; returns at
+/// once if it has passed.
+async fn sleep_until(at: DateTime<Utc>) {
+    let left = (at - Utc::now()).to_std().unwrap_or_default();
+    assert!(left <= Duration::from_secs(10), "a wait of {left:?}");
+    tokio::time::sleep(left).await;
+}
 
 async fn a_live_socket_closes_when_its_token_expires(backend: Backend) {
-    let server = TestServer::start_with(backend, &["--access-token-ttl", "2s"]).await;
+    let server = TestServer::start(backend).await;
     let alice = server.account("alice").await;
     let bob = server.account("bob").await;
-    let mut ws = WsClient::connect(&server.api, Some(&bob.access)).await;
+    let exp = whole_second_in(1);
+    let token = token_expiring_at(&bob, exp);
+    let mut ws = WsClient::connect(&server.api, Some(&token)).await;
     let ready = ws.expect("ready").await;
-    let expires_at = time(&ready["expires_at"]);
-    assert!(
-        expires_at <= Utc::now() + TimeDelta::seconds(2),
-        "a 2 s token expires at {expires_at}"
-    );
+    assert_eq!(time(&ready["expires_at"]), exp, "{ready}");
     assert!(ws.until_drained().await.is_empty());
     let sent = server.send(&alice, bob.id, b"before expiry").await;
     assert_eq!(ws.expect("message").await["id"], sent["id"]);
@@ -254,79 +259,43 @@ async fn a_live_socket_closes_when_its_token_expires(backend: Backend) {
         Some(closed @ Event::Closed(..)) => closed.assert_close(close::EXPIRED),
         other => panic!("expected a 4401 close at expiry, got {other:?}"),
     }
-    assert!(
-        Utc::now() >= expires_at,
-        "closed before the token's expiry {expires_at}"
-    );
+    assert!(Utc::now() >= exp, "closed before the token's expiry {exp}");
 }
 
 async fn renewal_keeps_a_live_socket_open_until_the_fresh_token_expires(backend: Backend) {
-    let server = TestServer::start_with(backend, &["--access-token-ttl", "2s"]).await;
-    server.register("alice").await;
-    server.register("bob").await;
+    let server = TestServer::start(backend).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
 
-    // Expiry is in whole seconds, and a socket's expiry timer fires at
-    // `expires_at` plus the sub-second phase at which it was armed. So:
-    // log in and connect just after a second boundary (the first timer fires
-    // early in the second after `first_expiry`, at about +0.1 s), renew in
-    // the middle of the second before it (the fresh timer fires at about
-    // `first_expiry` + 1.5 s), and check the socket at `first_expiry` +
-    // 0.85 s, well clear of both.
-    sleep_until(next_second(50)).await;
-    let token = server.login("bob").await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let mut ws = WsClient::connect(&server.api, Some(&token)).await;
+    // Connected on a token 2-3 s from expiry, renewed at once with one an
+    // hour away.
+    let first_expiry = whole_second_in(2);
+    let first = token_expiring_at(&bob, first_expiry);
+    let mut ws = WsClient::connect(&server.api, Some(&first)).await;
     let ready = ws.expect("ready").await;
-    let armed = Utc::now();
-    let first_expiry = time(&ready["expires_at"]);
+    assert_eq!(time(&ready["expires_at"]), first_expiry, "{ready}");
     assert!(ws.until_drained().await.is_empty());
-    // The first timer fires no later than this (unless the connect
-    // straddled a second boundary).
-    let first_fires =
-        first_expiry + TimeDelta::nanoseconds(i64::from(armed.timestamp_subsec_nanos()));
-
-    // A token issued in the second before `first_expiry` expires one second
-    // after it.
-    sleep_until(first_expiry - TimeDelta::milliseconds(600)).await;
-    let fresh = server.login("bob").await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    ws.send_json(json!({ "type": "auth", "token": fresh }))
+    let later = whole_second_in(3600);
+    ws.send_json(json!({ "type": "auth", "token": token_expiring_at(&bob, later) }))
         .await;
     let authed = ws.expect("authed").await;
-    let fresh_expiry = time(&authed["expires_at"]);
-    assert!(
-        fresh_expiry > first_expiry,
-        "renewal moved expiry from {first_expiry} to {fresh_expiry}"
-    );
+    assert_eq!(time(&authed["expires_at"]), later, "{authed}");
 
-    // alice's first token has expired by now too.
-    let alice_token = server.login("alice").await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    // A second past the first token's expiry, the socket still works.
+    sleep_until(first_expiry + TimeDelta::seconds(1)).await;
+    let sent = server.send(&alice, bob.id, b"after the first expiry").await;
+    assert_eq!(ws.expect("message").await["id"], sent["id"]);
 
-    // Past the moment the first token closed the socket, it still works.
-    sleep_until(first_fires.max(first_expiry + TimeDelta::milliseconds(850))).await;
-    let sent = server
-        .post(
-            "/v1/messages",
-            Some(&alice_token),
-            json!({ "to": ready["user_id"], "body": b64(b"after the first expiry") }),
-        )
-        .await
-        .expect(201);
-    let pushed = ws.expect("message").await;
-    assert_eq!(pushed["id"], sent["id"]);
-
-    // And it closes once the fresh token expires.
+    // Renewed again, with a token 1-2 s from expiry: it closes then.
+    let last_expiry = whole_second_in(1);
+    ws.send_json(json!({ "type": "auth", "token": token_expiring_at(&bob, last_expiry) }))
+        .await;
+    let authed = ws.expect("authed").await;
+    assert_eq!(time(&authed["expires_at"]), last_expiry, "{authed}");
     ws.expect_close(close::EXPIRED).await;
     assert!(
-        Utc::now() >= fresh_expiry,
-        "closed before the fresh token's expiry {fresh_expiry}"
+        Utc::now() >= last_expiry,
+        "closed before the last token's expiry {last_expiry}"
     );
 }
 

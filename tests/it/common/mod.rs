@@ -570,6 +570,31 @@ pub fn assert_each<T: std::fmt::Debug>(items: &[T], what: &str, check: impl Fn(&
     }
 }
 
+/// An access token for the session `who.access` belongs to, signed with
+/// the suite's secret as the server signs its own, expiring at `exp` (whole
+/// seconds; past or future): a test chooses when a token expires instead
+/// of starting a server with a short lifetime and waiting it out.
+pub fn token_expiring_at(who: &Account, exp: chrono::DateTime<chrono::Utc>) -> String {
+    use sealpost::auth::token::Tokens;
+    let tokens = |lifetime: Duration| {
+        Tokens::new(
+            &sealpost::config::Secret::new(JWT_SECRET.into()),
+            lifetime,
+            lifetime,
+        )
+    };
+    let claims = tokens(Duration::from_secs(60))
+        .verify_access(&who.access)
+        .expect("a live access token of the suite's servers");
+    // Issued a minute before `exp` at the latest, as the server would have
+    // with a lifetime reaching `exp`.
+    let issued = chrono::Utc::now().min(exp - chrono::TimeDelta::minutes(1));
+    let lifetime = (exp - issued).to_std().expect("exp after issue");
+    tokens(lifetime)
+        .issue_access(claims.sub, claims.dev, claims.sid, issued)
+        .expect("signed")
+}
+
 /// A JSON string that must be a UUID.
 pub fn id(value: &Value) -> Uuid {
     value
