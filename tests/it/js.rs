@@ -1,9 +1,10 @@
 //! The JavaScript side, run by `cargo test` so that one command runs the
 //! whole suite: the JS client's own tests (`clients/js`, Node's test
 //! runner) against real servers, and the demo page in Chromium
-//! (`demo/test`, playwright-core). Each fails, never skips, when Node, the
-//! npm installs (`npm ci` in both directories, which `.ci/run` does) or
-//! the browser are missing. The demo's server can be stopped and started
+//! (`demo/test`, playwright-core). They install what they need that is
+//! missing (`common::toolchain`: the npm dependencies from the lockfiles,
+//! Chromium as root on Debian) and fail, never skip, when they cannot, or
+//! when Node is missing. The demo's server can be stopped and started
 //! again by the browser test ([`DemoServer`]).
 
 use std::net::SocketAddr;
@@ -21,7 +22,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
 
 use crate::backend_tests;
-use crate::common::{Backend, PASSWORD, TestDb, TestServer, config, free_local_addr};
+use crate::common::{Backend, PASSWORD, TestDb, TestServer, config, free_local_addr, toolchain};
 
 backend_tests!(
     js_client_suite,
@@ -37,14 +38,17 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// `dir` under the repository, with its npm dependencies installed.
+async fn npm_ready(dir: &str) -> PathBuf {
+    let dir = root().join(dir);
+    tokio::task::spawn_blocking(move || toolchain::npm_ready(&dir))
+        .await
+        .expect("npm install task")
+}
+
 /// Runs `node --test files` in `dir` with `env`, and fails with its output
 /// unless every test passed.
 async fn node_test(dir: &Path, files: &[&str], env: &[(&str, String)]) {
-    assert!(
-        dir.join("node_modules").is_dir(),
-        "{} has no node_modules: run `npm ci` there (.ci/run does)",
-        dir.display()
-    );
     let mut command = tokio::process::Command::new("node");
     command
         .arg("--test")
@@ -86,10 +90,10 @@ async fn node_test(dir: &Path, files: &[&str], env: &[(&str, String)]) {
 /// The JS client's suite, against a server and one with 8-second access
 /// tokens (renewal on a live socket).
 async fn js_client_suite(backend: Backend) {
+    let dir = npm_ready("clients/js").await;
     let server = TestServer::start(backend).await;
     let short =
         TestServer::start_on(TestDb::new(backend).await, &["--access-token-ttl", "8s"]).await;
-    let dir = root().join("clients/js");
     let mut files: Vec<String> = std::fs::read_dir(dir.join("test"))
         .expect("clients/js/test")
         .filter_map(|entry| {
@@ -118,6 +122,10 @@ async fn js_client_suite(backend: Backend) {
 /// is down arrives once it is back (the test stops and starts it through
 /// SEALPOST_DEMO_CONTROL), typing shows.
 async fn demo_page_in_a_browser(backend: Backend) {
+    let dir = npm_ready("demo/test").await;
+    let chromium = tokio::task::spawn_blocking(toolchain::chromium)
+        .await
+        .expect("Chromium lookup task");
     let db = TestDb::new(backend).await;
     let addr: SocketAddr = free_local_addr().parse().unwrap();
     let server = DemoServer::start(&db, addr).await;
@@ -127,11 +135,12 @@ async fn demo_page_in_a_browser(backend: Backend) {
     let controller = tokio::spawn(control_loop(control, db.shared(), addr, server, finish));
     let shots = root().join(format!("target/demo-screenshots/{backend:?}").to_lowercase());
     node_test(
-        &root().join("demo/test"),
+        &dir,
         &["demo.test.js"],
         &[
             ("SEALPOST_DEMO_URL", format!("http://{addr}")),
             ("SEALPOST_DEMO_CONTROL", control_url),
+            ("CHROMIUM", chromium.display().to_string()),
             ("SEALPOST_SCREENSHOTS", shots.display().to_string()),
         ],
     )
@@ -240,6 +249,7 @@ async fn control_loop(
 /// the Rust side's key, the Rust side opens it and answers, the JS side
 /// opens that and answers again: each library reads what the other wrote.
 async fn rust_and_js_clients_talk_both_ways(backend: Backend) {
+    let dir = npm_ready("clients/js").await;
     let server = TestServer::start(backend).await;
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let (rust_name, js_name) = (format!("rust_{suffix}"), format!("js_{suffix}"));
@@ -253,11 +263,6 @@ async fn rust_and_js_clients_talk_both_ways(backend: Backend) {
     .expect("the Rust client signs up");
     let mut events = rust.connect(ConnectOptions::default()).unwrap();
 
-    let dir = root().join("clients/js");
-    assert!(
-        dir.join("node_modules").is_dir(),
-        "run `npm ci` in clients/js"
-    );
     let mut peer = tokio::process::Command::new("node")
         .arg("test/interop/peer.js")
         .current_dir(&dir)
