@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::backend_tests;
-use crate::common::ws::WsClient;
+use crate::common::ws::{WsClient, close};
 use crate::common::{
     Account, Api, Backend, PASSWORD, Reply, ServerProcess, TestDb, TestServer, b64, device_id,
     eventually, id, public_key, session,
@@ -639,7 +639,7 @@ async fn ready_lists_the_accounts_devices(backend: Backend) {
     // The removed laptop is not let in to see it.
     WsClient::connect(&server, Some(&laptop.access))
         .await
-        .expect_close(4401)
+        .expect_close(close::REFUSED)
         .await;
 }
 
