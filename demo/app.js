@@ -1,15 +1,28 @@
 // The sealpost demo page: a chat on the JavaScript client (clients/js,
 // served under /demo/client/). Everything is sealed and opened here, in the
 // browser; the server relays ciphertext. What this page keeps, it keeps in
-// this browser's localStorage: each account's device id, device keys and
-// latest refresh token, and its contacts. No inline script or style: the
-// page's CSP forbids them.
+// this browser's localStorage: each account's device id, device keys,
+// latest refresh token and contacts, and which account is signed in, so
+// that a reload resumes the session without the password. No inline script
+// or style: the page's CSP forbids them.
 
 import sodium from './vendor/libsodium-wrappers.mjs';
-import { SealpostClient } from './client/index.js';
+import { SealpostClient, MAX_TEXT_CHARS } from './client/index.js';
 
 const $ = (id) => document.getElementById(id);
 const STORE = 'sealpost-demo:';
+/** The username of the account signed in in this browser, whose session a reload resumes. */
+const CURRENT = `${STORE}current`;
+/** A message for the sign-in form after a reload (the session ended). */
+const FLASH = `${STORE}flash`;
+/**
+ * Reconnects and resends back off up to 5 s (the library's default is
+ * 30 s, for many clients coming back at once): a demo, one person, should
+ * see a server that came back within seconds.
+ */
+const BACKOFF = { baseMs: 250, capMs: 5_000 };
+/** One `typing` per chat this often while typing; readers show it for 5 s after the last. */
+const TYPING_EVERY_MS = 3_000;
 
 /** What this browser keeps for one account. */
 function saved(username) {
@@ -22,6 +35,17 @@ function saved(username) {
 function save(username, record) {
   localStorage.setItem(STORE + username.toLowerCase(), JSON.stringify(record));
 }
+/** Updates the kept record of the signed-in account (if any). */
+function update(change) {
+  const record = me && saved(me.username);
+  if (record) save(me.username, { ...record, ...change(record) });
+}
+/** Ends this browser's session locally: the refresh token and the marker go; keys and contacts stay for the next sign-in. */
+function forgetSession(username) {
+  const record = saved(username);
+  if (record) save(username, { ...record, refreshToken: null });
+  localStorage.removeItem(CURRENT);
+}
 
 let client = null;
 let me = null;                 // { id, username }
@@ -32,6 +56,8 @@ let current = null;            // the open chat's user id
 // receipt can come before `send` resolves (it waits for the sync copy to
 // your other devices too), when the entry does not know its id yet.
 const receipted = new Set();
+/** user id -> when we last told them we are typing. */
+const typingSent = new Map();
 
 function setStatus(state, text) {
   const el = $('status');
@@ -46,7 +72,7 @@ function showError(id, err) {
 // ---- signing in ------------------------------------------------------------
 
 async function signIn(mode, username, password) {
-  const options = { baseUrl: location.origin, sodium, username, password };
+  const options = { baseUrl: location.origin, sodium, username, password, backoff: BACKOFF };
   const known = saved(username);
   let c;
   if (mode === 'signup') {
@@ -63,7 +89,36 @@ async function signIn(mode, username, password) {
     refreshToken: c.tokens().refreshToken,
     contacts: known?.contacts ?? [],
   });
+  localStorage.setItem(CURRENT, c.username);
   return c;
+}
+
+/**
+ * Resumes the session this browser kept (a reload): the refresh token
+ * stored for the signed-in account, no password. A server that cannot be
+ * reached is waited for; a refused token ends the session.
+ * @returns {Promise<SealpostClient | null>}
+ */
+async function resume() {
+  const username = localStorage.getItem(CURRENT);
+  const record = username && saved(username);
+  if (!record?.refreshToken) return null;
+  for (let attempt = 0; ; attempt++) {
+    setStatus('connecting', attempt === 0 ? `resuming ${username}'s session` : `the server does not answer; trying again (${attempt})`);
+    try {
+      const c = await SealpostClient.resume({ baseUrl: location.origin, sodium, refreshToken: record.refreshToken, keys: record.keys, backoff: BACKOFF });
+      // The token just presented is spent: keep the new one at once.
+      save(c.username, { ...(saved(c.username) ?? record), refreshToken: c.tokens().refreshToken });
+      return c;
+    } catch (err) {
+      if (!err.retryable) {
+        forgetSession(username);
+        sessionStorage.setItem(FLASH, `Your session ended (${err.message}): sign in again.`);
+        return null;
+      }
+      await new Promise((r) => setTimeout(r, Math.min(BACKOFF.capMs, BACKOFF.baseMs * 2 ** attempt)));
+    }
+  }
 }
 
 function browserName() {
@@ -79,17 +134,25 @@ async function start(c) {
   $('app').classList.remove('hidden');
   for (const contact of saved(me.username)?.contacts ?? []) addContact(contact);
 
-  c.on('tokens', (t) => {
-    const record = saved(me.username);
-    if (record) save(me.username, { ...record, refreshToken: t.refreshToken });
-  });
+  c.on('tokens', (t) => update(() => ({ refreshToken: t.refreshToken })));
   c.on('state', (s) => setStatus(s.state, describe(s)));
   c.on('message', onMessage);
   c.on('receipt', onReceipt);
+  c.on('typing', onTyping);
   c.on('undecryptable', (u) => append(u.from, { mine: false, text: `(a message that could not be read: ${u.reason})`, ts: Date.now(), id: u.id }));
-  c.on('devicesChanged', () => refreshDevices());
-  c.on('loggedOut', () => { setStatus('closed', 'signed out: sign in again'); });
+  c.on('devicesChanged', (change) => {
+    announce(change);
+    refreshDevices();
+  });
+  c.on('loggedOut', () => {
+    // Signed out elsewhere, or this device was removed: nothing to resume.
+    forgetSession(me.username);
+    sessionStorage.setItem(FLASH, 'Your session ended (signed out, or this device was removed): sign in again.');
+    location.reload();
+  });
   setStatus('connecting', 'connecting');
+  // The server's body limit, for the input's counter (the defaults until it answers).
+  c.limits().then(updateCounter, () => {});
   await c.connect();
   await refreshDevices();
 }
@@ -98,7 +161,7 @@ function describe(s) {
   switch (s.state) {
     case 'open': return `${me.username} · device ${client.deviceId} · receiving the backlog`;
     case 'drained': return `${me.username} · device ${client.deviceId} · live`;
-    case 'reconnecting': return `reconnecting in ${Math.round((s.delayMs ?? 0) / 100) / 10} s`;
+    case 'reconnecting': return `the server does not answer; reconnecting in ${Math.round((s.delayMs ?? 0) / 100) / 10} s`;
     case 'closed': return `disconnected${s.code ? ` (${s.code})` : ''}`;
     case 'paused': return `connected elsewhere${s.code ? ` (${s.code})` : ''}`;
     default: return s.state;
@@ -120,25 +183,61 @@ async function refreshDevices() {
   }
 }
 
+/**
+ * Tells the user that a device of their account changed: someone with the
+ * password can add a device, or sign in as one, and should not do it
+ * unseen.
+ */
+function announce({ deviceId, reason, deviceIds, devices }) {
+  const device = devices?.find((d) => d.device_id === deviceId);
+  const named = deviceId === undefined ? '' : `device ${deviceId}${device?.name ? `, “${device.name}”` : ''}`;
+  const text = {
+    added: `A new device was added to your account: ${named}. If that was not you, remove it and change your password.`,
+    login: `Someone signed in to your account as ${named} with your password.`,
+    key: `The key of ${named} was changed.`,
+    removed: `A device was removed from your account: ${named}.`,
+  }[reason] ?? `Your account's devices changed: now ${deviceIds?.join(', ') ?? 'unknown'}.`;
+  const notice = $('notice');
+  notice.dataset.reason = reason ?? 'changed';
+  $('notice-text').textContent = text;
+  notice.classList.remove('hidden');
+}
+
 // ---- contacts and chats ----------------------------------------------------
 
+/**
+ * Adds a contact, or names one known unnamed, and keeps it. A sender first
+ * seen unnamed is named from its device directory (which names the
+ * account), and the name is kept with it.
+ */
 function addContact({ id, username }) {
   if (id === me.id) return;
-  if (!contacts.has(id)) {
-    contacts.set(id, { id, username, unread: 0 });
-    const record = saved(me.username);
-    if (record && !record.contacts.some((c) => c.id === id)) {
-      save(me.username, { ...record, contacts: [...record.contacts, { id, username }] });
-    }
-  } else if (username) {
-    contacts.get(id).username = username;
+  const known = contacts.get(id);
+  if (!known) {
+    contacts.set(id, { id, username: username ?? null, unread: 0 });
+  } else if (username && known.username !== username) {
+    known.username = username;
+  } else {
+    return;
   }
+  update(() => ({ contacts: [...contacts.values()].map((c) => ({ id: c.id, username: c.username })) }));
   renderContacts();
+  if (id === current) $('chat-title').textContent = `Chat with ${nameOf(id)}`;
+  if (!username) learnName(id);
+}
+
+async function learnName(id) {
+  try {
+    const entry = await client.directory.get(id);
+    if (entry.username) addContact({ id, username: entry.username });
+  } catch {
+    /* shown by its id until it is added by name */
+  }
 }
 
 function nameOf(id) {
-  // The protocol has no lookup from a user id to a name: a sender you
-  // have not added shows by the start of its id until you add it.
+  // A server older than the directory's `username` names nobody: a sender
+  // you have not added shows by the start of its id until you add it.
   return contacts.get(id)?.username ?? `${id.slice(0, 8)}…`;
 }
 
@@ -148,6 +247,12 @@ function renderContacts() {
     li.dataset.user = c.username ?? c.id;
     li.classList.toggle('active', c.id === current);
     li.append(document.createTextNode(nameOf(c.id)));
+    if (client.typing.isTyping(c.id)) {
+      const typing = document.createElement('span');
+      typing.className = 'typing';
+      typing.textContent = 'typing…';
+      li.append(typing);
+    }
     if (c.unread) {
       const badge = document.createElement('span');
       badge.className = 'unread';
@@ -165,10 +270,11 @@ function openChat(id) {
   if (contact) contact.unread = 0;
   $('chat-title').textContent = `Chat with ${nameOf(id)}`;
   $('text').disabled = false;
-  $('send').disabled = false;
   $('text').focus();
+  updateCounter();
   renderContacts();
   renderChat();
+  renderTyping();
 }
 
 function append(peer, entry) {
@@ -182,6 +288,14 @@ function append(peer, entry) {
     renderContacts();
   }
 }
+
+const TICKS = {
+  sending: ['…', 'sending'],
+  pending: ['🕓', 'waiting for the server: it goes out when the server is back'],
+  sent: ['✓', 'stored by the server'],
+  delivered: ['✓✓', 'delivered to a device of the recipient'],
+  failed: ['✗', 'not sent'],
+};
 
 function renderChat() {
   const list = chats.get(current) ?? [];
@@ -197,8 +311,7 @@ function renderChat() {
       const tick = document.createElement('span');
       tick.className = `tick ${m.state}`;
       tick.dataset.state = m.state;
-      tick.textContent = { sending: '…', sent: '✓', delivered: '✓✓', failed: '✗' }[m.state];
-      tick.title = { sending: 'sending', sent: 'stored by the server', delivered: 'delivered to a device of the recipient', failed: 'not sent' }[m.state];
+      [tick.textContent, tick.title] = TICKS[m.state];
       meta.append(tick);
     }
     li.append(meta);
@@ -207,11 +320,48 @@ function renderChat() {
   $('messages').lastElementChild?.scrollIntoView({ block: 'end' });
 }
 
+function renderTyping() {
+  const el = $('typing');
+  const on = current !== null && client.typing.isTyping(current);
+  el.textContent = on ? `${nameOf(current)} is typing…` : '';
+  el.dataset.typing = String(on);
+}
+
 function showWire(what, envelopes) {
   $('wire-meta').textContent = what;
   $('ciphertext').textContent = envelopes.length
     ? envelopes.map((e) => `device ${e.deviceId}:\n${e.body}`).join('\n\n')
     : '(no envelope)';
+}
+
+// ---- composing -------------------------------------------------------------
+
+/**
+ * The input's counter: characters against the text limit, and, for text
+ * whose sealed body would be over the server's limit (emoji are four bytes
+ * each), why it cannot be sent. Send is enabled only for what would go.
+ */
+function updateCounter() {
+  const text = $('text').value;
+  const counter = $('counter');
+  if (!client) return;
+  const m = client.measureText(text);
+  counter.dataset.over = String(!m.fits);
+  if (m.chars > m.maxChars) counter.textContent = `${m.chars.toLocaleString()} / ${m.maxChars.toLocaleString()} characters: too long`;
+  else if (!m.fits) counter.textContent = `too long: ${m.sealedBytes.toLocaleString()} bytes sealed, the server takes ${m.maxBodyBytes.toLocaleString()}`;
+  else counter.textContent = `${m.chars.toLocaleString()} / ${m.maxChars.toLocaleString()}`;
+  $('send').disabled = current === null || !m.fits || !text.trim();
+}
+
+/** Tells the open chat's peer that you are typing, at most once every TYPING_EVERY_MS. */
+function typed() {
+  updateCounter();
+  const peer = current;
+  if (!peer || !$('text').value.trim() || client.connectionState !== 'drained') return;
+  const now = Date.now();
+  if (now - (typingSent.get(peer) ?? 0) < TYPING_EVERY_MS) return;
+  typingSent.set(peer, now);
+  client.sendTyping(peer).catch(() => { /* best effort: it is only an indicator */ });
 }
 
 // ---- the wire --------------------------------------------------------------
@@ -239,12 +389,30 @@ function onReceipt(r) {
   }
 }
 
+function onTyping(t) {
+  if (!contacts.has(t.from)) return;
+  renderContacts();
+  if (t.from === current) renderTyping();
+}
+
 async function send(text) {
   const peer = current;
   const entry = { mine: true, text, ts: Date.now(), id: null, clientId: null, state: 'sending' };
   append(peer, entry);
+  // A text ends our typing at the peer's; the next keystroke may say it again.
+  typingSent.delete(peer);
   try {
-    const result = await client.send(peer, text);
+    // While the server is down the message waits, shown pending, and goes
+    // out once it is back: the same ciphertext under the same client_id
+    // on every attempt, so it is stored once however many it takes.
+    const result = await client.send(peer, text, {
+      retries: Infinity,
+      onRetry: () => {
+        if (entry.state === 'pending') return;
+        entry.state = 'pending';
+        if (peer === current) renderChat();
+      },
+    });
     entry.id = result.id;
     entry.clientId = result.clientId;
     entry.state = receipted.delete(result.id) ? 'delivered' : 'sent';
@@ -288,17 +456,45 @@ $('find-form').addEventListener('submit', async (event) => {
   }
 });
 
+$('text').maxLength = MAX_TEXT_CHARS;
+$('text').addEventListener('input', typed);
+
 $('compose').addEventListener('submit', (event) => {
   event.preventDefault();
   const text = $('text').value;
-  if (!text.trim() || !current) return;
+  if (!text.trim() || !current || !client.measureText(text).fits) return;
   $('text').value = '';
+  updateCounter();
   send(text);
 });
 
-$('signout').addEventListener('click', () => {
-  client?.disconnect();
+$('notice-close').addEventListener('click', () => $('notice').classList.add('hidden'));
+
+$('signout').addEventListener('click', async () => {
+  $('signout').disabled = true;
+  try {
+    // Ends the session on the server (POST /v1/logout): its refresh token
+    // is void, not merely forgotten here.
+    await client?.logout();
+  } catch {
+    /* the server may be down: the session is forgotten here all the same */
+  }
+  forgetSession(me.username);
   location.reload();
 });
 
 await sodium.ready;
+const flash = sessionStorage.getItem(FLASH);
+sessionStorage.removeItem(FLASH);
+const resumed = await resume();
+if (resumed) {
+  try {
+    await start(resumed);
+  } catch (err) {
+    setStatus('closed', `not connected: ${err.message}`);
+  }
+} else {
+  $('signin').classList.remove('hidden');
+  setStatus('idle', 'not signed in');
+  if (flash) showError('signin-error', flash);
+}

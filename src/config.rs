@@ -228,6 +228,18 @@ pub struct Config {
     #[arg(long, env = "SEALPOST_HASH_CONCURRENCY", default_value_t = 0)]
     pub hash_concurrency: usize,
 
+    /// For the test suite only: hash new passwords with argon2's smallest
+    /// parameters instead of OWASP's, so that a suite that signs up
+    /// thousands of accounts spends its time on what it tests. Honoured by
+    /// debug builds only, with a warning at start-up; a release build
+    /// refuses to start with it, so no server built for use can hash
+    /// below the floor. Hidden from `--help`.
+    #[arg(long, env = "SEALPOST_INSECURE_TEST_HASHING", default_value_t = false,
+          action = clap::ArgAction::Set, hide = true,
+          value_parser = clap::builder::BoolishValueParser::new()
+              .try_map(|on| insecure_test_hashing(on, cfg!(debug_assertions))))]
+    pub insecure_test_hashing: bool,
+
     /// Proxies whose `X-Forwarded-For` is believed (comma-separated
     /// addresses or CIDR ranges, e.g. `10.0.0.0/8,::1`). From anyone else
     /// the header is ignored and the peer address is the client.
@@ -797,6 +809,20 @@ pub const MAX_JSON_DEPTH: u32 = 127;
 /// captured token (RFC 7518 §3.2 asks for at least the hash size, 256 bits).
 pub const MIN_SECRET_BYTES: usize = 32;
 
+/// `--insecure-test-hashing`, allowed only in a `debug_build` (the test
+/// suite's): a release build refuses it rather than hash passwords below
+/// OWASP's floor, whatever its environment says.
+fn insecure_test_hashing(on: bool, debug_build: bool) -> Result<bool, String> {
+    if on && !debug_build {
+        return Err(
+            "is for the test suite's debug builds only: a release build always hashes \
+                    passwords with OWASP's argon2id parameters"
+                .into(),
+        );
+    }
+    Ok(on)
+}
+
 fn parse_secret(value: &str) -> Result<Secret, String> {
     if value.len() < MIN_SECRET_BYTES {
         return Err(format!(
@@ -1065,6 +1091,17 @@ mod tests {
         assert_eq!(pairs.pair_rate_per_second(), 5);
         let off = parse(&["--send-rate-per-second", "0"]).unwrap();
         assert_eq!(off.pair_rate_per_second(), 0);
+    }
+
+    #[test]
+    fn cheap_test_hashing_is_for_debug_builds_only() {
+        assert!(!parse(&[]).unwrap().insecure_test_hashing);
+        // The suite's builds are debug builds.
+        let on = parse(&["--insecure-test-hashing", "1"]).unwrap();
+        assert!(on.insecure_test_hashing);
+        assert!(insecure_test_hashing(true, false).is_err());
+        assert_eq!(insecure_test_hashing(false, false), Ok(false));
+        assert_eq!(insecure_test_hashing(true, true), Ok(true));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api;
 use crate::auth::confirm::Confirmations;
-use crate::auth::password::Passwords;
+use crate::auth::password::{Cost, Passwords};
 use crate::auth::secret;
 use crate::auth::sessions::Revocations;
 use crate::auth::token::Tokens;
@@ -180,9 +180,20 @@ impl Server {
         metrics.node_info(&node_id, broker.kind());
         tracing::info!(node = %node_id, broker = broker.kind(), "node");
         let concurrency = config.hash_concurrency();
+        let cost = if config.insecure_test_hashing {
+            tracing::warn!(
+                "SEALPOST_INSECURE_TEST_HASHING is on: new passwords are hashed with argon2's \
+                 smallest parameters, far below OWASP's floor. This is for the test suite only: \
+                 never keep real accounts on this server"
+            );
+            Cost::InsecureForTests
+        } else {
+            Cost::Owasp
+        };
         let passwords = {
             let metrics = metrics.clone();
-            tokio::task::spawn_blocking(move || Passwords::new(concurrency, metrics)).await??
+            tokio::task::spawn_blocking(move || Passwords::new(concurrency, cost, metrics))
+                .await??
         };
         let tokens = Tokens::new(
             &jwt_secret,

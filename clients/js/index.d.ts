@@ -63,7 +63,7 @@ export class SealpostError extends Error {
   readonly missing?: number[];
   /** `devices_changed`: device ids it had an envelope for that the recipient does not have. */
   readonly extra?: number[];
-  /** Seconds to wait (`rate_limited`): the `Retry-After` header, or the socket frame's "retry in N ms". */
+  /** Seconds to wait before trying again (`rate_limited`, a 503 that says): the `Retry-After` header, or the socket frame's `retry_after_ms` / 1000. */
   readonly retryAfter?: number;
   /** The server's `X-Request-Id` of a REST reply. */
   readonly requestId?: string;
@@ -158,6 +158,26 @@ export const DEVICES_CHANGED_RETRIES: number;
 export const TRANSIENT_RETRIES: number;
 /** 3000 */
 export const DEFAULT_POLL_INTERVAL_MS: number;
+/** How long one `typing` shows its sender as typing: 5000 ms (protocol.md). */
+export const TYPING_SHOWN_MS: number;
+
+/** The server's limits (`GET /v1/limits`); a server without that endpoint has only the two defaults. */
+export interface Limits {
+  /** Largest decoded body (each envelope's), bytes: 65,536 by default. */
+  max_body_bytes: number;
+  max_devices_per_user: number;
+  max_request_body_bytes?: number;
+  max_ids_per_ack?: number;
+  max_messages_per_page?: number;
+  max_ref_bytes?: number;
+  access_token_ttl_seconds?: number;
+  message_ttl_seconds?: number;
+  [limit: string]: number | undefined;
+}
+/** `{ max_body_bytes: 65536, max_devices_per_user: 10 }`: what a server without `GET /v1/limits` accepts. */
+export const DEFAULT_LIMITS: Readonly<Limits>;
+/** A sealed body's size before base64: 41 (version, nonce, tag) + the plaintext's bytes. */
+export function sealedBodyBytes(plaintextBytes: number): number;
 
 // ---- the client ----------------------------------------------------------------
 
@@ -185,6 +205,8 @@ export interface Tokens {
   /** Epoch milliseconds. */
   expiresAt: number;
   deviceId: number;
+  /** The account's user id. */
+  userId?: string;
 }
 
 /** A decrypted text message. */
@@ -278,8 +300,37 @@ export interface SendResult {
 
 export interface DirectoryEntry {
   userId: string;
+  /** The account's username as registered (absent from a server older than that field). */
+  username?: string;
   devices: { deviceId: number; publicKey: Uint8Array }[];
   fetchedAt: number;
+}
+
+/** Why a device of your account changed: added, removed, its key changed, or a new password login of it. */
+export type DeviceChangeReason = 'added' | 'removed' | 'key' | 'login' | (string & {});
+
+export interface SendOptions {
+  /** A client message id to reuse: an app-level resend, encrypted and stored anew, that receivers drop as a `duplicate`. */
+  clientId?: string;
+  /**
+   * Resends after transient failures (dropped connection, timeout, 5xx, rate limit), each with the same
+   * ciphertext under the same `client_id`; default TRANSIENT_RETRIES. `Infinity` waits out a server that is
+   * down (a resend goes as soon as the socket is back).
+   */
+  retries?: number;
+  /** Told before each wait: e.g. to show the message as pending. */
+  onRetry?: (r: { error: SealpostError; attempt: number; delayMs: number }) => void;
+}
+
+export interface TextMeasure {
+  /** Characters (code points), against `maxChars` (16,384). */
+  chars: number;
+  maxChars: number;
+  /** The largest sealed body of this text (the sync copy's), against the server's `maxBodyBytes`. */
+  sealedBytes: number;
+  maxBodyBytes: number;
+  /** Whether `send` would take it. */
+  fits: boolean;
 }
 
 export interface ClientEvents {
@@ -293,8 +344,17 @@ export interface ClientEvents {
   duplicate: (x: { id: string; clientId: string; from: string; firstId: string }) => void;
   ephemeral: (e: EphemeralMessage) => void;
   receipt: (r: Receipt) => void;
-  /** Your account's devices changed (a `devices_changed` frame); `devices` is null if they could not be fetched. */
-  devicesChanged: (x: { deviceIds: number[]; devices: OwnDevice[] | null }) => void;
+  /**
+   * Your account's devices changed: a `devices_changed` frame, or a `ready` whose device ids differ from the
+   * ones last known (a change while this device was offline). `deviceId` and `reason` name the device and
+   * what happened to it, when the server says (a frame, from a server that sends them). `devices` is null
+   * if they could not be fetched.
+   */
+  devicesChanged: (x: { deviceIds: number[]; deviceId?: number; reason?: DeviceChangeReason; devices: OwnDevice[] | null }) => void;
+  /** Authenticated on a (new) connection; `devices`: the account's device ids (from a server that sends them). */
+  ready: (x: { userId: string; deviceId: number; expiresAt: string; devices?: number[] }) => void;
+  /** `typing: true` when a user starts typing to you, `false` when they stop (5 s after the last `typing`, a `stopped`, or their text arrives). */
+  typing: (x: { from: string; fromDevice?: number; typing: boolean }) => void;
   state: (s: StateEvent) => void;
   /** The current connection's backlog has been delivered. */
   drained: () => void;
@@ -326,6 +386,8 @@ export class SealpostClient {
   readonly keys: DeviceKeys;
   readonly connectionState: ConnectionState;
   readonly sessionState: 'active' | 'loggedOut' | 'closed';
+  /** Who is typing to you now (see the `typing` event). */
+  readonly typing: { isTyping(userId: string): boolean };
   readonly directory: {
     get(userId: string): Promise<DirectoryEntry>;
     cached(userId: string): DirectoryEntry | undefined;
@@ -361,19 +423,25 @@ export class SealpostClient {
 
   /** Decrypted messages from the socket and polling, in arrival order. */
   messages(): AsyncIterableIterator<Message>;
-  /** Acknowledges (batched); resolves when the batch is written. */
+  /** Acknowledges (batched); resolves when the batch is written, and durable where the server answers acks (`acked`). */
   ack(items: Message | string | Iterable<Message | string>): Promise<void>;
   flushAcks(): Promise<void>;
 
   /**
    * Encrypts for every device of `userId`, sends, then sends the sync copy to your other devices.
    * Each send is retried after transient failures with the same ciphertext under its own `client_id`,
-   * so it is stored once. `opts.clientId` reuses a client message id: an app-level resend, encrypted
-   * and stored anew, that receivers drop as a `duplicate`.
+   * so it is stored once. Refused before sealing: over 16,384 characters (`invalid`, field `text`), or a
+   * sealed body over the server's `max_body_bytes` (`too_large`, field `text`).
    */
-  send(userId: string, text: string, opts?: { clientId?: string }): Promise<SendResult>;
+  send(userId: string, text: string, opts?: SendOptions): Promise<SendResult>;
   /** Over the socket only; never stored. `delivered`: a connection of the recipient took it. */
   sendEphemeral(userId: string, payload?: { type: string; [field: string]: unknown }): Promise<{ id: string; delivered: boolean }>;
+  /** The `typing` plaintext (or `state: "stopped"`), ephemeral. Send one every few seconds while typing. Needs the socket. */
+  sendTyping(userId: string, opts?: { stopped?: boolean }): Promise<{ id: string; delivered: boolean }>;
+  /** `GET /v1/limits`, asked once (DEFAULT_LIMITS from a server without it). */
+  limits(): Promise<Limits>;
+  /** `text` against the limits `send` checks (the server's as last learned: await `limits()` first). */
+  measureText(text: string): TextMeasure;
 
   /** `GET /v1/devices` (names, times), refreshing your own directory. */
   devices(): Promise<OwnDevice[]>;

@@ -1,12 +1,17 @@
 // The demo page in a real browser: two people sign up in two browser
 // contexts (two separate browsers, as far as storage goes), find each
-// other, chat both ways, see the delivered tick, and the page shows only
-// ciphertext as what the server holds. Screenshots go to
-// SEALPOST_SCREENSHOTS (default: target/demo-screenshots).
+// other, chat both ways, see the delivered tick and each other typing, and
+// the page shows only ciphertext as what the server holds. A reload keeps
+// the session and the contacts' names; a message typed while the server is
+// down waits, shown pending, and arrives once it is back; a new device of
+// your account is announced; Sign out ends the session on the server.
+// Screenshots go to SEALPOST_SCREENSHOTS (default: target/demo-screenshots).
 //
-// Needs a server with SEALPOST_DEMO=true at SEALPOST_DEMO_URL, and Debian's
-// chromium (CHROMIUM, default /usr/bin/chromium); fails, never skips,
-// without them. `cargo test` runs it (tests/it/js.rs).
+// Needs a server with SEALPOST_DEMO=true at SEALPOST_DEMO_URL, a control
+// URL at SEALPOST_DEMO_CONTROL that stops and starts that server on the
+// same address and database (`POST /stop`, `POST /start`: tests/it/js.rs),
+// and Debian's chromium (CHROMIUM, default /usr/bin/chromium); fails, never
+// skips, without them. `cargo test` runs it (tests/it/js.rs).
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -14,13 +19,16 @@ import { mkdirSync, existsSync } from 'node:fs';
 import { chromium } from 'playwright-core';
 
 const url = process.env.SEALPOST_DEMO_URL;
+const controlUrl = process.env.SEALPOST_DEMO_CONTROL;
 const executablePath = process.env.CHROMIUM ?? '/usr/bin/chromium';
 const shots = process.env.SEALPOST_SCREENSHOTS ?? new URL('../../target/demo-screenshots/', import.meta.url).pathname;
 // Generous: CI runs this beside the rest of the suite on two cores.
 const TIMEOUT = 30_000;
+const PASSWORD = 'correct horse battery staple';
 
-test('two people chat end to end in the demo page', { timeout: 120_000 }, async () => {
+test('two people chat end to end in the demo page', { timeout: 240_000 }, async () => {
   assert.ok(url, 'set SEALPOST_DEMO_URL to a sealpost server started with SEALPOST_DEMO=true');
+  assert.ok(controlUrl, 'set SEALPOST_DEMO_CONTROL to the URL that stops and starts that server (tests/it/js.rs)');
   assert.ok(existsSync(executablePath), `no browser at ${executablePath}: apt-get install chromium, or set CHROMIUM`);
   mkdirSync(shots, { recursive: true });
   const browser = await chromium.launch({ executablePath, headless: true, args: ['--no-sandbox'] });
@@ -31,17 +39,23 @@ test('two people chat end to end in the demo page', { timeout: 120_000 }, async 
     const bob = await open(browser, `bob_${suffix}`, problems);
     for (const who of [alice, bob]) await signUp(who);
 
-    // Alice finds Bob and writes; Bob's page acks it, Alice sees ✓✓.
+    // Alice finds Bob and writes; Bob's page acks it, Alice sees ✓✓. Bob
+    // has not added Alice: she is a contact first seen as a sender.
     await find(alice, bob.name);
     await say(alice, 'hello Bob, this is sealed in my browser');
     await bob.page.locator('#contacts li').first().waitFor({ timeout: TIMEOUT });
+    // Named by her device directory, though Bob never looked her up.
+    await bob.page.locator(`#contacts li[data-user="${alice.name}"]`, { hasText: alice.name }).waitFor({ timeout: TIMEOUT });
     await find(bob, alice.name);
     await bob.page.getByText('hello Bob, this is sealed in my browser').waitFor({ timeout: TIMEOUT });
     await delivered(alice, 'hello Bob, this is sealed in my browser');
 
-    // And back.
+    // Bob types: Alice sees it; his text ends it.
+    await bob.page.locator('#text').pressSequentially('hi Al', { delay: 30 });
+    await alice.page.locator('#typing[data-typing="true"]', { hasText: `${bob.name} is typing` }).waitFor({ timeout: TIMEOUT });
     await say(bob, 'hi Alice, and this in mine');
     await alice.page.getByText('hi Alice, and this in mine').waitFor({ timeout: TIMEOUT });
+    await alice.page.locator('#typing[data-typing="false"]').waitFor({ timeout: TIMEOUT });
     await delivered(bob, 'hi Alice, and this in mine');
 
     // The panel shows what crossed the server: base64 envelopes, with no
@@ -54,21 +68,94 @@ test('two people chat end to end in the demo page', { timeout: 120_000 }, async 
     assert.equal(bytes[0], 0x01, 'version byte of the client body format');
     assert.ok(bytes.length >= 41 + 'hi Alice, and this in mine'.length);
 
+    // The input is capped at the text limit and counts; a text whose sealed
+    // body would be over the server's limit (control characters are six
+    // bytes of JSON each) is refused before it is sent.
+    assert.equal(await alice.page.locator('#text').getAttribute('maxlength'), '16384');
+    await alice.page.fill('#text', 'hello');
+    await alice.page.locator('#counter', { hasText: '5 / 16,384' }).waitFor({ timeout: TIMEOUT });
+    await alice.page.fill('#text', '\u0001'.repeat(12_000));
+    await alice.page.locator('#counter[data-over="true"]', { hasText: 'the server takes 65,536' }).waitFor({ timeout: TIMEOUT });
+    assert.equal(await alice.page.locator('#send').isDisabled(), true);
+    await alice.page.fill('#text', '');
+
+    // A reload keeps Bob signed in, by his refresh token (no password, no
+    // login), and keeps Alice's name, learned after her first message: it
+    // is kept with her, not left as it was first seen (unnamed).
+    await bob.page.waitForFunction(([me, other]) => {
+      const record = JSON.parse(localStorage.getItem(`sealpost-demo:${me}`));
+      return record?.contacts.some((c) => c.username === other);
+    }, [bob.name, alice.name], { timeout: TIMEOUT });
+    bob.requests.length = 0;
+    await bob.page.reload();
+    await bob.page.locator('#status[data-state="drained"]').waitFor({ timeout: TIMEOUT });
+    assert.ok(bob.requests.includes('POST /v1/token/refresh'), bob.requests.join(', '));
+    assert.ok(!bob.requests.includes('POST /v1/login'), bob.requests.join(', '));
+    assert.equal(await bob.page.locator('#signin').isHidden(), true);
+    await bob.page.locator(`#contacts li[data-user="${alice.name}"]`, { hasText: alice.name }).waitFor({ timeout: TIMEOUT });
+    await bob.page.click(`#contacts li[data-user="${alice.name}"]`);
+    await bob.page.locator('#chat-title', { hasText: alice.name }).waitFor({ timeout: TIMEOUT });
+
+    // The server goes down; Alice writes. The message waits, shown
+    // pending, and reaches Bob once, after the server is back.
+    await control('stop');
+    await alice.page.locator('#status:not([data-state="drained"])').waitFor({ timeout: TIMEOUT });
+    const offline = 'typed while the server was down';
+    await say(alice, offline);
+    await mine(alice, offline).locator('.tick[data-state="pending"]').waitFor({ timeout: TIMEOUT });
+    await new Promise((r) => setTimeout(r, 6_000)); // past the ~4 s after which a send used to fail
+    assert.equal(await mine(alice, offline).locator('.tick').getAttribute('data-state'), 'pending');
+    await control('start');
+    await bob.page.locator('#messages li', { hasText: offline }).waitFor({ timeout: TIMEOUT });
+    // Stored (✓), and delivered (✓✓) if Bob's receipt found Alice's socket
+    // already back: receipts are not stored, and hers may still be reconnecting.
+    await mine(alice, offline).locator('.tick:is([data-state="sent"], [data-state="delivered"])').waitFor({ timeout: TIMEOUT });
+    assert.equal(await bob.page.locator('#messages li', { hasText: offline }).count(), 1, 'shown once');
+
     await alice.page.screenshot({ path: `${shots}/alice.png`, fullPage: true });
     await bob.page.screenshot({ path: `${shots}/bob.png`, fullPage: true });
-    assert.deepEqual(problems, [], 'no CSP violations or page errors');
+
+    // Sign out ends Bob's session on the server, and a reload does not resume it.
+    const logout = bob.page.waitForResponse((r) => r.request().method() === 'POST' && new URL(r.url()).pathname === '/v1/logout');
+    await bob.page.click('#signout');
+    assert.equal((await logout).status(), 204);
+    await bob.page.locator('#signin:not(.hidden)').waitFor({ timeout: TIMEOUT });
+    await bob.page.reload();
+    await bob.page.locator('#signin:not(.hidden)').waitFor({ timeout: TIMEOUT });
+    assert.equal(await bob.page.locator('#status').getAttribute('data-state'), 'idle');
+
+    // Alice signs in from another browser: a new device of her account,
+    // which her first browser announces.
+    const laptop = await open(browser, alice.name, problems);
+    await signIn(laptop);
+    await alice.page.locator('#notice[data-reason="added"]:not(.hidden)', { hasText: 'device 2' }).waitFor({ timeout: TIMEOUT });
+    await alice.page.locator('#devices li', { hasText: '2: Chromium (demo)' }).waitFor({ timeout: TIMEOUT });
+    await alice.page.screenshot({ path: `${shots}/alice-new-device.png`, fullPage: true });
+
+    // A server that was stopped and started again makes the browser log
+    // the connections it could not make: expected, not a page problem.
+    const unexpected = problems.filter((p) => !/ERR_CONNECTION_REFUSED|ERR_CONNECTION_RESET|ERR_EMPTY_RESPONSE|WebSocket connection to .* failed/.test(p));
+    assert.deepEqual(unexpected, [], 'no CSP violations or page errors');
   } finally {
     await browser.close();
   }
 });
 
+/** Stops or starts the demo's server (tests/it/js.rs). */
+async function control(action) {
+  const reply = await fetch(new URL(`/${action}`, controlUrl), { method: 'POST' });
+  assert.equal(reply.status, 204, `${action} the server`);
+}
+
 async function open(browser, name, problems) {
   const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
   const page = await context.newPage();
+  const requests = [];
   page.on('pageerror', (err) => problems.push(`${name}: ${err.message}`));
   page.on('console', (msg) => {
     if (msg.type() === 'error') problems.push(`${name}: ${msg.text()}`);
   });
+  page.on('request', (request) => requests.push(`${request.method()} ${new URL(request.url()).pathname}`));
   // Which resource a console 404 was about; the API's own refusals (a
   // contact not found) are the page's to show, not errors.
   page.on('response', (response) => {
@@ -77,13 +164,22 @@ async function open(browser, name, problems) {
     }
   });
   await page.goto(new URL('/demo/', url).href);
-  return { name, page };
+  return { name, page, requests };
 }
 
 async function signUp({ name, page }) {
+  await page.locator('#signin:not(.hidden)').waitFor({ timeout: TIMEOUT });
   await page.fill('#username', name);
-  await page.fill('#password', 'correct horse battery staple');
+  await page.fill('#password', PASSWORD);
   await page.click('#signup');
+  await page.locator('#status[data-state="drained"]').waitFor({ timeout: TIMEOUT });
+}
+
+async function signIn({ name, page }) {
+  await page.locator('#signin:not(.hidden)').waitFor({ timeout: TIMEOUT });
+  await page.fill('#username', name);
+  await page.fill('#password', PASSWORD);
+  await page.click('#login');
   await page.locator('#status[data-state="drained"]').waitFor({ timeout: TIMEOUT });
 }
 
@@ -98,9 +194,10 @@ async function say({ page }, text) {
   await page.click('#send');
 }
 
-async function delivered({ page }, text) {
-  await page
-    .locator('#messages li.mine', { hasText: text })
-    .locator('.tick[data-state="delivered"]')
-    .waitFor({ timeout: TIMEOUT });
+function mine({ page }, text) {
+  return page.locator('#messages li.mine', { hasText: text });
+}
+
+async function delivered(who, text) {
+  await mine(who, text).locator('.tick[data-state="delivered"]').waitFor({ timeout: TIMEOUT });
 }

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::timestamp;
 use crate::api::accounts::is_username;
-use crate::config::Config;
+use crate::config::{Config, both_names};
 use crate::store::{self, AccountDetails, AccountSummary, Store, StoreOptions, User};
 
 /// The largest `--limit` of `user list`: a page is read and printed at once.
@@ -35,12 +35,15 @@ pub async fn open(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
         match store::sqlite::database_path(url) {
             None => bail!(
-                "DATABASE_URL names an in-memory SQLite database: nothing outlives the server \
-                 process, so there is nothing to look at"
+                "{} names an in-memory SQLite database: nothing outlives the server process, \
+                 so there is nothing to look at",
+                both_names("DATABASE_URL")
             ),
-            Some(path) if !path.exists() => {
-                bail!("there is no database at {} (DATABASE_URL)", path.display())
-            }
+            Some(path) if !path.exists() => bail!(
+                "there is no database at {}, {}",
+                path.display(),
+                both_names("DATABASE_URL")
+            ),
             Some(_) => {}
         }
     }
@@ -49,7 +52,7 @@ pub async fn open(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
         pool_size: POOL_SIZE,
     })
     .await
-    .context("opening the database (DATABASE_URL)")?;
+    .with_context(|| format!("opening the database of {}", both_names("DATABASE_URL")))?;
     let pending = store
         .pending_migrations()
         .await

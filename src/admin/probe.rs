@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::Config;
+use crate::config::{Config, both_names};
 
 /// The longest status line read: `HTTP/1.1 200 OK` and then some.
 const MAX_STATUS_LINE: usize = 1024;
@@ -117,7 +117,7 @@ where
 
 /// A TLS client that trusts only the leaf certificate of `cert`.
 fn connector(cert: &Path) -> anyhow::Result<TlsConnector> {
-    let setting = || format!("{} (SEALPOST_TLS_CERT)", cert.display());
+    let setting = || format!("{}, {}", cert.display(), both_names("SEALPOST_TLS_CERT"));
     let leaf = CertificateDer::pem_file_iter(cert)
         .and_then(|mut certs| certs.next().transpose())
         .with_context(|| format!("reading the TLS certificate {}", setting()))?

@@ -2,7 +2,8 @@
 //! shared fairly between callers.
 //!
 //! Each hash takes a core for tens of milliseconds and 19 MiB of memory
-//! (OWASP's argon2id parameters, the `argon2` crate's defaults). Hashes run on
+//! (OWASP's argon2id parameters, the `argon2` crate's defaults: [`Cost`]
+//! says when anything else is used). Hashes run on
 //! tokio's blocking pool behind a semaphore of about the core count, so a
 //! login flood waits its turn instead of starving message delivery or
 //! exhausting memory.
@@ -21,9 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use argon2::Argon2;
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use argon2::{Argon2, Params};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -40,6 +41,32 @@ const QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 /// What an account told its hash is busy waits before it tries again: about
 /// the time a hash takes when the queue is short.
 const BUSY_RETRY: Duration = Duration::from_secs(1);
+
+/// The argon2id parameters new hashes are made with. A stored hash names
+/// its own (a PHC string), and is verified with those, whatever the cost
+/// now: a change of cost never locks anyone out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cost {
+    /// OWASP's argon2id parameters (m=19456 KiB, t=2, p=1): the floor for
+    /// real accounts, and the only cost a release build uses.
+    Owasp,
+    /// argon2's smallest parameters (m=8 KiB, t=1, p=1), microseconds a
+    /// hash: for the test suite, which signs up thousands of accounts and
+    /// would otherwise spend most of its time hashing. Reachable only
+    /// through `SEALPOST_INSECURE_TEST_HASHING`, which release builds
+    /// refuse (see `Config::insecure_test_hashing`).
+    InsecureForTests,
+}
+
+impl Cost {
+    fn params(self) -> Params {
+        match self {
+            Cost::Owasp => Params::default(),
+            Cost::InsecureForTests => Params::new(Params::MIN_M_COST, Params::MIN_T_COST, 1, None)
+                .expect("argon2's own minimum parameters"),
+        }
+    }
+}
 
 /// Whom a hash is done for: the queue holds at most one hash per caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -71,6 +98,8 @@ pub struct Passwords {
     dummy_hash: Arc<str>,
     /// Records how long each caller waited for a permit.
     metrics: Arc<Metrics>,
+    /// What new hashes cost.
+    cost: Cost,
 }
 
 /// One caller's line: at most one of its hashes holds `turn` at a time.
@@ -108,14 +137,15 @@ struct Slot {
 
 impl Passwords {
     /// Computes the dummy hash, so call it once at start-up.
-    pub fn new(concurrency: usize, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    pub fn new(concurrency: usize, cost: Cost, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let random: [u8; 32] = rand::random();
-        let dummy_hash = hash(&random)?.into();
+        let dummy_hash = hash(cost, &random)?.into();
         Ok(Self {
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             lanes: Arc::new(DashMap::new()),
             dummy_hash,
             metrics,
+            cost,
         })
     }
 
@@ -174,9 +204,10 @@ impl Passwords {
     /// Hashes `password` into a PHC string with a fresh random salt.
     pub async fn hash(&self, caller: Caller, password: String) -> Result<String, Error> {
         let slot = self.slot(caller).await?;
+        let cost = self.cost;
         let hashed = tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            hash(password.as_bytes())
+            hash(cost, password.as_bytes())
         })
         .await
         .context("hash task failed")??;
@@ -204,13 +235,14 @@ impl Passwords {
     }
 }
 
-fn hash(password: &[u8]) -> anyhow::Result<String> {
-    let phc = Argon2::default()
+fn hash(cost: Cost, password: &[u8]) -> anyhow::Result<String> {
+    let phc = Argon2::from(cost.params())
         .hash_password(password)
         .map_err(|e| anyhow::anyhow!("argon2 hash failed: {e}"))?;
     Ok(phc.to_string())
 }
 
+/// Checks `password` against `phc` with the parameters `phc` names.
 fn verify(password: &[u8], phc: &str) -> anyhow::Result<bool> {
     let parsed =
         PasswordHash::new(phc).map_err(|e| anyhow::anyhow!("stored hash unreadable: {e}"))?;
@@ -222,7 +254,35 @@ mod tests {
     use super::*;
 
     fn passwords(concurrency: usize) -> Arc<Passwords> {
-        Arc::new(Passwords::new(concurrency, Arc::new(Metrics::disabled())).unwrap())
+        Arc::new(Passwords::new(concurrency, Cost::Owasp, Arc::new(Metrics::disabled())).unwrap())
+    }
+
+    #[tokio::test]
+    async fn each_cost_verifies_the_others_hashes() {
+        let owasp = passwords(1);
+        let cheap =
+            Passwords::new(1, Cost::InsecureForTests, Arc::new(Metrics::disabled())).unwrap();
+        let caller = Caller::Account(Uuid::new_v4());
+        let cheap_phc = cheap.hash(caller, "pw".into()).await.unwrap();
+        assert!(
+            cheap_phc.starts_with("$argon2id$v=19$m=8,t=1,p=1$"),
+            "{cheap_phc}"
+        );
+        let owasp_phc = owasp.hash(caller, "pw".into()).await.unwrap();
+        for (verifier, phc) in [(&*owasp, &cheap_phc), (&cheap, &owasp_phc)] {
+            assert!(
+                verifier
+                    .verify(caller, "pw".into(), Some(phc.clone()))
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !verifier
+                    .verify(caller, "no".into(), Some(phc.clone()))
+                    .await
+                    .unwrap()
+            );
+        }
     }
 
     #[tokio::test]

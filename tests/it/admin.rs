@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::backend_tests;
-use crate::common::ws::WsClient;
+use crate::common::ws::{WsClient, close};
 use crate::common::{
     self, Account, Backend, JWT_SECRET, PASSWORD, STORAGE_KEYS, ServerProcess, TestDb, TestServer,
 };
@@ -27,9 +27,6 @@ backend_tests!(
     user_show_lists_each_device_and_stats_count_devices,
     adding_a_device_needs_the_password_and_an_enabled_account,
 );
-
-/// Close code of a revoked session.
-const UNAUTHORIZED: u16 = 4401;
 
 /// How often the servers of these tests look for revocations made
 /// elsewhere: short, so that the tests are quick.
@@ -258,7 +255,7 @@ async fn stats_count_accounts_sessions_and_the_queue(backend: Backend) {
 /// A running server learnt of a revocation made elsewhere within the
 /// deadline: it closed the session's socket with 4401 and refuses its token.
 async fn cut_off(server: &TestServer, socket: &mut WsClient, access: &str, started: Instant) {
-    socket.expect_close(UNAUTHORIZED).await;
+    socket.expect_close(close::REVOKED).await;
     assert!(
         started.elapsed() < REVOCATION_DEADLINE,
         "closed after {:?}",
@@ -284,7 +281,7 @@ async fn a_disabled_account_is_cut_off_from_a_running_server(backend: Backend) {
     cut_off(&server, &mut socket, &alice.access, started).await;
     WsClient::connect(&server.api, Some(&alice.access))
         .await
-        .expect_close(UNAUTHORIZED)
+        .expect_close(close::REFUSED)
         .await;
     server
         .refresh(&alice.refresh)
@@ -649,13 +646,14 @@ async fn check_config_prints_every_setting_with_secrets_masked() {
         .iter()
         .map(|s| s["env"].as_str().unwrap())
         .collect();
-    for var in help
+    let in_help: Vec<&str> = help
         .split("[env: ")
         .skip(1)
         .map(|rest| rest.split(['=', ']']).next().unwrap())
-    {
-        assert!(listed.contains(&var), "{var} missing from check-config");
-    }
+        .collect();
+    common::assert_each(&in_help, "listed by check-config", |var| {
+        listed.contains(var)
+    });
     let setting = |env: &str| {
         report["settings"]
             .as_array()

@@ -15,8 +15,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::backend_tests;
-use crate::common::ws::{Event, WsClient};
-use crate::common::{Api, Backend, TestServer, b64, eventually};
+use crate::common::ws::{Close, Event, WsClient, close};
+use crate::common::{Api, Backend, TestServer, b64, eventually, token_expiring_at};
 
 backend_tests!(
     one_address_cannot_hold_every_waiting_slot,
@@ -28,12 +28,6 @@ backend_tests!(
     an_unfinished_message_is_closed_at_the_message_timeout,
     a_frame_that_trickles_in_is_closed_at_the_message_timeout,
 );
-
-/// Close codes of the protocol.
-const PROTOCOL: u16 = 1002;
-const INVALID_PAYLOAD: u16 = 1007;
-const POLICY: u16 = 1008;
-const UNAUTHORIZED: u16 = 4401;
 
 /// The default share of waiting slots per address
 /// (`SEALPOST_MAX_UNAUTHENTICATED_SOCKETS_PER_IP`), which the harness turns
@@ -95,16 +89,39 @@ async fn expect_ready(socket: &mut Socket, frame_token: Option<&str>) {
     assert_eq!(drained["type"], "drained", "{drained}");
 }
 
-/// The close code the server ends `socket` with within `wait`, skipping
-/// other frames; `None` if it did not close in time.
-async fn close_within(socket: &mut Socket, wait: Duration) -> Option<u16> {
+/// Asserts that the server has not closed `socket`, which has not
+/// authenticated (so no message can be its sentinel): a ping sent now is
+/// answered with its pong, which comes after any close the server sent
+/// before it.
+async fn assert_open(socket: &mut Socket) {
+    socket
+        .send(Message::Ping(b"still open?".to_vec().into()))
+        .await
+        .expect("ping");
+    let next = tokio::time::timeout(Duration::from_secs(15), socket.next())
+        .await
+        .expect("an answer to the ping within 15 s");
+    match next {
+        Some(Ok(Message::Pong(payload))) if payload == b"still open?".as_slice() => {}
+        other => panic!("expected the pong of an open socket, got {other:?}"),
+    }
+}
+
+/// The close the server ends `socket` with within `wait` (as an
+/// [`Event::Closed`]), skipping other frames; `None` if it did not close in
+/// time.
+async fn close_within(socket: &mut Socket, wait: Duration) -> Option<Event> {
     let deadline = Instant::now() + wait;
     loop {
         let next = tokio::time::timeout_at(deadline, socket.next())
             .await
             .ok()?;
         match next {
-            Some(Ok(Message::Close(frame))) => return Some(frame.map_or(1005, |f| f.code.into())),
+            Some(Ok(Message::Close(frame))) => {
+                return Some(frame.map_or(Event::Closed(1005, String::new()), |f| {
+                    Event::Closed(f.code.into(), f.reason.to_string())
+                }));
+            }
             Some(Ok(_)) => continue,
             other => panic!("the connection ended without a close frame: {other:?}"),
         }
@@ -195,7 +212,7 @@ async fn one_address_cannot_hold_every_waiting_slot(backend: Backend) {
 
     // Its sockets were held throughout, not closed to make room.
     for socket in &mut held {
-        assert_eq!(close_within(socket, Duration::ZERO).await, None);
+        assert_open(socket).await;
     }
     drop(held);
     server.stop().await;
@@ -254,10 +271,10 @@ async fn a_valid_header_token_needs_no_waiting_slot(backend: Backend) {
             .ok()
     })
     .await;
-    assert_eq!(
-        close_within(&mut bad, Duration::from_secs(10)).await,
-        Some(UNAUTHORIZED)
-    );
+    close_within(&mut bad, Duration::from_secs(10))
+        .await
+        .expect("closed")
+        .assert_close(close::REFUSED);
     drop(held);
     server.stop().await;
 }
@@ -304,7 +321,7 @@ async fn a_silent_socket_is_closed_within_the_default_auth_timeout(backend: Back
     let server = TestServer::start(backend).await;
     let mut ws = WsClient::connect(&server, None).await;
     match ws.event_within(Duration::from_secs(8)).await {
-        Some(Event::Closed(code, _)) => assert_eq!(code, UNAUTHORIZED),
+        Some(closed @ Event::Closed(..)) => closed.assert_close(close::REFUSED),
         other => panic!("expected a 4401 close within 8 s, got {other:?}"),
     }
     server.stop().await;
@@ -316,16 +333,21 @@ async fn a_silent_socket_is_closed_within_the_default_auth_timeout(backend: Back
 /// A socket closes at its token's `exp`; from then on REST refuses the same
 /// token (it took it for up to a second more).
 async fn rest_refuses_a_token_once_the_socket_has_closed_on_it(backend: Backend) {
-    let server = TestServer::start_with(backend, &["--access-token-ttl", "3s"]).await;
+    let server = TestServer::start(backend).await;
     let bob = server.account("bob").await;
-    let (mut ws, _) = WsClient::ready(&server, &bob).await;
-    server.get("/v1/me", Some(&bob.access)).await.expect(200);
+    // A token of bob's session that expires in 1-2 s.
+    let exp = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp() + 2, 0).unwrap();
+    let token = token_expiring_at(&bob, exp);
+    let mut ws = WsClient::connect(&server, Some(&token)).await;
+    ws.expect("ready").await;
+    assert!(ws.until_drained().await.is_empty());
+    server.get("/v1/me", Some(&token)).await.expect(200);
     match ws.event_within(Duration::from_secs(10)).await {
-        Some(Event::Closed(code, _)) => assert_eq!(code, UNAUTHORIZED),
+        Some(closed @ Event::Closed(..)) => closed.assert_close(close::EXPIRED),
         other => panic!("expected a 4401 close at expiry, got {other:?}"),
     }
     server
-        .get("/v1/me", Some(&bob.access))
+        .get("/v1/me", Some(&token))
         .await
         .expect_error(401, "unauthorized");
     server.stop().await;
@@ -339,52 +361,51 @@ async fn rest_refuses_a_token_once_the_socket_has_closed_on_it(backend: Backend)
 async fn protocol_violations_close_with_1002_and_bad_utf8_with_1007(backend: Backend) {
     let server = TestServer::start(backend).await;
     let alice = server.account("alice").await;
-    let cases: [(&str, Vec<u8>, u16); 5] = [
+    let cases: [(&str, Vec<u8>, Close); 5] = [
         (
             "a reserved data opcode",
             frame(FIN | 0x3, b"hi", true),
-            PROTOCOL,
+            close::PROTOCOL,
         ),
         (
             "a reserved control opcode",
             frame(FIN | 0xB, b"", true),
-            PROTOCOL,
+            close::PROTOCOL,
         ),
         (
             "an unmasked client frame",
             frame(FIN | TEXT, b"{}", false),
-            PROTOCOL,
+            close::PROTOCOL,
         ),
         (
             "a continuation of nothing",
             frame(FIN, b"{}", true),
-            PROTOCOL,
+            close::PROTOCOL,
         ),
         (
             "text that is not UTF-8",
             frame(FIN | TEXT, b"\"\xff\xfe\"", true),
-            INVALID_PAYLOAD,
+            close::NOT_UTF8,
         ),
     ];
-    for (what, bytes, code) in cases {
+    for (what, bytes, want) in cases {
         let mut socket = connect_from(&server, "127.0.0.1", Some(&alice.access))
             .await
             .unwrap();
         expect_ready(&mut socket, None).await;
         write_raw(&mut socket, &bytes).await;
-        assert_eq!(
-            close_within(&mut socket, Duration::from_secs(10)).await,
-            Some(code),
-            "{what}"
-        );
+        match close_within(&mut socket, Duration::from_secs(10)).await {
+            Some(closed) if closed.is(want) => {}
+            other => panic!("{what}: expected {want:?}, got {other:?}"),
+        }
     }
     // Before authentication too.
     let mut socket = connect_from(&server, "127.0.0.1", None).await.unwrap();
     write_raw(&mut socket, &frame(FIN | 0x3, b"hi", true)).await;
-    assert_eq!(
-        close_within(&mut socket, Duration::from_secs(10)).await,
-        Some(PROTOCOL)
-    );
+    close_within(&mut socket, Duration::from_secs(10))
+        .await
+        .expect("closed")
+        .assert_close(close::PROTOCOL);
     server.stop().await;
 }
 
@@ -421,17 +442,17 @@ async fn an_unfinished_message_is_closed_at_the_message_timeout(backend: Backend
     // at the timeout (1 s), well before anything else would close it.
     write_raw(&mut socket, &frame(TEXT, b"{\"type\":\"send\",", true)).await;
     let begun = Instant::now();
-    let code = loop {
+    let closed = loop {
         write_raw(&mut socket, &frame(FIN | PONG, b"", true)).await;
-        if let Some(code) = close_within(&mut socket, Duration::from_millis(200)).await {
-            break code;
+        if let Some(closed) = close_within(&mut socket, Duration::from_millis(200)).await {
+            break closed;
         }
         assert!(
             begun.elapsed() < Duration::from_secs(10),
             "the unfinished message was held for 10 s"
         );
     };
-    assert_eq!(code, POLICY);
+    closed.assert_close(close::UNFINISHED);
     assert!(
         begun.elapsed() >= Duration::from_millis(900),
         "closed before the timeout"
@@ -454,16 +475,16 @@ async fn a_frame_that_trickles_in_is_closed_at_the_message_timeout(backend: Back
     header.extend([0; 4]);
     write_raw(&mut socket, &header).await;
     let begun = Instant::now();
-    let code = loop {
+    let closed = loop {
         write_raw(&mut socket, b" ").await;
-        if let Some(code) = close_within(&mut socket, Duration::from_millis(200)).await {
-            break code;
+        if let Some(closed) = close_within(&mut socket, Duration::from_millis(200)).await {
+            break closed;
         }
         assert!(
             begun.elapsed() < Duration::from_secs(10),
             "the trickling frame was held for 10 s"
         );
     };
-    assert_eq!(code, POLICY);
+    closed.assert_close(close::UNFINISHED);
     server.stop().await;
 }

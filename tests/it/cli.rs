@@ -249,22 +249,50 @@ fn sealpost_stopping(args: &[&str], env: &[(&str, &str)]) -> Output {
     child.wait_with_output().expect("sealpost's output")
 }
 
-/// Runs each `(args, env)` as [`sealpost_stopping`], all at once (a refused
-/// database connection takes its acquire timeout), and returns their
-/// outputs in order.
-fn sealpost_all(runs: Vec<(Vec<String>, Vec<(String, String)>)>) -> Vec<Output> {
+/// One run of `sealpost`: its arguments and its whole environment.
+struct Run {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Run {
+    fn new(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+}
+
+/// Makes each run as [`sealpost_stopping`], all at once (a refused database
+/// connection takes its acquire timeout), and returns their outputs in
+/// order.
+fn sealpost_all(runs: Vec<Run>) -> Vec<Output> {
     let handles: Vec<_> = runs
         .into_iter()
-        .map(|(args, env)| {
+        .map(|run| {
             std::thread::spawn(move || {
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                let env: Vec<(&str, &str)> =
-                    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let args: Vec<&str> = run.args.iter().map(String::as_str).collect();
+                let env: Vec<(&str, &str)> = run
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
                 sealpost_stopping(&args, &env)
             })
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// A configuration start-up refuses, and the secrets in it.
+struct Refused<'a> {
+    args: &'a [&'a str],
+    env: Vec<(&'a str, &'a str)>,
+    secrets: &'a [&'a str],
 }
 
 /// No configuration error, and nothing else `serve` or `check-config`
@@ -293,45 +321,46 @@ fn configuration_errors_never_show_a_secret() {
     let keys = ("SEALPOST_STORAGE_KEYS", crate::common::STORAGE_KEYS);
     let postgres = "postgres://sealpost:dbpass42@127.0.0.1:1/x";
     let with_ssl_password = format!("{postgres}?sslmode=prefer&sslpassword=sslpass42");
-    let cases: Vec<(&[&str], Vec<(&str, &str)>, &[&str])> = vec![
-        (
+    let refused = |args, env, secrets| Refused { args, env, secrets };
+    let cases = [
+        refused(
             &[],
             vec![
-                ("DATABASE_URL", &sqlite),
+                ("DATABASE_URL", &*sqlite),
                 ("SEALPOST_JWT_SECRET", "hunter2-too-short"),
             ],
             &["hunter2"],
         ),
-        (
+        refused(
             &["--jwt-secret=hunter2-too-short"],
-            vec![("DATABASE_URL", &sqlite)],
+            vec![("DATABASE_URL", &*sqlite)],
             &["hunter2"],
         ),
-        (
+        // 14 bytes, not 32.
+        refused(
             &[],
-            // 14 bytes, not 32.
             vec![
-                ("DATABASE_URL", &sqlite),
+                ("DATABASE_URL", &*sqlite),
                 ("SEALPOST_STORAGE_KEYS", "1:aHVudGVyMmh1bnRlcjI="),
             ],
             &["aHVudGVyMmh1bnRlcjI"],
         ),
-        (
+        refused(
             &[],
             vec![("DATABASE_URL", postgres), jwt, keys],
             &["dbpass42"],
         ),
-        (
+        refused(
             &[],
-            vec![("DATABASE_URL", &with_ssl_password), jwt, keys],
+            vec![("DATABASE_URL", &*with_ssl_password), jwt, keys],
             &["dbpass42", "sslpass42"],
         ),
-        (
+        refused(
             &[],
             vec![("DATABASE_URL_FILE", url_file.to_str().unwrap()), jwt, keys],
             &["urlfilepw42", "keyfilepass42"],
         ),
-        (
+        refused(
             &[],
             vec![
                 ("DATABASE_URL", "mysql://root:mysqlpass42@127.0.0.1/x"),
@@ -339,10 +368,10 @@ fn configuration_errors_never_show_a_secret() {
             ],
             &["mysqlpass42"],
         ),
-        (
+        refused(
             &[],
             vec![
-                ("DATABASE_URL", &sqlite),
+                ("DATABASE_URL", &*sqlite),
                 (
                     "SEALPOST_NATS_URL",
                     "nats://natsuser:natspass42@127.0.0.1:1",
@@ -350,34 +379,32 @@ fn configuration_errors_never_show_a_secret() {
             ],
             &["natspass42"],
         ),
-        (
+        refused(
             &[],
             vec![
-                ("DATABASE_URL", &sqlite),
-                ("SEALPOST_TLS_CERT", &cert),
+                ("DATABASE_URL", &*sqlite),
+                ("SEALPOST_TLS_CERT", &*cert),
                 ("SEALPOST_TLS_KEY", bad_key.to_str().unwrap()),
             ],
             &["c2VjcmV0LWtleS1tYXRlcmlhbA"],
         ),
     ];
+    const COMMANDS: [&str; 2] = ["serve", "check-config"];
     let mut runs = Vec::new();
-    for (args, env, _) in &cases {
-        for command in ["serve", "check-config"] {
-            let args = std::iter::once(command)
-                .chain(args.iter().copied())
-                .map(str::to_owned)
+    for case in &cases {
+        let mut env = case.env.clone();
+        env.push(("RUST_LOG", "trace"));
+        for command in COMMANDS {
+            let args: Vec<&str> = std::iter::once(command)
+                .chain(case.args.iter().copied())
                 .collect();
-            let env = env
-                .iter()
-                .chain(&[("RUST_LOG", "trace")])
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-            runs.push((args, env));
+            runs.push(Run::new(&args, &env));
         }
     }
     let outputs = sealpost_all(runs);
-    for ((args, env, secrets), outputs) in cases.iter().zip(outputs.chunks(2)) {
-        for (command, output) in ["serve", "check-config"].iter().zip(outputs) {
+    for (case, outputs) in cases.iter().zip(outputs.chunks(COMMANDS.len())) {
+        let Refused { args, env, secrets } = case;
+        for (command, output) in COMMANDS.iter().zip(outputs) {
             let written = format!(
                 "{}{}",
                 stderr(output),
@@ -409,7 +436,9 @@ fn start_up_errors_name_each_setting_by_variable_and_flag() {
     let postgres = "postgres://postgres@127.0.0.1:1/none";
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = taken.local_addr().unwrap().to_string();
-    let cases: Vec<(Vec<(&str, &str)>, &[&str])> = vec![
+    // Each start-up's environment, and the names its error must hold.
+    type Names<'a> = &'a [&'a str];
+    let cases: [(Vec<(&str, &str)>, Names); 5] = [
         (
             vec![("DATABASE_URL", postgres)],
             &["SEALPOST_JWT_SECRET is not set (nor --jwt-secret)"],
@@ -443,13 +472,7 @@ fn start_up_errors_name_each_setting_by_variable_and_flag() {
     ];
     let runs = cases
         .iter()
-        .map(|(env, _)| {
-            let env = env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-            (vec!["serve".to_owned()], env)
-        })
+        .map(|(env, _)| Run::new(&["serve"], env))
         .collect();
     for ((env, names), output) in cases.iter().zip(sealpost_all(runs)) {
         let err = stderr(&output);

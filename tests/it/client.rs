@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::backend_tests;
 use crate::common::proxy::{Cut, LossyProxy};
+use crate::common::ws::close;
 use crate::common::{
     self, Account, Api, Backend, PASSWORD, ServerProcess, TestDb, TestServer, eventually,
     free_local_addr,
@@ -622,14 +623,15 @@ async fn the_socket_does_not_reconnect_after_4409_or_4429(backend: Backend) {
         .unwrap();
     let mut second = same_device.connect(fast()).unwrap();
     let stopped = wait_for(&mut second, "the second socket stops", |e| match e {
-        Event::State(ConnectionState::Stopped { code, .. }) => Some(code),
+        Event::State(ConnectionState::Stopped { code, reason }) => Some((code, reason)),
         Event::State(ConnectionState::Disconnected { code, .. }) => {
             panic!("reconnecting after {code:?}")
         }
         _ => None,
     })
     .await;
-    assert_eq!(stopped, Some(4429));
+    let want = close::TOO_MANY_FOR_THE_DEVICE;
+    assert_eq!(stopped, (Some(want.code), want.reason.to_owned()));
     let end = tokio::time::timeout(WAIT, second.next()).await;
     assert!(matches!(end, Ok(None)), "the stream ends after Stopped");
 
@@ -644,14 +646,15 @@ async fn the_socket_does_not_reconnect_after_4409_or_4429(backend: Backend) {
         .unwrap();
     drop(online_with(&newer, true).await);
     let stopped = wait_for(&mut older, "the older socket stops", |e| match e {
-        Event::State(ConnectionState::Stopped { code, .. }) => Some(code),
+        Event::State(ConnectionState::Stopped { code, reason }) => Some((code, reason)),
         Event::State(ConnectionState::Disconnected { code, .. }) => {
             panic!("reconnecting after {code:?}")
         }
         _ => None,
     })
     .await;
-    assert_eq!(stopped, Some(4409));
+    let want = close::CONNECTED_ELSEWHERE;
+    assert_eq!(stopped, (Some(want.code), want.reason.to_owned()));
     // Sends fall back to REST once the socket has stopped.
     let alice_bob = bob.send(alice.user_id(), "over REST").await.unwrap();
     assert!(!alice_bob.id.is_nil());

@@ -130,15 +130,13 @@ mod postgres {
 
     use crate::common::cluster::{Cluster, Nats, metric, node_id, readyz, wait_for_broker};
     use crate::common::traffic::ANSWER_BOUND;
-    use crate::common::ws::{Event, WsClient};
+    use crate::common::ws::{Close, Event, WsClient, assert_next_is_sentinel, close};
     use crate::common::{
         Account, Api, PASSWORD, ServerProcess, assert_message, b64, device_id, eventually,
         eventually_within, id, public_key, session, unb64,
     };
 
     /// Close codes of the protocol.
-    const UNAUTHORIZED: u16 = 4401;
-    const CONNECTED_ELSEWHERE: u16 = 4409;
 
     /// Takes the database's revocation poll out of the picture, so that
     /// what reaches another node got there through NATS.
@@ -147,9 +145,6 @@ mod postgres {
     /// How soon a revocation on one node closes sockets on another: issue
     /// 13 asks for "at once"; a functional bound, not a performance target.
     const REVOCATION_OVER_NATS: Duration = Duration::from_secs(1);
-
-    /// How long a socket must stay quiet to count as told nothing more.
-    const QUIET: Duration = Duration::from_millis(300);
 
     /// How long every accepted message may take to reach the recipient
     /// once the senders have stopped (a drain, a re-read after NATS came
@@ -193,12 +188,30 @@ mod postgres {
         assert_eq!(error["extra"], json!(extra), "extra: {error}");
     }
 
-    /// Asserts that `ws` is closed with `code` by `deadline`.
-    async fn closed_by(ws: &mut WsClient, code: u16, deadline: Instant, what: &str) {
-        let got = tokio::time::timeout_at(deadline, ws.close_code())
+    /// Ends a check that nothing more reaches `sockets` (of the account of
+    /// `devices`): a sentinel through each of `nodes`, next on every socket.
+    /// Messages accepted by different nodes have no order between them, so
+    /// one goes through each node whose messages are under test.
+    async fn nothing_more(nodes: &[&Api], devices: &[&Account], sockets: &mut [&mut WsClient]) {
+        for node in nodes {
+            assert_next_is_sentinel(node, devices, sockets).await;
+        }
+    }
+
+    /// Asserts that `ws` is closed with `want` by `deadline`.
+    async fn closed_by(ws: &mut WsClient, want: Close, deadline: Instant, what: &str) {
+        let closed = async {
+            loop {
+                match ws.event().await {
+                    Event::Json(_) => continue,
+                    other => return other,
+                }
+            }
+        };
+        let got = tokio::time::timeout_at(deadline, closed)
             .await
             .unwrap_or_else(|_| panic!("{what}: not closed within {REVOCATION_OVER_NATS:?}"));
-        assert_eq!(got, code, "{what}: closed with {got}, not {code}");
+        assert!(got.is(want), "{what}: {got:?}, not {want:?}");
     }
 
     /// Sends `count` messages from `from` to `to` over one new socket on
@@ -652,7 +665,7 @@ mod postgres {
         );
 
         // Each once: no second copy through another node.
-        bob_ws.expect_silence(QUIET).await;
+        nothing_more(&[a, c], &[&bob], &mut [&mut bob_ws]).await;
         drop((alice_ws, bob_ws));
         cluster.stop().await;
     }
@@ -697,7 +710,7 @@ mod postgres {
 
         receiver.until_all(&all, ARRIVAL).await;
         let (seen, mut ws) = receiver.finish().await;
-        ws.expect_silence(QUIET).await;
+        nothing_more(&[a, c], &[&bob], &mut [&mut ws]).await;
 
         let others = others(&seen);
         assert!(others.is_empty(), "unexpected frames: {others:?}");
@@ -791,7 +804,7 @@ mod postgres {
             "carol's messages, backlog"
         );
         assert_eq!(seen.len(), 2 * EACH, "nothing else in the backlog");
-        ws.expect_silence(QUIET).await;
+        nothing_more(&[a, b, c], &[&bob], &mut [&mut ws]).await;
         drop(ws);
         cluster.stop().await;
     }
@@ -811,7 +824,7 @@ mod postgres {
 
         let (mut new, ready, _) = WsClient::ready_with(b, &bob, "exclusive=true").await;
         assert_eq!(ready["device_id"], 1, "{ready}");
-        old.expect_close(CONNECTED_ELSEWHERE).await;
+        old.expect_close(close::CONNECTED_ELSEWHERE).await;
 
         for (node, text) in [(a, "through n1"), (c, "through n3")] {
             let sent = id(&node.send(&alice, bob.id, text.as_bytes()).await["id"]);
@@ -820,7 +833,7 @@ mod postgres {
             let pushed = laptop_ws.expect("message").await;
             assert_message(&pushed, sent, alice.id, 1, text.as_bytes());
         }
-        new.expect_silence(QUIET).await;
+        nothing_more(&[a, c], &[&bob, &laptop], &mut [&mut new, &mut laptop_ws]).await;
         drop((new, laptop_ws));
         cluster.stop().await;
     }
@@ -845,7 +858,7 @@ mod postgres {
         let deadline = Instant::now() + REVOCATION_OVER_NATS;
         closed_by(
             &mut socket,
-            UNAUTHORIZED,
+            close::REVOKED,
             deadline,
             "bob's socket on n1 after a logout on n2",
         )
@@ -882,7 +895,7 @@ mod postgres {
             .await;
         assert_eq!(reply.status.as_u16(), 204, "{:?}", reply.body);
         let deadline = Instant::now() + REVOCATION_OVER_NATS;
-        closed_by(&mut bob_ws, UNAUTHORIZED, deadline, "bob's socket on n1").await;
+        closed_by(&mut bob_ws, close::REVOKED, deadline, "bob's socket on n1").await;
         for node in [a, c] {
             eventually_within(
                 "the deletion to reach every node",
@@ -925,14 +938,14 @@ mod postgres {
         let deadline = Instant::now() + REVOCATION_OVER_NATS;
         closed_by(
             &mut phone_ws,
-            UNAUTHORIZED,
+            close::REVOKED,
             deadline,
             "bob's phone socket on n1",
         )
         .await;
         closed_by(
             &mut laptop_ws,
-            UNAUTHORIZED,
+            close::REVOKED,
             deadline,
             "bob's laptop socket on n3",
         )
@@ -973,7 +986,7 @@ mod postgres {
         let deadline = Instant::now() + REVOCATION_OVER_NATS;
         closed_by(
             &mut laptop_ws,
-            UNAUTHORIZED,
+            close::REVOKED,
             deadline,
             "bob's laptop socket on n1",
         )
@@ -1077,7 +1090,7 @@ mod postgres {
         assert_eq!(id(&receipt["to"]), bob.id, "{receipt}");
         assert_eq!(receipt["device_id"], 1, "{receipt}");
 
-        let (laptop_id, _) = c.add_device(&bob, &public_key()).await;
+        let (laptop_id, laptop) = c.add_device(&bob, &public_key()).await;
         let changed = bob_ws.expect_exactly("devices_changed").await;
         assert_eq!(changed["devices"], json!([1, laptop_id]), "{changed}");
 
@@ -1121,7 +1134,7 @@ mod postgres {
         reply.expect_error(409, "devices_changed");
         assert_devices_changed(&reply.body["error"], &[laptop_id], &[]);
         // Nothing of them was stored.
-        bob_ws.expect_silence(QUIET).await;
+        nothing_more(&[a], &[&bob, &laptop], &mut [&mut bob_ws]).await;
         eventually("bob's ack to be applied", async || {
             b.inbox(&bob).await.is_empty().then_some(())
         })
@@ -1166,7 +1179,7 @@ mod postgres {
             .collect();
         second.until_all(&remaining, ARRIVAL).await;
         let (seen, mut ws) = second.finish().await;
-        ws.expect_silence(QUIET).await;
+        nothing_more(&[&cluster[1], &cluster[2]], &[&bob], &mut [&mut ws]).await;
 
         // What came twice came once on each socket: unacknowledged on node
         // 1 when it died. Nothing came that was not accepted.
@@ -1291,7 +1304,7 @@ mod postgres {
         receiver.until_all(&[last], LIVE).await;
 
         let (seen, mut ws) = receiver.finish().await;
-        ws.expect_silence(QUIET).await;
+        nothing_more(&[&a, &b], &[&bob], &mut [&mut ws]).await;
         let drained = seen.iter().filter(|s| matches!(s, Seen::Drained)).count();
         assert_eq!(drained, 1, "bob's socket drained once: {drained}");
         let others = others(&seen);

@@ -15,7 +15,7 @@ use sqlx::{PgPool, SqlitePool};
 use uuid::Uuid;
 
 use crate::backend_tests;
-use crate::common::ws::WsClient;
+use crate::common::ws::{WsClient, assert_next_is_sentinel, close};
 use crate::common::{
     Account, Api, Backend, PASSWORD, Reply, TestDb, TestServer, assert_message, b64, device_id,
     eventually, id, ids, keys, public_key, session, time,
@@ -46,16 +46,12 @@ backend_tests!(
     a_password_change_from_any_device_ends_every_session_of_every_device,
 );
 
-/// Close codes of the protocol.
-const UNAUTHORIZED: u16 = 4401;
-const CONNECTED_ELSEWHERE: u16 = 4409;
-const TOO_MANY_CONNECTIONS: u16 = 4429;
-
 /// The fields of `GET /v1/public-key/{id}` and `PUT /v1/update-key`, as
 /// before devices: neither names a device.
 const TODAYS_KEY_VIEW: [&str; 3] = ["public_key", "updated_at", "user_id"];
 
-/// How long a socket must stay quiet to count as told nothing.
+/// Ample time for the server to send what a committed ack causes (its
+/// receipts), so that a socket opened after it is not sent them.
 const QUIET: Duration = Duration::from_millis(300);
 
 // ---------------------------------------------------------------------------
@@ -290,7 +286,12 @@ async fn every_device_gets_every_message_and_an_ack_settles_only_its_own_copy(ba
     phone_ws.ack(&all).await;
     until_inbox(&server, &bob, &[]).await;
     assert_eq!(inbox_ids(&server, &laptop).await, sent);
-    laptop_ws.expect_silence(QUIET).await;
+    assert_next_is_sentinel(
+        &server,
+        &[&bob, &laptop],
+        &mut [&mut laptop_ws, &mut phone_ws],
+    )
+    .await;
     let (_laptop_again, backlog) = WsClient::ready(&server, &laptop).await;
     assert_eq!(ids(&backlog), sent, "the laptop's copies were settled too");
     let (_phone_again, backlog) = WsClient::ready(&server, &bob).await;
@@ -504,8 +505,8 @@ async fn distinct_envelopes_reach_their_own_devices_with_from_device(backend: Ba
     assert_message(&laptop[0], first, alice.id, 2, b"for the laptop");
     assert_message(&laptop[1], second, alice.id, 1, b"laptop 2");
     // Alice's own devices got nothing of it.
-    alice_ws.expect_silence(QUIET).await;
     assert!(inbox_ids(&server, &alice_laptop).await.is_empty());
+    assert_next_is_sentinel(&server, &[&alice, &alice_laptop], &mut [&mut alice_ws]).await;
 }
 
 async fn sending_to_yourself_syncs_your_other_devices_only(backend: Backend) {
@@ -564,7 +565,12 @@ async fn sending_to_yourself_syncs_your_other_devices_only(backend: Backend) {
     let pushed = phone_ws.expect_exactly("message").await;
     assert_message(&pushed, from_laptop, alice.id, 2, b"from the laptop");
     // The sending socket gets no copy of its own message.
-    laptop_ws.expect_silence(QUIET).await;
+    assert_next_is_sentinel(
+        &server,
+        &[&alice, &laptop, &tablet],
+        &mut [&mut laptop_ws, &mut phone_ws],
+    )
+    .await;
 
     // Each queue holds what the others sent it, never its own.
     let phone_inbox = server.inbox(&alice).await;
@@ -636,7 +642,7 @@ async fn removing_a_device_revokes_it_and_deletes_only_its_queue(backend: Backen
     assert_eq!(removed.status.as_u16(), 204, "{:?}", removed.body);
 
     // Every session of the laptop is over: tokens, refresh, sockets.
-    laptop_ws.expect_close(UNAUTHORIZED).await;
+    laptop_ws.expect_close(close::REVOKED).await;
     for gone in [&laptop, &laptop_login] {
         assert_token_refused(&server, gone).await;
         server
@@ -645,7 +651,7 @@ async fn removing_a_device_revokes_it_and_deletes_only_its_queue(backend: Backen
             .expect_error(401, "unauthorized");
     }
     let mut again = WsClient::connect(&server, Some(&laptop.access)).await;
-    again.expect_close(UNAUTHORIZED).await;
+    again.expect_close(close::REFUSED).await;
     server
         .login_device("bob", 2)
         .await
@@ -855,8 +861,8 @@ async fn an_exclusive_socket_displaces_only_the_older_sockets_of_its_device(back
     // 4409, and no other.
     let (mut exclusive, ready, _) = WsClient::ready_with(&server, &bob, "exclusive=true").await;
     assert_eq!(ready["device_id"], 1, "{ready}");
-    older_a.expect_close(CONNECTED_ELSEWHERE).await;
-    older_b.expect_close(CONNECTED_ELSEWHERE).await;
+    older_a.expect_close(close::CONNECTED_ELSEWHERE).await;
+    older_b.expect_close(close::CONNECTED_ELSEWHERE).await;
 
     // Sockets opened after it without `exclusive` coexist with it.
     let (mut plain, _, _) = WsClient::ready_with(&server, &bob, "exclusive=false").await;
@@ -882,7 +888,7 @@ async fn an_exclusive_socket_displaces_only_the_older_sockets_of_its_device(back
     let ready = by_frame.expect_exactly("ready").await;
     assert_eq!(ready["device_id"], 2, "{ready}");
     assert_eq!(ids(&by_frame.until_drained().await), [first]);
-    laptop_ws.expect_close(CONNECTED_ELSEWHERE).await;
+    laptop_ws.expect_close(close::CONNECTED_ELSEWHERE).await;
     let second = id(&server.send(&alice, bob.id, b"still here").await["id"]);
     for ws in [&mut exclusive, &mut plain, &mut default, &mut by_frame] {
         assert_message(
@@ -898,7 +904,7 @@ async fn an_exclusive_socket_displaces_only_the_older_sockets_of_its_device(back
     let (mut newest, _, backlog) = WsClient::ready_with(&server, &bob, "exclusive=true").await;
     assert_eq!(ids(&backlog), [first, second]);
     for ws in [&mut exclusive, &mut plain, &mut default] {
-        ws.expect_close(CONNECTED_ELSEWHERE).await;
+        ws.expect_close(close::CONNECTED_ELSEWHERE).await;
     }
     let third = id(&server.send(&alice, bob.id, b"third").await["id"]);
     for ws in [&mut newest, &mut by_frame] {
@@ -1118,7 +1124,7 @@ async fn devices_changed_reaches_the_other_devices_on_add_and_remove(backend: Ba
     // one is closed.
     let removed = remove_device(&server, &tablet, 2, PASSWORD).await;
     assert_eq!(removed.status.as_u16(), 204, "{:?}", removed.body);
-    laptop_ws.expect_close(UNAUTHORIZED).await;
+    laptop_ws.expect_close(close::REVOKED).await;
     for ws in [&mut phone_a, &mut phone_b, &mut tablet_ws] {
         assert_eq!(next_devices_changed(ws).await, [1, 3]);
     }
@@ -1627,13 +1633,13 @@ async fn the_socket_cap_counts_per_device(backend: Backend) {
     let (mut phone_a, _) = WsClient::ready(&server, &bob).await;
     let (mut phone_b, _) = WsClient::ready(&server, &bob).await;
     let mut refused = WsClient::connect(&server, Some(&bob.access)).await;
-    refused.expect_close(TOO_MANY_CONNECTIONS).await;
+    refused.expect_close(close::TOO_MANY_FOR_THE_DEVICE).await;
 
     // The laptop has a count of its own.
     let (mut laptop_a, _) = WsClient::ready(&server, &laptop).await;
     let (mut laptop_b, _) = WsClient::ready(&server, &laptop).await;
     let mut refused = WsClient::connect(&server, Some(&laptop.access)).await;
-    refused.expect_close(TOO_MANY_CONNECTIONS).await;
+    refused.expect_close(close::TOO_MANY_FOR_THE_DEVICE).await;
 
     let sent = id(&server.send(&alice, bob.id, b"to all four").await["id"]);
     for ws in [&mut phone_a, &mut phone_b, &mut laptop_a, &mut laptop_b] {
@@ -1967,7 +1973,7 @@ async fn the_body_limit_applies_per_envelope(backend: Backend) {
     for device in devices {
         assert_eq!(inbox_ids(&server, device).await, [first, second]);
     }
-    tablet_ws.expect_silence(QUIET).await;
+    assert_next_is_sentinel(&server, &devices, &mut [&mut tablet_ws]).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -2072,8 +2078,8 @@ async fn a_password_change_from_any_device_ends_every_session_of_every_device(ba
             .await
             .expect_error(401, "unauthorized");
     }
-    phone_ws.expect_close(UNAUTHORIZED).await;
-    laptop_ws.expect_close(UNAUTHORIZED).await;
+    phone_ws.expect_close(close::REVOKED).await;
+    laptop_ws.expect_close(close::REVOKED).await;
 
     // The new pair is the laptop's: its socket, its queue, its refresh.
     let (_ws, ready, backlog) = WsClient::ready_with(&server, &current, "").await;

@@ -1,21 +1,28 @@
 //! The JavaScript side, run by `cargo test` so that one command runs the
 //! whole suite: the JS client's own tests (`clients/js`, Node's test
 //! runner) against real servers, and the demo page in Chromium
-//! (`demo/test`, playwright-core). Each fails, never skips, when Node, the
-//! npm installs (`npm ci` in both directories, which `.ci/run` does) or
-//! the browser are missing.
+//! (`demo/test`, playwright-core). They install what they need that is
+//! missing (`common::toolchain`: the npm dependencies from the lockfiles,
+//! Chromium as root on Debian) and fail, never skip, when they cannot, or
+//! when Node is missing. The demo's server can be stopped and started
+//! again by the browser test ([`DemoServer`]).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use sealpost::Server;
 use sealpost_client::{Client, ConnectOptions, DeviceKeys, Event, Events, Incoming};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
 
 use crate::backend_tests;
-use crate::common::{Backend, PASSWORD, TestDb, TestServer};
+use crate::common::{Backend, PASSWORD, TestDb, TestServer, config, free_local_addr, toolchain};
 
 backend_tests!(
     js_client_suite,
@@ -31,18 +38,25 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// `dir` under the repository, with its npm dependencies installed.
+async fn npm_ready(dir: &str) -> PathBuf {
+    let dir = root().join(dir);
+    tokio::task::spawn_blocking(move || toolchain::npm_ready(&dir))
+        .await
+        .expect("npm install task")
+}
+
 /// Runs `node --test files` in `dir` with `env`, and fails with its output
 /// unless every test passed.
 async fn node_test(dir: &Path, files: &[&str], env: &[(&str, String)]) {
-    assert!(
-        dir.join("node_modules").is_dir(),
-        "{} has no node_modules: run `npm ci` there (.ci/run does)",
-        dir.display()
-    );
     let mut command = tokio::process::Command::new("node");
     command
         .arg("--test")
         .arg("--test-reporter=spec")
+        // A failed test may leave a client's timers and sockets open: the
+        // file reports and exits rather than wait for them until
+        // NODE_TIMEOUT (Node 20.14+).
+        .arg("--test-force-exit")
         .args(files)
         .current_dir(dir)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -76,10 +90,10 @@ async fn node_test(dir: &Path, files: &[&str], env: &[(&str, String)]) {
 /// The JS client's suite, against a server and one with 8-second access
 /// tokens (renewal on a live socket).
 async fn js_client_suite(backend: Backend) {
+    let dir = npm_ready("clients/js").await;
     let server = TestServer::start(backend).await;
     let short =
         TestServer::start_on(TestDb::new(backend).await, &["--access-token-ttl", "8s"]).await;
-    let dir = root().join("clients/js");
     let mut files: Vec<String> = std::fs::read_dir(dir.join("test"))
         .expect("clients/js/test")
         .filter_map(|entry| {
@@ -103,15 +117,30 @@ async fn js_client_suite(backend: Backend) {
     server.stop().await;
 }
 
-/// The demo page in Chromium: two people chat both ways.
+/// The demo page in Chromium: two people chat both ways, a reload keeps
+/// the session and the contacts' names, a message typed while the server
+/// is down arrives once it is back (the test stops and starts it through
+/// SEALPOST_DEMO_CONTROL), typing shows.
 async fn demo_page_in_a_browser(backend: Backend) {
-    let server = TestServer::start_with(backend, &["--demo", "true"]).await;
+    let dir = npm_ready("demo/test").await;
+    let chromium = tokio::task::spawn_blocking(toolchain::chromium)
+        .await
+        .expect("Chromium lookup task");
+    let db = TestDb::new(backend).await;
+    let addr: SocketAddr = free_local_addr().parse().unwrap();
+    let server = DemoServer::start(&db, addr).await;
+    let control = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let control_url = format!("http://{}", control.local_addr().unwrap());
+    let (done, finish) = oneshot::channel();
+    let controller = tokio::spawn(control_loop(control, db.shared(), addr, server, finish));
     let shots = root().join(format!("target/demo-screenshots/{backend:?}").to_lowercase());
     node_test(
-        &root().join("demo/test"),
+        &dir,
         &["demo.test.js"],
         &[
-            ("SEALPOST_DEMO_URL", server.api.base.clone()),
+            ("SEALPOST_DEMO_URL", format!("http://{addr}")),
+            ("SEALPOST_DEMO_CONTROL", control_url),
+            ("CHROMIUM", chromium.display().to_string()),
             ("SEALPOST_SCREENSHOTS", shots.display().to_string()),
         ],
     )
@@ -120,7 +149,99 @@ async fn demo_page_in_a_browser(backend: Backend) {
         shots.join("alice.png").is_file(),
         "the test saved its screenshots"
     );
-    server.stop().await;
+    done.send(()).unwrap();
+    let (server, restarts) = controller.await.unwrap();
+    assert_eq!(
+        restarts, 1,
+        "the browser test stopped and started the server once"
+    );
+    server
+        .expect("the browser test left the server running")
+        .stop()
+        .await;
+}
+
+/// The demo's server, in this process, on an address of its own so that it
+/// can come back on the same one.
+struct DemoServer {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl DemoServer {
+    async fn start(db: &TestDb, addr: SocketAddr) -> Self {
+        let mut settings = config(db, &["--demo", "true"]);
+        settings.addr = addr;
+        let server = Server::bind(settings)
+            .await
+            .expect("the demo's server starts");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        Self { stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.send(()).ok();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("the demo's server stops within 30 s")
+            .expect("server task")
+            .expect("the demo's server ran cleanly");
+    }
+}
+
+/// Serves the browser test's `POST /stop` and `POST /start` (answered 204
+/// once done, 409 when the server is already so) until `finish`; returns
+/// the server, if running, and how many times it was started again.
+async fn control_loop(
+    listener: TcpListener,
+    db: TestDb,
+    addr: SocketAddr,
+    server: DemoServer,
+    mut finish: oneshot::Receiver<()>,
+) -> (Option<DemoServer>, u32) {
+    let mut server = Some(server);
+    let mut restarts = 0;
+    loop {
+        let mut conn = tokio::select! {
+            _ = &mut finish => return (server, restarts),
+            accepted = listener.accept() => accepted.expect("control accept").0,
+        };
+        // One small request per connection: read its head.
+        let mut head = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let line = String::from_utf8_lossy(&head);
+        let status = match (
+            line.starts_with("POST /stop "),
+            line.starts_with("POST /start "),
+        ) {
+            (true, _) => match server.take() {
+                Some(running) => {
+                    running.stop().await;
+                    "204 No Content"
+                }
+                None => "409 Conflict",
+            },
+            (_, true) if server.is_none() => {
+                server = Some(DemoServer::start(&db, addr).await);
+                restarts += 1;
+                "204 No Content"
+            }
+            (_, true) => "409 Conflict",
+            _ => "404 Not Found",
+        };
+        let reply = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        let _ = conn.write_all(reply.as_bytes()).await;
+        let _ = conn.shutdown().await;
+    }
 }
 
 /// Interop: the Rust client and the JavaScript client (a Node peer,
@@ -128,6 +249,7 @@ async fn demo_page_in_a_browser(backend: Backend) {
 /// the Rust side's key, the Rust side opens it and answers, the JS side
 /// opens that and answers again: each library reads what the other wrote.
 async fn rust_and_js_clients_talk_both_ways(backend: Backend) {
+    let dir = npm_ready("clients/js").await;
     let server = TestServer::start(backend).await;
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let (rust_name, js_name) = (format!("rust_{suffix}"), format!("js_{suffix}"));
@@ -141,11 +263,6 @@ async fn rust_and_js_clients_talk_both_ways(backend: Backend) {
     .expect("the Rust client signs up");
     let mut events = rust.connect(ConnectOptions::default()).unwrap();
 
-    let dir = root().join("clients/js");
-    assert!(
-        dir.join("node_modules").is_dir(),
-        "run `npm ci` in clients/js"
-    );
     let mut peer = tokio::process::Command::new("node")
         .arg("test/interop/peer.js")
         .current_dir(&dir)

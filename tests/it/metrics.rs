@@ -12,7 +12,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::backend_tests;
-use crate::common::ws::WsClient;
+use crate::common::ws::{WsClient, close};
 use crate::common::{self, Backend, TestDb, TestServer, b64, config};
 
 backend_tests!(
@@ -336,7 +336,7 @@ async fn the_sweeper_samples_the_devices_and_displaced_sockets_are_counted(backe
     let (mut older, _) = WsClient::ready(&server.api, &bob).await;
     let (mut alice_ws, _) = WsClient::ready(&server.api, &alice).await;
     let (exclusive, _, _) = WsClient::ready_with(&server.api, &bob, "exclusive=true").await;
-    older.expect_close(4409).await;
+    older.expect_close(close::CONNECTED_ELSEWHERE).await;
     let after = until(addr, "the displaced socket", |s| {
         s.since(&before, "sealpost_ws_closed_total{reason=\"displaced\"}") == 1.0
             && s.get("sealpost_ws_connections") == 2.0

@@ -3,13 +3,11 @@
 //! WebSocket alike, while the first is in flight and after a restart; the
 //! same key for a different send is refused.
 
-use std::time::Duration;
-
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 
 use crate::backend_tests;
-use crate::common::ws::WsClient;
+use crate::common::ws::{WsClient, assert_next_is_sentinel};
 use crate::common::{Account, Api, Backend, TestServer, b64, id, ids};
 
 backend_tests!(
@@ -164,8 +162,8 @@ async fn a_repeat_of_a_delivered_send_is_not_pushed_again(backend: Backend) {
     assert_eq!(pushed["id"], first["id"]);
     let again = post(&server, &alice, &request).await.expect(201);
     assert_eq!(again["id"], first["id"]);
-    bob_ws.expect_silence(Duration::from_millis(300)).await;
     assert!(server.inbox(&bob).await.is_empty());
+    assert_next_is_sentinel(&server, &[&bob], &mut [&mut bob_ws]).await;
 }
 
 async fn bad_keys_are_refused_and_ephemeral_sends_ignore_them(backend: Backend) {

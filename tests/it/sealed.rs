@@ -20,7 +20,9 @@ use sqlx::{AssertSqlSafe, PgPool, SqlitePool};
 use uuid::Uuid;
 
 use crate::backend_tests;
-use crate::common::{self, Account, Backend, JWT_SECRET, TestDb, TestServer, id, unb64};
+use crate::common::{
+    self, Account, Backend, JWT_SECRET, TestDb, TestServer, assert_each, id, unb64,
+};
 
 backend_tests!(
     a_dump_reveals_no_sender_and_no_body,
@@ -97,11 +99,12 @@ impl Raw {
         }
     }
 
-    /// Waits until every row is sealed under `key_id`.
+    /// Waits until every row is sealed under `key_id`; there must be rows.
     async fn wait_sealed_under(&self, key_id: i16) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let rows = self.key_ids().await;
+            assert!(!rows.is_empty(), "no rows to seal under key {key_id}");
             if rows.iter().all(|(_, k)| *k == Some(key_id)) {
                 return;
             }
@@ -119,8 +122,11 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 }
 
 /// Asserts that no row shows `sender` (as text or as its 16 bytes) or any
-/// of `bodies` (as text or as bytes).
+/// of `bodies` (as text or as bytes); a dump of no rows hides nothing.
+#[track_caller]
 fn assert_hidden(dump: &[String], sender: Uuid, bodies: &[Vec<u8>]) {
+    assert!(!dump.is_empty(), "an empty dump: no row to look in");
+    assert!(!bodies.is_empty(), "no bodies to look for");
     let mut needles = vec![sender.to_string(), hex(sender.as_bytes())];
     for body in bodies {
         needles.push(String::from_utf8_lossy(body).to_lowercase());
@@ -155,8 +161,9 @@ async fn assert_inbox(server: &TestServer, who: &Account, from: Uuid, bodies: &[
         .iter()
         .map(|m| unb64(m["body"].as_str().unwrap()))
         .collect();
+    assert!(!bodies.is_empty(), "an empty queue proves nothing");
     assert_eq!(got, bodies);
-    assert!(inbox.iter().all(|m| id(&m["from"]) == from), "{inbox:?}");
+    assert_each(&inbox, "from the sender", |m| id(&m["from"]) == from);
 }
 
 async fn a_dump_reveals_no_sender_and_no_body(backend: Backend) {
@@ -171,11 +178,9 @@ async fn a_dump_reveals_no_sender_and_no_body(backend: Backend) {
     assert_eq!(dump.len(), 5);
     assert_hidden(&dump, alice.id, &sent);
     // The dump does show rows: the recipient is in the clear, by design.
-    assert!(
-        dump.iter()
-            .all(|row| row.contains(&bob.id.to_string()) || row.contains(&hex(bob.id.as_bytes()))),
-        "{dump:?}"
-    );
+    assert_each(&dump, "the recipient in the clear", |row| {
+        row.contains(&bob.id.to_string()) || row.contains(&hex(bob.id.as_bytes()))
+    });
     assert_inbox(&server, &bob, alice.id, &sent).await;
 }
 
@@ -187,7 +192,9 @@ async fn rotated_keys_keep_old_rows_and_seal_them_again(backend: Backend) {
     send_all(&server, &alice, bob.id, &old).await;
     let db = server.stop().await;
     let raw = Raw::open(&db).await;
-    assert!(raw.key_ids().await.iter().all(|(_, k)| *k == Some(1)));
+    assert_each(&raw.key_ids().await, "sealed under key 1", |(_, k)| {
+        *k == Some(1)
+    });
 
     // New key first, old key kept: old rows still read, new rows use key 2.
     let server = TestServer::start_on(db, &["--storage-keys", &rotated()]).await;

@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use uuid::Uuid;
 
 use crate::backend_tests;
-use crate::common::ws::{Event, WsClient};
+use crate::common::ws::{Event, WsClient, assert_next_is_sentinel, close};
 use crate::common::{Account, Api, Backend, PASSWORD, Reply, TestServer, b64, id, unb64};
 
 backend_tests!(
@@ -31,10 +31,6 @@ backend_tests!(
     unauthenticated_sockets_are_capped_until_they_authenticate,
     a_full_queue_refuses_until_the_recipient_acks,
 );
-
-/// Close codes of the protocol.
-const UNAUTHORIZED: u16 = 4401;
-const TOO_MANY_CONNECTIONS: u16 = 4429;
 
 /// The longest a test waits for the server to notice something (a socket
 /// gone), polling every [`POLL`].
@@ -425,12 +421,12 @@ async fn logout_ends_only_its_own_session(backend: Backend) {
 
     // The session's access token, refresh token and socket are all done.
     assert_refused(&server, &alice).await;
-    laptop_ws.expect_close(UNAUTHORIZED).await;
+    laptop_ws.expect_close(close::REVOKED).await;
     refresh(&server, &alice.refresh)
         .await
         .expect_error(401, "unauthorized");
     let mut again = WsClient::connect(&server, Some(&alice.access)).await;
-    again.expect_close(UNAUTHORIZED).await;
+    again.expect_close(close::REFUSED).await;
     server
         .post("/v1/logout", Some(&alice.access), json!({}))
         .await
@@ -443,7 +439,7 @@ async fn logout_ends_only_its_own_session(backend: Backend) {
     let renewed = refresh(&server, &phone.refresh).await.expect(200);
     let renewed = session_from(&phone, &renewed);
     assert_accepted(&server, &renewed).await;
-    phone_ws.expect_silence(Duration::from_millis(300)).await;
+    assert_next_is_sentinel(&server, &[&renewed], &mut [&mut phone_ws]).await;
     assert_live(&server, &mut phone_ws, &bob, alice.id).await;
     phone_ws.close().await;
     server.stop().await;
@@ -470,8 +466,8 @@ async fn logout_all_ends_every_session(backend: Backend) {
             .await
             .expect_error(401, "unauthorized");
     }
-    laptop_ws.expect_close(UNAUTHORIZED).await;
-    phone_ws.expect_close(UNAUTHORIZED).await;
+    laptop_ws.expect_close(close::REVOKED).await;
+    phone_ws.expect_close(close::REVOKED).await;
 
     // Other users are not affected.
     assert_accepted(&server, &bob).await;
@@ -533,8 +529,8 @@ async fn password_change_needs_the_current_password_and_ends_every_session(backe
             .await
             .expect_error(401, "unauthorized");
     }
-    laptop_ws.expect_close(UNAUTHORIZED).await;
-    phone_ws.expect_close(UNAUTHORIZED).await;
+    laptop_ws.expect_close(close::REVOKED).await;
+    phone_ws.expect_close(close::REVOKED).await;
 
     // The new pair works: access, socket and refresh.
     assert_accepted(&server, &current).await;
@@ -579,7 +575,7 @@ async fn account_deletion_needs_the_password_and_removes_the_account(backend: Ba
 
     let deleted = delete_me(&server, &alice.access, PASSWORD).await;
     assert_eq!(deleted.status.as_u16(), 204, "{:?}", deleted.body);
-    ws.expect_close(UNAUTHORIZED).await;
+    ws.expect_close(close::REVOKED).await;
     assert_refused(&server, &alice).await;
     refresh(&server, &alice.refresh)
         .await
@@ -625,7 +621,7 @@ async fn account_deletion_needs_the_password_and_removes_the_account(backend: Ba
         .await
         .expect_error(401, "unauthorized");
     let mut again = WsClient::connect(&server, Some(&alice.access)).await;
-    again.expect_close(UNAUTHORIZED).await;
+    again.expect_close(close::REFUSED).await;
     assert_eq!(server.inbox(&bob).await.len(), 1);
     server.stop().await;
 }
@@ -638,7 +634,7 @@ async fn a_users_third_socket_is_closed_with_4429(backend: Backend) {
     let (mut second, _) = WsClient::ready(&server, &alice).await;
 
     let mut third = WsClient::connect(&server, Some(&alice.access)).await;
-    third.expect_close(TOO_MANY_CONNECTIONS).await;
+    third.expect_close(close::TOO_MANY_FOR_THE_DEVICE).await;
     // Another user is not affected by Alice's count.
     let (mut bobs, _) = WsClient::ready(&server, &bob).await;
 
@@ -660,8 +656,7 @@ async fn a_users_third_socket_is_closed_with_4429(backend: Backend) {
                 assert_eq!(ready["type"], "ready", "{ready}");
                 break ws;
             }
-            Event::Closed(code, _) => assert_eq!(code, TOO_MANY_CONNECTIONS),
-            Event::Ended => panic!("ended without a close frame"),
+            closed => closed.assert_close(close::TOO_MANY_FOR_THE_DEVICE),
         }
         assert!(
             tokio::time::Instant::now() < deadline,

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::backend_tests;
-use crate::common::ws::{Event, WsClient};
+use crate::common::ws::{Event, WsClient, assert_next_is_sentinel, close};
 use crate::common::{
     Account, Api, Backend, ServerProcess, TestDb, TestServer, b64, id, ids, unb64,
 };
@@ -33,7 +33,7 @@ async fn header_auth_then_ready_and_an_empty_drain(backend: Backend) {
     let bob = server.account("bob").await;
     let (mut ws, backlog) = WsClient::ready(&server.api, &bob).await;
     assert!(backlog.is_empty());
-    ws.expect_silence(Duration::from_millis(200)).await;
+    assert_next_is_sentinel(&server.api, &[&bob], &mut [&mut ws]).await;
 }
 
 async fn online_push_from_rest_and_from_socket(backend: Backend) {
@@ -83,7 +83,7 @@ async fn backlog_drains_in_order_on_connect(backend: Backend) {
     assert_eq!(got, sent);
     assert!(backlog.iter().enumerate().all(|(n, m)| seq(m) == n as u32));
     // Nothing more: the live queue held no repeats of the backlog.
-    ws.expect_silence(Duration::from_millis(300)).await;
+    assert_next_is_sentinel(&server.api, &[&bob], &mut [&mut ws]).await;
 }
 
 async fn live_messages_during_the_drain_keep_order_without_repeats(backend: Backend) {
@@ -128,7 +128,7 @@ async fn live_messages_during_the_drain_keep_order_without_repeats(backend: Back
     );
     let ids = ids(&received);
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
-    ws.expect_silence(Duration::from_millis(300)).await;
+    assert_next_is_sentinel(&server.api, &[&bob], &mut [&mut ws]).await;
 }
 
 /// Sends `count` messages over a socket, pipelined, and returns the ids the
@@ -201,16 +201,14 @@ async fn graceful_shutdown_confirms_in_flight_sends_and_closes_with_1001(backend
     let stopping = tokio::spawn(server.stop());
 
     // Alice sees `sent` for what the server took, then 1001.
-    let code = loop {
+    loop {
         match alice_ws.event().await {
             Event::Json(frame) if frame["type"] == "sent" => confirmed.push(id(&frame["id"])),
             Event::Json(frame) => panic!("unexpected frame {frame}"),
-            Event::Closed(code, _) => break code,
-            Event::Ended => panic!("alice's socket ended without a close frame"),
+            closed => break closed.assert_close(close::SHUTTING_DOWN),
         }
-    };
-    assert_eq!(code, 1001);
-    assert_eq!(bob_ws.close_code().await, 1001);
+    }
+    bob_ws.until_close(close::SHUTTING_DOWN).await;
     let db = stopping.await.expect("server stops");
 
     let restarted = TestServer::start_on(db, &[]).await;

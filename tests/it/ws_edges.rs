@@ -11,8 +11,10 @@ use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
 use crate::backend_tests;
-use crate::common::ws::{Event, WsClient};
-use crate::common::{Account, Api, Backend, TestServer, b64, id, ids, time, unb64};
+use crate::common::ws::{Event, WsClient, assert_next_is_sentinel, close};
+use crate::common::{
+    Account, Api, Backend, TestServer, b64, id, ids, time, token_expiring_at, unb64,
+};
 
 backend_tests!(
     bad_header_tokens_are_closed_with_4401,
@@ -31,30 +33,10 @@ backend_tests!(
     an_unacked_push_is_redelivered_after_a_disconnect,
 );
 
-/// Close codes of the protocol.
-const UNAUTHORIZED: u16 = 4401;
-const POLICY: u16 = 1008;
-const TOO_BIG: u16 = 1009;
-const TRY_AGAIN_LATER: u16 = 1013;
-
 /// The longest a test waits for the server to notice something (an ack
 /// committed, a socket gone), polling every [`POLL`].
 const SETTLE: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(50);
-
-/// Sleeps until the wall-clock time `at`, which must be near; returns at
-/// once if it has passed.
-async fn sleep_until(at: DateTime<Utc>) {
-    let left = (at - Utc::now()).to_std().unwrap_or_default();
-    assert!(left <= Duration::from_secs(10), "a wait of {left:?}");
-    tokio::time::sleep(left).await;
-}
-
-/// The next whole second of the wall clock, plus `offset_ms`.
-fn next_second(offset_ms: i64) -> DateTime<Utc> {
-    let next = DateTime::from_timestamp(Utc::now().timestamp() + 1, 0).unwrap();
-    next + TimeDelta::milliseconds(offset_ms)
-}
 
 /// An access token for `user` that is well formed and unexpired but signed
 /// with a secret other than the server's.
@@ -127,10 +109,8 @@ async fn bad_header_tokens_are_closed_with_4401(backend: Backend) {
     ] {
         // The upgrade succeeds; the refusal comes on the socket.
         let mut ws = WsClient::connect(&server.api, Some(&token)).await;
-        match ws.event().await {
-            Event::Closed(code, _) => assert_eq!(code, UNAUTHORIZED, "{what}"),
-            other => panic!("{what}: expected a 4401 close, got {other:?}"),
-        }
+        let event = ws.event().await;
+        assert!(event.is(close::REFUSED), "{what}: {event:?}");
     }
     assert_alive(&server.api, &alice).await;
 }
@@ -144,7 +124,7 @@ async fn frame_auth_must_come_first_and_in_time(backend: Backend) {
     // timeout is 5 s, so a close within 4 s is the flag at work.
     let mut ws = WsClient::connect(&server.api, None).await;
     match ws.event_within(Duration::from_secs(4)).await {
-        Some(Event::Closed(code, _)) => assert_eq!(code, UNAUTHORIZED),
+        Some(closed @ Event::Closed(..)) => closed.assert_close(close::REFUSED),
         other => panic!("expected a 4401 close after the auth timeout, got {other:?}"),
     }
 
@@ -180,10 +160,8 @@ async fn frame_auth_must_come_first_and_in_time(backend: Backend) {
     for (what, frame) in not_auth {
         let mut ws = WsClient::connect(&server.api, None).await;
         ws.send_raw(frame).await;
-        match ws.event().await {
-            Event::Closed(code, _) => assert_eq!(code, UNAUTHORIZED, "{what}"),
-            other => panic!("{what}: expected a 4401 close, got {other:?}"),
-        }
+        let event = ws.event().await;
+        assert!(event.is(close::REFUSED), "{what}: {event:?}");
     }
 
     // An `auth` frame with a token that does not verify.
@@ -191,10 +169,7 @@ async fn frame_auth_must_come_first_and_in_time(backend: Backend) {
         let mut ws = WsClient::connect(&server.api, None).await;
         ws.send_json(json!({ "type": "auth", "token": token }))
             .await;
-        match ws.event().await {
-            Event::Closed(code, _) => assert_eq!(code, UNAUTHORIZED),
-            other => panic!("expected a 4401 close, got {other:?}"),
-        }
+        ws.event().await.assert_close(close::REFUSED);
     }
 
     // A valid `auth` frame (after a ping, which does not count as a frame):
@@ -221,125 +196,106 @@ async fn frame_auth_must_come_first_and_in_time(backend: Backend) {
 }
 
 async fn expired_tokens_are_closed_with_4401(backend: Backend) {
-    let server = TestServer::start_with(backend, &["--access-token-ttl", "1s"]).await;
+    let server = TestServer::start(backend).await;
     let bob = server.account("bob").await;
-    tokio::time::sleep(Duration::from_millis(2200)).await;
-    // The token has expired for REST too.
+    // Tokens of bob's live session, one a minute from expiry, one a minute
+    // past it: the server takes the first, so only time refuses the second.
+    let live = token_expiring_at(&bob, Utc::now() + TimeDelta::minutes(1));
+    server.get("/v1/me", Some(&live)).await.expect(200);
+    let expired = token_expiring_at(&bob, Utc::now() - TimeDelta::minutes(1));
     server
-        .get("/v1/me", Some(&bob.access))
+        .get("/v1/me", Some(&expired))
         .await
         .expect_error(401, "unauthorized");
 
-    let mut ws = WsClient::connect(&server.api, Some(&bob.access)).await;
-    ws.expect_close(UNAUTHORIZED).await;
+    let mut ws = WsClient::connect(&server.api, Some(&expired)).await;
+    ws.expect_close(close::REFUSED).await;
 
     let mut ws = WsClient::connect(&server.api, None).await;
-    ws.send_json(json!({ "type": "auth", "token": bob.access }))
+    ws.send_json(json!({ "type": "auth", "token": expired }))
         .await;
-    ws.expect_close(UNAUTHORIZED).await;
+    ws.expect_close(close::REFUSED).await;
 
-    assert_eq!(
-        server.get("/healthz", None).await.expect(200)["status"],
-        "ok"
-    );
+    assert_alive(&server.api, &bob).await;
 }
 
 // ---------------------------------------------------------------------------
 // Expiry and renewal on a live socket
+//
+// The tests choose their tokens' expiry (`token_expiring_at`, signed with
+// the suite's secret for a real session) instead of waiting out a short
+// lifetime, so the only waits are for an expiry to pass, with margins of a
+// second or more: no step depends on where in a second it runs.
+
+/// The first whole second at least `seconds` from now (at most one more):
+/// a token's `exp` is in whole seconds.
+fn whole_second_in(seconds: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(Utc::now().timestamp() + seconds + 1, 0).unwrap()
+}
+
+/// Sleeps until the wall-clock time `at`, which must be near; returns at
+/// once if it has passed.
+async fn sleep_until(at: DateTime<Utc>) {
+    let left = (at - Utc::now()).to_std().unwrap_or_default();
+    assert!(left <= Duration::from_secs(10), "a wait of {left:?}");
+    tokio::time::sleep(left).await;
+}
 
 async fn a_live_socket_closes_when_its_token_expires(backend: Backend) {
-    let server = TestServer::start_with(backend, &["--access-token-ttl", "2s"]).await;
+    let server = TestServer::start(backend).await;
     let alice = server.account("alice").await;
     let bob = server.account("bob").await;
-    let mut ws = WsClient::connect(&server.api, Some(&bob.access)).await;
+    let exp = whole_second_in(1);
+    let token = token_expiring_at(&bob, exp);
+    let mut ws = WsClient::connect(&server.api, Some(&token)).await;
     let ready = ws.expect("ready").await;
-    let expires_at = time(&ready["expires_at"]);
-    assert!(
-        expires_at <= Utc::now() + TimeDelta::seconds(2),
-        "a 2 s token expires at {expires_at}"
-    );
+    assert_eq!(time(&ready["expires_at"]), exp, "{ready}");
     assert!(ws.until_drained().await.is_empty());
     let sent = server.send(&alice, bob.id, b"before expiry").await;
     assert_eq!(ws.expect("message").await["id"], sent["id"]);
 
     // Closed once the token expires, and not before.
     match ws.event_within(Duration::from_secs(10)).await {
-        Some(Event::Closed(code, _)) => assert_eq!(code, UNAUTHORIZED),
+        Some(closed @ Event::Closed(..)) => closed.assert_close(close::EXPIRED),
         other => panic!("expected a 4401 close at expiry, got {other:?}"),
     }
-    assert!(
-        Utc::now() >= expires_at,
-        "closed before the token's expiry {expires_at}"
-    );
+    assert!(Utc::now() >= exp, "closed before the token's expiry {exp}");
 }
 
 async fn renewal_keeps_a_live_socket_open_until_the_fresh_token_expires(backend: Backend) {
-    let server = TestServer::start_with(backend, &["--access-token-ttl", "2s"]).await;
-    server.register("alice").await;
-    server.register("bob").await;
+    let server = TestServer::start(backend).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
 
-    // Expiry is in whole seconds, and a socket's expiry timer fires at
-    // `expires_at` plus the sub-second phase at which it was armed. So:
-    // log in and connect just after a second boundary (the first timer fires
-    // early in the second after `first_expiry`, at about +0.1 s), renew in
-    // the middle of the second before it (the fresh timer fires at about
-    // `first_expiry` + 1.5 s), and check the socket at `first_expiry` +
-    // 0.85 s, well clear of both.
-    sleep_until(next_second(50)).await;
-    let token = server.login("bob").await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let mut ws = WsClient::connect(&server.api, Some(&token)).await;
+    // Connected on a token 2-3 s from expiry, renewed at once with one an
+    // hour away.
+    let first_expiry = whole_second_in(2);
+    let first = token_expiring_at(&bob, first_expiry);
+    let mut ws = WsClient::connect(&server.api, Some(&first)).await;
     let ready = ws.expect("ready").await;
-    let armed = Utc::now();
-    let first_expiry = time(&ready["expires_at"]);
+    assert_eq!(time(&ready["expires_at"]), first_expiry, "{ready}");
     assert!(ws.until_drained().await.is_empty());
-    // The first timer fires no later than this (unless the connect
-    // straddled a second boundary).
-    let first_fires =
-        first_expiry + TimeDelta::nanoseconds(i64::from(armed.timestamp_subsec_nanos()));
-
-    // A token issued in the second before `first_expiry` expires one second
-    // after it.
-    sleep_until(first_expiry - TimeDelta::milliseconds(600)).await;
-    let fresh = server.login("bob").await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    ws.send_json(json!({ "type": "auth", "token": fresh }))
+    let later = whole_second_in(3600);
+    ws.send_json(json!({ "type": "auth", "token": token_expiring_at(&bob, later) }))
         .await;
     let authed = ws.expect("authed").await;
-    let fresh_expiry = time(&authed["expires_at"]);
+    assert_eq!(time(&authed["expires_at"]), later, "{authed}");
+
+    // A second past the first token's expiry, the socket still works.
+    sleep_until(first_expiry + TimeDelta::seconds(1)).await;
+    let sent = server.send(&alice, bob.id, b"after the first expiry").await;
+    assert_eq!(ws.expect("message").await["id"], sent["id"]);
+
+    // Renewed again, with a token 1-2 s from expiry: it closes then.
+    let last_expiry = whole_second_in(1);
+    ws.send_json(json!({ "type": "auth", "token": token_expiring_at(&bob, last_expiry) }))
+        .await;
+    let authed = ws.expect("authed").await;
+    assert_eq!(time(&authed["expires_at"]), last_expiry, "{authed}");
+    ws.expect_close(close::EXPIRED).await;
     assert!(
-        fresh_expiry > first_expiry,
-        "renewal moved expiry from {first_expiry} to {fresh_expiry}"
-    );
-
-    // alice's first token has expired by now too.
-    let alice_token = server.login("alice").await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-
-    // Past the moment the first token closed the socket, it still works.
-    sleep_until(first_fires.max(first_expiry + TimeDelta::milliseconds(850))).await;
-    let sent = server
-        .post(
-            "/v1/messages",
-            Some(&alice_token),
-            json!({ "to": ready["user_id"], "body": b64(b"after the first expiry") }),
-        )
-        .await
-        .expect(201);
-    let pushed = ws.expect("message").await;
-    assert_eq!(pushed["id"], sent["id"]);
-
-    // And it closes once the fresh token expires.
-    ws.expect_close(UNAUTHORIZED).await;
-    assert!(
-        Utc::now() >= fresh_expiry,
-        "closed before the fresh token's expiry {fresh_expiry}"
+        Utc::now() >= last_expiry,
+        "closed before the last token's expiry {last_expiry}"
     );
 }
 
@@ -410,7 +366,7 @@ async fn malformed_frames_get_errors_and_the_socket_stays_usable(backend: Backen
     ws.send_message("after-all", bob.id, b"two").await;
     let second = ws.expect("sent").await;
     assert_eq!(second["ref"], "after-all");
-    ws.expect_silence(Duration::from_millis(200)).await;
+    assert_next_is_sentinel(&server.api, &[&alice], &mut [&mut ws]).await;
 
     // Only the two good sends reached bob.
     assert_eq!(
@@ -431,7 +387,7 @@ async fn too_many_malformed_frames_close_with_1008(backend: Backend) {
     }
     // Ten are answered; the eleventh closes the socket.
     let mut errors = 0;
-    let code = loop {
+    loop {
         match ws.event().await {
             Event::Json(frame) => {
                 assert_eq!(frame["type"], "error", "{frame}");
@@ -439,11 +395,9 @@ async fn too_many_malformed_frames_close_with_1008(backend: Backend) {
                 errors += 1;
                 assert!(errors <= 10, "more than 10 errors and no close");
             }
-            Event::Closed(code, _) => break code,
-            Event::Ended => panic!("the connection ended without a close frame"),
+            closed => break closed.assert_close(close::TOO_MANY_MALFORMED),
         }
-    };
-    assert_eq!(code, POLICY);
+    }
     assert_eq!(errors, 10);
 
     // The count belongs to that socket: a new one starts afresh.
@@ -451,7 +405,7 @@ async fn too_many_malformed_frames_close_with_1008(backend: Backend) {
     let (mut ws, _) = WsClient::ready(&server.api, &alice).await;
     ws.send_raw(Message::Text("garbage".into())).await;
     expect_error(&mut ws, None, "invalid").await;
-    ws.expect_silence(Duration::from_millis(200)).await;
+    assert_next_is_sentinel(&server.api, &[&alice], &mut [&mut ws]).await;
 }
 
 async fn an_oversized_frame_closes_with_1009(backend: Backend) {
@@ -469,7 +423,7 @@ async fn an_oversized_frame_closes_with_1009(backend: Backend) {
     let frame = json!({ "type": "send", "ref": "huge", "to": bob.id, "body": body }).to_string();
     assert!(frame.len() > 64 * 1024);
     ws.send_raw(Message::Text(frame.into())).await;
-    ws.expect_close(TOO_BIG).await;
+    ws.expect_close(close::TOO_BIG).await;
 
     assert_eq!(server.inbox(&bob).await.len(), 1);
     assert_alive(&server.api, &alice).await;
@@ -558,13 +512,13 @@ async fn send_and_ack_errors_echo_the_ref_and_the_socket_stays_open(backend: Bac
     assert_eq!(sent["ref"], "r-ok");
     assert_eq!(acked["ref"], "r-500");
     assert_eq!(acked["ids"], json!(five_hundred));
-    ws.expect_silence(Duration::from_millis(300)).await;
+    assert_next_is_sentinel(&server.api, &[&alice], &mut [&mut ws]).await;
 
     // Nothing but the good send reached bob.
     let pushed = bob_ws.expect("message").await;
     assert_eq!(pushed["id"], sent["id"]);
-    bob_ws.expect_silence(Duration::from_millis(200)).await;
     assert_eq!(ids(&server.inbox(&bob).await), [id(&sent["id"])]);
+    assert_next_is_sentinel(&server.api, &[&bob], &mut [&mut bob_ws]).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -658,7 +612,7 @@ async fn every_socket_of_a_user_gets_the_push_and_one_ack_settles_it(backend: Ba
     alice_ws.ack(&[&message_id]).await;
     alice_ws.send_message("barrier", carol.id, b"x").await;
     alice_ws.expect("sent").await;
-    alice_ws.expect_silence(Duration::from_millis(200)).await;
+    assert_next_is_sentinel(&server.api, &[&alice], &mut [&mut alice_ws]).await;
     assert_eq!(ids(&server.inbox(&bob).await), [id(&sent["id"])]);
 
     // One of bob's sockets acks it: settled for all of them.
@@ -666,8 +620,7 @@ async fn every_socket_of_a_user_gets_the_push_and_one_ack_settles_it(backend: Ba
     until_inbox_empty(&server.api, &bob).await;
     let (_third, backlog) = WsClient::ready(&server.api, &bob).await;
     assert!(backlog.is_empty(), "{backlog:?}");
-    phone.expect_silence(Duration::from_millis(200)).await;
-    laptop.expect_silence(Duration::from_millis(200)).await;
+    assert_next_is_sentinel(&server.api, &[&bob], &mut [&mut phone, &mut laptop]).await;
 
     // Both are still live.
     let next = server.send(&alice, bob.id, b"again").await;
@@ -682,8 +635,8 @@ async fn a_stalled_reader_is_cut_off_without_slowing_others_or_losing_messages(b
     // Once bob reads again he sees the close the server sent him (1013), or,
     // if his receive buffer was too full for even that frame, the end.
     match stalled_reader(backend).await {
-        Event::Closed(TRY_AGAIN_LATER, _) | Event::Ended => {}
-        other => panic!("the stalled socket ended with {other:?}, not 1013"),
+        Event::Ended => {}
+        closed => closed.assert_close(close::FELL_BEHIND),
     }
 }
 
@@ -795,7 +748,7 @@ async fn an_unacked_push_is_redelivered_after_a_disconnect(backend: Backend) {
     // Acked on the socket: gone from REST and from the next drain.
     ws.ack(&[sent["id"].as_str().unwrap()]).await;
     until_inbox_empty(&server.api, &bob).await;
-    ws.expect_silence(Duration::from_millis(200)).await;
+    assert_next_is_sentinel(&server.api, &[&bob], &mut [&mut ws]).await;
     let (_ws, backlog) = WsClient::ready(&server.api, &bob).await;
     assert!(backlog.is_empty(), "{backlog:?}");
 }

@@ -5,7 +5,8 @@
 // with bounded retries, then send the sync copy to the account's other
 // devices. Each of the two sends has a `client_id` of its own, kept with its
 // ciphertext across its retries, so the server stores a retried send once.
-// All state lives in the instance.
+// A message is checked against the server's limits (`GET /v1/limits`, once
+// per client) before it is sealed. All state lives in the instance.
 
 import { Emitter } from './emitter.js';
 import { Backoff, sleep } from './backoff.js';
@@ -15,16 +16,42 @@ import { Session } from './session.js';
 import { Directory } from './directory.js';
 import { Socket } from './socket.js';
 import { Inbox } from './inbox.js';
+import { TypingTracker } from './typing.js';
+import { DEFAULT_LIMITS, fetchLimits, checkSealedSize, sealedBodyBytes } from './limits.js';
 import { loadSodium, toBase64, randomUuid } from './sodium.js';
 import { generateDeviceKeys, exportDeviceKeys, importDeviceKeys } from './keys.js';
 import { sealBody, encodePlaintext, textLength, MAX_TEXT_CHARS } from './body.js';
 
 /** Re-encrypt-and-resend rounds after `409 devices_changed`: the devices may keep changing, so stop somewhere. */
 export const DEVICES_CHANGED_RETRIES = 3;
-/** Resends after a dropped connection, a timeout or a 5xx: the same envelopes under the same `client_id`, which the server answers with its first answer if it took the send. */
+/** Resends after a dropped connection, a timeout or a 5xx: the same envelopes under the same `client_id`, which the server answers with its first answer if it took the send. The default of `send`'s `retries`. */
 export const TRANSIENT_RETRIES = 4;
+/** A UUID's width, to measure a plaintext before its ids are drawn. */
+const SAMPLE_UUID = '00000000-0000-4000-8000-000000000000';
+
+/**
+ * How long to wait before resending after `err`, or -1 not to. A rate
+ * limit says how long (`retry_after_ms`, `Retry-After`); other transient
+ * failures back off, at least as long as a 503 asked.
+ */
+function retryWait(err, backoff, ephemeral) {
+  const asked = (err.retryAfter ?? 0) * 1000;
+  if (err.code === 'rate_limited') return err.retryAfter !== undefined ? asked : backoff.next();
+  if (err.retryable) return Math.max(backoff.next(), asked);
+  // The socket dropped between the check and the write: REST is next. An
+  // ephemeral send has no REST path, and is not worth a wait.
+  if (err.code === 'not_connected' && !ephemeral) return backoff.next();
+  return -1;
+}
 /** The pause between polling rounds when the last one found nothing more (protocol.md, "Polling"). */
 export const DEFAULT_POLL_INTERVAL_MS = 3_000;
+
+/**
+ * @typedef {object} SendOptions
+ * @property {string} [clientId] a client message id to reuse (an app-level retry: encrypted and sent anew, receivers drop the copy they already showed)
+ * @property {number} [retries] resends after transient failures (TRANSIENT_RETRIES by default); `Infinity` waits out a server that is down, resending the same ciphertext under the same `client_id` until it is taken
+ * @property {(r: {error: SealpostError, attempt: number, delayMs: number}) => void} [onRetry] told before each wait, e.g. to show the message as pending
+ */
 
 /**
  * @typedef {object} ClientOptions
@@ -47,18 +74,44 @@ function keysFrom(sodium, keys) {
   return keys ? importDeviceKeys(sodium, keys) : generateDeviceKeys(sodium);
 }
 
+/**
+ * Who a new session is. A pair that names its account (`user_id`) is
+ * answered by the account's directory, which carries the username and the
+ * key of every device (the first sync copy needs them anyway); a server
+ * older than those fields by `GET /v1/me`.
+ * @returns {Promise<{me: {id: string, username: string, device_id: number, public_key: string}, ownDirectory?: any}>}
+ */
+async function whoAmI(rest, pair) {
+  if (typeof pair.user_id === 'string') {
+    const dir = await rest.request('GET', `/v1/users/${encodeURIComponent(pair.user_id)}/devices`);
+    const device = dir?.devices?.find((d) => d.device_id === pair.device_id);
+    if (typeof dir?.username === 'string' && device) {
+      return { me: { id: pair.user_id, username: dir.username, device_id: pair.device_id, public_key: device.public_key }, ownDirectory: dir };
+    }
+  }
+  return { me: await rest.request('GET', '/v1/me') };
+}
+
 export class SealpostClient extends Emitter {
   /**
-   * Creates an account (its first device is device 1) and logs in as it.
+   * Creates an account (its first device is device 1) and starts a session
+   * of it: the one the register answer carries, or, from a server whose
+   * answer has none, a login.
    * @param {ClientOptions & {username: string, password: string, keys?: any}} opts
    */
   static async register(opts) {
     const { sodium, rest } = await setup(opts);
     const keys = keysFrom(sodium, opts.keys);
-    await rest.request('POST', '/v1/register', {
+    const account = await rest.request('POST', '/v1/register', {
       auth: false,
       body: { username: opts.username, password: opts.password, public_key: toBase64(sodium, keys.publicKey) },
     });
+    if (typeof account?.access_token === 'string' && typeof account.refresh_token === 'string') {
+      // The answer is the account and the session at once: nothing to ask.
+      const deviceId = account.device_id ?? 1;
+      const pair = { ...account, device_id: deviceId, user_id: account.user_id ?? account.id };
+      return SealpostClient._start(opts, sodium, rest, pair, keys, { id: pair.user_id, username: account.username, device_id: deviceId });
+    }
     const pair = await rest.request('POST', '/v1/login', {
       auth: false,
       body: { username: opts.username, password: opts.password, device_id: 1 },
@@ -109,21 +162,32 @@ export class SealpostClient extends Emitter {
     return SealpostClient._start(opts, sodium, rest, pair, keys);
   }
 
-  static async _start(opts, sodium, rest, pair, keys) {
+  /**
+   * Starts a client on a token pair. `known` is who the session is when the
+   * caller already knows it (a register answer); otherwise it is asked,
+   * and the device's key on the server checked against `keys`.
+   */
+  static async _start(opts, sodium, rest, pair, keys, known) {
     const session = new Session(rest, pair);
     rest.session = session;
-    let me;
-    try {
-      me = await rest.request('GET', '/v1/me');
-    } catch (err) {
-      session.end('closed');
-      throw err;
+    let me = known;
+    let ownDirectory;
+    if (!me) {
+      try {
+        ({ me, ownDirectory } = await whoAmI(rest, pair));
+      } catch (err) {
+        session.end('closed');
+        throw err;
+      }
+      if (me.public_key !== toBase64(sodium, keys.publicKey)) {
+        session.end('closed');
+        throw new TypeError(`these keys are not device ${me.device_id}'s: its public key on the server differs`);
+      }
     }
-    if (me.public_key !== toBase64(sodium, keys.publicKey)) {
-      session.end('closed');
-      throw new TypeError(`these keys are not device ${me.device_id}'s: its public key on the server differs`);
-    }
-    return new SealpostClient({ opts, sodium, rest, session, keys, me });
+    if (session.userId === undefined) session.userId = me.id;
+    const client = new SealpostClient({ opts, sodium, rest, session, keys, me });
+    if (ownDirectory) client.directory.store(me.id, ownDirectory.devices, ownDirectory.username);
+    return client;
   }
 
   /** @private use register, login, addDevice or resume */
@@ -143,6 +207,13 @@ export class SealpostClient extends Emitter {
     this.deviceId = me.device_id;
     this.directory = new Directory(rest, sodium);
     this.inbox = new Inbox({ sodium, keys, directory: this.directory, sendAcks: (ids) => this._sendAcks(ids) });
+    this.typing = new TypingTracker();
+    /** @type {Promise<Record<string, number>> | null} the server's limits, asked once */
+    this._limits = null;
+    /** The limits as last learned (the defaults until then), for synchronous checks. */
+    this._knownLimits = { ...DEFAULT_LIMITS };
+    /** Wakes sends waiting to retry when the socket is back, or the client closes (see `_pause`). */
+    this._wake = new Emitter();
     /** @type {Socket | null} */
     this._socket = null;
     this._polling = null;
@@ -154,6 +225,12 @@ export class SealpostClient extends Emitter {
       this.inbox.on(event, (x) => this.emit(event, x));
     }
     this.inbox.on('error', (err) => this.emit('error', err));
+    this.inbox.on('ephemeral', (e) => {
+      if (e.payload?.type === 'typing' && e.from !== this.userId) this.typing.heard(e.from, e.fromDevice, e.payload);
+    });
+    // A text from a sender ends its typing at once.
+    this.inbox.on('message', (m) => this.typing.stopped(m.from));
+    this.typing.on('typing', (t) => this.emit('typing', t));
     this.inbox.on('overflow', () => this._socket?.pause());
     this.inbox.on('resume', () => this._socket?.resume());
     session.on('tokens', (t) => this.emit('tokens', t));
@@ -216,13 +293,20 @@ export class SealpostClient extends Emitter {
     });
     socket.on('message', (frame) => this.inbox.push(frame));
     socket.on('receipt', (f) => this.emit('receipt', { id: f.id, to: f.to, deviceId: f.device_id }));
-    socket.on('devices_changed', (f) => this._ownDevicesChanged(f.devices));
+    socket.on('devices_changed', (f) => this._ownDevicesChanged({ deviceIds: f.devices, deviceId: f.device_id, reason: f.reason }));
     socket.on('authed', (f) => this.emit('authed', { expiresAt: f.expires_at }));
     socket.on('renewFailed', (err) => this.emit('error', err));
     socket.on('serverError', (err) => this.emit('error', err));
-    socket.on('ready', () => {
+    socket.on('ready', (f) => {
+      const devices = Array.isArray(f.devices) ? f.devices : undefined;
+      this.emit('ready', { userId: f.user_id, deviceId: f.device_id, expiresAt: f.expires_at, ...(devices ? { devices } : {}) });
+      // Devices added or removed while this one was offline: the frame
+      // that said so went to nobody, so compare with what we last knew.
+      const known = this.directory.cached(this.userId)?.devices.map((d) => d.deviceId);
+      if (devices && known && known.join() !== devices.join()) this._ownDevicesChanged({ deviceIds: devices });
       // Acks written while the socket was down went over REST; any still pending go now.
       if (this.inbox._ackPending.size > 0) this.inbox.flushAcks().catch(() => {});
+      this._wake.emit('wake');
     });
     const ready = this._waitState(['open', 'drained']);
     socket.start();
@@ -259,14 +343,24 @@ export class SealpostClient extends Emitter {
     this._socket?.stop();
   }
 
-  async _ownDevicesChanged(ids) {
+  /**
+   * A change of this account's devices: `deviceIds` (the account's device
+   * ids now) and, from a `devices_changed` frame of a server that says,
+   * the device it is about and why (`added`, `removed`, `key`, `login`).
+   */
+  async _ownDevicesChanged({ deviceIds, deviceId, reason }) {
+    const about = {
+      deviceIds,
+      ...(typeof deviceId === 'number' ? { deviceId } : {}),
+      ...(typeof reason === 'string' ? { reason } : {}),
+    };
     try {
       const reply = await this._rest.request('GET', '/v1/devices');
       this.directory.store(this.userId, reply.devices);
-      this.emit('devicesChanged', { deviceIds: ids, devices: reply.devices });
+      this.emit('devicesChanged', { ...about, devices: reply.devices });
     } catch (err) {
       this.directory.invalidate(this.userId);
-      this.emit('devicesChanged', { deviceIds: ids, devices: null });
+      this.emit('devicesChanged', { ...about, devices: null });
       this.emit('error', err);
     }
   }
@@ -354,9 +448,77 @@ export class SealpostClient extends Emitter {
     return this.inbox.flushAcks();
   }
 
+  /**
+   * Writes one batch of acks: over the socket when it is up, else REST.
+   * A server that answers acks (`acked`, see Socket.answersAcks) is asked
+   * to, so the batch settles once the acks are durable, and fails with the
+   * server's error (the ids then stay pending); an older one is not.
+   */
   async _sendAcks(ids) {
-    if (this._socket?.post({ type: 'ack', ids })) return;
+    const socket = this._socket;
+    if (socket?.isReady && socket.answersAcks) {
+      try {
+        await socket.request({ type: 'ack', ids });
+        return;
+      } catch (err) {
+        // The socket went away under the ack: REST does the same, now.
+        if (!(err instanceof SealpostError) || (err.code !== 'network' && err.code !== 'not_connected')) throw err;
+      }
+    } else if (socket?.post({ type: 'ack', ids })) {
+      return;
+    }
     await this._rest.request('POST', '/v1/messages/ack', { body: { ids } });
+  }
+
+  // ---- limits ----------------------------------------------------------------
+
+  /**
+   * The server's limits (`GET /v1/limits`: `max_body_bytes`,
+   * `max_devices_per_user`, ...), asked once; a server without that
+   * endpoint gets DEFAULT_LIMITS. A failure to ask (the server unreachable)
+   * is not kept: the next call asks again.
+   * @returns {Promise<Record<string, number>>}
+   */
+  limits() {
+    if (!this._limits) {
+      this._limits = fetchLimits(this._rest).then(
+        (limits) => {
+          this._knownLimits = limits;
+          return limits;
+        },
+        (err) => {
+          this._limits = null;
+          throw err;
+        },
+      );
+    }
+    return this._limits;
+  }
+
+  /** The limits to check a send against: the server's, or, while it cannot be asked, the last known. */
+  async _currentLimits() {
+    try {
+      return await this.limits();
+    } catch {
+      return this._knownLimits;
+    }
+  }
+
+  /**
+   * How `text` measures against what `send` checks: its length in
+   * characters against MAX_TEXT_CHARS, and the size of its largest sealed
+   * body (the sync copy's, which also names the peer) against the server's
+   * `max_body_bytes` as last learned (the defaults until `limits()` has
+   * answered). For an input's counter.
+   * @param {string} text
+   */
+  measureText(text) {
+    const chars = textLength(text);
+    // A plaintext as `send` writes it, its ids and time at their full widths.
+    const sample = encodePlaintext({ type: 'text', id: SAMPLE_UUID, ts: Date.now(), text, to: SAMPLE_UUID });
+    const sealedBytes = sealedBodyBytes(sample.length);
+    const maxBodyBytes = this._knownLimits.max_body_bytes;
+    return { chars, maxChars: MAX_TEXT_CHARS, sealedBytes, maxBodyBytes, fits: chars <= MAX_TEXT_CHARS && sealedBytes <= maxBodyBytes };
   }
 
   // ---- sending -------------------------------------------------------------
@@ -367,9 +529,13 @@ export class SealpostClient extends Emitter {
    * `to`), both with one client message id (`clientId`) in the plaintext.
    * Resolves when the first is accepted (`sent`/201) and the sync copy is
    * settled.
+   *
+   * Refused before anything is sealed: a text over MAX_TEXT_CHARS
+   * (`invalid`), and one whose sealed body would be over the server's
+   * `max_body_bytes` (`too_large`).
    * @param {string} userId
    * @param {string} text
-   * @param {{clientId?: string}} [opts] a client message id to reuse (an app-level retry: encrypted and sent anew, receivers drop the copy they already showed)
+   * @param {SendOptions} [opts]
    * @returns {Promise<{id: string, sentAt: string, clientId: string, envelopes: {deviceId: number, body: string}[], sync: {id: string, sentAt: string} | null, syncError?: SealpostError}>}
    */
   async send(userId, text, opts = {}) {
@@ -380,16 +546,20 @@ export class SealpostClient extends Emitter {
     }
     const clientId = opts.clientId ?? randomUuid(this._sodium);
     const ts = Date.now();
+    const retry = { retries: opts.retries, onRetry: opts.onRetry };
+    // The sync copy also names the peer, so it is the larger of the two:
+    // checked before either is sealed, a message never goes out without it.
+    checkSealedSize(encodePlaintext({ type: 'text', id: clientId, ts, text, to: userId }), (await this._currentLimits()).max_body_bytes);
     if (userId === this.userId) {
       // A note to yourself: the sync copy is the message.
-      const r = await this._sendSealed(userId, { type: 'text', id: clientId, ts, text, to: userId }, false);
+      const r = await this._sendSealed(userId, { type: 'text', id: clientId, ts, text, to: userId }, false, retry);
       return { id: r?.id ?? null, sentAt: r?.sentAt ?? null, clientId, envelopes: r?.envelopes ?? [], sync: null };
     }
-    const main = await this._sendSealed(userId, { type: 'text', id: clientId, ts, text }, false);
+    const main = await this._sendSealed(userId, { type: 'text', id: clientId, ts, text }, false, retry);
     let sync = null;
     let syncError;
     try {
-      sync = await this._sendSealed(this.userId, { type: 'text', id: clientId, ts, text, to: userId }, false);
+      sync = await this._sendSealed(this.userId, { type: 'text', id: clientId, ts, text, to: userId }, false, retry);
     } catch (err) {
       // The message itself was accepted: report, do not throw (a retry would resend it).
       syncError = err;
@@ -420,6 +590,20 @@ export class SealpostClient extends Emitter {
   }
 
   /**
+   * Tells `userId` that you are typing: the `typing` plaintext of
+   * protocol.md, ephemeral (never stored). Readers show it for 5 s after
+   * the last one, so send one every few seconds while the user types, and
+   * `{stopped: true}` when they stop without sending. Needs the live
+   * socket (`not_connected` otherwise).
+   * @param {string} userId
+   * @param {{stopped?: boolean}} [opts]
+   * @returns {Promise<{id: string, delivered: boolean}>}
+   */
+  sendTyping(userId, opts = {}) {
+    return this.sendEphemeral(userId, opts.stopped ? { type: 'typing', state: 'stopped' } : { type: 'typing' });
+  }
+
+  /**
    * Seals `plaintext` for every device of `to` (but this one when `to` is
    * us) and sends it, re-encrypting after `devices_changed` and resending
    * after transient failures. Returns null for a sync copy with nobody to
@@ -432,9 +616,11 @@ export class SealpostClient extends Emitter {
    * `devices_changed` re-encrypts, under the same key: that refusal stored
    * nothing and recorded no key. Ephemeral sends are never stored and
    * carry none.
+   * @param {{retries?: number, onRetry?: SendOptions['onRetry']}} [retry]
    */
-  async _sendSealed(to, plaintext, ephemeral) {
+  async _sendSealed(to, plaintext, ephemeral, { retries = TRANSIENT_RETRIES, onRetry } = {}) {
     const bytes = encodePlaintext(plaintext);
+    checkSealedSize(bytes, (await this._currentLimits()).max_body_bytes);
     const backoff = new Backoff(this._opts.backoff);
     const clientId = ephemeral ? undefined : randomUuid(this._sodium);
     let changed = 0;
@@ -442,16 +628,18 @@ export class SealpostClient extends Emitter {
     let envelopes = null;
     for (;;) {
       this._checkOpen();
-      if (envelopes === null) {
-        const entry = await this.directory.get(to);
-        const devices = to === this.userId ? entry.devices.filter((d) => d.deviceId !== this.deviceId) : entry.devices;
-        if (to === this.userId && devices.length === 0 && !ephemeral) return null;
-        envelopes = devices.map((d) => ({
-          device_id: d.deviceId,
-          body: toBase64(this._sodium, sealBody(this._sodium, bytes, d.publicKey, this.keys.secretKey)),
-        }));
-      }
       try {
+        if (envelopes === null) {
+          // In the try: a directory that cannot be fetched now (the server
+          // is down) is waited for like a send that cannot be made.
+          const entry = await this.directory.get(to);
+          const devices = to === this.userId ? entry.devices.filter((d) => d.deviceId !== this.deviceId) : entry.devices;
+          if (to === this.userId && devices.length === 0 && !ephemeral) return null;
+          envelopes = devices.map((d) => ({
+            device_id: d.deviceId,
+            body: toBase64(this._sodium, sealBody(this._sodium, bytes, d.publicKey, this.keys.secretKey)),
+          }));
+        }
         const message = clientId === undefined ? { to, envelopes } : { to, envelopes, client_id: clientId };
         const sent = await this._transmit(message, ephemeral);
         // What crossed the server: for apps that show it (the demo does).
@@ -460,21 +648,36 @@ export class SealpostClient extends Emitter {
         if (!(err instanceof SealpostError)) throw err;
         if (err.code === 'devices_changed' && changed < DEVICES_CHANGED_RETRIES) {
           changed++;
-          await this.directory.refresh(to);
+          this.directory.invalidate(to);
           envelopes = null;
           continue;
         }
-        const wait = err.code === 'rate_limited' && err.retryAfter !== undefined
-          ? err.retryAfter * 1000
-          : err.retryable || (err.code === 'not_connected' && !ephemeral) ? backoff.next() : -1;
-        if (wait >= 0 && transient < TRANSIENT_RETRIES && !(ephemeral && err.code === 'not_connected')) {
+        const wait = retryWait(err, backoff, ephemeral);
+        if (wait >= 0 && transient < retries) {
           transient++;
-          await sleep(wait);
+          onRetry?.({ error: err, attempt: transient, delayMs: wait });
+          await this._pause(wait);
           continue;
         }
         throw err;
       }
     }
+  }
+
+  /**
+   * Waits `ms` before a retry, or less: until the socket is (back) up, when
+   * the send has its best chance, or the client closes.
+   */
+  _pause(ms) {
+    return new Promise((resolve) => {
+      const timer = setTimeout(done, ms);
+      const off = this._wake.on('wake', done);
+      function done() {
+        clearTimeout(timer);
+        off();
+        resolve(undefined);
+      }
+    });
   }
 
   /** One attempt: over the socket when it is up (required for ephemeral), else REST. */
@@ -526,6 +729,8 @@ export class SealpostClient extends Emitter {
     this._socket?.stop();
     this._stopPolling();
     this.inbox.close();
+    this.typing.close();
+    this._wake.emit('wake');
     this._session.end('closed');
   }
 }

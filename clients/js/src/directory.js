@@ -3,7 +3,8 @@
 // fetched on first use and again when the server says it is stale (a `409
 // devices_changed`, a `devices_changed` frame for our own account, a body
 // that does not open with the cached key). Concurrent fetches of one user
-// share one request.
+// share one request. An entry also names the account (`username`), so a
+// sender never looked up by name can be shown by it.
 
 import { BoundedMap } from './bounded.js';
 import { fromBase64 } from './sodium.js';
@@ -17,7 +18,7 @@ export const DIRECTORY_CAPACITY = 1000;
 
 /**
  * @typedef {{deviceId: number, publicKey: Uint8Array}} DirectoryDevice
- * @typedef {{userId: string, devices: DirectoryDevice[], fetchedAt: number}} DirectoryEntry
+ * @typedef {{userId: string, username?: string, devices: DirectoryDevice[], fetchedAt: number}} DirectoryEntry
  */
 
 
@@ -48,17 +49,24 @@ export class Directory {
     if (p) return p;
     p = this._rest
       .request('GET', `/v1/users/${encodeURIComponent(userId)}/devices`)
-      .then((reply) => this.store(userId, reply.devices))
+      .then((reply) => this.store(userId, reply.devices, reply.username))
       .finally(() => this._inflight.delete(userId));
     this._inflight.set(userId, p);
     return p;
   }
 
-  /** Stores a device list as the server sent it (`device_id`, `public_key`). */
-  store(userId, devices) {
+  /**
+   * Stores a device list as the server sent it (`device_id`, `public_key`),
+   * with the account's username when the server gave it (the directory
+   * carries it; a server older than that does not, and `GET /v1/devices`
+   * never does): then the one already known is kept.
+   */
+  store(userId, devices, username) {
+    const known = typeof username === 'string' ? username : this._entries.get(userId)?.username;
     /** @type {DirectoryEntry} */
     const entry = {
       userId,
+      ...(known !== undefined ? { username: known } : {}),
       devices: devices.map((d) => ({ deviceId: d.device_id, publicKey: fromBase64(this._sodium, d.public_key) })),
       fetchedAt: Date.now(),
     };

@@ -53,7 +53,7 @@ export class SealpostError extends Error {
     this.missing = detail.missing;
     /** `devices_changed`: envelopes for devices the recipient does not have. */
     this.extra = detail.extra;
-    /** Seconds to wait (`rate_limited`), from `Retry-After` or the frame's message. */
+    /** Seconds to wait before trying again (`rate_limited`, and 503s that say): from `Retry-After`, or the frame's `retry_after_ms`. */
     this.retryAfter = detail.retryAfter;
     /** The server's `X-Request-Id`, to quote when reporting a problem. */
     this.requestId = detail.requestId;
@@ -72,7 +72,11 @@ export class SealpostError extends Error {
  */
 export async function errorFromResponse(response) {
   const requestId = response.headers.get('x-request-id') ?? undefined;
-  const retryHeader = response.headers.get('retry-after');
+  // Integer seconds (what sealpost sends on every 429 and 503); an HTTP
+  // date, which a proxy may send, is not read.
+  const rawRetry = response.headers.get('retry-after');
+  const retryHeader = rawRetry ? Number(rawRetry) : NaN;
+  const retryAfter = Number.isFinite(retryHeader) && retryHeader >= 0 ? retryHeader : undefined;
   let body;
   try {
     body = await response.json();
@@ -85,6 +89,7 @@ export async function errorFromResponse(response) {
     const code = response.status === 401 ? 'unauthorized' : response.status >= 500 ? 'unavailable' : 'protocol';
     return new SealpostError(code, `HTTP ${response.status} without a sealpost error body`, {
       status: response.status,
+      retryAfter,
       requestId,
     });
   }
@@ -93,20 +98,24 @@ export async function errorFromResponse(response) {
     field: e.field,
     missing: e.missing,
     extra: e.extra,
-    retryAfter: retryHeader != null && retryHeader !== '' ? Number(retryHeader) : undefined,
+    retryAfter,
     requestId,
   });
 }
 
 /**
  * Builds the error of a WebSocket `error` frame. The socket has no
- * `Retry-After`: a `rate_limited` frame says the wait in its message
- * ("retry in 250 ms"), which is read into `retryAfter` (seconds).
- * @param {{code: string, message?: string, field?: string, missing?: number[], extra?: number[]}} frame
+ * `Retry-After`: a `rate_limited` (or `queue_full`, `too_many_connections`)
+ * frame carries `retry_after_ms`, read into `retryAfter` (seconds). A
+ * server older than that field says the wait only in its message
+ * ("retry in 250 ms"), which is read instead.
+ * @param {{code: string, message?: string, field?: string, missing?: number[], extra?: number[], retry_after_ms?: number}} frame
  */
 export function errorFromFrame(frame) {
   let retryAfter;
-  if (frame.code === 'rate_limited' && typeof frame.message === 'string') {
+  if (typeof frame.retry_after_ms === 'number' && frame.retry_after_ms >= 0) {
+    retryAfter = frame.retry_after_ms / 1000;
+  } else if (frame.code === 'rate_limited' && typeof frame.message === 'string') {
     const m = /(\d+)\s*ms/.exec(frame.message);
     if (m) retryAfter = Number(m[1]) / 1000;
   }

@@ -244,7 +244,8 @@ export class Inbox extends Emitter {
 
   /**
    * Acknowledges messages (or ids); batched with others within ACK_DELAY_MS.
-   * Resolves once the batch holding them is written (socket frame, or REST).
+   * Resolves once the batch holding them is written (socket frame, or REST)
+   * and, where the server answers acks (`acked`), once it is durable.
    * @param {Iterable<string | {id: string}>} items
    */
   ack(items) {

@@ -5,6 +5,8 @@
 //   rest.js      HTTP requests, errors, the 401 refresh-and-retry
 //   socket.js    the live WebSocket: auth, refs, renewal, reconnect
 //   inbox.js     decryption, de-duplication, the message stream, acks
+//   typing.js    who is typing to us (the `typing` plaintext)
+//   limits.js    the server's limits, and a message's size against them
 //   directory.js cached device directories (keys to encrypt to / open with)
 //   body.js      the client body format (crypto_box) of protocol.md
 //   keys.js      device key pairs, export and import
@@ -23,3 +25,5 @@ export { Backoff, DEFAULT_BACKOFF } from './backoff.js';
 export { SEEN_IDS, SEEN_CLIENT_IDS, MAX_BUFFERED, MAX_ACK_IDS } from './inbox.js';
 export { MAX_IN_FLIGHT } from './socket.js';
 export { DIRECTORY_CAPACITY } from './directory.js';
+export { DEFAULT_LIMITS, sealedBodyBytes } from './limits.js';
+export { TYPING_SHOWN_MS } from './typing.js';

@@ -16,8 +16,8 @@ export const REFRESH_AT = 0.8;
 const RETRY_AFTER_NETWORK_MS = 5_000;
 
 /**
- * @typedef {{access_token: string, refresh_token: string, expires_in: number, device_id: number}} TokenPair
- * @typedef {{accessToken: string, refreshToken: string, expiresAt: number, deviceId: number}} Tokens
+ * @typedef {{access_token: string, refresh_token: string, expires_in: number, device_id: number, user_id?: string}} TokenPair
+ * @typedef {{accessToken: string, refreshToken: string, expiresAt: number, deviceId: number, userId?: string}} Tokens
  */
 
 export class Session extends Emitter {
@@ -44,13 +44,17 @@ export class Session extends Emitter {
 
   /** @returns {Tokens} what an application persists to resume later */
   tokens() {
-    return { accessToken: this._access, refreshToken: this._refresh, expiresAt: this.expiresAt, deviceId: this.deviceId };
+    const tokens = { accessToken: this._access, refreshToken: this._refresh, expiresAt: this.expiresAt, deviceId: this.deviceId };
+    return this.userId === undefined ? tokens : { ...tokens, userId: this.userId };
   }
 
   _apply(pair) {
     this._access = pair.access_token;
     this._refresh = pair.refresh_token;
     this.deviceId = pair.device_id;
+    // Every pair names its account (a server older than that field does
+    // not: the client learns it from `GET /v1/me` then).
+    if (typeof pair.user_id === 'string') this.userId = pair.user_id;
     this.expiresAt = Date.now() + pair.expires_in * 1000;
     this._schedule(pair.expires_in * 1000 * REFRESH_AT);
   }
@@ -91,7 +95,9 @@ export class Session extends Emitter {
           if (err instanceof SealpostError && (err.code === 'unauthorized' || err.code === 'forbidden' || err.code === 'not_found')) {
             this.end('loggedOut', err);
           } else if (this.state === 'active') {
-            this._schedule(RETRY_AFTER_NETWORK_MS);
+            // A 429 or 503 says when to come back (`Retry-After`); without a
+            // reply, or a shorter wait, in 5 s.
+            this._schedule(Math.max(RETRY_AFTER_NETWORK_MS, (err?.retryAfter ?? 0) * 1000));
             this.emit('refreshFailed', err);
           }
           throw err;

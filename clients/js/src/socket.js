@@ -1,11 +1,11 @@
 // socket: the live WebSocket of one device, kept open. It authenticates
 // with an `auth` frame after open (browsers cannot set headers), reports
-// `ready` and `drained`, matches replies to requests by `ref`, renews the
-// token in place when the session refreshes (`auth` -> `authed`), and
-// reconnects with full-jitter exponential backoff, except where the
-// protocol says not to (4409 connected elsewhere, 4429 too many sockets) or
-// the session has ended. It knows frames, not messages: decryption and
-// de-duplication are the inbox's.
+// `ready` and `drained`, matches replies (`sent`, `authed`, `acked`) to
+// requests by `ref`, renews the token in place when the session refreshes
+// (`auth` -> `authed`), and reconnects with full-jitter exponential
+// backoff, except where the protocol says not to (4409 connected
+// elsewhere, 4429 too many sockets) or the session has ended. It knows
+// frames, not messages: decryption and de-duplication are the inbox's.
 //
 // States (the `state` event, with the close code where there is one):
 //   connecting -> open (after `ready`) -> drained (backlog delivered)
@@ -54,6 +54,8 @@ export class Socket extends Emitter {
     this._slotWaiters = [];
     this._retryTimer = null;
     this._stopped = false;
+    /** Whether the server answers an `ack` that carries a `ref` (`acked`); known from `ready`. */
+    this.answersAcks = false;
     this._offTokens = this._session.on('tokens', (t) => this._renew(t.accessToken));
     this._offLoggedOut = this._session.on('loggedOut', () => this.stop(4401));
   }
@@ -123,6 +125,11 @@ export class Socket extends Emitter {
         this.userId = frame.user_id;
         this.deviceId = frame.device_id;
         this.expiresAt = frame.expires_at;
+        // `ready.devices` and the `acked` answer to an ack with a `ref` came
+        // in the same revision of the protocol: a server that sends the
+        // first answers the second (an older one ignores the `ref`, and an
+        // ack waiting for its answer would wait for nothing).
+        this.answersAcks = Array.isArray(frame.devices);
         this._setState('open', { userId: frame.user_id, deviceId: frame.device_id });
         this.emit('ready', frame);
         break;
@@ -133,6 +140,7 @@ export class Socket extends Emitter {
         break;
       case 'sent':
       case 'authed':
+      case 'acked':
         this._settle(frame.ref, null, frame);
         break;
       case 'error':
@@ -171,8 +179,8 @@ export class Socket extends Emitter {
   }
 
   /**
-   * Sends a frame with a fresh `ref` and resolves with the matching `sent` or
-   * `authed`, or rejects with the `error` frame's SealpostError; `network`
+   * Sends a frame with a fresh `ref` and resolves with the matching `sent`,
+   * `authed` or `acked`, or rejects with the `error` frame's SealpostError; `network`
    * when the socket closes first, `not_connected` when it is not open.
    */
   async request(frame) {

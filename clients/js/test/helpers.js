@@ -53,14 +53,20 @@ export function recordingWebSocket() {
   return { WebSocket: Recording, sockets, frames };
 }
 
-/** A `fetch` for the client that records the body of every `POST /v1/messages` (parsed), in order. */
+/**
+ * A `fetch` for the client that records the body of every `POST
+ * /v1/messages` (parsed), and every request as "METHOD /path", in order.
+ */
 export function recordingFetch() {
   const sends = [];
+  const requests = [];
   const fetch = (input, init) => {
-    if (init?.method === 'POST' && new URL(String(input)).pathname === '/v1/messages') sends.push(JSON.parse(init.body));
+    const path = new URL(String(input)).pathname;
+    requests.push(`${init?.method ?? 'GET'} ${path}`);
+    if (init?.method === 'POST' && path === '/v1/messages') sends.push(JSON.parse(init.body));
     return globalThis.fetch(input, init);
   };
-  return { fetch, sends };
+  return { fetch, sends, requests };
 }
 
 /**
@@ -138,6 +144,59 @@ export async function lossyProxy(target, { answerTo, answer, times = 1 }) {
     server.close(() => resolve());
   });
   return proxy;
+}
+
+/**
+ * A TCP proxy in front of the server that can play a server that is down:
+ * `down()` cuts every open connection and refuses new ones (accepted and
+ * closed at once, as a port nobody listens on fails a request), `up()`
+ * relays again.
+ * @param {string} target the server's URL
+ * @returns {Promise<{url: string, down: () => void, up: () => void, close: () => Promise<void>}>}
+ */
+export async function switchableProxy(target) {
+  const { hostname, port } = new URL(target);
+  const open = new Set();
+  let isDown = false;
+  const server = net.createServer((client) => {
+    if (isDown) return client.destroy();
+    const upstream = net.connect(Number(port), hostname);
+    const pair = { client, upstream };
+    open.add(pair);
+    const end = () => {
+      client.destroy();
+      upstream.destroy();
+      open.delete(pair);
+    };
+    client.pipe(upstream);
+    upstream.pipe(client);
+    for (const s of [client, upstream]) {
+      s.on('close', end);
+      s.on('error', end);
+    }
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const cutAll = () => {
+    for (const { client, upstream } of open) {
+      client.destroy();
+      upstream.destroy();
+    }
+    open.clear();
+  };
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    down() {
+      isDown = true;
+      cutAll();
+    },
+    up() {
+      isDown = false;
+    },
+    close: () => new Promise((resolve) => {
+      cutAll();
+      server.close(() => resolve());
+    }),
+  };
 }
 
 let counter = 0;

@@ -41,7 +41,10 @@ if (url) {
     // A persisted refresh token resumes the session without the password.
     const resumed = await SealpostClient.resume({ ...clientOptions(url), refreshToken: again.tokens().refreshToken, keys });
     assert.equal(resumed.deviceId, 1);
-    // ... and spent it: the old client's own refresh now fails and logs it out.
+    // ... and spent it. Once the new token has been used (before that, a
+    // server with a refresh grace answers the spent one again, as for a
+    // reply that was lost), the old client's own refresh fails and logs it out.
+    await resumed.refreshTokens();
     const loggedOut = nextEvent(again, 'loggedOut');
     await assert.rejects(again.refreshTokens(), (e) => e instanceof SealpostError && e.code === 'unauthorized');
     assert.equal((await loggedOut).code, 'unauthorized');
@@ -245,6 +248,39 @@ if (url) {
     await eventually(() => bob.connectionState === 'closed');
     await eventually(async () => (await alice.sendEphemeral(bob.userId)).delivered === false, { what: 'offline bob' });
     assert.deepEqual(await queued(bob), []);
+    await closeAll(alice, bob);
+  });
+
+  test('typing: sendTyping shows the sender typing until its text arrives', T, async () => {
+    const [alice] = await newAccount(url, 'tya', 1);
+    const [bob] = await newAccount(url, 'tyb', 1);
+    await Promise.all([alice.connect(), bob.connect()]);
+    await Promise.all([alice.waitForDrained(), bob.waitForDrained()]);
+    const started = nextEvent(bob, 'typing');
+    const ephemeral = nextEvent(bob, 'ephemeral');
+    const r = await alice.sendTyping(bob.userId);
+    assert.equal(r.delivered, true);
+    assert.deepEqual(await started, { from: alice.userId, fromDevice: 1, typing: true });
+    // The plaintext of protocol.md: type, id, ts and nothing else.
+    const { payload } = await ephemeral;
+    assert.deepEqual(Object.keys(payload).sort(), ['id', 'ts', 'type']);
+    assert.equal(payload.type, 'typing');
+    assert.equal(bob.typing.isTyping(alice.userId), true);
+    // Her text ends it at once, not 5 s later.
+    const stopped = nextEvent(bob, 'typing', { ms: 2000 });
+    const got = collectMessages(bob, 1);
+    await alice.send(bob.userId, 'done typing');
+    assert.deepEqual(await stopped, { from: alice.userId, typing: false });
+    assert.equal(bob.typing.isTyping(alice.userId), false);
+    await (await got)[0].ack();
+    // A `stopped` ends it too; none was ever stored.
+    const again = nextEvent(bob, 'typing', { predicate: (t) => t.typing });
+    await alice.sendTyping(bob.userId);
+    await again;
+    const off = nextEvent(bob, 'typing', { ms: 2000, predicate: (t) => !t.typing });
+    await alice.sendTyping(bob.userId, { stopped: true });
+    await off;
+    await eventuallyEmpty(bob);
     await closeAll(alice, bob);
   });
 

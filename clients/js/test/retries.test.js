@@ -1,13 +1,15 @@
 // Integration tests against a real sealpost server (SEALPOST_TEST_URL), with
 // a proxy in front of the sending device that loses one answer: a send the
 // server took but whose 201 or `sent` never arrived is retried with the same
-// `client_id` and the same ciphertext, and stored once.
+// `client_id` and the same ciphertext, and stored once. And a proxy that
+// plays a server that is down: a send told to wait (`retries: Infinity`)
+// goes out once it is back, the same send.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { SealpostClient } from '../src/index.js';
 import {
-  serverUrl, newAccount, clientOptions, PASSWORD, nextEvent, queued, closeAll,
-  lossyProxy, recordingFetch, recordingWebSocket,
+  serverUrl, newAccount, clientOptions, PASSWORD, nextEvent, queued, closeAll, pause, eventually,
+  lossyProxy, switchableProxy, recordingFetch, recordingWebSocket,
 } from './helpers.js';
 
 const url = serverUrl('SEALPOST_TEST_URL');
@@ -80,6 +82,55 @@ if (url) {
     const typing = socket.frames.filter((f) => f.type === 'send' && f.ephemeral);
     assert.equal(typing.length, 1);
     assert.equal('client_id' in typing[0], false);
+    await closeAll(phone, laptop, bob);
+    await proxy.close();
+  });
+
+  test('a send made while the server is down waits, and goes out once, the same send, when it is back', T, async () => {
+    const proxy = await switchableProxy(url);
+    const [phone] = await newAccount(url, 'dna', 1);
+    const rest = recordingFetch();
+    const socket = recordingWebSocket();
+    const laptop = await SealpostClient.addDevice({
+      ...clientOptions(proxy.url, { fetch: rest.fetch, WebSocket: socket.WebSocket, backoff: { baseMs: 100, capMs: 500 } }),
+      username: phone.username,
+      password: PASSWORD,
+      name: 'laptop',
+    });
+    const [bob] = await newAccount(url, 'dnb', 1);
+    await laptop.connect();
+    await laptop.waitForDrained();
+    await laptop.directory.get(bob.userId);
+
+    proxy.down();
+    await eventually(() => laptop.connectionState === 'reconnecting' || laptop.connectionState === 'connecting', { what: 'the socket noticed' });
+    const retries = [];
+    let settled = false;
+    const sending = laptop.send(bob.userId, 'written while the server was away', { retries: Infinity, onRetry: (r) => retries.push(r) });
+    sending.finally(() => { settled = true; }).catch(() => {});
+    // Far past what the default retries (4, with this backoff) would wait.
+    await pause(4000);
+    assert.equal(settled, false, 'still waiting, not failed');
+    assert.ok(retries.length > 4, `retried ${retries.length} times`);
+    assert.ok(retries.every((r) => r.error.retryable || r.error.code === 'not_connected'), JSON.stringify(retries.map((r) => r.error.code)));
+    assert.deepEqual(await queued(bob), [], 'nothing reached the server');
+
+    proxy.up();
+    const sent = await sending;
+    assert.deepEqual((await queued(bob)).map((m) => m.id), [sent.id], 'stored once');
+    // Every attempt that reached the wire (the last one, at least) was the same send.
+    const attempts = [
+      ...socket.frames.filter((f) => f.type === 'send' && f.to === bob.userId),
+      ...rest.sends.filter((s) => s.to === bob.userId),
+    ];
+    assert.ok(attempts.length >= 1);
+    for (const a of attempts) {
+      assert.match(a.client_id, UUID);
+      assert.equal(a.client_id, attempts[0].client_id);
+      assert.deepEqual(a.envelopes, attempts[0].envelopes);
+    }
+    assert.equal(sent.syncError, undefined);
+    assert.deepEqual((await queued(phone)).map((m) => m.id), [sent.sync.id]);
     await closeAll(phone, laptop, bob);
     await proxy.close();
   });

@@ -1,9 +1,13 @@
-// Unit tests of the parts that need no server: backoff, the bounded map,
-// error construction.
+// Unit tests of the parts that need no server (or a fake one answering
+// `fetch`): backoff, the bounded map, error construction, the typing
+// tracker, the register answer's session, the size check before sealing.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { Backoff, SealpostError } from '../src/index.js';
+import {
+  Backoff, SealpostError, SealpostClient, DEFAULT_LIMITS, TYPING_SHOWN_MS, loadSodium, generateDeviceKeys, exportDeviceKeys,
+} from '../src/index.js';
 import { BoundedMap } from '../src/bounded.js';
+import { TypingTracker } from '../src/typing.js';
 import { errorFromFrame, errorFromResponse } from '../src/errors.js';
 
 test('full-jitter backoff stays within [0, min(cap, base*2^n))', () => {
@@ -57,4 +61,115 @@ test('index.d.ts declares exactly the runtime exports', async () => {
   const declared = [...dts.matchAll(/^export (?:class|function|const) (\w+)/gm)].map((m) => m[1]).sort();
   const runtime = Object.keys(await import('../src/index.js')).sort();
   assert.deepEqual(declared, runtime);
+});
+
+test('error frames: retry_after_ms is the wait, on every code that carries it', () => {
+  assert.equal(errorFromFrame({ code: 'rate_limited', message: 'slow down', retry_after_ms: 1500 }).retryAfter, 1.5);
+  assert.equal(errorFromFrame({ code: 'queue_full', message: 'full', retry_after_ms: 250 }).retryAfter, 0.25);
+  // The field wins over the message's figure.
+  assert.equal(errorFromFrame({ code: 'rate_limited', message: 'retry in 9 ms', retry_after_ms: 40 }).retryAfter, 0.04);
+  assert.equal(errorFromFrame({ code: 'invalid', message: 'x' }).retryAfter, undefined);
+});
+
+test('typing: shown from the first typing until 5 s pass, a stopped, or the text', async () => {
+  const tracker = new TypingTracker(60);
+  const events = [];
+  tracker.on('typing', (t) => events.push([t.from, t.typing]));
+  tracker.heard('alice', 1, { type: 'typing' });
+  tracker.heard('alice', 2, { type: 'typing' }); // still typing: no second start
+  tracker.heard('bob', 1, { type: 'typing' });
+  assert.equal(tracker.isTyping('alice'), true);
+  tracker.stopped('alice'); // her text arrived
+  tracker.stopped('alice');
+  tracker.heard('carol', 1, { type: 'typing' });
+  tracker.heard('carol', 1, { type: 'typing', state: 'stopped' });
+  await new Promise((r) => setTimeout(r, 120)); // bob's time runs out
+  assert.deepEqual(events, [
+    ['alice', true], ['bob', true], ['alice', false], ['carol', true], ['carol', false], ['bob', false],
+  ]);
+  assert.equal(TYPING_SHOWN_MS, 5000);
+});
+
+/**
+ * A `fetch` that answers as a sealpost server would, from `routes`
+ * ("METHOD /path" -> [status, body]), and records every request. Unknown
+ * routes are 404 `not_found`, as on a server without them.
+ */
+function fakeServer(routes) {
+  const requests = [];
+  const fetch = async (input, init) => {
+    const key = `${init?.method ?? 'GET'} ${new URL(String(input)).pathname}`;
+    requests.push(key);
+    const [status, body] = routes[key] ?? [404, { error: { code: 'not_found', message: 'no route' } }];
+    return new Response(body === null ? null : JSON.stringify(body), { status, headers: { 'content-type': 'application/json' } });
+  };
+  return { fetch, requests };
+}
+
+const USER = '5b0c52f4-9d4e-4a8e-9a56-3f0a2b7d1c11';
+const PAIR = { access_token: 'a.b.c', token_type: 'bearer', expires_in: 1800, refresh_token: 'r1' };
+
+async function registeredOn(routes) {
+  const sodium = await loadSodium();
+  const keys = generateDeviceKeys(sodium);
+  const publicKey = exportDeviceKeys(sodium, keys).publicKey;
+  const server = fakeServer(typeof routes === 'function' ? routes(publicKey) : routes);
+  const client = await SealpostClient.register({ baseUrl: 'http://sealpost.test', fetch: server.fetch, username: 'Alice', password: 'correct horse', keys });
+  return { client, server, publicKey };
+}
+
+test('register: the session in the answer is used, with no login and no /v1/me', async () => {
+  const { client, server } = await registeredOn((publicKey) => ({
+    'POST /v1/register': [201, { id: USER, username: 'Alice', public_key: publicKey, created_at: '2026-01-01T00:00:00.000Z', device_id: 1, ...PAIR, user_id: USER }],
+  }));
+  assert.deepEqual(server.requests, ['POST /v1/register']);
+  assert.equal(client.userId, USER);
+  assert.equal(client.username, 'Alice');
+  assert.equal(client.deviceId, 1);
+  assert.equal(client.tokens().refreshToken, 'r1');
+  assert.equal(client.tokens().userId, USER);
+  await client.close();
+});
+
+test('register on a server whose answer has no session: log in, then ask who we are', async () => {
+  const { client, server } = await registeredOn((publicKey) => ({
+    'POST /v1/register': [201, { id: USER, username: 'Alice', public_key: publicKey, created_at: '2026-01-01T00:00:00.000Z', device_id: 1 }],
+    'POST /v1/login': [200, { ...PAIR, device_id: 1 }],
+    'GET /v1/me': [200, { id: USER, username: 'Alice', public_key: publicKey, created_at: '2026-01-01T00:00:00.000Z', device_id: 1 }],
+  }));
+  assert.deepEqual(server.requests, ['POST /v1/register', 'POST /v1/login', 'GET /v1/me']);
+  assert.equal(client.userId, USER);
+  assert.equal(client.tokens().userId, USER);
+  await client.close();
+});
+
+test('a message over the server\'s body limit is refused before it is sealed', async () => {
+  // A server without /v1/limits: the defaults (65,536 bytes).
+  const { client, server } = await registeredOn((publicKey) => ({
+    'POST /v1/register': [201, { id: USER, username: 'Alice', public_key: publicKey, created_at: '2026-01-01T00:00:00.000Z', device_id: 1, ...PAIR, user_id: USER }],
+  }));
+  const emoji = '😀'.repeat(16_384); // within the text limit, 65,536 bytes of UTF-8
+  assert.equal(client.measureText(emoji).chars, 16_384);
+  assert.equal(client.measureText(emoji).fits, false);
+  assert.equal(client.measureText('hello').fits, true);
+  await assert.rejects(client.send('8d2f6c1e-0b7a-4f34-9a1d-2c5e7b9f0a13', emoji), (e) => e instanceof SealpostError && e.code === 'too_large' && e.field === 'text' && /65536/.test(e.message));
+  assert.deepEqual(await client.limits(), DEFAULT_LIMITS);
+  // Asked once, and nothing else: no directory fetched, nothing sent.
+  assert.deepEqual(server.requests, ['POST /v1/register', 'GET /v1/limits']);
+  await client.close();
+
+  // A server that says 300 bytes.
+  const small = await registeredOn((publicKey) => ({
+    'POST /v1/register': [201, { id: USER, username: 'Alice', public_key: publicKey, created_at: '2026-01-01T00:00:00.000Z', device_id: 1, ...PAIR, user_id: USER }],
+    'GET /v1/limits': [200, { max_body_bytes: 300, max_devices_per_user: 10, max_ids_per_ack: 500 }],
+  }));
+  const limits = await small.client.limits();
+  assert.equal(limits.max_body_bytes, 300);
+  const fits = small.client.measureText('x'.repeat(100));
+  const over = small.client.measureText('x'.repeat(200));
+  assert.ok(fits.fits && fits.sealedBytes <= 300, JSON.stringify(fits));
+  assert.ok(!over.fits && over.sealedBytes > 300, JSON.stringify(over));
+  await assert.rejects(small.client.send(USER, 'x'.repeat(200)), (e) => e.code === 'too_large');
+  assert.ok(!small.server.requests.some((r) => r.startsWith('POST /v1/messages') || r.includes('/devices')), small.server.requests.join());
+  await small.client.close();
 });

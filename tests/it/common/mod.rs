@@ -14,12 +14,15 @@
 //! - [`traffic`]: steady, timed senders and the checks on what they were
 //!   answered, for tests that break things under a running server.
 //! - [`proxy`]: a TCP proxy in front of a server that loses chosen answers.
+//! - [`toolchain`]: the npm installs and the Chromium the JavaScript tests
+//!   need, set up on first use.
 
 #![allow(dead_code)]
 
 pub mod cluster;
 pub mod pg;
 pub mod proxy;
+pub mod toolchain;
 pub mod traffic;
 pub mod ws;
 
@@ -195,6 +198,17 @@ pub const UNLIMITED: &[(&str, &str)] = &[
     ("--max-unauthenticated-sockets-per-ip", "0"),
 ];
 
+/// Argon2 at OWASP's cost for a test of the hashing itself (the queue of
+/// hashes, their time): pass it among a server's extra flags. The others
+/// hash with argon2's smallest parameters (`--insecure-test-hashing`, which
+/// only debug builds, as the suite's are, accept), so that the suite's time
+/// goes to what it tests rather than to thousands of sign-ups and logins.
+pub const OWASP_HASHING: [&str; 2] = ["--insecure-test-hashing", "false"];
+
+/// Whether this build may ask for cheap hashing: the server's own check,
+/// so that `cargo test --release` runs at OWASP's cost instead of failing.
+const CHEAP_HASHING: bool = cfg!(debug_assertions);
+
 /// Settings for a test server on `db`: ephemeral port, fixed secret.
 pub fn config(db: &TestDb, extra: &[&str]) -> Config {
     let mut args = vec![
@@ -216,6 +230,9 @@ pub fn config(db: &TestDb, extra: &[&str]) -> Config {
         if !extra.contains(flag) {
             args.extend([*flag, *value]);
         }
+    }
+    if CHEAP_HASHING && !extra.contains(&OWASP_HASHING[0]) {
+        args.extend([OWASP_HASHING[0], "true"]);
     }
     args.extend_from_slice(extra);
     Config::parse_from(args).expect("test config")
@@ -313,6 +330,7 @@ impl ServerProcess {
             .env("SEALPOST_AUTH_RATE_PER_MINUTE", "0")
             .env("SEALPOST_SEND_RATE_PER_SECOND", "0")
             .env("SEALPOST_PAIR_RATE_PER_SECOND", "0")
+            .env("SEALPOST_INSECURE_TEST_HASHING", CHEAP_HASHING.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -540,6 +558,41 @@ pub async fn assert_alive(api: &Api, who: &Account) {
     let me = api.get("/v1/me", Some(&who.access)).await.expect(200);
     assert_eq!(me["id"], who.id.to_string(), "{me}");
     assert_eq!(me["username"], who.username.as_str(), "{me}");
+}
+
+/// Asserts that `items` is not empty and that `check` holds for each:
+/// `all` over nothing is true, and a check of nothing proves nothing.
+#[track_caller]
+pub fn assert_each<T: std::fmt::Debug>(items: &[T], what: &str, check: impl Fn(&T) -> bool) {
+    assert!(!items.is_empty(), "{what}: nothing to check");
+    if let Some(bad) = items.iter().find(|item| !check(item)) {
+        panic!("{what}: fails for {bad:?} (of {} items)", items.len());
+    }
+}
+
+/// An access token for the session `who.access` belongs to, signed with
+/// the suite's secret as the server signs its own, expiring at `exp` (whole
+/// seconds; past or future): a test chooses when a token expires instead
+/// of starting a server with a short lifetime and waiting it out.
+pub fn token_expiring_at(who: &Account, exp: chrono::DateTime<chrono::Utc>) -> String {
+    use sealpost::auth::token::Tokens;
+    let tokens = |lifetime: Duration| {
+        Tokens::new(
+            &sealpost::config::Secret::new(JWT_SECRET.into()),
+            lifetime,
+            lifetime,
+        )
+    };
+    let claims = tokens(Duration::from_secs(60))
+        .verify_access(&who.access)
+        .expect("a live access token of the suite's servers");
+    // Issued a minute before `exp` at the latest, as the server would have
+    // with a lifetime reaching `exp`.
+    let issued = chrono::Utc::now().min(exp - chrono::TimeDelta::minutes(1));
+    let lifetime = (exp - issued).to_std().expect("exp after issue");
+    tokens(lifetime)
+        .issue_access(claims.sub, claims.dev, claims.sid, issued)
+        .expect("signed")
 }
 
 /// A JSON string that must be a UUID.

@@ -10,11 +10,84 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use uuid::Uuid;
 
 use super::{Account, Api};
 
 /// How long a test waits for a frame before it fails.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A close the server sends: its code and its reason, worded as
+/// `src/ws/connection.rs` words it. A test checks both, so that a socket
+/// closed for another reason under the same code (an expired token where a
+/// revocation was meant) fails it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Close {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+/// The closes of protocol.md's table, one for each reason the server gives.
+pub mod close {
+    use super::Close;
+
+    /// A token refused when the socket authenticates (in the header or in
+    /// the first frame): missing, not ours, expired or revoked.
+    pub const REFUSED: Close = Close {
+        code: 4401,
+        reason: "missing, invalid or expired access token",
+    };
+    /// The socket's session was ended while it was open.
+    pub const REVOKED: Close = Close {
+        code: 4401,
+        reason: "session has been revoked",
+    };
+    /// The socket's token reached its `exp` while it was open.
+    pub const EXPIRED: Close = Close {
+        code: 4401,
+        reason: "access token expired",
+    };
+    pub const CONNECTED_ELSEWHERE: Close = Close {
+        code: 4409,
+        reason: "connected elsewhere",
+    };
+    pub const TOO_MANY_FOR_THE_DEVICE: Close = Close {
+        code: 4429,
+        reason: "too many connections for this device",
+    };
+    pub const SHUTTING_DOWN: Close = Close {
+        code: 1001,
+        reason: "server shutting down",
+    };
+    pub const TOO_MANY_MALFORMED: Close = Close {
+        code: 1008,
+        reason: "too many malformed frames",
+    };
+    pub const UNFINISHED: Close = Close {
+        code: 1008,
+        reason: "message not finished in time",
+    };
+    pub const TOO_BIG: Close = Close {
+        code: 1009,
+        reason: "frame too large",
+    };
+    pub const PROTOCOL: Close = Close {
+        code: 1002,
+        reason: "protocol violation",
+    };
+    pub const NOT_UTF8: Close = Close {
+        code: 1007,
+        reason: "text frames must be UTF-8",
+    };
+    pub const FELL_BEHIND: Close = Close {
+        code: 1013,
+        reason: "connection fell behind; reconnect to resume",
+    };
+    pub const SLOW_BACKLOG: Close = Close {
+        code: 1013,
+        reason: "too slow to read the backlog; reconnect to resume",
+    };
+}
 
 /// What the server sent next.
 #[derive(Debug)]
@@ -24,6 +97,24 @@ pub enum Event {
     Closed(u16, String),
     /// The connection ended without a close frame.
     Ended,
+}
+
+impl Event {
+    /// Whether this is the close `want`, code and reason.
+    pub fn is(&self, want: Close) -> bool {
+        matches!(self, Event::Closed(code, reason) if *code == want.code && reason == want.reason)
+    }
+
+    /// Asserts that this is the close `want`, code and reason.
+    #[track_caller]
+    pub fn assert_close(&self, want: Close) {
+        assert!(
+            self.is(want),
+            "expected a close {} ({:?}), got {self:?}",
+            want.code,
+            want.reason
+        );
+    }
 }
 
 pub struct WsClient {
@@ -189,36 +280,33 @@ impl WsClient {
         }
     }
 
-    /// The close code the server ends with, skipping any frames before it.
-    pub async fn close_code(&mut self) -> u16 {
+    /// Asserts that the server ends the socket with `want`, skipping any
+    /// frames before it.
+    pub async fn until_close(&mut self, want: Close) {
         loop {
             match self.event().await {
                 Event::Json(_) => continue,
-                Event::Closed(code, _) => return code,
-                Event::Ended => panic!("connection ended without a close frame"),
+                closed => return closed.assert_close(want),
             }
         }
     }
 
-    /// Asserts that the server ends the socket with `code` within a few
+    /// Asserts that the server ends the socket with `want` within a few
     /// frames, and never says `ready` on the way.
-    pub async fn expect_close(&mut self, code: u16) {
+    pub async fn expect_close(&mut self, want: Close) {
         for _ in 0..20 {
             match self.event().await {
                 Event::Json(frame) => assert_ne!(frame["type"], "ready", "accepted: {frame}"),
-                Event::Closed(got, reason) => {
-                    assert_eq!(got, code, "closed with {got} ({reason:?})");
-                    return;
-                }
-                Event::Ended => {
-                    panic!("the connection ended without a close frame (wanted {code})")
-                }
+                closed => return closed.assert_close(want),
             }
         }
-        panic!("no close (wanted {code}) after 20 frames");
+        panic!("no close (wanted {want:?}) after 20 frames");
     }
 
-    /// Asserts that nothing but pings arrives within `wait`.
+    /// Asserts that nothing but pings arrives within `wait`. Only for a
+    /// test of time itself (a timeout that must not close the socket); to
+    /// show that nothing more arrives, use [`assert_next_is_sentinel`],
+    /// which a late frame cannot outwait.
     pub async fn expect_silence(&mut self, wait: Duration) {
         if let Some(event) = self.event_within(wait).await {
             panic!("expected silence, got {event:?}");
@@ -232,5 +320,50 @@ impl WsClient {
     /// Drops the TCP connection without a close handshake.
     pub fn abandon(self) {
         drop(self);
+    }
+}
+
+/// Ends a check that nothing more arrives on `sockets`: a sentinel
+/// message, sent now to the account of `devices` (a session of each of its
+/// devices), must be the very next frame on each socket. A device's
+/// messages reach it in one order, so whatever the server still had for a
+/// socket (a late duplicate, a stray notice) comes before the sentinel and
+/// fails the check, where a quiet wait would only outwait it. Each device
+/// then acknowledges the sentinel over REST, so every queue is as it was;
+/// its sender is signed up here and holds no socket, so no receipt or copy
+/// of it goes anywhere.
+pub async fn assert_next_is_sentinel(
+    api: &Api,
+    devices: &[&Account],
+    sockets: &mut [&mut WsClient],
+) {
+    assert!(!sockets.is_empty(), "no socket to check");
+    let to = devices.first().expect("the recipient's devices").id;
+    assert!(devices.iter().all(|d| d.id == to), "devices of one account");
+    let sender = api
+        .account(&format!(
+            "sentinel_{}",
+            &Uuid::new_v4().simple().to_string()[..12]
+        ))
+        .await;
+    let body = format!("sentinel {}", Uuid::new_v4());
+    let sentinel = api.send(&sender, to, body.as_bytes()).await["id"].clone();
+    for (n, socket) in sockets.iter_mut().enumerate() {
+        let frame = socket.json().await;
+        assert!(
+            frame["type"] == "message" && frame["id"] == sentinel,
+            "socket {n}: expected the sentinel {sentinel} next, got {frame}"
+        );
+    }
+    for device in devices {
+        let acked = api
+            .post(
+                "/v1/messages/ack",
+                Some(&device.access),
+                json!({ "ids": [sentinel] }),
+            )
+            .await
+            .expect(200);
+        assert_eq!(acked, json!({ "acked": 1 }), "the sentinel settled");
     }
 }
