@@ -639,7 +639,7 @@ async fn ready_lists_the_accounts_devices(backend: Backend) {
     // The removed laptop is not let in to see it.
     WsClient::connect(&server, Some(&laptop.access))
         .await
-        .expect_close(4401)
+        .expect_close(crate::common::ws::close::REFUSED)
         .await;
 }
 
