@@ -285,7 +285,9 @@ async fn chat(out: &Output, client: &Client, user: &str) -> Result<()> {
                 }
                 None => break,
             },
-            Some((number, line, result)) = sent.recv() => shown.sent(out, &mut input, number, &line, result),
+            Some((number, line, result)) = sent.recv() => {
+                shown.sent(out, &mut input, number, &line, result).await
+            }
             _ = tick.tick() => shown.expire_typing(&mut input),
         }
     }

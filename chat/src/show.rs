@@ -22,6 +22,10 @@ use crate::input::Input;
 const REMEMBERED: usize = 256;
 /// Characters of a message quoted in its receipt.
 const QUOTE_CHARS: usize = 24;
+/// Receipts held until the answer to their send reaches the chat loop
+/// (a quick peer's receipt can overtake it); past this many, the oldest is
+/// shown without its message.
+const EARLY_RECEIPTS: usize = 64;
 
 #[derive(Clone, Copy)]
 pub struct Output {
@@ -61,6 +65,11 @@ pub struct Shown {
     sent_order: VecDeque<Uuid>,
     /// Who is typing, since when (their last `typing`).
     typing: HashMap<Uuid, Instant>,
+    /// Sends typed whose answer has not been shown yet.
+    in_flight: usize,
+    /// Receipts (id, to, device) for ids not known yet while sends are in
+    /// flight: shown with their send's answer.
+    early: VecDeque<(Uuid, Uuid, u32)>,
 }
 
 impl Shown {
@@ -72,6 +81,8 @@ impl Shown {
             sent: HashMap::new(),
             sent_order: VecDeque::new(),
             typing: HashMap::new(),
+            in_flight: 0,
+            early: VecDeque::new(),
         }
     }
 
@@ -91,6 +102,7 @@ impl Shown {
     /// A line typed: echoed as sent, numbered for its receipts.
     pub fn outgoing(&mut self, out: &Output, input: &mut Input, line: &str) -> u64 {
         self.typed += 1;
+        self.in_flight += 1;
         if !out.json {
             input.print(&format!(
                 "{} {}: {line}",
@@ -102,7 +114,7 @@ impl Shown {
     }
 
     /// The server's answer to message `number`.
-    pub fn sent(
+    pub async fn sent(
         &mut self,
         out: &Output,
         input: &mut Input,
@@ -110,6 +122,8 @@ impl Shown {
         line: &str,
         result: sealpost_client::Result<Sent>,
     ) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let id = result.as_ref().ok().map(|sent| sent.id);
         match result {
             Ok(sent) => {
                 self.sent.insert(sent.id, (number, quote(line)));
@@ -131,6 +145,39 @@ impl Shown {
                 format!("  (#{number} {} not sent: {e})", quote(line)),
             ),
         }
+        // Receipts that came first: this send's now, with its message;
+        // the others once no send is left to claim them.
+        let mut held = std::mem::take(&mut self.early);
+        if let Some(id) = id {
+            for (_, to, device_id) in held.iter().filter(|(r, ..)| *r == id) {
+                self.receipt(out, input, id, *to, *device_id).await;
+            }
+            held.retain(|(r, ..)| *r != id);
+        }
+        if self.in_flight == 0 {
+            for (id, to, device_id) in held.drain(..) {
+                self.receipt(out, input, id, to, device_id).await;
+            }
+        }
+        self.early = held;
+    }
+
+    async fn receipt(&self, out: &Output, input: &mut Input, id: Uuid, to: Uuid, device_id: u32) {
+        let whose = if to == self.client.user_id() {
+            format!("your device {device_id}")
+        } else {
+            format!("{}'s device {device_id}", self.name(to).await)
+        };
+        let text = match self.sent.get(&id) {
+            Some((number, quote)) => format!("  (#{number} {quote} delivered to {whose})"),
+            None => format!("  (a message delivered to {whose})"),
+        };
+        out.to(
+            input,
+            json!({ "receipt": id, "to": to, "device_id": device_id,
+                    "number": self.sent.get(&id).map(|(n, _)| n) }),
+            text,
+        );
     }
 
     /// Clears "typing…" of whoever stopped longer ago than the protocol's
@@ -183,21 +230,17 @@ impl Shown {
                 );
             }
             Event::Receipt { id, to, device_id } => {
-                let whose = if to == self.client.user_id() {
-                    format!("your device {device_id}")
+                if self.sent.contains_key(&id) || self.in_flight == 0 {
+                    self.receipt(out, input, id, to, device_id).await;
                 } else {
-                    format!("{}'s device {device_id}", self.name(to).await)
-                };
-                let text = match self.sent.get(&id) {
-                    Some((number, quote)) => format!("  (#{number} {quote} delivered to {whose})"),
-                    None => format!("  (a message delivered to {whose})"),
-                };
-                out.to(
-                    input,
-                    json!({ "receipt": id, "to": to, "device_id": device_id,
-                            "number": self.sent.get(&id).map(|(n, _)| n) }),
-                    text,
-                );
+                    // Perhaps for a send whose answer is still on its way.
+                    self.early.push_back((id, to, device_id));
+                    if self.early.len() > EARLY_RECEIPTS
+                        && let Some((id, to, device_id)) = self.early.pop_front()
+                    {
+                        self.receipt(out, input, id, to, device_id).await;
+                    }
+                }
             }
             Event::DevicesChanged {
                 devices,

@@ -16,9 +16,8 @@
 //! fails. Signing up without a login after it needs a server whose
 //! register answer carries the session.
 //!
-//! The binary is built by this test (`cargo build -p sealpost-chat`): it
-//! belongs to another package of the workspace, whose binaries a test of
-//! this one cannot name.
+//! The binary belongs to another package of the workspace, whose binaries
+//! a test of this one cannot name: [`chat_binary`] asks cargo for it.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -317,35 +316,59 @@ fn strip_escapes(text: &str) -> String {
     out
 }
 
-/// The `sealpost-chat` binary, built once per test process with the cargo
-/// that runs the tests, into the same target directory.
+/// The `sealpost-chat` binary, as `cargo test --workspace` (the README's
+/// test command) builds it: asked of the cargo that runs the tests, once
+/// per test process. After that command it is a check that finds
+/// everything fresh; run alone, it builds what that command would. (A
+/// `cargo build -p sealpost-chat` would build the chat's dependencies
+/// again with the features of that package alone.)
 fn chat_binary() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let output = Command::new(cargo)
+        let mut command = Command::new(cargo);
+        // Without what cargo sets for a test it runs: build scripts that
+        // watch a variable (ring's, `CARGO_MANIFEST_DIR`) would see it
+        // changed, and rebuild half the tree.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_MANIFEST_")
+                || matches!(
+                    name.as_ref(),
+                    "CARGO_CRATE_NAME"
+                        | "CARGO_BIN_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "OUT_DIR"
+                )
+            {
+                command.env_remove(name.as_ref());
+            }
+        }
+        let output = command
             .args([
-                "build",
-                "-p",
-                "sealpost-chat",
-                "--bin",
-                "sealpost-chat",
+                "test",
+                "--workspace",
+                "--no-run",
                 "--message-format=json-render-diagnostics",
             ])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .stderr(Stdio::inherit())
             .output()
-            .expect("run cargo build");
+            .expect("run cargo test --no-run");
         assert!(
             output.status.success(),
-            "cargo build -p sealpost-chat failed"
+            "cargo test --workspace --no-run failed"
         );
         String::from_utf8_lossy(&output.stdout)
             .lines()
             .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
             .find_map(|message| {
+                // The binary itself, not its unit tests' harness.
                 let built = message["reason"] == "compiler-artifact"
-                    && message["target"]["name"] == "sealpost-chat";
+                    && message["target"]["name"] == "sealpost-chat"
+                    && message["profile"]["test"] == false;
                 built
                     .then(|| message["executable"].as_str().map(PathBuf::from))
                     .flatten()
