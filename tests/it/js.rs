@@ -83,12 +83,20 @@ async fn node_test(dir: &Path, files: &[&str], env: &[(&str, String)]) {
     assert_eq!(count("todo"), 0, "JS tests left as todo:\n{stdout}");
 }
 
-/// The JS client's suite, against a server and one with 8-second access
-/// tokens (renewal on a live socket).
+/// The JS client's suite, against a server, one with 8-second access
+/// tokens (renewal on a live socket), and one with 6-second access tokens
+/// and no refresh grace (clients of one session refreshing in turns: a
+/// spent refresh token is reuse at once, and the first refresh at 4.8 s is
+/// before the token's expiry, whose second is truncated).
 async fn js_client_suite(backend: Backend) {
     let server = TestServer::start(backend).await;
     let short =
         TestServer::start_on(TestDb::new(backend).await, &["--access-token-ttl", "8s"]).await;
+    let no_grace = TestServer::start_on(
+        TestDb::new(backend).await,
+        &["--access-token-ttl", "6s", "--refresh-grace", "0"],
+    )
+    .await;
     let dir = root().join("clients/js");
     let mut files: Vec<String> = std::fs::read_dir(dir.join("test"))
         .expect("clients/js/test")
@@ -106,9 +114,11 @@ async fn js_client_suite(backend: Backend) {
         &[
             ("SEALPOST_TEST_URL", server.api.base.clone()),
             ("SEALPOST_TEST_URL_SHORT_TTL", short.api.base.clone()),
+            ("SEALPOST_TEST_URL_NO_GRACE", no_grace.api.base.clone()),
         ],
     )
     .await;
+    no_grace.stop().await;
     short.stop().await;
     server.stop().await;
 }
