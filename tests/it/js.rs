@@ -26,6 +26,7 @@ use crate::common::{Backend, PASSWORD, TestDb, TestServer, config, free_local_ad
 backend_tests!(
     js_client_suite,
     demo_page_in_a_browser,
+    demo_tabs_share_a_session,
     rust_and_js_clients_talk_both_ways,
 );
 
@@ -160,6 +161,31 @@ async fn demo_page_in_a_browser(backend: Backend) {
         .expect("the browser test left the server running")
         .stop()
         .await;
+}
+
+/// Two tabs of one account in Chromium, on a demo server with 6-second
+/// access tokens and no refresh grace: each refreshes several times, in
+/// turns with the token the other stored, and neither is signed out.
+async fn demo_tabs_share_a_session(backend: Backend) {
+    let server = TestServer::start_on(
+        TestDb::new(backend).await,
+        &[
+            "--demo",
+            "true",
+            "--access-token-ttl",
+            "6s",
+            "--refresh-grace",
+            "0",
+        ],
+    )
+    .await;
+    node_test(
+        &root().join("demo/test"),
+        &["tabs.test.js"],
+        &[("SEALPOST_DEMO_TABS_URL", server.api.base.clone())],
+    )
+    .await;
+    server.stop().await;
 }
 
 /// The demo's server, in this process, on an address of its own so that it
