@@ -112,11 +112,6 @@ export class Session extends Emitter {
     return this.userId === undefined ? tokens : { ...tokens, userId: this.userId };
   }
 
-  /** The store shared with the other clients of this session, or null. */
-  get store() {
-    return this._store;
-  }
-
   _apply(pair) {
     this._access = pair.access_token;
     this._refresh = pair.refresh_token;
