@@ -3,8 +3,10 @@
 // browser; the server relays ciphertext. What this page keeps, it keeps in
 // this browser's localStorage: each account's device id, device keys,
 // latest refresh token and contacts, and which account is signed in, so
-// that a reload resumes the session without the password. No inline script
-// or style: the page's CSP forbids them.
+// that a reload resumes the session without the password. Every tab of an
+// account is a client of one session: they refresh in turns (a Web Lock)
+// with the latest stored token (see `tokenStore`). No inline script or
+// style: the page's CSP forbids them.
 
 import sodium from './vendor/libsodium-wrappers.mjs';
 import { SealpostClient, MAX_TEXT_CHARS } from './client/index.js';
@@ -40,10 +42,33 @@ function update(change) {
   const record = me && saved(me.username);
   if (record) save(me.username, { ...record, ...change(record) });
 }
+/**
+ * Where the tabs of one account keep its latest refresh token, and take
+ * turns to refresh it. Refresh tokens are single-use: a tab that refreshed
+ * with a token another tab had already spent would, after the server's
+ * refresh grace, be taken for a thief, and every session of the account
+ * would end. So each refresh runs in a Web Lock named for the account,
+ * with the token stored last. The token has a key of its own, written only
+ * here: the account's record is read, changed and written back by any tab
+ * (contacts), which could put back a token already spent. A page that is
+ * not a secure context has no Web Locks: it refreshes unlocked, and two
+ * tabs refreshing within one grace of each other still get the same pair.
+ */
+function tokenStore(username) {
+  const name = username.toLowerCase();
+  const key = `${STORE}${name}:refresh`;
+  return {
+    withLock: (fn) => (navigator.locks ? navigator.locks.request(`sealpost-refresh:${name}`, fn) : fn()),
+    // Pages before this key kept the token in the record.
+    load: () => localStorage.getItem(key) ?? saved(name)?.refreshToken ?? null,
+    save: (tokens) => localStorage.setItem(key, tokens.refreshToken),
+  };
+}
 /** Ends this browser's session locally: the refresh token and the marker go; keys and contacts stay for the next sign-in. */
 function forgetSession(username) {
   const record = saved(username);
-  if (record) save(username, { ...record, refreshToken: null });
+  if (record?.refreshToken) save(username, { ...record, refreshToken: null });
+  localStorage.removeItem(`${STORE}${username.toLowerCase()}:refresh`);
   localStorage.removeItem(CURRENT);
 }
 
@@ -72,7 +97,8 @@ function showError(id, err) {
 // ---- signing in ------------------------------------------------------------
 
 async function signIn(mode, username, password) {
-  const options = { baseUrl: location.origin, sodium, username, password, backoff: BACKOFF };
+  // The new session's refresh token goes to the store (the client saves it).
+  const options = { baseUrl: location.origin, sodium, username, password, backoff: BACKOFF, tokenStore: tokenStore(username) };
   const known = saved(username);
   let c;
   if (mode === 'signup') {
@@ -86,7 +112,6 @@ async function signIn(mode, username, password) {
   save(c.username, {
     deviceId: c.deviceId,
     keys: c.exportKeys(),
-    refreshToken: c.tokens().refreshToken,
     contacts: known?.contacts ?? [],
   });
   localStorage.setItem(CURRENT, c.username);
@@ -94,22 +119,22 @@ async function signIn(mode, username, password) {
 }
 
 /**
- * Resumes the session this browser kept (a reload): the refresh token
- * stored for the signed-in account, no password. A server that cannot be
- * reached is waited for; a refused token ends the session.
+ * Resumes the session this browser kept (a reload, another tab): the
+ * refresh token stored for the signed-in account, no password. A server
+ * that cannot be reached is waited for; a refused token ends the session.
  * @returns {Promise<SealpostClient | null>}
  */
 async function resume() {
   const username = localStorage.getItem(CURRENT);
   const record = username && saved(username);
-  if (!record?.refreshToken) return null;
+  const store = username && tokenStore(username);
+  if (!record || !store.load()) return null;
   for (let attempt = 0; ; attempt++) {
     setStatus('connecting', attempt === 0 ? `resuming ${username}'s session` : `the server does not answer; trying again (${attempt})`);
     try {
-      const c = await SealpostClient.resume({ baseUrl: location.origin, sodium, refreshToken: record.refreshToken, keys: record.keys, backoff: BACKOFF });
-      // The token just presented is spent: keep the new one at once.
-      save(c.username, { ...(saved(c.username) ?? record), refreshToken: c.tokens().refreshToken });
-      return c;
+      // In the store's lock, with the token stored last (another tab may
+      // be refreshing it now); the new one is stored before the lock goes.
+      return await SealpostClient.resume({ baseUrl: location.origin, sodium, tokenStore: store, keys: record.keys, backoff: BACKOFF });
     } catch (err) {
       if (!err.retryable) {
         forgetSession(username);
@@ -134,7 +159,7 @@ async function start(c) {
   $('app').classList.remove('hidden');
   for (const contact of saved(me.username)?.contacts ?? []) addContact(contact);
 
-  c.on('tokens', (t) => update(() => ({ refreshToken: t.refreshToken })));
+  // New refresh tokens are stored by `tokenStore`, in its lock.
   c.on('state', (s) => setStatus(s.state, describe(s)));
   c.on('message', onMessage);
   c.on('receipt', onReceipt);

@@ -194,6 +194,32 @@ export interface ClientOptions {
   backoff?: { baseMs?: number; capMs?: number };
   /** Per REST request, default 30 s. */
   timeoutMs?: number;
+  /**
+   * For an app that runs several clients of one device's session (browser tabs, workers), each holding
+   * the refresh token: without it, once one refreshes, another's token is spent, and its next refresh
+   * (after the server's refresh grace) ends every session of the user. With it, every refresh runs in
+   * `withLock`, presents the latest token `load` returns (when it differs from this client's), and
+   * `save`s the new tokens before the lock is released. Without it, nothing changes.
+   */
+  tokenStore?: TokenStore;
+}
+
+/**
+ * Where the clients of one device's session share its latest refresh token, and take turns to refresh it.
+ * One store per device of an account: a client refuses a stored session of another device (`loggedOut`).
+ * In a browser: `withLock: (fn) => navigator.locks.request('refresh:' + username, fn)` and localStorage.
+ */
+export interface TokenStore {
+  /** Runs `fn` while no other client of the store runs one, and resolves with its result; across tabs, a Web Lock. */
+  withLock<T>(fn: () => Promise<T>): Promise<T>;
+  /** The latest refresh token stored (null or undefined when there is none: the client's own is used). Called in the lock. */
+  load(): string | null | undefined | Promise<string | null | undefined>;
+  /**
+   * Stores new tokens (keep `refreshToken`; the access token may be kept too): after every refresh and
+   * resume, and when a session starts (register, login, addDevice). Called in the lock. A failure is
+   * reported on `error`; the client keeps its session.
+   */
+  save(tokens: Tokens): void | Promise<void>;
 }
 
 export interface Credentials { username: string; password: string }
@@ -360,11 +386,11 @@ export interface ClientEvents {
   drained: () => void;
   /** The socket's token was renewed in place. */
   authed: (x: { expiresAt: string }) => void;
-  /** New tokens: persist `refreshToken`. */
+  /** New tokens: persist `refreshToken` (with a `tokenStore`, `save` has; this then fires in its lock, after the save). */
   tokens: (t: Tokens) => void;
   /** The session ended (a refresh was refused): log in again. */
   loggedOut: (err: SealpostError) => void;
-  /** Background failures (polling, renewals, sync copies, unmatched error frames). */
+  /** Background failures (polling, renewals, sync copies, unmatched error frames, a `tokenStore.save` that threw). */
   error: (err: unknown) => void;
 }
 
@@ -375,8 +401,8 @@ export class SealpostClient {
   static login(opts: ClientOptions & Credentials & { deviceId?: number; keys: ImportableKeys }): Promise<SealpostClient>;
   /** Adds a device (`POST /v1/devices`) and logs in as it; persist `deviceId` and `exportKeys()`. */
   static addDevice(opts: ClientOptions & Credentials & { name?: string; keys?: ImportableKeys }): Promise<SealpostClient>;
-  /** Resumes from a persisted refresh token (spends it). */
-  static resume(opts: ClientOptions & { refreshToken: string; keys: ImportableKeys }): Promise<SealpostClient>;
+  /** Resumes from a persisted refresh token (spends it); with a `tokenStore`, from the latest one stored there. */
+  static resume(opts: ClientOptions & ({ refreshToken: string } | { tokenStore: TokenStore; refreshToken?: string }) & { keys: ImportableKeys }): Promise<SealpostClient>;
 
   private constructor();
 

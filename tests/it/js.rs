@@ -27,6 +27,7 @@ use crate::common::{Backend, PASSWORD, TestDb, TestServer, config, free_local_ad
 backend_tests!(
     js_client_suite,
     demo_page_in_a_browser,
+    demo_tabs_share_a_session,
     rust_and_js_clients_talk_both_ways,
 );
 
@@ -87,13 +88,21 @@ async fn node_test(dir: &Path, files: &[&str], env: &[(&str, String)]) {
     assert_eq!(count("todo"), 0, "JS tests left as todo:\n{stdout}");
 }
 
-/// The JS client's suite, against a server and one with 8-second access
-/// tokens (renewal on a live socket).
+/// The JS client's suite, against a server, one with 8-second access
+/// tokens (renewal on a live socket), and one with 6-second access tokens
+/// and no refresh grace (clients of one session refreshing in turns: a
+/// spent refresh token is reuse at once, and the first refresh at 4.8 s is
+/// before the token's expiry, whose second is truncated).
 async fn js_client_suite(backend: Backend) {
     let dir = npm_ready("clients/js").await;
     let server = TestServer::start(backend).await;
     let short =
         TestServer::start_on(TestDb::new(backend).await, &["--access-token-ttl", "8s"]).await;
+    let no_grace = TestServer::start_on(
+        TestDb::new(backend).await,
+        &["--access-token-ttl", "6s", "--refresh-grace", "0"],
+    )
+    .await;
     let mut files: Vec<String> = std::fs::read_dir(dir.join("test"))
         .expect("clients/js/test")
         .filter_map(|entry| {
@@ -110,9 +119,11 @@ async fn js_client_suite(backend: Backend) {
         &[
             ("SEALPOST_TEST_URL", server.api.base.clone()),
             ("SEALPOST_TEST_URL_SHORT_TTL", short.api.base.clone()),
+            ("SEALPOST_TEST_URL_NO_GRACE", no_grace.api.base.clone()),
         ],
     )
     .await;
+    no_grace.stop().await;
     short.stop().await;
     server.stop().await;
 }
@@ -159,6 +170,38 @@ async fn demo_page_in_a_browser(backend: Backend) {
         .expect("the browser test left the server running")
         .stop()
         .await;
+}
+
+/// Two tabs of one account in Chromium, on a demo server with 6-second
+/// access tokens and no refresh grace: each refreshes several times, in
+/// turns with the token the other stored, and neither is signed out.
+async fn demo_tabs_share_a_session(backend: Backend) {
+    let dir = npm_ready("demo/test").await;
+    let chromium = tokio::task::spawn_blocking(toolchain::chromium)
+        .await
+        .expect("Chromium lookup task");
+    let server = TestServer::start_on(
+        TestDb::new(backend).await,
+        &[
+            "--demo",
+            "true",
+            "--access-token-ttl",
+            "6s",
+            "--refresh-grace",
+            "0",
+        ],
+    )
+    .await;
+    node_test(
+        &dir,
+        &["tabs.test.js"],
+        &[
+            ("SEALPOST_DEMO_TABS_URL", server.api.base.clone()),
+            ("CHROMIUM", chromium.display().to_string()),
+        ],
+    )
+    .await;
+    server.stop().await;
 }
 
 /// The demo's server, in this process, on an address of its own so that it

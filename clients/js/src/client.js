@@ -12,7 +12,7 @@ import { Emitter } from './emitter.js';
 import { Backoff, sleep } from './backoff.js';
 import { SealpostError } from './errors.js';
 import { Rest } from './rest.js';
-import { Session } from './session.js';
+import { Session, checkTokenStore, refreshInLock } from './session.js';
 import { Directory } from './directory.js';
 import { Socket } from './socket.js';
 import { Inbox } from './inbox.js';
@@ -61,11 +61,13 @@ export const DEFAULT_POLL_INTERVAL_MS = 3_000;
  * @property {any} [WebSocket] a WebSocket constructor; defaults to globalThis.WebSocket
  * @property {{baseMs?: number, capMs?: number}} [backoff] reconnect backoff bounds
  * @property {number} [timeoutMs] per REST request
+ * @property {import('./session.js').TokenStore} [tokenStore] shared by every client of this device's session (browser tabs, workers): refreshes take turns in its lock, each with the latest stored refresh token
  */
 
 async function setup(opts) {
   if (!opts || typeof opts.baseUrl !== 'string') throw new TypeError('baseUrl is required');
   const sodium = await loadSodium(opts.sodium);
+  if (opts.tokenStore !== undefined) checkTokenStore(opts.tokenStore);
   const rest = new Rest({ baseUrl: opts.baseUrl, fetch: opts.fetch, timeoutMs: opts.timeoutMs });
   return { sodium, rest };
 }
@@ -152,24 +154,51 @@ export class SealpostClient extends Emitter {
   /**
    * Resumes a session from a persisted refresh token (`client.tokens()`),
    * without the password. The token is spent; persist the new one
-   * (`tokens` event).
-   * @param {ClientOptions & {refreshToken: string, keys: any}} opts
+   * (`tokens` event). With a `tokenStore`, in its lock, from the latest
+   * token stored there (`refreshToken` is then only the fallback, and may
+   * be left out), and the new one is saved there.
+   * @param {ClientOptions & {refreshToken?: string, keys: any}} opts
    */
   static async resume(opts) {
     const { sodium, rest } = await setup(opts);
     const keys = importDeviceKeys(sodium, opts.keys);
-    const pair = await rest.request('POST', '/v1/token/refresh', { auth: false, body: { refresh_token: opts.refreshToken } });
-    return SealpostClient._start(opts, sodium, rest, pair, keys);
+    const store = opts.tokenStore;
+    const own = () => {
+      if (typeof opts.refreshToken !== 'string' || opts.refreshToken === '') {
+        throw new SealpostError('unauthorized', store ? 'no refresh token: none given, and none in the token store' : 'no refresh token given');
+      }
+      return opts.refreshToken;
+    };
+    let pair;
+    if (store) {
+      await refreshInLock(rest, store, { own, accept: (p) => { pair = p; } });
+    } else {
+      pair = await rest.request('POST', '/v1/token/refresh', { auth: false, body: { refresh_token: own() } });
+    }
+    return SealpostClient._start(opts, sodium, rest, pair, keys, undefined, { saved: true });
   }
 
   /**
    * Starts a client on a token pair. `known` is who the session is when the
    * caller already knows it (a register answer); otherwise it is asked,
-   * and the device's key on the server checked against `keys`.
+   * and the device's key on the server checked against `keys`. A new
+   * session's tokens go to the token store, if any (in its lock, not to
+   * land between another client's refresh and its save); a resumed one's
+   * are there already.
    */
-  static async _start(opts, sodium, rest, pair, keys, known) {
-    const session = new Session(rest, pair);
+  static async _start(opts, sodium, rest, pair, keys, known, { saved = false } = {}) {
+    const store = opts.tokenStore;
+    const session = new Session(rest, pair, store);
     rest.session = session;
+    let saveError;
+    if (store && !saved) {
+      try {
+        await store.withLock(() => store.save(session.tokens()));
+      } catch (err) {
+        // The session is fine; only the store's other clients keep theirs.
+        saveError = err;
+      }
+    }
     let me = known;
     let ownDirectory;
     if (!me) {
@@ -187,6 +216,8 @@ export class SealpostClient extends Emitter {
     if (session.userId === undefined) session.userId = me.id;
     const client = new SealpostClient({ opts, sodium, rest, session, keys, me });
     if (ownDirectory) client.directory.store(me.id, ownDirectory.devices, ownDirectory.username);
+    // Once the app can listen.
+    if (saveError !== undefined) queueMicrotask(() => client.emit('error', saveError));
     return client;
   }
 
@@ -235,6 +266,7 @@ export class SealpostClient extends Emitter {
     this.inbox.on('resume', () => this._socket?.resume());
     session.on('tokens', (t) => this.emit('tokens', t));
     session.on('refreshFailed', (err) => this.emit('error', err));
+    session.on('storeFailed', (err) => this.emit('error', err));
     session.on('loggedOut', (err) => {
       this.emit('loggedOut', err);
       this._stopPolling();

@@ -15,7 +15,11 @@ const HOW = `Start a sealpost server and point the tests at it, e.g.
   SEALPOST_ADDR=127.0.0.1:18401 DATABASE_URL=sqlite:///tmp/jsdev-ttl.db SEALPOST_ACCESS_TOKEN_TTL=8s \\
   SEALPOST_JWT_SECRET=dev-secret-dev-secret-dev-secret-0123456 \\
   SEALPOST_AUTH_RATE_PER_MINUTE=0 SEALPOST_SEND_RATE_PER_SECOND=0 sealpost serve &
-  SEALPOST_TEST_URL=http://127.0.0.1:18400 SEALPOST_TEST_URL_SHORT_TTL=http://127.0.0.1:18401 npm test`;
+  SEALPOST_ADDR=127.0.0.1:18402 DATABASE_URL=sqlite:///tmp/jsdev-ng.db SEALPOST_ACCESS_TOKEN_TTL=6s SEALPOST_REFRESH_GRACE=0 \\
+  SEALPOST_JWT_SECRET=dev-secret-dev-secret-dev-secret-0123456 \\
+  SEALPOST_AUTH_RATE_PER_MINUTE=0 SEALPOST_SEND_RATE_PER_SECOND=0 sealpost serve &
+  SEALPOST_TEST_URL=http://127.0.0.1:18400 SEALPOST_TEST_URL_SHORT_TTL=http://127.0.0.1:18401 \\
+  SEALPOST_TEST_URL_NO_GRACE=http://127.0.0.1:18402 npm test`;
 
 /**
  * The URL in `name`, or a failing test that says how to set it (the suite

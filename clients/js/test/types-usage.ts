@@ -2,7 +2,7 @@
 // index.d.ts must describe how the README uses the library.
 declare const WebSocket: unknown;
 declare const console: { log(...args: unknown[]): void };
-import { SealpostClient, SealpostError, type Message, type StateEvent } from 'sealpost-client';
+import { SealpostClient, SealpostError, type Message, type StateEvent, type TokenStore, type Tokens } from 'sealpost-client';
 
 async function example(): Promise<void> {
   const client = await SealpostClient.register({ baseUrl: 'http://127.0.0.1:8080', username: 'alice', password: 'correct horse', WebSocket });
@@ -30,3 +30,18 @@ async function example(): Promise<void> {
   await again.close();
 }
 void example;
+
+// Two tabs of one device: refreshes take turns in a lock, with the latest stored token.
+declare const navigator: { locks: { request<T>(name: string, fn: () => Promise<T>): Promise<T> } };
+declare const localStorage: { getItem(k: string): string | null; setItem(k: string, v: string): void };
+async function tabs(keys: { publicKey: string; secretKey: string }): Promise<void> {
+  const tokenStore: TokenStore = {
+    withLock: (fn) => navigator.locks.request('sealpost-refresh:alice', fn),
+    load: () => localStorage.getItem('refresh:alice'),
+    save: (t: Tokens) => localStorage.setItem('refresh:alice', t.refreshToken),
+  };
+  const tab = await SealpostClient.resume({ baseUrl: 'http://x', tokenStore, keys });
+  const other = await SealpostClient.resume({ baseUrl: 'http://x', refreshToken: 'r', keys });
+  console.log(tab.tokens().refreshToken, other.deviceId);
+}
+void tabs;

@@ -1,6 +1,7 @@
 // Unit tests of the parts that need no server (or a fake one answering
 // `fetch`): backoff, the bounded map, error construction, the typing
-// tracker, the register answer's session, the size check before sealing.
+// tracker, the register answer's session, the size check before sealing,
+// a token store shared by several clients of one session.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
@@ -172,4 +173,151 @@ test('a message over the server\'s body limit is refused before it is sealed', a
   await assert.rejects(small.client.send(USER, 'x'.repeat(200)), (e) => e.code === 'too_large');
   assert.ok(!small.server.requests.some((r) => r.startsWith('POST /v1/messages') || r.includes('/devices')), small.server.requests.join());
   await small.client.close();
+});
+
+/**
+ * A fake server for refreshes: `POST /v1/token/refresh` answers `r<n+1>`
+ * for `r<n>` (`<token>-next` for others) as device `deviceOf(token)`,
+ * records what was presented, and the account's directory names device 1
+ * and 2 with `publicKey`.
+ */
+function refreshServer(publicKey, deviceOf = () => 1) {
+  const presented = [];
+  const fetch = async (input, init) => {
+    const path = new URL(String(input)).pathname;
+    const json = (status, body) => new Response(JSON.stringify(body), { status, headers: { 'content-type': 'application/json' } });
+    if (path === '/v1/token/refresh') {
+      const token = JSON.parse(init.body).refresh_token;
+      presented.push(token);
+      const n = /^r(\d+)$/.exec(token);
+      return json(200, { ...PAIR, refresh_token: n ? `r${Number(n[1]) + 1}` : `${token}-next`, user_id: USER, device_id: deviceOf(token) });
+    }
+    if (path === `/v1/users/${USER}/devices`) {
+      return json(200, { user_id: USER, username: 'Alice', devices: [1, 2].map((d) => ({ device_id: d, public_key: publicKey })) });
+    }
+    return json(404, { error: { code: 'not_found', message: 'no route' } });
+  };
+  return { fetch, presented };
+}
+
+/** A token store in memory whose lock records, for each `fn`, what the client did inside it. */
+function memoryStore(initial = null) {
+  let tail = Promise.resolve();
+  const store = {
+    latest: initial,
+    saves: [],
+    locked: false,
+    withLock(fn) {
+      const run = tail.then(async () => {
+        store.locked = true;
+        try {
+          return await fn();
+        } finally {
+          store.locked = false;
+        }
+      });
+      tail = run.catch(() => {});
+      return run;
+    },
+    load: () => store.latest,
+    save(tokens) {
+      assert.equal(store.locked, true, 'saved in the lock');
+      store.latest = tokens.refreshToken;
+      store.saves.push(tokens.refreshToken);
+    },
+  };
+  return store;
+}
+
+async function keyed() {
+  const sodium = await loadSodium();
+  const keys = exportDeviceKeys(sodium, generateDeviceKeys(sodium));
+  return { keys, publicKey: keys.publicKey };
+}
+
+test('token store: resume and every refresh present the latest stored token, in the lock, and save the new one', async () => {
+  const { keys, publicKey } = await keyed();
+  const server = refreshServer(publicKey);
+  const store = memoryStore('r1');
+  // The token the app passes is stale: another tab replaced it with r1.
+  const client = await SealpostClient.resume({ baseUrl: 'http://sealpost.test', fetch: server.fetch, tokenStore: store, refreshToken: 'r0', keys });
+  assert.deepEqual(server.presented, ['r1']);
+  assert.deepEqual(store.saves, ['r2']);
+  assert.equal(client.tokens().refreshToken, 'r2');
+
+  // Another client of the session refreshed meanwhile (r2 -> r3).
+  store.latest = 'r3';
+  const inLock = [];
+  client.on('tokens', (t) => inLock.push([t.refreshToken, store.locked]));
+  const tokens = await client.refreshTokens();
+  assert.deepEqual(server.presented, ['r1', 'r3']);
+  assert.equal(tokens.refreshToken, 'r4');
+  assert.deepEqual(store.saves, ['r2', 'r4']);
+  assert.deepEqual(inLock, [['r4', true]], 'the tokens event fires in the lock, after the save');
+  // Nothing newer stored: its own.
+  await client.refreshTokens();
+  assert.deepEqual(server.presented, ['r1', 'r3', 'r4']);
+
+  // A resume with only the store.
+  const second = await SealpostClient.resume({ baseUrl: 'http://sealpost.test', fetch: server.fetch, tokenStore: store, keys });
+  assert.deepEqual(server.presented, ['r1', 'r3', 'r4', 'r5']);
+  assert.equal(second.tokens().refreshToken, 'r6');
+  await assert.rejects(
+    SealpostClient.resume({ baseUrl: 'http://sealpost.test', fetch: server.fetch, tokenStore: memoryStore(), keys }),
+    (e) => e instanceof SealpostError && e.code === 'unauthorized',
+  );
+  await assert.rejects(SealpostClient.resume({ baseUrl: 'http://sealpost.test', tokenStore: { load() {} }, keys }), TypeError);
+  await client.close();
+  await second.close();
+});
+
+test('token store: a new session is saved; one closed while waiting for the lock spends nothing', async () => {
+  const { keys, publicKey } = await keyed();
+  const server = refreshServer(publicKey);
+  const store = memoryStore();
+  const fresh = await SealpostClient.register({
+    baseUrl: 'http://sealpost.test', keys, username: 'Alice', password: 'correct horse', tokenStore: store,
+    fetch: fakeServer({ 'POST /v1/register': [201, { id: USER, username: 'Alice', public_key: publicKey, created_at: '2026-01-01T00:00:00.000Z', device_id: 1, ...PAIR, user_id: USER }] }).fetch,
+  });
+  assert.deepEqual(store.saves, ['r1']);
+  await fresh.close();
+
+  const resumed = await SealpostClient.resume({ baseUrl: 'http://sealpost.test', fetch: server.fetch, tokenStore: store, keys });
+  let release;
+  const held = store.withLock(() => new Promise((r) => { release = r; }));
+  const refreshing = resumed.refreshTokens();
+  await new Promise((r) => setTimeout(r, 20));
+  await resumed.close();
+  release();
+  await held;
+  await assert.rejects(refreshing, (e) => e.code === 'unauthorized');
+  assert.deepEqual(server.presented, ['r1'], 'only the resume refreshed');
+});
+
+test('token store: a failed save is reported and the session goes on; another device\'s session is refused', async () => {
+  const { keys, publicKey } = await keyed();
+  const server = refreshServer(publicKey, (token) => (token === 'theirs' ? 2 : 1));
+  const store = memoryStore('r1');
+  const client = await SealpostClient.resume({ baseUrl: 'http://sealpost.test', fetch: server.fetch, tokenStore: store, keys });
+  const errors = [];
+  client.on('error', (e) => errors.push(e));
+  const save = store.save;
+  store.save = () => { throw new Error('quota exceeded'); };
+  const tokens = await client.refreshTokens();
+  assert.equal(tokens.refreshToken, 'r3');
+  assert.deepEqual(errors.map((e) => e.message), ['quota exceeded']);
+  assert.equal(client.sessionState, 'active');
+  store.save = save;
+
+  // The store was given device 2's session: its successor is kept for
+  // device 2's clients, and this one (device 1) ends rather than take it.
+  store.latest = 'theirs';
+  const loggedOut = [];
+  client.on('loggedOut', (e) => loggedOut.push(e));
+  await assert.rejects(client.refreshTokens(), (e) => e.code === 'unauthorized' && /another device/.test(e.message));
+  assert.equal(store.latest, 'theirs-next');
+  assert.equal(client.sessionState, 'loggedOut');
+  assert.equal(loggedOut.length, 1);
+  assert.equal(client.tokens().refreshToken, 'r3');
+  await client.close();
 });
