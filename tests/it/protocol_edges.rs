@@ -636,11 +636,11 @@ async fn ready_lists_the_accounts_devices(backend: Backend) {
     let (_, ready, _) = WsClient::ready_with(&server, &alice, "").await;
     assert_eq!(devices_of(&ready), [1, 3, 4], "{ready}");
     assert_eq!(ready["device_id"], 1, "{ready}");
-    // The removed laptop is not let in to see it.
-    WsClient::connect(&server, Some(&laptop.access))
+    // The removed laptop's session ended with it.
+    server
+        .get("/v1/me", Some(&laptop.access))
         .await
-        .expect_close(4401)
-        .await;
+        .expect_error(401, "unauthorized");
 }
 
 // ---------------------------------------------------------------------------
