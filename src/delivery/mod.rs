@@ -399,15 +399,6 @@ impl Delivery {
         match (body, envelopes) {
             (Some(body), None) => Ok(Content::Same(self.decode_body("body", body)?)),
             (None, Some(envelopes)) => {
-                // A send that reaches no device: refused before it is
-                // charged to any budget (the caller decodes before it
-                // sends), so a client's mistake costs it nothing.
-                if envelopes.len() == 0 {
-                    return Err(Error::field(
-                        "envelopes",
-                        "must hold at least one envelope: a send to no device is no send",
-                    ));
-                }
                 if envelopes.len() > self.max_envelopes {
                     return Err(Error::field(
                         "envelopes",
@@ -437,8 +428,9 @@ impl Delivery {
     /// Checks the envelopes against the recipient's devices before anything
     /// is assigned; returns the recipient's device list as the directory
     /// holds it (to check again under the order lock) and the devices the
-    /// message goes to (never none: an empty list of envelopes is refused
-    /// when decoded, and one to yourself from your only device is `extra`).
+    /// message goes to (none only for an empty list of envelopes to
+    /// yourself from your only device, which [`Self::refuse_empty`] turns
+    /// away first).
     async fn targets(
         &self,
         from: Address,
@@ -469,6 +461,23 @@ impl Delivery {
             }
         };
         Ok((devices, targets))
+    }
+
+    /// An empty list of envelopes, answered before any budget is charged,
+    /// so a client's mistake costs it nothing: `devices_changed` when the
+    /// recipient has devices the send must cover (how a client with a
+    /// stale list of its own devices learns of them, as it always has), and
+    /// `422` on `envelopes` when there are none (a sync copy from your only
+    /// device): a send that reaches no device is no send.
+    async fn refuse_empty(&self, from: Address, to: Uuid, content: &Content) -> Result<()> {
+        if !matches!(content, Content::PerDevice(envelopes) if envelopes.is_empty()) {
+            return Ok(());
+        }
+        self.targets(from, to, content).await?;
+        Err(Error::field(
+            "envelopes",
+            "must hold at least one envelope: a send to no device is no send",
+        ))
     }
 
     /// Takes a send from the sender's budget and from its budget to `to`:
@@ -580,6 +589,7 @@ impl Delivery {
         content: Content,
         client_id: Option<String>,
     ) -> Result<Accepted> {
+        self.refuse_empty(from, to, &content).await?;
         self.check_budget(from, to)?;
         let expires = tokio::time::Instant::now() + self.deadline;
         let claim = match client_id {
@@ -699,6 +709,7 @@ impl Delivery {
         to: Uuid,
         content: Content,
     ) -> Result<Ephemeral> {
+        self.refuse_empty(from, to, &content).await?;
         self.check_budget(from, to)?;
         let (_, devices) = self.targets(from, to, &content).await?;
         let copies = copies(content, &devices);

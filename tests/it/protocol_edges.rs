@@ -646,10 +646,12 @@ async fn ready_lists_the_accounts_devices(backend: Backend) {
 // ---------------------------------------------------------------------------
 // Empty sends
 
-/// `envelopes: []` reaches no device: `422` naming `envelopes`, on REST and
-/// on a socket, to another account and to yourself, and no token of the
-/// send or pair budget is taken: with a burst of one, a real send after it
-/// goes through.
+/// `envelopes: []`, on REST and on a socket, costs no token of the send or
+/// pair budget (with a burst of one, a real send after it goes through):
+/// to yourself from your only device it reaches no device, `422` naming
+/// `envelopes`; to an account with devices it misses them all, `409
+/// devices_changed` listing them, as it always was (how a client with a
+/// stale device list learns of the devices it missed).
 async fn an_empty_send_is_refused_and_costs_nothing(backend: Backend) {
     let server = TestServer::start_with(
         backend,
@@ -668,33 +670,49 @@ async fn an_empty_send_is_refused_and_costs_nothing(backend: Backend) {
     let bob = server.account("bob").await;
     // Over REST, to bob and to herself (her only device).
     let alice = server.account("alice").await;
-    for to in [bob.id, alice.id] {
-        let reply = server
-            .post(
-                "/v1/messages",
-                Some(&alice.access),
-                json!({ "to": to, "envelopes": [] }),
-            )
-            .await;
-        reply.expect_error(422, "invalid");
-        assert_eq!(
-            reply.body["error"]["field"], "envelopes",
-            "{:?}",
-            reply.body
-        );
-    }
+    let reply = server
+        .post(
+            "/v1/messages",
+            Some(&alice.access),
+            json!({ "to": alice.id, "envelopes": [] }),
+        )
+        .await;
+    reply.expect_error(422, "invalid");
+    assert_eq!(
+        reply.body["error"]["field"], "envelopes",
+        "{:?}",
+        reply.body
+    );
+    let reply = server
+        .post(
+            "/v1/messages",
+            Some(&alice.access),
+            json!({ "to": bob.id, "envelopes": [] }),
+        )
+        .await;
+    reply.expect_error(409, "devices_changed");
+    assert_eq!(
+        reply.body["error"]["missing"],
+        json!([1]),
+        "{:?}",
+        reply.body
+    );
     server.send(&alice, bob.id, b"real").await;
 
     // On a socket, another sender with a budget of its own.
     let carol = server.account("carol").await;
     let (mut ws, _) = WsClient::ready(&server, &carol).await;
-    for to in [bob.id, carol.id] {
+    for (to, code) in [(carol.id, "invalid"), (bob.id, "devices_changed")] {
         ws.send_json(json!({ "type": "send", "ref": "empty", "to": to, "envelopes": [] }))
             .await;
         let error = ws.expect_exactly("error").await;
         assert_eq!(error["ref"], "empty", "{error}");
-        assert_eq!(error["code"], "invalid", "{error}");
-        assert_eq!(error["field"], "envelopes", "{error}");
+        assert_eq!(error["code"], code, "{error}");
+        if code == "invalid" {
+            assert_eq!(error["field"], "envelopes", "{error}");
+        } else {
+            assert_eq!(error["missing"], json!([1]), "{error}");
+        }
     }
     ws.send_json(send_frame("real", bob.id, b"real")).await;
     let sent = ws.expect_exactly("sent").await;
