@@ -476,16 +476,22 @@ async fn a_replay_after_the_grace_or_with_it_off_is_reuse(backend: Backend) {
             .refresh(&alice.refresh)
             .await
             .expect_error(401, "unauthorized");
-        for ended in [&first, &other] {
-            server
-                .refresh(text(ended, "refresh_token"))
-                .await
-                .expect_error(401, "unauthorized");
-            server
-                .get("/v1/me", Some(text(ended, "access_token")))
-                .await
-                .expect_error(401, "unauthorized");
-        }
+        assert_ended(&server, [&first, &other]).await;
+    }
+}
+
+/// Each of these token pairs is dead: its refresh token and its access
+/// token are refused, as after reuse every session of the account is.
+async fn assert_ended<const N: usize>(server: &TestServer, pairs: [&Value; N]) {
+    for ended in pairs {
+        server
+            .refresh(text(ended, "refresh_token"))
+            .await
+            .expect_error(401, "unauthorized");
+        server
+            .get("/v1/me", Some(text(ended, "access_token")))
+            .await
+            .expect_error(401, "unauthorized");
     }
 }
 
@@ -507,16 +513,7 @@ async fn a_replay_once_the_successor_was_used_is_reuse(backend: Backend) {
         .refresh(&alice.refresh)
         .await
         .expect_error(401, "unauthorized");
-    for ended in [&second, &other] {
-        server
-            .refresh(text(ended, "refresh_token"))
-            .await
-            .expect_error(401, "unauthorized");
-        server
-            .get("/v1/me", Some(text(ended, "access_token")))
-            .await
-            .expect_error(401, "unauthorized");
-    }
+    assert_ended(&server, [&second, &other]).await;
 }
 
 /// A replay of the spent token racing the rotation of its successor, as a
