@@ -136,8 +136,6 @@ mod postgres {
         eventually_within, id, public_key, session, unb64,
     };
 
-    /// Close codes of the protocol.
-
     /// Takes the database's revocation poll out of the picture, so that
     /// what reaches another node got there through NATS.
     const NO_POLL: &[&str] = &["--revocation-poll-interval", "1h"];
