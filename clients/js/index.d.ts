@@ -373,8 +373,9 @@ export interface ClientEvents {
   /**
    * Your account's devices changed: a `devices_changed` frame, or a `ready` whose device ids differ from the
    * ones last known (a change while this device was offline). `deviceId` and `reason` name the device and
-   * what happened to it, when the server says (a frame, from a server that sends them). `devices` is null
-   * if they could not be fetched.
+   * what happened to it, when the server says (a frame, from a server that sends them), or, on `ready`,
+   * each device that came (`added`) or went (`removed`), one event each. `devices` is null if they could
+   * not be fetched.
    */
   devicesChanged: (x: { deviceIds: number[]; deviceId?: number; reason?: DeviceChangeReason; devices: OwnDevice[] | null }) => void;
   /** Authenticated on a (new) connection; `devices`: the account's device ids (from a server that sends them). */

@@ -126,6 +126,7 @@ test('two people chat end to end in the demo page', { timeout: 240_000 }, async 
 
     // Alice signs in from another browser: a new device of her account,
     // which her first browser announces.
+    await alice.page.locator('#status[data-state="drained"]').waitFor({ timeout: TIMEOUT });
     const laptop = await open(browser, alice.name, problems);
     await signIn(laptop);
     await alice.page.locator('#notice[data-reason="added"]:not(.hidden)', { hasText: 'device 2' }).waitFor({ timeout: TIMEOUT });

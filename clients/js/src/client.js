@@ -335,7 +335,16 @@ export class SealpostClient extends Emitter {
       // Devices added or removed while this one was offline: the frame
       // that said so went to nobody, so compare with what we last knew.
       const known = this.directory.cached(this.userId)?.devices.map((d) => d.deviceId);
-      if (devices && known && known.join() !== devices.join()) this._ownDevicesChanged({ deviceIds: devices });
+      if (devices && known && known.join() !== devices.join()) {
+        // One event per device that came or went, with its reason, as the
+        // frames would have said (a login or key change while offline
+        // cannot be told from the ids, and is not).
+        const changes = [
+          ...devices.filter((d) => !known.includes(d)).map((deviceId) => ({ deviceId, reason: 'added' })),
+          ...known.filter((d) => !devices.includes(d)).map((deviceId) => ({ deviceId, reason: 'removed' })),
+        ];
+        for (const change of changes) this._ownDevicesChanged({ deviceIds: devices, ...change });
+      }
       // Acks written while the socket was down went over REST; any still pending go now.
       if (this.inbox._ackPending.size > 0) this.inbox.flushAcks().catch(() => {});
       this._wake.emit('wake');

@@ -105,7 +105,7 @@ if (url) {
     const onReturn = nextEvent(phone, 'devicesChanged');
     await phone.connect();
     const r = await onReturn;
-    assert.deepEqual(r.deviceIds, [1, 2, 3]);
+    assert.deepEqual([r.deviceId, r.reason, r.deviceIds], [3, 'added', [1, 2, 3]]);
     assert.equal(r.devices.find((d) => d.device_id === 3).name, 'tablet');
     await closeAll(phone, laptop, again, tablet);
   });
