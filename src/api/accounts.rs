@@ -498,6 +498,12 @@ async fn me(caller: AuthUser, State(state): State<AppState>) -> Result<Json<Prof
 #[utoipa::path(post, path = "/v1/logout", tag = "accounts", security(("bearer" = [])),
     responses((status = 204, description = "This session is ended."), crate::api::openapi::Errors))]
 async fn logout(caller: AuthUser, State(state): State<AppState>) -> Result<StatusCode> {
+    end_session(&state, &caller).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Ends the caller's own session (logout, or too many wrong passwords).
+async fn end_session(state: &AppState, caller: &AuthUser) -> Result<()> {
     state
         .revocations
         .revoke(
@@ -506,8 +512,7 @@ async fn logout(caller: AuthUser, State(state): State<AppState>) -> Result<Statu
             caller.id,
             Scope::One(caller.session),
         )
-        .await?;
-    Ok(StatusCode::NO_CONTENT)
+        .await
 }
 
 /// Ends every session of the caller, this one included.
@@ -554,15 +559,7 @@ pub(super) async fn confirm_password(
         Verdict::Wrong => Err(WRONG_PASSWORD),
         Verdict::EndSession => {
             tracing::warn!(user.id = %caller.id, device = caller.device, "too many wrong passwords: ending the session that sent them");
-            state
-                .revocations
-                .revoke(
-                    state.store.as_ref(),
-                    &state.hub,
-                    caller.id,
-                    Scope::One(caller.session),
-                )
-                .await?;
+            end_session(state, caller).await?;
             Err(Error::Unauthorized(
                 "too many wrong passwords: this session has ended",
             ))
