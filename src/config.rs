@@ -464,6 +464,10 @@ pub struct Config {
     /// digits, new at every start.
     #[arg(long, env = "SEALPOST_NODE_ID", value_parser = parse_node_id)]
     pub node_id: Option<String>,
+
+    /// Wake-ups of offline devices: providers and timing.
+    #[command(flatten)]
+    pub push: crate::push::config::PushConfig,
 }
 
 impl Config {

@@ -92,6 +92,7 @@ pub mod linger;
 pub mod logging;
 pub mod metrics;
 pub mod nesting;
+pub mod push;
 pub mod seal;
 pub mod server;
 pub mod state;

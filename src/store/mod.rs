@@ -32,6 +32,7 @@ pub mod accounts;
 pub mod admin;
 pub mod deadline;
 pub mod postgres;
+pub mod push;
 pub mod queue;
 pub mod sessions;
 pub mod sqlite;

@@ -1,0 +1,176 @@
+//! [`PushStore`]: devices' push targets and their pending wake-ups.
+//!
+//! **Targets** (`push_targets`): one row per device with a target. The
+//! target is sealed above this layer (like a queued message's body); the
+//! store keeps the kind in the clear for listings and counts. `updated_at`
+//! is the target's version: it strictly grows with every replacement, so a
+//! provider's "gone" removes a target only if it is the one that wake-up
+//! was sent to ([`PushStore::drop_target`]). A dropped target leaves its
+//! row with no target and `dropped` set, so that the device learns of it
+//! (its `ready` frame) until it registers again or deletes it. Rows go with
+//! their device and account (`ON DELETE CASCADE`).
+//!
+//! **Wake-ups** (`wakeups`): at most one row per device, written
+//! insert-if-absent, so any node may schedule and any node may send, and a
+//! wake-up due when a process dies is sent after a restart. A row is
+//! *pending* (`due_at` set: to be sent then), or *cooling* (`due_at` unset:
+//! one was sent at `sent_at`, and none is scheduled again until the
+//! cool-down passes or the device shows up). Taking due rows leases them
+//! (`due_at` moves a lease ahead), so a process that dies while sending
+//! leaves them due again once the lease passes; PostgreSQL takes them `FOR
+//! UPDATE SKIP LOCKED`, so nodes never take the same row at once.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{DeviceId, StoreResult};
+use crate::push::target::Kind;
+
+/// A device's target as stored.
+#[derive(Debug, Clone)]
+pub struct StoredTarget {
+    pub kind: Kind,
+    /// The sealed JSON of [`crate::push::target::Target`].
+    pub sealed: Vec<u8>,
+    /// Its version: set by [`PushStore::set_target`], strictly growing
+    /// per device.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A device's push state, for listings and the `ready` frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetSummary {
+    pub device: DeviceId,
+    /// `None` when the provider dropped it.
+    pub kind: Option<Kind>,
+    pub updated_at: DateTime<Utc>,
+    /// The provider dropped the target; cleared by the next
+    /// [`PushStore::set_target`] (or removed with
+    /// [`PushStore::delete_target`]).
+    pub dropped: bool,
+}
+
+/// The rules a schedule is checked against (`SEALPOST_WAKEUP_COOLDOWN`,
+/// `SEALPOST_WAKEUP_QUIET_INTERVAL`).
+#[derive(Debug, Clone, Copy)]
+pub struct Coalescing {
+    /// After a wake-up is sent, none again until this has passed (or the
+    /// device shows up).
+    pub cooldown: Duration,
+    /// Non-urgent wake-ups: at most one per this interval per device.
+    pub quiet: Duration,
+}
+
+/// What [`PushStore::schedule`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheduled {
+    /// A wake-up is now pending (a new row, or a cooling one made pending).
+    Pending,
+    /// One was already pending (an urgent schedule upgrades it to urgent and
+    /// moves it no later than `due`), or the device is cooling down, or a
+    /// non-urgent one was sent within the quiet interval: nothing new.
+    Coalesced,
+    /// The device has no live target: nothing to do.
+    NoTarget,
+}
+
+/// A pending wake-up taken by [`PushStore::take_due`], with what is needed
+/// to send it.
+#[derive(Debug, Clone)]
+pub struct DueWakeup {
+    pub user: Uuid,
+    pub device: DeviceId,
+    pub urgent: bool,
+    /// Tries already made and failed (0 for the first).
+    pub attempts: u32,
+    pub target: StoredTarget,
+}
+
+#[async_trait]
+pub trait PushStore: Send + Sync {
+    /// Replaces the device's target (clearing `dropped`) and returns its
+    /// new version: `now`, or a millisecond past the previous version if
+    /// that is not earlier. `Ok(None)` if the device does not exist.
+    async fn set_target(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        kind: Kind,
+        sealed: &[u8],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<DateTime<Utc>>>;
+
+    /// Removes the device's target row (and its wake-up); whether there
+    /// was one.
+    async fn delete_target(&self, user: Uuid, device: DeviceId) -> StoreResult<bool>;
+
+    /// The provider said the target is gone: clears it and sets `dropped`,
+    /// only if its version is still `version`; whether it did.
+    async fn drop_target(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        version: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+
+    /// The account's devices that have a target row, ascending.
+    async fn target_summaries(&self, user: Uuid) -> StoreResult<Vec<TargetSummary>>;
+
+    /// Live targets by kind, for the metrics gauge.
+    async fn count_targets(&self) -> StoreResult<Vec<(Kind, u64)>>;
+
+    /// Schedules a wake-up of the device, due at `due`, if it has a live
+    /// target: insert-if-absent, else coalesced by the rules (see
+    /// [`Scheduled`]). `now` decides whether a cool-down or quiet interval
+    /// has passed.
+    async fn schedule(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        due: DateTime<Utc>,
+        urgent: bool,
+        now: DateTime<Utc>,
+        rules: Coalescing,
+    ) -> StoreResult<Scheduled>;
+
+    /// Takes up to `limit` pending wake-ups due at `now` (oldest first)
+    /// whose device has a live target, and leases them: their `due_at`
+    /// becomes `now + lease`.
+    async fn take_due(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+        lease: Duration,
+    ) -> StoreResult<Vec<DueWakeup>>;
+
+    /// A wake-up was sent: the row cools from `now` (and, when not urgent,
+    /// starts the quiet interval).
+    async fn wakeup_sent(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        urgent: bool,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()>;
+
+    /// A try failed and another is to be made at `at`, the `attempts`-th
+    /// failure so far.
+    async fn wakeup_retry(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        at: DateTime<Utc>,
+        attempts: u32,
+    ) -> StoreResult<()>;
+
+    /// Nothing more is to be sent for this wake-up (given up, or the target
+    /// was dropped): the row is neither pending nor cooling.
+    async fn wakeup_abandoned(&self, user: Uuid, device: DeviceId) -> StoreResult<()>;
+
+    /// The device showed up (connected, polled, acked): its pending
+    /// wake-up and its cool-down are cancelled (the quiet interval stays).
+    async fn cancel_wakeups(&self, user: Uuid, device: DeviceId) -> StoreResult<()>;
+}
