@@ -21,5 +21,7 @@
 //!   durable, taken by any node), coalescing and cool-downs, retries.
 
 pub mod config;
+pub mod guard;
+pub mod http;
 pub mod provider;
 pub mod target;
