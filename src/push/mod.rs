@@ -25,3 +25,4 @@ pub mod guard;
 pub mod http;
 pub mod provider;
 pub mod target;
+pub mod targets;
