@@ -41,5 +41,7 @@ mod sealed;
 mod security;
 mod sweeper;
 mod web;
+mod webpush;
+mod webpush_crosscheck;
 mod ws;
 mod ws_edges;
