@@ -20,7 +20,9 @@
 //!   presence check, the pending wake-ups in the database (one per device,
 //!   durable, taken by any node), coalescing and cool-downs, retries.
 
+pub mod apns;
 pub mod config;
+pub mod fcm;
 pub mod guard;
 pub mod http;
 pub mod provider;
