@@ -20,7 +20,9 @@
 //!   presence check, the pending wake-ups in the database (one per device,
 //!   durable, taken by any node), coalescing and cool-downs, retries.
 
+pub mod apns;
 pub mod config;
+pub mod fcm;
 pub mod guard;
 pub mod http;
 pub mod provider;
@@ -65,11 +67,15 @@ pub fn build_providers(
         providers.webpush = Some(Arc::new(provider));
     }
 
-    // APNs (H2): `providers.apns = Some(...)` when the key file, key id
-    // and team id are set.
+    // APNs: on when the key file, key id and team id are set.
+    if let Some(apns) = apns::ApnsProvider::from_config(push, allow.clone())? {
+        providers.apns = Some(Arc::new(apns));
+    }
 
-    // FCM (H2): `providers.fcm = Some(...)` when the credentials file is
-    // set.
+    // FCM: on when the credentials file is set.
+    if let Some(fcm) = fcm::FcmProvider::from_config(push, allow)? {
+        providers.fcm = Some(Arc::new(fcm));
+    }
 
     Ok(providers)
 }
