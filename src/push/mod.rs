@@ -25,6 +25,7 @@ pub mod guard;
 pub mod http;
 pub mod provider;
 pub mod target;
+pub mod targets;
 pub mod vapid;
 pub mod webpush;
 
