@@ -273,11 +273,9 @@ impl Server {
         };
         let (delivery, revocations) = (Arc::new(delivery), Arc::new(revocations));
         let targets = Arc::new(Targets::new(store.clone()));
-        let push_allow = Arc::new(
-            AllowHosts::parse(&config.push.push_allow_hosts).map_err(|message| {
-                anyhow::anyhow!("{}: {message}", both_names("SEALPOST_PUSH_ALLOW_HOSTS"))
-            })?,
-        );
+        let push_allow = Arc::new(AllowHosts::parse(&config.push.push_allow_hosts).map_err(
+            |message| anyhow::anyhow!("{}: {message}", both_names("SEALPOST_PUSH_ALLOW_HOSTS")),
+        )?);
         // INTEGRATOR: replace with `crate::push::build_providers(&config,
         // push_allow.clone())?` once the providers (branches `webpush`,
         // `native`) are merged, and delete `interim_providers`.
