@@ -34,6 +34,7 @@ mod migration;
 mod openapi;
 mod props;
 mod protocol_edges;
+mod push_native;
 mod retries;
 mod sealed;
 mod security;
