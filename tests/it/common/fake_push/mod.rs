@@ -1,8 +1,12 @@
-//! Fake push services, in process on `127.0.0.1:0`, that check what the
-//! real ones check and record what they accepted, with scriptable answers.
-//! A server under test reaches them through `--push-allow-hosts` with
-//! their [`apns::FakeApns::host`] / [`fcm::FakeFcm::host`].
+//! Local stand-ins for the push services, started in-process on
+//! `127.0.0.1:0`, that check what the real ones check and record what they
+//! received for the tests to assert on. A server under test reaches them
+//! through `--push-allow-hosts 127.0.0.1:<port>` (their `host()`: they are
+//! loopback and plain `http`, which the SSRF guard otherwise refuses).
 //!
+//! - [`webpush`]: a Web Push service (RFC 8030/8291/8292) that also plays
+//!   the browser's half: it mints subscriptions and decrypts what is pushed
+//!   to them.
 //! - [`apns`]: Apple's APNs over HTTP/2 with prior knowledge (h2c): the
 //!   provider token (ES256, `kid`, `iss`, `iat`), the headers, the
 //!   payload's size and that it carries no content.
@@ -10,11 +14,12 @@
 //!   account's RS256 assertion, the bearer token it issued, the project,
 //!   a data-only message.
 //!
-//! Each keeps a list of problems (requests the real service would have
-//! refused, or that carried content): a test asserts it is empty.
+//! APNs and FCM keep a list of problems (requests the real service would
+//! have refused, or that carried content): a test asserts it is empty.
 
 pub mod apns;
 pub mod fcm;
+pub mod webpush;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
