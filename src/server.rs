@@ -272,11 +272,9 @@ impl Server {
         };
         let (delivery, revocations) = (Arc::new(delivery), Arc::new(revocations));
         let targets = Arc::new(Targets::new(store.clone()));
-        let push_allow = Arc::new(
-            AllowHosts::parse(&config.push.push_allow_hosts).map_err(|message| {
-                anyhow::anyhow!("{}: {message}", both_names("SEALPOST_PUSH_ALLOW_HOSTS"))
-            })?,
-        );
+        let push_allow = Arc::new(AllowHosts::parse(&config.push.push_allow_hosts).map_err(
+            |message| anyhow::anyhow!("{}: {message}", both_names("SEALPOST_PUSH_ALLOW_HOSTS")),
+        )?);
         let providers = crate::push::build_providers(&config, push_allow.clone())?;
         let node = Arc::new(Node {
             hub: hub.clone(),

@@ -34,6 +34,7 @@ mod migration;
 mod openapi;
 mod props;
 mod protocol_edges;
+mod push_native;
 mod push_store;
 mod push_targets;
 mod retries;
