@@ -26,6 +26,7 @@ use crate::auth::password::{Cost, Passwords};
 use crate::auth::secret;
 use crate::auth::sessions::Revocations;
 use crate::auth::token::Tokens;
+use crate::clock::SystemClock;
 use crate::cluster::nats::NatsBroker;
 use crate::cluster::{self, Broker, Node, local::LocalBroker};
 use crate::config::{Config, both_names};
@@ -39,6 +40,7 @@ use crate::limits::connections::HttpConnections;
 use crate::limits::rate::AuthLimit;
 use crate::limits::sockets::SocketCaps;
 use crate::metrics::{self, Listener, Metrics};
+use crate::push::scheduler::Scheduler;
 use crate::seal::{self, KeyRing};
 use crate::state::AppState;
 use crate::store::deadline::Deadlined;
@@ -200,12 +202,15 @@ impl Server {
             config.access_token_ttl,
             config.refresh_token_ttl,
         );
+        // INTEGRATOR: the real scheduler once push targets are stored (see
+        // `push::scheduler::Scheduler::spawn`).
+        let scheduler = Scheduler::off(metrics.clone());
         let (committer, committer_task) = Committer::spawn(
             store.clone(),
             keys.clone(),
             metrics.clone(),
             config.delivery_receipts,
-            broker.clone(),
+            delivery::listeners::with_broker(&broker, [scheduler.clone() as _]),
             config.ack_window,
         );
         let hub = Hub::new(
@@ -295,6 +300,8 @@ impl Server {
             metrics,
             shutdown: CancellationToken::new(),
             sockets: TaskTracker::new(),
+            scheduler,
+            clock: Arc::new(SystemClock),
         };
         Ok(Self {
             listener,

@@ -9,6 +9,7 @@ use crate::auth::confirm::Confirmations;
 use crate::auth::password::Passwords;
 use crate::auth::sessions::Revocations;
 use crate::auth::token::Tokens;
+use crate::clock::Clock;
 use crate::cluster::Broker;
 use crate::config::Config;
 use crate::delivery::Delivery;
@@ -17,6 +18,7 @@ use crate::limits::client_ip::TrustedProxies;
 use crate::limits::rate::AuthLimit;
 use crate::limits::sockets::SocketCaps;
 use crate::metrics::Metrics;
+use crate::push::scheduler::Scheduler;
 use crate::store::Store;
 
 /// Cheap to clone: every field is an `Arc`. There is no global state.
@@ -50,4 +52,10 @@ pub struct AppState {
     /// The WebSocket tasks, which axum's graceful shutdown does not track
     /// once a connection is upgraded.
     pub sockets: TaskTracker,
+    /// Wake-ups of offline devices: told when a device shows up (connects,
+    /// polls, acks) and when a socket closes owing acks.
+    pub scheduler: Arc<Scheduler>,
+    /// The wall clock (a dependency, so that time-driven logic is tested
+    /// without sleeping).
+    pub clock: Arc<dyn Clock>,
 }

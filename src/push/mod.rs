@@ -22,4 +22,5 @@
 
 pub mod config;
 pub mod provider;
+pub mod scheduler;
 pub mod target;
