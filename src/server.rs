@@ -40,6 +40,9 @@ use crate::limits::connections::HttpConnections;
 use crate::limits::rate::AuthLimit;
 use crate::limits::sockets::SocketCaps;
 use crate::metrics::{self, Listener, Metrics};
+use crate::push::guard::AllowHosts;
+use crate::push::provider::Providers;
+use crate::push::targets::Targets;
 use crate::push::scheduler::Scheduler;
 use crate::seal::{self, KeyRing};
 use crate::state::AppState;
@@ -274,11 +277,22 @@ impl Server {
             None => None,
         };
         let (delivery, revocations) = (Arc::new(delivery), Arc::new(revocations));
+        let targets = Arc::new(Targets::new(store.clone()));
+        let push_allow = Arc::new(
+            AllowHosts::parse(&config.push.push_allow_hosts).map_err(|message| {
+                anyhow::anyhow!("{}: {message}", both_names("SEALPOST_PUSH_ALLOW_HOSTS"))
+            })?,
+        );
+        // INTEGRATOR: replace with `crate::push::build_providers(&config,
+        // push_allow.clone())?` once the providers (branches `webpush`,
+        // `native`) are merged, and delete `interim_providers`.
+        let providers = interim_providers(&config);
         let node = Arc::new(Node {
             hub: hub.clone(),
             delivery: delivery.clone(),
             revocations: revocations.clone(),
             metrics: metrics.clone(),
+            targets: targets.clone(),
         });
         if let Some(nats) = &nats {
             nats.attach(&node);
@@ -300,6 +314,10 @@ impl Server {
             metrics,
             shutdown: CancellationToken::new(),
             sockets: TaskTracker::new(),
+            keys: keys.clone(),
+            targets,
+            providers,
+            push_allow,
             scheduler,
             clock: Arc::new(SystemClock),
         };
@@ -453,6 +471,54 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// INTERIM, until the providers are merged (see its one caller): each
+/// configured kind gets a provider that sends nothing, so that targets can
+/// be registered and tested; the VAPID public key is the configured key's,
+/// or a random one's.
+fn interim_providers(config: &Config) -> Providers {
+    use crate::push::provider::{Outcome, Provider, Urgency};
+    use crate::push::target::{Kind, Target};
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+    use p256::pkcs8::DecodePrivateKey;
+
+    struct Unsent(Kind);
+    #[async_trait::async_trait]
+    impl Provider for Unsent {
+        fn kind(&self) -> Kind {
+            self.0
+        }
+        async fn wake(&self, _target: &Target, _urgency: Urgency) -> Outcome {
+            Outcome::Transient("interim provider: sends nothing".into())
+        }
+    }
+    let push = &config.push;
+    let mut providers = Providers::default();
+    if push.vapid_subject.is_some() {
+        let key = push
+            .vapid_key
+            .as_ref()
+            .and_then(|pem| std::str::from_utf8(pem.expose()).ok())
+            .and_then(|pem| p256::SecretKey::from_pkcs8_pem(pem).ok())
+            .unwrap_or_else(|| {
+                let bytes: [u8; 32] = rand::random();
+                p256::SecretKey::from_slice(&bytes).expect("a random scalar")
+            });
+        let point = key.public_key().to_encoded_point(false);
+        providers.vapid_public_key = Some(base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            point.as_bytes(),
+        ));
+        providers.webpush = Some(Arc::new(Unsent(Kind::WebPush)));
+    }
+    if push.apns_key_file.is_some() && push.apns_key_id.is_some() && push.apns_team_id.is_some() {
+        providers.apns = Some(Arc::new(Unsent(Kind::Apns)));
+    }
+    if push.fcm_credentials_file.is_some() {
+        providers.fcm = Some(Arc::new(Unsent(Kind::Fcm)));
+    }
+    providers
 }
 
 fn nodelay(tcp: &mut TcpStream) {

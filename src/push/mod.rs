@@ -21,6 +21,9 @@
 //!   durable, taken by any node), coalescing and cool-downs, retries.
 
 pub mod config;
+pub mod guard;
+pub mod http;
 pub mod provider;
 pub mod scheduler;
 pub mod target;
+pub mod targets;

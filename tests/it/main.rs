@@ -33,6 +33,8 @@ mod metrics;
 mod migration;
 mod openapi;
 mod props;
+mod push_store;
+mod push_targets;
 mod protocol_edges;
 mod retries;
 mod sealed;

@@ -53,6 +53,7 @@ use uuid::Uuid;
 
 use super::provider::Providers;
 use super::target::{Kind, Target};
+use super::targets::{TargetState, Targets};
 use crate::clock::Clock;
 use crate::cluster::Broker;
 use crate::delivery::listeners::{CommitListener, Committed};
@@ -60,7 +61,8 @@ use crate::error::Result;
 use crate::hub::Hub;
 use crate::logging::Throttle;
 use crate::metrics::Metrics;
-use crate::store::push::{Coalescing, PushStore};
+use crate::seal::KeyRing;
+use crate::store::push::{Coalescing, PushStore, StoredTarget};
 use crate::store::{DeviceId, Message};
 
 /// Devices marked and not yet looked at by the worker. The worker takes
@@ -74,7 +76,7 @@ use crate::store::{DeviceId, Message};
 pub const MAX_DIRTY: usize = 65_536;
 
 /// Who has a push target, without asking the database on every message:
-/// [`crate::push::targets::Targets`] in production.
+/// [`NodeTargets`] in production.
 #[async_trait]
 pub trait TargetDirectory: Send + Sync {
     /// The kind of the device's live target, if it has one (not none, not
@@ -94,9 +96,36 @@ pub trait Presence: Send + Sync {
 
 /// Opens a stored target (sealed at rest, bound to its device).
 pub trait OpenTarget: Send + Sync {
-    /// `None` when it does not open (a key gone, a row altered): the
-    /// caller logs it without its content.
-    fn open(&self, user: Uuid, device: DeviceId, sealed: &[u8]) -> Option<Target>;
+    /// `None` when it does not open (a key gone, a row altered).
+    fn open(&self, user: Uuid, device: DeviceId, stored: &StoredTarget) -> Option<Target>;
+}
+
+/// The storage keys open targets as they sealed them
+/// ([`Target::open`], which logs a failure without the content).
+impl OpenTarget for KeyRing {
+    fn open(&self, user: Uuid, device: DeviceId, stored: &StoredTarget) -> Option<Target> {
+        Target::open(self, user, device, stored)
+    }
+}
+
+/// The node's [`Targets`] cache; a drop is announced to the other nodes.
+pub struct NodeTargets {
+    pub targets: Arc<Targets>,
+    pub broker: Arc<dyn Broker>,
+}
+
+#[async_trait]
+impl TargetDirectory for NodeTargets {
+    async fn live(&self, user: Uuid, device: DeviceId) -> Result<Option<Kind>> {
+        Ok(match self.targets.state(user, device).await? {
+            TargetState::Live { kind, .. } => Some(kind),
+            TargetState::None | TargetState::Dropped => None,
+        })
+    }
+
+    fn changed(&self, user: Uuid) {
+        self.targets.changed_everywhere(user, self.broker.as_ref());
+    }
 }
 
 /// The node's presence: its own hub first (no network), then the broker

@@ -63,8 +63,8 @@ impl Presence for Sockets {
 struct Plain;
 
 impl OpenTarget for Plain {
-    fn open(&self, _user: Uuid, _device: DeviceId, sealed: &[u8]) -> Option<Target> {
-        serde_json::from_slice(sealed).ok()
+    fn open(&self, _user: Uuid, _device: DeviceId, stored: &StoredTarget) -> Option<Target> {
+        serde_json::from_slice(&stored.sealed).ok()
     }
 }
 
