@@ -17,7 +17,7 @@ use anyhow::Context;
 use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use crate::api;
@@ -26,6 +26,7 @@ use crate::auth::password::{Cost, Passwords};
 use crate::auth::secret;
 use crate::auth::sessions::Revocations;
 use crate::auth::token::Tokens;
+use crate::clock::Clock;
 use crate::clock::SystemClock;
 use crate::cluster::nats::NatsBroker;
 use crate::cluster::{self, Broker, Node, local::LocalBroker};
@@ -42,8 +43,8 @@ use crate::limits::sockets::SocketCaps;
 use crate::metrics::{self, Listener, Metrics};
 use crate::push::guard::AllowHosts;
 use crate::push::provider::Providers;
+use crate::push::scheduler::{self, Scheduler};
 use crate::push::targets::Targets;
-use crate::push::scheduler::Scheduler;
 use crate::seal::{self, KeyRing};
 use crate::state::AppState;
 use crate::store::deadline::Deadlined;
@@ -53,6 +54,10 @@ use crate::tls::{self, TlsListener};
 
 /// How long shutdown waits for the committer to write what it holds.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long shutdown waits for the wake-up scheduler's last round (the
+/// devices marked by the last commits, written to the database).
+const SCHEDULER_STOP: Duration = Duration::from_secs(5);
 
 /// A server that has bound its address and is ready to [`Server::run`].
 pub struct Server {
@@ -69,6 +74,9 @@ pub struct Server {
     node: Arc<Node>,
     /// The NATS broker, to flush and stop after the committer.
     nats: Option<Arc<NatsBroker>>,
+    /// The wake-up scheduler's tasks, and what stops them (dropping it
+    /// does, should the server never run).
+    scheduler: (DropGuard, scheduler::Tasks),
 }
 
 /// Opens and migrates the store `config` names.
@@ -205,9 +213,49 @@ impl Server {
             config.access_token_ttl,
             config.refresh_token_ttl,
         );
-        // INTEGRATOR: the real scheduler once push targets are stored (see
-        // `push::scheduler::Scheduler::spawn`).
-        let scheduler = Scheduler::off(metrics.clone());
+        let hub = Hub::new(
+            config.ws_queue as usize,
+            config.max_connections_per_user as usize,
+            metrics.clone(),
+        );
+        let targets = Arc::new(Targets::new(store.clone()));
+        let push_allow = Arc::new(AllowHosts::parse(&config.push.push_allow_hosts).map_err(
+            |message| anyhow::anyhow!("{}: {message}", both_names("SEALPOST_PUSH_ALLOW_HOSTS")),
+        )?);
+        let mut providers = crate::push::build_providers(&config, push_allow.clone())?;
+        // INTEGRATOR: drop once the native providers (branch `native`) are
+        // in `build_providers`.
+        interim_providers(&config, &mut providers);
+        // The scheduler is a post-commit listener: made before the
+        // committer, stopped after it has drained (its last commits are
+        // scheduled, in the database, for whichever node sends them).
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let scheduler_stop = CancellationToken::new();
+        let (scheduler, scheduler_tasks) = Scheduler::spawn(
+            scheduler::Parts {
+                store: store.clone(),
+                targets: Arc::new(scheduler::NodeTargets {
+                    targets: targets.clone(),
+                    broker: broker.clone(),
+                }),
+                presence: Arc::new(scheduler::NodePresence {
+                    hub: hub.clone(),
+                    broker: broker.clone(),
+                }),
+                opener: keys.clone(),
+                providers: providers.clone(),
+                metrics: metrics.clone(),
+                clock: clock.clone(),
+            },
+            scheduler::Timing {
+                after_close: config.push.wakeup_after_close,
+                cooldown: config.push.wakeup_cooldown,
+                quiet: config.push.wakeup_quiet_interval,
+                push_timeout: config.push.push_timeout,
+                clustered: !broker.alone(),
+            },
+            scheduler_stop.clone(),
+        );
         let (committer, committer_task) = Committer::spawn(
             store.clone(),
             keys.clone(),
@@ -215,11 +263,6 @@ impl Server {
             config.delivery_receipts,
             delivery::listeners::with_broker(&broker, [scheduler.clone() as _]),
             config.ack_window,
-        );
-        let hub = Hub::new(
-            config.ws_queue as usize,
-            config.max_connections_per_user as usize,
-            metrics.clone(),
         );
         let limits = delivery::Limits {
             max_body_bytes: config.max_body_bytes as usize,
@@ -277,16 +320,6 @@ impl Server {
             None => None,
         };
         let (delivery, revocations) = (Arc::new(delivery), Arc::new(revocations));
-        let targets = Arc::new(Targets::new(store.clone()));
-        let push_allow = Arc::new(
-            AllowHosts::parse(&config.push.push_allow_hosts).map_err(|message| {
-                anyhow::anyhow!("{}: {message}", both_names("SEALPOST_PUSH_ALLOW_HOSTS"))
-            })?,
-        );
-        // INTEGRATOR: replace with `crate::push::build_providers(&config,
-        // push_allow.clone())?` once the providers (branches `webpush`,
-        // `native`) are merged, and delete `interim_providers`.
-        let providers = interim_providers(&config);
         let node = Arc::new(Node {
             hub: hub.clone(),
             delivery: delivery.clone(),
@@ -319,7 +352,7 @@ impl Server {
             providers,
             push_allow,
             scheduler,
-            clock: Arc::new(SystemClock),
+            clock,
         };
         Ok(Self {
             listener,
@@ -330,6 +363,7 @@ impl Server {
             committer: committer_task,
             node,
             nats,
+            scheduler: (scheduler_stop.drop_guard(), scheduler_tasks),
         })
     }
 
@@ -365,6 +399,7 @@ impl Server {
             committer,
             node,
             nats,
+            scheduler: (scheduler_stop, scheduler_tasks),
         } = self;
         let addr = listener.local_addr()?;
         let background = CancellationToken::new();
@@ -460,6 +495,16 @@ impl Server {
             Ok(_) => {}
             Err(_) => tracing::error!("committer did not drain in time"),
         }
+        // Its last commits are scheduled for wake-ups (in the database) by
+        // the scheduler's last round; in-flight wake-ups come due again
+        // after their lease.
+        drop(scheduler_stop);
+        if tokio::time::timeout(SCHEDULER_STOP, scheduler_tasks.join())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the wake-up scheduler did not stop in time");
+        }
         // Its last commits are in the broker's outbox: send them.
         if let Some(nats) = nats {
             nats.close().await;
@@ -473,15 +518,12 @@ impl Server {
     }
 }
 
-/// INTERIM, until the providers are merged (see its one caller): each
-/// configured kind gets a provider that sends nothing, so that targets can
-/// be registered and tested; the VAPID public key is the configured key's,
-/// or a random one's.
-fn interim_providers(config: &Config) -> Providers {
+/// INTERIM, until the native providers are merged (see its one caller):
+/// APNs and FCM, when configured, get a provider that sends nothing, so
+/// that their targets can be registered and tested.
+fn interim_providers(config: &Config, providers: &mut Providers) {
     use crate::push::provider::{Outcome, Provider, Urgency};
     use crate::push::target::{Kind, Target};
-    use p256::elliptic_curve::sec1::ToEncodedPoint;
-    use p256::pkcs8::DecodePrivateKey;
 
     struct Unsent(Kind);
     #[async_trait::async_trait]
@@ -490,35 +532,20 @@ fn interim_providers(config: &Config) -> Providers {
             self.0
         }
         async fn wake(&self, _target: &Target, _urgency: Urgency) -> Outcome {
-            Outcome::Transient("interim provider: sends nothing".into())
+            Outcome::Config("interim provider: sends nothing".into())
         }
     }
     let push = &config.push;
-    let mut providers = Providers::default();
-    if push.vapid_subject.is_some() {
-        let key = push
-            .vapid_key
-            .as_ref()
-            .and_then(|pem| std::str::from_utf8(pem.expose()).ok())
-            .and_then(|pem| p256::SecretKey::from_pkcs8_pem(pem).ok())
-            .unwrap_or_else(|| {
-                let bytes: [u8; 32] = rand::random();
-                p256::SecretKey::from_slice(&bytes).expect("a random scalar")
-            });
-        let point = key.public_key().to_encoded_point(false);
-        providers.vapid_public_key = Some(base64::Engine::encode(
-            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
-            point.as_bytes(),
-        ));
-        providers.webpush = Some(Arc::new(Unsent(Kind::WebPush)));
-    }
-    if push.apns_key_file.is_some() && push.apns_key_id.is_some() && push.apns_team_id.is_some() {
+    if providers.apns.is_none()
+        && push.apns_key_file.is_some()
+        && push.apns_key_id.is_some()
+        && push.apns_team_id.is_some()
+    {
         providers.apns = Some(Arc::new(Unsent(Kind::Apns)));
     }
-    if push.fcm_credentials_file.is_some() {
+    if providers.fcm.is_none() && push.fcm_credentials_file.is_some() {
         providers.fcm = Some(Arc::new(Unsent(Kind::Fcm)));
     }
-    providers
 }
 
 fn nodelay(tcp: &mut TcpStream) {

@@ -20,9 +20,9 @@ use crate::limits::sockets::SocketCaps;
 use crate::metrics::Metrics;
 use crate::push::guard::AllowHosts;
 use crate::push::provider::Providers;
+use crate::push::scheduler::Scheduler;
 use crate::push::targets::Targets;
 use crate::seal::KeyRing;
-use crate::push::scheduler::Scheduler;
 use crate::store::Store;
 
 /// Cheap to clone: every field is an `Arc`. There is no global state.

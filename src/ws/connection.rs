@@ -67,7 +67,6 @@ use super::deadline::TimedOut;
 use super::drain::{self, Chunk, Cursor, Pace};
 use super::frame::{self, ClientFrame, ServerFrame, close};
 use super::seen::Seen;
-use crate::push::targets::TargetState;
 use crate::auth::{self, token::Claims};
 use crate::cluster::Interest;
 use crate::delivery::{Address, Subscription, idempotency};
@@ -75,6 +74,7 @@ use crate::error::{Error, Result};
 use crate::hub::{Event, Kick, Outbound, Registration};
 use crate::limits::sockets::SocketPermit;
 use crate::metrics::{AuthFailure, Closed, Source};
+use crate::push::targets::TargetState;
 use crate::state::AppState;
 use crate::wire::{self, Envelope, parse_id};
 

@@ -23,6 +23,9 @@ use crate::store::push::Scheduled;
 /// without holding more than a few of the pool's connections.
 const CONCURRENCY: usize = 32;
 
+/// How long the round at shutdown may take: the server waits for it.
+const LAST_ROUND: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// How often the memo's expired entries are dropped.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -41,22 +44,32 @@ impl Worker {
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                () = stop.cancelled() => break,
+                () = stop.cancelled() => {
+                    // The last commits' devices: scheduled in the database,
+                    // where any node (or this one restarted) sends them.
+                    let marks = self.take();
+                    let _ = tokio::time::timeout(LAST_ROUND, self.round(marks)).await;
+                    break;
+                }
                 () = self.dirty.bell.notified() => {}
                 _ = sweep.tick() => {
                     self.memo().sweep(Instant::now());
                     continue;
                 }
             }
-            let marks = mem::take(
-                &mut *self
-                    .dirty
-                    .marks
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner),
-            );
+            let marks = self.take();
             self.round(marks).await;
         }
+    }
+
+    fn take(&self) -> HashMap<(Uuid, DeviceId), Mark> {
+        mem::take(
+            &mut *self
+                .dirty
+                .marks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 
     /// Looks at every device of one round, [`CONCURRENCY`] at a time.
