@@ -32,6 +32,8 @@
 pub mod accounts;
 pub mod admin;
 pub mod deadline;
+#[cfg(test)]
+pub mod memory;
 pub mod postgres;
 pub mod push;
 pub mod queue;
