@@ -6,9 +6,10 @@
 // session in IndexedDB), closes the page; Alice writes to him; the push
 // makes the worker read Bob's queue over REST, open Alice's message with
 // his device key and show it, named and in clear, as a notification
-// (`registration.getNotifications()`). It acks nothing: Bob's page, opened
-// again, still receives the message. Signed out (no session stored), a
-// push shows "New message".
+// (`registration.getNotifications()`), on the kept access token; once that
+// has run out, after a refresh whose tokens it stores for the page. It
+// acks nothing: Bob's page, opened again, still receives the message.
+// Signed out (no session stored), a push shows "New message".
 //
 // Needs a server with SEALPOST_DEMO=true at SEALPOST_DEMO_PUSH_URL and
 // Debian's chromium (CHROMIUM, default /usr/bin/chromium); fails, never
@@ -48,9 +49,23 @@ test('a push to the demo\'s service worker shows the waiting message, named and 
     await say(alice, text);
     await alice.page.locator('#messages li.mine .tick:is([data-state="sent"], [data-state="delivered"])').waitFor({ timeout: TIMEOUT });
 
+    const before = await storedTokens(bob);
     await bob.cdp.send('ServiceWorker.deliverPushMessage', { origin, registrationId, data: '{"type":"wake"}' });
     const shown = await notifications(bob, (list) => list.length > 0);
     assert.deepEqual(shown.map((n) => [n.title, n.body]), [[alice.name, text]], JSON.stringify(shown));
+    // On the kept access token: no refresh spent.
+    assert.equal((await storedTokens(bob)).refreshToken, before.refreshToken);
+
+    // The kept access token has run out: the worker refreshes (in the
+    // tabs' lock) and stores the new tokens for the page and the next push.
+    await clearNotifications(bob);
+    await storeTokens(bob, { ...before, expiresAt: Date.now() - 1000 });
+    await bob.cdp.send('ServiceWorker.deliverPushMessage', { origin, registrationId, data: '{"type":"wake"}' });
+    const again = await notifications(bob, (list) => list.length > 0);
+    assert.deepEqual(again.map((n) => [n.title, n.body]), [[alice.name, text]], JSON.stringify(again));
+    const after = await storedTokens(bob);
+    assert.notEqual(after.refreshToken, before.refreshToken, 'the refreshed tokens are stored');
+    assert.ok(after.expiresAt > Date.now(), JSON.stringify({ expiresAt: after.expiresAt }));
 
     // Not acked by the worker: the page, opened again, receives it.
     await clearNotifications(bob);
@@ -139,6 +154,32 @@ async function notifications({ page }, ready) {
     assert.ok(Date.now() < deadline, `no notification in time: ${JSON.stringify(list)}`);
     await new Promise((r) => setTimeout(r, 200));
   }
+}
+
+/** The session's tokens as the page and the worker keep them (demo/store.js). */
+function storedTokens({ page, name }) {
+  return page.evaluate(idb, { key: `tokens:${name}` });
+}
+
+function storeTokens({ page, name }, value) {
+  return page.evaluate(idb, { key: `tokens:${name}`, value });
+}
+
+/** In the page: reads `key` of the demo's IndexedDB store, or writes `value` there. */
+function idb({ key, value }) {
+  return new Promise((resolve, reject) => {
+    const open = indexedDB.open('sealpost-demo');
+    open.onerror = () => reject(open.error);
+    open.onsuccess = () => {
+      const tx = open.result.transaction('kv', value === undefined ? 'readonly' : 'readwrite');
+      const request = value === undefined ? tx.objectStore('kv').get(key) : tx.objectStore('kv').put(value, key);
+      tx.oncomplete = () => {
+        open.result.close();
+        resolve(value === undefined ? request.result : undefined);
+      };
+      tx.onerror = () => reject(tx.error);
+    };
+  });
 }
 
 async function clearNotifications({ page }) {
