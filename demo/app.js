@@ -1,15 +1,18 @@
 // The sealpost demo page: a chat on the JavaScript client (clients/js,
 // served under /demo/client/). Everything is sealed and opened here, in the
 // browser; the server relays ciphertext. What this page keeps, it keeps in
-// this browser's localStorage: each account's device id, device keys,
-// latest refresh token and contacts, and which account is signed in, so
-// that a reload resumes the session without the password. Every tab of an
-// account is a client of one session: they refresh in turns (a Web Lock)
-// with the latest stored token (see `tokenStore`). No inline script or
-// style: the page's CSP forbids them.
+// this browser's localStorage (each account's device id, device keys and
+// contacts, and which account is signed in) and, for the service worker
+// that shows notifications while the page is closed (sw.js), in IndexedDB
+// (store.js): the same records mirrored, and the session's tokens, so that
+// a reload resumes the session without the password. Every tab of an
+// account, and the worker, is a client of one session: they refresh in
+// turns (a Web Lock) with the latest stored token (see `tokenStore`). No
+// inline script or style: the page's CSP forbids them.
 
 import sodium from './vendor/libsodium-wrappers.mjs';
 import { SealpostClient, MAX_TEXT_CHARS } from './client/index.js';
+import * as shared from './store.js';
 
 const $ = (id) => document.getElementById(id);
 const STORE = 'sealpost-demo:';
@@ -36,6 +39,10 @@ function saved(username) {
 }
 function save(username, record) {
   localStorage.setItem(STORE + username.toLowerCase(), JSON.stringify(record));
+  // The service worker's copy (it cannot read localStorage): best effort,
+  // a worker without it shows "New message".
+  const { deviceId, keys, contacts } = record;
+  shared.put(shared.accountKey(username), { username, deviceId, keys, contacts }).catch(() => {});
 }
 /** Updates the kept record of the signed-in account (if any). */
 function update(change) {
@@ -43,33 +50,30 @@ function update(change) {
   if (record) save(me.username, { ...record, ...change(record) });
 }
 /**
- * Where the tabs of one account keep its latest refresh token, and take
- * turns to refresh it. Refresh tokens are single-use: a tab that refreshed
- * with a token another tab had already spent would, after the server's
- * refresh grace, be taken for a thief, and every session of the account
- * would end. So each refresh runs in a Web Lock named for the account,
- * with the token stored last. The token has a key of its own, written only
- * here: the account's record is read, changed and written back by any tab
- * (contacts), which could put back a token already spent. A page that is
- * not a secure context has no Web Locks: it refreshes unlocked, and two
- * tabs refreshing within one grace of each other still get the same pair.
+ * Where the tabs of one account, and the service worker, keep its latest
+ * tokens and take turns to refresh them (store.js: IndexedDB, in a Web
+ * Lock named for the account). The tokens have a key of their own, written
+ * only there: the account's record is read, changed and written back by
+ * any tab (contacts), which could put back a token already spent. Pages
+ * before IndexedDB kept the refresh token in localStorage: read once, as
+ * the fallback.
  */
 function tokenStore(username) {
   const name = username.toLowerCase();
-  const key = `${STORE}${name}:refresh`;
-  return {
-    withLock: (fn) => (navigator.locks ? navigator.locks.request(`sealpost-refresh:${name}`, fn) : fn()),
-    // Pages before this key kept the token in the record.
-    load: () => localStorage.getItem(key) ?? saved(name)?.refreshToken ?? null,
-    save: (tokens) => localStorage.setItem(key, tokens.refreshToken),
-  };
+  return shared.tokenStore(name, () => localStorage.getItem(`${STORE}${name}:refresh`) ?? saved(name)?.refreshToken ?? null);
 }
-/** Ends this browser's session locally: the refresh token and the marker go; keys and contacts stay for the next sign-in. */
-function forgetSession(username) {
+/** Marks `username` signed in in this browser, for reloads and for the service worker. */
+async function markCurrent(username) {
+  localStorage.setItem(CURRENT, username);
+  await shared.put('current', username).catch(() => {});
+}
+/** Ends this browser's session locally: the tokens and the marker go; keys and contacts stay for the next sign-in. */
+async function forgetSession(username) {
   const record = saved(username);
   if (record?.refreshToken) save(username, { ...record, refreshToken: null });
   localStorage.removeItem(`${STORE}${username.toLowerCase()}:refresh`);
   localStorage.removeItem(CURRENT);
+  await Promise.all([shared.remove(shared.tokensKey(username)), shared.remove('current')]).catch(() => {});
 }
 
 let client = null;
@@ -81,6 +85,8 @@ let current = null;            // the open chat's user id
 // receipt can come before `send` resolves (it waits for the sync copy to
 // your other devices too), when the entry does not know its id yet.
 const receipted = new Set();
+/** Whether this device has a push target, as the devices' list last said. */
+let hasPushTarget = false;
 /** user id -> when we last told them we are typing. */
 const typingSent = new Map();
 
@@ -114,7 +120,7 @@ async function signIn(mode, username, password) {
     keys: c.exportKeys(),
     contacts: known?.contacts ?? [],
   });
-  localStorage.setItem(CURRENT, c.username);
+  await markCurrent(c.username);
   return c;
 }
 
@@ -128,7 +134,10 @@ async function resume() {
   const username = localStorage.getItem(CURRENT);
   const record = username && saved(username);
   const store = username && tokenStore(username);
-  if (!record || !store.load()) return null;
+  if (!record || !(await store.load())) return null;
+  // The worker's copy, for a browser whose page kept it all in localStorage.
+  save(username, record);
+  await markCurrent(username);
   for (let attempt = 0; ; attempt++) {
     setStatus('connecting', attempt === 0 ? `resuming ${username}'s session` : `the server does not answer; trying again (${attempt})`);
     try {
@@ -137,7 +146,7 @@ async function resume() {
       return await SealpostClient.resume({ baseUrl: location.origin, sodium, tokenStore: store, keys: record.keys, backoff: BACKOFF });
     } catch (err) {
       if (!err.retryable) {
-        forgetSession(username);
+        await forgetSession(username);
         sessionStorage.setItem(FLASH, `Your session ended (${err.message}): sign in again.`);
         return null;
       }
@@ -169,18 +178,102 @@ async function start(c) {
     announce(change);
     refreshDevices();
   });
-  c.on('loggedOut', () => {
+  c.on('loggedOut', async () => {
     // Signed out elsewhere, or this device was removed: nothing to resume.
-    forgetSession(me.username);
+    await forgetSession(me.username);
     sessionStorage.setItem(FLASH, 'Your session ended (signed out, or this device was removed): sign in again.');
     location.reload();
   });
+  // The push service dropped this browser's subscription: a fresh one.
+  c.on('pushDropped', () => enablePush({ renew: true }));
   setStatus('connecting', 'connecting');
   // The server's body limit, for the input's counter (the defaults until it answers).
   c.limits().then(updateCounter, () => {});
   await c.connect();
   await refreshDevices();
+  // A notification's click names the chat to open (sw.js).
+  const wanted = /^#chat=(.+)$/.exec(location.hash);
+  if (wanted) {
+    history.replaceState(null, '', location.pathname);
+    openRequested(decodeURIComponent(wanted[1]));
+  }
+  enablePush();
 }
+
+function openRequested(peer) {
+  if (!contacts.has(peer)) addContact({ id: peer, username: null });
+  openChat(peer);
+}
+
+// ---- wake-ups ----------------------------------------------------------------
+
+function pushStatus(text, on = false) {
+  const el = $('push-status');
+  el.textContent = text;
+  el.dataset.on = String(on);
+}
+
+/**
+ * Registers the service worker that shows messages as notifications while
+ * the page is closed, and, when the server sends Web Push (its VAPID key
+ * answers) and the browser can subscribe, registers the subscription as
+ * this device's push target. Every step may fail (no service workers, no
+ * push service: Chromium without Google's, notifications refused): it is
+ * said quietly, beside the devices, and the chat works as before.
+ */
+async function enablePush({ renew = false } = {}) {
+  if (!('serviceWorker' in navigator)) return pushStatus('Notifications: this browser has no service workers.');
+  let registration;
+  try {
+    // Beside the page: its scope is /demo/ without Service-Worker-Allowed.
+    registration = await navigator.serviceWorker.register('sw.js', { type: 'module' });
+  } catch (err) {
+    return pushStatus(`Notifications: no service worker (${err.message}).`);
+  }
+  let key;
+  try {
+    key = await client.vapidPublicKey();
+  } catch (err) {
+    return pushStatus(`Notifications: the server's key could not be read (${err.message}).`);
+  }
+  if (!key) return pushStatus('Notifications: this server sends no wake-ups (Web Push is off).');
+  if (!registration.pushManager) return pushStatus('Notifications: this browser has no Push API.');
+  try {
+    if (Notification.permission === 'default') await Notification.requestPermission();
+    if (Notification.permission !== 'granted') return pushStatus('Notifications: not allowed in this browser.');
+    let subscription = await registration.pushManager.getSubscription();
+    // A subscription made for another server key (the server's changed), or dropped by its service.
+    if (subscription && (renew || !sameKey(subscription.options?.applicationServerKey, key))) {
+      await subscription.unsubscribe();
+      subscription = null;
+    }
+    subscription ??= await registration.pushManager.subscribe({ userVisibleOnly: true, applicationServerKey: key });
+    await client.setPushTarget(subscription);
+    hasPushTarget = true;
+    pushStatus('Notifications: on. New messages are shown while this page is closed.', true);
+  } catch (err) {
+    pushStatus(`Notifications: off (${err.message}).`);
+  }
+}
+
+/** Whether a subscription's key (bytes) is the base64url `key`. */
+function sameKey(bytes, key) {
+  if (!bytes) return false;
+  const b64 = btoa(String.fromCharCode(...new Uint8Array(bytes))).replace(/\+/g, '-').replace(/\//g, '_').replace(/=+$/, '');
+  return b64 === key.replace(/=+$/, '');
+}
+
+/** Stops this browser's wake-ups (at sign-out): the device's target goes, if it has one, and the subscription. */
+async function disablePush() {
+  const registration = await navigator.serviceWorker?.getRegistration().catch(() => null);
+  const subscription = await registration?.pushManager?.getSubscription().catch(() => null);
+  if (subscription || hasPushTarget) await client?.deletePushTarget().catch(() => {});
+  await subscription?.unsubscribe().catch(() => {});
+}
+
+navigator.serviceWorker?.addEventListener('message', (event) => {
+  if (event.data?.type === 'open-chat' && client && typeof event.data.peer === 'string') openRequested(event.data.peer);
+});
 
 function describe(s) {
   switch (s.state) {
@@ -197,9 +290,10 @@ async function refreshDevices() {
   const list = $('devices');
   try {
     const { devices } = await client.request('GET', '/v1/devices');
+    hasPushTarget = devices.some((d) => d.current && d.push);
     list.replaceChildren(...devices.map((d) => {
       const li = document.createElement('li');
-      li.textContent = `${d.device_id}: ${d.name ?? 'unnamed'}${d.current ? ' (this browser)' : ''}`;
+      li.textContent = `${d.device_id}: ${d.name ?? 'unnamed'}${d.current ? ' (this browser)' : ''}${d.push ? ` · woken by ${d.push.kind}` : ''}`;
       li.classList.toggle('current', d.current);
       return li;
     }));
@@ -498,13 +592,15 @@ $('notice-close').addEventListener('click', () => $('notice').classList.add('hid
 $('signout').addEventListener('click', async () => {
   $('signout').disabled = true;
   try {
-    // Ends the session on the server (POST /v1/logout): its refresh token
-    // is void, not merely forgotten here.
+    // No more wake-ups for a browser nobody is signed in on; then the
+    // session ends on the server (POST /v1/logout): its refresh token is
+    // void, not merely forgotten here.
+    await disablePush();
     await client?.logout();
   } catch {
     /* the server may be down: the session is forgotten here all the same */
   }
-  forgetSession(me.username);
+  await forgetSession(me.username);
   location.reload();
 });
 

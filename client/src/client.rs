@@ -29,7 +29,7 @@ use crate::rest::Rest;
 use crate::seal::{self, MAX_TEXT_CHARS, Plaintext};
 use crate::session::{Session, SessionTokens};
 use crate::socket::{COMMANDS, Command, ConnectOptions, Driver, SendReply};
-use crate::wire::{Envelope, Limits, OwnDevice, User};
+use crate::wire::{Envelope, Limits, OwnDevice, PushInfo, PushTarget, User};
 
 /// Sends again after `devices_changed` at most this often: the devices may
 /// keep changing, and each retry costs a directory fetch.
@@ -65,6 +65,31 @@ pub struct Sent {
     /// Why the sync copy to your other devices could not be sent, if it
     /// could not; the message itself was.
     pub sync_error: Option<Error>,
+}
+
+/// How [`Client::send_with`] sends.
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    urgent: bool,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        Self { urgent: true }
+    }
+}
+
+impl SendOptions {
+    /// Whether the recipient's offline devices are woken at once, at high
+    /// priority (`true`, the default: a message a person waits for), or
+    /// at low priority and at most once per device in the server's quiet
+    /// interval (`false`: anything that can wait until the app is opened).
+    /// [`Client::send`] sends its sync copy to your other devices
+    /// non-urgent whatever this says: you wrote it, nobody waits for it.
+    pub fn urgent(mut self, urgent: bool) -> Self {
+        self.urgent = urgent;
+        self
+    }
 }
 
 /// One signed-in device. Cheap to clone: the clones share the session, the
@@ -339,6 +364,49 @@ impl Client {
             .await
     }
 
+    /// Registers where the server wakes this device when a message waits
+    /// for it and it holds no socket (`PUT /v1/devices/{id}/push`):
+    /// replaces its target, if any. The same target again is harmless.
+    /// Register again whenever the platform hands out a new token or
+    /// subscription, and after [`Event::PushTargetDropped`].
+    ///
+    /// A wake-up carries nothing (no sender, no text): on one, fetch the
+    /// queue, open it and show what it holds (`protocol.md`, "Push
+    /// targets"). Fails with [`Error::PushUnavailable`] when the server
+    /// has no provider for the target's kind, and [`Error::Invalid`]
+    /// naming the field it refuses (an endpoint that is not public
+    /// `https`, keys of the wrong size, a token that is not hex).
+    pub async fn set_push_target(&self, target: &PushTarget) -> Result<PushInfo> {
+        let rest = &self.inner.rest;
+        let device_id = self.inner.device_id;
+        self.inner
+            .authed(|token| async move { rest.set_push(&token, device_id, target).await })
+            .await
+    }
+
+    /// Removes this device's push target (`DELETE
+    /// /v1/devices/{id}/push`): it is no longer woken. Succeeds when it had
+    /// none.
+    pub async fn delete_push_target(&self) -> Result<()> {
+        let rest = &self.inner.rest;
+        let device_id = self.inner.device_id;
+        self.inner
+            .authed(|token| async move { rest.delete_push(&token, device_id).await })
+            .await
+    }
+
+    /// The server's VAPID public key (`GET /v1/push/vapid`): base64url of
+    /// an uncompressed P-256 point, a browser's `applicationServerKey` (and
+    /// a UnifiedPush distributor's VAPID key). `None` when the server does
+    /// not offer Web Push (not configured, or older than push targets).
+    pub async fn vapid_public_key(&self) -> Result<Option<String>> {
+        match self.inner.rest.vapid().await {
+            Ok(vapid) => Ok(Some(vapid.public_key)),
+            Err(Error::PushUnavailable(_) | Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Opens the WebSocket and keeps it open: messages, receipts and state
     /// changes arrive on the returned stream, and sends go over the socket
     /// from now on.
@@ -386,7 +454,15 @@ impl Client {
     /// ([`Client::limits`]) is refused before anything is sent, with
     /// [`Error::TooLarge`]; so is one over [`MAX_TEXT_CHARS`] characters,
     /// with [`Error::Invalid`].
+    ///
+    /// The message is urgent (wakes the recipient's offline devices at
+    /// once); the sync copy is not (see [`SendOptions::urgent`]).
     pub async fn send(&self, to: Uuid, text: &str) -> Result<Sent> {
+        self.send_with(to, text, &SendOptions::default()).await
+    }
+
+    /// [`Client::send`] with [`SendOptions`].
+    pub async fn send_with(&self, to: Uuid, text: &str, options: &SendOptions) -> Result<Sent> {
         let plaintext = plaintext(text)?;
         let sync = (to != self.inner.user_id).then(|| Plaintext {
             to: Some(to),
@@ -396,12 +472,23 @@ impl Client {
         // the message goes, so that neither goes without the other.
         let limits = self.inner.limits().await;
         check_size(&encode(sync.as_ref().unwrap_or(&plaintext))?, &limits)?;
-        let reply = self.inner.send_sealed(to, &plaintext, false).await?;
+        let reply = self
+            .inner
+            .send_sealed(
+                to,
+                &plaintext,
+                Kind::Stored {
+                    urgent: options.urgent,
+                },
+            )
+            .await?;
         let mut sync_error = None;
+        // Not urgent: a copy of what this user just wrote wakes their
+        // other devices at low priority, as Signal sends sync messages.
         if let Some(sync) = sync
             && let Err(e) = self
                 .inner
-                .send_sealed(self.inner.user_id, &sync, false)
+                .send_sealed(self.inner.user_id, &sync, Kind::Stored { urgent: false })
                 .await
         {
             tracing::warn!(error = %e, "the sync copy to this account's other devices failed");
@@ -420,7 +507,10 @@ impl Client {
     /// whether any connection took it.
     pub async fn send_ephemeral(&self, to: Uuid, text: &str) -> Result<bool> {
         let plaintext = plaintext(text)?;
-        let reply = self.inner.send_sealed(to, &plaintext, true).await?;
+        let reply = self
+            .inner
+            .send_sealed(to, &plaintext, Kind::Ephemeral)
+            .await?;
         Ok(reply.delivered.unwrap_or(false))
     }
 
@@ -439,7 +529,10 @@ impl Client {
             to: None,
             state: stopped.then(|| "stopped".into()),
         };
-        let reply = self.inner.send_sealed(to, &plaintext, true).await?;
+        let reply = self
+            .inner
+            .send_sealed(to, &plaintext, Kind::Ephemeral)
+            .await?;
         Ok(reply.delivered.unwrap_or(false))
     }
 
@@ -522,6 +615,14 @@ impl Client {
     pub fn close(&self) {
         self._guard.0.send_replace(true);
     }
+}
+
+/// What a send is to the server: stored (and waking offline devices,
+/// urgently or not) or ephemeral (never stored, never waking).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kind {
+    Stored { urgent: bool },
+    Ephemeral,
 }
 
 fn plaintext(text: &str) -> Result<Plaintext> {
@@ -707,8 +808,9 @@ impl Inner {
         &self,
         to: Uuid,
         plaintext: &Plaintext,
-        ephemeral: bool,
+        kind: Kind,
     ) -> Result<SendReply> {
+        let ephemeral = matches!(kind, Kind::Ephemeral);
         let bytes = encode(plaintext)?;
         check_size(&bytes, &self.limits().await)?;
         // One key for every attempt of this send. A `devices_changed`
@@ -735,7 +837,7 @@ impl Inner {
                 });
             }
             match self
-                .deliver(to, &envelopes, client_id.as_deref(), ephemeral)
+                .deliver(to, &envelopes, client_id.as_deref(), kind)
                 .await
             {
                 Err(Error::DevicesChanged { missing, extra }) if attempt < DIRECTORY_RETRIES => {
@@ -756,11 +858,12 @@ impl Inner {
         to: Uuid,
         envelopes: &[Envelope],
         client_id: Option<&str>,
-        ephemeral: bool,
+        kind: Kind,
     ) -> Result<SendReply> {
+        let ephemeral = matches!(kind, Kind::Ephemeral);
         let mut tries = 0;
         loop {
-            let error = match self.deliver_once(to, envelopes, client_id, ephemeral).await {
+            let error = match self.deliver_once(to, envelopes, client_id, kind).await {
                 Ok(reply) => return Ok(reply),
                 Err(e) => e,
             };
@@ -787,14 +890,19 @@ impl Inner {
         to: Uuid,
         envelopes: &[Envelope],
         client_id: Option<&str>,
-        ephemeral: bool,
+        kind: Kind,
     ) -> Result<SendReply> {
+        let (ephemeral, urgent) = match kind {
+            Kind::Ephemeral => (true, true),
+            Kind::Stored { urgent } => (false, urgent),
+        };
         if let Transport::Socket(socket) = self.transport() {
             let (reply, answer) = oneshot::channel();
             let command = Command::Send {
                 to,
                 envelopes: envelopes.to_vec(),
                 ephemeral,
+                urgent,
                 client_id: client_id.map(str::to_owned),
                 reply,
             };
@@ -808,7 +916,9 @@ impl Inner {
         }
         let rest = &self.rest;
         let accepted = self
-            .authed(|token| async move { rest.send(&token, to, envelopes, client_id).await })
+            .authed(
+                |token| async move { rest.send(&token, to, envelopes, client_id, urgent).await },
+            )
             .await?;
         Ok(SendReply {
             id: accepted.id,

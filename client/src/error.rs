@@ -71,6 +71,10 @@ pub enum Error {
     /// `internal`: a failure on the server (details are in its log only).
     #[error("internal server error")]
     Internal,
+    /// `push_unavailable`: this server has no provider for the push
+    /// target's kind (or no Web Push at all, for the VAPID key).
+    #[error("push unavailable: {0}")]
+    PushUnavailable(String),
     /// An error code this version of the client does not know.
     #[error("server error {code}: {message}")]
     Other { code: String, message: String },
@@ -130,6 +134,7 @@ impl Error {
             Error::TooManyConnections => "too_many_connections",
             Error::Unavailable(_) => "unavailable",
             Error::Internal => "internal",
+            Error::PushUnavailable(_) => "push_unavailable",
             Error::Other { code, .. } => code,
             _ => return None,
         })
@@ -212,6 +217,7 @@ impl WireError {
             "too_many_connections" => Error::TooManyConnections,
             "unavailable" => Error::Unavailable(self.message),
             "internal" => Error::Internal,
+            "push_unavailable" => Error::PushUnavailable(self.message),
             _ => Error::Other {
                 code: self.code,
                 message: self.message,
@@ -267,6 +273,10 @@ mod tests {
             ),
             (r#"{"code":"unavailable","message":"m"}"#, "unavailable"),
             (r#"{"code":"internal","message":"m"}"#, "internal"),
+            (
+                r#"{"code":"push_unavailable","message":"m","field":"kind"}"#,
+                "push_unavailable",
+            ),
             (r#"{"code":"brand_new","message":"m"}"#, "brand_new"),
         ];
         for (json, code) in cases {
@@ -282,6 +292,10 @@ mod tests {
             Error::Invalid { field, .. } => assert_eq!(field.as_deref(), Some("to")),
             other => panic!("{other:?}"),
         }
+        assert!(matches!(
+            wire(r#"{"code":"push_unavailable","message":"no apns"}"#),
+            Error::PushUnavailable(m) if m == "no apns"
+        ));
     }
 
     #[test]

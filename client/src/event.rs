@@ -213,6 +213,14 @@ pub enum Event {
         added: Vec<u32>,
         change: Option<DeviceChange>,
     },
+    /// This device's push target was dropped by its push service (the
+    /// subscription expired, the app was uninstalled and reinstalled, the
+    /// token was rotated): the server no longer wakes it. Told on the
+    /// `ready` of each socket until a target is registered again: get a
+    /// fresh token or subscription from the platform and
+    /// [`Client::set_push_target`](crate::Client::set_push_target). (A
+    /// polling client sees it as [`OwnDevice::push`] turned `None`.)
+    PushTargetDropped,
     /// `from` is typing to you (a `typing` plaintext), or, with `stopped`,
     /// stopped without sending. Show it for about
     /// [`TYPING_SHOWN`] after the last one, and drop

@@ -83,6 +83,27 @@
 //! - [`error`]: [`Error`], one variant per wire code.
 //! - `event`: [`Event`], [`Incoming`], [`ConnectionState`], [`Events`].
 //!
+//! # Waking the device: push targets
+//!
+//! A phone app's sockets are suspended in the background; the server wakes
+//! such a device through its platform's push service when a message waits
+//! for it and it holds no socket. Register the device's token or
+//! subscription with [`Client::set_push_target`] ([`PushTarget::apns`],
+//! [`PushTarget::fcm`], [`PushTarget::web_push`] with
+//! [`Client::vapid_public_key`] as the `applicationServerKey`), again
+//! whenever the platform rotates it, and again after
+//! [`Event::PushTargetDropped`]; [`Client::delete_push_target`] stops the
+//! wake-ups. A wake-up carries nothing: the app (its notification service
+//! extension, its background handler) resumes the session, reads the
+//! queue over REST ([`Client::poll`], or a login and one round) and shows
+//! what it opens. [`OwnDevice::push`] shows each device's target kind.
+//!
+//! Sends are urgent by default (the recipient's offline devices are woken
+//! at once); [`Client::send_with`] and [`SendOptions::urgent`] send one
+//! that can wait (woken at low priority, at most once per device in the
+//! server's quiet interval). The sync copy of a send to your other
+//! devices is always sent non-urgent.
+//!
 //! # TLS
 //!
 //! `https://` and `wss://` servers need the `rustls` feature: rustls on
@@ -106,7 +127,7 @@ mod socket;
 mod tls;
 mod wire;
 
-pub use client::{Client, Sent};
+pub use client::{Client, SendOptions, Sent};
 pub use error::{Error, Result};
 pub use event::{
     ConnectionState, DeviceChange, DeviceChangeReason, Event, Events, Incoming, TYPING_SHOWN,
@@ -116,4 +137,6 @@ pub use poll::PollOptions;
 pub use seal::{MAX_TEXT_CHARS, Unreadable};
 pub use session::SessionTokens;
 pub use socket::{ACK_DELAY, ConnectOptions};
-pub use wire::{Limits, OwnDevice, User};
+pub use wire::{
+    ApnsEnvironment, Limits, OwnDevice, PushInfo, PushKind, PushTarget, User, WebPushKeys,
+};

@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use crate::error::{Error, ErrorBody, Result, WireError};
 use crate::wire::{
-    Accepted, Acked, Directory, Envelope, Limits, Me, OwnDevice, OwnDevices, Page, Registered,
-    SendRequest, TokenPair, User,
+    Accepted, Acked, Directory, Envelope, Limits, Me, OwnDevice, OwnDevices, Page, PushInfo,
+    PushTarget, Registered, SendRequest, TokenPair, User, Vapid,
 };
 
 /// How long one request may take, connection included. A server that
@@ -153,6 +153,7 @@ impl Rest {
         to: Uuid,
         envelopes: &[Envelope],
         client_id: Option<&str>,
+        urgent: bool,
     ) -> Result<Accepted> {
         let request = self
             .http
@@ -162,8 +163,37 @@ impl Rest {
                 to,
                 envelopes,
                 client_id,
+                urgent,
             });
         json_reply(request).await
+    }
+
+    /// `PUT /v1/devices/{device_id}/push`.
+    pub async fn set_push(
+        &self,
+        token: &str,
+        device_id: u32,
+        target: &PushTarget,
+    ) -> Result<PushInfo> {
+        let path = format!("/v1/devices/{device_id}/push");
+        json_reply(
+            self.http
+                .put(self.url(&path))
+                .bearer_auth(token)
+                .json(target),
+        )
+        .await
+    }
+
+    /// `DELETE /v1/devices/{device_id}/push`.
+    pub async fn delete_push(&self, token: &str, device_id: u32) -> Result<()> {
+        let path = format!("/v1/devices/{device_id}/push");
+        empty_reply(self.http.delete(self.url(&path)).bearer_auth(token)).await
+    }
+
+    /// `GET /v1/push/vapid` (no authentication).
+    pub async fn vapid(&self) -> Result<Vapid> {
+        json_reply(self.http.get(self.url("/v1/push/vapid"))).await
     }
 
     pub async fn messages(&self, token: &str, after: Option<Uuid>, limit: u32) -> Result<Page> {

@@ -103,6 +103,8 @@ pub(crate) enum Command {
         to: Uuid,
         envelopes: Vec<Envelope>,
         ephemeral: bool,
+        /// `false`: wake offline devices at low priority.
+        urgent: bool,
         /// The send's key, kept by the caller across its retries.
         client_id: Option<String>,
         reply: oneshot::Sender<Result<SendReply>>,
@@ -331,6 +333,7 @@ impl Driver {
                 to,
                 envelopes,
                 ephemeral,
+                urgent,
                 client_id,
                 reply,
             } => {
@@ -342,6 +345,7 @@ impl Driver {
                     envelopes: &envelopes,
                     ephemeral,
                     client_id: client_id.as_deref(),
+                    urgent,
                 }
                 .to_text();
                 self.pending.insert(
@@ -406,10 +410,14 @@ impl Driver {
                 Ok(ServerFrame::Ready {
                     expires_at,
                     devices,
+                    push_dropped,
                     ..
                 }) => {
                     self.emit(Event::State(ConnectionState::Connected { expires_at }))
                         .await;
+                    if push_dropped {
+                        self.emit(Event::PushTargetDropped).await;
+                    }
                     self.acked_refs = devices.is_some();
                     // A device added or removed while no socket was open
                     // (its `devices_changed` went to no socket of ours).

@@ -167,6 +167,146 @@ pub struct OwnDevice {
     pub last_seen_at: Option<DateTime<Utc>>,
     /// This client's own device.
     pub current: bool,
+    /// The device's push target (`PUT /v1/devices/{id}/push`): its kind and
+    /// when it was registered, never the endpoint or token. `None` when it
+    /// has none, when its push service dropped it (register again), or
+    /// from a server older than push targets.
+    #[serde(default)]
+    pub push: Option<PushInfo>,
+}
+
+/// A device's push target as the server shows it: what kind, and since
+/// when. The answer of [`Client::set_push_target`](crate::Client::set_push_target).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct PushInfo {
+    pub kind: PushKind,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The push services a target can belong to, by their wire name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+pub enum PushKind {
+    /// Web Push (RFC 8030): browsers, UnifiedPush distributors.
+    #[serde(rename = "webpush")]
+    WebPush,
+    /// Apple Push Notification service.
+    #[serde(rename = "apns")]
+    Apns,
+    /// Firebase Cloud Messaging.
+    #[serde(rename = "fcm")]
+    Fcm,
+    /// A kind this version of the client does not know.
+    #[serde(other)]
+    Other,
+}
+
+/// Which APNs service knows the token: an app built for development gets
+/// sandbox tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApnsEnvironment {
+    #[default]
+    Production,
+    Sandbox,
+}
+
+/// A Web Push subscription's keys, base64url as a browser's
+/// `PushSubscription.toJSON()` gives them.
+#[derive(Clone, PartialEq, Eq, Serialize)]
+pub struct WebPushKeys {
+    /// The subscriber's P-256 public key, uncompressed (65 bytes).
+    pub p256dh: String,
+    /// The subscriber's authentication secret (16 bytes).
+    pub auth: String,
+}
+
+/// Where the server sends this device's wake-ups
+/// ([`Client::set_push_target`](crate::Client::set_push_target)). A
+/// wake-up carries nothing: on one, fetch the queue and show what it holds.
+/// `Debug` never shows the endpoint, keys or token: each is a capability
+/// to notify the device.
+#[derive(Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind")]
+#[non_exhaustive]
+pub enum PushTarget {
+    /// A Web Push subscription (a browser's, or a UnifiedPush
+    /// distributor's): an `https` endpoint and its keys.
+    #[serde(rename = "webpush")]
+    WebPush { endpoint: String, keys: WebPushKeys },
+    /// An APNs device token (hex) for the app whose bundle id is `topic`.
+    #[serde(rename = "apns")]
+    Apns {
+        token: String,
+        topic: String,
+        environment: ApnsEnvironment,
+    },
+    /// An FCM registration token.
+    #[serde(rename = "fcm")]
+    Fcm { token: String },
+}
+
+impl PushTarget {
+    /// A Web Push subscription: its endpoint and its base64url keys.
+    pub fn web_push(
+        endpoint: impl Into<String>,
+        p256dh: impl Into<String>,
+        auth: impl Into<String>,
+    ) -> Self {
+        PushTarget::WebPush {
+            endpoint: endpoint.into(),
+            keys: WebPushKeys {
+                p256dh: p256dh.into(),
+                auth: auth.into(),
+            },
+        }
+    }
+
+    /// An APNs device token (hex) of the production service for the app
+    /// `topic` (its bundle id).
+    pub fn apns(token: impl Into<String>, topic: impl Into<String>) -> Self {
+        PushTarget::Apns {
+            token: token.into(),
+            topic: topic.into(),
+            environment: ApnsEnvironment::Production,
+        }
+    }
+
+    /// An APNs device token of the sandbox service (development builds).
+    pub fn apns_sandbox(token: impl Into<String>, topic: impl Into<String>) -> Self {
+        PushTarget::Apns {
+            token: token.into(),
+            topic: topic.into(),
+            environment: ApnsEnvironment::Sandbox,
+        }
+    }
+
+    /// An FCM registration token.
+    pub fn fcm(token: impl Into<String>) -> Self {
+        PushTarget::Fcm {
+            token: token.into(),
+        }
+    }
+
+    pub fn kind(&self) -> PushKind {
+        match self {
+            PushTarget::WebPush { .. } => PushKind::WebPush,
+            PushTarget::Apns { .. } => PushKind::Apns,
+            PushTarget::Fcm { .. } => PushKind::Fcm,
+        }
+    }
+}
+
+impl fmt::Debug for PushTarget {
+    // The kind only: the rest is a capability.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PushTarget({:?})", self.kind())
+    }
+}
+
+/// `GET /v1/push/vapid`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Vapid {
+    pub public_key: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,6 +331,15 @@ pub(crate) struct SendRequest<'a> {
     /// a repeat with the first answer and stores nothing again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_id: Option<&'a str>,
+    /// `false` asks the server to wake the recipient's offline devices at
+    /// low priority (and rarely); left out when `true`, the default, so
+    /// that an older server sees the request it knows.
+    #[serde(skip_serializing_if = "is_true")]
+    pub urgent: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// `POST /v1/messages`' reply.
@@ -240,6 +389,10 @@ pub(crate) enum ServerFrame {
         /// The account's device ids, ascending; newer servers only.
         #[serde(default)]
         devices: Option<Vec<u32>>,
+        /// This device's push target was dropped by its push service
+        /// (present and `true` only then): register one again.
+        #[serde(default)]
+        push_dropped: bool,
     },
     Message(MessageView),
     Drained,
@@ -303,6 +456,9 @@ pub(crate) enum ClientFrame<'a> {
         /// As in [`SendRequest::client_id`]; `None` for ephemeral sends.
         #[serde(skip_serializing_if = "Option::is_none")]
         client_id: Option<&'a str>,
+        /// As in [`SendRequest::urgent`].
+        #[serde(skip_serializing_if = "is_true")]
+        urgent: bool,
     },
     Ack {
         /// Asks for an `acked` answer once the ack is durable; an older
@@ -438,6 +594,7 @@ mod tests {
             envelopes: &envelopes,
             ephemeral: false,
             client_id: Some("k-1"),
+            urgent: true,
         };
         assert_eq!(
             serde_json::to_value(&send).unwrap(),
@@ -449,6 +606,7 @@ mod tests {
             envelopes: &envelopes,
             ephemeral: true,
             client_id: None,
+            urgent: true,
         };
         assert_eq!(
             serde_json::to_value(&typing).unwrap(),
@@ -467,5 +625,114 @@ mod tests {
             ack.to_text(),
             format!(r#"{{"type":"ack","ref":"a-1","ids":["{to}"]}}"#)
         );
+    }
+
+    #[test]
+    fn a_send_says_urgent_only_when_it_is_not() {
+        let to = Uuid::nil();
+        let quiet = ClientFrame::Send {
+            reference: "s-3",
+            to,
+            envelopes: &[],
+            ephemeral: false,
+            client_id: Some("k-3"),
+            urgent: false,
+        };
+        assert_eq!(
+            serde_json::to_value(&quiet).unwrap(),
+            serde_json::json!({"type":"send","ref":"s-3","to":to,"envelopes":[],"client_id":"k-3","urgent":false})
+        );
+        let rest = SendRequest {
+            to,
+            envelopes: &[],
+            client_id: None,
+            urgent: false,
+        };
+        assert_eq!(
+            serde_json::to_value(&rest).unwrap(),
+            serde_json::json!({"to":to,"envelopes":[],"urgent":false})
+        );
+        let loud = SendRequest {
+            urgent: true,
+            ..rest
+        };
+        assert_eq!(
+            serde_json::to_value(&loud).unwrap(),
+            serde_json::json!({"to":to,"envelopes":[]})
+        );
+    }
+
+    #[test]
+    fn push_targets_are_written_as_the_protocol_says() {
+        let web = PushTarget::web_push("https://push.example/abc", "BP-key", "auth-secret");
+        assert_eq!(
+            serde_json::to_value(&web).unwrap(),
+            serde_json::json!({"kind":"webpush","endpoint":"https://push.example/abc","keys":{"p256dh":"BP-key","auth":"auth-secret"}})
+        );
+        assert_eq!(
+            serde_json::to_value(PushTarget::apns("0a1b", "com.example.app")).unwrap(),
+            serde_json::json!({"kind":"apns","token":"0a1b","topic":"com.example.app","environment":"production"})
+        );
+        assert_eq!(
+            serde_json::to_value(PushTarget::apns_sandbox("0a1b", "com.example.app")).unwrap()["environment"],
+            "sandbox"
+        );
+        assert_eq!(
+            serde_json::to_value(PushTarget::fcm("tok:en")).unwrap(),
+            serde_json::json!({"kind":"fcm","token":"tok:en"})
+        );
+        // Capabilities never reach a log.
+        let shown = format!("{web:?} {:?}", PushTarget::fcm("secret-token"));
+        assert!(
+            !shown.contains("push.example") && !shown.contains("secret-token"),
+            "{shown}"
+        );
+        assert_eq!(shown, "PushTarget(WebPush) PushTarget(Fcm)");
+    }
+
+    #[test]
+    fn reads_push_fields_and_does_without_them() {
+        let listed: OwnDevices = serde_json::from_str(
+            r#"{"devices":[
+                {"device_id":1,"name":null,"public_key":"k","created_at":"2026-11-24T09:12:17.452Z","last_seen_at":null,"current":true,
+                 "push":{"kind":"webpush","updated_at":"2026-11-24T09:12:18.001Z"}},
+                {"device_id":2,"name":"x","public_key":"k","created_at":"2026-11-24T09:12:17.452Z","last_seen_at":null,"current":false,"push":null},
+                {"device_id":3,"name":"x","public_key":"k","created_at":"2026-11-24T09:12:17.452Z","last_seen_at":null,"current":false,
+                 "push":{"kind":"pigeon","updated_at":"2026-11-24T09:12:18Z"}},
+                {"device_id":4,"name":"old","public_key":"k","created_at":"2026-11-24T09:12:17.452Z","last_seen_at":null,"current":false}
+            ]}"#,
+        )
+        .unwrap();
+        let push: Vec<Option<PushKind>> = listed
+            .devices
+            .iter()
+            .map(|d| d.push.as_ref().map(|p| p.kind))
+            .collect();
+        assert_eq!(
+            push,
+            [Some(PushKind::WebPush), None, Some(PushKind::Other), None]
+        );
+        let ready = |extra: &str| {
+            serde_json::from_str::<ServerFrame>(&format!(
+                r#"{{"type":"ready","user_id":"8d2f6c1e-0b7a-4f34-9a1d-2c5e7b9f0a13","device_id":1,"expires_at":"2026-11-24T09:42:17Z"{extra}}}"#
+            ))
+            .unwrap()
+        };
+        assert!(matches!(
+            ready(r#","push_dropped":true"#),
+            ServerFrame::Ready {
+                push_dropped: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            ready(""),
+            ServerFrame::Ready {
+                push_dropped: false,
+                ..
+            }
+        ));
+        let vapid: Vapid = serde_json::from_str(r#"{"public_key":"BPk"}"#).unwrap();
+        assert_eq!(vapid.public_key, "BPk");
     }
 }

@@ -27,7 +27,9 @@ export type WireErrorCode =
   /** 503: database unreachable, shutting down, or a message cannot be read now. Retryable. */
   | 'unavailable'
   /** 500: a server bug. Retryable. */
-  | 'internal';
+  | 'internal'
+  /** 422 (a push target's `kind`) or 404 (the VAPID key): the server has no provider of that kind. */
+  | 'push_unavailable';
 
 /** Codes the library raises itself, with no server reply. */
 export type ClientErrorCode =
@@ -294,7 +296,26 @@ export interface OwnDevice {
   created_at: string;
   last_seen_at: string;
   current: boolean;
+  /** The device's push target (kind and since when, never the endpoint or token); null when it has none or its push service dropped it; absent from a server older than push targets. */
+  push?: { kind: PushKind; updated_at: string } | null;
 }
+
+export type PushKind = 'webpush' | 'apns' | 'fcm' | (string & {});
+
+/** A browser's `PushSubscription.toJSON()` (a `webpush` target). */
+export interface WebPushSubscriptionJSON {
+  endpoint: string;
+  keys: { p256dh: string; auth: string };
+  expirationTime?: number | null;
+}
+
+/** Where the server wakes a device: a Web Push subscription (a browser's PushSubscription, or its JSON), or a target with its `kind`. */
+export type PushTarget =
+  | { toJSON(): WebPushSubscriptionJSON }
+  | WebPushSubscriptionJSON
+  | ({ kind: 'webpush' } & WebPushSubscriptionJSON)
+  | { kind: 'apns'; token: string; topic: string; environment?: 'production' | 'sandbox' }
+  | { kind: 'fcm'; token: string };
 
 export type ConnectionState = 'idle' | 'connecting' | 'open' | 'drained' | 'reconnecting' | 'paused' | 'closed';
 
@@ -346,6 +367,12 @@ export interface SendOptions {
   retries?: number;
   /** Told before each wait: e.g. to show the message as pending. */
   onRetry?: (r: { error: SealpostError; attempt: number; delayMs: number }) => void;
+  /**
+   * `true` (the default): the recipient's offline devices are woken at once, at high priority. `false`: at low
+   * priority, at most once per device in the server's quiet interval (what can wait until the app is opened).
+   * The sync copy to your other devices is always non-urgent.
+   */
+  urgent?: boolean;
 }
 
 export interface TextMeasure {
@@ -378,8 +405,10 @@ export interface ClientEvents {
    * not be fetched.
    */
   devicesChanged: (x: { deviceIds: number[]; deviceId?: number; reason?: DeviceChangeReason; devices: OwnDevice[] | null }) => void;
-  /** Authenticated on a (new) connection; `devices`: the account's device ids (from a server that sends them). */
-  ready: (x: { userId: string; deviceId: number; expiresAt: string; devices?: number[] }) => void;
+  /** Authenticated on a (new) connection; `devices`: the account's device ids (from a server that sends them); `pushDropped`: see the `pushDropped` event. */
+  ready: (x: { userId: string; deviceId: number; expiresAt: string; devices?: number[]; pushDropped?: true }) => void;
+  /** This device's push target was dropped by its push service (on each `ready` until it registers again): get a fresh subscription or token and `setPushTarget` it. */
+  pushDropped: (x: { deviceId: number }) => void;
   /** `typing: true` when a user starts typing to you, `false` when they stop (5 s after the last `typing`, a `stopped`, or their text arrives). */
   typing: (x: { from: string; fromDevice?: number; typing: boolean }) => void;
   state: (s: StateEvent) => void;
@@ -402,8 +431,12 @@ export class SealpostClient {
   static login(opts: ClientOptions & Credentials & { deviceId?: number; keys: ImportableKeys }): Promise<SealpostClient>;
   /** Adds a device (`POST /v1/devices`) and logs in as it; persist `deviceId` and `exportKeys()`. */
   static addDevice(opts: ClientOptions & Credentials & { name?: string; keys?: ImportableKeys }): Promise<SealpostClient>;
-  /** Resumes from a persisted refresh token (spends it); with a `tokenStore`, from the latest one stored there. */
-  static resume(opts: ClientOptions & ({ refreshToken: string } | { tokenStore: TokenStore; refreshToken?: string }) & { keys: ImportableKeys }): Promise<SealpostClient>;
+  /**
+   * Resumes from a persisted refresh token (spends it); with a `tokenStore`, from the latest one stored there.
+   * Given `tokens` (all of `tokens()`, kept) whose access token has a minute or more left, starts on it and
+   * spends nothing (a service worker woken by a push).
+   */
+  static resume(opts: ClientOptions & ({ refreshToken: string } | { tokenStore: TokenStore; refreshToken?: string } | { tokens: Tokens; tokenStore?: TokenStore }) & { keys: ImportableKeys }): Promise<SealpostClient>;
 
   private constructor();
 
@@ -472,8 +505,21 @@ export class SealpostClient {
 
   /** `GET /v1/devices` (names, times), refreshing your own directory. */
   devices(): Promise<OwnDevice[]>;
+  /**
+   * `PUT /v1/devices/{id}/push`: where the server wakes this device when a message waits and it holds no
+   * socket (replaces its target; idempotent). Rejects `push_unavailable` (no provider of that kind) or
+   * `invalid` with `field`.
+   */
+  setPushTarget(target: PushTarget): Promise<{ kind: PushKind; updatedAt: string }>;
+  /** `DELETE /v1/devices/{id}/push`; resolves when there was none too. */
+  deletePushTarget(): Promise<void>;
+  /** `GET /v1/push/vapid`: the base64url `applicationServerKey`, or null when the server offers no Web Push. */
+  vapidPublicKey(): Promise<string | null>;
   /** `POST /v1/logout`, then `close()`. */
   logout(): Promise<void>;
   /** Stops socket, polling and timers; writes pending acks first, best effort. */
   close(): Promise<void>;
 }
+
+/** The body of `PUT /v1/devices/{id}/push` for a target (a PushSubscription becomes `{kind: "webpush", ...}`). */
+export function pushTargetBody(target: PushTarget): Record<string, unknown>;

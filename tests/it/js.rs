@@ -28,6 +28,7 @@ backend_tests!(
     js_client_suite,
     demo_page_in_a_browser,
     demo_tabs_share_a_session,
+    demo_service_worker_shows_a_push,
     rust_and_js_clients_talk_both_ways,
 );
 
@@ -197,6 +198,30 @@ async fn demo_tabs_share_a_session(backend: Backend) {
         &["tabs.test.js"],
         &[
             ("SEALPOST_DEMO_TABS_URL", server.api.base.clone()),
+            ("CHROMIUM", chromium.display().to_string()),
+        ],
+    )
+    .await;
+    server.stop().await;
+}
+
+/// The demo's service worker in Chromium: a push delivered to it through
+/// the DevTools protocol (Chromium cannot subscribe without Google's push
+/// service) while a message waits in the queue makes it read the queue
+/// over REST with the session the page stored, open the message and show
+/// it as a notification with the sender's name and text; with no session
+/// stored (signed out), "New message".
+async fn demo_service_worker_shows_a_push(backend: Backend) {
+    let dir = npm_ready("demo/test").await;
+    let chromium = tokio::task::spawn_blocking(toolchain::chromium)
+        .await
+        .expect("Chromium lookup task");
+    let server = TestServer::start_on(TestDb::new(backend).await, &["--demo", "true"]).await;
+    node_test(
+        &dir,
+        &["push.test.js"],
+        &[
+            ("SEALPOST_DEMO_PUSH_URL", server.api.base.clone()),
             ("CHROMIUM", chromium.display().to_string()),
         ],
     )

@@ -26,6 +26,8 @@ import { sealBody, encodePlaintext, textLength, MAX_TEXT_CHARS } from './body.js
 export const DEVICES_CHANGED_RETRIES = 3;
 /** Resends after a dropped connection, a timeout or a 5xx: the same envelopes under the same `client_id`, which the server answers with its first answer if it took the send. The default of `send`'s `retries`. */
 export const TRANSIENT_RETRIES = 4;
+/** A kept access token with less than this left is not used by `resume`: its first requests would find it expired. */
+export const RESUME_MARGIN_MS = 60_000;
 /** A UUID's width, to measure a plaintext before its ids are drawn. */
 const SAMPLE_UUID = '00000000-0000-4000-8000-000000000000';
 
@@ -51,7 +53,32 @@ export const DEFAULT_POLL_INTERVAL_MS = 3_000;
  * @property {string} [clientId] a client message id to reuse (an app-level retry: encrypted and sent anew, receivers drop the copy they already showed)
  * @property {number} [retries] resends after transient failures (TRANSIENT_RETRIES by default); `Infinity` waits out a server that is down, resending the same ciphertext under the same `client_id` until it is taken
  * @property {(r: {error: SealpostError, attempt: number, delayMs: number}) => void} [onRetry] told before each wait, e.g. to show the message as pending
+ * @property {boolean} [urgent] `true` (the default): the recipient's offline devices are woken at once, at high priority; `false`: at low priority, at most once per device in the server's quiet interval, for what can wait until the app is opened. The sync copy to your other devices is always sent non-urgent.
  */
+
+/** A push target's fields that a browser's `PushSubscription.toJSON()` gives, and the server takes. */
+const WEBPUSH_FIELDS = ['endpoint', 'keys', 'expirationTime'];
+
+/**
+ * The body of `PUT /v1/devices/{id}/push` for `target`: a browser's
+ * PushSubscription (or its `toJSON()`), which becomes a `webpush` target,
+ * or an object with its `kind` (`webpush`, `apns`, `fcm`) as protocol.md
+ * has it.
+ */
+export function pushTargetBody(target) {
+  if (target === null || typeof target !== 'object') throw new TypeError('a push target is a PushSubscription or an object with a kind');
+  const json = typeof target.toJSON === 'function' ? target.toJSON() : target;
+  if (json.kind === undefined) {
+    if (typeof json.endpoint !== 'string' || typeof json.keys !== 'object' || json.keys === null) {
+      throw new TypeError('a push target without a kind must be a Web Push subscription (endpoint and keys)');
+    }
+    const body = { kind: 'webpush' };
+    for (const field of WEBPUSH_FIELDS) if (json[field] !== undefined) body[field] = json[field];
+    return body;
+  }
+  if (typeof json.kind !== 'string') throw new TypeError('a push target\'s kind is a string');
+  return { ...json };
+}
 
 /**
  * @typedef {object} ClientOptions
@@ -153,16 +180,33 @@ export class SealpostClient extends Emitter {
 
   /**
    * Resumes a session from a persisted refresh token (`client.tokens()`),
-   * without the password. The token is spent; persist the new one
-   * (`tokens` event). With a `tokenStore`, in its lock, from the latest
+   * without the password. Given `tokens` (all of what `tokens()` returns,
+   * kept) whose access token has a minute or more left, starts on it and
+   * spends nothing. Otherwise the refresh token is spent; persist the new
+   * one (`tokens` event). With a `tokenStore`, in its lock, from the latest
    * token stored there (`refreshToken` is then only the fallback, and may
    * be left out), and the new one is saved there.
-   * @param {ClientOptions & {refreshToken?: string, keys: any}} opts
+   * @param {ClientOptions & {refreshToken?: string, tokens?: import('./session.js').Tokens, keys: any}} opts
    */
   static async resume(opts) {
     const { sodium, rest } = await setup(opts);
     const keys = importDeviceKeys(sodium, opts.keys);
     const store = opts.tokenStore;
+    const kept = opts.tokens;
+    if (kept && typeof kept.accessToken === 'string' && typeof kept.refreshToken === 'string'
+      && typeof kept.deviceId === 'number' && kept.expiresAt - Date.now() >= RESUME_MARGIN_MS) {
+      // An access token with a minute or more left is used as it is: no
+      // refresh spent (a service worker woken by a push, a process that
+      // restarted). A 401 on it refreshes as ever, in the store's lock.
+      const pair = {
+        access_token: kept.accessToken,
+        refresh_token: kept.refreshToken,
+        expires_in: (kept.expiresAt - Date.now()) / 1000,
+        device_id: kept.deviceId,
+        ...(typeof kept.userId === 'string' ? { user_id: kept.userId } : {}),
+      };
+      return SealpostClient._start(opts, sodium, rest, pair, keys, undefined, { saved: true });
+    }
     const own = () => {
       if (typeof opts.refreshToken !== 'string' || opts.refreshToken === '') {
         throw new SealpostError('unauthorized', store ? 'no refresh token: none given, and none in the token store' : 'no refresh token given');
@@ -331,7 +375,11 @@ export class SealpostClient extends Emitter {
     socket.on('serverError', (err) => this.emit('error', err));
     socket.on('ready', (f) => {
       const devices = Array.isArray(f.devices) ? f.devices : undefined;
-      this.emit('ready', { userId: f.user_id, deviceId: f.device_id, expiresAt: f.expires_at, ...(devices ? { devices } : {}) });
+      const pushDropped = f.push_dropped === true;
+      this.emit('ready', { userId: f.user_id, deviceId: f.device_id, expiresAt: f.expires_at, ...(devices ? { devices } : {}), ...(pushDropped ? { pushDropped } : {}) });
+      // The push service dropped this device's target: the server wakes
+      // it no more until it registers again (setPushTarget).
+      if (pushDropped) this.emit('pushDropped', { deviceId: f.device_id });
       // Devices added or removed while this one was offline: the frame
       // that said so went to nobody, so compare with what we last knew.
       const known = this.directory.cached(this.userId)?.devices.map((d) => d.deviceId);
@@ -588,19 +636,22 @@ export class SealpostClient extends Emitter {
     const clientId = opts.clientId ?? randomUuid(this._sodium);
     const ts = Date.now();
     const retry = { retries: opts.retries, onRetry: opts.onRetry };
+    const urgent = opts.urgent ?? true;
     // The sync copy also names the peer, so it is the larger of the two:
     // checked before either is sealed, a message never goes out without it.
     checkSealedSize(encodePlaintext({ type: 'text', id: clientId, ts, text, to: userId }), (await this._currentLimits()).max_body_bytes);
     if (userId === this.userId) {
       // A note to yourself: the sync copy is the message.
-      const r = await this._sendSealed(userId, { type: 'text', id: clientId, ts, text, to: userId }, false, retry);
+      const r = await this._sendSealed(userId, { type: 'text', id: clientId, ts, text, to: userId }, false, { ...retry, urgent });
       return { id: r?.id ?? null, sentAt: r?.sentAt ?? null, clientId, envelopes: r?.envelopes ?? [], sync: null };
     }
-    const main = await this._sendSealed(userId, { type: 'text', id: clientId, ts, text }, false, retry);
+    const main = await this._sendSealed(userId, { type: 'text', id: clientId, ts, text }, false, { ...retry, urgent });
     let sync = null;
     let syncError;
     try {
-      sync = await this._sendSealed(this.userId, { type: 'text', id: clientId, ts, text, to: userId }, false, retry);
+      // Not urgent: you wrote it, nobody waits for it on your other
+      // devices (Signal sends its sync messages so).
+      sync = await this._sendSealed(this.userId, { type: 'text', id: clientId, ts, text, to: userId }, false, { ...retry, urgent: false });
     } catch (err) {
       // The message itself was accepted: report, do not throw (a retry would resend it).
       syncError = err;
@@ -657,9 +708,9 @@ export class SealpostClient extends Emitter {
    * `devices_changed` re-encrypts, under the same key: that refusal stored
    * nothing and recorded no key. Ephemeral sends are never stored and
    * carry none.
-   * @param {{retries?: number, onRetry?: SendOptions['onRetry']}} [retry]
+   * @param {{retries?: number, onRetry?: SendOptions['onRetry'], urgent?: boolean}} [retry]
    */
-  async _sendSealed(to, plaintext, ephemeral, { retries = TRANSIENT_RETRIES, onRetry } = {}) {
+  async _sendSealed(to, plaintext, ephemeral, { retries = TRANSIENT_RETRIES, onRetry, urgent = true } = {}) {
     const bytes = encodePlaintext(plaintext);
     checkSealedSize(bytes, (await this._currentLimits()).max_body_bytes);
     const backoff = new Backoff(this._opts.backoff);
@@ -682,6 +733,8 @@ export class SealpostClient extends Emitter {
           }));
         }
         const message = clientId === undefined ? { to, envelopes } : { to, envelopes, client_id: clientId };
+        // Said only when false: an older server sees the send it knows.
+        if (!ephemeral && urgent === false) message.urgent = false;
         const sent = await this._transmit(message, ephemeral);
         // What crossed the server: for apps that show it (the demo does).
         return { ...sent, envelopes: envelopes.map((e) => ({ deviceId: e.device_id, body: e.body })) };
@@ -744,6 +797,48 @@ export class SealpostClient extends Emitter {
     const reply = await this.request('GET', '/v1/devices');
     this.directory.store(this.userId, reply.devices);
     return reply.devices;
+  }
+
+  // ---- push targets ------------------------------------------------------
+
+  /**
+   * Registers where the server wakes this device when a message waits for
+   * it and it holds no socket (`PUT /v1/devices/{id}/push`), replacing its
+   * target. `target` is a browser's PushSubscription (or its `toJSON()`),
+   * or `{kind: 'apns', token, topic, environment?}` / `{kind: 'fcm',
+   * token}`. The same target again is harmless: register on every start,
+   * and after `pushDropped`. A wake-up carries nothing: the service worker
+   * (or app extension) reads the queue and shows what it opens.
+   * Rejects with `push_unavailable` when the server has no provider of
+   * that kind, `invalid` (with `field`) for a target it refuses.
+   * @returns {Promise<{kind: string, updatedAt: string}>}
+   */
+  async setPushTarget(target) {
+    const body = pushTargetBody(target);
+    const reply = await this.request('PUT', `/v1/devices/${this.deviceId}/push`, body);
+    return { kind: reply.kind, updatedAt: reply.updated_at };
+  }
+
+  /** Removes this device's push target (`DELETE /v1/devices/{id}/push`); resolves when it had none too. */
+  async deletePushTarget() {
+    await this.request('DELETE', `/v1/devices/${this.deviceId}/push`);
+  }
+
+  /**
+   * The server's VAPID public key (`GET /v1/push/vapid`), base64url: a
+   * browser's `applicationServerKey`. Null when the server offers no Web
+   * Push (not configured, or older than push targets).
+   * @returns {Promise<string | null>}
+   */
+  async vapidPublicKey() {
+    this._checkOpen();
+    try {
+      const reply = await this._rest.request('GET', '/v1/push/vapid', { auth: false });
+      return reply.public_key;
+    } catch (err) {
+      if (err instanceof SealpostError && (err.code === 'push_unavailable' || err.code === 'not_found')) return null;
+      throw err;
+    }
   }
 
   /** Ends this session on the server (`POST /v1/logout`) and closes the client. */

@@ -20,6 +20,7 @@ export const WIRE_CODES = Object.freeze([
   'too_many_connections',
   'unavailable',
   'internal',
+  'push_unavailable',
 ]);
 
 /** Codes the library raises itself, without a server reply. */

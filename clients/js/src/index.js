@@ -16,7 +16,7 @@
 //   emitter.js   events, the same in Node and browsers
 //   sodium.js    where libsodium comes from; base64 and UUIDs
 
-export { SealpostClient, DEVICES_CHANGED_RETRIES, TRANSIENT_RETRIES, DEFAULT_POLL_INTERVAL_MS } from './client.js';
+export { SealpostClient, DEVICES_CHANGED_RETRIES, TRANSIENT_RETRIES, DEFAULT_POLL_INTERVAL_MS, pushTargetBody } from './client.js';
 export { SealpostError, WIRE_CODES, CLIENT_CODES } from './errors.js';
 export { sealBody, openBody, encodePlaintext, decodePlaintext, BodyError, BODY_VERSION, MIN_BODY_BYTES, MAX_TEXT_CHARS } from './body.js';
 export { generateDeviceKeys, exportDeviceKeys, importDeviceKeys } from './keys.js';

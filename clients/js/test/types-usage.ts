@@ -2,7 +2,7 @@
 // index.d.ts must describe how the README uses the library.
 declare const WebSocket: unknown;
 declare const console: { log(...args: unknown[]): void };
-import { SealpostClient, SealpostError, type Message, type StateEvent, type TokenStore, type Tokens } from 'sealpost-client';
+import { SealpostClient, SealpostError, pushTargetBody, type Message, type StateEvent, type TokenStore, type Tokens, type PushKind, type WebPushSubscriptionJSON } from 'sealpost-client';
 
 async function example(): Promise<void> {
   const client = await SealpostClient.register({ baseUrl: 'http://127.0.0.1:8080', username: 'alice', password: 'correct horse', WebSocket });
@@ -45,3 +45,17 @@ async function tabs(keys: { publicKey: string; secretKey: string }): Promise<voi
   console.log(tab.tokens().refreshToken, other.deviceId);
 }
 void tabs;
+
+// Push targets (issue 26).
+export async function pushUsage(client: SealpostClient, subscription: { toJSON(): WebPushSubscriptionJSON }) {
+  const key: string | null = await client.vapidPublicKey();
+  const set: { kind: PushKind; updatedAt: string } = await client.setPushTarget(subscription);
+  await client.setPushTarget({ kind: 'apns', token: '0a1b', topic: 'com.example.app', environment: 'sandbox' });
+  await client.setPushTarget({ kind: 'fcm', token: 't' });
+  await client.deletePushTarget();
+  client.on('pushDropped', ({ deviceId }) => void deviceId);
+  await client.send('u', 'later', { urgent: false });
+  const devices = await client.devices();
+  const kinds = devices.map((d) => d.push?.kind ?? null);
+  return { key, set, kinds, body: pushTargetBody({ kind: 'fcm', token: 't' }) };
+}

@@ -6,6 +6,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   Backoff, SealpostError, SealpostClient, DEFAULT_LIMITS, TYPING_SHOWN_MS, loadSodium, generateDeviceKeys, exportDeviceKeys,
+  pushTargetBody, WIRE_CODES,
 } from '../src/index.js';
 import { BoundedMap } from '../src/bounded.js';
 import { TypingTracker } from '../src/typing.js';
@@ -98,13 +99,16 @@ test('typing: shown from the first typing until 5 s pass, a stopped, or the text
  */
 function fakeServer(routes) {
   const requests = [];
+  /** [request, parsed body] of every request with a body. */
+  const bodies = [];
   const fetch = async (input, init) => {
     const key = `${init?.method ?? 'GET'} ${new URL(String(input)).pathname}`;
     requests.push(key);
+    if (typeof init?.body === 'string') bodies.push([key, JSON.parse(init.body)]);
     const [status, body] = routes[key] ?? [404, { error: { code: 'not_found', message: 'no route' } }];
     return new Response(body === null ? null : JSON.stringify(body), { status, headers: { 'content-type': 'application/json' } });
   };
-  return { fetch, requests };
+  return { fetch, requests, bodies };
 }
 
 const USER = '5b0c52f4-9d4e-4a8e-9a56-3f0a2b7d1c11';
@@ -320,4 +324,119 @@ test('token store: a failed save is reported and the session goes on; another de
   assert.equal(loggedOut.length, 1);
   assert.equal(client.tokens().refreshToken, 'r3');
   await client.close();
+});
+
+const SUBSCRIPTION = {
+  endpoint: 'https://push.example.net/send/abc',
+  expirationTime: null,
+  keys: { p256dh: 'BNcRdreALRFXTkOOUHK1EtK2wtaz5Ry4YfYCA_0QTpQtUbVlUls0VJXg7A8u-Ts1XbjhazAkj7I99e8QcYP7DkM', auth: 'tBHItJI5svbpez7KI4CCXg' },
+};
+
+test('push targets: a PushSubscription (or its JSON) is a webpush target; a kind is taken as it is', () => {
+  const subscription = { toJSON: () => SUBSCRIPTION, endpoint: 'ignored: toJSON says' };
+  assert.deepEqual(pushTargetBody(subscription), { kind: 'webpush', ...SUBSCRIPTION });
+  assert.deepEqual(pushTargetBody({ ...SUBSCRIPTION, options: { userVisibleOnly: true } }), { kind: 'webpush', ...SUBSCRIPTION });
+  assert.deepEqual(pushTargetBody({ kind: 'apns', token: '0a1b', topic: 'com.example.app' }), { kind: 'apns', token: '0a1b', topic: 'com.example.app' });
+  assert.deepEqual(pushTargetBody({ kind: 'fcm', token: 't' }), { kind: 'fcm', token: 't' });
+  assert.throws(() => pushTargetBody(null), TypeError);
+  assert.throws(() => pushTargetBody({ token: 'no kind, no endpoint' }), TypeError);
+  assert.ok(WIRE_CODES.includes('push_unavailable'));
+});
+
+test('push targets: set, delete, the VAPID key, and a server without Web Push', async () => {
+  const { client, server } = await registeredOn((publicKey) => ({
+    'POST /v1/register': [201, { id: USER, username: 'Alice', public_key: publicKey, created_at: '2026-01-01T00:00:00.000Z', device_id: 1, ...PAIR, user_id: USER }],
+    'PUT /v1/devices/1/push': [200, { kind: 'webpush', updated_at: '2026-12-07T18:00:00.123Z' }],
+    'DELETE /v1/devices/1/push': [204, null],
+    'GET /v1/push/vapid': [200, { public_key: 'BPk' }],
+  }));
+  assert.deepEqual(await client.setPushTarget({ toJSON: () => SUBSCRIPTION }), { kind: 'webpush', updatedAt: '2026-12-07T18:00:00.123Z' });
+  assert.deepEqual(server.bodies.at(-1), ['PUT /v1/devices/1/push', { kind: 'webpush', ...SUBSCRIPTION }]);
+  await client.deletePushTarget();
+  assert.equal(await client.vapidPublicKey(), 'BPk');
+  assert.deepEqual(server.requests.slice(1), ['PUT /v1/devices/1/push', 'DELETE /v1/devices/1/push', 'GET /v1/push/vapid']);
+  await client.close();
+
+  // No Web Push: the documented 404 push_unavailable, and an older server's plain 404, are both null.
+  for (const answer of [[404, { error: { code: 'push_unavailable', message: 'no webpush' } }], undefined]) {
+    const off = await registeredOn((publicKey) => ({
+      'POST /v1/register': [201, { id: USER, username: 'Alice', public_key: publicKey, created_at: '2026-01-01T00:00:00.000Z', device_id: 1, ...PAIR, user_id: USER }],
+      'PUT /v1/devices/1/push': [422, { error: { code: 'push_unavailable', message: 'this server has no apns provider configured', field: 'kind' } }],
+      ...(answer ? { 'GET /v1/push/vapid': answer } : {}),
+    }));
+    assert.equal(await off.client.vapidPublicKey(), null);
+    await assert.rejects(off.client.setPushTarget({ kind: 'apns', token: '0a1b', topic: 'x' }), (e) => e.code === 'push_unavailable' && e.field === 'kind');
+    await off.client.close();
+  }
+});
+
+test('urgent: said only when false, and the sync copy never is', async () => {
+  const PEER = '8d2f6c1e-0b7a-4f34-9a1d-2c5e7b9f0a13';
+  const sodium = await loadSodium();
+  const peerKey = exportDeviceKeys(sodium, generateDeviceKeys(sodium)).publicKey;
+  const { client, server } = await registeredOn((publicKey) => ({
+    'POST /v1/register': [201, { id: USER, username: 'Alice', public_key: publicKey, created_at: '2026-01-01T00:00:00.000Z', device_id: 1, ...PAIR, user_id: USER }],
+    [`GET /v1/users/${PEER}/devices`]: [200, { user_id: PEER, username: 'bob', devices: [{ device_id: 1, public_key: peerKey }] }],
+    [`GET /v1/users/${USER}/devices`]: [200, { user_id: USER, username: 'Alice', devices: [{ device_id: 1, public_key: publicKey }, { device_id: 2, public_key: peerKey }] }],
+    'POST /v1/messages': [201, { id: '01a20ab2-3e82-7a14-b6c3-8d2e4f6a1b90', sent_at: '2026-12-07T18:00:00.000Z' }],
+  }));
+  await client.send(PEER, 'wake them');
+  await client.send(PEER, 'it can wait', { urgent: false });
+  const sends = server.bodies.filter(([key]) => key === 'POST /v1/messages').map(([, body]) => [body.to, body.urgent]);
+  assert.deepEqual(sends, [[PEER, undefined], [USER, false], [PEER, false], [USER, false]]);
+  await client.close();
+});
+
+test('pushDropped: a ready that says the push target was dropped is told, once per ready', async () => {
+  const { client } = await registeredOn((publicKey) => ({
+    'POST /v1/register': [201, { id: USER, username: 'Alice', public_key: publicKey, created_at: '2026-01-01T00:00:00.000Z', device_id: 1, ...PAIR, user_id: USER }],
+  }));
+  const readies = [{ push_dropped: true }, {}];
+  class OneFrameSocket {
+    constructor() {
+      const extra = readies.shift();
+      setTimeout(() => {
+        this.onopen?.();
+        this.onmessage?.({ data: JSON.stringify({ type: 'ready', user_id: USER, device_id: 1, expires_at: '2026-12-07T19:00:00Z', ...extra }) });
+        this.onmessage?.({ data: JSON.stringify({ type: 'drained' }) });
+      }, 0);
+    }
+
+    send() {}
+
+    close(code = 1000, reason = '') {
+      setTimeout(() => this.onclose?.({ code, reason }), 0);
+    }
+  }
+  client._opts.WebSocket = OneFrameSocket;
+  const dropped = [];
+  const ready = [];
+  client.on('pushDropped', (x) => dropped.push(x));
+  client.on('ready', (x) => ready.push(x.pushDropped));
+  await client.connect();
+  await client.waitForDrained();
+  assert.deepEqual(dropped, [{ deviceId: 1 }]);
+  assert.deepEqual(ready, [true]);
+  client.disconnect();
+  await client.connect();
+  assert.deepEqual(ready, [true, undefined]);
+  assert.equal(dropped.length, 1);
+  await client.close();
+});
+
+test('resume with kept tokens: a fresh access token is used as it is; a stale one is refreshed in the lock', async () => {
+  const { keys, publicKey } = await keyed();
+  const server = refreshServer(publicKey);
+  const store = memoryStore('r7');
+  const kept = { accessToken: 'kept.access.token', refreshToken: 'r1', expiresAt: Date.now() + 10 * 60_000, deviceId: 1, userId: USER };
+  const fresh = await SealpostClient.resume({ baseUrl: 'http://sealpost.test', fetch: server.fetch, tokenStore: store, tokens: kept, keys });
+  assert.deepEqual(server.presented, [], 'no refresh spent');
+  assert.equal(fresh.tokens().accessToken, 'kept.access.token');
+  assert.equal(fresh.userId, USER);
+  await fresh.close();
+  // Less than a minute left: refreshed, with the store's latest token.
+  const stale = await SealpostClient.resume({ baseUrl: 'http://sealpost.test', fetch: server.fetch, tokenStore: store, tokens: { ...kept, expiresAt: Date.now() + 30_000 }, keys });
+  assert.deepEqual(server.presented, ['r7']);
+  assert.equal(stale.tokens().refreshToken, 'r8');
+  await stale.close();
 });
