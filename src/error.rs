@@ -22,7 +22,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Every code [`Error::code`] can return: the finite set a metric may use
 /// as label values.
-pub const CODES: [&str; 14] = [
+pub const CODES: [&str; 15] = [
     "invalid",
     "unauthorized",
     "not_found",
@@ -36,6 +36,7 @@ pub const CODES: [&str; 14] = [
     "too_large",
     "request_timeout",
     "unavailable",
+    "push_unavailable",
     "internal",
 ];
 
@@ -95,6 +96,14 @@ pub enum Error {
     /// answered so may still have been stored.
     #[error("service unavailable")]
     Unavailable,
+    /// The server has no provider of this kind of push target configured:
+    /// 422 naming the field when a target of it is registered, 404 when
+    /// its key is asked for (`GET /v1/push/vapid`).
+    #[error("this server has no {} provider configured", kind.as_str())]
+    PushUnavailable {
+        kind: crate::push::target::Kind,
+        field: Option<&'static str>,
+    },
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -132,6 +141,7 @@ impl Error {
             Error::TooLarge(_) => "too_large",
             Error::RequestTimeout => "request_timeout",
             Error::Unavailable => "unavailable",
+            Error::PushUnavailable { .. } => "push_unavailable",
             Error::Internal(_) => "internal",
         }
     }
@@ -153,6 +163,8 @@ impl Error {
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Error::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Error::PushUnavailable { field: Some(_), .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::PushUnavailable { field: None, .. } => StatusCode::NOT_FOUND,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -182,6 +194,7 @@ impl Error {
     fn field_name(&self) -> Option<Cow<'static, str>> {
         match self {
             Error::Invalid { field, .. } => field.clone(),
+            Error::PushUnavailable { field, .. } => field.map(Cow::Borrowed),
             _ => None,
         }
     }
@@ -233,12 +246,13 @@ pub struct ErrorDetail {
     /// Stable; program against it: `invalid`, `unauthorized`, `not_found`,
     /// `conflict`, `too_many_devices`, `devices_changed`, `too_large`,
     /// `forbidden`, `rate_limited`, `queue_full`, `too_many_connections`,
-    /// `request_timeout`, `unavailable`, `internal`.
+    /// `request_timeout`, `unavailable`, `push_unavailable`, `internal`.
     pub code: &'static str,
     /// For humans; may change.
     #[schema(value_type = String)]
     pub message: Cow<'static, str>,
-    /// The request field at fault, with `invalid` (422).
+    /// The request field at fault, with `invalid` (422) and
+    /// `push_unavailable` (422).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub field: Option<Cow<'static, str>>,
@@ -411,6 +425,10 @@ mod tests {
             Error::QueueFull,
             Error::TooManyConnections("x"),
             Error::Unavailable,
+            Error::PushUnavailable {
+                kind: crate::push::target::Kind::Apns,
+                field: Some("kind"),
+            },
             Error::Internal(anyhow::anyhow!("x")),
         ];
         for err in &errors {

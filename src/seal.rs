@@ -74,6 +74,13 @@ const KEY_BYTES: usize = 32;
 const TAG_KEY_LABEL: &[u8] = b"sealpost/tag-key/v1";
 /// The associated data label of a sealed send-key answer.
 const AD_SEND_KEY: &[u8] = b"sealpost/send-key/v1";
+/// The associated data label of a sealed push target, followed by its
+/// account and device: a target copied onto another device's row does not
+/// open there.
+const AD_PUSH_TARGET: &[u8] = b"sealpost/push-target/v1";
+/// A sealed blob names the key that sealed it in its first two bytes
+/// (big-endian), as a queued row does in its `key_id` column.
+const KEY_ID_BYTES: usize = 2;
 /// What sealing adds to a body: nonce, sender, sender device, tag. A copy
 /// takes `body + SEAL_OVERHEAD` bytes in the store.
 pub const SEAL_OVERHEAD: usize = NONCE_BYTES + SENDER_BYTES + DEVICE_BYTES + TAG_BYTES;
@@ -92,6 +99,11 @@ pub enum SealError {
          or a different key configured under that id"
     )]
     Forged { id: Uuid, key_id: KeyId },
+    #[error(
+        "a sealed {what} does not open under storage key {key_id}: altered, moved to another \
+         row, or its key not (or no longer) in SEALPOST_STORAGE_KEYS"
+    )]
+    Blob { what: &'static str, key_id: KeyId },
     #[error("the OS random number generator failed: {0}")]
     Rng(String),
 }
@@ -380,6 +392,69 @@ impl KeyRing {
         })
     }
 
+    /// Seals a push target (its JSON) for `user`'s `device` with the current
+    /// key: `key id (2) || nonce (24) || ciphertext || tag (16)`, bound to
+    /// the device by the associated data.
+    pub fn seal_target(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, SealError> {
+        self.seal_blob(&target_ad(user, device), plaintext)
+    }
+
+    /// Opens what [`KeyRing::seal_target`] sealed for this device, under
+    /// whichever key of the ring sealed it.
+    pub fn open_target(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, SealError> {
+        self.open_blob("push target", &target_ad(user, device), sealed)
+    }
+
+    fn seal_blob(&self, ad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
+        let (key_id, cipher) = &self.keys[0];
+        let mut nonce = [0u8; NONCE_BYTES];
+        fill_random(&mut nonce)?;
+        let mut sealed =
+            Vec::with_capacity(KEY_ID_BYTES + NONCE_BYTES + plaintext.len() + TAG_BYTES);
+        sealed.extend_from_slice(&key_id.to_be_bytes());
+        sealed.extend_from_slice(&nonce);
+        sealed.extend_from_slice(plaintext);
+        let tag = cipher
+            .encrypt_in_place_detached(
+                &XNonce::from(nonce),
+                ad,
+                &mut sealed[KEY_ID_BYTES + NONCE_BYTES..],
+            )
+            // Only a plaintext beyond 256 GiB fails.
+            .expect("a small blob fits XChaCha20-Poly1305");
+        sealed.extend_from_slice(&tag);
+        Ok(sealed)
+    }
+
+    fn open_blob(&self, what: &'static str, ad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, SealError> {
+        if sealed.len() < KEY_ID_BYTES + NONCE_BYTES + TAG_BYTES {
+            return Err(SealError::Blob { what, key_id: 0 });
+        }
+        let key_id = KeyId::from_be_bytes(sealed[..KEY_ID_BYTES].try_into().expect("2 bytes"));
+        let unreadable = SealError::Blob { what, key_id };
+        let cipher = self.key(key_id).ok_or(SealError::Blob { what, key_id })?;
+        let body = &sealed[KEY_ID_BYTES..];
+        let nonce: [u8; NONCE_BYTES] = body[..NONCE_BYTES].try_into().expect("NONCE_BYTES");
+        let tag: [u8; TAG_BYTES] = body[body.len() - TAG_BYTES..]
+            .try_into()
+            .expect("TAG_BYTES");
+        let mut plaintext = body[NONCE_BYTES..body.len() - TAG_BYTES].to_vec();
+        cipher
+            .decrypt_in_place_detached(&XNonce::from(nonce), ad, &mut plaintext, &Tag::from(tag))
+            .map_err(|_| unreadable)?;
+        Ok(plaintext)
+    }
+
     /// Opens a send key's answer: the message id and the digest.
     pub fn open_key(&self, sealed: SealedKey) -> Result<(Uuid, Vec<u8>), SealError> {
         let SealedKey {
@@ -439,6 +514,12 @@ fn associated_data(
     ad[at + 16..at + 32].copy_from_slice(recipient.as_bytes());
     ad[at + 32..].copy_from_slice(&device.to_be_bytes());
     ad
+}
+
+/// The associated data of a push target: the label, the account and the
+/// device.
+fn target_ad(user: Uuid, device: DeviceId) -> Vec<u8> {
+    [AD_PUSH_TARGET, user.as_bytes(), &device.to_be_bytes()].concat()
 }
 
 /// The associated data of the format before devices.
@@ -546,6 +627,36 @@ mod tests {
             NONCE_BYTES + SENDER_BYTES + DEVICE_BYTES + original.body.len() + TAG_BYTES
         );
         assert_eq!(keys.open(sealed(row)).unwrap(), original);
+    }
+
+    #[test]
+    fn a_target_opens_on_its_own_device_only_and_across_a_rotation() {
+        let old = ring(OLD);
+        let user = Uuid::new_v4();
+        let plaintext = br#"{"kind":"fcm","token":"abc"}"#;
+        let sealed = old.seal_target(user, 2, plaintext).unwrap();
+        assert!(
+            !sealed.windows(3).any(|w| w == b"abc"),
+            "the token is not in the clear"
+        );
+        assert_eq!(old.open_target(user, 2, &sealed).unwrap(), plaintext);
+        // Moved to another device or account: refused.
+        assert!(old.open_target(user, 3, &sealed).is_err());
+        assert!(old.open_target(Uuid::new_v4(), 2, &sealed).is_err());
+        // Altered anywhere, or cut short: refused.
+        for at in [0, 2, 30, sealed.len() - 1] {
+            let mut bad = sealed.clone();
+            bad[at] ^= 1;
+            assert!(old.open_target(user, 2, &bad).is_err(), "byte {at}");
+        }
+        assert!(old.open_target(user, 2, &sealed[..20]).is_err());
+        // After a rotation the old key still opens it; without it, nothing.
+        let rotated = ring(&format!("{NEW},{OLD}"));
+        assert_eq!(rotated.open_target(user, 2, &sealed).unwrap(), plaintext);
+        let resealed = rotated.seal_target(user, 2, plaintext).unwrap();
+        assert_eq!(&resealed[..2], &2u16.to_be_bytes());
+        let err = ring(NEW).open_target(user, 2, &sealed).unwrap_err();
+        assert!(matches!(err, SealError::Blob { key_id: 1, .. }), "{err}");
     }
 
     #[test]

@@ -39,6 +39,8 @@ use crate::limits::connections::HttpConnections;
 use crate::limits::rate::AuthLimit;
 use crate::limits::sockets::SocketCaps;
 use crate::metrics::{self, Listener, Metrics};
+use crate::push::guard::AllowHosts;
+use crate::push::targets::Targets;
 use crate::seal::{self, KeyRing};
 use crate::state::AppState;
 use crate::store::deadline::Deadlined;
@@ -269,11 +271,19 @@ impl Server {
             None => None,
         };
         let (delivery, revocations) = (Arc::new(delivery), Arc::new(revocations));
+        let targets = Arc::new(Targets::new(store.clone()));
+        let push_allow = Arc::new(
+            AllowHosts::parse(&config.push.push_allow_hosts).map_err(|message| {
+                anyhow::anyhow!("{}: {message}", both_names("SEALPOST_PUSH_ALLOW_HOSTS"))
+            })?,
+        );
+        let providers = crate::push::build_providers(&config, push_allow.clone())?;
         let node = Arc::new(Node {
             hub: hub.clone(),
             delivery: delivery.clone(),
             revocations: revocations.clone(),
             metrics: metrics.clone(),
+            targets: targets.clone(),
         });
         if let Some(nats) = &nats {
             nats.attach(&node);
@@ -295,6 +305,10 @@ impl Server {
             metrics,
             shutdown: CancellationToken::new(),
             sockets: TaskTracker::new(),
+            keys: keys.clone(),
+            targets,
+            providers,
+            push_allow,
         };
         Ok(Self {
             listener,

@@ -17,6 +17,10 @@ use crate::limits::client_ip::TrustedProxies;
 use crate::limits::rate::AuthLimit;
 use crate::limits::sockets::SocketCaps;
 use crate::metrics::Metrics;
+use crate::push::guard::AllowHosts;
+use crate::push::provider::Providers;
+use crate::push::targets::Targets;
+use crate::seal::KeyRing;
 use crate::store::Store;
 
 /// Cheap to clone: every field is an `Arc`. There is no global state.
@@ -50,4 +54,13 @@ pub struct AppState {
     /// The WebSocket tasks, which axum's graceful shutdown does not track
     /// once a connection is upgraded.
     pub sockets: TaskTracker,
+    /// The storage keys: push targets are sealed with them, as queued
+    /// messages are.
+    pub keys: Arc<KeyRing>,
+    /// Which devices have push targets (listings, `ready`, wake-ups).
+    pub targets: Arc<Targets>,
+    /// The push services configured; a kind without one is refused.
+    pub providers: Providers,
+    /// Hosts exempt from the SSRF guard (`SEALPOST_PUSH_ALLOW_HOSTS`).
+    pub push_allow: Arc<AllowHosts>,
 }

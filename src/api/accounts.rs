@@ -632,6 +632,9 @@ async fn delete_me(
         .revocations
         .revoked_elsewhere(&state.hub, caller.id, Scope::All, &revoked);
     state.delivery.account_deleted(caller.id).await;
+    // Its targets went with it (other nodes learn it from the directory
+    // announcement).
+    state.targets.changed(caller.id);
     tracing::info!(user.id = %caller.id, "account deleted");
     Ok(StatusCode::NO_CONTENT)
 }

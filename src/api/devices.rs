@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use super::accounts::{TokenPair, check_credentials, confirm_password, token_pair};
 use super::keys::{KeyView, UpdateKey, parse_public_key, set_own_key};
+use super::push::PushView;
 use super::{ApiJson, ApiPath};
 use crate::auth::AuthUser;
 use crate::auth::password::Caller;
@@ -144,11 +145,15 @@ struct OwnDevice {
     last_seen_at: DateTime<Utc>,
     /// Whether this is the device asking.
     current: bool,
+    /// Its push target's kind and when it was set; `null` if it has none
+    /// (or its push service dropped it).
+    push: Option<PushView>,
 }
 
 impl OwnDevice {
-    fn of(device: Device, caller: &AuthUser) -> Self {
+    fn of(device: Device, caller: &AuthUser, push: Option<PushView>) -> Self {
         Self {
+            push,
             current: device.id == caller.device,
             device_id: device.id,
             name: device.name,
@@ -169,16 +174,26 @@ struct OwnDevices {
     responses((status = 200, description = "The caller's own devices, in ascending id.", body = OwnDevices), crate::api::openapi::Errors))]
 async fn own_devices(caller: AuthUser, State(state): State<AppState>) -> Result<Json<OwnDevices>> {
     let devices = state.store.devices(caller.id).await?;
+    let targets = state.targets.account(caller.id).await?;
+    let push = |device: DeviceId| {
+        targets
+            .binary_search_by_key(&device, |(d, _)| *d)
+            .ok()
+            .and_then(|i| PushView::of(targets[i].1))
+    };
     Ok(Json(OwnDevices {
         devices: devices
             .into_iter()
-            .map(|d| OwnDevice::of(d, &caller))
+            .map(|d| {
+                let target = push(d.id);
+                OwnDevice::of(d, &caller, target)
+            })
             .collect(),
     }))
 }
 
 /// The `{device_id}` of a path.
-fn path_device(value: &str) -> Result<DeviceId> {
+pub(super) fn path_device(value: &str) -> Result<DeviceId> {
     value
         .parse::<i64>()
         .map_err(|_| Error::field("device_id", "must be a device number, 1 or more"))
@@ -209,7 +224,8 @@ async fn rename(
         .rename_device(caller.id, device, request.name.as_deref())
         .await?
         .ok_or(Error::NotFound("device"))?;
-    Ok(Json(OwnDevice::of(renamed, &caller)))
+    let push = state.targets.state(caller.id, renamed.id).await?;
+    Ok(Json(OwnDevice::of(renamed, &caller, PushView::of(push))))
 }
 
 #[utoipa::path(put, path = "/v1/devices/{device_id}/key", tag = "devices", security(("bearer" = [])), params(("device_id" = u32, Path, description = "One of the account's devices.")), request_body = UpdateKey,
@@ -272,6 +288,9 @@ async fn remove(
         .revocations
         .device_removed(&state.hub, caller.id, device, &revoked);
     tracing::info!(user.id = %caller.id, device, "device removed");
+    // Its target went with it (other nodes learn it from the directory
+    // announcement).
+    state.targets.changed(caller.id);
     let devices = device_list(&state, caller.id).await;
     state
         .delivery

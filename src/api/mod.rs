@@ -15,6 +15,7 @@ mod keys;
 mod limits;
 pub mod messages;
 pub mod openapi;
+mod push;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -50,6 +51,7 @@ pub fn router(state: AppState) -> Router {
         .merge(health::router())
         .merge(limits::router())
         .merge(openapi::router())
+        .merge(push::router())
         .merge(crate::ws::router())
         .fallback(|| async { Error::NotFound("route") })
         .method_not_allowed_fallback(|| async { method_not_allowed() })

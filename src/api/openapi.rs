@@ -20,7 +20,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Response, ResponseBuilder, Type};
 use utoipa::{IntoResponses, Modify, OpenApi, ToSchema};
 
-use super::{accounts, devices, health, keys, limits, messages};
+use super::{accounts, devices, health, keys, limits, messages, push};
 use crate::error::{ErrorBody, ErrorDetail};
 use crate::state::AppState;
 
@@ -58,6 +58,9 @@ use crate::state::AppState;
         health::healthz,
         health::readyz,
         limits::limits,
+        push::set_target,
+        push::delete_target,
+        push::vapid,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&BearerAuth),
@@ -67,6 +70,7 @@ use crate::state::AppState;
         (name = "keys", description = "Looking users up, and the single-key endpoints of before devices."),
         (name = "messages", description = "Sending, and the REST path of a device's queue."),
         (name = "health", description = "Probes for load balancers and orchestrators."),
+        (name = "push", description = "Push targets: where a device is woken when messages wait for it and it holds no socket."),
         (name = "limits", description = "The limits this server enforces, for clients to check against before they send."),
     ),
 )]

@@ -72,6 +72,7 @@ use crate::delivery::Delivery;
 use crate::devices::DevicesChange;
 use crate::hub::{Event, Hub, Kick, Outbound, Receipt};
 use crate::metrics::{Metrics, Traffic};
+use crate::push::targets::Targets;
 use crate::store::{self, DeviceId, Message};
 pub use wire::{Copy, Push};
 
@@ -134,6 +135,10 @@ pub enum Announce {
     /// A node lost broker traffic since `since`: re-read the backlogs of
     /// your sockets from there.
     Reread { since: SystemTime },
+    /// An account's push targets changed (set, deleted, dropped by a
+    /// provider): forget what [`crate::push::targets::Targets`] holds of
+    /// it. A node of before wake-ups drops it as a type it does not know.
+    PushTargets { user: Uuid },
 }
 
 /// A node's interest in one account's traffic from other nodes. Held by
@@ -193,6 +198,9 @@ pub struct Node {
     pub delivery: Arc<Delivery>,
     pub revocations: Arc<Revocations>,
     pub metrics: Arc<Metrics>,
+    /// Which devices have push targets, forgotten when another node
+    /// changes them.
+    pub targets: Arc<Targets>,
 }
 
 impl Node {
@@ -264,6 +272,11 @@ impl Node {
                 removed,
                 deleted,
             } => {
+                // A removed device's or a deleted account's targets went
+                // with it.
+                if deleted || removed.is_some() {
+                    self.targets.changed(user);
+                }
                 if deleted {
                     self.delivery.account_deleted_elsewhere(user).await;
                 } else if let Some(device) = removed {
@@ -281,6 +294,7 @@ impl Node {
                     .learn_remote(&self.hub, user, &sessions, device);
             }
             Announce::Reread { since } => self.reread(None, since),
+            Announce::PushTargets { user } => self.targets.changed(user),
         }
     }
 

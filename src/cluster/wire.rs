@@ -119,6 +119,11 @@ pub(super) enum Wire {
         #[serde(with = "micros")]
         since: SystemTime,
     },
+    /// An account's push targets changed. Older nodes drop it (a type they
+    /// do not know): they have no targets to forget.
+    PushTargets {
+        user: Uuid,
+    },
 }
 
 impl Wire {
@@ -162,6 +167,7 @@ impl Wire {
                 node: node.to_owned(),
                 since,
             },
+            Announce::PushTargets { user } => Wire::PushTargets { user },
         }
     }
 
@@ -223,6 +229,7 @@ impl Wire {
                 });
             }
             Wire::Reread { since, .. } => return Err(Announce::Reread { since }),
+            Wire::PushTargets { user } => return Err(Announce::PushTargets { user }),
         })
     }
 }
@@ -289,6 +296,18 @@ mod tests {
         assert_eq!(back.accepted, push.accepted);
         assert_eq!(back.copies[0].body, vec![0, 255, 7]);
         assert!(Wire::decode(br#"{"type":"from_the_future"}"#).is_err());
+    }
+
+    #[test]
+    fn a_push_target_change_crosses_as_an_announcement() {
+        let user = Uuid::new_v4();
+        let encoded = Wire::announce(Announce::PushTargets { user }, "node-a").encode();
+        let value: serde_json::Value = serde_json::from_slice(&encoded).unwrap();
+        assert_eq!(value["type"], "push_targets", "{value}");
+        match Wire::decode(&encoded).unwrap().sort() {
+            Err(Announce::PushTargets { user: back }) => assert_eq!(back, user),
+            _ => panic!("expected a push targets announcement"),
+        }
     }
 
     #[test]

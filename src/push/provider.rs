@@ -77,3 +77,57 @@ impl Providers {
         self.webpush.is_some() || self.apns.is_some() || self.fcm.is_some()
     }
 }
+
+/// The longest `Retry-After` taken as given: a service asking for more is
+/// asked again after this, so that a typo on its side (or a date far
+/// ahead) does not silence a device for good.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60 * 60);
+
+/// A 429's or 503's `Retry-After`, in seconds or as an HTTP date, capped
+/// at [`MAX_RETRY_AFTER`]; `None` when absent or unreadable.
+pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    let wait = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => {
+            let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+            (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(value: &str) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::RETRY_AFTER, value.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        assert_eq!(retry_after(&headers("120")), Some(Duration::from_secs(120)));
+        assert_eq!(retry_after(&headers("99999999")), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after(&http::HeaderMap::new()), None);
+        assert_eq!(retry_after(&headers("soon")), None);
+        let past = "Sun, 06 Nov 1994 08:49:37 GMT";
+        assert_eq!(retry_after(&headers(past)), Some(Duration::ZERO));
+        let ahead = (chrono::Utc::now() + chrono::Duration::seconds(90))
+            .format("%a, %d %b %Y %H:%M:%S GMT")
+            .to_string();
+        let wait = retry_after(&headers(&ahead)).unwrap();
+        assert!(
+            wait > Duration::from_secs(80) && wait <= Duration::from_secs(90),
+            "{wait:?}"
+        );
+    }
+}

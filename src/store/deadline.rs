@@ -44,6 +44,9 @@ use chrono::{DateTime, Utc};
 use metrics::Counter;
 use uuid::Uuid;
 
+use crate::push::target::Kind;
+
+use super::push::{Coalescing, DueWakeup, PushStore, Scheduled, TargetSummary};
 use super::{
     AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, CredentialsVersion,
     Device, DeviceId, DeviceIds, KeyId, NewSession, Operator, Queue, QueueDepth, QueueMaintenance,
@@ -216,6 +219,24 @@ deadlined!(Operator {
     none fn account_details(&self, id: Uuid, now: DateTime<Utc>) -> StoreResult<Option<AccountDetails>>;
     none fn stats(&self, now: DateTime<Utc>) -> StoreResult<Stats>;
     none fn pending_migrations(&self) -> StoreResult<Vec<i64>>;
+});
+
+// Wake-ups are sent in the background, but a schedule is made after a
+// commit and a cancel when a device shows up: all are short, indexed
+// statements, bounded like a request's. The gauge's count reads the whole
+// table, like the sweeper's samples.
+deadlined!(PushStore {
+    request fn set_target(&self, user: Uuid, device: DeviceId, kind: Kind, sealed: &[u8], now: DateTime<Utc>) -> StoreResult<Option<DateTime<Utc>>>;
+    request fn delete_target(&self, user: Uuid, device: DeviceId) -> StoreResult<bool>;
+    request fn drop_target(&self, user: Uuid, device: DeviceId, version: DateTime<Utc>) -> StoreResult<bool>;
+    request fn target_summaries(&self, user: Uuid) -> StoreResult<Vec<TargetSummary>>;
+    maintenance fn count_targets(&self) -> StoreResult<Vec<(Kind, u64)>>;
+    request fn schedule(&self, user: Uuid, device: DeviceId, due: DateTime<Utc>, urgent: bool, now: DateTime<Utc>, rules: Coalescing) -> StoreResult<Scheduled>;
+    request fn take_due(&self, now: DateTime<Utc>, limit: u32, lease: Duration) -> StoreResult<Vec<DueWakeup>>;
+    request fn wakeup_sent(&self, user: Uuid, device: DeviceId, urgent: bool, now: DateTime<Utc>) -> StoreResult<()>;
+    request fn wakeup_retry(&self, user: Uuid, device: DeviceId, at: DateTime<Utc>, attempts: u32) -> StoreResult<()>;
+    request fn wakeup_abandoned(&self, user: Uuid, device: DeviceId) -> StoreResult<()>;
+    request fn cancel_wakeups(&self, user: Uuid, device: DeviceId) -> StoreResult<()>;
 });
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! - [`accounts`]: [`Accounts`], users and their devices.
 //! - [`sessions`]: [`Sessions`], refresh tokens and revocations.
 //! - [`admin`]: [`Operator`], the operator commands' listings and counts.
+//! - [`push`]: [`PushStore`], devices' push targets and pending wake-ups.
 //!
 //! [`Store`] joins them; it has two implementations, [`postgres::PgStore`] for production and
 //! [`sqlite::SqliteStore`] as the embedded default, picked by the scheme of
@@ -42,6 +43,9 @@ pub use accounts::{
     Verified, username_skeleton,
 };
 pub use admin::{AccountDetails, AccountSummary, DeviceSummary, Operator, Stats};
+pub use push::{
+    Coalescing, DueWakeup, PushStore, Scheduled, StoredTarget, TargetSummary,
+};
 pub use queue::{
     Ack, KeyId, Message, Queue, QueueDepth, QueueMaintenance, QueueShare, SealedKey, SealedRow,
     SendKey, SenderTag, SentKey, StoredRow,
@@ -59,7 +63,7 @@ pub fn now() -> DateTime<Utc> {
     truncate_to_millis(Utc::now())
 }
 
-fn truncate_to_millis(t: DateTime<Utc>) -> DateTime<Utc> {
+pub(crate) fn truncate_to_millis(t: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
 }
 
@@ -168,7 +172,7 @@ pub const MAX_DEVICE_ID: DeviceId = i32::MAX as DeviceId;
 /// [`QueueMaintenance`] too, handlers [`Accounts`] and [`Sessions`], the
 /// operator commands [`Operator`].
 #[async_trait]
-pub trait Store: Queue + QueueMaintenance + Accounts + Sessions + Operator {
+pub trait Store: Queue + QueueMaintenance + Accounts + Sessions + Operator + PushStore {
     /// Applies pending migrations of this backend.
     async fn migrate(&self) -> StoreResult<()>;
 

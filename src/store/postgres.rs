@@ -16,9 +16,15 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use uuid::Uuid;
 
+use crate::push::target::Kind;
+
 use sqlx::AssertSqlSafe;
 
 use super::accounts::{SKELETON_BATCH, warn_look_alike};
+use super::push::{
+    Coalescing, Decision, DueWakeup, PushStore, Scheduled, StoredTarget, TargetSummary, WakeupRow,
+    decide,
+};
 use super::queue::QUEUE_COLUMNS;
 use super::{
     AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, CredentialsVersion,
@@ -1354,4 +1360,329 @@ async fn revoke_in(
     .execute(&mut *tx)
     .await?;
     Ok(sessions)
+}
+
+/// A push target row's kind as read back: `None` for a dropped target, and
+/// for a kind this build does not know (a later release's), which is then
+/// treated as no target.
+fn push_kind(kind: Option<String>) -> Option<Kind> {
+    kind.as_deref().and_then(Kind::parse)
+}
+
+#[async_trait]
+impl PushStore for PgStore {
+    async fn set_target(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        kind: Kind,
+        sealed: &[u8],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<DateTime<Utc>>> {
+        // The version: `now`, or a millisecond past the previous one, so
+        // that it strictly grows even when the clock does not. The upsert
+        // locks the row, so two replacements take turns.
+        let version: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "INSERT INTO push_targets (user_id, device_id, kind, target, updated_at, dropped)
+             SELECT $1, $2, $3, $4, $5, false
+             WHERE EXISTS (SELECT 1 FROM devices WHERE user_id = $1 AND device_id = $2)
+             ON CONFLICT (user_id, device_id) DO UPDATE SET
+                 kind = excluded.kind, target = excluded.target, dropped = false,
+                 updated_at = GREATEST(excluded.updated_at,
+                                       push_targets.updated_at + interval '1 millisecond')
+             RETURNING updated_at",
+        )
+        .bind(user)
+        .bind(pg_device(device))
+        .bind(kind.as_str())
+        .bind(sealed)
+        .bind(super::truncate_to_millis(now))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(version)
+    }
+
+    async fn delete_target(&self, user: Uuid, device: DeviceId) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM wakeups WHERE user_id = $1 AND device_id = $2")
+            .bind(user)
+            .bind(pg_device(device))
+            .execute(&mut *tx)
+            .await?;
+        let done = sqlx::query("DELETE FROM push_targets WHERE user_id = $1 AND device_id = $2")
+            .bind(user)
+            .bind(pg_device(device))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn drop_target(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        version: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "UPDATE push_targets SET kind = NULL, target = NULL, dropped = true
+             WHERE user_id = $1 AND device_id = $2 AND updated_at = $3 AND target IS NOT NULL",
+        )
+        .bind(user)
+        .bind(pg_device(device))
+        .bind(super::truncate_to_millis(version))
+        .execute(&mut *tx)
+        .await?;
+        let dropped = done.rows_affected() > 0;
+        if dropped {
+            // Nothing is left to send to.
+            sqlx::query("UPDATE wakeups SET due_at = NULL WHERE user_id = $1 AND device_id = $2")
+                .bind(user)
+                .bind(pg_device(device))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(dropped)
+    }
+
+    async fn target_summaries(&self, user: Uuid) -> StoreResult<Vec<TargetSummary>> {
+        let rows: Vec<(i32, Option<String>, DateTime<Utc>, bool)> = sqlx::query_as(
+            "SELECT device_id, kind, updated_at, dropped FROM push_targets
+             WHERE user_id = $1 ORDER BY device_id",
+        )
+        .bind(user)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(device, kind, updated_at, dropped)| TargetSummary {
+                device: device as DeviceId,
+                kind: push_kind(kind),
+                updated_at,
+                dropped,
+            })
+            .collect())
+    }
+
+    async fn count_targets(&self) -> StoreResult<Vec<(Kind, u64)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT kind, count(*) FROM push_targets WHERE kind IS NOT NULL
+             GROUP BY kind ORDER BY kind",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(kind, n)| Some((Kind::parse(&kind)?, n.max(0) as u64)))
+            .collect())
+    }
+
+    async fn schedule(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        due: DateTime<Utc>,
+        urgent: bool,
+        now: DateTime<Utc>,
+        rules: Coalescing,
+    ) -> StoreResult<Scheduled> {
+        let device = pg_device(device);
+        let due = super::truncate_to_millis(due);
+        let mut tx = self.pool.begin().await?;
+        let live: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM push_targets
+                            WHERE user_id = $1 AND device_id = $2 AND target IS NOT NULL)",
+        )
+        .bind(user)
+        .bind(device)
+        .fetch_one(&mut *tx)
+        .await?;
+        if !live {
+            return Ok(Scheduled::NoTarget);
+        }
+        // Insert-if-absent first: of two nodes scheduling the same device
+        // at once, one inserts and the other waits on its row lock, then
+        // finds the row below.
+        let inserted = sqlx::query(
+            "INSERT INTO wakeups (user_id, device_id, due_at, urgent, attempts)
+             VALUES ($1, $2, $3, $4, 0) ON CONFLICT (user_id, device_id) DO NOTHING",
+        )
+        .bind(user)
+        .bind(device)
+        .bind(due)
+        .bind(urgent)
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 1 {
+            tx.commit().await?;
+            return Ok(Scheduled::Pending);
+        }
+        // Locked until the commit: a concurrent schedule, sent or cancel
+        // of this device waits, so the decision is made on what is there.
+        let row: Option<(Option<DateTime<Utc>>, Option<DateTime<Utc>>, Option<DateTime<Utc>>)> =
+            sqlx::query_as(
+                "SELECT due_at, sent_at, quiet_sent_at FROM wakeups
+                 WHERE user_id = $1 AND device_id = $2 FOR UPDATE",
+            )
+            .bind(user)
+            .bind(device)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let state = row.map(|(due_at, sent_at, quiet_sent_at)| WakeupRow {
+            due_at,
+            sent_at,
+            quiet_sent_at,
+        });
+        let outcome = match decide(state.as_ref(), urgent, now, rules) {
+            // Deleted (with its device) since the insert was refused.
+            Decision::Insert => Scheduled::NoTarget,
+            Decision::Revive => {
+                sqlx::query(
+                    "UPDATE wakeups SET due_at = $3, urgent = $4, attempts = 0
+                     WHERE user_id = $1 AND device_id = $2",
+                )
+                .bind(user)
+                .bind(device)
+                .bind(due)
+                .bind(urgent)
+                .execute(&mut *tx)
+                .await?;
+                Scheduled::Pending
+            }
+            Decision::Upgrade => {
+                sqlx::query(
+                    "UPDATE wakeups SET urgent = true, due_at = LEAST(due_at, $3)
+                     WHERE user_id = $1 AND device_id = $2 AND due_at IS NOT NULL",
+                )
+                .bind(user)
+                .bind(device)
+                .bind(due)
+                .execute(&mut *tx)
+                .await?;
+                Scheduled::Coalesced
+            }
+            Decision::Coalesce => Scheduled::Coalesced,
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn take_due(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+        lease: Duration,
+    ) -> StoreResult<Vec<DueWakeup>> {
+        // One statement: the due rows are locked as they are found, rows
+        // another node holds are skipped (not waited for), and the lease
+        // is written before the locks go. A row another node leased and
+        // committed meanwhile is re-checked against `due_at <= $1` when
+        // locked, and no longer matches.
+        type Row = (Uuid, i32, bool, i32, String, Vec<u8>, DateTime<Utc>);
+        let rows: Vec<Row> = sqlx::query_as(
+            "WITH due AS (
+                 SELECT w.user_id, w.device_id FROM wakeups w
+                 JOIN push_targets t ON t.user_id = w.user_id AND t.device_id = w.device_id
+                 WHERE w.due_at <= $1 AND t.target IS NOT NULL
+                 ORDER BY w.due_at LIMIT $2
+                 FOR UPDATE OF w SKIP LOCKED
+             )
+             UPDATE wakeups w SET due_at = $3
+             FROM due, push_targets t
+             WHERE w.user_id = due.user_id AND w.device_id = due.device_id
+               AND t.user_id = w.user_id AND t.device_id = w.device_id
+             RETURNING w.user_id, w.device_id, w.urgent, w.attempts, t.kind, t.target, t.updated_at",
+        )
+        .bind(super::truncate_to_millis(now))
+        .bind(i64::from(limit))
+        .bind(super::truncate_to_millis(super::add(now, lease)))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(user, device, urgent, attempts, kind, sealed, updated_at)| {
+                // A kind this build does not know stays leased, and is
+                // taken again by a node that knows it.
+                Some(DueWakeup {
+                    user,
+                    device: device as DeviceId,
+                    urgent,
+                    attempts: attempts.max(0) as u32,
+                    target: StoredTarget {
+                        kind: Kind::parse(&kind)?,
+                        sealed,
+                        updated_at,
+                    },
+                })
+            })
+            .collect())
+    }
+
+    async fn wakeup_sent(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        urgent: bool,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE wakeups SET due_at = NULL, attempts = 0, sent_at = $1,
+                 quiet_sent_at = CASE WHEN $2 THEN quiet_sent_at ELSE $1 END
+             WHERE user_id = $3 AND device_id = $4",
+        )
+        .bind(super::truncate_to_millis(now))
+        .bind(urgent)
+        .bind(user)
+        .bind(pg_device(device))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn wakeup_retry(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        at: DateTime<Utc>,
+        attempts: u32,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE wakeups SET due_at = $1, attempts = $2 WHERE user_id = $3 AND device_id = $4",
+        )
+        .bind(super::truncate_to_millis(at))
+        .bind(i32::try_from(attempts).unwrap_or(i32::MAX))
+        .bind(user)
+        .bind(pg_device(device))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn wakeup_abandoned(&self, user: Uuid, device: DeviceId) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE wakeups SET due_at = NULL, sent_at = NULL, attempts = 0
+             WHERE user_id = $1 AND device_id = $2",
+        )
+        .bind(user)
+        .bind(pg_device(device))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn cancel_wakeups(&self, user: Uuid, device: DeviceId) -> StoreResult<()> {
+        // Only a row with something to cancel is written: a device that
+        // connects with nothing pending costs an index look-up, no write.
+        sqlx::query(
+            "UPDATE wakeups SET due_at = NULL, sent_at = NULL, attempts = 0
+             WHERE user_id = $1 AND device_id = $2 AND (due_at IS NOT NULL OR sent_at IS NOT NULL)",
+        )
+        .bind(user)
+        .bind(pg_device(device))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
 }

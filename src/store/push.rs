@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{DeviceId, StoreResult};
+use super::{DeviceId, StoreResult, add};
 use crate::push::target::Kind;
 
 /// A device's target as stored.
@@ -173,4 +173,102 @@ pub trait PushStore: Send + Sync {
     /// The device showed up (connected, polled, acked): its pending
     /// wake-up and its cool-down are cancelled (the quiet interval stays).
     async fn cancel_wakeups(&self, user: Uuid, device: DeviceId) -> StoreResult<()>;
+}
+
+/// A wake-up row as [`PushStore::schedule`] reads it, to [`decide`] on.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct WakeupRow {
+    pub due_at: Option<DateTime<Utc>>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub quiet_sent_at: Option<DateTime<Utc>>,
+}
+
+/// What a schedule does to the device's wake-up row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Decision {
+    /// No row: insert a pending one.
+    Insert,
+    /// An idle row (nothing pending, the cool-down over): make it pending.
+    Revive,
+    /// Pending already, and this one is urgent: make it urgent, due no
+    /// later than this one.
+    Upgrade,
+    /// Nothing to write.
+    Coalesce,
+}
+
+/// The coalescing rules, once for both backends: each reads the row (under
+/// its lock) and writes what this decides.
+pub(super) fn decide(
+    row: Option<&WakeupRow>,
+    urgent: bool,
+    now: DateTime<Utc>,
+    rules: Coalescing,
+) -> Decision {
+    let Some(row) = row else {
+        return Decision::Insert;
+    };
+    if row.due_at.is_some() {
+        return if urgent {
+            Decision::Upgrade
+        } else {
+            Decision::Coalesce
+        };
+    }
+    let within = |at: Option<DateTime<Utc>>, interval: Duration| {
+        at.is_some_and(|at| add(at, interval) > now)
+    };
+    if !urgent && within(row.quiet_sent_at, rules.quiet) {
+        return Decision::Coalesce;
+    }
+    if within(row.sent_at, rules.cooldown) {
+        return Decision::Coalesce;
+    }
+    Decision::Revive
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeDelta;
+
+    const RULES: Coalescing = Coalescing {
+        cooldown: Duration::from_secs(30),
+        quiet: Duration::from_secs(1200),
+    };
+
+    fn row(
+        due: Option<i64>,
+        sent: Option<i64>,
+        quiet: Option<i64>,
+        now: DateTime<Utc>,
+    ) -> WakeupRow {
+        let ago = |s: i64| now - TimeDelta::seconds(s);
+        WakeupRow {
+            due_at: due.map(ago),
+            sent_at: sent.map(ago),
+            quiet_sent_at: quiet.map(ago),
+        }
+    }
+
+    #[test]
+    fn the_rules() {
+        let now = crate::store::now();
+        let d = |r: Option<WakeupRow>, urgent| decide(r.as_ref(), urgent, now, RULES);
+        assert_eq!(d(None, true), Decision::Insert);
+        assert_eq!(d(None, false), Decision::Insert);
+        // Pending: an urgent one upgrades it, a non-urgent one adds nothing.
+        assert_eq!(d(Some(row(Some(1), None, None, now)), true), Decision::Upgrade);
+        assert_eq!(d(Some(row(Some(1), None, None, now)), false), Decision::Coalesce);
+        // Cooling, then cooled.
+        assert_eq!(d(Some(row(None, Some(10), None, now)), true), Decision::Coalesce);
+        assert_eq!(d(Some(row(None, Some(31), None, now)), true), Decision::Revive);
+        // The quiet interval holds back non-urgent ones only.
+        let quiet = Some(row(None, Some(600), Some(600), now));
+        assert_eq!(d(quiet, false), Decision::Coalesce);
+        assert_eq!(d(quiet, true), Decision::Revive);
+        assert_eq!(d(Some(row(None, Some(1300), Some(1300), now)), false), Decision::Revive);
+        // Idle (cancelled or abandoned).
+        assert_eq!(d(Some(row(None, None, None, now)), false), Decision::Revive);
+    }
 }

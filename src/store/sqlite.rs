@@ -22,7 +22,13 @@ use sqlx::sqlite::{
 };
 use uuid::Uuid;
 
+use crate::push::target::Kind;
+
 use super::accounts::{SKELETON_BATCH, warn_look_alike};
+use super::push::{
+    Coalescing, Decision, DueWakeup, PushStore, Scheduled, StoredTarget, TargetSummary, WakeupRow,
+    decide,
+};
 use super::queue::QUEUE_COLUMNS;
 use super::{
     AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, CredentialsVersion,
@@ -1397,4 +1403,315 @@ async fn revoke_in(
         .await?;
     }
     Ok(sessions)
+}
+
+/// A push target row's kind as read back: `None` for a dropped target, and
+/// for a kind this build does not know (a later release's), which is then
+/// treated as no target.
+fn push_kind(kind: Option<String>) -> Option<Kind> {
+    kind.as_deref().and_then(Kind::parse)
+}
+
+#[async_trait]
+impl PushStore for SqliteStore {
+    async fn set_target(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        kind: Kind,
+        sealed: &[u8],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<DateTime<Utc>>> {
+        // The version: `now`, or a millisecond past the previous one, so
+        // that it strictly grows even when the clock does not.
+        let version: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO push_targets (user_id, device_id, kind, target, updated_at, dropped)
+             SELECT ?1, ?2, ?3, ?4, ?5, 0
+             WHERE EXISTS (SELECT 1 FROM devices WHERE user_id = ?1 AND device_id = ?2)
+             ON CONFLICT (user_id, device_id) DO UPDATE SET
+                 kind = excluded.kind, target = excluded.target, dropped = 0,
+                 updated_at = max(excluded.updated_at, push_targets.updated_at + 1)
+             RETURNING updated_at",
+        )
+        .bind(user)
+        .bind(i64::from(device))
+        .bind(kind.as_str())
+        .bind(sealed)
+        .bind(millis(now))
+        .fetch_optional(&self.writer)
+        .await?;
+        Ok(version.map(time))
+    }
+
+    async fn delete_target(&self, user: Uuid, device: DeviceId) -> StoreResult<bool> {
+        let mut tx = self.writer.begin().await?;
+        sqlx::query("DELETE FROM wakeups WHERE user_id = ? AND device_id = ?")
+            .bind(user)
+            .bind(i64::from(device))
+            .execute(&mut *tx)
+            .await?;
+        let done = sqlx::query("DELETE FROM push_targets WHERE user_id = ? AND device_id = ?")
+            .bind(user)
+            .bind(i64::from(device))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn drop_target(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        version: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut tx = self.writer.begin().await?;
+        let done = sqlx::query(
+            "UPDATE push_targets SET kind = NULL, target = NULL, dropped = 1
+             WHERE user_id = ? AND device_id = ? AND updated_at = ? AND target IS NOT NULL",
+        )
+        .bind(user)
+        .bind(i64::from(device))
+        .bind(millis(version))
+        .execute(&mut *tx)
+        .await?;
+        let dropped = done.rows_affected() > 0;
+        if dropped {
+            // Nothing is left to send to.
+            sqlx::query("UPDATE wakeups SET due_at = NULL WHERE user_id = ? AND device_id = ?")
+                .bind(user)
+                .bind(i64::from(device))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(dropped)
+    }
+
+    async fn target_summaries(&self, user: Uuid) -> StoreResult<Vec<TargetSummary>> {
+        let rows: Vec<(i64, Option<String>, i64, bool)> = sqlx::query_as(
+            "SELECT device_id, kind, updated_at, dropped FROM push_targets
+             WHERE user_id = ? ORDER BY device_id",
+        )
+        .bind(user)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(device, kind, updated_at, dropped)| TargetSummary {
+                device: device as DeviceId,
+                kind: push_kind(kind),
+                updated_at: time(updated_at),
+                dropped,
+            })
+            .collect())
+    }
+
+    async fn count_targets(&self) -> StoreResult<Vec<(Kind, u64)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT kind, count(*) FROM push_targets WHERE kind IS NOT NULL
+             GROUP BY kind ORDER BY kind",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(kind, n)| Some((Kind::parse(&kind)?, n.max(0) as u64)))
+            .collect())
+    }
+
+    async fn schedule(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        due: DateTime<Utc>,
+        urgent: bool,
+        now: DateTime<Utc>,
+        rules: Coalescing,
+    ) -> StoreResult<Scheduled> {
+        // The single write connection serialises schedules with each other
+        // and with sends, so the read and the write below cannot race.
+        let mut tx = self.writer.begin().await?;
+        let live: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM push_targets
+                            WHERE user_id = ? AND device_id = ? AND target IS NOT NULL)",
+        )
+        .bind(user)
+        .bind(i64::from(device))
+        .fetch_one(&mut *tx)
+        .await?;
+        if !live {
+            return Ok(Scheduled::NoTarget);
+        }
+        let row: Option<(Option<i64>, Option<i64>, Option<i64>)> = sqlx::query_as(
+            "SELECT due_at, sent_at, quiet_sent_at FROM wakeups WHERE user_id = ? AND device_id = ?",
+        )
+        .bind(user)
+        .bind(i64::from(device))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let state = row.map(|(due_at, sent_at, quiet)| WakeupRow {
+            due_at: due_at.map(time),
+            sent_at: sent_at.map(time),
+            quiet_sent_at: quiet.map(time),
+        });
+        let outcome = match decide(state.as_ref(), urgent, now, rules) {
+            Decision::Insert => {
+                sqlx::query(
+                    "INSERT INTO wakeups (user_id, device_id, due_at, urgent, attempts)
+                     VALUES (?, ?, ?, ?, 0)",
+                )
+                .bind(user)
+                .bind(i64::from(device))
+                .bind(millis(due))
+                .bind(urgent)
+                .execute(&mut *tx)
+                .await?;
+                Scheduled::Pending
+            }
+            Decision::Revive => {
+                sqlx::query(
+                    "UPDATE wakeups SET due_at = ?, urgent = ?, attempts = 0
+                     WHERE user_id = ? AND device_id = ?",
+                )
+                .bind(millis(due))
+                .bind(urgent)
+                .bind(user)
+                .bind(i64::from(device))
+                .execute(&mut *tx)
+                .await?;
+                Scheduled::Pending
+            }
+            Decision::Upgrade => {
+                sqlx::query(
+                    "UPDATE wakeups SET urgent = 1, due_at = min(due_at, ?)
+                     WHERE user_id = ? AND device_id = ? AND due_at IS NOT NULL",
+                )
+                .bind(millis(due))
+                .bind(user)
+                .bind(i64::from(device))
+                .execute(&mut *tx)
+                .await?;
+                Scheduled::Coalesced
+            }
+            Decision::Coalesce => Scheduled::Coalesced,
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn take_due(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+        lease: Duration,
+    ) -> StoreResult<Vec<DueWakeup>> {
+        // One transaction on the single write connection: no other taker
+        // can read these rows between the read and the lease.
+        let mut tx = self.writer.begin().await?;
+        type Row = (Uuid, i64, bool, i64, String, Vec<u8>, i64);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT w.user_id, w.device_id, w.urgent, w.attempts, t.kind, t.target, t.updated_at
+             FROM wakeups w JOIN push_targets t
+                 ON t.user_id = w.user_id AND t.device_id = w.device_id
+             WHERE w.due_at IS NOT NULL AND w.due_at <= ? AND t.target IS NOT NULL
+             ORDER BY w.due_at LIMIT ?",
+        )
+        .bind(millis(now))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        let leased = millis(super::add(now, lease));
+        let mut due = Vec::with_capacity(rows.len());
+        for (user, device, urgent, attempts, kind, sealed, updated_at) in rows {
+            sqlx::query("UPDATE wakeups SET due_at = ? WHERE user_id = ? AND device_id = ?")
+                .bind(leased)
+                .bind(user)
+                .bind(device)
+                .execute(&mut *tx)
+                .await?;
+            // A kind this build does not know stays leased, and is tried
+            // again by a node that knows it.
+            let Some(kind) = Kind::parse(&kind) else {
+                continue;
+            };
+            due.push(DueWakeup {
+                user,
+                device: device as DeviceId,
+                urgent,
+                attempts: attempts.max(0) as u32,
+                target: StoredTarget {
+                    kind,
+                    sealed,
+                    updated_at: time(updated_at),
+                },
+            });
+        }
+        tx.commit().await?;
+        Ok(due)
+    }
+
+    async fn wakeup_sent(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        urgent: bool,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE wakeups SET due_at = NULL, attempts = 0, sent_at = ?1,
+                 quiet_sent_at = CASE WHEN ?2 THEN quiet_sent_at ELSE ?1 END
+             WHERE user_id = ?3 AND device_id = ?4",
+        )
+        .bind(millis(now))
+        .bind(urgent)
+        .bind(user)
+        .bind(i64::from(device))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn wakeup_retry(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        at: DateTime<Utc>,
+        attempts: u32,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE wakeups SET due_at = ?, attempts = ? WHERE user_id = ? AND device_id = ?",
+        )
+        .bind(millis(at))
+        .bind(i64::from(attempts))
+        .bind(user)
+        .bind(i64::from(device))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn wakeup_abandoned(&self, user: Uuid, device: DeviceId) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE wakeups SET due_at = NULL, sent_at = NULL, attempts = 0
+             WHERE user_id = ? AND device_id = ?",
+        )
+        .bind(user)
+        .bind(i64::from(device))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn cancel_wakeups(&self, user: Uuid, device: DeviceId) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE wakeups SET due_at = NULL, sent_at = NULL, attempts = 0
+             WHERE user_id = ? AND device_id = ? AND (due_at IS NOT NULL OR sent_at IS NOT NULL)",
+        )
+        .bind(user)
+        .bind(i64::from(device))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
 }

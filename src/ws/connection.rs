@@ -67,6 +67,7 @@ use super::deadline::TimedOut;
 use super::drain::{self, Chunk, Cursor, Pace};
 use super::frame::{self, ClientFrame, ServerFrame, close};
 use super::seen::Seen;
+use crate::push::targets::TargetState;
 use crate::auth::{self, token::Claims};
 use crate::cluster::Interest;
 use crate::delivery::{Address, Subscription, idempotency};
@@ -241,12 +242,22 @@ async fn open(mut socket: Box<Socket>, start: Box<Start>) -> Result<Box<Connecti
         _permit: permit,
         state,
     });
+    // From the targets cache: no query for a device of an account seen
+    // before. A failure to read it costs only the hint, never the socket.
+    let push_dropped = match conn.state.targets.state(claims.sub, claims.dev).await {
+        Ok(target) => target == TargetState::Dropped,
+        Err(err) => {
+            tracing::debug!(error = %err, "could not read the push target for `ready`");
+            false
+        }
+    };
     tracing::debug!(user.id = %conn.device.user, "socket ready");
     let ready = ServerFrame::Ready {
         user_id: conn.device.user,
         device_id: claims.dev,
         expires_at: conn.expires_at,
         devices,
+        push_dropped,
     };
     match conn.send(&ready).await {
         Ok(()) => Ok(conn),

@@ -129,6 +129,12 @@ pub enum ServerFrame {
         /// with the list it last saw, to notice a device added while it
         /// was offline.
         devices: Arc<[DeviceId]>,
+        /// This device's push target was dropped by its push service (the
+        /// subscription expired, the app was uninstalled and reinstalled):
+        /// it is woken no more until it registers a target again. Absent
+        /// otherwise.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        push_dropped: bool,
     },
     /// The backlog has been sent; what follows is live.
     Drained,

@@ -20,6 +20,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod fake_push;
 pub mod pg;
 pub mod proxy;
 pub mod toolchain;

@@ -3,7 +3,8 @@
 //! nothing installed by hand: each npm directory's dependencies, installed
 //! from its lockfile (`npm ci`) when missing or older than the lockfile, and
 //! a Chromium for the demo's browser test, found or (as root, on Debian)
-//! installed.
+//! installed, and a Python virtual environment for the Web Push
+//! cross-check, installed from its pinned requirements.
 //!
 //! Many tests ask at once, from threads of one process or from processes of
 //! their own (nextest), so each install runs under an exclusive file lock:
@@ -64,6 +65,79 @@ pub fn npm_ready(dir: &Path) -> PathBuf {
         dir.display()
     );
     dir.to_owned()
+}
+
+/// A Python virtual environment under the target directory with the
+/// pinned `requirements` installed (`python3 -m venv`, then `pip install
+/// -r`), made once and again whenever `requirements` is newer than the
+/// install; returns its `python`. Blocking: call it from `spawn_blocking`.
+pub fn python_venv(name: &str, requirements: &Path) -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let python = venv.join("bin/python");
+    // Written last, so it exists only after a complete install.
+    let marker = venv.join("installed-requirements.txt");
+    let fresh = || {
+        let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        match (modified(&marker), modified(requirements)) {
+            (Some(installed), Some(wanted)) => installed >= wanted && python.is_file(),
+            _ => false,
+        }
+    };
+    std::fs::create_dir_all(env!("CARGO_TARGET_TMPDIR")).expect("the target's tmp directory");
+    let lock = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.lock"));
+    with_lock(&lock, fresh, || {
+        let started = Instant::now();
+        let _ = std::fs::remove_dir_all(&venv);
+        let run = |program: &Path, args: &[&std::ffi::OsStr]| {
+            let output = Command::new(program)
+                .args(args)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "cannot run {} (Python 3 with venv and pip is required: on Debian, \
+                         apt-get install python3-venv): {e}",
+                        program.display()
+                    )
+                });
+            assert!(
+                output.status.success(),
+                "{} {:?} failed ({}); the Web Push cross-check needs Python 3 with venv and \
+                 pip, and PyPI reachable:\n{}\n{}",
+                program.display(),
+                args,
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr),
+            );
+        };
+        run(
+            Path::new("python3"),
+            &["-m".as_ref(), "venv".as_ref(), venv.as_os_str()],
+        );
+        run(
+            &python,
+            &[
+                "-m".as_ref(),
+                "pip".as_ref(),
+                "install".as_ref(),
+                "--quiet".as_ref(),
+                "--disable-pip-version-check".as_ref(),
+                "--require-virtualenv".as_ref(),
+                "-r".as_ref(),
+                requirements.as_os_str(),
+            ],
+        );
+        std::fs::copy(requirements, &marker).expect("marking the install done");
+        eprintln!(
+            "installed {} into {} in {:.1?}",
+            requirements.display(),
+            venv.display(),
+            started.elapsed()
+        );
+    });
+    assert!(fresh(), "the venv at {} is not installed", venv.display());
+    python
 }
 
 /// Whether `dir`'s install matches its lockfile: `npm ci` writes
