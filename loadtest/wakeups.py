@@ -90,7 +90,8 @@ def table(backend):
                         fmt(max([res(x).get("wakeups_per_recipient_max") or 0 for x in r], default=None))])
             for r in both]),
         row("refused by the fake", [fmt(sum(sum(((res(x).get("fake_push") or {}).get("rejected") or {}).values()) for x in r)) for r in both]),
-        row("coalesced fraction (1 − wake-ups / messages)", [fmt(median([res(x).get("coalesced_fraction") for x in r]), 4) for r in both]),
+        # Without targets nothing can be woken, so nothing is coalesced.
+        row("coalesced fraction (1 − wake-ups / messages)", ["—"] + [fmt(median([res(x).get("coalesced_fraction") for x in woken]), 4)]),
         row("server: wake-ups `sent` / `coalesced` (median)", [
             f"{fmt(median([outcome(x, 'sent') for x in r]), 0)} / {fmt(median([outcome(x, 'coalesced') for x in r]), 0)}"
             for r in both]),
