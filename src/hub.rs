@@ -270,6 +270,16 @@ impl Hub {
         self.conns.contains_key(&user)
     }
 
+    /// Whether `user`'s `device` holds a socket on this node that has not
+    /// been told to close.
+    pub fn has_device(&self, user: Uuid, device: DeviceId) -> bool {
+        self.conns.get(&user).is_some_and(|handles| {
+            handles
+                .iter()
+                .any(|h| h.device == device && !h.kick.token.is_cancelled())
+        })
+    }
+
     /// Live connections on this node.
     pub fn connections(&self) -> usize {
         self.conns.iter().map(|entry| entry.value().len()).sum()

@@ -18,6 +18,7 @@
 //! - [`tls`]: TLS termination: certificate loading and a listener that
 //!   handshakes off the accept loop.
 //! - [`state`]: [`state::AppState`], the only state shared by handlers.
+//! - [`clock`]: the wall clock as a dependency, controlled in unit tests.
 //! - [`error`]: the one error type and its mapping to the wire codes.
 //! - [`auth`]: argon2id passwords (a hashing queue shared fairly between
 //!   callers), the rules for confirming a signed-in caller's password
@@ -79,6 +80,7 @@
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod delivery;

@@ -211,6 +211,25 @@ label_values! {
     }
 }
 
+label_values! {
+    /// What came of a wake-up (or of a device considered for one).
+    WakeupOutcome ("outcome") {
+        /// The push service accepted it.
+        Sent = "sent",
+        /// The service said the target is gone: it was dropped.
+        Gone = "gone",
+        /// A try failed (5xx, timeout, 429) and another is scheduled.
+        Retried = "retried",
+        /// Every try failed, or the target did not open: given up.
+        Failed = "failed",
+        /// The service refused it as our configuration's fault (400, 401,
+        /// 403): given up, the target kept.
+        ConfigError = "config_error",
+        /// Not scheduled: one was pending or cooling already.
+        Coalesced = "coalesced",
+    }
+}
+
 /// A counter with one label: one handle per value of `L`.
 struct Labelled<L> {
     handles: Box<[Counter]>,
@@ -282,6 +301,8 @@ pub struct Metrics {
     ws_closed: Labelled<Closed>,
     /// The cluster's broker (no-ops but `node_info` on one node).
     pub broker: BrokerMetrics,
+    /// Wake-ups of offline devices ([`crate::push`]).
+    pub push: PushMetrics,
     registrar: Option<PrometheusRecorder>,
 }
 
@@ -300,6 +321,49 @@ pub struct BrokerMetrics {
     pub rereads: Counter,
     /// Accounts this node holds a subscription for.
     pub subscriptions: Gauge,
+}
+
+/// What the wake-up scheduler counts ([`crate::push::scheduler`]). No label
+/// carries a target, a user or a device: only the provider's kind.
+pub struct PushMetrics {
+    /// Indexed by provider kind, then [`WakeupOutcome`].
+    wakeups: Box<[Box<[Counter]>]>,
+    /// Live targets by provider kind, sampled every minute.
+    targets: Box<[Gauge]>,
+    /// Devices not considered for a wake-up: the scheduler's queue was full.
+    pub dropped: Counter,
+    /// From a message's commit to the push service's answer to the wake-up
+    /// it caused.
+    pub latency: Histogram,
+}
+
+/// The provider kinds, the values of `provider` on the push metrics.
+const PROVIDERS: &[crate::push::target::Kind] = &[
+    crate::push::target::Kind::WebPush,
+    crate::push::target::Kind::Apns,
+    crate::push::target::Kind::Fcm,
+];
+
+fn provider_index(kind: crate::push::target::Kind) -> usize {
+    PROVIDERS.iter().position(|k| *k == kind).unwrap_or(0)
+}
+
+impl PushMetrics {
+    pub fn wakeup(&self, kind: crate::push::target::Kind, outcome: WakeupOutcome) {
+        self.wakeups[provider_index(kind)][outcome.index()].increment(1);
+    }
+
+    /// Sets the targets gauge from a count by kind (kinds not listed: 0).
+    pub fn set_targets(&self, counts: &[(crate::push::target::Kind, u64)]) {
+        for (i, kind) in PROVIDERS.iter().enumerate() {
+            let n = counts
+                .iter()
+                .filter(|(k, _)| k == kind)
+                .map(|(_, n)| *n)
+                .sum::<u64>();
+            self.targets[i].set(n as f64);
+        }
+    }
 }
 
 /// What the accept loop of one HTTP listener counts; handles into
@@ -497,6 +561,42 @@ impl Metrics {
                     "Accounts this node is subscribed for on NATS (those with a socket here).",
                 ),
             },
+            push: PushMetrics {
+                wakeups: PROVIDERS
+                    .iter()
+                    .map(|kind| {
+                        WakeupOutcome::VALUES
+                            .iter()
+                            .map(|outcome| {
+                                r.labelled_counter2(
+                                    "sealpost_wakeups_total",
+                                    "Wake-ups of offline devices, by provider and outcome.",
+                                    ("provider", kind.as_str()),
+                                    (WakeupOutcome::KEY, outcome),
+                                )
+                            })
+                            .collect()
+                    })
+                    .collect(),
+                targets: PROVIDERS
+                    .iter()
+                    .map(|kind| {
+                        r.labelled_gauge(
+                            "sealpost_push_targets",
+                            "Devices with a live push target, by provider, sampled every minute.",
+                            ("provider", kind.as_str()),
+                        )
+                    })
+                    .collect(),
+                dropped: r.counter(
+                    "sealpost_wakeups_dropped_total",
+                    "Devices not considered for a wake-up because the scheduler's queue was full (the database too slow).",
+                ),
+                latency: r.histogram(
+                    "sealpost_wakeup_latency_seconds",
+                    "From a message's acceptance to the push service's answer to the wake-up it caused.",
+                ),
+            },
             registrar: None,
         }
     }
@@ -625,6 +725,41 @@ impl Registrar<'_> {
         }
     }
 
+    /// A counter with two labels.
+    fn labelled_counter2(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        a: (&'static str, &'static str),
+        b: (&'static str, &'static str),
+    ) -> Counter {
+        let Some(recorder) = self.0 else {
+            return Counter::noop();
+        };
+        recorder.describe_counter(KeyName::from_const_str(name), None, help.into());
+        let key = Key::from_parts(
+            name,
+            vec![
+                Label::from_static_parts(a.0, a.1),
+                Label::from_static_parts(b.0, b.1),
+            ],
+        );
+        recorder.register_counter(&key, &METADATA)
+    }
+
+    fn labelled_gauge(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        label: (&'static str, &'static str),
+    ) -> Gauge {
+        let Some(recorder) = self.0 else {
+            return Gauge::noop();
+        };
+        recorder.describe_gauge(KeyName::from_const_str(name), None, help.into());
+        recorder.register_gauge(&key(name, Some(label)), &METADATA)
+    }
+
     fn gauge(&self, name: &'static str, help: &'static str) -> Gauge {
         let Some(recorder) = self.0 else {
             return Gauge::noop();
@@ -746,6 +881,11 @@ mod tests {
             "sealpost_http_connections_refused_total{listener=\"api\"} 0",
             "sealpost_http_connections_refused_total{listener=\"metrics\"} 0",
             "sealpost_ws_closed_total{reason=\"too_big\"} 0",
+            "sealpost_wakeups_total{provider=\"webpush\",outcome=\"coalesced\"} 0",
+            "sealpost_wakeups_total{provider=\"fcm\",outcome=\"config_error\"} 0",
+            "sealpost_push_targets{provider=\"apns\"} 0",
+            "sealpost_wakeups_dropped_total 0",
+            "sealpost_wakeup_latency_seconds_count 0",
             "# TYPE sealpost_push_latency_seconds histogram",
             "# HELP sealpost_ws_closed_total WebSockets ended, by reason.",
         ] {

@@ -436,7 +436,12 @@ impl KeyRing {
         Ok(sealed)
     }
 
-    fn open_blob(&self, what: &'static str, ad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, SealError> {
+    fn open_blob(
+        &self,
+        what: &'static str,
+        ad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, SealError> {
         if sealed.len() < KEY_ID_BYTES + NONCE_BYTES + TAG_BYTES {
             return Err(SealError::Blob { what, key_id: 0 });
         }

@@ -17,7 +17,7 @@ use anyhow::Context;
 use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use crate::api;
@@ -26,6 +26,8 @@ use crate::auth::password::{Cost, Passwords};
 use crate::auth::secret;
 use crate::auth::sessions::Revocations;
 use crate::auth::token::Tokens;
+use crate::clock::Clock;
+use crate::clock::SystemClock;
 use crate::cluster::nats::NatsBroker;
 use crate::cluster::{self, Broker, Node, local::LocalBroker};
 use crate::config::{Config, both_names};
@@ -40,6 +42,7 @@ use crate::limits::rate::AuthLimit;
 use crate::limits::sockets::SocketCaps;
 use crate::metrics::{self, Listener, Metrics};
 use crate::push::guard::AllowHosts;
+use crate::push::scheduler::{self, Scheduler};
 use crate::push::targets::Targets;
 use crate::seal::{self, KeyRing};
 use crate::state::AppState;
@@ -50,6 +53,10 @@ use crate::tls::{self, TlsListener};
 
 /// How long shutdown waits for the committer to write what it holds.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long shutdown waits for the wake-up scheduler's last round (the
+/// devices marked by the last commits, written to the database).
+const SCHEDULER_STOP: Duration = Duration::from_secs(5);
 
 /// A server that has bound its address and is ready to [`Server::run`].
 pub struct Server {
@@ -66,6 +73,9 @@ pub struct Server {
     node: Arc<Node>,
     /// The NATS broker, to flush and stop after the committer.
     nats: Option<Arc<NatsBroker>>,
+    /// The wake-up scheduler's tasks, and what stops them (dropping it
+    /// does, should the server never run).
+    scheduler: (DropGuard, scheduler::Tasks),
 }
 
 /// Opens and migrates the store `config` names.
@@ -202,18 +212,53 @@ impl Server {
             config.access_token_ttl,
             config.refresh_token_ttl,
         );
+        let hub = Hub::new(
+            config.ws_queue as usize,
+            config.max_connections_per_user as usize,
+            metrics.clone(),
+        );
+        let targets = Arc::new(Targets::new(store.clone()));
+        let push_allow = Arc::new(AllowHosts::parse(&config.push.push_allow_hosts).map_err(
+            |message| anyhow::anyhow!("{}: {message}", both_names("SEALPOST_PUSH_ALLOW_HOSTS")),
+        )?);
+        let providers = crate::push::build_providers(&config, push_allow.clone())?;
+        // The scheduler is a post-commit listener: made before the
+        // committer, stopped after it has drained (its last commits are
+        // scheduled, in the database, for whichever node sends them).
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let scheduler_stop = CancellationToken::new();
+        let (scheduler, scheduler_tasks) = Scheduler::spawn(
+            scheduler::Parts {
+                store: store.clone(),
+                targets: Arc::new(scheduler::NodeTargets {
+                    targets: targets.clone(),
+                    broker: broker.clone(),
+                }),
+                presence: Arc::new(scheduler::NodePresence {
+                    hub: hub.clone(),
+                    broker: broker.clone(),
+                }),
+                opener: keys.clone(),
+                providers: providers.clone(),
+                metrics: metrics.clone(),
+                clock: clock.clone(),
+            },
+            scheduler::Timing {
+                after_close: config.push.wakeup_after_close,
+                cooldown: config.push.wakeup_cooldown,
+                quiet: config.push.wakeup_quiet_interval,
+                push_timeout: config.push.push_timeout,
+                clustered: !broker.alone(),
+            },
+            scheduler_stop.clone(),
+        );
         let (committer, committer_task) = Committer::spawn(
             store.clone(),
             keys.clone(),
             metrics.clone(),
             config.delivery_receipts,
-            broker.clone(),
+            delivery::listeners::with_broker(&broker, [scheduler.clone() as _]),
             config.ack_window,
-        );
-        let hub = Hub::new(
-            config.ws_queue as usize,
-            config.max_connections_per_user as usize,
-            metrics.clone(),
         );
         let limits = delivery::Limits {
             max_body_bytes: config.max_body_bytes as usize,
@@ -271,13 +316,6 @@ impl Server {
             None => None,
         };
         let (delivery, revocations) = (Arc::new(delivery), Arc::new(revocations));
-        let targets = Arc::new(Targets::new(store.clone()));
-        let push_allow = Arc::new(
-            AllowHosts::parse(&config.push.push_allow_hosts).map_err(|message| {
-                anyhow::anyhow!("{}: {message}", both_names("SEALPOST_PUSH_ALLOW_HOSTS"))
-            })?,
-        );
-        let providers = crate::push::build_providers(&config, push_allow.clone())?;
         let node = Arc::new(Node {
             hub: hub.clone(),
             delivery: delivery.clone(),
@@ -309,6 +347,8 @@ impl Server {
             targets,
             providers,
             push_allow,
+            scheduler,
+            clock,
         };
         Ok(Self {
             listener,
@@ -319,6 +359,7 @@ impl Server {
             committer: committer_task,
             node,
             nats,
+            scheduler: (scheduler_stop.drop_guard(), scheduler_tasks),
         })
     }
 
@@ -354,6 +395,7 @@ impl Server {
             committer,
             node,
             nats,
+            scheduler: (scheduler_stop, scheduler_tasks),
         } = self;
         let addr = listener.local_addr()?;
         let background = CancellationToken::new();
@@ -448,6 +490,16 @@ impl Server {
         match tokio::time::timeout(DRAIN_TIMEOUT, committer).await {
             Ok(_) => {}
             Err(_) => tracing::error!("committer did not drain in time"),
+        }
+        // Its last commits are scheduled for wake-ups (in the database) by
+        // the scheduler's last round; in-flight wake-ups come due again
+        // after their lease.
+        drop(scheduler_stop);
+        if tokio::time::timeout(SCHEDULER_STOP, scheduler_tasks.join())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the wake-up scheduler did not stop in time");
         }
         // Its last commits are in the broker's outbox: send them.
         if let Some(nats) = nats {

@@ -9,6 +9,7 @@ use crate::auth::confirm::Confirmations;
 use crate::auth::password::Passwords;
 use crate::auth::sessions::Revocations;
 use crate::auth::token::Tokens;
+use crate::clock::Clock;
 use crate::cluster::Broker;
 use crate::config::Config;
 use crate::delivery::Delivery;
@@ -19,6 +20,7 @@ use crate::limits::sockets::SocketCaps;
 use crate::metrics::Metrics;
 use crate::push::guard::AllowHosts;
 use crate::push::provider::Providers;
+use crate::push::scheduler::Scheduler;
 use crate::push::targets::Targets;
 use crate::seal::KeyRing;
 use crate::store::Store;
@@ -63,4 +65,10 @@ pub struct AppState {
     pub providers: Providers,
     /// Hosts exempt from the SSRF guard (`SEALPOST_PUSH_ALLOW_HOSTS`).
     pub push_allow: Arc<AllowHosts>,
+    /// Wake-ups of offline devices: told when a device shows up (connects,
+    /// polls, acks) and when a socket closes owing acks.
+    pub scheduler: Arc<Scheduler>,
+    /// The wall clock (a dependency, so that time-driven logic is tested
+    /// without sleeping).
+    pub clock: Arc<dyn Clock>,
 }

@@ -234,6 +234,7 @@ fn checks(config: &Config) -> Vec<Check> {
             "not set: serves plain HTTP, for a TLS-terminating proxy in front".into(),
         ),
     });
+    checks.extend(push(config));
     match config.former_names() {
         Ok(warnings) => checks.extend(
             warnings
@@ -255,6 +256,109 @@ fn checks(config: &Config) -> Vec<Check> {
 }
 
 const TLS: &str = "SEALPOST_TLS_CERT, SEALPOST_TLS_KEY";
+const WEB_PUSH: &str = "SEALPOST_VAPID_SUBJECT";
+const APNS: &str = "SEALPOST_APNS_KEY_FILE, SEALPOST_APNS_KEY_ID, SEALPOST_APNS_TEAM_ID";
+const FCM: &str = "SEALPOST_FCM_CREDENTIALS_FILE";
+const ALLOW_HOSTS: &str = "SEALPOST_PUSH_ALLOW_HOSTS";
+
+/// Which push services are on, and what would stop start-up: a VAPID
+/// subject that is not a `mailto:` or `https:` URI, Web Push on
+/// PostgreSQL without a VAPID key, key files that cannot be read, an
+/// allow-list that does not parse. Nothing is read beyond whether the
+/// files are there.
+fn push(config: &Config) -> Vec<Check> {
+    let push = &config.push;
+    let mut checks = Vec::new();
+    let readable = |path: &std::path::Path| std::fs::metadata(path).is_ok_and(|m| m.is_file());
+    checks.push(match &push.vapid_subject {
+        None => check(Level::Note, WEB_PUSH, "not set: Web Push is off".into()),
+        Some(subject) if !(subject.starts_with("mailto:") || subject.starts_with("https:")) => {
+            check(
+                Level::Error,
+                WEB_PUSH,
+                "must be a `mailto:` or `https:` URI (push services refuse others)".into(),
+            )
+        }
+        Some(_) => match (&push.vapid_key, &push.vapid_key_file) {
+            (Some(_), _) => check(
+                Level::Ok,
+                WEB_PUSH,
+                "Web Push is on, VAPID key given".into(),
+            ),
+            (None, Some(file)) if readable(file) => check(
+                Level::Ok,
+                WEB_PUSH,
+                format!("Web Push is on, VAPID key from {}", file.display()),
+            ),
+            (None, Some(file)) => check(
+                Level::Error,
+                "SEALPOST_VAPID_KEY_FILE",
+                format!("{} cannot be read", file.display()),
+            ),
+            (None, None) if store::is_postgres(config.database_url()) => check(
+                Level::Error,
+                "SEALPOST_VAPID_KEY",
+                "required with PostgreSQL when Web Push is on (every node signs with the same key)"
+                    .into(),
+            ),
+            (None, None) => check(
+                Level::Ok,
+                WEB_PUSH,
+                "Web Push is on, VAPID key kept beside the SQLite database (generated if missing)"
+                    .into(),
+            ),
+        },
+    });
+    let apns = [
+        push.apns_key_file.is_some(),
+        push.apns_key_id.is_some(),
+        push.apns_team_id.is_some(),
+    ];
+    checks.push(match (&push.apns_key_file, apns) {
+        (_, [false, false, false]) => check(Level::Note, APNS, "not set: APNs is off".into()),
+        (Some(file), [true, true, true]) if readable(file) => check(
+            Level::Ok,
+            APNS,
+            format!(
+                "APNs is on ({} for production, {} for sandbox)",
+                push.apns_url, push.apns_sandbox_url
+            ),
+        ),
+        (Some(file), [true, true, true]) => check(
+            Level::Error,
+            APNS,
+            format!("{} cannot be read", file.display()),
+        ),
+        _ => check(
+            Level::Warning,
+            APNS,
+            "only some are set: APNs is off until all three are".into(),
+        ),
+    });
+    checks.push(match &push.fcm_credentials_file {
+        None => check(Level::Note, FCM, "not set: FCM is off".into()),
+        Some(file) if readable(file) => {
+            check(Level::Ok, FCM, format!("FCM is on ({})", push.fcm_url))
+        }
+        Some(file) => check(
+            Level::Error,
+            FCM,
+            format!("{} cannot be read", file.display()),
+        ),
+    });
+    match crate::push::guard::AllowHosts::parse(&push.push_allow_hosts) {
+        Ok(allow) if allow.is_empty() => {}
+        Ok(_) => checks.push(check(
+            Level::Warning,
+            ALLOW_HOSTS,
+            "push requests may go to these hosts even on private addresses or plain http: \
+             for tests and a push service of your own only"
+                .into(),
+        )),
+        Err(message) => checks.push(check(Level::Error, ALLOW_HOSTS, message)),
+    }
+    checks
+}
 const NATS: &str = "SEALPOST_NATS_URL";
 const FORMER_NAMES: &str = "SEALPOST_MAX_QUEUED_PER_USER";
 

@@ -48,6 +48,16 @@ struct Send {
     /// answered with the first answer instead of storing the message again.
     #[schema(min_length = 1, max_length = 64)]
     client_id: Option<String>,
+    /// Whether an offline recipient device is woken at once, at high
+    /// priority (true), or at low priority and at most once per quiet
+    /// interval (false: receipts, sync messages and the like).
+    #[serde(default = "urgent_by_default")]
+    #[schema(default = true)]
+    urgent: bool,
+}
+
+fn urgent_by_default() -> bool {
+    true
 }
 
 #[derive(Serialize, ToSchema)]
@@ -78,7 +88,7 @@ async fn send(
             .transpose()?;
         let accepted = state
             .delivery
-            .send(caller.address(), to, content, client_id)
+            .send(caller.address(), to, content, client_id, request.urgent)
             .await?;
         Ok(Sent {
             id: accepted.id,
@@ -137,6 +147,8 @@ async fn list(
         .delivery
         .fetch(caller.address(), client, after, limit)
         .await?;
+    // The device reads its queue: it needs no wake-up for it.
+    state.scheduler.showed_up(caller.id, caller.device);
     Ok(Json(Listing {
         messages: page.messages.iter().map(MessageView::from).collect(),
         next: page.next,
@@ -152,6 +164,7 @@ async fn delivered(
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode> {
     let id = parse_id("id", &id)?;
+    state.scheduler.showed_up(caller.id, caller.device);
     match state.delivery.ack(caller.address(), vec![id]).await? {
         0 => Err(Error::NotFound("message")),
         _ => Ok(StatusCode::NO_CONTENT),
@@ -181,6 +194,7 @@ async fn ack(
         .iter()
         .map(|id| parse_id("ids", id))
         .collect::<Result<Vec<_>>>()?;
+    state.scheduler.showed_up(caller.id, caller.device);
     let acked = state.delivery.ack(caller.address(), ids).await?;
     Ok(Json(Acked { acked }))
 }

@@ -4,6 +4,7 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::{Announce, Broker, Interest, Notice, Push, Status};
+use crate::store::DeviceId;
 
 pub struct LocalBroker;
 
@@ -21,7 +22,7 @@ impl Broker for LocalBroker {
         Status::Local
     }
 
-    async fn interest(&self, _user: Uuid) -> Interest {
+    async fn interest(&self, _user: Uuid, _device: DeviceId) -> Interest {
         Interest::none()
     }
 
@@ -55,7 +56,7 @@ impl Broker for Recorder {
         Status::Connected
     }
 
-    async fn interest(&self, _user: Uuid) -> Interest {
+    async fn interest(&self, _user: Uuid, _device: DeviceId) -> Interest {
         Interest::none()
     }
 

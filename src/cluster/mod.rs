@@ -174,8 +174,9 @@ pub trait Broker: Send + Sync {
     /// Subscribes this node for `user`'s traffic, and returns once the
     /// subscription is active at the broker, or once waiting longer would
     /// hold up a connecting socket (then the node re-reads that account's
-    /// backlogs when it becomes active).
-    async fn interest(&self, user: Uuid) -> Interest;
+    /// backlogs when it becomes active). While held, this node also
+    /// answers for `device`'s presence ([`Broker::present`]).
+    async fn interest(&self, user: Uuid, device: DeviceId) -> Interest;
 
     /// Copies of stored messages, just committed, in commit order: for the
     /// sockets other nodes hold.
@@ -188,6 +189,13 @@ pub trait Broker: Send + Sync {
     fn notify(&self, user: Uuid, notice: Notice);
 
     fn announce(&self, event: Announce);
+
+    /// Whether another node holds a socket of `user`'s `device`: asked
+    /// before a device is woken (this node's hub is asked first). Waits a
+    /// short, bounded time; a node alone has no one to ask.
+    async fn present(&self, _user: Uuid, _device: DeviceId) -> bool {
+        false
+    }
 }
 
 /// What a node does with the broker's traffic: the parts of this node it

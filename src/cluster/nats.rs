@@ -9,6 +9,11 @@
 //!   accounts it serves.
 //! - `<prefix>.cluster`: revocations, directory changes and re-read
 //!   requests, which every node subscribes to.
+//! - `<prefix>.d.<account id>.<device>`: a device's presence. A node
+//!   subscribes while it holds a socket of the device and answers every
+//!   request at once; a node about to wake the device asks, and "no
+//!   responders" (the server's own answer when nobody subscribes) means
+//!   the device is offline everywhere ([`Broker::present`]).
 //!
 //! The client is connected with `no_echo`: a node never hears its own
 //! publishes (it pushed to its own sockets already).
@@ -38,6 +43,7 @@ use super::wire::{ForUser, Wire};
 use super::{Announce, Broker, Interest, Node, Notice, Push, Status};
 use crate::config::{Config, both_names};
 use crate::metrics::{Metrics, Traffic};
+use crate::store::DeviceId;
 
 /// How often the client pings the server. A silent network failure is
 /// noticed after two unanswered pings; a server that goes away at once.
@@ -53,6 +59,12 @@ const ACTIVATION_WAIT: Duration = Duration::from_secs(2);
 /// elsewhere with none of the target devices costs the sender this much;
 /// one online nowhere is known at once ("no responders").
 const EPHEMERAL_WAIT: Duration = Duration::from_millis(250);
+
+/// How long a presence question waits for an answer. Nobody subscribed is
+/// known at once (the server answers "no responders"); a node holding the
+/// device answers in a round trip. Past this, a node that subscribed but
+/// did not answer is taken as holding the device.
+const PRESENCE_WAIT: Duration = Duration::from_millis(250);
 
 /// Publishes waiting for the publisher task. At 10,000 messages a second
 /// this is most of a second of NATS stalling; past it publishes are
@@ -87,6 +99,8 @@ struct Inner {
     node: OnceLock<Weak<Node>>,
     /// Accounts this node is subscribed for.
     subs: DashMap<Uuid, UserSub>,
+    /// Devices this node holds a socket of, and answers presence for.
+    devices: DashMap<(Uuid, DeviceId), DeviceSub>,
     outbox: mpsc::Sender<Outgoing>,
     outbox_bytes: Arc<Semaphore>,
     connected: AtomicBool,
@@ -116,6 +130,12 @@ struct UserSub {
     /// True once the server confirmed the subscription (or gave up
     /// waiting).
     ready: watch::Receiver<bool>,
+    cancel: CancellationToken,
+}
+
+struct DeviceSub {
+    /// Sockets of the device on this node.
+    holders: usize,
     cancel: CancellationToken,
 }
 
@@ -184,6 +204,7 @@ impl NatsBroker {
             node_id,
             node: OnceLock::new(),
             subs: DashMap::new(),
+            devices: DashMap::new(),
             outbox,
             outbox_bytes: Arc::new(Semaphore::new(OUTBOX_BYTES)),
             connected: AtomicBool::new(false),
@@ -258,6 +279,10 @@ impl Inner {
 
     fn user_subject(&self, user: Uuid) -> String {
         format!("{}.u.{}", self.prefix, user.simple())
+    }
+
+    fn device_subject(&self, user: Uuid, device: DeviceId) -> String {
+        format!("{}.d.{}.{device}", self.prefix, user.simple())
     }
 
     fn cluster_subject(&self) -> String {
@@ -580,14 +605,58 @@ async fn account(
     // Dropping `sub` unsubscribes.
 }
 
-/// Drops a socket's hold on its account's subscription.
+/// Answers presence questions about one device while this node holds a
+/// socket of it.
+async fn presence(inner: Arc<Inner>, user: Uuid, device: DeviceId, cancel: CancellationToken) {
+    let mut sub = match inner
+        .client
+        .subscribe(inner.device_subject(user, device))
+        .await
+    {
+        Ok(sub) => sub,
+        Err(err) => {
+            tracing::debug!(user.id = %user, device, error = %err, "cannot answer for a device's presence; it may be woken while online");
+            return;
+        }
+    };
+    loop {
+        let message = tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            message = sub.next() => message,
+        };
+        match message {
+            Some(message) => {
+                if let Some(reply) = message.reply {
+                    let _ = inner.client.publish(reply, Bytes::new()).await;
+                }
+            }
+            None => break,
+        }
+    }
+}
+
+/// Drops a socket's hold on its account's subscription and its device's
+/// presence.
 struct Release {
     inner: Arc<Inner>,
     user: Uuid,
+    device: DeviceId,
 }
 
 impl Drop for Release {
     fn drop(&mut self) {
+        let key = (self.user, self.device);
+        let last = match self.inner.devices.get_mut(&key) {
+            Some(mut sub) => {
+                sub.holders -= 1;
+                sub.holders == 0
+            }
+            None => false,
+        };
+        if last && let Some((_, sub)) = self.inner.devices.remove_if(&key, |_, s| s.holders == 0) {
+            sub.cancel.cancel();
+        }
         let last = match self.inner.subs.get_mut(&self.user) {
             Some(mut sub) => {
                 sub.holders -= 1;
@@ -619,8 +688,17 @@ impl Broker for NatsBroker {
         }
     }
 
-    async fn interest(&self, user: Uuid) -> Interest {
+    async fn interest(&self, user: Uuid, device: DeviceId) -> Interest {
         let inner = &self.inner;
+        inner
+            .devices
+            .entry((user, device))
+            .or_insert_with(|| {
+                let cancel = inner.stop.child_token();
+                tokio::spawn(presence(inner.clone(), user, device, cancel.clone()));
+                DeviceSub { holders: 0, cancel }
+            })
+            .holders += 1;
         let mut ready = {
             let mut sub = inner.subs.entry(user).or_insert_with(|| {
                 let (tx, rx) = watch::channel(false);
@@ -639,6 +717,7 @@ impl Broker for NatsBroker {
         let release = Release {
             inner: inner.clone(),
             user,
+            device,
         };
         if inner.connected() {
             let _ = tokio::time::timeout(ACTIVATION_WAIT, ready.wait_for(|r| *r)).await;
@@ -683,6 +762,25 @@ impl Broker for NatsBroker {
             .payload(wire.encode())
             .timeout(Some(EPHEMERAL_WAIT));
         inner.client.send_request(subject, request).await.is_ok()
+    }
+
+    async fn present(&self, user: Uuid, device: DeviceId) -> bool {
+        let inner = &self.inner;
+        if !inner.connected() {
+            // Nobody to ask: a wake-up too many beats one missed.
+            return false;
+        }
+        let request = Request::new()
+            .payload(Bytes::new())
+            .timeout(Some(PRESENCE_WAIT));
+        match inner
+            .client
+            .send_request(inner.device_subject(user, device), request)
+            .await
+        {
+            Ok(_) => true,
+            Err(err) => matches!(err.kind(), async_nats::client::RequestErrorKind::TimedOut),
+        }
     }
 
     fn notify(&self, user: Uuid, notice: Notice) {

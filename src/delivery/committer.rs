@@ -49,13 +49,15 @@
 //! ([`crate::store::deadline`]), so a stalled database fails a batch, and
 //! the batches behind it, each within that time.
 //!
-//! Once a batch is written, the committer hands the copies it inserted to
-//! the broker, one message at a time in commit order, before it answers
-//! anyone: other nodes hear of a message only after it is durable, and in
-//! this node's id order ([`crate::cluster`]). The broker never makes it
-//! wait. A copy pushed to another node's socket is therefore always
-//! written: elision is node-local, for the recipients connected to the node
-//! that accepted the message.
+//! Once a batch is written, the committer tells its post-commit
+//! listeners ([`super::listeners`]) of the copies it inserted, one message
+//! at a time in commit order, before it answers anyone. The broker is one
+//! (when there are other nodes): other nodes hear of a message only after
+//! it is durable, and in this node's id order ([`crate::cluster`]). The
+//! wake-up scheduler is another. No listener makes it wait. A copy pushed
+//! to another node's socket is therefore always written: elision is
+//! node-local, for the recipients connected to the node that accepted the
+//! message.
 //!
 //! The committer seals each batch ([`KeyRing::seal_all`]) just before writing
 //! it: about a microsecond per message, spent here rather than under the
@@ -73,8 +75,8 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::idempotency::Keyed;
+use super::listeners::{CommitListener, Committed};
 use super::pending::{Admitted, CommitFailed, Insert, NotStored, Pending};
-use crate::cluster::{Broker, Push};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::seal::{KeyRing, SEAL_OVERHEAD};
@@ -235,18 +237,20 @@ pub struct Unstored {
 impl<'a> Slot<'a> {
     /// Enters the copies of one message in [`Pending`], where an ack can
     /// find them from now on. Push them next, then enqueue. The client's
-    /// `key` for the send, if any, is written with them.
+    /// `key` for the send, if any, is written with them; `urgent` is told
+    /// to the listeners once they are written.
     pub fn stage(
         self,
         messages: Vec<Arc<Message>>,
         accepted: SystemTime,
+        urgent: bool,
         key: Option<Keyed>,
     ) -> Staged<'a> {
         let admitted = Admitted {
             _op: self.op,
             _bytes: self.bytes,
         };
-        let (insert, result) = Insert::new(messages, accepted, key, admitted);
+        let (insert, result) = Insert::new(messages, accepted, urgent, key, admitted);
         self.committer.pending.add(&insert);
         Staged {
             committer: self.committer,
@@ -321,13 +325,15 @@ impl Committer {
     /// everything enqueued is written (held copies at once), so nothing
     /// accepted is abandoned on shutdown. With `senders` off, acks do not
     /// open the rows they delete to learn their senders (delivery receipts
-    /// are off). `window` is the ack window of held copies.
+    /// are off). `listeners` are told of every message written, in this
+    /// order ([`super::listeners::with_broker`] makes the usual list).
+    /// `window` is the ack window of held copies.
     pub fn spawn(
         queue: Arc<dyn Queue>,
         keys: Arc<KeyRing>,
         metrics: Arc<Metrics>,
         senders: bool,
-        broker: Arc<dyn Broker>,
+        listeners: Vec<Arc<dyn CommitListener>>,
         window: Duration,
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -337,7 +343,7 @@ impl Committer {
             keys: keys.clone(),
             metrics: metrics.clone(),
             senders,
-            broker,
+            listeners,
             pending: pending.clone(),
         };
         let task = tokio::spawn(run(writer, rx));
@@ -439,8 +445,8 @@ struct Writer {
     metrics: Arc<Metrics>,
     /// Whether acks learn the senders of what they delete.
     senders: bool,
-    /// Told of every message written, for the other nodes.
-    broker: Arc<dyn Broker>,
+    /// Told of every message written: the other nodes, wake-ups.
+    listeners: Vec<Arc<dyn CommitListener>>,
     /// Where the copies of each insert are claimed before they are written.
     pending: Arc<Pending>,
 }
@@ -667,11 +673,18 @@ impl Writer {
         match written {
             Ok(deleted) => {
                 self.metrics.copies_written.increment(messages.len() as u64);
-                if !self.broker.alone() {
+                if !self.listeners.is_empty() {
                     for (insert, start, claimed) in &inserts {
                         let copies = &messages[*start..start + claimed];
-                        if let Some(push) = Push::of(copies, insert.accepted, false) {
-                            self.broker.committed(push);
+                        if copies.is_empty() {
+                            continue;
+                        }
+                        let meta = Committed {
+                            accepted: insert.accepted,
+                            urgent: insert.urgent,
+                        };
+                        for listener in &self.listeners {
+                            listener.committed(copies, &meta);
                         }
                     }
                 }
@@ -763,8 +776,10 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
+    use crate::cluster::Broker;
     use crate::cluster::local::Recorder;
     use crate::delivery::fake::MemQueue;
+    use crate::delivery::listeners::with_broker;
     use futures_util::TryFutureExt;
 
     const WINDOW: Duration = Duration::from_millis(50);
@@ -777,7 +792,8 @@ mod tests {
     fn committer(queue: Arc<MemQueue>, broker: Arc<dyn Broker>) -> Committer {
         let keys = Arc::new(KeyRing::generate().unwrap());
         let metrics = Arc::new(Metrics::disabled());
-        Committer::spawn(queue, keys, metrics, true, broker, WINDOW).0
+        let listeners = with_broker(&broker, []);
+        Committer::spawn(queue, keys, metrics, true, listeners, WINDOW).0
     }
 
     fn local(queue: Arc<MemQueue>) -> Committer {
@@ -804,7 +820,7 @@ mod tests {
     ) -> futures_util::future::BoxFuture<'static, Result<()>> {
         let slot = committer.reserve(6 * copies.len(), soon()).await.unwrap();
         Box::pin(
-            slot.stage(copies, SystemTime::now(), None)
+            slot.stage(copies, SystemTime::now(), true, None)
                 .enqueue(held)
                 .map_err(|unstored| unstored.error),
         )
@@ -915,6 +931,52 @@ mod tests {
         assert_eq!(published, [(id, vec![2]), (later, vec![1])]);
     }
 
+    /// Every listener hears of each written message, in commit order, with
+    /// the send's urgency; a message whose copies were all acked in their
+    /// window was not written, and no listener hears of it.
+    #[tokio::test(start_paused = true)]
+    async fn listeners_hear_of_written_copies_only() {
+        #[derive(Default)]
+        struct Heard(std::sync::Mutex<Vec<(Uuid, Vec<DeviceId>, bool)>>);
+        impl CommitListener for Heard {
+            fn committed(&self, copies: &[Arc<Message>], meta: &Committed) {
+                let devices = copies.iter().map(|c| c.device).collect();
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push((copies[0].id, devices, meta.urgent));
+            }
+        }
+        let queue = Arc::new(MemQueue::default());
+        let (first, second) = (Arc::new(Heard::default()), Arc::new(Heard::default()));
+        let keys = Arc::new(KeyRing::generate().unwrap());
+        let listeners: Vec<Arc<dyn CommitListener>> = vec![first.clone(), second.clone()];
+        let (committer, _task) = Committer::spawn(
+            queue,
+            keys,
+            Arc::new(Metrics::disabled()),
+            true,
+            listeners,
+            WINDOW,
+        );
+        let (bob, alice) = (Uuid::new_v4(), Uuid::new_v4());
+        let (acked, quiet, loud) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let held = insert(&committer, vec![copy(acked, bob, 1, alice)], true).await;
+        committer.ack(bob, 1, vec![acked], soon()).await.unwrap();
+        let slot = committer.reserve(12, soon()).await.unwrap();
+        let copies = vec![copy(quiet, bob, 1, alice), copy(quiet, bob, 2, alice)];
+        let not_urgent = slot
+            .stage(copies, SystemTime::now(), false, None)
+            .enqueue(false);
+        let urgent = insert(&committer, vec![copy(loud, bob, 2, alice)], false).await;
+        held.await.unwrap();
+        not_urgent.await.map_err(|u| u.error).unwrap();
+        urgent.await.unwrap();
+        let want = vec![(quiet, vec![1, 2], false), (loud, vec![2], true)];
+        assert_eq!(*first.0.lock().unwrap(), want);
+        assert_eq!(*second.0.lock().unwrap(), want);
+    }
+
     /// A held insert holds back what was enqueued behind it, even what is
     /// not held: copies commit in id order.
     #[tokio::test(start_paused = true)]
@@ -938,10 +1000,9 @@ mod tests {
         let queue = Arc::new(MemQueue::default());
         let keys = Arc::new(KeyRing::generate().unwrap());
         let metrics = Arc::new(Metrics::disabled());
-        let broker = Arc::new(crate::cluster::local::LocalBroker);
         let window = Duration::from_secs(3600);
         let (committer, _task) =
-            Committer::spawn(queue.clone(), keys, metrics, true, broker, window);
+            Committer::spawn(queue.clone(), keys, metrics, true, Vec::new(), window);
         let (bob, carol, alice) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
         let (held, offline) = (Uuid::now_v7(), Uuid::now_v7());
         let first = insert(&committer, vec![copy(held, bob, 1, alice)], true).await;
@@ -1014,7 +1075,9 @@ mod tests {
         let (bob, alice, id) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::now_v7());
         let slot = committer.reserve(12, soon()).await.unwrap();
         let copies = vec![copy(id, bob, 1, alice), copy(id, bob, 2, alice)];
-        let durable = slot.stage(copies, SystemTime::now(), None).enqueue(true);
+        let durable = slot
+            .stage(copies, SystemTime::now(), true, None)
+            .enqueue(true);
         committer.ack(bob, 1, vec![id], soon()).await.unwrap();
         queue.failing.store(true, Ordering::Relaxed);
         let unstored = durable.await.expect_err("the write failed");
@@ -1085,10 +1148,9 @@ mod tests {
         let queue = Arc::new(MemQueue::default());
         let keys = Arc::new(KeyRing::generate().unwrap());
         let metrics = Arc::new(Metrics::disabled());
-        let broker = Arc::new(crate::cluster::local::LocalBroker);
         let window = Duration::from_secs(1);
         let (committer, task) =
-            Committer::spawn(queue.clone(), keys, metrics, true, broker, window);
+            Committer::spawn(queue.clone(), keys, metrics, true, Vec::new(), window);
         let (bob, alice, id) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::now_v7());
         let durable = insert(&committer, vec![copy(id, bob, 1, alice)], true).await;
         let started = Instant::now();

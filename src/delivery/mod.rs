@@ -46,6 +46,7 @@
 pub mod committer;
 pub mod drains;
 pub mod idempotency;
+pub mod listeners;
 mod pending;
 
 use std::future::Future;
@@ -509,8 +510,9 @@ impl Delivery {
         to: Uuid,
         content: Content,
         client_id: Option<String>,
+        urgent: bool,
     ) -> Result<Accepted> {
-        let mut accepted = self.accept(from, to, content, client_id).await?;
+        let mut accepted = self.accept(from, to, content, client_id, urgent).await?;
         (&mut accepted.durable).await?;
         Ok(accepted)
     }
@@ -582,12 +584,17 @@ impl Delivery {
     /// A send with the client's key (`client_id`) that the key already
     /// names is answered with that message's id, durable, and nothing is
     /// stored or pushed again ([`idempotency`]).
+    ///
+    /// `urgent` (the send's `"urgent"`, true by default) is handed with the
+    /// copies to the committer's listeners: it says how an offline
+    /// recipient device is woken ([`crate::push::scheduler`]).
     pub async fn accept(
         &self,
         from: Address,
         to: Uuid,
         content: Content,
         client_id: Option<String>,
+        urgent: bool,
     ) -> Result<Accepted> {
         self.refuse_empty(from, to, &content).await?;
         self.check_budget(from, to)?;
@@ -668,7 +675,7 @@ impl Delivery {
             // writes the key with the copies and settles the claim once
             // they are durable.
             let key = claim.map(|claim| claim.bind(id));
-            let staged = slot.stage(messages.clone(), SystemTime::now(), key);
+            let staged = slot.stage(messages.clone(), SystemTime::now(), urgent, key);
             let reached = self.push_here(to, messages, false);
             let insert = staged.enqueue(reached > 0);
             drop(order);
@@ -781,7 +788,7 @@ impl Delivery {
         session: Uuid,
         exclusive: bool,
     ) -> Result<Subscription<impl Future<Output = Result<()>> + Send + 'static>> {
-        let interest = self.broker.interest(device.user).await;
+        let interest = self.broker.interest(device.user, device.device).await;
         let expires = tokio::time::Instant::now() + self.deadline;
         let slot = self.committer.reserve(0, expires).await?;
         let registration = {
@@ -1488,7 +1495,7 @@ mod tests {
             keys.clone(),
             metrics.clone(),
             true,
-            broker.clone(),
+            listeners::with_broker(&broker, []),
             Duration::from_millis(5),
         );
         let limits = Limits {
@@ -1546,6 +1553,7 @@ mod tests {
                 bob,
                 Content::Same(b"early".to_vec()),
                 None,
+                true,
             )
             .await
             .unwrap();
@@ -1577,6 +1585,7 @@ mod tests {
                 bob,
                 Content::Same(b"later".to_vec()),
                 None,
+                true,
             )
             .await
             .unwrap();
@@ -1600,7 +1609,7 @@ mod tests {
             .registration;
         let content = Content::PerDevice(vec![(1, b"one".to_vec()), (2, b"two".to_vec())]);
         let sent = delivery
-            .send(device(alice, 1), bob, content, None)
+            .send(device(alice, 1), bob, content, None, true)
             .await
             .unwrap();
         for (d, body) in [(1, b"one"), (2, b"two")] {
@@ -1672,6 +1681,7 @@ mod tests {
                         bob,
                         Content::Same(body.to_vec()),
                         Some("k1".into()),
+                        true,
                     )
                     .await
             }
@@ -1713,6 +1723,7 @@ mod tests {
                 bob,
                 Content::Same(b"hi".to_vec()),
                 Some("k".into()),
+                true,
             )
             .await
             .unwrap();
@@ -1735,6 +1746,7 @@ mod tests {
                 bob,
                 Content::Same(b"hi".to_vec()),
                 Some("k".into()),
+                true,
             )
             .await
             .unwrap();
@@ -1754,6 +1766,7 @@ mod tests {
                 bob,
                 Content::Same(b"hi".to_vec()),
                 Some("k".into()),
+                true,
             )
         };
         queue
@@ -1826,7 +1839,7 @@ mod tests {
         for _ in 0..3 {
             let body = Content::Same(vec![7; 1000]);
             delivery
-                .send(device(alice, 1), bob, body, None)
+                .send(device(alice, 1), bob, body, None, true)
                 .await
                 .unwrap();
         }
@@ -1868,7 +1881,10 @@ mod tests {
         let queue = queue_of(&[(alice, vec![1, 2]), (bob, vec![1, 3])]);
         let delivery = delivery(queue.clone());
         let content = || Content::PerDevice(vec![(1, b"x".to_vec()), (2, b"y".to_vec())]);
-        match delivery.send(device(alice, 1), bob, content(), None).await {
+        match delivery
+            .send(device(alice, 1), bob, content(), None, true)
+            .await
+        {
             Err(Error::DevicesChanged { missing, extra }) => {
                 assert_eq!((missing, extra), (vec![3], vec![2]));
             }
@@ -1877,7 +1893,7 @@ mod tests {
         assert!(queue.rows.lock().unwrap().is_empty());
         // To yourself: your sending device is left out, so naming it is extra.
         match delivery
-            .send(device(alice, 1), alice, content(), None)
+            .send(device(alice, 1), alice, content(), None, true)
             .await
         {
             Err(Error::DevicesChanged { missing, extra }) => {
@@ -1887,7 +1903,7 @@ mod tests {
         }
         let sync = Content::PerDevice(vec![(2, b"sync".to_vec())]);
         delivery
-            .send(device(alice, 1), alice, sync, None)
+            .send(device(alice, 1), alice, sync, None, true)
             .await
             .unwrap();
         let rows = queue.rows.lock().unwrap();
@@ -1908,7 +1924,13 @@ mod tests {
         let queue = slow_queue(&[(alice, vec![1]), (bob, vec![1])]);
         let delivery = delivery_within(queue.clone(), Duration::from_millis(50));
         let late = delivery
-            .send(device(alice, 1), bob, Content::Same(b"late".to_vec()), None)
+            .send(
+                device(alice, 1),
+                bob,
+                Content::Same(b"late".to_vec()),
+                None,
+                true,
+            )
             .await;
         assert!(matches!(late, Err(Error::Unavailable)), "{:?}", late.err());
         // The write, slow but not failed, completes in the background.

@@ -56,6 +56,8 @@ pub struct Insert {
     pub copies: Vec<Arc<Message>>,
     /// When it was accepted, for the other nodes' push latency.
     pub accepted: SystemTime,
+    /// The send's `"urgent"`, for the post-commit listeners (wake-ups).
+    pub urgent: bool,
     /// The client's key for the send, written with it.
     pub key: Option<SentKey>,
     /// Copies neither written nor cancelled yet, plus the key until it is
@@ -87,6 +89,7 @@ impl Insert {
     pub fn new(
         copies: Vec<Arc<Message>>,
         accepted: SystemTime,
+        urgent: bool,
         key: Option<Keyed>,
         admitted: Admitted,
     ) -> (Arc<Self>, oneshot::Receiver<Result<(), NotStored>>) {
@@ -108,6 +111,7 @@ impl Insert {
             unsettled: AtomicUsize::new(unsettled),
             copies,
             accepted,
+            urgent,
             key: record,
             done: Mutex::new(done),
             _admitted: admitted,

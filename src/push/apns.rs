@@ -27,9 +27,9 @@ use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use serde::{Deserialize, Serialize};
 
 use super::config::PushConfig;
-use super::guard::AllowHosts;
+use super::guard::{AllowHosts, check_static};
 use super::http::{Answer, Outbound};
-use super::provider::{Outcome, Provider, Urgency, retry_after};
+use super::provider::{Outcome, Provider, Urgency, retry_after, unanswered};
 use super::target::{ApnsEnvironment, Kind, Target};
 use crate::config::{both_names, not_set};
 
@@ -118,29 +118,28 @@ impl ApnsProvider {
         };
         let key = read_key(path)?;
         let tokens = ProviderTokens::new(&key, key_id, team_id)?;
-        let outbound = Outbound::new(allow, config.push_timeout, true);
+        let outbound = Outbound::new(allow.clone(), config.push_timeout, true);
         Ok(Some(Self::new(
             tokens,
             &config.apns_url,
             &config.apns_sandbox_url,
+            &allow,
             outbound,
         )?))
     }
 
+    /// `allow`: the service URLs are checked by the guard's rules now, so
+    /// that one it would refuse stops the start.
     fn new(
         tokens: ProviderTokens,
         production: &str,
         sandbox: &str,
+        allow: &AllowHosts,
         outbound: Outbound,
     ) -> anyhow::Result<Self> {
         let base = |url: &str, env: &str| -> anyhow::Result<String> {
             let trimmed = url.trim_end_matches('/');
-            let uri: http::Uri = trimmed
-                .parse()
-                .map_err(|e| anyhow!("{} is not a URL: {e}", both_names(env)))?;
-            if !matches!(uri.scheme_str(), Some("https" | "http")) || uri.host().is_none() {
-                bail!("{} must be an https URL", both_names(env));
-            }
+            check_static(trimmed, allow).map_err(|why| anyhow!("{} {why}", both_names(env)))?;
             Ok(trimmed.to_owned())
         };
         Ok(Self {
@@ -185,7 +184,7 @@ impl ApnsProvider {
         self.outbound
             .send(request)
             .await
-            .map_err(|e| Outcome::Transient(format!("APNs: {e}")))
+            .map_err(|e| unanswered("APNs", e))
     }
 }
 

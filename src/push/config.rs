@@ -19,7 +19,8 @@ pub struct PushConfig {
     /// VAPID private key, a P-256 key as PKCS#8 PEM. With SQLite and no key,
     /// one is generated and kept beside the database file; required with
     /// PostgreSQL when Web Push is on.
-    #[arg(long, env = "SEALPOST_VAPID_KEY", hide_env_values = true, value_parser = secret)]
+    #[arg(long, env = "SEALPOST_VAPID_KEY", hide_env_values = true, value_parser = secret,
+          allow_hyphen_values = true)]
     pub vapid_key: Option<Secret>,
 
     /// File holding the VAPID private key, in place of `SEALPOST_VAPID_KEY`.

@@ -31,9 +31,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use super::config::PushConfig;
-use super::guard::AllowHosts;
+use super::guard::{AllowHosts, check_static};
 use super::http::{Answer, Outbound};
-use super::provider::{Outcome, Provider, Urgency, retry_after};
+use super::provider::{Outcome, Provider, Urgency, retry_after, unanswered};
 use super::target::{Kind, Target};
 use crate::config::both_names;
 
@@ -109,13 +109,15 @@ impl FcmProvider {
             return Ok(None);
         };
         let (project_id, account) = read_credentials(path)?;
+        check_static(&account.token_uri, &allow).map_err(|why| {
+            anyhow!(
+                "the token_uri of the FCM service-account file, {}, {why}",
+                both_names("SEALPOST_FCM_CREDENTIALS_FILE")
+            )
+        })?;
         let base = config.fcm_url.trim_end_matches('/');
-        let uri: http::Uri = base
-            .parse()
-            .map_err(|e| anyhow!("{} is not a URL: {e}", both_names("SEALPOST_FCM_URL")))?;
-        if !matches!(uri.scheme_str(), Some("https" | "http")) || uri.host().is_none() {
-            bail!("{} must be an https URL", both_names("SEALPOST_FCM_URL"));
-        }
+        check_static(base, &allow)
+            .map_err(|why| anyhow!("{} {why}", both_names("SEALPOST_FCM_URL")))?;
         Ok(Some(Self {
             outbound: Outbound::new(allow, config.push_timeout, false),
             send_url: format!("{base}/v1/projects/{project_id}/messages:send"),
@@ -203,7 +205,7 @@ impl FcmProvider {
             .outbound
             .send(request)
             .await
-            .map_err(|e| Outcome::Transient(format!("FCM token endpoint: {e}")))?;
+            .map_err(|e| unanswered("FCM token endpoint", e))?;
         judge_token(&answer, asked)
     }
 
@@ -218,7 +220,7 @@ impl FcmProvider {
         self.outbound
             .send(request)
             .await
-            .map_err(|e| Outcome::Transient(format!("FCM: {e}")))
+            .map_err(|e| unanswered("FCM", e))
     }
 }
 
@@ -469,12 +471,6 @@ fn parse_credentials(text: &str) -> anyhow::Result<(String, ServiceAccount)> {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-')
     {
         bail!("its project_id is not a project id (letters, digits and dashes)");
-    }
-    let uri: http::Uri = token_uri
-        .parse()
-        .map_err(|_| anyhow!("its token_uri is not a URL"))?;
-    if !matches!(uri.scheme_str(), Some("https" | "http")) || uri.host().is_none() {
-        bail!("its token_uri is not an https URL");
     }
     // Parsed and checked (RSA, consistent) by the RustCrypto crate
     // jsonwebtoken signs with, which takes PKCS#1: a bad key stops the

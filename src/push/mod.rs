@@ -26,6 +26,7 @@ pub mod fcm;
 pub mod guard;
 pub mod http;
 pub mod provider;
+pub mod scheduler;
 pub mod target;
 pub mod targets;
 pub mod vapid;

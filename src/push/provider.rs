@@ -78,6 +78,19 @@ impl Providers {
     }
 }
 
+/// A request that got no answer, as an outcome. The guard refusing a
+/// service's URL is the operator's to mend (an `http` URL, or a private
+/// host missing from `SEALPOST_PUSH_ALLOW_HOSTS`); a timeout or a refused
+/// or reset connection passes. `service` names it in the log line.
+pub fn unanswered(service: &str, err: super::http::OutboundError) -> Outcome {
+    match err {
+        super::http::OutboundError::Refused(why) => Outcome::Config(format!(
+            "{service}: the URL {why} (or its host listed in SEALPOST_PUSH_ALLOW_HOSTS)"
+        )),
+        other => Outcome::Transient(format!("{service}: {other}")),
+    }
+}
+
 /// The longest `Retry-After` taken as given: a service asking for more is
 /// asked again after this, so that a typo on its side (or a date far
 /// ahead) does not silence a device for good.

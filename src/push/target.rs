@@ -384,10 +384,16 @@ mod tests {
         let off = URL_SAFE_NO_PAD.encode(off);
         let short = URL_SAFE_NO_PAD.encode([4u8; 33]);
         for bad in [off.as_str(), short.as_str(), "!!"] {
-            assert_eq!(check(webpush("https://push.test/x", bad, AUTH)).await, "keys.p256dh");
+            assert_eq!(
+                check(webpush("https://push.test/x", bad, AUTH)).await,
+                "keys.p256dh"
+            );
         }
         let auth15 = URL_SAFE_NO_PAD.encode([7u8; 15]);
-        assert_eq!(check(webpush("https://push.test/x", P256DH, &auth15)).await, "keys.auth");
+        assert_eq!(
+            check(webpush("https://push.test/x", P256DH, &auth15)).await,
+            "keys.auth"
+        );
         assert_eq!(
             field(webpush("http://push.example.com/x", P256DH, AUTH)).await,
             "endpoint"
@@ -404,7 +410,10 @@ mod tests {
         };
         let none = AllowHosts::default();
         let good = "AB".repeat(32);
-        let target = apns(&good, "com.example.app").check(&none, Duration::ZERO).await.unwrap();
+        let target = apns(&good, "com.example.app")
+            .check(&none, Duration::ZERO)
+            .await
+            .unwrap();
         assert_eq!(
             target,
             Target::Apns {
@@ -413,7 +422,12 @@ mod tests {
                 environment: ApnsEnvironment::Production,
             }
         );
-        for token in ["zz".repeat(32), "a".repeat(65), "ab".repeat(31), "ab".repeat(201)] {
+        for token in [
+            "zz".repeat(32),
+            "a".repeat(65),
+            "ab".repeat(31),
+            "ab".repeat(201),
+        ] {
             assert_eq!(field(apns(&token, "com.example.app")).await, "token");
         }
         for topic in ["", "com.example app", "com.example\napp", &"a".repeat(256)] {
@@ -422,7 +436,12 @@ mod tests {
         let fcm = |token: &str| -> TargetRequest {
             serde_json::from_value(serde_json::json!({ "kind": "fcm", "token": token })).unwrap()
         };
-        assert!(fcm("dGVzdA:APA91b-x_y").check(&none, Duration::ZERO).await.is_ok());
+        assert!(
+            fcm("dGVzdA:APA91b-x_y")
+                .check(&none, Duration::ZERO)
+                .await
+                .is_ok()
+        );
         for token in ["", "a b", "caf\u{e9}", &"a".repeat(4097)] {
             assert_eq!(field(fcm(token)).await, "token");
         }
@@ -448,7 +467,13 @@ mod tests {
             Target::open(&keys, user, 4, &stored(sealed.clone(), Kind::Fcm)),
             Some(target)
         );
-        assert_eq!(Target::open(&keys, user, 5, &stored(sealed.clone(), Kind::Fcm)), None);
-        assert_eq!(Target::open(&keys, user, 4, &stored(sealed, Kind::Apns)), None);
+        assert_eq!(
+            Target::open(&keys, user, 5, &stored(sealed.clone(), Kind::Fcm)),
+            None
+        );
+        assert_eq!(
+            Target::open(&keys, user, 4, &stored(sealed, Kind::Apns)),
+            None
+        );
     }
 }

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::{HeaderMap, Request, header};
 
-use super::http::{Answer, Outbound};
+use super::http::{Answer, Outbound, OutboundError};
 use super::provider::{Outcome, Provider, Urgency};
 use super::target::{Kind, Target};
 use super::vapid::Vapid;
@@ -114,12 +114,19 @@ impl Provider for WebPushProvider {
             // stored row we cannot read: keep the target, say so.
             Err(why) => return Outcome::Config(why),
         };
+        // No error's text names the URL.
         match self.outbound.send(request).await {
             Ok(answer) => outcome(&answer),
-            // Timeouts, refused or reset connections, a name that no
-            // longer resolves: the service's trouble, retried with backoff.
-            // The error's text names no URL.
-            Err(e) => Outcome::Transient(e.to_string()),
+            // The endpoint now resolves only to addresses the SSRF guard
+            // forbids: never sent to, but kept (a name may resolve
+            // elsewhere later, and what we cannot tell apart from our own
+            // mistake we do not delete); logged and counted.
+            Err(e @ OutboundError::Refused(_)) => Outcome::Config(e.to_string()),
+            // Timeouts, refused or reset connections, a name that does not
+            // resolve: the service's trouble, retried with backoff.
+            Err(e @ (OutboundError::Timeout | OutboundError::Failed(_))) => {
+                Outcome::Transient(e.to_string())
+            }
         }
     }
 }

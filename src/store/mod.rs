@@ -32,6 +32,8 @@
 pub mod accounts;
 pub mod admin;
 pub mod deadline;
+#[cfg(test)]
+pub mod memory;
 pub mod postgres;
 pub mod push;
 pub mod queue;
@@ -43,9 +45,7 @@ pub use accounts::{
     Verified, username_skeleton,
 };
 pub use admin::{AccountDetails, AccountSummary, DeviceSummary, Operator, Stats};
-pub use push::{
-    Coalescing, DueWakeup, PushStore, Scheduled, StoredTarget, TargetSummary,
-};
+pub use push::{Coalescing, DueWakeup, PushStore, Scheduled, StoredTarget, TargetSummary};
 pub use queue::{
     Ack, KeyId, Message, Queue, QueueDepth, QueueMaintenance, QueueShare, SealedKey, SealedRow,
     SendKey, SenderTag, SentKey, StoredRow,

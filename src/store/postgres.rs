@@ -1521,15 +1521,18 @@ impl PushStore for PgStore {
         }
         // Locked until the commit: a concurrent schedule, sent or cancel
         // of this device waits, so the decision is made on what is there.
-        let row: Option<(Option<DateTime<Utc>>, Option<DateTime<Utc>>, Option<DateTime<Utc>>)> =
-            sqlx::query_as(
-                "SELECT due_at, sent_at, quiet_sent_at FROM wakeups
+        let row: Option<(
+            Option<DateTime<Utc>>,
+            Option<DateTime<Utc>>,
+            Option<DateTime<Utc>>,
+        )> = sqlx::query_as(
+            "SELECT due_at, sent_at, quiet_sent_at FROM wakeups
                  WHERE user_id = $1 AND device_id = $2 FOR UPDATE",
-            )
-            .bind(user)
-            .bind(device)
-            .fetch_optional(&mut *tx)
-            .await?;
+        )
+        .bind(user)
+        .bind(device)
+        .fetch_optional(&mut *tx)
+        .await?;
         let state = row.map(|(due_at, sent_at, quiet_sent_at)| WakeupRow {
             due_at,
             sent_at,
@@ -1602,21 +1605,23 @@ impl PushStore for PgStore {
         .await?;
         Ok(rows
             .into_iter()
-            .filter_map(|(user, device, urgent, attempts, kind, sealed, updated_at)| {
-                // A kind this build does not know stays leased, and is
-                // taken again by a node that knows it.
-                Some(DueWakeup {
-                    user,
-                    device: device as DeviceId,
-                    urgent,
-                    attempts: attempts.max(0) as u32,
-                    target: StoredTarget {
-                        kind: Kind::parse(&kind)?,
-                        sealed,
-                        updated_at,
-                    },
-                })
-            })
+            .filter_map(
+                |(user, device, urgent, attempts, kind, sealed, updated_at)| {
+                    // A kind this build does not know stays leased, and is
+                    // taken again by a node that knows it.
+                    Some(DueWakeup {
+                        user,
+                        device: device as DeviceId,
+                        urgent,
+                        attempts: attempts.max(0) as u32,
+                        target: StoredTarget {
+                            kind: Kind::parse(&kind)?,
+                            sealed,
+                            updated_at,
+                        },
+                    })
+                },
+            )
             .collect())
     }
 

@@ -258,16 +258,31 @@ mod tests {
         assert_eq!(d(None, true), Decision::Insert);
         assert_eq!(d(None, false), Decision::Insert);
         // Pending: an urgent one upgrades it, a non-urgent one adds nothing.
-        assert_eq!(d(Some(row(Some(1), None, None, now)), true), Decision::Upgrade);
-        assert_eq!(d(Some(row(Some(1), None, None, now)), false), Decision::Coalesce);
+        assert_eq!(
+            d(Some(row(Some(1), None, None, now)), true),
+            Decision::Upgrade
+        );
+        assert_eq!(
+            d(Some(row(Some(1), None, None, now)), false),
+            Decision::Coalesce
+        );
         // Cooling, then cooled.
-        assert_eq!(d(Some(row(None, Some(10), None, now)), true), Decision::Coalesce);
-        assert_eq!(d(Some(row(None, Some(31), None, now)), true), Decision::Revive);
+        assert_eq!(
+            d(Some(row(None, Some(10), None, now)), true),
+            Decision::Coalesce
+        );
+        assert_eq!(
+            d(Some(row(None, Some(31), None, now)), true),
+            Decision::Revive
+        );
         // The quiet interval holds back non-urgent ones only.
         let quiet = Some(row(None, Some(600), Some(600), now));
         assert_eq!(d(quiet, false), Decision::Coalesce);
         assert_eq!(d(quiet, true), Decision::Revive);
-        assert_eq!(d(Some(row(None, Some(1300), Some(1300), now)), false), Decision::Revive);
+        assert_eq!(
+            d(Some(row(None, Some(1300), Some(1300), now)), false),
+            Decision::Revive
+        );
         // Idle (cancelled or abandoned).
         assert_eq!(d(Some(row(None, None, None, now)), false), Decision::Revive);
     }

@@ -67,7 +67,6 @@ use super::deadline::TimedOut;
 use super::drain::{self, Chunk, Cursor, Pace};
 use super::frame::{self, ClientFrame, ServerFrame, close};
 use super::seen::Seen;
-use crate::push::targets::TargetState;
 use crate::auth::{self, token::Claims};
 use crate::cluster::Interest;
 use crate::delivery::{Address, Subscription, idempotency};
@@ -75,6 +74,7 @@ use crate::error::{Error, Result};
 use crate::hub::{Event, Kick, Outbound, Registration};
 use crate::limits::sockets::SocketPermit;
 use crate::metrics::{AuthFailure, Closed, Source};
+use crate::push::targets::TargetState;
 use crate::state::AppState;
 use crate::wire::{self, Envelope, parse_id};
 
@@ -131,7 +131,17 @@ pub struct Start {
 pub async fn run(socket: Box<Socket>, start: Box<Start>) {
     let metrics = start.state.metrics.clone();
     let closed = match Box::pin(open(socket, start)).await {
-        Ok(mut conn) => conn.serve().await,
+        Ok(mut conn) => {
+            let closed = conn.serve().await;
+            // Its device may not come back soon (a phone's app suspended):
+            // wake it later for what it was sent and did not ack. Not at
+            // shutdown: its clients reconnect to the next server at once.
+            if closed != Closed::Shutdown && conn.owes_acks() {
+                let device = conn.device;
+                conn.state.scheduler.closed(device.user, device.device);
+            }
+            closed
+        }
         Err(closed) => closed,
     };
     metrics.ws_closed(closed);
@@ -236,12 +246,17 @@ async fn open(mut socket: Box<Socket>, start: Box<Start>) -> Result<Box<Connecti
         registration,
         pending: FuturesUnordered::new(),
         backlog_last: None,
+        unacked: 0,
         awaiting_pong: false,
         unflushed: 0,
         strikes: VecDeque::new(),
         _permit: permit,
         state,
     });
+    // It is here: a wake-up pending for it is not needed.
+    conn.state
+        .scheduler
+        .showed_up(conn.device.user, conn.device.device);
     // From the targets cache: no query for a device of an account seen
     // before. A failure to read it costs only the hint, never the socket.
     let push_dropped = match conn.state.targets.state(claims.sub, claims.dev).await {
@@ -381,6 +396,10 @@ struct Connection {
     backlog_last: Option<Uuid>,
     /// In a cluster: the ids sent, which are the only sign of a repeat.
     seen: Option<Seen>,
+    /// Stored messages written to the socket less ids acked: above zero,
+    /// the socket closing leaves its device with something to be woken
+    /// for. A client acking ids it was not sent only lowers it for itself.
+    unacked: u32,
     /// The account's subscription at the broker, held for the socket's
     /// life.
     _interest: Interest,
@@ -583,6 +602,7 @@ impl Connection {
             }
             let frame = ServerFrame::message(message, false);
             self.feed(&frame).await?;
+            self.unacked = self.unacked.saturating_add(1);
             self.state.metrics.pushed(Source::Backlog);
             if self.draining {
                 self.backlog_last = Some(message.id);
@@ -662,6 +682,9 @@ impl Connection {
         }
         self.feed(&ServerFrame::message(&outbound.message, outbound.ephemeral))
             .await?;
+        if !outbound.ephemeral {
+            self.unacked = self.unacked.saturating_add(1);
+        }
         let metrics = &self.state.metrics;
         metrics.pushed(Source::Live);
         metrics.push_latency.record(outbound.accepted.elapsed());
@@ -728,6 +751,7 @@ impl Connection {
                 envelopes,
                 ephemeral,
                 client_id,
+                urgent,
             } => match self
                 .accept(
                     &reference,
@@ -736,6 +760,7 @@ impl Connection {
                     envelopes.as_deref(),
                     ephemeral,
                     client_id.as_deref(),
+                    urgent,
                 )
                 .await
             {
@@ -786,6 +811,9 @@ impl Connection {
     }
 
     /// Accepts a send now; a stored message's `sent` follows once durable.
+    /// An ephemeral send never reaches the committer, and so never wakes
+    /// anyone: its `urgent` is ignored.
+    #[allow(clippy::too_many_arguments)]
     async fn accept(
         &mut self,
         reference: &Option<String>,
@@ -794,6 +822,7 @@ impl Connection {
         envelopes: Option<&[Envelope]>,
         ephemeral: bool,
         client_id: Option<&str>,
+        urgent: bool,
     ) -> Result<Option<ServerFrame>> {
         let delivery = &self.state.delivery;
         let to = parse_id("to", to)?;
@@ -810,7 +839,9 @@ impl Connection {
                 delivered: Some(sent.delivered),
             }));
         }
-        let accepted = delivery.accept(self.device, to, content, client_id).await?;
+        let accepted = delivery
+            .accept(self.device, to, content, client_id, urgent)
+            .await?;
         let (reference, metrics) = (reference.clone(), self.state.metrics.clone());
         self.pending.push(Box::pin(async move {
             let reply = match accepted.durable.await {
@@ -850,6 +881,13 @@ impl Connection {
                 .collect();
             ServerFrame::Acked { reference, ids }
         });
+        let distinct = parsed
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len();
+        self.unacked = self
+            .unacked
+            .saturating_sub(u32::try_from(distinct).unwrap_or(u32::MAX));
         let (delivery, device, reference) =
             (self.state.delivery.clone(), self.device, reference.clone());
         self.pending.push(Box::pin(async move {
@@ -859,6 +897,21 @@ impl Connection {
             }
         }));
         Ok(())
+    }
+
+    /// Whether the socket ends with stored messages its device has not
+    /// acked: sent and not acked, pushed and not yet written, or a backlog
+    /// not read to its end.
+    fn owes_acks(&mut self) -> bool {
+        if self.unacked > 0 || self.fetch.is_some() || self.draining {
+            return true;
+        }
+        while let Some(event) = self.registration.rx.try_recv() {
+            if matches!(&event, Event::Message(outbound) if !outbound.ephemeral) {
+                return true;
+            }
+        }
+        false
     }
 
     /// At shutdown: confirm every send already accepted before closing.

@@ -67,11 +67,20 @@ pub enum ClientFrame {
         ephemeral: bool,
         /// The client's key for the send, making a retry safe.
         client_id: Option<String>,
+        /// Whether an offline recipient device is woken at once (the
+        /// default), or at low priority and at most once per quiet
+        /// interval.
+        #[serde(default = "urgent_by_default")]
+        urgent: bool,
     },
     /// With a `ref`, answered by `acked` once durable.
     Ack {
         ids: Vec<String>,
     },
+}
+
+fn urgent_by_default() -> bool {
+    true
 }
 
 /// A parsed client frame with the `ref` it carried, if any. The ref is

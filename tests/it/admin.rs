@@ -670,6 +670,87 @@ async fn check_config_prints_every_setting_with_secrets_masked() {
     assert_eq!(setting("SEALPOST_TLS_CERT")["value"], Value::Null);
 }
 
+/// The push settings: the VAPID key masked, the key file paths shown,
+/// which services are on, and what would stop start-up.
+#[tokio::test]
+async fn check_config_shows_the_push_settings() {
+    let vapid_key =
+        "-----BEGIN PRIVATE KEY-----\nvapid-key-must-not-show\n-----END PRIVATE KEY-----";
+    let dir = tempfile::tempdir().unwrap();
+    let p8 = dir.path().join("AuthKey_ABCDE12345.p8");
+    std::fs::write(&p8, "key").unwrap();
+    let p8 = p8.display().to_string();
+    let keys = "1:c2VhbHBvc3QtdGVzdC1zdG9yYWdlLWtleS0wMTIzNDU=";
+    let base = [
+        ("DATABASE_URL", "postgres://sealpost@127.0.0.1:1/sealpost"),
+        ("SEALPOST_JWT_SECRET", JWT_SECRET),
+        ("SEALPOST_STORAGE_KEYS", keys),
+        ("SEALPOST_VAPID_SUBJECT", "mailto:ops@example.com"),
+        ("SEALPOST_APNS_KEY_FILE", p8.as_str()),
+        ("SEALPOST_APNS_KEY_ID", "ABCDE12345"),
+        ("SEALPOST_APNS_TEAM_ID", "TEAM123456"),
+        ("SEALPOST_PUSH_ALLOW_HOSTS", "127.0.0.1:9000"),
+    ];
+    let mut env = base.to_vec();
+    env.push(("SEALPOST_VAPID_KEY", vapid_key));
+    let output = sealpost(&["check-config", "--json"], &env).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(!text.contains("vapid-key-must-not-show"), "{text}");
+    assert!(!stderr(&output).contains("vapid-key-must-not-show"));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let setting = |env: &str| {
+        report["settings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["env"] == env)
+            .unwrap_or_else(|| panic!("{env} not listed: {report}"))
+            .clone()
+    };
+    assert_eq!(setting("SEALPOST_VAPID_KEY")["value"], "***");
+    assert_eq!(setting("SEALPOST_APNS_KEY_FILE")["value"], p8.as_str());
+    assert_eq!(setting("SEALPOST_WAKEUP_COOLDOWN")["value"], "30s");
+    assert_eq!(setting("SEALPOST_WAKEUP_COOLDOWN")["source"], "default");
+    let check = |setting: &str| {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["setting"] == setting)
+            .unwrap_or_else(|| panic!("no check of {setting}: {report}"))
+            .clone()
+    };
+    assert_eq!(check("SEALPOST_VAPID_SUBJECT")["level"], "ok");
+    let apns = "SEALPOST_APNS_KEY_FILE, SEALPOST_APNS_KEY_ID, SEALPOST_APNS_TEAM_ID";
+    assert_eq!(check(apns)["level"], "ok", "{report}");
+    assert_eq!(check("SEALPOST_FCM_CREDENTIALS_FILE")["level"], "note");
+    assert_eq!(check("SEALPOST_PUSH_ALLOW_HOSTS")["level"], "warning");
+
+    // Web Push on PostgreSQL without a key, and a subject that is no URI:
+    // start-up would fail.
+    let output = sealpost(&["check-config", "--json"], &base).await;
+    assert!(!output.status.success());
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let errors: Vec<&Value> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["level"] == "error")
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0]["setting"], "SEALPOST_VAPID_KEY", "{errors:?}");
+    let mut env = base.to_vec();
+    env[3] = ("SEALPOST_VAPID_SUBJECT", "ops@example.com");
+    let output = sealpost(&["check-config"], &env).await;
+    assert!(!output.status.success());
+    assert!(
+        stdout(&output).contains("SEALPOST_VAPID_SUBJECT: must be a `mailto:` or `https:` URI"),
+        "{}",
+        stdout(&output)
+    );
+}
+
 #[tokio::test]
 async fn check_config_reports_what_would_stop_start_up() {
     // A value that does not parse: the error names the setting as it was

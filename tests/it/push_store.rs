@@ -191,7 +191,11 @@ async fn targets_have_growing_versions_and_drop_only_at_their_version(backend: B
     let summaries = store.target_summaries(user).await.unwrap();
     assert_eq!(summaries.len(), 1, "{summaries:?}");
     assert_eq!(
-        (summaries[0].device, summaries[0].kind, summaries[0].updated_at),
+        (
+            summaries[0].device,
+            summaries[0].kind,
+            summaries[0].updated_at
+        ),
         (1, Some(Kind::Apns), v2)
     );
     assert!(!summaries[0].dropped);
@@ -254,7 +258,10 @@ async fn a_taken_wakeup_is_leased_until_the_lease_passes(backend: Backend) {
     assert!(f.take(f.t0).await.is_empty());
     assert!(f.take(secs(f.t0, 59)).await.is_empty());
     // Still pending meanwhile: a schedule coalesces into it.
-    assert_eq!(f.schedule(user, true, secs(f.t0, 30)).await, Scheduled::Coalesced);
+    assert_eq!(
+        f.schedule(user, true, secs(f.t0, 30)).await,
+        Scheduled::Coalesced
+    );
     // The lease passed (its taker died): due again.
     assert_eq!(f.take(secs(f.t0, 60)).await, vec![(user, 1, true, 0)]);
 }
@@ -266,24 +273,48 @@ async fn after_a_wakeup_the_device_cools_and_non_urgent_ones_keep_quiet(backend:
     assert_eq!(f.schedule(user, true, f.t0).await, Scheduled::Pending);
     assert_eq!(f.take(f.t0).await.len(), 1);
     f.store.wakeup_sent(user, 1, true, f.t0).await.unwrap();
-    assert!(f.take(secs(f.t0, 3600)).await.is_empty(), "sent: not pending");
+    assert!(
+        f.take(secs(f.t0, 3600)).await.is_empty(),
+        "sent: not pending"
+    );
     // Cooling for 30 s.
-    assert_eq!(f.schedule(user, true, secs(f.t0, 29)).await, Scheduled::Coalesced);
-    assert_eq!(f.schedule(user, true, secs(f.t0, 30)).await, Scheduled::Pending);
+    assert_eq!(
+        f.schedule(user, true, secs(f.t0, 29)).await,
+        Scheduled::Coalesced
+    );
+    assert_eq!(
+        f.schedule(user, true, secs(f.t0, 30)).await,
+        Scheduled::Pending
+    );
     // A non-urgent one sent at t0 + 40 s: another non-urgent one waits the
     // quiet interval (20 min), even after the cool-down; an urgent one
     // only the cool-down.
     let sent = secs(f.t0, 40);
     assert_eq!(f.take(sent).await.len(), 1);
     f.store.wakeup_sent(user, 1, false, sent).await.unwrap();
-    assert_eq!(f.schedule(user, false, secs(sent, 31)).await, Scheduled::Coalesced);
-    assert_eq!(f.schedule(user, false, secs(sent, 1199)).await, Scheduled::Coalesced);
-    assert_eq!(f.schedule(user, true, secs(sent, 31)).await, Scheduled::Pending);
+    assert_eq!(
+        f.schedule(user, false, secs(sent, 31)).await,
+        Scheduled::Coalesced
+    );
+    assert_eq!(
+        f.schedule(user, false, secs(sent, 1199)).await,
+        Scheduled::Coalesced
+    );
+    assert_eq!(
+        f.schedule(user, true, secs(sent, 31)).await,
+        Scheduled::Pending
+    );
     // An urgent wake-up sent later leaves the quiet interval where it was.
     let urgent_sent = secs(sent, 31);
     assert_eq!(f.take(urgent_sent).await.len(), 1);
-    f.store.wakeup_sent(user, 1, true, urgent_sent).await.unwrap();
-    assert_eq!(f.schedule(user, false, secs(sent, 1200)).await, Scheduled::Pending);
+    f.store
+        .wakeup_sent(user, 1, true, urgent_sent)
+        .await
+        .unwrap();
+    assert_eq!(
+        f.schedule(user, false, secs(sent, 1200)).await,
+        Scheduled::Pending
+    );
 }
 
 async fn showing_up_cancels_pending_and_cooling_but_not_quiet(backend: Backend) {
@@ -298,16 +329,31 @@ async fn showing_up_cancels_pending_and_cooling_but_not_quiet(backend: Backend) 
     assert_eq!(f.schedule(user, true, f.t0).await, Scheduled::Pending);
     assert_eq!(f.take(f.t0).await.len(), 1);
     f.store.wakeup_sent(user, 1, true, f.t0).await.unwrap();
-    assert_eq!(f.schedule(user, true, secs(f.t0, 1)).await, Scheduled::Coalesced);
+    assert_eq!(
+        f.schedule(user, true, secs(f.t0, 1)).await,
+        Scheduled::Coalesced
+    );
     f.store.cancel_wakeups(user, 1).await.unwrap();
-    assert_eq!(f.schedule(user, true, secs(f.t0, 1)).await, Scheduled::Pending);
+    assert_eq!(
+        f.schedule(user, true, secs(f.t0, 1)).await,
+        Scheduled::Pending
+    );
     // A non-urgent one sent, then the device shows up: the quiet interval
     // stays (it limits what may be sent, not what is pending).
     assert_eq!(f.take(secs(f.t0, 1)).await.len(), 1);
-    f.store.wakeup_sent(user, 1, false, secs(f.t0, 2)).await.unwrap();
+    f.store
+        .wakeup_sent(user, 1, false, secs(f.t0, 2))
+        .await
+        .unwrap();
     f.store.cancel_wakeups(user, 1).await.unwrap();
-    assert_eq!(f.schedule(user, false, secs(f.t0, 3)).await, Scheduled::Coalesced);
-    assert_eq!(f.schedule(user, true, secs(f.t0, 3)).await, Scheduled::Pending);
+    assert_eq!(
+        f.schedule(user, false, secs(f.t0, 3)).await,
+        Scheduled::Coalesced
+    );
+    assert_eq!(
+        f.schedule(user, true, secs(f.t0, 3)).await,
+        Scheduled::Pending
+    );
 }
 
 async fn retries_and_abandonment(backend: Backend) {
@@ -325,18 +371,19 @@ async fn retries_and_abandonment(backend: Backend) {
     // Given up: neither pending nor cooling, so the next one is pending.
     f.store.wakeup_abandoned(user, 1).await.unwrap();
     assert!(f.take(secs(f.t0, 3600)).await.is_empty());
-    assert_eq!(f.schedule(user, true, secs(f.t0, 6)).await, Scheduled::Pending);
+    assert_eq!(
+        f.schedule(user, true, secs(f.t0, 6)).await,
+        Scheduled::Pending
+    );
     // A dropped target takes its pending wake-up with it.
-    let version = f
-        .store
-        .target_summaries(user)
-        .await
-        .unwrap()[0]
-        .updated_at;
+    let version = f.store.target_summaries(user).await.unwrap()[0].updated_at;
     assert!(f.store.drop_target(user, 1, version).await.unwrap());
     assert!(f.take(secs(f.t0, 3600)).await.is_empty());
     f.target(user, 1).await;
-    assert!(f.take(secs(f.t0, 3600)).await.is_empty(), "not revived by a new target");
+    assert!(
+        f.take(secs(f.t0, 3600)).await.is_empty(),
+        "not revived by a new target"
+    );
 }
 
 async fn rows_go_with_their_device_and_account(backend: Backend) {
@@ -352,14 +399,19 @@ async fn rows_go_with_their_device_and_account(backend: Backend) {
             .unwrap();
         assert_eq!(scheduled, Scheduled::Pending);
     }
-    assert_eq!((f.count("push_targets").await, f.count("wakeups").await), (3, 3));
-    let removed = f
-        .store
-        .remove_device(user, 2, store::now())
-        .await
-        .unwrap();
-    assert!(matches!(removed, store::RemoveDevice::Removed { .. }), "{removed:?}");
-    assert_eq!((f.count("push_targets").await, f.count("wakeups").await), (2, 2));
+    assert_eq!(
+        (f.count("push_targets").await, f.count("wakeups").await),
+        (3, 3)
+    );
+    let removed = f.store.remove_device(user, 2, store::now()).await.unwrap();
+    assert!(
+        matches!(removed, store::RemoveDevice::Removed { .. }),
+        "{removed:?}"
+    );
+    assert_eq!(
+        (f.count("push_targets").await, f.count("wakeups").await),
+        (2, 2)
+    );
     let devices: Vec<_> = f
         .store
         .target_summaries(user)
@@ -369,8 +421,15 @@ async fn rows_go_with_their_device_and_account(backend: Backend) {
         .map(|s| s.device)
         .collect();
     assert_eq!(devices, vec![1]);
-    f.store.delete_user(user, store::now()).await.unwrap().unwrap();
-    assert_eq!((f.count("push_targets").await, f.count("wakeups").await), (1, 1));
+    f.store
+        .delete_user(user, store::now())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (f.count("push_targets").await, f.count("wakeups").await),
+        (1, 1)
+    );
     assert!(f.store.target_summaries(user).await.unwrap().is_empty());
     // The other account's are untouched.
     assert_eq!(f.take(f.t0).await, vec![(other, 1, true, 0)]);

@@ -65,13 +65,15 @@ async fn push_server(backend: Backend) -> PushServer {
     let dir = tempfile::tempdir().unwrap();
     let p8 = dir.path().join("AuthKey_ABCDE12345.p8");
     std::fs::write(&p8, p256_pem().0).unwrap();
+    // One argument: a value that starts with `-----` is not taken as a
+    // flag's value on its own.
+    let vapid_key = format!("--vapid-key={vapid_pem}");
     let server = TestServer::start_with(
         backend,
         &[
             "--vapid-subject",
             "mailto:ops@example.com",
-            "--vapid-key",
-            &vapid_pem,
+            &vapid_key,
             "--apns-key-file",
             p8.to_str().unwrap(),
             "--apns-key-id",
@@ -230,34 +232,81 @@ async fn bad_targets_are_refused_by_field(backend: Backend) {
     let mut off_curve = URL_SAFE_NO_PAD.decode(P256DH).unwrap();
     off_curve[64] ^= 1;
     let off_curve = URL_SAFE_NO_PAD.encode(off_curve);
-    let compressed = URL_SAFE_NO_PAD.encode(
-        p256_pem()
-            .1
-            .to_encoded_point(true)
-            .as_bytes(),
-    );
+    let compressed = URL_SAFE_NO_PAD.encode(p256_pem().1.to_encoded_point(true).as_bytes());
     let long = format!("https://{PUSH_HOST}/{}", "a".repeat(1000));
     let cases: Vec<(&str, Value, &str)> = vec![
-        ("plain http", webpush("http://push.example.com/x"), "endpoint"),
+        (
+            "plain http",
+            webpush("http://push.example.com/x"),
+            "endpoint",
+        ),
         ("loopback v4", webpush("https://127.0.0.1/x"), "endpoint"),
         ("loopback v6", webpush("https://[::1]:8443/x"), "endpoint"),
         ("private v4", webpush("https://10.1.2.3/x"), "endpoint"),
-        ("private v4, 192.168", webpush("https://192.168.1.20/x"), "endpoint"),
-        ("link-local v4", webpush("https://169.254.169.254/latest"), "endpoint"),
+        (
+            "private v4, 192.168",
+            webpush("https://192.168.1.20/x"),
+            "endpoint",
+        ),
+        (
+            "link-local v4",
+            webpush("https://169.254.169.254/latest"),
+            "endpoint",
+        ),
         ("link-local v6", webpush("https://[fe80::1]/x"), "endpoint"),
-        ("unique-local v6", webpush("https://[fd00::1]/x"), "endpoint"),
-        ("v4-mapped loopback", webpush("https://[::ffff:127.0.0.1]/x"), "endpoint"),
-        ("v4-mapped private", webpush("https://[::ffff:10.0.0.1]/x"), "endpoint"),
+        (
+            "unique-local v6",
+            webpush("https://[fd00::1]/x"),
+            "endpoint",
+        ),
+        (
+            "v4-mapped loopback",
+            webpush("https://[::ffff:127.0.0.1]/x"),
+            "endpoint",
+        ),
+        (
+            "v4-mapped private",
+            webpush("https://[::ffff:10.0.0.1]/x"),
+            "endpoint",
+        ),
         ("localhost", webpush("https://localhost/x"), "endpoint"),
-        ("user info", webpush("https://u:p@push.example.com/x"), "endpoint"),
+        (
+            "user info",
+            webpush("https://u:p@push.example.com/x"),
+            "endpoint",
+        ),
         ("not a URL", webpush("push me"), "endpoint"),
         ("too long", webpush(&long), "endpoint"),
-        ("p256dh off the curve", with_keys(&off_curve, AUTH), "keys.p256dh"),
-        ("p256dh compressed", with_keys(&compressed, AUTH), "keys.p256dh"),
-        ("p256dh 64 bytes", with_keys(&URL_SAFE_NO_PAD.encode([4u8; 64]), AUTH), "keys.p256dh"),
-        ("p256dh not base64url", with_keys("a+b/c", AUTH), "keys.p256dh"),
-        ("auth 15 bytes", with_keys(P256DH, &URL_SAFE_NO_PAD.encode([1u8; 15])), "keys.auth"),
-        ("auth 17 bytes", with_keys(P256DH, &URL_SAFE_NO_PAD.encode([1u8; 17])), "keys.auth"),
+        (
+            "p256dh off the curve",
+            with_keys(&off_curve, AUTH),
+            "keys.p256dh",
+        ),
+        (
+            "p256dh compressed",
+            with_keys(&compressed, AUTH),
+            "keys.p256dh",
+        ),
+        (
+            "p256dh 64 bytes",
+            with_keys(&URL_SAFE_NO_PAD.encode([4u8; 64]), AUTH),
+            "keys.p256dh",
+        ),
+        (
+            "p256dh not base64url",
+            with_keys("a+b/c", AUTH),
+            "keys.p256dh",
+        ),
+        (
+            "auth 15 bytes",
+            with_keys(P256DH, &URL_SAFE_NO_PAD.encode([1u8; 15])),
+            "keys.auth",
+        ),
+        (
+            "auth 17 bytes",
+            with_keys(P256DH, &URL_SAFE_NO_PAD.encode([1u8; 17])),
+            "keys.auth",
+        ),
         (
             "no endpoint",
             json!({ "kind": "webpush", "keys": { "p256dh": P256DH, "auth": AUTH } }),
@@ -274,7 +323,11 @@ async fn bad_targets_are_refused_by_field(backend: Backend) {
                     "keys": { "p256dh": P256DH } }),
             "keys.auth",
         ),
-        ("no kind", json!({ "endpoint": "https://push.test/x" }), "kind"),
+        (
+            "no kind",
+            json!({ "endpoint": "https://push.test/x" }),
+            "kind",
+        ),
         ("unknown kind", json!({ "kind": "pigeon" }), "kind"),
         (
             "APNs token not hex",
@@ -291,7 +344,11 @@ async fn bad_targets_are_refused_by_field(backend: Backend) {
             json!({ "kind": "apns", "token": "ab".repeat(8), "topic": "com.example.app" }),
             "token",
         ),
-        ("APNs without topic", json!({ "kind": "apns", "token": "ab".repeat(32) }), "topic"),
+        (
+            "APNs without topic",
+            json!({ "kind": "apns", "token": "ab".repeat(32) }),
+            "topic",
+        ),
         (
             "APNs topic with a control character",
             json!({ "kind": "apns", "token": "ab".repeat(32), "topic": "com.example\u{7}" }),
@@ -308,7 +365,11 @@ async fn bad_targets_are_refused_by_field(backend: Backend) {
         let reply = server.put(&path(1), Some(&alice.access), body).await;
         assert_eq!(reply.status, 422, "{what}: {:?}", reply.body);
         assert_eq!(reply.code(), "invalid", "{what}: {:?}", reply.body);
-        assert_eq!(reply.body["error"]["field"], field, "{what}: {:?}", reply.body);
+        assert_eq!(
+            reply.body["error"]["field"], field,
+            "{what}: {:?}",
+            reply.body
+        );
     }
     // Nothing was stored by any of them.
     assert_eq!(pushes(&server, &alice).await, vec![(1, Value::Null)]);
@@ -352,7 +413,9 @@ async fn raw_targets(db: &TestDb) -> Vec<(i64, Option<String>, Option<Vec<u8>>)>
         let rows: Vec<(i32, Option<String>, Option<Vec<u8>>)> =
             sqlx::query_as(SQL).fetch_all(&pool).await.unwrap();
         pool.close().await;
-        rows.into_iter().map(|(d, k, t)| (i64::from(d), k, t)).collect()
+        rows.into_iter()
+            .map(|(d, k, t)| (i64::from(d), k, t))
+            .collect()
     } else {
         let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
         let rows = sqlx::query_as(SQL).fetch_all(&pool).await.unwrap();
@@ -383,7 +446,11 @@ async fn targets_are_sealed_at_rest(backend: Backend) {
         &URL_SAFE_NO_PAD.decode(P256DH).unwrap()[1..33],
         &URL_SAFE_NO_PAD.decode(AUTH).unwrap(),
     ] {
-        assert!(!contains(clear), "{:?} is stored in the clear", String::from_utf8_lossy(clear));
+        assert!(
+            !contains(clear),
+            "{:?} is stored in the clear",
+            String::from_utf8_lossy(clear)
+        );
     }
     server.server.stop().await;
 }
@@ -418,7 +485,11 @@ async fn targets_go_with_their_device_and_account(backend: Backend) {
     assert_eq!(pushes(&server, &alice).await.len(), 1);
     // Alice's account deleted: hers go, bob's stays.
     let reply = server
-        .delete("/v1/me", Some(&alice.access), json!({ "password": PASSWORD }))
+        .delete(
+            "/v1/me",
+            Some(&alice.access),
+            json!({ "password": PASSWORD }),
+        )
         .await;
     assert_eq!(reply.status, 204, "{:?}", reply.body);
     assert_eq!(raw_targets(&server.db).await.len(), 1);

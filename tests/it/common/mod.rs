@@ -14,6 +14,8 @@
 //! - [`traffic`]: steady, timed senders and the checks on what they were
 //!   answered, for tests that break things under a running server.
 //! - [`proxy`]: a TCP proxy in front of a server that loses chosen answers.
+//! - [`fake_push`]: fake push services (Web Push, APNs, FCM) that check
+//!   what the real ones check and record what they were sent.
 //! - [`toolchain`]: the npm installs and the Chromium the JavaScript tests
 //!   need, set up on first use.
 

@@ -1,0 +1,285 @@
+//! In-memory fakes of the store traits, for unit tests of the parts built on
+//! them: they keep the contract each trait documents, in a mutex, with none
+//! of a backend's SQL.
+//!
+//! - [`MemPush`]: [`PushStore`], targets and wake-ups, as
+//!   [`super::push`] describes them (insert-if-absent, coalescing by the
+//!   rules, leases).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::push::{Coalescing, DueWakeup, PushStore, Scheduled, StoredTarget, TargetSummary};
+use super::{DeviceId, StoreResult};
+use crate::push::target::Kind;
+
+/// One device's `push_targets` row.
+#[derive(Debug, Clone)]
+struct TargetRow {
+    kind: Option<Kind>,
+    sealed: Vec<u8>,
+    updated_at: DateTime<Utc>,
+    dropped: bool,
+}
+
+/// One device's `wakeups` row.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WakeupRow {
+    pub due_at: Option<DateTime<Utc>>,
+    pub urgent: bool,
+    pub attempts: u32,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub quiet_sent_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Default)]
+struct Tables {
+    targets: HashMap<(Uuid, DeviceId), TargetRow>,
+    wakeups: HashMap<(Uuid, DeviceId), WakeupRow>,
+}
+
+/// [`PushStore`] in memory.
+#[derive(Default)]
+pub struct MemPush {
+    tables: Mutex<Tables>,
+}
+
+fn after(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    t + chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX)
+}
+
+impl MemPush {
+    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap()
+    }
+
+    /// The device's wake-up row, if it has one.
+    pub fn wakeup(&self, user: Uuid, device: DeviceId) -> Option<WakeupRow> {
+        self.tables().wakeups.get(&(user, device)).cloned()
+    }
+
+    /// The device's live target's version, if it has one.
+    pub fn live(&self, user: Uuid, device: DeviceId) -> Option<(Kind, DateTime<Utc>)> {
+        let tables = self.tables();
+        let row = tables.targets.get(&(user, device))?;
+        Some((row.kind?, row.updated_at))
+    }
+}
+
+#[async_trait]
+impl PushStore for MemPush {
+    async fn set_target(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        kind: Kind,
+        sealed: &[u8],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<DateTime<Utc>>> {
+        let mut tables = self.tables();
+        let version = match tables.targets.get(&(user, device)) {
+            Some(row) if row.updated_at >= now => {
+                row.updated_at + chrono::TimeDelta::milliseconds(1)
+            }
+            _ => now,
+        };
+        tables.targets.insert(
+            (user, device),
+            TargetRow {
+                kind: Some(kind),
+                sealed: sealed.to_vec(),
+                updated_at: version,
+                dropped: false,
+            },
+        );
+        Ok(Some(version))
+    }
+
+    async fn delete_target(&self, user: Uuid, device: DeviceId) -> StoreResult<bool> {
+        let mut tables = self.tables();
+        tables.wakeups.remove(&(user, device));
+        Ok(tables.targets.remove(&(user, device)).is_some())
+    }
+
+    async fn drop_target(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        version: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut tables = self.tables();
+        match tables.targets.get_mut(&(user, device)) {
+            Some(row) if row.kind.is_some() && row.updated_at == version => {
+                row.kind = None;
+                row.sealed.clear();
+                row.dropped = true;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn target_summaries(&self, user: Uuid) -> StoreResult<Vec<TargetSummary>> {
+        let tables = self.tables();
+        let mut summaries: Vec<TargetSummary> = tables
+            .targets
+            .iter()
+            .filter(|((u, _), _)| *u == user)
+            .map(|((_, device), row)| TargetSummary {
+                device: *device,
+                kind: row.kind,
+                updated_at: row.updated_at,
+                dropped: row.dropped,
+            })
+            .collect();
+        summaries.sort_by_key(|s| s.device);
+        Ok(summaries)
+    }
+
+    async fn count_targets(&self) -> StoreResult<Vec<(Kind, u64)>> {
+        let tables = self.tables();
+        let mut counts: HashMap<Kind, u64> = HashMap::new();
+        for row in tables.targets.values() {
+            if let Some(kind) = row.kind {
+                *counts.entry(kind).or_default() += 1;
+            }
+        }
+        Ok(counts.into_iter().collect())
+    }
+
+    async fn schedule(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        due: DateTime<Utc>,
+        urgent: bool,
+        now: DateTime<Utc>,
+        rules: Coalescing,
+    ) -> StoreResult<Scheduled> {
+        let mut tables = self.tables();
+        let live = tables
+            .targets
+            .get(&(user, device))
+            .is_some_and(|row| row.kind.is_some());
+        if !live {
+            return Ok(Scheduled::NoTarget);
+        }
+        let row = tables.wakeups.entry((user, device)).or_default();
+        if let Some(pending) = row.due_at {
+            if urgent {
+                row.urgent = true;
+                row.due_at = Some(pending.min(due));
+            }
+            return Ok(Scheduled::Coalesced);
+        }
+        if row
+            .sent_at
+            .is_some_and(|sent| after(sent, rules.cooldown) > now)
+        {
+            return Ok(Scheduled::Coalesced);
+        }
+        if !urgent
+            && row
+                .quiet_sent_at
+                .is_some_and(|sent| after(sent, rules.quiet) > now)
+        {
+            return Ok(Scheduled::Coalesced);
+        }
+        row.due_at = Some(due);
+        row.urgent = urgent;
+        row.attempts = 0;
+        row.sent_at = None;
+        Ok(Scheduled::Pending)
+    }
+
+    async fn take_due(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+        lease: Duration,
+    ) -> StoreResult<Vec<DueWakeup>> {
+        let mut tables = self.tables();
+        let Tables { targets, wakeups } = &mut *tables;
+        let mut due: Vec<((Uuid, DeviceId), DateTime<Utc>)> = wakeups
+            .iter()
+            .filter_map(|(key, row)| Some((*key, row.due_at.filter(|d| *d <= now)?)))
+            .filter(|(key, _)| targets.get(key).is_some_and(|t| t.kind.is_some()))
+            .collect();
+        due.sort_by_key(|(_, at)| *at);
+        due.truncate(limit as usize);
+        Ok(due
+            .into_iter()
+            .map(|(key, _)| {
+                let row = wakeups.get_mut(&key).expect("listed");
+                row.due_at = Some(after(now, lease));
+                let target = &targets[&key];
+                DueWakeup {
+                    user: key.0,
+                    device: key.1,
+                    urgent: row.urgent,
+                    attempts: row.attempts,
+                    target: StoredTarget {
+                        kind: target.kind.expect("live"),
+                        sealed: target.sealed.clone(),
+                        updated_at: target.updated_at,
+                    },
+                }
+            })
+            .collect())
+    }
+
+    async fn wakeup_sent(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        urgent: bool,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        if let Some(row) = self.tables().wakeups.get_mut(&(user, device)) {
+            row.due_at = None;
+            row.attempts = 0;
+            row.sent_at = Some(now);
+            if !urgent {
+                row.quiet_sent_at = Some(now);
+            }
+        }
+        Ok(())
+    }
+
+    async fn wakeup_retry(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        at: DateTime<Utc>,
+        attempts: u32,
+    ) -> StoreResult<()> {
+        if let Some(row) = self.tables().wakeups.get_mut(&(user, device)) {
+            row.due_at = Some(at);
+            row.attempts = attempts;
+        }
+        Ok(())
+    }
+
+    async fn wakeup_abandoned(&self, user: Uuid, device: DeviceId) -> StoreResult<()> {
+        if let Some(row) = self.tables().wakeups.get_mut(&(user, device)) {
+            row.due_at = None;
+            row.sent_at = None;
+            row.attempts = 0;
+        }
+        Ok(())
+    }
+
+    async fn cancel_wakeups(&self, user: Uuid, device: DeviceId) -> StoreResult<()> {
+        if let Some(row) = self.tables().wakeups.get_mut(&(user, device)) {
+            row.due_at = None;
+            row.sent_at = None;
+            row.attempts = 0;
+        }
+        Ok(())
+    }
+}
