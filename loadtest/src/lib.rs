@@ -10,7 +10,10 @@
 //!   recipient; across the nodes of a cluster, optionally killing one, or
 //!   killing and restarting a single server), `drain`, `poll`, `storm`
 //!   (optionally with a queued backlog per device), `soak` (hours of mixed
-//!   traffic).
+//!   traffic), `wakeups` (online senders to offline devices with push
+//!   targets).
+//! - [`fakepush`]: a fake Web Push service on loopback that mints
+//!   subscriptions and counts the wake-ups the server sends them.
 //! - [`metrics`]: the server's own counters, scraped from its Prometheus
 //!   text before and after a run (the ack window's elided copies).
 //! - [`chart`]: SVG charts drawn from a directory of JSON results.
@@ -25,6 +28,7 @@
 
 pub mod chart;
 pub mod client;
+pub mod fakepush;
 pub mod metrics;
 pub mod scenario;
 pub mod stats;
@@ -62,6 +66,7 @@ pub enum Spec {
         timeout: Duration,
     },
     Soak(Soak),
+    Wakeups(scenario::wakeups::Load),
 }
 
 /// The mixed traffic of `soak`: rates are totals over the run (shards
@@ -482,6 +487,18 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// CPU time `pid` has used, user and system, in clock ticks (USER_HZ,
+/// 100 a second): fields 14 and 15 of /proc/PID/stat.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces:
+    // count from the last `)`, after which field 3 comes first.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
 }
 
 /// How many file descriptors `pid` has open (entries of /proc/PID/fd).

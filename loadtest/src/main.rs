@@ -10,7 +10,7 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use sealpost_loadtest::client::{self, Account, Api, Target};
 use sealpost_loadtest::metrics::{Counts, Elision};
-use sealpost_loadtest::scenario::{attack, drain};
+use sealpost_loadtest::scenario::{attack, drain, wakeups};
 use sealpost_loadtest::stats::{Report, now_nanos};
 use sealpost_loadtest::{
     Fanout, Kill, Plan, Soak, Spec, Struck, Traffic, chart, execute, hwm_kib, open_fds, rss_kib,
@@ -146,6 +146,10 @@ enum Command {
         #[command(subcommand)]
         attack: attack::Attack,
     },
+    /// Online senders to offline recipients whose devices have Web Push
+    /// targets at a fake push service in this process (or none, with
+    /// --no-targets): send latency, wake-ups sent and coalesced.
+    Wakeups(wakeups::Args),
     /// Draw SVG charts from a directory of JSON results: push-latency.svg,
     /// sent-latency.svg, memory-per-socket.svg, elided.svg (each when
     /// some result has its data). Needs no server.
@@ -210,6 +214,32 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let api = Api::new(targets[0].clone());
+    if let Command::Wakeups(args) = &cli.command {
+        let plan = Plan {
+            spec: Spec::Connect {
+                conns: 0,
+                hold: Duration::ZERO,
+            },
+            targets: targets.clone(),
+            sources: client::sources(cli.sources),
+            accounts: Vec::new(),
+        };
+        let result = wakeups::main(
+            args,
+            wakeups::Common {
+                api,
+                plan,
+                workers: cli.workers,
+                pids: &pids,
+                prefix: &cli.prefix,
+                token_cache: cli.token_cache.as_deref(),
+                signup_concurrency: cli.signup_concurrency,
+            },
+        )
+        .await?;
+        println!("{}", serde_json::to_string_pretty(&result)?);
+        return Ok(());
+    }
     let accounts = |prefix: String, count: usize| {
         let (api, cache, concurrency) =
             (api.clone(), cli.token_cache.clone(), cli.signup_concurrency);
@@ -423,7 +453,10 @@ async fn main() -> anyhow::Result<()> {
             .boxed();
             plan.spec = Spec::Soak(soak);
         }
-        Command::Worker { .. } | Command::Chart { .. } | Command::Attack { .. } => {
+        Command::Worker { .. }
+        | Command::Chart { .. }
+        | Command::Attack { .. }
+        | Command::Wakeups(_) => {
             unreachable!("handled above")
         }
     }
@@ -760,7 +793,10 @@ fn summarise(
         Command::Poll(_) => "poll",
         Command::Storm { .. } => "storm",
         Command::Soak(_) => "soak",
-        Command::Worker { .. } | Command::Chart { .. } | Command::Attack { .. } => {
+        Command::Worker { .. }
+        | Command::Chart { .. }
+        | Command::Attack { .. }
+        | Command::Wakeups(_) => {
             unreachable!("handled in main")
         }
     };
@@ -876,7 +912,10 @@ fn summarise(
             "backlog_read_before": report.count("backlog_before"),
         }),
         Command::Soak(_) => soak_results(report),
-        Command::Worker { .. } | Command::Chart { .. } | Command::Attack { .. } => Value::Null,
+        Command::Worker { .. }
+        | Command::Chart { .. }
+        | Command::Attack { .. }
+        | Command::Wakeups(_) => Value::Null,
     };
     result["results"] = derived;
     result

@@ -850,3 +850,155 @@ async fn attack_inbox_lock_counts_every_send() {
     );
     server.stop().await;
 }
+
+/// `wakeups --no-targets`: the baseline of issue 26's benchmark. Senders
+/// send to recipients that never connect and have no target: every send
+/// is confirmed and timed, the fake push service hears nothing, and the
+/// server's CPU over the run is read from /proc.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wakeups_without_targets_time_every_send_and_wake_nobody() {
+    let fixture = Fixture::new();
+    let server = start_with(
+        &fixture.db(),
+        "127.0.0.1:0",
+        &["--metrics-addr", "127.0.0.1:0"],
+    )
+    .await;
+    let metrics_url = format!("http://{}/metrics", server.metrics.expect("metrics on"));
+    let pid = std::process::id().to_string();
+    let result = loadtest(
+        server.addr,
+        &[
+            "--server-pid",
+            &pid,
+            "wakeups",
+            "--senders",
+            "4",
+            "--recipients",
+            "30",
+            "--rate",
+            "200",
+            "--duration",
+            "2",
+            "--size",
+            "64",
+            "--no-targets",
+            "--metrics-url",
+            &metrics_url,
+        ],
+    )
+    .await;
+    let r = &result["results"];
+    let confirmed = n(&r["confirmed"]);
+    assert!(confirmed > 300, "{result}");
+    assert_eq!(n(&r["sent"]), confirmed, "{result}");
+    assert_eq!(n(&r["senders_ready"]), 4);
+    assert_eq!(n(&r["send_latency"]["count"]), confirmed);
+    let hist = Latency::decode(r["send_latency_hist"].as_str().unwrap()).unwrap();
+    assert_eq!(hist.count(), confirmed);
+    // Every send is in the second it was written in.
+    let seconds = r["send_p99_by_second"].as_array().unwrap();
+    assert_eq!(seconds.len(), 2, "{result}");
+    assert_eq!(
+        seconds.iter().map(|s| n(&s["sends"])).sum::<u64>(),
+        confirmed
+    );
+    assert_eq!(
+        r["messages_per_recipient"].as_f64(),
+        Some(confirmed as f64 / 30.0)
+    );
+    // No target anywhere: nothing woken, every message "coalesced".
+    assert_eq!(n(&r["wakeups_sent"]), 0, "{result}");
+    assert_eq!(n(&r["fake_push"]["requests"]), 0);
+    assert_eq!(r["coalesced_fraction"].as_f64(), Some(1.0));
+    let setup = &result["params"]["setup"];
+    assert_eq!(
+        n(&setup["targets_removed"]) + n(&setup["no_push_api"]),
+        30,
+        "{result}"
+    );
+    assert_eq!(n(&setup["targets_registered"]), 0);
+    assert_eq!(result["params"]["targets"], false);
+    // The server's (here this process's) CPU from the gate to the end.
+    let cpu = &r["server_cpu"];
+    assert!(cpu["cpu_s"].as_f64().unwrap() > 0.0, "{result}");
+    assert!(cpu["wall_s"].as_f64().unwrap() >= 2.0, "{result}");
+    assert!(r["loadavg_start"].is_string() && r["loadavg_end"].is_string());
+    server.stop().await;
+}
+
+/// `wakeups` with targets: each recipient's device gets a subscription at
+/// the load tester's fake Web Push service, the server (Web Push on, the
+/// fake allowed) wakes each offline device once within the cooldown, and
+/// every other message is coalesced, in the fake's counts and in the
+/// server's `sealpost_wakeups_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wakeups_wake_each_offline_device_once_and_coalesce_the_rest() {
+    let fixture = Fixture::new();
+    // The fake's address must be known before the server starts, which
+    // allows it.
+    let push = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let server = start_with(
+        &fixture.db(),
+        "127.0.0.1:0",
+        &[
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--vapid-subject",
+            "mailto:loadtest@example.com",
+            "--push-allow-hosts",
+            &push,
+        ],
+    )
+    .await;
+    let metrics_url = format!("http://{}/metrics", server.metrics.expect("metrics on"));
+    let result = loadtest(
+        server.addr,
+        &[
+            "wakeups",
+            "--senders",
+            "4",
+            "--recipients",
+            "30",
+            "--rate",
+            "300",
+            "--duration",
+            "2",
+            "--size",
+            "64",
+            "--push-listen",
+            &push,
+            "--metrics-url",
+            &metrics_url,
+        ],
+    )
+    .await;
+    let r = &result["results"];
+    let confirmed = n(&r["confirmed"]);
+    assert!(confirmed > 450, "{result}");
+    assert_eq!(n(&result["params"]["setup"]["targets_registered"]), 30);
+    assert_eq!(result["params"]["first_recipient_push"]["kind"], "webpush");
+    assert_eq!(result["params"]["vapid_status"], 200);
+    // Twenty messages to each device in two seconds, well inside the
+    // 30 s cooldown: one wake-up each, and nothing the fake refused.
+    let fake = &r["fake_push"];
+    assert_eq!(n(&r["wakeups_sent"]), 30, "{result}");
+    assert_eq!(n(&fake["requests"]), 30, "{result}");
+    assert_eq!(n(&fake["subscriptions_woken"]), 30);
+    assert_eq!(n(&r["wakeups_per_recipient_max"]), 1);
+    assert!(fake["rejected"].as_object().unwrap().is_empty(), "{result}");
+    assert_eq!(n(&fake["urgency"]["high"]), 30, "{result}");
+    assert_eq!(n(&fake["with_topic"]), 30);
+    let fraction = r["coalesced_fraction"].as_f64().unwrap();
+    assert!((fraction - (1.0 - 30.0 / confirmed as f64)).abs() < 1e-9);
+    // The server counts the same: 30 sent, the rest coalesced.
+    let server_side = &r["server_wakeups"]["by_outcome"];
+    assert_eq!(n(&server_side["sent"]), 30, "{result}");
+    assert_eq!(n(&server_side["coalesced"]), confirmed - 30, "{result}");
+    assert_eq!(n(&r["server_wakeups"]["targets"]), 30, "{result}");
+    server.stop().await;
+}

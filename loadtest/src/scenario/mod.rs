@@ -9,6 +9,7 @@ pub mod pairs;
 pub mod poll;
 pub mod soak;
 pub mod storm;
+pub mod wakeups;
 
 use crate::stats::Report;
 use crate::{Gate, Plan, Shard, Spec};
@@ -23,6 +24,7 @@ pub async fn run(plan: &Plan, shard: Shard, gate: &mut Gate) -> anyhow::Result<R
         Spec::Poll(traffic) => poll::run(plan, shard, gate, traffic).await,
         Spec::Storm { conns, timeout, .. } => storm::run(plan, shard, gate, *conns, *timeout).await,
         Spec::Soak(soak) => soak::run(plan, shard, gate, soak).await,
+        Spec::Wakeups(load) => wakeups::run(plan, shard, gate, load).await,
     }
 }
 

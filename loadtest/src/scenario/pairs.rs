@@ -245,7 +245,7 @@ pub async fn run(
 /// again and again until `deadline`, and each wake-up's delay past it.
 /// A push latency tail that shows here too is the generator's, not the
 /// server's.
-async fn lag_probe(deadline: tokio::time::Instant) -> Latency {
+pub(super) async fn lag_probe(deadline: tokio::time::Instant) -> Latency {
     const TICK: Duration = Duration::from_millis(1);
     let mut lag = Latency::default();
     while tokio::time::Instant::now() < deadline {
