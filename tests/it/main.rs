@@ -36,6 +36,7 @@ mod props;
 mod protocol_edges;
 mod push_store;
 mod push_targets;
+mod push_wakeups;
 mod retries;
 mod sealed;
 mod security;

@@ -256,8 +256,14 @@ fn assert_agrees(text: &str, inbound: &sealpost::ws::frame::Inbound) {
                     envelopes,
                     ephemeral,
                     client_id,
+                    urgent,
                 } => {
                     assert_eq!(value["type"], "send", "{text:?}");
+                    assert_eq!(
+                        value.get("urgent").and_then(Value::as_bool).unwrap_or(true),
+                        *urgent,
+                        "{text:?}"
+                    );
                     assert_eq!(
                         value.get("client_id").and_then(Value::as_str),
                         client_id.as_deref(),
