@@ -213,7 +213,9 @@ impl FakeWebPush {
             self.allow_host(),
         ];
         if db.is_postgres() {
-            flags.extend(["--vapid-key".to_owned(), VAPID_KEY.to_owned()]);
+            // One argument: a PEM begins with dashes, which clap would
+            // take for a flag of its own.
+            flags.push(format!("--vapid-key={VAPID_KEY}"));
         }
         flags
     }
