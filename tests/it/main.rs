@@ -37,6 +37,7 @@ mod protocol_edges;
 mod push_native;
 mod push_store;
 mod push_targets;
+mod push_wakeups;
 mod retries;
 mod sealed;
 mod security;

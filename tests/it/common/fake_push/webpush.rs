@@ -70,6 +70,8 @@ pub enum Answer {
     /// Accepts the request, then answers nothing for this long (then 201):
     /// a service that hangs.
     Hang(Duration),
+    /// Answers nothing for this long, then this status: a slow "gone".
+    HangThen(Duration, u16),
 }
 
 impl Answer {
@@ -211,7 +213,9 @@ impl FakeWebPush {
             self.allow_host(),
         ];
         if db.is_postgres() {
-            flags.extend(["--vapid-key".to_owned(), VAPID_KEY.to_owned()]);
+            // One argument: a PEM begins with dashes, which clap would
+            // take for a flag of its own.
+            flags.push(format!("--vapid-key={VAPID_KEY}"));
         }
         flags
     }
@@ -351,6 +355,7 @@ async fn push(
                     Answer::Status(status) => *status,
                     Answer::TooMany(_) => 429,
                     Answer::Hang(_) => 201,
+                    Answer::HangThen(_, status) => *status,
                 };
                 sub.received.push(received);
                 answer
@@ -379,6 +384,10 @@ async fn push(
         Answer::Hang(duration) => {
             tokio::time::sleep(duration).await;
             StatusCode::CREATED.into_response()
+        }
+        Answer::HangThen(duration, status) => {
+            tokio::time::sleep(duration).await;
+            StatusCode::from_u16(status).unwrap().into_response()
         }
     }
 }

@@ -1,0 +1,276 @@
+//! Wake-ups end to end: a real server, its devices' Web Push targets on
+//! the fake push service (which checks VAPID and decrypts), and what it
+//! receives. Who is woken (offline devices with a target, after a commit;
+//! after a socket closes owing acks), who is not (online devices,
+//! ephemeral sends, receipts), how often (one for a burst, low priority at
+//! most once per quiet interval), and what the provider's answers do (410
+//! drops the target, unless it was registered again; `Retry-After`; a
+//! hanging service slows no send and no other wake-up).
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::backend_tests;
+use crate::common::fake_push::webpush::{Answer, FakeWebPush, Received, Subscription};
+use crate::common::ws::WsClient;
+use crate::common::{Account, Backend, TestDb, TestServer, b64, eventually};
+
+backend_tests!(
+    twenty_messages_to_an_offline_device_make_one_content_free_wakeup,
+    an_online_device_is_woken_only_after_its_socket_closes_owing_acks,
+    ephemeral_sends_and_receipts_wake_nothing,
+    a_non_urgent_send_wakes_at_low_priority_once_per_quiet_interval,
+    a_gone_target_is_dropped_and_sent_nothing_more,
+    a_target_registered_again_during_a_failed_wakeup_is_kept,
+    retry_after_is_honoured,
+    a_hanging_service_slows_no_send_and_no_other_wakeup,
+);
+
+/// How long a test waits for a wake-up that should come.
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A fake push service and a server using it.
+async fn setup(backend: Backend, extra: &[&str]) -> (FakeWebPush, TestServer) {
+    let fake = FakeWebPush::start().await;
+    let db = TestDb::new(backend).await;
+    let mut flags = fake.server_flags(&db);
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = TestServer::start_on(db, &flags).await;
+    (fake, server)
+}
+
+/// Registers a fresh subscription of `fake` as `who`'s (device 1) target.
+async fn subscribe(server: &TestServer, fake: &FakeWebPush, who: &Account) -> Subscription {
+    let sub = fake.subscribe();
+    register(server, who, &sub).await;
+    sub
+}
+
+async fn register(server: &TestServer, who: &Account, sub: &Subscription) {
+    server
+        .put("/v1/devices/1/push", Some(&who.access), sub.target_json())
+        .await
+        .expect(200);
+}
+
+async fn send(server: &TestServer, from: &Account, to: &Account, urgent: Option<bool>) -> Value {
+    let mut body = json!({ "to": to.id, "body": b64(b"sealed") });
+    if let Some(urgent) = urgent {
+        body["urgent"] = json!(urgent);
+    }
+    server
+        .post("/v1/messages", Some(&from.access), body)
+        .await
+        .expect(201)
+}
+
+/// Asserts that `sub` receives nothing more than `n` pushes for `quiet`.
+async fn no_more(fake: &FakeWebPush, sub: &Subscription, n: usize, quiet: Duration) {
+    tokio::time::sleep(quiet).await;
+    let received = fake.received(&sub.id);
+    assert_eq!(received.len(), n, "{received:?}");
+}
+
+fn assert_wake(push: &Received, urgency: &str) {
+    assert_eq!(push.plaintext_json(), json!({ "type": "wake" }));
+    assert_eq!(push.urgency.as_deref(), Some(urgency));
+}
+
+async fn twenty_messages_to_an_offline_device_make_one_content_free_wakeup(backend: Backend) {
+    let (fake, server) = setup(backend, &[]).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    let sub = subscribe(&server, &fake, &bob).await;
+    for _ in 0..20 {
+        send(&server, &alice, &bob, None).await;
+    }
+    let received = fake.wait_for(&sub.id, 1, WAIT).await;
+    assert_wake(&received[0], "high");
+    // Nothing of the messages: the plaintext is the constant above, and
+    // the one body is the same size whatever was sent.
+    assert!(received[0].body.len() < 200, "{}", received[0].body.len());
+    no_more(&fake, &sub, 1, Duration::from_secs(2)).await;
+    // The messages are all there for the device to fetch.
+    assert_eq!(server.inbox(&bob).await.len(), 20);
+}
+
+async fn an_online_device_is_woken_only_after_its_socket_closes_owing_acks(backend: Backend) {
+    let (fake, server) = setup(backend, &["--wakeup-after-close", "1s"]).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    let sub = subscribe(&server, &fake, &bob).await;
+    let (mut socket, _) = WsClient::ready(&server, &bob).await;
+    send(&server, &alice, &bob, None).await;
+    let pushed = socket.expect("message").await;
+    assert_eq!(pushed["body"], b64(b"sealed"));
+    // Online: no wake-up, though the copy was written (not acked).
+    no_more(&fake, &sub, 0, Duration::from_secs(2)).await;
+    // Its socket goes without acking: woken a second later.
+    let closed = tokio::time::Instant::now();
+    socket.close().await;
+    let received = fake.wait_for(&sub.id, 1, WAIT).await;
+    assert_wake(&received[0], "high");
+    assert!(received[0].at - closed >= Duration::from_millis(900));
+
+    // A socket that acked what it was sent owes nothing: no wake-up when
+    // it closes.
+    let carol = server.account("carol").await;
+    let carols = subscribe(&server, &fake, &carol).await;
+    let (mut socket, _) = WsClient::ready(&server, &carol).await;
+    send(&server, &alice, &carol, None).await;
+    let pushed = socket.expect("message").await;
+    socket.ack(&[pushed["id"].as_str().unwrap()]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    socket.close().await;
+    no_more(&fake, &carols, 0, Duration::from_secs(3)).await;
+}
+
+async fn ephemeral_sends_and_receipts_wake_nothing(backend: Backend) {
+    let (fake, server) = setup(backend, &["--delivery-receipts", "true"]).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    // Alice is offline, with a target.
+    let alices = subscribe(&server, &fake, &alice).await;
+    let (mut socket, _) = WsClient::ready(&server, &bob).await;
+    socket
+        .send_json(json!({"type": "send", "ref": "e", "to": alice.id, "body": b64(b"typing"), "ephemeral": true}))
+        .await;
+    let sent = socket.expect("sent").await;
+    assert_eq!(sent["delivered"], false, "{sent}");
+    // Alice sends bob a stored message (her own sending device is not
+    // woken for it), bob acks it: the receipt to alice wakes nothing.
+    send(&server, &alice, &bob, None).await;
+    let pushed = socket.expect("message").await;
+    socket.ack(&[pushed["id"].as_str().unwrap()]).await;
+    no_more(&fake, &alices, 0, Duration::from_secs(3)).await;
+    socket.close().await;
+    // The same offline device is woken by a stored send: the quiet above
+    // was not for want of a working target.
+    send(&server, &bob, &alice, None).await;
+    let received = fake.wait_for(&alices.id, 1, WAIT).await;
+    assert_wake(&received[0], "high");
+}
+
+async fn a_non_urgent_send_wakes_at_low_priority_once_per_quiet_interval(backend: Backend) {
+    let (fake, server) = setup(backend, &["--wakeup-cooldown", "1s"]).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    let sub = subscribe(&server, &fake, &bob).await;
+    send(&server, &alice, &bob, Some(false)).await;
+    let received = fake.wait_for(&sub.id, 1, WAIT).await;
+    assert_wake(&received[0], "low");
+    // Past the cool-down, and after showing up (a poll): another
+    // non-urgent send within the quiet interval (20 min) wakes nothing.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.inbox(&bob).await;
+    send(&server, &alice, &bob, Some(false)).await;
+    no_more(&fake, &sub, 1, Duration::from_secs(2)).await;
+    // An urgent one is not held back.
+    send(&server, &alice, &bob, Some(true)).await;
+    let received = fake.wait_for(&sub.id, 2, WAIT).await;
+    assert_wake(&received[1], "high");
+}
+
+async fn a_gone_target_is_dropped_and_sent_nothing_more(backend: Backend) {
+    let (fake, server) = setup(backend, &["--wakeup-cooldown", "1s"]).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    let sub = subscribe(&server, &fake, &bob).await;
+    fake.script(&sub.id, [Answer::Status(410)]);
+    send(&server, &alice, &bob, None).await;
+    fake.wait_for(&sub.id, 1, WAIT).await;
+    let push = eventually("the target dropped", async || {
+        let devices = server
+            .get("/v1/devices", Some(&bob.access))
+            .await
+            .expect(200);
+        let push = devices["devices"][0]["push"].clone();
+        push.is_null().then_some(push)
+    })
+    .await;
+    assert!(push.is_null());
+    let (socket, ready, _) = WsClient::ready_with(&server, &bob, "").await;
+    assert_eq!(ready["push_dropped"], true, "{ready}");
+    socket.close().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    send(&server, &alice, &bob, None).await;
+    no_more(&fake, &sub, 1, Duration::from_secs(3)).await;
+}
+
+async fn a_target_registered_again_during_a_failed_wakeup_is_kept(backend: Backend) {
+    let (fake, server) = setup(backend, &[]).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    let old = subscribe(&server, &fake, &bob).await;
+    // The service takes its time, then says the old subscription is gone;
+    // meanwhile the device registers a new one.
+    fake.script(&old.id, [Answer::HangThen(Duration::from_secs(2), 410)]);
+    send(&server, &alice, &bob, None).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fresh = fake.subscribe();
+    register(&server, &bob, &fresh).await;
+    // The new target is kept, and woken in the old one's place.
+    let received = fake.wait_for(&fresh.id, 1, WAIT).await;
+    assert_wake(&received[0], "high");
+    let devices = server
+        .get("/v1/devices", Some(&bob.access))
+        .await
+        .expect(200);
+    assert_eq!(
+        devices["devices"][0]["push"]["kind"], "webpush",
+        "{devices}"
+    );
+}
+
+async fn retry_after_is_honoured(backend: Backend) {
+    let (fake, server) = setup(backend, &[]).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    let sub = subscribe(&server, &fake, &bob).await;
+    fake.script(&sub.id, [Answer::TooMany(Some("2".into()))]);
+    send(&server, &alice, &bob, None).await;
+    let received = fake.wait_for(&sub.id, 2, WAIT).await;
+    assert_eq!(received[0].answered, 429);
+    assert_eq!(received[1].answered, 201);
+    let waited = received[1].at - received[0].at;
+    assert!(waited >= Duration::from_secs(2), "{waited:?}");
+    no_more(&fake, &sub, 2, Duration::from_secs(1)).await;
+}
+
+async fn a_hanging_service_slows_no_send_and_no_other_wakeup(backend: Backend) {
+    // Two push services on two ports: one hangs for 20 s.
+    let (hanging, fake) = (FakeWebPush::start().await, FakeWebPush::start().await);
+    let db = TestDb::new(backend).await;
+    let mut flags = fake.server_flags(&db);
+    let allow = flags
+        .iter()
+        .position(|f| f == "--push-allow-hosts")
+        .unwrap()
+        + 1;
+    flags[allow] = format!("{},{}", fake.allow_host(), hanging.allow_host());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = TestServer::start_on(db, &flags).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    let carol = server.account("carol").await;
+    let bobs = subscribe(&server, &hanging, &bob).await;
+    hanging.script(&bobs.id, [Answer::Hang(Duration::from_secs(20))]);
+    send(&server, &alice, &bob, None).await;
+    hanging.wait_for(&bobs.id, 1, WAIT).await;
+    // Sends stay fast while the service hangs.
+    let mut slowest = Duration::ZERO;
+    for _ in 0..10 {
+        let started = tokio::time::Instant::now();
+        send(&server, &alice, &bob, None).await;
+        slowest = slowest.max(started.elapsed());
+    }
+    assert!(slowest < Duration::from_secs(1), "{slowest:?}");
+    // Another device's wake-up, on the other service, goes out at once.
+    let carols = subscribe(&server, &fake, &carol).await;
+    let started = tokio::time::Instant::now();
+    send(&server, &alice, &carol, None).await;
+    let received = fake.wait_for(&carols.id, 1, Duration::from_secs(5)).await;
+    assert!(received[0].at - started < Duration::from_secs(3));
+}
