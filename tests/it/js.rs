@@ -90,10 +90,11 @@ async fn node_test(dir: &Path, files: &[&str], env: &[(&str, String)]) {
 }
 
 /// The JS client's suite, against a server, one with 8-second access
-/// tokens (renewal on a live socket), and one with 6-second access tokens
+/// tokens (renewal on a live socket), one with 6-second access tokens
 /// and no refresh grace (clients of one session refreshing in turns: a
 /// spent refresh token is reuse at once, and the first refresh at 4.8 s is
-/// before the token's expiry, whose second is truncated).
+/// before the token's expiry, whose second is truncated), and one with
+/// Web Push and APNs (push targets).
 async fn js_client_suite(backend: Backend) {
     let dir = npm_ready("clients/js").await;
     let server = TestServer::start(backend).await;
@@ -104,6 +105,8 @@ async fn js_client_suite(backend: Backend) {
         &["--access-token-ttl", "6s", "--refresh-grace", "0"],
     )
     .await;
+    // Web Push and APNs on, `push.test` allowed: push targets (push.test.js).
+    let push = crate::push_targets::push_server(backend).await;
     let mut files: Vec<String> = std::fs::read_dir(dir.join("test"))
         .expect("clients/js/test")
         .filter_map(|entry| {
@@ -121,9 +124,15 @@ async fn js_client_suite(backend: Backend) {
             ("SEALPOST_TEST_URL", server.api.base.clone()),
             ("SEALPOST_TEST_URL_SHORT_TTL", short.api.base.clone()),
             ("SEALPOST_TEST_URL_NO_GRACE", no_grace.api.base.clone()),
+            ("SEALPOST_TEST_URL_PUSH", push.api.base.clone()),
+            (
+                "SEALPOST_TEST_PUSH_HOST",
+                crate::push_targets::PUSH_HOST.to_owned(),
+            ),
         ],
     )
     .await;
+    push.server.stop().await;
     no_grace.stop().await;
     short.stop().await;
     server.stop().await;

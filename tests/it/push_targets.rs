@@ -27,15 +27,15 @@ backend_tests!(
 
 /// The host the suite's Web Push endpoints name: allowed by the servers
 /// here (`--push-allow-hosts`), so that it is not resolved.
-const PUSH_HOST: &str = "push.test";
+pub(crate) const PUSH_HOST: &str = "push.test";
 
 /// A browser's key (RFC 8291's example) and auth secret.
-const P256DH: &str =
+pub(crate) const P256DH: &str =
     "BCVxsr7N_eNgVRqvHtD0zTZsEc6-VV-JvLexhqUzORcxaOzi6-AYWXvTBHm4bjyPjs7Vd8pZGH6SRpkNtoIAiw4";
-const AUTH: &str = "BTBZMqHH6r4Tts7J_aSIgg";
+pub(crate) const AUTH: &str = "BTBZMqHH6r4Tts7J_aSIgg";
 
 /// A fresh P-256 key, as PKCS#8 PEM: the VAPID key, or an APNs `.p8`.
-fn p256_pem() -> (String, p256::PublicKey) {
+pub(crate) fn p256_pem() -> (String, p256::PublicKey) {
     let key = loop {
         let bytes: [u8; 32] = rand::random();
         if let Ok(key) = p256::SecretKey::from_slice(&bytes) {
@@ -47,9 +47,9 @@ fn p256_pem() -> (String, p256::PublicKey) {
 }
 
 /// A server with Web Push and APNs on (not FCM), `push.test` allowed.
-struct PushServer {
-    server: TestServer,
-    vapid: p256::PublicKey,
+pub(crate) struct PushServer {
+    pub server: TestServer,
+    pub vapid: p256::PublicKey,
     _apns_key: tempfile::TempDir,
 }
 
@@ -60,7 +60,7 @@ impl std::ops::Deref for PushServer {
     }
 }
 
-async fn push_server(backend: Backend) -> PushServer {
+pub(crate) async fn push_server(backend: Backend) -> PushServer {
     let (vapid_pem, vapid) = p256_pem();
     let dir = tempfile::tempdir().unwrap();
     let p8 = dir.path().join("AuthKey_ABCDE12345.p8");

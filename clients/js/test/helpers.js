@@ -18,8 +18,14 @@ const HOW = `Start a sealpost server and point the tests at it, e.g.
   SEALPOST_ADDR=127.0.0.1:18402 DATABASE_URL=sqlite:///tmp/jsdev-ng.db SEALPOST_ACCESS_TOKEN_TTL=6s SEALPOST_REFRESH_GRACE=0 \\
   SEALPOST_JWT_SECRET=dev-secret-dev-secret-dev-secret-0123456 \\
   SEALPOST_AUTH_RATE_PER_MINUTE=0 SEALPOST_SEND_RATE_PER_SECOND=0 sealpost serve &
+  SEALPOST_ADDR=127.0.0.1:18403 DATABASE_URL=sqlite:///tmp/jsdev-push.db SEALPOST_PUSH_ALLOW_HOSTS=push.test \\
+  SEALPOST_VAPID_SUBJECT=mailto:ops@example.com SEALPOST_APNS_KEY_FILE=AuthKey.p8 SEALPOST_APNS_KEY_ID=ABCDE12345 \\
+  SEALPOST_APNS_TEAM_ID=TEAM123456 SEALPOST_JWT_SECRET=dev-secret-dev-secret-dev-secret-0123456 \\
+  SEALPOST_AUTH_RATE_PER_MINUTE=0 SEALPOST_SEND_RATE_PER_SECOND=0 sealpost serve &
   SEALPOST_TEST_URL=http://127.0.0.1:18400 SEALPOST_TEST_URL_SHORT_TTL=http://127.0.0.1:18401 \\
-  SEALPOST_TEST_URL_NO_GRACE=http://127.0.0.1:18402 npm test`;
+  SEALPOST_TEST_URL_NO_GRACE=http://127.0.0.1:18402 SEALPOST_TEST_URL_PUSH=http://127.0.0.1:18403 npm test
+
+(AuthKey.p8: any P-256 key in PKCS#8 PEM: openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256.)`;
 
 /**
  * The URL in `name`, or a failing test that says how to set it (the suite
