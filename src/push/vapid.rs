@@ -53,8 +53,9 @@ const RENEW_BEFORE: Duration = Duration::from_secs(6 * 3600);
 /// are a handful of origins, but UnifiedPush distributors are self-hosted,
 /// one origin each, and clients choose them: past the bound, expired
 /// tokens are dropped, then all of them (signing again costs tens of
-/// microseconds, so a full cache only costs that).
-const MAX_AUDIENCES: usize = 1024;
+/// microseconds, so a full cache only costs that). Small in unit tests,
+/// where unoptimised signing is slow.
+const MAX_AUDIENCES: usize = if cfg!(test) { 32 } else { 1024 };
 
 /// The VAPID private key and its public point. `Debug` shows the public
 /// key only.

@@ -120,7 +120,9 @@ async fn each_answer_becomes_its_outcome() {
     let date = (chrono::Utc::now() + chrono::Duration::seconds(120))
         .format("%a, %d %b %Y %H:%M:%S GMT")
         .to_string();
-    let cases: Vec<(Answer, fn(&Outcome) -> bool)> = vec![
+    /// Whether an outcome is the one expected.
+    type Expect = fn(&Outcome) -> bool;
+    let cases: Vec<(Answer, Expect)> = vec![
         (Answer::Status(201), |o| *o == Outcome::Sent),
         (Answer::Status(200), |o| *o == Outcome::Sent),
         (Answer::Status(202), |o| *o == Outcome::Sent),
