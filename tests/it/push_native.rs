@@ -22,6 +22,9 @@ use crate::common::fake_push::unix_now;
 
 const TOPIC: &str = "com.example.sealpost";
 
+/// Whether an outcome is the one a scripted answer should give.
+type Expected = fn(&Outcome) -> bool;
+
 /// The push settings from `flags` (with `--push-allow-hosts host`), as
 /// the server parses them.
 fn settings(flags: &[String], host: &str) -> (sealpost::push::config::PushConfig, Arc<AllowHosts>) {
@@ -141,7 +144,7 @@ async fn apns_answers_become_outcomes() {
     let fake = FakeApns::start().await;
     let dir = tempfile::tempdir().unwrap();
     let provider = apns_provider(&fake, dir.path(), &[]);
-    let cases: Vec<(ApnsReply, fn(&Outcome) -> bool)> = vec![
+    let cases: Vec<(ApnsReply, Expected)> = vec![
         (ApnsReply::UNREGISTERED, |o| *o == Outcome::Gone),
         (ApnsReply::BAD_DEVICE_TOKEN, |o| *o == Outcome::Gone),
         (ApnsReply::NOT_FOR_TOPIC, |o| *o == Outcome::Gone),
@@ -445,7 +448,7 @@ async fn fcm_answers_become_outcomes() {
     let fake = FakeFcm::start().await;
     let dir = tempfile::tempdir().unwrap();
     let provider = fcm_provider(&fake, dir.path(), &[]);
-    let cases: Vec<(FcmReply, fn(&Outcome) -> bool)> = vec![
+    let cases: Vec<(FcmReply, Expected)> = vec![
         (FcmReply::UNREGISTERED, |o| *o == Outcome::Gone),
         (FcmReply::Error(404, "NOT_FOUND", None), |o| {
             *o == Outcome::Gone

@@ -316,7 +316,9 @@ fn check(
 
     let (jwt, iat) = provider_token(shared, header("authorization"))?;
 
-    if device.len() < 64 || device.len() % 2 != 0 || !device.bytes().all(|b| b.is_ascii_hexdigit())
+    if device.len() < 64
+        || !device.len().is_multiple_of(2)
+        || !device.bytes().all(|b| b.is_ascii_hexdigit())
     {
         return Err((
             400,

@@ -49,7 +49,7 @@ pub(crate) fn serve(
     http2_only: bool,
     connections: Arc<AtomicUsize>,
 ) -> JoinHandle<()> {
-    let task = tokio::spawn(async move {
+    tokio::spawn(async move {
         // Dropped with the task when it is aborted: the connections end
         // with it, hung answers included.
         let mut tasks = tokio::task::JoinSet::new();
@@ -71,8 +71,7 @@ pub(crate) fn serve(
                 });
             }
         }
-    });
-    task
+    })
 }
 
 /// Seconds since the epoch.
