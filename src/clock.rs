@@ -43,6 +43,13 @@ impl TestClock {
 }
 
 #[cfg(test)]
+impl Default for TestClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
 impl Clock for TestClock {
     fn now(&self) -> DateTime<Utc> {
         let elapsed = chrono::TimeDelta::from_std(self.start.elapsed()).unwrap_or_default();

@@ -436,6 +436,7 @@ async fn rows_go_with_their_device_and_account(backend: Backend) {
 }
 
 /// Four takers at once over 60 due wake-ups: each is taken exactly once.
+#[cfg(sealpost_pg_tests)]
 async fn concurrent_takers(backend: Backend) {
     let f = Fixture::new(backend).await;
     let mut due = HashSet::new();
