@@ -353,6 +353,17 @@ impl PushMetrics {
         self.wakeups[provider_index(kind)][outcome.index()].increment(1);
     }
 
+    /// `messages` committed for one device that wake it no further: a
+    /// wake-up pending or cooling covers them. Counted per copy, so that
+    /// over a run `sent` + `coalesced` is about the copies committed for
+    /// offline devices with a target.
+    pub fn coalesced(&self, kind: crate::push::target::Kind, messages: u32) {
+        if messages > 0 {
+            self.wakeups[provider_index(kind)][WakeupOutcome::Coalesced.index()]
+                .increment(u64::from(messages));
+        }
+    }
+
     /// Sets the targets gauge from a count by kind (kinds not listed: 0).
     pub fn set_targets(&self, counts: &[(crate::push::target::Kind, u64)]) {
         for (i, kind) in PROVIDERS.iter().enumerate() {

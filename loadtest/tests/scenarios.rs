@@ -903,9 +903,11 @@ async fn wakeups_without_targets_time_every_send_and_wake_nobody() {
         seconds.iter().map(|s| n(&s["sends"])).sum::<u64>(),
         confirmed
     );
-    assert_eq!(
-        r["messages_per_recipient"].as_f64(),
-        Some(confirmed as f64 / 30.0)
+    // serde_json's default float parsing may be off in the last digit.
+    let per_recipient = r["messages_per_recipient"].as_f64().unwrap();
+    assert!(
+        (per_recipient - confirmed as f64 / 30.0).abs() < 1e-9,
+        "{result}"
     );
     // No target anywhere: nothing woken, every message "coalesced".
     assert_eq!(n(&r["wakeups_sent"]), 0, "{result}");

@@ -111,6 +111,7 @@ async fn set_target(
     state
         .targets
         .changed_everywhere(caller.id, state.broker.as_ref());
+    state.scheduler.targets_changed();
     tracing::info!(user.id = %caller.id, device = caller.device, kind = kind.as_str(), "push target set");
     Ok(Json(PushView { kind, updated_at }))
 }
@@ -130,6 +131,7 @@ async fn delete_target(
         state
             .targets
             .changed_everywhere(caller.id, state.broker.as_ref());
+        state.scheduler.targets_changed();
         tracing::info!(user.id = %caller.id, device = caller.device, "push target deleted");
     }
     Ok(StatusCode::NO_CONTENT)

@@ -209,6 +209,9 @@ struct Mark {
     showed_up: bool,
     /// Copies were committed for it: wake it now.
     committed: bool,
+    /// How many copies those were: all but the one that wakes it (if one
+    /// does) are counted as coalesced.
+    messages: u32,
     /// One of those was urgent.
     urgent: bool,
     /// The first of those commits, for the commit-to-answer latency.
@@ -230,6 +233,9 @@ pub struct Scheduler {
     /// marked, and no task runs.
     enabled: bool,
     metrics: Arc<Metrics>,
+    /// Rung when a target was set or removed: the targets gauge is counted
+    /// again soon after.
+    recount: Arc<Notify>,
 }
 
 /// The scheduler's tasks; they stop on the token they were spawned with.
@@ -256,10 +262,12 @@ impl Scheduler {
             bell: Notify::new(),
             dropped: Throttle::new(Duration::from_secs(10)),
         });
+        let recount = Arc::new(Notify::new());
         let scheduler = Arc::new(Self {
             dirty: dirty.clone(),
             enabled,
             metrics: parts.metrics.clone(),
+            recount: recount.clone(),
         });
         if !enabled {
             let idle = || tokio::spawn(async {});
@@ -284,7 +292,7 @@ impl Scheduler {
             }
             .run(stop.clone()),
         );
-        let sender = tokio::spawn(sender::Sender::new(parts, timing, memo, due).run(stop));
+        let sender = tokio::spawn(sender::Sender::new(parts, timing, memo, due, recount).run(stop));
         (scheduler, Tasks { worker, sender })
     }
 
@@ -298,7 +306,17 @@ impl Scheduler {
             }),
             enabled: false,
             metrics,
+            recount: Arc::new(Notify::new()),
         })
+    }
+
+    /// A device's target was set or removed: the targets gauge
+    /// (`sealpost_push_targets`) is counted again within a second or so,
+    /// rather than at its next minute.
+    pub fn targets_changed(&self) {
+        if self.enabled {
+            self.recount.notify_one();
+        }
     }
 
     /// Copies of a stored message were written (all for one recipient):
@@ -318,6 +336,7 @@ impl Scheduler {
             }
             rang |= self.mark(copy.recipient, copy.device, |m| {
                 m.committed = true;
+                m.messages = m.messages.saturating_add(1);
                 m.urgent |= urgent;
                 m.since = match (m.since, since) {
                     (Some(a), Some(b)) => Some(a.min(b)),

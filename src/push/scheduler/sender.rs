@@ -61,6 +61,10 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// How often the targets gauge is refreshed.
 const COUNT_EVERY: Duration = Duration::from_secs(60);
 
+/// How long after a target changes the gauge is counted again: the changes
+/// of a burst of registrations make one count.
+const RECOUNT_AFTER: Duration = Duration::from_secs(1);
+
 pub(super) struct Sender {
     inner: Arc<Inner>,
 }
@@ -71,6 +75,8 @@ struct Inner {
     memo: Arc<Mutex<Memo>>,
     /// Rung when a wake-up is due now (and when a send ends, freeing room).
     due: Arc<Notify>,
+    /// Rung when a target was set or removed ([`super::Scheduler::targets_changed`]).
+    recount: Arc<Notify>,
     global: Arc<Semaphore>,
     /// Indexed by [`kind_index`].
     providers: [Arc<Semaphore>; 3],
@@ -128,6 +134,7 @@ impl Sender {
         timing: Timing,
         memo: Arc<Mutex<Memo>>,
         due: Arc<Notify>,
+        recount: Arc<Notify>,
     ) -> Self {
         let provider = || Arc::new(Semaphore::new(PER_PROVIDER));
         Self {
@@ -136,6 +143,7 @@ impl Sender {
                 timing,
                 memo,
                 due,
+                recount,
                 global: Arc::new(Semaphore::new(MAX_SENDS)),
                 providers: [provider(), provider(), provider()],
                 hosts: Mutex::new(HashMap::new()),
@@ -151,11 +159,22 @@ impl Sender {
         let mut sends = JoinSet::new();
         let mut count = tokio::time::interval(COUNT_EVERY);
         count.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When a change asked for a count sooner than the next tick.
+        let mut recount: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = self.inner.due.notified() => {}
                 () = tokio::time::sleep(POLL) => {}
+                () = self.inner.recount.notified(), if recount.is_none() => {
+                    recount = Some(tokio::time::Instant::now() + RECOUNT_AFTER);
+                    continue;
+                }
+                () = tokio::time::sleep_until(recount.unwrap_or_else(tokio::time::Instant::now)), if recount.is_some() => {
+                    recount = None;
+                    self.inner.count_targets().await;
+                    continue;
+                }
                 _ = count.tick() => {
                     self.inner.count_targets().await;
                     continue;
@@ -310,6 +329,7 @@ impl Inner {
                     Ok(true) => {
                         parts.metrics.push.wakeup(kind, WakeupOutcome::Gone);
                         parts.targets.changed(user);
+                        self.recount.notify_one();
                         self.memo().forget(key);
                         parts.store.wakeup_abandoned(user, device).await
                     }

@@ -13,7 +13,6 @@ use uuid::Uuid;
 
 use super::memo::Memo;
 use super::{Dirty, Mark, Parts, Timing};
-use crate::metrics::WakeupOutcome;
 use crate::store::DeviceId;
 use crate::store::push::Scheduled;
 
@@ -108,7 +107,7 @@ impl Worker {
         }
         let now = Instant::now();
         if mark.committed && !mark.closed && self.memo().covers((user, device), mark.urgent, now) {
-            parts.metrics.push.wakeup(kind, WakeupOutcome::Coalesced);
+            parts.metrics.push.coalesced(kind, mark.messages);
             return;
         }
         if parts.presence.present(user, device).await {
@@ -128,9 +127,14 @@ impl Worker {
             .await
         {
             Ok(outcome @ (Scheduled::Pending | Scheduled::Coalesced)) => {
-                if outcome == Scheduled::Coalesced {
-                    parts.metrics.push.wakeup(kind, WakeupOutcome::Coalesced);
-                }
+                // Every message of the mark is covered by one wake-up: the
+                // one scheduled now (which the first of them accounts for)
+                // or one pending or cooling already.
+                let covered = match outcome {
+                    Scheduled::Pending => mark.messages.saturating_sub(1),
+                    _ => mark.messages,
+                };
+                parts.metrics.push.coalesced(kind, covered);
                 if mark.committed {
                     let until = now + self.timing.memo_ttl(urgent);
                     self.memo().set((user, device), urgent, until, mark.since);
