@@ -249,6 +249,7 @@ impl Server {
                 quiet: config.push.wakeup_quiet_interval,
                 push_timeout: config.push.push_timeout,
                 clustered: !broker.alone(),
+                per_host: usize::from(config.push.push_host_concurrency),
             },
             scheduler_stop.clone(),
         );

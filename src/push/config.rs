@@ -85,6 +85,14 @@ pub struct PushConfig {
     #[arg(long, env = "SEALPOST_PUSH_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub push_timeout: Duration,
 
+    /// Requests in flight at once to one push service host (a Web Push
+    /// service; APNs and FCM are one host each); as many again may wait
+    /// their turn, and the rest are put back a second. Bounds what a host
+    /// that hangs holds of the node's 256 concurrent sends.
+    #[arg(long, env = "SEALPOST_PUSH_HOST_CONCURRENCY", default_value_t = 32,
+        value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub push_host_concurrency: u16,
+
     /// How long after a socket closes with messages unacknowledged its
     /// device is woken, unless it comes back first.
     #[arg(long, env = "SEALPOST_WAKEUP_AFTER_CLOSE", default_value = "60s", value_parser = humantime::parse_duration)]

@@ -153,6 +153,9 @@ pub struct Timing {
     /// Whether other nodes share the database: then the memo is kept
     /// briefly (see [`Timing::memo_ttl`]).
     pub clustered: bool,
+    /// Requests in flight to one endpoint host
+    /// (`SEALPOST_PUSH_HOST_CONCURRENCY`; see [`sender`]).
+    pub per_host: usize,
 }
 
 /// How long a cluster node trusts its memo: a device that shows up on

@@ -3,13 +3,17 @@
 //! comes due again), sends them concurrently within bounds, and applies
 //! each provider's answer.
 //!
-//! **Bounds.** At most [`MAX_SENDS`] requests in flight on this node, at
-//! most [`PER_PROVIDER`] to one provider and [`PER_HOST`] to one endpoint
-//! host (a Web Push service; APNs and FCM are one host each). A wake-up
-//! whose provider or host has no room is put back a second later rather
-//! than waited for: a hanging host fills its own share, never the node's,
-//! so every other host's wake-ups go on. Each request is bounded by the
-//! provider's timeout (`SEALPOST_PUSH_TIMEOUT`).
+//! **Bounds.** At most [`MAX_SENDS`] sends on this node, at most
+//! [`PER_PROVIDER`] to one provider, and `SEALPOST_PUSH_HOST_CONCURRENCY`
+//! requests in flight to one endpoint host (a Web Push service; APNs and
+//! FCM are one host each) with as many again waiting for their turn. A
+//! wake-up whose provider or host has no room even to wait is put back a
+//! second later: a hanging host holds at most twice its share of the
+//! node's sends, never all of them, so every other host's wake-ups go on.
+//! Each request is bounded by the provider's timeout
+//! (`SEALPOST_PUSH_TIMEOUT`), so a wait is at most about one timeout: well
+//! inside the lease. The slots are given back as soon as the provider has
+//! answered, before the outcome is written.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -38,10 +42,6 @@ pub const MAX_SENDS: usize = 256;
 /// Of those, to one provider: half, so that a provider that hangs (every
 /// request taking the whole timeout) leaves the other half to the others.
 pub const PER_PROVIDER: usize = MAX_SENDS / 2;
-
-/// Of those, to one endpoint host: a Web Push service that hangs holds 16
-/// requests, and the rest of Web Push goes on.
-pub const PER_HOST: usize = 16;
 
 /// Rows taken in one query.
 const TAKE_BATCH: usize = 64;
@@ -80,9 +80,17 @@ struct Inner {
     global: Arc<Semaphore>,
     /// Indexed by [`kind_index`].
     providers: [Arc<Semaphore>; 3],
-    /// Requests in flight per endpoint host; a host leaves the map with its
-    /// last request, so it holds at most [`MAX_SENDS`] entries.
-    hosts: Mutex<HashMap<String, usize>>,
+    /// The endpoint hosts sent to now; a host leaves the map with its last
+    /// send, so it holds at most [`MAX_SENDS`] entries.
+    hosts: Mutex<HashMap<String, Host>>,
+}
+
+/// One endpoint host's share.
+struct Host {
+    /// Requests in flight: `Timing::per_host` permits.
+    slots: Arc<Semaphore>,
+    /// Sends holding or waiting for a permit: at most twice the permits.
+    users: usize,
 }
 
 fn kind_index(kind: Kind) -> usize {
@@ -106,10 +114,11 @@ fn host_of(target: &Target) -> String {
     }
 }
 
-/// A request's place in its host's share.
+/// A send's place in its host's share (in flight or waiting).
 struct HostSlot<'a> {
     inner: &'a Inner,
     host: String,
+    slots: Arc<Semaphore>,
 }
 
 impl Drop for HostSlot<'_> {
@@ -119,9 +128,9 @@ impl Drop for HostSlot<'_> {
             .hosts
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = hosts.get_mut(&self.host) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(entry) = hosts.get_mut(&self.host) {
+            entry.users -= 1;
+            if entry.users == 0 {
                 hosts.remove(&self.host);
             }
         }
@@ -228,14 +237,25 @@ impl Inner {
         self.memo.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// A place in `host`'s share, or `None` if as many sends as it has
+    /// permits are already waiting.
     fn host_slot(&self, host: String) -> Option<HostSlot<'_>> {
+        let per_host = self.timing.per_host;
         let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
-        let n = hosts.entry(host.clone()).or_default();
-        if *n >= PER_HOST {
+        let entry = hosts.entry(host.clone()).or_insert_with(|| Host {
+            slots: Arc::new(Semaphore::new(per_host)),
+            users: 0,
+        });
+        if entry.users >= 2 * per_host {
             return None;
         }
-        *n += 1;
-        Some(HostSlot { inner: self, host })
+        entry.users += 1;
+        let slots = entry.slots.clone();
+        Some(HostSlot {
+            inner: self,
+            host,
+            slots,
+        })
     }
 
     async fn count_targets(&self) {
@@ -278,7 +298,7 @@ impl Inner {
         let host = host_of(&target);
         let provider_slot = self.providers[kind_index(kind)].clone().try_acquire_owned();
         let host_slot = self.host_slot(host);
-        let (Ok(_provider_slot), Some(_host_slot)) = (provider_slot, host_slot) else {
+        let (Ok(provider_slot), Some(host_slot)) = (provider_slot, host_slot) else {
             let at = parts.clock.now() + delta(DEFER);
             if let Err(err) = parts
                 .store
@@ -297,10 +317,16 @@ impl Inner {
         // The provider bounds its own requests; this only guards against one
         // that would not.
         let limit = self.timing.push_timeout + Duration::from_secs(5);
-        let outcome = tokio::time::timeout(limit, provider.wake(&target, urgency))
-            .await
-            .unwrap_or_else(|_| Outcome::Transient("timed out".into()));
-        drop(target);
+        let outcome = {
+            // Never closed, so this waits only for the host's turn.
+            let _in_flight = host_slot.slots.acquire().await;
+            tokio::time::timeout(limit, provider.wake(&target, urgency))
+                .await
+                .unwrap_or_else(|_| Outcome::Transient("timed out".into()))
+        };
+        // The next send to this provider and host need not wait for the
+        // outcome's write.
+        drop((host_slot, provider_slot, target));
         if let Some(since) = self.memo().take_since(key) {
             let took = SystemTime::now().duration_since(since).unwrap_or_default();
             parts.metrics.push.latency.record(took);
