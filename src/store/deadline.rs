@@ -46,7 +46,9 @@ use uuid::Uuid;
 
 use crate::push::target::Kind;
 
-use super::push::{Coalescing, DueWakeup, PushStore, Scheduled, TargetSummary};
+use super::push::{
+    Coalescing, DueWakeup, PushStore, Scheduled, TargetSummary, WakeupUpdate, Wanted,
+};
 use super::{
     AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, CredentialsVersion,
     Device, DeviceId, DeviceIds, KeyId, NewSession, Operator, Queue, QueueDepth, QueueMaintenance,
@@ -231,12 +233,9 @@ deadlined!(PushStore {
     request fn drop_target(&self, user: Uuid, device: DeviceId, version: DateTime<Utc>) -> StoreResult<bool>;
     request fn target_summaries(&self, user: Uuid) -> StoreResult<Vec<TargetSummary>>;
     maintenance fn count_targets(&self) -> StoreResult<Vec<(Kind, u64)>>;
-    request fn schedule(&self, user: Uuid, device: DeviceId, due: DateTime<Utc>, urgent: bool, now: DateTime<Utc>, rules: Coalescing) -> StoreResult<Scheduled>;
+    request fn schedule_many(&self, wanted: &[Wanted], now: DateTime<Utc>, rules: Coalescing) -> StoreResult<Vec<Scheduled>>;
     request fn take_due(&self, now: DateTime<Utc>, limit: u32, lease: Duration) -> StoreResult<Vec<DueWakeup>>;
-    request fn wakeup_sent(&self, user: Uuid, device: DeviceId, urgent: bool, now: DateTime<Utc>) -> StoreResult<()>;
-    request fn wakeup_retry(&self, user: Uuid, device: DeviceId, at: DateTime<Utc>, attempts: u32) -> StoreResult<()>;
-    request fn wakeup_abandoned(&self, user: Uuid, device: DeviceId) -> StoreResult<()>;
-    request fn cancel_wakeups(&self, user: Uuid, device: DeviceId) -> StoreResult<()>;
+    request fn update_wakeups(&self, updates: &[(Uuid, DeviceId, WakeupUpdate)]) -> StoreResult<()>;
 });
 
 #[cfg(test)]

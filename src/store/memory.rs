@@ -14,7 +14,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::push::{Coalescing, DueWakeup, PushStore, Scheduled, StoredTarget, TargetSummary};
+use super::push::{
+    Coalescing, Decision, DueWakeup, PushStore, Scheduled, StoredTarget, TargetSummary,
+    WakeupRow as Decided, WakeupUpdate, Wanted, decide,
+};
 use super::{DeviceId, StoreResult};
 use crate::push::target::Kind;
 
@@ -152,49 +155,43 @@ impl PushStore for MemPush {
         Ok(counts.into_iter().collect())
     }
 
-    async fn schedule(
+    async fn schedule_many(
         &self,
-        user: Uuid,
-        device: DeviceId,
-        due: DateTime<Utc>,
-        urgent: bool,
+        wanted: &[Wanted],
         now: DateTime<Utc>,
         rules: Coalescing,
-    ) -> StoreResult<Scheduled> {
+    ) -> StoreResult<Vec<Scheduled>> {
         let mut tables = self.tables();
-        let live = tables
-            .targets
-            .get(&(user, device))
-            .is_some_and(|row| row.kind.is_some());
-        if !live {
-            return Ok(Scheduled::NoTarget);
-        }
-        let row = tables.wakeups.entry((user, device)).or_default();
-        if let Some(pending) = row.due_at {
-            if urgent {
-                row.urgent = true;
-                row.due_at = Some(pending.min(due));
-            }
-            return Ok(Scheduled::Coalesced);
-        }
-        if row
-            .sent_at
-            .is_some_and(|sent| after(sent, rules.cooldown) > now)
-        {
-            return Ok(Scheduled::Coalesced);
-        }
-        if !urgent
-            && row
-                .quiet_sent_at
-                .is_some_and(|sent| after(sent, rules.quiet) > now)
-        {
-            return Ok(Scheduled::Coalesced);
-        }
-        row.due_at = Some(due);
-        row.urgent = urgent;
-        row.attempts = 0;
-        row.sent_at = None;
-        Ok(Scheduled::Pending)
+        let Tables { targets, wakeups } = &mut *tables;
+        Ok(wanted
+            .iter()
+            .map(|w| {
+                let key = (w.user, w.device);
+                if !targets.get(&key).is_some_and(|row| row.kind.is_some()) {
+                    return Scheduled::NoTarget;
+                }
+                let state = wakeups.get(&key).map(|row| Decided {
+                    due_at: row.due_at,
+                    sent_at: row.sent_at,
+                    quiet_sent_at: row.quiet_sent_at,
+                });
+                let row = wakeups.entry(key).or_default();
+                match decide(state.as_ref(), w.urgent, now, rules) {
+                    Decision::Insert | Decision::Revive => {
+                        row.due_at = Some(w.due);
+                        row.urgent = w.urgent;
+                        row.attempts = 0;
+                        Scheduled::Pending
+                    }
+                    Decision::Upgrade => {
+                        row.urgent = true;
+                        row.due_at = row.due_at.map(|pending| pending.min(w.due));
+                        Scheduled::Coalesced
+                    }
+                    Decision::Coalesce => Scheduled::Coalesced,
+                }
+            })
+            .collect())
     }
 
     async fn take_due(
@@ -233,52 +230,31 @@ impl PushStore for MemPush {
             .collect())
     }
 
-    async fn wakeup_sent(
-        &self,
-        user: Uuid,
-        device: DeviceId,
-        urgent: bool,
-        now: DateTime<Utc>,
-    ) -> StoreResult<()> {
-        if let Some(row) = self.tables().wakeups.get_mut(&(user, device)) {
-            row.due_at = None;
-            row.attempts = 0;
-            row.sent_at = Some(now);
-            if !urgent {
-                row.quiet_sent_at = Some(now);
+    async fn update_wakeups(&self, updates: &[(Uuid, DeviceId, WakeupUpdate)]) -> StoreResult<()> {
+        let mut tables = self.tables();
+        for &(user, device, update) in updates {
+            let Some(row) = tables.wakeups.get_mut(&(user, device)) else {
+                continue;
+            };
+            match update {
+                WakeupUpdate::Sent { urgent, at } => {
+                    row.due_at = None;
+                    row.attempts = 0;
+                    row.sent_at = Some(at);
+                    if !urgent {
+                        row.quiet_sent_at = Some(at);
+                    }
+                }
+                WakeupUpdate::Retry { at, attempts } => {
+                    row.due_at = Some(at);
+                    row.attempts = attempts;
+                }
+                WakeupUpdate::Abandoned | WakeupUpdate::Cancelled => {
+                    row.due_at = None;
+                    row.sent_at = None;
+                    row.attempts = 0;
+                }
             }
-        }
-        Ok(())
-    }
-
-    async fn wakeup_retry(
-        &self,
-        user: Uuid,
-        device: DeviceId,
-        at: DateTime<Utc>,
-        attempts: u32,
-    ) -> StoreResult<()> {
-        if let Some(row) = self.tables().wakeups.get_mut(&(user, device)) {
-            row.due_at = Some(at);
-            row.attempts = attempts;
-        }
-        Ok(())
-    }
-
-    async fn wakeup_abandoned(&self, user: Uuid, device: DeviceId) -> StoreResult<()> {
-        if let Some(row) = self.tables().wakeups.get_mut(&(user, device)) {
-            row.due_at = None;
-            row.sent_at = None;
-            row.attempts = 0;
-        }
-        Ok(())
-    }
-
-    async fn cancel_wakeups(&self, user: Uuid, device: DeviceId) -> StoreResult<()> {
-        if let Some(row) = self.tables().wakeups.get_mut(&(user, device)) {
-            row.due_at = None;
-            row.sent_at = None;
-            row.attempts = 0;
         }
         Ok(())
     }

@@ -45,7 +45,9 @@ pub use accounts::{
     Verified, username_skeleton,
 };
 pub use admin::{AccountDetails, AccountSummary, DeviceSummary, Operator, Stats};
-pub use push::{Coalescing, DueWakeup, PushStore, Scheduled, StoredTarget, TargetSummary};
+pub use push::{
+    Coalescing, DueWakeup, PushStore, Scheduled, StoredTarget, TargetSummary, WakeupUpdate, Wanted,
+};
 pub use queue::{
     Ack, KeyId, Message, Queue, QueueDepth, QueueMaintenance, QueueShare, SealedKey, SealedRow,
     SendKey, SenderTag, SentKey, StoredRow,

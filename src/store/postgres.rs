@@ -23,7 +23,7 @@ use sqlx::AssertSqlSafe;
 use super::accounts::{SKELETON_BATCH, warn_look_alike};
 use super::push::{
     Coalescing, Decision, DueWakeup, PushStore, Scheduled, StoredTarget, TargetSummary, WakeupRow,
-    decide,
+    WakeupUpdate, Wanted, decide, lock_order,
 };
 use super::queue::QUEUE_COLUMNS;
 use super::{
@@ -1479,97 +1479,19 @@ impl PushStore for PgStore {
             .collect())
     }
 
-    async fn schedule(
+    async fn schedule_many(
         &self,
-        user: Uuid,
-        device: DeviceId,
-        due: DateTime<Utc>,
-        urgent: bool,
+        wanted: &[Wanted],
         now: DateTime<Utc>,
         rules: Coalescing,
-    ) -> StoreResult<Scheduled> {
-        let device = pg_device(device);
-        let due = super::truncate_to_millis(due);
+    ) -> StoreResult<Vec<Scheduled>> {
         let mut tx = self.pool.begin().await?;
-        let live: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM push_targets
-                            WHERE user_id = $1 AND device_id = $2 AND target IS NOT NULL)",
-        )
-        .bind(user)
-        .bind(device)
-        .fetch_one(&mut *tx)
-        .await?;
-        if !live {
-            return Ok(Scheduled::NoTarget);
+        let mut done = vec![Scheduled::NoTarget; wanted.len()];
+        for i in lock_order(wanted, |w| (w.user, w.device)) {
+            done[i] = schedule_one(&mut tx, &wanted[i], now, rules).await?;
         }
-        // Insert-if-absent first: of two nodes scheduling the same device
-        // at once, one inserts and the other waits on its row lock, then
-        // finds the row below.
-        let inserted = sqlx::query(
-            "INSERT INTO wakeups (user_id, device_id, due_at, urgent, attempts)
-             VALUES ($1, $2, $3, $4, 0) ON CONFLICT (user_id, device_id) DO NOTHING",
-        )
-        .bind(user)
-        .bind(device)
-        .bind(due)
-        .bind(urgent)
-        .execute(&mut *tx)
-        .await?;
-        if inserted.rows_affected() == 1 {
-            tx.commit().await?;
-            return Ok(Scheduled::Pending);
-        }
-        // Locked until the commit: a concurrent schedule, sent or cancel
-        // of this device waits, so the decision is made on what is there.
-        let row: Option<(
-            Option<DateTime<Utc>>,
-            Option<DateTime<Utc>>,
-            Option<DateTime<Utc>>,
-        )> = sqlx::query_as(
-            "SELECT due_at, sent_at, quiet_sent_at FROM wakeups
-                 WHERE user_id = $1 AND device_id = $2 FOR UPDATE",
-        )
-        .bind(user)
-        .bind(device)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let state = row.map(|(due_at, sent_at, quiet_sent_at)| WakeupRow {
-            due_at,
-            sent_at,
-            quiet_sent_at,
-        });
-        let outcome = match decide(state.as_ref(), urgent, now, rules) {
-            // Deleted (with its device) since the insert was refused.
-            Decision::Insert => Scheduled::NoTarget,
-            Decision::Revive => {
-                sqlx::query(
-                    "UPDATE wakeups SET due_at = $3, urgent = $4, attempts = 0
-                     WHERE user_id = $1 AND device_id = $2",
-                )
-                .bind(user)
-                .bind(device)
-                .bind(due)
-                .bind(urgent)
-                .execute(&mut *tx)
-                .await?;
-                Scheduled::Pending
-            }
-            Decision::Upgrade => {
-                sqlx::query(
-                    "UPDATE wakeups SET urgent = true, due_at = LEAST(due_at, $3)
-                     WHERE user_id = $1 AND device_id = $2 AND due_at IS NOT NULL",
-                )
-                .bind(user)
-                .bind(device)
-                .bind(due)
-                .execute(&mut *tx)
-                .await?;
-                Scheduled::Coalesced
-            }
-            Decision::Coalesce => Scheduled::Coalesced,
-        };
         tx.commit().await?;
-        Ok(outcome)
+        Ok(done)
     }
 
     async fn take_due(
@@ -1625,69 +1547,134 @@ impl PushStore for PgStore {
             .collect())
     }
 
-    async fn wakeup_sent(
-        &self,
-        user: Uuid,
-        device: DeviceId,
-        urgent: bool,
-        now: DateTime<Utc>,
-    ) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE wakeups SET due_at = NULL, attempts = 0, sent_at = $1,
-                 quiet_sent_at = CASE WHEN $2 THEN quiet_sent_at ELSE $1 END
-             WHERE user_id = $3 AND device_id = $4",
-        )
-        .bind(super::truncate_to_millis(now))
+    async fn update_wakeups(&self, updates: &[(Uuid, DeviceId, WakeupUpdate)]) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        for i in lock_order(updates, |u| (u.0, u.1)) {
+            let (user, device, update) = updates[i];
+            let query = match update {
+                WakeupUpdate::Sent { urgent, at } => sqlx::query(
+                    "UPDATE wakeups SET due_at = NULL, attempts = 0, sent_at = $3,
+                         quiet_sent_at = CASE WHEN $4 THEN quiet_sent_at ELSE $3 END
+                     WHERE user_id = $1 AND device_id = $2",
+                )
+                .bind(user)
+                .bind(pg_device(device))
+                .bind(super::truncate_to_millis(at))
+                .bind(urgent),
+                WakeupUpdate::Retry { at, attempts } => sqlx::query(
+                    "UPDATE wakeups SET due_at = $3, attempts = $4
+                     WHERE user_id = $1 AND device_id = $2",
+                )
+                .bind(user)
+                .bind(pg_device(device))
+                .bind(super::truncate_to_millis(at))
+                .bind(i32::try_from(attempts).unwrap_or(i32::MAX)),
+                WakeupUpdate::Abandoned => sqlx::query(
+                    "UPDATE wakeups SET due_at = NULL, sent_at = NULL, attempts = 0
+                     WHERE user_id = $1 AND device_id = $2",
+                )
+                .bind(user)
+                .bind(pg_device(device)),
+                // Only a row with something to cancel is written: a device
+                // that connects with nothing pending costs an index
+                // look-up, no write.
+                WakeupUpdate::Cancelled => sqlx::query(
+                    "UPDATE wakeups SET due_at = NULL, sent_at = NULL, attempts = 0
+                     WHERE user_id = $1 AND device_id = $2
+                       AND (due_at IS NOT NULL OR sent_at IS NOT NULL)",
+                )
+                .bind(user)
+                .bind(pg_device(device)),
+            };
+            query.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// One device of [`PushStore::schedule_many`], inside its transaction.
+async fn schedule_one(
+    conn: &mut sqlx::PgConnection,
+    wanted: &Wanted,
+    now: DateTime<Utc>,
+    rules: Coalescing,
+) -> StoreResult<Scheduled> {
+    let user = wanted.user;
+    let device = pg_device(wanted.device);
+    let due = super::truncate_to_millis(wanted.due);
+    let urgent = wanted.urgent;
+    let live: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM push_targets
+                        WHERE user_id = $1 AND device_id = $2 AND target IS NOT NULL)",
+    )
+    .bind(user)
+    .bind(device)
+    .fetch_one(&mut *conn)
+    .await?;
+    if !live {
+        return Ok(Scheduled::NoTarget);
+    }
+    // Insert-if-absent first: of two nodes scheduling the same device at
+    // once, one inserts and the other waits on its row lock, then finds the
+    // row below.
+    let inserted = sqlx::query(
+        "INSERT INTO wakeups (user_id, device_id, due_at, urgent, attempts)
+         VALUES ($1, $2, $3, $4, 0) ON CONFLICT (user_id, device_id) DO NOTHING",
+    )
+    .bind(user)
+    .bind(device)
+    .bind(due)
+    .bind(urgent)
+    .execute(&mut *conn)
+    .await?;
+    if inserted.rows_affected() == 1 {
+        return Ok(Scheduled::Pending);
+    }
+    // Locked until the commit: a concurrent schedule, sent or cancel of
+    // this device waits, so the decision is made on what is there.
+    let row: Option<(
+        Option<DateTime<Utc>>,
+        Option<DateTime<Utc>>,
+        Option<DateTime<Utc>>,
+    )> = sqlx::query_as(
+        "SELECT due_at, sent_at, quiet_sent_at FROM wakeups
+             WHERE user_id = $1 AND device_id = $2 FOR UPDATE",
+    )
+    .bind(user)
+    .bind(device)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let state = row.map(|(due_at, sent_at, quiet_sent_at)| WakeupRow {
+        due_at,
+        sent_at,
+        quiet_sent_at,
+    });
+    let (query, outcome) = match decide(state.as_ref(), urgent, now, rules) {
+        // Deleted (with its device) since the insert was refused.
+        Decision::Insert => return Ok(Scheduled::NoTarget),
+        Decision::Coalesce => return Ok(Scheduled::Coalesced),
+        Decision::Revive => (
+            sqlx::query(
+                "UPDATE wakeups SET due_at = $3, urgent = $4, attempts = 0
+                 WHERE user_id = $1 AND device_id = $2",
+            ),
+            Scheduled::Pending,
+        ),
+        Decision::Upgrade => (
+            sqlx::query(
+                "UPDATE wakeups SET urgent = urgent OR $4, due_at = LEAST(due_at, $3)
+                 WHERE user_id = $1 AND device_id = $2 AND due_at IS NOT NULL",
+            ),
+            Scheduled::Coalesced,
+        ),
+    };
+    query
+        .bind(user)
+        .bind(device)
+        .bind(due)
         .bind(urgent)
-        .bind(user)
-        .bind(pg_device(device))
-        .execute(&self.pool)
+        .execute(&mut *conn)
         .await?;
-        Ok(())
-    }
-
-    async fn wakeup_retry(
-        &self,
-        user: Uuid,
-        device: DeviceId,
-        at: DateTime<Utc>,
-        attempts: u32,
-    ) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE wakeups SET due_at = $1, attempts = $2 WHERE user_id = $3 AND device_id = $4",
-        )
-        .bind(super::truncate_to_millis(at))
-        .bind(i32::try_from(attempts).unwrap_or(i32::MAX))
-        .bind(user)
-        .bind(pg_device(device))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn wakeup_abandoned(&self, user: Uuid, device: DeviceId) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE wakeups SET due_at = NULL, sent_at = NULL, attempts = 0
-             WHERE user_id = $1 AND device_id = $2",
-        )
-        .bind(user)
-        .bind(pg_device(device))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn cancel_wakeups(&self, user: Uuid, device: DeviceId) -> StoreResult<()> {
-        // Only a row with something to cancel is written: a device that
-        // connects with nothing pending costs an index look-up, no write.
-        sqlx::query(
-            "UPDATE wakeups SET due_at = NULL, sent_at = NULL, attempts = 0
-             WHERE user_id = $1 AND device_id = $2 AND (due_at IS NOT NULL OR sent_at IS NOT NULL)",
-        )
-        .bind(user)
-        .bind(pg_device(device))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
+    Ok(outcome)
 }

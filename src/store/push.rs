@@ -64,7 +64,7 @@ pub struct Coalescing {
     pub quiet: Duration,
 }
 
-/// What [`PushStore::schedule`] did.
+/// What [`PushStore::schedule_many`] did for one device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheduled {
     /// A wake-up is now pending (a new row, or a cooling one made pending).
@@ -75,6 +75,35 @@ pub enum Scheduled {
     Coalesced,
     /// The device has no live target: nothing to do.
     NoTarget,
+}
+
+/// A wake-up wanted for a device, due at `due` (see
+/// [`PushStore::schedule_many`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wanted {
+    pub user: Uuid,
+    pub device: DeviceId,
+    pub due: DateTime<Utc>,
+    pub urgent: bool,
+}
+
+/// What becomes of a device's wake-up row after a try, or when the device
+/// shows up (see [`PushStore::update_wakeups`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WakeupUpdate {
+    /// Sent at `at`: the row cools from then (and, when not urgent, starts
+    /// the quiet interval).
+    Sent { urgent: bool, at: DateTime<Utc> },
+    /// A try failed (or could not be made): another at `at`, the
+    /// `attempts`-th failure so far.
+    Retry { at: DateTime<Utc>, attempts: u32 },
+    /// Nothing more is to be sent (given up, or the target was dropped):
+    /// neither pending nor cooling.
+    Abandoned,
+    /// The device showed up (connected, polled, acked): its pending wake-up
+    /// and its cool-down are cancelled (the quiet interval stays). A row
+    /// with nothing to cancel is not written.
+    Cancelled,
 }
 
 /// A pending wake-up taken by [`PushStore::take_due`], with what is needed
@@ -122,19 +151,18 @@ pub trait PushStore: Send + Sync {
     /// Live targets by kind, for the metrics gauge.
     async fn count_targets(&self) -> StoreResult<Vec<(Kind, u64)>>;
 
-    /// Schedules a wake-up of the device, due at `due`, if it has a live
-    /// target: insert-if-absent, else coalesced by the rules (see
-    /// [`Scheduled`]). `now` decides whether a cool-down or quiet interval
-    /// has passed.
-    async fn schedule(
+    /// Schedules wake-ups, in one transaction: for each device with a
+    /// live target, insert-if-absent, else coalesced by the rules (see
+    /// [`Scheduled`]); one answer per `wanted`, in order. `now` decides
+    /// whether a cool-down or quiet interval has passed. Backends take the
+    /// rows in (user, device) order, so that two nodes' batches cannot
+    /// deadlock.
+    async fn schedule_many(
         &self,
-        user: Uuid,
-        device: DeviceId,
-        due: DateTime<Utc>,
-        urgent: bool,
+        wanted: &[Wanted],
         now: DateTime<Utc>,
         rules: Coalescing,
-    ) -> StoreResult<Scheduled>;
+    ) -> StoreResult<Vec<Scheduled>>;
 
     /// Takes up to `limit` pending wake-ups due at `now` (oldest first)
     /// whose device has a live target, and leases them: their `due_at`
@@ -146,36 +174,76 @@ pub trait PushStore: Send + Sync {
         lease: Duration,
     ) -> StoreResult<Vec<DueWakeup>>;
 
-    /// A wake-up was sent: the row cools from `now` (and, when not urgent,
-    /// starts the quiet interval).
+    /// Applies `updates` in one transaction; those of one device in the
+    /// order given.
+    async fn update_wakeups(&self, updates: &[(Uuid, DeviceId, WakeupUpdate)]) -> StoreResult<()>;
+
+    /// [`PushStore::schedule_many`] for one device.
+    async fn schedule(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        due: DateTime<Utc>,
+        urgent: bool,
+        now: DateTime<Utc>,
+        rules: Coalescing,
+    ) -> StoreResult<Scheduled> {
+        let wanted = Wanted {
+            user,
+            device,
+            due,
+            urgent,
+        };
+        let mut done = self.schedule_many(&[wanted], now, rules).await?;
+        Ok(done.pop().unwrap_or(Scheduled::NoTarget))
+    }
+
+    /// [`WakeupUpdate::Sent`] for one device.
     async fn wakeup_sent(
         &self,
         user: Uuid,
         device: DeviceId,
         urgent: bool,
         now: DateTime<Utc>,
-    ) -> StoreResult<()>;
+    ) -> StoreResult<()> {
+        let sent = WakeupUpdate::Sent { urgent, at: now };
+        self.update_wakeups(&[(user, device, sent)]).await
+    }
 
-    /// A try failed and another is to be made at `at`, the `attempts`-th
-    /// failure so far.
+    /// [`WakeupUpdate::Retry`] for one device.
     async fn wakeup_retry(
         &self,
         user: Uuid,
         device: DeviceId,
         at: DateTime<Utc>,
         attempts: u32,
-    ) -> StoreResult<()>;
+    ) -> StoreResult<()> {
+        let retry = WakeupUpdate::Retry { at, attempts };
+        self.update_wakeups(&[(user, device, retry)]).await
+    }
 
-    /// Nothing more is to be sent for this wake-up (given up, or the target
-    /// was dropped): the row is neither pending nor cooling.
-    async fn wakeup_abandoned(&self, user: Uuid, device: DeviceId) -> StoreResult<()>;
+    /// [`WakeupUpdate::Abandoned`] for one device.
+    async fn wakeup_abandoned(&self, user: Uuid, device: DeviceId) -> StoreResult<()> {
+        self.update_wakeups(&[(user, device, WakeupUpdate::Abandoned)])
+            .await
+    }
 
-    /// The device showed up (connected, polled, acked): its pending
-    /// wake-up and its cool-down are cancelled (the quiet interval stays).
-    async fn cancel_wakeups(&self, user: Uuid, device: DeviceId) -> StoreResult<()>;
+    /// [`WakeupUpdate::Cancelled`] for one device.
+    async fn cancel_wakeups(&self, user: Uuid, device: DeviceId) -> StoreResult<()> {
+        self.update_wakeups(&[(user, device, WakeupUpdate::Cancelled)])
+            .await
+    }
 }
 
-/// A wake-up row as [`PushStore::schedule`] reads it, to [`decide`] on.
+/// `items`' indices in (user, device) order, stable: the order in which a
+/// backend takes their rows' locks.
+pub(super) fn lock_order<T>(items: &[T], key: impl Fn(&T) -> (Uuid, DeviceId)) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&i| key(&items[i]));
+    order
+}
+
+/// A wake-up row as [`PushStore::schedule_many`] reads it, to [`decide`] on.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct WakeupRow {
     pub due_at: Option<DateTime<Utc>>,

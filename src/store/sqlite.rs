@@ -27,7 +27,7 @@ use crate::push::target::Kind;
 use super::accounts::{SKELETON_BATCH, warn_look_alike};
 use super::push::{
     Coalescing, Decision, DueWakeup, PushStore, Scheduled, StoredTarget, TargetSummary, WakeupRow,
-    decide,
+    WakeupUpdate, Wanted, decide, lock_order,
 };
 use super::queue::QUEUE_COLUMNS;
 use super::{
@@ -1520,84 +1520,22 @@ impl PushStore for SqliteStore {
             .collect())
     }
 
-    async fn schedule(
+    async fn schedule_many(
         &self,
-        user: Uuid,
-        device: DeviceId,
-        due: DateTime<Utc>,
-        urgent: bool,
+        wanted: &[Wanted],
         now: DateTime<Utc>,
         rules: Coalescing,
-    ) -> StoreResult<Scheduled> {
+    ) -> StoreResult<Vec<Scheduled>> {
         // The single write connection serialises schedules with each other
-        // and with sends, so the read and the write below cannot race.
+        // and with sends, so the reads and the writes below cannot race;
+        // one transaction for the batch is one commit on it.
         let mut tx = self.writer.begin().await?;
-        let live: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM push_targets
-                            WHERE user_id = ? AND device_id = ? AND target IS NOT NULL)",
-        )
-        .bind(user)
-        .bind(i64::from(device))
-        .fetch_one(&mut *tx)
-        .await?;
-        if !live {
-            return Ok(Scheduled::NoTarget);
+        let mut done = vec![Scheduled::NoTarget; wanted.len()];
+        for i in lock_order(wanted, |w| (w.user, w.device)) {
+            done[i] = schedule_one(&mut tx, &wanted[i], now, rules).await?;
         }
-        let row: Option<(Option<i64>, Option<i64>, Option<i64>)> = sqlx::query_as(
-            "SELECT due_at, sent_at, quiet_sent_at FROM wakeups WHERE user_id = ? AND device_id = ?",
-        )
-        .bind(user)
-        .bind(i64::from(device))
-        .fetch_optional(&mut *tx)
-        .await?;
-        let state = row.map(|(due_at, sent_at, quiet)| WakeupRow {
-            due_at: due_at.map(time),
-            sent_at: sent_at.map(time),
-            quiet_sent_at: quiet.map(time),
-        });
-        let outcome = match decide(state.as_ref(), urgent, now, rules) {
-            Decision::Insert => {
-                sqlx::query(
-                    "INSERT INTO wakeups (user_id, device_id, due_at, urgent, attempts)
-                     VALUES (?, ?, ?, ?, 0)",
-                )
-                .bind(user)
-                .bind(i64::from(device))
-                .bind(millis(due))
-                .bind(urgent)
-                .execute(&mut *tx)
-                .await?;
-                Scheduled::Pending
-            }
-            Decision::Revive => {
-                sqlx::query(
-                    "UPDATE wakeups SET due_at = ?, urgent = ?, attempts = 0
-                     WHERE user_id = ? AND device_id = ?",
-                )
-                .bind(millis(due))
-                .bind(urgent)
-                .bind(user)
-                .bind(i64::from(device))
-                .execute(&mut *tx)
-                .await?;
-                Scheduled::Pending
-            }
-            Decision::Upgrade => {
-                sqlx::query(
-                    "UPDATE wakeups SET urgent = 1, due_at = min(due_at, ?)
-                     WHERE user_id = ? AND device_id = ? AND due_at IS NOT NULL",
-                )
-                .bind(millis(due))
-                .bind(user)
-                .bind(i64::from(device))
-                .execute(&mut *tx)
-                .await?;
-                Scheduled::Coalesced
-            }
-            Decision::Coalesce => Scheduled::Coalesced,
-        };
         tx.commit().await?;
-        Ok(outcome)
+        Ok(done)
     }
 
     async fn take_due(
@@ -1651,67 +1589,114 @@ impl PushStore for SqliteStore {
         Ok(due)
     }
 
-    async fn wakeup_sent(
-        &self,
-        user: Uuid,
-        device: DeviceId,
-        urgent: bool,
-        now: DateTime<Utc>,
-    ) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE wakeups SET due_at = NULL, attempts = 0, sent_at = ?1,
-                 quiet_sent_at = CASE WHEN ?2 THEN quiet_sent_at ELSE ?1 END
-             WHERE user_id = ?3 AND device_id = ?4",
-        )
-        .bind(millis(now))
-        .bind(urgent)
-        .bind(user)
-        .bind(i64::from(device))
-        .execute(&self.writer)
-        .await?;
+    async fn update_wakeups(&self, updates: &[(Uuid, DeviceId, WakeupUpdate)]) -> StoreResult<()> {
+        let mut tx = self.writer.begin().await?;
+        for i in lock_order(updates, |u| (u.0, u.1)) {
+            let (user, device, update) = updates[i];
+            let query = match update {
+                WakeupUpdate::Sent { urgent, at } => sqlx::query(
+                    "UPDATE wakeups SET due_at = NULL, attempts = 0, sent_at = ?1,
+                         quiet_sent_at = CASE WHEN ?2 THEN quiet_sent_at ELSE ?1 END
+                     WHERE user_id = ?3 AND device_id = ?4",
+                )
+                .bind(millis(at))
+                .bind(urgent),
+                WakeupUpdate::Retry { at, attempts } => sqlx::query(
+                    "UPDATE wakeups SET due_at = ?1, attempts = ?2
+                     WHERE user_id = ?3 AND device_id = ?4",
+                )
+                .bind(millis(at))
+                .bind(i64::from(attempts)),
+                WakeupUpdate::Abandoned => sqlx::query(
+                    "UPDATE wakeups SET due_at = NULL, sent_at = NULL, attempts = 0
+                     WHERE user_id = ?1 AND device_id = ?2",
+                ),
+                WakeupUpdate::Cancelled => sqlx::query(
+                    "UPDATE wakeups SET due_at = NULL, sent_at = NULL, attempts = 0
+                     WHERE user_id = ?1 AND device_id = ?2
+                       AND (due_at IS NOT NULL OR sent_at IS NOT NULL)",
+                ),
+            };
+            query
+                .bind(user)
+                .bind(i64::from(device))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
+}
 
-    async fn wakeup_retry(
-        &self,
-        user: Uuid,
-        device: DeviceId,
-        at: DateTime<Utc>,
-        attempts: u32,
-    ) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE wakeups SET due_at = ?, attempts = ? WHERE user_id = ? AND device_id = ?",
-        )
-        .bind(millis(at))
-        .bind(i64::from(attempts))
+/// One device of [`PushStore::schedule_many`], inside its transaction.
+async fn schedule_one(
+    conn: &mut sqlx::SqliteConnection,
+    wanted: &Wanted,
+    now: DateTime<Utc>,
+    rules: Coalescing,
+) -> StoreResult<Scheduled> {
+    let Wanted {
+        user,
+        device,
+        due,
+        urgent,
+    } = *wanted;
+    let live: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM push_targets
+                        WHERE user_id = ? AND device_id = ? AND target IS NOT NULL)",
+    )
+    .bind(user)
+    .bind(i64::from(device))
+    .fetch_one(&mut *conn)
+    .await?;
+    if !live {
+        return Ok(Scheduled::NoTarget);
+    }
+    let row: Option<(Option<i64>, Option<i64>, Option<i64>)> = sqlx::query_as(
+        "SELECT due_at, sent_at, quiet_sent_at FROM wakeups WHERE user_id = ? AND device_id = ?",
+    )
+    .bind(user)
+    .bind(i64::from(device))
+    .fetch_optional(&mut *conn)
+    .await?;
+    let state = row.map(|(due_at, sent_at, quiet)| WakeupRow {
+        due_at: due_at.map(time),
+        sent_at: sent_at.map(time),
+        quiet_sent_at: quiet.map(time),
+    });
+    let (query, outcome) = match decide(state.as_ref(), urgent, now, rules) {
+        Decision::Insert => (
+            sqlx::query(
+                "INSERT INTO wakeups (due_at, urgent, user_id, device_id, attempts)
+                 VALUES (?, ?, ?, ?, 0)",
+            )
+            .bind(millis(due))
+            .bind(urgent),
+            Scheduled::Pending,
+        ),
+        Decision::Revive => (
+            sqlx::query(
+                "UPDATE wakeups SET due_at = ?, urgent = ?, attempts = 0
+                 WHERE user_id = ? AND device_id = ?",
+            )
+            .bind(millis(due))
+            .bind(urgent),
+            Scheduled::Pending,
+        ),
+        Decision::Upgrade => (
+            sqlx::query(
+                "UPDATE wakeups SET urgent = 1, due_at = min(due_at, ?)
+                 WHERE user_id = ? AND device_id = ? AND due_at IS NOT NULL",
+            )
+            .bind(millis(due)),
+            Scheduled::Coalesced,
+        ),
+        Decision::Coalesce => return Ok(Scheduled::Coalesced),
+    };
+    query
         .bind(user)
         .bind(i64::from(device))
-        .execute(&self.writer)
+        .execute(&mut *conn)
         .await?;
-        Ok(())
-    }
-
-    async fn wakeup_abandoned(&self, user: Uuid, device: DeviceId) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE wakeups SET due_at = NULL, sent_at = NULL, attempts = 0
-             WHERE user_id = ? AND device_id = ?",
-        )
-        .bind(user)
-        .bind(i64::from(device))
-        .execute(&self.writer)
-        .await?;
-        Ok(())
-    }
-
-    async fn cancel_wakeups(&self, user: Uuid, device: DeviceId) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE wakeups SET due_at = NULL, sent_at = NULL, attempts = 0
-             WHERE user_id = ? AND device_id = ? AND (due_at IS NOT NULL OR sent_at IS NOT NULL)",
-        )
-        .bind(user)
-        .bind(i64::from(device))
-        .execute(&self.writer)
-        .await?;
-        Ok(())
-    }
+    Ok(outcome)
 }

@@ -36,6 +36,7 @@
 //! so the unit tests run on a paused clock and never sleep.
 
 mod memo;
+mod outcomes;
 mod sender;
 #[cfg(test)]
 mod tests;
@@ -245,12 +246,16 @@ pub struct Scheduler {
 pub struct Tasks {
     pub worker: JoinHandle<()>,
     pub sender: JoinHandle<()>,
+    /// Writes the sender's outcomes; ends after the sender, once what it
+    /// queued is written.
+    pub writer: JoinHandle<()>,
 }
 
 impl Tasks {
     pub async fn join(self) {
         let _ = self.worker.await;
         let _ = self.sender.await;
+        let _ = self.writer.await;
     }
 }
 
@@ -279,6 +284,7 @@ impl Scheduler {
                 Tasks {
                     worker: idle(),
                     sender: idle(),
+                    writer: idle(),
                 },
             );
         }
@@ -295,8 +301,18 @@ impl Scheduler {
             }
             .run(stop.clone()),
         );
-        let sender = tokio::spawn(sender::Sender::new(parts, timing, memo, due, recount).run(stop));
-        (scheduler, Tasks { worker, sender })
+        let (outcomes, writer) = outcomes::Outcomes::spawn(parts.store.clone());
+        let sender = tokio::spawn(
+            sender::Sender::new(parts, timing, memo, due, recount, outcomes).run(stop),
+        );
+        (
+            scheduler,
+            Tasks {
+                worker,
+                sender,
+                writer,
+            },
+        )
     }
 
     /// A scheduler that does nothing: no provider is configured.

@@ -28,7 +28,9 @@ use super::{Parts, Timing, backoff};
 use crate::metrics::WakeupOutcome;
 use crate::push::provider::{Outcome, Urgency};
 use crate::push::target::{Kind, Target};
-use crate::store::push::DueWakeup;
+use crate::store::push::{DueWakeup, WakeupUpdate};
+
+use super::outcomes::Outcomes;
 
 /// Tries after the first before a wake-up is given up: 1, 2, 4, 8 and 16
 /// s after the failures before them, some half a minute in all.
@@ -77,6 +79,8 @@ struct Inner {
     due: Arc<Notify>,
     /// Rung when a target was set or removed ([`super::Scheduler::targets_changed`]).
     recount: Arc<Notify>,
+    /// Where each try's outcome is written, behind the sends.
+    outcomes: Outcomes,
     global: Arc<Semaphore>,
     /// Indexed by [`kind_index`].
     providers: [Arc<Semaphore>; 3],
@@ -144,6 +148,7 @@ impl Sender {
         memo: Arc<Mutex<Memo>>,
         due: Arc<Notify>,
         recount: Arc<Notify>,
+        outcomes: Outcomes,
     ) -> Self {
         let provider = || Arc::new(Semaphore::new(PER_PROVIDER));
         Self {
@@ -153,6 +158,7 @@ impl Sender {
                 memo,
                 due,
                 recount,
+                outcomes,
                 global: Arc::new(Semaphore::new(MAX_SENDS)),
                 providers: [provider(), provider(), provider()],
                 hosts: Mutex::new(HashMap::new()),
@@ -278,9 +284,9 @@ impl Inner {
         if parts.presence.present(user, device).await {
             // It came back: nothing to wake.
             self.memo().forget(key);
-            if let Err(err) = parts.store.cancel_wakeups(user, device).await {
-                tracing::warn!(user.id = %user, device, error = %err, "cannot cancel a wake-up");
-            }
+            self.outcomes
+                .record(user, device, WakeupUpdate::Cancelled)
+                .await;
             return;
         }
         let Some(provider) = parts.providers.get(kind).cloned() else {
@@ -300,13 +306,10 @@ impl Inner {
         let host_slot = self.host_slot(host);
         let (Ok(provider_slot), Some(host_slot)) = (provider_slot, host_slot) else {
             let at = parts.clock.now() + delta(DEFER);
-            if let Err(err) = parts
-                .store
-                .wakeup_retry(user, device, at, row.attempts)
-                .await
-            {
-                tracing::warn!(user.id = %user, device, error = %err, "cannot put back a wake-up");
-            }
+            let attempts = row.attempts;
+            self.outcomes
+                .record(user, device, WakeupUpdate::Retry { at, attempts })
+                .await;
             return;
         };
         let urgency = if row.urgent {
@@ -339,12 +342,15 @@ impl Inner {
         let (user, device, kind) = (row.user, row.device, row.target.kind);
         let key = (user, device);
         let now = parts.clock.now();
-        let written = match outcome {
+        let update = match outcome {
             Outcome::Sent => {
                 parts.metrics.push.wakeup(kind, WakeupOutcome::Sent);
                 let until = tokio::time::Instant::now() + self.timing.memo_ttl(row.urgent);
                 self.memo().cool(key, row.urgent, until);
-                parts.store.wakeup_sent(user, device, row.urgent, now).await
+                WakeupUpdate::Sent {
+                    urgent: row.urgent,
+                    at: now,
+                }
             }
             Outcome::Gone => {
                 match parts
@@ -357,27 +363,31 @@ impl Inner {
                         parts.targets.changed(user);
                         self.recount.notify_one();
                         self.memo().forget(key);
-                        parts.store.wakeup_abandoned(user, device).await
+                        WakeupUpdate::Abandoned
                     }
                     // Registered again since this one was taken: the new
                     // target is kept, and woken in its place.
                     Ok(false) => {
                         parts.metrics.push.wakeup(kind, WakeupOutcome::Retried);
-                        parts
-                            .store
-                            .wakeup_retry(user, device, now, row.attempts + 1)
-                            .await
+                        WakeupUpdate::Retry {
+                            at: now,
+                            attempts: row.attempts + 1,
+                        }
                     }
-                    Err(err) => Err(err),
+                    Err(err) => {
+                        // The row stays leased, and the target is tried
+                        // again (and found gone again) after the lease.
+                        tracing::warn!(user.id = %user, device, error = %err, "cannot drop a gone push target");
+                        return;
+                    }
                 }
             }
             Outcome::Throttled(after) => {
                 self.retry(row, now, after.map(|a| a.min(MAX_RETRY_AFTER)))
-                    .await
             }
             Outcome::Transient(why) => {
                 tracing::debug!(user.id = %user, device, kind = kind.as_str(), why, "a wake-up failed; retrying");
-                self.retry(row, now, None).await
+                self.retry(row, now, None)
             }
             Outcome::Config(why) => {
                 tracing::warn!(
@@ -387,52 +397,43 @@ impl Inner {
                 );
                 parts.metrics.push.wakeup(kind, WakeupOutcome::ConfigError);
                 self.memo().forget(key);
-                parts.store.wakeup_abandoned(user, device).await
+                WakeupUpdate::Abandoned
             }
         };
-        if let Err(err) = written {
-            // The row stays leased and comes due again after the lease.
-            tracing::warn!(user.id = %user, device, error = %err, "cannot record a wake-up's outcome");
-        }
+        self.outcomes.record(user, device, update).await;
     }
 
     /// Another try `after` (or the backoff), or the wake-up is given up.
-    async fn retry(
+    fn retry(
         &self,
         row: &DueWakeup,
         now: chrono::DateTime<chrono::Utc>,
         after: Option<Duration>,
-    ) -> crate::store::StoreResult<()> {
+    ) -> WakeupUpdate {
         let (user, device, kind) = (row.user, row.device, row.target.kind);
         let failures = row.attempts + 1;
         match backoff(failures) {
             Some(wait) => {
                 self.parts.metrics.push.wakeup(kind, WakeupOutcome::Retried);
-                let at = now + delta(after.unwrap_or(wait));
-                self.parts
-                    .store
-                    .wakeup_retry(user, device, at, failures)
-                    .await
+                WakeupUpdate::Retry {
+                    at: now + delta(after.unwrap_or(wait)),
+                    attempts: failures,
+                }
             }
             None => {
                 self.parts.metrics.push.wakeup(kind, WakeupOutcome::Failed);
                 tracing::info!(user.id = %user, device, kind = kind.as_str(), failures, "a wake-up failed every try; given up");
                 self.memo().forget((user, device));
-                self.parts.store.wakeup_abandoned(user, device).await
+                WakeupUpdate::Abandoned
             }
         }
     }
 
     async fn abandon(&self, row: &DueWakeup) {
         self.memo().forget((row.user, row.device));
-        if let Err(err) = self
-            .parts
-            .store
-            .wakeup_abandoned(row.user, row.device)
-            .await
-        {
-            tracing::warn!(user.id = %row.user, device = row.device, error = %err, "cannot give up a wake-up");
-        }
+        self.outcomes
+            .record(row.user, row.device, WakeupUpdate::Abandoned)
+            .await;
     }
 }
 
