@@ -5,7 +5,10 @@
 //! ephemeral sends, receipts), how often (one for a burst, low priority at
 //! most once per quiet interval), and what the provider's answers do (410
 //! drops the target, unless it was registered again; `Retry-After`; a
-//! hanging service slows no send and no other wake-up).
+//! hanging service slows no send and no other wake-up). A wake-up waiting
+//! in the database for its retry outlives a kill -9 of its process; and in
+//! a cluster (`cluster`, PostgreSQL and NATS) a device online on another
+//! node is not woken, and is woken once after its socket closes.
 
 use std::time::Duration;
 
@@ -14,7 +17,7 @@ use serde_json::{Value, json};
 use crate::backend_tests;
 use crate::common::fake_push::webpush::{Answer, FakeWebPush, Received, Subscription};
 use crate::common::ws::WsClient;
-use crate::common::{Account, Backend, TestDb, TestServer, b64, eventually};
+use crate::common::{Account, Api, Backend, ServerProcess, TestDb, TestServer, b64, eventually};
 
 backend_tests!(
     twenty_messages_to_an_offline_device_make_one_content_free_wakeup,
@@ -25,6 +28,7 @@ backend_tests!(
     a_target_registered_again_during_a_failed_wakeup_is_kept,
     retry_after_is_honoured,
     a_hanging_service_slows_no_send_and_no_other_wakeup,
+    a_wakeup_waiting_for_its_retry_survives_kill9,
 );
 
 /// How long a test waits for a wake-up that should come.
@@ -34,7 +38,7 @@ const WAIT: Duration = Duration::from_secs(10);
 async fn setup(backend: Backend, extra: &[&str]) -> (FakeWebPush, TestServer) {
     let fake = FakeWebPush::start().await;
     let db = TestDb::new(backend).await;
-    let mut flags = fake.server_flags(&db);
+    let mut flags = fake.server_flags(db.is_postgres());
     flags.extend(extra.iter().map(|s| s.to_string()));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let server = TestServer::start_on(db, &flags).await;
@@ -42,20 +46,20 @@ async fn setup(backend: Backend, extra: &[&str]) -> (FakeWebPush, TestServer) {
 }
 
 /// Registers a fresh subscription of `fake` as `who`'s (device 1) target.
-async fn subscribe(server: &TestServer, fake: &FakeWebPush, who: &Account) -> Subscription {
+async fn subscribe(server: &Api, fake: &FakeWebPush, who: &Account) -> Subscription {
     let sub = fake.subscribe();
     register(server, who, &sub).await;
     sub
 }
 
-async fn register(server: &TestServer, who: &Account, sub: &Subscription) {
+async fn register(server: &Api, who: &Account, sub: &Subscription) {
     server
         .put("/v1/devices/1/push", Some(&who.access), sub.target_json())
         .await
         .expect(200);
 }
 
-async fn send(server: &TestServer, from: &Account, to: &Account, urgent: Option<bool>) -> Value {
+async fn send(server: &Api, from: &Account, to: &Account, urgent: Option<bool>) -> Value {
     let mut body = json!({ "to": to.id, "body": b64(b"sealed") });
     if let Some(urgent) = urgent {
         body["urgent"] = json!(urgent);
@@ -243,13 +247,16 @@ async fn a_hanging_service_slows_no_send_and_no_other_wakeup(backend: Backend) {
     // Two push services on two ports: one hangs for 20 s.
     let (hanging, fake) = (FakeWebPush::start().await, FakeWebPush::start().await);
     let db = TestDb::new(backend).await;
-    let mut flags = fake.server_flags(&db);
+    let mut flags = fake.server_flags(db.is_postgres());
     let allow = flags
         .iter()
-        .position(|f| f == "--push-allow-hosts")
-        .unwrap()
-        + 1;
-    flags[allow] = format!("{},{}", fake.allow_host(), hanging.allow_host());
+        .position(|f| f.starts_with("--push-allow-hosts="))
+        .unwrap();
+    flags[allow] = format!(
+        "--push-allow-hosts={},{}",
+        fake.allow_host(),
+        hanging.allow_host()
+    );
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let server = TestServer::start_on(db, &flags).await;
     let alice = server.account("alice").await;
@@ -273,4 +280,109 @@ async fn a_hanging_service_slows_no_send_and_no_other_wakeup(backend: Backend) {
     send(&server, &alice, &carol, None).await;
     let received = fake.wait_for(&carols.id, 1, Duration::from_secs(5)).await;
     assert!(received[0].at - started < Duration::from_secs(3));
+}
+
+async fn a_wakeup_waiting_for_its_retry_survives_kill9(backend: Backend) {
+    let fake = FakeWebPush::start().await;
+    let db = TestDb::new(backend).await;
+    // On SQLite the VAPID key is the one generated beside the database at
+    // the first start; on PostgreSQL the one both starts are given.
+    let env = fake.server_env(db.is_postgres());
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = ServerProcess::spawn(&db.url, &env);
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    // Made for this server's key, as a browser does: a push signed with
+    // another (a restart that lost the key) would be refused.
+    let vapid = server.get("/v1/push/vapid", None).await.expect(200);
+    let sub = fake.subscribe_for(vapid["public_key"].as_str().unwrap());
+    register(&server, &bob, &sub).await;
+    // The first try is throttled: the retry waits 3 s in the database.
+    fake.script(&sub.id, [Answer::TooMany(Some("3".into()))]);
+    send(&server, &alice, &bob, None).await;
+    fake.wait_for(&sub.id, 1, WAIT).await;
+    eventually("the retry written to the database", async || {
+        let waiting = db
+            .count("SELECT COUNT(*) FROM wakeups WHERE attempts = 1 AND due_at IS NOT NULL")
+            .await;
+        (waiting == 1).then_some(())
+    })
+    .await;
+    server.kill9();
+    let killed = tokio::time::Instant::now();
+
+    // A new process on the same database sends the retry when it is due,
+    // once.
+    let restarted = ServerProcess::spawn(&db.url, &env);
+    let received = fake.wait_for(&sub.id, 2, WAIT).await;
+    assert_eq!(received[0].answered, 429);
+    assert_eq!(received[1].answered, 201);
+    assert!(received[1].at > killed, "the retry came before the kill");
+    assert_wake(&received[1], "high");
+    assert_eq!(received[1].vapid_key, received[0].vapid_key);
+    let waited = received[1].at - received[0].at;
+    assert!(waited >= Duration::from_secs(3), "{waited:?}");
+    no_more(&fake, &sub, 2, Duration::from_secs(3)).await;
+    let refused = fake.rejected(&sub.id);
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(restarted.inbox(&bob).await.len(), 1);
+}
+
+/// Wake-ups in a cluster: the presence check asks every node, and any
+/// node sends what is due, once. PostgreSQL and NATS, as the other cluster
+/// tests (`crate::cluster`): compiled in with the PostgreSQL tests, and a
+/// NATS that does not answer fails them.
+#[cfg(sealpost_pg_tests)]
+mod cluster {
+    use std::time::Duration;
+
+    use super::{WAIT, assert_wake, no_more, send, subscribe};
+    use crate::common::cluster::Cluster;
+    use crate::common::fake_push::webpush::FakeWebPush;
+    use crate::common::ws::WsClient;
+
+    /// How long nothing must reach the push service where nothing should.
+    const QUIET: Duration = Duration::from_secs(2);
+
+    /// Bob is online on node 1; alice sends through node 2, whose hub has
+    /// no socket of his: only the cluster's presence check keeps him from
+    /// being woken. His socket closes owing acks: he is woken once, after
+    /// the delay, by whichever node takes the wake-up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_device_online_on_another_node_is_woken_once_after_its_socket_closes() {
+        let fake = FakeWebPush::start().await;
+        let mut flags = fake.server_flags(true);
+        flags.push("--wakeup-after-close=1s".into());
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let cluster = Cluster::start(2, &flags).await;
+        let (a, b) = (&cluster[0], &cluster[1]);
+        let alice = b.account("alice").await;
+        let bob = a.account("bob").await;
+        let carol = b.account("carol").await;
+        let bobs = subscribe(a, &fake, &bob).await;
+        let carols = subscribe(b, &fake, &carol).await;
+
+        let (mut socket, _) = WsClient::ready(a, &bob).await;
+        for _ in 0..5 {
+            send(b, &alice, &bob, None).await;
+            socket.expect("message").await;
+        }
+        // Carol, offline, is woken through node 2 at once: the quiet for
+        // bob is not node 2 failing to wake anyone.
+        send(b, &alice, &carol, None).await;
+        let woken = fake.wait_for(&carols.id, 1, WAIT).await;
+        assert_wake(&woken[0], "high");
+        no_more(&fake, &bobs, 0, QUIET).await;
+
+        let closed = tokio::time::Instant::now();
+        socket.close().await;
+        let received = fake.wait_for(&bobs.id, 1, WAIT).await;
+        assert_wake(&received[0], "high");
+        let after = received[0].at - closed;
+        assert!(after >= Duration::from_millis(900), "{after:?}");
+        // Both nodes poll the database every second: a wake-up either took
+        // twice would have come by now.
+        no_more(&fake, &bobs, 1, Duration::from_secs(3)).await;
+        cluster.stop().await;
+    }
 }

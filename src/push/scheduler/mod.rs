@@ -17,12 +17,14 @@
 //! Each marks the device *dirty* in a bounded map ([`MAX_DIRTY`]), many
 //! messages to one device making one entry, and wakes the [`worker`]. The
 //! worker looks at each dirty device off the send path: no live target
-//! (the [`TargetDirectory`], cached) or a socket on any node
-//! ([`Presence`]: this node's hub, then the broker) means nothing to do; a
-//! wake-up this node knows is pending or cooling ([`memo`]) means nothing
-//! to write; otherwise it is written to the database with
-//! [`PushStore::schedule`], insert-if-absent, where the rules of cool-down
-//! and quiet interval are applied again across nodes.
+//! (the [`TargetDirectory`], cached) or, after a commit, a socket on any
+//! node ([`Presence`]: this node's hub, then the broker) means nothing to
+//! do (after a close presence is asked when the wake-up is due: the
+//! closing socket may still count at first); a wake-up this node knows is
+//! pending or cooling ([`memo`]) means nothing to write; otherwise it is
+//! written to the database with [`PushStore::schedule`], insert-if-absent,
+//! where the rules of cool-down and quiet interval are applied again
+//! across nodes.
 //!
 //! The [`sender`] (one per node) takes due wake-ups from the database under
 //! a lease, checks presence again (a device that came back is not woken),

@@ -480,6 +480,22 @@ async fn a_device_that_comes_back_before_its_send_is_not_woken() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_close_is_scheduled_while_the_closing_socket_still_counts_as_present() {
+    let h = Harness::new(timing());
+    let device = h.device(ENDPOINT).await;
+    // The socket tells the scheduler it closed before it leaves the hub,
+    // and the other nodes hear of its going later still: the worker may
+    // look while presence still counts it.
+    h.sockets.0.lock().unwrap().insert(device);
+    h.scheduler.closed(device.0, device.1);
+    after(Duration::from_secs(1)).await;
+    h.sockets.0.lock().unwrap().clear();
+    after(AFTER_CLOSE + Duration::from_secs(5)).await;
+    assert_eq!(h.provider.calls().len(), 1, "the close woke nothing");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_close_wakes_after_its_delay_unless_the_device_shows_up() {
     let h = Harness::new(timing());
     let device = h.device(ENDPOINT).await;

@@ -110,7 +110,12 @@ impl Worker {
             parts.metrics.push.coalesced(kind, mark.messages);
             return;
         }
-        if parts.presence.present(user, device).await {
+        // Not asked for a close: the closing socket marks its device before
+        // it leaves the hub, and the other nodes stop counting it later
+        // still (its presence subscription ends after that), so presence
+        // could find that very socket and the wake-up would be lost. The
+        // sender asks again when it is due, after the delay.
+        if !mark.closed && parts.presence.present(user, device).await {
             return;
         }
         let clock = parts.clock.now();

@@ -138,6 +138,37 @@ impl TestDb {
     pub fn is_postgres(&self) -> bool {
         self.url.starts_with("postgres")
     }
+
+    /// The number one query of the test's own (`SELECT COUNT(*) ...`, the
+    /// same SQL on both backends) reads behind the server's back: for state
+    /// no API shows, such as a wake-up waiting in the database.
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        if self.is_postgres() {
+            let pool = sqlx::PgPool::connect(&self.url)
+                .await
+                .expect("raw PostgreSQL");
+            let count = sqlx::query_scalar(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            pool.close().await;
+            count
+        } else {
+            use std::str::FromStr;
+            let options = sqlx::sqlite::SqliteConnectOptions::from_str(&self.url)
+                .expect("an SQLite URL")
+                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+            let pool = sqlx::SqlitePool::connect_with(options)
+                .await
+                .expect("raw SQLite");
+            let count = sqlx::query_scalar(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            pool.close().await;
+            count
+        }
+    }
 }
 
 async fn connect_pg(url: &str) -> sqlx::PgConnection {

@@ -40,8 +40,6 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::common::TestDb;
-
 /// The contact the tests' servers give (`--vapid-subject`).
 pub const SUBJECT: &str = "mailto:push-tests@example.com";
 
@@ -203,21 +201,35 @@ impl FakeWebPush {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// The flags that turn Web Push on in a server on `db`, pointed at this
-    /// service: subject, allow-list and (PostgreSQL) the key.
-    pub fn server_flags(&self, db: &TestDb) -> Vec<String> {
-        let mut flags = vec![
-            "--vapid-subject".to_owned(),
-            SUBJECT.to_owned(),
-            "--push-allow-hosts".to_owned(),
-            self.allow_host(),
+    /// The settings that turn Web Push on in a server pointed at this
+    /// service, as environment variables: subject, allow-list and, with
+    /// PostgreSQL (which requires one), the key.
+    pub fn server_env(&self, postgres: bool) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("SEALPOST_VAPID_SUBJECT", SUBJECT.to_owned()),
+            ("SEALPOST_PUSH_ALLOW_HOSTS", self.allow_host()),
         ];
-        if db.is_postgres() {
-            // One argument: a PEM begins with dashes, which clap would
-            // take for a flag of its own.
-            flags.push(format!("--vapid-key={VAPID_KEY}"));
+        if postgres {
+            env.push(("SEALPOST_VAPID_KEY", VAPID_KEY.to_owned()));
         }
-        flags
+        env
+    }
+
+    /// The same settings as `serve` flags (`--vapid-subject=...`): one
+    /// argument each, as a PEM begins with dashes, which clap would take
+    /// for a flag of its own.
+    pub fn server_flags(&self, postgres: bool) -> Vec<String> {
+        self.server_env(postgres)
+            .into_iter()
+            .map(|(var, value)| {
+                let flag = var
+                    .strip_prefix("SEALPOST_")
+                    .unwrap()
+                    .to_ascii_lowercase()
+                    .replace('_', "-");
+                format!("--{flag}={value}")
+            })
+            .collect()
     }
 
     /// A new subscription, as a browser makes one.
