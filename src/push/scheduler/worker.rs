@@ -13,14 +13,21 @@ use uuid::Uuid;
 
 use super::memo::Memo;
 use super::{Dirty, Mark, Parts, Timing};
+use crate::push::target::Kind;
 use crate::store::DeviceId;
-use crate::store::push::Scheduled;
+use crate::store::push::{Scheduled, WakeupUpdate, Wanted};
 
 /// Dirty devices looked at at once: each may wait on the targets cache, a
 /// presence request to the other nodes (a quarter of a second when nobody
 /// answers in time) and a write. 32 keeps a round of thousands short
 /// without holding more than a few of the pool's connections.
 const CONCURRENCY: usize = 32;
+
+/// Devices whose writes share one transaction. On SQLite a transaction
+/// holds the one write connection that sends also commit on, so this is
+/// also about the longest a send can wait behind the scheduler: a few
+/// hundred small indexed statements, a millisecond or two.
+const WRITE_BATCH: usize = 256;
 
 /// How long the round at shutdown may take: the server waits for it.
 const LAST_ROUND: std::time::Duration = std::time::Duration::from_secs(3);
@@ -71,44 +78,60 @@ impl Worker {
         )
     }
 
-    /// Looks at every device of one round, [`CONCURRENCY`] at a time.
+    /// Looks at every device of one round, [`CONCURRENCY`] at a time, and
+    /// writes what they need in batches as they are ready: at most
+    /// [`WRITE_BATCH`] devices per transaction, and no waiting for a batch
+    /// to fill (a quiet round writes its one device at once).
     pub(super) async fn round(&self, marks: HashMap<(Uuid, DeviceId), Mark>) {
-        futures_util::stream::iter(marks)
-            .for_each_concurrent(CONCURRENCY, |((user, device), mark)| {
-                self.consider(user, device, mark)
-            })
-            .await;
+        let mut steps = futures_util::stream::iter(marks)
+            .map(|((user, device), mark)| self.look(user, device, mark))
+            .buffer_unordered(CONCURRENCY)
+            .filter_map(std::future::ready)
+            .ready_chunks(WRITE_BATCH);
+        while let Some(steps) = steps.next().await {
+            self.write(steps).await;
+        }
     }
 
     fn memo(&self) -> std::sync::MutexGuard<'_, Memo> {
         self.memo.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    async fn consider(&self, user: Uuid, device: DeviceId, mark: Mark) {
+    /// What one dirty device needs written, if anything: the reads (its
+    /// target, the memo, presence), none of the writes.
+    async fn look(&self, user: Uuid, device: DeviceId, mark: Mark) -> Option<Step> {
         let parts = &self.parts;
         if mark.showed_up {
             self.memo().forget((user, device));
         }
         let kind = match parts.targets.live(user, device).await {
             Ok(Some(kind)) if parts.providers.get(kind).is_some() => kind,
-            Ok(_) => return,
+            Ok(_) => return None,
             Err(err) => {
                 tracing::warn!(user.id = %user, device, error = %err, "cannot read push targets; no wake-up considered");
-                return;
+                return None;
             }
         };
-        if mark.showed_up
-            && let Err(err) = parts.store.cancel_wakeups(user, device).await
-        {
-            tracing::warn!(user.id = %user, device, error = %err, "cannot cancel a pending wake-up");
-        }
+        let step = |wanted| {
+            Some(Step {
+                user,
+                device,
+                kind,
+                mark,
+                wanted,
+            })
+        };
         if !mark.committed && !mark.closed {
-            return;
+            return if mark.showed_up { step(None) } else { None };
         }
-        let now = Instant::now();
-        if mark.committed && !mark.closed && self.memo().covers((user, device), mark.urgent, now) {
+        if mark.committed
+            && !mark.closed
+            && self
+                .memo()
+                .covers((user, device), mark.urgent, Instant::now())
+        {
             parts.metrics.push.coalesced(kind, mark.messages);
-            return;
+            return if mark.showed_up { step(None) } else { None };
         }
         // Not asked for a close: the closing socket marks its device before
         // it leaves the hub, and the other nodes stop counting it later
@@ -116,7 +139,7 @@ impl Worker {
         // could find that very socket and the wake-up would be lost. The
         // sender asks again when it is due, after the delay.
         if !mark.closed && parts.presence.present(user, device).await {
-            return;
+            return if mark.showed_up { step(None) } else { None };
         }
         let clock = parts.clock.now();
         // A commit wakes at once; a close alone after its delay.
@@ -125,33 +148,80 @@ impl Worker {
         } else {
             clock + chrono::TimeDelta::from_std(self.timing.after_close).unwrap_or_default()
         };
-        let urgent = mark.urgent || mark.closed;
-        match parts
+        step(Some(Wanted {
+            user,
+            device,
+            due,
+            urgent: mark.urgent || mark.closed,
+        }))
+    }
+
+    /// Writes a batch of steps: the cancels of devices that showed up, then
+    /// the schedules (so that a device that showed up and was sent a message
+    /// since is scheduled from a clean row).
+    async fn write(&self, steps: Vec<Step>) {
+        let parts = &self.parts;
+        let cancels: Vec<_> = steps
+            .iter()
+            .filter(|s| s.mark.showed_up)
+            .map(|s| (s.user, s.device, WakeupUpdate::Cancelled))
+            .collect();
+        if !cancels.is_empty()
+            && let Err(err) = parts.store.update_wakeups(&cancels).await
+        {
+            tracing::warn!(devices = cancels.len(), error = %err, "cannot cancel pending wake-ups");
+        }
+        let steps: Vec<_> = steps.into_iter().filter(|s| s.wanted.is_some()).collect();
+        if steps.is_empty() {
+            return;
+        }
+        let wanted: Vec<Wanted> = steps.iter().filter_map(|s| s.wanted).collect();
+        let clock = parts.clock.now();
+        let done = match parts
             .store
-            .schedule(user, device, due, urgent, clock, self.timing.rules())
+            .schedule_many(&wanted, clock, self.timing.rules())
             .await
         {
-            Ok(outcome @ (Scheduled::Pending | Scheduled::Coalesced)) => {
-                // Every message of the mark is covered by one wake-up: the
-                // one scheduled now (which the first of them accounts for)
-                // or one pending or cooling already.
-                let covered = match outcome {
-                    Scheduled::Pending => mark.messages.saturating_sub(1),
-                    _ => mark.messages,
-                };
-                parts.metrics.push.coalesced(kind, covered);
-                if mark.committed {
-                    let until = now + self.timing.memo_ttl(urgent);
-                    self.memo().set((user, device), urgent, until, mark.since);
-                    if outcome == Scheduled::Pending {
-                        self.due.notify_one();
-                    }
-                }
-            }
-            Ok(Scheduled::NoTarget) => {}
+            Ok(done) => done,
             Err(err) => {
-                tracing::warn!(user.id = %user, device, error = %err, "cannot schedule a wake-up");
+                // Their messages stay queued; each device learns of them
+                // when it next connects or is woken for a later one.
+                tracing::warn!(devices = wanted.len(), error = %err, "cannot schedule wake-ups");
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut rang = false;
+        for (step, outcome) in steps.iter().zip(done) {
+            let (key, mark) = ((step.user, step.device), step.mark);
+            // Every message of the mark is covered by one wake-up: the one
+            // scheduled now (which the first of them accounts for) or one
+            // pending or cooling already.
+            let covered = match outcome {
+                Scheduled::Pending => mark.messages.saturating_sub(1),
+                Scheduled::Coalesced => mark.messages,
+                Scheduled::NoTarget => continue,
+            };
+            parts.metrics.push.coalesced(step.kind, covered);
+            if mark.committed {
+                let urgent = step.wanted.is_some_and(|w| w.urgent);
+                let until = now + self.timing.memo_ttl(urgent);
+                self.memo().set(key, urgent, until, mark.since);
+                rang |= outcome == Scheduled::Pending;
             }
         }
+        if rang {
+            self.due.notify_one();
+        }
     }
+}
+
+/// What one dirty device needs written.
+struct Step {
+    user: Uuid,
+    device: DeviceId,
+    kind: Kind,
+    mark: Mark,
+    /// The wake-up to schedule, if one is wanted.
+    wanted: Option<Wanted>,
 }
