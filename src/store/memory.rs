@@ -14,8 +14,11 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::push::{Coalescing, DueWakeup, PushStore, Scheduled, StoredTarget, TargetSummary};
-use super::{DeviceId, StoreResult};
+use super::push::{
+    self, Coalescing, Decision, DueWakeup, PushStore, Scheduled, StoredTarget, TargetSummary,
+    decide,
+};
+use super::{DeviceId, StoreResult, add};
 use crate::push::target::Kind;
 
 /// One device's `push_targets` row.
@@ -37,6 +40,17 @@ pub struct WakeupRow {
     pub quiet_sent_at: Option<DateTime<Utc>>,
 }
 
+/// The times the coalescing rules look at.
+impl From<&WakeupRow> for push::WakeupRow {
+    fn from(row: &WakeupRow) -> Self {
+        Self {
+            due_at: row.due_at,
+            sent_at: row.sent_at,
+            quiet_sent_at: row.quiet_sent_at,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Tables {
     targets: HashMap<(Uuid, DeviceId), TargetRow>,
@@ -47,10 +61,6 @@ struct Tables {
 #[derive(Default)]
 pub struct MemPush {
     tables: Mutex<Tables>,
-}
-
-fn after(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    t + chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX)
 }
 
 impl MemPush {
@@ -169,32 +179,24 @@ impl PushStore for MemPush {
         if !live {
             return Ok(Scheduled::NoTarget);
         }
-        let row = tables.wakeups.entry((user, device)).or_default();
-        if let Some(pending) = row.due_at {
-            if urgent {
-                row.urgent = true;
-                row.due_at = Some(pending.min(due));
+        let key = (user, device);
+        let times = tables.wakeups.get(&key).map(push::WakeupRow::from);
+        let row = tables.wakeups.entry(key).or_default();
+        Ok(match decide(times.as_ref(), urgent, now, rules) {
+            Decision::Insert | Decision::Revive => {
+                row.due_at = Some(due);
+                row.urgent = urgent;
+                row.attempts = 0;
+                row.sent_at = None;
+                Scheduled::Pending
             }
-            return Ok(Scheduled::Coalesced);
-        }
-        if row
-            .sent_at
-            .is_some_and(|sent| after(sent, rules.cooldown) > now)
-        {
-            return Ok(Scheduled::Coalesced);
-        }
-        if !urgent
-            && row
-                .quiet_sent_at
-                .is_some_and(|sent| after(sent, rules.quiet) > now)
-        {
-            return Ok(Scheduled::Coalesced);
-        }
-        row.due_at = Some(due);
-        row.urgent = urgent;
-        row.attempts = 0;
-        row.sent_at = None;
-        Ok(Scheduled::Pending)
+            Decision::Upgrade => {
+                row.urgent = true;
+                row.due_at = row.due_at.map(|pending| pending.min(due));
+                Scheduled::Coalesced
+            }
+            Decision::Coalesce => Scheduled::Coalesced,
+        })
     }
 
     async fn take_due(
@@ -216,7 +218,7 @@ impl PushStore for MemPush {
             .into_iter()
             .map(|(key, _)| {
                 let row = wakeups.get_mut(&key).expect("listed");
-                row.due_at = Some(after(now, lease));
+                row.due_at = Some(add(now, lease));
                 let target = &targets[&key];
                 DueWakeup {
                     user: key.0,
@@ -275,11 +277,7 @@ impl PushStore for MemPush {
     }
 
     async fn cancel_wakeups(&self, user: Uuid, device: DeviceId) -> StoreResult<()> {
-        if let Some(row) = self.tables().wakeups.get_mut(&(user, device)) {
-            row.due_at = None;
-            row.sent_at = None;
-            row.attempts = 0;
-        }
-        Ok(())
+        // The same write as an abandoned one: neither pending nor cooling.
+        self.wakeup_abandoned(user, device).await
     }
 }
