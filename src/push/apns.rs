@@ -16,7 +16,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use async_trait::async_trait;
@@ -29,7 +29,9 @@ use serde::{Deserialize, Serialize};
 use super::config::PushConfig;
 use super::guard::{AllowHosts, check_static};
 use super::http::{Answer, Outbound};
-use super::provider::{Outcome, Provider, Urgency, retry_after, unanswered};
+use super::provider::{
+    Outcome, Provider, Urgency, by_status_class, exchange, unix_now, wrong_kind,
+};
 use super::target::{ApnsEnvironment, Kind, Target};
 use crate::config::{both_names, not_set};
 
@@ -181,10 +183,7 @@ impl ApnsProvider {
             // Only the device token is not ours, and targets are checked
             // to be hex when registered.
             .map_err(|_| Outcome::Config("an APNs target's token does not fit a URL".into()))?;
-        self.outbound
-            .send(request)
-            .await
-            .map_err(|e| unanswered("APNs", e))
+        exchange(&self.outbound, "APNs", request).await
     }
 }
 
@@ -201,7 +200,7 @@ impl Provider for ApnsProvider {
             environment,
         } = target
         else {
-            return Outcome::Config(format!("a {} target given to APNs", target.kind().as_str()));
+            return wrong_kind("APNs", target);
         };
         let base = match environment {
             ApnsEnvironment::Production => &self.production,
@@ -282,13 +281,11 @@ fn judge(answer: &Answer) -> Judged {
         (StatusCode::FORBIDDEN, Some(r @ ("InvalidProviderToken" | "ExpiredProviderToken"))) => {
             return Judged::TokenRefused(r.to_owned());
         }
-        // `TooManyRequests` (this device, too often) and
-        // `TooManyProviderTokenUpdates`: both mend with time.
-        (StatusCode::TOO_MANY_REQUESTS, _) => Outcome::Throttled(retry_after(&answer.headers)),
-        (s, _) if s.is_server_error() => Outcome::Transient(shown()),
-        // Every other 4xx (`BadTopic`, `TopicDisallowed`, `BadCertificate`,
+        // 429 `TooManyRequests` (this device, too often) and
+        // `TooManyProviderTokenUpdates` mend with time; 5xx is Apple's;
+        // every other 4xx (`BadTopic`, `TopicDisallowed`, `BadCertificate`,
         // `BadPath`, `PayloadTooLarge`...) and anything unexpected: ours.
-        _ => Outcome::Config(shown()),
+        _ => by_status_class(answer, shown),
     };
     Judged::Outcome(outcome)
 }
@@ -450,12 +447,6 @@ fn signing_failed(e: jsonwebtoken::errors::Error) -> Outcome {
     Outcome::Config(format!("signing the APNs provider token failed: {e}"))
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -537,16 +528,8 @@ mod tests {
         assert!(parse_key(&pem).is_ok());
     }
 
-    fn answer(status: u16, body: &str) -> Answer {
-        Answer {
-            status: StatusCode::from_u16(status).unwrap(),
-            headers: http::HeaderMap::new(),
-            body: Bytes::from(body.to_owned()),
-        }
-    }
-
     fn outcome(status: u16, body: &str) -> Option<Outcome> {
-        match judge(&answer(status, body)) {
+        match judge(&crate::push::http::fake_answer(status, &[], body)) {
             Judged::Outcome(o) => Some(o),
             Judged::TokenRefused(_) => None,
         }

@@ -18,7 +18,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use async_trait::async_trait;
@@ -33,7 +33,9 @@ use tokio::sync::Semaphore;
 use super::config::PushConfig;
 use super::guard::{AllowHosts, check_static};
 use super::http::{Answer, Outbound};
-use super::provider::{Outcome, Provider, Urgency, retry_after, unanswered};
+use super::provider::{
+    Outcome, Provider, Urgency, by_status_class, exchange, retry_after, unix_now, wrong_kind,
+};
 use super::target::{Kind, Target};
 use crate::config::both_names;
 
@@ -201,11 +203,7 @@ impl FcmProvider {
                 ))
             })?;
         let asked = Instant::now();
-        let answer = self
-            .outbound
-            .send(request)
-            .await
-            .map_err(|e| unanswered("FCM token endpoint", e))?;
+        let answer = exchange(&self.outbound, "FCM token endpoint", request).await?;
         judge_token(&answer, asked)
     }
 
@@ -217,10 +215,7 @@ impl FcmProvider {
             .header(header::CONTENT_TYPE, "application/json")
             .body(message.clone())
             .map_err(|_| Outcome::Config("the FCM send URL is not a URL".into()))?;
-        self.outbound
-            .send(request)
-            .await
-            .map_err(|e| unanswered("FCM", e))
+        exchange(&self.outbound, "FCM", request).await
     }
 }
 
@@ -232,7 +227,7 @@ impl Provider for FcmProvider {
 
     async fn wake(&self, target: &Target, urgency: Urgency) -> Outcome {
         let Target::Fcm { token } = target else {
-            return Outcome::Config(format!("a {} target given to FCM", target.kind().as_str()));
+            return wrong_kind("FCM", target);
         };
         let message = message(token, urgency);
         let mut tries = 0;
@@ -290,12 +285,11 @@ fn judge(answer: &Answer) -> Outcome {
         // register again.
         _ if error.code.as_deref() == Some("UNREGISTERED") => Outcome::Gone,
         StatusCode::NOT_FOUND => Outcome::Gone,
-        StatusCode::TOO_MANY_REQUESTS => Outcome::Throttled(retry_after(&answer.headers)),
-        s if s.is_server_error() => Outcome::Transient(shown()),
-        // INVALID_ARGUMENT (a malformed token included: the target is
-        // kept, as a bad message of ours looks the same),
-        // SENDER_ID_MISMATCH, THIRD_PARTY_AUTH_ERROR, a 401 twice: ours.
-        _ => Outcome::Config(shown()),
+        // 429 (QUOTA_EXCEEDED) waits, 5xx is Google's; INVALID_ARGUMENT
+        // (a malformed token included: the target is kept, as a bad
+        // message of ours looks the same), SENDER_ID_MISMATCH,
+        // THIRD_PARTY_AUTH_ERROR, a 401 twice: ours.
+        _ => by_status_class(answer, shown),
     }
 }
 
@@ -494,22 +488,12 @@ fn parse_credentials(text: &str) -> anyhow::Result<(String, ServiceAccount)> {
     Ok((project_id, account))
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn answer(status: u16, body: &str) -> Answer {
-        Answer {
-            status: StatusCode::from_u16(status).unwrap(),
-            headers: http::HeaderMap::new(),
-            body: Bytes::from(body.to_owned()),
-        }
+        crate::push::http::fake_answer(status, &[], body)
     }
 
     fn error(code: u16, status: &str, fcm: Option<&str>) -> String {

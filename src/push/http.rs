@@ -144,6 +144,24 @@ impl Outbound {
     }
 }
 
+/// An answer as a service would give it, for the providers' tests of how
+/// they judge one.
+#[cfg(test)]
+pub fn fake_answer(status: u16, headers: &[(&str, &str)], body: &str) -> Answer {
+    let mut map = HeaderMap::new();
+    for (name, value) in headers {
+        map.insert(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    Answer {
+        status: StatusCode::from_u16(status).unwrap(),
+        headers: map,
+        body: Bytes::from(body.to_owned()),
+    }
+}
+
 /// The cause of a failed request, for the log: the error chain without
 /// the URL (hyper's errors do not carry it; ours neither).
 fn describe(err: &hyper_util::client::legacy::Error) -> String {

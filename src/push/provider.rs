@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
+use http::{Request, StatusCode};
 
+use super::http::{Answer, Outbound, OutboundError};
 use super::target::{Kind, Target};
 
 /// How soon the device should wake: Web Push `Urgency`, APNs priority,
@@ -82,9 +85,9 @@ impl Providers {
 /// service's URL is the operator's to mend (an `http` URL, or a private
 /// host missing from `SEALPOST_PUSH_ALLOW_HOSTS`); a timeout or a refused
 /// or reset connection passes. `service` names it in the log line.
-pub fn unanswered(service: &str, err: super::http::OutboundError) -> Outcome {
+pub fn unanswered(service: &str, err: OutboundError) -> Outcome {
     match err {
-        super::http::OutboundError::Refused(why) => Outcome::Config(format!(
+        OutboundError::Refused(why) => Outcome::Config(format!(
             "{service}: the URL {why} (or its host listed in SEALPOST_PUSH_ALLOW_HOSTS)"
         )),
         other => Outcome::Transient(format!("{service}: {other}")),
@@ -99,6 +102,12 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60 * 60);
 /// A 429's or 503's `Retry-After`, in seconds or as an HTTP date, capped
 /// at [`MAX_RETRY_AFTER`]; `None` when absent or unreadable.
 pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    retry_after_within(headers, MAX_RETRY_AFTER)
+}
+
+/// [`retry_after`] with a cap of the caller's; a date already past means
+/// now.
+pub fn retry_after_within(headers: &http::HeaderMap, cap: Duration) -> Option<Duration> {
     let value = headers
         .get(http::header::RETRY_AFTER)?
         .to_str()
@@ -113,7 +122,52 @@ pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
                 .unwrap_or(Duration::ZERO)
         }
     };
-    Some(wait.min(MAX_RETRY_AFTER))
+    Some(wait.min(cap))
+}
+
+/// Sends one request to a service that is the operator's to configure
+/// (APNs, FCM and its token endpoint) and reads the answer within the
+/// provider's timeout; no answer is an [`unanswered`] outcome naming
+/// `service`.
+pub async fn exchange(
+    outbound: &Outbound,
+    service: &str,
+    request: Request<Bytes>,
+) -> Result<Answer, Outcome> {
+    outbound
+        .send(request)
+        .await
+        .map_err(|e| unanswered(service, e))
+}
+
+/// The rules APNs and FCM share, for an answer their own rules (success,
+/// a gone target, a refused credential) did not settle: 429 waits for
+/// the service's `Retry-After`, a 5xx is the service's trouble, and any
+/// other status (a 4xx, a 3xx: hyper follows no redirect) is ours to fix.
+/// `shown` is the log's text for the last two.
+pub fn by_status_class(answer: &Answer, shown: impl FnOnce() -> String) -> Outcome {
+    match answer.status {
+        StatusCode::TOO_MANY_REQUESTS => Outcome::Throttled(retry_after(&answer.headers)),
+        s if s.is_server_error() => Outcome::Transient(shown()),
+        _ => Outcome::Config(shown()),
+    }
+}
+
+/// A target of another kind handed to `service`'s provider: the
+/// scheduler's bug, never the device's, so the target is kept.
+pub fn wrong_kind(service: &str, target: &Target) -> Outcome {
+    Outcome::Config(format!(
+        "a {} target given to {service}",
+        target.kind().as_str()
+    ))
+}
+
+/// Seconds since the epoch (0 on a clock set before it), for the claims
+/// the providers sign and APNs's expiration.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -142,5 +196,36 @@ mod tests {
             wait > Duration::from_secs(80) && wait <= Duration::from_secs(90),
             "{wait:?}"
         );
+        let day = Duration::from_secs(24 * 3600);
+        assert_eq!(retry_after_within(&headers("9999999"), day), Some(day));
+        assert_eq!(
+            retry_after_within(&headers("7200"), day),
+            Some(Duration::from_secs(7200))
+        );
+    }
+
+    fn answer(status: u16) -> Answer {
+        crate::push::http::fake_answer(status, &[("retry-after", "7")], "")
+    }
+
+    #[test]
+    fn statuses_no_provider_rule_settled() {
+        let shown = || "shown".to_owned();
+        assert_eq!(
+            by_status_class(&answer(429), shown),
+            Outcome::Throttled(Some(Duration::from_secs(7)))
+        );
+        for status in [500, 502, 503] {
+            assert_eq!(
+                by_status_class(&answer(status), shown),
+                Outcome::Transient("shown".into())
+            );
+        }
+        for status in [302, 400, 401, 403, 404, 413] {
+            assert_eq!(
+                by_status_class(&answer(status), shown),
+                Outcome::Config("shown".into())
+            );
+        }
     }
 }

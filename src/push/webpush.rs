@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::{HeaderMap, Request, header};
+use http::{Request, header};
 
 use super::http::{Answer, Outbound, OutboundError};
-use super::provider::{Outcome, Provider, Urgency};
+use super::provider::{Outcome, Provider, Urgency, retry_after_within};
 use super::target::{Kind, Target};
 use super::vapid::Vapid;
 
@@ -139,7 +139,7 @@ pub fn outcome(answer: &Answer) -> Outcome {
         200..=299 => Outcome::Sent,
         // The subscription expired or was unsubscribed.
         404 | 410 => Outcome::Gone,
-        429 => Outcome::Throttled(retry_after(&answer.headers)),
+        429 => Outcome::Throttled(retry_after_within(&answer.headers, MAX_RETRY_AFTER)),
         500..=599 => Outcome::Transient(format!("push service answered {status}")),
         // 400 (bad headers), 401/403 (VAPID refused: a wrong key or
         // subject), 413 (too large): ours to fix, never the device's, so
@@ -150,21 +150,6 @@ pub fn outcome(answer: &Answer) -> Outcome {
             reason(&answer.body)
         )),
     }
-}
-
-/// `Retry-After` as seconds or an HTTP date, at most [`MAX_RETRY_AFTER`];
-/// a date already past means now.
-pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
-    let wait = if let Ok(seconds) = value.parse::<u64>() {
-        Duration::from_secs(seconds)
-    } else {
-        let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-        (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
-            .to_std()
-            .unwrap_or(Duration::ZERO)
-    };
-    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 /// The start of an error answer, for the log: services say what they
@@ -185,24 +170,8 @@ fn reason(body: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use http::StatusCode;
-
     use super::*;
-
-    fn answer(status: u16, headers: &[(&str, &str)], body: &str) -> Answer {
-        let mut map = HeaderMap::new();
-        for (name, value) in headers {
-            map.insert(
-                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                value.parse().unwrap(),
-            );
-        }
-        Answer {
-            status: StatusCode::from_u16(status).unwrap(),
-            headers: map,
-            body: Bytes::from(body.to_owned()),
-        }
-    }
+    use crate::push::http::fake_answer as answer;
 
     #[test]
     fn answers_map_to_outcomes() {
@@ -237,18 +206,12 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_is_seconds_or_a_date_and_bounded() {
-        let wait = |v: &str| retry_after(&answer(429, &[("retry-after", v)], "").headers);
-        assert_eq!(wait("120"), Some(Duration::from_secs(120)));
-        assert_eq!(wait("9999999"), Some(MAX_RETRY_AFTER));
-        assert_eq!(wait("soon"), None);
-        let at = chrono::Utc::now() + chrono::Duration::seconds(90);
-        let date = at.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
-        let got = wait(&date).unwrap();
-        assert!(
-            got > Duration::from_secs(80) && got <= Duration::from_secs(90),
-            "{got:?} for {date}"
+    fn retry_after_is_bounded_by_a_day() {
+        let wait = |v: &str| outcome(&answer(429, &[("retry-after", v)], ""));
+        assert_eq!(
+            wait("7200"),
+            Outcome::Throttled(Some(Duration::from_secs(7200)))
         );
-        assert_eq!(wait("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(wait("9999999"), Outcome::Throttled(Some(MAX_RETRY_AFTER)));
     }
 }

@@ -15,10 +15,10 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::push::{
-    Coalescing, Decision, DueWakeup, PushStore, Scheduled, StoredTarget, TargetSummary,
-    WakeupRow as Decided, WakeupUpdate, Wanted, decide,
+    self, Coalescing, Decision, DueWakeup, PushStore, Scheduled, StoredTarget, TargetSummary,
+    WakeupUpdate, Wanted, decide,
 };
-use super::{DeviceId, StoreResult};
+use super::{DeviceId, StoreResult, add};
 use crate::push::target::Kind;
 
 /// One device's `push_targets` row.
@@ -40,6 +40,17 @@ pub struct WakeupRow {
     pub quiet_sent_at: Option<DateTime<Utc>>,
 }
 
+/// The times the coalescing rules look at.
+impl From<&WakeupRow> for push::WakeupRow {
+    fn from(row: &WakeupRow) -> Self {
+        Self {
+            due_at: row.due_at,
+            sent_at: row.sent_at,
+            quiet_sent_at: row.quiet_sent_at,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Tables {
     targets: HashMap<(Uuid, DeviceId), TargetRow>,
@@ -50,10 +61,6 @@ struct Tables {
 #[derive(Default)]
 pub struct MemPush {
     tables: Mutex<Tables>,
-}
-
-fn after(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    t + chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX)
 }
 
 impl MemPush {
@@ -167,14 +174,10 @@ impl PushStore for MemPush {
             .iter()
             .map(|w| {
                 let key = (w.user, w.device);
-                if !targets.get(&key).is_some_and(|row| row.kind.is_some()) {
+                if targets.get(&key).is_none_or(|row| row.kind.is_none()) {
                     return Scheduled::NoTarget;
                 }
-                let state = wakeups.get(&key).map(|row| Decided {
-                    due_at: row.due_at,
-                    sent_at: row.sent_at,
-                    quiet_sent_at: row.quiet_sent_at,
-                });
+                let state = wakeups.get(&key).map(push::WakeupRow::from);
                 let row = wakeups.entry(key).or_default();
                 match decide(state.as_ref(), w.urgent, now, rules) {
                     Decision::Insert | Decision::Revive => {
@@ -213,7 +216,7 @@ impl PushStore for MemPush {
             .into_iter()
             .map(|(key, _)| {
                 let row = wakeups.get_mut(&key).expect("listed");
-                row.due_at = Some(after(now, lease));
+                row.due_at = Some(add(now, lease));
                 let target = &targets[&key];
                 DueWakeup {
                     user: key.0,

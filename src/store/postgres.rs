@@ -22,8 +22,8 @@ use sqlx::AssertSqlSafe;
 
 use super::accounts::{SKELETON_BATCH, warn_look_alike};
 use super::push::{
-    Coalescing, Decision, DueWakeup, PushStore, Scheduled, StoredTarget, TargetSummary, WakeupRow,
-    WakeupUpdate, Wanted, decide, lock_order,
+    Coalescing, Column, Decision, DueRow, DueWakeup, PushStore, Scheduled, TargetSummary,
+    TargetSummaryRow, TimesRow, WakeupRow, WakeupUpdate, Wanted, decide, kind_count, lock_order,
 };
 use super::queue::QUEUE_COLUMNS;
 use super::{
@@ -1362,11 +1362,11 @@ async fn revoke_in(
     Ok(sessions)
 }
 
-/// A push target row's kind as read back: `None` for a dropped target, and
-/// for a kind this build does not know (a later release's), which is then
-/// treated as no target.
-fn push_kind(kind: Option<String>) -> Option<Kind> {
-    kind.as_deref().and_then(Kind::parse)
+/// `device_id` is `integer`; ids are handed out below `i32::MAX`.
+impl Column<DeviceId> for i32 {
+    fn read(self) -> DeviceId {
+        self as DeviceId
+    }
 }
 
 #[async_trait]
@@ -1448,22 +1448,14 @@ impl PushStore for PgStore {
     }
 
     async fn target_summaries(&self, user: Uuid) -> StoreResult<Vec<TargetSummary>> {
-        let rows: Vec<(i32, Option<String>, DateTime<Utc>, bool)> = sqlx::query_as(
+        let rows: Vec<TargetSummaryRow<i32, DateTime<Utc>>> = sqlx::query_as(
             "SELECT device_id, kind, updated_at, dropped FROM push_targets
              WHERE user_id = $1 ORDER BY device_id",
         )
         .bind(user)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(device, kind, updated_at, dropped)| TargetSummary {
-                device: device as DeviceId,
-                kind: push_kind(kind),
-                updated_at,
-                dropped,
-            })
-            .collect())
+        Ok(rows.into_iter().map(TargetSummary::from).collect())
     }
 
     async fn count_targets(&self) -> StoreResult<Vec<(Kind, u64)>> {
@@ -1473,10 +1465,7 @@ impl PushStore for PgStore {
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(kind, n)| Some((Kind::parse(&kind)?, n.max(0) as u64)))
-            .collect())
+        Ok(rows.into_iter().filter_map(kind_count).collect())
     }
 
     async fn schedule_many(
@@ -1505,8 +1494,7 @@ impl PushStore for PgStore {
         // is written before the locks go. A row another node leased and
         // committed meanwhile is re-checked against `due_at <= $1` when
         // locked, and no longer matches.
-        type Row = (Uuid, i32, bool, i32, String, Vec<u8>, DateTime<Utc>);
-        let rows: Vec<Row> = sqlx::query_as(
+        let rows: Vec<DueRow<i32, i32, DateTime<Utc>>> = sqlx::query_as(
             "WITH due AS (
                  SELECT w.user_id, w.device_id FROM wakeups w
                  JOIN push_targets t ON t.user_id = w.user_id AND t.device_id = w.device_id
@@ -1525,25 +1513,10 @@ impl PushStore for PgStore {
         .bind(super::truncate_to_millis(super::add(now, lease)))
         .fetch_all(&self.pool)
         .await?;
+        // A kind this build does not know stays leased (`UnknownKind`).
         Ok(rows
             .into_iter()
-            .filter_map(
-                |(user, device, urgent, attempts, kind, sealed, updated_at)| {
-                    // A kind this build does not know stays leased, and is
-                    // taken again by a node that knows it.
-                    Some(DueWakeup {
-                        user,
-                        device: device as DeviceId,
-                        urgent,
-                        attempts: attempts.max(0) as u32,
-                        target: StoredTarget {
-                            kind: Kind::parse(&kind)?,
-                            sealed,
-                            updated_at,
-                        },
-                    })
-                },
-            )
+            .filter_map(|row| DueWakeup::try_from(row).ok())
             .collect())
     }
 
@@ -1633,11 +1606,7 @@ async fn schedule_one(
     }
     // Locked until the commit: a concurrent schedule, sent or cancel of
     // this device waits, so the decision is made on what is there.
-    let row: Option<(
-        Option<DateTime<Utc>>,
-        Option<DateTime<Utc>>,
-        Option<DateTime<Utc>>,
-    )> = sqlx::query_as(
+    let row: Option<TimesRow<DateTime<Utc>>> = sqlx::query_as(
         "SELECT due_at, sent_at, quiet_sent_at FROM wakeups
              WHERE user_id = $1 AND device_id = $2 FOR UPDATE",
     )
@@ -1645,11 +1614,7 @@ async fn schedule_one(
     .bind(device)
     .fetch_optional(&mut *conn)
     .await?;
-    let state = row.map(|(due_at, sent_at, quiet_sent_at)| WakeupRow {
-        due_at,
-        sent_at,
-        quiet_sent_at,
-    });
+    let state = row.map(WakeupRow::from);
     let (query, outcome) = match decide(state.as_ref(), urgent, now, rules) {
         // Deleted (with its device) since the insert was refused.
         Decision::Insert => return Ok(Scheduled::NoTarget),

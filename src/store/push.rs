@@ -243,6 +243,99 @@ pub(super) fn lock_order<T>(items: &[T], key: impl Fn(&T) -> (Uuid, DeviceId)) -
     order
 }
 
+/// A backend's column value read back as the store's type: a device id
+/// (PostgreSQL `integer`, SQLite `INTEGER`), a time (PostgreSQL
+/// `timestamptz`, SQLite milliseconds). Each backend implements it for
+/// its own column types, so that the rows below map to the store's types
+/// once, for both.
+pub(super) trait Column<T> {
+    fn read(self) -> T;
+}
+
+impl Column<DateTime<Utc>> for DateTime<Utc> {
+    fn read(self) -> DateTime<Utc> {
+        self
+    }
+}
+
+/// A push target row's kind as read back: `None` for a dropped target, and
+/// for a kind this build does not know (a later release's), which is then
+/// treated as no target.
+fn push_kind(kind: Option<String>) -> Option<Kind> {
+    kind.as_deref().and_then(Kind::parse)
+}
+
+/// A `push_targets` row as [`PushStore::target_summaries`] reads it:
+/// `device_id, kind, updated_at, dropped`.
+pub(super) type TargetSummaryRow<D, T> = (D, Option<String>, T, bool);
+
+impl<D: Column<DeviceId>, T: Column<DateTime<Utc>>> From<TargetSummaryRow<D, T>> for TargetSummary {
+    fn from((device, kind, updated_at, dropped): TargetSummaryRow<D, T>) -> Self {
+        Self {
+            device: device.read(),
+            kind: push_kind(kind),
+            updated_at: updated_at.read(),
+            dropped,
+        }
+    }
+}
+
+/// A row of [`PushStore::count_targets`]: `kind, count(*)`; `None` for a
+/// kind this build does not know.
+pub(super) fn kind_count((kind, n): (String, i64)) -> Option<(Kind, u64)> {
+    Some((Kind::parse(&kind)?, n.max(0) as u64))
+}
+
+/// A wake-up joined with its target as [`PushStore::take_due`] reads it:
+/// `w.user_id, w.device_id, w.urgent, w.attempts, t.kind, t.target,
+/// t.updated_at`.
+pub(super) type DueRow<D, N, T> = (Uuid, D, bool, N, String, Vec<u8>, T);
+
+/// A due row whose target is of a kind this build does not know (a later
+/// release's): it stays leased, and is taken again by a node that knows
+/// it.
+#[derive(Debug)]
+pub struct UnknownKind;
+
+impl<D, N, T> TryFrom<DueRow<D, N, T>> for DueWakeup
+where
+    D: Column<DeviceId>,
+    N: Into<i64>,
+    T: Column<DateTime<Utc>>,
+{
+    type Error = UnknownKind;
+
+    fn try_from(
+        (user, device, urgent, attempts, kind, sealed, updated_at): DueRow<D, N, T>,
+    ) -> Result<Self, UnknownKind> {
+        Ok(Self {
+            user,
+            device: device.read(),
+            urgent,
+            attempts: attempts.into().max(0) as u32,
+            target: StoredTarget {
+                kind: Kind::parse(&kind).ok_or(UnknownKind)?,
+                sealed,
+                updated_at: updated_at.read(),
+            },
+        })
+    }
+}
+
+/// A wake-up row's times as [`PushStore::schedule_many`] reads them: `due_at,
+/// sent_at, quiet_sent_at`.
+pub(super) type TimesRow<T> = (Option<T>, Option<T>, Option<T>);
+
+impl<T: Column<DateTime<Utc>>> From<TimesRow<T>> for WakeupRow {
+    fn from((due_at, sent_at, quiet_sent_at): TimesRow<T>) -> Self {
+        Self {
+            due_at: due_at.map(T::read),
+            sent_at: sent_at.map(T::read),
+            quiet_sent_at: quiet_sent_at.map(T::read),
+        }
+    }
+}
+
 /// A wake-up row as [`PushStore::schedule_many`] reads it, to [`decide`] on.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct WakeupRow {

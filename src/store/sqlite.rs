@@ -26,8 +26,8 @@ use crate::push::target::Kind;
 
 use super::accounts::{SKELETON_BATCH, warn_look_alike};
 use super::push::{
-    Coalescing, Decision, DueWakeup, PushStore, Scheduled, StoredTarget, TargetSummary, WakeupRow,
-    WakeupUpdate, Wanted, decide, lock_order,
+    Coalescing, Column, Decision, DueRow, DueWakeup, PushStore, Scheduled, TargetSummary,
+    TargetSummaryRow, TimesRow, WakeupRow, WakeupUpdate, Wanted, decide, kind_count, lock_order,
 };
 use super::queue::QUEUE_COLUMNS;
 use super::{
@@ -1405,11 +1405,18 @@ async fn revoke_in(
     Ok(sessions)
 }
 
-/// A push target row's kind as read back: `None` for a dropped target, and
-/// for a kind this build does not know (a later release's), which is then
-/// treated as no target.
-fn push_kind(kind: Option<String>) -> Option<Kind> {
-    kind.as_deref().and_then(Kind::parse)
+/// `device_id` is an `INTEGER` the store wrote from a [`DeviceId`].
+impl Column<DeviceId> for i64 {
+    fn read(self) -> DeviceId {
+        self as DeviceId
+    }
+}
+
+/// Times are stored as milliseconds since the epoch.
+impl Column<DateTime<Utc>> for i64 {
+    fn read(self) -> DateTime<Utc> {
+        time(self)
+    }
 }
 
 #[async_trait]
@@ -1489,22 +1496,14 @@ impl PushStore for SqliteStore {
     }
 
     async fn target_summaries(&self, user: Uuid) -> StoreResult<Vec<TargetSummary>> {
-        let rows: Vec<(i64, Option<String>, i64, bool)> = sqlx::query_as(
+        let rows: Vec<TargetSummaryRow<i64, i64>> = sqlx::query_as(
             "SELECT device_id, kind, updated_at, dropped FROM push_targets
              WHERE user_id = ? ORDER BY device_id",
         )
         .bind(user)
         .fetch_all(&self.reader)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(device, kind, updated_at, dropped)| TargetSummary {
-                device: device as DeviceId,
-                kind: push_kind(kind),
-                updated_at: time(updated_at),
-                dropped,
-            })
-            .collect())
+        Ok(rows.into_iter().map(TargetSummary::from).collect())
     }
 
     async fn count_targets(&self) -> StoreResult<Vec<(Kind, u64)>> {
@@ -1514,10 +1513,7 @@ impl PushStore for SqliteStore {
         )
         .fetch_all(&self.reader)
         .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(kind, n)| Some((Kind::parse(&kind)?, n.max(0) as u64)))
-            .collect())
+        Ok(rows.into_iter().filter_map(kind_count).collect())
     }
 
     async fn schedule_many(
@@ -1547,8 +1543,7 @@ impl PushStore for SqliteStore {
         // One transaction on the single write connection: no other taker
         // can read these rows between the read and the lease.
         let mut tx = self.writer.begin().await?;
-        type Row = (Uuid, i64, bool, i64, String, Vec<u8>, i64);
-        let rows: Vec<Row> = sqlx::query_as(
+        let rows: Vec<DueRow<i64, i64, i64>> = sqlx::query_as(
             "SELECT w.user_id, w.device_id, w.urgent, w.attempts, t.kind, t.target, t.updated_at
              FROM wakeups w JOIN push_targets t
                  ON t.user_id = w.user_id AND t.device_id = w.device_id
@@ -1561,29 +1556,17 @@ impl PushStore for SqliteStore {
         .await?;
         let leased = millis(super::add(now, lease));
         let mut due = Vec::with_capacity(rows.len());
-        for (user, device, urgent, attempts, kind, sealed, updated_at) in rows {
+        for row in rows {
             sqlx::query("UPDATE wakeups SET due_at = ? WHERE user_id = ? AND device_id = ?")
                 .bind(leased)
-                .bind(user)
-                .bind(device)
+                .bind(row.0)
+                .bind(row.1)
                 .execute(&mut *tx)
                 .await?;
-            // A kind this build does not know stays leased, and is tried
-            // again by a node that knows it.
-            let Some(kind) = Kind::parse(&kind) else {
-                continue;
-            };
-            due.push(DueWakeup {
-                user,
-                device: device as DeviceId,
-                urgent,
-                attempts: attempts.max(0) as u32,
-                target: StoredTarget {
-                    kind,
-                    sealed,
-                    updated_at: time(updated_at),
-                },
-            });
+            // A kind this build does not know stays leased (`UnknownKind`).
+            if let Ok(wakeup) = DueWakeup::try_from(row) {
+                due.push(wakeup);
+            }
         }
         tx.commit().await?;
         Ok(due)
@@ -1652,18 +1635,14 @@ async fn schedule_one(
     if !live {
         return Ok(Scheduled::NoTarget);
     }
-    let row: Option<(Option<i64>, Option<i64>, Option<i64>)> = sqlx::query_as(
+    let row: Option<TimesRow<i64>> = sqlx::query_as(
         "SELECT due_at, sent_at, quiet_sent_at FROM wakeups WHERE user_id = ? AND device_id = ?",
     )
     .bind(user)
     .bind(i64::from(device))
     .fetch_optional(&mut *conn)
     .await?;
-    let state = row.map(|(due_at, sent_at, quiet)| WakeupRow {
-        due_at: due_at.map(time),
-        sent_at: sent_at.map(time),
-        quiet_sent_at: quiet.map(time),
-    });
+    let state = row.map(WakeupRow::from);
     let (query, outcome) = match decide(state.as_ref(), urgent, now, rules) {
         Decision::Insert => (
             sqlx::query(

@@ -4,6 +4,7 @@
 //! start-up. No database is involved, so these run once, not per backend;
 //! the scenarios through a running server are in the `push_*` suites.
 
+use std::fmt::Debug;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,22 +36,66 @@ fn settings(flags: &[String], host: &str) -> (sealpost::push::config::PushConfig
     (config.push, Arc::new(allow))
 }
 
-fn apns_provider(fake: &FakeApns, dir: &Path, extra: &[&str]) -> ApnsProvider {
-    let mut flags = fake.flags(dir);
+/// `flags` and `extra`, as one list.
+fn with(mut flags: Vec<String>, extra: &[&str]) -> Vec<String> {
     flags.extend(extra.iter().map(|s| s.to_string()));
-    let (config, allow) = settings(&flags, &fake.host());
-    ApnsProvider::from_config(&config, allow)
-        .expect("APNs settings")
-        .expect("APNs on")
+    flags
 }
 
-fn fcm_provider(fake: &FakeFcm, dir: &Path, extra: &[&str]) -> FcmProvider {
-    let mut flags = fake.flags(dir);
-    flags.extend(extra.iter().map(|s| s.to_string()));
-    let (config, allow) = settings(&flags, &fake.host());
-    FcmProvider::from_config(&config, allow)
-        .expect("FCM settings")
-        .expect("FCM on")
+/// A fake APNs, and a provider configured for it with `extra` flags (its
+/// key read from a directory gone once it is).
+async fn apns_setup(extra: &[&str]) -> (FakeApns, ApnsProvider) {
+    let fake = FakeApns::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, allow) = settings(&with(fake.flags(dir.path()), extra), &fake.host());
+    let provider = ApnsProvider::from_config(&config, allow).expect("APNs settings");
+    (fake, provider.expect("APNs on"))
+}
+
+/// A fake FCM, and a provider configured for it with `extra` flags (its
+/// credentials read from a directory gone once they are).
+async fn fcm_setup(extra: &[&str]) -> (FakeFcm, FcmProvider) {
+    let fake = FakeFcm::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, allow) = settings(&with(fake.flags(dir.path()), extra), &fake.host());
+    let provider = FcmProvider::from_config(&config, allow).expect("FCM settings");
+    (fake, provider.expect("FCM on"))
+}
+
+/// Why APNs settings `flags` are refused at start-up, with its causes.
+fn apns_refused(flags: &[String], host: &str) -> String {
+    let (config, allow) = settings(flags, host);
+    let err = ApnsProvider::from_config(&config, allow).err();
+    format!("{:#}", err.expect("refused"))
+}
+
+/// Why FCM settings `flags` are refused at start-up, with its causes.
+fn fcm_refused(flags: &[String], host: &str) -> String {
+    let (config, allow) = settings(flags, host);
+    let err = FcmProvider::from_config(&config, allow).err();
+    format!("{:#}", err.expect("refused"))
+}
+
+/// For each case, scripts the reply for a new device (`device()`), wakes
+/// it once, and checks the outcome: the one expected, no token in its
+/// text, and no second try (`tries` counts what the fake received for a
+/// device).
+async fn answers_become_outcomes<R: Debug + Clone>(
+    provider: &dyn Provider,
+    cases: Vec<(R, Expected)>,
+    device: fn() -> String,
+    target: fn(&str) -> Target,
+    script: impl Fn(&str, R),
+    tries: impl Fn(&str) -> usize,
+) {
+    for (reply, expected) in cases {
+        let device = device();
+        script(&device, reply.clone());
+        let outcome = provider.wake(&target(&device), Urgency::High).await;
+        assert!(expected(&outcome), "{reply:?} became {outcome:?}");
+        assert_no_token(&outcome, &device);
+        assert_eq!(tries(&device), 1, "{reply:?}: tried again");
+    }
 }
 
 fn apns_target(token: &str) -> Target {
@@ -76,9 +121,7 @@ fn assert_no_token(outcome: &Outcome, token: &str) {
 
 #[tokio::test]
 async fn apns_wakes_are_content_free_and_share_one_provider_token() {
-    let fake = FakeApns::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let provider = apns_provider(&fake, dir.path(), &[]);
+    let (fake, provider) = apns_setup(&[]).await;
     let device = device_token();
 
     let before = unix_now();
@@ -124,9 +167,7 @@ async fn apns_wakes_are_content_free_and_share_one_provider_token() {
 
 #[tokio::test]
 async fn apns_sandbox_targets_go_to_the_sandbox() {
-    let fake = FakeApns::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let provider = apns_provider(&fake, dir.path(), &[]);
+    let (fake, provider) = apns_setup(&[]).await;
     let device = device_token();
     let target = Target::Apns {
         token: device.clone(),
@@ -141,9 +182,7 @@ async fn apns_sandbox_targets_go_to_the_sandbox() {
 
 #[tokio::test]
 async fn apns_answers_become_outcomes() {
-    let fake = FakeApns::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let provider = apns_provider(&fake, dir.path(), &[]);
+    let (fake, provider) = apns_setup(&[]).await;
     let cases: Vec<(ApnsReply, Expected)> = vec![
         (ApnsReply::UNREGISTERED, |o| *o == Outcome::Gone),
         (ApnsReply::BAD_DEVICE_TOKEN, |o| *o == Outcome::Gone),
@@ -169,26 +208,21 @@ async fn apns_answers_become_outcomes() {
             matches!(o, Outcome::Config(_))
         }),
     ];
-    for (reply, expected) in cases {
-        let device = device_token();
-        fake.script(&device, [reply.clone()]);
-        let outcome = provider.wake(&apns_target(&device), Urgency::High).await;
-        assert!(expected(&outcome), "{reply:?} became {outcome:?}");
-        assert_no_token(&outcome, &device);
-        assert_eq!(
-            fake.received_for(&device).len(),
-            1,
-            "{reply:?}: tried again"
-        );
-    }
+    answers_become_outcomes(
+        &provider,
+        cases,
+        device_token,
+        apns_target,
+        |device, reply| fake.script(device, [reply]),
+        |device| fake.received_for(device).len(),
+    )
+    .await;
     assert!(fake.problems().is_empty(), "{:?}", fake.problems());
 }
 
 #[tokio::test]
 async fn apns_renews_a_refused_provider_token_once() {
-    let fake = FakeApns::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let provider = apns_provider(&fake, dir.path(), &[]);
+    let (fake, provider) = apns_setup(&[]).await;
 
     // Refused, renewed, sent.
     let device = device_token();
@@ -260,9 +294,8 @@ async fn apns_checks_the_provider_token_signature() {
 
 #[tokio::test]
 async fn apns_multiplexes_one_connection() {
-    let fake = FakeApns::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let provider = Arc::new(apns_provider(&fake, dir.path(), &[]));
+    let (fake, provider) = apns_setup(&[]).await;
+    let provider = Arc::new(provider);
     assert_eq!(
         provider
             .wake(&apns_target(&device_token()), Urgency::High)
@@ -293,9 +326,7 @@ async fn apns_multiplexes_one_connection() {
 
 #[tokio::test]
 async fn apns_a_hung_service_is_a_transient_failure_within_the_timeout() {
-    let fake = FakeApns::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let provider = apns_provider(&fake, dir.path(), &["--push-timeout", "1s"]);
+    let (fake, provider) = apns_setup(&["--push-timeout", "1s"]).await;
     let device = device_token();
     fake.script(&device, [ApnsReply::Hang(Duration::from_secs(30))]);
     let started = Instant::now();
@@ -327,11 +358,7 @@ async fn apns_settings_are_checked_at_start() {
     // Partial.
     let key = dir.path().join("AuthKey.p8");
     let flags = ["--apns-key-file".to_owned(), key.display().to_string()];
-    let (config, allow) = settings(&flags, "127.0.0.1:1");
-    let err = ApnsProvider::from_config(&config, allow)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = apns_refused(&flags, "127.0.0.1:1");
     assert!(
         err.contains("SEALPOST_APNS_KEY_ID is not set (nor --apns-key-id)"),
         "{err}"
@@ -354,11 +381,7 @@ async fn apns_settings_are_checked_at_start() {
         .to_vec()
     };
     // Unreadable.
-    let (config, allow) = settings(&all(&key), "127.0.0.1:1");
-    let err = format!(
-        "{:#}",
-        ApnsProvider::from_config(&config, allow).err().unwrap()
-    );
+    let err = apns_refused(&all(&key), "127.0.0.1:1");
     assert!(
         err.contains("SEALPOST_APNS_KEY_FILE (--apns-key-file)"),
         "{err}"
@@ -370,11 +393,7 @@ async fn apns_settings_are_checked_at_start() {
         .unwrap()
         .to_owned();
     std::fs::write(&key, &rsa_pem).unwrap();
-    let (config, allow) = settings(&all(&key), "127.0.0.1:1");
-    let err = format!(
-        "{:#}",
-        ApnsProvider::from_config(&config, allow).err().unwrap()
-    );
+    let err = apns_refused(&all(&key), "127.0.0.1:1");
     assert!(
         err.contains("SEALPOST_APNS_KEY_FILE (--apns-key-file)"),
         "{err}"
@@ -387,11 +406,7 @@ async fn apns_settings_are_checked_at_start() {
     let fake = FakeApns::start().await;
     let mut flags = all(&fake.key_file(dir.path()));
     flags[5] = "TEAM 01".into();
-    let (config, allow) = settings(&flags, "127.0.0.1:1");
-    let err = format!(
-        "{:#}",
-        ApnsProvider::from_config(&config, allow).err().unwrap()
-    );
+    let err = apns_refused(&flags, "127.0.0.1:1");
     assert!(
         err.contains("SEALPOST_APNS_TEAM_ID (--apns-team-id)"),
         "{err}"
@@ -402,11 +417,7 @@ async fn apns_settings_are_checked_at_start() {
     for url in ["http://push.example.com", "https://10.0.0.1"] {
         let mut flags = all(&fake.key_file(dir.path()));
         flags.extend(["--apns-sandbox-url".into(), url.into()]);
-        let (config, allow) = settings(&flags, "127.0.0.1:1");
-        let err = format!(
-            "{:#}",
-            ApnsProvider::from_config(&config, allow).err().unwrap()
-        );
+        let err = apns_refused(&flags, "127.0.0.1:1");
         assert!(
             err.contains("SEALPOST_APNS_SANDBOX_URL (--apns-sandbox-url) must"),
             "{err}"
@@ -416,9 +427,7 @@ async fn apns_settings_are_checked_at_start() {
 
 #[tokio::test]
 async fn fcm_wakes_are_data_only_and_share_one_access_token() {
-    let fake = FakeFcm::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let provider = fcm_provider(&fake, dir.path(), &[]);
+    let (fake, provider) = fcm_setup(&[]).await;
     let device = registration_token();
     assert_eq!(
         provider.wake(&fcm_target(&device), Urgency::High).await,
@@ -445,9 +454,7 @@ async fn fcm_wakes_are_data_only_and_share_one_access_token() {
 
 #[tokio::test]
 async fn fcm_answers_become_outcomes() {
-    let fake = FakeFcm::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let provider = fcm_provider(&fake, dir.path(), &[]);
+    let (fake, provider) = fcm_setup(&[]).await;
     let cases: Vec<(FcmReply, Expected)> = vec![
         (FcmReply::UNREGISTERED, |o| *o == Outcome::Gone),
         (FcmReply::Error(404, "NOT_FOUND", None), |o| {
@@ -469,26 +476,21 @@ async fn fcm_answers_become_outcomes() {
         }),
         (FcmReply::INTERNAL, |o| matches!(o, Outcome::Transient(_))),
     ];
-    for (reply, expected) in cases {
-        let device = registration_token();
-        fake.script(&device, [reply.clone()]);
-        let outcome = provider.wake(&fcm_target(&device), Urgency::High).await;
-        assert!(expected(&outcome), "{reply:?} became {outcome:?}");
-        assert_no_token(&outcome, &device);
-        assert_eq!(
-            fake.received_for(&device).len(),
-            1,
-            "{reply:?}: tried again"
-        );
-    }
+    answers_become_outcomes(
+        &provider,
+        cases,
+        registration_token,
+        fcm_target,
+        |device, reply| fake.script(device, [reply]),
+        |device| fake.received_for(device).len(),
+    )
+    .await;
     assert!(fake.problems().is_empty(), "{:?}", fake.problems());
 }
 
 #[tokio::test]
 async fn fcm_renews_the_access_token_before_it_expires() {
-    let fake = FakeFcm::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let provider = fcm_provider(&fake, dir.path(), &[]);
+    let (fake, provider) = fcm_setup(&[]).await;
     // A token of 2 s is used for its first half.
     fake.set_token_lifetime(Duration::from_secs(2));
     let device = registration_token();
@@ -513,9 +515,7 @@ async fn fcm_renews_the_access_token_before_it_expires() {
 
 #[tokio::test]
 async fn fcm_a_revoked_access_token_is_replaced_at_once() {
-    let fake = FakeFcm::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let provider = fcm_provider(&fake, dir.path(), &[]);
+    let (fake, provider) = fcm_setup(&[]).await;
     let device = registration_token();
     assert_eq!(
         provider.wake(&fcm_target(&device), Urgency::High).await,
@@ -544,9 +544,8 @@ async fn fcm_a_revoked_access_token_is_replaced_at_once() {
 
 #[tokio::test]
 async fn fcm_one_token_request_for_many_wakes() {
-    let fake = FakeFcm::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let provider = Arc::new(fcm_provider(&fake, dir.path(), &[]));
+    let (fake, provider) = fcm_setup(&[]).await;
+    let provider = Arc::new(provider);
     // A slow token endpoint: every wake-up of the burst arrives before
     // the token does.
     fake.script_token([FcmReply::Hang(Duration::from_millis(300))]);
@@ -569,9 +568,7 @@ async fn fcm_one_token_request_for_many_wakes() {
 
 #[tokio::test]
 async fn fcm_token_endpoint_failures() {
-    let fake = FakeFcm::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let provider = fcm_provider(&fake, dir.path(), &[]);
+    let (fake, provider) = fcm_setup(&[]).await;
     let device = registration_token();
     fake.script_token([
         FcmReply::Error(400, "invalid_grant", None),
@@ -650,11 +647,7 @@ async fn fcm_settings_are_checked_at_start() {
     ];
     let setting = "SEALPOST_FCM_CREDENTIALS_FILE (--fcm-credentials-file)";
     // Unreadable.
-    let (config, allow) = settings(&flags, "127.0.0.1:1");
-    let err = format!(
-        "{:#}",
-        FcmProvider::from_config(&config, allow).err().unwrap()
-    );
+    let err = fcm_refused(&flags, "127.0.0.1:1");
     assert!(err.contains(setting), "{err}");
 
     // Lacking fields.
@@ -663,11 +656,7 @@ async fn fcm_settings_are_checked_at_start() {
     credentials.as_object_mut().unwrap().remove("token_uri");
     credentials.as_object_mut().unwrap().remove("project_id");
     std::fs::write(&path, credentials.to_string()).unwrap();
-    let (config, allow) = settings(&flags, "127.0.0.1:1");
-    let err = format!(
-        "{:#}",
-        FcmProvider::from_config(&config, allow).err().unwrap()
-    );
+    let err = fcm_refused(&flags, "127.0.0.1:1");
     assert!(err.contains(setting), "{err}");
     assert!(err.contains("lacks project_id, token_uri"), "{err}");
 
@@ -676,11 +665,7 @@ async fn fcm_settings_are_checked_at_start() {
     credentials["private_key"] =
         "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n".into();
     std::fs::write(&path, credentials.to_string()).unwrap();
-    let (config, allow) = settings(&flags, "127.0.0.1:1");
-    let err = format!(
-        "{:#}",
-        FcmProvider::from_config(&config, allow).err().unwrap()
-    );
+    let err = fcm_refused(&flags, "127.0.0.1:1");
     assert!(err.contains("not an RSA key in PKCS#8 PEM"), "{err}");
     assert!(!err.contains("MIIB"), "the key in the error: {err}");
 
@@ -691,30 +676,18 @@ async fn fcm_settings_are_checked_at_start() {
         "--fcm-url".into(),
         "http://fcm.example.com".into(),
     ];
-    let (config, allow) = settings(&flags_http, &fake.host());
-    let err = format!(
-        "{:#}",
-        FcmProvider::from_config(&config, allow).err().unwrap()
-    );
+    let err = fcm_refused(&flags_http, &fake.host());
     assert!(
         err.contains("SEALPOST_FCM_URL (--fcm-url) must be an https URL"),
         "{err}"
     );
     // The token URI too (the fake's is plain http on loopback).
-    let (config, allow) = settings(&fake.flags(dir.path()), "127.0.0.1:1");
-    let err = format!(
-        "{:#}",
-        FcmProvider::from_config(&config, allow).err().unwrap()
-    );
+    let err = fcm_refused(&fake.flags(dir.path()), "127.0.0.1:1");
     assert!(err.contains("token_uri"), "{err}");
     assert!(err.contains(setting), "{err}");
 
     // Not JSON.
     std::fs::write(&path, "project_id = x").unwrap();
-    let (config, allow) = settings(&flags, "127.0.0.1:1");
-    let err = format!(
-        "{:#}",
-        FcmProvider::from_config(&config, allow).err().unwrap()
-    );
+    let err = fcm_refused(&flags, "127.0.0.1:1");
     assert!(err.contains("not a service-account JSON"), "{err}");
 }

@@ -3,6 +3,7 @@
 //! quiet, cancelled), against the store alone, each test on a fresh
 //! database.
 
+#[cfg(sealpost_pg_tests)]
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;

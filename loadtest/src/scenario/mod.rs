@@ -51,6 +51,32 @@ pub fn node_of(plan: &Plan, n: usize) -> usize {
     n % plan.targets.len()
 }
 
+/// The set-up of `what` ("pair", "sender"), one result per unit: the
+/// units ready, and the setup report for the gate, counting
+/// `{what}s_ready` and `fail_{what}_setup` (the first failure printed, not
+/// every one of thousands).
+pub fn ready<T, E: std::fmt::Display>(
+    what: &str,
+    opened: impl IntoIterator<Item = Result<T, E>>,
+) -> (Vec<T>, Report) {
+    let failed = format!("fail_{what}_setup");
+    let mut setup = Report::default();
+    let mut ready = Vec::new();
+    for unit in opened {
+        match unit {
+            Ok(unit) => ready.push(unit),
+            Err(e) => {
+                if setup.count(&failed) == 0 {
+                    eprintln!("{what} setup failed: {e:#}");
+                }
+                setup.add(&failed, 1);
+            }
+        }
+    }
+    setup.add(&format!("{what}s_ready"), ready.len() as u64);
+    (ready, setup)
+}
+
 /// Sockets opened at once per shard: enough to connect thousands per second,
 /// few enough not to flood the server's accept queue.
 pub const CONNECT_CONCURRENCY: usize = 256;

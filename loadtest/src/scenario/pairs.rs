@@ -152,20 +152,7 @@ pub async fn run(
         .buffer_unordered((CONNECT_CONCURRENCY / (1 + devices)).max(1))
         .collect()
         .await;
-    let mut setup = Report::default();
-    let mut ready = Vec::new();
-    for pair in opened {
-        match pair {
-            Ok(pair) => ready.push(pair),
-            Err(e) => {
-                if setup.count("fail_pair_setup") == 0 {
-                    eprintln!("pair setup failed: {e:#}");
-                }
-                setup.add("fail_pair_setup", 1);
-            }
-        }
-    }
-    setup.add("pairs_ready", ready.len() as u64);
+    let (ready, setup) = super::ready("pair", opened);
     gate.pass(&setup).await;
 
     // Every sender paces itself to its share of the total rate, its ticks

@@ -484,20 +484,8 @@ pub async fn run(
         .buffer_unordered(CONNECT_CONCURRENCY)
         .collect()
         .await;
-    let mut setup = Report::default();
-    let mut ready = Vec::new();
-    for (n, ws) in opened {
-        match ws {
-            Ok(ws) => ready.push((n, ws)),
-            Err(e) => {
-                if setup.count("fail_sender_setup") == 0 {
-                    eprintln!("sender setup failed: {e:#}");
-                }
-                setup.add("fail_sender_setup", 1);
-            }
-        }
-    }
-    setup.add("senders_ready", ready.len() as u64);
+    let opened = opened.into_iter().map(|(n, ws)| ws.map(|ws| (n, ws)));
+    let (ready, setup) = super::ready("sender", opened);
     gate.pass(&setup).await;
 
     // Each sender paces itself to its share of the total rate, offset by

@@ -20,10 +20,8 @@
 //! The sandbox host is the same fake under `/sandbox` ([`FakeApns::sandbox_url`]),
 //! so that one fake tells the two environments apart.
 
-use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -36,9 +34,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use p256::elliptic_curve::sec1::ToEncodedPoint;
 use p256::pkcs8::EncodePrivateKey;
 use serde_json::{Value, json};
-use tokio::task::JoinHandle;
 
-use super::{listen, serve, unix_now};
+use super::{ForDevice, Record, Refusal, Served, listen, unix_now, with_retry_after};
 
 pub const KEY_ID: &str = "FAKEKEY001";
 pub const TEAM_ID: &str = "FAKETEAM01";
@@ -86,20 +83,22 @@ pub struct ApnsRequest {
     pub at: Instant,
 }
 
+impl ForDevice for ApnsRequest {
+    fn device(&self) -> &str {
+        &self.device
+    }
+}
+
 struct Shared {
-    connections: Arc<AtomicUsize>,
     decoding: DecodingKey,
-    received: Mutex<Vec<ApnsRequest>>,
-    problems: Mutex<Vec<String>>,
-    scripts: Mutex<HashMap<String, VecDeque<ApnsReply>>>,
+    record: Record<ApnsRequest, ApnsReply>,
 }
 
 /// The fake; it stops when dropped.
 pub struct FakeApns {
-    addr: std::net::SocketAddr,
+    served: Served,
     key_pem: String,
     shared: Arc<Shared>,
-    task: JoinHandle<()>,
 }
 
 impl FakeApns {
@@ -112,39 +111,34 @@ impl FakeApns {
             .to_string();
         let point = key.public_key().to_encoded_point(false);
         let shared = Arc::new(Shared {
-            connections: Arc::default(),
             decoding: DecodingKey::from_ec_der(point.as_bytes()),
-            received: Mutex::default(),
-            problems: Mutex::default(),
-            scripts: Mutex::default(),
+            record: Record::default(),
         });
         let router = Router::new()
             .route("/3/device/{token}", post(production))
             .route("/sandbox/3/device/{token}", post(sandbox))
             .with_state(shared.clone());
-        let (listener, addr) = listen().await;
-        let task = serve(listener, router, true, shared.connections.clone());
+        let (listener, _) = listen().await;
         Self {
-            addr,
+            served: Served::new(listener, router, true),
             key_pem,
             shared,
-            task,
         }
     }
 
     /// The production base URL (`--apns-url`).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.served.url()
     }
 
     /// The sandbox base URL (`--apns-sandbox-url`).
     pub fn sandbox_url(&self) -> String {
-        format!("http://{}/sandbox", self.addr)
+        format!("{}/sandbox", self.served.url())
     }
 
     /// `host:port`, for `--push-allow-hosts`.
     pub fn host(&self) -> String {
-        self.addr.to_string()
+        self.served.host()
     }
 
     /// The `.p8` key (PKCS#8 PEM).
@@ -180,42 +174,27 @@ impl FakeApns {
     /// The answers for `device`'s next requests, in order; after them,
     /// 200.
     pub fn script(&self, device: &str, replies: impl IntoIterator<Item = ApnsReply>) {
-        self.shared
-            .scripts
-            .lock()
-            .unwrap()
-            .entry(device.to_owned())
-            .or_default()
-            .extend(replies);
+        self.shared.record.script(device, replies);
     }
 
     /// How many connections clients opened to it.
     pub fn connections(&self) -> usize {
-        self.shared.connections.load(Ordering::SeqCst)
+        self.served.connections()
     }
 
     /// Every request accepted so far, in order.
     pub fn received(&self) -> Vec<ApnsRequest> {
-        self.shared.received.lock().unwrap().clone()
+        self.shared.record.received()
     }
 
     /// Those for `device`.
     pub fn received_for(&self, device: &str) -> Vec<ApnsRequest> {
-        self.received()
-            .into_iter()
-            .filter(|r| r.device == device)
-            .collect()
+        self.shared.record.received_for(device)
     }
 
     /// What it refused, and why: empty when all was as APNs wants it.
     pub fn problems(&self) -> Vec<String> {
-        self.shared.problems.lock().unwrap().clone()
-    }
-}
-
-impl Drop for FakeApns {
-    fn drop(&mut self) {
-        self.task.abort();
+        self.shared.record.problems()
     }
 }
 
@@ -262,31 +241,14 @@ async fn handle(
     let request = match check(&shared, device, sandbox, &headers, &body) {
         Ok(request) => request,
         Err((status, why, problem)) => {
-            shared.problems.lock().unwrap().push(problem);
+            shared.record.problem(problem);
             return reason(status, why);
         }
     };
-    let device = request.device.clone();
-    shared.received.lock().unwrap().push(request);
-    let reply = shared
-        .scripts
-        .lock()
-        .unwrap()
-        .get_mut(&device)
-        .and_then(VecDeque::pop_front)
-        .unwrap_or(ApnsReply::Ok);
-    match reply {
+    match shared.record.accept(request).unwrap_or(ApnsReply::Ok) {
         ApnsReply::Ok => ok(),
         ApnsReply::Reason(status, why) => reason(status, why),
-        ApnsReply::Throttle(after) => {
-            let mut response = reason(429, "TooManyRequests");
-            if let Some(after) = after {
-                response
-                    .headers_mut()
-                    .insert("retry-after", after.to_string().parse().unwrap());
-            }
-            response
-        }
+        ApnsReply::Throttle(after) => with_retry_after(reason(429, "TooManyRequests"), after),
         ApnsReply::Hang(time) => {
             tokio::time::sleep(time).await;
             ok()
@@ -301,8 +263,6 @@ fn ok() -> Response {
     )
         .into_response()
 }
-
-type Refusal = (u16, &'static str, String);
 
 /// What APNs checks, in its order; a refusal is an answer and a problem.
 fn check(

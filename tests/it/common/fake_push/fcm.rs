@@ -31,9 +31,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use rsa::pkcs1::EncodeRsaPublicKey;
 use rsa::pkcs8::{EncodePrivateKey, LineEnding};
 use serde_json::{Value, json};
-use tokio::task::JoinHandle;
 
-use super::{listen, serve, unix_now};
+use super::{ForDevice, Record, Refusal, Served, listen, unix_now, with_retry_after};
 
 pub const PROJECT_ID: &str = "sealpost-fake";
 pub const CLIENT_EMAIL: &str = "sealpost@sealpost-fake.iam.gserviceaccount.com";
@@ -81,8 +80,13 @@ pub struct FcmRequest {
     pub at: Instant,
 }
 
+impl ForDevice for FcmRequest {
+    fn device(&self) -> &str {
+        &self.device
+    }
+}
+
 struct Shared {
-    connections: Arc<AtomicUsize>,
     token_uri: String,
     decoding: DecodingKey,
     /// Access tokens issued and when each expires.
@@ -93,16 +97,14 @@ struct Shared {
     /// Sends refused for their access token.
     unauthenticated: AtomicUsize,
     token_script: Mutex<VecDeque<FcmReply>>,
-    received: Mutex<Vec<FcmRequest>>,
-    problems: Mutex<Vec<String>>,
-    scripts: Mutex<HashMap<String, VecDeque<FcmReply>>>,
+    /// The sends.
+    record: Record<FcmRequest, FcmReply>,
 }
 
 /// The fake; it stops when dropped.
 pub struct FakeFcm {
-    addr: std::net::SocketAddr,
+    served: Served,
     shared: Arc<Shared>,
-    task: JoinHandle<()>,
 }
 
 /// One RSA key for the test process: 2048 bits, as Google's, made once
@@ -124,7 +126,6 @@ impl FakeFcm {
             .expect("PKCS#1 public key");
         let (listener, addr) = listen().await;
         let shared = Arc::new(Shared {
-            connections: Arc::default(),
             token_uri: format!("http://{addr}/token"),
             decoding: DecodingKey::from_rsa_der(public.as_bytes()),
             issued: Mutex::default(),
@@ -132,21 +133,21 @@ impl FakeFcm {
             token_requests: AtomicUsize::new(0),
             unauthenticated: AtomicUsize::new(0),
             token_script: Mutex::default(),
-            received: Mutex::default(),
-            problems: Mutex::default(),
-            scripts: Mutex::default(),
+            record: Record::default(),
         });
         let router = Router::new()
             .route("/token", post(token))
             .route("/v1/projects/{project}/messages:send", post(send))
             .with_state(shared.clone());
-        let task = serve(listener, router, false, shared.connections.clone());
-        Self { addr, shared, task }
+        Self {
+            served: Served::new(listener, router, false),
+            shared,
+        }
     }
 
     /// The FCM base URL (`--fcm-url`).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.served.url()
     }
 
     /// The token endpoint, the service account's `token_uri`.
@@ -156,7 +157,7 @@ impl FakeFcm {
 
     /// `host:port`, for `--push-allow-hosts`.
     pub fn host(&self) -> String {
-        self.addr.to_string()
+        self.served.host()
     }
 
     /// The service-account JSON, as the Firebase console gives it, with
@@ -201,13 +202,7 @@ impl FakeFcm {
     /// The answers for sends to `device`'s next requests, in order; after
     /// them, 200.
     pub fn script(&self, device: &str, replies: impl IntoIterator<Item = FcmReply>) {
-        self.shared
-            .scripts
-            .lock()
-            .unwrap()
-            .entry(device.to_owned())
-            .or_default()
-            .extend(replies);
+        self.shared.record.script(device, replies);
     }
 
     /// The answers to the next token requests (`Error`'s `status` is then
@@ -242,31 +237,22 @@ impl FakeFcm {
 
     /// How many connections clients opened to it.
     pub fn connections(&self) -> usize {
-        self.shared.connections.load(Ordering::SeqCst)
+        self.served.connections()
     }
 
     /// Every send accepted so far, in order.
     pub fn received(&self) -> Vec<FcmRequest> {
-        self.shared.received.lock().unwrap().clone()
+        self.shared.record.received()
     }
 
     /// Those to `device`.
     pub fn received_for(&self, device: &str) -> Vec<FcmRequest> {
-        self.received()
-            .into_iter()
-            .filter(|r| r.device == device)
-            .collect()
+        self.shared.record.received_for(device)
     }
 
     /// What it refused, and why: empty when all was as Google wants it.
     pub fn problems(&self) -> Vec<String> {
-        self.shared.problems.lock().unwrap().clone()
-    }
-}
-
-impl Drop for FakeFcm {
-    fn drop(&mut self) {
-        self.task.abort();
+        self.shared.record.problems()
     }
 }
 
@@ -299,13 +285,10 @@ fn api_error(status: u16, word: &str, code: Option<&str>) -> Response {
 }
 
 fn throttled(after: Option<u64>) -> Response {
-    let mut response = api_error(429, "RESOURCE_EXHAUSTED", Some("QUOTA_EXCEEDED"));
-    if let Some(after) = after {
-        response
-            .headers_mut()
-            .insert("retry-after", after.to_string().parse().unwrap());
-    }
-    response
+    with_retry_after(
+        api_error(429, "RESOURCE_EXHAUSTED", Some("QUOTA_EXCEEDED")),
+        after,
+    )
 }
 
 fn oauth_error(status: u16, error: &str, description: &str) -> Response {
@@ -319,7 +302,7 @@ fn oauth_error(status: u16, error: &str, description: &str) -> Response {
 async fn token(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     shared.token_requests.fetch_add(1, Ordering::SeqCst);
     if let Err((status, error, problem)) = check_assertion(&shared, &headers, &body) {
-        shared.problems.lock().unwrap().push(problem);
+        shared.record.problem(problem);
         return oauth_error(status, error, "refused by the fake");
     }
     let reply = shared.token_script.lock().unwrap().pop_front();
@@ -342,8 +325,6 @@ async fn token(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byte
     }))
     .into_response()
 }
-
-type Refusal = (u16, &'static str, String);
 
 /// The token request as Google checks it (RFC 7523 section 3).
 fn check_assertion(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<(), Refusal> {
@@ -447,19 +428,11 @@ async fn send(
             return api_error(401, word, None);
         }
         Err((status, word, problem)) => {
-            shared.problems.lock().unwrap().push(problem);
+            shared.record.problem(problem);
             return api_error(status, word, None);
         }
     };
-    let device = request.device.clone();
-    shared.received.lock().unwrap().push(request);
-    let reply = shared
-        .scripts
-        .lock()
-        .unwrap()
-        .get_mut(&device)
-        .and_then(VecDeque::pop_front)
-        .unwrap_or(FcmReply::Ok);
+    let reply = shared.record.accept(request).unwrap_or(FcmReply::Ok);
     let ok = || {
         axum::Json(json!({
             "name": format!("projects/{PROJECT_ID}/messages/0:{}", uuid::Uuid::new_v4().simple()),

@@ -24,7 +24,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -38,7 +38,8 @@ use p256::ecdsa::signature::Verifier;
 use p256::elliptic_curve::sec1::ToEncodedPoint;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
+
+use super::{Served, listen, unix_now, with_retry_after};
 
 /// The contact the tests' servers give (`--vapid-subject`).
 pub const SUBJECT: &str = "mailto:push-tests@example.com";
@@ -161,34 +162,27 @@ struct Shared {
     changed: Notify,
 }
 
+/// The fake; it stops when dropped.
 pub struct FakeWebPush {
     shared: Arc<Shared>,
-    port: u16,
-    task: JoinHandle<()>,
-}
-
-impl Drop for FakeWebPush {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    served: Served,
 }
 
 impl FakeWebPush {
     pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let (listener, addr) = listen().await;
         let shared = Arc::new(Shared {
-            origin: format!("http://127.0.0.1:{port}"),
+            origin: format!("http://{addr}"),
             subs: Mutex::new(HashMap::new()),
             changed: Notify::new(),
         });
         let app = Router::new()
             .route("/push/{id}", post(push))
             .with_state(shared.clone());
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        Self { shared, port, task }
+        Self {
+            shared,
+            served: Served::new(listener, app, false),
+        }
     }
 
     /// `http://127.0.0.1:<port>`: the `aud` a push to it must carry.
@@ -198,7 +192,7 @@ impl FakeWebPush {
 
     /// `127.0.0.1:<port>`, for `--push-allow-hosts`.
     pub fn allow_host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        self.served.host()
     }
 
     /// The settings that turn Web Push on in a server pointed at this
@@ -385,14 +379,9 @@ async fn push(
                 status.into_response()
             }
         }
-        Answer::TooMany(retry_after) => match retry_after {
-            Some(value) => (
-                StatusCode::TOO_MANY_REQUESTS,
-                [(header::RETRY_AFTER, value)],
-            )
-                .into_response(),
-            None => StatusCode::TOO_MANY_REQUESTS.into_response(),
-        },
+        Answer::TooMany(retry_after) => {
+            with_retry_after(StatusCode::TOO_MANY_REQUESTS.into_response(), retry_after)
+        }
         Answer::Hang(duration) => {
             tokio::time::sleep(duration).await;
             StatusCode::CREATED.into_response()
@@ -539,10 +528,7 @@ fn vapid(origin: &str, authorization: Option<&str>) -> Result<(Value, String), S
     if claims["aud"] != origin {
         return Err(format!("aud {} is not {origin}", claims["aud"]));
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = unix_now();
     let exp = claims["exp"].as_u64().ok_or("no numeric exp")?;
     if exp <= now {
         return Err(format!("exp {exp} has passed (now {now})"));
