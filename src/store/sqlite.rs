@@ -1541,33 +1541,38 @@ impl PushStore for SqliteStore {
         lease: Duration,
     ) -> StoreResult<Vec<DueWakeup>> {
         // One transaction on the single write connection: no other taker
-        // can read these rows between the read and the lease.
-        let mut tx = self.writer.begin().await?;
-        let rows: Vec<DueRow<i64, i64, i64>> = sqlx::query_as(
-            "SELECT w.user_id, w.device_id, w.urgent, w.attempts, t.kind, t.target, t.updated_at
-             FROM wakeups w JOIN push_targets t
+        // can read these rows between the read and the lease. The lease is
+        // one statement over the same rows (the same query, in a total
+        // order, on rows nothing else wrote since), not one per row: the
+        // write connection is the one sends commit on.
+        const DUE: &str = "FROM wakeups w JOIN push_targets t
                  ON t.user_id = w.user_id AND t.device_id = w.device_id
-             WHERE w.due_at IS NOT NULL AND w.due_at <= ? AND t.target IS NOT NULL
-             ORDER BY w.due_at LIMIT ?",
-        )
+             WHERE w.due_at IS NOT NULL AND w.due_at <= ?1 AND t.target IS NOT NULL
+             ORDER BY w.due_at, w.user_id, w.device_id LIMIT ?2";
+        let mut tx = self.writer.begin().await?;
+        let rows: Vec<DueRow<i64, i64, i64>> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT w.user_id, w.device_id, w.urgent, w.attempts, t.kind, t.target, t.updated_at {DUE}"
+        )))
         .bind(millis(now))
         .bind(i64::from(limit))
         .fetch_all(&mut *tx)
         .await?;
-        let leased = millis(super::add(now, lease));
-        let mut due = Vec::with_capacity(rows.len());
-        for row in rows {
-            sqlx::query("UPDATE wakeups SET due_at = ? WHERE user_id = ? AND device_id = ?")
-                .bind(leased)
-                .bind(row.0)
-                .bind(row.1)
-                .execute(&mut *tx)
-                .await?;
-            // A kind this build does not know stays leased (`UnknownKind`).
-            if let Ok(wakeup) = DueWakeup::try_from(row) {
-                due.push(wakeup);
-            }
+        if !rows.is_empty() {
+            sqlx::query(AssertSqlSafe(format!(
+                "UPDATE wakeups SET due_at = ?3
+                 WHERE (user_id, device_id) IN (SELECT w.user_id, w.device_id {DUE})"
+            )))
+            .bind(millis(now))
+            .bind(i64::from(limit))
+            .bind(millis(super::add(now, lease)))
+            .execute(&mut *tx)
+            .await?;
         }
+        // A kind this build does not know stays leased (`UnknownKind`).
+        let due = rows
+            .into_iter()
+            .filter_map(|row| DueWakeup::try_from(row).ok())
+            .collect();
         tx.commit().await?;
         Ok(due)
     }
@@ -1624,6 +1629,24 @@ async fn schedule_one(
         due,
         urgent,
     } = *wanted;
+    // Insert-if-absent first, the common case (a device with no wake-up
+    // row yet) in one statement.
+    let inserted = sqlx::query(
+        "INSERT INTO wakeups (user_id, device_id, due_at, urgent, attempts)
+         SELECT ?1, ?2, ?3, ?4, 0 WHERE EXISTS (
+             SELECT 1 FROM push_targets
+             WHERE user_id = ?1 AND device_id = ?2 AND target IS NOT NULL)
+         ON CONFLICT (user_id, device_id) DO NOTHING",
+    )
+    .bind(user)
+    .bind(i64::from(device))
+    .bind(millis(due))
+    .bind(urgent)
+    .execute(&mut *conn)
+    .await?;
+    if inserted.rows_affected() == 1 {
+        return Ok(Scheduled::Pending);
+    }
     let live: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM push_targets
                         WHERE user_id = ? AND device_id = ? AND target IS NOT NULL)",

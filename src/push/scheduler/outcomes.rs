@@ -21,12 +21,14 @@ use crate::store::DeviceId;
 use crate::store::push::{PushStore, WakeupUpdate};
 
 /// Updates queued and not yet written. The sender has at most 256 tries in
-/// flight, each queueing one update, so this only fills when the database
+/// flight, each queueing one update (and the writer takes them 64 at a
+/// time), so this only fills when the database
 /// stalls; the sender then waits for room, and takes nothing new.
 const QUEUED: usize = 1024;
 
-/// Updates written in one transaction.
-const BATCH: usize = 256;
+/// Updates written in one transaction: one statement each, so on SQLite a
+/// send waits at most about a millisecond behind a batch.
+const BATCH: usize = 64;
 
 /// Where the sender queues its outcomes.
 #[derive(Clone)]
