@@ -73,14 +73,11 @@ impl WebPushProvider {
         let uri: http::Uri = endpoint
             .parse()
             .map_err(|_| "the stored endpoint is not a URL")?;
-        let ua_public = p256::PublicKey::from_sec1_bytes(p256dh)
-            .map_err(|_| "the stored p256dh is not a P-256 point")?;
         let auth: [u8; 16] = auth
             .as_slice()
             .try_into()
             .map_err(|_| "the stored auth secret is not 16 bytes")?;
-        let body = web_push_native::encrypt(PLAINTEXT.to_vec(), &ua_public, &auth.into())
-            .map_err(|e| format!("cannot encrypt the wake-up: {e}"))?;
+        let body = encrypt(PLAINTEXT, p256dh, &auth)?;
         let authorization = self.vapid.authorization(&uri)?;
         Request::post(uri)
             .header("TTL", TTL_SECONDS)
@@ -168,10 +165,97 @@ fn reason(body: &[u8]) -> String {
     }
 }
 
+/// RFC 8291 §3.4: `plaintext` encrypted to a subscription (its `p256dh`
+/// and `auth`), as one `aes128gcm` record (RFC 8188) under a new ephemeral
+/// key, the key id being that key's uncompressed point.
+fn encrypt(plaintext: &[u8], p256dh: &[u8], auth: &[u8; 16]) -> Result<Vec<u8>, String> {
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+    use ring::{agreement, hkdf, rand::SecureRandom};
+
+    /// The 32-byte IKM that HKDF expands to.
+    struct Ikm;
+    impl hkdf::KeyType for Ikm {
+        fn len(&self) -> usize {
+            32
+        }
+    }
+
+    // The browser's key as the info string has it: uncompressed, whatever
+    // form it was registered in.
+    let ua_public = p256::PublicKey::from_sec1_bytes(p256dh)
+        .map_err(|_| "the stored p256dh is not a P-256 point")?;
+    let ua_public = ua_public.to_encoded_point(false);
+    let rng = ring::rand::SystemRandom::new();
+    let failed = |_| "cannot encrypt the wake-up".to_owned();
+    let private =
+        agreement::EphemeralPrivateKey::generate(&agreement::ECDH_P256, &rng).map_err(failed)?;
+    let as_public = private.compute_public_key().map_err(failed)?;
+    let peer = agreement::UnparsedPublicKey::new(&agreement::ECDH_P256, ua_public.as_bytes());
+    let ikm = agreement::agree_ephemeral(private, &peer, |ecdh_secret| {
+        // IKM = HKDF(salt = auth, ikm = ECDH secret,
+        //            info = "WebPush: info" 0x00 || ua_public || as_public)
+        let info = [
+            b"WebPush: info\0".as_slice(),
+            ua_public.as_bytes(),
+            as_public.as_ref(),
+        ];
+        let mut ikm = [0u8; 32];
+        hkdf::Salt::new(hkdf::HKDF_SHA256, auth)
+            .extract(ecdh_secret)
+            .expand(&info, Ikm)
+            .and_then(|okm| okm.fill(&mut ikm))
+            .map(|()| ikm)
+    })
+    .map_err(failed)?
+    .map_err(failed)?;
+    let mut salt = [0u8; 16];
+    rng.fill(&mut salt).map_err(failed)?;
+    // One record: the plaintext, its delimiter and the 16-byte tag.
+    let record_size = u32::try_from(plaintext.len() + 17).map_err(|_| "the wake-up is too long")?;
+    ece_native::encrypt(
+        ikm,
+        salt,
+        as_public.as_ref(),
+        std::iter::once(plaintext.to_vec()),
+        record_size,
+    )
+    .map_err(|err| format!("cannot encrypt the wake-up: {err:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::push::http::fake_answer as answer;
+
+    /// What we encrypt, another implementation (`web-push-native`, on
+    /// RustCrypto) decrypts with the subscription's private key; each
+    /// wake-up under a new key and salt.
+    #[test]
+    fn a_wakeup_decrypts_with_the_subscription_key() {
+        use p256::elliptic_curve::sec1::ToEncodedPoint;
+        let secret = p256::SecretKey::random(&mut p256::elliptic_curve::rand_core::OsRng);
+        let public = secret.public_key().to_encoded_point(false);
+        let auth = [7u8; 16];
+        let one = encrypt(PLAINTEXT, public.as_bytes(), &auth).unwrap();
+        let two = encrypt(PLAINTEXT, public.as_bytes(), &auth).unwrap();
+        assert_ne!(one, two);
+        assert_eq!(one.len(), two.len(), "every wake-up has the same size");
+        for body in [one, two] {
+            let plain = web_push_native::decrypt(body, &secret, &auth.into()).unwrap();
+            assert_eq!(plain, PLAINTEXT);
+        }
+        // A compressed key is the same key.
+        let compressed = secret.public_key().to_encoded_point(true);
+        let body = encrypt(PLAINTEXT, compressed.as_bytes(), &auth).unwrap();
+        assert_eq!(
+            web_push_native::decrypt(body, &secret, &auth.into()).unwrap(),
+            PLAINTEXT
+        );
+        // The wrong auth secret does not decrypt it.
+        let body = encrypt(PLAINTEXT, public.as_bytes(), &auth).unwrap();
+        assert!(web_push_native::decrypt(body, &secret, &[8u8; 16].into()).is_err());
+        assert!(encrypt(PLAINTEXT, &[4u8; 65], &auth).is_err());
+    }
 
     #[test]
     fn answers_map_to_outcomes() {
