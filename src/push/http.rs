@@ -36,9 +36,12 @@ use super::guard::{AllowHosts, forbidden};
 /// answer judged by its status.
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
-/// Idle connections kept per origin. A few: a burst of wake-ups to one
-/// service (FCM, Mozilla's autopush) reuses them; APNs needs one (HTTP/2).
-const IDLE_PER_HOST: usize = 8;
+/// Idle connections kept per origin: as many as the scheduler may have in
+/// flight to one host (`SEALPOST_PUSH_HOST_CONCURRENCY`, at most 64), so
+/// that a burst of wake-ups to a service speaking HTTP/1.1 reuses its
+/// connections instead of opening (and, over TLS, handshaking) most of
+/// them anew. An HTTP/2 service (APNs, FCM) multiplexes over one.
+const IDLE_PER_HOST: usize = 64;
 
 /// How long an idle pooled connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
