@@ -300,6 +300,7 @@ impl Scheduler {
                 dirty,
                 memo: memo.clone(),
                 due: due.clone(),
+                reads: tokio::sync::Semaphore::new(worker::READS),
             }
             .run(stop.clone()),
         );

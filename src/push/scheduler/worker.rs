@@ -17,10 +17,10 @@ use crate::push::target::Kind;
 use crate::store::DeviceId;
 use crate::store::push::{Scheduled, WakeupUpdate, Wanted};
 
-/// Dirty devices looked at at once: each may wait on the targets cache, a
-/// presence request to the other nodes (a quarter of a second when nobody
-/// answers in time) and a write. 32 keeps a round of thousands short
-/// without holding more than a few of the pool's connections.
+/// Dirty devices looked at at once: each may wait on the targets cache
+/// (at most [`READS`] of them on the database) and a presence request to
+/// the other nodes (a quarter of a second when nobody answers in time).
+/// 32 keeps a round of thousands short when the broker is slow.
 const CONCURRENCY: usize = 32;
 
 /// Devices whose writes share one transaction. On SQLite a transaction
@@ -29,6 +29,13 @@ const CONCURRENCY: usize = 32;
 /// 200 small indexed statements, a millisecond or two (256 measurably
 /// lengthened the sends' tail during a burst of wake-ups).
 const WRITE_BATCH: usize = 64;
+
+/// Target look-ups at once. Most are answered by the cache, but the first
+/// for an account reads the database, from the pool that sends use too (4
+/// connections on a 2-core machine by default): a round of thousands of
+/// new devices takes at most two of them, so that sends are not queued
+/// behind the scheduler's reads.
+pub(super) const READS: usize = 2;
 
 /// How long the round at shutdown may take: the server waits for it.
 const LAST_ROUND: std::time::Duration = std::time::Duration::from_secs(3);
@@ -43,6 +50,8 @@ pub(super) struct Worker {
     pub memo: Arc<Mutex<Memo>>,
     /// The sender's bell: a wake-up is due now.
     pub due: Arc<Notify>,
+    /// [`READS`] permits for the target look-ups of a round.
+    pub reads: tokio::sync::Semaphore,
 }
 
 impl Worker {
@@ -80,16 +89,25 @@ impl Worker {
     }
 
     /// Looks at every device of one round, [`CONCURRENCY`] at a time, and
-    /// writes what they need in batches as they are ready: at most
-    /// [`WRITE_BATCH`] devices per transaction, and no waiting for a batch
-    /// to fill (a quiet round writes its one device at once).
+    /// writes what they need, [`WRITE_BATCH`] devices per transaction.
+    ///
+    /// A batch's looks all finish before its write begins. A look that was
+    /// left unpolled while the write ran (a stream of looks feeding the
+    /// writes as they are ready) would keep the pool connection of its
+    /// query; on PostgreSQL, where looks and writes share one pool, a
+    /// round's 32 looks could then hold every connection the write and the
+    /// sends wait for. The wake-up benchmark found exactly that: sends
+    /// stalled, on PostgreSQL only.
     pub(super) async fn round(&self, marks: HashMap<(Uuid, DeviceId), Mark>) {
-        let mut steps = futures_util::stream::iter(marks)
-            .map(|((user, device), mark)| self.look(user, device, mark))
-            .buffer_unordered(CONCURRENCY)
-            .filter_map(std::future::ready)
-            .ready_chunks(WRITE_BATCH);
-        while let Some(steps) = steps.next().await {
+        let mut marks = marks.into_iter().peekable();
+        while marks.peek().is_some() {
+            let batch: Vec<_> = marks.by_ref().take(WRITE_BATCH).collect();
+            let steps: Vec<Step> = futures_util::stream::iter(batch)
+                .map(|((user, device), mark)| self.look(user, device, mark))
+                .buffer_unordered(CONCURRENCY)
+                .filter_map(std::future::ready)
+                .collect()
+                .await;
             self.write(steps).await;
         }
     }
@@ -105,7 +123,12 @@ impl Worker {
         if mark.showed_up {
             self.memo().forget((user, device));
         }
-        let kind = match parts.targets.live(user, device).await {
+        let live = {
+            // Never closed.
+            let _reading = self.reads.acquire().await;
+            parts.targets.live(user, device).await
+        };
+        let kind = match live {
             Ok(Some(kind)) if parts.providers.get(kind).is_some() => kind,
             Ok(_) => return None,
             Err(err) => {
