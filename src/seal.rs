@@ -415,6 +415,18 @@ impl KeyRing {
         self.open_blob("push target", &target_ad(user, device), sealed)
     }
 
+    /// A target [`KeyRing::seal_target`] sealed under any key of the ring,
+    /// sealed again under the current one.
+    pub fn reseal_target(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, SealError> {
+        let plaintext = self.open_target(user, device, sealed)?;
+        self.seal_target(user, device, &plaintext)
+    }
+
     fn seal_blob(&self, ad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
         let (key_id, cipher) = &self.keys[0];
         let mut nonce = [0u8; NONCE_BYTES];

@@ -57,6 +57,9 @@ pub async fn run(state: AppState, keys: Arc<KeyRing>, shutdown: CancellationToke
                 if let Err(err) = reseal(state.store.as_ref(), &keys, &shutdown).await {
                     tracing::warn!(error = %err, "sealing rows again failed; retrying next interval");
                 }
+                if let Err(err) = reseal_targets(state.store.as_ref(), &keys, &shutdown).await {
+                    tracing::warn!(error = %err, "sealing push targets again failed; retrying next interval");
+                }
                 forget_idle(&state);
                 sample_queue_depth(&state).await;
             }
@@ -142,6 +145,60 @@ pub async fn sweep(
         tracing::debug!("sweep found nothing expired");
     }
     Ok(messages)
+}
+
+/// Seals every push target not sealed under the current key again, in
+/// (user, device) order and bounded batches: a target lives as long as its
+/// device, so without this, retiring an old storage key would leave every
+/// device registered before the rotation unable to be woken. One that does
+/// not open is left as it is (the sender logs it when it is due) and
+/// counted; one replaced or removed meanwhile is skipped. Returns how many
+/// were sealed again.
+pub async fn reseal_targets(
+    store: &dyn Store,
+    keys: &KeyRing,
+    shutdown: &CancellationToken,
+) -> StoreResult<u64> {
+    let (mut resealed, mut unopenable) = (0, 0);
+    let mut after = (Uuid::nil(), 0);
+    loop {
+        let targets = store
+            .stale_targets(keys.current(), after, RESEAL_BATCH)
+            .await?;
+        let Some(&(user, device, _)) = targets.last() else {
+            break;
+        };
+        let full = targets.len() == RESEAL_BATCH as usize;
+        after = (user, device);
+        for (user, device, sealed) in targets {
+            match keys.reseal_target(user, device, &sealed) {
+                Ok(again) => {
+                    if store.reseal_target(user, device, &sealed, &again).await? {
+                        resealed += 1;
+                    }
+                }
+                Err(_) => unopenable += 1,
+            }
+        }
+        if !full || shutdown.is_cancelled() {
+            break;
+        }
+    }
+    if resealed > 0 {
+        tracing::info!(
+            targets = resealed,
+            key_id = keys.current(),
+            "sealed push targets again under the current storage key"
+        );
+    }
+    if unopenable > 0 {
+        tracing::error!(
+            targets = unopenable,
+            "push targets do not open with SEALPOST_STORAGE_KEYS; their devices cannot be \
+             woken until the key that sealed them is configured again or they register again"
+        );
+    }
+    Ok(resealed)
 }
 
 /// Seals every row not sealed under the current key again, in id order and

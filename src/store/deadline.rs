@@ -236,6 +236,8 @@ deadlined!(PushStore {
     request fn schedule_many(&self, wanted: &[Wanted], now: DateTime<Utc>, rules: Coalescing) -> StoreResult<Vec<Scheduled>>;
     request fn take_due(&self, now: DateTime<Utc>, limit: u32, lease: Duration) -> StoreResult<Vec<DueWakeup>>;
     request fn update_wakeups(&self, updates: &[(Uuid, DeviceId, WakeupUpdate)]) -> StoreResult<()>;
+    maintenance fn stale_targets(&self, current: KeyId, after: (Uuid, DeviceId), limit: u32) -> StoreResult<Vec<(Uuid, DeviceId, Vec<u8>)>>;
+    maintenance fn reseal_target(&self, user: Uuid, device: DeviceId, sealed: &[u8], resealed: &[u8]) -> StoreResult<bool>;
 });
 
 #[cfg(test)]

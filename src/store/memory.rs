@@ -18,7 +18,7 @@ use super::push::{
     self, Coalescing, Decision, DueWakeup, PushStore, Scheduled, StoredTarget, TargetSummary,
     WakeupUpdate, Wanted, decide,
 };
-use super::{DeviceId, StoreResult, add};
+use super::{DeviceId, KeyId, StoreResult, add};
 use crate::push::target::Kind;
 
 /// One device's `push_targets` row.
@@ -231,6 +231,45 @@ impl PushStore for MemPush {
                 }
             })
             .collect())
+    }
+
+    async fn stale_targets(
+        &self,
+        current: KeyId,
+        after: (Uuid, DeviceId),
+        limit: u32,
+    ) -> StoreResult<Vec<(Uuid, DeviceId, Vec<u8>)>> {
+        let tables = self.tables();
+        let mut stale: Vec<_> = tables
+            .targets
+            .iter()
+            .filter(|(key, row)| {
+                **key > after
+                    && row.kind.is_some()
+                    && !row.sealed.starts_with(&current.to_be_bytes())
+            })
+            .map(|(key, row)| (key.0, key.1, row.sealed.clone()))
+            .collect();
+        stale.sort_by_key(|(user, device, _)| (*user, *device));
+        stale.truncate(limit as usize);
+        Ok(stale)
+    }
+
+    async fn reseal_target(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        sealed: &[u8],
+        resealed: &[u8],
+    ) -> StoreResult<bool> {
+        let mut tables = self.tables();
+        match tables.targets.get_mut(&(user, device)) {
+            Some(row) if row.kind.is_some() && row.sealed == sealed => {
+                row.sealed = resealed.to_vec();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     async fn update_wakeups(&self, updates: &[(Uuid, DeviceId, WakeupUpdate)]) -> StoreResult<()> {

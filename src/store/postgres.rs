@@ -1520,6 +1520,50 @@ impl PushStore for PgStore {
             .collect())
     }
 
+    async fn stale_targets(
+        &self,
+        current: KeyId,
+        after: (Uuid, DeviceId),
+        limit: u32,
+    ) -> StoreResult<Vec<(Uuid, DeviceId, Vec<u8>)>> {
+        let rows: Vec<(Uuid, i32, Vec<u8>)> = sqlx::query_as(
+            "SELECT user_id, device_id, target FROM push_targets
+             WHERE target IS NOT NULL AND substring(target from 1 for 2) <> $1
+               AND (user_id, device_id) > ($2, $3)
+             ORDER BY user_id, device_id LIMIT $4",
+        )
+        .bind(current.to_be_bytes().to_vec())
+        .bind(after.0)
+        .bind(i64::from(after.1))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(user, device, sealed)| (user, device as DeviceId, sealed))
+            .collect())
+    }
+
+    async fn reseal_target(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        sealed: &[u8],
+        resealed: &[u8],
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE push_targets SET target = $1
+             WHERE user_id = $2 AND device_id = $3 AND target = $4",
+        )
+        .bind(resealed)
+        .bind(user)
+        .bind(pg_device(device))
+        .bind(sealed)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn update_wakeups(&self, updates: &[(Uuid, DeviceId, WakeupUpdate)]) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         for i in lock_order(updates, |u| (u.0, u.1)) {

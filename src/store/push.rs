@@ -26,6 +26,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::queue::KeyId;
 use super::{DeviceId, StoreResult, add};
 use crate::push::target::Kind;
 
@@ -177,6 +178,27 @@ pub trait PushStore: Send + Sync {
     /// Applies `updates` in one transaction; those of one device in the
     /// order given.
     async fn update_wakeups(&self, updates: &[(Uuid, DeviceId, WakeupUpdate)]) -> StoreResult<()>;
+
+    /// Up to `limit` live targets after `after` in (user, device) order
+    /// whose sealing is not under the key `current` (the first two bytes of
+    /// a sealed target are its key id), for the sweeper to seal again.
+    async fn stale_targets(
+        &self,
+        current: KeyId,
+        after: (Uuid, DeviceId),
+        limit: u32,
+    ) -> StoreResult<Vec<(Uuid, DeviceId, Vec<u8>)>>;
+
+    /// Replaces the device's sealed target by `resealed` if it is still
+    /// `sealed` (not replaced, deleted or dropped since it was read); its
+    /// version stays, as it is the same target. Whether it did.
+    async fn reseal_target(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        sealed: &[u8],
+        resealed: &[u8],
+    ) -> StoreResult<bool>;
 
     /// [`PushStore::schedule_many`] for one device.
     async fn schedule(

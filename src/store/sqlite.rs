@@ -1577,6 +1577,50 @@ impl PushStore for SqliteStore {
         Ok(due)
     }
 
+    async fn stale_targets(
+        &self,
+        current: KeyId,
+        after: (Uuid, DeviceId),
+        limit: u32,
+    ) -> StoreResult<Vec<(Uuid, DeviceId, Vec<u8>)>> {
+        let rows: Vec<(Uuid, i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT user_id, device_id, target FROM push_targets
+             WHERE target IS NOT NULL AND substr(target, 1, 2) <> ?
+               AND (user_id, device_id) > (?, ?)
+             ORDER BY user_id, device_id LIMIT ?",
+        )
+        .bind(current.to_be_bytes().to_vec())
+        .bind(after.0)
+        .bind(i64::from(after.1))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(user, device, sealed)| (user, device as DeviceId, sealed))
+            .collect())
+    }
+
+    async fn reseal_target(
+        &self,
+        user: Uuid,
+        device: DeviceId,
+        sealed: &[u8],
+        resealed: &[u8],
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE push_targets SET target = ?
+             WHERE user_id = ? AND device_id = ? AND target = ?",
+        )
+        .bind(resealed)
+        .bind(user)
+        .bind(i64::from(device))
+        .bind(sealed)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn update_wakeups(&self, updates: &[(Uuid, DeviceId, WakeupUpdate)]) -> StoreResult<()> {
         let mut tx = self.writer.begin().await?;
         for i in lock_order(updates, |u| (u.0, u.1)) {

@@ -29,6 +29,7 @@ backend_tests!(
     retry_after_is_honoured,
     a_hanging_service_slows_no_send_and_no_other_wakeup,
     a_wakeup_waiting_for_its_retry_survives_kill9,
+    a_target_sealed_under_a_retired_key_is_sealed_again_and_still_wakes,
 );
 
 /// How long a test waits for a wake-up that should come.
@@ -385,4 +386,60 @@ mod cluster {
         no_more(&fake, &bobs, 1, Duration::from_secs(3)).await;
         cluster.stop().await;
     }
+}
+
+/// A target lives as long as its device, so a storage key rotation must
+/// carry it over: the sweeper seals it again under the new key, and once
+/// the old key is retired the device is still woken.
+async fn a_target_sealed_under_a_retired_key_is_sealed_again_and_still_wakes(backend: Backend) {
+    use crate::sealed::{NEW, OLD, rotated};
+    let (fake, server) = setup(backend, &["--storage-keys", OLD]).await;
+    let alice = server.account("alice").await;
+    let bob = server.account("bob").await;
+    let sub = subscribe(&server, &fake, &bob).await;
+    let db = server.stop().await;
+    // Targets whose sealing begins with the key id `01` or `02`.
+    let under = |postgres: bool, key: u8| -> &'static str {
+        match (postgres, key) {
+            (true, 1) => {
+                "SELECT COUNT(*) FROM push_targets WHERE encode(substr(target, 1, 2), 'hex') = '0001'"
+            }
+            (true, _) => {
+                "SELECT COUNT(*) FROM push_targets WHERE encode(substr(target, 1, 2), 'hex') = '0002'"
+            }
+            (false, 1) => {
+                "SELECT COUNT(*) FROM push_targets WHERE hex(substr(target, 1, 2)) = '0001'"
+            }
+            (false, _) => {
+                "SELECT COUNT(*) FROM push_targets WHERE hex(substr(target, 1, 2)) = '0002'"
+            }
+        }
+    };
+    let postgres = db.is_postgres();
+    assert_eq!(db.count(under(postgres, 1)).await, 1);
+
+    // The new key first, the old one kept: the sweeper's first pass, at
+    // start-up, seals the target again.
+    let server = restart(&fake, db, rotated()).await;
+    eventually("the target sealed under key 2", async || {
+        (server.db.count(under(postgres, 2)).await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(server.db.count(under(postgres, 1)).await, 0);
+    let db = server.stop().await;
+
+    // The old key retired: the device is still woken.
+    let server = restart(&fake, db, NEW.to_owned()).await;
+    send(&server, &alice, &bob, None).await;
+    let received = fake.wait_for(&sub.id, 1, WAIT).await;
+    assert_wake(&received[0], "high");
+    server.stop().await;
+}
+
+/// A server on `db` using `fake`, with these storage keys.
+async fn restart(fake: &FakeWebPush, db: TestDb, storage_keys: String) -> TestServer {
+    let mut flags = fake.server_flags(db.is_postgres());
+    flags.extend(["--storage-keys".to_owned(), storage_keys]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    TestServer::start_on(db, &flags).await
 }

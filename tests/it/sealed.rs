@@ -32,10 +32,10 @@ backend_tests!(
     plaintext_rows_of_an_earlier_release_are_delivered_and_sealed,
 );
 
-const OLD: &str = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-const NEW: &str = "2:ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+pub(crate) const OLD: &str = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+pub(crate) const NEW: &str = "2:ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
 
-fn rotated() -> String {
+pub(crate) fn rotated() -> String {
     format!("{NEW},{OLD}")
 }
 
