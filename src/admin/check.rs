@@ -264,12 +264,13 @@ const ALLOW_HOSTS: &str = "SEALPOST_PUSH_ALLOW_HOSTS";
 /// Which push services are on, and what would stop start-up: a VAPID
 /// subject that is not a `mailto:` or `https:` URI, Web Push on
 /// PostgreSQL without a VAPID key, key files that cannot be read, an
-/// allow-list that does not parse. Nothing is read beyond whether the
-/// files are there.
+/// allow-list that does not parse. The keys given are read and parsed as
+/// start-up would (a `.p8` of another curve, a damaged service-account
+/// file), and never shown.
 fn push(config: &Config) -> Vec<Check> {
+    use crate::push::{apns, fcm, vapid::VapidKey};
     let push = &config.push;
     let mut checks = Vec::new();
-    let readable = |path: &std::path::Path| std::fs::metadata(path).is_ok_and(|m| m.is_file());
     checks.push(match &push.vapid_subject {
         None => check(Level::Note, WEB_PUSH, "not set: Web Push is off".into()),
         Some(subject) if !(subject.starts_with("mailto:") || subject.starts_with("https:")) => {
@@ -280,21 +281,33 @@ fn push(config: &Config) -> Vec<Check> {
             )
         }
         Some(_) => match (&push.vapid_key, &push.vapid_key_file) {
-            (Some(_), _) => check(
-                Level::Ok,
-                WEB_PUSH,
-                "Web Push is on, VAPID key given".into(),
-            ),
-            (None, Some(file)) if readable(file) => check(
-                Level::Ok,
-                WEB_PUSH,
-                format!("Web Push is on, VAPID key from {}", file.display()),
-            ),
-            (None, Some(file)) => check(
-                Level::Error,
-                "SEALPOST_VAPID_KEY_FILE",
-                format!("{} cannot be read", file.display()),
-            ),
+            (Some(key), _) => match VapidKey::parse(key.as_str()) {
+                Ok(key) => check(
+                    Level::Ok,
+                    WEB_PUSH,
+                    format!(
+                        "Web Push is on, VAPID key given (public key {})",
+                        key.public_key()
+                    ),
+                ),
+                Err(e) => check(Level::Error, "SEALPOST_VAPID_KEY", e),
+            },
+            (None, Some(file)) => match std::fs::read_to_string(file)
+                .map_err(|e| format!("{} cannot be read: {e}", file.display()))
+                .and_then(|text| {
+                    VapidKey::parse(&text).map_err(|e| format!("{}: {e}", file.display()))
+                }) {
+                Ok(key) => check(
+                    Level::Ok,
+                    WEB_PUSH,
+                    format!(
+                        "Web Push is on, VAPID key from {} (public key {})",
+                        file.display(),
+                        key.public_key()
+                    ),
+                ),
+                Err(e) => check(Level::Error, "SEALPOST_VAPID_KEY_FILE", e),
+            },
             (None, None) if store::is_postgres(config.database_url()) => check(
                 Level::Error,
                 "SEALPOST_VAPID_KEY",
@@ -316,19 +329,17 @@ fn push(config: &Config) -> Vec<Check> {
     ];
     checks.push(match (&push.apns_key_file, apns) {
         (_, [false, false, false]) => check(Level::Note, APNS, "not set: APNs is off".into()),
-        (Some(file), [true, true, true]) if readable(file) => check(
-            Level::Ok,
-            APNS,
-            format!(
-                "APNs is on ({} for production, {} for sandbox)",
-                push.apns_url, push.apns_sandbox_url
+        (Some(file), [true, true, true]) => match apns::check_key(file) {
+            Ok(()) => check(
+                Level::Ok,
+                APNS,
+                format!(
+                    "APNs is on ({} for production, {} for sandbox)",
+                    push.apns_url, push.apns_sandbox_url
+                ),
             ),
-        ),
-        (Some(file), [true, true, true]) => check(
-            Level::Error,
-            APNS,
-            format!("{} cannot be read", file.display()),
-        ),
+            Err(e) => check(Level::Error, APNS, e),
+        },
         _ => check(
             Level::Warning,
             APNS,
@@ -337,14 +348,14 @@ fn push(config: &Config) -> Vec<Check> {
     });
     checks.push(match &push.fcm_credentials_file {
         None => check(Level::Note, FCM, "not set: FCM is off".into()),
-        Some(file) if readable(file) => {
-            check(Level::Ok, FCM, format!("FCM is on ({})", push.fcm_url))
-        }
-        Some(file) => check(
-            Level::Error,
-            FCM,
-            format!("{} cannot be read", file.display()),
-        ),
+        Some(file) => match fcm::check_credentials(file) {
+            Ok(project) => check(
+                Level::Ok,
+                FCM,
+                format!("FCM is on for project {project} ({})", push.fcm_url),
+            ),
+            Err(e) => check(Level::Error, FCM, e),
+        },
     });
     match crate::push::guard::AllowHosts::parse(&push.push_allow_hosts) {
         Ok(allow) if allow.is_empty() => {}

@@ -301,6 +301,12 @@ fn reason(body: &[u8]) -> Option<String> {
     (reason.len() <= 64 && reason.bytes().all(|b| b.is_ascii_alphanumeric())).then_some(reason)
 }
 
+/// Whether the `.p8` file would start APNs (`sealpost check-config`): read
+/// and parsed as start-up does; the error names the file, never the key.
+pub fn check_key(path: &Path) -> Result<(), String> {
+    read_key(path).map(drop).map_err(|e| format!("{e:#}"))
+}
+
 /// The `.p8` file, read and parsed; the error names the file's setting.
 fn read_key(path: &Path) -> anyhow::Result<p256::SecretKey> {
     let setting = both_names("SEALPOST_APNS_KEY_FILE");

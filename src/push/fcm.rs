@@ -405,6 +405,15 @@ fn safe_word(word: &str) -> bool {
         && word.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
+/// Whether the service-account file would start FCM (`sealpost
+/// check-config`): read and parsed as start-up does. Its project, or why
+/// not; never the key.
+pub fn check_credentials(path: &Path) -> Result<String, String> {
+    read_credentials(path)
+        .map(|(project, _)| project)
+        .map_err(|e| format!("{e:#}"))
+}
+
 /// The service-account JSON: its project and the account that signs.
 fn read_credentials(path: &Path) -> anyhow::Result<(String, ServiceAccount)> {
     let setting = both_names("SEALPOST_FCM_CREDENTIALS_FILE");

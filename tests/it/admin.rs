@@ -674,11 +674,13 @@ async fn check_config_prints_every_setting_with_secrets_masked() {
 /// which services are on, and what would stop start-up.
 #[tokio::test]
 async fn check_config_shows_the_push_settings() {
-    let vapid_key =
-        "-----BEGIN PRIVATE KEY-----\nvapid-key-must-not-show\n-----END PRIVATE KEY-----";
+    let (vapid_key, _) = crate::push_targets::p256_pem();
+    let vapid_key = vapid_key.as_str();
+    // The key's body, which must not show.
+    let secret_line = vapid_key.lines().nth(1).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let p8 = dir.path().join("AuthKey_ABCDE12345.p8");
-    std::fs::write(&p8, "key").unwrap();
+    std::fs::write(&p8, crate::push_targets::p256_pem().0).unwrap();
     let p8 = p8.display().to_string();
     let keys = "1:c2VhbHBvc3QtdGVzdC1zdG9yYWdlLWtleS0wMTIzNDU=";
     let base = [
@@ -696,8 +698,8 @@ async fn check_config_shows_the_push_settings() {
     let output = sealpost(&["check-config", "--json"], &env).await;
     assert!(output.status.success(), "{}", stderr(&output));
     let text = stdout(&output);
-    assert!(!text.contains("vapid-key-must-not-show"), "{text}");
-    assert!(!stderr(&output).contains("vapid-key-must-not-show"));
+    assert!(!text.contains(secret_line), "{text}");
+    assert!(!stderr(&output).contains(secret_line));
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
     let setting = |env: &str| {
         report["settings"]
@@ -726,6 +728,48 @@ async fn check_config_shows_the_push_settings() {
     assert_eq!(check(apns)["level"], "ok", "{report}");
     assert_eq!(check("SEALPOST_FCM_CREDENTIALS_FILE")["level"], "note");
     assert_eq!(check("SEALPOST_PUSH_ALLOW_HOSTS")["level"], "warning");
+
+    // Keys that would stop start-up are found here, not at start-up: a
+    // `.p8` that is no key, a VAPID key that is no key, a service-account
+    // file that is not one. Each named, none quoted.
+    let bad_p8 = dir.path().join("AuthKey_BAD.p8");
+    std::fs::write(&bad_p8, "not-a-key-must-not-show").unwrap();
+    let bad_p8 = bad_p8.display().to_string();
+    let fcm = dir.path().join("service-account.json");
+    std::fs::write(&fcm, r#"{"type": "authorized_user"}"#).unwrap();
+    let fcm = fcm.display().to_string();
+    let mut env = base.to_vec();
+    env[4] = ("SEALPOST_APNS_KEY_FILE", bad_p8.as_str());
+    env.push((
+        "SEALPOST_VAPID_KEY",
+        "-----BEGIN PRIVATE KEY-----\nbad\n-----END PRIVATE KEY-----",
+    ));
+    env.push(("SEALPOST_FCM_CREDENTIALS_FILE", fcm.as_str()));
+    let output = sealpost(&["check-config", "--json"], &env).await;
+    assert!(!output.status.success());
+    assert!(!stdout(&output).contains("not-a-key-must-not-show"));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let errors: Vec<String> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["level"] == "error")
+        .map(|c| format!("{}: {}", c["setting"], c["message"]))
+        .collect();
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(
+        errors[0].starts_with("\"SEALPOST_VAPID_KEY\""),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with(&format!("\"{apns}\"")) && errors[1].contains(&bad_p8),
+        "{errors:?}"
+    );
+    assert!(
+        errors[2].contains("SEALPOST_FCM_CREDENTIALS_FILE")
+            && errors[2].contains("service_account"),
+        "{errors:?}"
+    );
 
     // Web Push on PostgreSQL without a key, and a subject that is no URI:
     // start-up would fail.
