@@ -48,6 +48,17 @@ async fn sealpost(args: &[&str], env: &[(&str, &str)]) -> Output {
         .expect("run sealpost")
 }
 
+/// A `check-config --json` report's errors, each as `"SETTING": "message"`.
+fn errors(report: &Value) -> Vec<String> {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["level"] == "error")
+        .map(|c| format!("{}: {}", c["setting"], c["message"]))
+        .collect()
+}
+
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -749,13 +760,7 @@ async fn check_config_shows_the_push_settings() {
     assert!(!output.status.success());
     assert!(!stdout(&output).contains("not-a-key-must-not-show"));
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
-    let errors: Vec<String> = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["level"] == "error")
-        .map(|c| format!("{}: {}", c["setting"], c["message"]))
-        .collect();
+    let errors = errors(&report);
     assert_eq!(errors.len(), 3, "{errors:?}");
     assert!(
         errors[0].starts_with("\"SEALPOST_VAPID_KEY\""),
@@ -822,13 +827,7 @@ async fn check_config_reports_what_would_stop_start_up() {
     assert!(!output.status.success());
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["ok"], false);
-    let errors: Vec<String> = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["level"] == "error")
-        .map(|c| format!("{}: {}", c["setting"], c["message"]))
-        .collect();
+    let errors = errors(&report);
     assert_eq!(errors.len(), 3, "{errors:?}");
     for named in [
         "SEALPOST_JWT_SECRET",

@@ -38,12 +38,16 @@ const WAIT: Duration = Duration::from_secs(10);
 /// A fake push service and a server using it.
 async fn setup(backend: Backend, extra: &[&str]) -> (FakeWebPush, TestServer) {
     let fake = FakeWebPush::start().await;
-    let db = TestDb::new(backend).await;
+    let server = serve(&fake, TestDb::new(backend).await, extra).await;
+    (fake, server)
+}
+
+/// A server on `db` using `fake`, with `extra` flags.
+async fn serve(fake: &FakeWebPush, db: TestDb, extra: &[&str]) -> TestServer {
     let mut flags = fake.server_flags(db.is_postgres());
     flags.extend(extra.iter().map(|s| s.to_string()));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = TestServer::start_on(db, &flags).await;
-    (fake, server)
+    TestServer::start_on(db, &flags).await
 }
 
 /// Registers a fresh subscription of `fake` as `who`'s (device 1) target.
@@ -420,7 +424,7 @@ async fn a_target_sealed_under_a_retired_key_is_sealed_again_and_still_wakes(bac
 
     // The new key first, the old one kept: the sweeper's first pass, at
     // start-up, seals the target again.
-    let server = restart(&fake, db, rotated()).await;
+    let server = serve(&fake, db, &["--storage-keys", &rotated()]).await;
     eventually("the target sealed under key 2", async || {
         (server.db.count(under(postgres, 2)).await == 1).then_some(())
     })
@@ -429,17 +433,9 @@ async fn a_target_sealed_under_a_retired_key_is_sealed_again_and_still_wakes(bac
     let db = server.stop().await;
 
     // The old key retired: the device is still woken.
-    let server = restart(&fake, db, NEW.to_owned()).await;
+    let server = serve(&fake, db, &["--storage-keys", NEW]).await;
     send(&server, &alice, &bob, None).await;
     let received = fake.wait_for(&sub.id, 1, WAIT).await;
     assert_wake(&received[0], "high");
     server.stop().await;
-}
-
-/// A server on `db` using `fake`, with these storage keys.
-async fn restart(fake: &FakeWebPush, db: TestDb, storage_keys: String) -> TestServer {
-    let mut flags = fake.server_flags(db.is_postgres());
-    flags.extend(["--storage-keys".to_owned(), storage_keys]);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    TestServer::start_on(db, &flags).await
 }
