@@ -309,6 +309,24 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=32))]
     pub max_devices_per_user: u32,
 
+    /// Recipient accounts one multi-recipient send (a group message) may
+    /// name.
+    #[arg(long, env = "SEALPOST_MAX_RECIPIENTS_PER_SEND", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_recipients_per_send: u32,
+
+    /// Recipient devices one multi-recipient send may name, all accounts
+    /// together. With the key limit it sets the size of such a request.
+    #[arg(long, env = "SEALPOST_MAX_DEVICES_PER_SEND", default_value_t = 5000,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_devices_per_send: u32,
+
+    /// Bytes of key material per device in a multi-recipient send's shared
+    /// form (a content key sealed to the device).
+    #[arg(long, env = "SEALPOST_MAX_KEY_BYTES", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(16..=4096))]
+    pub max_key_bytes: u32,
+
     /// Tell the sender's sockets when a recipient device acknowledges a
     /// message (`receipt` frames). Best effort, never stored.
     #[arg(long, env = "SEALPOST_DELIVERY_RECEIPTS", default_value_t = true,
@@ -602,10 +620,11 @@ impl Config {
     }
 
     /// The largest frame the server writes: one message, whose body is one
-    /// envelope.
+    /// envelope or a shared body with its key.
     pub fn max_outbound_frame_bytes(&self) -> usize {
         let body = self.max_body_bytes as usize;
-        (body.div_ceil(3) * 4 + 4096).max(16 * 1024)
+        let key = self.max_key_bytes as usize;
+        (body.div_ceil(3) * 4 + key.div_ceil(3) * 4 + 4096).max(16 * 1024)
     }
 
     /// The largest request body the HTTP layer buffers: a maximal message
@@ -617,6 +636,18 @@ impl Config {
         let body = self.max_body_bytes as usize;
         let envelopes = self.max_devices_per_user.max(1) as usize;
         (envelopes * (body.div_ceil(3) * 4 + 64) + 4096).max(16 * 1024)
+    }
+
+    /// The largest multi-recipient send (REST body or `send_multi` frame):
+    /// a maximal shared body, a maximal key for every device a send may
+    /// name with room for its JSON, and at least a single send's limit.
+    pub fn max_multi_request_bytes(&self) -> usize {
+        let shared = (self.max_body_bytes as usize).div_ceil(3) * 4;
+        let key = (self.max_key_bytes as usize).div_ceil(3) * 4;
+        let devices = self.max_devices_per_send as usize;
+        // Per device: its key, `{"device_id":n,"key":""}` and a share of
+        // its account's `{"to":"<uuid>","keys":[]}`.
+        (shared + devices * (key + 96) + 4096).max(self.max_request_bytes())
     }
 }
 

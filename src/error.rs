@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::store::StoreError;
+use uuid::Uuid;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -75,6 +76,14 @@ pub enum Error {
         /// Envelopes for devices that are not (or no longer) there.
         extra: Vec<u32>,
     },
+    /// A multi-recipient send's entries do not match the current devices
+    /// of these recipients (and only these): nothing was stored.
+    #[error("the devices of {} of the recipients have changed; fetch them and send again", .0.len())]
+    RecipientsChanged(Vec<Mismatch>),
+    /// A multi-recipient send names accounts that do not exist: nothing
+    /// was stored.
+    #[error("no such recipient: {}", .0.iter().map(Uuid::to_string).collect::<Vec<_>>().join(", "))]
+    UnknownRecipients(Vec<Uuid>),
     #[error("{0}")]
     TooLarge(Cow<'static, str>),
     /// Over a rate limit; retry after the given time.
@@ -134,7 +143,8 @@ impl Error {
             Error::Forbidden(_) => "forbidden",
             Error::Conflict(_) => "conflict",
             Error::TooManyDevices => "too_many_devices",
-            Error::DevicesChanged { .. } => "devices_changed",
+            Error::DevicesChanged { .. } | Error::RecipientsChanged(_) => "devices_changed",
+            Error::UnknownRecipients(_) => "not_found",
             Error::RateLimited { .. } => "rate_limited",
             Error::QueueFull => "queue_full",
             Error::TooManyConnections(_) => "too_many_connections",
@@ -152,11 +162,12 @@ impl Error {
             Error::Invalid { field: None, .. } => StatusCode::BAD_REQUEST,
             Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::NotFound(_) | Error::UnknownRecipients(_) => StatusCode::NOT_FOUND,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
-            Error::Conflict(_) | Error::TooManyDevices | Error::DevicesChanged { .. } => {
-                StatusCode::CONFLICT
-            }
+            Error::Conflict(_)
+            | Error::TooManyDevices
+            | Error::DevicesChanged { .. }
+            | Error::RecipientsChanged(_) => StatusCode::CONFLICT,
             Error::RateLimited { .. } | Error::QueueFull | Error::TooManyConnections(_) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -214,6 +225,14 @@ impl Error {
             field: self.field_name(),
             missing,
             extra,
+            recipients: match self {
+                Error::RecipientsChanged(recipients) => Some(recipients.clone()),
+                _ => None,
+            },
+            unknown: match self {
+                Error::UnknownRecipients(unknown) => Some(unknown.clone()),
+                _ => None,
+            },
         }
     }
 }
@@ -262,6 +281,25 @@ pub struct ErrorDetail {
     /// With `devices_changed`: envelopes for devices that are not there.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub extra: Option<Vec<u32>>,
+    /// With `devices_changed` to a multi-recipient send: each recipient
+    /// whose devices differ from the send's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recipients: Option<Vec<Mismatch>>,
+    /// With `not_found` to a multi-recipient send: the recipients that are
+    /// no account.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unknown: Option<Vec<Uuid>>,
+}
+
+/// One recipient of a multi-recipient send whose devices differ from the
+/// send's entry for it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Mismatch {
+    pub to: Uuid,
+    /// Its devices with no envelope or key, ascending.
+    pub missing: Vec<u32>,
+    /// Envelopes or keys for devices it does not have, ascending.
+    pub extra: Vec<u32>,
 }
 
 impl IntoResponse for Error {

@@ -8,6 +8,18 @@
 //! recipient device, so a blob copied onto another row, recipient or device
 //! fails to open; `sent_at` is derived from the id and bound with it.
 //!
+//! A row that needs more than that ([`AD_LABEL_V3`], written only for
+//! them): a copy of a multi-recipient send's shared body, or one whose
+//! send asked for no receipts, seals `sender id (16) || sender device (4)
+//! || flags (1) || rest`, where flag [`FLAG_NO_RECEIPTS`] turns receipts
+//! off and [`FLAG_SHARED`] says `rest` is the copy's key material and its
+//! body is the message's shared body; otherwise `rest` is the body. Every
+//! other row keeps the v2 format, so a release before v3 still reads them.
+//!
+//! A shared body (`shared_bodies.sealed`) is `nonce (24) || ciphertext ||
+//! tag (16)` of the body, under the key its `key_id` names, with
+//! [`AD_SHARED_BODY`] and the message id as associated data.
+//!
 //! Rows sealed before devices existed ([`AD_LABEL_V1`]: `sender || body`,
 //! without either device) were all moved to device 1 and still open there,
 //! with sender device 1; the label keeps the two formats apart, so a row of
@@ -46,6 +58,7 @@ use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{Key, KeyInit, Tag, XChaCha20Poly1305, XNonce};
 use chrono::{DateTime, Utc};
@@ -56,7 +69,9 @@ use sha2::Sha256;
 use uuid::Uuid;
 
 use crate::keyfile::{self, Kind};
-use crate::store::{DeviceId, KeyId, Message, SealedKey, SealedRow, SenderTag, SentKey, StoredRow};
+use crate::store::{
+    DeviceId, KeyId, Message, SealedBody, SealedKey, SealedRow, SenderTag, SentKey, StoredRow,
+};
 
 /// Names the format and its version in every row's associated data, so a
 /// later format can never be confused with this one.
@@ -64,6 +79,18 @@ const AD_LABEL: &[u8] = b"sealpost/queue/v2";
 /// The format before devices: no device in the associated data nor in the
 /// plaintext. Opened, never written.
 const AD_LABEL_V1: &[u8] = b"sealpost/queue/v1";
+/// The format with flags, for shared-body copies and receipt-less sends.
+/// The same length as [`AD_LABEL`], so one associated-data layout serves
+/// both.
+const AD_LABEL_V3: &[u8] = b"sealpost/queue/v3";
+/// A v3 row's flag: its ack sends no receipt.
+const FLAG_NO_RECEIPTS: u8 = 1;
+/// A v3 row's flag: what follows the flags is key material, and the body
+/// is the message's shared body.
+const FLAG_SHARED: u8 = 2;
+const FLAGS_BYTES: usize = 1;
+/// The associated data label of a shared body, followed by its message id.
+const AD_SHARED_BODY: &[u8] = b"sealpost/shared-body/v1";
 const NONCE_BYTES: usize = 24;
 const TAG_BYTES: usize = 16;
 const SENDER_BYTES: usize = 16;
@@ -84,6 +111,20 @@ const KEY_ID_BYTES: usize = 2;
 /// What sealing adds to a body: nonce, sender, sender device, tag. A copy
 /// takes `body + SEAL_OVERHEAD` bytes in the store.
 pub const SEAL_OVERHEAD: usize = NONCE_BYTES + SENDER_BYTES + DEVICE_BYTES + TAG_BYTES;
+
+/// The stored size of a copy's row: `rest` (its body, or a shared copy's
+/// key material) sealed in the v3 format (`flags`) or the v2 one.
+pub fn row_bytes(rest: usize, flags: bool) -> u64 {
+    (rest + SEAL_OVERHEAD + if flags { FLAGS_BYTES } else { 0 }) as u64
+}
+
+/// The stored size of `message`'s row, as [`KeyRing::seal`] writes it.
+pub fn stored_bytes(message: &Message) -> u64 {
+    row_bytes(
+        message.key.as_ref().map_or(message.body.len(), Bytes::len),
+        message.shared() || !message.receipts,
+    )
+}
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -179,18 +220,39 @@ impl KeyRing {
     }
 
     /// Seals a batch with the current key, drawing every nonce from one read
-    /// of the OS RNG.
-    pub fn seal_all(&self, messages: &[Arc<Message>]) -> Result<Vec<SealedRow>, SealError> {
-        let mut nonces = vec![0u8; NONCE_BYTES * messages.len()];
+    /// of the OS RNG: each copy's row, and the shared body of every
+    /// multi-recipient send among them once (its copies are contiguous, as
+    /// the delivery core makes them).
+    pub fn seal_all(
+        &self,
+        messages: &[Arc<Message>],
+    ) -> Result<(Vec<SealedBody>, Vec<SealedRow>), SealError> {
+        let mut shared: Vec<&Message> = Vec::new();
+        for message in messages.iter().filter(|m| m.shared()) {
+            if shared.last().is_none_or(|last| last.id != message.id) {
+                shared.push(message);
+            }
+        }
+        let mut nonces = vec![0u8; NONCE_BYTES * (messages.len() + shared.len())];
         fill_random(&mut nonces)?;
-        Ok(messages
+        let mut nonces = nonces
+            .chunks_exact(NONCE_BYTES)
+            .map(|nonce| nonce.try_into().expect("NONCE_BYTES"));
+        let bodies = shared
+            .into_iter()
+            .zip(nonces.by_ref())
+            .map(|(message, nonce)| self.seal_body_with(message, nonce))
+            .collect();
+        let rows = messages
             .iter()
-            .zip(nonces.chunks_exact(NONCE_BYTES))
-            .map(|(message, nonce)| self.seal_with(message, nonce.try_into().expect("NONCE_BYTES")))
-            .collect())
+            .zip(nonces)
+            .map(|(message, nonce)| self.seal_with(message, nonce))
+            .collect();
+        Ok((bodies, rows))
     }
 
-    /// Seals one message with the current key.
+    /// Seals one message with the current key (its row only: a shared
+    /// body is sealed by [`Self::seal_body`]).
     pub fn seal(&self, message: &Message) -> Result<SealedRow, SealError> {
         let mut nonce = [0u8; NONCE_BYTES];
         fill_random(&mut nonce)?;
@@ -199,17 +261,32 @@ impl KeyRing {
 
     fn seal_with(&self, message: &Message, nonce: &[u8; NONCE_BYTES]) -> SealedRow {
         let (key_id, key) = &self.keys[0];
+        let v3 = message.shared() || !message.receipts;
+        let rest: &[u8] = message.key.as_deref().unwrap_or(&message.body);
         let mut sealed = Vec::with_capacity(
-            NONCE_BYTES + SENDER_BYTES + DEVICE_BYTES + message.body.len() + TAG_BYTES,
+            NONCE_BYTES + SENDER_BYTES + DEVICE_BYTES + FLAGS_BYTES + rest.len() + TAG_BYTES,
         );
         sealed.extend_from_slice(nonce);
         sealed.extend_from_slice(message.sender.as_bytes());
         sealed.extend_from_slice(&message.sender_device.to_be_bytes());
-        sealed.extend_from_slice(&message.body);
+        let label = if v3 {
+            let mut flags = 0;
+            if message.shared() {
+                flags |= FLAG_SHARED;
+            }
+            if !message.receipts {
+                flags |= FLAG_NO_RECEIPTS;
+            }
+            sealed.push(flags);
+            AD_LABEL_V3
+        } else {
+            AD_LABEL
+        };
+        sealed.extend_from_slice(rest);
         let tag = key
             .encrypt_in_place_detached(
                 &XNonce::from(*nonce),
-                &associated_data(message.id, message.recipient, message.device),
+                &associated_data(label, message.id, message.recipient, message.device),
                 &mut sealed[NONCE_BYTES..],
             )
             // Only a plaintext beyond 256 GiB fails; bodies are at most 1 MiB.
@@ -224,6 +301,84 @@ impl KeyRing {
             sealed,
             sender_tag: Some(self.sender_tag(message.sender, message.recipient)),
         }
+    }
+
+    /// Seals a shared body (of `message`, any copy of it) with the current
+    /// key.
+    pub fn seal_body(&self, message: &Message) -> Result<SealedBody, SealError> {
+        let mut nonce = [0u8; NONCE_BYTES];
+        fill_random(&mut nonce)?;
+        Ok(self.seal_body_with(message, &nonce))
+    }
+
+    fn seal_body_with(&self, message: &Message, nonce: &[u8; NONCE_BYTES]) -> SealedBody {
+        let (key_id, key) = &self.keys[0];
+        let mut sealed = Vec::with_capacity(NONCE_BYTES + message.body.len() + TAG_BYTES);
+        sealed.extend_from_slice(nonce);
+        sealed.extend_from_slice(&message.body);
+        let tag = key
+            .encrypt_in_place_detached(
+                &XNonce::from(*nonce),
+                &[AD_SHARED_BODY, message.id.as_bytes()].concat(),
+                &mut sealed[NONCE_BYTES..],
+            )
+            .expect("a message body fits XChaCha20-Poly1305");
+        sealed.extend_from_slice(&tag);
+        SealedBody {
+            id: message.id,
+            sent_at: message.sent_at,
+            key_id: *key_id,
+            sealed,
+        }
+    }
+
+    /// Opens a shared body as read back.
+    pub fn open_body(&self, body: SealedBody) -> Result<Bytes, SealError> {
+        let SealedBody {
+            id,
+            key_id,
+            mut sealed,
+            ..
+        } = body;
+        let key = self
+            .key(key_id)
+            .ok_or(SealError::UnknownKey { id, key_id })?;
+        let forged = SealError::Forged { id, key_id };
+        if sealed.len() < NONCE_BYTES + TAG_BYTES {
+            return Err(forged);
+        }
+        let tag: [u8; TAG_BYTES] = sealed[sealed.len() - TAG_BYTES..]
+            .try_into()
+            .expect("TAG_BYTES");
+        let nonce: [u8; NONCE_BYTES] = sealed[..NONCE_BYTES].try_into().expect("NONCE_BYTES");
+        sealed.truncate(sealed.len() - TAG_BYTES);
+        key.decrypt_in_place_detached(
+            &XNonce::from(nonce),
+            &[AD_SHARED_BODY, id.as_bytes()].concat(),
+            &mut sealed[NONCE_BYTES..],
+            &Tag::from(tag),
+        )
+        .map_err(|_| forged)?;
+        sealed.drain(..NONCE_BYTES);
+        Ok(sealed.into())
+    }
+
+    /// Seals a shared body again under the current key.
+    pub fn reseal_body(&self, body: SealedBody) -> Result<SealedBody, SealError> {
+        let (id, sent_at) = (body.id, body.sent_at);
+        let opened = self.open_body(body)?;
+        let message = Message {
+            id,
+            recipient: Uuid::nil(),
+            device: 0,
+            sender: Uuid::nil(),
+            sender_device: 0,
+            body: opened,
+            key: None,
+            receipts: true,
+            sent_at,
+        };
+        self.seal_body(&message)
     }
 
     /// Opens a row as read back; a legacy plaintext row is already open.
@@ -255,48 +410,59 @@ impl KeyRing {
         let nonce: [u8; NONCE_BYTES] = sealed[..NONCE_BYTES].try_into().expect("NONCE_BYTES");
         sealed.truncate(sealed.len() - TAG_BYTES);
         let (nonce, tag) = (XNonce::from(nonce), Tag::from(tag));
-        // A failed decryption leaves the buffer as it was, so the older
-        // format can be tried on the same bytes. Only device 1 holds rows of
-        // that format.
-        let opened = key
-            .decrypt_in_place_detached(
-                &nonce,
-                &associated_data(id, recipient, device),
-                &mut sealed[NONCE_BYTES..],
-                &tag,
-            )
-            .is_ok();
-        let sender_device = if opened && sealed.len() >= NONCE_BYTES + SENDER_BYTES + DEVICE_BYTES {
-            let at = NONCE_BYTES + SENDER_BYTES;
+        // A failed decryption leaves the buffer as it was, so the other
+        // formats can be tried on the same bytes: v2 first (most rows),
+        // then v3, then v1 (only device 1 holds rows of that format).
+        let try_open = |ad: &[u8], sealed: &mut Vec<u8>| {
+            key.decrypt_in_place_detached(&nonce, ad, &mut sealed[NONCE_BYTES..], &tag)
+                .is_ok()
+        };
+        let at = NONCE_BYTES + SENDER_BYTES;
+        let take_device = |sealed: &mut Vec<u8>| {
             let device_bytes: [u8; DEVICE_BYTES] =
                 sealed[at..at + DEVICE_BYTES].try_into().expect("4 bytes");
             sealed.drain(at..at + DEVICE_BYTES);
             u32::from_be_bytes(device_bytes)
-        } else if !opened
-            && device == 1
-            && key
-                .decrypt_in_place_detached(
-                    &nonce,
-                    &associated_data_v1(id, recipient),
-                    &mut sealed[NONCE_BYTES..],
-                    &tag,
-                )
-                .is_ok()
+        };
+        let long_enough =
+            |sealed: &Vec<u8>, extra: usize| sealed.len() >= at + DEVICE_BYTES + extra;
+        let (sender_device, flags) = if try_open(
+            &associated_data(AD_LABEL, id, recipient, device),
+            &mut sealed,
+        ) && long_enough(&sealed, 0)
         {
-            1
+            (take_device(&mut sealed), 0)
+        } else if try_open(
+            &associated_data(AD_LABEL_V3, id, recipient, device),
+            &mut sealed,
+        ) && long_enough(&sealed, FLAGS_BYTES)
+        {
+            let sender_device = take_device(&mut sealed);
+            let flags = sealed.remove(at);
+            (sender_device, flags)
+        } else if device == 1 && try_open(&associated_data_v1(id, recipient), &mut sealed) {
+            (1, 0)
         } else {
             return Err(forged);
         };
         let sender =
             Uuid::from_slice(&sealed[NONCE_BYTES..NONCE_BYTES + SENDER_BYTES]).expect("16 bytes");
         sealed.drain(..NONCE_BYTES + SENDER_BYTES);
+        let (body, key) = if flags & FLAG_SHARED != 0 {
+            // The body is the shared one, which the reader fills in.
+            (Bytes::new(), Some(Bytes::from(sealed)))
+        } else {
+            (Bytes::from(sealed), None)
+        };
         Ok(Message {
             id,
             recipient,
             device,
             sender,
             sender_device,
-            body: sealed,
+            body,
+            key,
+            receipts: flags & FLAG_NO_RECEIPTS == 0,
             sent_at,
         })
     }
@@ -519,14 +685,18 @@ fn tag_key(storage_key: &[u8; KEY_BYTES]) -> HmacSha256 {
     <HmacSha256 as Mac>::new_from_slice(&subkey).expect("HMAC takes any key length")
 }
 
+/// A row's associated data under `label` ([`AD_LABEL`] or [`AD_LABEL_V3`],
+/// of one length).
 fn associated_data(
+    label: &[u8],
     id: Uuid,
     recipient: Uuid,
     device: DeviceId,
 ) -> [u8; AD_LABEL.len() + 32 + DEVICE_BYTES] {
+    const _: () = assert!(AD_LABEL.len() == AD_LABEL_V3.len());
     let mut ad = [0u8; AD_LABEL.len() + 32 + DEVICE_BYTES];
     let at = AD_LABEL.len();
-    ad[..at].copy_from_slice(AD_LABEL);
+    ad[..at].copy_from_slice(label);
     ad[at..at + 16].copy_from_slice(id.as_bytes());
     ad[at + 16..at + 32].copy_from_slice(recipient.as_bytes());
     ad[at + 32..].copy_from_slice(&device.to_be_bytes());
@@ -624,7 +794,9 @@ mod tests {
             device: 2,
             sender: Uuid::new_v4(),
             sender_device: 3,
-            body: body.to_vec(),
+            body: (body.to_vec()).into(),
+            key: None,
+            receipts: true,
             sent_at: store::id_time(id),
         }
     }
@@ -680,7 +852,8 @@ mod tests {
     fn a_batch_gets_distinct_nonces() {
         let keys = ring(OLD);
         let batch: Vec<_> = (0..3).map(|_| Arc::new(message(b"same"))).collect();
-        let rows = keys.seal_all(&batch).unwrap();
+        let (bodies, rows) = keys.seal_all(&batch).unwrap();
+        assert!(bodies.is_empty());
         let nonces: std::collections::HashSet<_> = rows
             .iter()
             .map(|r| r.sealed[..NONCE_BYTES].to_vec())

@@ -274,6 +274,11 @@ impl Server {
             deadline: config.db_timeout,
             drain_budget: config.drain_budget_bytes as usize,
             drain_share: config.drain_share_bytes as usize,
+            multi: delivery::MultiLimits {
+                max_recipients: config.max_recipients_per_send as usize,
+                max_devices: config.max_devices_per_send as usize,
+                max_key_bytes: config.max_key_bytes as usize,
+            },
         };
         let directory = Arc::new(Directory::new(store.clone()));
         let delivery = Delivery::new(

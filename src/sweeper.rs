@@ -125,6 +125,9 @@ pub async fn sweep(
     let now = store::now();
     let before = store::first_id_at(store::sub(now, ttl));
     let messages = in_batches(shutdown, || store.delete_before(before, BATCH)).await?;
+    // Shared bodies whose copies all went without their ack deleting
+    // them (two acks committed at once on two nodes; purged devices).
+    let bodies = in_batches(shutdown, || store.delete_orphan_bodies(BATCH)).await?;
     let send_keys = in_batches(shutdown, || store.forget_expired_keys(now, BATCH)).await?;
     let tokens = in_batches(shutdown, || store.purge_refresh_tokens(now, BATCH)).await?;
     // A revocation outlives every access token of its session by then.
@@ -133,9 +136,10 @@ pub async fn sweep(
         store.purge_revoked_sessions(revoked_before, BATCH)
     })
     .await?;
-    if messages > 0 || send_keys > 0 || tokens > 0 || revocations > 0 {
+    if messages > 0 || bodies > 0 || send_keys > 0 || tokens > 0 || revocations > 0 {
         tracing::info!(
             messages,
+            shared_bodies = bodies,
             send_keys,
             refresh_tokens = tokens,
             revocations,
@@ -232,6 +236,32 @@ pub async fn reseal(
             }
         }
         resealed += store.reseal(sealed).await?;
+        if !full || shutdown.is_cancelled() {
+            break;
+        }
+    }
+    // The shared bodies, which their rows do not carry.
+    let mut after = Uuid::nil();
+    loop {
+        let bodies = store
+            .stale_bodies(keys.current(), after, RESEAL_BATCH)
+            .await?;
+        let Some(last) = bodies.last().map(|body| body.id) else {
+            break;
+        };
+        let full = bodies.len() == RESEAL_BATCH as usize;
+        after = last;
+        let mut sealed = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            match keys.reseal_body(body) {
+                Ok(body) => sealed.push(body),
+                Err(err) => {
+                    unopenable += 1;
+                    tracing::debug!(error = %err, "shared body left as it is");
+                }
+            }
+        }
+        resealed += store.reseal_bodies(sealed).await?;
         if !full || shutdown.is_cancelled() {
             break;
         }

@@ -33,7 +33,12 @@ pub struct MessageView {
     pub from: Uuid,
     /// The sender's device, whose key sealed the body.
     pub from_device: DeviceId,
+    /// This device's envelope, or a multi-recipient send's shared body.
     pub body: String,
+    /// With a shared body: this device's key material for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = Byte)]
+    pub key: Option<String>,
     #[serde(serialize_with = "timestamp")]
     pub sent_at: DateTime<Utc>,
 }
@@ -45,6 +50,7 @@ impl From<&Message> for MessageView {
             from: m.sender,
             from_device: m.sender_device,
             body: STANDARD.encode(&m.body),
+            key: m.key.as_ref().map(|key| STANDARD.encode(key)),
             sent_at: m.sent_at,
         }
     }
@@ -57,6 +63,52 @@ pub struct Envelope {
     pub device_id: DeviceId,
     #[schema(format = Byte, min_length = 4)]
     pub body: String,
+}
+
+/// One device's key material for a multi-recipient send's shared body.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct KeyEnvelope {
+    #[schema(minimum = 1)]
+    pub device_id: DeviceId,
+    #[schema(format = Byte, min_length = 4)]
+    pub key: String,
+}
+
+/// One recipient account of a multi-recipient send: envelopes for each of
+/// its devices, or (with a shared body) key material for each.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct MultiRecipient {
+    #[schema(format = Uuid)]
+    pub to: String,
+    pub envelopes: Option<Vec<Envelope>>,
+    pub keys: Option<Vec<KeyEnvelope>>,
+}
+
+/// A multi-recipient send (`POST /v1/messages/multi`, and the `send_multi`
+/// frame around it).
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct MultiSend {
+    /// The shared body, with `keys` in every recipient entry.
+    #[schema(format = Byte, min_length = 4)]
+    pub shared: Option<String>,
+    pub recipients: Vec<MultiRecipient>,
+    /// The client's key for this send: a retry under the same key is
+    /// answered with the first answer instead of storing the message again.
+    #[schema(min_length = 1, max_length = 64)]
+    pub client_id: Option<String>,
+    /// Whether offline recipient devices are woken at once, at high
+    /// priority (true), or at low priority.
+    #[serde(default = "yes")]
+    #[schema(default = true)]
+    pub urgent: bool,
+    /// Whether each recipient device's ack sends the sender a receipt.
+    #[serde(default = "yes")]
+    #[schema(default = true)]
+    pub receipts: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The envelopes of a send as the delivery core decodes them.

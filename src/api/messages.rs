@@ -22,12 +22,18 @@ use crate::state::AppState;
 use crate::wire::{self, MessageView, parse_id};
 
 /// `send_limit`: the body limit of a send (see
-/// `Config::max_request_bytes`); the other routes take a few KiB.
-pub fn router(send_limit: usize) -> Router<AppState> {
+/// `Config::max_request_bytes`), `multi_limit` that of a multi-recipient
+/// send (`Config::max_multi_request_bytes`); the other routes take a few
+/// KiB.
+pub fn router(send_limit: usize, multi_limit: usize) -> Router<AppState> {
     Router::new()
         .route(
             "/v1/messages",
             post(send).layer(body::limit(send_limit)).get(list),
+        )
+        .route(
+            "/v1/messages/multi",
+            post(send_multi).layer(body::limit(multi_limit)),
         )
         .route("/v1/messages/ack", post(ack).layer(body::limit(body::LIST)))
         .route("/v1/messages/{id}/delivered", put(delivered))
@@ -93,6 +99,41 @@ async fn send(
         Ok(Sent {
             id: accepted.id,
             to,
+            sent_at: accepted.sent_at,
+        })
+    }
+    .await
+    .inspect_err(|err| state.metrics.rejected(err))?;
+    Ok((StatusCode::CREATED, Json(sent)))
+}
+
+#[derive(Serialize, ToSchema)]
+struct SentMulti {
+    id: Uuid,
+    #[serde(serialize_with = "crate::wire::timestamp")]
+    sent_at: DateTime<Utc>,
+}
+
+#[utoipa::path(post, path = "/v1/messages/multi", tag = "messages", security(("bearer" = [])), request_body = wire::MultiSend,
+    responses((status = 201, description = "The message is durable for every device of every recipient.", body = SentMulti), crate::api::openapi::Errors))]
+async fn send_multi(
+    caller: AuthUser,
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<wire::MultiSend>,
+) -> Result<(StatusCode, Json<SentMulti>)> {
+    let sent = async {
+        let multi = state.delivery.decode_multi(&request)?;
+        let client_id = request
+            .client_id
+            .as_deref()
+            .map(idempotency::client_id)
+            .transpose()?;
+        let accepted = state
+            .delivery
+            .send_multi(caller.address(), multi, client_id, request.urgent)
+            .await?;
+        Ok(SentMulti {
+            id: accepted.id,
             sent_at: accepted.sent_at,
         })
     }

@@ -47,7 +47,10 @@ pub fn router(state: AppState) -> Router {
         .merge(accounts::router(state.auth_limit.clone()))
         .merge(keys::router())
         .merge(devices::router(state.auth_limit.clone()))
-        .merge(messages::router(send_limit))
+        .merge(messages::router(
+            send_limit,
+            state.config.max_multi_request_bytes(),
+        ))
         .merge(health::router())
         .merge(limits::router())
         .merge(openapi::router())

@@ -52,6 +52,7 @@ use crate::state::AppState;
         keys::public_key,
         keys::update_key,
         messages::send,
+        messages::send_multi,
         messages::list,
         messages::ack,
         messages::delivered,

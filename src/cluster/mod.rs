@@ -229,7 +229,12 @@ impl Node {
         let accepted = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
         let sent_at = store::id_time(push.id);
         let mut delivered = 0;
+        let shared = push.shared.map(bytes::Bytes::from);
         for copy in push.copies {
+            let body = match (&shared, copy.key.is_some()) {
+                (Some(shared), true) => shared.clone(),
+                _ => copy.body.into(),
+            };
             let outbound = Outbound {
                 message: Arc::new(Message {
                     id: push.id,
@@ -237,7 +242,10 @@ impl Node {
                     device: copy.device,
                     sender: push.sender,
                     sender_device: push.sender_device,
-                    body: copy.body,
+                    body,
+                    key: copy.key.map(Into::into),
+                    // Receipts come from the row its ack deletes.
+                    receipts: true,
                     sent_at,
                 }),
                 ephemeral: push.ephemeral,

@@ -730,7 +730,7 @@ impl Broker for NatsBroker {
     fn committed(&self, push: Push) {
         let inner = &self.inner;
         let subject = inner.user_subject(push.recipient);
-        let bytes: usize = push.copies.iter().map(|c| c.body.len()).sum();
+        let bytes = push.bytes();
         // Base64 and the fields around it; the server refuses a publish
         // over its `max_payload` (1 MiB by default): send a wake-up
         // instead, and the nodes read that account's backlogs.

@@ -37,6 +37,14 @@ pub struct Push {
     pub accepted: SystemTime,
     #[serde(default)]
     pub ephemeral: bool,
+    /// A multi-recipient send's shared body, once for all its copies here
+    /// (each of which then has a `key` and an empty `body`).
+    #[serde(
+        default,
+        with = "base64_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub shared: Option<Vec<u8>>,
     pub copies: Vec<Copy>,
 }
 
@@ -45,11 +53,19 @@ pub struct Copy {
     pub device: DeviceId,
     #[serde(with = "base64_bytes")]
     pub body: Vec<u8>,
+    /// A shared-body copy's key material.
+    #[serde(
+        default,
+        with = "base64_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub key: Option<Vec<u8>>,
 }
 
 impl Push {
-    /// The copies of one message (all for one recipient, as the delivery
-    /// core makes them).
+    /// The copies of one message for one recipient (the committer hands
+    /// its listeners each recipient's copies on their own). A shared body
+    /// crosses once.
     pub fn of(copies: &[Arc<Message>], accepted: SystemTime, ephemeral: bool) -> Option<Self> {
         let first = copies.first()?;
         Some(Self {
@@ -59,14 +75,30 @@ impl Push {
             sender_device: first.sender_device,
             accepted,
             ephemeral,
+            shared: first.shared().then(|| first.body.to_vec()),
             copies: copies
                 .iter()
                 .map(|m| Copy {
                     device: m.device,
-                    body: m.body.clone(),
+                    body: if m.shared() {
+                        Vec::new()
+                    } else {
+                        m.body.to_vec()
+                    },
+                    key: m.key.as_ref().map(|k| k.to_vec()),
                 })
                 .collect(),
         })
+    }
+
+    /// The bytes of bodies and keys it carries, shared bodies once.
+    pub fn bytes(&self) -> usize {
+        self.shared.as_ref().map_or(0, Vec::len)
+            + self
+                .copies
+                .iter()
+                .map(|c| c.body.len() + c.key.as_ref().map_or(0, Vec::len))
+                .sum::<usize>()
     }
 }
 
@@ -263,6 +295,27 @@ mod base64_bytes {
     }
 }
 
+mod base64_option {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(bytes: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(bytes) => super::base64_bytes::serialize(bytes, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        let text = <Option<std::borrow::Cow<'de, str>>>::deserialize(d)?;
+        text.map(|text| {
+            STANDARD
+                .decode(text.as_bytes())
+                .map_err(serde::de::Error::custom)
+        })
+        .transpose()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,9 +329,11 @@ mod tests {
             sender_device: 3,
             accepted: UNIX_EPOCH + Duration::from_micros(1_764_000_000_123_456),
             ephemeral: false,
+            shared: None,
             copies: vec![Copy {
                 device: 2,
                 body: vec![0, 255, 7],
+                key: None,
             }],
         };
         let encoded = Wire::Push(push.clone()).encode();

@@ -79,7 +79,7 @@ use super::listeners::{CommitListener, Committed};
 use super::pending::{Admitted, CommitFailed, Insert, NotStored, Pending};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::seal::{KeyRing, SEAL_OVERHEAD};
+use crate::seal::KeyRing;
 use crate::store::{
     Ack, DeviceId, Message, Queue, SealedKey, SenderTag, SentKey, StoreError, StoredRow,
 };
@@ -152,7 +152,7 @@ impl Op {
         match self {
             Op::Insert { insert, .. } => (
                 insert.copies.len() + usize::from(insert.key.is_some()),
-                insert.copies.iter().map(|c| c.body.len()).sum(),
+                super::body_bytes(&insert.copies),
             ),
             Op::Delete { ids, .. } => (ids.len(), 0),
             Op::Barrier { .. } => (0, 0),
@@ -231,7 +231,7 @@ pub struct Staged<'a> {
 #[derive(Debug)]
 pub struct Unstored {
     pub error: Error,
-    pub devices: Option<Vec<DeviceId>>,
+    pub devices: Option<Vec<(Uuid, DeviceId)>>,
 }
 
 impl<'a> Slot<'a> {
@@ -396,12 +396,12 @@ impl Committer {
     ) -> impl Future<Output = Result<Vec<Settled>>> + Send + 'static {
         let mut settled = Vec::new();
         ids.retain(|&id| match self.pending.cancel((recipient, device, id)) {
-            Some((sender, sender_device, body)) => {
+            Some(copy) => {
                 settled.push(Settled {
                     id,
-                    sender: Some((sender, sender_device)),
-                    tag: Some(self.keys.sender_tag(sender, recipient)),
-                    bytes: (body + SEAL_OVERHEAD) as u64,
+                    sender: copy.receipts.then_some((copy.sender, copy.sender_device)),
+                    tag: Some(self.keys.sender_tag(copy.sender, recipient)),
+                    bytes: crate::seal::stored_bytes(&copy),
                 });
                 false
             }
@@ -645,17 +645,17 @@ impl Writer {
         } else {
             self.metrics.db_write_batch.record(n_ops as f64);
             let expires_at = super::idempotency::expires_at(crate::store::now());
-            let sealed = self.keys.seal_all(&messages).and_then(|rows| {
+            let sealed = self.keys.seal_all(&messages).and_then(|(bodies, rows)| {
                 let keys = keys
                     .iter()
                     .map(|key| self.keys.seal_key(key, expires_at))
                     .collect::<Result<Vec<SealedKey>, _>>()?;
-                Ok((rows, keys))
+                Ok((bodies, rows, keys))
             });
             let written = match sealed {
-                Ok((rows, keys)) => {
+                Ok((bodies, rows, keys)) => {
                     let started = std::time::Instant::now();
-                    let written = self.queue.write_batch(rows, &keys, &acks).await;
+                    let written = self.queue.write_batch(bodies, rows, &keys, &acks).await;
                     self.metrics.db_write.record(started.elapsed());
                     written.map_err(Failure::Store)
                 }
@@ -683,8 +683,12 @@ impl Writer {
                             accepted: insert.accepted,
                             urgent: insert.urgent,
                         };
-                        for listener in &self.listeners {
-                            listener.committed(copies, &meta);
+                        // Each recipient's copies on their own: a listener
+                        // hears of one message for one account at a time.
+                        for copies in copies.chunk_by(|a, b| a.recipient == b.recipient) {
+                            for listener in &self.listeners {
+                                listener.committed(copies, &meta);
+                            }
                         }
                     }
                 }
@@ -706,7 +710,7 @@ impl Writer {
                 for (insert, start, claimed) in &inserts {
                     let devices = messages[*start..start + claimed]
                         .iter()
-                        .map(|copy| copy.device)
+                        .map(|copy| (copy.recipient, copy.device))
                         .collect();
                     insert.fail(failed, devices);
                 }
@@ -733,6 +737,7 @@ impl Writer {
                     self.keys
                         .open(row)
                         .ok()
+                        .filter(|m| m.receipts)
                         .map(|m| (m.sender, m.sender_device))
                 } else {
                     None
@@ -807,7 +812,9 @@ mod tests {
             device,
             sender,
             sender_device: 7,
-            body: b"sealed".to_vec(),
+            body: (b"sealed".to_vec()).into(),
+            key: None,
+            receipts: true,
             sent_at: crate::store::id_time(id),
         })
     }
@@ -858,7 +865,7 @@ mod tests {
                 sender: Some((alice, 7)),
                 // Tagged and sized as the store would have it.
                 tag: Some(committer.keys.sender_tag(alice, bob)),
-                bytes: (b"sealed".len() + SEAL_OVERHEAD) as u64,
+                bytes: (b"sealed".len() + crate::seal::SEAL_OVERHEAD) as u64,
             }]
         );
         durable.await.unwrap();
@@ -1082,7 +1089,12 @@ mod tests {
         queue.failing.store(true, Ordering::Relaxed);
         let unstored = durable.await.expect_err("the write failed");
         assert!(matches!(unstored.error, Error::Unavailable));
-        assert_eq!(unstored.devices, Some(vec![2]));
+        assert_eq!(
+            unstored
+                .devices
+                .map(|d| d.into_iter().map(|(_, d)| d).collect::<Vec<_>>()),
+            Some(vec![2])
+        );
         assert!(queue.rows.lock().unwrap().is_empty());
     }
 

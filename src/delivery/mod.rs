@@ -47,6 +47,7 @@ pub mod committer;
 pub mod drains;
 pub mod idempotency;
 pub mod listeners;
+mod multi;
 mod pending;
 
 use std::future::Future;
@@ -61,6 +62,7 @@ use drains::{DrainBudget, Held, Holder};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
@@ -77,6 +79,7 @@ use crate::store::{self, DeviceId, Message, Queue, SendKey};
 use committer::Committer;
 pub use idempotency::SEND_KEY_WINDOW;
 use idempotency::{Claim, Flights, Joined};
+pub use multi::{Multi, MultiLimits};
 
 /// The most messages one page or one ack may carry.
 pub const MAX_PAGE: u32 = 500;
@@ -156,6 +159,8 @@ pub struct Delivery {
     max_body_bytes: usize,
     /// Envelopes one send may carry: the device cap.
     max_envelopes: usize,
+    /// What one multi-recipient send may carry.
+    multi: MultiLimits,
     /// Sends per user, REST and WebSocket together: a token per stored
     /// copy.
     budget: SendBudget,
@@ -313,6 +318,8 @@ pub struct Limits {
     /// What one account, and one address, may hold of it
     /// (`SEALPOST_DRAIN_SHARE_BYTES`; 0 for a sixteenth).
     pub drain_share: usize,
+    /// What one multi-recipient send may carry.
+    pub multi: MultiLimits,
 }
 
 impl Delivery {
@@ -336,6 +343,7 @@ impl Delivery {
             keys,
             max_body_bytes: limits.max_body_bytes,
             max_envelopes: limits.max_devices_per_user.max(1) as usize,
+            multi: limits.multi,
             budget: SendBudget::new(limits.send_rate_per_second, limits.send_rate_burst),
             pairs: PairBudget::new(limits.pair_rate_per_second, limits.pair_rate_burst),
             queues: Arc::new(QueueCaps::new(
@@ -447,13 +455,7 @@ impl Delivery {
             // client that knows nothing of devices reaches its own queue.
             Content::Same(_) => devices.to_vec(),
             Content::PerDevice(envelopes) => {
-                // Envelopes to your own account sync your other devices:
-                // the sending device already has what it sent.
-                let targets: Vec<DeviceId> = devices
-                    .iter()
-                    .copied()
-                    .filter(|&d| to != from.user || d != from.device)
-                    .collect();
+                let targets = covered(from, to, &devices);
                 let given: Vec<DeviceId> = envelopes.iter().map(|(d, _)| *d).collect();
                 if let Some((missing, extra)) = devices::mismatch(&targets, &given) {
                     return Err(Error::DevicesChanged { missing, extra });
@@ -523,8 +525,7 @@ impl Delivery {
     async fn claim(
         &self,
         from: Address,
-        to: Uuid,
-        content: &Content,
+        digest: Vec<u8>,
         client_id: String,
         expires: tokio::time::Instant,
     ) -> Result<std::result::Result<Claim, Uuid>> {
@@ -533,7 +534,7 @@ impl Delivery {
             device: from.device,
             client_id,
         };
-        let claim = match self.flights.join(key, idempotency::digest(to, content))? {
+        let claim = match self.flights.join(key, digest)? {
             Joined::First(claim) => claim,
             // The first attempt is bounded by its own deadline; this wait
             // by this send's.
@@ -601,7 +602,10 @@ impl Delivery {
         let expires = tokio::time::Instant::now() + self.deadline;
         let claim = match client_id {
             None => None,
-            Some(client_id) => match self.claim(from, to, &content, client_id, expires).await? {
+            Some(client_id) => match self
+                .claim(from, idempotency::digest(to, &content), client_id, expires)
+                .await?
+            {
                 Ok(claim) => Some(claim),
                 Err(id) => {
                     self.metrics.sends_repeated.increment(1);
@@ -690,8 +694,11 @@ impl Delivery {
                     // devices whose copies were not written. (A copy acked
                     // in its window gave its room back with the ack.)
                     Err(unstored) => {
-                        let failed = unstored.devices.as_deref().unwrap_or(&devices);
-                        queues.release(to, charges(Some(failed)));
+                        let failed: Vec<DeviceId> = match unstored.devices {
+                            Some(copies) => copies.into_iter().map(|(_, d)| d).collect(),
+                            None => devices,
+                        };
+                        queues.release(to, charges(Some(&failed)));
                         Err(unstored.error)
                     }
                 }
@@ -939,10 +946,11 @@ impl Delivery {
             .await?;
         drop(turn);
         let cut = rows.len() == extent.rows && rows.last().is_some_and(|r| r.id() < extent.last);
-        let messages = self.keys.open_all(rows).map_err(|err| {
+        let mut messages = self.keys.open_all(rows).map_err(|err| {
             tracing::error!(user.id = %device.user, device = device.device, error = %err, "a queued message does not open; it is kept");
             Error::Unavailable
         })?;
+        self.fill_shared(device, &mut messages).await?;
         // Cut short by rows that came in between: go on after the last one
         // here, so that none of the range is passed over.
         let next = match messages.last() {
@@ -954,6 +962,36 @@ impl Delivery {
             next,
             budget: Some(budget),
         })
+    }
+
+    /// Reads and opens the shared bodies of the shared copies among
+    /// `messages`. A body that is missing or does not open fails the read,
+    /// as a row that does not open does: the copy is kept.
+    async fn fill_shared(&self, device: Address, messages: &mut [Message]) -> Result<()> {
+        let ids: Vec<Uuid> = messages
+            .iter()
+            .filter(|m| m.shared())
+            .map(|m| m.id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut bodies = std::collections::HashMap::with_capacity(ids.len());
+        for sealed in self.queue.shared_bodies(&ids).await? {
+            let id = sealed.id;
+            let body = self.keys.open_body(sealed).map_err(|err| {
+                tracing::error!(user.id = %device.user, device = device.device, error = %err, "a shared body does not open; it is kept");
+                Error::Unavailable
+            })?;
+            bodies.insert(id, body);
+        }
+        for message in messages.iter_mut().filter(|m| m.shared()) {
+            message.body = bodies.get(&message.id).cloned().ok_or_else(|| {
+                tracing::error!(user.id = %device.user, device = device.device, message.id = %message.id, "a queued copy's shared body is missing");
+                Error::Unavailable
+            })?;
+        }
+        Ok(())
     }
 
     /// Waits for a drain's turn or room until `until` ([`DRAIN_WAIT`] after
@@ -1233,13 +1271,51 @@ fn within<T: Send + 'static>(
     })
 }
 
-/// One body per target device: the one body for each, or the envelopes as
-/// they are (already checked to name exactly `devices`).
-fn copies(content: Content, devices: &[DeviceId]) -> Vec<(DeviceId, Vec<u8>)> {
+/// The devices of `to` (`devices`) that envelopes must cover: all of them,
+/// but the sending device in a send to your own account. Envelopes to your
+/// own account sync your other devices: the sending device already has
+/// what it sent.
+fn covered(from: Address, to: Uuid, devices: &[DeviceId]) -> Vec<DeviceId> {
+    devices
+        .iter()
+        .copied()
+        .filter(|&d| to != from.user || d != from.device)
+        .collect()
+}
+
+/// One body per target device: the one body for each (one allocation), or
+/// the envelopes as they are (already checked to name exactly `devices`).
+fn copies(content: Content, devices: &[DeviceId]) -> Vec<(DeviceId, Bytes)> {
     match content {
-        Content::Same(body) => devices.iter().map(|&d| (d, body.clone())).collect(),
-        Content::PerDevice(envelopes) => envelopes,
+        Content::Same(body) => {
+            let body = Bytes::from(body);
+            devices.iter().map(|&d| (d, body.clone())).collect()
+        }
+        Content::PerDevice(envelopes) => envelopes
+            .into_iter()
+            .map(|(d, body)| (d, body.into()))
+            .collect(),
     }
+}
+
+/// The body bytes `copies` hold in memory: a shared body once per message,
+/// each copy's own body or key material.
+pub(crate) fn body_bytes(copies: &[Arc<Message>]) -> usize {
+    let mut bytes = 0;
+    let mut last_shared = None;
+    for copy in copies {
+        match &copy.key {
+            Some(key) => {
+                if last_shared != Some(copy.id) {
+                    bytes += copy.body.len();
+                    last_shared = Some(copy.id);
+                }
+                bytes += key.len();
+            }
+            None => bytes += copy.body.len(),
+        }
+    }
+    bytes
 }
 
 /// Gives a message its time-ordered id and makes its copies, one per device
@@ -1248,7 +1324,7 @@ fn copies(content: Content, devices: &[DeviceId]) -> Vec<(DeviceId, Vec<u8>)> {
 fn stamp(
     from: Address,
     to: Uuid,
-    copies: Vec<(DeviceId, Vec<u8>)>,
+    copies: Vec<(DeviceId, Bytes)>,
 ) -> (Uuid, DateTime<Utc>, Vec<Arc<Message>>) {
     let id = Uuid::now_v7();
     let sent_at = store::id_time(id);
@@ -1262,6 +1338,8 @@ fn stamp(
                 sender: from.user,
                 sender_device: from.device,
                 body,
+                key: None,
+                receipts: true,
                 sent_at,
             })
         })
@@ -1283,8 +1361,8 @@ pub(crate) mod fake {
     use chrono::{DateTime, Utc};
 
     use crate::store::{
-        Ack, DeviceId, DeviceIds, Queue, QueueShare, SealedKey, SealedRow, StoreError, StoreResult,
-        StoredRow,
+        Ack, DeviceId, DeviceIds, Queue, QueueShare, SealedBody, SealedKey, SealedRow, StoreError,
+        StoreResult, StoredRow,
     };
 
     #[derive(Default)]
@@ -1300,6 +1378,8 @@ pub(crate) mod fake {
         pub devices: Mutex<Vec<(Uuid, Vec<DeviceId>)>>,
         /// Send keys written.
         pub keys: Mutex<Vec<SealedKey>>,
+        /// Shared bodies written.
+        pub bodies: Mutex<Vec<SealedBody>>,
         /// Row reads (`fetch_through` calls).
         pub reads: std::sync::atomic::AtomicUsize,
     }
@@ -1327,6 +1407,7 @@ pub(crate) mod fake {
     impl Queue for MemQueue {
         async fn write_batch(
             &self,
+            bodies: Vec<SealedBody>,
             messages: Vec<SealedRow>,
             keys: &[SealedKey],
             acks: &[Ack],
@@ -1334,6 +1415,14 @@ pub(crate) mod fake {
             tokio::time::sleep(self.delay).await;
             if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut));
+            }
+            {
+                let mut stored = self.bodies.lock().unwrap();
+                for body in bodies {
+                    if !stored.iter().any(|b| b.id == body.id) {
+                        stored.push(body);
+                    }
+                }
             }
             let mut recorded = self.keys.lock().unwrap();
             for key in keys {
@@ -1356,7 +1445,20 @@ pub(crate) mod fake {
                 }
                 !acked
             });
+            self.bodies
+                .lock()
+                .unwrap()
+                .retain(|b| rows.iter().any(|r| r.id == b.id));
             Ok(deleted)
+        }
+
+        async fn shared_bodies(&self, ids: &[Uuid]) -> StoreResult<Vec<SealedBody>> {
+            let bodies = self.bodies.lock().unwrap();
+            Ok(bodies
+                .iter()
+                .filter(|b| ids.contains(&b.id))
+                .cloned()
+                .collect())
         }
 
         async fn sent_key(
@@ -1511,6 +1613,11 @@ mod tests {
             deadline,
             drain_budget: DRAIN_BUDGET,
             drain_share: 0,
+            multi: MultiLimits {
+                max_recipients: 10,
+                max_devices: 50,
+                max_key_bytes: 256,
+            },
         };
         let hub = Hub::new(16, 0, metrics.clone());
         let directory = Arc::new(Directory::new(queue.clone()));
@@ -1622,7 +1729,7 @@ mod tests {
                 (page.messages[0].id, page.messages[0].sender_device),
                 (sent.id, 1)
             );
-            assert_eq!(page.messages[0].body, body);
+            assert_eq!(page.messages[0].body, &body[..]);
         }
         assert_eq!(
             delivery.ack(device(bob, 1), vec![sent.id]).await.unwrap(),

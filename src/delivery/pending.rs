@@ -46,7 +46,8 @@ pub struct CommitFailed {
 #[derive(Debug, Clone)]
 pub struct NotStored {
     pub failed: CommitFailed,
-    pub devices: Vec<DeviceId>,
+    /// The copies not written, as (recipient, device).
+    pub devices: Vec<(Uuid, DeviceId)>,
 }
 
 /// One accepted message on its way to the store: all its copies, and its
@@ -144,7 +145,7 @@ impl Insert {
     /// written: the sender hears that the message was not accepted (even
     /// if another of its copies was acked: a retry is safe, the refusal of
     /// a stored message is not).
-    pub fn fail(&self, failed: CommitFailed, devices: Vec<DeviceId>) {
+    pub fn fail(&self, failed: CommitFailed, devices: Vec<(Uuid, DeviceId)>) {
         self.answer(Err(NotStored { failed, devices }));
     }
 
@@ -183,17 +184,19 @@ impl Pending {
     }
 
     /// An ack: if the copy is still here, it leaves without being written
-    /// and is settled. Returns who sent it (user, device) and its body's
-    /// length.
-    pub fn cancel(&self, key: CopyKey) -> Option<(Uuid, DeviceId, usize)> {
+    /// and is settled. Returns the copy.
+    pub fn cancel(&self, key: CopyKey) -> Option<Arc<Message>> {
         let (_, insert) = self.copies.remove(&key)?;
-        let copy = insert.copies.iter().find(|c| c.device == key.1)?;
-        let sender = (copy.sender, copy.sender_device, copy.body.len());
+        let copy = insert
+            .copies
+            .iter()
+            .find(|c| c.recipient == key.0 && c.device == key.1)?
+            .clone();
         insert.settle(1);
         if insert.settled() {
             self.settled.notify_one();
         }
-        Some(sender)
+        Some(copy)
     }
 
     /// Completes when an ack has settled a whole message since the last

@@ -52,8 +52,8 @@ use super::push::{
 use super::{
     AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, CredentialsVersion,
     Device, DeviceId, DeviceIds, KeyId, NewSession, Operator, Queue, QueueDepth, QueueMaintenance,
-    QueueShare, RefreshToken, RemoveDevice, Revoked, Rotation, SealedKey, SealedRow, SessionStart,
-    Sessions, Stats, Store, StoreError, StoreResult, StoredRow, User, Verified,
+    QueueShare, RefreshToken, RemoveDevice, Revoked, Rotation, SealedBody, SealedKey, SealedRow,
+    SessionStart, Sessions, Stats, Store, StoreError, StoreResult, StoredRow, User, Verified,
 };
 
 /// The bound of the sweeper's and start-up's calls. Each deletes or seals
@@ -150,7 +150,8 @@ deadlined!(Store {
 });
 
 deadlined!(Queue {
-    request fn write_batch(&self, messages: Vec<SealedRow>, keys: &[SealedKey], acks: &[Ack]) -> StoreResult<Vec<StoredRow>>;
+    request fn write_batch(&self, bodies: Vec<SealedBody>, messages: Vec<SealedRow>, keys: &[SealedKey], acks: &[Ack]) -> StoreResult<Vec<StoredRow>>;
+    request fn shared_bodies(&self, ids: &[Uuid]) -> StoreResult<Vec<SealedBody>>;
     request fn sent_key(&self, hashes: &[Vec<u8>], now: DateTime<Utc>) -> StoreResult<Option<SealedKey>>;
     request fn forget_sender_keys(&self, accounts: &[Vec<u8>]) -> StoreResult<u64>;
     request fn queued_sizes(&self, recipient: Uuid, device: DeviceId, after: Uuid, limit: u32) -> StoreResult<Vec<(Uuid, u64)>>;
@@ -167,6 +168,9 @@ deadlined!(QueueMaintenance {
     maintenance fn key_ids_in_use(&self) -> StoreResult<Vec<KeyId>>;
     maintenance fn sealed_with(&self, key: KeyId, limit: u32) -> StoreResult<Vec<StoredRow>>;
     maintenance fn delete_before(&self, before: Uuid, limit: u32) -> StoreResult<u64>;
+    maintenance fn delete_orphan_bodies(&self, limit: u32) -> StoreResult<u64>;
+    maintenance fn stale_bodies(&self, current: KeyId, after: Uuid, limit: u32) -> StoreResult<Vec<SealedBody>>;
+    maintenance fn reseal_bodies(&self, bodies: Vec<SealedBody>) -> StoreResult<u64>;
     maintenance fn forget_expired_keys(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<u64>;
 });
 

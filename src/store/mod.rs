@@ -49,8 +49,8 @@ pub use push::{
     Coalescing, DueWakeup, PushStore, Scheduled, StoredTarget, TargetSummary, WakeupUpdate, Wanted,
 };
 pub use queue::{
-    Ack, KeyId, Message, Queue, QueueDepth, QueueMaintenance, QueueShare, SealedKey, SealedRow,
-    SendKey, SenderTag, SentKey, StoredRow,
+    Ack, KeyId, Message, Queue, QueueDepth, QueueMaintenance, QueueShare, SealedBody, SealedKey,
+    SealedRow, SendKey, SenderTag, SentKey, StoredRow,
 };
 pub use sessions::{NewSession, RefreshToken, Revoked, Rotation, SessionStart, Sessions};
 

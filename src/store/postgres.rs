@@ -29,9 +29,9 @@ use super::queue::QUEUE_COLUMNS;
 use super::{
     AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, CredentialsVersion,
     Device, DeviceId, DeviceIds, DeviceSummary, KeyId, NewSession, Operator, Queue, QueueDepth,
-    QueueMaintenance, QueueShare, RefreshToken, RemoveDevice, Revoked, Rotation, SealedKey,
-    SealedRow, SessionStart, Sessions, Stats, Store, StoreError, StoreResult, StoredRow, User,
-    Verified, username_skeleton,
+    QueueMaintenance, QueueShare, RefreshToken, RemoveDevice, Revoked, Rotation, SealedBody,
+    SealedKey, SealedRow, SessionStart, Sessions, Stats, Store, StoreError, StoreResult, StoredRow,
+    User, Verified, username_skeleton,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -918,11 +918,37 @@ impl Operator for PgStore {
 impl Queue for PgStore {
     async fn write_batch(
         &self,
+        bodies: Vec<SealedBody>,
         messages: Vec<SealedRow>,
         keys: &[SealedKey],
         acks: &[Ack],
     ) -> StoreResult<Vec<StoredRow>> {
         let mut tx = self.writer.begin().await?;
+        if !bodies.is_empty() {
+            let (mut ids, mut sent_at, mut key_ids, mut sealed) = (
+                Vec::with_capacity(bodies.len()),
+                Vec::with_capacity(bodies.len()),
+                Vec::with_capacity(bodies.len()),
+                Vec::with_capacity(bodies.len()),
+            );
+            for body in bodies {
+                ids.push(body.id);
+                sent_at.push(body.sent_at);
+                key_ids.push(body.key_id);
+                sealed.push(body.sealed);
+            }
+            sqlx::query(
+                "INSERT INTO shared_bodies (id, sent_at, key_id, sealed)
+                 SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::int2[], $4::bytea[])
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(ids)
+            .bind(sent_at)
+            .bind(key_ids)
+            .bind(sealed)
+            .execute(&mut *tx)
+            .await?;
+        }
         if !keys.is_empty() {
             // One key per message and one message per key: no row is named
             // twice in the statement.
@@ -984,8 +1010,41 @@ impl Queue for PgStore {
             .await?;
             deleted.extend(stored_rows(gone)?);
         }
+        if !deleted.is_empty() {
+            // The shared bodies whose last copy this batch acked. Two acks
+            // committed at once on two nodes may each still see the
+            // other's row and both keep the body: the sweeper deletes it.
+            let mut acked: Vec<Uuid> = deleted.iter().map(StoredRow::id).collect();
+            acked.sort_unstable();
+            acked.dedup();
+            sqlx::query(
+                "DELETE FROM shared_bodies b WHERE b.id = ANY($1)
+                   AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = b.id)",
+            )
+            .bind(acked)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(deleted)
+    }
+
+    async fn shared_bodies(&self, ids: &[Uuid]) -> StoreResult<Vec<SealedBody>> {
+        let rows: Vec<(Uuid, DateTime<Utc>, KeyId, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, sent_at, key_id, sealed FROM shared_bodies WHERE id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, sent_at, key_id, sealed)| SealedBody {
+                id,
+                sent_at,
+                key_id,
+                sealed,
+            })
+            .collect())
     }
 
     async fn sent_key(
@@ -1028,9 +1087,13 @@ impl Queue for PgStore {
         limit: u32,
     ) -> StoreResult<Vec<(Uuid, u64)>> {
         // The length of a value, not the value: PostgreSQL reads it from a TOASTed value's header.
+        // A shared copy's page carries its shared body too.
         let sizes: Vec<(Uuid, i64)> = sqlx::query_as(
-            "SELECT id, COALESCE(octet_length(sealed), octet_length(body), 0)::int8 FROM messages
-             WHERE recipient = $1 AND device_id = $2 AND id > $3 ORDER BY id LIMIT $4",
+            "SELECT m.id, (COALESCE(octet_length(m.sealed), octet_length(m.body), 0)
+                           + COALESCE((SELECT octet_length(b.sealed) FROM shared_bodies b
+                                       WHERE b.id = m.id), 0))::int8
+             FROM messages m
+             WHERE m.recipient = $1 AND m.device_id = $2 AND m.id > $3 ORDER BY m.id LIMIT $4",
         )
         .bind(recipient)
         .bind(pg_device(device))
@@ -1146,7 +1209,7 @@ impl QueueMaintenance for PgStore {
                           WHERE id > $1 AND (key_id IS NULL OR key_id <> $2)
                           ORDER BY id LIMIT $3)
                AND (key_id IS NULL OR key_id <> $2)
-             ORDER BY id, device_id"
+             ORDER BY id, recipient, device_id"
         )))
         .bind(after)
         .bind(current)
@@ -1164,11 +1227,12 @@ impl QueueMaintenance for PgStore {
         let done = sqlx::query(
             "UPDATE messages m SET key_id = u.key_id, sealed = u.sealed, sender_tag = u.sender_tag,
                                    sender = NULL, body = NULL
-             FROM UNNEST($1::uuid[], $2::int4[], $3::int2[], $4::bytea[], $5::bytea[])
-                  AS u (id, device_id, key_id, sealed, sender_tag)
-             WHERE m.id = u.id AND m.device_id = u.device_id",
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::int4[], $4::int2[], $5::bytea[], $6::bytea[])
+                  AS u (id, recipient, device_id, key_id, sealed, sender_tag)
+             WHERE m.id = u.id AND m.recipient = u.recipient AND m.device_id = u.device_id",
         )
         .bind(columns.ids)
+        .bind(columns.recipients)
         .bind(columns.devices)
         .bind(columns.key_ids)
         .bind(columns.sealed)
@@ -1180,7 +1244,8 @@ impl QueueMaintenance for PgStore {
 
     async fn key_ids_in_use(&self) -> StoreResult<Vec<KeyId>> {
         Ok(sqlx::query_scalar(
-            "SELECT DISTINCT key_id FROM messages WHERE key_id IS NOT NULL ORDER BY key_id",
+            "SELECT key_id FROM messages WHERE key_id IS NOT NULL
+             UNION SELECT key_id FROM shared_bodies ORDER BY key_id",
         )
         .fetch_all(&self.pool)
         .await?)
@@ -1198,12 +1263,81 @@ impl QueueMaintenance for PgStore {
     }
 
     async fn delete_before(&self, before: Uuid, limit: u32) -> StoreResult<u64> {
-        let done = sqlx::query(
-            "DELETE FROM messages WHERE (id, device_id) IN
-             (SELECT id, device_id FROM messages WHERE id < $1 LIMIT $2)",
+        let rows = sqlx::query(
+            "DELETE FROM messages WHERE (id, recipient, device_id) IN
+             (SELECT id, recipient, device_id FROM messages WHERE id < $1 LIMIT $2)",
         )
         .bind(before)
         .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        let bodies = sqlx::query(
+            "DELETE FROM shared_bodies WHERE id IN
+             (SELECT id FROM shared_bodies WHERE id < $1 LIMIT $2)",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(rows.rows_affected() + bodies.rows_affected())
+    }
+
+    async fn delete_orphan_bodies(&self, limit: u32) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM shared_bodies WHERE id IN
+             (SELECT id FROM shared_bodies b
+              WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = b.id) LIMIT $1)",
+        )
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn stale_bodies(
+        &self,
+        current: KeyId,
+        after: Uuid,
+        limit: u32,
+    ) -> StoreResult<Vec<SealedBody>> {
+        let rows: Vec<(Uuid, DateTime<Utc>, KeyId, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, sent_at, key_id, sealed FROM shared_bodies
+             WHERE id > $1 AND key_id <> $2 ORDER BY id LIMIT $3",
+        )
+        .bind(after)
+        .bind(current)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, sent_at, key_id, sealed)| SealedBody {
+                id,
+                sent_at,
+                key_id,
+                sealed,
+            })
+            .collect())
+    }
+
+    async fn reseal_bodies(&self, bodies: Vec<SealedBody>) -> StoreResult<u64> {
+        if bodies.is_empty() {
+            return Ok(0);
+        }
+        let (mut ids, mut key_ids, mut sealed) = (Vec::new(), Vec::new(), Vec::new());
+        for body in bodies {
+            ids.push(body.id);
+            key_ids.push(body.key_id);
+            sealed.push(body.sealed);
+        }
+        let done = sqlx::query(
+            "UPDATE shared_bodies b SET key_id = u.key_id, sealed = u.sealed
+             FROM UNNEST($1::uuid[], $2::int2[], $3::bytea[]) AS u (id, key_id, sealed)
+             WHERE b.id = u.id",
+        )
+        .bind(ids)
+        .bind(key_ids)
+        .bind(sealed)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())

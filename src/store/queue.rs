@@ -1,15 +1,28 @@
 //! The message queue: one queue per device, rows sealed at rest.
 //!
-//! A message addressed to an account is one row per recipient device, all
-//! under the message's one id: `(id, device)` is a row's key, and each
-//! device acknowledges (deletes) its own copy. A message is gone once every
-//! copy is acknowledged or expired.
+//! A message is one row per recipient device, all under the message's one
+//! id: `(id, recipient, device)` is a row's key (a multi-recipient send
+//! gives every account's copies the same id), and each device acknowledges
+//! (deletes) its own copy. A message is gone once every copy is
+//! acknowledged or expired.
+//!
+//! **Shared bodies.** A multi-recipient send in the shared form stores its
+//! one ciphertext once, in `shared_bodies` under the message id
+//! ([`SealedBody`]); each device's row carries only its small key material.
+//! All the rows of such a message are written in the same transaction as
+//! its body (a message is one insert for the committer), and never later,
+//! so a body is present whenever one of its rows is. The body goes with
+//! its last row: an ack's transaction deletes the bodies of the ids it
+//! acked that have no row left, and the sweeper deletes bodies no row
+//! refers to (left by two acks committed at once on two nodes, each seeing
+//! the other's row) and bodies as old as the rows it expires.
 //!
 //! [`Queue`] is the hot path, the only part the delivery core and the
 //! committer see: batched writes, page reads, counts. [`QueueMaintenance`]
 //! is what the sweeper and start-up do to the queue as a whole.
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
@@ -26,8 +39,33 @@ pub struct Message {
     pub sender: Uuid,
     /// The device that sent it, so that the recipient picks its key.
     pub sender_device: DeviceId,
-    pub body: Vec<u8>,
+    /// This device's envelope, or the shared body of a multi-recipient
+    /// send: one allocation for every copy of it.
+    pub body: Bytes,
+    /// A shared-body copy's own key material ([`Self::shared`]).
+    pub key: Option<Bytes>,
+    /// Whether an ack of this copy sends its sender a receipt (a send's
+    /// `"receipts"`).
+    pub receipts: bool,
     pub sent_at: DateTime<Utc>,
+}
+
+impl Message {
+    /// Whether the body is a multi-recipient send's shared body, stored
+    /// once in `shared_bodies` rather than in this copy's row.
+    pub fn shared(&self) -> bool {
+        self.key.is_some()
+    }
+}
+
+/// A multi-recipient send's shared body as stored: `sealed` under storage
+/// key `key_id` (format in [`crate::seal`]), keyed by the message id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedBody {
+    pub id: Uuid,
+    pub sent_at: DateTime<Utc>,
+    pub key_id: KeyId,
+    pub sealed: Vec<u8>,
 }
 
 /// The id of a storage key (`SEALPOST_STORAGE_KEYS`): a small positive
@@ -107,7 +145,9 @@ impl StoredRow {
                 device,
                 sender,
                 sender_device: 1,
-                body,
+                body: body.into(),
+                key: None,
+                receipts: true,
                 sent_at,
             })),
             // The schema's CHECK constraint rules this out.
@@ -210,18 +250,24 @@ pub struct SealedKey {
 /// The queue's hot path.
 #[async_trait]
 pub trait Queue: Send + Sync + 'static {
-    /// Inserts `messages`, records `keys` and applies `acks` in one
-    /// transaction. Returns the rows the acks deleted, as they were stored
-    /// (so that the committer can tell each sender of its delivery); an ack
-    /// for a copy that is unknown or queued for another device deletes
-    /// nothing. A key already recorded is replaced: the delivery core only
-    /// writes one it found nowhere, or expired.
+    /// Inserts `bodies` (a body already stored is kept) and `messages`,
+    /// records `keys` and applies `acks` in one transaction, then deletes
+    /// the shared bodies of the acked ids that no row refers to any more.
+    /// Returns the rows the acks deleted, as they were stored (so that the
+    /// committer can tell each sender of its delivery); an ack for a copy
+    /// that is unknown or queued for another device deletes nothing. A key
+    /// already recorded is replaced: the delivery core only writes one it
+    /// found nowhere, or expired.
     async fn write_batch(
         &self,
+        bodies: Vec<SealedBody>,
         messages: Vec<SealedRow>,
         keys: &[SealedKey],
         acks: &[Ack],
     ) -> StoreResult<Vec<StoredRow>>;
+
+    /// The shared bodies stored under `ids` (those that exist).
+    async fn shared_bodies(&self, ids: &[Uuid]) -> StoreResult<Vec<SealedBody>>;
 
     /// The send key stored under one of `hashes` (one per storage key) that
     /// has not expired at `now`, if any.
@@ -305,18 +351,37 @@ pub trait QueueMaintenance: Send + Sync + 'static {
     /// updated.
     async fn reseal(&self, rows: Vec<SealedRow>) -> StoreResult<u64>;
 
-    /// The distinct key ids of the sealed rows in the queue, so that start-up
-    /// can refuse a key list that could not open them.
+    /// The distinct key ids of the sealed rows and shared bodies in the
+    /// queue, so that start-up can refuse a key list that could not open
+    /// them.
     async fn key_ids_in_use(&self) -> StoreResult<Vec<KeyId>>;
 
     /// Up to `limit` of the oldest queued rows sealed under `key`, so that
     /// start-up can check that the key configured under that id opens them.
     async fn sealed_with(&self, key: KeyId, limit: u32) -> StoreResult<Vec<StoredRow>>;
 
-    /// Deletes up to `limit` rows with ids below `before`; returns how
-    /// many. The sweeper calls this until it returns less than `limit`, so no
+    /// Deletes up to `limit` rows with ids below `before`, and up to `limit`
+    /// shared bodies with ids below it; returns how many of each, together.
+    /// The sweeper calls this until it returns less than `limit`, so no
     /// single statement holds locks for long.
     async fn delete_before(&self, before: Uuid, limit: u32) -> StoreResult<u64>;
+
+    /// Deletes up to `limit` shared bodies that no queued row refers to;
+    /// returns how many.
+    async fn delete_orphan_bodies(&self, limit: u32) -> StoreResult<u64>;
+
+    /// Up to `limit` shared bodies with ids after `after`, in id order, not
+    /// sealed under `current`, for the sweeper to seal again.
+    async fn stale_bodies(
+        &self,
+        current: KeyId,
+        after: Uuid,
+        limit: u32,
+    ) -> StoreResult<Vec<SealedBody>>;
+
+    /// Replaces each body's sealing; bodies deleted meanwhile are skipped.
+    /// Returns how many were updated.
+    async fn reseal_bodies(&self, bodies: Vec<SealedBody>) -> StoreResult<u64>;
 
     /// Deletes up to `limit` send keys that expired by `now`; returns how
     /// many. In batches, as [`Self::delete_before`].

@@ -33,9 +33,9 @@ use super::queue::QUEUE_COLUMNS;
 use super::{
     AccountDetails, AccountSummary, Accounts, Ack, AddDevice, Credentials, CredentialsVersion,
     Device, DeviceId, DeviceIds, DeviceSummary, KeyId, NewSession, Operator, Queue, QueueDepth,
-    QueueMaintenance, QueueShare, RefreshToken, RemoveDevice, Revoked, Rotation, SealedKey,
-    SealedRow, SessionStart, Sessions, Stats, Store, StoreError, StoreResult, StoredRow, User,
-    Verified, username_skeleton,
+    QueueMaintenance, QueueShare, RefreshToken, RemoveDevice, Revoked, Rotation, SealedBody,
+    SealedKey, SealedRow, SessionStart, Sessions, Stats, Store, StoreError, StoreResult, StoredRow,
+    User, Verified, username_skeleton,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -66,15 +66,35 @@ fn key_insert_sql(rows: usize) -> String {
     )
 }
 
-/// Seals `rows` rows again: `VALUES` columns are id, device, key id,
-/// sealed, sender tag. Built from constant fragments only; every value is
-/// bound.
+/// Seals `rows` rows again: `VALUES` columns are id, recipient, device,
+/// key id, sealed, sender tag. Built from constant fragments only; every
+/// value is bound.
 fn reseal_sql(rows: usize) -> String {
     format!(
-        "UPDATE messages SET key_id = u.column3, sealed = u.column4, sender_tag = u.column5,
+        "UPDATE messages SET key_id = u.column4, sealed = u.column5, sender_tag = u.column6,
                              sender = NULL, body = NULL
-         FROM (VALUES {}) AS u WHERE messages.id = u.column1 AND messages.device_id = u.column2",
-        vec!["(?, ?, ?, ?, ?)"; rows].join(", ")
+         FROM (VALUES {}) AS u
+         WHERE messages.id = u.column1 AND messages.recipient = u.column2
+           AND messages.device_id = u.column3",
+        vec!["(?, ?, ?, ?, ?, ?)"; rows].join(", ")
+    )
+}
+
+/// `INSERT ... VALUES (?, ?, ?, ?), ...` for `rows` shared bodies, one
+/// already stored kept. Built from constant fragments only.
+fn body_insert_sql(rows: usize) -> String {
+    format!(
+        "INSERT INTO shared_bodies (id, sent_at, key_id, sealed) VALUES {} ON CONFLICT (id) DO NOTHING",
+        vec!["(?, ?, ?, ?)"; rows].join(", ")
+    )
+}
+
+/// Deletes the shared bodies of `ids` that no row refers to any more.
+fn body_gc_sql(ids: usize) -> String {
+    format!(
+        "DELETE FROM shared_bodies WHERE id IN ({})
+           AND NOT EXISTS (SELECT 1 FROM messages WHERE messages.id = shared_bodies.id)",
+        vec!["?"; ids].join(", ")
     )
 }
 
@@ -973,6 +993,7 @@ impl Operator for SqliteStore {
 impl Queue for SqliteStore {
     async fn write_batch(
         &self,
+        bodies: Vec<SealedBody>,
         messages: Vec<SealedRow>,
         keys: &[SealedKey],
         acks: &[Ack],
@@ -982,6 +1003,19 @@ impl Queue for SqliteStore {
         // round trip apiece, so rows go many to a statement: a statement per
         // row cost more CPU in thread hand-offs than SQLite spent working.
         let mut tx = self.writer.begin().await?;
+        let mut bodies = bodies.into_iter().peekable();
+        while bodies.peek().is_some() {
+            let chunk: Vec<SealedBody> = bodies.by_ref().take(ROWS_PER_STATEMENT).collect();
+            let mut insert = sqlx::query(AssertSqlSafe(body_insert_sql(chunk.len())));
+            for body in chunk {
+                insert = insert
+                    .bind(body.id)
+                    .bind(millis(body.sent_at))
+                    .bind(body.key_id)
+                    .bind(body.sealed);
+            }
+            insert.execute(&mut *tx).await?;
+        }
         let mut messages = messages.into_iter().peekable();
         while messages.peek().is_some() {
             let chunk: Vec<SealedRow> = messages.by_ref().take(ROWS_PER_STATEMENT).collect();
@@ -1024,6 +1058,17 @@ impl Queue for SqliteStore {
             }
             let gone: Vec<QueueRow> = delete.fetch_all(&mut *tx).await?;
             deleted.extend(stored_rows(gone)?);
+        }
+        // The shared bodies whose last copy this batch acked.
+        let mut acked: Vec<Uuid> = deleted.iter().map(StoredRow::id).collect();
+        acked.sort_unstable();
+        acked.dedup();
+        for chunk in acked.chunks(ACKS_PER_STATEMENT) {
+            let mut gc = sqlx::query(AssertSqlSafe(body_gc_sql(chunk.len())));
+            for id in chunk {
+                gc = gc.bind(id);
+            }
+            gc.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(deleted)
@@ -1083,9 +1128,12 @@ impl Queue for SqliteStore {
         limit: u32,
     ) -> StoreResult<Vec<(Uuid, u64)>> {
         // The length of a value, not the value: SQLite reads it without loading the blob's overflow pages.
+        // A shared copy's page carries its shared body too.
         let sizes: Vec<(Uuid, i64)> = sqlx::query_as(
-            "SELECT id, COALESCE(length(sealed), length(body), 0) FROM messages
-             WHERE recipient = ? AND device_id = ? AND id > ? ORDER BY id LIMIT ?",
+            "SELECT m.id, COALESCE(length(m.sealed), length(m.body), 0)
+                          + COALESCE((SELECT length(b.sealed) FROM shared_bodies b WHERE b.id = m.id), 0)
+             FROM messages m
+             WHERE m.recipient = ? AND m.device_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
         )
         .bind(recipient)
         .bind(i64::from(device))
@@ -1119,6 +1167,31 @@ impl Queue for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         stored_rows(rows)
+    }
+
+    async fn shared_bodies(&self, ids: &[Uuid]) -> StoreResult<Vec<SealedBody>> {
+        let mut bodies = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(ACKS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT id, sent_at, key_id, sealed FROM shared_bodies WHERE id IN ({})",
+                vec!["?"; chunk.len()].join(", ")
+            );
+            let mut query = sqlx::query_as(AssertSqlSafe(sql));
+            for id in chunk {
+                query = query.bind(id);
+            }
+            let rows: Vec<(Uuid, i64, KeyId, Vec<u8>)> = query.fetch_all(&self.reader).await?;
+            bodies.extend(
+                rows.into_iter()
+                    .map(|(id, sent_at, key_id, sealed)| SealedBody {
+                        id,
+                        sent_at: time(sent_at),
+                        key_id,
+                        sealed,
+                    }),
+            );
+        }
+        Ok(bodies)
     }
 
     async fn queued_ids(
@@ -1200,7 +1273,7 @@ impl QueueMaintenance for SqliteStore {
                           WHERE id > ?1 AND (key_id IS NULL OR key_id <> ?2)
                           ORDER BY id LIMIT ?3)
                AND (key_id IS NULL OR key_id <> ?2)
-             ORDER BY id, device_id"
+             ORDER BY id, recipient, device_id"
         )))
         .bind(after)
         .bind(current)
@@ -1220,6 +1293,7 @@ impl QueueMaintenance for SqliteStore {
             for row in chunk {
                 update = update
                     .bind(row.id)
+                    .bind(row.recipient)
                     .bind(i64::from(row.device))
                     .bind(row.key_id)
                     .bind(row.sealed)
@@ -1233,7 +1307,8 @@ impl QueueMaintenance for SqliteStore {
 
     async fn key_ids_in_use(&self) -> StoreResult<Vec<KeyId>> {
         Ok(sqlx::query_scalar(
-            "SELECT DISTINCT key_id FROM messages WHERE key_id IS NOT NULL ORDER BY key_id",
+            "SELECT key_id FROM messages WHERE key_id IS NOT NULL
+             UNION SELECT key_id FROM shared_bodies ORDER BY key_id",
         )
         .fetch_all(&self.reader)
         .await?)
@@ -1251,15 +1326,76 @@ impl QueueMaintenance for SqliteStore {
     }
 
     async fn delete_before(&self, before: Uuid, limit: u32) -> StoreResult<u64> {
-        let done = sqlx::query(
-            "DELETE FROM messages WHERE (id, device_id) IN
-             (SELECT id, device_id FROM messages WHERE id < ? LIMIT ?)",
+        let rows = sqlx::query(
+            "DELETE FROM messages WHERE (id, recipient, device_id) IN
+             (SELECT id, recipient, device_id FROM messages WHERE id < ? LIMIT ?)",
         )
         .bind(before)
         .bind(i64::from(limit))
         .execute(&self.writer)
         .await?;
+        let bodies = sqlx::query(
+            "DELETE FROM shared_bodies WHERE id IN (SELECT id FROM shared_bodies WHERE id < ? LIMIT ?)",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .execute(&self.writer)
+        .await?;
+        Ok(rows.rows_affected() + bodies.rows_affected())
+    }
+
+    async fn delete_orphan_bodies(&self, limit: u32) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM shared_bodies WHERE id IN
+             (SELECT id FROM shared_bodies b
+              WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = b.id) LIMIT ?)",
+        )
+        .bind(i64::from(limit))
+        .execute(&self.writer)
+        .await?;
         Ok(done.rows_affected())
+    }
+
+    async fn stale_bodies(
+        &self,
+        current: KeyId,
+        after: Uuid,
+        limit: u32,
+    ) -> StoreResult<Vec<SealedBody>> {
+        let rows: Vec<(Uuid, i64, KeyId, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, sent_at, key_id, sealed FROM shared_bodies
+             WHERE id > ? AND key_id <> ? ORDER BY id LIMIT ?",
+        )
+        .bind(after)
+        .bind(current)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, sent_at, key_id, sealed)| SealedBody {
+                id,
+                sent_at: time(sent_at),
+                key_id,
+                sealed,
+            })
+            .collect())
+    }
+
+    async fn reseal_bodies(&self, bodies: Vec<SealedBody>) -> StoreResult<u64> {
+        let mut tx = self.writer.begin().await?;
+        let mut updated = 0;
+        for body in bodies {
+            updated += sqlx::query("UPDATE shared_bodies SET key_id = ?, sealed = ? WHERE id = ?")
+                .bind(body.key_id)
+                .bind(body.sealed)
+                .bind(body.id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(updated)
     }
 
     async fn forget_expired_keys(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<u64> {

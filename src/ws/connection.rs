@@ -65,11 +65,11 @@ use uuid::Uuid;
 use super::Socket;
 use super::deadline::TimedOut;
 use super::drain::{self, Chunk, Cursor, Pace};
-use super::frame::{self, ClientFrame, ServerFrame, close};
+use super::frame::{self, ClientFrame, MultiFrame, ServerFrame, close};
 use super::seen::Seen;
 use crate::auth::{self, token::Claims};
 use crate::cluster::Interest;
-use crate::delivery::{Address, Subscription, idempotency};
+use crate::delivery::{Accepted, Address, Subscription, idempotency};
 use crate::error::{Error, Result};
 use crate::hub::{Event, Kick, Outbound, Registration};
 use crate::limits::sockets::SocketPermit;
@@ -770,6 +770,13 @@ impl Connection {
                     Some(ServerFrame::error(reference, &err))
                 }
             },
+            ClientFrame::SendMulti(frame) => match self.accept_multi(&reference, *frame).await {
+                Ok(reply) => reply,
+                Err(err) => {
+                    self.state.metrics.rejected(&err);
+                    Some(ServerFrame::error(reference, &err))
+                }
+            },
             ClientFrame::Ack { ids } => match self.ack(&reference, &ids) {
                 Ok(()) => None,
                 Err(err) => Some(ServerFrame::error(reference, &err)),
@@ -842,6 +849,43 @@ impl Connection {
         let accepted = delivery
             .accept(self.device, to, content, client_id, urgent)
             .await?;
+        self.confirm(reference, accepted);
+        Ok(None)
+    }
+
+    /// A `send_multi`: as [`Self::accept`], for several accounts.
+    async fn accept_multi(
+        &mut self,
+        reference: &Option<String>,
+        frame: MultiFrame,
+    ) -> Result<Option<ServerFrame>> {
+        let delivery = &self.state.delivery;
+        let MultiFrame { send, ephemeral } = frame;
+        let multi = delivery.decode_multi(&send)?;
+        let client_id = send
+            .client_id
+            .as_deref()
+            .map(idempotency::client_id)
+            .transpose()?;
+        if ephemeral {
+            let sent = delivery.send_multi_ephemeral(self.device, multi).await?;
+            return Ok(Some(ServerFrame::Sent {
+                reference: reference.clone(),
+                id: sent.id,
+                sent_at: sent.sent_at,
+                delivered: Some(sent.delivered),
+            }));
+        }
+        let accepted = delivery
+            .accept_multi(self.device, multi, client_id, send.urgent)
+            .await?;
+        self.confirm(reference, accepted);
+        Ok(None)
+    }
+
+    /// Answers an accepted send with `sent` once it is durable (or an
+    /// `error`), without holding up the frames behind it.
+    fn confirm(&mut self, reference: &Option<String>, accepted: Accepted) {
         let (reference, metrics) = (reference.clone(), self.state.metrics.clone());
         self.pending.push(Box::pin(async move {
             let reply = match accepted.durable.await {
@@ -858,7 +902,6 @@ impl Connection {
             };
             Some(reply.to_ws())
         }));
-        Ok(None)
     }
 
     /// Settles ids. A failure is answered; with a `ref`, so is success,

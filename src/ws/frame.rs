@@ -13,7 +13,7 @@ use crate::devices::{ChangeReason, DevicesChange};
 use crate::error::{Error, ErrorDetail};
 use crate::hub::Receipt;
 use crate::store::{DeviceId, Message};
-use crate::wire::{Envelope, MessageView};
+use crate::wire::{Envelope, MessageView, MultiSend};
 
 /// Close codes, beside RFC 6455's.
 pub mod close {
@@ -73,10 +73,22 @@ pub enum ClientFrame {
         #[serde(default = "urgent_by_default")]
         urgent: bool,
     },
+    /// One message to several accounts: the fields of
+    /// `POST /v1/messages/multi`, and `ephemeral`.
+    SendMulti(Box<MultiFrame>),
     /// With a `ref`, answered by `acked` once durable.
     Ack {
         ids: Vec<String>,
     },
+}
+
+/// A `send_multi` frame's fields.
+#[derive(Debug, Deserialize)]
+pub struct MultiFrame {
+    #[serde(flatten)]
+    pub send: MultiSend,
+    #[serde(default)]
+    pub ephemeral: bool,
 }
 
 fn urgent_by_default() -> bool {

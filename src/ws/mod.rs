@@ -128,7 +128,7 @@ async fn upgrade(
         Ok(permit) => permit,
         Err(err) => return err.into_response(),
     };
-    let max_frame = state.config.max_request_bytes();
+    let max_frame = state.config.max_multi_request_bytes();
     let message_timeout = state.config.ws_message_timeout;
     let sockets = state.sockets.clone();
     // Outbound frames carry one envelope each, however many a send from

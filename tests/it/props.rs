@@ -283,6 +283,21 @@ fn assert_agrees(text: &str, inbound: &sealpost::ws::frame::Inbound) {
                     let claimed = value.get("ephemeral").and_then(Value::as_bool);
                     assert_eq!(claimed.unwrap_or(false), *ephemeral, "{text:?}");
                 }
+                ClientFrame::SendMulti(frame) => {
+                    assert_eq!(value["type"], "send_multi", "{text:?}");
+                    assert_eq!(
+                        value["recipients"].as_array().map(Vec::len),
+                        Some(frame.send.recipients.len()),
+                        "{text:?}"
+                    );
+                    assert_eq!(
+                        value.get("shared").and_then(Value::as_str),
+                        frame.send.shared.as_deref(),
+                        "{text:?}"
+                    );
+                    let claimed = value.get("ephemeral").and_then(Value::as_bool);
+                    assert_eq!(claimed.unwrap_or(false), frame.ephemeral, "{text:?}");
+                }
                 ClientFrame::Ack { ids } => {
                     assert_eq!(value["type"], "ack", "{text:?}");
                     assert_eq!(value["ids"], json!(ids), "{text:?}");

@@ -200,7 +200,9 @@ impl Harness {
             device,
             sender: Uuid::new_v4(),
             sender_device: 1,
-            body: b"sealed".to_vec(),
+            body: (b"sealed".to_vec()).into(),
+            key: None,
+            receipts: true,
             sent_at: crate::store::now(),
         });
         let meta = Committed {
@@ -452,7 +454,9 @@ async fn a_device_online_anywhere_is_not_woken() {
         device: device.1,
         sender: device.0,
         sender_device: device.1,
-        body: b"sealed".to_vec(),
+        body: (b"sealed".to_vec()).into(),
+        key: None,
+        receipts: true,
         sent_at: crate::store::now(),
     });
     h.scheduler.committed(&[own], true);
