@@ -1,7 +1,7 @@
 //! The cluster (issue 13): nodes on one PostgreSQL database, joined by
 //! NATS, behave to a client as one server. Pushes, backlog drains,
-//! exclusive sockets, revocations, ephemeral sends, receipts and
-//! `devices_changed` cross nodes; per-sender order holds; a node killed
+//! exclusive sockets, revocations, ephemeral sends, multi sends, receipts
+//! and `devices_changed` cross nodes; per-sender order holds; a node killed
 //! with SIGKILL or a NATS restart loses nothing. The cluster interface is
 //! /work/spec/cluster-interface.md; the harness is `common::cluster`.
 //!
@@ -129,6 +129,7 @@ mod postgres {
     use uuid::Uuid;
 
     use crate::common::cluster::{Cluster, Nats, metric, node_id, readyz, wait_for_broker};
+    use crate::common::multi::{self, assert_copy};
     use crate::common::traffic::ANSWER_BOUND;
     use crate::common::ws::{Close, Event, WsClient, assert_next_is_sentinel, close};
     use crate::common::{
@@ -1322,6 +1323,85 @@ mod postgres {
             "sealpost_broker_disconnects_total on n2: {disconnects:?}"
         );
         drop(ws);
+        cluster.stop().await;
+    }
+
+    /// A multi send (issue 27) through node 1 reaches bob's socket on node
+    /// 1 and carol's on node 2 live, one id for both, each copy with its
+    /// device's key, the shared body stored once; a `send_multi` frame
+    /// through node 2 crosses the other way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_multi_send_reaches_sockets_on_every_node() {
+        let cluster = Cluster::start(2, &[]).await;
+        let (a, b) = (&cluster[0], &cluster[1]);
+        let alice = a.account("alice").await;
+        let bob = a.account("bob").await;
+        let carol = b.account("carol").await;
+        let (mut bob_ws, _) = WsClient::ready(a, &bob).await;
+        let (mut carol_ws, _) = WsClient::ready(b, &carol).await;
+        let to_both = |tag: &str| {
+            [
+                (bob.id, vec![(1, format!("{tag} key for bob").into_bytes())]),
+                (
+                    carol.id,
+                    vec![(1, format!("{tag} key for carol").into_bytes())],
+                ),
+            ]
+        };
+
+        // Over REST on node 1.
+        let body = b"to the group through n1";
+        let request = multi::shared(body, &to_both("rest"));
+        let reply = multi::send(a, &alice, &request).await.expect(201);
+        let message = id(&reply["id"]);
+        let pushed = bob_ws.expect_exactly("message").await;
+        assert_copy(
+            &pushed,
+            message,
+            alice.id,
+            1,
+            body,
+            Some(b"rest key for bob"),
+        );
+        let pushed = carol_ws.expect_exactly("message").await;
+        assert_copy(
+            &pushed,
+            message,
+            alice.id,
+            1,
+            body,
+            Some(b"rest key for carol"),
+        );
+        assert_eq!(
+            multi::rows(cluster.db()).await,
+            (2, 1),
+            "(queued copies, shared bodies): one body for both nodes' recipients"
+        );
+
+        // Over alice's socket on node 2.
+        let (mut alice_ws, _) = WsClient::ready(b, &alice).await;
+        let body = b"to the group through n2";
+        let request = multi::shared(body, &to_both("ws"));
+        alice_ws.send_json(multi::frame("g", &request)).await;
+        let sent = alice_ws.expect_exactly("sent").await;
+        assert_eq!(sent["ref"], "g", "{sent}");
+        let message = id(&sent["id"]);
+        let pushed = bob_ws.expect_exactly("message").await;
+        assert_copy(&pushed, message, alice.id, 1, body, Some(b"ws key for bob"));
+        let pushed = carol_ws.expect_exactly("message").await;
+        assert_copy(
+            &pushed,
+            message,
+            alice.id,
+            1,
+            body,
+            Some(b"ws key for carol"),
+        );
+
+        // Each once: no second copy through the other node.
+        nothing_more(&[a, b], &[&bob], &mut [&mut bob_ws]).await;
+        nothing_more(&[a, b], &[&carol], &mut [&mut carol_ws]).await;
+        drop((alice_ws, bob_ws, carol_ws));
         cluster.stop().await;
     }
 

@@ -32,6 +32,7 @@ mod logs;
 mod messages;
 mod metrics;
 mod migration;
+mod multi;
 mod openapi;
 mod props;
 mod protocol_edges;

@@ -213,6 +213,12 @@ impl<N> Cluster<N> {
     pub fn db_url(&self) -> &str {
         &self.db.url
     }
+
+    /// The database every node uses, for a test that reads it behind the
+    /// nodes' backs ([`TestDb::count`]).
+    pub fn db(&self) -> &TestDb {
+        &self.db
+    }
 }
 
 impl<N> std::ops::Index<usize> for Cluster<N> {

@@ -9,6 +9,7 @@
 //!   that kill it with SIGKILL.
 //! - [`Api`]: HTTP helpers; [`Account`]: a registered, logged-in user.
 //! - [`cluster`]: several servers on one PostgreSQL database and one NATS.
+//! - [`multi`]: requests of the multi-recipient send, and its copies.
 //! - [`pg`]: a private PostgreSQL cluster, for tests that pause, crash and
 //!   restart their database.
 //! - [`traffic`]: steady, timed senders and the checks on what they were
@@ -23,6 +24,7 @@
 
 pub mod cluster;
 pub mod fake_push;
+pub mod multi;
 pub mod pg;
 pub mod proxy;
 pub mod toolchain;
@@ -928,6 +930,23 @@ impl Api {
             .expect(201);
         assert_eq!(reply["token_type"], "bearer", "{reply}");
         (device_id(&reply["device_id"]), session(who, &reply))
+    }
+
+    /// Registers `username` with `devices` devices: a session of each, in
+    /// device order (device 1 first).
+    pub async fn account_with_devices(&self, username: &str, devices: usize) -> Vec<Account> {
+        assert!(devices >= 1, "an account has at least one device");
+        let first = self.account(username).await;
+        let mut sessions = vec![first.clone()];
+        for n in 2..=devices {
+            let (device, session) = self.add_device(&first, &public_key()).await;
+            assert_eq!(
+                device, n as i64,
+                "{username}'s devices are numbered in order"
+            );
+            sessions.push(session);
+        }
+        sessions
     }
 
     /// `POST /v1/login` as `username` on `device`; the reply, whatever it is.

@@ -1,8 +1,9 @@
 //! Steady REST traffic for the tests that break things under a running
 //! server (durability, faults): [`Senders`] send over `POST /v1/messages`
-//! from several tasks at once, timing every request and sorting every
-//! answer, so that a test can assert that each request was answered, in
-//! time, with `201` or a clean `503 unavailable`; [`assert_all_queued`]
+//! (or another send: a [`Request`]) from several tasks at once, timing
+//! every request and sorting every answer, so that a test can assert that
+//! each request was answered, in time, with `201` or a clean `503
+//! unavailable`; [`assert_all_queued`]
 //! then checks that every message answered `201` is in the recipient's
 //! queue.
 
@@ -90,7 +91,27 @@ impl Plan {
     };
 }
 
-/// [`SENDERS`] tasks sending from one account to another.
+/// What every request of [`Senders`] posts: where, and the JSON body of
+/// sender `s`'s `n`th request.
+#[derive(Clone)]
+pub struct Request {
+    pub path: &'static str,
+    pub body: Arc<dyn Fn(usize, usize) -> Value + Send + Sync>,
+}
+
+impl Request {
+    /// `POST /v1/messages` to `to`, with the plain body `"{s}:{n}"`.
+    pub fn single(to: Uuid) -> Self {
+        Self {
+            path: "/v1/messages",
+            body: Arc::new(
+                move |sender, n| json!({ "to": to, "body": b64(format!("{sender}:{n}").as_bytes()) }),
+            ),
+        }
+    }
+}
+
+/// [`SENDERS`] tasks sending from one account.
 pub struct Senders {
     sent: Arc<Mutex<Vec<Sent>>>,
     stop: Arc<AtomicBool>,
@@ -98,20 +119,26 @@ pub struct Senders {
 }
 
 impl Senders {
+    /// Plain-body sends to `to`.
     pub fn start(api: &Api, from: &Account, to: Uuid, plan: Plan) -> Self {
+        Self::start_with(api, from, Request::single(to), plan)
+    }
+
+    /// Sends of `request`.
+    pub fn start_with(api: &Api, from: &Account, request: Request, plan: Plan) -> Self {
         let sent = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = JoinSet::new();
         for sender in 0..SENDERS {
             let (api, token) = (api.clone(), from.access.clone());
-            let (sent, stop) = (sent.clone(), stop.clone());
+            let (sent, stop, request) = (sent.clone(), stop.clone(), request.clone());
             tasks.spawn(async move {
                 for n in 0..plan.per_sender {
                     if stop.load(Ordering::SeqCst) {
                         return;
                     }
-                    let body = b64(format!("{sender}:{n}").as_bytes());
-                    let one = send(&api, &token, to, &body).await;
+                    let body = (request.body)(sender, n);
+                    let one = send(&api, &token, request.path, &body).await;
                     let refused = !matches!(one.answer, Answer::Created(_));
                     sent.lock().unwrap().push(one);
                     if refused && plan.stop_at_refusal {
@@ -162,15 +189,15 @@ impl Senders {
     }
 }
 
-/// One timed `POST /v1/messages`.
-async fn send(api: &Api, token: &str, to: Uuid, body: &str) -> Sent {
+/// One timed `POST` of a send.
+async fn send(api: &Api, token: &str, path: &str, body: &Value) -> Sent {
     let started = Instant::now();
     let request = api
         .http
-        .post(api.url("/v1/messages"))
+        .post(api.url(path))
         .bearer_auth(token)
         .timeout(CLIENT_TIMEOUT)
-        .json(&json!({ "to": to, "body": body }));
+        .json(body);
     let answer = match request.send().await {
         Err(err) => Answer::Lost(err.to_string()),
         Ok(response) => {
