@@ -10,7 +10,7 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use sealpost_loadtest::client::{self, Account, Api, Target};
 use sealpost_loadtest::metrics::{Counts, Elision};
-use sealpost_loadtest::scenario::{attack, drain, wakeups};
+use sealpost_loadtest::scenario::{attack, drain, groups, wakeups};
 use sealpost_loadtest::stats::{Report, now_nanos};
 use sealpost_loadtest::{
     Fanout, Kill, Plan, Soak, Spec, Struck, Traffic, chart, execute, hwm_kib, open_fds, rss_kib,
@@ -150,6 +150,11 @@ enum Command {
     /// targets at a fake push service in this process (or none, with
     /// --no-targets): send latency, wake-ups sent and coalesced.
     Wakeups(wakeups::Args),
+    /// Group messages (issue 27): G groups of M members with D devices,
+    /// all online, at a rate of group messages sent as one multi-recipient
+    /// send each (or, with --single, as single sends): push latency,
+    /// deliveries, send latency.
+    Groups(groups::Args),
     /// Draw SVG charts from a directory of JSON results: push-latency.svg,
     /// sent-latency.svg, memory-per-socket.svg, elided.svg (each when
     /// some result has its data). Needs no server.
@@ -214,6 +219,22 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let api = Api::new(targets[0].clone());
+    if let Command::Groups(args) = &cli.command {
+        let result = groups::main(
+            args,
+            groups::Common {
+                api,
+                target: targets[0].clone(),
+                pids: &pids,
+                prefix: &cli.prefix,
+                token_cache: cli.token_cache.as_deref(),
+                signup_concurrency: cli.signup_concurrency,
+            },
+        )
+        .await?;
+        println!("{}", serde_json::to_string_pretty(&result)?);
+        return Ok(());
+    }
     if let Command::Wakeups(args) = &cli.command {
         let plan = Plan {
             spec: Spec::Connect {
@@ -456,7 +477,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Worker { .. }
         | Command::Chart { .. }
         | Command::Attack { .. }
-        | Command::Wakeups(_) => {
+        | Command::Wakeups(_)
+        | Command::Groups(_) => {
             unreachable!("handled above")
         }
     }
@@ -796,7 +818,8 @@ fn summarise(
         Command::Worker { .. }
         | Command::Chart { .. }
         | Command::Attack { .. }
-        | Command::Wakeups(_) => {
+        | Command::Wakeups(_)
+        | Command::Groups(_) => {
             unreachable!("handled in main")
         }
     };
@@ -915,7 +938,8 @@ fn summarise(
         Command::Worker { .. }
         | Command::Chart { .. }
         | Command::Attack { .. }
-        | Command::Wakeups(_) => Value::Null,
+        | Command::Wakeups(_)
+        | Command::Groups(_) => Value::Null,
     };
     result["results"] = derived;
     result

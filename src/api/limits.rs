@@ -28,8 +28,20 @@ struct Limits {
     max_body_bytes: u32,
     /// The most devices an account may hold (`SEALPOST_MAX_DEVICES_PER_USER`).
     max_devices_per_user: u32,
-    /// The largest request body of a send, and WebSocket frame, in bytes.
+    /// The largest request body of a single send, in bytes.
     max_request_body_bytes: u64,
+    /// The largest request body of a multi-recipient send, and WebSocket
+    /// frame, in bytes.
+    max_multi_request_body_bytes: u64,
+    /// The most recipient accounts of a multi-recipient send
+    /// (`SEALPOST_MAX_RECIPIENTS_PER_SEND`).
+    max_recipients_per_send: u32,
+    /// The most recipient devices of a multi-recipient send
+    /// (`SEALPOST_MAX_DEVICES_PER_SEND`).
+    max_devices_per_send: u32,
+    /// The largest key material per device of a shared-body send, decoded
+    /// (`SEALPOST_MAX_KEY_BYTES`).
+    max_key_bytes: u32,
     /// The most ids one ack may carry.
     max_ids_per_ack: u32,
     /// The most messages one page of `GET /v1/messages` carries.
@@ -48,6 +60,10 @@ impl Limits {
             max_body_bytes: config.max_body_bytes,
             max_devices_per_user: config.max_devices_per_user,
             max_request_body_bytes: config.max_request_bytes() as u64,
+            max_multi_request_body_bytes: config.max_multi_request_bytes() as u64,
+            max_recipients_per_send: config.max_recipients_per_send,
+            max_devices_per_send: config.max_devices_per_send,
+            max_key_bytes: config.max_key_bytes,
             max_ids_per_ack: MAX_PAGE,
             max_messages_per_page: MAX_PAGE,
             max_ref_bytes: MAX_REF_BYTES as u32,
@@ -78,6 +94,8 @@ mod tests {
             serde_json::json!({
                 "max_body_bytes": 65536, "max_devices_per_user": 10,
                 "max_request_body_bytes": 878576, "max_ids_per_ack": 500,
+                "max_multi_request_body_bytes": 2291480, "max_recipients_per_send": 1000,
+                "max_devices_per_send": 5000, "max_key_bytes": 256,
                 "max_messages_per_page": 500, "max_ref_bytes": 128,
                 "access_token_ttl_seconds": 1800, "message_ttl_seconds": 604800
             })

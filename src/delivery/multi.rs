@@ -378,8 +378,7 @@ impl Delivery {
         // account's life, so three rounds that all race a change are 503.
         for _ in 0..3 {
             let listed = self.check_recipients(from, &multi).await?;
-            let mut reserved = 0;
-            for (to, sizes) in stored.iter() {
+            for (reserved, (to, sizes)) in stored.iter().enumerate() {
                 let tag = self.keys.sender_tag(from.user, *to);
                 if let Err(err) = self
                     .queues
@@ -393,7 +392,6 @@ impl Delivery {
                     release(Some(&done));
                     return Err(err);
                 }
-                reserved += 1;
             }
             let slot = match self.committer.reserve(multi.bytes(), expires).await {
                 Ok(slot) => slot,

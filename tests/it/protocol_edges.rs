@@ -733,6 +733,8 @@ async fn the_limits_follow_the_configuration(backend: Backend) {
         json!({
             "max_body_bytes": 65536, "max_devices_per_user": 10,
             "max_request_body_bytes": 878576, "max_ids_per_ack": 500,
+            "max_multi_request_body_bytes": 2291480, "max_recipients_per_send": 1000,
+            "max_devices_per_send": 5000, "max_key_bytes": 256,
             "max_messages_per_page": 500, "max_ref_bytes": 128,
             "access_token_ttl_seconds": 1800, "message_ttl_seconds": 604800
         })
@@ -749,6 +751,10 @@ async fn the_limits_follow_the_configuration(backend: Backend) {
             "10m",
             "--message-ttl",
             "1d",
+            "--max-devices-per-send",
+            "1000",
+            "--max-key-bytes",
+            "64",
         ],
     )
     .await;
@@ -758,6 +764,13 @@ async fn the_limits_follow_the_configuration(backend: Backend) {
     assert_eq!(limits["max_body_bytes"], 30000, "{limits}");
     assert_eq!(limits["max_devices_per_user"], 3, "{limits}");
     assert_eq!(limits["max_request_body_bytes"], request, "{limits}");
+    // The shared body's base64, 1,000 × (a 64-byte key's base64 + 96),
+    // 4 KiB: more than the single send's limit.
+    let multi = 30_000 / 3 * 4 + 1000 * (88 + 96) + 4096;
+    assert!(multi > request);
+    assert_eq!(limits["max_multi_request_body_bytes"], multi, "{limits}");
+    assert_eq!(limits["max_devices_per_send"], 1000, "{limits}");
+    assert_eq!(limits["max_key_bytes"], 64, "{limits}");
     assert_eq!(limits["access_token_ttl_seconds"], 600, "{limits}");
     assert_eq!(limits["message_ttl_seconds"], 86400, "{limits}");
     // And the server enforces what it says: one byte over is refused.

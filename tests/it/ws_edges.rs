@@ -409,7 +409,20 @@ async fn too_many_malformed_frames_close_with_1008(backend: Backend) {
 }
 
 async fn an_oversized_frame_closes_with_1009(backend: Backend) {
-    let server = TestServer::start_with(backend, &["--max-body-bytes", "1024"]).await;
+    // Few devices per multi-recipient send, so that the frame limit (room
+    // for the largest multi-recipient send) stays at a single send's.
+    let server = TestServer::start_with(
+        backend,
+        &[
+            "--max-body-bytes",
+            "1024",
+            "--max-devices-per-send",
+            "10",
+            "--max-key-bytes",
+            "16",
+        ],
+    )
+    .await;
     let alice = server.account("alice").await;
     let bob = server.account("bob").await;
     let (mut ws, _) = WsClient::ready(&server.api, &alice).await;
@@ -418,7 +431,7 @@ async fn an_oversized_frame_closes_with_1009(backend: Backend) {
     ws.send_message("max", bob.id, &[7; 1024]).await;
     assert_eq!(ws.expect("sent").await["ref"], "max");
 
-    // The frame limit here is 16 KiB; send 64 KiB.
+    // The frame limit here is 18 KiB; send 64 KiB.
     let body = b64(&vec![1; 48 * 1024]);
     let frame = json!({ "type": "send", "ref": "huge", "to": bob.id, "body": body }).to_string();
     assert!(frame.len() > 64 * 1024);

@@ -5,6 +5,7 @@
 pub mod attack;
 pub mod connect;
 pub mod drain;
+pub mod groups;
 pub mod pairs;
 pub mod poll;
 pub mod soak;
