@@ -11,8 +11,8 @@ import {
   encodePlaintext, decodePlaintext, BodyError, KEY_MATERIAL_BYTES, sha256,
 } from '../src/index.js';
 import {
-  serverUrl, newAccount, clientOptions, PASSWORD, collectMessages, queued, closeAll,
-  recordingWebSocket, recordingFetch,
+  serverUrl, newAccount, clientOptions, PASSWORD, collectMessages, queued, closeAll, eventuallyEmpty,
+  recordingWebSocket, recordingFetch, lossyProxy, nextEvent,
 } from './helpers.js';
 import { createHash } from 'node:crypto';
 
@@ -144,7 +144,7 @@ if (url) {
       assert.deepEqual(m.group, g);
       assert.equal(m.body, multi[0].shared, 'every copy carries the one shared body');
     }
-    await Promise.all(everyone.map((c) => c.flushAcks()));
+    await Promise.all(got.map((m) => m.ack()));
 
     // Cat answers over REST (no socket): both of Ann's devices and both of
     // Ben's get it; Cat has no other device, so her own account is left out.
@@ -160,6 +160,7 @@ if (url) {
       assert.equal(m.text, 'hi all');
       assert.equal(m.from, cat[0].userId);
       assert.equal(m.group.id, g.id);
+      await m.ack();
     }
     // A polling member reads a group message too.
     const benSays = await ben[1].sendGroup(g, 'polled');
@@ -170,7 +171,7 @@ if (url) {
     assert.equal(p.text, 'polled');
     assert.deepEqual(p.group, g);
     await p.ack();
-    await Promise.all([...ann, ...ben].map((c) => c.flushAcks()));
+    await eventuallyEmpty(catPoll);
     await closeAll(everyone, catPoll);
   });
 
@@ -205,5 +206,47 @@ if (url) {
     assert.equal(m.text, 'second');
     assert.deepEqual(m.group, g);
     await closeAll(ann, ben, cat, catLaptop);
+  });
+
+  test('a multi send whose 201 is lost is sent again byte for byte, and stored once', T, async () => {
+    const proxy = await lossyProxy(url, { answerTo: 'POST /v1/messages/multi HTTP/1.1' });
+    const rest = multiRecorder();
+    const [ann] = await newAccount(url, 'lmann', 1);
+    const annBehind = await SealpostClient.login({ ...clientOptions(proxy.url, { fetch: rest.fetch }), username: ann.username, password: PASSWORD, keys: ann.exportKeys() });
+    const [ben] = await newAccount(url, 'lmben', 1);
+    const [cat] = await newAccount(url, 'lmcat', 1);
+    const sent = await annBehind.sendGroup(annBehind.createGroup('lossy', [ben.userId, cat.userId]), 'once');
+    assert.equal(proxy.cuts, 1, 'the first answer was lost');
+    assert.equal(rest.multis.length, 2, 'sent, then sent again');
+    assert.deepEqual(rest.multis[1], rest.multis[0], 'the same client_id, shared body and keys');
+    for (const c of [ben, cat]) assert.deepEqual((await queued(c)).map((m) => m.id), [sent.id], 'stored once');
+    await closeAll(ann, annBehind, ben, cat);
+    await proxy.close();
+  });
+
+  test('a shared body swapped under a device\'s key is reported undecryptable and acked', T, async () => {
+    const [ann] = await newAccount(url, 'swann', 1);
+    const [ben] = await newAccount(url, 'swben', 1);
+    const benKey = (await ann.directory.get(ben.userId)).devices[0].publicKey;
+    const real = await sealShared(sodium, encodePlaintext({ ...plaintext, group: { id: group.id, name: 'x', members: [ann.userId, ben.userId] } }));
+    const other = await sealShared(sodium, encodePlaintext({ ...plaintext, text: 'swapped' }));
+    const key = sealKey(sodium, real.material, benKey, ann.keys.secretKey);
+    const b64 = (b) => sodium.to_base64(b, sodium.base64_variants.ORIGINAL);
+    // What a server that swapped the body would deliver: another body under Ben's key.
+    await ann.request('POST', '/v1/messages/multi', { shared: b64(other.shared), recipients: [{ to: ben.userId, keys: [{ device_id: 1, key: b64(key) }] }] });
+    const bad = nextEvent(ben, 'undecryptable');
+    await ben.pollOnce();
+    const u = await bad;
+    assert.equal(u.reason, 'binding');
+    assert.equal(u.from, ann.userId);
+    await eventuallyEmpty(ben, 'the unreadable copy acked');
+    // The same key with its own body opens.
+    await ann.request('POST', '/v1/messages/multi', { shared: b64(real.shared), recipients: [{ to: ben.userId, keys: [{ device_id: 1, key: b64(key) }] }] });
+    const good = collectMessages(ben, 1);
+    await ben.pollOnce();
+    const [m] = await good;
+    assert.equal(m.text, plaintext.text);
+    assert.deepEqual(m.group.members, [ann.userId, ben.userId]);
+    await closeAll(ann, ben);
   });
 }
