@@ -280,6 +280,8 @@ export interface GroupSendResult {
   group: Group;
   /** The accounts the send went to, in order (yours last when you have another device). */
   recipients: string[];
+  /** The shared body as it crossed the server (base64): all it held of the text, with a sealed key per device. */
+  shared: string;
 }
 
 /** A decrypted text message. */

@@ -738,7 +738,7 @@ export class SealpostClient extends Emitter {
    * @param {{id: string, name: string, members: string[]}} group
    * @param {string} text
    * @param {SendOptions} [opts]
-   * @returns {Promise<{id: string, sentAt: string, clientId: string, group: {id: string, name: string, members: string[]}, recipients: string[]}>}
+   * @returns {Promise<{id: string, sentAt: string, clientId: string, group: {id: string, name: string, members: string[]}, recipients: string[], shared: string}>}
    */
   async sendGroup(group, text, opts = {}) {
     this._checkOpen();
@@ -753,8 +753,10 @@ export class SealpostClient extends Emitter {
     // The shared body is a secretbox of the plaintext: as long as a 0x01 body.
     checkSealedSize(bytes, (await this._currentLimits()).max_body_bytes);
     const { shared, material } = await sealShared(this._sodium, bytes);
-    const r = await this._sendShared(g.members, toBase64(this._sodium, shared), material, { retries: opts.retries, onRetry: opts.onRetry, urgent: opts.urgent ?? true });
-    return { id: r.id, sentAt: r.sentAt, clientId, group: g, recipients: r.recipients };
+    const sharedB64 = toBase64(this._sodium, shared);
+    const r = await this._sendShared(g.members, sharedB64, material, { retries: opts.retries, onRetry: opts.onRetry, urgent: opts.urgent ?? true });
+    // `shared`: what crossed the server, for apps that show it (the demo does).
+    return { id: r.id, sentAt: r.sentAt, clientId, group: g, recipients: r.recipients, shared: sharedB64 };
   }
 
   /**
