@@ -213,7 +213,10 @@ test('three people chat in one group in the demo page', { timeout: 180_000 }, as
 
     await ann.page.screenshot({ path: `${shots}/group-ann.png`, fullPage: true });
     await ben.page.screenshot({ path: `${shots}/group-ben.png`, fullPage: true });
-    assert.deepEqual(problems, [], 'no CSP violations or page errors');
+    // The unknown member's lookup (GET /v1/users/...) is a 404 Chromium logs;
+    // the page said it. A missing asset would still show, by its response.
+    const lookup = `${ann.name}: Failed to load resource: the server responded with a status of 404 (Not Found)`;
+    assert.deepEqual(problems.filter((p) => p !== lookup), [], 'no CSP violations or page errors');
   } finally {
     await browser.close();
   }
