@@ -209,8 +209,18 @@ async function start(c) {
   enablePush();
 }
 
+/** A group a notification named before its message reached this page (the backlog still arriving): opened when it does. */
+let awaitedGroup = null;
+
+/** Opens the chat a notification named: a user id, or `group:<id>` (sw.js). */
 function openRequested(peer) {
-  if (!contacts.has(peer) && !groups.has(peer)) addContact({ id: peer, username: null });
+  const group = /^group:(.+)$/.exec(peer)?.[1];
+  if (group !== undefined) {
+    if (groups.has(group)) openChat(group);
+    else awaitedGroup = group;
+    return;
+  }
+  if (!contacts.has(peer)) addContact({ id: peer, username: null });
   openChat(peer);
 }
 
@@ -572,6 +582,10 @@ function onMessage(m) {
   if (m.group) {
     addGroup(m.group);
     append(m.group.id, { mine, author: m.from, text: m.text, ts: m.ts, id: m.id, clientId: m.clientId, state: 'sent' });
+    if (awaitedGroup === m.group.id) {
+      awaitedGroup = null;
+      openChat(m.group.id);
+    }
   } else {
     const peer = mine ? m.to : m.from;
     if (peer) append(peer, { mine, text: m.text, ts: m.ts, id: m.id, clientId: m.clientId, state: 'sent' });
