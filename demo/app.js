@@ -1,8 +1,8 @@
 // The sealpost demo page: a chat on the JavaScript client (clients/js,
 // served under /demo/client/). Everything is sealed and opened here, in the
 // browser; the server relays ciphertext. What this page keeps, it keeps in
-// this browser's localStorage (each account's device id, device keys and
-// contacts, and which account is signed in) and, for the service worker
+// this browser's localStorage (each account's device id, device keys,
+// contacts and groups, and which account is signed in) and, for the service worker
 // that shows notifications while the page is closed (sw.js), in IndexedDB
 // (store.js): the same records mirrored, and the session's tokens, so that
 // a reload resumes the session without the password. Every tab of an
@@ -79,8 +79,15 @@ async function forgetSession(username) {
 let client = null;
 let me = null;                 // { id, username }
 const contacts = new Map();    // user id -> { id, username, unread }
-const chats = new Map();       // user id -> [{ mine, text, ts, id, clientId, state }]
-let current = null;            // the open chat's user id
+// Group id -> { id, name, members, unread }: a group is only what its
+// messages say (protocol.md, "Group messages"); the latest one's name and
+// members are the group's.
+const groups = new Map();
+// Names of group members who are not contacts: user id -> username.
+const names = new Map();
+// Conversation id (a user id, or a group id) -> [{ mine, text, ts, id, clientId, state, author? }]
+const chats = new Map();
+let current = null;            // the open chat's id: a user's, or a group's
 // Ids of your messages some device of the recipient acknowledged. A
 // receipt can come before `send` resolves (it waits for the sync copy to
 // your other devices too), when the entry does not know its id yet.
@@ -119,6 +126,7 @@ async function signIn(mode, username, password) {
     deviceId: c.deviceId,
     keys: c.exportKeys(),
     contacts: known?.contacts ?? [],
+    groups: known?.groups ?? [],
   });
   await markCurrent(c.username);
   return c;
@@ -167,6 +175,7 @@ async function start(c) {
   $('signin').classList.add('hidden');
   $('app').classList.remove('hidden');
   for (const contact of saved(me.username)?.contacts ?? []) addContact(contact);
+  for (const group of saved(me.username)?.groups ?? []) addGroup(group);
 
   // New refresh tokens are stored by `tokenStore`, in its lock.
   c.on('state', (s) => setStatus(s.state, describe(s)));
@@ -200,7 +209,17 @@ async function start(c) {
   enablePush();
 }
 
+/** A group a notification named before its message reached this page (the backlog still arriving): opened when it does. */
+let awaitedGroup = null;
+
+/** Opens the chat a notification named: a user id, or `group:<id>` (sw.js). */
 function openRequested(peer) {
+  const group = /^group:(.+)$/.exec(peer)?.[1];
+  if (group !== undefined) {
+    if (groups.has(group)) openChat(group);
+    else awaitedGroup = group;
+    return;
+  }
   if (!contacts.has(peer)) addContact({ id: peer, username: null });
   openChat(peer);
 }
@@ -341,7 +360,7 @@ function addContact({ id, username }) {
   }
   update(() => ({ contacts: [...contacts.values()].map((c) => ({ id: c.id, username: c.username })) }));
   renderContacts();
-  if (id === current) $('chat-title').textContent = `Chat with ${nameOf(id)}`;
+  if (id === current) $('chat-title').textContent = titleOf(id);
   if (!username) learnName(id);
 }
 
@@ -354,14 +373,70 @@ async function learnName(id) {
   }
 }
 
+/**
+ * Adds a group, or takes the name and members of a later message to it,
+ * and keeps it. Members who are not contacts are named from their
+ * directories, for the group's messages and title.
+ */
+function addGroup({ id, name, members }) {
+  const known = groups.get(id);
+  if (known && known.name === name && known.members.join() === members.join()) return;
+  groups.set(id, { id, name, members: [...members], unread: known?.unread ?? 0 });
+  update(() => ({ groups: [...groups.values()].map((g) => ({ id: g.id, name: g.name, members: g.members })) }));
+  for (const member of members) {
+    if (member !== me.id && !contacts.get(member)?.username && !names.has(member)) learnMemberName(member);
+  }
+  renderContacts();
+  if (id === current) $('chat-title').textContent = titleOf(id);
+}
+
+async function learnMemberName(id) {
+  try {
+    const entry = await client.directory.get(id);
+    if (!entry.username) return;
+    names.set(id, entry.username);
+    renderContacts();
+    if (current !== null) {
+      $('chat-title').textContent = titleOf(current);
+      renderChat();
+    }
+  } catch {
+    /* shown by the start of its id */
+  }
+}
+
 function nameOf(id) {
+  if (id === me?.id) return me.username;
+  const group = groups.get(id);
+  if (group) return group.name;
   // A server older than the directory's `username` names nobody: a sender
   // you have not added shows by the start of its id until you add it.
-  return contacts.get(id)?.username ?? `${id.slice(0, 8)}…`;
+  return contacts.get(id)?.username ?? names.get(id) ?? `${id.slice(0, 8)}…`;
+}
+
+function titleOf(id) {
+  const group = groups.get(id);
+  if (!group) return `Chat with ${nameOf(id)}`;
+  return `${group.name}: ${group.members.map(nameOf).join(', ')}`;
 }
 
 function renderContacts() {
-  $('contacts').replaceChildren(...[...contacts.values()].map((c) => {
+  const groupItems = [...groups.values()].map((g) => {
+    const li = document.createElement('li');
+    li.dataset.group = g.name;
+    li.classList.add('group');
+    li.classList.toggle('active', g.id === current);
+    li.append(document.createTextNode(`# ${g.name}`));
+    if (g.unread) {
+      const badge = document.createElement('span');
+      badge.className = 'unread';
+      badge.textContent = String(g.unread);
+      li.append(badge);
+    }
+    li.addEventListener('click', () => openChat(g.id));
+    return li;
+  });
+  $('contacts').replaceChildren(...groupItems, ...[...contacts.values()].map((c) => {
     const li = document.createElement('li');
     li.dataset.user = c.username ?? c.id;
     li.classList.toggle('active', c.id === current);
@@ -385,9 +460,9 @@ function renderContacts() {
 
 function openChat(id) {
   current = id;
-  const contact = contacts.get(id);
+  const contact = contacts.get(id) ?? groups.get(id);
   if (contact) contact.unread = 0;
-  $('chat-title').textContent = `Chat with ${nameOf(id)}`;
+  $('chat-title').textContent = titleOf(id);
   $('text').disabled = false;
   $('text').focus();
   updateCounter();
@@ -396,14 +471,15 @@ function openChat(id) {
   renderTyping();
 }
 
+/** Adds an entry to a conversation: a user's (added as a contact when new) or a group's (added before). */
 function append(peer, entry) {
-  if (!contacts.has(peer)) addContact({ id: peer, username: null });
+  if (!contacts.has(peer) && !groups.has(peer)) addContact({ id: peer, username: null });
   const list = chats.get(peer) ?? [];
   list.push(entry);
   chats.set(peer, list);
   if (peer === current) renderChat();
   else if (!entry.mine) {
-    contacts.get(peer).unread += 1;
+    (contacts.get(peer) ?? groups.get(peer)).unread += 1;
     renderContacts();
   }
 }
@@ -422,6 +498,13 @@ function renderChat() {
     const li = document.createElement('li');
     li.classList.toggle('mine', m.mine);
     li.dataset.clientId = m.clientId ?? '';
+    if (m.author && !m.mine) {
+      // In a group, who said it.
+      const author = document.createElement('span');
+      author.className = 'author';
+      author.textContent = nameOf(m.author);
+      li.append(author);
+    }
     li.append(document.createTextNode(m.text));
     const meta = document.createElement('span');
     meta.className = 'meta';
@@ -441,9 +524,15 @@ function renderChat() {
 
 function renderTyping() {
   const el = $('typing');
-  const on = current !== null && client.typing.isTyping(current);
+  const on = current !== null && !groups.has(current) && client.typing.isTyping(current);
   el.textContent = on ? `${nameOf(current)} is typing…` : '';
   el.dataset.typing = String(on);
+}
+
+/** A group message: one shared body for every member (each device also got its own sealed key). */
+function showShared(what, body) {
+  $('wire-meta').textContent = what;
+  $('ciphertext').textContent = `shared body, for every device (each also gets its key, sealed to it):\n${body}`;
 }
 
 function showWire(what, envelopes) {
@@ -476,7 +565,8 @@ function updateCounter() {
 function typed() {
   updateCounter();
   const peer = current;
-  if (!peer || !$('text').value.trim() || client.connectionState !== 'drained') return;
+  // Typing goes to one person; a group's members are not told.
+  if (!peer || groups.has(peer) || !$('text').value.trim() || client.connectionState !== 'drained') return;
   const now = Date.now();
   if (now - (typingSent.get(peer) ?? 0) < TYPING_EVERY_MS) return;
   typingSent.set(peer, now);
@@ -487,16 +577,29 @@ function typed() {
 
 function onMessage(m) {
   // A copy of what you sent from another of your devices: file it under
-  // the peer, as yours.
+  // the peer (or the group), as yours.
   const mine = m.from === me.id;
-  const peer = mine ? m.to : m.from;
-  if (peer) append(peer, { mine, text: m.text, ts: m.ts, id: m.id, clientId: m.clientId, state: 'sent' });
-  if (m.body) showWire(`received from ${nameOf(m.from)}, device ${m.fromDevice}, message ${m.id}`, [{ deviceId: client.deviceId, body: m.body }]);
+  if (m.group) {
+    addGroup(m.group);
+    append(m.group.id, { mine, author: m.from, text: m.text, ts: m.ts, id: m.id, clientId: m.clientId, state: 'sent' });
+    if (awaitedGroup === m.group.id) {
+      awaitedGroup = null;
+      openChat(m.group.id);
+    }
+  } else {
+    const peer = mine ? m.to : m.from;
+    if (peer) append(peer, { mine, text: m.text, ts: m.ts, id: m.id, clientId: m.clientId, state: 'sent' });
+  }
+  if (m.body && m.group) showShared(`received in ${m.group.name} from ${nameOf(m.from)}, device ${m.fromDevice}, message ${m.id}`, m.body);
+  else if (m.body) showWire(`received from ${nameOf(m.from)}, device ${m.fromDevice}, message ${m.id}`, [{ deviceId: client.deviceId, body: m.body }]);
   m.ack().catch(() => {});
 }
 
 function onReceipt(r) {
-  const entry = (chats.get(r.to) ?? []).find((e) => e.mine && e.id === r.id);
+  // A group message's receipt names the member, not the group: look in every group too.
+  const where = [r.to, ...groups.keys()];
+  const peer = where.find((id) => (chats.get(id) ?? []).some((e) => e.mine && e.id === r.id));
+  const entry = peer === undefined ? undefined : chats.get(peer).find((e) => e.mine && e.id === r.id);
   if (!entry) {
     // Not known yet (see `receipted`); `send` picks it up.
     receipted.add(r.id);
@@ -504,7 +607,7 @@ function onReceipt(r) {
   }
   if (entry.state !== 'delivered') {
     entry.state = 'delivered';
-    if (r.to === current) renderChat();
+    if (peer === current) renderChat();
   }
 }
 
@@ -524,18 +627,21 @@ async function send(text) {
     // While the server is down the message waits, shown pending, and goes
     // out once it is back: the same ciphertext under the same client_id
     // on every attempt, so it is stored once however many it takes.
-    const result = await client.send(peer, text, {
+    const opts = {
       retries: Infinity,
       onRetry: () => {
         if (entry.state === 'pending') return;
         entry.state = 'pending';
         if (peer === current) renderChat();
       },
-    });
+    };
+    const group = groups.get(peer);
+    const result = group ? await client.sendGroup(group, text, opts) : await client.send(peer, text, opts);
     entry.id = result.id;
     entry.clientId = result.clientId;
     entry.state = receipted.delete(result.id) ? 'delivered' : 'sent';
     if (result.envelopes) showWire(`sent to ${nameOf(peer)}, message ${result.id}`, result.envelopes);
+    if (result.shared) showShared(`sent to the group ${group.name} (${result.recipients.length} accounts), message ${result.id}`, result.shared);
   } catch (err) {
     entry.state = 'failed';
     entry.text = `${text} (${err.message})`;
@@ -572,6 +678,37 @@ $('find-form').addEventListener('submit', async (event) => {
     openChat(user.id);
   } catch (err) {
     showError('find-error', err.code === 'not_found' ? `no user named ${name}` : err);
+  }
+});
+
+$('group-form').addEventListener('submit', async (event) => {
+  event.preventDefault();
+  showError('group-error', null);
+  const name = $('group-name').value.trim();
+  const usernames = [...new Set($('group-members').value.split(/[\s,]+/).filter(Boolean))];
+  $('group-create').disabled = true;
+  try {
+    if (usernames.length === 0) throw new Error('name at least one member');
+    // Each member by username, through the directory; nothing is sent
+    // until the group's first message, which tells them.
+    const users = [];
+    for (const username of usernames) {
+      try {
+        users.push(await client.request('GET', `/v1/users/${encodeURIComponent(username)}`));
+      } catch (err) {
+        throw err.code === 'not_found' ? new Error(`no user named ${username}`) : err;
+      }
+    }
+    for (const user of users) if (user.id !== me.id) names.set(user.id, user.username);
+    const group = client.createGroup(name, users.map((u) => u.id));
+    addGroup(group);
+    $('group-name').value = '';
+    $('group-members').value = '';
+    openChat(group.id);
+  } catch (err) {
+    showError('group-error', err);
+  } finally {
+    $('group-create').disabled = false;
   }
 });
 

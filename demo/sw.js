@@ -93,6 +93,8 @@ async function readQueue() {
   return opened.map((m) => {
     // A copy of what you sent from another device names the peer in `to`.
     const mine = m.from === client.userId;
+    // A group message opens the group's chat (`group:<id>`: app.js tells it from a user's), titled by the group.
+    if (m.group) return { id: m.id, title: `${mine ? 'You' : nameOf(m.from)} in ${m.group.name}`, text: m.text, peer: `group:${m.group.id}` };
     const peer = mine ? m.to : m.from;
     return { id: m.id, title: mine ? `You to ${nameOf(peer)}` : nameOf(m.from), text: m.text, peer };
   });

@@ -49,10 +49,14 @@ export type ErrorCode = WireErrorCode | ClientErrorCode;
 export const WIRE_CODES: readonly WireErrorCode[];
 export const CLIENT_CODES: readonly ClientErrorCode[];
 
+/** One account of a multi-recipient send's `devices_changed`. */
+export interface DevicesChangedRecipient { to: string; missing: number[]; extra: number[] }
+
 /** The one error type: every failure of the library is one, with a stable `code`. */
 export class SealpostError extends Error {
   constructor(code: ErrorCode, message: string, detail?: {
     status?: number; field?: string; missing?: number[]; extra?: number[];
+    recipients?: DevicesChangedRecipient[]; unknown?: string[];
     retryAfter?: number; requestId?: string; cause?: unknown;
   });
   readonly name: 'SealpostError';
@@ -65,6 +69,10 @@ export class SealpostError extends Error {
   readonly missing?: number[];
   /** `devices_changed`: device ids it had an envelope for that the recipient does not have. */
   readonly extra?: number[];
+  /** `devices_changed` of a multi-recipient send (`sendGroup`): one entry per account whose devices differ. */
+  readonly recipients?: DevicesChangedRecipient[];
+  /** `not_found` of a multi-recipient send: the recipient ids that are not accounts. */
+  readonly unknown?: string[];
   /** Seconds to wait before trying again (`rate_limited`, a 503 that says): the `Retry-After` header, or the socket frame's `retry_after_ms` / 1000. */
   readonly retryAfter?: number;
   /** The server's `X-Request-Id` of a REST reply. */
@@ -98,6 +106,17 @@ export function exportDeviceKeys(sodium: Sodium, keys: DeviceKeys): ExportedDevi
 export function importDeviceKeys(sodium: Sodium, keys: ImportableKeys): DeviceKeys;
 
 export const BODY_VERSION: 0x01;
+/** A group message's shared body: `0x02 | nonce(24) | crypto_secretbox_easy(plaintext, nonce, K)`. */
+export const SHARED_BODY_VERSION: 0x02;
+/** 32: a group message's content key `K`. */
+export const CONTENT_KEY_BYTES: number;
+/** 64: what a device's group `key` opens to, `K || SHA-256(shared body)`. */
+export const KEY_MATERIAL_BYTES: number;
+/** 64 characters: the longest group name. */
+export const MAX_GROUP_NAME_CHARS: number;
+
+/** A group (protocol.md, "Group messages"): its id (a UUID its creator drew), name, and member user ids, the sender's included. */
+export interface Group { id: string; name: string; members: string[] }
 /** 41: version + nonce + tag. */
 export const MIN_BODY_BYTES: number;
 /** 16,384 characters (code points). */
@@ -110,19 +129,33 @@ export interface Plaintext {
   ts: number;
   text?: string;
   to?: string;
+  /** Group messages only. */
+  group?: Group;
   [field: string]: unknown;
 }
 
 export class BodyError extends Error {
   readonly name: 'BodyError';
-  /** `version` (not 0x01), `short` (under 41 bytes), `open` (wrong key, altered, unknown sender device), `plaintext` (not our JSON). */
-  readonly reason: 'version' | 'short' | 'open' | 'plaintext';
+  /**
+   * `version` (not 0x01, or a shared body not 0x02), `short` (under 41 bytes), `open` (wrong key, altered,
+   * unknown sender device), `plaintext` (not our JSON), `binding` (a group key that is not 64 bytes or was
+   * sealed for another shared body: a body swapped under it).
+   */
+  readonly reason: 'version' | 'short' | 'open' | 'plaintext' | 'binding';
 }
 
 /** `0x01 | nonce(24) | crypto_box_easy(plaintext, nonce, recipientPublicKey, senderSecretKey)`. */
 export function sealBody(sodium: Sodium, plaintext: Uint8Array, recipientPublicKey: Uint8Array, senderSecretKey: Uint8Array): Uint8Array;
 /** @throws BodyError */
 export function openBody(sodium: Sodium, body: Uint8Array, senderPublicKey: Uint8Array, recipientSecretKey: Uint8Array): Uint8Array;
+/** Seals a group message once: a fresh `K` and nonce; `material` (K || SHA-256(shared)) is what `sealKey` seals per device. */
+export function sealShared(sodium: Sodium, plaintext: Uint8Array): Promise<{ shared: Uint8Array; material: Uint8Array }>;
+/** One device's `key`: `material` sealed as a 0x01 body (105 bytes). */
+export function sealKey(sodium: Sodium, material: Uint8Array, recipientPublicKey: Uint8Array, senderSecretKey: Uint8Array): Uint8Array;
+/** Opens the key, checks its hash against `shared`, opens `shared`. @throws BodyError */
+export function openShared(sodium: Sodium, shared: Uint8Array, key: Uint8Array, senderPublicKey: Uint8Array, recipientSecretKey: Uint8Array): Promise<Uint8Array>;
+/** SHA-256: libsodium's when it has one (sumo), else WebCrypto's. */
+export function sha256(sodium: Sodium, bytes: Uint8Array): Promise<Uint8Array>;
 export function encodePlaintext(plaintext: Plaintext): Uint8Array;
 /** @throws BodyError (reason `plaintext`) */
 export function decodePlaintext(bytes: Uint8Array): Plaintext;
@@ -237,6 +270,20 @@ export interface Tokens {
   userId?: string;
 }
 
+/** What `sendGroup` resolves with. */
+export interface GroupSendResult {
+  /** The one server id of every copy. */
+  id: string;
+  sentAt: string;
+  clientId: string;
+  /** The group as sent (you among its members). */
+  group: Group;
+  /** The accounts the send went to, in order (yours last when you have another device). */
+  recipients: string[];
+  /** The shared body as it crossed the server (base64): all it held of the text, with a sealed key per device. */
+  shared: string;
+}
+
 /** A decrypted text message. */
 export interface Message {
   /** The server's message id (UUIDv7); what `ack` takes. */
@@ -251,6 +298,8 @@ export interface Message {
   text: string;
   /** Sync copies only: the peer of the conversation. */
   to?: string;
+  /** A group message: the group to file it under (create the conversation when new; the latest message's name and members are the group's). */
+  group?: Group;
   /** Server acceptance time, RFC 3339. */
   sentAt: string;
   /** This device's sealed body as it arrived (base64): all the server ever held of it. */
@@ -494,6 +543,16 @@ export class SealpostClient {
    * sealed body over the server's `max_body_bytes` (`too_large`, field `text`).
    */
   send(userId: string, text: string, opts?: SendOptions): Promise<SendResult>;
+  /** A new group (fresh id, you added to `members`); nothing is sent until its first `sendGroup`. */
+  createGroup(name: string, members: string[]): Group;
+  /**
+   * A text to a group in the shared form: one multi-recipient send (`send_multi`, or `POST /v1/messages/multi`
+   * without the socket) to every other member and, when you have other devices, to your own account. Retried
+   * after transient failures byte for byte under one `client_id`; after `devices_changed`, only the keys of the
+   * accounts named are sealed again. Refused before sealing as `send` is, and `invalid` (field `name`) for a
+   * name over 64 characters.
+   */
+  sendGroup(group: Group, text: string, opts?: SendOptions): Promise<GroupSendResult>;
   /** Over the socket only; never stored. `delivered`: a connection of the recipient took it. */
   sendEphemeral(userId: string, payload?: { type: string; [field: string]: unknown }): Promise<{ id: string; delivered: boolean }>;
   /** The `typing` plaintext (or `state: "stopped"`), ephemeral. Send one every few seconds while typing. Needs the socket. */

@@ -5,6 +5,8 @@
 // with bounded retries, then send the sync copy to the account's other
 // devices. Each of the two sends has a `client_id` of its own, kept with its
 // ciphertext across its retries, so the server stores a retried send once.
+// A group message is one multi-recipient send in the shared form (one body
+// for all, a sealed key per device), the sync copy included.
 // A message is checked against the server's limits (`GET /v1/limits`, once
 // per client) before it is sealed. All state lives in the instance.
 
@@ -20,7 +22,7 @@ import { TypingTracker } from './typing.js';
 import { DEFAULT_LIMITS, fetchLimits, checkSealedSize, sealedBodyBytes } from './limits.js';
 import { loadSodium, toBase64, randomUuid } from './sodium.js';
 import { generateDeviceKeys, exportDeviceKeys, importDeviceKeys } from './keys.js';
-import { sealBody, encodePlaintext, textLength, MAX_TEXT_CHARS } from './body.js';
+import { sealBody, sealShared, sealKey, encodePlaintext, textLength, MAX_TEXT_CHARS, MAX_GROUP_NAME_CHARS } from './body.js';
 
 /** Re-encrypt-and-resend rounds after `409 devices_changed`: the devices may keep changing, so stop somewhere. */
 export const DEVICES_CHANGED_RETRIES = 3;
@@ -55,6 +57,21 @@ export const DEFAULT_POLL_INTERVAL_MS = 3_000;
  * @property {(r: {error: SealpostError, attempt: number, delayMs: number}) => void} [onRetry] told before each wait, e.g. to show the message as pending
  * @property {boolean} [urgent] `true` (the default): the recipient's offline devices are woken at once, at high priority; `false`: at low priority, at most once per device in the server's quiet interval, for what can wait until the app is opened. The sync copy to your other devices is always sent non-urgent.
  */
+
+/**
+ * A group as protocol.md has it (`id`, `name` of at most
+ * MAX_GROUP_NAME_CHARS, `members` with the sender's account), copied, the
+ * sender added when missing and members listed once.
+ */
+function checkGroup(group, selfId) {
+  if (!group || typeof group.id !== 'string' || group.id === '') throw new TypeError('a group needs a string id');
+  if (typeof group.name !== 'string' || textLength(group.name) > MAX_GROUP_NAME_CHARS) {
+    throw new SealpostError('invalid', `a group name is a string of at most ${MAX_GROUP_NAME_CHARS} characters`, { field: 'name' });
+  }
+  if (!Array.isArray(group.members) || !group.members.every((m) => typeof m === 'string')) throw new TypeError('a group\'s members are user ids');
+  const members = [...new Set([...group.members, selfId])];
+  return { id: group.id, name: group.name, members };
+}
 
 /** A push target's fields that a browser's `PushSubscription.toJSON()` gives, and the server takes. */
 const WEBPUSH_FIELDS = ['endpoint', 'keys', 'expirationTime'];
@@ -693,6 +710,126 @@ export class SealpostClient extends Emitter {
    */
   sendTyping(userId, opts = {}) {
     return this.sendEphemeral(userId, opts.stopped ? { type: 'typing', state: 'stopped' } : { type: 'typing' });
+  }
+
+  /**
+   * A new group, not yet known to anyone: a fresh id, `name`, and `members`
+   * (user ids) with this account added. Nothing is sent: its first
+   * `sendGroup` tells the members.
+   * @param {string} name
+   * @param {string[]} members
+   * @returns {{id: string, name: string, members: string[]}}
+   */
+  createGroup(name, members) {
+    return checkGroup({ id: randomUuid(this._sodium), name, members: [...members] }, this.userId);
+  }
+
+  /**
+   * Sends a text message to a group in the shared form (protocol.md,
+   * "Group messages"): one multi-recipient send to every other member and,
+   * when this account has other devices, to itself (their sync copies), the
+   * plaintext carrying `group`. Resolves when the server took it.
+   *
+   * The shared body and its content key are sealed once. A transient
+   * failure resends the very same request under its `client_id`; after
+   * `devices_changed`, only the keys of the accounts the server named are
+   * sealed again (their directories fetched anew), under the same
+   * `client_id`, the shared body unchanged.
+   * @param {{id: string, name: string, members: string[]}} group
+   * @param {string} text
+   * @param {SendOptions} [opts]
+   * @returns {Promise<{id: string, sentAt: string, clientId: string, group: {id: string, name: string, members: string[]}, recipients: string[], shared: string}>}
+   */
+  async sendGroup(group, text, opts = {}) {
+    this._checkOpen();
+    if (typeof text !== 'string') throw new TypeError('text must be a string');
+    if (textLength(text) > MAX_TEXT_CHARS) {
+      throw new SealpostError('invalid', `text is over ${MAX_TEXT_CHARS} characters`, { field: 'text' });
+    }
+    const g = checkGroup(group, this.userId);
+    const clientId = opts.clientId ?? randomUuid(this._sodium);
+    const plaintext = { type: 'text', id: clientId, ts: Date.now(), text, group: g };
+    const bytes = encodePlaintext(plaintext);
+    // The shared body is a secretbox of the plaintext: as long as a 0x01 body.
+    checkSealedSize(bytes, (await this._currentLimits()).max_body_bytes);
+    const { shared, material } = await sealShared(this._sodium, bytes);
+    const sharedB64 = toBase64(this._sodium, shared);
+    const r = await this._sendShared(g.members, sharedB64, material, { retries: opts.retries, onRetry: opts.onRetry, urgent: opts.urgent ?? true });
+    // `shared`: what crossed the server, for apps that show it (the demo does).
+    return { id: r.id, sentAt: r.sentAt, clientId, group: g, recipients: r.recipients, shared: sharedB64 };
+  }
+
+  /**
+   * Seals `material` for every device of `members` (but this one) and sends
+   * one `send_multi` / `POST /v1/messages/multi` with `shared`.
+   */
+  async _sendShared(members, shared, material, { retries = TRANSIENT_RETRIES, onRetry, urgent = true }) {
+    const backoff = new Backoff(this._opts.backoff);
+    const clientId = randomUuid(this._sodium);
+    // Every member but us, then us (the sync copies), in the members' order:
+    // a retry repeats the recipients in the same order, as it must.
+    const accounts = [...new Set(members.filter((m) => m !== this.userId)), this.userId];
+    /** @type {Map<string, {device_id: number, key: string}[]>} account -> its devices' keys; sealed once, kept across retries */
+    const keys = new Map();
+    const sealFor = async (userId) => {
+      const entry = await this.directory.get(userId);
+      const devices = userId === this.userId ? entry.devices.filter((d) => d.deviceId !== this.deviceId) : entry.devices;
+      keys.set(userId, devices.map((d) => ({
+        device_id: d.deviceId,
+        key: toBase64(this._sodium, sealKey(this._sodium, material, d.publicKey, this.keys.secretKey)),
+      })));
+    };
+    let changed = 0;
+    let transient = 0;
+    for (;;) {
+      this._checkOpen();
+      try {
+        // In the try: a directory that cannot be fetched now waits like a send.
+        for (const userId of accounts) if (!keys.has(userId)) await sealFor(userId);
+        // Our own account only with another device to sync to; a member
+        // without any device cannot be sent to, and the server says so.
+        const recipients = accounts
+          .filter((userId) => userId !== this.userId || keys.get(userId).length > 0)
+          .map((userId) => ({ to: userId, keys: keys.get(userId) }));
+        if (recipients.length === 0) throw new SealpostError('invalid', 'a group message needs a member other than this device', { field: 'members' });
+        const message = { shared, recipients, client_id: clientId };
+        if (urgent === false) message.urgent = false;
+        const sent = await this._transmitMulti(message);
+        return { ...sent, recipients: recipients.map((r) => r.to) };
+      } catch (err) {
+        if (!(err instanceof SealpostError)) throw err;
+        if (err.code === 'devices_changed' && changed < DEVICES_CHANGED_RETRIES) {
+          changed++;
+          // Only the accounts named: the others' keys stand. A server that
+          // names none gets every account's keys sealed again.
+          const named = Array.isArray(err.recipients) ? err.recipients.map((r) => r.to) : accounts;
+          for (const userId of named) {
+            this.directory.invalidate(userId);
+            keys.delete(userId);
+          }
+          continue;
+        }
+        const wait = retryWait(err, backoff, false);
+        if (wait >= 0 && transient < retries) {
+          transient++;
+          onRetry?.({ error: err, attempt: transient, delayMs: wait });
+          await this._pause(wait);
+          continue;
+        }
+        throw err;
+      }
+    }
+  }
+
+  /** One attempt of a multi-recipient send: `send_multi` over the socket when it is up, else REST. */
+  async _transmitMulti(message) {
+    const socket = this._socket;
+    if (socket?.isReady) {
+      const sent = await socket.request({ type: 'send_multi', ...message });
+      return { id: sent.id, sentAt: sent.sent_at };
+    }
+    const created = await this._rest.request('POST', '/v1/messages/multi', { body: message });
+    return { id: created.id, sentAt: created.sent_at };
   }
 
   /**

@@ -39,6 +39,7 @@ export class SealpostError extends Error {
    * @param {string} code
    * @param {string} message
    * @param {{status?: number, field?: string, missing?: number[], extra?: number[],
+   *          recipients?: {to: string, missing: number[], extra: number[]}[], unknown?: string[],
    *          retryAfter?: number, requestId?: string, cause?: unknown}} [detail]
    */
   constructor(code, message, detail = {}) {
@@ -54,6 +55,10 @@ export class SealpostError extends Error {
     this.missing = detail.missing;
     /** `devices_changed`: envelopes for devices the recipient does not have. */
     this.extra = detail.extra;
+    /** `devices_changed` of a multi-recipient send: one entry per account whose devices differ. */
+    this.recipients = detail.recipients;
+    /** `not_found` of a multi-recipient send: the ids that are not accounts. */
+    this.unknown = detail.unknown;
     /** Seconds to wait before trying again (`rate_limited`, and 503s that say): from `Retry-After`, or the frame's `retry_after_ms`. */
     this.retryAfter = detail.retryAfter;
     /** The server's `X-Request-Id`, to quote when reporting a problem. */
@@ -99,6 +104,8 @@ export async function errorFromResponse(response) {
     field: e.field,
     missing: e.missing,
     extra: e.extra,
+    recipients: e.recipients,
+    unknown: e.unknown,
     retryAfter,
     requestId,
   });
@@ -110,7 +117,7 @@ export async function errorFromResponse(response) {
  * frame carries `retry_after_ms`, read into `retryAfter` (seconds). A
  * server older than that field says the wait only in its message
  * ("retry in 250 ms"), which is read instead.
- * @param {{code: string, message?: string, field?: string, missing?: number[], extra?: number[], retry_after_ms?: number}} frame
+ * @param {{code: string, message?: string, field?: string, missing?: number[], extra?: number[], recipients?: any[], unknown?: string[], retry_after_ms?: number}} frame
  */
 export function errorFromFrame(frame) {
   let retryAfter;
@@ -124,6 +131,8 @@ export function errorFromFrame(frame) {
     field: frame.field,
     missing: frame.missing,
     extra: frame.extra,
+    recipients: frame.recipients,
+    unknown: frame.unknown,
     retryAfter,
   });
 }

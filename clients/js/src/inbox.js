@@ -19,7 +19,7 @@
 
 import { Emitter } from './emitter.js';
 import { BoundedMap } from './bounded.js';
-import { BodyError, openBody, decodePlaintext } from './body.js';
+import { BodyError, openBody, openSharedWithHash, sha256, decodePlaintext } from './body.js';
 import { fromBase64 } from './sodium.js';
 
 /** A device's queue holds at most 10,000 copies by default: a whole redelivered backlog fits. ~1 MB. */
@@ -39,7 +39,7 @@ export const MAX_ACK_IDS = 500;
 export const ACK_DELAY_MS = 20;
 
 /**
- * @typedef {{id: string, from: string, from_device: number, body: string, sent_at: string, ephemeral?: boolean}} WireMessage
+ * @typedef {{id: string, from: string, from_device: number, body: string, key?: string, sent_at: string, ephemeral?: boolean}} WireMessage
  */
 
 export class Inbox extends Emitter {
@@ -139,6 +139,7 @@ export class Inbox extends Emitter {
       ts: p.ts,
       text: p.text,
       ...(p.to !== undefined ? { to: p.to } : {}),
+      ...(p.group !== undefined ? { group: { id: p.group.id, name: p.group.name, members: [...p.group.members] } } : {}),
       sentAt: wire.sent_at,
       // The sealed body as it arrived (base64): what the server held.
       body: wire.body,
@@ -160,21 +161,29 @@ export class Inbox extends Emitter {
   /**
    * Decrypts with the sending device's cached key; on failure (unknown
    * device, or a key that may have changed), fetches the sender's directory
-   * once and tries again.
+   * once and tries again. A copy with a `key` is a group message's
+   * (shared form): the key opens as a 0x01 body, and must name this body.
    * @returns {Promise<{plaintext?: any, error?: BodyError}>}
    */
   async _open(wire) {
     let bytes;
+    let key;
     try {
       bytes = fromBase64(this._sodium, wire.body);
+      if (typeof wire.key === 'string') key = fromBase64(this._sodium, wire.key);
     } catch {
-      return { error: new BodyError('plaintext', 'the body is not base64') };
+      return { error: new BodyError('plaintext', 'the body or key is not base64') };
     }
+    // Hashed once, outside the attempts: the digest is async (WebCrypto).
+    const sharedHash = key ? await sha256(this._sodium, bytes) : undefined;
     const attempt = (entry) => {
       const device = entry.devices.find((d) => d.deviceId === wire.from_device);
       if (!device) return { error: new BodyError('open', `sender device ${wire.from_device} is not in its directory`) };
       try {
-        return { plaintext: decodePlaintext(openBody(this._sodium, bytes, device.publicKey, this._keys.secretKey)) };
+        const plain = key
+          ? openSharedWithHash(this._sodium, bytes, sharedHash, key, device.publicKey, this._keys.secretKey)
+          : openBody(this._sodium, bytes, device.publicKey, this._keys.secretKey);
+        return { plaintext: decodePlaintext(plain) };
       } catch (err) {
         if (err instanceof BodyError) return { error: err };
         throw err;
@@ -182,7 +191,7 @@ export class Inbox extends Emitter {
     };
     const cached = this._directory.cached(wire.from);
     let result = cached ? attempt(cached) : undefined;
-    if (result && (result.plaintext || result.error.reason === 'version' || result.error.reason === 'short')) return result;
+    if (result && (result.plaintext || result.error.reason === 'version' || result.error.reason === 'short' || result.error.reason === 'binding')) return result;
     let entry;
     try {
       entry = await this._directory.refresh(wire.from);

@@ -8,7 +8,7 @@
 //   typing.js    who is typing to us (the `typing` plaintext)
 //   limits.js    the server's limits, and a message's size against them
 //   directory.js cached device directories (keys to encrypt to / open with)
-//   body.js      the client body format (crypto_box) of protocol.md
+//   body.js      the client body format (crypto_box; groups: secretbox + keys) of protocol.md
 //   keys.js      device key pairs, export and import
 //   errors.js    SealpostError and the wire codes
 //   backoff.js   full-jitter exponential backoff
@@ -18,7 +18,10 @@
 
 export { SealpostClient, DEVICES_CHANGED_RETRIES, TRANSIENT_RETRIES, DEFAULT_POLL_INTERVAL_MS, pushTargetBody } from './client.js';
 export { SealpostError, WIRE_CODES, CLIENT_CODES } from './errors.js';
-export { sealBody, openBody, encodePlaintext, decodePlaintext, BodyError, BODY_VERSION, MIN_BODY_BYTES, MAX_TEXT_CHARS } from './body.js';
+export {
+  sealBody, openBody, encodePlaintext, decodePlaintext, BodyError, BODY_VERSION, MIN_BODY_BYTES, MAX_TEXT_CHARS,
+  sealShared, sealKey, openShared, sha256, SHARED_BODY_VERSION, CONTENT_KEY_BYTES, KEY_MATERIAL_BYTES, MAX_GROUP_NAME_CHARS,
+} from './body.js';
 export { generateDeviceKeys, exportDeviceKeys, importDeviceKeys } from './keys.js';
 export { loadSodium } from './sodium.js';
 export { Backoff, DEFAULT_BACKOFF } from './backoff.js';

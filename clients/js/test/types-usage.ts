@@ -2,7 +2,7 @@
 // index.d.ts must describe how the README uses the library.
 declare const WebSocket: unknown;
 declare const console: { log(...args: unknown[]): void };
-import { SealpostClient, SealpostError, pushTargetBody, type Message, type StateEvent, type TokenStore, type Tokens, type PushKind, type WebPushSubscriptionJSON } from 'sealpost-client';
+import { SealpostClient, SealpostError, pushTargetBody, type Message, type StateEvent, type TokenStore, type Tokens, type PushKind, type WebPushSubscriptionJSON, type Group } from 'sealpost-client';
 
 async function example(): Promise<void> {
   const client = await SealpostClient.register({ baseUrl: 'http://127.0.0.1:8080', username: 'alice', password: 'correct horse', WebSocket });
@@ -15,17 +15,20 @@ async function example(): Promise<void> {
   await again.waitForDrained();
   const r = await again.send('5b0c52f4-9d4e-4a8e-9a56-3f0a2b7d1c11', 'hi');
   console.log(r.id, r.clientId, r.sync?.id);
+  const group: Group = again.createGroup('hikers', ['5b0c52f4-9d4e-4a8e-9a56-3f0a2b7d1c11', 'u2']);
+  const g = await again.sendGroup(group, 'hi all', { urgent: false });
+  console.log(g.id, g.clientId, g.group.members.length, g.recipients);
   const e = await again.sendEphemeral('u', { type: 'typing' });
   console.log(e.delivered);
   for await (const m of again.messages()) {
     const msg: Message = m;
-    console.log(msg.text, msg.to ?? msg.from, msg.fromDevice);
+    console.log(msg.text, msg.group?.id ?? msg.to ?? msg.from, msg.fromDevice, msg.group?.name, msg.group?.members);
     await msg.ack();
   }
   try {
     await again.send('u', 'x');
   } catch (err) {
-    if (err instanceof SealpostError && err.code === 'devices_changed') console.log(err.missing, err.extra, err.retryAfter);
+    if (err instanceof SealpostError && err.code === 'devices_changed') console.log(err.missing, err.extra, err.retryAfter, err.recipients?.[0]?.to, err.unknown);
   }
   await again.close();
 }
