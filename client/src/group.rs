@@ -25,6 +25,7 @@ use crate::seal::{self, MIN_LEN, Unreadable};
 
 /// The first byte of a shared body.
 pub(crate) const SHARED_VERSION: u8 = 0x02;
+const NONCE_LEN: usize = 24;
 const KEY_LEN: usize = 32;
 const HASH_LEN: usize = 32;
 /// A group's name is at most this many characters (`protocol.md`).
@@ -123,12 +124,15 @@ pub(crate) fn open(
         return Err(Unreadable::NotAMessage);
     }
     let (content_key, hash) = material.split_at(KEY_LEN);
-    if Sha256::digest(body).as_slice() != hash {
+    if Sha256::digest(body)[..] != *hash {
         return Err(Unreadable::WrongBody);
     }
-    let nonce = Nonce::from_slice(&body[1..1 + 24]);
-    XSalsa20Poly1305::new(Key::from_slice(content_key))
-        .decrypt(nonce, &body[1 + 24..])
+    let nonce: [u8; NONCE_LEN] = body[1..1 + NONCE_LEN]
+        .try_into()
+        .expect("the length was checked");
+    let content_key: [u8; KEY_LEN] = content_key.try_into().expect("split at KEY_LEN");
+    XSalsa20Poly1305::new(&Key::from(content_key))
+        .decrypt(&Nonce::from(nonce), &body[1 + NONCE_LEN..])
         .map_err(|_| Unreadable::DoesNotOpen)
 }
 
@@ -281,7 +285,7 @@ mod tests {
             0x48, 0x64, 0x5e, 0x07, 0x05,
         ];
         let shared = SharedBody::seal_with(&message, &key, &nonce);
-        assert_eq!(&shared.body[1..25], nonce.as_slice());
+        assert_eq!(shared.body[1..25], nonce[..]);
         // The tag and the first ciphertext bytes of libsodium's `c`.
         assert_eq!(
             &shared.body[25..41],
