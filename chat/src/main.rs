@@ -366,12 +366,20 @@ async fn chat_command(
     match command {
         "/group" => {
             let (Some(name), users) = (words.next(), words.collect::<Vec<_>>()) else {
-                say(input, json!({ "error": "usage: /group NAME USER..." }), "usage: /group NAME USER USER...".into());
+                say(
+                    input,
+                    json!({ "error": "usage: /group NAME USER..." }),
+                    "usage: /group NAME USER USER...".into(),
+                );
                 return None;
             };
             let name = name.trim_start_matches('#');
             if users.is_empty() {
-                say(input, json!({ "error": "a group needs members" }), "usage: /group NAME USER USER...".into());
+                say(
+                    input,
+                    json!({ "error": "a group needs members" }),
+                    "usage: /group NAME USER USER...".into(),
+                );
                 return None;
             }
             let mut members = Vec::with_capacity(users.len());
@@ -379,7 +387,11 @@ async fn chat_command(
                 match resolve(client, user).await {
                     Ok((id, _)) => members.push(id),
                     Err(e) => {
-                        say(input, json!({ "error": format!("{e:#}"), "user": user }), format!("! no group made: {user}: {e:#}"));
+                        say(
+                            input,
+                            json!({ "error": format!("{e:#}"), "user": user }),
+                            format!("! no group made: {user}: {e:#}"),
+                        );
                         return None;
                     }
                 }
@@ -387,7 +399,11 @@ async fn chat_command(
             let group = match client.new_group(name, members) {
                 Ok(group) => group,
                 Err(e) => {
-                    say(input, json!({ "error": e.to_string() }), format!("! no group made: {e}"));
+                    say(
+                        input,
+                        json!({ "error": e.to_string() }),
+                        format!("! no group made: {e}"),
+                    );
                     return None;
                 }
             };
@@ -396,31 +412,54 @@ async fn chat_command(
             say(
                 input,
                 json!({ "group": group }),
-                format!("group #{} of {names}: your lines now go to it (its members learn of it with the first)", group.name),
+                format!(
+                    "group #{} of {names}: your lines now go to it (its members learn of it with the first)",
+                    group.name
+                ),
             );
             Some(Target::Group(group))
         }
         "/to" => {
             let Some(to) = words.next() else {
-                say(input, json!({ "error": "usage: /to USER or /to #GROUP" }), "usage: /to USER or /to #GROUP".into());
+                say(
+                    input,
+                    json!({ "error": "usage: /to USER or /to #GROUP" }),
+                    "usage: /to USER or /to #GROUP".into(),
+                );
                 return None;
             };
             if let Some(name) = to.strip_prefix('#') {
                 let Some(group) = shown.group_named(name) else {
-                    say(input, json!({ "error": "no such group", "group": name }), format!("! no group #{name} known here (/groups lists them)"));
+                    say(
+                        input,
+                        json!({ "error": "no such group", "group": name }),
+                        format!("! no group #{name} known here (/groups lists them)"),
+                    );
                     return None;
                 };
                 let names = shown.member_names(&group).await;
-                say(input, json!({ "to_group": group.id }), format!("now in #{} ({names})", group.name));
+                say(
+                    input,
+                    json!({ "to_group": group.id }),
+                    format!("now in #{} ({names})", group.name),
+                );
                 return Some(Target::Group(group));
             }
             match resolve(client, to).await {
                 Ok((id, name)) => {
-                    say(input, json!({ "to": id }), format!("now chatting with {name}"));
+                    say(
+                        input,
+                        json!({ "to": id }),
+                        format!("now chatting with {name}"),
+                    );
                     Some(Target::User(id, name))
                 }
                 Err(e) => {
-                    say(input, json!({ "error": format!("{e:#}") }), format!("! {to}: {e:#}"));
+                    say(
+                        input,
+                        json!({ "error": format!("{e:#}") }),
+                        format!("! {to}: {e:#}"),
+                    );
                     None
                 }
             }
@@ -428,11 +467,19 @@ async fn chat_command(
         "/groups" => {
             let groups: Vec<Group> = shown.groups().cloned().collect();
             if groups.is_empty() {
-                say(input, json!({ "groups": [] }), "no groups yet: /group NAME USER... makes one".into());
+                say(
+                    input,
+                    json!({ "groups": [] }),
+                    "no groups yet: /group NAME USER... makes one".into(),
+                );
             }
             for group in groups {
                 let names = shown.member_names(&group).await;
-                say(input, json!({ "group": group }), format!("#{} ({names})", group.name));
+                say(
+                    input,
+                    json!({ "group": group }),
+                    format!("#{} ({names})", group.name),
+                );
             }
             None
         }

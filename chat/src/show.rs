@@ -378,8 +378,8 @@ impl Shown {
         let mine = m.from == self.client.user_id();
         if let Some(group) = &m.group {
             // Filed under its group, whoever sent it.
-            let other = (self.peer.is_some() || self.group.is_some())
-                && self.group != Some(group.id);
+            let other =
+                (self.peer.is_some() || self.group.is_some()) && self.group != Some(group.id);
             let who = if mine {
                 format!("{} (device {})", self.client.username(), m.from_device)
             } else {

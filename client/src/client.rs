@@ -30,7 +30,9 @@ use crate::rest::Rest;
 use crate::seal::{self, MAX_TEXT_CHARS, Plaintext};
 use crate::session::{Session, SessionTokens};
 use crate::socket::{COMMANDS, Command, ConnectOptions, Driver, Outgoing, SendReply};
-use crate::wire::{DeviceKey, Envelope, Limits, OwnDevice, PushInfo, PushTarget, SharedRecipient, User};
+use crate::wire::{
+    DeviceKey, Envelope, Limits, OwnDevice, PushInfo, PushTarget, SharedRecipient, User,
+};
 
 /// Sends again after `devices_changed` at most this often: the devices may
 /// keep changing, and each retry costs a directory fetch.
@@ -509,11 +511,7 @@ impl Client {
     /// its members. Fails with [`Error::Invalid`] (field `name`) for a
     /// name over [`MAX_GROUP_NAME_CHARS`](crate::MAX_GROUP_NAME_CHARS)
     /// characters.
-    pub fn new_group(
-        &self,
-        name: &str,
-        members: impl IntoIterator<Item = Uuid>,
-    ) -> Result<Group> {
+    pub fn new_group(&self, name: &str, members: impl IntoIterator<Item = Uuid>) -> Result<Group> {
         check_group_name(name)?;
         let mut group = Group::new(name, [self.inner.user_id]);
         for member in members {
@@ -927,7 +925,9 @@ impl Inner {
             }
             let outgoing = Outgoing::One { to, envelopes };
             match self.deliver(&outgoing, client_id.as_deref(), kind).await {
-                Err(Error::DevicesChanged { missing, extra, .. }) if attempt < DIRECTORY_RETRIES => {
+                Err(Error::DevicesChanged { missing, extra, .. })
+                    if attempt < DIRECTORY_RETRIES =>
+                {
                     tracing::debug!(%to, ?missing, ?extra, "devices changed; encrypting again");
                     attempt += 1;
                 }
@@ -983,7 +983,10 @@ impl Inner {
                 }
                 other => return other,
             };
-            tracing::debug!(?changed, "group members' devices changed; sealing their keys again");
+            tracing::debug!(
+                ?changed,
+                "group members' devices changed; sealing their keys again"
+            );
             attempt += 1;
             // A server that names no account: every account fetched again.
             let refetch: Vec<Uuid> = if changed.is_empty() {

@@ -165,7 +165,11 @@ impl Inbox {
         if body.len() < MIN_LEN {
             return Err(Unreadable::TooShort);
         }
-        let expected = if key.is_some() { SHARED_VERSION } else { VERSION };
+        let expected = if key.is_some() {
+            SHARED_VERSION
+        } else {
+            VERSION
+        };
         if body[0] != expected {
             return Err(Unreadable::Version(body[0]));
         }

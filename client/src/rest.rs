@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use crate::error::{Error, ErrorBody, Result, WireError};
 use crate::wire::{
-    Accepted, Acked, Directory, Envelope, Limits, Me, MultiRequest, OwnDevice, OwnDevices, Page, PushInfo,
-    PushTarget, Registered, SendRequest, SharedRecipient, TokenPair, User, Vapid,
+    Accepted, Acked, Directory, Envelope, Limits, Me, MultiRequest, OwnDevice, OwnDevices, Page,
+    PushInfo, PushTarget, Registered, SendRequest, SharedRecipient, TokenPair, User, Vapid,
 };
 
 /// How long one request may take, connection included. A server that

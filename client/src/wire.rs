@@ -723,7 +723,9 @@ mod tests {
         match error.into_error(None) {
             crate::Error::DevicesChanged { recipients, .. } => assert_eq!(
                 recipients,
-                ["5b0c52f4-9d4e-4a8e-9a56-3f0a2b7d1c11".parse::<Uuid>().unwrap()]
+                ["5b0c52f4-9d4e-4a8e-9a56-3f0a2b7d1c11"
+                    .parse::<Uuid>()
+                    .unwrap()]
             ),
             other => panic!("{other:?}"),
         }

@@ -54,9 +54,10 @@ async fn receive(
 /// Every copy acknowledged so far is deleted, and with the last one its
 /// shared body: the counts of the next send start from nothing.
 async fn settled(server: &TestServer) {
-    eventually("every copy settled and its shared body deleted", async || {
-        (rows(&server.db).await == (0, 0)).then_some(())
-    })
+    eventually(
+        "every copy settled and its shared body deleted",
+        async || (rows(&server.db).await == (0, 0)).then_some(()),
+    )
     .await;
 }
 
@@ -149,7 +150,15 @@ async fn three_members_exchange_group_messages_through_the_library(backend: Back
         (&alice_laptop, &mut alice_laptop_events),
         (&bob, &mut bob_events),
     ] {
-        receive(client, events, from_carol.id, &carol, &group, "hi from carol").await;
+        receive(
+            client,
+            events,
+            from_carol.id,
+            &carol,
+            &group,
+            "hi from carol",
+        )
+        .await;
     }
 
     // Alice's laptop, the sender now: the phone gets the sync copy.
@@ -162,13 +171,24 @@ async fn three_members_exchange_group_messages_through_the_library(backend: Back
         (&bob, &mut bob_events),
         (&carol, &mut carol_events),
     ] {
-        receive(client, events, from_laptop.id, &alice_laptop, &group, "from my laptop").await;
+        receive(
+            client,
+            events,
+            from_laptop.id,
+            &alice_laptop,
+            &group,
+            "from my laptop",
+        )
+        .await;
     }
 
     // Messages between two people are as before: no group.
     let direct = bob.send(carol.user_id(), "just us").await.unwrap();
     let m = message(&mut carol_events).await;
-    assert_eq!((m.id, m.text.as_str(), m.group.as_ref()), (direct.id, "just us", None));
+    assert_eq!(
+        (m.id, m.text.as_str(), m.group.as_ref()),
+        (direct.id, "just us", None)
+    );
     carol.ack(&[m.id]).await.unwrap();
 
     settled(&server).await;
@@ -187,8 +207,24 @@ async fn a_group_send_recovers_from_a_member_adding_a_device(backend: Backend) {
         .unwrap();
     // Alice caches Bob's one device with this send.
     let first = alice.send_group(&group, "one device").await.unwrap();
-    receive(&bob_phone, &mut bob_phone_events, first.id, &alice, &group, "one device").await;
-    receive(&carol, &mut carol_events, first.id, &alice, &group, "one device").await;
+    receive(
+        &bob_phone,
+        &mut bob_phone_events,
+        first.id,
+        &alice,
+        &group,
+        "one device",
+    )
+    .await;
+    receive(
+        &carol,
+        &mut carol_events,
+        first.id,
+        &alice,
+        &group,
+        "one device",
+    )
+    .await;
 
     // Bob adds a laptop behind Alice's back: her cached directory is
     // stale, the server answers `devices_changed` naming Bob, and the
