@@ -103,6 +103,15 @@ impl Input {
         }
     }
 
+    /// Replaces the prompt (the conversation changed); without a
+    /// terminal there is none.
+    pub fn set_prompt(&mut self, prompt: &str) {
+        if let Mode::Terminal(editor) = &mut self.mode {
+            editor.prompt = prompt.to_owned();
+            editor.draw();
+        }
+    }
+
     /// Shows `status` before the prompt (or clears it); without a terminal,
     /// a new status is printed as a line of its own.
     pub fn set_status(&mut self, status: Option<String>) {

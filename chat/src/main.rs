@@ -15,6 +15,7 @@
 //! sealpost-chat send bob "hello"
 //! sealpost-chat listen                             # print what arrives, ack it
 //! sealpost-chat chat bob                           # one line, one message
+//!   /group friends bob carol                       # ...then lines go to a group
 //! sealpost-chat logout                             # end the stored session
 //! ```
 //!
@@ -39,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use sealpost_client::{Client, ConnectOptions, DeviceKeys, Error};
+use sealpost_client::{Client, ConnectOptions, DeviceKeys, Error, Group};
 use serde_json::json;
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -228,16 +229,39 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-/// The chat loop: lines typed go to `user`, events are shown, Ctrl-C
-/// quits at once.
+/// Where the chat's lines go: one user, or a group.
+#[derive(Clone)]
+enum Target {
+    User(Uuid, String),
+    Group(Group),
+}
+
+impl Target {
+    fn prompt(&self) -> String {
+        match self {
+            Target::User(_, name) => format!("to {name}> "),
+            Target::Group(group) => format!("to #{}> ", group.name),
+        }
+    }
+}
+
+/// What the chat's `/` commands do, for `/help` and a command it does not
+/// know.
+const CHAT_HELP: &str = "/group NAME USER USER... makes a group of you and the users and chats in it; \
+/to USER or /to #GROUP switches the conversation; /groups lists the groups known; \
+//TEXT sends /TEXT";
+
+/// The chat loop: lines typed go to `user` (or, after `/group` or
+/// `/to #GROUP`, to a group), events are shown, Ctrl-C quits at once.
 async fn chat(out: &Output, client: &Client, user: &str) -> Result<()> {
     let (peer, name) = resolve(client, user).await?;
     let mut events = client.connect(ConnectOptions::default())?;
     let mut shown = Shown::new(client.clone(), Some((peer, name.clone())));
-    let mut input = Input::start(&format!("to {name}> "), out.json)?;
+    let mut target = Target::User(peer, name.clone());
+    let mut input = Input::start(&target.prompt(), out.json)?;
     if !out.json {
         input.print(&format!(
-            "chatting with {name} as {}: Enter sends, Ctrl-C quits",
+            "chatting with {name} as {}: Enter sends, Ctrl-C quits, /help for groups",
             client.username()
         ));
     }
@@ -254,19 +278,47 @@ async fn chat(out: &Output, client: &Client, user: &str) -> Result<()> {
             key = input.next() => match key {
                 Key::Quit => break,
                 Key::Line(line) if line.trim().is_empty() => {}
+                Key::Line(line) if line.starts_with('/') && !line.starts_with("//") => {
+                    if let Some(next) = chat_command(out, client, &mut shown, &mut input, &line).await {
+                        if let Target::User(peer, _) = &target
+                            && last_typing.take().is_some()
+                        {
+                            typing(client, *peer, true);
+                        }
+                        match &next {
+                            Target::User(peer, name) => shown.switch(Some((*peer, name.clone())), None),
+                            Target::Group(group) => shown.switch(None, Some(group.id)),
+                        }
+                        input.set_prompt(&next.prompt());
+                        target = next;
+                    }
+                }
                 Key::Line(line) => {
                     last_typing = None;
+                    let line = line.strip_prefix('/').filter(|l| l.starts_with('/')).map(str::to_owned).unwrap_or(line);
                     let number = shown.outgoing(out, &mut input, &line);
                     // Sent in the background, so that what arrives
                     // meanwhile is still shown; the result comes back here.
                     let client = client.clone();
                     let results = results.clone();
+                    let to = match &target {
+                        // The group as last seen: a member's message may
+                        // have renamed it or changed its members.
+                        Target::Group(group) => Target::Group(shown.group(group.id).cloned().unwrap_or_else(|| group.clone())),
+                        other => other.clone(),
+                    };
                     tokio::spawn(async move {
-                        let result = client.send(peer, &line).await;
+                        let result = match &to {
+                            Target::User(peer, _) => client.send(*peer, &line).await,
+                            Target::Group(group) => client.send_group(group, &line).await,
+                        };
                         let _ = results.send((number, line, result)).await;
                     });
                 }
                 Key::Edited { empty } => {
+                    // Typing is told to one peer, not to a group.
+                    let Target::User(peer, _) = &target else { continue };
+                    let peer = *peer;
                     let due = last_typing.is_none_or(|at| at.elapsed() >= TYPING_EVERY);
                     if empty && last_typing.is_some() {
                         last_typing = None;
@@ -292,6 +344,150 @@ async fn chat(out: &Output, client: &Client, user: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One `/` command of the chat; the conversation to switch to, if any.
+async fn chat_command(
+    out: &Output,
+    client: &Client,
+    shown: &mut Shown,
+    input: &mut Input,
+    line: &str,
+) -> Option<Target> {
+    let mut words = line.split_whitespace();
+    let command = words.next().unwrap_or_default();
+    let say = |input: &mut Input, json: serde_json::Value, text: String| {
+        if out.json {
+            input.print(&json.to_string());
+        } else {
+            input.print(&text);
+        }
+    };
+    match command {
+        "/group" => {
+            let (Some(name), users) = (words.next(), words.collect::<Vec<_>>()) else {
+                say(
+                    input,
+                    json!({ "error": "usage: /group NAME USER..." }),
+                    "usage: /group NAME USER USER...".into(),
+                );
+                return None;
+            };
+            let name = name.trim_start_matches('#');
+            if users.is_empty() {
+                say(
+                    input,
+                    json!({ "error": "a group needs members" }),
+                    "usage: /group NAME USER USER...".into(),
+                );
+                return None;
+            }
+            let mut members = Vec::with_capacity(users.len());
+            for user in users {
+                match resolve(client, user).await {
+                    Ok((id, _)) => members.push(id),
+                    Err(e) => {
+                        say(
+                            input,
+                            json!({ "error": format!("{e:#}"), "user": user }),
+                            format!("! no group made: {user}: {e:#}"),
+                        );
+                        return None;
+                    }
+                }
+            }
+            let group = match client.new_group(name, members) {
+                Ok(group) => group,
+                Err(e) => {
+                    say(
+                        input,
+                        json!({ "error": e.to_string() }),
+                        format!("! no group made: {e}"),
+                    );
+                    return None;
+                }
+            };
+            shown.learn_group(&group);
+            let names = shown.member_names(&group).await;
+            say(
+                input,
+                json!({ "group": group }),
+                format!(
+                    "group #{} of {names}: your lines now go to it (its members learn of it with the first)",
+                    group.name
+                ),
+            );
+            Some(Target::Group(group))
+        }
+        "/to" => {
+            let Some(to) = words.next() else {
+                say(
+                    input,
+                    json!({ "error": "usage: /to USER or /to #GROUP" }),
+                    "usage: /to USER or /to #GROUP".into(),
+                );
+                return None;
+            };
+            if let Some(name) = to.strip_prefix('#') {
+                let Some(group) = shown.group_named(name) else {
+                    say(
+                        input,
+                        json!({ "error": "no such group", "group": name }),
+                        format!("! no group #{name} known here (/groups lists them)"),
+                    );
+                    return None;
+                };
+                let names = shown.member_names(&group).await;
+                say(
+                    input,
+                    json!({ "to_group": group.id }),
+                    format!("now in #{} ({names})", group.name),
+                );
+                return Some(Target::Group(group));
+            }
+            match resolve(client, to).await {
+                Ok((id, name)) => {
+                    say(
+                        input,
+                        json!({ "to": id }),
+                        format!("now chatting with {name}"),
+                    );
+                    Some(Target::User(id, name))
+                }
+                Err(e) => {
+                    say(
+                        input,
+                        json!({ "error": format!("{e:#}") }),
+                        format!("! {to}: {e:#}"),
+                    );
+                    None
+                }
+            }
+        }
+        "/groups" => {
+            let groups: Vec<Group> = shown.groups().cloned().collect();
+            if groups.is_empty() {
+                say(
+                    input,
+                    json!({ "groups": [] }),
+                    "no groups yet: /group NAME USER... makes one".into(),
+                );
+            }
+            for group in groups {
+                let names = shown.member_names(&group).await;
+                say(
+                    input,
+                    json!({ "group": group }),
+                    format!("#{} ({names})", group.name),
+                );
+            }
+            None
+        }
+        _ => {
+            say(input, json!({ "help": CHAT_HELP }), CHAT_HELP.into());
+            None
+        }
+    }
 }
 
 /// Tells the peer the user is typing (or stopped), in the background:

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use sealpost_client::{
-    Client, ConnectionState, DeviceChangeReason, Event, Incoming, Sent, TYPING_SHOWN,
+    Client, ConnectionState, DeviceChangeReason, Event, Group, Incoming, Sent, TYPING_SHOWN,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -22,6 +22,10 @@ use crate::input::Input;
 const REMEMBERED: usize = 256;
 /// Characters of a message quoted in its receipt.
 const QUOTE_CHARS: usize = 24;
+/// Groups remembered, learnt from messages or made here: far more than a
+/// person has open; past it the oldest goes, and comes back with its next
+/// message.
+const GROUPS: usize = 256;
 /// Receipts held until the answer to their send reaches the chat loop
 /// (a quick peer's receipt can overtake it); past this many, the oldest is
 /// shown without its message.
@@ -56,8 +60,14 @@ impl Output {
 /// What the chat remembers to show events well.
 pub struct Shown {
     client: Client,
-    /// The conversation's peer and its name, in `chat`.
+    /// The conversation's peer and its name, in `chat` with one user.
     peer: Option<(Uuid, String)>,
+    /// The conversation's group, in `chat` in a group.
+    group: Option<Uuid>,
+    /// The groups known, by id: their latest name and members.
+    groups: HashMap<Uuid, Group>,
+    /// Group ids, the least recently seen first.
+    groups_order: VecDeque<Uuid>,
     /// The messages sent in this chat, numbered from 1 as typed.
     typed: u64,
     /// Server id → (number, quote) of the messages sent, oldest first.
@@ -77,6 +87,9 @@ impl Shown {
         Self {
             client,
             peer,
+            group: None,
+            groups: HashMap::new(),
+            groups_order: VecDeque::new(),
             typed: 0,
             sent: HashMap::new(),
             sent_order: VecDeque::new(),
@@ -86,12 +99,66 @@ impl Shown {
         }
     }
 
+    /// Switches the conversation to one user, or to a group (`peer`
+    /// `None`): what is marked "[other chat]" follows.
+    pub fn switch(&mut self, peer: Option<(Uuid, String)>, group: Option<Uuid>) {
+        self.peer = peer;
+        self.group = group;
+    }
+
+    /// Keeps `group` as the latest word on it (its name and members).
+    pub fn learn_group(&mut self, group: &Group) {
+        self.groups_order.retain(|id| *id != group.id);
+        self.groups_order.push_back(group.id);
+        self.groups.insert(group.id, group.clone());
+        if self.groups_order.len() > GROUPS
+            && let Some(old) = self.groups_order.pop_front()
+        {
+            self.groups.remove(&old);
+        }
+    }
+
+    /// The most recently seen group called `name`.
+    pub fn group_named(&self, name: &str) -> Option<Group> {
+        self.groups_order
+            .iter()
+            .rev()
+            .filter_map(|id| self.groups.get(id))
+            .find(|g| g.name == name)
+            .cloned()
+    }
+
+    /// The group `id`, as last seen.
+    pub fn group(&self, id: Uuid) -> Option<&Group> {
+        self.groups.get(&id)
+    }
+
+    /// The groups known, the most recent first.
+    pub fn groups(&self) -> impl Iterator<Item = &Group> {
+        self.groups_order
+            .iter()
+            .rev()
+            .filter_map(|id| self.groups.get(id))
+    }
+
+    /// The members of `group` by name, for a person.
+    pub async fn member_names(&self, group: &Group) -> String {
+        let mut names = Vec::with_capacity(group.members.len());
+        for member in &group.members {
+            names.push(self.name(*member).await);
+        }
+        names.join(", ")
+    }
+
     /// The name to show for `user`.
     async fn name(&self, user: Uuid) -> String {
         if let Some((peer, name)) = &self.peer
             && *peer == user
         {
             return name.clone();
+        }
+        if user == self.client.user_id() {
+            return self.client.username().to_owned();
         }
         match self.client.username_of(user).await {
             Ok(Some(name)) => name,
@@ -209,11 +276,14 @@ impl Shown {
                 if self.typing.remove(&m.from).is_some() {
                     self.show_typing(input);
                 }
+                if let Some(group) = &m.group {
+                    self.learn_group(group);
+                }
                 let line = self.message(&m).await;
                 out.to(
                     input,
                     json!({ "id": m.id, "from": m.from, "from_name": self.client.known_username(m.from),
-                            "from_device": m.from_device, "to": m.to, "text": m.text,
+                            "from_device": m.from_device, "to": m.to, "group": m.group, "text": m.text,
                             "ts": m.ts, "sent_at": m.sent_at, "ephemeral": m.ephemeral }),
                     line,
                 );
@@ -306,10 +376,28 @@ impl Shown {
 
     async fn message(&self, m: &Incoming) -> String {
         let mine = m.from == self.client.user_id();
+        if let Some(group) = &m.group {
+            // Filed under its group, whoever sent it.
+            let other =
+                (self.peer.is_some() || self.group.is_some()) && self.group != Some(group.id);
+            let who = if mine {
+                format!("{} (device {})", self.client.username(), m.from_device)
+            } else {
+                self.name(m.from).await
+            };
+            return format!(
+                "{}{} [#{}] {who}: {}",
+                if other { "[other chat] " } else { "" },
+                m.ts.with_timezone(&chrono::Local).format("%H:%M"),
+                group.name,
+                m.text
+            );
+        }
         let other = match (&self.peer, mine) {
             (Some((peer, _)), false) => m.from != *peer,
             (Some((peer, _)), true) => m.to != Some(*peer),
-            (None, _) => false,
+            // In a group's conversation, a message between two people.
+            (None, _) => self.group.is_some(),
         };
         let who = if mine {
             let to = match m.to {

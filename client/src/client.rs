@@ -23,13 +23,16 @@ use crate::directory::{DirectoryCache, PeerDevice};
 use crate::error::{Error, Result};
 use crate::event::DeviceChange;
 use crate::event::{EVENTS, Event, Events};
+use crate::group::{Group, MAX_GROUP_NAME_CHARS, SharedBody};
 use crate::keys::{self, DeviceKeys};
 use crate::poll::{PollOptions, Poller};
 use crate::rest::Rest;
 use crate::seal::{self, MAX_TEXT_CHARS, Plaintext};
 use crate::session::{Session, SessionTokens};
-use crate::socket::{COMMANDS, Command, ConnectOptions, Driver, SendReply};
-use crate::wire::{Envelope, Limits, OwnDevice, PushInfo, PushTarget, User};
+use crate::socket::{COMMANDS, Command, ConnectOptions, Driver, Outgoing, SendReply};
+use crate::wire::{
+    DeviceKey, Envelope, Limits, OwnDevice, PushInfo, PushTarget, SharedRecipient, User,
+};
 
 /// Sends again after `devices_changed` at most this often: the devices may
 /// keep changing, and each retry costs a directory fetch.
@@ -502,6 +505,78 @@ impl Client {
         })
     }
 
+    /// A new group named `name` of `members` and this account (added
+    /// first when not among them), with an id of its own: nothing is sent
+    /// until the first [`Client::send_group`], which makes it known to
+    /// its members. Fails with [`Error::Invalid`] (field `name`) for a
+    /// name over [`MAX_GROUP_NAME_CHARS`](crate::MAX_GROUP_NAME_CHARS)
+    /// characters.
+    pub fn new_group(&self, name: &str, members: impl IntoIterator<Item = Uuid>) -> Result<Group> {
+        check_group_name(name)?;
+        let mut group = Group::new(name, [self.inner.user_id]);
+        for member in members {
+            group.add(member);
+        }
+        Ok(group)
+    }
+
+    /// Sends `text` to `group` in the shared form (`protocol.md`, "Group
+    /// messages (shared form)"): one ciphertext, stored once by the
+    /// server, and for every device of every other member (and every
+    /// other device of this account, their sync copy) a key to it, all in
+    /// one send (`send_multi` on the socket, `POST /v1/messages/multi`
+    /// over REST) with one server id. The plaintext names the group (id,
+    /// name, members), so every member files it under the group.
+    ///
+    /// As with [`Client::send`]: the send is retried after a transient
+    /// failure with its first ciphertext and keys under one `client_id`;
+    /// after `devices_changed` the accounts the server names are fetched
+    /// again and only their keys sealed again (the content key, the
+    /// shared body and the `client_id` stay), a few times at most.
+    /// [`Sent::sync_error`] is always `None`: the sync copies are part of
+    /// the one send. Fails with [`Error::Invalid`] for a group with no one
+    /// to send to (no other member, no other device of this account) or
+    /// a name over the limit, and [`Error::TooLarge`] as [`Client::send`].
+    pub async fn send_group(&self, group: &Group, text: &str) -> Result<Sent> {
+        self.send_group_with(group, text, &SendOptions::default())
+            .await
+    }
+
+    /// [`Client::send_group`] with [`SendOptions`].
+    pub async fn send_group_with(
+        &self,
+        group: &Group,
+        text: &str,
+        options: &SendOptions,
+    ) -> Result<Sent> {
+        check_group_name(&group.name)?;
+        let me = self.inner.user_id;
+        let mut group = group.clone();
+        // Every member sends to `members`: this account belongs in it.
+        group.add(me);
+        let plaintext = Plaintext {
+            group: Some(group.clone()),
+            ..plaintext(text)?
+        };
+        let accounts: Vec<Uuid> = group.members.iter().copied().filter(|m| *m != me).collect();
+        let reply = self
+            .inner
+            .send_shared(
+                &accounts,
+                &plaintext,
+                Kind::Stored {
+                    urgent: options.urgent,
+                },
+            )
+            .await?;
+        Ok(Sent {
+            id: reply.id,
+            client_id: plaintext.id,
+            sent_at: reply.sent_at,
+            sync_error: None,
+        })
+    }
+
     /// Sends `text` ephemerally (typing, presence): only to `to`'s devices
     /// connected now, never stored, no sync copy. Needs the socket. Returns
     /// whether any connection took it.
@@ -528,6 +603,7 @@ impl Client {
             text: None,
             to: None,
             state: stopped.then(|| "stopped".into()),
+            group: None,
         };
         let reply = self
             .inner
@@ -647,7 +723,18 @@ fn plaintext_with_id(text: &str, id: Uuid, ts: i64) -> Plaintext {
         text: Some(text.to_owned()),
         to: None,
         state: None,
+        group: None,
     }
+}
+
+fn check_group_name(name: &str) -> Result<()> {
+    if name.chars().count() > MAX_GROUP_NAME_CHARS {
+        return Err(Error::Invalid {
+            field: Some("name".into()),
+            message: format!("a group's name is at most {MAX_GROUP_NAME_CHARS} characters"),
+        });
+    }
+    Ok(())
 }
 
 fn encode(plaintext: &Plaintext) -> Result<Vec<u8>> {
@@ -836,11 +923,11 @@ impl Inner {
                     body: STANDARD.encode(seal::seal(&bytes, self.keys.secret(), key)),
                 });
             }
-            match self
-                .deliver(to, &envelopes, client_id.as_deref(), kind)
-                .await
-            {
-                Err(Error::DevicesChanged { missing, extra }) if attempt < DIRECTORY_RETRIES => {
+            let outgoing = Outgoing::One { to, envelopes };
+            match self.deliver(&outgoing, client_id.as_deref(), kind).await {
+                Err(Error::DevicesChanged { missing, extra, .. })
+                    if attempt < DIRECTORY_RETRIES =>
+                {
                     tracing::debug!(%to, ?missing, ?extra, "devices changed; encrypting again");
                     attempt += 1;
                 }
@@ -849,21 +936,122 @@ impl Inner {
         }
     }
 
+    /// Seals `plaintext` once as a shared body and sends it to `accounts`
+    /// (never this one) and to this account's other devices, if it has
+    /// any, with a key for each device. After `devices_changed` only the
+    /// named accounts' devices are fetched again and their keys sealed
+    /// again: the content key, the body, the other keys and the
+    /// `client_id` stay, as the protocol asks.
+    pub(crate) async fn send_shared(
+        &self,
+        accounts: &[Uuid],
+        plaintext: &Plaintext,
+        kind: Kind,
+    ) -> Result<SendReply> {
+        let bytes = encode(plaintext)?;
+        // A shared body's overhead is a sealed body's: version, nonce, tag.
+        check_size(&bytes, &self.limits().await)?;
+        let sealed = SharedBody::seal(&bytes);
+        let shared = STANDARD.encode(&sealed.body);
+        let client_id = Uuid::new_v4().to_string();
+        let mut recipients = Vec::with_capacity(accounts.len() + 1);
+        for &to in accounts {
+            let devices = self.devices_of(to, false).await?;
+            recipients.push(self.shared_recipient(to, &devices, &sealed)?);
+        }
+        // This account's other devices get their sync copy in the same send.
+        let own = self.devices_of(self.user_id, false).await?;
+        let own = self.shared_recipient(self.user_id, &own, &sealed)?;
+        if !own.keys.is_empty() {
+            recipients.push(own);
+        }
+        if recipients.is_empty() {
+            return Err(Error::Invalid {
+                field: Some("members".into()),
+                message: "the group has no other member and this account no other device".into(),
+            });
+        }
+        let mut attempt = 0;
+        loop {
+            let outgoing = Outgoing::Shared {
+                shared: shared.clone(),
+                recipients: recipients.clone(),
+            };
+            let changed = match self.deliver(&outgoing, Some(&client_id), kind).await {
+                Err(Error::DevicesChanged { recipients, .. }) if attempt < DIRECTORY_RETRIES => {
+                    recipients
+                }
+                other => return other,
+            };
+            tracing::debug!(
+                ?changed,
+                "group members' devices changed; sealing their keys again"
+            );
+            attempt += 1;
+            // A server that names no account: every account fetched again.
+            let refetch: Vec<Uuid> = if changed.is_empty() {
+                recipients.iter().map(|r| r.to).collect()
+            } else {
+                changed
+            };
+            for to in refetch {
+                let devices = self.devices_of(to, true).await?;
+                let entry = self.shared_recipient(to, &devices, &sealed)?;
+                match recipients.iter().position(|r| r.to == to) {
+                    // This account with no other device left: out.
+                    Some(i) if entry.keys.is_empty() => {
+                        recipients.remove(i);
+                    }
+                    Some(i) => recipients[i] = entry,
+                    // This account gained another device since.
+                    None if !entry.keys.is_empty() => recipients.push(entry),
+                    None => {}
+                }
+            }
+        }
+    }
+
+    /// `to`'s entry of a shared-form send: a key for each of `devices`
+    /// (this one left out, on this account).
+    fn shared_recipient(
+        &self,
+        to: Uuid,
+        devices: &[PeerDevice],
+        sealed: &SharedBody,
+    ) -> Result<SharedRecipient> {
+        let mut keys = Vec::with_capacity(devices.len());
+        for device in devices {
+            if to == self.user_id && device.device_id == self.device_id {
+                continue;
+            }
+            let key = device.key.as_ref().ok_or_else(|| {
+                Error::Key(format!(
+                    "device {} of {to} has no crypto_box key",
+                    device.device_id
+                ))
+            })?;
+            keys.push(DeviceKey {
+                device_id: device.device_id,
+                key: STANDARD.encode(sealed.key_for(self.keys.secret(), key)),
+            });
+        }
+        Ok(SharedRecipient { to, keys })
+    }
+
     /// Sends sealed envelopes under `client_id`; after a transient
     /// failure, the same envelopes under the same key again (the server
     /// answers a repeat of a send it took with its first answer), a few
     /// times at most. Ephemeral sends are not retried: late is useless.
     async fn deliver(
         &self,
-        to: Uuid,
-        envelopes: &[Envelope],
+        outgoing: &Outgoing,
         client_id: Option<&str>,
         kind: Kind,
     ) -> Result<SendReply> {
         let ephemeral = matches!(kind, Kind::Ephemeral);
         let mut tries = 0;
         loop {
-            let error = match self.deliver_once(to, envelopes, client_id, kind).await {
+            let error = match self.deliver_once(outgoing, client_id, kind).await {
                 Ok(reply) => return Ok(reply),
                 Err(e) => e,
             };
@@ -887,8 +1075,7 @@ impl Inner {
     /// One attempt: over the socket if one runs, else over REST.
     async fn deliver_once(
         &self,
-        to: Uuid,
-        envelopes: &[Envelope],
+        outgoing: &Outgoing,
         client_id: Option<&str>,
         kind: Kind,
     ) -> Result<SendReply> {
@@ -899,8 +1086,7 @@ impl Inner {
         if let Transport::Socket(socket) = self.transport() {
             let (reply, answer) = oneshot::channel();
             let command = Command::Send {
-                to,
-                envelopes: envelopes.to_vec(),
+                outgoing: outgoing.clone(),
                 ephemeral,
                 urgent,
                 client_id: client_id.map(str::to_owned),
@@ -915,11 +1101,21 @@ impl Inner {
             return Err(Error::NotConnected);
         }
         let rest = &self.rest;
-        let accepted = self
-            .authed(
-                |token| async move { rest.send(&token, to, envelopes, client_id, urgent).await },
-            )
-            .await?;
+        let accepted = match outgoing {
+            Outgoing::One { to, envelopes } => {
+                self.authed(|token| async move {
+                    rest.send(&token, *to, envelopes, client_id, urgent).await
+                })
+                .await?
+            }
+            Outgoing::Shared { shared, recipients } => {
+                self.authed(|token| async move {
+                    rest.send_multi(&token, shared, recipients, client_id, urgent)
+                        .await
+                })
+                .await?
+            }
+        };
         Ok(SendReply {
             id: accepted.id,
             sent_at: accepted.sent_at,

@@ -45,9 +45,16 @@ pub enum Error {
     /// `devices_changed`: the envelopes did not match the recipient's
     /// devices; nothing was stored. [`Client::send`](crate::Client::send)
     /// handles this itself (fetches the directory again and resends) and
-    /// returns it only once its retries are spent.
+    /// returns it only once its retries are spent. For a send to several
+    /// accounts (a group message), `recipients` names the accounts whose
+    /// devices differ (`missing` and `extra` are then empty); it is empty
+    /// for a send to one.
     #[error("the recipient's devices changed (missing {missing:?}, extra {extra:?})")]
-    DevicesChanged { missing: Vec<u32>, extra: Vec<u32> },
+    DevicesChanged {
+        missing: Vec<u32>,
+        extra: Vec<u32>,
+        recipients: Vec<uuid::Uuid>,
+    },
     /// `too_large`: a body or request over the server's limit.
     #[error("too large: {0}")]
     TooLarge(String),
@@ -175,9 +182,18 @@ pub(crate) struct WireError {
     pub missing: Vec<u32>,
     #[serde(default)]
     pub extra: Vec<u32>,
+    /// A multi send's `devices_changed`: one entry per account that differs.
+    #[serde(default)]
+    pub recipients: Vec<ChangedRecipient>,
     /// How long to wait, on a rate limit's `error` frame (newer servers).
     #[serde(default)]
     pub retry_after_ms: Option<u64>,
+}
+
+/// One account of a multi send whose devices differ from the send's.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ChangedRecipient {
+    pub to: uuid::Uuid,
 }
 
 /// `{"error": {...}}`, as REST replies carry it.
@@ -204,6 +220,7 @@ impl WireError {
             "devices_changed" => Error::DevicesChanged {
                 missing: self.missing,
                 extra: self.extra,
+                recipients: self.recipients.into_iter().map(|r| r.to).collect(),
             },
             "too_large" => Error::TooLarge(self.message),
             "forbidden" => Error::Forbidden(self.message),
@@ -283,7 +300,7 @@ mod tests {
             assert_eq!(wire(json).code(), Some(code), "{json}");
         }
         match wire(r#"{"code":"devices_changed","message":"m","missing":[2],"extra":[5]}"#) {
-            Error::DevicesChanged { missing, extra } => {
+            Error::DevicesChanged { missing, extra, .. } => {
                 assert_eq!((missing, extra), (vec![2], vec![5]));
             }
             other => panic!("{other:?}"),

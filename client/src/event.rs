@@ -19,6 +19,7 @@ use futures_util::Stream;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use crate::group::Group;
 use crate::seal::Unreadable;
 use crate::wire::OwnDevice;
 
@@ -44,6 +45,10 @@ pub struct Incoming {
     pub text: String,
     /// In a sync copy only: the peer of the conversation it belongs to.
     pub to: Option<Uuid>,
+    /// In a group message: the group it belongs to (file it under
+    /// `group.id`, whoever sent it; its `name` and `members` are the
+    /// group's latest). `None` for a message between two accounts.
+    pub group: Option<Group>,
     /// When the server accepted it; the server's order.
     pub sent_at: DateTime<Utc>,
     /// An ephemeral message (typing, presence): never stored, not to be
@@ -60,6 +65,7 @@ impl fmt::Debug for Incoming {
             .field("from_device", &self.from_device)
             .field("client_id", &self.client_id)
             .field("to", &self.to)
+            .field("group", &self.group.as_ref().map(|g| g.id))
             .field("sent_at", &self.sent_at)
             .field("ephemeral", &self.ephemeral)
             .field("text", &format_args!("<{} bytes>", self.text.len()))

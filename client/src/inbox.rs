@@ -17,6 +17,7 @@ use uuid::Uuid;
 use crate::client::Inner;
 use crate::dedup::{REMEMBERED, Seen};
 use crate::event::{Event, Incoming};
+use crate::group::{self, SHARED_VERSION};
 use crate::seal::{self, MIN_LEN, Plaintext, Unreadable, VERSION};
 use crate::wire::MessageView;
 
@@ -125,6 +126,7 @@ impl Inbox {
                 ts: DateTime::from_timestamp_millis(plaintext.ts).unwrap_or(message.sent_at),
                 text: plaintext.text.unwrap_or_default(),
                 to: plaintext.to,
+                group: plaintext.group,
                 sent_at: message.sent_at,
                 ephemeral: message.ephemeral,
             })),
@@ -148,14 +150,27 @@ impl Inbox {
     /// The opened body; `Ok(None)` when the sender's keys could not be
     /// fetched. A cached key that does not open the box is fetched again
     /// once: the device may have a new key.
+    ///
+    /// A copy with a `key` is a group message's: a `0x02` shared body,
+    /// opened through the key (`group::open`, which checks that the key
+    /// was sealed for this very body); one without is a `0x01` body.
     async fn open(&self, message: &MessageView) -> Result<Option<Vec<u8>>, Unreadable> {
         let body = STANDARD
             .decode(&message.body)
             .map_err(|_| Unreadable::NotAMessage)?;
+        let key = match &message.key {
+            Some(key) => Some(STANDARD.decode(key).map_err(|_| Unreadable::NotAMessage)?),
+            None => None,
+        };
         if body.len() < MIN_LEN {
             return Err(Unreadable::TooShort);
         }
-        if body[0] != VERSION {
+        let expected = if key.is_some() {
+            SHARED_VERSION
+        } else {
+            VERSION
+        };
+        if body[0] != expected {
             return Err(Unreadable::Version(body[0]));
         }
         let mut outcome = Err(Unreadable::UnknownSender);
@@ -167,17 +182,24 @@ impl Inbox {
                     return Ok(None);
                 }
             };
-            let key = devices
+            let sender = devices
                 .iter()
                 .find(|d| d.device_id == message.from_device)
                 .and_then(|d| d.key.as_ref());
-            let Some(key) = key else {
+            let Some(sender) = sender else {
                 outcome = Err(Unreadable::UnknownSender);
                 continue;
             };
-            match seal::open(&body, self.inner.keys.secret(), key) {
+            let ours = self.inner.keys.secret();
+            let opened = match &key {
+                Some(key) => group::open(&body, key, ours, sender),
+                None => seal::open(&body, ours, sender),
+            };
+            match opened {
                 Ok(plaintext) => return Ok(Some(plaintext)),
-                Err(reason) => outcome = Err(reason),
+                // Only another key for the sender could change this.
+                Err(reason @ Unreadable::DoesNotOpen) => outcome = Err(reason),
+                Err(reason) => return Err(reason),
             }
         }
         outcome

@@ -1,6 +1,6 @@
 //! The Rust client of sealpost, a push relay for end-to-end encrypted
 //! messengers: accounts and devices, sealed text messages to every device
-//! of a peer, and a stream of the ones that arrive, over the relay's
+//! of a peer or of a group's members, and a stream of the ones that arrive, over the relay's
 //! WebSocket or by polling its REST API.
 //!
 //! Messages are sealed on the device in the body format every client of the
@@ -75,13 +75,38 @@
 //!   batched acks, renewal in place.
 //! - `poll`: the REST polling task, for hosts that cannot hold a socket.
 //! - `inbox`: a delivered copy to an [`Event`]: open, read, de-duplicate.
-//! - `seal`: the body format. `keys`: [`DeviceKeys`].
+//! - `seal`: the body format. `group`: [`Group`] and the shared form of
+//!   group messages. `keys`: [`DeviceKeys`].
 //! - `directory`: the cache of peers' devices and keys. `dedup`: bounded
 //!   memory of what was shown.
 //! - `rest`: one method per endpoint. `wire`: the JSON shapes.
 //! - `tls`: the `rustls` feature's settings (ring).
 //! - [`error`]: [`Error`], one variant per wire code.
 //! - `event`: [`Event`], [`Incoming`], [`ConnectionState`], [`Events`].
+//!
+//! # Group messages
+//!
+//! A group is nothing on the server: [`Client::new_group`] makes one up
+//! (an id, a name, its members, this account among them) and
+//! [`Client::send_group`] sends to it in the shared form (`protocol.md`,
+//! "Group messages (shared form)"): the text sealed once under a fresh
+//! content key with `crypto_secretbox`, stored once by the server, and for
+//! each device of every other member (and each other device of this
+//! account, their sync copy) that key and the body's SHA-256 sealed with
+//! `crypto_box`, all in one send with one server id. Every copy reaches
+//! the application as an [`Event::Message`] whose [`Incoming::group`]
+//! names the group (id, name, members): file it under `group.id`, and
+//! answer with [`Client::send_group`] to that [`Group`]. A copy whose key
+//! was sealed for another body ([`Unreadable::WrongBody`]) is not shown.
+//!
+//! ```no_run
+//! # async fn run(alice: sealpost_client::Client, bob: uuid::Uuid, carol: uuid::Uuid)
+//! #     -> Result<(), sealpost_client::Error> {
+//! let friends = alice.new_group("friends", [bob, carol])?;
+//! alice.send_group(&friends, "hello, both of you").await?;
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! # Waking the device: push targets
 //!
@@ -116,6 +141,7 @@ mod dedup;
 mod directory;
 pub mod error;
 mod event;
+mod group;
 mod inbox;
 mod keys;
 mod poll;
@@ -132,6 +158,7 @@ pub use error::{Error, Result};
 pub use event::{
     ConnectionState, DeviceChange, DeviceChangeReason, Event, Events, Incoming, TYPING_SHOWN,
 };
+pub use group::{Group, MAX_GROUP_NAME_CHARS};
 pub use keys::DeviceKeys;
 pub use poll::PollOptions;
 pub use seal::{MAX_TEXT_CHARS, Unreadable};

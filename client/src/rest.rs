@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use crate::error::{Error, ErrorBody, Result, WireError};
 use crate::wire::{
-    Accepted, Acked, Directory, Envelope, Limits, Me, OwnDevice, OwnDevices, Page, PushInfo,
-    PushTarget, Registered, SendRequest, TokenPair, User, Vapid,
+    Accepted, Acked, Directory, Envelope, Limits, Me, MultiRequest, OwnDevice, OwnDevices, Page,
+    PushInfo, PushTarget, Registered, SendRequest, SharedRecipient, TokenPair, User, Vapid,
 };
 
 /// How long one request may take, connection included. A server that
@@ -162,6 +162,28 @@ impl Rest {
             .json(&SendRequest {
                 to,
                 envelopes,
+                client_id,
+                urgent,
+            });
+        json_reply(request).await
+    }
+
+    /// `POST /v1/messages/multi`, in the shared form.
+    pub async fn send_multi(
+        &self,
+        token: &str,
+        shared: &str,
+        recipients: &[SharedRecipient],
+        client_id: Option<&str>,
+        urgent: bool,
+    ) -> Result<Accepted> {
+        let request = self
+            .http
+            .post(self.url("/v1/messages/multi"))
+            .bearer_auth(token)
+            .json(&MultiRequest {
+                shared,
+                recipients,
                 client_id,
                 urgent,
             });

@@ -15,6 +15,8 @@ use crypto_box::{Nonce, PublicKey, SalsaBox, SecretKey};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::group::Group;
+
 /// The first byte of every body of this format.
 pub(crate) const VERSION: u8 = 0x01;
 const NONCE_LEN: usize = 24;
@@ -43,6 +45,9 @@ pub(crate) struct Plaintext {
     /// A `typing`'s `"stopped"`: the sender stopped without sending.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
+    /// In a group message: the group it belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<Group>,
 }
 
 /// Why a body could not be read.
@@ -50,7 +55,9 @@ pub(crate) struct Plaintext {
 pub enum Unreadable {
     /// Shorter than version, nonce and tag.
     TooShort,
-    /// A first byte other than `0x01`.
+    /// A first byte other than `0x01` (or, for a copy with a `key`,
+    /// `0x02`): a body of another format, such as a group message's shared
+    /// body that came without its key.
     Version(u8),
     /// The box did not open with the sending device's key: sealed for
     /// another key, by another device, or altered on the way.
@@ -60,6 +67,9 @@ pub enum Unreadable {
     /// The sending device is not in its account's directory (removed), or
     /// its key is not a `crypto_box` key.
     UnknownSender,
+    /// A group message whose key was sealed for another shared body (the
+    /// SHA-256 in the key differs): swapped or altered on the way.
+    WrongBody,
 }
 
 /// Seals `plaintext` from `ours` to `theirs` with a fresh random nonce.
@@ -231,6 +241,7 @@ mod tests {
             text: Some("hello".into()),
             to: None,
             state: None,
+            group: None,
         })
         .unwrap();
         assert_eq!(
@@ -246,6 +257,7 @@ mod tests {
                 text: None,
                 to: None,
                 state: state.map(Into::into),
+                group: None,
             })
             .unwrap()
         };

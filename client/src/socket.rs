@@ -19,7 +19,8 @@
 //!   written again on the next one, the same frame byte for byte, so with
 //!   the same `client_id` and ciphertext: a send the server had accepted is
 //!   answered with its first `id` and not stored again. Ephemeral sends are
-//!   not carried over: they fail with [`Error::ConnectionLost`].
+//!   not carried over: they fail with [`Error::ConnectionLost`]. A group
+//!   message's `send_multi` is a send like any other here.
 //!   At most [`MAX_IN_FLIGHT`] await their reply, the server's own limit
 //!   per connection; past it the task stops taking commands.
 //! - **Acks** are batched: up to 500 ids a frame, written [`ACK_DELAY`]
@@ -51,7 +52,7 @@ use crate::error::{Error, Result};
 use crate::event::{ConnectionState, DeviceChange, DeviceChangeReason, Event};
 use crate::inbox::Inbox;
 use crate::session::TokenState;
-use crate::wire::{ClientFrame, Envelope, ServerFrame};
+use crate::wire::{ClientFrame, Envelope, ServerFrame, SharedRecipient};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -97,11 +98,24 @@ pub(crate) struct SendReply {
     pub delivered: Option<bool>,
 }
 
+/// What one send carries: a body per device of one account (`send`), or
+/// one shared body and a key per device of several (`send_multi`).
+#[derive(Debug, Clone)]
+pub(crate) enum Outgoing {
+    One {
+        to: Uuid,
+        envelopes: Vec<Envelope>,
+    },
+    Shared {
+        shared: String,
+        recipients: Vec<SharedRecipient>,
+    },
+}
+
 /// What the rest of the client asks of the socket task.
 pub(crate) enum Command {
     Send {
-        to: Uuid,
-        envelopes: Vec<Envelope>,
+        outgoing: Outgoing,
         ephemeral: bool,
         /// `false`: wake offline devices at low priority.
         urgent: bool,
@@ -330,8 +344,7 @@ impl Driver {
     fn take(&mut self, command: Command) {
         match command {
             Command::Send {
-                to,
-                envelopes,
+                outgoing,
                 ephemeral,
                 urgent,
                 client_id,
@@ -339,13 +352,24 @@ impl Driver {
             } => {
                 self.next_ref += 1;
                 let reference = format!("s-{}", self.next_ref);
-                let frame = ClientFrame::Send {
-                    reference: &reference,
-                    to,
-                    envelopes: &envelopes,
-                    ephemeral,
-                    client_id: client_id.as_deref(),
-                    urgent,
+                let client_id = client_id.as_deref();
+                let frame = match &outgoing {
+                    Outgoing::One { to, envelopes } => ClientFrame::Send {
+                        reference: &reference,
+                        to: *to,
+                        envelopes,
+                        ephemeral,
+                        client_id,
+                        urgent,
+                    },
+                    Outgoing::Shared { shared, recipients } => ClientFrame::SendMulti {
+                        reference: &reference,
+                        shared,
+                        recipients,
+                        ephemeral,
+                        client_id,
+                        urgent,
+                    },
                 }
                 .to_text();
                 self.pending.insert(

@@ -338,6 +338,37 @@ pub(crate) struct SendRequest<'a> {
     pub urgent: bool,
 }
 
+/// One recipient device's key to a shared body.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct DeviceKey {
+    pub device_id: u32,
+    /// base64 of the sealed key.
+    pub key: String,
+}
+
+/// One account of a shared-form multi send, with a key for each of its
+/// devices (but the sending one, on the sender's own account).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct SharedRecipient {
+    pub to: Uuid,
+    pub keys: Vec<DeviceKey>,
+}
+
+/// `POST /v1/messages/multi` in the shared form (and the fields of a
+/// `send_multi` frame).
+#[derive(Debug, Serialize)]
+pub(crate) struct MultiRequest<'a> {
+    /// base64 of the shared body, stored once by the server.
+    pub shared: &'a str,
+    pub recipients: &'a [SharedRecipient],
+    /// As in [`SendRequest::client_id`]: one for the whole send.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<&'a str>,
+    /// As in [`SendRequest::urgent`].
+    #[serde(skip_serializing_if = "is_true")]
+    pub urgent: bool,
+}
+
 fn is_true(b: &bool) -> bool {
     *b
 }
@@ -356,6 +387,9 @@ pub(crate) struct MessageView {
     pub from: Uuid,
     pub from_device: u32,
     pub body: String,
+    /// On a copy of a shared-form send only: this device's key to `body`.
+    #[serde(default)]
+    pub key: Option<String>,
     pub sent_at: DateTime<Utc>,
     #[serde(default)]
     pub ephemeral: bool,
@@ -457,6 +491,18 @@ pub(crate) enum ClientFrame<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         client_id: Option<&'a str>,
         /// As in [`SendRequest::urgent`].
+        #[serde(skip_serializing_if = "is_true")]
+        urgent: bool,
+    },
+    SendMulti {
+        #[serde(rename = "ref")]
+        reference: &'a str,
+        shared: &'a str,
+        recipients: &'a [SharedRecipient],
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        ephemeral: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_id: Option<&'a str>,
         #[serde(skip_serializing_if = "is_true")]
         urgent: bool,
     },
@@ -625,6 +671,64 @@ mod tests {
             ack.to_text(),
             format!(r#"{{"type":"ack","ref":"a-1","ids":["{to}"]}}"#)
         );
+    }
+
+    #[test]
+    fn writes_and_reads_the_shared_form() {
+        let to = Uuid::nil();
+        let recipients = [SharedRecipient {
+            to,
+            keys: vec![DeviceKey {
+                device_id: 1,
+                key: "a2V5".into(),
+            }],
+        }];
+        let frame = ClientFrame::SendMulti {
+            reference: "s-7",
+            shared: "c2hhcmVk",
+            recipients: &recipients,
+            ephemeral: false,
+            client_id: Some("k-7"),
+            urgent: true,
+        };
+        assert_eq!(
+            serde_json::to_value(&frame).unwrap(),
+            serde_json::json!({"type":"send_multi","ref":"s-7","shared":"c2hhcmVk",
+                "recipients":[{"to":to,"keys":[{"device_id":1,"key":"a2V5"}]}],"client_id":"k-7"})
+        );
+        let rest = MultiRequest {
+            shared: "c2hhcmVk",
+            recipients: &recipients,
+            client_id: None,
+            urgent: false,
+        };
+        assert_eq!(
+            serde_json::to_value(&rest).unwrap(),
+            serde_json::json!({"shared":"c2hhcmVk","recipients":[{"to":to,"keys":[{"device_id":1,"key":"a2V5"}]}],"urgent":false})
+        );
+        // A shared copy carries its key; an ordinary one none.
+        let frame: ServerFrame = serde_json::from_str(
+            r#"{"type":"message","id":"01a20ab1-4c10-7620-acf5-5f026d55cbc5","from":"0c9e2d7a-3b51-4e8f-a1c4-9d6f0b2e7a35","from_device":1,"body":"c2hhcmVkIGNpcGhlcnRleHQ=","key":"a2V5IDE=","sent_at":"2026-11-23T23:15:21.232Z"}"#,
+        )
+        .unwrap();
+        assert!(matches!(frame, ServerFrame::Message(m) if m.key.as_deref() == Some("a2V5IDE=")));
+        // `devices_changed` of a multi send names the accounts.
+        let frame: ServerFrame = serde_json::from_str(
+            r#"{"type":"error","ref":"s-7","code":"devices_changed","message":"m","recipients":[{"to":"5b0c52f4-9d4e-4a8e-9a56-3f0a2b7d1c11","missing":[3],"extra":[]}]}"#,
+        )
+        .unwrap();
+        let ServerFrame::Error { error, .. } = frame else {
+            panic!("not an error frame");
+        };
+        match error.into_error(None) {
+            crate::Error::DevicesChanged { recipients, .. } => assert_eq!(
+                recipients,
+                ["5b0c52f4-9d4e-4a8e-9a56-3f0a2b7d1c11"
+                    .parse::<Uuid>()
+                    .unwrap()]
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -37,10 +37,10 @@ backend_tests!(
 );
 
 /// The longest a test waits for one event.
-const WAIT: Duration = Duration::from_secs(20);
+pub(crate) const WAIT: Duration = Duration::from_secs(20);
 
 /// Backoff short enough for a restart within a test.
-fn fast() -> ConnectOptions {
+pub(crate) fn fast() -> ConnectOptions {
     ConnectOptions {
         backoff_base: Duration::from_millis(100),
         backoff_cap: Duration::from_secs(1),
@@ -50,7 +50,7 @@ fn fast() -> ConnectOptions {
 
 /// The next event for which `pick` answers `Some`, skipping the others;
 /// panics after [`WAIT`].
-async fn wait_for<T>(
+pub(crate) async fn wait_for<T>(
     events: &mut Events,
     what: &str,
     mut pick: impl FnMut(Event) -> Option<T>,
@@ -67,7 +67,7 @@ async fn wait_for<T>(
     }
 }
 
-async fn message(events: &mut Events) -> Incoming {
+pub(crate) async fn message(events: &mut Events) -> Incoming {
     wait_for(events, "a message", |e| match e {
         Event::Message(m) => Some(m),
         _ => None,
@@ -83,19 +83,19 @@ async fn drained(events: &mut Events) {
 }
 
 /// Connects `client` and waits for the end of its backlog.
-async fn online(client: &Client) -> Events {
+pub(crate) async fn online(client: &Client) -> Events {
     let mut events = client.connect(fast()).expect("connect");
     drained(&mut events).await;
     events
 }
 
-async fn register(api: &Api, username: &str) -> Client {
+pub(crate) async fn register(api: &Api, username: &str) -> Client {
     Client::register(&api.base, username, PASSWORD, DeviceKeys::generate())
         .await
         .unwrap_or_else(|e| panic!("register {username}: {e}"))
 }
 
-async fn add_device(api: &Api, username: &str, name: &str) -> Client {
+pub(crate) async fn add_device(api: &Api, username: &str, name: &str) -> Client {
     Client::add_device(
         &api.base,
         username,

@@ -16,6 +16,7 @@ mod attack_sockets;
 mod chat;
 mod cli;
 mod client;
+mod client_groups;
 mod client_push;
 mod client_sessions;
 mod cluster;
