@@ -1036,15 +1036,7 @@ impl Queue for PgStore {
         .bind(ids)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, sent_at, key_id, sealed)| SealedBody {
-                id,
-                sent_at,
-                key_id,
-                sealed,
-            })
-            .collect())
+        Ok(sealed_bodies(rows))
     }
 
     async fn sent_key(
@@ -1309,15 +1301,7 @@ impl QueueMaintenance for PgStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, sent_at, key_id, sealed)| SealedBody {
-                id,
-                sent_at,
-                key_id,
-                sealed,
-            })
-            .collect())
+        Ok(sealed_bodies(rows))
     }
 
     async fn reseal_bodies(&self, bodies: Vec<SealedBody>) -> StoreResult<u64> {
@@ -1820,4 +1804,16 @@ async fn schedule_one(
         .execute(&mut *conn)
         .await?;
     Ok(outcome)
+}
+
+/// Shared bodies as selected: `id, sent_at, key_id, sealed`.
+fn sealed_bodies(rows: Vec<(Uuid, DateTime<Utc>, KeyId, Vec<u8>)>) -> Vec<SealedBody> {
+    rows.into_iter()
+        .map(|(id, sent_at, key_id, sealed)| SealedBody {
+            id,
+            sent_at: sent_at,
+            key_id,
+            sealed,
+        })
+        .collect()
 }

@@ -1181,15 +1181,7 @@ impl Queue for SqliteStore {
                 query = query.bind(id);
             }
             let rows: Vec<(Uuid, i64, KeyId, Vec<u8>)> = query.fetch_all(&self.reader).await?;
-            bodies.extend(
-                rows.into_iter()
-                    .map(|(id, sent_at, key_id, sealed)| SealedBody {
-                        id,
-                        sent_at: time(sent_at),
-                        key_id,
-                        sealed,
-                    }),
-            );
+            bodies.extend(sealed_bodies(rows));
         }
         Ok(bodies)
     }
@@ -1371,15 +1363,7 @@ impl QueueMaintenance for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, sent_at, key_id, sealed)| SealedBody {
-                id,
-                sent_at: time(sent_at),
-                key_id,
-                sealed,
-            })
-            .collect())
+        Ok(sealed_bodies(rows))
     }
 
     async fn reseal_bodies(&self, bodies: Vec<SealedBody>) -> StoreResult<u64> {
@@ -1881,4 +1865,16 @@ async fn schedule_one(
         .execute(&mut *conn)
         .await?;
     Ok(outcome)
+}
+
+/// Shared bodies as selected: `id, sent_at, key_id, sealed`.
+fn sealed_bodies(rows: Vec<(Uuid, i64, KeyId, Vec<u8>)>) -> Vec<SealedBody> {
+    rows.into_iter()
+        .map(|(id, sent_at, key_id, sealed)| SealedBody {
+            id,
+            sent_at: time(sent_at),
+            key_id,
+            sealed,
+        })
+        .collect()
 }
