@@ -5,7 +5,8 @@
 //! missing (`common::toolchain`: the npm dependencies from the lockfiles,
 //! Chromium as root on Debian) and fail, never skip, when they cannot, or
 //! when Node is missing. The demo's server can be stopped and started
-//! again by the browser test ([`DemoServer`]).
+//! again by the browser test ([`DemoServer`]). Last, the three clients in
+//! one group chat: the Rust library, the JS library and the demo page.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ backend_tests!(
     demo_tabs_share_a_session,
     demo_service_worker_shows_a_push,
     rust_and_js_clients_talk_both_ways,
+    rust_js_and_demo_chat_in_one_group,
 );
 
 /// Long enough for the JS suite on a loaded two-core machine; a hung
@@ -389,6 +391,179 @@ async fn rust_and_js_clients_talk_both_ways(backend: Backend) {
 
     let status = timeout_at(deadline, peer.wait()).await.unwrap().unwrap();
     assert!(status.success(), "the JS peer exited with {status}");
+    rust.close();
+    server.stop().await;
+}
+
+/// The texts each user writes to the group (the JS user,
+/// `clients/js/test/interop/group-peer.js`, and the demo page,
+/// `demo/test/group-interop.test.js`, expect the same).
+const FROM_DEMO: &str = "hello from the demo";
+const FROM_JS: &str = "hello from js";
+const FROM_RUST: &str = "hello from rust";
+
+/// The "done when": a three-user group chat between a Rust client
+/// (R, this process), a JS client (J, a Node script) and the demo page in
+/// Chromium (D, a browser test), on one server. D makes the group with
+/// "New group" and writes first, which tells R and J the group and its
+/// members; J answers in it once it has D's message; R writes once it has
+/// both. Each checks that the other two's messages reached it in that
+/// group, from the right user, with the right text: R here, J in its
+/// script (and again here, from what it prints), D on the page. Every wait
+/// is bounded: the scripts' own (J 150 s, D 30 s a step) fail first, with
+/// what they saw; a 240-second deadline bounds the whole.
+async fn rust_js_and_demo_chat_in_one_group(backend: Backend) {
+    let js_dir = npm_ready("clients/js").await;
+    let demo_dir = npm_ready("demo/test").await;
+    let chromium = tokio::task::spawn_blocking(toolchain::chromium)
+        .await
+        .expect("Chromium lookup task");
+    let server = TestServer::start_on(TestDb::new(backend).await, &["--demo", "true"]).await;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let (rust_name, js_name, demo_name) = (
+        format!("rust_{suffix}"),
+        format!("js_{suffix}"),
+        format!("demo_{suffix}"),
+    );
+    let group_name = format!("trio {suffix}");
+
+    let rust = Client::register(
+        &server.api.base,
+        &rust_name,
+        PASSWORD,
+        DeviceKeys::generate(),
+    )
+    .await
+    .expect("the Rust user signs up");
+    let mut events = rust.connect(ConnectOptions::default()).unwrap();
+
+    // J signs up before D starts: the page looks both others up by name
+    // when it makes the group.
+    let mut peer = tokio::process::Command::new("node")
+        .arg("test/interop/group-peer.js")
+        .current_dir(&js_dir)
+        .env("SEALPOST_TEST_URL", &server.api.base)
+        .env("PEER_NAME", &js_name)
+        .env("DEMO_NAME", &demo_name)
+        .env("RUST_NAME", &rust_name)
+        .env("GROUP_NAME", &group_name)
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs");
+    let mut lines = BufReader::new(peer.stdout.take().unwrap()).lines();
+    let mut next_line = async || -> Option<Value> {
+        let line = timeout_at(deadline, lines.next_line())
+            .await
+            .expect("the JS user says something in time")
+            .expect("the JS user's output")?;
+        let line: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|_| panic!("not JSON from the JS user: {line}"));
+        assert!(line.get("error").is_none(), "the JS user failed: {line}");
+        Some(line)
+    };
+    let ready = next_line().await.expect("the JS user signs up");
+    let js_id: uuid::Uuid = ready["ready"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not ready: {ready}"))
+        .parse()
+        .unwrap();
+
+    let demo_env = [
+        ("SEALPOST_DEMO_URL", server.api.base.clone()),
+        ("CHROMIUM", chromium.display().to_string()),
+        ("INTEROP_DEMO_NAME", demo_name.clone()),
+        ("INTEROP_RUST_NAME", rust_name.clone()),
+        ("INTEROP_JS_NAME", js_name.clone()),
+        ("INTEROP_GROUP", group_name.clone()),
+    ];
+    let demo_side = node_test(&demo_dir, &["group-interop.test.js"], &demo_env);
+    // What J printed: every message it got, in order, and its exit.
+    let js_side = async {
+        let mut got = Vec::new();
+        while let Some(line) = next_line().await {
+            if line.get("got").is_some() {
+                got.push(line);
+            }
+        }
+        let status = timeout_at(deadline, peer.wait())
+            .await
+            .expect("the JS user exits in time")
+            .unwrap();
+        assert!(status.success(), "the JS user exited with {status}");
+        got
+    };
+    let rust_side = async {
+        // D's message and J's answer, in whichever order they come.
+        let mut got: Vec<Incoming> = Vec::new();
+        while got.len() < 2 {
+            let event = timeout_at(deadline, events.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("the Rust user has {} of its 2 group messages", got.len())
+                })
+                .expect("the Rust user's events go on");
+            if let Event::Message(m) = event {
+                rust.ack(&[m.id]).await.unwrap();
+                got.push(m);
+            }
+        }
+        let demo_id = rust
+            .find_user(&demo_name)
+            .await
+            .expect("the demo user's id")
+            .id;
+        let group = got[0].group.clone().expect("the first message has a group");
+        assert_eq!(group.name, group_name, "{:?}", got[0]);
+        let mut members = group.members.clone();
+        members.sort();
+        let mut expected = vec![demo_id, js_id, rust.user_id()];
+        expected.sort();
+        assert_eq!(members, expected, "the group's members");
+        got.sort_by_key(|m| m.text != FROM_DEMO);
+        for (m, from, text) in [(&got[0], demo_id, FROM_DEMO), (&got[1], js_id, FROM_JS)] {
+            assert_eq!(
+                (m.text.as_str(), m.from),
+                (text, from),
+                "the Rust user got {m:?}"
+            );
+            assert_eq!(m.group.as_ref(), Some(&group), "{text:?} in the group");
+        }
+
+        let sent = rust
+            .send_group(&group, FROM_RUST)
+            .await
+            .expect("the Rust user writes to the group");
+        assert!(sent.sync_error.is_none());
+        (group, demo_id)
+    };
+    let ((), js_got, (group, demo_id)) = tokio::join!(demo_side, js_side, rust_side);
+
+    // J's own checks passed (it exited 0); what it printed agrees.
+    let summary: Vec<_> = js_got
+        .iter()
+        .map(|l| {
+            (
+                l["got"].as_str().unwrap().to_owned(),
+                l["from"].as_str().unwrap().parse::<uuid::Uuid>().unwrap(),
+                l["group"]["id"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<uuid::Uuid>()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (FROM_DEMO.to_owned(), demo_id, group.id),
+            (FROM_RUST.to_owned(), rust.user_id(), group.id),
+        ],
+        "what the JS user got: {js_got:?}"
+    );
     rust.close();
     server.stop().await;
 }
