@@ -806,6 +806,49 @@ mod tests {
     }
 
     #[test]
+    fn shared_copies_and_receipt_less_rows_round_trip_in_v3() {
+        let keys = ring(OLD);
+        let mut first = message(b"the shared body");
+        first.key = Some(Bytes::from_static(b"key for device 2"));
+        first.receipts = false;
+        let mut second = first.clone();
+        second.device = 5;
+        second.key = Some(Bytes::from_static(b"key for device 5"));
+        let plain = message(b"a plain body");
+        let mut quiet = message(b"no receipts");
+        quiet.receipts = false;
+        let batch: Vec<Arc<Message>> =
+            [first.clone(), second.clone(), plain.clone(), quiet.clone()]
+                .into_iter()
+                .map(Arc::new)
+                .collect();
+        let (bodies, rows) = keys.seal_all(&batch).unwrap();
+        // The shared body once for its two copies; its rows hold the keys.
+        assert_eq!(bodies.len(), 1);
+        assert_eq!(keys.open_body(bodies[0].clone()).unwrap(), first.body);
+        for (row, original) in rows.iter().zip(&batch) {
+            assert_eq!(row.sealed.len() as u64, stored_bytes(original));
+        }
+        let opened: Vec<Message> = rows
+            .into_iter()
+            .map(|row| keys.open(sealed(row)).unwrap())
+            .collect();
+        // A shared copy opens to its key, without the body (read apart).
+        assert_eq!(opened[0].key, first.key);
+        assert!(opened[0].body.is_empty() && !opened[0].receipts);
+        assert_eq!(opened[1].key, second.key);
+        assert_eq!(opened[2], plain);
+        assert_eq!(opened[3], quiet);
+        // A body bound to another message id does not open.
+        let mut moved = bodies[0].clone();
+        moved.id = Uuid::now_v7();
+        assert!(matches!(
+            keys.open_body(moved),
+            Err(SealError::Forged { .. })
+        ));
+    }
+
+    #[test]
     fn round_trip() {
         let keys = ring(OLD);
         let original = message(b"attack at dawn");

@@ -1811,7 +1811,7 @@ fn sealed_bodies(rows: Vec<(Uuid, DateTime<Utc>, KeyId, Vec<u8>)>) -> Vec<Sealed
     rows.into_iter()
         .map(|(id, sent_at, key_id, sealed)| SealedBody {
             id,
-            sent_at: sent_at,
+            sent_at,
             key_id,
             sealed,
         })
